@@ -1,0 +1,133 @@
+//! Softmax + soft Dice + cross-entropy (nnU-Net's DC_and_CE_loss, weights 1:1).
+//! Pass 1 gathers per (sample, class) intersection / prediction / ground-truth sums and the
+//! CE sum; pass 2 recomputes the softmax per voxel and writes the gradient over the logits.
+
+use super::Float;
+use crate::backend::{DiceMode, LossParts, DICE_SMOOTH};
+use crate::tensor::Dims;
+use anyhow::{ensure, Result};
+use rayon::prelude::*;
+
+const ROWS: usize = 4096;
+
+/// Softmax of one voxel's logits into `p`; returns log-sum-exp.
+fn softmax<T: Float>(z: &[T], p: &mut [f64]) -> f64 {
+    let max = z.iter().fold(f64::NEG_INFINITY, |m, v| m.max(v.to_f64()));
+    let mut sum = 0.0;
+    for (p, v) in p.iter_mut().zip(z) {
+        *p = (v.to_f64() - max).exp();
+        sum += *p;
+    }
+    p.iter_mut().for_each(|p| *p /= sum);
+    max + sum.ln()
+}
+
+#[derive(Clone)]
+struct Sums {
+    inter: Vec<f64>,
+    pred: Vec<f64>,
+    gt: Vec<f64>,
+    ce: f64,
+}
+
+impl Sums {
+    fn zeros(n: usize) -> Sums {
+        Sums { inter: vec![0.0; n], pred: vec![0.0; n], gt: vec![0.0; n], ce: 0.0 }
+    }
+    fn add(&mut self, o: &Sums) {
+        for i in 0..self.inter.len() {
+            self.inter[i] += o.inter[i];
+            self.pred[i] += o.pred[i];
+            self.gt[i] += o.gt[i];
+        }
+        self.ce += o.ce;
+    }
+}
+
+/// Forward and backward in one call: returns the loss parts and overwrites `logits` with
+/// `weight * dL/dlogits`.
+pub fn softmax_dice_ce<T: Float>(logits: &mut [T], ld: Dims, labels: &[u8], mode: DiceMode, weight: f64) -> Result<LossParts> {
+    let (c, v, n) = (ld.c, ld.voxels(), ld.n);
+    ensure!(c >= 2, "the loss needs at least 2 classes (background + 1), got {c}");
+    ensure!(logits.len() == ld.len() && labels.len() == ld.rows(), "loss: logits {} and labels {} do not match {}", logits.len(), labels.len(), ld);
+    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= c) {
+        anyhow::bail!("label {bad} found but the network has {c} classes");
+    }
+    // Pass 1: per-chunk sums, one chunk never spans two samples (v % ROWS handled by split).
+    let chunks: Vec<(usize, usize)> = (0..n).flat_map(|b| (0..v.div_ceil(ROWS)).map(move |k| (b, k))).collect();
+    let lref: &[T] = logits;
+    let partial: Vec<(usize, Sums)> = chunks
+        .par_iter()
+        .map(|&(b, k)| {
+            let (lo, hi) = (b * v + k * ROWS, b * v + ((k + 1) * ROWS).min(v));
+            let mut s = Sums::zeros(c);
+            let mut p = vec![0.0; c];
+            for r in lo..hi {
+                let lse = softmax(&lref[r * c..(r + 1) * c], &mut p);
+                let y = labels[r] as usize;
+                s.ce += lse - lref[r * c + y].to_f64();
+                s.inter[y] += p[y];
+                s.gt[y] += 1.0;
+                s.pred.iter_mut().zip(&p).for_each(|(a, &p)| *a += p);
+            }
+            (b, s)
+        })
+        .collect();
+    let mut per_sample = vec![Sums::zeros(c); n];
+    for (b, s) in &partial {
+        per_sample[*b].add(s);
+    }
+    // Dice per (group, class): a group is the whole batch or one sample.
+    let groups: Vec<Sums> = match mode {
+        DiceMode::Batch => {
+            let mut all = Sums::zeros(c);
+            per_sample.iter().for_each(|s| all.add(s));
+            vec![all]
+        }
+        DiceMode::PerSample => per_sample.clone(),
+    };
+    let terms = (groups.len() * (c - 1)) as f64;
+    let mut dice_sum = 0.0;
+    // coef[g][k] = dc and 1/denominator, used by the gradient.
+    let coef: Vec<Vec<(f64, f64)>> = groups
+        .iter()
+        .map(|s| {
+            (0..c)
+                .map(|k| {
+                    let denom = (s.gt[k] + s.pred[k] + DICE_SMOOTH).max(1e-8);
+                    let dc = (2.0 * s.inter[k] + DICE_SMOOTH) / denom;
+                    if k > 0 {
+                        dice_sum += dc;
+                    }
+                    (dc, 1.0 / denom)
+                })
+                .collect()
+        })
+        .collect();
+    let total_vox = (n * v) as f64;
+    let ce: f64 = per_sample.iter().map(|s| s.ce).sum::<f64>() / total_vox;
+    let parts = LossParts { ce, dice: -dice_sum / terms };
+
+    // Pass 2: dL/dz = p * (g - sum_k p_k g_k), g = dL/dp.
+    logits.par_chunks_mut(ROWS * c).enumerate().for_each(|(ci, lc)| {
+        let (mut p, mut g) = (vec![0.0; c], vec![0.0; c]);
+        for (i, z) in lc.chunks_exact_mut(c).enumerate() {
+            let r = ci * ROWS + i;
+            let y = labels[r] as usize;
+            let cf = &coef[if mode == DiceMode::Batch { 0 } else { r / v }];
+            softmax(z, &mut p);
+            g[0] = 0.0;
+            for k in 1..c {
+                let yk = if k == y { 1.0 } else { 0.0 };
+                g[k] = -(2.0 * yk - cf[k].0) * cf[k].1 / terms;
+            }
+            let pg: f64 = p.iter().zip(&g).map(|(p, g)| p * g).sum();
+            for k in 0..c {
+                let yk = if k == y { 1.0 } else { 0.0 };
+                let dce = (p[k] - yk) / total_vox;
+                z[k] = T::from_f64(weight * (dce + p[k] * (g[k] - pg)));
+            }
+        }
+    });
+    Ok(parts)
+}

@@ -1,0 +1,318 @@
+//! CPU backend: the reference for every kernel and a real way to train without a GPU.
+//! Generic over f32 (training) and f64 (gradient checks). Multithreaded with rayon; the
+//! convolutions are tiled implicit GEMMs on matrixmultiply's packed kernels.
+
+pub mod conv;
+pub mod convt;
+pub mod loss;
+pub mod misc;
+pub mod norm;
+pub mod optim;
+
+use super::{Backend, ConvGeom, ConvTGeom, DiceMode, LossParts, SgdParams};
+use crate::tensor::Dims;
+use anyhow::Result;
+use std::marker::PhantomData;
+use std::ops::{Add, AddAssign, Div, Mul, MulAssign, Neg, Sub, SubAssign};
+
+/// The element types the CPU backend computes in.
+pub trait Float:
+    Copy
+    + Send
+    + Sync
+    + Default
+    + PartialOrd
+    + std::fmt::Debug
+    + 'static
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Div<Output = Self>
+    + Neg<Output = Self>
+    + AddAssign
+    + SubAssign
+    + MulAssign
+{
+    const ZERO: Self;
+    const ONE: Self;
+    fn from_f64(v: f64) -> Self;
+    fn to_f64(self) -> f64;
+    fn exp(self) -> Self;
+    fn ln(self) -> Self;
+    /// C = alpha * A B + beta * C with arbitrary row/column strides (matrixmultiply).
+    ///
+    /// # Safety
+    /// The pointers must address the m x k, k x n and m x n matrices their strides describe.
+    #[allow(clippy::too_many_arguments)]
+    unsafe fn gemm(
+        m: usize, k: usize, n: usize, alpha: Self,
+        a: *const Self, rsa: isize, csa: isize,
+        b: *const Self, rsb: isize, csb: isize,
+        beta: Self, c: *mut Self, rsc: isize, csc: isize,
+    );
+}
+
+macro_rules! impl_float {
+    ($t:ty, $gemm:path) => {
+        impl Float for $t {
+            const ZERO: Self = 0.0;
+            const ONE: Self = 1.0;
+            fn from_f64(v: f64) -> Self {
+                v as $t
+            }
+            fn to_f64(self) -> f64 {
+                self as f64
+            }
+            fn exp(self) -> Self {
+                <$t>::exp(self)
+            }
+            fn ln(self) -> Self {
+                <$t>::ln(self)
+            }
+            unsafe fn gemm(
+                m: usize, k: usize, n: usize, alpha: Self,
+                a: *const Self, rsa: isize, csa: isize,
+                b: *const Self, rsb: isize, csb: isize,
+                beta: Self, c: *mut Self, rsc: isize, csc: isize,
+            ) {
+                $gemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+            }
+        }
+    };
+}
+impl_float!(f32, matrixmultiply::sgemm);
+impl_float!(f64, matrixmultiply::dgemm);
+
+/// Row-major C[m x n] (+)= A[m x k] B[k x n] on contiguous slices.
+pub fn gemm_rm<T: Float>(m: usize, k: usize, n: usize, a: &[T], b: &[T], beta: T, c: &mut [T]) {
+    assert!(a.len() >= m * k && b.len() >= k * n && c.len() >= m * n);
+    if m == 0 || n == 0 {
+        return;
+    }
+    // SAFETY: bounds checked above; row-major strides.
+    unsafe {
+        T::gemm(m, k, n, T::ONE, a.as_ptr(), k as isize, 1, b.as_ptr(), n as isize, 1, beta, c.as_mut_ptr(), n as isize, 1)
+    }
+}
+
+/// d = beta * d + v, where beta = 0 never reads d (so stale NaNs cannot leak in).
+#[inline]
+pub(crate) fn axpby<T: Float>(d: &mut T, beta: T, v: T) {
+    *d = if beta == T::ZERO { v } else { beta * *d + v };
+}
+
+/// A raw pointer that may cross threads: ops write disjoint rows through it.
+#[derive(Clone, Copy)]
+pub(crate) struct SyncPtr<T>(pub *mut T);
+unsafe impl<T> Send for SyncPtr<T> {}
+unsafe impl<T> Sync for SyncPtr<T> {}
+impl<T> SyncPtr<T> {
+    /// The row slice at `offset` (in elements).
+    ///
+    /// # Safety
+    /// The caller owns those elements exclusively for the slice's lifetime.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn rows<'a>(&self, offset: usize, len: usize) -> &'a mut [T] {
+        std::slice::from_raw_parts_mut(self.0.add(offset), len)
+    }
+}
+
+/// Worker threads of the rayon pool.
+pub(crate) fn threads() -> usize {
+    rayon::current_num_threads().max(1)
+}
+
+/// Splits `total` rows into chunks of at most `max_rows` (at least `min_rows`) so that every
+/// thread gets about `per_thread` chunks.
+pub(crate) fn chunk_rows(total: usize, per_thread: usize, min_rows: usize, max_rows: usize) -> usize {
+    let want = total.div_ceil(threads() * per_thread).max(1);
+    want.clamp(min_rows.min(max_rows), max_rows).max(1)
+}
+
+/// View of CPU memory: a pointer and a length. Copy, like a device pointer.
+pub struct CpuBuf<T> {
+    ptr: *mut T,
+    len: usize,
+}
+impl<T> Clone for CpuBuf<T> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+impl<T> Copy for CpuBuf<T> {}
+unsafe impl<T: Send> Send for CpuBuf<T> {}
+unsafe impl<T: Sync> Sync for CpuBuf<T> {}
+
+impl<T> CpuBuf<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    /// # Safety
+    /// No live mutable view may overlap this one.
+    pub unsafe fn slice<'a>(self) -> &'a [T] {
+        std::slice::from_raw_parts(self.ptr, self.len)
+    }
+    /// # Safety
+    /// No other live view may overlap this one.
+    #[allow(clippy::mut_from_ref)]
+    pub unsafe fn slice_mut<'a>(self) -> &'a mut [T] {
+        std::slice::from_raw_parts_mut(self.ptr, self.len)
+    }
+}
+
+/// The CPU backend, computing in `T`.
+#[derive(Default, Clone, Copy)]
+pub struct CpuBackend<T: Float> {
+    _t: PhantomData<T>,
+}
+
+impl<T: Float> CpuBackend<T> {
+    pub fn new() -> Self {
+        CpuBackend { _t: PhantomData }
+    }
+}
+
+fn view_of<E>(arena: &[E], offset: usize, len: usize) -> CpuBuf<E> {
+    assert!(offset + len <= arena.len(), "view {offset}+{len} outside arena of {}", arena.len());
+    // Views are handed to ops that write through them; the arena is only reached through views.
+    CpuBuf { ptr: arena.as_ptr().wrapping_add(offset) as *mut E, len }
+}
+
+// SAFETY (all impl methods): the model hands each op views that do not overlap the op's
+// outputs, as the trait documents; in-place ops take a single mutable view.
+impl<T: Float> Backend for CpuBackend<T> {
+    type Buf = CpuBuf<T>;
+    type LabelBuf = CpuBuf<u8>;
+    type Arena = Vec<T>;
+    type LabelArena = Vec<u8>;
+
+    fn name(&self) -> String {
+        format!("cpu ({} threads, {})", threads(), std::any::type_name::<T>())
+    }
+    fn alloc(&self, len: usize) -> Result<Vec<T>> {
+        Ok(vec![T::ZERO; len])
+    }
+    fn view(&self, arena: &Vec<T>, offset: usize, len: usize) -> CpuBuf<T> {
+        view_of(arena, offset, len)
+    }
+    fn alloc_labels(&self, len: usize) -> Result<Vec<u8>> {
+        Ok(vec![0; len])
+    }
+    fn label_view(&self, arena: &Vec<u8>, offset: usize, len: usize) -> CpuBuf<u8> {
+        view_of(arena, offset, len)
+    }
+    fn elem_bytes(&self) -> usize {
+        std::mem::size_of::<T>()
+    }
+    fn upload(&self, dst: CpuBuf<T>, src: &[f32]) -> Result<()> {
+        let d = unsafe { dst.slice_mut() };
+        anyhow::ensure!(d.len() == src.len(), "upload of {} values into {}", src.len(), d.len());
+        d.iter_mut().zip(src).for_each(|(d, &s)| *d = T::from_f64(s as f64));
+        Ok(())
+    }
+    fn download(&self, src: CpuBuf<T>, dst: &mut [f32]) -> Result<()> {
+        let s = unsafe { src.slice() };
+        anyhow::ensure!(s.len() == dst.len(), "download of {} values into {}", s.len(), dst.len());
+        dst.iter_mut().zip(s).for_each(|(d, &s)| *d = s.to_f64() as f32);
+        Ok(())
+    }
+    fn upload_labels(&self, dst: CpuBuf<u8>, src: &[u8]) -> Result<()> {
+        unsafe { dst.slice_mut() }.copy_from_slice(src);
+        Ok(())
+    }
+    fn download_labels(&self, src: CpuBuf<u8>, dst: &mut [u8]) -> Result<()> {
+        dst.copy_from_slice(unsafe { src.slice() });
+        Ok(())
+    }
+    fn fill(&self, dst: CpuBuf<T>, value: f32) -> Result<()> {
+        misc::fill(unsafe { dst.slice_mut() }, T::from_f64(value as f64));
+        Ok(())
+    }
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
+
+    fn conv_fwd(&self, x: CpuBuf<T>, xd: Dims, w: CpuBuf<T>, b: CpuBuf<T>, y: CpuBuf<T>, g: &ConvGeom) -> Result<()> {
+        unsafe { conv::conv_fwd(x.slice(), xd, w.slice(), b.slice(), y.slice_mut(), g) };
+        Ok(())
+    }
+    fn conv_dgrad(&self, dy: CpuBuf<T>, w: CpuBuf<T>, dx: CpuBuf<T>, xd: Dims, g: &ConvGeom, beta: f32) -> Result<()> {
+        unsafe { conv::conv_dgrad(dy.slice(), w.slice(), dx.slice_mut(), xd, g, T::from_f64(beta as f64)) };
+        Ok(())
+    }
+    fn conv_wgrad(&self, x: CpuBuf<T>, xd: Dims, dy: CpuBuf<T>, dw: CpuBuf<T>, db: CpuBuf<T>, g: &ConvGeom) -> Result<()> {
+        unsafe { conv::conv_wgrad(x.slice(), xd, dy.slice(), dw.slice_mut(), db.slice_mut(), g) };
+        Ok(())
+    }
+    fn convt_fwd(&self, x: CpuBuf<T>, xd: Dims, w: CpuBuf<T>, b: CpuBuf<T>, y: CpuBuf<T>, g: &ConvTGeom) -> Result<()> {
+        unsafe { convt::convt_fwd(x.slice(), xd, w.slice(), b.slice(), y.slice_mut(), g) };
+        Ok(())
+    }
+    fn convt_dgrad(&self, dy: CpuBuf<T>, w: CpuBuf<T>, dx: CpuBuf<T>, xd: Dims, g: &ConvTGeom, beta: f32) -> Result<()> {
+        unsafe { convt::convt_dgrad(dy.slice(), w.slice(), dx.slice_mut(), xd, g, T::from_f64(beta as f64)) };
+        Ok(())
+    }
+    fn convt_wgrad(&self, x: CpuBuf<T>, xd: Dims, dy: CpuBuf<T>, dw: CpuBuf<T>, db: CpuBuf<T>, g: &ConvTGeom) -> Result<()> {
+        unsafe { convt::convt_wgrad(x.slice(), xd, dy.slice(), dw.slice_mut(), db.slice_mut(), g) };
+        Ok(())
+    }
+
+    fn norm_stats(&self, x: CpuBuf<T>, xd: Dims, mean: CpuBuf<T>, rstd: CpuBuf<T>) -> Result<()> {
+        unsafe { norm::norm_stats(x.slice(), xd, mean.slice_mut(), rstd.slice_mut()) };
+        Ok(())
+    }
+    fn norm_act_fwd(&self, x: CpuBuf<T>, xd: Dims, mean: CpuBuf<T>, rstd: CpuBuf<T>, gamma: CpuBuf<T>, beta: CpuBuf<T>, y: CpuBuf<T>) -> Result<()> {
+        unsafe { norm::norm_act_fwd(x.slice(), xd, mean.slice(), rstd.slice(), gamma.slice(), beta.slice(), y.slice_mut()) };
+        Ok(())
+    }
+    fn norm_act_bwd(&self, dy: CpuBuf<T>, x: CpuBuf<T>, xd: Dims, mean: CpuBuf<T>, rstd: CpuBuf<T>, gamma: CpuBuf<T>, beta: CpuBuf<T>, dx: CpuBuf<T>, dgamma: CpuBuf<T>, dbeta: CpuBuf<T>) -> Result<()> {
+        unsafe {
+            let stats = (mean.slice(), rstd.slice(), gamma.slice(), beta.slice());
+            let (dg, db) = (dgamma.slice_mut(), dbeta.slice_mut());
+            if dy.ptr == dx.ptr {
+                norm::norm_act_bwd_inplace(dx.slice_mut(), x.slice(), xd, stats, dg, db);
+            } else {
+                let d = dx.slice_mut();
+                d.copy_from_slice(dy.slice());
+                norm::norm_act_bwd_inplace(d, x.slice(), xd, stats, dg, db);
+            }
+        }
+        Ok(())
+    }
+
+    fn concat(&self, a: CpuBuf<T>, ca: usize, b: CpuBuf<T>, cb: usize, rows: usize, out: CpuBuf<T>) -> Result<()> {
+        unsafe { misc::concat(a.slice(), ca, b.slice(), cb, rows, out.slice_mut()) };
+        Ok(())
+    }
+    fn concat_bwd(&self, dout: CpuBuf<T>, ca: usize, cb: usize, rows: usize, da: CpuBuf<T>, db: CpuBuf<T>, beta_b: f32) -> Result<()> {
+        unsafe { misc::concat_bwd(dout.slice(), ca, cb, rows, da.slice_mut(), db.slice_mut(), T::from_f64(beta_b as f64)) };
+        Ok(())
+    }
+    fn downsample_labels(&self, src: CpuBuf<u8>, sd: Dims, dst: CpuBuf<u8>, dd: Dims) -> Result<()> {
+        unsafe { misc::downsample_labels(src.slice(), sd, dst.slice_mut(), dd) };
+        Ok(())
+    }
+
+    fn softmax_dice_ce(&self, logits: CpuBuf<T>, ld: Dims, labels: CpuBuf<u8>, mode: DiceMode, weight: f64) -> Result<LossParts> {
+        unsafe { loss::softmax_dice_ce(logits.slice_mut(), ld, labels.slice(), mode, weight) }
+    }
+    fn argmax(&self, logits: CpuBuf<T>, ld: Dims, out: CpuBuf<u8>) -> Result<()> {
+        unsafe { misc::argmax(logits.slice(), ld, out.slice_mut()) };
+        Ok(())
+    }
+
+    fn sum_squares(&self, x: CpuBuf<T>) -> Result<f64> {
+        Ok(optim::sum_squares(unsafe { x.slice() }))
+    }
+    fn scale(&self, x: CpuBuf<T>, s: f64) -> Result<()> {
+        optim::scale(unsafe { x.slice_mut() }, T::from_f64(s));
+        Ok(())
+    }
+    fn sgd_update(&self, params: CpuBuf<T>, grads: CpuBuf<T>, momentum: CpuBuf<T>, p: &SgdParams) -> Result<()> {
+        unsafe { optim::sgd_update(params.slice_mut(), grads.slice(), momentum.slice_mut(), p) };
+        Ok(())
+    }
+}

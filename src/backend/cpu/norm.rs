@@ -1,0 +1,177 @@
+//! Instance norm (affine, eps 1e-5, biased variance) fused with LeakyReLU(0.01).
+//! Statistics per (sample, channel): two-pass mean/M2 inside blocks of voxels that stay
+//! in cache, blocks merged with Chan's formula, accumulated in f64. Never E[x^2]-E[x]^2.
+
+use super::Float;
+use crate::backend::{LEAKY_SLOPE, NORM_EPS};
+use crate::tensor::Dims;
+use rayon::prelude::*;
+
+/// Voxels per statistics block.
+const BLOCK: usize = 2048;
+
+/// Partial (mean, M2, count) per channel of one block of one sample.
+struct Moments {
+    mean: Vec<f64>,
+    m2: Vec<f64>,
+    count: f64,
+}
+
+impl Moments {
+    fn of_rows<T: Float>(rows: &[T], c: usize) -> Moments {
+        let count = (rows.len() / c) as f64;
+        let mut mean = vec![0.0; c];
+        for row in rows.chunks_exact(c) {
+            mean.iter_mut().zip(row).for_each(|(m, &v)| *m += v.to_f64());
+        }
+        mean.iter_mut().for_each(|m| *m /= count);
+        let mut m2 = vec![0.0; c];
+        for row in rows.chunks_exact(c) {
+            m2.iter_mut().zip(row).zip(&mean).for_each(|((s, &v), &m)| {
+                let d = v.to_f64() - m;
+                *s += d * d;
+            });
+        }
+        Moments { mean, m2, count }
+    }
+    /// Chan et al.'s parallel merge.
+    fn merge(&mut self, o: &Moments) {
+        let n = self.count + o.count;
+        for ch in 0..self.mean.len() {
+            let delta = o.mean[ch] - self.mean[ch];
+            self.mean[ch] += delta * o.count / n;
+            self.m2[ch] += o.m2[ch] + delta * delta * self.count * o.count / n;
+        }
+        self.count = n;
+    }
+}
+
+/// Runs `f(sample, rows)` over blocks of every sample in parallel; returns the results in
+/// (sample, block) order.
+fn per_block<T: Float, R: Send>(x: &[T], xd: Dims, f: impl Fn(usize, usize, &[T]) -> R + Sync) -> Vec<R> {
+    let (v, c) = (xd.voxels(), xd.c);
+    let nblk = v.div_ceil(BLOCK);
+    (0..xd.n * nblk)
+        .into_par_iter()
+        .map(|i| {
+            let (b, k) = (i / nblk, i % nblk);
+            let (lo, hi) = (k * BLOCK, ((k + 1) * BLOCK).min(v));
+            f(b, lo, &x[(b * v + lo) * c..(b * v + hi) * c])
+        })
+        .collect()
+}
+
+pub fn norm_stats<T: Float>(x: &[T], xd: Dims, mean: &mut [T], rstd: &mut [T]) {
+    assert_eq!(x.len(), xd.len(), "norm input");
+    assert_eq!(mean.len(), xd.n * xd.c, "norm mean");
+    assert_eq!(rstd.len(), xd.n * xd.c, "norm rstd");
+    let c = xd.c;
+    let parts = per_block(x, xd, |_, _, rows| Moments::of_rows(rows, c));
+    let nblk = parts.len() / xd.n;
+    for (b, blocks) in parts.chunks(nblk).enumerate() {
+        let mut acc = Moments { mean: blocks[0].mean.clone(), m2: blocks[0].m2.clone(), count: blocks[0].count };
+        blocks[1..].iter().for_each(|m| acc.merge(m));
+        for ch in 0..c {
+            mean[b * c + ch] = T::from_f64(acc.mean[ch]);
+            rstd[b * c + ch] = T::from_f64(1.0 / (acc.m2[ch] / acc.count + NORM_EPS).sqrt());
+        }
+    }
+}
+
+/// Per (sample, channel) affine map z = scale * x + shift of the normalisation.
+fn affine<T: Float>(mean: &[T], rstd: &[T], gamma: &[T], beta: &[T], c: usize) -> (Vec<T>, Vec<T>) {
+    let scale: Vec<T> = (0..mean.len()).map(|i| gamma[i % c] * rstd[i]).collect();
+    let shift = (0..mean.len()).map(|i| beta[i % c] - mean[i] * scale[i]).collect();
+    (scale, shift)
+}
+
+fn leaky<T: Float>(z: T, slope: T) -> T {
+    if z > T::ZERO {
+        z
+    } else {
+        z * slope
+    }
+}
+
+pub fn norm_act_fwd<T: Float>(x: &[T], xd: Dims, mean: &[T], rstd: &[T], gamma: &[T], beta: &[T], y: &mut [T]) {
+    assert_eq!(x.len(), xd.len(), "norm input");
+    assert_eq!(y.len(), xd.len(), "norm output");
+    let (c, v) = (xd.c, xd.voxels());
+    let (scale, shift) = affine(mean, rstd, gamma, beta, c);
+    let slope = T::from_f64(LEAKY_SLOPE);
+    let rows = 1024;
+    y.par_chunks_mut(rows * c).zip(x.par_chunks(rows * c)).enumerate().for_each(|(ci, (yc, xc))| {
+        for (i, (yr, xr)) in yc.chunks_exact_mut(c).zip(xc.chunks_exact(c)).enumerate() {
+            let b = (ci * rows + i) / v;
+            let (sc, sh) = (&scale[b * c..(b + 1) * c], &shift[b * c..(b + 1) * c]);
+            for ch in 0..c {
+                yr[ch] = leaky(sc[ch] * xr[ch] + sh[ch], slope);
+            }
+        }
+    });
+}
+
+/// Backward of norm_act_fwd; `d` holds dy on entry and dx on return. Recomputes the
+/// pre-activation from x and the statistics (checkpoint level 1 costs nothing extra here).
+pub fn norm_act_bwd_inplace<T: Float>(
+    d: &mut [T],
+    x: &[T],
+    xd: Dims,
+    (mean, rstd, gamma, beta): (&[T], &[T], &[T], &[T]),
+    dgamma: &mut [T],
+    dbeta: &mut [T],
+) {
+    assert_eq!(x.len(), xd.len(), "norm bwd x");
+    assert_eq!(d.len(), xd.len(), "norm bwd dy");
+    let (c, v) = (xd.c, xd.voxels());
+    let (scale, shift) = affine(mean, rstd, gamma, beta, c);
+    let slope = T::from_f64(LEAKY_SLOPE);
+    // Pass 1: sum(dz) and sum(dz * xhat) per (sample, channel).
+    let dref: &[T] = d;
+    let sums = per_block(x, xd, |b, lo, xr| {
+        let (mut sdz, mut sdzx) = (vec![0.0f64; c], vec![0.0f64; c]);
+        let dr = &dref[(b * v + lo) * c..(b * v + lo) * c + xr.len()];
+        for (xrow, drow) in xr.chunks_exact(c).zip(dr.chunks_exact(c)) {
+            for ch in 0..c {
+                let i = b * c + ch;
+                let z = scale[i] * xrow[ch] + shift[i];
+                let dz = if z > T::ZERO { drow[ch] } else { drow[ch] * slope };
+                let xhat = (xrow[ch] - mean[i]) * rstd[i];
+                sdz[ch] += dz.to_f64();
+                sdzx[ch] += (dz * xhat).to_f64();
+            }
+        }
+        (sdz, sdzx)
+    });
+    let nblk = sums.len() / xd.n;
+    let mut sdz = vec![0.0f64; xd.n * c];
+    let mut sdzx = vec![0.0f64; xd.n * c];
+    for (i, (a, b)) in sums.iter().enumerate() {
+        let s = i / nblk;
+        for ch in 0..c {
+            sdz[s * c + ch] += a[ch];
+            sdzx[s * c + ch] += b[ch];
+        }
+    }
+    for ch in 0..c {
+        dgamma[ch] = T::from_f64((0..xd.n).map(|s| sdzx[s * c + ch]).sum());
+        dbeta[ch] = T::from_f64((0..xd.n).map(|s| sdz[s * c + ch]).sum());
+    }
+    // Pass 2: dx = gamma*rstd * (dz - mean(dz) - xhat * mean(dz*xhat)).
+    let inv_v = 1.0 / v as f64;
+    let mdz: Vec<T> = sdz.iter().map(|s| T::from_f64(s * inv_v)).collect();
+    let mdzx: Vec<T> = sdzx.iter().map(|s| T::from_f64(s * inv_v)).collect();
+    let rows = 1024;
+    d.par_chunks_mut(rows * c).zip(x.par_chunks(rows * c)).enumerate().for_each(|(ci, (dc, xc))| {
+        for (i, (dr, xr)) in dc.chunks_exact_mut(c).zip(xc.chunks_exact(c)).enumerate() {
+            let b = (ci * rows + i) / v;
+            for ch in 0..c {
+                let k = b * c + ch;
+                let z = scale[k] * xr[ch] + shift[k];
+                let dz = if z > T::ZERO { dr[ch] } else { dr[ch] * slope };
+                let xhat = (xr[ch] - mean[k]) * rstd[k];
+                dr[ch] = scale[k] * (dz - mdz[k] - xhat * mdzx[k]);
+            }
+        }
+    });
+}

@@ -1,0 +1,175 @@
+//! The ops a U-Net training step needs, forward and backward, behind one trait.
+//!
+//! Memory is owned by arenas that the model allocates once; ops receive `Buf` views
+//! (pointer + length, `Copy`), llm.c style. The caller guarantees that a view written by
+//! an op does not overlap a view the same op reads, unless the op says it works in place.
+
+pub mod cpu;
+
+use crate::tensor::Dims;
+use anyhow::Result;
+
+/// Geometry of a 3D convolution: kernel 1 or 3 per axis, stride 1 or 2 per axis,
+/// "same" padding (k/2), NDHWC activations, weights laid out [kd][kh][kw][cin][cout].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeom {
+    pub cin: usize,
+    pub cout: usize,
+    pub kernel: [usize; 3],
+    pub stride: [usize; 3],
+}
+
+impl ConvGeom {
+    pub fn new(cin: usize, cout: usize, kernel: [usize; 3], stride: [usize; 3]) -> ConvGeom {
+        ConvGeom { cin, cout, kernel, stride }
+    }
+    pub fn pad(&self) -> [usize; 3] {
+        self.kernel.map(|k| k / 2)
+    }
+    pub fn taps(&self) -> usize {
+        self.kernel.iter().product()
+    }
+    pub fn weight_len(&self) -> usize {
+        self.taps() * self.cin * self.cout
+    }
+    /// Output spatial size: floor((d + 2p - k) / s) + 1.
+    pub fn out_spatial(&self, s: [usize; 3]) -> [usize; 3] {
+        let p = self.pad();
+        std::array::from_fn(|a| (s[a] + 2 * p[a] - self.kernel[a]) / self.stride[a] + 1)
+    }
+    pub fn out_dims(&self, x: Dims) -> Dims {
+        assert_eq!(x.c, self.cin, "conv input channels");
+        Dims::new(x.n, self.out_spatial(x.spatial()), self.cout)
+    }
+    /// Multiply-adds x2 of the forward pass for input `x`.
+    pub fn flops(&self, x: Dims) -> f64 {
+        2.0 * self.out_dims(x).rows() as f64 * (self.taps() * self.cin * self.cout) as f64
+    }
+}
+
+/// Geometry of a transposed 3D convolution with kernel = stride (no overlap),
+/// weights laid out [cin][sd][sh][sw][cout].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvTGeom {
+    pub cin: usize,
+    pub cout: usize,
+    pub stride: [usize; 3],
+}
+
+impl ConvTGeom {
+    pub fn taps(&self) -> usize {
+        self.stride.iter().product()
+    }
+    pub fn weight_len(&self) -> usize {
+        self.cin * self.taps() * self.cout
+    }
+    pub fn out_dims(&self, x: Dims) -> Dims {
+        assert_eq!(x.c, self.cin, "transposed conv input channels");
+        let s = x.spatial();
+        Dims::new(x.n, std::array::from_fn(|a| s[a] * self.stride[a]), self.cout)
+    }
+    pub fn flops(&self, x: Dims) -> f64 {
+        2.0 * x.rows() as f64 * (self.cin * self.taps() * self.cout) as f64
+    }
+}
+
+/// Soft Dice flavour: nnU-Net's "batch dice" sums over the batch before the ratio.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub enum DiceMode {
+    Batch,
+    PerSample,
+}
+
+pub const DICE_SMOOTH: f64 = 1e-5;
+pub const NORM_EPS: f64 = 1e-5;
+pub const LEAKY_SLOPE: f64 = 0.01;
+
+/// The two terms of nnU-Net's DC_and_CE loss for one output, before weighting.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LossParts {
+    /// Mean cross-entropy over all voxels.
+    pub ce: f64,
+    /// Negative mean soft Dice over foreground classes (nnU-Net's sign).
+    pub dice: f64,
+}
+
+impl LossParts {
+    pub fn total(&self) -> f64 {
+        self.ce + self.dice
+    }
+}
+
+/// SGD with nesterov momentum and weight decay, PyTorch semantics.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SgdParams {
+    pub lr: f64,
+    pub momentum: f64,
+    pub weight_decay: f64,
+    /// PyTorch starts the momentum buffer at the first gradient.
+    pub first_step: bool,
+}
+
+/// Every op the model needs. `Buf` views working-precision memory, `LabelBuf` views u8
+/// class maps. Forward ops overwrite their output; `beta = 1` asks an op to add instead.
+pub trait Backend: Sync {
+    type Buf: Copy + Send + Sync;
+    type LabelBuf: Copy + Send + Sync;
+    type Arena: Send;
+    type LabelArena: Send;
+
+    fn name(&self) -> String;
+
+    // ---- memory ----
+    fn alloc(&self, len: usize) -> Result<Self::Arena>;
+    fn view(&self, arena: &Self::Arena, offset: usize, len: usize) -> Self::Buf;
+    fn alloc_labels(&self, len: usize) -> Result<Self::LabelArena>;
+    fn label_view(&self, arena: &Self::LabelArena, offset: usize, len: usize) -> Self::LabelBuf;
+    /// Bytes of one working-precision element.
+    fn elem_bytes(&self) -> usize;
+    fn upload(&self, dst: Self::Buf, src: &[f32]) -> Result<()>;
+    fn download(&self, src: Self::Buf, dst: &mut [f32]) -> Result<()>;
+    fn upload_labels(&self, dst: Self::LabelBuf, src: &[u8]) -> Result<()>;
+    fn fill(&self, dst: Self::Buf, value: f32) -> Result<()>;
+    /// Waits for queued work (a no-op on the CPU).
+    fn sync(&self) -> Result<()>;
+
+    // ---- convolution ----
+    fn conv_fwd(&self, x: Self::Buf, xd: Dims, w: Self::Buf, b: Self::Buf, y: Self::Buf, g: &ConvGeom) -> Result<()>;
+    fn conv_dgrad(&self, dy: Self::Buf, w: Self::Buf, dx: Self::Buf, xd: Dims, g: &ConvGeom, beta: f32) -> Result<()>;
+    fn conv_wgrad(&self, x: Self::Buf, xd: Dims, dy: Self::Buf, dw: Self::Buf, db: Self::Buf, g: &ConvGeom) -> Result<()>;
+    fn convt_fwd(&self, x: Self::Buf, xd: Dims, w: Self::Buf, b: Self::Buf, y: Self::Buf, g: &ConvTGeom) -> Result<()>;
+    fn convt_dgrad(&self, dy: Self::Buf, w: Self::Buf, dx: Self::Buf, xd: Dims, g: &ConvTGeom, beta: f32) -> Result<()>;
+    fn convt_wgrad(&self, x: Self::Buf, xd: Dims, dy: Self::Buf, dw: Self::Buf, db: Self::Buf, g: &ConvTGeom) -> Result<()>;
+
+    // ---- instance norm + LeakyReLU ----
+    /// Per (sample, channel) mean and 1/sqrt(var + eps), biased variance; `mean`/`rstd` hold n*c.
+    fn norm_stats(&self, x: Self::Buf, xd: Dims, mean: Self::Buf, rstd: Self::Buf) -> Result<()>;
+    /// y = leaky_relu(gamma * (x - mean) * rstd + beta).
+    fn norm_act_fwd(&self, x: Self::Buf, xd: Dims, mean: Self::Buf, rstd: Self::Buf, gamma: Self::Buf, beta: Self::Buf, y: Self::Buf) -> Result<()>;
+    /// Backward of norm_act_fwd from the saved pre-norm `x` and its statistics.
+    /// `dx` may be the same view as `dy`.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_act_bwd(&self, dy: Self::Buf, x: Self::Buf, xd: Dims, mean: Self::Buf, rstd: Self::Buf, gamma: Self::Buf, beta: Self::Buf, dx: Self::Buf, dgamma: Self::Buf, dbeta: Self::Buf) -> Result<()>;
+
+    // ---- tensor plumbing ----
+    /// out = [a | b] along channels.
+    fn concat(&self, a: Self::Buf, ca: usize, b: Self::Buf, cb: usize, rows: usize, out: Self::Buf) -> Result<()>;
+    /// da = dout[:, :ca]; db (+)= dout[:, ca:] (beta as in the dgrad ops).
+    fn concat_bwd(&self, dout: Self::Buf, ca: usize, cb: usize, rows: usize, da: Self::Buf, db: Self::Buf, beta_b: f32) -> Result<()>;
+    /// Nearest-neighbour downsampling of a label map by integer factors per axis.
+    fn downsample_labels(&self, src: Self::LabelBuf, sd: Dims, dst: Self::LabelBuf, dd: Dims) -> Result<()>;
+
+    // ---- loss ----
+    /// Softmax + soft Dice (foreground classes) + cross-entropy over `logits` (c = classes).
+    /// Overwrites `logits` with weight * d(loss)/d(logits), returns the unweighted parts.
+    fn softmax_dice_ce(&self, logits: Self::Buf, ld: Dims, labels: Self::LabelBuf, mode: DiceMode, weight: f64) -> Result<LossParts>;
+    /// Argmax over channels into a label map (prediction).
+    fn argmax(&self, logits: Self::Buf, ld: Dims, out: Self::LabelBuf) -> Result<()>;
+    fn download_labels(&self, src: Self::LabelBuf, dst: &mut [u8]) -> Result<()>;
+
+    // ---- optimizer ----
+    fn sum_squares(&self, x: Self::Buf) -> Result<f64>;
+    fn scale(&self, x: Self::Buf, s: f64) -> Result<()>;
+    /// One fused SGD-nesterov step over the whole parameter arena.
+    fn sgd_update(&self, params: Self::Buf, grads: Self::Buf, momentum: Self::Buf, p: &SgdParams) -> Result<()>;
+}

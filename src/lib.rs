@@ -1,0 +1,12 @@
+//! segk: a training engine for nnU-Net-style 3D U-Nets.
+//!
+//! Layers, top to bottom: cli (main.rs) -> train / demo / bench -> model -> backend.
+//! The model asks a [`backend::Backend`] for ops and never knows which one it has.
+
+pub mod backend;
+pub mod bench_step;
+pub mod demo;
+pub mod model;
+pub mod synth;
+pub mod tensor;
+pub mod train;

@@ -1,0 +1,336 @@
+//! Every CPU op: forward against a naive reference or a hand-computed case, backward
+//! against f64 central finite differences.
+
+mod common;
+use common::*;
+use segk::backend::cpu::{conv, convt, loss, misc, norm, optim};
+use segk::backend::{ConvGeom, ConvTGeom, DiceMode, SgdParams};
+use segk::tensor::Dims;
+
+/// Direct 7-loop convolution: the definition.
+fn naive_conv(x: &[f64], xd: Dims, w: &[f64], b: &[f64], g: &ConvGeom) -> Vec<f64> {
+    let yd = g.out_dims(xd);
+    let p = g.pad();
+    let mut y = vec![0.0; yd.len()];
+    for n in 0..yd.n {
+        for oz in 0..yd.d {
+            for oy in 0..yd.h {
+                for ox in 0..yd.w {
+                    for co in 0..g.cout {
+                        let mut s = b[co];
+                        for kd in 0..g.kernel[0] {
+                            for kh in 0..g.kernel[1] {
+                                for kw in 0..g.kernel[2] {
+                                    let iz = (oz * g.stride[0] + kd) as isize - p[0] as isize;
+                                    let iy = (oy * g.stride[1] + kh) as isize - p[1] as isize;
+                                    let ix = (ox * g.stride[2] + kw) as isize - p[2] as isize;
+                                    if iz < 0 || iy < 0 || ix < 0 || iz >= xd.d as isize || iy >= xd.h as isize || ix >= xd.w as isize {
+                                        continue;
+                                    }
+                                    let tap = (kd * g.kernel[1] + kh) * g.kernel[2] + kw;
+                                    for ci in 0..g.cin {
+                                        s += x[xd.ravel(n, iz as usize, iy as usize, ix as usize) * g.cin + ci] * w[(tap * g.cin + ci) * g.cout + co];
+                                    }
+                                }
+                            }
+                        }
+                        y[yd.ravel(n, oz, oy, ox) * g.cout + co] = s;
+                    }
+                }
+            }
+        }
+    }
+    y
+}
+
+fn naive_convt(x: &[f64], xd: Dims, w: &[f64], b: &[f64], g: &ConvTGeom) -> Vec<f64> {
+    let yd = g.out_dims(xd);
+    let s = g.stride;
+    let mut y = vec![f64::NAN; yd.len()];
+    for n in 0..yd.n {
+        for oz in 0..yd.d {
+            for oy in 0..yd.h {
+                for ox in 0..yd.w {
+                    let (iz, iy, ix) = (oz / s[0], oy / s[1], ox / s[2]);
+                    let t = ((oz % s[0]) * s[1] + oy % s[1]) * s[2] + ox % s[2];
+                    for co in 0..g.cout {
+                        let mut v = b[co];
+                        for ci in 0..g.cin {
+                            v += x[xd.ravel(n, iz, iy, ix) * g.cin + ci] * w[(ci * g.taps() + t) * g.cout + co];
+                        }
+                        y[yd.ravel(n, oz, oy, ox) * g.cout + co] = v;
+                    }
+                }
+            }
+        }
+    }
+    y
+}
+
+fn conv_variants() -> Vec<([usize; 3], [usize; 3])> {
+    let ks = [[3, 3, 3], [1, 3, 3], [1, 1, 1], [3, 1, 3]];
+    let ss = [[1, 1, 1], [2, 2, 2], [1, 2, 2], [2, 1, 1]];
+    ks.iter().flat_map(|&k| ss.iter().map(move |&s| (k, s))).collect()
+}
+
+#[test]
+fn conv_forward_matches_naive_loop() {
+    let mut r = rng("conv_forward");
+    for (k, s) in conv_variants() {
+        let xd = Dims::new(2, [5, 6, 7], 3);
+        let g = ConvGeom::new(3, 4, k, s);
+        let (x, w, b) = (randn(&mut r, xd.len()), randn(&mut r, g.weight_len()), randn(&mut r, 4));
+        let mut y = vec![f64::NAN; g.out_dims(xd).len()];
+        conv::conv_fwd(&x, xd, &w, &b, &mut y, &g);
+        let e = rel_err(&y, &naive_conv(&x, xd, &w, &b, &g));
+        assert!(e < 1e-12, "k {k:?} s {s:?}: rel err {e}");
+    }
+}
+
+#[test]
+fn conv_backward_matches_finite_differences() {
+    let mut r = rng("conv_backward");
+    for (k, s) in conv_variants() {
+        let xd = Dims::new(2, [5, 4, 7], 3);
+        let g = ConvGeom::new(3, 5, k, s);
+        let yd = g.out_dims(xd);
+        let (mut x, mut w, mut b) = (randn(&mut r, xd.len()), randn(&mut r, g.weight_len()), randn(&mut r, 5));
+        let dy = randn(&mut r, yd.len());
+        // L = <dy, conv(x, w, b)>
+        let loss = |x: &[f64], w: &[f64], b: &[f64]| {
+            let mut y = vec![0.0; yd.len()];
+            conv::conv_fwd(x, xd, w, b, &mut y, &g);
+            dot(&y, &dy)
+        };
+        // beta = 1 must add to what dx held.
+        let prior = randn(&mut r, xd.len());
+        let mut dx = prior.clone();
+        conv::conv_dgrad(&dy, &w, &mut dx, xd, &g, 1.0);
+        dx.iter_mut().zip(&prior).for_each(|(d, p)| *d -= p);
+        let (mut dw, mut db) = (vec![f64::NAN; w.len()], vec![f64::NAN; 5]);
+        conv::conv_wgrad(&x, xd, &dy, &mut dw, &mut db, &g);
+
+        let ix = pick(&mut r, x.len(), 40);
+        let (w0, b0) = (w.clone(), b.clone());
+        let nx = numeric_grad(&mut x, &ix, &mut |x| loss(x, &w0, &b0));
+        let ax: Vec<f64> = ix.iter().map(|&i| dx[i]).collect();
+        assert!(rel_err(&ax, &nx) < 1e-7, "dgrad k {k:?} s {s:?}: {}", rel_err(&ax, &nx));
+
+        let iw = pick(&mut r, w.len(), 40);
+        let x0 = x.clone();
+        let nw = numeric_grad(&mut w, &iw, &mut |w| loss(&x0, w, &b0));
+        let aw: Vec<f64> = iw.iter().map(|&i| dw[i]).collect();
+        assert!(rel_err(&aw, &nw) < 1e-7, "wgrad k {k:?} s {s:?}: {}", rel_err(&aw, &nw));
+
+        let w1 = w.clone();
+        let nb = numeric_grad(&mut b, &[0, 1, 2, 3, 4], &mut |b| loss(&x0, &w1, b));
+        assert!(rel_err(&db, &nb) < 1e-7, "bias grad k {k:?} s {s:?}");
+    }
+}
+
+#[test]
+fn conv_dgrad_overwrites_with_beta_zero() {
+    let mut r = rng("conv_dgrad_beta0");
+    let xd = Dims::new(1, [4, 5, 3], 2);
+    for (k, s) in conv_variants() {
+        let g = ConvGeom::new(2, 3, k, s);
+        let dy = randn(&mut r, g.out_dims(xd).len());
+        let w = randn(&mut r, g.weight_len());
+        let mut a = vec![f64::NAN; xd.len()];
+        let mut b = vec![0.0; xd.len()];
+        conv::conv_dgrad(&dy, &w, &mut a, xd, &g, 0.0);
+        conv::conv_dgrad(&dy, &w, &mut b, xd, &g, 1.0);
+        assert!(rel_err(&a, &b) < 1e-14, "k {k:?} s {s:?}");
+    }
+}
+
+#[test]
+fn convt_forward_and_backward() {
+    let mut r = rng("convt");
+    for s in [[2, 2, 2], [1, 2, 2], [2, 1, 2], [1, 1, 1]] {
+        let xd = Dims::new(2, [3, 2, 5], 4);
+        let g = ConvTGeom { cin: 4, cout: 3, stride: s };
+        let yd = g.out_dims(xd);
+        let (mut x, mut w, b) = (randn(&mut r, xd.len()), randn(&mut r, g.weight_len()), randn(&mut r, 3));
+        let mut y = vec![f64::NAN; yd.len()];
+        convt::convt_fwd(&x, xd, &w, &b, &mut y, &g);
+        assert!(rel_err(&y, &naive_convt(&x, xd, &w, &b, &g)) < 1e-12, "fwd s {s:?}");
+
+        let dy = randn(&mut r, yd.len());
+        let loss = |x: &[f64], w: &[f64], b: &[f64]| {
+            let mut y = vec![0.0; yd.len()];
+            convt::convt_fwd(x, xd, w, b, &mut y, &g);
+            dot(&y, &dy)
+        };
+        let mut dx = vec![f64::NAN; xd.len()];
+        convt::convt_dgrad(&dy, &w, &mut dx, xd, &g, 0.0);
+        let (mut dw, mut db) = (vec![f64::NAN; w.len()], vec![f64::NAN; 3]);
+        convt::convt_wgrad(&x, xd, &dy, &mut dw, &mut db, &g);
+        let ix = pick(&mut r, x.len(), 40);
+        let (w0, b0) = (w.clone(), b.clone());
+        let nx = numeric_grad(&mut x, &ix, &mut |x| loss(x, &w0, &b0));
+        assert!(rel_err(&ix.iter().map(|&i| dx[i]).collect::<Vec<_>>(), &nx) < 1e-7, "dgrad s {s:?}");
+        let iw = pick(&mut r, w.len(), 40);
+        let x0 = x.clone();
+        let nw = numeric_grad(&mut w, &iw, &mut |w| loss(&x0, w, &b0));
+        assert!(rel_err(&iw.iter().map(|&i| dw[i]).collect::<Vec<_>>(), &nw) < 1e-7, "wgrad s {s:?}");
+        let mut b1 = b.clone();
+        let w1 = w.clone();
+        let nb = numeric_grad(&mut b1, &[0, 1, 2], &mut |b| loss(&x0, &w1, b));
+        assert!(rel_err(&db, &nb) < 1e-7, "bias s {s:?}");
+    }
+}
+
+fn norm_forward(x: &[f64], xd: Dims, gamma: &[f64], beta: &[f64]) -> (Vec<f64>, Vec<f64>, Vec<f64>) {
+    let (mut mean, mut rstd) = (vec![0.0; xd.n * xd.c], vec![0.0; xd.n * xd.c]);
+    norm::norm_stats(x, xd, &mut mean, &mut rstd);
+    let mut y = vec![f64::NAN; x.len()];
+    norm::norm_act_fwd(x, xd, &mean, &rstd, gamma, beta, &mut y);
+    (y, mean, rstd)
+}
+
+#[test]
+fn norm_statistics_match_two_pass_definition() {
+    let mut r = rng("norm_stats");
+    // Large offset: E[x^2]-E[x]^2 would lose the variance here.
+    let xd = Dims::new(2, [17, 13, 11], 3);
+    let x: Vec<f64> = randn(&mut r, xd.len()).iter().map(|v| 1e4 + v).collect();
+    let (mut mean, mut rstd) = (vec![0.0; 6], vec![0.0; 6]);
+    norm::norm_stats(&x, xd, &mut mean, &mut rstd);
+    let (v, c) = (xd.voxels(), xd.c);
+    for b in 0..2 {
+        for ch in 0..c {
+            let vals: Vec<f64> = (0..v).map(|i| x[(b * v + i) * c + ch]).collect();
+            let m = vals.iter().sum::<f64>() / v as f64;
+            let var = vals.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / v as f64;
+            assert!((mean[b * c + ch] - m).abs() < 1e-9);
+            assert!((rstd[b * c + ch] - 1.0 / (var + 1e-5).sqrt()).abs() < 1e-9);
+        }
+    }
+    let mut m32 = vec![0f32; 6];
+    let mut r32 = vec![0f32; 6];
+    let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
+    norm::norm_stats(&x32, xd, &mut m32, &mut r32);
+    for i in 0..6 {
+        assert!((r32[i] as f64 / rstd[i] - 1.0).abs() < 1e-3, "f32 rstd {} vs {}", r32[i], rstd[i]);
+    }
+}
+
+#[test]
+fn norm_act_backward_matches_finite_differences() {
+    let mut r = rng("norm_act_backward");
+    for xd in [Dims::new(2, [3, 4, 5], 3), Dims::new(1, [7, 1, 9], 2), Dims::new(3, [45, 10, 11], 2)] {
+        let (mut x, mut gamma, mut beta) = (randn(&mut r, xd.len()), randn(&mut r, xd.c), randn(&mut r, xd.c));
+        let dy = randn(&mut r, xd.len());
+        let loss = |x: &[f64], g: &[f64], b: &[f64]| dot(&norm_forward(x, xd, g, b).0, &dy);
+        let (_, mean, rstd) = norm_forward(&x, xd, &gamma, &beta);
+        let mut dx = dy.clone();
+        let (mut dg, mut db) = (vec![f64::NAN; xd.c], vec![f64::NAN; xd.c]);
+        norm::norm_act_bwd_inplace(&mut dx, &x, xd, (&mean, &rstd, &gamma, &beta), &mut dg, &mut db);
+        let ix = pick(&mut r, x.len(), 40);
+        let (g0, b0) = (gamma.clone(), beta.clone());
+        let nx = numeric_grad(&mut x, &ix, &mut |x| loss(x, &g0, &b0));
+        let e = rel_err(&ix.iter().map(|&i| dx[i]).collect::<Vec<_>>(), &nx);
+        assert!(e < 1e-6, "dx {xd}: {e}");
+        let x0 = x.clone();
+        let idx: Vec<usize> = (0..xd.c).collect();
+        let ng = numeric_grad(&mut gamma, &idx, &mut |g| loss(&x0, g, &b0));
+        assert!(rel_err(&dg, &ng) < 1e-6, "dgamma {xd}");
+        let g1 = gamma.clone();
+        let nb = numeric_grad(&mut beta, &idx, &mut |b| loss(&x0, &g1, b));
+        assert!(rel_err(&db, &nb) < 1e-6, "dbeta {xd}");
+    }
+}
+
+#[test]
+fn loss_hand_computed_case() {
+    // One sample, two voxels, two classes, logits 0: p = 0.5 everywhere, labels [1, 0].
+    let ld = Dims::new(1, [1, 1, 2], 2);
+    let mut z = vec![0.0f64; 4];
+    let parts = loss::softmax_dice_ce(&mut z, ld, &[1, 0], DiceMode::Batch, 1.0).unwrap();
+    assert!((parts.ce - 2f64.ln()).abs() < 1e-12);
+    // class 1: I = 0.5, P = 1, G = 1 -> dc = (1 + s) / (2 + s)
+    let dc = (1.0 + 1e-5) / (2.0 + 1e-5);
+    assert!((parts.dice + dc).abs() < 1e-12, "dice {}", parts.dice);
+    assert!((parts.total() - (2f64.ln() - dc)).abs() < 1e-12);
+}
+
+#[test]
+fn loss_gradient_matches_finite_differences() {
+    let mut r = rng("loss_backward");
+    for mode in [DiceMode::Batch, DiceMode::PerSample] {
+        for (ld, w) in [(Dims::new(2, [3, 4, 5], 3), 1.0), (Dims::new(3, [2, 2, 3], 4), 0.25)] {
+            let mut z: Vec<f64> = randn(&mut r, ld.len()).iter().map(|v| 3.0 * v).collect();
+            let labels: Vec<u8> = (0..ld.rows()).map(|i| ((i * 7 + (z[i] > 0.0) as usize) % ld.c) as u8).collect();
+            let mut g = z.clone();
+            loss::softmax_dice_ce(&mut g, ld, &labels, mode, w).unwrap();
+            let idx = pick(&mut r, z.len(), 60);
+            let n = numeric_grad(&mut z, &idx, &mut |z| {
+                let mut t = z.to_vec();
+                w * loss::softmax_dice_ce(&mut t, ld, &labels, mode, 1.0).unwrap().total()
+            });
+            let e = rel_err(&idx.iter().map(|&i| g[i]).collect::<Vec<_>>(), &n);
+            assert!(e < 1e-6, "{mode:?} {ld}: {e}");
+        }
+    }
+}
+
+#[test]
+fn loss_rejects_labels_beyond_classes() {
+    let mut z = vec![0.0f64; 4];
+    let err = loss::softmax_dice_ce(&mut z, Dims::new(1, [1, 1, 2], 2), &[0, 5], DiceMode::Batch, 1.0).unwrap_err();
+    assert!(err.to_string().contains("label 5"), "{err}");
+}
+
+#[test]
+fn sgd_nesterov_hand_computed() {
+    let (mut p, g, mut m) = (vec![1.0f64], vec![0.5f64], vec![0.0f64]);
+    let mut sp = SgdParams { lr: 0.1, momentum: 0.9, weight_decay: 0.1, first_step: true };
+    optim::sgd_update(&mut p, &g, &mut m, &sp);
+    // g' = 0.6, buf = 0.6, p = 1 - 0.1 * (0.6 + 0.54)
+    assert!((p[0] - 0.886).abs() < 1e-12 && (m[0] - 0.6).abs() < 1e-12, "{p:?} {m:?}");
+    sp.first_step = false;
+    optim::sgd_update(&mut p, &g, &mut m, &sp);
+    // g' = 0.5 + 0.0886, buf = 0.54 + g', p -= 0.1 * (g' + 0.9 buf)
+    assert!((m[0] - 1.1286).abs() < 1e-12 && (p[0] - 0.725566).abs() < 1e-12, "{p:?} {m:?}");
+}
+
+#[test]
+fn clip_and_poly_schedule() {
+    assert_eq!(optim::clip_factor(6.0, 12.0), 1.0);
+    assert!((optim::clip_factor(24.0, 12.0) - 12.0 / (24.0 + 1e-6)).abs() < 1e-15);
+    assert_eq!(optim::poly_lr(0.01, 0, 1000), 0.01);
+    assert!((optim::poly_lr(0.01, 500, 1000) - 0.01 * 0.5f64.powf(0.9)).abs() < 1e-15);
+    assert_eq!(optim::poly_lr(0.01, 1000, 1000), 0.0);
+    let mut g = vec![3.0f64, 4.0];
+    assert_eq!(optim::sum_squares(&g), 25.0);
+    optim::scale(&mut g, 0.5);
+    assert_eq!(g, vec![1.5, 2.0]);
+}
+
+#[test]
+fn concat_and_split() {
+    let a: Vec<f64> = (0..6).map(|v| v as f64).collect();
+    let b: Vec<f64> = (10..13).map(|v| v as f64).collect();
+    let mut out = vec![0.0; 9];
+    misc::concat(&a, 2, &b, 1, 3, &mut out);
+    assert_eq!(out, vec![0., 1., 10., 2., 3., 11., 4., 5., 12.]);
+    let (mut da, mut db) = (vec![0.0; 6], vec![1.0; 3]);
+    misc::concat_bwd(&out, 2, 1, 3, &mut da, &mut db, 1.0);
+    assert_eq!(da, a);
+    assert_eq!(db, vec![11., 12., 13.]);
+}
+
+#[test]
+fn nearest_downsampling_picks_centres() {
+    let sd = Dims::new(1, [4, 4, 2], 1);
+    let src: Vec<u8> = (0..32).map(|v| v as u8).collect();
+    let dd = Dims::new(1, [2, 2, 1], 1);
+    let mut dst = vec![0u8; 4];
+    misc::downsample_labels(&src, sd, &mut dst, dd);
+    // nearest-exact: index 2i+1 per halved axis, index 1 of 2 along w -> (1,1,1),(1,3,1),(3,1,1),(3,3,1)
+    assert_eq!(dst, vec![sd.ravel(0, 1, 1, 1) as u8, sd.ravel(0, 1, 3, 1) as u8, sd.ravel(0, 3, 1, 1) as u8, sd.ravel(0, 3, 3, 1) as u8]);
+    let mut arg = vec![9u8; 2];
+    misc::argmax(&[0.1f32, 0.9, 0.3, 2.0, -1.0, 0.0], Dims::new(1, [1, 1, 2], 3), &mut arg);
+    assert_eq!(arg, vec![1, 0]);
+}
