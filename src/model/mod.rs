@@ -1,1 +1,10 @@
-pub mod topology; pub mod unet;
+//! PlainConvUNet: topology, parameter layout, activation plan, forward and backward.
+
+pub mod params;
+pub mod plan;
+pub mod topology;
+pub mod unet;
+
+pub use plan::Checkpointing;
+pub use topology::Topology;
+pub use unet::UNet;

@@ -1,0 +1,130 @@
+//! PlainConvUNet described as data: what the planner writes and the model builds from.
+
+use crate::backend::{ConvGeom, ConvTGeom, DiceMode};
+use anyhow::{bail, ensure, Result};
+use serde::{Deserialize, Serialize};
+
+/// nnU-Net's PlainConvUNet: per stage `convs_per_stage` x (conv, instance norm, LeakyReLU),
+/// the first conv of a stage strided; the decoder upsamples with a transposed conv, concats
+/// the skip, runs `convs_per_stage` convs and has a 1x1x1 seg head per stage.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Topology {
+    pub in_channels: usize,
+    pub n_classes: usize,
+    pub features: Vec<usize>,
+    pub kernels: Vec<[usize; 3]>,
+    pub strides: Vec<[usize; 3]>,
+    #[serde(default = "two")]
+    pub convs_per_stage: usize,
+    #[serde(default = "yes")]
+    pub deep_supervision: bool,
+    #[serde(default = "batch_dice")]
+    pub dice: DiceMode,
+}
+
+fn two() -> usize {
+    2
+}
+fn yes() -> bool {
+    true
+}
+fn batch_dice() -> DiceMode {
+    DiceMode::Batch
+}
+
+/// nnU-Net's feature rule: min(base * 2^i, max).
+pub fn nnunet_features(stages: usize, base: usize, max: usize) -> Vec<usize> {
+    (0..stages).map(|i| (base << i).min(max)).collect()
+}
+
+impl Topology {
+    /// Isotropic 3x3x3 net with stride-2 pooling in every stage but the first.
+    pub fn isotropic(in_channels: usize, n_classes: usize, features: Vec<usize>) -> Topology {
+        let n = features.len();
+        Topology {
+            in_channels,
+            n_classes,
+            kernels: vec![[3, 3, 3]; n],
+            strides: (0..n).map(|i| if i == 0 { [1, 1, 1] } else { [2, 2, 2] }).collect(),
+            features,
+            convs_per_stage: 2,
+            deep_supervision: true,
+            dice: DiceMode::Batch,
+        }
+    }
+
+    pub fn stages(&self) -> usize {
+        self.features.len()
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let n = self.stages();
+        ensure!(n >= 2, "a U-Net needs at least 2 stages, got {n}");
+        ensure!(self.kernels.len() == n && self.strides.len() == n, "features, kernels and strides must list {n} stages each");
+        ensure!(self.in_channels >= 1 && self.n_classes >= 2, "need >= 1 input channel and >= 2 classes (background included)");
+        ensure!(self.n_classes <= 256, "at most 256 classes (labels are u8)");
+        ensure!(self.strides[0] == [1, 1, 1], "the first stage must have stride 1 (it runs at full resolution)");
+        ensure!(self.convs_per_stage >= 1, "at least one conv per stage");
+        ensure!(self.features.iter().all(|&f| f > 0), "features must be positive");
+        for (i, (k, s)) in self.kernels.iter().zip(&self.strides).enumerate() {
+            if k.iter().any(|&k| k != 1 && k != 3) || s.iter().any(|&s| s != 1 && s != 2) {
+                bail!("stage {i}: kernels must be 1 or 3 and strides 1 or 2 per axis, got {k:?} / {s:?}");
+            }
+        }
+        Ok(())
+    }
+
+    /// Spatial size of every stage for a patch; errors unless the patch divides evenly.
+    pub fn stage_spatial(&self, patch: [usize; 3]) -> Result<Vec<[usize; 3]>> {
+        self.validate()?;
+        let mut cur = patch;
+        let mut out = Vec::new();
+        for (i, s) in self.strides.iter().enumerate() {
+            for a in 0..3 {
+                ensure!(cur[a] % s[a] == 0 && cur[a] >= s[a], "patch {patch:?} is not divisible by the strides down to stage {i} (axis {a})");
+            }
+            cur = std::array::from_fn(|a| cur[a] / s[a]);
+            out.push(cur);
+        }
+        Ok(out)
+    }
+
+    /// Input channels of conv `j` of encoder stage `s`.
+    pub fn enc_geom(&self, s: usize, j: usize) -> ConvGeom {
+        let cin = match (s, j) {
+            (0, 0) => self.in_channels,
+            (_, 0) => self.features[s - 1],
+            _ => self.features[s],
+        };
+        let stride = if j == 0 { self.strides[s] } else { [1, 1, 1] };
+        ConvGeom::new(cin, self.features[s], self.kernels[s], stride)
+    }
+
+    /// Conv `j` of the decoder stage at resolution `s` (its first conv sees the concat).
+    pub fn dec_geom(&self, s: usize, j: usize) -> ConvGeom {
+        let cin = if j == 0 { 2 * self.features[s] } else { self.features[s] };
+        ConvGeom::new(cin, self.features[s], self.kernels[s], [1, 1, 1])
+    }
+
+    /// Transposed conv from stage s+1 up to stage s.
+    pub fn up_geom(&self, s: usize) -> ConvTGeom {
+        ConvTGeom { cin: self.features[s + 1], cout: self.features[s], stride: self.strides[s + 1] }
+    }
+
+    pub fn head_geom(&self, s: usize) -> ConvGeom {
+        ConvGeom::new(self.features[s], self.n_classes, [1, 1, 1], [1, 1, 1])
+    }
+
+    /// Loss weight of the decoder output at resolution `s` (0 = full resolution): nnU-Net's
+    /// 1/2^s, the lowest resolution at 0, normalised. Without deep supervision only s = 0.
+    pub fn ds_weights(&self) -> Vec<f64> {
+        let outs = self.stages() - 1;
+        if !self.deep_supervision || outs == 1 {
+            return (0..outs).map(|s| if s == 0 { 1.0 } else { 0.0 }).collect();
+        }
+        let mut w: Vec<f64> = (0..outs).map(|s| 0.5f64.powi(s as i32)).collect();
+        w[outs - 1] = 0.0;
+        let sum: f64 = w.iter().sum();
+        w.iter().map(|v| v / sum).collect()
+    }
+}

@@ -1,0 +1,401 @@
+//! PlainConvUNet forward and backward, written out op by op (llm.c style). Parameters,
+//! gradients and momentum share one arena; activations live in another, laid out by
+//! [`ActPlan`]. The net never knows which backend runs it.
+
+use super::params::{BlockParams, ConvParams, ParamLayout};
+use super::plan::{ActPlan, BlockSlots, Checkpointing, Slot};
+use super::topology::Topology;
+use crate::backend::{Backend, ConvGeom, LossParts, SgdParams};
+use crate::tensor::Dims;
+use anyhow::{ensure, Result};
+use std::cell::Cell;
+
+pub const MOMENTUM: f64 = 0.99;
+pub const WEIGHT_DECAY: f64 = 3e-5;
+pub const GRAD_CLIP: f64 = 12.0;
+
+pub struct UNet<B: Backend> {
+    pub topo: Topology,
+    pub layout: ParamLayout,
+    /// [params | grads | momentum].
+    pub arena: B::Arena,
+    /// Optimizer steps taken.
+    pub steps: u64,
+}
+
+/// Activation memory for one input shape, plus what the level-1 recompute has resident.
+pub struct Acts<B: Backend> {
+    pub plan: ActPlan,
+    pub arena: B::Arena,
+    pub labels: B::LabelArena,
+    y_resident: Cell<Option<BlockId>>,
+    cat_resident: Cell<Option<usize>>,
+}
+
+impl<B: Backend> Acts<B> {
+    pub fn new(be: &B, t: &Topology, patch: [usize; 3], batch: usize, policy: Checkpointing, training: bool) -> Result<Acts<B>> {
+        let plan = ActPlan::new(t, patch, batch, policy, training)?;
+        let arena = be.alloc(plan.len)?;
+        let labels = be.alloc_labels(plan.labels_len.max(1))?;
+        Ok(Acts { plan, arena, labels, y_resident: Cell::new(None), cat_resident: Cell::new(None) })
+    }
+    /// Bytes this activation memory takes.
+    pub fn bytes(&self, be: &B) -> usize {
+        self.plan.bytes(be.elem_bytes())
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BlockId {
+    Enc(usize, usize),
+    Dec(usize, usize),
+}
+
+/// Losses of one step, weighted as in training.
+#[derive(Clone, Debug, Default)]
+pub struct StepLoss {
+    /// sum_s w_s * (ce_s + dice_s).
+    pub total: f64,
+    /// Parts of the full-resolution output.
+    pub top: LossParts,
+    pub grad_norm: f64,
+}
+
+impl<B: Backend> UNet<B> {
+    pub fn new(be: &B, topo: Topology, seed: u64) -> Result<UNet<B>> {
+        topo.validate()?;
+        let layout = ParamLayout::new(&topo);
+        let arena = be.alloc(3 * layout.len)?;
+        be.upload(be.view(&arena, 0, layout.len), &layout.init(seed))?;
+        Ok(UNet { topo, layout, arena, steps: 0 })
+    }
+    pub fn n_params(&self) -> usize {
+        self.layout.len
+    }
+    pub fn params(&self, be: &B) -> B::Buf {
+        be.view(&self.arena, 0, self.layout.len)
+    }
+    pub fn grads(&self, be: &B) -> B::Buf {
+        be.view(&self.arena, self.layout.len, self.layout.len)
+    }
+    pub fn momentum(&self, be: &B) -> B::Buf {
+        be.view(&self.arena, 2 * self.layout.len, self.layout.len)
+    }
+    /// Bytes of parameters, gradients and optimizer state.
+    pub fn param_bytes(&self, be: &B) -> usize {
+        3 * self.layout.len * be.elem_bytes()
+    }
+
+    /// Forward, loss and backward: leaves the gradients in the grads region.
+    pub fn compute_gradients(&self, be: &B, acts: &Acts<B>, image: &[f32], labels: &[u8]) -> Result<StepLoss> {
+        ensure!(acts.plan.training, "compute_gradients needs a training activation plan");
+        let pass = Pass { be, net: self, a: acts };
+        pass.load(image, Some(labels))?;
+        pass.forward(true)?;
+        let weights = self.topo.ds_weights();
+        let mut loss = StepLoss::default();
+        for (s, slot) in acts.plan.logits.iter().enumerate() {
+            if let (Some(lg), Some(lb)) = (slot, acts.plan.labels[s]) {
+                let parts = be.softmax_dice_ce(pass.act(lg), lg.dims, pass.label(lb), self.topo.dice, weights[s])?;
+                loss.total += weights[s] * parts.total();
+                if s == 0 {
+                    loss.top = parts;
+                }
+            }
+        }
+        pass.backward()?;
+        loss.grad_norm = be.sum_squares(self.grads(be))?.sqrt();
+        Ok(loss)
+    }
+
+    /// Clips the gradients to norm 12 and takes one SGD-nesterov step. Returns false (and
+    /// leaves the weights alone) when the gradient norm is not finite.
+    pub fn apply_update(&mut self, be: &B, grad_norm: f64, lr: f64) -> Result<bool> {
+        if !grad_norm.is_finite() {
+            return Ok(false);
+        }
+        let f = crate::backend::cpu::optim::clip_factor(grad_norm, GRAD_CLIP);
+        if f < 1.0 {
+            be.scale(self.grads(be), f)?;
+        }
+        let p = SgdParams { lr, momentum: MOMENTUM, weight_decay: WEIGHT_DECAY, first_step: self.steps == 0 };
+        be.sgd_update(self.params(be), self.grads(be), self.momentum(be), &p)?;
+        self.steps += 1;
+        Ok(true)
+    }
+
+    /// One training step. Returns the loss; `applied` false means a non-finite gradient
+    /// was skipped.
+    pub fn train_step(&mut self, be: &B, acts: &Acts<B>, image: &[f32], labels: &[u8], lr: f64) -> Result<(StepLoss, bool)> {
+        let loss = self.compute_gradients(be, acts, image, labels)?;
+        let applied = loss.total.is_finite() && self.apply_update(be, loss.grad_norm, lr)?;
+        Ok((loss, applied))
+    }
+
+    /// Full-resolution logits for `image` (acts from a forward-only plan).
+    pub fn forward_logits(&self, be: &B, acts: &Acts<B>, image: &[f32]) -> Result<Slot> {
+        let pass = Pass { be, net: self, a: acts };
+        pass.load(image, None)?;
+        pass.forward(true)?;
+        Ok(acts.plan.logits[0].expect("the full-resolution head is always planned"))
+    }
+}
+
+/// One pass over the net: the backend, the weights and the activation memory.
+struct Pass<'a, B: Backend> {
+    be: &'a B,
+    net: &'a UNet<B>,
+    a: &'a Acts<B>,
+}
+
+impl<B: Backend> Pass<'_, B> {
+    fn act(&self, s: &Slot) -> B::Buf {
+        self.be.view(&self.a.arena, s.offset, s.len())
+    }
+    fn act_at(&self, offset: usize, len: usize) -> B::Buf {
+        self.be.view(&self.a.arena, offset, len)
+    }
+    fn label(&self, s: Slot) -> B::LabelBuf {
+        self.be.label_view(&self.a.labels, s.offset, s.dims.rows())
+    }
+    fn par(&self, offset: usize, len: usize) -> B::Buf {
+        self.be.view(&self.net.arena, offset, len)
+    }
+    fn grad(&self, offset: usize, len: usize) -> B::Buf {
+        self.be.view(&self.net.arena, self.net.layout.len + offset, len)
+    }
+    fn policy(&self) -> Checkpointing {
+        self.a.plan.policy
+    }
+    fn last(&self) -> usize {
+        self.net.topo.convs_per_stage - 1
+    }
+
+    fn slots(&self, id: BlockId) -> &BlockSlots {
+        match id {
+            BlockId::Enc(s, j) => &self.a.plan.enc[s][j],
+            BlockId::Dec(s, j) => &self.a.plan.dec[s][j],
+        }
+    }
+    fn params(&self, id: BlockId) -> (&BlockParams, ConvGeom) {
+        let (l, t) = (&self.net.layout, &self.net.topo);
+        match id {
+            BlockId::Enc(s, j) => (&l.enc[s][j], t.enc_geom(s, j)),
+            BlockId::Dec(s, j) => (&l.dec[s][j], t.dec_geom(s, j)),
+        }
+    }
+
+    /// Uploads the batch and the label maps of every supervised resolution.
+    fn load(&self, image: &[f32], labels: Option<&[u8]>) -> Result<()> {
+        let img = self.a.plan.image;
+        ensure!(image.len() == img.len(), "image batch has {} values, the net expects {} ({})", image.len(), img.len(), img.dims);
+        self.be.upload(self.act(&img), image)?;
+        let Some(labels) = labels else { return Ok(()) };
+        let full = Dims { c: 1, ..img.dims };
+        ensure!(labels.len() == full.rows(), "label batch has {} voxels, expected {}", labels.len(), full.rows());
+        let slots: Vec<Slot> = self.a.plan.labels.iter().flatten().copied().collect();
+        let top = slots.iter().find(|s| s.dims == full).copied();
+        let src = match top {
+            Some(s) => s,
+            None => anyhow::bail!("no full-resolution label slot"),
+        };
+        self.be.upload_labels(self.label(src), labels)?;
+        for s in slots.iter().filter(|s| s.dims != full) {
+            self.be.downsample_labels(self.label(src), full, self.label(*s), s.dims)?;
+        }
+        Ok(())
+    }
+
+    // ---------------- forward ----------------
+
+    fn block_fwd(&self, id: BlockId, input: B::Buf) -> Result<()> {
+        let (p, g) = self.params(id);
+        let a = *self.slots(id);
+        let be = self.be;
+        let out = a.x.dims;
+        let stat = |o| self.act_at(o, out.n * out.c);
+        be.conv_fwd(input, a.input, self.par(p.conv.w, g.weight_len()), self.par(p.conv.b, g.cout), self.act(&a.x), &g)?;
+        be.norm_stats(self.act(&a.x), out, stat(a.mean), stat(a.rstd))?;
+        be.norm_act_fwd(self.act(&a.x), out, stat(a.mean), stat(a.rstd), self.par(p.gamma, g.cout), self.par(p.beta, g.cout), self.act(&a.y))?;
+        self.a.y_resident.set(Some(id));
+        Ok(())
+    }
+
+    /// The block's output, recomputed from its conv output when level 1 evicted it.
+    fn y(&self, id: BlockId) -> Result<B::Buf> {
+        let a = *self.slots(id);
+        if self.policy() == Checkpointing::Level1 && self.a.y_resident.get() != Some(id) {
+            let (p, g) = self.params(id);
+            let out = a.x.dims;
+            let stat = |o| self.act_at(o, out.n * out.c);
+            self.be.norm_act_fwd(self.act(&a.x), out, stat(a.mean), stat(a.rstd), self.par(p.gamma, g.cout), self.par(p.beta, g.cout), self.act(&a.y))?;
+            self.a.y_resident.set(Some(id));
+        }
+        Ok(self.act(&a.y))
+    }
+
+    /// Writes [upsampled | skip] of decoder stage s.
+    fn build_cat(&self, s: usize) -> Result<B::Buf> {
+        let cat = self.a.plan.cat[s];
+        let skip = self.y(BlockId::Enc(s, self.last()))?;
+        let up = self.a.plan.up[s];
+        self.be.concat(self.act(&up), up.dims.c, skip, up.dims.c, up.dims.rows(), self.act(&cat))?;
+        self.a.cat_resident.set(Some(s));
+        Ok(self.act(&cat))
+    }
+
+    /// [upsampled | skip] of decoder stage s, rebuilt when level 1 evicted it.
+    fn cat(&self, s: usize) -> Result<B::Buf> {
+        if self.policy() == Checkpointing::Level1 && self.a.cat_resident.get() != Some(s) {
+            return self.build_cat(s);
+        }
+        Ok(self.act(&self.a.plan.cat[s]))
+    }
+
+    fn enc_input(&self, s: usize, j: usize) -> Result<B::Buf> {
+        match (s, j) {
+            (0, 0) => Ok(self.act(&self.a.plan.image)),
+            (_, 0) => self.y(BlockId::Enc(s - 1, self.last())),
+            _ => self.y(BlockId::Enc(s, j - 1)),
+        }
+    }
+
+    fn dec_input(&self, s: usize, j: usize) -> Result<B::Buf> {
+        if j == 0 {
+            self.cat(s)
+        } else {
+            self.y(BlockId::Dec(s, j - 1))
+        }
+    }
+
+    /// Input of the transposed conv into decoder stage s.
+    fn up_input(&self, s: usize) -> Result<(B::Buf, Dims)> {
+        let id = if s + 2 == self.net.topo.stages() { BlockId::Enc(s + 1, self.last()) } else { BlockId::Dec(s + 1, self.last()) };
+        Ok((self.y(id)?, self.slots(id).y.dims))
+    }
+
+    fn enc_stage_fwd(&self, s: usize) -> Result<()> {
+        for j in 0..self.net.topo.convs_per_stage {
+            let input = self.enc_input(s, j)?;
+            self.block_fwd(BlockId::Enc(s, j), input)?;
+        }
+        Ok(())
+    }
+
+    fn dec_stage_fwd(&self, s: usize, heads: bool) -> Result<()> {
+        let (t, l, be) = (&self.net.topo, &self.net.layout, self.be);
+        let (prev, prev_dims) = self.up_input(s)?;
+        let (ug, up) = (t.up_geom(s), self.a.plan.up[s]);
+        be.convt_fwd(prev, prev_dims, self.par(l.up[s].w, ug.weight_len()), self.par(l.up[s].b, ug.cout), self.act(&up), &ug)?;
+        self.build_cat(s)?;
+        for j in 0..t.convs_per_stage {
+            let input = self.dec_input(s, j)?;
+            self.block_fwd(BlockId::Dec(s, j), input)?;
+        }
+        if let (true, Some(lg)) = (heads, self.a.plan.logits[s]) {
+            let id = BlockId::Dec(s, self.last());
+            let (hg, hp) = (t.head_geom(s), l.head[s]);
+            be.conv_fwd(self.y(id)?, self.slots(id).y.dims, self.par(hp.w, hg.weight_len()), self.par(hp.b, hg.cout), self.act(&lg), &hg)?;
+        }
+        Ok(())
+    }
+
+    fn forward(&self, heads: bool) -> Result<()> {
+        self.a.y_resident.set(None);
+        self.a.cat_resident.set(None);
+        for s in 0..self.net.topo.stages() {
+            self.enc_stage_fwd(s)?;
+        }
+        for s in (0..self.net.topo.stages() - 1).rev() {
+            self.dec_stage_fwd(s, heads)?;
+        }
+        Ok(())
+    }
+
+    // ---------------- backward ----------------
+
+    /// Backward through conv -> norm -> LeakyReLU. `grad` holds d(output) and is turned
+    /// into d(conv output) in place; `dx` receives d(input) (beta 1 adds).
+    fn block_bwd(&self, id: BlockId, input: B::Buf, grad: usize, dx: Option<(usize, f32)>) -> Result<()> {
+        let (p, g) = self.params(id);
+        let a = *self.slots(id);
+        let be = self.be;
+        let out = a.x.dims;
+        let gb = self.act_at(grad, out.len());
+        let stat = |o| self.act_at(o, out.n * out.c);
+        be.norm_act_bwd(gb, self.act(&a.x), out, stat(a.mean), stat(a.rstd), self.par(p.gamma, g.cout), self.par(p.beta, g.cout), gb, self.grad(p.gamma, g.cout), self.grad(p.beta, g.cout))?;
+        be.conv_wgrad(input, a.input, gb, self.grad(p.conv.w, g.weight_len()), self.grad(p.conv.b, g.cout), &g)?;
+        if let Some((dst, beta)) = dx {
+            be.conv_dgrad(gb, self.par(p.conv.w, g.weight_len()), self.act_at(dst, a.input.len()), a.input, &g, beta)?;
+        }
+        Ok(())
+    }
+
+    fn head_bwd(&self, s: usize, dst: usize, beta: f32) -> Result<()> {
+        let Some(lg) = self.a.plan.logits[s] else { return Ok(()) };
+        let (hg, hp): (ConvGeom, ConvParams) = (self.net.topo.head_geom(s), self.net.layout.head[s]);
+        let id = BlockId::Dec(s, self.last());
+        let (input, dims) = (self.y(id)?, self.slots(id).y.dims);
+        let be = self.be;
+        be.conv_wgrad(input, dims, self.act(&lg), self.grad(hp.w, hg.weight_len()), self.grad(hp.b, hg.cout), &hg)?;
+        be.conv_dgrad(self.act(&lg), self.par(hp.w, hg.weight_len()), self.act_at(dst, dims.len()), dims, &hg, beta)
+    }
+
+    fn other(&self, g: usize) -> usize {
+        if g == self.a.plan.ga {
+            self.a.plan.gb
+        } else {
+            self.a.plan.ga
+        }
+    }
+
+    fn backward(&self) -> Result<()> {
+        let (t, l, p, be) = (&self.net.topo, &self.net.layout, &self.a.plan, self.be);
+        let (ns, nc) = (t.stages(), t.convs_per_stage);
+        let recompute = self.policy() == Checkpointing::Level2;
+        // Decoder, full resolution first. `g` holds d(stage output).
+        let mut g = p.ga;
+        for s in 0..ns - 1 {
+            if recompute {
+                self.dec_stage_fwd(s, false)?;
+            }
+            self.head_bwd(s, g, if s == 0 { 0.0 } else { 1.0 })?;
+            for j in (0..nc).rev() {
+                let input = self.dec_input(s, j)?;
+                let dst = if j == 0 { p.gc } else { self.other(g) };
+                self.block_bwd(BlockId::Dec(s, j), input, g, Some((dst, 0.0)))?;
+                g = dst;
+            }
+            let up = p.up[s];
+            let f = up.dims.c;
+            be.concat_bwd(self.act_at(p.gc, 2 * up.len()), f, f, up.dims.rows(), self.act_at(p.ga, up.len()), self.act_at(p.skip_grad[s], up.len()), 0.0)?;
+            let ug = t.up_geom(s);
+            let (prev, prev_dims) = self.up_input(s)?;
+            be.convt_wgrad(prev, prev_dims, self.act_at(p.ga, up.len()), self.grad(l.up[s].w, ug.weight_len()), self.grad(l.up[s].b, ug.cout), &ug)?;
+            be.convt_dgrad(self.act_at(p.ga, up.len()), self.par(l.up[s].w, ug.weight_len()), self.act_at(p.gb, prev_dims.len()), prev_dims, &ug, 0.0)?;
+            g = p.gb;
+        }
+        // Encoder, bottleneck first; skips already hold their decoder gradient.
+        for s in (0..ns).rev() {
+            if recompute {
+                self.enc_stage_fwd(s)?;
+            }
+            if s < ns - 1 {
+                g = p.skip_grad[s];
+            }
+            for j in (0..nc).rev() {
+                let input = self.enc_input(s, j)?;
+                let dst = match (s, j) {
+                    (0, 0) => None,
+                    (_, 0) => Some((p.skip_grad[s - 1], 1.0)),
+                    _ => Some((self.other(g), 0.0)),
+                };
+                self.block_bwd(BlockId::Enc(s, j), input, g, dst)?;
+                if let Some((d, _)) = dst {
+                    g = d;
+                }
+            }
+        }
+        Ok(())
+    }
+}

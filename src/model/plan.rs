@@ -1,0 +1,207 @@
+//! The activation plan: where every activation and backward buffer lives in the
+//! activation arena for a topology, patch, batch and checkpoint policy. The arena is sized
+//! from this plan, so the reported bytes are exactly what a step uses.
+
+use super::topology::Topology;
+use crate::tensor::Dims;
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+/// What the forward pass keeps for the backward pass.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Checkpointing {
+    /// Keep every activation.
+    None,
+    /// Keep conv outputs and norm statistics; recompute normalize+LeakyReLU (and the skip
+    /// concat) in backward.
+    Level1,
+    /// Keep stage outputs only; recompute each stage's forward in backward.
+    Level2,
+}
+
+impl Checkpointing {
+    pub fn from_level(l: u8) -> Result<Checkpointing> {
+        Ok(match l {
+            0 => Checkpointing::None,
+            1 => Checkpointing::Level1,
+            2 => Checkpointing::Level2,
+            _ => bail!("checkpoint level must be 0, 1 or 2, got {l}"),
+        })
+    }
+    pub fn level(&self) -> u8 {
+        match self {
+            Checkpointing::None => 0,
+            Checkpointing::Level1 => 1,
+            Checkpointing::Level2 => 2,
+        }
+    }
+}
+
+/// A tensor in the arena.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Slot {
+    pub offset: usize,
+    pub dims: Dims,
+}
+
+impl Slot {
+    pub fn len(&self) -> usize {
+        self.dims.len()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct BlockSlots {
+    pub input: Dims,
+    /// Conv output (pre-norm).
+    pub x: Slot,
+    /// Normalised + activated output.
+    pub y: Slot,
+    pub mean: usize,
+    pub rstd: usize,
+}
+
+#[derive(Clone, Debug)]
+pub struct ActPlan {
+    pub policy: Checkpointing,
+    pub training: bool,
+    pub image: Slot,
+    pub enc: Vec<Vec<BlockSlots>>,
+    pub dec: Vec<Vec<BlockSlots>>,
+    pub up: Vec<Slot>,
+    pub cat: Vec<Slot>,
+    /// Seg-head logits per resolution (gradients overwrite them in place); None = weight 0.
+    pub logits: Vec<Option<Slot>>,
+    /// Backward ping-pong buffers (largest block output) and the concat gradient.
+    pub ga: usize,
+    pub gb: usize,
+    pub gc: usize,
+    /// Gradient arriving at each encoder stage output from its skip connection.
+    pub skip_grad: Vec<usize>,
+    /// Elements of the activation arena.
+    pub len: usize,
+    /// Label maps per resolution (offset into the label arena) for the loss.
+    pub labels: Vec<Option<Slot>>,
+    pub labels_len: usize,
+}
+
+/// Sequential placement in one region.
+struct Cursor(usize);
+impl Cursor {
+    fn take(&mut self, n: usize) -> usize {
+        let o = self.0;
+        self.0 += n;
+        o
+    }
+}
+
+impl ActPlan {
+    /// The plan for a training step (`training`) or a forward-only pass of the full-resolution
+    /// head (`!training`, which ignores `policy` and keeps only what the skips need).
+    pub fn new(t: &Topology, patch: [usize; 3], batch: usize, policy: Checkpointing, training: bool) -> Result<ActPlan> {
+        let sp = t.stage_spatial(patch)?;
+        let (ns, nc) = (t.stages(), t.convs_per_stage);
+        let policy = if training { policy } else { Checkpointing::Level1 };
+        let d = |s: usize, c: usize| Dims::new(batch, sp[s], c);
+        let image_dims = Dims::new(batch, patch, t.in_channels);
+        let enc_in = |s: usize, j: usize| if j > 0 { d(s, t.features[s]) } else if s == 0 { image_dims } else { d(s - 1, t.features[s - 1]) };
+        let dec_in = |s: usize, j: usize| d(s, if j == 0 { 2 * t.features[s] } else { t.features[s] });
+        let weights = t.ds_weights();
+        let has_head = |s: usize| if training { weights[s] > 0.0 } else { s == 0 };
+
+        // Scratch sizes first, so scratch regions sit at fixed offsets before the saved ones.
+        let max_y = (0..ns).map(|s| d(s, t.features[s]).len()).max().unwrap_or(0);
+        let max_cat = (0..ns - 1).map(|s| d(s, 2 * t.features[s]).len()).max().unwrap_or(0);
+        let stage_scratch = |s: usize, dec: bool| {
+            let out = d(s, t.features[s]).len();
+            let blocks = nc * out + (nc - 1) * out;
+            if dec { blocks + out + 2 * out } else { blocks }
+        };
+        let max_stage = (0..ns).map(|s| stage_scratch(s, false)).chain((0..ns - 1).map(|s| stage_scratch(s, true))).max().unwrap_or(0);
+
+        let mut cur = Cursor(0);
+        let (y_scr, cat_scr, stage_base) = match policy {
+            Checkpointing::None => (0, 0, 0),
+            Checkpointing::Level1 => (cur.take(max_y), cur.take(max_cat), 0),
+            Checkpointing::Level2 => (0, 0, cur.take(max_stage)),
+        };
+        let image = Slot { offset: cur.take(image_dims.len()), dims: image_dims };
+        let mut stage = Cursor(stage_base);
+        // Where a tensor of this kind goes under the policy; `last` marks a stage output.
+        let mut place = |cur: &mut Cursor, stage: &mut Cursor, kind: Kind, dims: Dims| -> Slot {
+            let offset = match (policy, kind) {
+                (Checkpointing::None, _) => cur.take(dims.len()),
+                (Checkpointing::Level1, Kind::Y) => y_scr,
+                (Checkpointing::Level1, Kind::Cat) => cat_scr,
+                (Checkpointing::Level1, _) => cur.take(dims.len()),
+                (Checkpointing::Level2, Kind::StageOut) => cur.take(dims.len()),
+                (Checkpointing::Level2, _) => stage.take(dims.len()),
+            };
+            Slot { offset, dims }
+        };
+        let block = |cur: &mut Cursor, stage: &mut Cursor, place: &mut dyn FnMut(&mut Cursor, &mut Cursor, Kind, Dims) -> Slot, input: Dims, out: Dims, last: bool| {
+            let x = place(cur, stage, Kind::X, out);
+            let y = place(cur, stage, if last && policy != Checkpointing::Level1 { Kind::StageOut } else { Kind::Y }, out);
+            let mean = cur.take(out.n * out.c);
+            let rstd = cur.take(out.n * out.c);
+            BlockSlots { input, x, y, mean, rstd }
+        };
+        let mut enc = Vec::new();
+        for s in 0..ns {
+            stage.0 = stage_base;
+            enc.push((0..nc).map(|j| block(&mut cur, &mut stage, &mut place, enc_in(s, j), d(s, t.features[s]), j == nc - 1)).collect::<Vec<_>>());
+        }
+        let mut dec = vec![Vec::new(); ns - 1];
+        let mut up = vec![Slot { offset: 0, dims: Dims::default() }; ns - 1];
+        let mut cat = up.clone();
+        let mut logits = vec![None; ns - 1];
+        for s in (0..ns - 1).rev() {
+            stage.0 = stage_base;
+            up[s] = place(&mut cur, &mut stage, Kind::Up, d(s, t.features[s]));
+            cat[s] = place(&mut cur, &mut stage, Kind::Cat, d(s, 2 * t.features[s]));
+            dec[s] = (0..nc).map(|j| block(&mut cur, &mut stage, &mut place, dec_in(s, j), d(s, t.features[s]), j == nc - 1)).collect();
+            if has_head(s) {
+                logits[s] = Some(Slot { offset: cur.take(d(s, t.n_classes).len()), dims: d(s, t.n_classes) });
+            }
+        }
+        let (mut ga, mut gb, mut gc, mut skip_grad) = (0, 0, 0, Vec::new());
+        let mut labels = vec![None; ns - 1];
+        let mut lab = Cursor(0);
+        if training {
+            ga = cur.take(max_y);
+            gb = cur.take(max_y);
+            gc = cur.take(max_cat);
+            skip_grad = (0..ns - 1).map(|s| cur.take(d(s, t.features[s]).len())).collect();
+            for s in 0..ns - 1 {
+                if has_head(s) {
+                    let ld = d(s, 1);
+                    labels[s] = Some(Slot { offset: lab.take(ld.rows()), dims: ld });
+                }
+            }
+        }
+        Ok(ActPlan { policy, training, image, enc, dec, up, cat, logits, ga, gb, gc, skip_grad, len: cur.0, labels, labels_len: lab.0 })
+    }
+
+    /// Bytes of activation memory a step uses: the arena at `elem_bytes` per element plus
+    /// the u8 label maps.
+    pub fn bytes(&self, elem_bytes: usize) -> usize {
+        self.len * elem_bytes + self.labels_len
+    }
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    X,
+    Y,
+    StageOut,
+    Up,
+    Cat,
+}
+
+/// The activation bytes a training step needs (the memory planner's model).
+pub fn activation_bytes(t: &Topology, patch: [usize; 3], batch: usize, policy: Checkpointing, elem_bytes: usize) -> Result<usize> {
+    Ok(ActPlan::new(t, patch, batch, policy, true)?.bytes(elem_bytes))
+}
