@@ -1,1 +1,206 @@
+//! `segk bench step`: median time of full training steps (forward, loss, backward, SGD) of a
+//! PlainConvUNet on random data. Every comparison with PyTorch uses this command; its text
+//! output keeps this layout, and `--json` prints the same figures as one JSON object.
 
+use crate::backend::cpu::CpuBackend;
+use crate::backend::Backend;
+use crate::model::topology::nnunet_features;
+use crate::model::unet::Acts;
+use crate::model::{Checkpointing, Topology, UNet};
+use anyhow::{bail, Context, Result};
+use rand::{Rng, SeedableRng};
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct StepArgs {
+    /// Patch size D,H,W (or DxHxW).
+    #[arg(long, default_value = "80,96,80", value_parser = parse_triple)]
+    pub patch: [usize; 3],
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    #[arg(long, default_value_t = 1)]
+    pub in_channels: usize,
+    /// Classes including background.
+    #[arg(long, default_value_t = 3)]
+    pub classes: usize,
+    /// Stages (used when --features is not given: min(32*2^i, 320)).
+    #[arg(long, default_value_t = 5)]
+    pub stages: usize,
+    /// Features per stage, comma separated.
+    #[arg(long, value_delimiter = ',')]
+    pub features: Option<Vec<usize>>,
+    /// Kernel per stage, e.g. 1x3x3,3x3x3,... (default 3x3x3 everywhere).
+    #[arg(long, value_delimiter = ',', value_parser = parse_triple)]
+    pub kernels: Option<Vec<[usize; 3]>>,
+    /// Stride per stage, e.g. 1x1x1,2x2x2,... (default 1 then 2 everywhere).
+    #[arg(long, value_delimiter = ',', value_parser = parse_triple)]
+    pub strides: Option<Vec<[usize; 3]>>,
+    /// Gradient checkpointing level: 0, 1 or 2.
+    #[arg(long, default_value_t = 0)]
+    pub checkpointing: u8,
+    /// cpu or cuda.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    #[arg(long, default_value_t = 1)]
+    pub warmup: usize,
+    #[arg(long, default_value_t = 3)]
+    pub steps: usize,
+    /// Read topology, patch and batch from a JSON file ({"topology": .., "patch": .., "batch": ..}).
+    #[arg(long)]
+    pub plans: Option<std::path::PathBuf>,
+    /// Worker threads (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// Print one JSON object instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub fn parse_triple(s: &str) -> Result<[usize; 3], String> {
+    let v: Vec<usize> = s.split(['x', ',']).map(|t| t.trim().parse::<usize>().map_err(|e| format!("{s:?}: {e}"))).collect::<Result<_, _>>()?;
+    v.try_into().map_err(|_| format!("{s:?}: expected three numbers like 80x96x80"))
+}
+
+/// What a plans file (or the flags) describe for the benchmark.
+#[derive(Serialize, Deserialize, Debug, Clone)]
+pub struct StepSpec {
+    pub topology: Topology,
+    pub patch: [usize; 3],
+    pub batch: usize,
+}
+
+#[derive(Serialize, Debug)]
+pub struct StepReport {
+    pub device: String,
+    pub spec: StepSpec,
+    pub checkpointing: u8,
+    pub params: usize,
+    pub gflop_forward: f64,
+    pub gflop_backward: f64,
+    pub steps: usize,
+    pub step_median_s: f64,
+    pub step_min_s: f64,
+    pub step_max_s: f64,
+    pub forward_median_s: f64,
+    pub backward_median_s: f64,
+    pub gflops_per_s: f64,
+    pub param_bytes: usize,
+    pub activation_bytes: usize,
+    pub peak_rss_bytes: Option<usize>,
+}
+
+fn spec(a: &StepArgs) -> Result<StepSpec> {
+    if let Some(p) = &a.plans {
+        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        return serde_json::from_str(&text).with_context(|| format!("{}: not a step spec (topology, patch, batch)", p.display()));
+    }
+    let features = a.features.clone().unwrap_or_else(|| nnunet_features(a.stages, 32, 320));
+    let n = features.len();
+    let mut t = Topology::isotropic(a.in_channels, a.classes, features);
+    if let Some(k) = &a.kernels {
+        t.kernels = k.clone();
+    }
+    if let Some(s) = &a.strides {
+        t.strides = s.clone();
+    }
+    if t.kernels.len() != n || t.strides.len() != n {
+        bail!("--kernels and --strides need one entry per stage ({n})");
+    }
+    Ok(StepSpec { topology: t, patch: a.patch, batch: a.batch })
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).expect("finite timings"));
+    v[v.len() / 2]
+}
+
+/// Peak resident set size of this process (VmHWM), where /proc has it.
+pub fn peak_rss_bytes() -> Option<usize> {
+    let s = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = s.lines().find(|l| l.starts_with("VmHWM:"))?;
+    line.split_whitespace().nth(1)?.parse::<usize>().ok().map(|kb| kb * 1024)
+}
+
+pub fn run(a: &StepArgs) -> Result<()> {
+    match a.device.as_str() {
+        "cpu" => {
+            let report = measure(&CpuBackend::<f32>::new(), a)?;
+            print(&report, a.json)
+        }
+        d if d.starts_with("cuda") => bail!("device {d}: this build has no CUDA backend yet (built without CUDA kernels)"),
+        d => bail!("unknown device {d:?}: use cpu or cuda"),
+    }
+}
+
+pub fn measure<B: Backend>(be: &B, a: &StepArgs) -> Result<StepReport> {
+    let spec = spec(a)?;
+    let (t, patch, batch) = (&spec.topology, spec.patch, spec.batch);
+    let policy = Checkpointing::from_level(a.checkpointing)?;
+    let (fwd, bwd) = t.step_flops(patch, batch)?;
+    let mut net = UNet::new(be, t.clone(), 0)?;
+    let acts = Acts::new(be, t, patch, batch, policy, true)?;
+    let mut rng = rand_pcg::Pcg64::seed_from_u64(1);
+    let vox = batch * patch.iter().product::<usize>();
+    let image: Vec<f32> = (0..vox * t.in_channels).map(|_| rng.random_range(-1.0..1.0)).collect();
+    let labels: Vec<u8> = (0..vox).map(|_| rng.random_range(0..t.n_classes as u8)).collect();
+    let (mut total, mut f, mut b) = (Vec::new(), Vec::new(), Vec::new());
+    for i in 0..a.warmup + a.steps.max(1) {
+        let t0 = Instant::now();
+        let (loss, _) = net.train_step(be, &acts, &image, &labels, 1e-2)?;
+        be.sync()?;
+        if i >= a.warmup {
+            total.push(t0.elapsed().as_secs_f64());
+            f.push(loss.forward_secs);
+            b.push(loss.backward_secs);
+        }
+    }
+    let step = median(&mut total);
+    Ok(StepReport {
+        device: be.name(),
+        checkpointing: policy.level(),
+        params: net.n_params(),
+        gflop_forward: fwd / 1e9,
+        gflop_backward: bwd / 1e9,
+        steps: total.len(),
+        step_median_s: step,
+        step_min_s: total[0],
+        step_max_s: total[total.len() - 1],
+        forward_median_s: median(&mut f),
+        backward_median_s: median(&mut b),
+        gflops_per_s: (fwd + bwd) / step / 1e9,
+        param_bytes: net.param_bytes(be),
+        activation_bytes: acts.bytes(be),
+        peak_rss_bytes: peak_rss_bytes(),
+        spec,
+    })
+}
+
+fn mib(b: usize) -> String {
+    format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
+}
+
+fn print(r: &StepReport, json: bool) -> Result<()> {
+    if json {
+        println!("{}", serde_json::to_string(r)?);
+        return Ok(());
+    }
+    let t = &r.spec.topology;
+    let triples = |v: &[[usize; 3]]| v.iter().map(|k| format!("{}x{}x{}", k[0], k[1], k[2])).collect::<Vec<_>>().join(",");
+    let p = r.spec.patch;
+    println!("segk bench step");
+    println!("  device          {}", r.device);
+    println!("  net             {} stages, features {:?}, {} convs/stage, deep supervision {}", t.stages(), t.features, t.convs_per_stage, t.deep_supervision);
+    println!("  kernels         {}", triples(&t.kernels));
+    println!("  strides         {}", triples(&t.strides));
+    println!("  patch           {}x{}x{}, batch {}, in channels {}, classes {}", p[0], p[1], p[2], r.spec.batch, t.in_channels, t.n_classes);
+    println!("  checkpointing   {}", r.checkpointing);
+    println!("  params          {} ({:.2} M)", r.params, r.params as f64 / 1e6);
+    println!("  work/step       {:.1} GFLOP (forward {:.1}, backward {:.1})", r.gflop_forward + r.gflop_backward, r.gflop_forward, r.gflop_backward);
+    println!("  step            median {:.3} s  (min {:.3}, max {:.3}, {} steps)", r.step_median_s, r.step_min_s, r.step_max_s, r.steps);
+    println!("  forward+loss    {:.3} s", r.forward_median_s);
+    println!("  backward        {:.3} s", r.backward_median_s);
+    println!("  throughput      {:.1} GFLOP/s", r.gflops_per_s);
+    println!("  memory          params+grads+momentum {}, activations {}, peak RSS {}", mib(r.param_bytes), mib(r.activation_bytes), r.peak_rss_bytes.map(mib).unwrap_or_else(|| "n/a".into()));
+    Ok(())
+}

@@ -9,4 +9,4 @@ pub mod demo;
 pub mod model;
 pub mod synth;
 pub mod tensor;
-pub mod train;
+

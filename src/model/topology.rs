@@ -127,4 +127,33 @@ impl Topology {
         let sum: f64 = w.iter().sum();
         w.iter().map(|v| v / sum).collect()
     }
+
+    /// (forward, backward) FLOPs of one training step counted from the convolutions:
+    /// 2 x MACs of every conv, transposed conv and supervised head; backward is dgrad plus
+    /// wgrad of each, less the first conv's dgrad (the image needs no gradient).
+    /// Recompute work of checkpointing is not counted: this is the useful work.
+    pub fn step_flops(&self, patch: [usize; 3], batch: usize) -> Result<(f64, f64)> {
+        let sp = self.stage_spatial(patch)?;
+        let w = self.ds_weights();
+        let d = |s: usize, c: usize| crate::tensor::Dims::new(batch, sp[s], c);
+        let mut fwd = 0.0;
+        for s in 0..self.stages() {
+            for j in 0..self.convs_per_stage {
+                let cin = self.enc_geom(s, j).cin;
+                let input = if j == 0 && s > 0 { d(s - 1, cin) } else if j == 0 { crate::tensor::Dims::new(batch, patch, cin) } else { d(s, cin) };
+                fwd += self.enc_geom(s, j).flops(input);
+            }
+        }
+        for s in 0..self.stages() - 1 {
+            fwd += self.up_geom(s).flops(d(s + 1, self.features[s + 1]));
+            for j in 0..self.convs_per_stage {
+                fwd += self.dec_geom(s, j).flops(d(s, self.dec_geom(s, j).cin));
+            }
+            if w[s] > 0.0 {
+                fwd += self.head_geom(s).flops(d(s, self.features[s]));
+            }
+        }
+        let first = self.enc_geom(0, 0).flops(crate::tensor::Dims::new(batch, patch, self.in_channels));
+        Ok((fwd, 2.0 * fwd - first))
+    }
 }

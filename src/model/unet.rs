@@ -59,6 +59,9 @@ pub struct StepLoss {
     /// Parts of the full-resolution output.
     pub top: LossParts,
     pub grad_norm: f64,
+    /// Wall time of forward + loss and of backward (the backend synchronised at each end).
+    pub forward_secs: f64,
+    pub backward_secs: f64,
 }
 
 impl<B: Backend> UNet<B> {
@@ -91,6 +94,8 @@ impl<B: Backend> UNet<B> {
         ensure!(acts.plan.training, "compute_gradients needs a training activation plan");
         let pass = Pass { be, net: self, a: acts };
         pass.load(image, Some(labels))?;
+        be.sync()?;
+        let t0 = std::time::Instant::now();
         pass.forward(true)?;
         let weights = self.topo.ds_weights();
         let mut loss = StepLoss::default();
@@ -103,7 +108,12 @@ impl<B: Backend> UNet<B> {
                 }
             }
         }
+        be.sync()?;
+        let t1 = std::time::Instant::now();
         pass.backward()?;
+        be.sync()?;
+        loss.forward_secs = (t1 - t0).as_secs_f64();
+        loss.backward_secs = t1.elapsed().as_secs_f64();
         loss.grad_norm = be.sum_squares(self.grads(be))?.sqrt();
         Ok(loss)
     }
