@@ -3,6 +3,8 @@
 //! Layers, top to bottom: cli (main.rs) -> train / demo / bench -> model -> backend.
 //! The model asks a [`backend::Backend`] for ops and never knows which one it has.
 
+#![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
+
 pub mod backend;
 pub mod bench_step;
 pub mod demo;

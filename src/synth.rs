@@ -86,14 +86,14 @@ pub fn case(seed: u64, index: u64, shape: [usize; 3]) -> Case {
     }
     // Smooth bias field and noise, then z-score as nnU-Net does for non-CT images.
     let noise = Normal::new(0.0f32, r.random_range(0.2f32..0.35)).expect("positive sigma");
-    let (f, ph): ([f32; 3], [f32; 3]) = (std::array::from_fn(|_| r.random_range(0.5f32..1.5)), std::array::from_fn(|_| r.random_range(0.0f32..6.28)));
+    let (f, ph): ([f32; 3], [f32; 3]) = (std::array::from_fn(|_| r.random_range(0.5f32..1.5)), std::array::from_fn(|_| r.random_range(0.0f32..std::f32::consts::TAU)));
     let amp = r.random_range(0.1f32..0.25);
     for z in 0..shape[0] {
         for y in 0..shape[1] {
             for x in 0..shape[2] {
                 let i = idx(shape, z, y, x);
                 let u = [z as f32 / m[0], y as f32 / m[1], x as f32 / m[2]];
-                let bias = 1.0 + amp * (0..3).map(|a| (6.28 * f[a] * u[a] + ph[a]).sin()).sum::<f32>() / 3.0;
+                let bias = 1.0 + amp * (0..3).map(|a| (std::f32::consts::TAU * f[a] * u[a] + ph[a]).sin()).sum::<f32>() / 3.0;
                 c.image[i] = (base[i] + 0.3) * bias + noise.sample(&mut r);
             }
         }

@@ -81,7 +81,7 @@ impl Topology {
         let mut out = Vec::new();
         for (i, s) in self.strides.iter().enumerate() {
             for a in 0..3 {
-                ensure!(cur[a] % s[a] == 0 && cur[a] >= s[a], "patch {patch:?} is not divisible by the strides down to stage {i} (axis {a})");
+                ensure!(cur[a].is_multiple_of(s[a]) && cur[a] >= s[a], "patch {patch:?} is not divisible by the strides down to stage {i} (axis {a})");
             }
             cur = std::array::from_fn(|a| cur[a] / s[a]);
             out.push(cur);
