@@ -1,1 +1,110 @@
-fn main() {}
+//! Compiles kernels/*.cu into one fatbin (SASS for sm_80 and sm_90, PTX for compute_90)
+//! with nvcc, embedded by src/backend/cuda. nvcc is looked up in $NVCC, $CUDA_HOME/bin,
+//! $CUDA_PATH/bin, then PATH. Without nvcc the crate still builds (the CUDA backend then
+//! says it was built without kernels); SEGK_REQUIRE_KERNELS=1 makes that, and any register
+//! spill not listed in kernels/spills-allowed.txt, a build error.
+
+use std::env;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const GENCODE: [&str; 3] = ["arch=compute_80,code=sm_80", "arch=compute_90,code=sm_90", "arch=compute_90,code=compute_90"];
+
+fn find_nvcc() -> Option<PathBuf> {
+    if let Some(p) = env::var_os("NVCC").map(PathBuf::from) {
+        return p.is_file().then_some(p);
+    }
+    let homes = ["CUDA_HOME", "CUDA_PATH"].into_iter().filter_map(env::var_os).map(|h| PathBuf::from(h).join("bin"));
+    let path = env::var_os("PATH").map(|p| env::split_paths(&p).collect::<Vec<_>>()).unwrap_or_default();
+    homes.chain(path).map(|d| d.join("nvcc")).find(|p| p.is_file())
+}
+
+fn kernel_sources(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(dir).map(|rd| rd.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
+    v.retain(|p| p.extension().is_some_and(|e| e == "cu" || e == "cuh"));
+    v.sort();
+    v
+}
+
+/// Kernels whose ptxas report shows spill stores or loads, from `ptxas -v` output.
+fn spilling_kernels(report: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut current = None;
+    for line in report.lines() {
+        if let Some(rest) = line.split("Function properties for ").nth(1) {
+            current = Some(rest.trim().to_string());
+        } else if line.contains("spill stores") {
+            let spills = line.split(',').any(|part| {
+                let part = part.trim();
+                (part.ends_with("bytes spill stores") || part.ends_with("bytes spill loads")) && !part.starts_with("0 ")
+            });
+            if let (true, Some(name)) = (spills, current.take()) {
+                if !out.contains(&name) {
+                    out.push(name);
+                }
+            }
+        }
+    }
+    out
+}
+
+fn allowed_spills(dir: &Path) -> Vec<String> {
+    let text = fs::read_to_string(dir.join("spills-allowed.txt")).unwrap_or_default();
+    text.lines().filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')).filter_map(|l| l.split_whitespace().next().map(str::to_string)).collect()
+}
+
+fn main() {
+    println!("cargo::rustc-check-cfg=cfg(segk_kernels)");
+    for v in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "SEGK_REQUIRE_KERNELS"] {
+        println!("cargo:rerun-if-env-changed={v}");
+    }
+    let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let kdir = root.join("kernels");
+    println!("cargo:rerun-if-changed={}", kdir.display());
+    let sources = kernel_sources(&kdir);
+    for s in &sources {
+        println!("cargo:rerun-if-changed={}", s.display());
+    }
+    let out = PathBuf::from(env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
+    let (fatbin, report_path) = (out.join("segk.fatbin"), out.join("ptxas-report.txt"));
+    let require = env::var("SEGK_REQUIRE_KERNELS").is_ok_and(|v| v == "1");
+
+    let Some(nvcc) = find_nvcc() else {
+        if require {
+            panic!("SEGK_REQUIRE_KERNELS=1 but nvcc was not found in $NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin or PATH");
+        }
+        fs::write(&fatbin, []).expect("write empty fatbin");
+        fs::write(&report_path, "built without CUDA kernels: nvcc not found\n").expect("write report");
+        println!("cargo:warning=nvcc not found: building without CUDA kernels (install the CUDA toolkit and rebuild for --device cuda)");
+        return;
+    };
+
+    // One translation unit, so one fatbin holds every kernel.
+    let unity = out.join("segk_kernels.cu");
+    let includes: String = sources.iter().filter(|p| p.extension().is_some_and(|e| e == "cu")).map(|p| format!("#include \"{}\"\n", p.display())).collect();
+    fs::write(&unity, includes).expect("write unity source");
+    let mut cmd = Command::new(&nvcc);
+    cmd.args(["-fatbin", "-O3", "-std=c++17", "-lineinfo", "-Xptxas", "-v", "-I"]).arg(&kdir);
+    for g in GENCODE {
+        cmd.args(["-gencode", g]);
+    }
+    cmd.arg("-o").arg(&fatbin).arg(&unity);
+    let res = cmd.output().unwrap_or_else(|e| panic!("running {}: {e}", nvcc.display()));
+    let report = format!("{}{}", String::from_utf8_lossy(&res.stdout), String::from_utf8_lossy(&res.stderr));
+    fs::write(&report_path, &report).expect("write ptxas report");
+    if !res.status.success() {
+        panic!("nvcc failed compiling kernels/*.cu:\n{report}");
+    }
+    let allowed = allowed_spills(&kdir);
+    let spills: Vec<String> = spilling_kernels(&report).into_iter().filter(|k| !allowed.contains(k)).collect();
+    if !spills.is_empty() {
+        let msg = format!("kernels spill registers to local memory: {} (see {}; list a kernel with a reason in kernels/spills-allowed.txt if it must)", spills.join(", "), report_path.display());
+        if require {
+            panic!("{msg}");
+        }
+        println!("cargo:warning={msg}");
+    }
+    println!("cargo:rustc-cfg=segk_kernels");
+    println!("cargo:rustc-env=SEGK_NVCC={}", nvcc.display());
+}

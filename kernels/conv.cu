@@ -1,0 +1,272 @@
+// 3D convolution (NDHWC, weights [kd][kh][kw][cin][cout]) and transposed convolution
+// (kernel = stride, weights [cin][sd][sh][sw][cout]) as implicit GEMMs on tensor cores:
+// fp32 tensors are gathered tile by tile, rounded to bf16 in shared memory, multiplied with
+// mma.sync.m16n8k16 and accumulated in fp32. Bounds are checked per element, so channel
+// counts that are not multiples of 8 (first conv, seg heads) take the same path.
+// Each problem type says how to read A[m][k] and B[k][n] and where C[m][n] goes.
+#include "common.cuh"
+
+#define BM 64
+#define BN 64
+#define BK 32
+#define SPAD 8
+#define GEMM_THREADS 128
+
+typedef long long i64;
+
+struct ConvShape {
+    i64 n, id, ih, iw, cin;
+    i64 od, oh, ow, cout;
+    i64 kd, kh, kw, sd, sh, sw, pd, ph, pw;
+};
+
+// im2col element: row r of the output, column k = tap * cin + ci.
+__device__ __forceinline__ float im2col(const ConvShape& s, const float* x, i64 r, i64 k) {
+    i64 ci = k % s.cin, tap = k / s.cin;
+    i64 tw = tap % s.kw, th = (tap / s.kw) % s.kh, td = tap / (s.kw * s.kh);
+    i64 ox = r % s.ow, t = r / s.ow;
+    i64 oy = t % s.oh;
+    t /= s.oh;
+    i64 oz = t % s.od, b = t / s.od;
+    i64 iz = oz * s.sd + td - s.pd, iy = oy * s.sh + th - s.ph, ix = ox * s.sw + tw - s.pw;
+    if (iz < 0 || iy < 0 || ix < 0 || iz >= s.id || iy >= s.ih || ix >= s.iw) return 0.f;
+    return x[(((b * s.id + iz) * s.ih + iy) * s.iw + ix) * s.cin + ci];
+}
+
+struct Fprop {
+    ConvShape s;
+    const float* x;
+    const float* w;
+    const float* bias;
+    float* y;
+    i64 M, N, K;
+    __device__ i64 k_begin(int) const { return 0; }
+    __device__ i64 k_end(int) const { return K; }
+    __device__ float a(i64 m, i64 k) const { return im2col(s, x, m, k); }
+    __device__ float b(i64 k, i64 n) const { return w[k * s.cout + n]; }
+    __device__ void store(i64 m, i64 n, float v, int) const { y[m * s.cout + n] = v + bias[n]; }
+};
+
+// dgrad for the input voxels of one stride-parity class: rows are those voxels, columns of
+// A are (class tap, cout); only taps that reach the class contribute.
+struct Dgrad {
+    ConvShape s;
+    const float* dy;
+    const float* w;
+    float* dx;
+    // Taps per axis that reach this class: entry i of axis a is (tapcode[a] >> 2i) & 3.
+    i64 res[3], cnt[3], tapcode[3], ntaps[3];
+    i64 M, N, K;
+    float beta, pad_;
+    __device__ i64 k_begin(int) const { return 0; }
+    __device__ i64 k_end(int) const { return K; }
+    __device__ void voxel(i64 m, i64& b, i64& z, i64& y, i64& x) const {
+        x = res[2] + (m % cnt[2]) * s.sw;
+        i64 t = m / cnt[2];
+        y = res[1] + (t % cnt[1]) * s.sh;
+        t /= cnt[1];
+        z = res[0] + (t % cnt[0]) * s.sd;
+        b = t / cnt[0];
+    }
+    __device__ void tap(i64 t, i64& td, i64& th, i64& tw) const {
+        tw = (tapcode[2] >> (2 * (t % ntaps[2]))) & 3;
+        th = (tapcode[1] >> (2 * ((t / ntaps[2]) % ntaps[1]))) & 3;
+        td = (tapcode[0] >> (2 * (t / (ntaps[2] * ntaps[1])))) & 3;
+    }
+    __device__ float a(i64 m, i64 k) const {
+        i64 co = k % s.cout, b, z, y, x, td, th, tw;
+        voxel(m, b, z, y, x);
+        tap(k / s.cout, td, th, tw);
+        i64 qz = z + s.pd - td, qy = y + s.ph - th, qx = x + s.pw - tw;
+        if (qz < 0 || qy < 0 || qx < 0) return 0.f;
+        i64 oz = qz / s.sd, oy = qy / s.sh, ox = qx / s.sw;
+        if (oz >= s.od || oy >= s.oh || ox >= s.ow) return 0.f;
+        return dy[(((b * s.od + oz) * s.oh + oy) * s.ow + ox) * s.cout + co];
+    }
+    __device__ float b(i64 k, i64 n) const {
+        i64 co = k % s.cout, td, th, tw;
+        tap(k / s.cout, td, th, tw);
+        i64 t = (td * s.kh + th) * s.kw + tw;
+        return w[(t * s.cin + n) * s.cout + co];
+    }
+    __device__ void store(i64 m, i64 n, float v, int) const {
+        i64 b, z, y, x;
+        voxel(m, b, z, y, x);
+        float* d = dx + (((b * s.id + z) * s.ih + y) * s.iw + x) * s.cin + n;
+        *d = beta == 0.f ? v : beta * *d + v;
+    }
+};
+
+// wgrad: C[taps*cin][cout] = im2col^T dy, reduction over output rows split across
+// blockIdx.z; each split writes its own partial.
+struct Wgrad {
+    ConvShape s;
+    const float* x;
+    const float* dy;
+    float* part;
+    i64 M, N, R, per_split;
+    __device__ i64 k_begin(int z) const { return z * per_split; }
+    __device__ i64 k_end(int z) const { return min(R, (z + 1) * per_split); }
+    __device__ float a(i64 m, i64 k) const { return im2col(s, x, k, m); }
+    __device__ float b(i64 k, i64 n) const { return dy[k * s.cout + n]; }
+    __device__ void store(i64 m, i64 n, float v, int z) const { part[((i64)z * M + m) * N + n] = v; }
+};
+
+struct TShape {
+    i64 n, id, ih, iw, cin, cout, sd, sh, sw;
+};
+
+__device__ __forceinline__ i64 tout_row(const TShape& s, i64 r, i64 t) {
+    i64 x = r % s.iw, q = r / s.iw;
+    i64 y = q % s.ih;
+    q /= s.ih;
+    i64 z = q % s.id, b = q / s.id;
+    i64 tw = t % s.sw, th = (t / s.sw) % s.sh, td = t / (s.sw * s.sh);
+    return ((b * s.id * s.sd + z * s.sd + td) * (s.ih * s.sh) + y * s.sh + th) * (s.iw * s.sw) + x * s.sw + tw;
+}
+
+// Transposed conv forward for one tap: rows are input voxels.
+struct TFprop {
+    TShape s;
+    const float* x;
+    const float* w;
+    const float* bias;
+    float* y;
+    i64 tap, M, N, K;
+    __device__ i64 k_begin(int) const { return 0; }
+    __device__ i64 k_end(int) const { return K; }
+    __device__ float a(i64 m, i64 k) const { return x[m * s.cin + k]; }
+    __device__ float b(i64 k, i64 n) const { return w[(k * s.sd * s.sh * s.sw + tap) * s.cout + n]; }
+    __device__ void store(i64 m, i64 n, float v, int) const { y[tout_row(s, m, tap) * s.cout + n] = v + bias[n]; }
+};
+
+struct TDgrad {
+    TShape s;
+    const float* dy;
+    const float* w;
+    float* dx;
+    i64 M, N, K;
+    float beta, pad_;
+    __device__ i64 k_begin(int) const { return 0; }
+    __device__ i64 k_end(int) const { return K; }
+    __device__ float a(i64 m, i64 k) const { return dy[tout_row(s, m, k / s.cout) * s.cout + k % s.cout]; }
+    __device__ float b(i64 k, i64 n) const { return w[n * K + k]; }
+    __device__ void store(i64 m, i64 n, float v, int) const {
+        float* d = dx + m * s.cin + n;
+        *d = beta == 0.f ? v : beta * *d + v;
+    }
+};
+
+struct TWgrad {
+    TShape s;
+    const float* x;
+    const float* dy;
+    float* part;
+    i64 M, N, R, per_split;
+    __device__ i64 k_begin(int z) const { return z * per_split; }
+    __device__ i64 k_end(int z) const { return min(R, (z + 1) * per_split); }
+    __device__ float a(i64 m, i64 k) const { return x[k * s.cin + m]; }
+    __device__ float b(i64 k, i64 n) const { return dy[tout_row(s, k, n / s.cout) * s.cout + n % s.cout]; }
+    __device__ void store(i64 m, i64 n, float v, int z) const { part[((i64)z * M + m) * N + n] = v; }
+};
+
+__device__ __forceinline__ void mma_bf16_16816(float* d, const uint32_t* a, const uint32_t* b) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b[0]), "r"(b[1]));
+}
+
+// One 64x64 tile of C per block, four warps of 32x32, K in steps of 32.
+template <class P>
+__device__ __forceinline__ void igemm(const P& p) {
+    __shared__ __align__(16) __nv_bfloat16 As[BM][BK + SPAD];
+    __shared__ __align__(16) __nv_bfloat16 Bs[BN][BK + SPAD];  // n-major: k pairs contiguous
+    const i64 m0 = (i64)blockIdx.x * BM, n0 = (i64)blockIdx.y * BN;
+    const int z = blockIdx.z;
+    const i64 kb = p.k_begin(z), ke = p.k_end(z);
+    const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+    const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
+    const int g = lane >> 2, t = lane & 3;
+    float acc[2][4][4];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+        for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
+
+    for (i64 k0 = kb; k0 < ke; k0 += BK) {
+        for (int i = tid; i < BM * BK; i += GEMM_THREADS) {
+            int r = i / BK, c = i % BK;
+            i64 m = m0 + r, k = k0 + c;
+            As[r][c] = __float2bfloat16(m < p.M && k < ke ? p.a(m, k) : 0.f);
+        }
+        for (int i = tid; i < BN * BK; i += GEMM_THREADS) {
+            int nn = i / BK, c = i % BK;
+            i64 n = n0 + nn, k = k0 + c;
+            Bs[nn][c] = __float2bfloat16(n < p.N && k < ke ? p.b(k, n) : 0.f);
+        }
+        __syncthreads();
+#pragma unroll
+        for (int kk = 0; kk < BK; kk += 16) {
+            uint32_t af[2][4], bf[4][2];
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++) {
+                int r = wm + mi * 16 + g;
+                af[mi][0] = *reinterpret_cast<const uint32_t*>(&As[r][kk + t * 2]);
+                af[mi][1] = *reinterpret_cast<const uint32_t*>(&As[r + 8][kk + t * 2]);
+                af[mi][2] = *reinterpret_cast<const uint32_t*>(&As[r][kk + t * 2 + 8]);
+                af[mi][3] = *reinterpret_cast<const uint32_t*>(&As[r + 8][kk + t * 2 + 8]);
+            }
+#pragma unroll
+            for (int ni = 0; ni < 4; ni++) {
+                int c = wn + ni * 8 + g;
+                bf[ni][0] = *reinterpret_cast<const uint32_t*>(&Bs[c][kk + t * 2]);
+                bf[ni][1] = *reinterpret_cast<const uint32_t*>(&Bs[c][kk + t * 2 + 8]);
+            }
+#pragma unroll
+            for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+                for (int ni = 0; ni < 4; ni++) mma_bf16_16816(acc[mi][ni], af[mi], bf[ni]);
+        }
+        __syncthreads();
+    }
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+        for (int ni = 0; ni < 4; ni++)
+#pragma unroll
+            for (int h = 0; h < 2; h++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    i64 m = m0 + wm + mi * 16 + g + h * 8, n = n0 + wn + ni * 8 + t * 2 + e;
+                    if (m < p.M && n < p.N) p.store(m, n, acc[mi][ni][h * 2 + e], z);
+                }
+}
+
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_conv_fprop(Fprop p) { igemm(p); }
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_conv_dgrad(Dgrad p) { igemm(p); }
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_conv_wgrad(Wgrad p) { igemm(p); }
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_convt_fprop(TFprop p) { igemm(p); }
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_convt_dgrad(TDgrad p) { igemm(p); }
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_convt_wgrad(TWgrad p) { igemm(p); }
+
+// out[i] = sum over splits of part[z * len + i] (split-K reduction, fixed order).
+extern "C" __global__ void segk_sum_splits_f32(const float* part, int splits, i64 len, float* out) {
+    for (i64 i = blockIdx.x * (i64)blockDim.x + threadIdx.x; i < len; i += (i64)gridDim.x * blockDim.x) {
+        float s = 0.f;
+        for (int z = 0; z < splits; z++) s += part[z * len + i];
+        out[i] = s;
+    }
+}
+
+// part[blockIdx.x][c] = column sums of rows in this block's chunk (bias gradients).
+extern "C" __global__ void segk_colsum_partial_f32(const float* x, i64 rows, int C, i64 chunk, float* part) {
+    i64 r0 = blockIdx.x * chunk, r1 = min(rows, r0 + chunk);
+    for (int c = threadIdx.x; c < C; c += blockDim.x) {
+        float s = 0.f;
+        for (i64 r = r0; r < r1; r++) s += x[r * C + c];
+        part[(i64)blockIdx.x * C + c] = s;
+    }
+}

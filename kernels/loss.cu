@@ -1,0 +1,69 @@
+// Softmax + soft Dice + cross-entropy. Pass 1: per-block partial sums per class of
+// intersection, prediction and ground truth, plus CE and the largest label seen; the host
+// merges them (f64), computes each Dice term, and uploads (dc, 1/denominator) per
+// (group, class). Pass 2: the gradient over the logits, in place.
+#include "common.cuh"
+
+#define LOSS_THREADS 256
+
+// part[block] = [inter C | pred C | gt C | ce | max label], block = (chunk, sample).
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_partial_f32(const float* z, const uint8_t* lab, long V, int C, long chunk, float* part) {
+    extern __shared__ float acc[];  // 3*C + 2
+    int b = blockIdx.y, k = blockIdx.x;
+    for (int i = threadIdx.x; i < 3 * C + 2; i += blockDim.x) acc[i] = 0.f;
+    __syncthreads();
+    long r0 = k * chunk, r1 = min(V, r0 + chunk);
+    float ce = 0.f;
+    int maxlab = 0;
+    for (long r = r0 + threadIdx.x; r < r1; r += blockDim.x) {
+        long row = (long)b * V + r;
+        const float* zr = z + row * C;
+        int y = lab[row];
+        maxlab = max(maxlab, y);
+        float mx = zr[0];
+        for (int c = 1; c < C; c++) mx = fmaxf(mx, zr[c]);
+        float s = 0.f;
+        for (int c = 0; c < C; c++) s += __expf(zr[c] - mx);
+        float inv = 1.f / s;
+        int yc = y < C ? y : 0;
+        ce += mx + __logf(s) - zr[yc];
+        for (int c = 0; c < C; c++) atomicAdd(&acc[C + c], __expf(zr[c] - mx) * inv);
+        atomicAdd(&acc[yc], __expf(zr[yc] - mx) * inv);
+        atomicAdd(&acc[2 * C + yc], 1.f);
+    }
+    atomicAdd(&acc[3 * C], ce);
+    atomicMax(reinterpret_cast<int*>(&acc[3 * C + 1]), maxlab);
+    __syncthreads();
+    float* p = part + ((long)b * gridDim.x + k) * (3 * C + 2);
+    for (int i = threadIdx.x; i < 3 * C + 1; i += blockDim.x) p[i] = acc[i];
+    if (threadIdx.x == 0) p[3 * C + 1] = (float)(*reinterpret_cast<int*>(&acc[3 * C + 1]));
+}
+
+// z <- weight * dL/dz; coef[(group * C + c) * 2] = (dc, 1/denominator), group = sample
+// when per_sample else 0.
+extern "C" __global__ void segk_loss_grad_f32(float* z, const uint8_t* lab, int n, long V, int C, const float* coef, int per_sample, float terms, float total_vox, float weight) {
+    long rows = (long)n * V;
+    for (long row = blockIdx.x * (long)blockDim.x + threadIdx.x; row < rows; row += (long)gridDim.x * blockDim.x) {
+        float* zr = z + row * C;
+        int y = lab[row];
+        const float* cf = coef + (per_sample ? (row / V) * C * 2 : 0);
+        float mx = zr[0];
+        for (int c = 1; c < C; c++) mx = fmaxf(mx, zr[c]);
+        float s = 0.f;
+        for (int c = 0; c < C; c++) s += __expf(zr[c] - mx);
+        float inv = 1.f / s;
+        // g_c = dDice/dp_c = -(2 y_c - dc_c) / (denom_c * terms), g_0 = 0
+        float pg = 0.f;
+        for (int c = 1; c < C; c++) {
+            float p = __expf(zr[c] - mx) * inv;
+            float g = -((c == y ? 2.f : 0.f) - cf[c * 2]) * cf[c * 2 + 1] / terms;
+            pg += p * g;
+        }
+        for (int c = 0; c < C; c++) {
+            float p = __expf(zr[c] - mx) * inv;
+            float g = c == 0 ? 0.f : -((c == y ? 2.f : 0.f) - cf[c * 2]) * cf[c * 2 + 1] / terms;
+            float dce = (p - (c == y ? 1.f : 0.f)) / total_vox;
+            zr[c] = weight * (dce + p * (g - pg));
+        }
+    }
+}
