@@ -6,10 +6,6 @@ extern "C" __global__ void segk_fill_f32(float* p, long n, float v) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) p[i] = v;
 }
 
-extern "C" __global__ void segk_fill_u8(uint8_t* p, long n, uint8_t v) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) p[i] = v;
-}
-
 extern "C" __global__ void segk_scale_f32(float* p, long n, float s) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) p[i] *= s;
 }

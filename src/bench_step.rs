@@ -2,7 +2,6 @@
 //! PlainConvUNet on random data. Every comparison with PyTorch uses this command; its text
 //! output keeps this layout, and `--json` prints the same figures as one JSON object.
 
-use crate::backend::cpu::CpuBackend;
 use crate::backend::Backend;
 use crate::model::topology::nnunet_features;
 use crate::model::unet::Acts;
@@ -39,7 +38,7 @@ pub struct StepArgs {
     /// Gradient checkpointing level: 0, 1 or 2.
     #[arg(long, default_value_t = 0)]
     pub checkpointing: u8,
-    /// cpu or cuda.
+    /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
     #[arg(long, default_value_t = 1)]
@@ -122,15 +121,18 @@ pub fn peak_rss_bytes() -> Option<usize> {
     line.split_whitespace().nth(1)?.parse::<usize>().ok().map(|kb| kb * 1024)
 }
 
-pub fn run(a: &StepArgs) -> Result<()> {
-    match a.device.as_str() {
-        "cpu" => {
-            let report = measure(&CpuBackend::<f32>::new(), a)?;
-            print(&report, a.json)
-        }
-        d if d.starts_with("cuda") => bail!("device {d}: this build has no CUDA backend yet (built without CUDA kernels)"),
-        d => bail!("unknown device {d:?}: use cpu or cuda"),
+struct Measure<'a>(&'a StepArgs);
+
+impl crate::device::Job for Measure<'_> {
+    type Out = StepReport;
+    fn run<B: Backend>(self, be: &B) -> Result<StepReport> {
+        measure(be, self.0)
     }
+}
+
+pub fn run(a: &StepArgs) -> Result<()> {
+    let report = crate::device::run_on(&a.device, Measure(a))?;
+    print(&report, a.json)
 }
 
 pub fn measure<B: Backend>(be: &B, a: &StepArgs) -> Result<StepReport> {

@@ -122,8 +122,12 @@ fn bar(len: u64, show: bool) -> ProgressBar {
     b
 }
 
+/// The demo on the CPU.
 pub fn run(cfg: &DemoConfig) -> Result<DemoReport> {
-    let be = CpuBackend::<f32>::new();
+    run_on(&CpuBackend::<f32>::new(), cfg)
+}
+
+pub fn run_on<B: Backend>(be: &B, cfg: &DemoConfig) -> Result<DemoReport> {
     let topo = topology(cfg);
     let classes = topo.n_classes;
     let gen = bar((cfg.train_cases + cfg.test_cases) as u64, cfg.progress);
@@ -137,8 +141,8 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport> {
     let test: Vec<Case> = cases.split_off(cfg.train_cases);
     let mut sampler = Sampler::new(cases, classes, cfg.seed.wrapping_add(1));
 
-    let mut net = UNet::new(&be, topo.clone(), cfg.seed)?;
-    let acts = Acts::new(&be, &topo, cfg.patch, cfg.batch, Checkpointing::None, true)?;
+    let mut net = UNet::new(be, topo.clone(), cfg.seed)?;
+    let acts = Acts::new(be, &topo, cfg.patch, cfg.batch, Checkpointing::None, true)?;
     let pv: usize = cfg.patch.iter().product();
     let (mut image, mut labels) = (vec![0.0f32; cfg.batch * pv], vec![0u8; cfg.batch * pv]);
     let steps = cfg.epochs * cfg.iters_per_epoch;
@@ -151,7 +155,7 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport> {
         let mut sum = 0.0;
         for _ in 0..cfg.iters_per_epoch {
             sampler.fill(cfg.patch, &mut image, &mut labels);
-            let (loss, applied) = net.train_step(&be, &acts, &image, &labels, lr)?;
+            let (loss, applied) = net.train_step(be, &acts, &image, &labels, lr)?;
             anyhow::ensure!(applied, "non-finite loss or gradient at epoch {epoch} (loss {})", loss.total);
             sum += loss.total;
             pb.inc(1);
@@ -166,7 +170,7 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport> {
     pb.finish();
     let train_secs = t0.elapsed().as_secs_f64();
 
-    let dice = evaluate(&be, &net, &test, classes)?;
+    let dice = evaluate(be, &net, &test, classes)?;
     let mean_dice = dice.iter().sum::<f64>() / dice.len() as f64;
     Ok(DemoReport { dice, mean_dice, first_epoch_loss: first, last_epoch_loss: last, train_secs, steps })
 }

@@ -8,7 +8,9 @@
 pub mod backend;
 pub mod bench_step;
 pub mod demo;
+pub mod device;
 pub mod model;
+pub mod selftest;
 pub mod synth;
 pub mod tensor;
 

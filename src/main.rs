@@ -2,7 +2,10 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use segk::backend::Backend;
 use segk::demo::{self, DemoConfig};
+use segk::device::Job;
+use segk::selftest;
 use segk::synth::LABEL_NAMES;
 
 #[derive(Parser)]
@@ -25,6 +28,18 @@ enum Cmd {
         /// Worker threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
+        /// cpu, cuda or cuda:N.
+        #[arg(long, default_value = "cpu")]
+        device: String,
+    },
+    /// Every kernel of a device against the CPU reference, then whole training steps.
+    Selftest {
+        /// cpu (the f32 CPU backend against f64) or cuda[:N].
+        #[arg(long, default_value = "cuda")]
+        device: String,
+        /// Seed of the random inputs (default: fresh each run).
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// Benchmarks.
     Bench {
@@ -49,7 +64,8 @@ fn set_threads(n: Option<usize>) -> Result<()> {
 fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
-        Cmd::Demo { epochs, iters, seed, threads } => set_threads(threads).and_then(|_| run_demo(epochs, iters, seed)),
+        Cmd::Demo { epochs, iters, seed, threads, device } => set_threads(threads).and_then(|_| run_demo(epochs, iters, seed, &device)),
+        Cmd::Selftest { device, seed } => run_selftest(&device, seed),
         Cmd::Bench { what: BenchCmd::Step(a) } => set_threads(a.threads).and_then(|_| segk::bench_step::run(&a)),
     };
     if let Err(e) = r {
@@ -58,14 +74,44 @@ fn main() {
     }
 }
 
-fn run_demo(epochs: usize, iters: usize, seed: u64) -> Result<()> {
+struct Selftest(u64);
+
+impl Job for Selftest {
+    type Out = Vec<selftest::Check>;
+    fn run<B: Backend>(self, be: &B) -> Result<Self::Out> {
+        println!("segk selftest on {} (seed {})", be.name(), self.0);
+        let bounds = if be.name().starts_with("cpu") { selftest::Bounds::CPU_F32 } else { selftest::Bounds::CUDA };
+        selftest::run(be, &bounds, self.0)
+    }
+}
+
+fn run_selftest(device: &str, seed: Option<u64>) -> Result<()> {
+    let seed = seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1));
+    let checks = segk::device::run_on(device, Selftest(seed))?;
+    if selftest::report(&checks) > 0 {
+        anyhow::bail!("selftest failed on {device}");
+    }
+    Ok(())
+}
+
+struct Demo(DemoConfig);
+
+impl Job for Demo {
+    type Out = demo::DemoReport;
+    fn run<B: Backend>(self, be: &B) -> Result<Self::Out> {
+        println!("device {}", be.name());
+        demo::run_on(be, &self.0)
+    }
+}
+
+fn run_demo(epochs: usize, iters: usize, seed: u64, device: &str) -> Result<()> {
     let cfg = DemoConfig { epochs, iters_per_epoch: iters, seed, ..DemoConfig::default() };
     println!(
         "segk demo: {} training + {} held-out synthetic cases of {:?}, patch {:?}, batch {}, features {:?}, {} threads",
         cfg.train_cases, cfg.test_cases, cfg.size, cfg.patch, cfg.batch, cfg.features, rayon::current_num_threads()
     );
     let t0 = std::time::Instant::now();
-    let r = demo::run(&cfg)?;
+    let r = segk::device::run_on(device, Demo(cfg))?;
     println!("trained {} steps in {:.1} s; mean loss first epoch {:.4}, last epoch {:.4}", r.steps, r.train_secs, r.first_epoch_loss, r.last_epoch_loss);
     println!("held-out Dice per label:");
     for (k, d) in r.dice.iter().enumerate() {

@@ -5,6 +5,7 @@
 //! an op does not overlap a view the same op reads, unless the op says it works in place.
 
 pub mod cpu;
+pub mod cuda;
 
 use crate::tensor::Dims;
 use anyhow::Result;

@@ -22,19 +22,21 @@ fn softmax<T: Float>(z: &[T], p: &mut [f64]) -> f64 {
     max + sum.ln()
 }
 
-#[derive(Clone)]
-struct Sums {
-    inter: Vec<f64>,
-    pred: Vec<f64>,
-    gt: Vec<f64>,
-    ce: f64,
+/// Per-sample sums of one output: intersection, prediction and ground truth per class, and
+/// the summed cross-entropy.
+#[derive(Clone, Debug)]
+pub struct Sums {
+    pub inter: Vec<f64>,
+    pub pred: Vec<f64>,
+    pub gt: Vec<f64>,
+    pub ce: f64,
 }
 
 impl Sums {
-    fn zeros(n: usize) -> Sums {
+    pub fn zeros(n: usize) -> Sums {
         Sums { inter: vec![0.0; n], pred: vec![0.0; n], gt: vec![0.0; n], ce: 0.0 }
     }
-    fn add(&mut self, o: &Sums) {
+    pub fn add(&mut self, o: &Sums) {
         for i in 0..self.inter.len() {
             self.inter[i] += o.inter[i];
             self.pred[i] += o.pred[i];
@@ -42,6 +44,49 @@ impl Sums {
         }
         self.ce += o.ce;
     }
+}
+
+/// The Dice terms the gradient needs, shared by every backend.
+pub struct DiceTerms {
+    pub parts: LossParts,
+    /// Per group (the batch, or each sample), per class: (dc, 1 / denominator).
+    pub coef: Vec<Vec<(f64, f64)>>,
+    /// Number of averaged Dice terms (groups x foreground classes).
+    pub terms: f64,
+    pub total_vox: f64,
+}
+
+/// Loss parts and gradient coefficients from per-sample sums.
+pub fn dice_terms(per_sample: &[Sums], mode: DiceMode, voxels_per_sample: usize) -> DiceTerms {
+    let c = per_sample[0].inter.len();
+    let groups: Vec<Sums> = match mode {
+        DiceMode::Batch => {
+            let mut all = Sums::zeros(c);
+            per_sample.iter().for_each(|s| all.add(s));
+            vec![all]
+        }
+        DiceMode::PerSample => per_sample.to_vec(),
+    };
+    let terms = (groups.len() * (c - 1)) as f64;
+    let mut dice_sum = 0.0;
+    let coef = groups
+        .iter()
+        .map(|s| {
+            (0..c)
+                .map(|k| {
+                    let denom = (s.gt[k] + s.pred[k] + DICE_SMOOTH).max(1e-8);
+                    let dc = (2.0 * s.inter[k] + DICE_SMOOTH) / denom;
+                    if k > 0 {
+                        dice_sum += dc;
+                    }
+                    (dc, 1.0 / denom)
+                })
+                .collect()
+        })
+        .collect();
+    let total_vox = (per_sample.len() * voxels_per_sample) as f64;
+    let ce = per_sample.iter().map(|s| s.ce).sum::<f64>() / total_vox;
+    DiceTerms { parts: LossParts { ce, dice: -dice_sum / terms }, coef, terms, total_vox }
 }
 
 /// Forward and backward in one call: returns the loss parts and overwrites `logits` with
@@ -77,36 +122,7 @@ pub fn softmax_dice_ce<T: Float>(logits: &mut [T], ld: Dims, labels: &[u8], mode
     for (b, s) in &partial {
         per_sample[*b].add(s);
     }
-    // Dice per (group, class): a group is the whole batch or one sample.
-    let groups: Vec<Sums> = match mode {
-        DiceMode::Batch => {
-            let mut all = Sums::zeros(c);
-            per_sample.iter().for_each(|s| all.add(s));
-            vec![all]
-        }
-        DiceMode::PerSample => per_sample.clone(),
-    };
-    let terms = (groups.len() * (c - 1)) as f64;
-    let mut dice_sum = 0.0;
-    // coef[g][k] = dc and 1/denominator, used by the gradient.
-    let coef: Vec<Vec<(f64, f64)>> = groups
-        .iter()
-        .map(|s| {
-            (0..c)
-                .map(|k| {
-                    let denom = (s.gt[k] + s.pred[k] + DICE_SMOOTH).max(1e-8);
-                    let dc = (2.0 * s.inter[k] + DICE_SMOOTH) / denom;
-                    if k > 0 {
-                        dice_sum += dc;
-                    }
-                    (dc, 1.0 / denom)
-                })
-                .collect()
-        })
-        .collect();
-    let total_vox = (n * v) as f64;
-    let ce: f64 = per_sample.iter().map(|s| s.ce).sum::<f64>() / total_vox;
-    let parts = LossParts { ce, dice: -dice_sum / terms };
+    let DiceTerms { parts, coef, terms, total_vox } = dice_terms(&per_sample, mode, v);
 
     // Pass 2: dL/dz = p * (g - sum_k p_k g_k), g = dL/dp.
     logits.par_chunks_mut(ROWS * c).enumerate().for_each(|(ci, lc)| {

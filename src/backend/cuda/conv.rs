@@ -1,0 +1,242 @@
+//! Launches of kernels/conv.cu (CPU twin: backend/cpu/conv.rs and convt.rs). The argument
+//! structs mirror the C structs field for field (#[repr(C)], all 8-byte fields but the
+//! trailing f32 pair).
+
+use super::{launch, CudaBackend, DevBuf};
+use crate::backend::{ConvGeom, ConvTGeom};
+use crate::tensor::Dims;
+use anyhow::{ensure, Result};
+use cudarc::driver::{DeviceRepr, LaunchConfig};
+
+const TILE: usize = 64;
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct ConvShape([i64; 18]);
+
+#[repr(C)]
+struct Fprop {
+    s: ConvShape,
+    x: u64,
+    w: u64,
+    bias: u64,
+    y: u64,
+    m: i64,
+    n: i64,
+    k: i64,
+}
+
+#[repr(C)]
+struct Dgrad {
+    s: ConvShape,
+    dy: u64,
+    w: u64,
+    dx: u64,
+    res: [i64; 3],
+    cnt: [i64; 3],
+    tapcode: [i64; 3],
+    ntaps: [i64; 3],
+    m: i64,
+    n: i64,
+    k: i64,
+    beta: f32,
+    pad: f32,
+}
+
+#[repr(C)]
+struct Wgrad {
+    s: ConvShape,
+    x: u64,
+    dy: u64,
+    part: u64,
+    m: i64,
+    n: i64,
+    r: i64,
+    per_split: i64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct TShape([i64; 9]);
+
+#[repr(C)]
+struct TFprop {
+    s: TShape,
+    x: u64,
+    w: u64,
+    bias: u64,
+    y: u64,
+    tap: i64,
+    m: i64,
+    n: i64,
+    k: i64,
+}
+
+#[repr(C)]
+struct TDgrad {
+    s: TShape,
+    dy: u64,
+    w: u64,
+    dx: u64,
+    m: i64,
+    n: i64,
+    k: i64,
+    beta: f32,
+    pad: f32,
+}
+
+#[repr(C)]
+struct TWgrad {
+    s: TShape,
+    x: u64,
+    dy: u64,
+    part: u64,
+    m: i64,
+    n: i64,
+    r: i64,
+    per_split: i64,
+}
+
+// SAFETY: plain-old-data mirrors of the kernels' by-value argument structs.
+unsafe impl DeviceRepr for Fprop {}
+unsafe impl DeviceRepr for Dgrad {}
+unsafe impl DeviceRepr for Wgrad {}
+unsafe impl DeviceRepr for TFprop {}
+unsafe impl DeviceRepr for TDgrad {}
+unsafe impl DeviceRepr for TWgrad {}
+
+fn shape(xd: Dims, g: &ConvGeom) -> ConvShape {
+    let yd = g.out_dims(xd);
+    let (k, s, p) = (g.kernel, g.stride, g.pad());
+    let v = [xd.n, xd.d, xd.h, xd.w, xd.c, yd.d, yd.h, yd.w, yd.c, k[0], k[1], k[2], s[0], s[1], s[2], p[0], p[1], p[2]];
+    ConvShape(v.map(|x| x as i64))
+}
+
+fn tshape(xd: Dims, g: &ConvTGeom) -> TShape {
+    let s = g.stride;
+    TShape([xd.n, xd.d, xd.h, xd.w, g.cin, g.cout, s[0], s[1], s[2]].map(|x| x as i64))
+}
+
+fn tiles(m: usize, n: usize, splits: usize) -> LaunchConfig {
+    LaunchConfig { grid_dim: (m.div_ceil(TILE) as u32, n.div_ceil(TILE) as u32, splits as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
+}
+
+/// Split-K factor for a reduction of `r` rows over an m x n output: fill the GPU twice,
+/// keep at least 256 rows per split.
+fn splits(be: &CudaBackend, m: usize, n: usize, r: usize) -> usize {
+    let t = m.div_ceil(TILE) * n.div_ceil(TILE);
+    (2 * be.sms()).div_ceil(t).clamp(1, r.div_ceil(256).max(1))
+}
+
+/// out = column sums of x ([rows x c]) via per-chunk partials in `ws`.
+fn colsum(be: &CudaBackend, x: u64, rows: usize, c: usize, out: u64, ws: u64) -> Result<()> {
+    let chunks = (2 * be.sms()).min(rows.max(1));
+    let chunk = rows.div_ceil(chunks).max(1);
+    let chunks = rows.div_ceil(chunk).max(1);
+    let cfg = LaunchConfig { grid_dim: (chunks as u32, 1, 1), block_dim: (c.clamp(32, 256) as u32, 1, 1), shared_mem_bytes: 0 };
+    let (r, cc, ch) = (rows as i64, c as i32, chunk as i64);
+    launch!(be, colsum_partial_f32, cfg, &x, &r, &cc, &ch, &ws);
+    sum_splits(be, ws, chunks, c, out)
+}
+
+fn sum_splits(be: &CudaBackend, part: u64, splits: usize, len: usize, out: u64) -> Result<()> {
+    let (s, l) = (splits as i32, len as i64);
+    launch!(be, sum_splits_f32, be.grid(len), &part, &s, &l, &out);
+    Ok(())
+}
+
+pub fn fwd(be: &CudaBackend, x: DevBuf, xd: Dims, w: DevBuf, b: DevBuf, y: DevBuf, g: &ConvGeom) -> Result<()> {
+    let yd = g.out_dims(xd);
+    ensure!(x.len == xd.len() && y.len == yd.len() && w.len == g.weight_len() && b.len == g.cout, "conv_fwd shapes");
+    let (m, n, k) = (yd.rows(), g.cout, g.taps() * g.cin);
+    let p = Fprop { s: shape(xd, g), x: x.ptr, w: w.ptr, bias: b.ptr, y: y.ptr, m: m as i64, n: n as i64, k: k as i64 };
+    launch!(be, conv_fprop, tiles(m, n, 1), &p);
+    Ok(())
+}
+
+/// Tap indices along one axis that reach input coordinates of this residue.
+fn class_taps(residue: usize, pad: usize, stride: usize, kernel: usize) -> Vec<usize> {
+    (0..kernel).filter(|&t| (residue + pad + stride * kernel - t) % stride == 0).collect()
+}
+
+pub fn dgrad(be: &CudaBackend, dy: DevBuf, w: DevBuf, dx: DevBuf, xd: Dims, g: &ConvGeom, beta: f32) -> Result<()> {
+    let yd = g.out_dims(xd);
+    ensure!(dy.len == yd.len() && dx.len == xd.len() && w.len == g.weight_len(), "conv_dgrad shapes");
+    let (s, p, kk, sp) = (g.stride, g.pad(), g.kernel, xd.spatial());
+    for rd in 0..s[0] {
+        for rh in 0..s[1] {
+            for rw in 0..s[2] {
+                let res = [rd, rh, rw];
+                let cnt: [usize; 3] = std::array::from_fn(|a| sp[a].saturating_sub(res[a]).div_ceil(s[a]));
+                let m = xd.n * cnt.iter().product::<usize>();
+                if m == 0 {
+                    continue;
+                }
+                let taps: [Vec<usize>; 3] = std::array::from_fn(|a| class_taps(res[a], p[a], s[a], kk[a]));
+                let ntaps: [usize; 3] = std::array::from_fn(|a| taps[a].len());
+                let tapcode = taps.clone().map(|t| t.iter().enumerate().map(|(i, &v)| (v as i64) << (2 * i)).sum::<i64>());
+                let k = ntaps.iter().product::<usize>() * g.cout;
+                let arg = Dgrad {
+                    s: shape(xd, g),
+                    dy: dy.ptr,
+                    w: w.ptr,
+                    dx: dx.ptr,
+                    res: res.map(|v| v as i64),
+                    cnt: cnt.map(|v| v as i64),
+                    tapcode,
+                    ntaps: ntaps.map(|v| v as i64),
+                    m: m as i64,
+                    n: g.cin as i64,
+                    k: k as i64,
+                    beta,
+                    pad: 0.0,
+                };
+                launch!(be, conv_dgrad, tiles(m, g.cin, 1), &arg);
+            }
+        }
+    }
+    Ok(())
+}
+
+pub fn wgrad(be: &CudaBackend, x: DevBuf, xd: Dims, dy: DevBuf, dw: DevBuf, db: DevBuf, g: &ConvGeom) -> Result<()> {
+    let yd = g.out_dims(xd);
+    ensure!(x.len == xd.len() && dy.len == yd.len() && dw.len == g.weight_len() && db.len == g.cout, "conv_wgrad shapes");
+    let (m, n, r) = (g.taps() * g.cin, g.cout, yd.rows());
+    let sp = splits(be, m, n, r);
+    let ws = be.scratch(sp * m * n + 2 * be.sms() * n)?;
+    let arg = Wgrad { s: shape(xd, g), x: x.ptr, dy: dy.ptr, part: ws, m: m as i64, n: n as i64, r: r as i64, per_split: r.div_ceil(sp) as i64 };
+    launch!(be, conv_wgrad, tiles(m, n, sp), &arg);
+    sum_splits(be, ws, sp, m * n, dw.ptr)?;
+    colsum(be, dy.ptr, r, n, db.ptr, ws + 4 * (sp * m * n) as u64)
+}
+
+pub fn t_fwd(be: &CudaBackend, x: DevBuf, xd: Dims, w: DevBuf, b: DevBuf, y: DevBuf, g: &ConvTGeom) -> Result<()> {
+    let yd = g.out_dims(xd);
+    ensure!(x.len == xd.len() && y.len == yd.len() && w.len == g.weight_len() && b.len == g.cout, "convt_fwd shapes");
+    let m = xd.rows();
+    for tap in 0..g.taps() {
+        let arg = TFprop { s: tshape(xd, g), x: x.ptr, w: w.ptr, bias: b.ptr, y: y.ptr, tap: tap as i64, m: m as i64, n: g.cout as i64, k: g.cin as i64 };
+        launch!(be, convt_fprop, tiles(m, g.cout, 1), &arg);
+    }
+    Ok(())
+}
+
+pub fn t_dgrad(be: &CudaBackend, dy: DevBuf, w: DevBuf, dx: DevBuf, xd: Dims, g: &ConvTGeom, beta: f32) -> Result<()> {
+    ensure!(dy.len == g.out_dims(xd).len() && dx.len == xd.len() && w.len == g.weight_len(), "convt_dgrad shapes");
+    let m = xd.rows();
+    let arg = TDgrad { s: tshape(xd, g), dy: dy.ptr, w: w.ptr, dx: dx.ptr, m: m as i64, n: g.cin as i64, k: (g.taps() * g.cout) as i64, beta, pad: 0.0 };
+    launch!(be, convt_dgrad, tiles(m, g.cin, 1), &arg);
+    Ok(())
+}
+
+pub fn t_wgrad(be: &CudaBackend, x: DevBuf, xd: Dims, dy: DevBuf, dw: DevBuf, db: DevBuf, g: &ConvTGeom) -> Result<()> {
+    let yd = g.out_dims(xd);
+    ensure!(x.len == xd.len() && dy.len == yd.len() && dw.len == g.weight_len() && db.len == g.cout, "convt_wgrad shapes");
+    let (m, n, r) = (g.cin, g.taps() * g.cout, xd.rows());
+    let sp = splits(be, m, n, r);
+    let ws = be.scratch(sp * m * n + 2 * be.sms() * g.cout)?;
+    let arg = TWgrad { s: tshape(xd, g), x: x.ptr, dy: dy.ptr, part: ws, m: m as i64, n: n as i64, r: r as i64, per_split: r.div_ceil(sp) as i64 };
+    launch!(be, convt_wgrad, tiles(m, n, sp), &arg);
+    sum_splits(be, ws, sp, m * n, dw.ptr)?;
+    colsum(be, dy.ptr, yd.rows(), g.cout, db.ptr, ws + 4 * (sp * m * n) as u64)
+}

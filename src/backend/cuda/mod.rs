@@ -1,0 +1,284 @@
+//! CUDA backend: the kernels of kernels/*.cu, compiled by build.rs into one embedded fatbin,
+//! loaded with cudarc (the driver library is opened at run time, so the binary needs only
+//! the NVIDIA driver). One module load, one compute stream, event tracking off (ops are
+//! ordered by the stream), every launch's result checked.
+//!
+//! Storage is f32 in this first version; the convolutions round operands to bf16 and run
+//! on tensor cores (mma.sync m16n8k16) with f32 accumulation.
+
+mod conv;
+mod loss;
+mod misc;
+mod norm;
+mod optim;
+
+use super::{Backend, ConvGeom, ConvTGeom, DiceMode, LossParts, SgdParams};
+use crate::tensor::Dims;
+use anyhow::{anyhow, bail, Result};
+use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig};
+use std::sync::{Arc, Mutex};
+
+/// The kernels, as nvcc built them (empty when built without nvcc).
+pub static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/segk.fatbin"));
+pub const KERNELS_EMBEDDED: bool = cfg!(segk_kernels);
+pub const KERNEL_ARCHS: &str = "sm_80 sm_90 (SASS), compute_90 (PTX)";
+
+/// Why `--device cuda` cannot run here, or None when it can be tried.
+pub fn unavailable_reason() -> Option<String> {
+    if !KERNELS_EMBEDDED {
+        return Some("built without CUDA kernels: install the CUDA toolkit (nvcc) and rebuild".into());
+    }
+    // SAFETY: only tries to open the driver library.
+    if !unsafe { sys::is_culib_present() } {
+        return Some("no NVIDIA driver: libcuda.so could not be loaded (is this a GPU machine?)".into());
+    }
+    match CudaContext::device_count() {
+        Ok(0) => Some("the NVIDIA driver reports no GPU".into()),
+        Err(e) => Some(format!("the NVIDIA driver reports no usable GPU: {e}")),
+        Ok(_) => None,
+    }
+}
+
+/// A view of f32 device memory.
+#[derive(Clone, Copy, Debug)]
+pub struct DevBuf {
+    pub ptr: u64,
+    pub len: usize,
+}
+
+/// A view of u8 device memory (label maps).
+#[derive(Clone, Copy, Debug)]
+pub struct DevLabels {
+    pub ptr: u64,
+    pub len: usize,
+}
+
+macro_rules! kernels {
+    ($($name:ident),* $(,)?) => {
+        pub(crate) struct Kernels { $(pub $name: CudaFunction,)* }
+        impl Kernels {
+            fn load(m: &Arc<cudarc::driver::CudaModule>) -> Result<Kernels> {
+                Ok(Kernels { $($name: m.load_function(concat!("segk_", stringify!($name))).map_err(|e| anyhow!("kernel segk_{} missing from the fatbin: {e}", stringify!($name)))?,)* })
+            }
+        }
+    };
+}
+
+kernels!(
+    fill_f32, scale_f32, sum_squares_f32, sgd_nesterov_f32,
+    concat_f32, concat_bwd_f32, downsample_labels, argmax_f32,
+    norm_partial_f32, norm_finalize_f32, norm_act_fwd_f32, norm_bwd_partial_f32, norm_bwd_finalize_f32, norm_bwd_apply_f32,
+    loss_partial_f32, loss_grad_f32,
+    conv_fprop, conv_dgrad, conv_wgrad, convt_fprop, convt_dgrad, convt_wgrad, sum_splits_f32, colsum_partial_f32,
+);
+
+/// Launches a kernel with the listed arguments (each bound to a local first, since cudarc
+/// passes argument addresses) and turns a failure into an error naming the kernel.
+macro_rules! launch {
+    ($be:expr, $k:ident, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        use cudarc::driver::PushKernelArg;
+        let mut b = $be.stream.launch_builder(&$be.k.$k);
+        $(b.arg($arg);)*
+        // SAFETY: argument types and order match the kernel's signature in kernels/*.cu.
+        unsafe { b.launch($cfg) }.map_err(|e| $be.fail(concat!("segk_", stringify!($k)), e))?;
+    }};
+}
+pub(crate) use launch;
+
+pub struct CudaBackend {
+    pub(crate) ctx: Arc<CudaContext>,
+    pub(crate) stream: Arc<CudaStream>,
+    pub(crate) k: Kernels,
+    /// Workspace for partial sums; grows to the largest request, then stays.
+    scratch: Mutex<Option<CudaSlice<f32>>>,
+    sms: u32,
+    name: String,
+}
+
+impl CudaBackend {
+    pub fn new(ordinal: usize) -> Result<CudaBackend> {
+        if let Some(why) = unavailable_reason() {
+            bail!("--device cuda:{ordinal}: {why}");
+        }
+        let count = CudaContext::device_count().map_err(|e| anyhow!("CUDA device count: {e}"))? as usize;
+        if ordinal >= count {
+            bail!("--device cuda:{ordinal}: only {count} GPU(s) visible");
+        }
+        let ctx = CudaContext::new(ordinal).map_err(|e| anyhow!("creating a CUDA context on GPU {ordinal}: {e}"))?;
+        // One stream orders everything; per-slice event tracking would only add waits.
+        // SAFETY: called before any allocation.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| anyhow!("creating a CUDA stream: {e}"))?;
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec()))
+            .map_err(|e| anyhow!("loading the embedded kernels ({KERNEL_ARCHS}) on this GPU: {e}"))?;
+        let k = Kernels::load(&module)?;
+        let (maj, min) = ctx.compute_capability().unwrap_or((0, 0));
+        let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(80).max(1) as u32;
+        let gpu = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
+        let name = format!("cuda:{ordinal} ({gpu}, sm_{maj}{min}, {sms} SMs)");
+        Ok(CudaBackend { ctx, stream, k, scratch: Mutex::new(None), sms, name })
+    }
+
+    /// (free, total) device memory in bytes.
+    pub fn mem_info(&self) -> Result<(usize, usize)> {
+        self.ctx.mem_get_info().map_err(|e| anyhow!("cuMemGetInfo: {e}"))
+    }
+
+    pub(crate) fn fail(&self, what: &str, e: DriverError) -> anyhow::Error {
+        if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
+            let free = self.mem_info().map(|(f, _)| f as f64 / (1u64 << 30) as f64).unwrap_or(f64::NAN);
+            return anyhow!("CUDA out of memory in {what} ({free:.2} GiB free): use a smaller patch, checkpointing 2, or a bigger GPU");
+        }
+        anyhow!("CUDA error in {what}: {e}")
+    }
+
+    /// Grid-stride launch shape for `n` independent elements.
+    pub(crate) fn grid(&self, n: usize) -> LaunchConfig {
+        let blocks = n.div_ceil(256).clamp(1, 32 * self.sms as usize) as u32;
+        LaunchConfig { grid_dim: (blocks, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 }
+    }
+
+    pub(crate) fn sms(&self) -> usize {
+        self.sms as usize
+    }
+
+    /// Device pointer to at least `len` f32 of workspace, valid until the next call.
+    pub(crate) fn scratch(&self, len: usize) -> Result<u64> {
+        let mut s = self.scratch.lock().map_err(|_| anyhow!("scratch lock poisoned"))?;
+        if s.as_ref().is_none_or(|b| b.len() < len) {
+            *s = None;
+            *s = Some(self.stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| self.fail("workspace allocation", e))?);
+        }
+        let b = s.as_ref().expect("allocated above");
+        let (p, _sync) = b.device_ptr(&self.stream);
+        Ok(p)
+    }
+
+    /// Copies `n` values from device to host and waits.
+    pub(crate) fn read<T: Copy + Default>(&self, src: u64, n: usize) -> Result<Vec<T>> {
+        let mut v = vec![T::default(); n];
+        // SAFETY: src addresses n f32 on this context; the stream is synchronised before use.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut v, src, self.stream.cu_stream()) }.map_err(|e| self.fail("device-to-host copy", e))?;
+        self.stream.synchronize().map_err(|e| self.fail("stream synchronize", e))?;
+        Ok(v)
+    }
+
+    pub(crate) fn write_f32(&self, dst: u64, src: &[f32]) -> Result<()> {
+        // SAFETY: dst addresses src.len() f32; pageable copies are staged before returning.
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }.map_err(|e| self.fail("host-to-device copy", e))
+    }
+}
+
+fn base_ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
+    let (p, _sync) = s.device_ptr(stream);
+    p
+}
+
+impl Backend for CudaBackend {
+    type Buf = DevBuf;
+    type LabelBuf = DevLabels;
+    type Arena = CudaSlice<f32>;
+    type LabelArena = CudaSlice<u8>;
+
+    fn name(&self) -> String {
+        self.name.clone()
+    }
+    fn alloc(&self, len: usize) -> Result<CudaSlice<f32>> {
+        self.stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| self.fail(&format!("allocating {:.1} MiB", len as f64 * 4.0 / (1 << 20) as f64), e))
+    }
+    fn view(&self, arena: &CudaSlice<f32>, offset: usize, len: usize) -> DevBuf {
+        assert!(offset + len <= arena.len(), "view {offset}+{len} outside arena of {}", arena.len());
+        DevBuf { ptr: base_ptr(arena, &self.stream) + 4 * offset as u64, len }
+    }
+    fn alloc_labels(&self, len: usize) -> Result<CudaSlice<u8>> {
+        self.stream.alloc_zeros::<u8>(len.max(1)).map_err(|e| self.fail("allocating label maps", e))
+    }
+    fn label_view(&self, arena: &CudaSlice<u8>, offset: usize, len: usize) -> DevLabels {
+        assert!(offset + len <= arena.len(), "label view {offset}+{len} outside arena of {}", arena.len());
+        DevLabels { ptr: base_ptr(arena, &self.stream) + offset as u64, len }
+    }
+    fn elem_bytes(&self) -> usize {
+        4
+    }
+    fn upload(&self, dst: DevBuf, src: &[f32]) -> Result<()> {
+        anyhow::ensure!(dst.len == src.len(), "upload of {} values into {}", src.len(), dst.len);
+        self.write_f32(dst.ptr, src)
+    }
+    fn download(&self, src: DevBuf, dst: &mut [f32]) -> Result<()> {
+        anyhow::ensure!(src.len == dst.len(), "download of {} values into {}", src.len, dst.len());
+        dst.copy_from_slice(&self.read::<f32>(src.ptr, src.len)?);
+        Ok(())
+    }
+    fn upload_labels(&self, dst: DevLabels, src: &[u8]) -> Result<()> {
+        anyhow::ensure!(dst.len == src.len(), "label upload of {} into {}", src.len(), dst.len);
+        // SAFETY: dst addresses src.len() bytes.
+        unsafe { cudarc::driver::result::memcpy_htod_async(dst.ptr, src, self.stream.cu_stream()) }.map_err(|e| self.fail("label upload", e))
+    }
+    fn download_labels(&self, src: DevLabels, dst: &mut [u8]) -> Result<()> {
+        anyhow::ensure!(src.len == dst.len(), "label download of {} into {}", src.len, dst.len());
+        // SAFETY: src addresses dst.len() bytes; synchronised below.
+        unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, src.ptr, self.stream.cu_stream()) }.map_err(|e| self.fail("label download", e))?;
+        self.sync()
+    }
+    fn fill(&self, dst: DevBuf, value: f32) -> Result<()> {
+        let n = dst.len as i64;
+        launch!(self, fill_f32, self.grid(dst.len), &dst.ptr, &n, &value);
+        Ok(())
+    }
+    fn sync(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| self.fail("stream synchronize", e))
+    }
+
+    fn conv_fwd(&self, x: DevBuf, xd: Dims, w: DevBuf, b: DevBuf, y: DevBuf, g: &ConvGeom) -> Result<()> {
+        conv::fwd(self, x, xd, w, b, y, g)
+    }
+    fn conv_dgrad(&self, dy: DevBuf, w: DevBuf, dx: DevBuf, xd: Dims, g: &ConvGeom, beta: f32) -> Result<()> {
+        conv::dgrad(self, dy, w, dx, xd, g, beta)
+    }
+    fn conv_wgrad(&self, x: DevBuf, xd: Dims, dy: DevBuf, dw: DevBuf, db: DevBuf, g: &ConvGeom) -> Result<()> {
+        conv::wgrad(self, x, xd, dy, dw, db, g)
+    }
+    fn convt_fwd(&self, x: DevBuf, xd: Dims, w: DevBuf, b: DevBuf, y: DevBuf, g: &ConvTGeom) -> Result<()> {
+        conv::t_fwd(self, x, xd, w, b, y, g)
+    }
+    fn convt_dgrad(&self, dy: DevBuf, w: DevBuf, dx: DevBuf, xd: Dims, g: &ConvTGeom, beta: f32) -> Result<()> {
+        conv::t_dgrad(self, dy, w, dx, xd, g, beta)
+    }
+    fn convt_wgrad(&self, x: DevBuf, xd: Dims, dy: DevBuf, dw: DevBuf, db: DevBuf, g: &ConvTGeom) -> Result<()> {
+        conv::t_wgrad(self, x, xd, dy, dw, db, g)
+    }
+    fn norm_stats(&self, x: DevBuf, xd: Dims, mean: DevBuf, rstd: DevBuf) -> Result<()> {
+        norm::stats(self, x, xd, mean, rstd)
+    }
+    fn norm_act_fwd(&self, x: DevBuf, xd: Dims, mean: DevBuf, rstd: DevBuf, gamma: DevBuf, beta: DevBuf, y: DevBuf) -> Result<()> {
+        norm::act_fwd(self, x, xd, mean, rstd, gamma, beta, y)
+    }
+    fn norm_act_bwd(&self, dy: DevBuf, x: DevBuf, xd: Dims, mean: DevBuf, rstd: DevBuf, gamma: DevBuf, beta: DevBuf, dx: DevBuf, dgamma: DevBuf, dbeta: DevBuf) -> Result<()> {
+        norm::act_bwd(self, dy, x, xd, [mean, rstd, gamma, beta], dx, dgamma, dbeta)
+    }
+    fn concat(&self, a: DevBuf, ca: usize, b: DevBuf, cb: usize, rows: usize, out: DevBuf) -> Result<()> {
+        misc::concat(self, a, ca, b, cb, rows, out)
+    }
+    fn concat_bwd(&self, dout: DevBuf, ca: usize, cb: usize, rows: usize, da: DevBuf, db: DevBuf, beta_b: f32) -> Result<()> {
+        misc::concat_bwd(self, dout, ca, cb, rows, da, db, beta_b)
+    }
+    fn downsample_labels(&self, src: DevLabels, sd: Dims, dst: DevLabels, dd: Dims) -> Result<()> {
+        misc::downsample_labels(self, src, sd, dst, dd)
+    }
+    fn softmax_dice_ce(&self, logits: DevBuf, ld: Dims, labels: DevLabels, mode: DiceMode, weight: f64) -> Result<LossParts> {
+        loss::softmax_dice_ce(self, logits, ld, labels, mode, weight)
+    }
+    fn argmax(&self, logits: DevBuf, ld: Dims, out: DevLabels) -> Result<()> {
+        misc::argmax(self, logits, ld, out)
+    }
+    fn sum_squares(&self, x: DevBuf) -> Result<f64> {
+        optim::sum_squares(self, x)
+    }
+    fn scale(&self, x: DevBuf, s: f64) -> Result<()> {
+        optim::scale(self, x, s)
+    }
+    fn sgd_update(&self, params: DevBuf, grads: DevBuf, momentum: DevBuf, p: &SgdParams) -> Result<()> {
+        optim::sgd_update(self, params, grads, momentum, p)
+    }
+}

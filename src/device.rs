@@ -1,0 +1,36 @@
+//! `--device cpu | cuda[:N]`, and running a generic job on the chosen backend.
+
+use crate::backend::cpu::CpuBackend;
+use crate::backend::cuda::CudaBackend;
+use anyhow::{bail, Result};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Device {
+    Cpu,
+    Cuda(usize),
+}
+
+pub fn parse(s: &str) -> Result<Device> {
+    match s {
+        "cpu" => Ok(Device::Cpu),
+        "cuda" => Ok(Device::Cuda(0)),
+        _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
+            Some(Ok(i)) => Ok(Device::Cuda(i)),
+            _ => bail!("unknown device {s:?}: use cpu, cuda or cuda:N"),
+        },
+    }
+}
+
+/// A job that runs on any backend.
+pub trait Job {
+    type Out;
+    fn run<B: crate::backend::Backend>(self, be: &B) -> Result<Self::Out>;
+}
+
+/// Runs `job` on the device `s` names: the f32 CPU backend or a CUDA GPU.
+pub fn run_on<J: Job>(s: &str, job: J) -> Result<J::Out> {
+    match parse(s)? {
+        Device::Cpu => job.run(&CpuBackend::<f32>::new()),
+        Device::Cuda(i) => job.run(&CudaBackend::new(i)?),
+    }
+}
