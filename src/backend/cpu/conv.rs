@@ -75,14 +75,14 @@ pub fn conv_fwd<T: Float>(x: &[T], xd: Dims, w: &[T], b: &[T], y: &mut [T], g: &
 /// The input voxels whose coordinate along each axis is `residue` mod stride, and the
 /// kernel taps that reach them: for stride 2 a 3-tap kernel touches even voxels with one
 /// tap and odd voxels with two, so dgrad does exactly the forward's work, no zeros.
-struct ParityClass {
-    residue: [usize; 3],
-    counts: [usize; 3],
-    taps: [Vec<usize>; 3],
+pub struct ParityClass {
+    pub residue: [usize; 3],
+    pub counts: [usize; 3],
+    pub taps: [Vec<usize>; 3],
 }
 
 impl ParityClass {
-    fn all(g: &ConvGeom, xd: Dims) -> Vec<ParityClass> {
+    pub fn all(g: &ConvGeom, xd: Dims) -> Vec<ParityClass> {
         let (s, p, k, sp) = (g.stride, g.pad(), g.kernel, xd.spatial());
         let mut out = Vec::new();
         for rd in 0..s[0] {
@@ -91,7 +91,7 @@ impl ParityClass {
                     let residue = [rd, rh, rw];
                     let counts = std::array::from_fn(|a| sp[a].saturating_sub(residue[a]).div_ceil(s[a]));
                     let taps = std::array::from_fn(|a| {
-                        (0..k[a]).filter(|&t| (residue[a] + p[a] + s[a] * k[a] - t) % s[a] == 0).collect()
+                        (0..k[a]).filter(|&t| (residue[a] + p[a] + s[a] * k[a] - t).is_multiple_of(s[a])).collect()
                     });
                     out.push(ParityClass { residue, counts, taps });
                 }
@@ -99,7 +99,7 @@ impl ParityClass {
         }
         out
     }
-    fn rows(&self, n: usize) -> usize {
+    pub fn rows(&self, n: usize) -> usize {
         n * self.counts.iter().product::<usize>()
     }
     fn ntaps(&self) -> usize {

@@ -3,6 +3,7 @@
 //! trailing f32 pair).
 
 use super::{launch, CudaBackend, DevBuf};
+use crate::backend::cpu::conv::ParityClass;
 use crate::backend::{ConvGeom, ConvTGeom};
 use crate::tensor::Dims;
 use anyhow::{ensure, Result};
@@ -154,46 +155,33 @@ pub fn fwd(be: &CudaBackend, x: DevBuf, xd: Dims, w: DevBuf, b: DevBuf, y: DevBu
     Ok(())
 }
 
-/// Tap indices along one axis that reach input coordinates of this residue.
-fn class_taps(residue: usize, pad: usize, stride: usize, kernel: usize) -> Vec<usize> {
-    (0..kernel).filter(|&t| (residue + pad + stride * kernel - t) % stride == 0).collect()
-}
-
 pub fn dgrad(be: &CudaBackend, dy: DevBuf, w: DevBuf, dx: DevBuf, xd: Dims, g: &ConvGeom, beta: f32) -> Result<()> {
     let yd = g.out_dims(xd);
     ensure!(dy.len == yd.len() && dx.len == xd.len() && w.len == g.weight_len(), "conv_dgrad shapes");
-    let (s, p, kk, sp) = (g.stride, g.pad(), g.kernel, xd.spatial());
-    for rd in 0..s[0] {
-        for rh in 0..s[1] {
-            for rw in 0..s[2] {
-                let res = [rd, rh, rw];
-                let cnt: [usize; 3] = std::array::from_fn(|a| sp[a].saturating_sub(res[a]).div_ceil(s[a]));
-                let m = xd.n * cnt.iter().product::<usize>();
-                if m == 0 {
-                    continue;
-                }
-                let taps: [Vec<usize>; 3] = std::array::from_fn(|a| class_taps(res[a], p[a], s[a], kk[a]));
-                let ntaps: [usize; 3] = std::array::from_fn(|a| taps[a].len());
-                let tapcode = taps.clone().map(|t| t.iter().enumerate().map(|(i, &v)| (v as i64) << (2 * i)).sum::<i64>());
-                let k = ntaps.iter().product::<usize>() * g.cout;
-                let arg = Dgrad {
-                    s: shape(xd, g),
-                    dy: dy.ptr,
-                    w: w.ptr,
-                    dx: dx.ptr,
-                    res: res.map(|v| v as i64),
-                    cnt: cnt.map(|v| v as i64),
-                    tapcode,
-                    ntaps: ntaps.map(|v| v as i64),
-                    m: m as i64,
-                    n: g.cin as i64,
-                    k: k as i64,
-                    beta,
-                    pad: 0.0,
-                };
-                launch!(be, conv_dgrad, tiles(m, g.cin, 1), &arg);
-            }
+    for class in ParityClass::all(g, xd) {
+        let m = class.rows(xd.n);
+        if m == 0 {
+            continue;
         }
+        let ntaps: [usize; 3] = std::array::from_fn(|a| class.taps[a].len());
+        let tapcode = class.taps.clone().map(|t| t.iter().enumerate().map(|(i, &v)| (v as i64) << (2 * i)).sum::<i64>());
+        let k = ntaps.iter().product::<usize>() * g.cout;
+        let arg = Dgrad {
+            s: shape(xd, g),
+            dy: dy.ptr,
+            w: w.ptr,
+            dx: dx.ptr,
+            res: class.residue.map(|v| v as i64),
+            cnt: class.counts.map(|v| v as i64),
+            tapcode,
+            ntaps: ntaps.map(|v| v as i64),
+            m: m as i64,
+            n: g.cin as i64,
+            k: k as i64,
+            beta,
+            pad: 0.0,
+        };
+        launch!(be, conv_dgrad, tiles(m, g.cin, 1), &arg);
     }
     Ok(())
 }

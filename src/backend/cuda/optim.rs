@@ -5,7 +5,7 @@ use crate::backend::SgdParams;
 use anyhow::Result;
 
 pub fn sum_squares(be: &CudaBackend, x: DevBuf) -> Result<f64> {
-    let cfg = be.grid(x.len).clone();
+    let cfg = be.grid(x.len);
     let blocks = cfg.grid_dim.0 as usize;
     // f64 partials, one per block, in the f32 workspace (2 words each, 8-byte aligned).
     let part = be.scratch(2 * blocks)?;
