@@ -34,9 +34,14 @@ fn bad_input_gets_one_clear_error() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.starts_with("error: ") && err.contains("not divisible"), "{err}");
-    let out = segk(&["bench", "step", "--device", "cuda", "--features", "4,8", "--patch", "8,8,8"]);
-    assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("built without CUDA kernels"));
+    if let Some(why) = segk::backend::cuda::unavailable_reason() {
+        let out = segk(&["bench", "step", "--device", "cuda", "--features", "4,8", "--patch", "8,8,8"]);
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("--device cuda") && err.contains(&why), "{err}");
+    }
+    let out = segk(&["bench", "step", "--device", "tpu"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("unknown device \"tpu\""));
     let out = segk(&["bench", "step", "--plans", "/nonexistent/plans.json"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/plans.json"));
 }
