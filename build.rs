@@ -54,12 +54,23 @@ fn allowed_spills(dir: &Path) -> Vec<String> {
     text.lines().filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')).filter_map(|l| l.split_whitespace().next().map(str::to_string)).collect()
 }
 
+/// The commit this build comes from, for `segk --version`.
+fn git_commit(root: &Path) -> String {
+    let out = Command::new("git").arg("-C").arg(root).args(["rev-parse", "--short=12", "HEAD"]).output();
+    match out {
+        Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).trim().to_string(),
+        _ => "unknown".into(),
+    }
+}
+
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(segk_kernels)");
     for v in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "SEGK_REQUIRE_KERNELS"] {
         println!("cargo:rerun-if-env-changed={v}");
     }
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    println!("cargo:rustc-env=SEGK_GIT_COMMIT={}", git_commit(&root));
+    println!("cargo:rerun-if-changed={}", root.join(".git/HEAD").display());
     let kdir = root.join("kernels");
     println!("cargo:rerun-if-changed={}", kdir.display());
     let sources = kernel_sources(&kdir);
@@ -77,6 +88,7 @@ fn main() {
         fs::write(&fatbin, []).expect("write empty fatbin");
         fs::write(&report_path, "built without CUDA kernels: nvcc not found\n").expect("write report");
         println!("cargo:warning=nvcc not found: building without CUDA kernels (install the CUDA toolkit and rebuild for --device cuda)");
+        println!("cargo:rustc-env=SEGK_KERNEL_INFO=none (built without nvcc)");
         return;
     };
 
@@ -106,5 +118,6 @@ fn main() {
         println!("cargo:warning={msg}");
     }
     println!("cargo:rustc-cfg=segk_kernels");
-    println!("cargo:rustc-env=SEGK_NVCC={}", nvcc.display());
+    let version = Command::new(&nvcc).arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).lines().find_map(|l| l.split("release ").nth(1).map(str::to_string)).unwrap_or_default()).unwrap_or_default();
+    println!("cargo:rustc-env=SEGK_KERNEL_INFO=embedded, sm_80 sm_90 SASS + compute_90 PTX, nvcc {version}");
 }

@@ -8,8 +8,10 @@ use segk::device::Job;
 use segk::selftest;
 use segk::synth::LABEL_NAMES;
 
+const LONG_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SEGK_GIT_COMMIT"), ")\nCUDA kernels: ", env!("SEGK_KERNEL_INFO"));
+
 #[derive(Parser)]
-#[command(name = "segk", version, about = "Train and run nnU-Net-style 3D U-Nets: one binary, CPU or CUDA")]
+#[command(name = "segk", version, long_version = LONG_VERSION, about = "Train and run nnU-Net-style 3D U-Nets: one binary, CPU or CUDA")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

@@ -45,3 +45,14 @@ fn bad_input_gets_one_clear_error() {
     let out = segk(&["bench", "step", "--plans", "/nonexistent/plans.json"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/plans.json"));
 }
+
+#[test]
+fn version_names_commit_and_kernels() {
+    let out = segk(&["--version"]);
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with(&format!("segk {}", env!("CARGO_PKG_VERSION"))), "{text}");
+    assert!(text.contains("commit "), "{text}");
+    let expect = if segk::backend::cuda::KERNELS_EMBEDDED { "CUDA kernels: embedded, sm_80 sm_90" } else { "CUDA kernels: none" };
+    assert!(text.contains(expect), "{text}");
+}
