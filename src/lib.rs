@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod bench_step;
+pub mod dataset;
 pub mod demo;
 pub mod device;
 pub mod model;

@@ -34,6 +34,11 @@ enum Cmd {
         #[arg(long, default_value = "cpu")]
         device: String,
     },
+    /// Integrity check of an nnU-Net raw dataset: every problem, one line each, with its file.
+    Check {
+        /// The DatasetXXX_Name folder (with dataset.json, imagesTr, labelsTr).
+        dataset: std::path::PathBuf,
+    },
     /// Every kernel of a device against the CPU reference, then whole training steps.
     Selftest {
         /// cpu (the f32 CPU backend against f64) or cuda[:N].
@@ -68,12 +73,26 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Demo { epochs, iters, seed, threads, device } => set_threads(threads).and_then(|_| run_demo(epochs, iters, seed, &device)),
         Cmd::Selftest { device, seed } => run_selftest(&device, seed),
+        Cmd::Check { dataset } => run_check(&dataset),
         Cmd::Bench { what: BenchCmd::Step(a) } => set_threads(a.threads).and_then(|_| segk::bench_step::run(&a)),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn run_check(root: &std::path::Path) -> Result<()> {
+    let problems = segk::dataset::integrity::check(root);
+    for p in &problems {
+        println!("{p}");
+    }
+    if !problems.is_empty() {
+        anyhow::bail!("{}: {} problem(s)", root.display(), problems.len());
+    }
+    let ds = segk::dataset::Dataset::open(root)?;
+    println!("{}: {} cases, {} channel(s), labels {:?}: no problems", root.display(), ds.cases.len(), ds.json.channels(), ds.json.labels.keys().collect::<Vec<_>>());
+    Ok(())
 }
 
 struct Selftest(u64);

@@ -1,0 +1,143 @@
+//! The integrity check `segk check` (and `segk plan`) runs first: every problem of a raw
+//! dataset, one line each naming the file, none fatal to the check itself.
+
+use super::nifti_io::{self, Volume};
+use super::{files_with, read_json, Dataset, DatasetJson, LabelValue};
+use rayon::prelude::*;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Problem {
+    pub file: PathBuf,
+    pub message: String,
+}
+
+impl std::fmt::Display for Problem {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.file.display(), self.message)
+    }
+}
+
+fn problem(file: &Path, message: impl Into<String>) -> Problem {
+    Problem { file: file.to_path_buf(), message: message.into() }
+}
+
+fn label_rules(json: &DatasetJson, file: &Path) -> Vec<Problem> {
+    let mut out = Vec::new();
+    match json.labels.get("background") {
+        Some(LabelValue::One(0)) => {}
+        _ => out.push(problem(file, "labels must declare \"background\": 0")),
+    }
+    if let Some(ig) = json.labels.get("ignore") {
+        let max_other = json.labels.iter().filter(|(k, _)| *k != "ignore").flat_map(|(_, v)| match v {
+            LabelValue::One(x) => vec![*x],
+            LabelValue::Region(r) => r.clone(),
+        }).max().unwrap_or(0);
+        match ig {
+            LabelValue::One(v) if *v > max_other => {}
+            _ => out.push(problem(file, "the \"ignore\" label must be a single value above every other label")),
+        }
+    }
+    if json.label_values().iter().any(|&v| !(0..=255).contains(&v)) {
+        out.push(problem(file, "label values must lie in 0..=255"));
+    }
+    out
+}
+
+/// Geometry of an image against its label map.
+fn geometry(img: &Volume, lab: &Volume, file: &Path) -> Vec<Problem> {
+    let mut out = Vec::new();
+    if img.shape != lab.shape {
+        out.push(problem(file, format!("shape {:?} (z,y,x) differs from the label map's {:?}", img.shape, lab.shape)));
+    }
+    if img.spacing.iter().zip(&lab.spacing).any(|(a, b)| (a - b).abs() > 1e-3 + 1e-4 * b.abs()) {
+        out.push(problem(file, format!("spacing {:?} (z,y,x) differs from the label map's {:?}", img.spacing, lab.spacing)));
+    }
+    let (di, dl) = (img.directions(), lab.directions());
+    if di.iter().flatten().zip(dl.iter().flatten()).any(|(a, b)| (a - b).abs() > 1e-3) {
+        out.push(problem(file, "orientation (direction cosines) differs from the label map's"));
+    }
+    let (oi, ol) = ([img.affine[0][3], img.affine[1][3], img.affine[2][3]], [lab.affine[0][3], lab.affine[1][3], lab.affine[2][3]]);
+    if oi.iter().zip(&ol).any(|(a, b)| (a - b).abs() > 1e-3 + 1e-4 * b.abs()) {
+        out.push(problem(file, format!("origin {oi:?} differs from the label map's {ol:?}")));
+    }
+    out
+}
+
+fn read_or_report(path: &Path, out: &mut Vec<Problem>) -> Option<Volume> {
+    match nifti_io::read(path) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            out.push(problem(path, format!("unreadable: {}", e.root_cause())));
+            None
+        }
+    }
+}
+
+fn check_case(json: &DatasetJson, case: &super::Case, allowed: &[i64]) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let lab = read_or_report(&case.label, &mut out);
+    if let Some(l) = &lab {
+        let mut bad: Vec<String> = Vec::new();
+        let mut seen = std::collections::BTreeSet::new();
+        for &v in &l.data {
+            let key = v.to_bits();
+            if seen.insert(key) && (v.fract() != 0.0 || !allowed.contains(&(v as i64))) && bad.len() < 5 {
+                bad.push(format!("{v}"));
+            }
+        }
+        if !bad.is_empty() {
+            out.push(problem(&case.label, format!("label values not declared in dataset.json: {}", bad.join(", "))));
+        }
+    }
+    for (c, path) in case.images.iter().enumerate() {
+        if !path.is_file() {
+            let name = json.channel_names.get(&c.to_string()).cloned().unwrap_or_default();
+            out.push(problem(path, format!("missing: channel {c} ({name}) of case {}", case.id)));
+            continue;
+        }
+        let Some(img) = read_or_report(path, &mut out) else { continue };
+        let nonfinite = img.data.iter().filter(|v| !v.is_finite()).count();
+        if nonfinite > 0 {
+            out.push(problem(path, format!("{nonfinite} NaN/inf voxels")));
+        }
+        if let Some(l) = &lab {
+            out.extend(geometry(&img, l, path));
+        }
+    }
+    out
+}
+
+/// Every problem of the raw dataset at `root`, sorted by file.
+pub fn check(root: &Path) -> Vec<Problem> {
+    let json_path = root.join("dataset.json");
+    let json = match read_json(root) {
+        Ok(j) => j,
+        Err(e) => return vec![problem(&json_path, format!("{}", e.root_cause()))],
+    };
+    let mut out = label_rules(&json, &json_path);
+    let ds = match Dataset::open(root) {
+        Ok(d) => d,
+        Err(e) => {
+            out.push(problem(&root.join("labelsTr"), format!("{}", e.root_cause())));
+            return out;
+        }
+    };
+    if ds.cases.len() != json.num_training {
+        out.push(problem(&json_path, format!("numTraining is {} but labelsTr holds {} cases", json.num_training, ds.cases.len())));
+    }
+    let ids: std::collections::HashSet<&str> = ds.cases.iter().map(|c| c.id.as_str()).collect();
+    let ending = &json.file_ending;
+    for img in files_with(&root.join("imagesTr"), ending).unwrap_or_default() {
+        let name = img.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        let stem = &name[..name.len() - ending.len()];
+        let id = stem.rsplit_once('_').map(|(id, _)| id).unwrap_or(stem);
+        if !ids.contains(id) {
+            out.push(problem(&img, "image without a label map in labelsTr"));
+        }
+    }
+    let allowed = json.label_values();
+    out.par_extend(ds.cases.par_iter().flat_map_iter(|c| check_case(&json, c, &allowed)));
+    out.sort();
+    out
+}

@@ -1,0 +1,111 @@
+//! nnU-Net v2 raw datasets: DatasetXXX_Name/{dataset.json, imagesTr/CASE_XXXX<ending>,
+//! labelsTr/CASE<ending>, imagesTs/}. Read as nnU-Net users have them, no edits.
+
+pub mod integrity;
+pub mod nifti_io;
+
+use anyhow::{bail, Context, Result};
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+/// A label's value: one integer, or a list of them (a region, nnU-Net's region training).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum LabelValue {
+    One(i64),
+    Region(Vec<i64>),
+}
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct DatasetJson {
+    /// Channel index ("0", "1", ...) -> modality name ("CT", "T2", ...).
+    #[serde(alias = "modality")]
+    pub channel_names: BTreeMap<String, String>,
+    pub labels: BTreeMap<String, LabelValue>,
+    #[serde(rename = "numTraining")]
+    pub num_training: usize,
+    pub file_ending: String,
+    #[serde(default)]
+    pub regions_class_order: Option<Vec<i64>>,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+impl DatasetJson {
+    pub fn channels(&self) -> usize {
+        self.channel_names.len()
+    }
+    /// Every integer value a label map may contain.
+    pub fn label_values(&self) -> Vec<i64> {
+        let mut v: Vec<i64> = self.labels.values().flat_map(|l| match l {
+            LabelValue::One(x) => vec![*x],
+            LabelValue::Region(r) => r.clone(),
+        }).collect();
+        v.sort();
+        v.dedup();
+        v
+    }
+    /// The "ignore" label's value, when the dataset declares one.
+    pub fn ignore_label(&self) -> Option<i64> {
+        match self.labels.get("ignore") {
+            Some(LabelValue::One(v)) => Some(*v),
+            _ => None,
+        }
+    }
+}
+
+/// One training case: its channel images in channel order and its label map.
+#[derive(Clone, Debug)]
+pub struct Case {
+    pub id: String,
+    pub images: Vec<PathBuf>,
+    pub label: PathBuf,
+}
+
+#[derive(Clone, Debug)]
+pub struct Dataset {
+    pub root: PathBuf,
+    pub json: DatasetJson,
+    pub cases: Vec<Case>,
+}
+
+/// Path of channel `c` of case `id` ("CASE_0000.nii.gz").
+pub fn image_path(dir: &Path, id: &str, c: usize, ending: &str) -> PathBuf {
+    dir.join(format!("{id}_{c:04}{ending}"))
+}
+
+pub fn read_json(root: &Path) -> Result<DatasetJson> {
+    let p = root.join("dataset.json");
+    let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("{}: not a valid nnU-Net v2 dataset.json (needs channel_names, labels, numTraining, file_ending)", p.display()))
+}
+
+/// Files in `dir` ending with `ending`, sorted.
+pub fn files_with(dir: &Path, ending: &str) -> Result<Vec<PathBuf>> {
+    let rd = std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))?;
+    let mut v: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file() && p.to_string_lossy().ends_with(ending)).collect();
+    v.sort();
+    Ok(v)
+}
+
+impl Dataset {
+    /// Reads dataset.json and pairs every label map in labelsTr with its channel images
+    /// (missing images are left for the integrity check to report).
+    pub fn open(root: &Path) -> Result<Dataset> {
+        let json = read_json(root)?;
+        if json.channels() == 0 {
+            bail!("{}: channel_names is empty", root.join("dataset.json").display());
+        }
+        let ending = json.file_ending.clone();
+        let (img_dir, lab_dir) = (root.join("imagesTr"), root.join("labelsTr"));
+        let mut cases = Vec::new();
+        for label in files_with(&lab_dir, &ending)? {
+            let name = label.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+            let id = name[..name.len() - ending.len()].to_string();
+            let images = (0..json.channels()).map(|c| image_path(&img_dir, &id, c, &ending)).collect();
+            cases.push(Case { id, images, label });
+        }
+        Ok(Dataset { root: root.to_path_buf(), json, cases })
+    }
+}
