@@ -30,9 +30,7 @@ fn nifti_round_trips_every_voxel_type_and_geometry() {
         let r = nifti_io::read(&p).unwrap();
         assert_eq!(r.shape, shape, "{ty:?}");
         assert_eq!(r.data, v.data, "{ty:?}: voxels in [z][y][x] order");
-        for a in 0..3 {
-            assert!((r.spacing[a] - spacing[a]).abs() < 1e-6, "{ty:?} spacing {:?}", r.spacing);
-        }
+        assert!(r.spacing.iter().zip(&spacing).all(|(a, b)| (a - b).abs() < 1e-6), "{ty:?} spacing {:?}", r.spacing);
         let d = r.directions();
         for c in 0..3 {
             for i in 0..3 {

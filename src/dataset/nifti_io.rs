@@ -121,15 +121,16 @@ pub fn write(path: &Path, v: &Volume, ty: VoxelType) -> Result<()> {
 /// A header for a volume of `shape` ([z, y, x]) and `spacing` ([z, y, x]) with an sform
 /// of the given direction cosines (columns x, y, z) and origin.
 pub fn header_for(shape: [usize; 3], spacing: [f64; 3], dirs: [[f64; 3]; 3], origin: [f64; 3]) -> NiftiHeader {
-    let mut h = NiftiHeader::default();
-    h.dim = [3, shape[2] as u16, shape[1] as u16, shape[0] as u16, 1, 1, 1, 1];
-    h.pixdim = [1.0, spacing[2] as f32, spacing[1] as f32, spacing[0] as f32, 0.0, 0.0, 0.0, 0.0];
-    h.sform_code = 1;
-    h.qform_code = 0;
     let sp = [spacing[2], spacing[1], spacing[0]];
     let row = |i: usize| [(dirs[0][i] * sp[0]) as f32, (dirs[1][i] * sp[1]) as f32, (dirs[2][i] * sp[2]) as f32, origin[i] as f32];
-    h.srow_x = row(0);
-    h.srow_y = row(1);
-    h.srow_z = row(2);
-    h
+    NiftiHeader {
+        dim: [3, shape[2] as u16, shape[1] as u16, shape[0] as u16, 1, 1, 1, 1],
+        pixdim: [1.0, spacing[2] as f32, spacing[1] as f32, spacing[0] as f32, 0.0, 0.0, 0.0, 0.0],
+        sform_code: 1,
+        qform_code: 0,
+        srow_x: row(0),
+        srow_y: row(1),
+        srow_z: row(2),
+        ..NiftiHeader::default()
+    }
 }
