@@ -54,6 +54,9 @@ pub struct StepArgs {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also time every op (the device synchronised around each) and print where a step goes.
+    #[arg(long)]
+    pub profile: bool,
 }
 
 pub fn parse_triple(s: &str) -> Result<[usize; 3], String> {
@@ -126,6 +129,18 @@ struct Measure<'a>(&'a StepArgs);
 impl crate::device::Job for Measure<'_> {
     type Out = StepReport;
     fn run<B: Backend>(self, be: &B) -> Result<StepReport> {
+        if self.0.profile {
+            let p = crate::backend::profile::Profiled::new(be);
+            let a = StepArgs { warmup: self.0.warmup.max(1), steps: 1, ..self.0.clone() };
+            let r = measure_with(&p, &a, || p.reset())?;
+            println!("per-op time of one step (device synchronised around each op):");
+            let total: f64 = p.table().iter().map(|t| t.1).sum();
+            for (op, secs, calls, gflops) in p.table() {
+                let rate = gflops.map(|g| format!("{g:8.1} GFLOP/s")).unwrap_or_default();
+                println!("  {op:<18} {secs:8.3} s {:5.1} %  {calls:5} calls {rate}", 100.0 * secs / total);
+            }
+            return Ok(r);
+        }
         measure(be, self.0)
     }
 }
@@ -136,6 +151,11 @@ pub fn run(a: &StepArgs) -> Result<()> {
 }
 
 pub fn measure<B: Backend>(be: &B, a: &StepArgs) -> Result<StepReport> {
+    measure_with(be, a, || {})
+}
+
+/// `measure`, calling `after_warmup` once the warm-up steps are done.
+pub fn measure_with<B: Backend>(be: &B, a: &StepArgs, after_warmup: impl Fn()) -> Result<StepReport> {
     let spec = spec(a)?;
     let (t, patch, batch) = (&spec.topology, spec.patch, spec.batch);
     let policy = Checkpointing::from_level(a.checkpointing)?;
@@ -148,6 +168,9 @@ pub fn measure<B: Backend>(be: &B, a: &StepArgs) -> Result<StepReport> {
     let labels: Vec<u8> = (0..vox).map(|_| rng.random_range(0..t.n_classes as u8)).collect();
     let (mut total, mut f, mut b) = (Vec::new(), Vec::new(), Vec::new());
     for i in 0..a.warmup + a.steps.max(1) {
+        if i == a.warmup {
+            after_warmup();
+        }
         let t0 = Instant::now();
         let (loss, _) = net.train_step(be, &acts, &image, &labels, 1e-2)?;
         be.sync()?;

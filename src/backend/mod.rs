@@ -6,6 +6,7 @@
 
 pub mod cpu;
 pub mod cuda;
+pub mod profile;
 
 use crate::tensor::Dims;
 use anyhow::Result;

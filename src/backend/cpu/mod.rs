@@ -1,6 +1,6 @@
 //! CPU backend: the reference for every kernel and a real way to train without a GPU.
 //! Generic over f32 (training) and f64 (gradient checks). Multithreaded with rayon; the
-//! convolutions are tiled implicit GEMMs on matrixmultiply's packed kernels.
+//! convolutions are tiled implicit GEMMs on the gemm crate's kernels.
 
 pub mod conv;
 pub mod convt;
@@ -39,7 +39,8 @@ pub trait Float:
     fn to_f64(self) -> f64;
     fn exp(self) -> Self;
     fn ln(self) -> Self;
-    /// C = alpha * A B + beta * C with arbitrary row/column strides (matrixmultiply).
+    /// C = alpha * A B + beta * C with arbitrary row/column strides (the gemm crate, which
+    /// picks AVX2/AVX-512 kernels at run time).
     ///
     /// # Safety
     /// The pointers must address the m x k, k x n and m x n matrices their strides describe.
@@ -53,7 +54,7 @@ pub trait Float:
 }
 
 macro_rules! impl_float {
-    ($t:ty, $gemm:path) => {
+    ($t:ty) => {
         impl Float for $t {
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
@@ -75,13 +76,15 @@ macro_rules! impl_float {
                 b: *const Self, rsb: isize, csb: isize,
                 beta: Self, c: *mut Self, rsc: isize, csc: isize,
             ) {
-                $gemm(m, k, n, alpha, a, rsa, csa, b, rsb, csb, beta, c, rsc, csc)
+                // gemm computes dst = alpha*dst + beta*lhs*rhs (dst unread when read_dst is
+                // false), strides given (column, row). Single-threaded: callers parallelise.
+                gemm::gemm(m, n, k, c, csc, rsc, beta != 0.0, a, csa, rsa, b, csb, rsb, beta, alpha, false, false, false, gemm::Parallelism::None)
             }
         }
     };
 }
-impl_float!(f32, matrixmultiply::sgemm);
-impl_float!(f64, matrixmultiply::dgemm);
+impl_float!(f32);
+impl_float!(f64);
 
 /// Row-major C[m x n] (+)= A[m x k] B[k x n] on contiguous slices.
 pub fn gemm_rm<T: Float>(m: usize, k: usize, n: usize, a: &[T], b: &[T], beta: T, c: &mut [T]) {

@@ -86,11 +86,7 @@ fn affine<T: Float>(mean: &[T], rstd: &[T], gamma: &[T], beta: &[T], c: usize) -
 }
 
 fn leaky<T: Float>(z: T, slope: T) -> T {
-    if z > T::ZERO {
-        z
-    } else {
-        z * slope
-    }
+    z * if z > T::ZERO { T::ONE } else { slope }
 }
 
 pub fn norm_act_fwd<T: Float>(x: &[T], xd: Dims, mean: &[T], rstd: &[T], gamma: &[T], beta: &[T], y: &mut [T]) {
@@ -113,6 +109,8 @@ pub fn norm_act_fwd<T: Float>(x: &[T], xd: Dims, mean: &[T], rstd: &[T], gamma: 
 
 /// Backward of norm_act_fwd; `d` holds dy on entry and dx on return. Recomputes the
 /// pre-activation from x and the statistics (checkpoint level 1 costs nothing extra here).
+/// Inner loops run over channels on per-sample slices so they vectorise; block sums are
+/// accumulated in T over at most BLOCK voxels and merged in f64.
 pub fn norm_act_bwd_inplace<T: Float>(
     d: &mut [T],
     x: &[T],
@@ -124,21 +122,21 @@ pub fn norm_act_bwd_inplace<T: Float>(
     assert_eq!(x.len(), xd.len(), "norm bwd x");
     assert_eq!(d.len(), xd.len(), "norm bwd dy");
     let (c, v) = (xd.c, xd.voxels());
-    let (scale, shift) = affine(mean, rstd, gamma, beta, c);
     let slope = T::from_f64(LEAKY_SLOPE);
     // Pass 1: sum(dz) and sum(dz * xhat) per (sample, channel).
     let dref: &[T] = d;
     let sums = per_block(x, xd, |b, lo, xr| {
-        let (mut sdz, mut sdzx) = (vec![0.0f64; c], vec![0.0f64; c]);
+        let (mu, rs) = (&mean[b * c..(b + 1) * c], &rstd[b * c..(b + 1) * c]);
+        let (g, be) = (&gamma[..c], &beta[..c]);
+        let (mut sdz, mut sdzx) = (vec![T::ZERO; c], vec![T::ZERO; c]);
         let dr = &dref[(b * v + lo) * c..(b * v + lo) * c + xr.len()];
         for (xrow, drow) in xr.chunks_exact(c).zip(dr.chunks_exact(c)) {
             for ch in 0..c {
-                let i = b * c + ch;
-                let z = scale[i] * xrow[ch] + shift[i];
-                let dz = if z > T::ZERO { drow[ch] } else { drow[ch] * slope };
-                let xhat = (xrow[ch] - mean[i]) * rstd[i];
-                sdz[ch] += dz.to_f64();
-                sdzx[ch] += (dz * xhat).to_f64();
+                let xhat = (xrow[ch] - mu[ch]) * rs[ch];
+                // A select, not a branch: signs are random, a branch mispredicts half the time.
+                let dz = drow[ch] * if g[ch] * xhat + be[ch] > T::ZERO { T::ONE } else { slope };
+                sdz[ch] += dz;
+                sdzx[ch] += dz * xhat;
             }
         }
         (sdz, sdzx)
@@ -149,8 +147,8 @@ pub fn norm_act_bwd_inplace<T: Float>(
     for (i, (a, b)) in sums.iter().enumerate() {
         let s = i / nblk;
         for ch in 0..c {
-            sdz[s * c + ch] += a[ch];
-            sdzx[s * c + ch] += b[ch];
+            sdz[s * c + ch] += a[ch].to_f64();
+            sdzx[s * c + ch] += b[ch].to_f64();
         }
     }
     for ch in 0..c {
@@ -163,15 +161,26 @@ pub fn norm_act_bwd_inplace<T: Float>(
     let mdzx: Vec<T> = sdzx.iter().map(|s| T::from_f64(s * inv_v)).collect();
     let rows = 1024;
     d.par_chunks_mut(rows * c).zip(x.par_chunks(rows * c)).enumerate().for_each(|(ci, (dc, xc))| {
-        for (i, (dr, xr)) in dc.chunks_exact_mut(c).zip(xc.chunks_exact(c)).enumerate() {
-            let b = (ci * rows + i) / v;
-            for ch in 0..c {
-                let k = b * c + ch;
-                let z = scale[k] * xr[ch] + shift[k];
-                let dz = if z > T::ZERO { dr[ch] } else { dr[ch] * slope };
-                let xhat = (xr[ch] - mean[k]) * rstd[k];
-                dr[ch] = scale[k] * (dz - mdz[k] - xhat * mdzx[k]);
+        let mut r0 = ci * rows;
+        let mut rest = (dc, xc);
+        while !rest.0.is_empty() {
+            // Rows of one sample at a time, so the per-sample slices stay fixed.
+            let b = r0 / v;
+            let n = (((b + 1) * v - r0) * c).min(rest.0.len());
+            let (dh, dt) = std::mem::take(&mut rest.0).split_at_mut(n);
+            let (xh, xt) = rest.1.split_at(n);
+            let k = b * c..(b + 1) * c;
+            let (mu, rs, md, mdx) = (&mean[k.clone()], &rstd[k.clone()], &mdz[k.clone()], &mdzx[k]);
+            let (g, be) = (&gamma[..c], &beta[..c]);
+            for (dr, xr) in dh.chunks_exact_mut(c).zip(xh.chunks_exact(c)) {
+                for ch in 0..c {
+                    let xhat = (xr[ch] - mu[ch]) * rs[ch];
+                    let dz = dr[ch] * if g[ch] * xhat + be[ch] > T::ZERO { T::ONE } else { slope };
+                    dr[ch] = g[ch] * rs[ch] * (dz - md[ch] - xhat * mdx[ch]);
+                }
             }
+            r0 += n / c;
+            rest = (dt, xt);
         }
     });
 }

@@ -1,0 +1,138 @@
+//! A backend wrapper that times every op (synchronising the device around each one), for
+//! `segk bench step --profile`: where a step's time goes, op family by op family.
+
+use super::{Backend, ConvGeom, ConvTGeom, DiceMode, LossParts, SgdParams};
+use crate::tensor::Dims;
+use anyhow::Result;
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::Instant;
+
+pub struct Profiled<'a, B: Backend> {
+    pub inner: &'a B,
+    times: Mutex<BTreeMap<&'static str, (f64, usize, f64)>>,
+}
+
+impl<'a, B: Backend> Profiled<'a, B> {
+    pub fn new(inner: &'a B) -> Self {
+        Profiled { inner, times: Mutex::new(BTreeMap::new()) }
+    }
+    fn time<R>(&self, op: &'static str, flops: f64, f: impl FnOnce() -> Result<R>) -> Result<R> {
+        self.inner.sync()?;
+        let t0 = Instant::now();
+        let r = f()?;
+        self.inner.sync()?;
+        let dt = t0.elapsed().as_secs_f64();
+        let mut m = self.times.lock().expect("profile lock");
+        let e = m.entry(op).or_insert((0.0, 0, 0.0));
+        e.0 += dt;
+        e.1 += 1;
+        e.2 += flops;
+        Ok(r)
+    }
+    pub fn reset(&self) {
+        self.times.lock().expect("profile lock").clear();
+    }
+    /// (op, seconds, calls, GFLOP/s where counted), slowest first.
+    pub fn table(&self) -> Vec<(&'static str, f64, usize, Option<f64>)> {
+        let m = self.times.lock().expect("profile lock");
+        let mut v: Vec<_> = m.iter().map(|(k, &(t, n, f))| (*k, t, n, (f > 0.0).then(|| f / t / 1e9))).collect();
+        v.sort_by(|a, b| b.1.partial_cmp(&a.1).expect("finite"));
+        v
+    }
+}
+
+impl<B: Backend> Backend for Profiled<'_, B> {
+    type Buf = B::Buf;
+    type LabelBuf = B::LabelBuf;
+    type Arena = B::Arena;
+    type LabelArena = B::LabelArena;
+
+    fn name(&self) -> String {
+        self.inner.name()
+    }
+    fn alloc(&self, len: usize) -> Result<B::Arena> {
+        self.inner.alloc(len)
+    }
+    fn view(&self, a: &B::Arena, o: usize, l: usize) -> B::Buf {
+        self.inner.view(a, o, l)
+    }
+    fn alloc_labels(&self, len: usize) -> Result<B::LabelArena> {
+        self.inner.alloc_labels(len)
+    }
+    fn label_view(&self, a: &B::LabelArena, o: usize, l: usize) -> B::LabelBuf {
+        self.inner.label_view(a, o, l)
+    }
+    fn elem_bytes(&self) -> usize {
+        self.inner.elem_bytes()
+    }
+    fn upload(&self, d: B::Buf, s: &[f32]) -> Result<()> {
+        self.time("upload", 0.0, || self.inner.upload(d, s))
+    }
+    fn download(&self, s: B::Buf, d: &mut [f32]) -> Result<()> {
+        self.time("download", 0.0, || self.inner.download(s, d))
+    }
+    fn upload_labels(&self, d: B::LabelBuf, s: &[u8]) -> Result<()> {
+        self.time("upload", 0.0, || self.inner.upload_labels(d, s))
+    }
+    fn download_labels(&self, s: B::LabelBuf, d: &mut [u8]) -> Result<()> {
+        self.time("download", 0.0, || self.inner.download_labels(s, d))
+    }
+    fn fill(&self, d: B::Buf, v: f32) -> Result<()> {
+        self.time("fill", 0.0, || self.inner.fill(d, v))
+    }
+    fn sync(&self) -> Result<()> {
+        self.inner.sync()
+    }
+    fn conv_fwd(&self, x: B::Buf, xd: Dims, w: B::Buf, b: B::Buf, y: B::Buf, g: &ConvGeom) -> Result<()> {
+        self.time("conv_fwd", g.flops(xd), || self.inner.conv_fwd(x, xd, w, b, y, g))
+    }
+    fn conv_dgrad(&self, dy: B::Buf, w: B::Buf, dx: B::Buf, xd: Dims, g: &ConvGeom, beta: f32) -> Result<()> {
+        self.time("conv_dgrad", g.flops(xd), || self.inner.conv_dgrad(dy, w, dx, xd, g, beta))
+    }
+    fn conv_wgrad(&self, x: B::Buf, xd: Dims, dy: B::Buf, dw: B::Buf, db: B::Buf, g: &ConvGeom) -> Result<()> {
+        self.time("conv_wgrad", g.flops(xd), || self.inner.conv_wgrad(x, xd, dy, dw, db, g))
+    }
+    fn convt_fwd(&self, x: B::Buf, xd: Dims, w: B::Buf, b: B::Buf, y: B::Buf, g: &ConvTGeom) -> Result<()> {
+        self.time("convt_fwd", g.flops(xd), || self.inner.convt_fwd(x, xd, w, b, y, g))
+    }
+    fn convt_dgrad(&self, dy: B::Buf, w: B::Buf, dx: B::Buf, xd: Dims, g: &ConvTGeom, beta: f32) -> Result<()> {
+        self.time("convt_dgrad", g.flops(xd), || self.inner.convt_dgrad(dy, w, dx, xd, g, beta))
+    }
+    fn convt_wgrad(&self, x: B::Buf, xd: Dims, dy: B::Buf, dw: B::Buf, db: B::Buf, g: &ConvTGeom) -> Result<()> {
+        self.time("convt_wgrad", g.flops(xd), || self.inner.convt_wgrad(x, xd, dy, dw, db, g))
+    }
+    fn norm_stats(&self, x: B::Buf, xd: Dims, m: B::Buf, r: B::Buf) -> Result<()> {
+        self.time("norm_stats", 0.0, || self.inner.norm_stats(x, xd, m, r))
+    }
+    fn norm_act_fwd(&self, x: B::Buf, xd: Dims, m: B::Buf, r: B::Buf, g: B::Buf, b: B::Buf, y: B::Buf) -> Result<()> {
+        self.time("norm_act_fwd", 0.0, || self.inner.norm_act_fwd(x, xd, m, r, g, b, y))
+    }
+    fn norm_act_bwd(&self, dy: B::Buf, x: B::Buf, xd: Dims, m: B::Buf, r: B::Buf, g: B::Buf, b: B::Buf, dx: B::Buf, dg: B::Buf, db: B::Buf) -> Result<()> {
+        self.time("norm_act_bwd", 0.0, || self.inner.norm_act_bwd(dy, x, xd, m, r, g, b, dx, dg, db))
+    }
+    fn concat(&self, a: B::Buf, ca: usize, b: B::Buf, cb: usize, rows: usize, o: B::Buf) -> Result<()> {
+        self.time("concat", 0.0, || self.inner.concat(a, ca, b, cb, rows, o))
+    }
+    fn concat_bwd(&self, d: B::Buf, ca: usize, cb: usize, rows: usize, da: B::Buf, db: B::Buf, beta: f32) -> Result<()> {
+        self.time("concat_bwd", 0.0, || self.inner.concat_bwd(d, ca, cb, rows, da, db, beta))
+    }
+    fn downsample_labels(&self, s: B::LabelBuf, sd: Dims, d: B::LabelBuf, dd: Dims) -> Result<()> {
+        self.time("downsample_labels", 0.0, || self.inner.downsample_labels(s, sd, d, dd))
+    }
+    fn softmax_dice_ce(&self, l: B::Buf, ld: Dims, lab: B::LabelBuf, mode: DiceMode, w: f64) -> Result<LossParts> {
+        self.time("softmax_dice_ce", 0.0, || self.inner.softmax_dice_ce(l, ld, lab, mode, w))
+    }
+    fn argmax(&self, l: B::Buf, ld: Dims, o: B::LabelBuf) -> Result<()> {
+        self.time("argmax", 0.0, || self.inner.argmax(l, ld, o))
+    }
+    fn sum_squares(&self, x: B::Buf) -> Result<f64> {
+        self.time("sum_squares", 0.0, || self.inner.sum_squares(x))
+    }
+    fn scale(&self, x: B::Buf, s: f64) -> Result<()> {
+        self.time("scale", 0.0, || self.inner.scale(x, s))
+    }
+    fn sgd_update(&self, p: B::Buf, g: B::Buf, m: B::Buf, sp: &SgdParams) -> Result<()> {
+        self.time("sgd_update", 0.0, || self.inner.sgd_update(p, g, m, sp))
+    }
+}
