@@ -11,6 +11,7 @@ pub mod dataset;
 pub mod demo;
 pub mod device;
 pub mod model;
+pub mod plan;
 pub mod selftest;
 pub mod synth;
 pub mod tensor;

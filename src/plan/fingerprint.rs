@@ -1,0 +1,176 @@
+//! nnU-Net v2's dataset fingerprint: per case, crop to the nonzero region (union over
+//! channels, holes filled), record spacing and shape after cropping, and sample foreground
+//! intensities per channel (1e8 / cases per case, with replacement, seeded); then pool the
+//! samples into per-channel intensity statistics (what CT normalisation uses).
+
+use crate::dataset::nifti_io::{self, Volume};
+use crate::dataset::{Case, Dataset};
+use anyhow::{ensure, Context, Result};
+use rand::{Rng, SeedableRng};
+use rand_pcg::Pcg64;
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+use std::collections::VecDeque;
+
+/// nnU-Net's total foreground sample budget over the dataset.
+pub const FOREGROUND_SAMPLES: usize = 100_000_000;
+pub const SEED: u64 = 1234;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct IntensityStats {
+    pub mean: f64,
+    pub median: f64,
+    pub std: f64,
+    pub min: f64,
+    pub max: f64,
+    pub percentile_99_5: f64,
+    pub percentile_00_5: f64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Fingerprint {
+    /// Per case, [z, y, x].
+    pub spacings: Vec<[f64; 3]>,
+    pub shapes_after_crop: Vec<[usize; 3]>,
+    /// Voxels after cropping / before, per case.
+    pub relative_size_after_cropping: Vec<f64>,
+    pub foreground_intensity_properties_per_channel: Vec<IntensityStats>,
+}
+
+/// Mask of voxels nonzero in any channel, with enclosed holes filled (scipy's
+/// binary_fill_holes: background not connected to the border becomes foreground).
+pub fn nonzero_mask(channels: &[&[f32]], shape: [usize; 3]) -> Vec<bool> {
+    let n = shape.iter().product();
+    let mut mask: Vec<bool> = (0..n).map(|i| channels.iter().any(|c| c[i] != 0.0)).collect();
+    // Flood the background from the border (6-connected); what it cannot reach is a hole.
+    let mut outside = vec![false; n];
+    let mut q = VecDeque::new();
+    let [d, h, w] = shape;
+    let idx = |z: usize, y: usize, x: usize| (z * h + y) * w + x;
+    for z in 0..d {
+        for y in 0..h {
+            for x in 0..w {
+                let border = z == 0 || y == 0 || x == 0 || z == d - 1 || y == h - 1 || x == w - 1;
+                let i = idx(z, y, x);
+                if border && !mask[i] {
+                    outside[i] = true;
+                    q.push_back((z, y, x));
+                }
+            }
+        }
+    }
+    while let Some((z, y, x)) = q.pop_front() {
+        let mut visit = |z: usize, y: usize, x: usize| {
+            let i = idx(z, y, x);
+            if !mask[i] && !outside[i] {
+                outside[i] = true;
+                q.push_back((z, y, x));
+            }
+        };
+        if z > 0 { visit(z - 1, y, x) }
+        if z + 1 < d { visit(z + 1, y, x) }
+        if y > 0 { visit(z, y - 1, x) }
+        if y + 1 < h { visit(z, y + 1, x) }
+        if x > 0 { visit(z, y, x - 1) }
+        if x + 1 < w { visit(z, y, x + 1) }
+    }
+    mask.iter_mut().zip(&outside).for_each(|(m, &o)| *m = !o);
+    mask
+}
+
+/// Bounding box [lo, hi) per axis of the true voxels; the whole volume when none is.
+pub fn bounding_box(mask: &[bool], shape: [usize; 3]) -> [[usize; 2]; 3] {
+    let (mut lo, mut hi) = (shape, [0usize; 3]);
+    let [_, h, w] = shape;
+    for (i, _) in mask.iter().enumerate().filter(|(_, &m)| m) {
+        let c = [i / (h * w), (i / w) % h, i % w];
+        for a in 0..3 {
+            lo[a] = lo[a].min(c[a]);
+            hi[a] = hi[a].max(c[a] + 1);
+        }
+    }
+    if hi.contains(&0) {
+        return std::array::from_fn(|a| [0, shape[a]]);
+    }
+    std::array::from_fn(|a| [lo[a], hi[a]])
+}
+
+/// Linear-interpolated percentile (numpy's default), `sorted` ascending.
+pub fn percentile(sorted: &[f32], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let pos = p / 100.0 * (sorted.len() - 1) as f64;
+    let (i, f) = (pos.floor() as usize, pos.fract());
+    let a = sorted[i] as f64;
+    let b = sorted[(i + 1).min(sorted.len() - 1)] as f64;
+    a + (b - a) * f
+}
+
+pub fn intensity_stats(mut v: Vec<f32>) -> IntensityStats {
+    v.sort_by(|a, b| a.total_cmp(b));
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
+    let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+    IntensityStats {
+        mean,
+        median: percentile(&v, 50.0),
+        std: var.sqrt(),
+        min: v.first().map(|&x| x as f64).unwrap_or(f64::NAN),
+        max: v.last().map(|&x| x as f64).unwrap_or(f64::NAN),
+        percentile_99_5: percentile(&v, 99.5),
+        percentile_00_5: percentile(&v, 0.5),
+    }
+}
+
+struct CaseFingerprint {
+    spacing: [f64; 3],
+    shape_after_crop: [usize; 3],
+    relative_size: f64,
+    samples: Vec<Vec<f32>>,
+}
+
+fn analyze_case(case: &Case, samples_per_case: usize, seed: u64) -> Result<CaseFingerprint> {
+    let images: Vec<Volume> = case.images.iter().map(|p| nifti_io::read(p)).collect::<Result<_>>()?;
+    let seg = nifti_io::read(&case.label)?;
+    let shape = seg.shape;
+    ensure!(images.iter().all(|v| v.shape == shape), "case {}: image and label shapes differ (run segk check)", case.id);
+    let chans: Vec<&[f32]> = images.iter().map(|v| v.data.as_slice()).collect();
+    let bbox = bounding_box(&nonzero_mask(&chans, shape), shape);
+    let crop: [usize; 3] = std::array::from_fn(|a| bbox[a][1] - bbox[a][0]);
+    let [_, h, w] = shape;
+    let inside = |i: usize| {
+        let c = [i / (h * w), (i / w) % h, i % w];
+        (0..3).all(|a| c[a] >= bbox[a][0] && c[a] < bbox[a][1])
+    };
+    // Foreground: label > 0 inside the crop (the crop never removes labelled voxels that
+    // carry signal; nnU-Net samples from the cropped arrays).
+    let fg: Vec<usize> = (0..seg.voxels()).filter(|&i| seg.data[i] > 0.0 && inside(i)).collect();
+    let mut rng = Pcg64::seed_from_u64(seed);
+    let samples = images
+        .iter()
+        .map(|v| if fg.is_empty() { Vec::new() } else { (0..samples_per_case).map(|_| v.data[fg[rng.random_range(0..fg.len())]]).collect() })
+        .collect();
+    Ok(CaseFingerprint {
+        spacing: seg.spacing,
+        shape_after_crop: crop,
+        relative_size: crop.iter().product::<usize>() as f64 / seg.voxels() as f64,
+        samples,
+    })
+}
+
+/// The fingerprint of a raw dataset; `total_samples` is nnU-Net's 1e8 unless testing.
+pub fn fingerprint(ds: &Dataset, total_samples: usize) -> Result<Fingerprint> {
+    ensure!(!ds.cases.is_empty(), "{}: no training cases", ds.root.display());
+    let per_case = total_samples / ds.cases.len();
+    let cases: Vec<CaseFingerprint> = ds.cases.par_iter().map(|c| analyze_case(c, per_case, SEED).with_context(|| format!("fingerprinting case {}", c.id))).collect::<Result<_>>()?;
+    let channels = ds.json.channels();
+    let foreground_intensity_properties_per_channel =
+        (0..channels).map(|ch| intensity_stats(cases.iter().flat_map(|c| c.samples[ch].iter().copied()).collect())).collect();
+    Ok(Fingerprint {
+        spacings: cases.iter().map(|c| c.spacing).collect(),
+        shapes_after_crop: cases.iter().map(|c| c.shape_after_crop).collect(),
+        relative_size_after_cropping: cases.iter().map(|c| c.relative_size).collect(),
+        foreground_intensity_properties_per_channel,
+    })
+}

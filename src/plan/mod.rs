@@ -1,0 +1,3 @@
+//! Planning: the dataset fingerprint, then (next) the 3d_fullres plan.
+
+pub mod fingerprint;

@@ -1,0 +1,82 @@
+//! Dataset fingerprint on generated cases with known answers.
+
+use segk::dataset::nifti_io::{self, header_for, Volume, VoxelType};
+use segk::dataset::Dataset;
+use segk::plan::fingerprint::{bounding_box, fingerprint, intensity_stats, nonzero_mask, percentile};
+
+const I3: [[f64; 3]; 3] = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
+
+#[test]
+fn nonzero_mask_fills_enclosed_holes() {
+    let shape = [7, 7, 7];
+    let n = 343;
+    // A hollow shell at 1..=5 with a zero interior: the interior is a hole, the outside not.
+    let data: Vec<f32> = (0..n)
+        .map(|i| {
+            let c = [i / 49, (i / 7) % 7, i % 7];
+            let on_shell = c.iter().all(|&v| (1..=5).contains(&v)) && c.iter().any(|&v| v == 1 || v == 5);
+            if on_shell { 1.0 } else { 0.0 }
+        })
+        .collect();
+    let m = nonzero_mask(&[&data], shape);
+    assert!(m[(3 * 7 + 3) * 7 + 3], "centre hole filled");
+    assert!(!m[0], "outside stays background");
+    assert_eq!(m.iter().filter(|&&v| v).count(), 125);
+    assert_eq!(bounding_box(&m, shape), [[1, 6], [1, 6], [1, 6]]);
+}
+
+#[test]
+fn percentiles_interpolate_like_numpy() {
+    let v = [1.0f32, 2.0, 3.0, 4.0];
+    assert_eq!(percentile(&v, 50.0), 2.5);
+    assert_eq!(percentile(&v, 0.0), 1.0);
+    assert_eq!(percentile(&v, 100.0), 4.0);
+    assert!((percentile(&v, 99.5) - 3.985).abs() < 1e-12);
+    let s = intensity_stats(vec![4.0, 1.0, 3.0, 2.0]);
+    assert_eq!((s.mean, s.median, s.min, s.max), (2.5, 2.5, 1.0, 4.0));
+    assert!((s.std - 1.25f64.sqrt()).abs() < 1e-12);
+}
+
+#[test]
+fn fingerprint_of_generated_dataset() {
+    let root = std::env::temp_dir().join(format!("segk-fp-{}", std::process::id())).join("Dataset002_Fp");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("imagesTr")).unwrap();
+    std::fs::create_dir_all(root.join("labelsTr")).unwrap();
+    std::fs::write(root.join("dataset.json"), r#"{"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": 1}, "numTraining": 3, "file_ending": ".nii.gz"}"#).unwrap();
+    let shape = [10, 12, 14];
+    let spacings = [[3.0, 0.8, 0.8], [2.5, 0.7, 0.7], [3.0, 0.9, 0.9]];
+    for (k, sp) in spacings.iter().enumerate() {
+        // Nonzero body in z 2..8, y 1..11, x 3..10 (6 x 10 x 7); organ in z 4..6 with
+        // intensities alternating 10 and 20.
+        let data: Vec<f32> = (0..shape.iter().product())
+            .map(|i| {
+                let c = [i / 168, (i / 14) % 12, i % 14];
+                let body = (2..8).contains(&c[0]) && (1..11).contains(&c[1]) && (3..10).contains(&c[2]);
+                let organ = body && (4..6).contains(&c[0]);
+                if organ { if i % 2 == 0 { 10.0 } else { 20.0 } } else if body { -5.0 } else { 0.0 }
+            })
+            .collect();
+        let labels: Vec<f32> = data.iter().map(|&v| if v >= 10.0 { 1.0 } else { 0.0 }).collect();
+        let h = header_for(shape, *sp, I3, [0.0; 3]);
+        let img = Volume { shape, spacing: *sp, affine: [[0.0; 4]; 3], data, header: h.clone() };
+        let lab = Volume { data: labels, ..img.clone() };
+        nifti_io::write(&root.join(format!("imagesTr/c{k}_0000.nii.gz")), &img, VoxelType::F32).unwrap();
+        nifti_io::write(&root.join(format!("labelsTr/c{k}.nii.gz")), &lab, VoxelType::U8).unwrap();
+    }
+    let ds = Dataset::open(&root).unwrap();
+    let fp = fingerprint(&ds, 300_000).unwrap();
+    assert_eq!(fp.spacings.len(), 3);
+    for (got, want) in fp.spacings.iter().zip(&spacings) {
+        assert!(got.iter().zip(want).all(|(a, b)| (a - b).abs() < 1e-6), "{got:?} vs {want:?}");
+    }
+    assert!(fp.shapes_after_crop.iter().all(|s| *s == [6, 10, 7]), "{:?}", fp.shapes_after_crop);
+    let rel = (6 * 10 * 7) as f64 / (10 * 12 * 14) as f64;
+    assert!(fp.relative_size_after_cropping.iter().all(|r| (r - rel).abs() < 1e-12));
+    let s = &fp.foreground_intensity_properties_per_channel[0];
+    assert_eq!((s.min, s.max), (10.0, 20.0));
+    // Per organ row x = 3..10: four odd x (20) and three even x (10).
+    let (mean, std) = (110.0 / 7.0, (12.0f64 / 49.0 * 100.0).sqrt());
+    assert!((s.mean - mean).abs() < 0.1 && (s.std - std).abs() < 0.1 && s.median == 20.0, "{s:?}");
+    assert_eq!((s.percentile_00_5, s.percentile_99_5), (10.0, 20.0));
+}
