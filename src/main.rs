@@ -39,6 +39,14 @@ enum Cmd {
         /// The DatasetXXX_Name folder (with dataset.json, imagesTr, labelsTr).
         dataset: std::path::PathBuf,
     },
+    /// Integrity check, then nnU-Net's dataset fingerprint written as JSON.
+    Fingerprint {
+        /// The DatasetXXX_Name folder.
+        dataset: std::path::PathBuf,
+        /// Output file (default: DATASET/dataset_fingerprint.json).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Every kernel of a device against the CPU reference, then whole training steps.
     Selftest {
         /// cpu (the f32 CPU backend against f64) or cuda[:N].
@@ -74,6 +82,7 @@ fn main() {
         Cmd::Demo { epochs, iters, seed, threads, device } => set_threads(threads).and_then(|_| run_demo(epochs, iters, seed, &device)),
         Cmd::Selftest { device, seed } => run_selftest(&device, seed),
         Cmd::Check { dataset } => run_check(&dataset),
+        Cmd::Fingerprint { dataset, out } => run_fingerprint(&dataset, out),
         Cmd::Bench { what: BenchCmd::Step(a) } => set_threads(a.threads).and_then(|_| segk::bench_step::run(&a)),
     };
     if let Err(e) = r {
@@ -92,6 +101,22 @@ fn run_check(root: &std::path::Path) -> Result<()> {
     }
     let ds = segk::dataset::Dataset::open(root)?;
     println!("{}: {} cases, {} channel(s), labels {:?}: no problems", root.display(), ds.cases.len(), ds.json.channels(), ds.json.labels.keys().collect::<Vec<_>>());
+    Ok(())
+}
+
+fn run_fingerprint(root: &std::path::Path, out: Option<std::path::PathBuf>) -> Result<()> {
+    run_check(root)?;
+    let ds = segk::dataset::Dataset::open(root)?;
+    let t0 = std::time::Instant::now();
+    let fp = segk::plan::fingerprint::fingerprint(&ds, segk::plan::fingerprint::FOREGROUND_SAMPLES)?;
+    let out = out.unwrap_or_else(|| root.join("dataset_fingerprint.json"));
+    let tmp = out.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&fp)?).map_err(|e| anyhow::anyhow!("writing {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, &out).map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
+    for (c, s) in fp.foreground_intensity_properties_per_channel.iter().enumerate() {
+        println!("channel {c}: foreground mean {:.3} std {:.3} p0.5 {:.3} p99.5 {:.3}", s.mean, s.std, s.percentile_00_5, s.percentile_99_5);
+    }
+    println!("wrote {} ({} cases, {:.1} s)", out.display(), fp.spacings.len(), t0.elapsed().as_secs_f64());
     Ok(())
 }
 

@@ -80,3 +80,22 @@ fn fingerprint_of_generated_dataset() {
     assert!((s.mean - mean).abs() < 0.1 && (s.std - std).abs() < 0.1 && s.median == 20.0, "{s:?}");
     assert_eq!((s.percentile_00_5, s.percentile_99_5), (10.0, 20.0));
 }
+
+#[test]
+fn fingerprint_command_writes_json() {
+    let root = std::env::temp_dir().join(format!("segk-fpcli-{}", std::process::id())).join("Dataset003_Cli");
+    let _ = std::fs::remove_dir_all(&root);
+    std::fs::create_dir_all(root.join("imagesTr")).unwrap();
+    std::fs::create_dir_all(root.join("labelsTr")).unwrap();
+    std::fs::write(root.join("dataset.json"), r#"{"channel_names": {"0": "MR"}, "labels": {"background": 0, "a": 1}, "numTraining": 1, "file_ending": ".nii"}"#).unwrap();
+    let shape = [4, 4, 4];
+    let img = Volume { shape, spacing: [1.0; 3], affine: [[0.0; 4]; 3], data: (0..64).map(|i| 1.0 + i as f32).collect(), header: header_for(shape, [1.0; 3], I3, [0.0; 3]) };
+    let lab = Volume { data: (0..64).map(|i| (i % 2) as f32).collect(), ..img.clone() };
+    nifti_io::write(&root.join("imagesTr/a_0000.nii"), &img, VoxelType::F32).unwrap();
+    nifti_io::write(&root.join("labelsTr/a.nii"), &lab, VoxelType::U8).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).arg("fingerprint").arg(&root).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("dataset_fingerprint.json")).unwrap()).unwrap();
+    assert_eq!(v["shapes_after_crop"], serde_json::json!([[4, 4, 4]]));
+    assert_eq!(v["foreground_intensity_properties_per_channel"][0]["max"], 64.0);
+}
