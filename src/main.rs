@@ -76,7 +76,22 @@ fn set_threads(n: Option<usize>) -> Result<()> {
     Ok(())
 }
 
+/// Dies quietly on a closed pipe (`segk ... | head`) like other Unix tools, instead of
+/// panicking on the failed write (Rust ignores SIGPIPE by default).
+#[cfg(unix)]
+fn default_sigpipe() {
+    extern "C" {
+        fn signal(signum: i32, handler: usize) -> usize;
+    }
+    const SIGPIPE: i32 = 13;
+    const SIG_DFL: usize = 0;
+    // SAFETY: restores the default disposition of one signal before any thread starts.
+    unsafe { signal(SIGPIPE, SIG_DFL) };
+}
+
 fn main() {
+    #[cfg(unix)]
+    default_sigpipe();
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Demo { epochs, iters, seed, threads, device } => set_threads(threads).and_then(|_| run_demo(epochs, iters, seed, &device)),
