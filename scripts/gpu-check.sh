@@ -25,6 +25,11 @@ for l in 0 1 2; do
   step "step-5stage-80x96x80-ckpt$l" "$bin" bench step --device cuda --checkpointing "$l" --warmup 2 --steps 10
   step "step-6stage-128cube-ckpt$l" "$bin" bench step --device cuda --stages 6 --patch 128,128,128 --checkpointing "$l" --warmup 2 --steps 10
 done
+# The PyTorch peer on the same GPU (cuDNN, AMP bf16), so each ratio is one run apart.
+if command -v python3 >/dev/null && python3 -c "import torch" 2>/dev/null; then
+  step torch-5stage-80x96x80 python3 bench/torch_step.py --device cuda --warmup 2 --steps 10
+  step torch-6stage-128cube python3 bench/torch_step.py --device cuda --stages 6 --patch 128 128 128 --warmup 2 --steps 10
+fi
 step demo "$bin" demo --device cuda
 echo "report in $out/"
 exit $status
