@@ -1,7 +1,8 @@
 //! `segk demo`: generate synthetic cases, train a small PlainConvUNet on the CPU, predict the
 //! held-out cases and report Dice per label.
 
-use crate::backend::cpu::{optim::poly_lr, CpuBackend};
+use crate::backend::cpu::CpuBackend;
+use crate::backend::poly_lr;
 use crate::backend::Backend;
 use crate::model::unet::Acts;
 use crate::model::{Checkpointing, Topology, UNet};

@@ -301,11 +301,11 @@ fn sgd_nesterov_hand_computed() {
 
 #[test]
 fn clip_and_poly_schedule() {
-    assert_eq!(optim::clip_factor(6.0, 12.0), 1.0);
-    assert!((optim::clip_factor(24.0, 12.0) - 12.0 / (24.0 + 1e-6)).abs() < 1e-15);
-    assert_eq!(optim::poly_lr(0.01, 0, 1000), 0.01);
-    assert!((optim::poly_lr(0.01, 500, 1000) - 0.01 * 0.5f64.powf(0.9)).abs() < 1e-15);
-    assert_eq!(optim::poly_lr(0.01, 1000, 1000), 0.0);
+    assert_eq!(segk::backend::clip_factor(6.0, 12.0), 1.0);
+    assert!((segk::backend::clip_factor(24.0, 12.0) - 12.0 / (24.0 + 1e-6)).abs() < 1e-15);
+    assert_eq!(segk::backend::poly_lr(0.01, 0, 1000), 0.01);
+    assert!((segk::backend::poly_lr(0.01, 500, 1000) - 0.01 * 0.5f64.powf(0.9)).abs() < 1e-15);
+    assert_eq!(segk::backend::poly_lr(0.01, 1000, 1000), 0.0);
     let mut g = vec![3.0f64, 4.0];
     assert_eq!(optim::sum_squares(&g), 25.0);
     optim::scale(&mut g, 0.5);

@@ -124,7 +124,7 @@ impl<B: Backend> UNet<B> {
         if !grad_norm.is_finite() {
             return Ok(false);
         }
-        let f = crate::backend::cpu::optim::clip_factor(grad_norm, GRAD_CLIP);
+        let f = crate::backend::clip_factor(grad_norm, GRAD_CLIP);
         if f < 1.0 {
             be.scale(self.grads(be), f)?;
         }

@@ -28,13 +28,3 @@ pub fn sgd_update<T: Float>(params: &mut [T], grads: &[T], momentum: &mut [T], p
         }
     });
 }
-
-/// nnU-Net's poly schedule: lr0 * (1 - epoch / max_epochs)^0.9.
-pub fn poly_lr(lr0: f64, epoch: usize, max_epochs: usize) -> f64 {
-    lr0 * (1.0 - epoch as f64 / max_epochs as f64).max(0.0).powf(0.9)
-}
-
-/// torch.nn.utils.clip_grad_norm_: the factor that brings the norm to at most `max_norm`.
-pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
-    (max_norm / (norm + 1e-6)).min(1.0)
-}
