@@ -99,3 +99,38 @@ fn fingerprint_command_writes_json() {
     assert_eq!(v["shapes_after_crop"], serde_json::json!([[4, 4, 4]]));
     assert_eq!(v["foreground_intensity_properties_per_channel"][0]["max"], 64.0);
 }
+
+mod spacing {
+    use segk::plan::spacing::{percentile, target_spacing, transpose_forward};
+
+    #[test]
+    fn isotropic_dataset_takes_the_median() {
+        let sp = [[1.0, 0.8, 0.8], [1.2, 0.7, 0.7], [0.9, 0.9, 0.9]];
+        let sh = [[100, 200, 200]; 3];
+        assert_eq!(target_spacing(&sp, &sh), [1.0, 0.8, 0.8]);
+        assert_eq!(percentile(&[3.0, 1.0, 2.0, 4.0], 10.0), 1.3);
+    }
+
+    #[test]
+    fn anisotropic_axis_takes_its_tenth_percentile() {
+        // z 5 mm (one case 3 mm), in-plane 0.7 mm, few slices: the rule applies.
+        let sp = [[5.0, 0.7, 0.7], [5.0, 0.7, 0.7], [3.0, 0.7, 0.7], [5.0, 0.7, 0.7], [5.0, 0.7, 0.7]];
+        let sh = [[20, 512, 512]; 5];
+        let t = target_spacing(&sp, &sh);
+        // 10th percentile of [3, 5, 5, 5, 5] = 3 + 0.4 * 2 = 3.8
+        assert!((t[0] - 3.8).abs() < 1e-12 && t[1] == 0.7 && t[2] == 0.7, "{t:?}");
+        // Many slices: no longer "anisotropic voxels", the median stays.
+        assert_eq!(target_spacing(&sp, &[[200, 512, 512]; 5])[0], 5.0);
+        // A 10th percentile finer than the other axes is lifted just above them.
+        let fine = [[5.0, 0.7, 0.7], [5.0, 0.7, 0.7], [0.5, 0.7, 0.7], [0.5, 0.7, 0.7], [5.0, 0.7, 0.7]];
+        let t = target_spacing(&fine, &sh);
+        assert!((t[0] - (0.7 + 1e-5)).abs() < 1e-12, "{t:?}");
+    }
+
+    #[test]
+    fn coarsest_axis_goes_first() {
+        assert_eq!(transpose_forward([1.0, 1.0, 1.0]), [0, 1, 2]);
+        assert_eq!(transpose_forward([0.7, 0.7, 5.0]), [2, 0, 1]);
+        assert_eq!(transpose_forward([0.7, 3.0, 0.7]), [1, 0, 2]);
+    }
+}

@@ -1,3 +1,4 @@
 //! Planning: the dataset fingerprint, then (next) the 3d_fullres plan.
 
 pub mod fingerprint;
+pub mod spacing;
