@@ -134,3 +134,30 @@ mod spacing {
         assert_eq!(transpose_forward([0.7, 3.0, 0.7]), [1, 0, 2]);
     }
 }
+
+mod topology {
+    use segk::plan::topology::{initial_patch, plain_unet, pool_and_conv_props};
+
+    #[test]
+    fn isotropic_patch_pools_every_axis_down_to_4() {
+        let (strides, kernels, padded) = pool_and_conv_props([1.0; 3], [128, 128, 128]);
+        assert_eq!(strides.len(), 6);
+        assert!(strides[1..].iter().all(|s| *s == [2, 2, 2]));
+        assert!(kernels.iter().all(|k| *k == [3, 3, 3]) && kernels.len() == 6);
+        assert_eq!(padded, [128, 128, 128]);
+        assert_eq!(initial_patch([1.0; 3], [300.0, 200.0, 180.0]), [256, 200, 180]);
+    }
+
+    #[test]
+    fn anisotropic_spacing_pools_in_plane_first() {
+        // Worked by hand from nnU-Net's get_pool_and_conv_props.
+        let (strides, kernels, padded) = pool_and_conv_props([5.0, 0.7, 0.7], [20, 256, 256]);
+        assert_eq!(strides, vec![[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2], [1, 2, 2]]);
+        assert_eq!(kernels, vec![[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]);
+        assert_eq!(padded, [20, 256, 256]);
+        let (t, p) = plain_unet([5.0, 0.7, 0.7], [18, 250, 256], 1, 3);
+        assert_eq!(p, [20, 256, 256], "padded to multiples of 4 and 64");
+        assert_eq!(t.features, vec![32, 64, 128, 256, 320, 320, 320]);
+        assert!(t.stage_spatial(p).is_ok());
+    }
+}

@@ -2,3 +2,4 @@
 
 pub mod fingerprint;
 pub mod spacing;
+pub mod topology;
