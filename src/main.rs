@@ -47,6 +47,17 @@ enum Cmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// Integrity check, fingerprint and the 3d_fullres plan (plans.json) sized for a GPU budget.
+    Plan {
+        /// The DatasetXXX_Name folder.
+        dataset: std::path::PathBuf,
+        /// GPU memory budget in GiB (8 matches nnU-Net's default plans).
+        #[arg(long, default_value_t = 8.0)]
+        gpu_memory: f64,
+        /// Output folder (default: $nnUNet_preprocessed/NAME, else DATASET/../segk_preprocessed/NAME).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Every kernel of a device against the CPU reference, then whole training steps.
     Selftest {
         /// cpu (the f32 CPU backend against f64) or cuda[:N].
@@ -98,6 +109,7 @@ fn main() {
         Cmd::Selftest { device, seed } => run_selftest(&device, seed),
         Cmd::Check { dataset } => run_check(&dataset),
         Cmd::Fingerprint { dataset, out } => run_fingerprint(&dataset, out),
+        Cmd::Plan { dataset, gpu_memory, out } => run_plan(&dataset, gpu_memory, out),
         Cmd::Bench { what: BenchCmd::Step(a) } => set_threads(a.threads).and_then(|_| segk::bench_step::run(&a)),
     };
     if let Err(e) = r {
@@ -119,15 +131,47 @@ fn run_check(root: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// Writes `value` as pretty JSON through a temporary file and a rename.
+fn write_json_atomic(path: &std::path::Path, value: &impl serde::Serialize) -> Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(value)?).map_err(|e| anyhow::anyhow!("writing {}: {e}", tmp.display()))?;
+    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
+}
+
+fn run_plan(root: &std::path::Path, gpu_memory: f64, out: Option<std::path::PathBuf>) -> Result<()> {
+    use segk::plan::{fingerprint, plans};
+    anyhow::ensure!(gpu_memory > 0.0, "--gpu-memory must be positive");
+    run_check(root)?;
+    let ds = segk::dataset::Dataset::open(root)?;
+    let name = root.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "dataset".into());
+    let out = out.unwrap_or_else(|| match std::env::var_os("nnUNet_preprocessed") {
+        Some(p) => std::path::PathBuf::from(p).join(&name),
+        None => root.parent().unwrap_or(root).join("segk_preprocessed").join(&name),
+    });
+    std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("creating {}: {e}", out.display()))?;
+    let fp = fingerprint::fingerprint(&ds, fingerprint::FOREGROUND_SAMPLES)?;
+    write_json_atomic(&out.join("dataset_fingerprint.json"), &fp)?;
+    let plan = plans::plan_3d_fullres(&ds.json, &fp, (gpu_memory * plans::GIB) as usize)?;
+    let doc = serde_json::json!({
+        "dataset_name": name,
+        "configurations": { "3d_fullres": &plan },
+        "foreground_intensity_properties_per_channel": &fp.foreground_intensity_properties_per_channel,
+    });
+    write_json_atomic(&out.join("plans.json"), &doc)?;
+    let t = &plan.topology;
+    println!("3d_fullres: spacing {:?}, patch {:?}, batch {}, {} stages, features {:?}", plan.spacing, plan.patch_size, plan.batch_size, t.stages(), t.features);
+    println!("  GPU memory: needs {:.2} GiB of the {:.2} GiB budget (checkpointing {})", plan.gpu_memory_needed_bytes as f64 / plans::GIB, gpu_memory, plan.checkpointing);
+    println!("wrote {} and dataset_fingerprint.json", out.join("plans.json").display());
+    Ok(())
+}
+
 fn run_fingerprint(root: &std::path::Path, out: Option<std::path::PathBuf>) -> Result<()> {
     run_check(root)?;
     let ds = segk::dataset::Dataset::open(root)?;
     let t0 = std::time::Instant::now();
     let fp = segk::plan::fingerprint::fingerprint(&ds, segk::plan::fingerprint::FOREGROUND_SAMPLES)?;
     let out = out.unwrap_or_else(|| root.join("dataset_fingerprint.json"));
-    let tmp = out.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&fp)?).map_err(|e| anyhow::anyhow!("writing {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, &out).map_err(|e| anyhow::anyhow!("writing {}: {e}", out.display()))?;
+    write_json_atomic(&out, &fp)?;
     for (c, s) in fp.foreground_intensity_properties_per_channel.iter().enumerate() {
         println!("channel {c}: foreground mean {:.3} std {:.3} p0.5 {:.3} p99.5 {:.3}", s.mean, s.std, s.percentile_00_5, s.percentile_99_5);
     }

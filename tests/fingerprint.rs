@@ -161,3 +161,82 @@ mod topology {
         assert!(t.stage_spatial(p).is_ok());
     }
 }
+
+mod plans {
+    use segk::dataset::DatasetJson;
+    use segk::plan::fingerprint::{Fingerprint, IntensityStats};
+    use segk::plan::plans::{gpu_bytes, plan_3d_fullres, GIB};
+
+    fn json(channel: &str) -> DatasetJson {
+        serde_json::from_str(&format!(r#"{{"channel_names": {{"0": "{channel}"}}, "labels": {{"background": 0, "a": 1, "b": 2}}, "numTraining": 10, "file_ending": ".nii.gz"}}"#)).unwrap()
+    }
+
+    fn fp(spacing: [f64; 3], shape: [usize; 3], n: usize) -> Fingerprint {
+        let s = IntensityStats { mean: 0.0, median: 0.0, std: 1.0, min: -1.0, max: 1.0, percentile_99_5: 1.0, percentile_00_5: -1.0 };
+        Fingerprint { spacings: vec![spacing; n], shapes_after_crop: vec![shape; n], relative_size_after_cropping: vec![1.0; n], foreground_intensity_properties_per_channel: vec![s] }
+    }
+
+    #[test]
+    fn plan_fits_the_budget_and_grows_with_it() {
+        let budget = (8.0 * GIB) as usize;
+        let p = plan_3d_fullres(&json("CT"), &fp([1.0; 3], [320, 320, 320], 400), budget).unwrap();
+        eprintln!("8 GiB: patch {:?} batch {} needs {:.2} GiB", p.patch_size, p.batch_size, p.gpu_memory_needed_bytes as f64 / GIB);
+        assert!(p.gpu_memory_needed_bytes <= budget, "{} > {budget}", p.gpu_memory_needed_bytes);
+        assert_eq!(p.gpu_memory_needed_bytes, gpu_bytes(&p.topology, p.patch_size, p.batch_size).unwrap());
+        assert!(p.batch_size >= 2);
+        assert!(p.topology.stage_spatial(p.patch_size).is_ok());
+        assert!(p.patch_size.iter().all(|&v| v <= 320), "{:?}", p.patch_size);
+        assert_eq!(p.normalization, vec!["CTNormalization"]);
+        assert_eq!(p.topology.n_classes, 3);
+        let big = plan_3d_fullres(&json("CT"), &fp([1.0; 3], [320, 320, 320], 400), 4 * budget).unwrap();
+        eprintln!("32 GiB: patch {:?} batch {}", big.patch_size, big.batch_size);
+        let vox = |p: &segk::plan::plans::Plan| p.batch_size * p.patch_size.iter().product::<usize>();
+        assert!(vox(&big) > vox(&p), "more memory buys a bigger patch or batch");
+    }
+
+    #[test]
+    fn plan_refuses_an_impossible_budget() {
+        let e = plan_3d_fullres(&json("MR"), &fp([1.0; 3], [160, 160, 160], 10), 1 << 20).unwrap_err();
+        assert!(e.to_string().contains("budget"), "{e}");
+    }
+
+    #[test]
+    fn anisotropic_plan_keeps_the_coarse_axis_first_and_unpooled_early() {
+        let p = plan_3d_fullres(&json("T2"), &fp([0.7, 0.7, 5.0], [512, 512, 40], 10), (8.0 * GIB) as usize).unwrap();
+        assert_eq!(p.transpose_forward, [2, 0, 1]);
+        assert_eq!(p.transpose_backward, [1, 2, 0]);
+        assert_eq!(p.spacing, [5.0, 0.7, 0.7]);
+        assert_eq!(p.topology.kernels[0], [1, 3, 3]);
+        assert_eq!(p.topology.strides[1], [1, 2, 2]);
+        assert_eq!(p.normalization, vec!["ZScoreNormalization"]);
+    }
+}
+
+#[test]
+fn plan_command_writes_plans_json() {
+    let base = std::env::temp_dir().join(format!("segk-plancli-{}", std::process::id()));
+    let root = base.join("Dataset004_Plan");
+    let _ = std::fs::remove_dir_all(&base);
+    std::fs::create_dir_all(root.join("imagesTr")).unwrap();
+    std::fs::create_dir_all(root.join("labelsTr")).unwrap();
+    std::fs::write(root.join("dataset.json"), r#"{"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1}, "numTraining": 2, "file_ending": ".nii"}"#).unwrap();
+    let shape = [16, 24, 24];
+    for k in 0..2 {
+        let img = Volume { shape, spacing: [2.0, 1.0, 1.0], affine: [[0.0; 4]; 3], data: (0..16 * 24 * 24).map(|i| 1.0 + (i % 7) as f32).collect(), header: header_for(shape, [2.0, 1.0, 1.0], I3, [0.0; 3]) };
+        let lab = Volume { data: (0..16 * 24 * 24).map(|i| ((i / 24) % 2) as f32).collect(), ..img.clone() };
+        nifti_io::write(&root.join(format!("imagesTr/p{k}_0000.nii")), &img, VoxelType::F32).unwrap();
+        nifti_io::write(&root.join(format!("labelsTr/p{k}.nii")), &lab, VoxelType::U8).unwrap();
+    }
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).arg("plan").arg(&root).env_remove("nnUNet_preprocessed").output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let dir = base.join("segk_preprocessed/Dataset004_Plan");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("plans.json")).unwrap()).unwrap();
+    let c = &v["configurations"]["3d_fullres"];
+    assert_eq!(c["spacing"], serde_json::json!([2.0, 1.0, 1.0]));
+    assert_eq!(c["median_shape"], serde_json::json!([16, 24, 24]));
+    assert_eq!(c["normalization"], serde_json::json!(["CTNormalization"]));
+    assert!(c["batch_size"].as_u64().unwrap() >= 2);
+    assert!(dir.join("dataset_fingerprint.json").is_file());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("GPU memory: needs"), "{text}");
+}

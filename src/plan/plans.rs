@@ -1,0 +1,113 @@
+//! The 3d_fullres plan: spacing, axis order, patch, batch and network, sized by segk's exact
+//! memory model against a GPU memory budget (nnU-Net uses a fitted constant instead).
+
+use super::fingerprint::Fingerprint;
+use super::spacing::{percentile, target_spacing, transpose_forward};
+use super::topology::{initial_patch, plain_unet};
+use crate::dataset::DatasetJson;
+use crate::model::params::ParamLayout;
+use crate::model::plan::activation_bytes;
+use crate::model::{Checkpointing, Topology};
+use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
+
+/// Bytes per activation element on the GPU (bf16 activations, ENGINE.md section 2).
+pub const GPU_ACT_BYTES: usize = 2;
+/// Checkpoint level plans are sized for (the GPU default).
+pub const PLAN_CHECKPOINTING: Checkpointing = Checkpointing::Level1;
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Plan {
+    /// Target spacing in the transposed axis order.
+    pub spacing: [f64; 3],
+    pub transpose_forward: [usize; 3],
+    pub transpose_backward: [usize; 3],
+    /// Median shape after cropping and resampling, transposed.
+    pub median_shape: [usize; 3],
+    pub patch_size: [usize; 3],
+    pub batch_size: usize,
+    pub topology: Topology,
+    /// Per channel: "CTNormalization" or "ZScoreNormalization".
+    pub normalization: Vec<String>,
+    pub gpu_memory_budget_bytes: usize,
+    /// What one training step needs at the planned checkpoint level.
+    pub gpu_memory_needed_bytes: usize,
+    pub checkpointing: u8,
+}
+
+/// Bytes a GPU training step needs: fp32 params, grads, momentum and a bf16 weight copy,
+/// plus the activation arena at bf16.
+pub fn gpu_bytes(t: &Topology, patch: [usize; 3], batch: usize) -> Result<usize> {
+    let params = ParamLayout::new(t).len;
+    Ok(params * (3 * 4 + 2) + activation_bytes(t, patch, batch, PLAN_CHECKPOINTING, GPU_ACT_BYTES)?)
+}
+
+fn permute<T: Copy>(v: [T; 3], order: [usize; 3]) -> [T; 3] {
+    order.map(|a| v[a])
+}
+
+/// Plans 3d_fullres for a fingerprinted dataset within `budget` bytes of GPU memory.
+pub fn plan_3d_fullres(json: &DatasetJson, fp: &Fingerprint, budget: usize) -> Result<Plan> {
+    let spacing = target_spacing(&fp.spacings, &fp.shapes_after_crop);
+    let order = transpose_forward(spacing);
+    let mut back = [0; 3];
+    for (i, &a) in order.iter().enumerate() {
+        back[a] = i;
+    }
+    // Median shape once resampled to the target spacing.
+    let resampled: Vec<[f64; 3]> = fp.spacings.iter().zip(&fp.shapes_after_crop).map(|(s, n)| std::array::from_fn(|a| (n[a] as f64 * s[a] / spacing[a]).round())).collect();
+    let median: [f64; 3] = std::array::from_fn(|a| percentile(&resampled.iter().map(|r| r[a]).collect::<Vec<_>>(), 50.0));
+    let (sp_t, med_t) = (permute(spacing, order), permute(median, order));
+    let classes = json.labels.keys().filter(|k| *k != "ignore").count().max(2);
+    let channels = json.channels();
+
+    let mut patch = initial_patch(sp_t, med_t);
+    let (mut topo, mut padded) = plain_unet(sp_t, patch, channels, classes);
+    if topo.stages() < 2 {
+        bail!("median shape {:?} (after resampling to {sp_t:?}) is too small to pool once: a U-Net needs at least 8 voxels along an axis", med_t.map(|v| v as usize));
+    }
+    while gpu_bytes(&topo, padded, 2)? > budget {
+        // Shrink the axis whose patch is largest relative to the median shape.
+        let axis = (0..3).max_by(|&a, &b| (padded[a] as f64 / med_t[a]).total_cmp(&(padded[b] as f64 / med_t[b]))).unwrap_or(0);
+        let step = topo.strides.iter().map(|s| s[axis]).product::<usize>();
+        let needs = gpu_bytes(&topo, padded, 2)? as f64 / GIB;
+        if padded[axis] <= step {
+            bail!("even the smallest patch needs {needs:.2} GiB at batch 2, more than the {:.2} GiB budget", budget as f64 / GIB);
+        }
+        patch[axis] = padded[axis] - step;
+        let (t, p) = plain_unet(sp_t, patch, channels, classes);
+        if t.stages() < 2 {
+            bail!("patch {padded:?} needs {needs:.2} GiB at batch 2 and smaller patches leave no U-Net: the {:.2} GiB budget is too small", budget as f64 / GIB);
+        }
+        (topo, padded) = (t, p);
+    }
+    // Largest batch that fits, at least 2, at most 5 % of the dataset's voxels per step.
+    let mut batch = 2;
+    while gpu_bytes(&topo, padded, batch + 1)? <= budget {
+        batch += 1;
+    }
+    let dataset_voxels: f64 = resampled.iter().map(|r| r.iter().product::<f64>()).sum();
+    let five_percent = (dataset_voxels * 0.05 / padded.iter().product::<usize>() as f64).round() as usize;
+    batch = batch.min(five_percent).max(2);
+    let normalization = (0..channels)
+        .map(|c| {
+            let name = json.channel_names.get(&c.to_string()).map(|s| s.to_lowercase()).unwrap_or_default();
+            if name == "ct" { "CTNormalization" } else { "ZScoreNormalization" }.to_string()
+        })
+        .collect();
+    Ok(Plan {
+        spacing: sp_t,
+        transpose_forward: order,
+        transpose_backward: back,
+        median_shape: med_t.map(|v| v as usize),
+        patch_size: padded,
+        batch_size: batch,
+        gpu_memory_needed_bytes: gpu_bytes(&topo, padded, batch)?,
+        topology: topo,
+        normalization,
+        gpu_memory_budget_bytes: budget,
+        checkpointing: PLAN_CHECKPOINTING.level(),
+    })
+}
+
+pub const GIB: f64 = (1u64 << 30) as f64;
