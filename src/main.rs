@@ -43,7 +43,7 @@ enum Cmd {
     Fingerprint {
         /// The DatasetXXX_Name folder.
         dataset: std::path::PathBuf,
-        /// Output file (default: DATASET/dataset_fingerprint.json).
+        /// Output file (default: dataset_fingerprint.json in the folder `segk plan` uses).
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
@@ -131,6 +131,19 @@ fn run_check(root: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+fn dataset_name(root: &std::path::Path) -> String {
+    root.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "dataset".into())
+}
+
+/// Where derived files of a dataset go: $nnUNet_preprocessed/NAME as nnU-Net users expect,
+/// else DATASET/../segk_preprocessed/NAME (the raw folder is never written to).
+fn preprocessed_dir(root: &std::path::Path) -> std::path::PathBuf {
+    match std::env::var_os("nnUNet_preprocessed") {
+        Some(p) => std::path::PathBuf::from(p).join(dataset_name(root)),
+        None => root.parent().unwrap_or(root).join("segk_preprocessed").join(dataset_name(root)),
+    }
+}
+
 /// Writes `value` as pretty JSON through a temporary file and a rename.
 fn write_json_atomic(path: &std::path::Path, value: &impl serde::Serialize) -> Result<()> {
     let tmp = path.with_extension("json.tmp");
@@ -143,11 +156,8 @@ fn run_plan(root: &std::path::Path, gpu_memory: f64, out: Option<std::path::Path
     anyhow::ensure!(gpu_memory > 0.0, "--gpu-memory must be positive");
     run_check(root)?;
     let ds = segk::dataset::Dataset::open(root)?;
-    let name = root.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "dataset".into());
-    let out = out.unwrap_or_else(|| match std::env::var_os("nnUNet_preprocessed") {
-        Some(p) => std::path::PathBuf::from(p).join(&name),
-        None => root.parent().unwrap_or(root).join("segk_preprocessed").join(&name),
-    });
+    let name = dataset_name(root);
+    let out = out.unwrap_or_else(|| preprocessed_dir(root));
     std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("creating {}: {e}", out.display()))?;
     let fp = fingerprint::fingerprint(&ds, fingerprint::FOREGROUND_SAMPLES)?;
     write_json_atomic(&out.join("dataset_fingerprint.json"), &fp)?;
@@ -170,7 +180,14 @@ fn run_fingerprint(root: &std::path::Path, out: Option<std::path::PathBuf>) -> R
     let ds = segk::dataset::Dataset::open(root)?;
     let t0 = std::time::Instant::now();
     let fp = segk::plan::fingerprint::fingerprint(&ds, segk::plan::fingerprint::FOREGROUND_SAMPLES)?;
-    let out = out.unwrap_or_else(|| root.join("dataset_fingerprint.json"));
+    let out = match out {
+        Some(o) => o,
+        None => {
+            let dir = preprocessed_dir(root);
+            std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+            dir.join("dataset_fingerprint.json")
+        }
+    };
     write_json_atomic(&out, &fp)?;
     for (c, s) in fp.foreground_intensity_properties_per_channel.iter().enumerate() {
         println!("channel {c}: foreground mean {:.3} std {:.3} p0.5 {:.3} p99.5 {:.3}", s.mean, s.std, s.percentile_00_5, s.percentile_99_5);

@@ -93,9 +93,11 @@ fn fingerprint_command_writes_json() {
     let lab = Volume { data: (0..64).map(|i| (i % 2) as f32).collect(), ..img.clone() };
     nifti_io::write(&root.join("imagesTr/a_0000.nii"), &img, VoxelType::F32).unwrap();
     nifti_io::write(&root.join("labelsTr/a.nii"), &lab, VoxelType::U8).unwrap();
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).arg("fingerprint").arg(&root).output().unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).arg("fingerprint").arg(&root).env_remove("nnUNet_preprocessed").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("dataset_fingerprint.json")).unwrap()).unwrap();
+    assert!(!root.join("dataset_fingerprint.json").exists(), "the raw dataset folder is not written to");
+    let fp = root.parent().unwrap().join("segk_preprocessed/Dataset003_Cli/dataset_fingerprint.json");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fp).unwrap()).unwrap();
     assert_eq!(v["shapes_after_crop"], serde_json::json!([[4, 4, 4]]));
     assert_eq!(v["foreground_intensity_properties_per_channel"][0]["max"], 64.0);
 }

@@ -203,15 +203,11 @@ impl<B: Backend> Pass<'_, B> {
         let Some(labels) = labels else { return Ok(()) };
         let full = Dims { c: 1, ..img.dims };
         ensure!(labels.len() == full.rows(), "label batch has {} voxels, expected {}", labels.len(), full.rows());
-        let slots: Vec<Slot> = self.a.plan.labels.iter().flatten().copied().collect();
-        let top = slots.iter().find(|s| s.dims == full).copied();
-        let src = match top {
-            Some(s) => s,
-            None => anyhow::bail!("no full-resolution label slot"),
-        };
-        self.be.upload_labels(self.label(src), labels)?;
-        for s in slots.iter().filter(|s| s.dims != full) {
-            self.be.downsample_labels(self.label(src), full, self.label(*s), s.dims)?;
+        // Resolution 0 is the full patch and always supervised; the others are downsampled.
+        let top = self.a.plan.labels[0].expect("the full-resolution output always has a label slot");
+        self.be.upload_labels(self.label(top), labels)?;
+        for s in self.a.plan.labels[1..].iter().flatten() {
+            self.be.downsample_labels(self.label(top), full, self.label(*s), s.dims)?;
         }
         Ok(())
     }

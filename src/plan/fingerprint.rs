@@ -95,15 +95,15 @@ pub fn bounding_box(mask: &[bool], shape: [usize; 3]) -> [[usize; 2]; 3] {
     std::array::from_fn(|a| [lo[a], hi[a]])
 }
 
-/// Linear-interpolated percentile (numpy's default), `sorted` ascending.
-pub fn percentile(sorted: &[f32], p: f64) -> f64 {
+/// Linear-interpolated percentile (numpy's default) of values sorted ascending.
+pub fn percentile<T: Copy + Into<f64>>(sorted: &[T], p: f64) -> f64 {
     if sorted.is_empty() {
         return f64::NAN;
     }
     let pos = p / 100.0 * (sorted.len() - 1) as f64;
     let (i, f) = (pos.floor() as usize, pos.fract());
-    let a = sorted[i] as f64;
-    let b = sorted[(i + 1).min(sorted.len() - 1)] as f64;
+    let a: f64 = sorted[i].into();
+    let b: f64 = sorted[(i + 1).min(sorted.len() - 1)].into();
     a + (b - a) * f
 }
 

@@ -1,15 +1,10 @@
 //! nnU-Net v2's 3d_fullres target spacing and axis order.
 
-/// Linear-interpolated percentile of unsorted values (numpy's default).
+/// Percentile of unsorted values (numpy's linear interpolation).
 pub fn percentile(values: &[f64], p: f64) -> f64 {
     let mut v = values.to_vec();
     v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    let pos = p / 100.0 * (v.len() - 1) as f64;
-    let (i, f) = (pos.floor() as usize, pos.fract());
-    v[i] + (v[(i + 1).min(v.len() - 1)] - v[i]) * f
+    super::fingerprint::percentile(&v, p)
 }
 
 /// Anisotropy threshold of nnU-Net's planner.
