@@ -12,7 +12,9 @@ pub mod demo;
 pub mod device;
 pub mod model;
 pub mod plan;
+pub mod preprocess;
 pub mod selftest;
+pub mod store;
 pub mod synth;
 pub mod tensor;
 

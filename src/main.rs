@@ -58,6 +58,38 @@ enum Cmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// Preprocess a planned dataset into the store (plans it first when plans.json is missing).
+    Preprocess {
+        /// The DatasetXXX_Name folder.
+        dataset: std::path::PathBuf,
+        /// Cases processed at once (default: SEGK_PROCESSES, else nnUNet_def_n_proc, else all CPUs).
+        #[arg(long)]
+        processes: Option<usize>,
+        /// Store images as f16 (half the disk and page cache; default f32 as nnU-Net).
+        #[arg(long)]
+        f16: bool,
+        /// GPU memory budget in GiB, used when planning is needed.
+        #[arg(long, default_value_t = 8.0)]
+        gpu_memory: f64,
+        /// Preprocessed folder (default: as `segk plan`).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
+    /// Write a generated nnU-Net raw dataset (CT-like images, organ + lesion labels).
+    Synth {
+        /// The DatasetXXX_Name folder to create.
+        dataset: std::path::PathBuf,
+        #[arg(long, default_value_t = 20)]
+        cases: usize,
+        /// Shape z,y,x.
+        #[arg(long, default_value = "160,256,256", value_parser = parse_triple::<usize>)]
+        shape: [usize; 3],
+        /// Spacing z,y,x in mm (jittered +-20 % per case).
+        #[arg(long, default_value = "1.5,0.8,0.8", value_parser = parse_triple::<f64>)]
+        spacing: [f64; 3],
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
     /// Every kernel of a device against the CPU reference, then whole training steps.
     Selftest {
         /// cpu (the f32 CPU backend against f64) or cuda[:N].
@@ -78,6 +110,11 @@ enum Cmd {
 enum BenchCmd {
     /// Time training steps of a PlainConvUNet on random data.
     Step(segk::bench_step::StepArgs),
+}
+
+fn parse_triple<T: std::str::FromStr>(s: &str) -> Result<[T; 3], String> {
+    let v: Vec<T> = s.split(',').map(|p| p.trim().parse::<T>().map_err(|_| format!("{p:?} is not a number"))).collect::<Result<_, _>>()?;
+    v.try_into().map_err(|_| format!("expected three comma-separated values (z,y,x), got {s:?}"))
 }
 
 fn set_threads(n: Option<usize>) -> Result<()> {
@@ -110,6 +147,8 @@ fn main() {
         Cmd::Check { dataset } => run_check(&dataset),
         Cmd::Fingerprint { dataset, out } => run_fingerprint(&dataset, out),
         Cmd::Plan { dataset, gpu_memory, out } => run_plan(&dataset, gpu_memory, out),
+        Cmd::Preprocess { dataset, processes, f16, gpu_memory, out } => run_preprocess(&dataset, processes, f16, gpu_memory, out),
+        Cmd::Synth { dataset, cases, shape, spacing, seed } => run_synth(&dataset, segk::synth::RawSpec { cases, shape, spacing, seed }),
         Cmd::Bench { what: BenchCmd::Step(a) } => set_threads(a.threads).and_then(|_| segk::bench_step::run(&a)),
     };
     if let Err(e) = r {
@@ -159,19 +198,69 @@ fn run_plan(root: &std::path::Path, gpu_memory: f64, out: Option<std::path::Path
     let name = dataset_name(root);
     let out = out.unwrap_or_else(|| preprocessed_dir(root));
     std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("creating {}: {e}", out.display()))?;
+    let t0 = std::time::Instant::now();
     let fp = fingerprint::fingerprint(&ds, fingerprint::FOREGROUND_SAMPLES)?;
+    println!("fingerprint: {} cases in {:.1} s", ds.cases.len(), t0.elapsed().as_secs_f64());
     write_json_atomic(&out.join("dataset_fingerprint.json"), &fp)?;
     let plan = plans::plan_3d_fullres(&ds.json, &fp, (gpu_memory * plans::GIB) as usize)?;
-    let doc = serde_json::json!({
-        "dataset_name": name,
-        "configurations": { "3d_fullres": &plan },
-        "foreground_intensity_properties_per_channel": &fp.foreground_intensity_properties_per_channel,
-    });
-    write_json_atomic(&out.join("plans.json"), &doc)?;
+    let doc = plans::PlansFile {
+        dataset_name: name,
+        configurations: plans::Configurations { fullres: plan.clone() },
+        foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel.clone(),
+    };
+    write_json_atomic(&out.join(plans::PlansFile::NAME), &doc)?;
     let t = &plan.topology;
     println!("3d_fullres: spacing {:?}, patch {:?}, batch {}, {} stages, features {:?}", plan.spacing, plan.patch_size, plan.batch_size, t.stages(), t.features);
     println!("  GPU memory: needs {:.2} GiB of the {:.2} GiB budget (checkpointing {})", plan.gpu_memory_needed_bytes as f64 / plans::GIB, gpu_memory, plan.checkpointing);
     println!("wrote {} and dataset_fingerprint.json", out.join("plans.json").display());
+    Ok(())
+}
+
+fn run_preprocess(root: &std::path::Path, processes: Option<usize>, f16: bool, gpu_memory: f64, out: Option<std::path::PathBuf>) -> Result<()> {
+    use segk::plan::plans::PlansFile;
+    use segk::preprocess::{self, splits};
+    let out = out.unwrap_or_else(|| preprocessed_dir(root));
+    if !out.join(PlansFile::NAME).is_file() {
+        println!("no {} yet: planning first", out.join(PlansFile::NAME).display());
+        run_plan(root, gpu_memory, Some(out.clone()))?;
+    }
+    let plans = PlansFile::read(&out)?;
+    let ds = segk::dataset::Dataset::open(root)?;
+    anyhow::ensure!(!ds.cases.is_empty(), "{}: no training cases in labelsTr", root.display());
+    let dtype = if f16 { segk::store::ImageDtype::F16 } else { segk::store::ImageDtype::F32 };
+    let settings = preprocess::Settings::new(&ds.json, &plans, dtype)?;
+    let (workers, source) = preprocess::worker_count(processes)?;
+    let store = out.join(preprocess::STORE_DIR);
+    println!("preprocessing {} cases into {} with {workers} workers (from {source}), images {dtype:?}", ds.cases.len(), store.display());
+    let bar = indicatif::ProgressBar::new(ds.cases.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} cases  {elapsed_precise} elapsed, {eta} left  {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let s = preprocess::run(&ds, &settings, &store, workers, &bar);
+    bar.finish_and_clear();
+    let s = s?;
+    std::fs::copy(root.join("dataset.json"), out.join("dataset.json")).map_err(|e| anyhow::anyhow!("copying dataset.json to {}: {e}", out.display()))?;
+    let ids: Vec<String> = ds.cases.iter().map(|c| c.id.clone()).collect();
+    let split = splits::load_or_create(&out, &ids);
+    println!(
+        "{} cases preprocessed, {} already done; {:.1} s, {:.1} Mvoxel/s in, {:.1} GB written",
+        s.done,
+        s.skipped,
+        s.seconds,
+        s.voxels_in as f64 / s.seconds.max(1e-9) / 1e6,
+        s.bytes_written as f64 / 1e9
+    );
+    match split {
+        Ok(sp) => println!("{}: {} folds", out.join(splits::FILE).display(), sp.len()),
+        Err(e) => println!("no cross-validation split: {e:#}"),
+    }
+    Ok(())
+}
+
+fn run_synth(root: &std::path::Path, spec: segk::synth::RawSpec) -> Result<()> {
+    anyhow::ensure!(spec.cases > 0 && spec.shape.iter().all(|&s| s >= 8), "need at least one case of at least 8 voxels per axis");
+    let t0 = std::time::Instant::now();
+    segk::synth::write_raw_dataset(root, &spec)?;
+    println!("wrote {} cases of {:?} to {} in {:.1} s", spec.cases, spec.shape, root.display(), t0.elapsed().as_secs_f64());
     Ok(())
 }
 

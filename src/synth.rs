@@ -126,3 +126,81 @@ pub fn dice_per_label(pred: &[u8], truth: &[u8], classes: usize) -> Vec<f64> {
         })
         .collect()
 }
+
+/// A generated raw dataset in nnU-Net's format: CT-like int16 images (0 outside an
+/// elliptic body, so cropping has work), an organ (label 1) holding a lesion (label 2),
+/// spacing jittered per case so resampling has work too.
+#[derive(Clone, Debug)]
+pub struct RawSpec {
+    pub cases: usize,
+    /// [z, y, x]
+    pub shape: [usize; 3],
+    /// [z, y, x], before a per-case jitter of up to +-20 %.
+    pub spacing: [f64; 3],
+    pub seed: u64,
+}
+
+/// One generated case: image and labels [z][y][x] and its spacing.
+pub fn raw_case(spec: &RawSpec, index: usize) -> (Vec<f32>, Vec<u8>, [f64; 3]) {
+    let mut r = Pcg64::seed_from_u64(spec.seed ^ (index as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+    let spacing = spec.spacing.map(|s| s * r.random_range(0.8..1.2));
+    let [d, h, w] = spec.shape;
+    let m = spec.shape.map(|v| v as f32);
+    // Body: an elliptic cylinder over most slices; organ and lesion: ellipsoids inside it.
+    let body = [m[1] * r.random_range(0.38f32..0.46), m[2] * r.random_range(0.38f32..0.46)];
+    let z_range = [(m[0] * r.random_range(0.0f32..0.1)) as usize, (m[0] * r.random_range(0.9f32..1.0)) as usize];
+    let organ_c = [m[0] * r.random_range(0.35f32..0.65), m[1] * r.random_range(0.4f32..0.6), m[2] * r.random_range(0.35f32..0.65)];
+    let organ_r = [m[0] * r.random_range(0.12f32..0.2), m[1] * r.random_range(0.12f32..0.2), m[2] * r.random_range(0.12f32..0.2)];
+    let lesion_c: [f32; 3] = std::array::from_fn(|a| organ_c[a] + organ_r[a] * r.random_range(-0.4f32..0.4));
+    let lesion_r: [f32; 3] = std::array::from_fn(|a| organ_r[a] * r.random_range(0.2f32..0.35));
+    let noise = Normal::new(0.0f32, 15.0).expect("positive sigma");
+    let (organ_hu, lesion_hu) = (r.random_range(90.0f32..120.0), r.random_range(30.0f32..60.0));
+    let inside = |c: [f32; 3], rad: [f32; 3], p: [f32; 3]| (0..3).map(|a| ((p[a] - c[a]) / rad[a]).powi(2)).sum::<f32>() <= 1.0;
+    let n = d * h * w;
+    let (mut img, mut lab) = (vec![0.0f32; n], vec![0u8; n]);
+    for z in z_range[0]..z_range[1].max(z_range[0] + 1).min(d) {
+        for y in 0..h {
+            for x in 0..w {
+                let p = [z as f32, y as f32, x as f32];
+                let (dy, dx) = ((p[1] - m[1] / 2.0) / body[0], (p[2] - m[2] / 2.0) / body[1]);
+                if dy * dy + dx * dx > 1.0 {
+                    continue;
+                }
+                let i = idx(spec.shape, z, y, x);
+                let (hu, l) = if inside(lesion_c, lesion_r, p) { (lesion_hu, 2) } else if inside(organ_c, organ_r, p) { (organ_hu, 1) } else { (40.0, 0) };
+                lab[i] = l;
+                // Never exactly 0 inside the body, so the nonzero mask is the body.
+                img[i] = (hu + noise.sample(&mut r)).round().max(1.0);
+            }
+        }
+    }
+    (img, lab, spacing)
+}
+
+/// Writes `spec` as DatasetXXX_Name folder `root` (dataset.json, imagesTr, labelsTr).
+pub fn write_raw_dataset(root: &std::path::Path, spec: &RawSpec) -> anyhow::Result<()> {
+    use crate::dataset::nifti_io::{self, header_for, Volume, VoxelType};
+    use anyhow::Context;
+    use rayon::prelude::*;
+    for sub in ["imagesTr", "labelsTr"] {
+        std::fs::create_dir_all(root.join(sub)).with_context(|| format!("creating {}", root.join(sub).display()))?;
+    }
+    let json = serde_json::json!({
+        "channel_names": {"0": "CT"},
+        "labels": {"background": 0, "organ": 1, "lesion": 2},
+        "numTraining": spec.cases,
+        "file_ending": ".nii.gz",
+        "name": root.file_name().map(|n| n.to_string_lossy().to_string()),
+    });
+    std::fs::write(root.join("dataset.json"), serde_json::to_string_pretty(&json)?).with_context(|| format!("writing {}", root.join("dataset.json").display()))?;
+    let eye = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
+    (0..spec.cases).into_par_iter().try_for_each(|k| {
+        let (img, lab, spacing) = raw_case(spec, k);
+        let header = header_for(spec.shape, spacing, eye, [0.0; 3]);
+        let v = Volume { shape: spec.shape, spacing, affine: [[0.0; 4]; 3], data: img, header };
+        let id = format!("case_{k:04}");
+        nifti_io::write(&root.join(format!("imagesTr/{id}_0000.nii.gz")), &v, VoxelType::I16)?;
+        let l = Volume { data: lab.iter().map(|&x| x as f32).collect(), ..v };
+        nifti_io::write(&root.join(format!("labelsTr/{id}.nii.gz")), &l, VoxelType::U8)
+    })
+}

@@ -71,8 +71,9 @@ pub fn read(path: &Path) -> Result<Volume> {
     if arr.len() != nx * ny * nz {
         bail!("{}: header says {}x{}x{} voxels, data holds {}", path.display(), nx, ny, nz, arr.len());
     }
-    // Logical axes are (x, y, z[, t]); reversing them walks memory z-major, x fastest.
-    let data: Vec<f32> = arr.t().iter().copied().collect();
+    // Logical axes are (x, y, z[, t]); reversing them walks memory z-major, x fastest. The
+    // crate hands back Fortran order, so that walk is the buffer itself: take it as it is.
+    let data: Vec<f32> = if arr.t().is_standard_layout() { arr.into_raw_vec_and_offset().0 } else { arr.t().iter().copied().collect() };
     let px = [header.pixdim[3], header.pixdim[2], header.pixdim[1]].map(|v| v.abs() as f64);
     Ok(Volume { shape: [nz, ny, nx], spacing: px, affine: affine_of(&header), data, header })
 }

@@ -10,7 +10,6 @@ use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
-use std::collections::VecDeque;
 
 /// nnU-Net's total foreground sample budget over the dataset.
 pub const FOREGROUND_SAMPLES: usize = 100_000_000;
@@ -43,36 +42,43 @@ pub fn nonzero_mask(channels: &[&[f32]], shape: [usize; 3]) -> Vec<bool> {
     let n = shape.iter().product();
     let mut mask: Vec<bool> = (0..n).map(|i| channels.iter().any(|c| c[i] != 0.0)).collect();
     // Flood the background from the border (6-connected); what it cannot reach is a hole.
-    let mut outside = vec![false; n];
-    let mut q = VecDeque::new();
+    // Flat u32 indices on a stack: reachability does not care about visiting order.
     let [d, h, w] = shape;
-    let idx = |z: usize, y: usize, x: usize| (z * h + y) * w + x;
+    let mut outside = vec![false; n];
+    let mut stack: Vec<u32> = Vec::new();
+    let seed = |i: usize, outside: &mut Vec<bool>, stack: &mut Vec<u32>| {
+        if !mask[i] && !outside[i] {
+            outside[i] = true;
+            stack.push(i as u32);
+        }
+    };
     for z in 0..d {
         for y in 0..h {
-            for x in 0..w {
-                let border = z == 0 || y == 0 || x == 0 || z == d - 1 || y == h - 1 || x == w - 1;
-                let i = idx(z, y, x);
-                if border && !mask[i] {
-                    outside[i] = true;
-                    q.push_back((z, y, x));
-                }
+            let row = (z * h + y) * w;
+            if z == 0 || z == d - 1 || y == 0 || y == h - 1 {
+                (row..row + w).for_each(|i| seed(i, &mut outside, &mut stack));
+            } else {
+                seed(row, &mut outside, &mut stack);
+                seed(row + w - 1, &mut outside, &mut stack);
             }
         }
     }
-    while let Some((z, y, x)) = q.pop_front() {
-        let mut visit = |z: usize, y: usize, x: usize| {
-            let i = idx(z, y, x);
-            if !mask[i] && !outside[i] {
-                outside[i] = true;
-                q.push_back((z, y, x));
+    let plane = h * w;
+    while let Some(i) = stack.pop() {
+        let i = i as usize;
+        let (z, y, x) = (i / plane, (i / w) % h, i % w);
+        let mut visit = |j: usize| {
+            if !mask[j] && !outside[j] {
+                outside[j] = true;
+                stack.push(j as u32);
             }
         };
-        if z > 0 { visit(z - 1, y, x) }
-        if z + 1 < d { visit(z + 1, y, x) }
-        if y > 0 { visit(z, y - 1, x) }
-        if y + 1 < h { visit(z, y + 1, x) }
-        if x > 0 { visit(z, y, x - 1) }
-        if x + 1 < w { visit(z, y, x + 1) }
+        if z > 0 { visit(i - plane) }
+        if z + 1 < d { visit(i + plane) }
+        if y > 0 { visit(i - w) }
+        if y + 1 < h { visit(i + w) }
+        if x > 0 { visit(i - 1) }
+        if x + 1 < w { visit(i + 1) }
     }
     mask.iter_mut().zip(&outside).for_each(|(m, &o)| *m = !o);
     mask
@@ -81,12 +87,18 @@ pub fn nonzero_mask(channels: &[&[f32]], shape: [usize; 3]) -> Vec<bool> {
 /// Bounding box [lo, hi) per axis of the true voxels; the whole volume when none is.
 pub fn bounding_box(mask: &[bool], shape: [usize; 3]) -> [[usize; 2]; 3] {
     let (mut lo, mut hi) = (shape, [0usize; 3]);
-    let [_, h, w] = shape;
-    for (i, _) in mask.iter().enumerate().filter(|(_, &m)| m) {
-        let c = [i / (h * w), (i / w) % h, i % w];
-        for a in 0..3 {
-            lo[a] = lo[a].min(c[a]);
-            hi[a] = hi[a].max(c[a] + 1);
+    let [d, h, w] = shape;
+    for z in 0..d {
+        for y in 0..h {
+            let row = &mask[(z * h + y) * w..][..w];
+            let (Some(first), Some(last)) = (row.iter().position(|&m| m), row.iter().rposition(|&m| m)) else { continue };
+            let c = [z, y];
+            for a in 0..2 {
+                lo[a] = lo[a].min(c[a]);
+                hi[a] = hi[a].max(c[a] + 1);
+            }
+            lo[2] = lo[2].min(first);
+            hi[2] = hi[2].max(last + 1);
         }
     }
     if hi.contains(&0) {
@@ -107,19 +119,34 @@ pub fn percentile<T: Copy + Into<f64>>(sorted: &[T], p: f64) -> f64 {
     a + (b - a) * f
 }
 
+/// The same percentile by selection instead of a sort: O(n), reorders `v`.
+fn select_percentile(v: &mut [f32], p: f64) -> f64 {
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    let pos = p / 100.0 * (v.len() - 1) as f64;
+    let (i, f) = (pos.floor() as usize, pos.fract());
+    let (_, a, right) = v.select_nth_unstable_by(i, |x, y| x.total_cmp(y));
+    let a = *a as f64;
+    let b = if f > 0.0 { right.iter().copied().min_by(|x, y| x.total_cmp(y)).map_or(a, |b| b as f64) } else { a };
+    a + (b - a) * f
+}
+
+/// Pooled foreground statistics (100 M samples in nnU-Net's default: selection, not a sort).
 pub fn intensity_stats(mut v: Vec<f32>) -> IntensityStats {
-    v.sort_by(|a, b| a.total_cmp(b));
     let n = v.len().max(1) as f64;
     let mean = v.iter().map(|&x| x as f64).sum::<f64>() / n;
     let var = v.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n;
+    let (min, max) = v.iter().fold((f64::INFINITY, f64::NEG_INFINITY), |(lo, hi), &x| (lo.min(x as f64), hi.max(x as f64)));
+    let empty = v.is_empty();
     IntensityStats {
-        mean,
-        median: percentile(&v, 50.0),
-        std: var.sqrt(),
-        min: v.first().map(|&x| x as f64).unwrap_or(f64::NAN),
-        max: v.last().map(|&x| x as f64).unwrap_or(f64::NAN),
-        percentile_99_5: percentile(&v, 99.5),
-        percentile_00_5: percentile(&v, 0.5),
+        mean: if empty { f64::NAN } else { mean },
+        median: select_percentile(&mut v, 50.0),
+        std: if empty { f64::NAN } else { var.sqrt() },
+        min: if empty { f64::NAN } else { min },
+        max: if empty { f64::NAN } else { max },
+        percentile_99_5: select_percentile(&mut v, 99.5),
+        percentile_00_5: select_percentile(&mut v, 0.5),
     }
 }
 
@@ -163,10 +190,18 @@ fn analyze_case(case: &Case, samples_per_case: usize, seed: u64) -> Result<CaseF
 pub fn fingerprint(ds: &Dataset, total_samples: usize) -> Result<Fingerprint> {
     ensure!(!ds.cases.is_empty(), "{}: no training cases", ds.root.display());
     let per_case = total_samples / ds.cases.len();
-    let cases: Vec<CaseFingerprint> = ds.cases.par_iter().map(|c| analyze_case(c, per_case, SEED).with_context(|| format!("fingerprinting case {}", c.id))).collect::<Result<_>>()?;
+    let mut cases: Vec<CaseFingerprint> = ds.cases.par_iter().map(|c| analyze_case(c, per_case, SEED).with_context(|| format!("fingerprinting case {}", c.id))).collect::<Result<_>>()?;
     let channels = ds.json.channels();
-    let foreground_intensity_properties_per_channel =
-        (0..channels).map(|ch| intensity_stats(cases.iter().flat_map(|c| c.samples[ch].iter().copied()).collect())).collect();
+    // Pool each channel's samples by moving them case by case, so only one copy is resident.
+    let foreground_intensity_properties_per_channel = (0..channels)
+        .map(|ch| {
+            let mut pooled = Vec::with_capacity(cases.iter().map(|c| c.samples[ch].len()).sum());
+            for c in cases.iter_mut() {
+                pooled.extend_from_slice(&std::mem::take(&mut c.samples[ch]));
+            }
+            intensity_stats(pooled)
+        })
+        .collect();
     Ok(Fingerprint {
         spacings: cases.iter().map(|c| c.spacing).collect(),
         shapes_after_crop: cases.iter().map(|c| c.shape_after_crop).collect(),

@@ -1,13 +1,14 @@
 //! The 3d_fullres plan: spacing, axis order, patch, batch and network, sized by segk's exact
 //! memory model against a GPU memory budget (nnU-Net uses a fitted constant instead).
 
-use super::fingerprint::Fingerprint;
+use super::fingerprint::{Fingerprint, IntensityStats};
 use super::spacing::{percentile, target_spacing, transpose_forward};
 use super::topology::{initial_patch, plain_unet};
 use crate::dataset::DatasetJson;
 use crate::model::params::ParamLayout;
 use crate::model::plan::activation_bytes;
 use crate::model::{Checkpointing, Topology};
+use crate::preprocess::normalize::Scheme;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
@@ -27,8 +28,11 @@ pub struct Plan {
     pub patch_size: [usize; 3],
     pub batch_size: usize,
     pub topology: Topology,
-    /// Per channel: "CTNormalization" or "ZScoreNormalization".
+    /// Per channel, nnU-Net's scheme name ("CTNormalization", "ZScoreNormalization", ...).
     pub normalization: Vec<String>,
+    /// Per channel: normalise inside the nonzero mask only (z-score, when cropping removed
+    /// over a quarter of the median case).
+    pub use_mask_for_norm: Vec<bool>,
     pub gpu_memory_budget_bytes: usize,
     /// What one training step needs at the planned checkpoint level.
     pub gpu_memory_needed_bytes: usize,
@@ -89,12 +93,10 @@ pub fn plan_3d_fullres(json: &DatasetJson, fp: &Fingerprint, budget: usize) -> R
     let dataset_voxels: f64 = resampled.iter().map(|r| r.iter().product::<f64>()).sum();
     let five_percent = (dataset_voxels * 0.05 / padded.iter().product::<usize>() as f64).round() as usize;
     batch = batch.min(five_percent).max(2);
-    let normalization = (0..channels)
-        .map(|c| {
-            let name = json.channel_names.get(&c.to_string()).map(|s| s.to_lowercase()).unwrap_or_default();
-            if name == "ct" { "CTNormalization" } else { "ZScoreNormalization" }.to_string()
-        })
-        .collect();
+    let schemes: Vec<Scheme> = (0..channels).map(|c| Scheme::for_channel(json.channel_names.get(&c.to_string()).map(String::as_str).unwrap_or(""))).collect();
+    let cropping_helps = percentile(&fp.relative_size_after_cropping, 50.0) < 0.75;
+    let use_mask_for_norm = schemes.iter().map(|s| cropping_helps && s.can_use_mask()).collect();
+    let normalization = schemes.iter().map(|s| s.name().to_string()).collect();
     Ok(Plan {
         spacing: sp_t,
         transpose_forward: order,
@@ -105,9 +107,34 @@ pub fn plan_3d_fullres(json: &DatasetJson, fp: &Fingerprint, budget: usize) -> R
         gpu_memory_needed_bytes: gpu_bytes(&topo, padded, batch)?,
         topology: topo,
         normalization,
+        use_mask_for_norm,
         gpu_memory_budget_bytes: budget,
         checkpointing: PLAN_CHECKPOINTING.level(),
     })
 }
 
 pub const GIB: f64 = (1u64 << 30) as f64;
+
+/// plans.json: what `segk plan` writes and `segk preprocess` and `segk train` read.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct PlansFile {
+    pub dataset_name: String,
+    pub configurations: Configurations,
+    pub foreground_intensity_properties_per_channel: Vec<IntensityStats>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Configurations {
+    #[serde(rename = "3d_fullres")]
+    pub fullres: Plan,
+}
+
+impl PlansFile {
+    pub const NAME: &'static str = "plans.json";
+    pub fn read(dir: &std::path::Path) -> anyhow::Result<PlansFile> {
+        use anyhow::Context;
+        let p = dir.join(Self::NAME);
+        let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read (run `segk plan` first)", p.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{}: not a segk plans.json", p.display()))
+    }
+}

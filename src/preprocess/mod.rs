@@ -1,0 +1,290 @@
+//! `segk preprocess`: each raw case cropped to its nonzero region, transposed, normalised,
+//! resampled to the plan's spacing, its foreground voxels sampled per class, and written to
+//! the store (see [`crate::store`]). Cases run on N worker threads, each case on one thread
+//! from start to end, so memory is bounded by N cases in flight; f32 throughout.
+
+pub mod geometry;
+pub mod normalize;
+pub mod resample;
+pub mod splits;
+
+use crate::dataset::nifti_io;
+use crate::dataset::{Case, Dataset, DatasetJson, LabelValue};
+use crate::plan::fingerprint::{bounding_box, nonzero_mask, IntensityStats};
+use crate::plan::plans::{Plan, PlansFile};
+use crate::store::{self, CaseHeader, ClassLocations, ImageDtype, LabelDtype};
+use anyhow::{bail, ensure, Context, Result};
+use geometry::{crop, transpose, Geometry};
+use normalize::Scheme;
+use rand::SeedableRng;
+use rand_pcg::Pcg64;
+use resample::{axis_kernels, new_shape, resample_image, resample_labels, Kernel};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Mutex;
+
+/// The store folder of the 3d_fullres configuration, inside the preprocessed folder.
+pub const STORE_DIR: &str = "3d_fullres";
+/// nnU-Net's foreground sampling: at least this many voxels per class...
+pub const LOCATION_SAMPLES: usize = 10_000;
+/// ...or this share of the class, whichever is more.
+pub const LOCATION_COVERAGE: f64 = 0.01;
+pub const LOCATION_SEED: u64 = 1234;
+
+/// The classes foreground oversampling draws from: every foreground label (or region), and
+/// with an ignore label also "any annotated voxel" (nnU-Net's extra class for sparse labels).
+pub fn sampling_classes(json: &DatasetJson) -> Vec<Vec<i64>> {
+    let ignore = json.ignore_label();
+    let mut classes: Vec<Vec<i64>> = json
+        .labels
+        .iter()
+        .filter(|(name, _)| *name != "background" && *name != "ignore")
+        .map(|(_, v)| match v {
+            LabelValue::One(x) => vec![*x],
+            LabelValue::Region(r) => r.clone(),
+        })
+        .collect();
+    classes.sort();
+    if ignore.is_some() {
+        let mut annotated: Vec<i64> = std::iter::once(-1).chain(json.label_values().into_iter().filter(|v| Some(*v) != ignore)).collect();
+        annotated.dedup();
+        classes.push(annotated);
+    }
+    classes
+}
+
+/// Everything a case needs from the plan and dataset.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    pub plan: Plan,
+    pub stats: Vec<IntensityStats>,
+    pub schemes: Vec<Scheme>,
+    pub classes: Vec<Vec<i64>>,
+    pub label_dtype: LabelDtype,
+    pub image_dtype: ImageDtype,
+}
+
+impl Settings {
+    pub fn new(json: &DatasetJson, plans: &PlansFile, image_dtype: ImageDtype) -> Result<Settings> {
+        let plan = plans.configurations.fullres.clone();
+        let schemes = plan.normalization.iter().map(|n| Scheme::from_name(n)).collect::<Result<Vec<_>>>()?;
+        ensure!(schemes.len() == json.channels(), "plans.json normalises {} channels, dataset.json declares {}", schemes.len(), json.channels());
+        ensure!(plans.foreground_intensity_properties_per_channel.len() == json.channels(), "plans.json has intensity statistics for {} channels, dataset.json declares {}", plans.foreground_intensity_properties_per_channel.len(), json.channels());
+        Ok(Settings {
+            stats: plans.foreground_intensity_properties_per_channel.clone(),
+            schemes,
+            classes: sampling_classes(json),
+            label_dtype: LabelDtype::for_labels(&json.label_values())?,
+            image_dtype,
+            plan,
+        })
+    }
+}
+
+/// One preprocessed case, in memory.
+pub struct Preprocessed {
+    pub header: CaseHeader,
+    pub channels: Vec<Vec<f32>>,
+    pub seg: Vec<i16>,
+    pub locations: Vec<Vec<[u32; 3]>>,
+}
+
+/// Integer labels of a label map read as f32, checked.
+fn labels_of(v: &nifti_io::Volume, path: &Path) -> Result<Vec<i16>> {
+    v.data
+        .iter()
+        .map(|&x| {
+            if x.fract() != 0.0 || !(0.0..=i16::MAX as f32).contains(&x) {
+                bail!("{}: label value {x} is not an integer in 0..=32767", path.display());
+            }
+            Ok(x as i16)
+        })
+        .collect()
+}
+
+/// Up to nnU-Net's quota of distinct voxels per class, drawn uniformly without replacement
+/// (seeded), in two passes over the label map so memory stays at the quota.
+pub fn sample_locations(seg: &[i16], shape: [usize; 3], classes: &[Vec<i64>], seed: u64) -> Vec<Vec<[u32; 3]>> {
+    const OFF: i64 = 32768;
+    let mut count = vec![0usize; 65536];
+    seg.iter().for_each(|&l| count[(l as i64 + OFF) as usize] += 1);
+    let mut classes_of: Vec<Vec<usize>> = vec![Vec::new(); 65536];
+    for (k, c) in classes.iter().enumerate() {
+        for &l in c {
+            if (i16::MIN as i64..=i16::MAX as i64).contains(&l) {
+                classes_of[(l + OFF) as usize].push(k);
+            }
+        }
+    }
+    let mut rng = Pcg64::seed_from_u64(seed);
+    // Sorted ranks (among the class's voxels, in memory order) to keep.
+    let picks: Vec<Vec<usize>> = classes
+        .iter()
+        .map(|c| {
+            let total: usize = c.iter().filter(|&&l| (i16::MIN as i64..=i16::MAX as i64).contains(&l)).map(|&l| count[(l + OFF) as usize]).sum();
+            let want = LOCATION_SAMPLES.min(total).max((total as f64 * LOCATION_COVERAGE).ceil() as usize);
+            let mut r = rand::seq::index::sample(&mut rng, total, want).into_vec();
+            r.sort_unstable();
+            r
+        })
+        .collect();
+    let mut seen = vec![0usize; classes.len()];
+    let mut next = vec![0usize; classes.len()];
+    let mut out: Vec<Vec<[u32; 3]>> = picks.iter().map(|p| Vec::with_capacity(p.len())).collect();
+    let [_, h, w] = shape;
+    for (i, &l) in seg.iter().enumerate() {
+        for &k in &classes_of[(l as i64 + OFF) as usize] {
+            if next[k] < picks[k].len() && picks[k][next[k]] == seen[k] {
+                out[k].push([(i / (h * w)) as u32, ((i / w) % h) as u32, (i % w) as u32]);
+                next[k] += 1;
+            }
+            seen[k] += 1;
+        }
+    }
+    out
+}
+
+/// Settings that change what a stored case holds; a stored case made with others is redone.
+fn settings_key(s: &Settings) -> String {
+    serde_json::json!([s.plan.spacing, s.plan.transpose_forward, s.plan.normalization, s.plan.use_mask_for_norm, s.image_dtype, s.classes]).to_string()
+}
+
+/// Preprocesses one raw case.
+pub fn preprocess_case(case: &Case, s: &Settings) -> Result<Preprocessed> {
+    let lab = nifti_io::read(&case.label)?;
+    let mut seg = labels_of(&lab, &case.label)?;
+    let shape = lab.shape;
+    let mut images = Vec::with_capacity(case.images.len());
+    for p in &case.images {
+        let v = nifti_io::read(p)?;
+        ensure!(v.shape == shape, "{}: shape {:?} differs from its label map's {:?}", p.display(), v.shape, shape);
+        if let Some(bad) = v.data.iter().find(|x| !x.is_finite()) {
+            bail!("{}: contains a non-finite voxel ({bad})", p.display());
+        }
+        images.push(v.data);
+    }
+    // Crop to the nonzero region; label voxels outside it become -1 (background there).
+    let mask = nonzero_mask(&images.iter().map(|v| v.as_slice()).collect::<Vec<_>>(), shape);
+    let bbox = bounding_box(&mask, shape);
+    let crop_shape: [usize; 3] = std::array::from_fn(|a| bbox[a][1] - bbox[a][0]);
+    let mask = crop(&mask, shape, bbox);
+    seg = crop(&seg, shape, bbox);
+    seg.iter_mut().zip(&mask).filter(|(l, &m)| **l == 0 && !m).for_each(|(l, _)| *l = -1);
+    drop(mask);
+    let order = s.plan.transpose_forward;
+    let (seg, shape_t) = transpose(&seg, crop_shape, order);
+    let spacing_t = order.map(|a| lab.spacing[a]);
+    let out_shape = new_shape(shape_t, spacing_t, s.plan.spacing);
+    let mut channels = Vec::with_capacity(images.len());
+    for (c, img) in images.into_iter().enumerate() {
+        let (mut v, _) = transpose(&crop(&img, shape, bbox), crop_shape, order);
+        drop(img);
+        normalize::normalize(&mut v, s.schemes[c], s.plan.use_mask_for_norm[c], &seg, &s.stats[c]).with_context(|| format!("{}", case.images[c].display()))?;
+        channels.push(resample_image(&v, shape_t, out_shape, axis_kernels(spacing_t, s.plan.spacing, Kernel::Cubic)));
+    }
+    let seg = resample_labels(&seg, shape_t, out_shape, axis_kernels(spacing_t, s.plan.spacing, Kernel::Linear));
+    let locations = sample_locations(&seg, out_shape, &s.classes, LOCATION_SEED);
+    let mut offset = 0;
+    let classes = s
+        .classes
+        .iter()
+        .zip(&locations)
+        .map(|(c, l)| {
+            let e = ClassLocations { labels: c.clone(), offset, count: l.len() };
+            offset += l.len();
+            e
+        })
+        .collect();
+    let geometry = Geometry { original_shape: shape, original_spacing: lab.spacing, bbox, transpose_forward: order, spacing: s.plan.spacing, shape: out_shape, affine: lab.affine };
+    let header = CaseHeader { id: case.id.clone(), shape: out_shape, channels: channels.len(), image_dtype: s.image_dtype, label_dtype: s.label_dtype, classes, geometry, settings: settings_key(s) };
+    Ok(Preprocessed { header, channels, seg, locations })
+}
+
+/// How many cases run at once: the flag, else SEGK_PROCESSES, else nnU-Net's
+/// nnUNet_def_n_proc, else the CPUs this process may use (cgroup quota included).
+pub fn worker_count(flag: Option<usize>) -> Result<(usize, String)> {
+    if let Some(n) = flag {
+        ensure!(n > 0, "--processes must be at least 1");
+        return Ok((n, "--processes".into()));
+    }
+    for var in ["SEGK_PROCESSES", "nnUNet_def_n_proc"] {
+        if let Ok(v) = std::env::var(var) {
+            let n: usize = v.trim().parse().ok().filter(|&n| n > 0).with_context(|| format!("{var}={v:?} is not a positive number"))?;
+            return Ok((n, var.into()));
+        }
+    }
+    Ok((std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), "available CPUs".into()))
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct Summary {
+    pub done: usize,
+    pub skipped: usize,
+    pub voxels_in: usize,
+    pub voxels_out: usize,
+    pub bytes_written: usize,
+    pub seconds: f64,
+}
+
+/// Preprocesses every case of `ds` not already complete in `store_dir` (made with the same
+/// settings), on `workers` threads. The first failure stops the run after the cases in
+/// flight finish; what was written stays and a rerun resumes.
+pub fn run(ds: &Dataset, settings: &Settings, store_dir: &Path, workers: usize, progress: &indicatif::ProgressBar) -> Result<Summary> {
+    std::fs::create_dir_all(store_dir).with_context(|| format!("creating {}", store_dir.display()))?;
+    remove_temporaries(store_dir)?;
+    let key = settings_key(settings);
+    let todo: Vec<&Case> = ds.cases.iter().filter(|c| store::complete_header(store_dir, &c.id).is_none_or(|h| h.settings != key)).collect();
+    let t0 = std::time::Instant::now();
+    let summary = Mutex::new(Summary { skipped: ds.cases.len() - todo.len(), ..Summary::default() });
+    progress.set_length(ds.cases.len() as u64);
+    progress.set_position((ds.cases.len() - todo.len()) as u64);
+    let (next, failed) = (AtomicUsize::new(0), AtomicBool::new(false));
+    let first_error: Mutex<Option<anyhow::Error>> = Mutex::new(None);
+    std::thread::scope(|scope| {
+        for _ in 0..workers.min(todo.len()).max(1) {
+            scope.spawn(|| loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= todo.len() || failed.load(Ordering::Relaxed) {
+                    break;
+                }
+                let case = todo[i];
+                let r = preprocess_case(case, settings).and_then(|p| {
+                    store::write_case(store_dir, &p.header, &p.channels, &p.seg, &p.locations)?;
+                    Ok(p)
+                });
+                match r {
+                    Ok(p) => {
+                        let mut s = summary.lock().unwrap_or_else(|e| e.into_inner());
+                        s.done += 1;
+                        s.voxels_in += p.header.geometry.original_shape.iter().product::<usize>() * p.header.channels;
+                        s.voxels_out += p.header.voxels() * p.header.channels;
+                        s.bytes_written += p.header.voxels() * (p.header.channels * p.header.image_dtype.bytes() + p.header.label_dtype.bytes());
+                        progress.set_message(case.id.clone());
+                        progress.inc(1);
+                    }
+                    Err(e) => {
+                        failed.store(true, Ordering::Relaxed);
+                        first_error.lock().unwrap_or_else(|e| e.into_inner()).get_or_insert(e.context(format!("case {}", case.id)));
+                    }
+                }
+            });
+        }
+    });
+    if let Some(e) = first_error.into_inner().unwrap_or_else(|e| e.into_inner()) {
+        return Err(e);
+    }
+    let mut s = summary.into_inner().unwrap_or_else(|e| e.into_inner());
+    s.seconds = t0.elapsed().as_secs_f64();
+    Ok(s)
+}
+
+/// Leftovers of an interrupted run.
+fn remove_temporaries(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("{}: cannot list", dir.display()))?.flatten() {
+        let p: PathBuf = e.path();
+        if p.extension().is_some_and(|x| x == "tmp") {
+            std::fs::remove_file(&p).with_context(|| format!("removing {}", p.display()))?;
+        }
+    }
+    Ok(())
+}
