@@ -10,6 +10,7 @@ pub mod bench_step;
 pub mod dataset;
 pub mod demo;
 pub mod device;
+pub mod loader;
 pub mod model;
 pub mod plan;
 pub mod preprocess;

@@ -1,0 +1,151 @@
+//! nnU-Net v2's intensity augmentations, each on one channel [D][H][W] in place (f32, sums
+//! in f64). Parameters are drawn by the caller; these are the transforms themselves.
+
+use rand::Rng;
+use rand_distr::{Distribution, StandardNormal};
+
+/// nnU-Net's BGContrast: half the time U(lo, 1), else U(1, hi).
+pub fn bg_contrast(rng: &mut impl Rng, lo: f64, hi: f64) -> f64 {
+    if rng.random::<f64>() < 0.5 && lo < 1.0 {
+        rng.random_range(lo..1.0)
+    } else {
+        rng.random_range(lo.max(1.0)..hi)
+    }
+}
+
+/// Adds N(0, sigma^2) noise (nnU-Net draws "variance" in (0, 0.1) and uses it as sigma).
+pub fn gaussian_noise(x: &mut [f32], sigma: f32, rng: &mut impl Rng) {
+    for v in x.iter_mut() {
+        let z: f32 = StandardNormal.sample(rng);
+        *v += sigma * z;
+    }
+}
+
+/// The odd kernel width of a gaussian of `sigma` truncated at 6 sigma, rounded as nnU-Net
+/// rounds it (3, 5 or 7 for sigma in 0.5..1).
+fn kernel(sigma: f64) -> Vec<f32> {
+    let n = 6.0 * sigma + 0.5;
+    let r = super::sampler::round_half_even(n);
+    let k = if r % 2 == 1 { r } else if n >= r as f64 { r + 1 } else { r - 1 };
+    let half = (k - 1) / 2;
+    let w: Vec<f64> = (-half..=half).map(|i| (-0.5 * (i as f64 / sigma).powi(2)).exp()).collect();
+    let s: f64 = w.iter().sum();
+    w.iter().map(|v| (v / s) as f32).collect()
+}
+
+/// Reflect (mirror without repeating the edge) an index into 0..n.
+fn reflect(i: i64, n: i64) -> usize {
+    if n == 1 {
+        return 0;
+    }
+    let p = 2 * (n - 1);
+    let m = i.rem_euclid(p);
+    (if m >= n { p - m } else { m }) as usize
+}
+
+/// Separable gaussian blur, axis 0, then 1, then 2, reflect borders. `tmp` holds one volume.
+pub fn gaussian_blur(x: &mut [f32], shape: [usize; 3], sigmas: [f64; 3], tmp: &mut Vec<f32>) {
+    for axis in 0..3 {
+        let k = kernel(sigmas[axis]);
+        let half = (k.len() / 2) as i64;
+        let n = shape[axis] as i64;
+        let inner: usize = shape[axis + 1..].iter().product();
+        tmp.clear();
+        tmp.extend_from_slice(x);
+        for (ob, ib) in x.chunks_mut(shape[axis] * inner).zip(tmp.chunks(shape[axis] * inner)) {
+            for i in 0..n {
+                let orow = &mut ob[i as usize * inner..][..inner];
+                orow.iter_mut().for_each(|v| *v = 0.0);
+                for (t, &w) in k.iter().enumerate() {
+                    let j = reflect(i + t as i64 - half, n);
+                    let irow = &ib[j * inner..][..inner];
+                    orow.iter_mut().zip(irow).for_each(|(o, &v)| *o += w * v);
+                }
+            }
+        }
+    }
+}
+
+pub fn brightness(x: &mut [f32], m: f32) {
+    x.iter_mut().for_each(|v| *v *= m);
+}
+
+fn mean(x: &[f32]) -> f64 {
+    x.iter().map(|&v| v as f64).sum::<f64>() / x.len().max(1) as f64
+}
+
+fn min_max(x: &[f32]) -> (f32, f32) {
+    x.iter().fold((f32::INFINITY, f32::NEG_INFINITY), |(a, b), &v| (a.min(v), b.max(v)))
+}
+
+/// (x - mean) m + mean, clamped back to the channel's range.
+pub fn contrast(x: &mut [f32], m: f32) {
+    let mu = mean(x) as f32;
+    let (lo, hi) = min_max(x);
+    x.iter_mut().for_each(|v| *v = ((*v - mu) * m + mu).clamp(lo, hi));
+}
+
+/// Nearest-exact downsampling to round(shape x s), then trilinear back (align_corners
+/// false), as nnU-Net simulates a low-resolution acquisition.
+pub fn low_resolution(x: &mut [f32], shape: [usize; 3], s: f32, small: &mut Vec<f32>) {
+    let down: [usize; 3] = shape.map(|n| (super::sampler::round_half_even(n as f64 * s as f64).max(1)) as usize);
+    let near = |i: usize, n_in: usize, n_out: usize| (((i as f64 + 0.5) * (n_in as f32 / n_out as f32) as f64).floor() as usize).min(n_in - 1);
+    small.clear();
+    for z in 0..down[0] {
+        let sz = near(z, shape[0], down[0]);
+        for y in 0..down[1] {
+            let sy = near(y, shape[1], down[1]);
+            let row = (sz * shape[1] + sy) * shape[2];
+            small.extend((0..down[2]).map(|xx| x[row + near(xx, shape[2], down[2])]));
+        }
+    }
+    let lin = |o: usize, n_in: usize, n_out: usize| {
+        let src = ((n_in as f64 / n_out as f64) * (o as f64 + 0.5) - 0.5).max(0.0);
+        let i0 = (src.floor() as usize).min(n_in - 1);
+        let i1 = if i0 + 1 < n_in { i0 + 1 } else { i0 };
+        (i0, i1, (src - i0 as f64) as f32)
+    };
+    let tz: Vec<_> = (0..shape[0]).map(|o| lin(o, down[0], shape[0])).collect();
+    let ty: Vec<_> = (0..shape[1]).map(|o| lin(o, down[1], shape[1])).collect();
+    let tx: Vec<_> = (0..shape[2]).map(|o| lin(o, down[2], shape[2])).collect();
+    let at = |z: usize, y: usize, xx: usize| small[(z * down[1] + y) * down[2] + xx];
+    let mut o = 0;
+    for &(z0, z1, wz) in &tz {
+        for &(y0, y1, wy) in &ty {
+            for &(x0, x1, wx) in &tx {
+                let c = |z: usize, y: usize| at(z, y, x0) * (1.0 - wx) + at(z, y, x1) * wx;
+                let a = c(z0, y0) * (1.0 - wy) + c(z0, y1) * wy;
+                let b = c(z1, y0) * (1.0 - wy) + c(z1, y1) * wy;
+                x[o] = a * (1.0 - wz) + b * wz;
+                o += 1;
+            }
+        }
+    }
+}
+
+/// Mean and unbiased standard deviation.
+fn mean_std(x: &[f32]) -> (f64, f64) {
+    let m = mean(x);
+    let var = x.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / (x.len().max(2) - 1) as f64;
+    (m, var.sqrt())
+}
+
+/// nnU-Net's gamma: rescale to [0, 1], raise to `gamma`, scale back, then restore the
+/// mean and standard deviation; `invert` applies it to -x.
+pub fn gamma(x: &mut [f32], gamma: f32, invert: bool) {
+    const EPS: f64 = 1e-7;
+    if invert {
+        x.iter_mut().for_each(|v| *v = -*v);
+    }
+    let (mu, sd) = mean_std(x);
+    let (lo, hi) = min_max(x);
+    let r = hi - lo;
+    let inv_r = 1.0 / (r as f64).max(EPS) as f32;
+    x.iter_mut().for_each(|v| *v = ((*v - lo) * inv_r).powf(gamma) * r + lo);
+    let (mu2, sd2) = mean_std(x);
+    let k = (sd / sd2.max(EPS)) as f32;
+    x.iter_mut().for_each(|v| *v = (*v - mu2 as f32) * k + mu as f32);
+    if invert {
+        x.iter_mut().for_each(|v| *v = -*v);
+    }
+}

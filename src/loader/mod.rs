@@ -1,0 +1,402 @@
+//! The training data path: patches cut from the memory-mapped store (sampler), nnU-Net v2's
+//! augmentation chain (spatial, intensity, mirroring), filled by a pool of worker threads
+//! into a ring of batch slots (pool). Deep-supervision targets are made on the device from
+//! the full-resolution labels (nearest-exact, as nnU-Net), so only those are uploaded.
+
+pub mod intensity;
+pub mod pool;
+pub mod sampler;
+pub mod spatial;
+
+use crate::store::{ImageDtype, LabelDtype, StoredCase};
+use anyhow::{bail, Context, Result};
+use half::f16;
+use pool::{Batch, Fill, FillError};
+use rand::{Rng, SeedableRng};
+use rand_pcg::Pcg64;
+use spatial::{Mat3, Source, SpatialParams};
+use std::path::Path;
+
+/// Probabilities and ranges of the chain; the default is nnU-Net v2's.
+#[derive(Clone, Copy, Debug)]
+pub struct Augment {
+    pub spatial: SpatialParams,
+    pub p_noise: f64,
+    pub noise_sigma: f64,
+    pub p_blur: f64,
+    pub p_blur_channel: f64,
+    pub blur_sigma: (f64, f64),
+    pub p_brightness: f64,
+    pub brightness: (f64, f64),
+    pub p_contrast: f64,
+    pub contrast: (f64, f64),
+    pub p_low_res: f64,
+    pub p_low_res_channel: f64,
+    pub low_res: (f64, f64),
+    pub p_gamma_inverted: f64,
+    pub p_gamma: f64,
+    pub gamma: (f64, f64),
+    pub p_mirror: f64,
+}
+
+impl Default for Augment {
+    fn default() -> Self {
+        Augment {
+            spatial: SpatialParams::default(),
+            p_noise: 0.1,
+            noise_sigma: 0.1,
+            p_blur: 0.2,
+            p_blur_channel: 0.5,
+            blur_sigma: (0.5, 1.0),
+            p_brightness: 0.15,
+            brightness: (0.75, 1.25),
+            p_contrast: 0.15,
+            contrast: (0.75, 1.25),
+            p_low_res: 0.25,
+            p_low_res_channel: 0.5,
+            low_res: (0.5, 1.0),
+            p_gamma_inverted: 0.1,
+            p_gamma: 0.3,
+            gamma: (0.7, 1.5),
+            p_mirror: 0.5,
+        }
+    }
+}
+
+impl Augment {
+    /// No augmentation at all: plain crops (validation, tests).
+    pub fn none() -> Augment {
+        Augment {
+            spatial: SpatialParams { p_rotation: 0.0, p_scaling: 0.0, ..SpatialParams::default() },
+            p_noise: 0.0,
+            p_blur: 0.0,
+            p_brightness: 0.0,
+            p_contrast: 0.0,
+            p_low_res: 0.0,
+            p_gamma_inverted: 0.0,
+            p_gamma: 0.0,
+            p_mirror: 0.0,
+            ..Augment::default()
+        }
+    }
+}
+
+/// What a batch looks like.
+#[derive(Clone, Debug)]
+pub struct BatchSpec {
+    pub batch: usize,
+    pub patch: [usize; 3],
+    pub channels: usize,
+    /// Channels whose normalisation used the nonzero mask: zero outside it after warping.
+    pub use_mask: Vec<bool>,
+    pub seed: u64,
+    pub augment: Augment,
+}
+
+impl BatchSpec {
+    pub fn patch_voxels(&self) -> usize {
+        self.patch.iter().product()
+    }
+    pub fn slot_shape(&self) -> pool::SlotShape {
+        let n = self.batch * self.patch_voxels();
+        pool::SlotShape { image: n * self.channels, labels: n, batch: self.batch }
+    }
+    /// Bytes of one batch slot.
+    pub fn slot_bytes(&self) -> usize {
+        let s = self.slot_shape();
+        s.image * 4 + s.labels
+    }
+    /// Bytes of one worker's scratch.
+    pub fn scratch_bytes(&self) -> usize {
+        self.patch_voxels() * (self.channels * 4 + 2 + 2 * 4)
+    }
+}
+
+/// Fills batches from a set of stored cases.
+pub struct Augmenter {
+    cases: Vec<StoredCase>,
+    /// Per case: index of the "any annotated voxel" class (ignore-label datasets).
+    annotated: Vec<Option<usize>>,
+    spec: BatchSpec,
+    size: [usize; 3],
+}
+
+/// One worker's buffers, allocated once.
+pub struct Scratch {
+    image: Vec<f32>,
+    labels: Vec<i16>,
+    tmp: Vec<f32>,
+    small: Vec<f32>,
+    case: String,
+    stage: &'static str,
+}
+
+/// splitmix64: decorrelates the per-sample seeds.
+fn mix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+impl Augmenter {
+    pub fn new(store: &Path, ids: &[String], spec: BatchSpec) -> Result<Augmenter> {
+        if ids.is_empty() {
+            bail!("{}: no cases to train on", store.display());
+        }
+        let cases = ids.iter().map(|id| StoredCase::open(store, id)).collect::<Result<Vec<_>>>()?;
+        for c in &cases {
+            if c.header.channels != spec.channels {
+                bail!("{}: case {} has {} channels, the plan {}", store.display(), c.header.id, c.header.channels, spec.channels);
+            }
+            if c.header.label_dtype == LabelDtype::I16 {
+                bail!("{}: case {} has label values above 254; segk trains on up to 255 classes", store.display(), c.header.id);
+            }
+        }
+        let annotated = cases.iter().map(|c| c.header.classes.iter().position(|k| k.labels.contains(&-1))).collect();
+        let size = sampler::initial_patch(spec.patch);
+        Ok(Augmenter { cases, annotated, spec, size })
+    }
+
+    pub fn case_id(&self, i: usize) -> &str {
+        &self.cases[i].header.id
+    }
+    pub fn spec(&self) -> &BatchSpec {
+        &self.spec
+    }
+    /// Bytes of the store files this augmenter maps.
+    pub fn mapped_bytes(&self) -> usize {
+        self.cases.iter().map(|c| c.header.voxels() * (c.header.channels * c.header.image_dtype.bytes() + c.header.label_dtype.bytes())).sum()
+    }
+
+    /// One sample: pick, warp, intensity chain, mask; into `w.image` / `w.labels`.
+    fn sample(&self, w: &mut Scratch, rng: &mut Pcg64, j: usize) -> std::result::Result<usize, FillError> {
+        let spec = &self.spec;
+        let ci = rng.random_range(0..self.cases.len());
+        let case = &self.cases[ci];
+        w.case.clear();
+        w.case.push_str(&case.header.id);
+        w.stage = "patch sampling";
+        let h = &case.header;
+        let class = if sampler::forced_foreground(j, spec.batch) { sampler::pick_class(rng, h, self.annotated[ci]) } else { self.annotated[ci].filter(|&k| h.classes[k].count > 0) };
+        let voxel = class.map(|k| {
+            let locs = case.locations(k);
+            locs[rng.random_range(0..locs.len())]
+        });
+        let lo = sampler::pick_box(rng, h.shape, self.size, spec.patch, voxel);
+        w.stage = "rotation/scaling";
+        let m = spatial::draw(rng, &spec.augment.spatial);
+        self.warp(case, lo, m.as_ref(), w);
+        self.intensity(w, rng);
+        w.stage = "masking";
+        let n = spec.patch_voxels();
+        for (c, &mask) in spec.use_mask.iter().enumerate() {
+            if mask {
+                w.image[c * n..(c + 1) * n].iter_mut().zip(&w.labels).filter(|(_, &l)| l < 0).for_each(|(v, _)| *v = 0.0);
+            }
+        }
+        if let Some(bad) = w.image.iter().find(|v| !v.is_finite()) {
+            return Err(FillError { case: w.case.clone(), stage: "the final check", cause: format!("the augmented image holds {bad}") });
+        }
+        Ok(ci)
+    }
+
+    fn warp(&self, case: &StoredCase, lo: [i64; 3], m: Option<&Mat3>, w: &mut Scratch) {
+        let h = &case.header;
+        let labels = case.labels();
+        macro_rules! go {
+            ($img:expr, $lab:expr) => {{
+                let src = Source { image: $img, labels: $lab, channels: h.channels, shape: h.shape, lo, size: self.size };
+                spatial::sample(&src, m, self.spec.patch, &mut w.image, &mut w.labels)
+            }};
+        }
+        use crate::store::Labels;
+        match (h.image_dtype, labels) {
+            (ImageDtype::F32, Labels::U8(l)) => go!(case.image_f32().unwrap_or(&[]), l),
+            (ImageDtype::F32, Labels::I16(l)) => go!(case.image_f32().unwrap_or(&[]), l),
+            (ImageDtype::F16, Labels::U8(l)) => go!(case.image_f16().unwrap_or(&[] as &[f16]), l),
+            (ImageDtype::F16, Labels::I16(l)) => go!(case.image_f16().unwrap_or(&[] as &[f16]), l),
+        }
+    }
+
+    /// Noise, blur, brightness, contrast, low resolution, inverted gamma, gamma.
+    fn intensity(&self, w: &mut Scratch, rng: &mut Pcg64) {
+        let (a, n, shape) = (&self.spec.augment, self.spec.patch_voxels(), self.spec.patch);
+        let chans = self.spec.channels;
+        let coin = |rng: &mut Pcg64, p: f64| p > 0.0 && rng.random::<f64>() < p;
+        w.stage = "gaussian noise";
+        if coin(rng, a.p_noise) {
+            let sigma = rng.random_range(0.0..a.noise_sigma) as f32;
+            intensity::gaussian_noise(&mut w.image, sigma, rng);
+        }
+        w.stage = "gaussian blur";
+        if coin(rng, a.p_blur) {
+            for c in 0..chans {
+                if coin(rng, a.p_blur_channel) {
+                    let s = [0; 3].map(|_| rng.random_range(a.blur_sigma.0..a.blur_sigma.1));
+                    intensity::gaussian_blur(&mut w.image[c * n..(c + 1) * n], shape, s, &mut w.tmp);
+                }
+            }
+        }
+        w.stage = "brightness";
+        if coin(rng, a.p_brightness) {
+            for c in 0..chans {
+                let m = intensity::bg_contrast(rng, a.brightness.0, a.brightness.1) as f32;
+                intensity::brightness(&mut w.image[c * n..(c + 1) * n], m);
+            }
+        }
+        w.stage = "contrast";
+        if coin(rng, a.p_contrast) {
+            for c in 0..chans {
+                let m = intensity::bg_contrast(rng, a.contrast.0, a.contrast.1) as f32;
+                intensity::contrast(&mut w.image[c * n..(c + 1) * n], m);
+            }
+        }
+        w.stage = "low-resolution simulation";
+        if coin(rng, a.p_low_res) {
+            for c in 0..chans {
+                if coin(rng, a.p_low_res_channel) {
+                    let s = rng.random_range(a.low_res.0..a.low_res.1) as f32;
+                    intensity::low_resolution(&mut w.image[c * n..(c + 1) * n], shape, s, &mut w.small);
+                }
+            }
+        }
+        for (p, invert, stage) in [(a.p_gamma_inverted, true, "inverted gamma"), (a.p_gamma, false, "gamma")] {
+            w.stage = stage;
+            if coin(rng, p) {
+                for c in 0..chans {
+                    let g = intensity::bg_contrast(rng, a.gamma.0, a.gamma.1) as f32;
+                    intensity::gamma(&mut w.image[c * n..(c + 1) * n], g, invert);
+                }
+            }
+        }
+    }
+
+    /// Writes sample `j` into the slot: NDHWC image and u8 labels (-1 becomes background),
+    /// mirrored along the flipped axes on the way.
+    fn write(&self, w: &Scratch, flip: [bool; 3], j: usize, b: &mut Batch) {
+        let (p, c) = (self.spec.patch, self.spec.channels);
+        let n = self.spec.patch_voxels();
+        let (img, lab) = (&mut b.image[j * n * c..(j + 1) * n * c], &mut b.labels[j * n..(j + 1) * n]);
+        let src = |i: usize, n: usize, f: bool| if f { n - 1 - i } else { i };
+        let mut o = 0;
+        for z in 0..p[0] {
+            for y in 0..p[1] {
+                let row = (src(z, p[0], flip[0]) * p[1] + src(y, p[1], flip[1])) * p[2];
+                for x in 0..p[2] {
+                    let s = row + src(x, p[2], flip[2]);
+                    for ch in 0..c {
+                        img[o * c + ch] = w.image[ch * n + s];
+                    }
+                    lab[o] = w.labels[s].max(0) as u8;
+                    o += 1;
+                }
+            }
+        }
+    }
+}
+
+impl Fill for Augmenter {
+    type Worker = Scratch;
+    fn worker(&self) -> Scratch {
+        let n = self.spec.patch_voxels();
+        Scratch { image: vec![0.0; n * self.spec.channels], labels: vec![0; n], tmp: Vec::with_capacity(n), small: Vec::with_capacity(n), case: String::new(), stage: "start" }
+    }
+    fn fill(&self, w: &mut Scratch, index: u64, b: &mut Batch) -> std::result::Result<(), FillError> {
+        for j in 0..self.spec.batch {
+            let mut rng = Pcg64::seed_from_u64(mix(self.spec.seed ^ mix(index.wrapping_mul(1024).wrapping_add(j as u64))));
+            let ci = self.sample(w, &mut rng, j)?;
+            w.stage = "mirroring";
+            let flip = [0; 3].map(|_| self.spec.augment.p_mirror > 0.0 && rng.random::<f64>() < self.spec.augment.p_mirror);
+            self.write(w, flip, j, b);
+            b.cases[j] = ci;
+        }
+        Ok(())
+    }
+    fn whereabouts(&self, w: &Scratch) -> (String, &'static str) {
+        (w.case.clone(), w.stage)
+    }
+}
+
+/// How many augmentation workers: the flag, else SEGK_WORKERS, else nnU-Net's
+/// nnUNet_n_proc_DA, else the CPUs this process may use minus one for the trainer.
+pub fn worker_count(flag: Option<usize>) -> Result<(usize, String)> {
+    if let Some(n) = flag {
+        if n == 0 {
+            bail!("--workers must be at least 1");
+        }
+        return Ok((n, "--workers".into()));
+    }
+    for var in ["SEGK_WORKERS", "nnUNet_n_proc_DA"] {
+        if let Ok(v) = std::env::var(var) {
+            let n: usize = v.trim().parse().ok().filter(|&n| n > 0).with_context(|| format!("{var}={v:?} is not a positive number"))?;
+            return Ok((n, var.into()));
+        }
+    }
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    Ok(((cpus - 1).max(1), format!("{cpus} CPUs available, one left to the trainer")))
+}
+
+/// Bytes of host memory this process may still use: MemAvailable, capped by a cgroup
+/// (v2 memory.max, or v1 limit_in_bytes) minus what the cgroup already uses.
+pub fn host_memory_available() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let avail = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024;
+    let read = |p: &str| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok());
+    let cgroup = match (read("/sys/fs/cgroup/memory.max"), read("/sys/fs/cgroup/memory.current")) {
+        (Some(max), Some(cur)) => Some(max.saturating_sub(cur)),
+        _ => match (read("/sys/fs/cgroup/memory/memory.limit_in_bytes"), read("/sys/fs/cgroup/memory/memory.usage_in_bytes")) {
+            (Some(max), Some(cur)) if max < (1 << 60) => Some(max.saturating_sub(cur)),
+            _ => None,
+        },
+    };
+    Some(cgroup.map_or(avail, |c| c.min(avail)))
+}
+
+/// The running loader: the pool over an augmenter, with what it chose.
+pub struct Loader {
+    pub pool: pool::Pool,
+    pub workers_source: String,
+}
+
+/// Refuses when the slots, the workers' scratch and the mapped store do not fit in RAM.
+pub fn check_memory(spec: &BatchSpec, workers: usize, slots: usize, mapped: usize) -> Result<()> {
+    let need = (slots * spec.slot_bytes() + workers * spec.scratch_bytes() + mapped) as u64;
+    if let Some(avail) = host_memory_available() {
+        if need > avail {
+            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+            bail!(
+                "the loader needs {:.2} GiB of host memory ({} slots x {:.2} GiB, {} workers' scratch, {:.2} GiB of mapped store) but {:.2} GiB is available: use fewer --workers, a smaller batch or patch, or store images as f16 (`segk preprocess --f16`)",
+                gib(need), slots, gib(spec.slot_bytes() as u64), workers, gib(mapped as u64), gib(avail)
+            );
+        }
+    }
+    Ok(())
+}
+
+impl Loader {
+    /// Starts `workers` threads (None: see [`worker_count`]) over the store's cases `ids`,
+    /// with two slots per worker plus two, batches numbered from `first`.
+    pub fn start(store: &Path, ids: &[String], spec: BatchSpec, workers: Option<usize>, first: u64) -> Result<Loader> {
+        let (workers, workers_source) = worker_count(workers)?;
+        let aug = Augmenter::new(store, ids, spec.clone())?;
+        let slots = 2 * workers + 2;
+        check_memory(&spec, workers, slots, aug.mapped_bytes())?;
+        let pool = pool::Pool::start(std::sync::Arc::new(aug), workers, slots, spec.slot_shape(), first)?;
+        Ok(Loader { pool, workers_source })
+    }
+}
+
+/// Advice when the trainer waited for data more than 5 % of the time.
+pub fn data_wait_advice(wait_share: f64, workers: usize) -> Option<String> {
+    if wait_share <= 0.05 {
+        return None;
+    }
+    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let want = ((workers as f64 / (1.0 - wait_share)).ceil() as usize).max(workers + 1);
+    Some(if want < cpus {
+        format!("the step waited for data {:.0} % of the time: raise --workers from {workers} to {want} (this machine has {cpus} CPUs)", wait_share * 100.0)
+    } else {
+        format!("the step waited for data {:.0} % of the time with {workers} workers on {cpus} CPUs: the CPUs cannot keep up; store images as f16 (`segk preprocess --f16`) or use a machine with more cores", wait_share * 100.0)
+    })
+}

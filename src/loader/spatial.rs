@@ -1,0 +1,206 @@
+//! Rotation and scaling in one resampling pass, straight from the memory-mapped store: output
+//! voxel o reads stored position lo + A (o - (P-1)/2) + (S-1)/2, where A = Rz Ry Rx diag(s)
+//! and S is the loaded (larger) box; outside the box or the volume the image is 0 and the
+//! label -1 (nnU-Net's crop-and-pad then grid_sample, without the crop copy). Images are
+//! trilinear, labels per-label trilinear (scores quantised as nnU-Net's float16 x1000, ties to
+//! the nearest label when it is among the tied, else the lowest).
+
+use half::f16;
+use rand::Rng;
+
+pub type Mat3 = [[f64; 3]; 3];
+
+/// nnU-Net's spatial parameters: rotation with p 0.2 (each axis U(-30, 30) degrees) and,
+/// independently, scaling with p 0.2 (one factor U(0.7, 1.4) for all axes).
+#[derive(Clone, Copy, Debug)]
+pub struct SpatialParams {
+    pub p_rotation: f64,
+    pub max_angle: f64,
+    pub p_scaling: f64,
+    pub scaling: (f64, f64),
+}
+
+impl Default for SpatialParams {
+    fn default() -> Self {
+        SpatialParams { p_rotation: 0.2, max_angle: std::f64::consts::PI / 6.0, p_scaling: 0.2, scaling: (0.7, 1.4) }
+    }
+}
+
+fn mul(a: &Mat3, b: &Mat3) -> Mat3 {
+    std::array::from_fn(|i| std::array::from_fn(|j| (0..3).map(|k| a[i][k] * b[k][j]).sum()))
+}
+
+/// A = Rz(a2) Ry(a1) Rx(a0) diag(s); Rx turns the (axis 1, axis 2) plane, Ry (0, 2), Rz (0, 1).
+pub fn affine(angles: [f64; 3], scales: [f64; 3]) -> Mat3 {
+    let (c0, s0, c1, s1, c2, s2) = (angles[0].cos(), angles[0].sin(), angles[1].cos(), angles[1].sin(), angles[2].cos(), angles[2].sin());
+    let rx = [[1.0, 0.0, 0.0], [0.0, c0, -s0], [0.0, s0, c0]];
+    let ry = [[c1, 0.0, s1], [0.0, 1.0, 0.0], [-s1, 0.0, c1]];
+    let rz = [[c2, -s2, 0.0], [s2, c2, 0.0], [0.0, 0.0, 1.0]];
+    let d = [[scales[0], 0.0, 0.0], [0.0, scales[1], 0.0], [0.0, 0.0, scales[2]]];
+    mul(&mul(&mul(&rz, &ry), &rx), &d)
+}
+
+/// The matrix of one sample, or None for the plain centre crop (no rotation, no scaling).
+pub fn draw(rng: &mut impl Rng, p: &SpatialParams) -> Option<Mat3> {
+    let rotate = rng.random::<f64>() < p.p_rotation;
+    let scale = rng.random::<f64>() < p.p_scaling;
+    if !rotate && !scale {
+        return None;
+    }
+    let angles = if rotate { [0; 3].map(|_| rng.random_range(-p.max_angle..=p.max_angle)) } else { [0.0; 3] };
+    let s = if scale { rng.random_range(p.scaling.0..=p.scaling.1) } else { 1.0 };
+    Some(affine(angles, [s; 3]))
+}
+
+/// Stored image voxels, channels interleaved.
+pub trait ImageSource: Sync {
+    fn at(&self, i: usize) -> f32;
+}
+impl ImageSource for [f32] {
+    fn at(&self, i: usize) -> f32 {
+        self[i]
+    }
+}
+impl ImageSource for [f16] {
+    fn at(&self, i: usize) -> f32 {
+        self[i].to_f32()
+    }
+}
+
+/// Stored labels (-1 outside the nonzero mask).
+pub trait LabelSource: Sync {
+    fn label(&self, i: usize) -> i16;
+}
+impl LabelSource for [u8] {
+    fn label(&self, i: usize) -> i16 {
+        if self[i] == crate::store::U8_OUTSIDE { -1 } else { self[i] as i16 }
+    }
+}
+impl LabelSource for [i16] {
+    fn label(&self, i: usize) -> i16 {
+        self[i]
+    }
+}
+
+/// Where a sample reads from: the stored volume and the loaded box within it.
+pub struct Source<'a, I: ImageSource + ?Sized, L: LabelSource + ?Sized> {
+    pub image: &'a I,
+    pub labels: &'a L,
+    pub channels: usize,
+    pub shape: [usize; 3],
+    /// The loaded box: lower corner (may be negative) and size S.
+    pub lo: [i64; 3],
+    pub size: [usize; 3],
+}
+
+impl<I: ImageSource + ?Sized, L: LabelSource + ?Sized> Source<'_, I, L> {
+    /// Flat voxel index of stored position `p` if it lies in the box and in the volume.
+    #[inline]
+    fn index(&self, p: [i64; 3]) -> Option<usize> {
+        for d in 0..3 {
+            if p[d] < self.lo[d].max(0) || p[d] >= (self.lo[d] + self.size[d] as i64).min(self.shape[d] as i64) {
+                return None;
+            }
+        }
+        Some((p[0] as usize * self.shape[1] + p[1] as usize) * self.shape[2] + p[2] as usize)
+    }
+}
+
+/// Cuts the patch of `patch` voxels into `image` ([C][P], channel-first) and `labels`.
+pub fn sample<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &Source<I, L>, matrix: Option<&Mat3>, patch: [usize; 3], image: &mut [f32], labels: &mut [i16]) {
+    let n: usize = patch.iter().product();
+    assert!(image.len() == n * src.channels && labels.len() == n, "patch buffers");
+    match matrix {
+        None => crop(src, patch, image, labels),
+        Some(a) => warp(src, a, patch, image, labels),
+    }
+}
+
+/// The plain path: the patch at floor(S/2) - P/2 in the box, no interpolation.
+fn crop<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &Source<I, L>, patch: [usize; 3], image: &mut [f32], labels: &mut [i16]) {
+    let n: usize = patch.iter().product();
+    let start: [i64; 3] = std::array::from_fn(|d| src.lo[d] + (src.size[d] / 2) as i64 - (patch[d] / 2) as i64);
+    let mut o = 0;
+    for z in 0..patch[0] {
+        for y in 0..patch[1] {
+            for x in 0..patch[2] {
+                let p = [start[0] + z as i64, start[1] + y as i64, start[2] + x as i64];
+                match src.index(p) {
+                    Some(i) => {
+                        for c in 0..src.channels {
+                            image[c * n + o] = src.image.at(i * src.channels + c);
+                        }
+                        labels[o] = src.labels.label(i);
+                    }
+                    None => {
+                        (0..src.channels).for_each(|c| image[c * n + o] = 0.0);
+                        labels[o] = -1;
+                    }
+                }
+                o += 1;
+            }
+        }
+    }
+}
+
+/// Round half to even, as the nearest-label lookup does.
+fn nearbyint(v: f64) -> i64 {
+    let r = v.round();
+    if (v - v.trunc()).abs() == 0.5 && (r as i64) % 2 != 0 {
+        (r - v.signum()) as i64
+    } else {
+        r as i64
+    }
+}
+
+fn warp<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &Source<I, L>, a: &Mat3, patch: [usize; 3], image: &mut [f32], labels: &mut [i16]) {
+    let n: usize = patch.iter().product();
+    let cin: [f64; 3] = std::array::from_fn(|d| (src.size[d] as f64 - 1.0) / 2.0 + src.lo[d] as f64);
+    let cout: [f64; 3] = patch.map(|p| (p as f64 - 1.0) / 2.0);
+    let mut o = 0;
+    let mut cand: Vec<(i16, f32)> = Vec::with_capacity(8);
+    for z in 0..patch[0] {
+        for y in 0..patch[1] {
+            for x in 0..patch[2] {
+                let rel = [z as f64 - cout[0], y as f64 - cout[1], x as f64 - cout[2]];
+                let q: [f64; 3] = std::array::from_fn(|i| a[i][0] * rel[0] + a[i][1] * rel[1] + a[i][2] * rel[2] + cin[i]);
+                let i0 = q.map(|v| v.floor() as i64);
+                let t: [f64; 3] = std::array::from_fn(|d| q[d] - i0[d] as f64);
+                (0..src.channels).for_each(|c| image[c * n + o] = 0.0);
+                cand.clear();
+                for corner in 0..8 {
+                    let bit = [(corner >> 2) & 1, (corner >> 1) & 1, corner & 1];
+                    let w = (0..3).map(|d| if bit[d] == 1 { t[d] } else { 1.0 - t[d] }).product::<f64>();
+                    if w == 0.0 {
+                        continue;
+                    }
+                    let p = [i0[0] + bit[0] as i64, i0[1] + bit[1] as i64, i0[2] + bit[2] as i64];
+                    let l = match src.index(p) {
+                        Some(i) => {
+                            for c in 0..src.channels {
+                                image[c * n + o] += (w as f32) * src.image.at(i * src.channels + c);
+                            }
+                            src.labels.label(i)
+                        }
+                        None => -1,
+                    };
+                    match cand.iter_mut().find(|e| e.0 == l) {
+                        Some(e) => e.1 += w as f32,
+                        None => cand.push((l, w as f32)),
+                    }
+                }
+                labels[o] = if cand.len() == 1 {
+                    cand[0].0
+                } else {
+                    // nnU-Net compares float16(1000 x score); near-ties become ties.
+                    cand.iter_mut().for_each(|e| e.1 = f16::from_f32(1000.0 * e.1).to_f32());
+                    let best = cand.iter().map(|e| e.1).fold(f32::MIN, f32::max);
+                    let lowest = cand.iter().filter(|e| e.1 == best).map(|e| e.0).min().unwrap_or(-1);
+                    let near = src.index(q.map(nearbyint)).map_or(-1, |i| src.labels.label(i));
+                    if cand.iter().any(|e| e.0 == near && e.1 == best) { near } else { lowest }
+                };
+                o += 1;
+            }
+        }
+    }
+}

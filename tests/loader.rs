@@ -1,0 +1,332 @@
+//! The data loader: each transform against its definition, the sampler's rules, the pool's
+//! ordering, determinism, ownership and failure reporting.
+
+use segk::dataset::Dataset;
+use segk::loader::intensity;
+use segk::loader::pool::{Batch, Fill, FillError, Pool, SlotShape};
+use segk::loader::sampler::{forced_foreground, initial_patch, pick_box};
+use segk::loader::spatial::{affine, sample, Source};
+use segk::loader::{Augment, Augmenter, BatchSpec};
+use segk::plan::fingerprint::fingerprint;
+use segk::plan::plans::{plan_3d_fullres, Configurations, PlansFile, GIB};
+use segk::preprocess::{Settings, STORE_DIR};
+use segk::store::ImageDtype;
+use segk::synth::{write_raw_dataset, RawSpec};
+use rand::SeedableRng;
+use rand_pcg::Pcg64;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("segk-loader-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A preprocessed store of `cases` generated cases; returns (store dir, case ids).
+fn store(tag: &str, cases: usize) -> (PathBuf, Vec<String>) {
+    let base = tmpdir(tag);
+    let root = base.join("Dataset020_Loader");
+    write_raw_dataset(&root, &RawSpec { cases, shape: [40, 56, 56], spacing: [1.0, 1.0, 1.0], seed: 5 }).unwrap();
+    let ds = Dataset::open(&root).unwrap();
+    let fp = fingerprint(&ds, 100_000).unwrap();
+    let plan = plan_3d_fullres(&ds.json, &fp, (8.0 * GIB) as usize).unwrap();
+    let plans = PlansFile { dataset_name: "t".into(), configurations: Configurations { fullres: plan }, foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel };
+    let s = Settings::new(&ds.json, &plans, ImageDtype::F32).unwrap();
+    let dir = base.join(STORE_DIR);
+    segk::preprocess::run(&ds, &s, &dir, 2, &indicatif::ProgressBar::hidden()).unwrap();
+    (dir, ds.cases.iter().map(|c| c.id.clone()).collect())
+}
+
+fn spec(batch: usize, patch: [usize; 3], augment: Augment, seed: u64) -> BatchSpec {
+    BatchSpec { batch, patch, channels: 1, use_mask: vec![false], seed, augment }
+}
+
+#[test]
+fn initial_patch_and_oversampling_follow_nnunet() {
+    assert_eq!(initial_patch([128, 128, 128]), [205, 205, 205]);
+    assert_eq!(initial_patch([64, 160, 160]), [159, 257, 200]);
+    assert_eq!(initial_patch([80, 192, 160]), [194, 289, 210]);
+    let forced = |b: usize| (0..b).filter(|&j| forced_foreground(j, b)).count();
+    assert_eq!([2, 3, 4, 5, 6, 8, 12].map(forced), [1, 1, 1, 2, 2, 3, 4]);
+    assert!(forced_foreground(1, 2) && !forced_foreground(0, 2), "the last samples are the forced ones");
+}
+
+#[test]
+fn boxes_stay_in_nnunets_range_and_centre_on_the_voxel() {
+    let mut rng = Pcg64::seed_from_u64(1);
+    let (shape, size, patch) = ([40, 50, 60], [64, 64, 64], [48, 48, 48]);
+    for _ in 0..2000 {
+        let lo = pick_box(&mut rng, shape, size, patch, None);
+        for d in 0..3 {
+            let need = if shape[d] >= patch[d] { size[d] - patch[d] } else { size[d] - shape[d] } as i64;
+            let half = (need + 1) / 2;
+            assert!(lo[d] >= -half && lo[d] <= shape[d] as i64 + half - size[d] as i64, "axis {d}: {lo:?}");
+        }
+    }
+    let v = [20, 30, 40];
+    let lo = pick_box(&mut rng, shape, size, patch, Some(v));
+    assert_eq!(lo, [20 - 32, 30 - 32, 40 - 32], "centred on the voxel (lower clamp not reached)");
+}
+
+fn sphere(shape: [usize; 3], r: f64) -> Vec<u8> {
+    let c = shape.map(|n| (n as f64 - 1.0) / 2.0);
+    let mut v = Vec::new();
+    for z in 0..shape[0] {
+        for y in 0..shape[1] {
+            for x in 0..shape[2] {
+                let d2 = (z as f64 - c[0]).powi(2) + (y as f64 - c[1]).powi(2) + (x as f64 - c[2]).powi(2);
+                v.push(u8::from(d2 <= r * r));
+            }
+        }
+    }
+    v
+}
+
+#[test]
+fn identity_warp_equals_the_crop_and_scaling_changes_volume_by_s_cubed() {
+    let shape = [64, 64, 64];
+    let n: usize = shape.iter().product();
+    let img: Vec<f32> = (0..n).map(|i| (i % 977) as f32 * 0.01).collect();
+    let lab = sphere(shape, 12.0);
+    let src = Source { image: &img[..], labels: &lab[..], channels: 1, shape, lo: [0; 3], size: shape };
+    let patch = [48, 48, 48];
+    let pn: usize = patch.iter().product();
+    let (mut a, mut la, mut b, mut lb) = (vec![0.0; pn], vec![0; pn], vec![0.0; pn], vec![0; pn]);
+    sample(&src, None, patch, &mut a, &mut la);
+    sample(&src, Some(&affine([0.0; 3], [1.0; 3])), patch, &mut b, &mut lb);
+    assert_eq!(a, b, "rotation 0 and scale 1 is the plain crop");
+    assert_eq!(la, lb);
+    let v0 = la.iter().filter(|&&l| l == 1).count() as f64;
+    for s in [0.8f64, 1.25] {
+        sample(&src, Some(&affine([0.0; 3], [s; 3])), patch, &mut b, &mut lb);
+        let v = lb.iter().filter(|&&l| l == 1).count() as f64;
+        let want = v0 / s.powi(3);
+        assert!((v / want - 1.0).abs() < 0.04, "scale {s}: sphere volume {v}, expected {want}");
+    }
+    // Rotation keeps a centred sphere's volume; 90 degrees about axis 0 maps (y, x) to (-x, y).
+    sample(&src, Some(&affine([0.4, -0.3, 0.5], [1.0; 3])), patch, &mut b, &mut lb);
+    let v = lb.iter().filter(|&&l| l == 1).count() as f64;
+    assert!((v / v0 - 1.0).abs() < 0.03, "rotated sphere volume {v} vs {v0}");
+    let half_pi = std::f64::consts::FRAC_PI_2;
+    sample(&src, Some(&affine([half_pi, 0.0, 0.0], [1.0; 3])), patch, &mut b, &mut lb);
+    let at = |v: &[f32], z: usize, y: usize, x: usize| v[(z * 48 + y) * 48 + x];
+    for (z, y, x) in [(5, 7, 11), (20, 3, 40), (47, 47, 0)] {
+        // out(z, y, x) reads in(z, c - (x - c), c + (y - c)) with centres 23.5 (out) and 31.5 (in).
+        let want = img[((z + 8) * 64 + (55 - x)) * 64 + (y + 8)];
+        assert!((at(&b, z, y, x) - want).abs() < 1e-4, "({z},{y},{x}): {} vs {want}", at(&b, z, y, x));
+    }
+    // Past the volume: image 0, labels -1.
+    let far = Source { lo: [40, 40, 40], ..src };
+    sample(&far, None, patch, &mut b, &mut lb);
+    assert_eq!((b[pn - 1], lb[pn - 1]), (0.0, -1));
+}
+
+fn stats(x: &[f32]) -> (f64, f64) {
+    let m = x.iter().map(|&v| v as f64).sum::<f64>() / x.len() as f64;
+    let v = x.iter().map(|&v| (v as f64 - m).powi(2)).sum::<f64>() / (x.len() - 1) as f64;
+    (m, v.sqrt())
+}
+
+#[test]
+fn intensity_transforms_match_their_definitions() {
+    let mut rng = Pcg64::seed_from_u64(7);
+    let shape = [12, 14, 16];
+    let n = 12 * 14 * 16;
+    let base: Vec<f32> = (0..n).map(|i| ((i * 37 % 101) as f32) * 0.05 - 1.0).collect();
+    let (m0, s0) = stats(&base);
+
+    for invert in [false, true] {
+        let mut x = base.clone();
+        intensity::gamma(&mut x, 1.4, invert);
+        let (m, s) = stats(&x);
+        assert!((m - m0).abs() < 1e-4 && (s - s0).abs() < 1e-4, "gamma keeps mean and std ({m} {s} vs {m0} {s0})");
+        assert!(x.iter().zip(&base).any(|(a, b)| (a - b).abs() > 1e-3), "gamma 1.4 changes the image");
+        let mut y = base.clone();
+        intensity::gamma(&mut y, 1.0, invert);
+        assert!(y.iter().zip(&base).all(|(a, b)| (a - b).abs() < 1e-5), "gamma 1 is the identity");
+    }
+
+    let mut x = base.clone();
+    intensity::contrast(&mut x, 1.0);
+    assert!(x.iter().zip(&base).all(|(a, b)| (a - b).abs() < 1e-6));
+    intensity::contrast(&mut x, 1.25);
+    let (lo, hi) = base.iter().fold((f32::MAX, f32::MIN), |(a, b), &v| (a.min(v), b.max(v)));
+    assert!(x.iter().all(|&v| v >= lo && v <= hi), "contrast stays within the range");
+    let (_, s) = stats(&x);
+    assert!(s > s0, "contrast 1.25 spreads values");
+
+    let mut x = base.clone();
+    intensity::low_resolution(&mut x, shape, 1.0, &mut Vec::new());
+    assert!(x.iter().zip(&base).all(|(a, b)| (a - b).abs() < 1e-6), "scale 1 is the identity");
+    let smooth: Vec<f32> = (0..n).map(|i| (i % 16) as f32).collect();
+    let mut x = smooth.clone();
+    intensity::low_resolution(&mut x, shape, 0.5, &mut Vec::new());
+    assert!(x.iter().zip(&smooth).all(|(a, b)| (a - b).abs() <= 1.0 + 1e-5), "a ramp stays within a voxel step");
+
+    let mut x = vec![3.0f32; n];
+    intensity::gaussian_blur(&mut x, shape, [0.7, 0.9, 0.5], &mut Vec::new());
+    assert!(x.iter().all(|&v| (v - 3.0).abs() < 1e-5), "blur keeps a constant");
+    for (sigma, width) in [(0.55, 3), (0.75, 5), (0.95, 7)] {
+        let mut d = vec![0.0f32; n];
+        d[(6 * 14 + 7) * 16 + 8] = 1.0;
+        intensity::gaussian_blur(&mut d, shape, [0.5, 0.5, sigma], &mut Vec::new());
+        let row = &d[(6 * 14 + 7) * 16..][..16];
+        assert_eq!(row.iter().filter(|&&v| v > 0.0).count(), width, "sigma {sigma}: kernel width");
+        assert!((d.iter().sum::<f32>() - 1.0).abs() < 1e-5, "interior blur keeps the sum");
+    }
+
+    let mut x = vec![0.0f32; 200_000];
+    intensity::gaussian_noise(&mut x, 0.05, &mut rng);
+    let (m, s) = stats(&x);
+    assert!(m.abs() < 1e-3 && (s - 0.05).abs() < 1e-3, "noise mean {m}, std {s}");
+
+    let draws: Vec<f64> = (0..20000).map(|_| intensity::bg_contrast(&mut rng, 0.75, 1.25)).collect();
+    let below = draws.iter().filter(|&&v| v < 1.0).count() as f64 / 20000.0;
+    assert!((below - 0.5).abs() < 0.02 && draws.iter().all(|&v| (0.75..=1.25).contains(&v)));
+}
+
+fn collect(dir: &std::path::Path, ids: &[String], spec: BatchSpec, workers: usize, batches: usize) -> Vec<(Vec<f32>, Vec<u8>, Vec<usize>)> {
+    let aug = Arc::new(Augmenter::new(dir, ids, spec.clone()).unwrap());
+    let mut pool = Pool::start(aug, workers, 3, spec.slot_shape(), 0).unwrap();
+    (0..batches)
+        .map(|k| {
+            let b = pool.next().unwrap();
+            assert_eq!(b.index, k as u64, "batches arrive in order");
+            let out = (b.image.clone(), b.labels.clone(), b.cases.clone());
+            pool.give_back(b);
+            out
+        })
+        .collect()
+}
+
+#[test]
+fn batches_depend_on_the_seed_only_and_mirroring_flips() {
+    let (dir, ids) = store("det", 3);
+    let patch = [24, 32, 32];
+    let s = spec(2, patch, Augment::default(), 11);
+    let a = collect(&dir, &ids, s.clone(), 1, 6);
+    let b = collect(&dir, &ids, s.clone(), 3, 6);
+    assert!(a == b, "1 and 3 workers give the same batches");
+    let c = collect(&dir, &ids, BatchSpec { seed: 12, ..s }, 2, 6);
+    assert!(a != c, "another seed, other batches");
+
+    // Everything drawn before mirroring is the same with p_mirror 1 and 0: one is the other flipped.
+    let plain = collect(&dir, &ids, spec(2, patch, Augment { p_mirror: 0.0, ..Augment::default() }, 3), 2, 3);
+    let flipped = collect(&dir, &ids, spec(2, patch, Augment { p_mirror: 1.0, ..Augment::default() }, 3), 2, 3);
+    let n = patch.iter().product::<usize>();
+    for ((pi, pl, _), (fi, fl, _)) in plain.iter().zip(&flipped) {
+        for o in 0..2 * n {
+            let (j, v) = (o / n, o % n);
+            let (z, y, x) = (v / (patch[1] * patch[2]), (v / patch[2]) % patch[1], v % patch[2]);
+            let m = j * n + ((patch[0] - 1 - z) * patch[1] + (patch[1] - 1 - y)) * patch[2] + (patch[2] - 1 - x);
+            assert_eq!((pi[o], pl[o]), (fi[m], fl[m]), "mirroring every axis is a flip");
+        }
+    }
+}
+
+#[test]
+fn forced_samples_centre_on_foreground() {
+    let (dir, ids) = store("fg", 3);
+    let patch = [24, 32, 32];
+    let n = patch.iter().product::<usize>();
+    let centre = (patch[0] / 2 * patch[1] + patch[1] / 2) * patch[2] + patch[2] / 2;
+    let batches = collect(&dir, &ids, spec(3, patch, Augment::none(), 4), 2, 60);
+    let (mut forced_fg, mut free_fg) = (0, 0);
+    for (_, labels, _) in &batches {
+        forced_fg += usize::from(labels[2 * n + centre] != 0);
+        free_fg += usize::from(labels[centre] != 0);
+    }
+    assert_eq!(forced_fg, 60, "every forced sample (the last of 3) has foreground at its centre");
+    assert!(free_fg < 30, "free samples are not centred on foreground ({free_fg} of 60 were)");
+}
+
+/// A filler that stamps the batch index over the whole slot, slowly, to catch two owners.
+struct Stamp {
+    fail_at: Option<u64>,
+    panic_at: Option<u64>,
+}
+
+impl Fill for Stamp {
+    type Worker = u64;
+    fn worker(&self) -> u64 {
+        0
+    }
+    fn fill(&self, w: &mut u64, index: u64, b: &mut Batch) -> Result<(), FillError> {
+        *w = index;
+        if self.fail_at == Some(index) {
+            return Err(FillError { case: "case_0007".into(), stage: "gaussian blur", cause: "corrupt".into() });
+        }
+        if self.panic_at == Some(index) {
+            panic!("boom");
+        }
+        for (i, v) in b.image.iter_mut().enumerate() {
+            *v = index as f32;
+            if i % 4096 == 0 {
+                std::thread::yield_now();
+            }
+        }
+        b.labels.iter_mut().for_each(|l| *l = (index % 251) as u8);
+        Ok(())
+    }
+    fn whereabouts(&self, w: &u64) -> (String, &'static str) {
+        (format!("batch-{w}"), "stamping")
+    }
+}
+
+#[test]
+fn the_ring_never_gives_a_slot_two_owners() {
+    let shape = SlotShape { image: 50_000, labels: 1000, batch: 1 };
+    for (workers, slots) in [(8, 2), (3, 7), (1, 1)] {
+        let mut pool = Pool::start(Arc::new(Stamp { fail_at: None, panic_at: None }), workers, slots, shape, 5).unwrap();
+        let mut held = Vec::new();
+        for k in 5..400u64 {
+            let b = pool.next().unwrap();
+            assert_eq!(b.index, k);
+            assert!(b.image.iter().all(|&v| v == k as f32) && b.labels.iter().all(|&l| l == (k % 251) as u8), "slot {} written by another owner", b.slot);
+            held.push(b);
+            // Hold up to slots-1 batches a while, so workers race for the rest.
+            if held.len() >= slots || k % 3 == 0 {
+                for b in held.drain(..) {
+                    pool.give_back(b);
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn a_failing_worker_is_named_within_a_second() {
+    let shape = SlotShape { image: 1000, labels: 100, batch: 1 };
+    for filler in [Stamp { fail_at: Some(3), panic_at: None }, Stamp { fail_at: None, panic_at: Some(3) }] {
+        let panics = filler.panic_at.is_some();
+        let t0 = Instant::now();
+        let mut pool = Pool::start(Arc::new(filler), 4, 4, shape, 0).unwrap();
+        let err = loop {
+            match pool.next() {
+                Ok(b) => pool.give_back(b),
+                Err(e) => break e.to_string(),
+            }
+        };
+        if panics {
+            assert!(err.contains("augmentation worker") && err.contains("batch-3") && err.contains("stamping") && err.contains("boom"), "{err}");
+        } else {
+            assert!(err.contains("augmentation worker") && err.contains("case_0007 during gaussian blur") && err.contains("corrupt"), "{err}");
+        }
+        drop(pool);
+        assert!(t0.elapsed() < Duration::from_secs(1), "reported and shut down in {:?}", t0.elapsed());
+    }
+}
+
+#[test]
+fn worker_counts_come_from_flag_env_or_cpus() {
+    // Environment variables are process-wide: only read them here, in one test.
+    let (n, src) = segk::loader::worker_count(Some(3)).unwrap();
+    assert_eq!((n, src.as_str()), (3, "--workers"));
+    assert!(segk::loader::worker_count(Some(0)).is_err());
+    let advice = segk::loader::data_wait_advice(0.2, 1).unwrap_or_default();
+    assert!(advice.contains("20 %"), "{advice}");
+    assert!(segk::loader::data_wait_advice(0.01, 1).is_none());
+}
