@@ -3,6 +3,7 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::poly_lr;
+use crate::loader::pool::{Batch, Fill, FillError, Pool, SlotShape};
 use crate::backend::Backend;
 use crate::model::unet::Acts;
 use crate::model::{Checkpointing, Topology, UNet};
@@ -56,44 +57,55 @@ pub struct DemoReport {
     pub last_epoch_loss: f64,
     pub train_secs: f64,
     pub steps: usize,
+    /// Share of the training time spent waiting for batches.
+    pub data_wait: f64,
 }
 
-/// Random patches with nnU-Net's foreground oversampling (the last third of a batch is
-/// centred on a voxel of a random present class) and random mirroring.
+/// Random patches of the in-memory synthetic cases with nnU-Net's foreground oversampling
+/// (the last third of a batch is centred on a voxel of a random present class) and random
+/// mirroring; filled by the loader's worker pool like real training batches.
 struct Sampler {
     cases: Vec<Case>,
     /// Voxel indices per case per foreground class.
     fg: Vec<Vec<Vec<usize>>>,
-    rng: Pcg64,
+    patch: [usize; 3],
+    seed: u64,
 }
 
 impl Sampler {
-    fn new(cases: Vec<Case>, classes: usize, seed: u64) -> Sampler {
+    fn new(cases: Vec<Case>, classes: usize, patch: [usize; 3], seed: u64) -> Sampler {
         let fg = cases
             .iter()
             .map(|c| (1..classes as u8).map(|l| c.labels.iter().enumerate().filter(|(_, &v)| v == l).map(|(i, _)| i).collect()).collect())
             .collect();
-        Sampler { cases, fg, rng: Pcg64::seed_from_u64(seed) }
+        Sampler { cases, fg, patch, seed }
     }
+}
 
-    fn fill(&mut self, patch: [usize; 3], image: &mut [f32], labels: &mut [u8]) {
+impl Fill for Sampler {
+    type Worker = ();
+    fn worker(&self) {}
+    fn fill(&self, _: &mut (), index: u64, batch: &mut Batch) -> std::result::Result<(), FillError> {
+        let patch = self.patch;
+        let mut rng = Pcg64::seed_from_u64(self.seed ^ index.wrapping_mul(0x9E37_79B9_7F4A_7C15));
         let pv: usize = patch.iter().product();
-        let n = labels.len() / pv;
+        let n = batch.labels.len() / pv;
         let forced = (n as f64 * 0.33).round() as usize;
         for b in 0..n {
-            let ci = self.rng.random_range(0..self.cases.len());
+            let ci = rng.random_range(0..self.cases.len());
             let s = self.cases[ci].shape;
             let present: Vec<&Vec<usize>> = self.fg[ci].iter().filter(|v| !v.is_empty()).collect();
             let origin: [usize; 3] = if b >= n - forced && !present.is_empty() {
-                let list = present[self.rng.random_range(0..present.len())];
-                let v = list[self.rng.random_range(0..list.len())];
+                let list = present[rng.random_range(0..present.len())];
+                let v = list[rng.random_range(0..list.len())];
                 let at = [v / (s[1] * s[2]), (v / s[2]) % s[1], v % s[2]];
                 std::array::from_fn(|a| at[a].saturating_sub(patch[a] / 2).min(s[a] - patch[a]))
             } else {
-                std::array::from_fn(|a| self.rng.random_range(0..=s[a] - patch[a]))
+                std::array::from_fn(|a| rng.random_range(0..=s[a] - patch[a]))
             };
-            let flip: [bool; 3] = std::array::from_fn(|_| self.rng.random_bool(0.5));
+            let flip: [bool; 3] = std::array::from_fn(|_| rng.random_bool(0.5));
             let c = &self.cases[ci];
+            batch.cases[b] = ci;
             for z in 0..patch[0] {
                 for y in 0..patch[1] {
                     for x in 0..patch[2] {
@@ -101,12 +113,16 @@ impl Sampler {
                         let src: [usize; 3] = std::array::from_fn(|a| origin[a] + if flip[a] { patch[a] - 1 - q[a] } else { q[a] });
                         let si = (src[0] * s[1] + src[1]) * s[2] + src[2];
                         let di = b * pv + (z * patch[1] + y) * patch[2] + x;
-                        image[di] = c.image[si];
-                        labels[di] = c.labels[si];
+                        batch.image[di] = c.image[si];
+                        batch.labels[di] = c.labels[si];
                     }
                 }
             }
         }
+        Ok(())
+    }
+    fn whereabouts(&self, _: &()) -> (String, &'static str) {
+        ("a synthetic case".into(), "patch sampling")
     }
 }
 
@@ -140,27 +156,33 @@ pub fn run_on<B: Backend>(be: &B, cfg: &DemoConfig) -> Result<DemoReport> {
     }
     gen.finish();
     let test: Vec<Case> = cases.split_off(cfg.train_cases);
-    let mut sampler = Sampler::new(cases, classes, cfg.seed.wrapping_add(1));
+    let sampler = std::sync::Arc::new(Sampler::new(cases, classes, cfg.patch, cfg.seed.wrapping_add(1)));
 
     let mut net = UNet::new(be, topo.clone(), cfg.seed)?;
     let acts = Acts::new(be, &topo, cfg.patch, cfg.batch, Checkpointing::None, true)?;
     let pv: usize = cfg.patch.iter().product();
-    let (mut image, mut labels) = (vec![0.0f32; cfg.batch * pv], vec![0u8; cfg.batch * pv]);
+    let shape = SlotShape { image: cfg.batch * pv, labels: cfg.batch * pv, batch: cfg.batch };
+    let mut pool = Pool::start(sampler, 1, 4, shape, 0)?;
     let steps = cfg.epochs * cfg.iters_per_epoch;
     let pb = bar(steps as u64, cfg.progress);
     pb.set_prefix("train");
     let t0 = Instant::now();
     let (mut first, mut last) = (f64::NAN, f64::NAN);
+    let (mut data_wait, mut step_time) = (0.0, 0.0);
     for epoch in 0..cfg.epochs {
         let lr = poly_lr(cfg.lr, epoch, cfg.epochs);
         let mut sum = 0.0;
+        let te = Instant::now();
         for _ in 0..cfg.iters_per_epoch {
-            sampler.fill(cfg.patch, &mut image, &mut labels);
-            let (loss, applied) = net.train_step(be, &acts, &image, &labels, lr)?;
+            let b = pool.next()?;
+            let (loss, applied) = net.train_step(be, &acts, &b.image, &b.labels, lr)?;
+            pool.give_back(b);
             anyhow::ensure!(applied, "non-finite loss or gradient at epoch {epoch} (loss {})", loss.total);
             sum += loss.total;
             pb.inc(1);
         }
+        data_wait += pool.take_stats().wait.as_secs_f64();
+        step_time += te.elapsed().as_secs_f64();
         let mean = sum / cfg.iters_per_epoch as f64;
         if epoch == 0 {
             first = mean;
@@ -173,7 +195,7 @@ pub fn run_on<B: Backend>(be: &B, cfg: &DemoConfig) -> Result<DemoReport> {
 
     let dice = evaluate(be, &net, &test, classes)?;
     let mean_dice = dice.iter().sum::<f64>() / dice.len() as f64;
-    Ok(DemoReport { dice, mean_dice, first_epoch_loss: first, last_epoch_loss: last, train_secs, steps })
+    Ok(DemoReport { dice, mean_dice, first_epoch_loss: first, last_epoch_loss: last, train_secs, steps, data_wait: data_wait / step_time.max(1e-9) })
 }
 
 /// Whole-volume prediction of each case; Dice per label averaged over the cases that

@@ -27,8 +27,18 @@ pub trait Job {
     fn run<B: crate::backend::Backend>(self, be: &B) -> Result<Self::Out>;
 }
 
-/// Runs `job` on the device `s` names: the f32 CPU backend or a CUDA GPU.
+/// Runs `job` on the device `s` names: the f32 CPU backend, a CUDA GPU, or (`auto`) GPU 0
+/// when one is usable, else the CPU with the reason printed.
 pub fn run_on<J: Job>(s: &str, job: J) -> Result<J::Out> {
+    if s == "auto" {
+        return match CudaBackend::new(0) {
+            Ok(be) => job.run(&be),
+            Err(e) => {
+                println!("no usable GPU ({e:#}): running on the CPU");
+                job.run(&CpuBackend::<f32>::new())
+            }
+        };
+    }
     match parse(s)? {
         Device::Cpu => job.run(&CpuBackend::<f32>::new()),
         Device::Cuda(i) => job.run(&CudaBackend::new(i)?),

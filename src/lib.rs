@@ -18,4 +18,5 @@ pub mod selftest;
 pub mod store;
 pub mod synth;
 pub mod tensor;
+pub mod train;
 

@@ -75,6 +75,36 @@ enum Cmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// Train 3d_fullres on a fold (preprocessing first when the store is incomplete).
+    Train {
+        /// The DatasetXXX_Name folder.
+        dataset: std::path::PathBuf,
+        /// 0-4, or `all` (train on every case).
+        fold: String,
+        /// auto (GPU 0 if usable, else CPU), cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+        #[arg(long, default_value_t = segk::train::EPOCHS)]
+        epochs: usize,
+        #[arg(long, default_value_t = segk::train::ITERS_PER_EPOCH)]
+        iters_per_epoch: usize,
+        #[arg(long, default_value_t = segk::train::VAL_ITERS)]
+        val_iters: usize,
+        /// Activation checkpointing level 0, 1 or 2.
+        #[arg(long, default_value_t = 1)]
+        checkpointing: u8,
+        /// Augmentation workers (default: SEGK_WORKERS, else nnUNet_n_proc_DA, else CPUs - 1).
+        #[arg(long)]
+        workers: Option<usize>,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Preprocessed folder (default: as `segk plan`).
+        #[arg(long)]
+        preprocessed: Option<std::path::PathBuf>,
+        /// Output folder (default: $nnUNet_results/NAME/segk_3d_fullres/fold_F, else DATASET/../segk_results/...).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// Write a generated nnU-Net raw dataset (CT-like images, organ + lesion labels).
     Synth {
         /// The DatasetXXX_Name folder to create.
@@ -148,6 +178,9 @@ fn main() {
         Cmd::Fingerprint { dataset, out } => run_fingerprint(&dataset, out),
         Cmd::Plan { dataset, gpu_memory, out } => run_plan(&dataset, gpu_memory, out),
         Cmd::Preprocess { dataset, processes, f16, gpu_memory, out } => run_preprocess(&dataset, processes, f16, gpu_memory, out),
+        Cmd::Train { dataset, fold, device, epochs, iters_per_epoch, val_iters, checkpointing, workers, seed, preprocessed, out } => {
+            run_train(&dataset, &fold, &device, epochs, iters_per_epoch, val_iters, checkpointing, workers, seed, preprocessed, out)
+        }
         Cmd::Synth { dataset, cases, shape, spacing, seed } => run_synth(&dataset, segk::synth::RawSpec { cases, shape, spacing, seed }),
         Cmd::Bench { what: BenchCmd::Step(a) } => set_threads(a.threads).and_then(|_| segk::bench_step::run(&a)),
     };
@@ -256,6 +289,83 @@ fn run_preprocess(root: &std::path::Path, processes: Option<usize>, f16: bool, g
     Ok(())
 }
 
+struct Train(segk::train::TrainConfig);
+
+impl Job for Train {
+    type Out = Vec<segk::train::EpochLog>;
+    fn run<B: Backend>(self, be: &B) -> Result<Self::Out> {
+        println!("device {}", be.name());
+        segk::train::run_on(be, &self.0)
+    }
+}
+
+fn run_train(
+    root: &std::path::Path,
+    fold: &str,
+    device: &str,
+    epochs: usize,
+    iters_per_epoch: usize,
+    val_iters: usize,
+    checkpointing: u8,
+    workers: Option<usize>,
+    seed: u64,
+    preprocessed: Option<std::path::PathBuf>,
+    out: Option<std::path::PathBuf>,
+) -> Result<()> {
+    use segk::preprocess::{splits, STORE_DIR};
+    let fold: splits::Fold = fold.parse()?;
+    let checkpointing = segk::model::Checkpointing::from_level(checkpointing)?;
+    anyhow::ensure!(epochs > 0 && iters_per_epoch > 0, "--epochs and --iters-per-epoch must be positive");
+    let pre = preprocessed.unwrap_or_else(|| preprocessed_dir(root));
+    let ds = segk::dataset::Dataset::open(root)?;
+    let ids: Vec<String> = ds.cases.iter().map(|c| c.id.clone()).collect();
+    let store = pre.join(STORE_DIR);
+    let stored = segk::store::case_ids(&store).unwrap_or_default();
+    if ids.iter().any(|id| !stored.contains(id)) {
+        println!("the store at {} is missing cases: preprocessing first", store.display());
+        run_preprocess(root, None, false, 8.0, Some(pre.clone()))?;
+    }
+    let plans = segk::plan::plans::PlansFile::read(&pre)?;
+    let split = splits::select(&splits::load_or_create(&pre, &ids)?, &ids, fold)?;
+    let fold_name = match fold {
+        splits::Fold::All => "all".to_string(),
+        splits::Fold::Index(k) => k.to_string(),
+    };
+    let out = out.unwrap_or_else(|| match std::env::var_os("nnUNet_results") {
+        Some(r) => std::path::PathBuf::from(r).join(dataset_name(root)).join("segk_3d_fullres").join(format!("fold_{fold_name}")),
+        None => root.parent().unwrap_or(root).join("segk_results").join(dataset_name(root)).join("3d_fullres").join(format!("fold_{fold_name}")),
+    });
+    let plan = plans.configurations.fullres;
+    println!(
+        "training 3d_fullres fold {fold_name}: patch {:?}, batch {}, {} epochs x {} iterations, checkpointing {}, output {}",
+        plan.patch_size,
+        plan.batch_size,
+        epochs,
+        iters_per_epoch,
+        checkpointing.level(),
+        out.display()
+    );
+    let cfg = segk::train::TrainConfig {
+        store,
+        plan,
+        train_ids: split.train,
+        val_ids: split.val,
+        out,
+        epochs,
+        iters_per_epoch,
+        val_iters,
+        checkpointing,
+        workers,
+        seed,
+        lr: segk::train::INITIAL_LR,
+    };
+    let logs = segk::device::run_on(device, Train(cfg))?;
+    if let Some(last) = logs.last() {
+        println!("done: {} epochs, final EMA pseudo-Dice {:.4}", logs.len(), last.ema_dice);
+    }
+    Ok(())
+}
+
 fn run_synth(root: &std::path::Path, spec: segk::synth::RawSpec) -> Result<()> {
     anyhow::ensure!(spec.cases > 0 && spec.shape.iter().all(|&s| s >= 8), "need at least one case of at least 8 voxels per axis");
     let t0 = std::time::Instant::now();
@@ -323,7 +433,7 @@ fn run_demo(epochs: usize, iters: usize, seed: u64, device: &str) -> Result<()> 
     );
     let t0 = std::time::Instant::now();
     let r = segk::device::run_on(device, Demo(cfg))?;
-    println!("trained {} steps in {:.1} s; mean loss first epoch {:.4}, last epoch {:.4}", r.steps, r.train_secs, r.first_epoch_loss, r.last_epoch_loss);
+    println!("trained {} steps in {:.1} s (waiting for data {:.1} % of it); mean loss first epoch {:.4}, last epoch {:.4}", r.steps, r.train_secs, r.data_wait * 100.0, r.first_epoch_loss, r.last_epoch_loss);
     println!("held-out Dice per label:");
     for (k, d) in r.dice.iter().enumerate() {
         println!("  {:>2} {:<10} {:.4}", k + 1, LABEL_NAMES[k + 1], d);

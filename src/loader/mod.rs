@@ -357,6 +357,8 @@ pub fn host_memory_available() -> Option<u64> {
 pub struct Loader {
     pub pool: pool::Pool,
     pub workers_source: String,
+    /// The cases, as a batch's `cases` indexes them.
+    pub ids: Vec<String>,
 }
 
 /// Refuses when the slots, the workers' scratch and the mapped store do not fit in RAM.
@@ -383,7 +385,7 @@ impl Loader {
         let slots = 2 * workers + 2;
         check_memory(&spec, workers, slots, aug.mapped_bytes())?;
         let pool = pool::Pool::start(std::sync::Arc::new(aug), workers, slots, spec.slot_shape(), first)?;
-        Ok(Loader { pool, workers_source })
+        Ok(Loader { pool, workers_source, ids: ids.to_vec() })
     }
 }
 

@@ -157,50 +157,85 @@ fn warp<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &Source<I, L>, a:
     let n: usize = patch.iter().product();
     let cin: [f64; 3] = std::array::from_fn(|d| (src.size[d] as f64 - 1.0) / 2.0 + src.lo[d] as f64);
     let cout: [f64; 3] = patch.map(|p| (p as f64 - 1.0) / 2.0);
+    // Readable stored positions: inside the box and the volume.
+    let lo: [i64; 3] = std::array::from_fn(|d| src.lo[d].max(0));
+    let hi: [i64; 3] = std::array::from_fn(|d| (src.lo[d] + src.size[d] as i64).min(src.shape[d] as i64));
+    let (plane, row) = ((src.shape[1] * src.shape[2]) as isize, src.shape[2] as isize);
+    let corner_off: [isize; 8] = std::array::from_fn(|k| ((k >> 2) & 1) as isize * plane + ((k >> 1) & 1) as isize * row + (k & 1) as isize);
+    let ch = src.channels;
     let mut o = 0;
     let mut cand: Vec<(i16, f32)> = Vec::with_capacity(8);
     for z in 0..patch[0] {
         for y in 0..patch[1] {
-            for x in 0..patch[2] {
-                let rel = [z as f64 - cout[0], y as f64 - cout[1], x as f64 - cout[2]];
-                let q: [f64; 3] = std::array::from_fn(|i| a[i][0] * rel[0] + a[i][1] * rel[1] + a[i][2] * rel[2] + cin[i]);
+            let rel = [z as f64 - cout[0], y as f64 - cout[1], -cout[2]];
+            let mut q: [f64; 3] = std::array::from_fn(|i| a[i][0] * rel[0] + a[i][1] * rel[1] + a[i][2] * rel[2] + cin[i]);
+            for _ in 0..patch[2] {
                 let i0 = q.map(|v| v.floor() as i64);
-                let t: [f64; 3] = std::array::from_fn(|d| q[d] - i0[d] as f64);
-                (0..src.channels).for_each(|c| image[c * n + o] = 0.0);
-                cand.clear();
-                for corner in 0..8 {
-                    let bit = [(corner >> 2) & 1, (corner >> 1) & 1, corner & 1];
-                    let w = (0..3).map(|d| if bit[d] == 1 { t[d] } else { 1.0 - t[d] }).product::<f64>();
-                    if w == 0.0 {
-                        continue;
+                let t: [f32; 3] = std::array::from_fn(|d| (q[d] - i0[d] as f64) as f32);
+                let w: [f32; 8] = std::array::from_fn(|k| {
+                    let f = |d: usize, bit: usize| if bit == 1 { t[d] } else { 1.0 - t[d] };
+                    f(0, (k >> 2) & 1) * f(1, (k >> 1) & 1) * f(2, k & 1)
+                });
+                let inside = (0..3).all(|d| i0[d] >= lo[d] && i0[d] + 1 < hi[d]);
+                if inside {
+                    // Every corner readable: fixed offsets from the first.
+                    let base = (i0[0] as usize * src.shape[1] + i0[1] as usize) * src.shape[2] + i0[2] as usize;
+                    for c in 0..ch {
+                        image[c * n + o] = (0..8).map(|k| w[k] * src.image.at(((base as isize + corner_off[k]) as usize) * ch + c)).sum();
                     }
-                    let p = [i0[0] + bit[0] as i64, i0[1] + bit[1] as i64, i0[2] + bit[2] as i64];
-                    let l = match src.index(p) {
-                        Some(i) => {
-                            for c in 0..src.channels {
-                                image[c * n + o] += (w as f32) * src.image.at(i * src.channels + c);
-                            }
-                            src.labels.label(i)
+                    let l0 = src.labels.label(base);
+                    if (1..8).all(|k| w[k] == 0.0 || src.labels.label((base as isize + corner_off[k]) as usize) == l0) {
+                        labels[o] = l0;
+                    } else {
+                        cand.clear();
+                        for k in 0..8 {
+                            vote(&mut cand, src.labels.label((base as isize + corner_off[k]) as usize), w[k]);
                         }
-                        None => -1,
-                    };
-                    match cand.iter_mut().find(|e| e.0 == l) {
-                        Some(e) => e.1 += w as f32,
-                        None => cand.push((l, w as f32)),
+                        labels[o] = decide(&mut cand, src, q);
                     }
-                }
-                labels[o] = if cand.len() == 1 {
-                    cand[0].0
                 } else {
-                    // nnU-Net compares float16(1000 x score); near-ties become ties.
-                    cand.iter_mut().for_each(|e| e.1 = f16::from_f32(1000.0 * e.1).to_f32());
-                    let best = cand.iter().map(|e| e.1).fold(f32::MIN, f32::max);
-                    let lowest = cand.iter().filter(|e| e.1 == best).map(|e| e.0).min().unwrap_or(-1);
-                    let near = src.index(q.map(nearbyint)).map_or(-1, |i| src.labels.label(i));
-                    if cand.iter().any(|e| e.0 == near && e.1 == best) { near } else { lowest }
-                };
+                    (0..ch).for_each(|c| image[c * n + o] = 0.0);
+                    cand.clear();
+                    for k in 0..8 {
+                        let p = [i0[0] + ((k >> 2) & 1) as i64, i0[1] + ((k >> 1) & 1) as i64, i0[2] + (k & 1) as i64];
+                        let l = match src.index(p) {
+                            Some(i) => {
+                                for c in 0..ch {
+                                    image[c * n + o] += w[k] * src.image.at(i * ch + c);
+                                }
+                                src.labels.label(i)
+                            }
+                            None => -1,
+                        };
+                        vote(&mut cand, l, w[k]);
+                    }
+                    labels[o] = if cand.len() == 1 { cand[0].0 } else { decide(&mut cand, src, q) };
+                }
+                for d in 0..3 {
+                    q[d] += a[d][2];
+                }
                 o += 1;
             }
         }
     }
+}
+
+fn vote(cand: &mut Vec<(i16, f32)>, l: i16, w: f32) {
+    if w == 0.0 {
+        return;
+    }
+    match cand.iter_mut().find(|e| e.0 == l) {
+        Some(e) => e.1 += w,
+        None => cand.push((l, w)),
+    }
+}
+
+/// nnU-Net compares float16(1000 x score): near-ties become ties, which go to the nearest
+/// label when it is among the tied, else to the lowest tied label.
+fn decide<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(cand: &mut [(i16, f32)], src: &Source<I, L>, q: [f64; 3]) -> i16 {
+    cand.iter_mut().for_each(|e| e.1 = f16::from_f32(1000.0 * e.1).to_f32());
+    let best = cand.iter().map(|e| e.1).fold(f32::MIN, f32::max);
+    let lowest = cand.iter().filter(|e| e.1 == best).map(|e| e.0).min().unwrap_or(-1);
+    let near = src.index(q.map(nearbyint)).map_or(-1, |i| src.labels.label(i));
+    if cand.iter().any(|e| e.0 == near && e.1 == best) { near } else { lowest }
 }
