@@ -149,6 +149,17 @@ fn intensity_transforms_match_their_definitions() {
         assert!(y.iter().zip(&base).all(|(a, b)| (a - b).abs() < 1e-5), "gamma 1 is the identity");
     }
 
+    let mut worst = 0.0f32;
+    for i in 0..=100_000 {
+        let x = i as f32 / 100_000.0;
+        for g in [0.7f32, 0.93, 1.0, 1.27, 1.5] {
+            let (a, b) = (intensity::pow01(x, g), x.powf(g));
+            worst = worst.max((a - b).abs() / b.max(1e-30));
+        }
+    }
+    assert!(worst < 1e-5, "pow01 relative error {worst}");
+    assert_eq!(intensity::pow01(0.0, 0.7), 0.0);
+
     let mut x = base.clone();
     intensity::contrast(&mut x, 1.0);
     assert!(x.iter().zip(&base).all(|(a, b)| (a - b).abs() < 1e-6));

@@ -279,17 +279,24 @@ impl Augmenter {
         let n = self.spec.patch_voxels();
         let (img, lab) = (&mut b.image[j * n * c..(j + 1) * n * c], &mut b.labels[j * n..(j + 1) * n]);
         let src = |i: usize, n: usize, f: bool| if f { n - 1 - i } else { i };
-        let mut o = 0;
         for z in 0..p[0] {
             for y in 0..p[1] {
                 let row = (src(z, p[0], flip[0]) * p[1] + src(y, p[1], flip[1])) * p[2];
-                for x in 0..p[2] {
-                    let s = row + src(x, p[2], flip[2]);
-                    for ch in 0..c {
-                        img[o * c + ch] = w.image[ch * n + s];
+                let o = (z * p[1] + y) * p[2];
+                let (lo, li) = (&mut lab[o..o + p[2]], &w.labels[row..row + p[2]]);
+                if flip[2] {
+                    lo.iter_mut().zip(li.iter().rev()).for_each(|(d, &s)| *d = s.max(0) as u8);
+                } else {
+                    lo.iter_mut().zip(li).for_each(|(d, &s)| *d = s.max(0) as u8);
+                }
+                for ch in 0..c {
+                    let si = &w.image[ch * n + row..ch * n + row + p[2]];
+                    let di = img[o * c..(o + p[2]) * c].iter_mut().skip(ch).step_by(c);
+                    if flip[2] {
+                        di.zip(si.iter().rev()).for_each(|(d, &s)| *d = s);
+                    } else {
+                        di.zip(si).for_each(|(d, &s)| *d = s);
                     }
-                    lab[o] = w.labels[s].max(0) as u8;
-                    o += 1;
                 }
             }
         }

@@ -116,31 +116,49 @@ pub fn sample<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &Source<I, 
     }
 }
 
-/// The plain path: the patch at floor(S/2) - P/2 in the box, no interpolation.
+/// The plain path: the patch at floor(S/2) - P/2 in the box, no interpolation; row by row,
+/// the readable run of each row copied, the rest padded.
 fn crop<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &Source<I, L>, patch: [usize; 3], image: &mut [f32], labels: &mut [i16]) {
     let n: usize = patch.iter().product();
+    let ch = src.channels;
     let start: [i64; 3] = std::array::from_fn(|d| src.lo[d] + (src.size[d] / 2) as i64 - (patch[d] / 2) as i64);
-    let mut o = 0;
+    let lo: [i64; 3] = std::array::from_fn(|d| src.lo[d].max(0));
+    let hi: [i64; 3] = std::array::from_fn(|d| (src.lo[d] + src.size[d] as i64).min(src.shape[d] as i64));
+    // The run of x inside [lo, hi): patch columns x0..x1.
+    let x0 = (lo[2] - start[2]).clamp(0, patch[2] as i64) as usize;
+    let x1 = (hi[2] - start[2]).clamp(x0 as i64, patch[2] as i64) as usize;
     for z in 0..patch[0] {
         for y in 0..patch[1] {
-            for x in 0..patch[2] {
-                let p = [start[0] + z as i64, start[1] + y as i64, start[2] + x as i64];
-                match src.index(p) {
-                    Some(i) => {
-                        for c in 0..src.channels {
-                            image[c * n + o] = src.image.at(i * src.channels + c);
-                        }
-                        labels[o] = src.labels.label(i);
+            let o = (z * patch[1] + y) * patch[2];
+            let (pz, py) = (start[0] + z as i64, start[1] + y as i64);
+            let row_ok = pz >= lo[0] && pz < hi[0] && py >= lo[1] && py < hi[1];
+            let (a, b) = if row_ok { (x0, x1) } else { (0, 0) };
+            for c in 0..ch {
+                let out = &mut image[c * n + o..c * n + o + patch[2]];
+                out[..a].iter_mut().for_each(|v| *v = 0.0);
+                out[b.max(a)..].iter_mut().for_each(|v| *v = 0.0);
+            }
+            labels[o..o + a].iter_mut().for_each(|l| *l = -1);
+            labels[o + b.max(a)..o + patch[2]].iter_mut().for_each(|l| *l = -1);
+            if a < b {
+                let base = (pz as usize * src.shape[1] + py as usize) * src.shape[2] + (start[2] + a as i64) as usize;
+                for x in a..b {
+                    let i = base + (x - a);
+                    for c in 0..ch {
+                        image[c * n + o + x] = src.image.at(i * ch + c);
                     }
-                    None => {
-                        (0..src.channels).for_each(|c| image[c * n + o] = 0.0);
-                        labels[o] = -1;
-                    }
+                    labels[o + x] = src.labels.label(i);
                 }
-                o += 1;
             }
         }
     }
+}
+
+/// floor without the libm call (the default x86-64 target has no SSE4.1 round).
+#[inline]
+fn floor_i64(v: f64) -> i64 {
+    let t = v as i64;
+    t - i64::from((t as f64) > v)
 }
 
 /// Round half to even, as the nearest-label lookup does.
@@ -170,32 +188,41 @@ fn warp<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &Source<I, L>, a:
             let rel = [z as f64 - cout[0], y as f64 - cout[1], -cout[2]];
             let mut q: [f64; 3] = std::array::from_fn(|i| a[i][0] * rel[0] + a[i][1] * rel[1] + a[i][2] * rel[2] + cin[i]);
             for _ in 0..patch[2] {
-                let i0 = q.map(|v| v.floor() as i64);
+                let i0 = q.map(floor_i64);
                 let t: [f32; 3] = std::array::from_fn(|d| (q[d] - i0[d] as f64) as f32);
-                let w: [f32; 8] = std::array::from_fn(|k| {
-                    let f = |d: usize, bit: usize| if bit == 1 { t[d] } else { 1.0 - t[d] };
-                    f(0, (k >> 2) & 1) * f(1, (k >> 1) & 1) * f(2, k & 1)
-                });
+                let w = || -> [f32; 8] {
+                    std::array::from_fn(|k| {
+                        let f = |d: usize, bit: usize| if bit == 1 { t[d] } else { 1.0 - t[d] };
+                        f(0, (k >> 2) & 1) * f(1, (k >> 1) & 1) * f(2, k & 1)
+                    })
+                };
                 let inside = (0..3).all(|d| i0[d] >= lo[d] && i0[d] + 1 < hi[d]);
                 if inside {
-                    // Every corner readable: fixed offsets from the first.
+                    // Every corner readable: fixed offsets from the first, seven lerps.
                     let base = (i0[0] as usize * src.shape[1] + i0[1] as usize) * src.shape[2] + i0[2] as usize;
+                    let idx: [usize; 8] = std::array::from_fn(|k| (base as isize + corner_off[k]) as usize);
+                    let lerp = |a: f32, b: f32, t: f32| a + t * (b - a);
                     for c in 0..ch {
-                        image[c * n + o] = (0..8).map(|k| w[k] * src.image.at(((base as isize + corner_off[k]) as usize) * ch + c)).sum();
+                        let v: [f32; 8] = std::array::from_fn(|k| src.image.at(idx[k] * ch + c));
+                        let (c00, c01) = (lerp(v[0], v[1], t[2]), lerp(v[2], v[3], t[2]));
+                        let (c10, c11) = (lerp(v[4], v[5], t[2]), lerp(v[6], v[7], t[2]));
+                        image[c * n + o] = lerp(lerp(c00, c01, t[1]), lerp(c10, c11, t[1]), t[0]);
                     }
-                    let l0 = src.labels.label(base);
-                    if (1..8).all(|k| w[k] == 0.0 || src.labels.label((base as isize + corner_off[k]) as usize) == l0) {
-                        labels[o] = l0;
+                    let l: [i16; 8] = std::array::from_fn(|k| src.labels.label(idx[k]));
+                    if l.iter().all(|&x| x == l[0]) {
+                        labels[o] = l[0];
                     } else {
                         cand.clear();
+                        let w = w();
                         for k in 0..8 {
-                            vote(&mut cand, src.labels.label((base as isize + corner_off[k]) as usize), w[k]);
+                            vote(&mut cand, l[k], w[k]);
                         }
-                        labels[o] = decide(&mut cand, src, q);
+                        labels[o] = if cand.len() == 1 { cand[0].0 } else { decide(&mut cand, src, q) };
                     }
                 } else {
                     (0..ch).for_each(|c| image[c * n + o] = 0.0);
                     cand.clear();
+                    let w = w();
                     for k in 0..8 {
                         let p = [i0[0] + ((k >> 2) & 1) as i64, i0[1] + ((k >> 1) & 1) as i64, i0[2] + (k & 1) as i64];
                         let l = match src.index(p) {
