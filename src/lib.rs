@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod bench_step;
+pub mod checkpoint;
 pub mod dataset;
 pub mod demo;
 pub mod device;
@@ -16,6 +17,7 @@ pub mod plan;
 pub mod preprocess;
 pub mod selftest;
 pub mod store;
+pub mod sysinfo;
 pub mod synth;
 pub mod tensor;
 pub mod train;

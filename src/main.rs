@@ -90,9 +90,15 @@ enum Cmd {
         iters_per_epoch: usize,
         #[arg(long, default_value_t = segk::train::VAL_ITERS)]
         val_iters: usize,
-        /// Activation checkpointing level 0, 1 or 2.
-        #[arg(long, default_value_t = 1)]
-        checkpointing: u8,
+        /// Activation checkpointing: auto (the fastest level that fits), 0, 1 or 2.
+        #[arg(long, default_value = "auto")]
+        checkpointing: String,
+        /// Epochs between checkpoint_latest saves.
+        #[arg(long, default_value_t = segk::train::SAVE_EVERY)]
+        save_every: usize,
+        /// Continue from checkpoint_latest in the output folder.
+        #[arg(long)]
+        resume: bool,
         /// Augmentation workers (default: SEGK_WORKERS, else nnUNet_n_proc_DA, else CPUs - 1).
         #[arg(long)]
         workers: Option<usize>,
@@ -178,8 +184,9 @@ fn main() {
         Cmd::Fingerprint { dataset, out } => run_fingerprint(&dataset, out),
         Cmd::Plan { dataset, gpu_memory, out } => run_plan(&dataset, gpu_memory, out),
         Cmd::Preprocess { dataset, processes, f16, gpu_memory, out } => run_preprocess(&dataset, processes, f16, gpu_memory, out),
-        Cmd::Train { dataset, fold, device, epochs, iters_per_epoch, val_iters, checkpointing, workers, seed, preprocessed, out } => {
-            run_train(&dataset, &fold, &device, epochs, iters_per_epoch, val_iters, checkpointing, workers, seed, preprocessed, out)
+        Cmd::Train { dataset, fold, device, epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, workers, seed, preprocessed, out } => {
+            let o = TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, workers, seed };
+            run_train(&dataset, &fold, &device, o, preprocessed, out)
         }
         Cmd::Synth { dataset, cases, shape, spacing, seed } => run_synth(&dataset, segk::synth::RawSpec { cases, shape, spacing, seed }),
         Cmd::Bench { what: BenchCmd::Step(a) } => set_threads(a.threads).and_then(|_| segk::bench_step::run(&a)),
@@ -299,22 +306,43 @@ impl Job for Train {
     }
 }
 
-fn run_train(
-    root: &std::path::Path,
-    fold: &str,
-    device: &str,
+struct TrainOpts {
     epochs: usize,
     iters_per_epoch: usize,
     val_iters: usize,
-    checkpointing: u8,
+    checkpointing: String,
+    save_every: usize,
+    resume: bool,
     workers: Option<usize>,
     seed: u64,
-    preprocessed: Option<std::path::PathBuf>,
-    out: Option<std::path::PathBuf>,
-) -> Result<()> {
+}
+
+/// Saves and stops at the next step on Ctrl-C or `kill` (SIGINT, SIGTERM).
+#[cfg(unix)]
+fn stop_on_signals() {
+    extern "C" fn on_signal(_: i32) {
+        segk::train::STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+    extern "C" {
+        fn signal(signum: i32, handler: usize) -> usize;
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        signal(2, on_signal as extern "C" fn(i32) as usize);
+        signal(15, on_signal as extern "C" fn(i32) as usize);
+    }
+}
+
+fn run_train(root: &std::path::Path, fold: &str, device: &str, o: TrainOpts, preprocessed: Option<std::path::PathBuf>, out: Option<std::path::PathBuf>) -> Result<()> {
     use segk::preprocess::{splits, STORE_DIR};
+    let TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, workers, seed } = o;
     let fold: splits::Fold = fold.parse()?;
-    let checkpointing = segk::model::Checkpointing::from_level(checkpointing)?;
+    let checkpointing = match checkpointing.as_str() {
+        "auto" => None,
+        l => Some(segk::model::Checkpointing::from_level(l.parse().map_err(|_| anyhow::anyhow!("--checkpointing must be auto, 0, 1 or 2"))?)?),
+    };
+    #[cfg(unix)]
+    stop_on_signals();
     anyhow::ensure!(epochs > 0 && iters_per_epoch > 0, "--epochs and --iters-per-epoch must be positive");
     let pre = preprocessed.unwrap_or_else(|| preprocessed_dir(root));
     let ds = segk::dataset::Dataset::open(root)?;
@@ -337,12 +365,11 @@ fn run_train(
     });
     let plan = plans.configurations.fullres;
     println!(
-        "training 3d_fullres fold {fold_name}: patch {:?}, batch {}, {} epochs x {} iterations, checkpointing {}, output {}",
+        "training 3d_fullres fold {fold_name}: patch {:?}, batch {}, {} epochs x {} iterations, output {}",
         plan.patch_size,
         plan.batch_size,
         epochs,
         iters_per_epoch,
-        checkpointing.level(),
         out.display()
     );
     let cfg = segk::train::TrainConfig {
@@ -358,10 +385,12 @@ fn run_train(
         workers,
         seed,
         lr: segk::train::INITIAL_LR,
+        save_every,
+        resume,
     };
     let logs = segk::device::run_on(device, Train(cfg))?;
     if let Some(last) = logs.last() {
-        println!("done: {} epochs, final EMA pseudo-Dice {:.4}", logs.len(), last.ema_dice);
+        println!("done: {} epochs run, final EMA pseudo-Dice {:.4}", logs.len(), last.ema_dice);
     }
     Ok(())
 }

@@ -4,13 +4,17 @@
 //! share of step time spent waiting for data.
 
 use crate::backend::{poly_lr, Backend};
+use crate::checkpoint::{self, TrainerState};
 use crate::loader::{self, Augment, BatchSpec};
+use crate::model::params::ParamLayout;
+use crate::model::plan::ActPlan;
 use crate::model::unet::Acts;
 use crate::model::{Checkpointing, UNet};
 use crate::plan::plans::Plan;
-use anyhow::{ensure, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Debug)]
@@ -25,10 +29,14 @@ pub struct TrainConfig {
     pub epochs: usize,
     pub iters_per_epoch: usize,
     pub val_iters: usize,
-    pub checkpointing: Checkpointing,
+    /// None: the fastest level that fits the device's free memory.
+    pub checkpointing: Option<Checkpointing>,
     pub workers: Option<usize>,
     pub seed: u64,
     pub lr: f64,
+    /// Epochs between checkpoint_latest saves.
+    pub save_every: usize,
+    pub resume: bool,
 }
 
 /// nnU-Net's schedule.
@@ -39,6 +47,8 @@ pub const INITIAL_LR: f64 = 1e-2;
 pub const EMA: f64 = 0.9;
 /// Non-finite steps in a row before training stops.
 pub const MAX_BAD_STEPS: usize = 5;
+/// nnU-Net saves checkpoint_latest every 50 epochs.
+pub const SAVE_EVERY: usize = 50;
 
 #[derive(Clone, Debug)]
 pub struct EpochLog {
@@ -91,16 +101,66 @@ fn count(pred: &[u8], truth: &[u8], classes: usize, tp: &mut [u64], fp: &mut [u6
     }
 }
 
-/// Trains and returns one log entry per epoch.
+/// Set by SIGINT/SIGTERM: the trainer saves checkpoint_latest at the next step and stops.
+pub static STOP: AtomicBool = AtomicBool::new(false);
+
+/// Bytes a training run needs on the device at a checkpoint level: parameters, gradients
+/// and momentum, the training activations, the validation activations and label maps.
+pub fn device_bytes(plan: &Plan, level: Checkpointing, elem_bytes: usize) -> Result<usize> {
+    let t = &plan.topology;
+    let params = 3 * ParamLayout::new(t).len * elem_bytes;
+    let train = ActPlan::new(t, plan.patch_size, plan.batch_size, level, true)?.bytes(elem_bytes);
+    let infer = ActPlan::new(t, plan.patch_size, plan.batch_size, Checkpointing::Level1, false)?.bytes(elem_bytes);
+    Ok(params + train + infer + plan.batch_size * plan.patch_size.iter().product::<usize>())
+}
+
+/// The checkpoint level to train at: the one asked for if it fits, or (auto) the fastest
+/// that fits; refuses with the numbers and the remedies when none does.
+pub fn preflight(plan: &Plan, asked: Option<Checkpointing>, elem_bytes: usize, available: Option<u64>) -> Result<Checkpointing> {
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    let levels = match asked {
+        Some(l) => vec![l],
+        None => vec![Checkpointing::None, Checkpointing::Level1, Checkpointing::Level2],
+    };
+    let Some(avail) = available else { return Ok(asked.unwrap_or(Checkpointing::Level1)) };
+    let mut needs = Vec::new();
+    for &l in &levels {
+        let need = device_bytes(plan, l, elem_bytes)? as u64;
+        if need <= avail {
+            return Ok(l);
+        }
+        needs.push(format!("level {}: {:.2} GiB", l.level(), gib(need)));
+    }
+    bail!(
+        "training needs {} but {:.2} GiB is free: plan a smaller patch (`segk plan --gpu-memory {:.0}`), train at --checkpointing 2, or free memory",
+        needs.join(", "),
+        gib(avail),
+        (gib(avail) * 0.9).floor().max(1.0)
+    )
+}
+
+/// Trains and returns one log entry per epoch run (resumed epochs are not repeated).
 pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
     let plan = &cfg.plan;
     let topo = plan.topology.clone();
     let classes = topo.n_classes;
     let channels = topo.in_channels;
+    let level = preflight(plan, cfg.checkpointing, be.elem_bytes(), be.memory_available())?;
+    println!("memory: {:.2} GiB at checkpointing level {}", device_bytes(plan, level, be.elem_bytes())? as f64 / (1u64 << 30) as f64, level.level());
+    std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
+    let mut net = UNet::new(be, topo.clone(), cfg.seed)?;
+    let mut st = TrainerState { epoch: 0, steps: 0, next_train_batch: 0, next_val_batch: 0, ema_dice: None, best_ema_dice: None, seed: cfg.seed, bad_in_a_row: 0, iter: 0, epoch_loss_sum: 0.0, epoch_steps: 0, epoch_skipped: 0, history: Vec::new() };
+    if cfg.resume {
+        if checkpoint::exists(&cfg.out, "checkpoint_latest") {
+            st = checkpoint::load(&cfg.out, "checkpoint_latest", be, &mut net)?;
+            println!("resuming from {} at epoch {} iteration {} (step {})", cfg.out.join("checkpoint_latest.safetensors").display(), st.epoch, st.iter, st.steps);
+        } else {
+            println!("--resume: no checkpoint_latest in {}, starting fresh", cfg.out.display());
+        }
+    }
     let spec = |augment, seed| BatchSpec { batch: plan.batch_size, patch: plan.patch_size, channels, use_mask: plan.use_mask_for_norm.clone(), seed, augment };
-    let first = 0;
-    let mut train = loader::Loader::start(&cfg.store, &cfg.train_ids, spec(Augment::default(), cfg.seed), cfg.workers, first)?;
-    let mut val = loader::Loader::start(&cfg.store, &cfg.val_ids, spec(Augment::none(), cfg.seed ^ 0x5eed), Some(1), 0)?;
+    let mut train = loader::Loader::start(&cfg.store, &cfg.train_ids, spec(Augment::default(), st.seed), cfg.workers, st.next_train_batch)?;
+    let mut val = loader::Loader::start(&cfg.store, &cfg.val_ids, spec(Augment::none(), st.seed ^ 0x5eed), Some(1), st.next_val_batch)?;
     println!(
         "loader: {} workers ({}), {} slots of {:.1} MiB; train {} cases, validation {} cases",
         train.pool.workers(),
@@ -110,36 +170,39 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
         cfg.train_ids.len(),
         cfg.val_ids.len()
     );
-    let mut net = UNet::new(be, topo.clone(), cfg.seed)?;
-    let acts = Acts::new(be, &topo, plan.patch_size, plan.batch_size, cfg.checkpointing, true)?;
+    let acts = Acts::new(be, &topo, plan.patch_size, plan.batch_size, level, true)?;
     let infer = Acts::new(be, &topo, plan.patch_size, plan.batch_size, Checkpointing::Level1, false)?;
     let rows = plan.batch_size * plan.patch_size.iter().product::<usize>();
     let pred_buf = be.alloc_labels(rows)?;
     let mut pred = vec![0u8; rows];
-    std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     let log_path = cfg.out.join("training_log.txt");
     let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
-    let mut ema = f64::NAN;
-    let mut logs = Vec::with_capacity(cfg.epochs);
-    let mut bad_in_a_row = 0;
-    for epoch in 0..cfg.epochs {
+    let mut logs = Vec::new();
+    while st.epoch < cfg.epochs {
+        let epoch = st.epoch;
         let t0 = Instant::now();
         let lr = poly_lr(cfg.lr, epoch, cfg.epochs);
-        let (mut loss_sum, mut steps, mut skipped) = (0.0, 0usize, 0usize);
         train.pool.take_stats();
-        for _ in 0..cfg.iters_per_epoch {
+        while st.iter < cfg.iters_per_epoch {
+            if STOP.load(Ordering::Relaxed) {
+                st.steps = net.steps;
+                checkpoint::save(&cfg.out, "checkpoint_latest", be, &net, &st)?;
+                bail!("interrupted at epoch {epoch} iteration {}: saved checkpoint_latest; continue with --resume", st.iter);
+            }
             let b = train.pool.next()?;
             let (loss, applied) = net.train_step(be, &acts, &b.image, &b.labels, lr)?;
+            st.next_train_batch += 1;
+            st.iter += 1;
             if applied {
-                loss_sum += loss.total;
-                steps += 1;
-                bad_in_a_row = 0;
+                st.epoch_loss_sum += loss.total;
+                st.epoch_steps += 1;
+                st.bad_in_a_row = 0;
             } else {
-                skipped += 1;
-                bad_in_a_row += 1;
+                st.epoch_skipped += 1;
+                st.bad_in_a_row += 1;
                 let cases: Vec<&str> = b.cases.iter().map(|&c| train.ids[c].as_str()).collect();
                 println!("  skipped a step at epoch {epoch}: non-finite loss or gradient (loss {}, cases {cases:?})", loss.total);
-                ensure!(bad_in_a_row < MAX_BAD_STEPS, "{bad_in_a_row} steps in a row gave a non-finite loss or gradient at epoch {epoch} (last batch: cases {cases:?})");
+                ensure!(st.bad_in_a_row < MAX_BAD_STEPS, "{} steps in a row gave a non-finite loss or gradient at epoch {epoch} (last batch: cases {cases:?})", st.bad_in_a_row);
             }
             train.pool.give_back(b);
         }
@@ -153,22 +216,40 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
             be.download_labels(be.label_view(&pred_buf, 0, rows), &mut pred)?;
             count(&pred, &b.labels, classes, &mut tp, &mut fp, &mut fn_);
             val.pool.give_back(b);
+            st.next_val_batch += 1;
         }
         let pseudo_dice: Vec<f64> = (0..classes - 1).map(|k| 2.0 * tp[k] as f64 / (2 * tp[k] + fp[k] + fn_[k]) as f64).collect();
         let valid: Vec<f64> = pseudo_dice.iter().copied().filter(|d| d.is_finite()).collect();
-        let mean = if valid.is_empty() { f64::NAN } else { valid.iter().sum::<f64>() / valid.len() as f64 };
-        ema = if ema.is_finite() { EMA * ema + (1.0 - EMA) * mean } else { mean };
+        // nnU-Net's nanmean over classes; no foreground anywhere in validation counts as 0.
+        let mean = if valid.is_empty() { 0.0 } else { valid.iter().sum::<f64>() / valid.len() as f64 };
+        let ema = st.ema_dice.map_or(mean, |e| EMA * e + (1.0 - EMA) * mean);
+        st.ema_dice = Some(ema);
         let e = EpochLog {
             epoch,
-            train_loss: loss_sum / steps.max(1) as f64,
+            train_loss: st.epoch_loss_sum / st.epoch_steps.max(1) as f64,
             pseudo_dice,
             ema_dice: ema,
             lr,
             seconds: t0.elapsed().as_secs_f64(),
             data_wait: stats.wait.as_secs_f64() / train_time.max(Duration::from_nanos(1)).as_secs_f64(),
             ready: stats.mean_fill(),
-            skipped_steps: skipped,
+            skipped_steps: st.epoch_skipped,
         };
+        st.history.push([e.train_loss, mean, e.ema_dice, e.seconds]);
+        st.epoch += 1;
+        (st.iter, st.epoch_loss_sum, st.epoch_steps, st.epoch_skipped) = (0, 0.0, 0, 0);
+        st.steps = net.steps;
+        // Checkpoints before the log line: a logged epoch is a saved one.
+        if st.best_ema_dice.is_none_or(|b| ema > b) {
+            st.best_ema_dice = Some(ema);
+            checkpoint::save(&cfg.out, "checkpoint_best", be, &net, &st)?;
+        }
+        if st.epoch % cfg.save_every.max(1) == 0 || st.epoch == cfg.epochs {
+            checkpoint::save(&cfg.out, "checkpoint_latest", be, &net, &st)?;
+        }
+        if st.epoch == cfg.epochs {
+            checkpoint::save(&cfg.out, "checkpoint_final", be, &net, &st)?;
+        }
         let line = e.line();
         println!("{line}");
         writeln!(log, "{line}").with_context(|| format!("writing {}", log_path.display()))?;

@@ -341,3 +341,12 @@ fn worker_counts_come_from_flag_env_or_cpus() {
     assert!(advice.contains("20 %"), "{advice}");
     assert!(segk::loader::data_wait_advice(0.01, 1).is_none());
 }
+
+#[test]
+fn a_loader_that_cannot_fit_in_ram_is_refused_with_numbers() {
+    let huge = BatchSpec { batch: 64, patch: [512, 512, 512], channels: 4, use_mask: vec![false; 4], seed: 0, augment: Augment::none() };
+    let e = segk::loader::check_memory(&huge, 8, 18, 1 << 30).unwrap_err().to_string();
+    assert!(e.contains("GiB of host memory") && e.contains("available") && e.contains("--workers"), "{e}");
+    let small = spec(2, [32, 32, 32], Augment::none(), 0);
+    segk::loader::check_memory(&small, 1, 4, 1 << 20).unwrap();
+}

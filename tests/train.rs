@@ -46,3 +46,138 @@ fn train_command_runs_plan_preprocess_and_epochs() {
     assert_eq!(epochs.len(), 2, "{log}");
     assert!(epochs.iter().all(|l| l.contains("pseudo dice [") && l.contains("data wait")), "{log}");
 }
+
+mod resume {
+    use std::path::{Path, PathBuf};
+    use std::process::{Command, Stdio};
+    use std::time::{Duration, Instant};
+
+    fn segk() -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_segk"));
+        c.env_remove("nnUNet_preprocessed").env_remove("nnUNet_results");
+        c
+    }
+
+    /// A generated raw dataset, preprocessed.
+    fn dataset(tag: &str) -> PathBuf {
+        let base = std::env::temp_dir().join(format!("segk-resume-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let root = base.join("Dataset032_Resume");
+        let out = segk().args(["synth", "--cases", "5", "--shape", "24,32,32", "--spacing", "1,1,1"]).arg(&root).output().unwrap();
+        assert!(out.status.success());
+        let out = segk().arg("preprocess").arg(&root).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        root
+    }
+
+    fn train(root: &Path, out: &Path, extra: &[&str]) -> Command {
+        let mut c = segk();
+        c.arg("train").arg(root).args(["all", "--device", "cpu", "--epochs", "3", "--iters-per-epoch", "6", "--val-iters", "1", "--workers", "1", "--save-every", "1", "--seed", "3", "--out"]).arg(out).args(extra);
+        c
+    }
+
+    fn tensors(path: &Path) -> Vec<(String, Vec<u8>)> {
+        let bytes = std::fs::read(path).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+        let mut v: Vec<(String, Vec<u8>)> = st.tensors().into_iter().map(|(n, t)| (n, t.data().to_vec())).collect();
+        v.sort();
+        v
+    }
+
+    fn epochs_logged(out: &Path) -> usize {
+        std::fs::read_to_string(out.join("training_log.txt")).map(|s| s.lines().filter(|l| l.starts_with("epoch")).count()).unwrap_or(0)
+    }
+
+    /// Starts a run, waits until `epochs` are logged plus `delay`, then sends `signal`.
+    fn interrupt(root: &Path, out: &Path, epochs: usize, delay: Duration, signal: &str) -> std::process::Output {
+        let child = train(root, out, &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let t0 = Instant::now();
+        while epochs_logged(out) < epochs {
+            assert!(t0.elapsed() < Duration::from_secs(120), "no progress");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        std::thread::sleep(delay);
+        let ok = Command::new("kill").args(["-s", signal]).arg(child.id().to_string()).status().unwrap();
+        assert!(ok.success());
+        child.wait_with_output().unwrap()
+    }
+
+    #[test]
+    fn resumed_runs_end_where_an_uninterrupted_run_ends() {
+        let root = dataset("kill");
+        let base = root.parent().unwrap().to_path_buf();
+        let (a, b, c) = (base.join("a"), base.join("b"), base.join("c"));
+        let out = train(&root, &a, &[]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let want = tensors(&a.join("checkpoint_final.safetensors"));
+        let want_state = tensors(&a.join("checkpoint_final.state.safetensors"));
+        assert!(a.join("checkpoint_best.safetensors").is_file() && a.join("checkpoint_latest.state.safetensors").is_file());
+
+        // kill -9 during epoch 2: resume from the checkpoint of epoch 1.
+        interrupt(&root, &b, 2, Duration::from_millis(300), "KILL");
+        let out = train(&root, &b, &["--resume"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("resuming from"), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+        assert!(want == tensors(&b.join("checkpoint_final.safetensors")), "weights after kill -9 + resume differ from the uninterrupted run");
+        assert!(want_state == tensors(&b.join("checkpoint_final.state.safetensors")), "momentum differs");
+
+        // SIGTERM mid-epoch: checkpoint_latest is saved at the next step, and resuming from
+        // the middle of an epoch still ends in the same place.
+        let out = interrupt(&root, &c, 1, Duration::from_millis(400), "TERM");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("interrupted at epoch") && err.contains("--resume"), "{err}");
+        let out = train(&root, &c, &["--resume"]).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(want == tensors(&c.join("checkpoint_final.safetensors")), "weights after SIGTERM + resume differ");
+
+        // A corrupt checkpoint is refused with its name.
+        std::fs::write(c.join("checkpoint_latest.safetensors"), b"garbage").unwrap();
+        let out = train(&root, &c, &["--resume"]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("checkpoint_latest.safetensors") && err.contains("not a valid safetensors file"), "{err}");
+    }
+
+    #[test]
+    fn a_corrupt_store_stops_training_with_the_case_named() {
+        let root = dataset("nan");
+        let store = root.parent().unwrap().join("segk_preprocessed/Dataset032_Resume/3d_fullres");
+        for id in ["case_0000", "case_0001", "case_0002", "case_0003", "case_0004"] {
+            let p = store.join(format!("{id}.img"));
+            let n = std::fs::metadata(&p).unwrap().len() as usize / 4;
+            std::fs::write(&p, f32::NAN.to_le_bytes().repeat(n)).unwrap();
+        }
+        let out = train(&root, &root.parent().unwrap().join("nan"), &[]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("augmentation worker") && err.contains("case_000") && err.contains("NaN"), "{err}");
+    }
+}
+
+#[test]
+fn preflight_picks_the_fastest_level_that_fits_or_refuses_with_numbers() {
+    use segk::model::{Checkpointing, Topology};
+    use segk::plan::plans::Plan;
+    use segk::train::{device_bytes, preflight};
+    let topology = Topology::isotropic(1, 3, vec![8, 16, 32]);
+    let plan = Plan {
+        spacing: [1.0; 3],
+        transpose_forward: [0, 1, 2],
+        transpose_backward: [0, 1, 2],
+        median_shape: [32; 3],
+        patch_size: [32; 3],
+        batch_size: 2,
+        topology,
+        normalization: vec!["ZScoreNormalization".into()],
+        use_mask_for_norm: vec![false],
+        gpu_memory_budget_bytes: 0,
+        gpu_memory_needed_bytes: 0,
+        checkpointing: 1,
+    };
+    let [l0, l1, l2] = [Checkpointing::None, Checkpointing::Level1, Checkpointing::Level2].map(|l| device_bytes(&plan, l, 4).unwrap() as u64);
+    assert!(l0 > l1 && l1 > l2, "{l0} {l1} {l2}");
+    assert_eq!(preflight(&plan, None, 4, Some(l0)).unwrap(), Checkpointing::None);
+    assert_eq!(preflight(&plan, None, 4, Some(l1)).unwrap(), Checkpointing::Level1);
+    assert_eq!(preflight(&plan, None, 4, Some(l2)).unwrap(), Checkpointing::Level2);
+    let e = preflight(&plan, None, 4, Some(l2 - 1)).unwrap_err().to_string();
+    assert!(e.contains("level 2:") && e.contains("GiB is free") && e.contains("--gpu-memory"), "{e}");
+    assert!(preflight(&plan, Some(Checkpointing::None), 4, Some(l1)).is_err(), "an explicit level that does not fit is refused");
+}

@@ -144,6 +144,9 @@ pub trait Backend: Sync {
     fn fill(&self, dst: Self::Buf, value: f32) -> Result<()>;
     /// Waits for queued work (a no-op on the CPU).
     fn sync(&self) -> Result<()>;
+    /// Bytes the backend can still allocate (device memory free, or host memory available),
+    /// when it can tell.
+    fn memory_available(&self) -> Option<u64>;
 
     // ---- convolution ----
     fn conv_fwd(&self, x: Self::Buf, xd: Dims, w: Self::Buf, b: Self::Buf, y: Self::Buf, g: &ConvGeom) -> Result<()>;

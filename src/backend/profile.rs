@@ -51,6 +51,9 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn name(&self) -> String {
         self.inner.name()
     }
+    fn memory_available(&self) -> Option<u64> {
+        self.inner.memory_available()
+    }
     fn alloc(&self, len: usize) -> Result<B::Arena> {
         self.inner.alloc(len)
     }

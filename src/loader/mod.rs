@@ -344,22 +344,6 @@ pub fn worker_count(flag: Option<usize>) -> Result<(usize, String)> {
     Ok(((cpus - 1).max(1), format!("{cpus} CPUs available, one left to the trainer")))
 }
 
-/// Bytes of host memory this process may still use: MemAvailable, capped by a cgroup
-/// (v2 memory.max, or v1 limit_in_bytes) minus what the cgroup already uses.
-pub fn host_memory_available() -> Option<u64> {
-    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let avail = meminfo.lines().find(|l| l.starts_with("MemAvailable:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024;
-    let read = |p: &str| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<u64>().ok());
-    let cgroup = match (read("/sys/fs/cgroup/memory.max"), read("/sys/fs/cgroup/memory.current")) {
-        (Some(max), Some(cur)) => Some(max.saturating_sub(cur)),
-        _ => match (read("/sys/fs/cgroup/memory/memory.limit_in_bytes"), read("/sys/fs/cgroup/memory/memory.usage_in_bytes")) {
-            (Some(max), Some(cur)) if max < (1 << 60) => Some(max.saturating_sub(cur)),
-            _ => None,
-        },
-    };
-    Some(cgroup.map_or(avail, |c| c.min(avail)))
-}
-
 /// The running loader: the pool over an augmenter, with what it chose.
 pub struct Loader {
     pub pool: pool::Pool,
@@ -371,7 +355,7 @@ pub struct Loader {
 /// Refuses when the slots, the workers' scratch and the mapped store do not fit in RAM.
 pub fn check_memory(spec: &BatchSpec, workers: usize, slots: usize, mapped: usize) -> Result<()> {
     let need = (slots * spec.slot_bytes() + workers * spec.scratch_bytes() + mapped) as u64;
-    if let Some(avail) = host_memory_available() {
+    if let Some(avail) = crate::sysinfo::host_memory_available() {
         if need > avail {
             let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             bail!(

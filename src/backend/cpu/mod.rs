@@ -195,6 +195,9 @@ impl<T: Float> Backend for CpuBackend<T> {
     fn name(&self) -> String {
         format!("cpu ({} threads, {})", threads(), std::any::type_name::<T>())
     }
+    fn memory_available(&self) -> Option<u64> {
+        crate::sysinfo::host_memory_available()
+    }
     fn alloc(&self, len: usize) -> Result<Vec<T>> {
         Ok(vec![T::ZERO; len])
     }

@@ -184,6 +184,9 @@ impl Backend for CudaBackend {
     fn name(&self) -> String {
         self.name.clone()
     }
+    fn memory_available(&self) -> Option<u64> {
+        self.ctx.mem_get_info().ok().map(|(free, _)| free as u64)
+    }
     fn alloc(&self, len: usize) -> Result<CudaSlice<f32>> {
         self.stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| self.fail(&format!("allocating {:.1} MiB", len as f64 * 4.0 / (1 << 20) as f64), e))
     }

@@ -1,0 +1,207 @@
+//! Checkpoints: `NAME.safetensors` holds the weights under nnU-Net's parameter names in
+//! PyTorch's layouts (Conv3d [cout, cin, kd, kh, kw], ConvTranspose3d [cin, cout, sd, sh, sw]),
+//! so `safetensors.torch.load_file` gives a state dict a PyTorch user can read;
+//! `NAME.state.safetensors` holds the optimizer momentum (same names and layouts) and the
+//! trainer state as JSON metadata. Both are written to a temporary file, fsynced and renamed;
+//! each carries the optimizer step count and the two must agree when loaded.
+
+use crate::backend::Backend;
+use crate::model::params::ParamTensor;
+use crate::model::UNet;
+use anyhow::{bail, ensure, Context, Result};
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Everything besides weights and momentum that a resumed run needs to continue exactly.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TrainerState {
+    /// Epochs finished.
+    pub epoch: usize,
+    /// Optimizer steps taken (also in the weights file).
+    pub steps: u64,
+    /// Numbers of the next training and validation batches (batch RNGs are seeded by them).
+    pub next_train_batch: u64,
+    pub next_val_batch: u64,
+    /// EMA of the mean pseudo-Dice (None before the first validation).
+    pub ema_dice: Option<f64>,
+    pub best_ema_dice: Option<f64>,
+    pub seed: u64,
+    pub bad_in_a_row: usize,
+    /// Iterations done in the current epoch, and its running loss sum, steps and skips
+    /// (non-zero only for a checkpoint saved mid-epoch on SIGINT/SIGTERM).
+    pub iter: usize,
+    pub epoch_loss_sum: f64,
+    pub epoch_steps: usize,
+    pub epoch_skipped: usize,
+    /// Per finished epoch: train loss, mean pseudo-Dice, EMA, seconds (for the log and plot).
+    pub history: Vec<[f64; 4]>,
+}
+
+fn paths(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
+    (dir.join(format!("{name}.safetensors")), dir.join(format!("{name}.state.safetensors")))
+}
+
+/// Whether a stored tensor is a conv weight, a transposed-conv weight, or a vector.
+fn layout_of(t: &ParamTensor) -> u8 {
+    if t.shape.len() != 5 {
+        0
+    } else if t.name.contains("transpconv") {
+        2
+    } else {
+        1
+    }
+}
+
+/// Stored layout -> PyTorch layout: data and shape.
+fn to_torch(t: &ParamTensor, v: &[f32]) -> (Vec<f32>, Vec<usize>) {
+    let s = &t.shape;
+    match layout_of(t) {
+        1 => {
+            // [kd, kh, kw, cin, cout] -> [cout, cin, kd, kh, kw]
+            let (taps, cin, cout) = (s[0] * s[1] * s[2], s[3], s[4]);
+            let mut out = vec![0.0; v.len()];
+            for k in 0..taps {
+                for i in 0..cin {
+                    for o in 0..cout {
+                        out[(o * cin + i) * taps + k] = v[(k * cin + i) * cout + o];
+                    }
+                }
+            }
+            (out, vec![cout, cin, s[0], s[1], s[2]])
+        }
+        2 => {
+            // [cin, sd, sh, sw, cout] -> [cin, cout, sd, sh, sw]
+            let (cin, taps, cout) = (s[0], s[1] * s[2] * s[3], s[4]);
+            let mut out = vec![0.0; v.len()];
+            for i in 0..cin {
+                for k in 0..taps {
+                    for o in 0..cout {
+                        out[(i * cout + o) * taps + k] = v[(i * taps + k) * cout + o];
+                    }
+                }
+            }
+            (out, vec![cin, cout, s[1], s[2], s[3]])
+        }
+        _ => (v.to_vec(), s.clone()),
+    }
+}
+
+/// PyTorch layout -> stored layout.
+fn from_torch(t: &ParamTensor, v: &[f32]) -> Vec<f32> {
+    let s = &t.shape;
+    match layout_of(t) {
+        1 => {
+            let (taps, cin, cout) = (s[0] * s[1] * s[2], s[3], s[4]);
+            let mut out = vec![0.0; v.len()];
+            for k in 0..taps {
+                for i in 0..cin {
+                    for o in 0..cout {
+                        out[(k * cin + i) * cout + o] = v[(o * cin + i) * taps + k];
+                    }
+                }
+            }
+            out
+        }
+        2 => {
+            let (cin, taps, cout) = (s[0], s[1] * s[2] * s[3], s[4]);
+            let mut out = vec![0.0; v.len()];
+            for i in 0..cin {
+                for k in 0..taps {
+                    for o in 0..cout {
+                        out[(i * taps + k) * cout + o] = v[(i * cout + o) * taps + k];
+                    }
+                }
+            }
+            out
+        }
+        _ => v.to_vec(),
+    }
+}
+
+/// Serialises one region of the parameter arena (params or momentum) as named tensors.
+fn tensors_bytes(net_tensors: &[ParamTensor], region: &[f32], meta: HashMap<String, String>) -> Result<Vec<u8>> {
+    let converted: Vec<(String, Vec<u8>, Vec<usize>)> = net_tensors
+        .iter()
+        .map(|t| {
+            let (v, shape) = to_torch(t, &region[t.offset..t.offset + t.len()]);
+            (t.name.clone(), bytemuck::cast_slice(&v).to_vec(), shape)
+        })
+        .collect();
+    let views = converted.iter().map(|(n, b, s)| TensorView::new(Dtype::F32, s.clone(), b).map(|v| (n.clone(), v))).collect::<Result<Vec<_>, _>>()?;
+    Ok(safetensors::tensor::serialize(views, Some(meta))?)
+}
+
+/// Writes bytes through a temporary file, fsync and rename.
+fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))
+}
+
+/// Saves weights and trainer state as `dir/NAME.safetensors` and `dir/NAME.state.safetensors`.
+pub fn save<B: Backend>(dir: &Path, name: &str, be: &B, net: &UNet<B>, state: &TrainerState) -> Result<()> {
+    let n = net.layout.len;
+    let mut params = vec![0.0f32; n];
+    let mut momentum = vec![0.0f32; n];
+    be.download(net.params(be), &mut params)?;
+    be.download(net.momentum(be), &mut momentum)?;
+    let steps = net.steps.to_string();
+    let (wp, sp) = paths(dir, name);
+    let meta = HashMap::from([("format".to_string(), "pt".to_string()), ("segk_steps".to_string(), steps.clone())]);
+    write_durably(&wp, &tensors_bytes(&net.layout.tensors, &params, meta)?)?;
+    let meta = HashMap::from([("segk_steps".to_string(), steps), ("segk_trainer_state".to_string(), serde_json::to_string(state)?)]);
+    write_durably(&sp, &tensors_bytes(&net.layout.tensors, &momentum, meta)?)
+}
+
+/// Reads one file's tensors into `region` (stored layout), checking every name and shape.
+fn read_into(path: &Path, tensors: &[ParamTensor], region: &mut [f32]) -> Result<HashMap<String, String>> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{}: unreadable header ({e})", path.display()))?;
+    for t in tensors {
+        let v = st.tensor(&t.name).map_err(|_| anyhow::anyhow!("{}: tensor {} is missing (a checkpoint of another network?)", path.display(), t.name))?;
+        let want = to_torch(t, &vec![0.0; t.len()]).1;
+        ensure!(v.dtype() == Dtype::F32 && v.shape() == want.as_slice(), "{}: tensor {} is {:?} {:?}, expected F32 {:?}", path.display(), t.name, v.dtype(), v.shape(), want);
+        let data: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        if data.iter().any(|x| !x.is_finite()) {
+            bail!("{}: tensor {} holds non-finite values", path.display(), t.name);
+        }
+        region[t.offset..t.offset + t.len()].copy_from_slice(&from_torch(t, &data));
+    }
+    Ok(meta.metadata().clone().unwrap_or_default())
+}
+
+/// Loads `dir/NAME` into `net` (weights, momentum, step count) and returns the trainer state.
+pub fn load<B: Backend>(dir: &Path, name: &str, be: &B, net: &mut UNet<B>) -> Result<TrainerState> {
+    let (wp, sp) = paths(dir, name);
+    let n = net.layout.len;
+    let (mut params, mut momentum) = (vec![0.0f32; n], vec![0.0f32; n]);
+    let wm = read_into(&wp, &net.layout.tensors, &mut params)?;
+    let sm = read_into(&sp, &net.layout.tensors, &mut momentum)?;
+    let state: TrainerState = serde_json::from_str(sm.get("segk_trainer_state").with_context(|| format!("{}: no trainer state in its metadata", sp.display()))?)
+        .with_context(|| format!("{}: trainer state unreadable", sp.display()))?;
+    let steps = |m: &HashMap<String, String>| m.get("segk_steps").and_then(|s| s.parse::<u64>().ok());
+    ensure!(
+        steps(&wm) == Some(state.steps) && steps(&sm) == Some(state.steps),
+        "{} and {} are from different steps ({:?} vs {:?}): the run was interrupted while saving; resume from another checkpoint",
+        wp.display(),
+        sp.display(),
+        steps(&wm),
+        steps(&sm)
+    );
+    be.upload(net.params(be), &params)?;
+    be.upload(net.momentum(be), &momentum)?;
+    net.steps = state.steps;
+    Ok(state)
+}
+
+/// Whether `dir/NAME` has both files.
+pub fn exists(dir: &Path, name: &str) -> bool {
+    let (w, s) = paths(dir, name);
+    w.is_file() && s.is_file()
+}
