@@ -56,69 +56,49 @@ fn layout_of(t: &ParamTensor) -> u8 {
     }
 }
 
-/// Stored layout -> PyTorch layout: data and shape.
-fn to_torch(t: &ParamTensor, v: &[f32]) -> (Vec<f32>, Vec<usize>) {
+/// Moves the axes of a 3-axis array of `dims`: output axis i is input axis `perm[i]`.
+fn permute3(v: &[f32], dims: [usize; 3], perm: [usize; 3]) -> Vec<f32> {
+    let stride = [dims[1] * dims[2], dims[2], 1];
+    let od = perm.map(|a| dims[a]);
+    let mut out = Vec::with_capacity(v.len());
+    for i in 0..od[0] {
+        for j in 0..od[1] {
+            for k in 0..od[2] {
+                let idx = [i, j, k];
+                out.push(v[(0..3).map(|a| idx[a] * stride[perm[a]]).sum::<usize>()]);
+            }
+        }
+    }
+    out
+}
+
+/// The stored weight as 3 axes and the permutation to PyTorch's order: conv
+/// [taps, cin, cout] -> [cout, cin, taps]; transposed conv [cin, taps, cout] -> [cin, cout, taps].
+fn torch_view(t: &ParamTensor) -> Option<([usize; 3], [usize; 3], Vec<usize>)> {
     let s = &t.shape;
     match layout_of(t) {
-        1 => {
-            // [kd, kh, kw, cin, cout] -> [cout, cin, kd, kh, kw]
-            let (taps, cin, cout) = (s[0] * s[1] * s[2], s[3], s[4]);
-            let mut out = vec![0.0; v.len()];
-            for k in 0..taps {
-                for i in 0..cin {
-                    for o in 0..cout {
-                        out[(o * cin + i) * taps + k] = v[(k * cin + i) * cout + o];
-                    }
-                }
-            }
-            (out, vec![cout, cin, s[0], s[1], s[2]])
-        }
-        2 => {
-            // [cin, sd, sh, sw, cout] -> [cin, cout, sd, sh, sw]
-            let (cin, taps, cout) = (s[0], s[1] * s[2] * s[3], s[4]);
-            let mut out = vec![0.0; v.len()];
-            for i in 0..cin {
-                for k in 0..taps {
-                    for o in 0..cout {
-                        out[(i * cout + o) * taps + k] = v[(i * taps + k) * cout + o];
-                    }
-                }
-            }
-            (out, vec![cin, cout, s[1], s[2], s[3]])
-        }
-        _ => (v.to_vec(), s.clone()),
+        1 => Some(([s[0] * s[1] * s[2], s[3], s[4]], [2, 1, 0], vec![s[4], s[3], s[0], s[1], s[2]])),
+        2 => Some(([s[0], s[1] * s[2] * s[3], s[4]], [0, 2, 1], vec![s[0], s[4], s[1], s[2], s[3]])),
+        _ => None,
+    }
+}
+
+/// Stored layout -> PyTorch layout: data and shape.
+fn to_torch(t: &ParamTensor, v: &[f32]) -> (Vec<f32>, Vec<usize>) {
+    match torch_view(t) {
+        Some((dims, perm, shape)) => (permute3(v, dims, perm), shape),
+        None => (v.to_vec(), t.shape.clone()),
     }
 }
 
 /// PyTorch layout -> stored layout.
 fn from_torch(t: &ParamTensor, v: &[f32]) -> Vec<f32> {
-    let s = &t.shape;
-    match layout_of(t) {
-        1 => {
-            let (taps, cin, cout) = (s[0] * s[1] * s[2], s[3], s[4]);
-            let mut out = vec![0.0; v.len()];
-            for k in 0..taps {
-                for i in 0..cin {
-                    for o in 0..cout {
-                        out[(k * cin + i) * cout + o] = v[(o * cin + i) * taps + k];
-                    }
-                }
-            }
-            out
+    match torch_view(t) {
+        Some((dims, perm, _)) => {
+            let inverse = crate::preprocess::geometry::inverse(perm);
+            permute3(v, perm.map(|a| dims[a]), inverse)
         }
-        2 => {
-            let (cin, taps, cout) = (s[0], s[1] * s[2] * s[3], s[4]);
-            let mut out = vec![0.0; v.len()];
-            for i in 0..cin {
-                for k in 0..taps {
-                    for o in 0..cout {
-                        out[(i * taps + k) * cout + o] = v[(i * cout + o) * taps + k];
-                    }
-                }
-            }
-            out
-        }
-        _ => v.to_vec(),
+        None => v.to_vec(),
     }
 }
 
@@ -204,4 +184,45 @@ pub fn load<B: Backend>(dir: &Path, name: &str, be: &B, net: &mut UNet<B>) -> Re
 pub fn exists(dir: &Path, name: &str) -> bool {
     let (w, s) = paths(dir, name);
     w.is_file() && s.is_file()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tensor(name: &str, shape: Vec<usize>) -> ParamTensor {
+        ParamTensor { name: name.into(), offset: 0, shape, he_std: None, fill: 0.0 }
+    }
+
+    #[test]
+    fn weights_take_pytorchs_layouts_and_come_back() {
+        // Conv: stored [kd, kh, kw, cin, cout]; PyTorch [cout, cin, kd, kh, kw].
+        let t = tensor("encoder.stages.0.0.convs.0.conv.weight", vec![3, 1, 2, 2, 4]);
+        let v: Vec<f32> = (0..48).map(|i| i as f32).collect();
+        let (p, shape) = to_torch(&t, &v);
+        assert_eq!(shape, vec![4, 2, 3, 1, 2]);
+        for k in 0..6 {
+            for i in 0..2 {
+                for o in 0..4 {
+                    assert_eq!(p[(o * 2 + i) * 6 + k], v[(k * 2 + i) * 4 + o]);
+                }
+            }
+        }
+        assert_eq!(from_torch(&t, &p), v);
+        // Transposed conv: stored [cin, sd, sh, sw, cout]; PyTorch [cin, cout, sd, sh, sw].
+        let t = tensor("decoder.transpconvs.0.weight", vec![2, 2, 1, 2, 3]);
+        let v: Vec<f32> = (0..24).map(|i| i as f32).collect();
+        let (p, shape) = to_torch(&t, &v);
+        assert_eq!(shape, vec![2, 3, 2, 1, 2]);
+        for i in 0..2 {
+            for k in 0..4 {
+                for o in 0..3 {
+                    assert_eq!(p[(i * 3 + o) * 4 + k], v[(i * 4 + k) * 3 + o]);
+                }
+            }
+        }
+        assert_eq!(from_torch(&t, &p), v);
+        let b = tensor("decoder.seg_layers.0.bias", vec![3]);
+        assert_eq!(to_torch(&b, &[1.0, 2.0, 3.0]), (vec![1.0, 2.0, 3.0], vec![3]));
+    }
 }

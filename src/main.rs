@@ -111,6 +111,8 @@ enum Cmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// What segk sees: CPUs and quota, memory, GPUs, kernels, and the worker counts it would pick.
+    Doctor,
     /// Write a generated nnU-Net raw dataset (CT-like images, organ + lesion labels).
     Synth {
         /// The DatasetXXX_Name folder to create.
@@ -188,6 +190,7 @@ fn main() {
             let o = TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, workers, seed };
             run_train(&dataset, &fold, &device, o, preprocessed, out)
         }
+        Cmd::Doctor => run_doctor(),
         Cmd::Synth { dataset, cases, shape, spacing, seed } => run_synth(&dataset, segk::synth::RawSpec { cases, shape, spacing, seed }),
         Cmd::Bench { what: BenchCmd::Step(a) } => set_threads(a.threads).and_then(|_| segk::bench_step::run(&a)),
     };
@@ -392,6 +395,37 @@ fn run_train(root: &std::path::Path, fold: &str, device: &str, o: TrainOpts, pre
     if let Some(last) = logs.last() {
         println!("done: {} epochs run, final EMA pseudo-Dice {:.4}", logs.len(), last.ema_dice);
     }
+    Ok(())
+}
+
+fn run_doctor() -> Result<()> {
+    use segk::sysinfo::*;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    println!("segk {}", LONG_VERSION.replace('\n', "; "));
+    let quota = cgroup_cpu_quota().map(|q| format!(", cgroup quota {q:.1}")).unwrap_or_default();
+    println!("CPUs: {} online, {} usable by this process{quota}", online_cpus(), usable_cpus());
+    match (host_memory_total(), host_memory_available()) {
+        (Some(t), Some(a)) => println!("memory: {:.1} GiB total, {:.1} GiB available to this process (cgroup limit included)", gib(t), gib(a)),
+        _ => println!("memory: unknown (/proc/meminfo unreadable)"),
+    }
+    match dev_shm_bytes() {
+        Some(b) => println!("/dev/shm: {:.1} GiB (segk's workers are threads: it needs none, so no --ipc=host)", gib(b)),
+        None => println!("/dev/shm: not found (segk does not need it)"),
+    }
+    match segk::backend::cuda::unavailable_reason() {
+        Some(why) if !segk::backend::cuda::KERNELS_EMBEDDED => println!("CUDA: {why}"),
+        _ => match segk::backend::cuda::gpus() {
+            Ok(list) => {
+                for g in list {
+                    println!("GPU cuda:{}: {}, sm_{}{}, {:.1} GiB free of {:.1} GiB", g.ordinal, g.name, g.compute_capability.0, g.compute_capability.1, gib(g.free_bytes), gib(g.total_bytes));
+                }
+            }
+            Err(why) => println!("CUDA: {why}"),
+        },
+    }
+    let (p, ps) = segk::preprocess::worker_count(None)?;
+    let (w, ws) = segk::loader::worker_count(None)?;
+    println!("would use: {p} preprocessing workers (from {ps}), {w} augmentation workers (from {ws})");
     Ok(())
 }
 

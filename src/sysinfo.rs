@@ -16,3 +16,39 @@ pub fn host_memory_available() -> Option<u64> {
     Some(cgroup.map_or(avail, |c| c.min(avail)))
 }
 
+
+/// CPUs this process may use (affinity and cgroup quota included, as std computes it).
+pub fn usable_cpus() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
+}
+
+/// CPUs the machine has (online), whatever this process may use.
+pub fn online_cpus() -> usize {
+    std::fs::read_to_string("/proc/cpuinfo").map(|s| s.lines().filter(|l| l.starts_with("processor")).count()).unwrap_or(0).max(1)
+}
+
+/// The cgroup CPU quota in CPUs, when one is set (v2 cpu.max, or v1 cfs quota/period).
+pub fn cgroup_cpu_quota() -> Option<f64> {
+    if let Ok(s) = std::fs::read_to_string("/sys/fs/cgroup/cpu.max") {
+        let mut it = s.split_whitespace();
+        let (q, p) = (it.next()?, it.next()?.parse::<f64>().ok()?);
+        return q.parse::<f64>().ok().map(|q| q / p);
+    }
+    let read = |p: &str| std::fs::read_to_string(p).ok().and_then(|s| s.trim().parse::<f64>().ok());
+    match (read("/sys/fs/cgroup/cpu/cpu.cfs_quota_us"), read("/sys/fs/cgroup/cpu/cpu.cfs_period_us")) {
+        (Some(q), Some(p)) if q > 0.0 => Some(q / p),
+        _ => None,
+    }
+}
+
+/// MemTotal in bytes.
+pub fn host_memory_total() -> Option<u64> {
+    let meminfo = std::fs::read_to_string("/proc/meminfo").ok()?;
+    Some(meminfo.lines().find(|l| l.starts_with("MemTotal:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}
+
+/// Size of /dev/shm in bytes (what PyTorch's loaders need --ipc=host for; segk does not use it).
+pub fn dev_shm_bytes() -> Option<u64> {
+    let out = std::process::Command::new("df").args(["-k", "--output=size", "/dev/shm"]).output().ok()?;
+    String::from_utf8_lossy(&out.stdout).lines().nth(1)?.trim().parse::<u64>().ok().map(|k| k * 1024)
+}

@@ -56,3 +56,13 @@ fn version_names_commit_and_kernels() {
     let expect = if segk::backend::cuda::KERNELS_EMBEDDED { "CUDA kernels: embedded, sm_80 sm_90" } else { "CUDA kernels: none" };
     assert!(text.contains(expect), "{text}");
 }
+
+#[test]
+fn doctor_reports_cpus_memory_gpus_and_worker_counts() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).arg("doctor").env_remove("SEGK_WORKERS").env_remove("nnUNet_n_proc_DA").env("SEGK_PROCESSES", "3").output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for want in ["CPUs:", "usable by this process", "memory:", "CUDA", "3 preprocessing workers (from SEGK_PROCESSES)", "augmentation workers"] {
+        assert!(text.contains(want), "missing {want:?} in:\n{text}");
+    }
+}

@@ -39,6 +39,38 @@ pub fn unavailable_reason() -> Option<String> {
     }
 }
 
+/// One GPU as the driver reports it.
+#[derive(Clone, Debug)]
+pub struct GpuInfo {
+    pub ordinal: usize,
+    pub name: String,
+    pub compute_capability: (i32, i32),
+    pub total_bytes: u64,
+    pub free_bytes: u64,
+}
+
+/// Every GPU the driver offers (opening a context on each), or why there are none.
+pub fn gpus() -> std::result::Result<Vec<GpuInfo>, String> {
+    // SAFETY: only tries to open the driver library.
+    if !unsafe { sys::is_culib_present() } {
+        return Err("no NVIDIA driver: libcuda.so could not be loaded".into());
+    }
+    let n = CudaContext::device_count().map_err(|e| format!("the driver reports no usable GPU: {e}"))?;
+    (0..n as usize)
+        .map(|i| {
+            let ctx = CudaContext::new(i).map_err(|e| format!("cuda:{i}: {e}"))?;
+            let (free, total) = ctx.mem_get_info().map_err(|e| format!("cuda:{i}: {e}"))?;
+            Ok(GpuInfo {
+                ordinal: i,
+                name: ctx.name().unwrap_or_else(|_| "?".into()),
+                compute_capability: ctx.compute_capability().unwrap_or((0, 0)),
+                total_bytes: total as u64,
+                free_bytes: free as u64,
+            })
+        })
+        .collect()
+}
+
 /// A view of f32 device memory.
 #[derive(Clone, Copy, Debug)]
 pub struct DevBuf {
