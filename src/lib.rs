@@ -11,6 +11,7 @@ pub mod checkpoint;
 pub mod dataset;
 pub mod demo;
 pub mod device;
+pub mod evaluate;
 pub mod loader;
 pub mod model;
 pub mod plan;

@@ -111,6 +111,19 @@ enum Cmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// Dice, IoU and counts per label and case of predictions against references (summary.json).
+    Evaluate {
+        /// Folder of predicted label maps (.nii/.nii.gz).
+        pred: std::path::PathBuf,
+        /// Folder of reference label maps with the same file names.
+        gt: std::path::PathBuf,
+        /// Labels to score, comma-separated (default: every nonzero label in the references).
+        #[arg(long, value_delimiter = ',')]
+        labels: Option<Vec<i64>>,
+        /// Output file (default: PRED/summary.json).
+        #[arg(long)]
+        out: Option<std::path::PathBuf>,
+    },
     /// What segk sees: CPUs and quota, memory, GPUs, kernels, and the worker counts it would pick.
     Doctor,
     /// Write a generated nnU-Net raw dataset (CT-like images, organ + lesion labels).
@@ -191,6 +204,7 @@ fn main() {
             run_train(&dataset, &fold, &device, o, preprocessed, out)
         }
         Cmd::Doctor => run_doctor(),
+        Cmd::Evaluate { pred, gt, labels, out } => run_evaluate(&pred, &gt, labels, out),
         Cmd::Synth { dataset, cases, shape, spacing, seed } => run_synth(&dataset, segk::synth::RawSpec { cases, shape, spacing, seed }),
         Cmd::Bench { what: BenchCmd::Step(a) } => set_threads(a.threads).and_then(|_| segk::bench_step::run(&a)),
     };
@@ -395,6 +409,15 @@ fn run_train(root: &std::path::Path, fold: &str, device: &str, o: TrainOpts, pre
     if let Some(last) = logs.last() {
         println!("done: {} epochs run, final EMA pseudo-Dice {:.4}", logs.len(), last.ema_dice);
     }
+    Ok(())
+}
+
+fn run_evaluate(pred: &std::path::Path, gt: &std::path::Path, labels: Option<Vec<i64>>, out: Option<std::path::PathBuf>) -> Result<()> {
+    let s = segk::evaluate::evaluate(pred, gt, labels)?;
+    let out = out.unwrap_or_else(|| pred.join("summary.json"));
+    write_json_atomic(&out, &s)?;
+    print!("{}", segk::evaluate::table(&s));
+    println!("{} cases; wrote {}", s.metric_per_case.len(), out.display());
     Ok(())
 }
 

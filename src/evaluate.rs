@@ -1,0 +1,139 @@
+//! `segk evaluate PRED_DIR GT_DIR`: per case and per label TP/FP/FN/TN, Dice and IoU, the
+//! means over cases and over foreground labels, written as nnU-Net's summary.json (same keys;
+//! a Dice or IoU with nothing in either map is NaN there and null here) and printed as a table.
+
+use crate::dataset::nifti_io;
+use anyhow::{bail, ensure, Context, Result};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Copy, Debug, Default, Serialize, PartialEq)]
+pub struct Metrics {
+    #[serde(rename = "Dice")]
+    pub dice: Option<f64>,
+    #[serde(rename = "IoU")]
+    pub iou: Option<f64>,
+    #[serde(rename = "TP")]
+    pub tp: f64,
+    #[serde(rename = "FP")]
+    pub fp: f64,
+    #[serde(rename = "FN")]
+    pub fn_: f64,
+    #[serde(rename = "TN")]
+    pub tn: f64,
+    pub n_pred: f64,
+    pub n_ref: f64,
+}
+
+/// Counts and scores of one label in one pair of maps.
+pub fn metrics(pred: &[f32], reference: &[f32], label: f32) -> Metrics {
+    let (mut tp, mut fp, mut fn_) = (0u64, 0u64, 0u64);
+    for (&p, &r) in pred.iter().zip(reference) {
+        match (p == label, r == label) {
+            (true, true) => tp += 1,
+            (true, false) => fp += 1,
+            (false, true) => fn_ += 1,
+            _ => {}
+        }
+    }
+    let tn = reference.len() as u64 - tp - fp - fn_;
+    let any = tp + fp + fn_ > 0;
+    Metrics {
+        dice: any.then(|| 2.0 * tp as f64 / (2 * tp + fp + fn_) as f64),
+        iou: any.then(|| tp as f64 / (tp + fp + fn_) as f64),
+        tp: tp as f64,
+        fp: fp as f64,
+        fn_: fn_ as f64,
+        tn: tn as f64,
+        n_pred: (tp + fp) as f64,
+        n_ref: (tp + fn_) as f64,
+    }
+}
+
+/// Mean of each field over `m` (Dice and IoU over the cases where they exist, as nanmean).
+pub fn mean(m: &[Metrics]) -> Metrics {
+    let avg = |f: &dyn Fn(&Metrics) -> Option<f64>| {
+        let v: Vec<f64> = m.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| v.iter().sum::<f64>() / v.len() as f64)
+    };
+    let avg0 = |f: &dyn Fn(&Metrics) -> f64| avg(&|x| Some(f(x))).unwrap_or(0.0);
+    Metrics { dice: avg(&|x| x.dice), iou: avg(&|x| x.iou), tp: avg0(&|x| x.tp), fp: avg0(&|x| x.fp), fn_: avg0(&|x| x.fn_), tn: avg0(&|x| x.tn), n_pred: avg0(&|x| x.n_pred), n_ref: avg0(&|x| x.n_ref) }
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct CaseResult {
+    pub metrics: BTreeMap<String, Metrics>,
+    pub prediction_file: String,
+    pub reference_file: String,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Summary {
+    pub foreground_mean: Metrics,
+    pub mean: BTreeMap<String, Metrics>,
+    pub metric_per_case: Vec<CaseResult>,
+}
+
+fn nifti_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot list", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.to_string_lossy().ends_with(".nii.gz") || p.to_string_lossy().ends_with(".nii"))
+        .collect();
+    v.sort();
+    Ok(v)
+}
+
+/// Evaluates every reference in `gt` against the prediction of the same file name in `pred`.
+/// `labels`: the labels to score (default: every nonzero label in the references).
+pub fn evaluate(pred: &Path, gt: &Path, labels: Option<Vec<i64>>) -> Result<Summary> {
+    let refs = nifti_files(gt)?;
+    ensure!(!refs.is_empty(), "{}: no .nii or .nii.gz reference files", gt.display());
+    let mut pairs = Vec::new();
+    for r in &refs {
+        let p = pred.join(r.file_name().unwrap_or_default());
+        if !p.is_file() {
+            bail!("{}: no prediction for reference {}", p.display(), r.display());
+        }
+        pairs.push((p, r.clone()));
+    }
+    let mut loaded = Vec::with_capacity(pairs.len());
+    for (p, r) in &pairs {
+        let (pv, rv) = (nifti_io::read(p)?, nifti_io::read(r)?);
+        ensure!(pv.shape == rv.shape, "{}: shape {:?} differs from the reference's {:?}", p.display(), pv.shape, rv.shape);
+        loaded.push((pv.data, rv.data));
+    }
+    let labels = labels.unwrap_or_else(|| {
+        let mut l: Vec<i64> = loaded.iter().flat_map(|(_, r)| r.iter().map(|&v| v as i64)).filter(|&v| v != 0).collect();
+        l.sort();
+        l.dedup();
+        l
+    });
+    let mut per_case = Vec::new();
+    for ((p, r), (pv, rv)) in pairs.iter().zip(&loaded) {
+        let m = labels.iter().map(|&l| (l.to_string(), metrics(pv, rv, l as f32))).collect();
+        per_case.push(CaseResult { metrics: m, prediction_file: p.display().to_string(), reference_file: r.display().to_string() });
+    }
+    let mean_per_label: BTreeMap<String, Metrics> = labels
+        .iter()
+        .map(|l| {
+            let k = l.to_string();
+            let ms: Vec<Metrics> = per_case.iter().map(|c| c.metrics[&k]).collect();
+            (k, mean(&ms))
+        })
+        .collect();
+    let fg: Vec<Metrics> = mean_per_label.values().copied().collect();
+    Ok(Summary { foreground_mean: mean(&fg), mean: mean_per_label, metric_per_case: per_case })
+}
+
+/// The summary as a readable table: one row per label, then the foreground mean.
+pub fn table(s: &Summary) -> String {
+    let f = |v: Option<f64>| v.map_or("   -  ".to_string(), |x| format!("{x:.4}"));
+    let mut out = format!("{:>8}  {:>6}  {:>6}  {:>12}  {:>12}  {:>12}\n", "label", "Dice", "IoU", "TP", "FP", "FN");
+    for (l, m) in &s.mean {
+        out += &format!("{l:>8}  {}  {}  {:>12.1}  {:>12.1}  {:>12.1}\n", f(m.dice), f(m.iou), m.tp, m.fp, m.fn_);
+    }
+    out += &format!("{:>8}  {}  {}\n", "mean", f(s.foreground_mean.dice), f(s.foreground_mean.iou));
+    out
+}

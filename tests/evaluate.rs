@@ -1,0 +1,53 @@
+//! `segk evaluate` on hand-made cases with known Dice.
+
+use segk::dataset::nifti_io::{self, header_for, Volume, VoxelType};
+use segk::evaluate::{evaluate, metrics};
+
+const I3: [[f64; 3]; 3] = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
+
+fn write(path: &std::path::Path, data: Vec<f32>) {
+    let shape = [2, 2, 4];
+    let v = Volume { shape, spacing: [1.0; 3], affine: [[0.0; 4]; 3], data, header: header_for(shape, [1.0; 3], I3, [0.0; 3]) };
+    nifti_io::write(path, &v, VoxelType::U8).unwrap();
+}
+
+#[test]
+fn dice_iou_and_counts_match_hand_computed_values() {
+    let m = metrics(&[1.0, 1.0, 0.0, 2.0], &[1.0, 0.0, 1.0, 2.0], 1.0);
+    assert_eq!((m.tp, m.fp, m.fn_, m.tn, m.n_pred, m.n_ref), (1.0, 1.0, 1.0, 1.0, 2.0, 2.0));
+    assert_eq!(m.dice, Some(0.5));
+    assert_eq!(m.iou, Some(1.0 / 3.0));
+    assert_eq!(metrics(&[0.0; 4], &[0.0; 4], 1.0).dice, None, "nothing in either map: undefined");
+
+    let base = std::env::temp_dir().join(format!("segk-eval-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (pred, gt) = (base.join("pred"), base.join("gt"));
+    std::fs::create_dir_all(&pred).unwrap();
+    std::fs::create_dir_all(&gt).unwrap();
+    // Case a: label 1 perfect (4 voxels), label 2 half (2 of 4 found, no false positives).
+    let a_ref: Vec<f32> = (0..16).map(|i| if i < 4 { 1.0 } else if i < 8 { 2.0 } else { 0.0 }).collect();
+    let a_pred: Vec<f32> = (0..16).map(|i| if i < 4 { 1.0 } else if i < 6 { 2.0 } else { 0.0 }).collect();
+    // Case b: no label 2 anywhere; label 1 missed entirely.
+    let b_ref: Vec<f32> = (0..16).map(|i| if i < 2 { 1.0 } else { 0.0 }).collect();
+    let b_pred = vec![0.0; 16];
+    write(&gt.join("a.nii.gz"), a_ref);
+    write(&pred.join("a.nii.gz"), a_pred);
+    write(&gt.join("b.nii.gz"), b_ref);
+    write(&pred.join("b.nii.gz"), b_pred);
+    let s = evaluate(&pred, &gt, None).unwrap();
+    let d = |case: usize, l: &str| s.metric_per_case[case].metrics[l].dice;
+    assert_eq!((d(0, "1"), d(0, "2"), d(1, "1"), d(1, "2")), (Some(1.0), Some(2.0 * 2.0 / (4.0 + 2.0)), Some(0.0), None));
+    assert_eq!(s.mean["1"].dice, Some(0.5));
+    assert_eq!(s.mean["2"].dice, Some(2.0 / 3.0), "cases without the label are left out of its mean");
+    assert!((s.foreground_mean.dice.unwrap() - (0.5 + 2.0 / 3.0) / 2.0).abs() < 1e-12);
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).arg("evaluate").arg(&pred).arg(&gt).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(pred.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(v["mean"]["1"]["Dice"], 0.5);
+    assert!(v["metric_per_case"][1]["metrics"]["2"]["Dice"].is_null());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("mean"));
+    std::fs::remove_file(pred.join("b.nii.gz")).unwrap();
+    let e = evaluate(&pred, &gt, None).unwrap_err().to_string();
+    assert!(e.contains("b.nii.gz") && e.contains("no prediction"), "{e}");
+}
