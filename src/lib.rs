@@ -15,6 +15,7 @@ pub mod evaluate;
 pub mod loader;
 pub mod model;
 pub mod plan;
+pub mod predict;
 pub mod preprocess;
 pub mod selftest;
 pub mod store;

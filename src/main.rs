@@ -111,6 +111,33 @@ enum Cmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
+    /// Predict a folder of raw NIfTI images (CASE_XXXX<ending>) with a trained model.
+    Predict {
+        /// Input folder (imagesTs naming).
+        #[arg(short = 'i', long)]
+        input: std::path::PathBuf,
+        /// Output folder for the label maps.
+        #[arg(short = 'o', long)]
+        output: std::path::PathBuf,
+        /// Model folder (plans.json, dataset.json, fold_F/ with checkpoints), as `segk train` writes it.
+        #[arg(short = 'm', long)]
+        model: std::path::PathBuf,
+        /// Folds to average (default: every fold_* folder).
+        #[arg(long, num_args = 1..)]
+        folds: Option<Vec<String>>,
+        /// Which checkpoint of each fold.
+        #[arg(long, default_value = "checkpoint_final")]
+        checkpoint: String,
+        /// Tile step as a fraction of the patch.
+        #[arg(long, default_value_t = 0.5)]
+        step: f64,
+        /// No mirror test-time augmentation (8x faster).
+        #[arg(long)]
+        no_tta: bool,
+        /// auto, cpu, cuda or cuda:N.
+        #[arg(long, default_value = "auto")]
+        device: String,
+    },
     /// Dice, IoU and counts per label and case of predictions against references (summary.json).
     Evaluate {
         /// Folder of predicted label maps (.nii/.nii.gz).
@@ -204,6 +231,7 @@ fn main() {
             run_train(&dataset, &fold, &device, o, preprocessed, out)
         }
         Cmd::Doctor => run_doctor(),
+        Cmd::Predict { input, output, model, folds, checkpoint, step, no_tta, device } => run_predict(&input, &output, &model, folds, &checkpoint, step, !no_tta, &device),
         Cmd::Evaluate { pred, gt, labels, out } => run_evaluate(&pred, &gt, labels, out),
         Cmd::Synth { dataset, cases, shape, spacing, seed } => run_synth(&dataset, segk::synth::RawSpec { cases, shape, spacing, seed }),
         Cmd::Bench { what: BenchCmd::Step(a) } => set_threads(a.threads).and_then(|_| segk::bench_step::run(&a)),
@@ -371,7 +399,9 @@ fn run_train(root: &std::path::Path, fold: &str, device: &str, o: TrainOpts, pre
         run_preprocess(root, None, false, 8.0, Some(pre.clone()))?;
     }
     let plans = segk::plan::plans::PlansFile::read(&pre)?;
-    let split = splits::select(&splits::load_or_create(&pre, &ids)?, &ids, fold)?;
+    // `all` needs no split (and works with fewer cases than folds).
+    let folds = if fold == splits::Fold::All { Vec::new() } else { splits::load_or_create(&pre, &ids)? };
+    let split = splits::select(&folds, &ids, fold)?;
     let fold_name = match fold {
         splits::Fold::All => "all".to_string(),
         splits::Fold::Index(k) => k.to_string(),
@@ -380,6 +410,11 @@ fn run_train(root: &std::path::Path, fold: &str, device: &str, o: TrainOpts, pre
         Some(r) => std::path::PathBuf::from(r).join(dataset_name(root)).join("segk_3d_fullres").join(format!("fold_{fold_name}")),
         None => root.parent().unwrap_or(root).join("segk_results").join(dataset_name(root)).join("3d_fullres").join(format!("fold_{fold_name}")),
     });
+    // The model folder (the fold's parent) carries what prediction needs.
+    let model_dir = out.parent().unwrap_or(&out).to_path_buf();
+    std::fs::create_dir_all(&model_dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", model_dir.display()))?;
+    write_json_atomic(&model_dir.join(segk::plan::plans::PlansFile::NAME), &plans)?;
+    std::fs::copy(root.join("dataset.json"), model_dir.join("dataset.json")).map_err(|e| anyhow::anyhow!("copying dataset.json to {}: {e}", model_dir.display()))?;
     let plan = plans.configurations.fullres;
     println!(
         "training 3d_fullres fold {fold_name}: patch {:?}, batch {}, {} epochs x {} iterations, output {}",
@@ -409,6 +444,35 @@ fn run_train(root: &std::path::Path, fold: &str, device: &str, o: TrainOpts, pre
     if let Some(last) = logs.last() {
         println!("done: {} epochs run, final EMA pseudo-Dice {:.4}", logs.len(), last.ema_dice);
     }
+    Ok(())
+}
+
+struct Predict {
+    model: segk::predict::Model,
+    input: std::path::PathBuf,
+    output: std::path::PathBuf,
+    opt: segk::predict::PredictOptions,
+}
+
+impl Job for Predict {
+    type Out = Vec<std::path::PathBuf>;
+    fn run<B: Backend>(self, be: &B) -> Result<Self::Out> {
+        println!("device {}", be.name());
+        let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} cases  {elapsed_precise}  {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+        let r = segk::predict::predict_folder(be, &self.model, &self.input, &self.output, self.opt, &bar);
+        bar.finish_and_clear();
+        r
+    }
+}
+
+fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &std::path::Path, folds: Option<Vec<String>>, checkpoint: &str, step: f64, tta: bool, device: &str) -> Result<()> {
+    anyhow::ensure!(step > 0.0 && step <= 1.0, "--step must be in (0, 1]");
+    let m = segk::predict::Model::open(model, folds.as_deref(), checkpoint)?;
+    println!("predicting {} with {} fold(s), step {step}, mirror TTA {}", input.display(), m.checkpoints.len(), if tta { "on" } else { "off" });
+    let t0 = std::time::Instant::now();
+    let job = Predict { model: m, input: input.to_path_buf(), output: output.to_path_buf(), opt: segk::predict::PredictOptions { step, tta } };
+    let files = segk::device::run_on(device, job)?;
+    println!("wrote {} label maps to {} in {:.1} s", files.len(), output.display(), t0.elapsed().as_secs_f64());
     Ok(())
 }
 

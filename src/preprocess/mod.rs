@@ -149,40 +149,74 @@ fn settings_key(s: &Settings) -> String {
     serde_json::json!([s.plan.spacing, s.plan.transpose_forward, s.plan.normalization, s.plan.use_mask_for_norm, s.image_dtype, s.classes]).to_string()
 }
 
-/// Preprocesses one raw case.
-pub fn preprocess_case(case: &Case, s: &Settings) -> Result<Preprocessed> {
-    let lab = nifti_io::read(&case.label)?;
-    let mut seg = labels_of(&lab, &case.label)?;
-    let shape = lab.shape;
-    let mut images = Vec::with_capacity(case.images.len());
-    for p in &case.images {
-        let v = nifti_io::read(p)?;
-        ensure!(v.shape == shape, "{}: shape {:?} differs from its label map's {:?}", p.display(), v.shape, shape);
+/// Channel images of one case, checked against `shape` (when given) and for non-finite voxels.
+fn read_images(paths: &[PathBuf], shape: Option<[usize; 3]>) -> Result<(Vec<Vec<f32>>, nifti_io::Volume)> {
+    let mut images = Vec::with_capacity(paths.len());
+    let mut first: Option<nifti_io::Volume> = None;
+    for p in paths {
+        let mut v = nifti_io::read(p)?;
+        let want = shape.or(first.as_ref().map(|f| f.shape));
+        if let Some(want) = want {
+            ensure!(v.shape == want, "{}: shape {:?} differs from {:?} (the label map's or the first channel's)", p.display(), v.shape, want);
+        }
         if let Some(bad) = v.data.iter().find(|x| !x.is_finite()) {
             bail!("{}: contains a non-finite voxel ({bad})", p.display());
         }
-        images.push(v.data);
+        images.push(std::mem::take(&mut v.data));
+        first.get_or_insert(v);
     }
+    let first = first.with_context(|| "a case needs at least one channel image")?;
+    Ok((images, first))
+}
+
+/// Crop, transpose, normalise and resample channel images of `shape` (raw axis order) at
+/// `spacing`, with their label map if any (without one, voxels outside the nonzero mask are
+/// still marked -1 for the masked z-score). Returns channels, labels and the geometry.
+fn prepare(images: Vec<Vec<f32>>, seg: Option<Vec<i16>>, raw: &nifti_io::Volume, paths: &[PathBuf], s: &Settings) -> Result<(Vec<Vec<f32>>, Vec<i16>, Geometry)> {
+    let shape = raw.shape;
     // Crop to the nonzero region; label voxels outside it become -1 (background there).
     let mask = nonzero_mask(&images.iter().map(|v| v.as_slice()).collect::<Vec<_>>(), shape);
     let bbox = bounding_box(&mask, shape);
     let crop_shape: [usize; 3] = std::array::from_fn(|a| bbox[a][1] - bbox[a][0]);
     let mask = crop(&mask, shape, bbox);
-    seg = crop(&seg, shape, bbox);
+    let mut seg = match seg {
+        Some(l) => crop(&l, shape, bbox),
+        None => vec![0; mask.len()],
+    };
     seg.iter_mut().zip(&mask).filter(|(l, &m)| **l == 0 && !m).for_each(|(l, _)| *l = -1);
     drop(mask);
     let order = s.plan.transpose_forward;
     let (seg, shape_t) = transpose(&seg, crop_shape, order);
-    let spacing_t = order.map(|a| lab.spacing[a]);
+    let spacing_t = order.map(|a| raw.spacing[a]);
     let out_shape = new_shape(shape_t, spacing_t, s.plan.spacing);
     let mut channels = Vec::with_capacity(images.len());
     for (c, img) in images.into_iter().enumerate() {
         let (mut v, _) = transpose(&crop(&img, shape, bbox), crop_shape, order);
         drop(img);
-        normalize::normalize(&mut v, s.schemes[c], s.plan.use_mask_for_norm[c], &seg, &s.stats[c]).with_context(|| format!("{}", case.images[c].display()))?;
+        normalize::normalize(&mut v, s.schemes[c], s.plan.use_mask_for_norm[c], &seg, &s.stats[c]).with_context(|| format!("{}", paths[c].display()))?;
         channels.push(resample_image(&v, shape_t, out_shape, axis_kernels(spacing_t, s.plan.spacing, Kernel::Cubic)));
     }
     let seg = resample_labels(&seg, shape_t, out_shape, axis_kernels(spacing_t, s.plan.spacing, Kernel::Linear));
+    let geometry = Geometry { original_shape: shape, original_spacing: raw.spacing, bbox, transpose_forward: order, spacing: s.plan.spacing, shape: out_shape, affine: raw.affine };
+    Ok((channels, seg, geometry))
+}
+
+/// Preprocesses the channel images of a case to predict: channels on the plan's grid and the
+/// geometry to map predictions back; also the first channel's volume (its header and grid).
+pub fn preprocess_images(paths: &[PathBuf], s: &Settings) -> Result<(Vec<Vec<f32>>, Geometry, nifti_io::Volume)> {
+    ensure!(paths.len() == s.schemes.len(), "{} channel images given, the plan has {}", paths.len(), s.schemes.len());
+    let (images, raw) = read_images(paths, None)?;
+    let (channels, _, geometry) = prepare(images, None, &raw, paths, s)?;
+    Ok((channels, geometry, raw))
+}
+
+/// Preprocesses one raw training case.
+pub fn preprocess_case(case: &Case, s: &Settings) -> Result<Preprocessed> {
+    let lab = nifti_io::read(&case.label)?;
+    let seg = labels_of(&lab, &case.label)?;
+    let (images, _) = read_images(&case.images, Some(lab.shape))?;
+    let (channels, seg, geometry) = prepare(images, Some(seg), &lab, &case.images, s)?;
+    let out_shape = geometry.shape;
     let locations = sample_locations(&seg, out_shape, &s.classes, LOCATION_SEED);
     let mut offset = 0;
     let classes = s
@@ -195,7 +229,6 @@ pub fn preprocess_case(case: &Case, s: &Settings) -> Result<Preprocessed> {
             e
         })
         .collect();
-    let geometry = Geometry { original_shape: shape, original_spacing: lab.spacing, bbox, transpose_forward: order, spacing: s.plan.spacing, shape: out_shape, affine: lab.affine };
     let header = CaseHeader { id: case.id.clone(), shape: out_shape, channels: channels.len(), image_dtype: s.image_dtype, label_dtype: s.label_dtype, classes, geometry, settings: settings_key(s) };
     Ok(Preprocessed { header, channels, seg, locations })
 }

@@ -1,0 +1,104 @@
+//! Export at the original geometry, streamed: each finished slice of logits on the plan's
+//! grid is resampled in-plane to the cropped original grid, the slices along the first axis
+//! are resampled as they arrive (linear, or nearest along a coarse axis as nnU-Net does for
+//! probabilities), argmax gives the class, and each output slice is untransposed and pasted
+//! into the original volume (background outside the crop). Only two input slices are kept.
+
+use super::window::SliceSink;
+use crate::preprocess::geometry::Geometry;
+use crate::preprocess::resample::{axis_kernels, resample_image, taps, Kernel, Taps};
+use anyhow::Result;
+use std::collections::VecDeque;
+
+pub struct Exporter {
+    g: Geometry,
+    classes: usize,
+    /// Label value of each class index.
+    values: Vec<i16>,
+    /// Cropped original shape in stored axis order.
+    shape_t: [usize; 3],
+    kernels: [Kernel; 3],
+    taps0: Vec<Taps>,
+    /// Resampled-in-plane input slices still needed: (index, [classes][H'][W']).
+    window: VecDeque<(usize, Vec<f32>)>,
+    next_out: usize,
+    /// The label map on the original grid, [z][y][x].
+    pub labels: Vec<i16>,
+}
+
+impl Exporter {
+    pub fn new(g: &Geometry, values: Vec<i16>) -> Exporter {
+        let c = g.crop_shape();
+        let t = g.transpose_forward;
+        let shape_t = t.map(|a| c[a]);
+        let spacing_t = t.map(|a| g.original_spacing[a]);
+        let kernels = axis_kernels(g.spacing, spacing_t, Kernel::Linear);
+        let taps0 = if g.shape[0] == shape_t[0] { taps(g.shape[0], shape_t[0], Kernel::Nearest) } else { taps(g.shape[0], shape_t[0], kernels[0]) };
+        Exporter {
+            g: g.clone(),
+            classes: values.len(),
+            values,
+            shape_t,
+            kernels,
+            taps0,
+            window: VecDeque::new(),
+            next_out: 0,
+            labels: vec![0; g.original_shape.iter().product()],
+        }
+    }
+
+    /// The highest input slice an output slice reads.
+    fn needs(t: &Taps) -> usize {
+        (0..4).filter(|&k| t.w[k] != 0.0).map(|k| t.idx[k]).max().unwrap_or(t.idx[0])
+    }
+
+    fn write_out(&mut self, o: usize) {
+        let t = self.taps0[o];
+        let (h, w) = (self.shape_t[1], self.shape_t[2]);
+        let n = h * w;
+        let mut mix = vec![0.0f32; self.classes * n];
+        for k in 0..4 {
+            if t.w[k] == 0.0 {
+                continue;
+            }
+            let s = &self.window.iter().find(|(i, _)| *i == t.idx[k]).expect("an output's input slices are kept until it is written").1;
+            mix.iter_mut().zip(s).for_each(|(m, &v)| *m += t.w[k] as f32 * v);
+        }
+        let back = crate::preprocess::geometry::inverse(self.g.transpose_forward);
+        let full = self.g.original_shape;
+        for y in 0..h {
+            for x in 0..w {
+                let i = y * w + x;
+                let best = (1..self.classes).fold(0, |b, k| if mix[k * n + i] > mix[b * n + i] { k } else { b });
+                // Stored axes (o, y, x) -> raw crop axes, then into the full volume.
+                let q = [o, y, x];
+                let raw: [usize; 3] = std::array::from_fn(|a| q[back[a]] + self.g.bbox[a][0]);
+                self.labels[(raw[0] * full[1] + raw[1]) * full[2] + raw[2]] = self.values[best];
+            }
+        }
+    }
+}
+
+impl SliceSink for Exporter {
+    fn slice(&mut self, k: usize, logits: &[f32]) -> Result<()> {
+        let [_, h, w] = self.g.shape;
+        let (ho, wo) = (self.shape_t[1], self.shape_t[2]);
+        let mut resampled = Vec::with_capacity(self.classes * ho * wo);
+        for c in 0..self.classes {
+            let plane = &logits[c * h * w..(c + 1) * h * w];
+            resampled.extend(resample_image(plane, [1, h, w], [1, ho, wo], [Kernel::Nearest, self.kernels[1], self.kernels[2]]));
+        }
+        self.window.push_back((k, resampled));
+        while self.next_out < self.taps0.len() && Self::needs(&self.taps0[self.next_out]) <= k {
+            self.write_out(self.next_out);
+            self.next_out += 1;
+            if let Some(t) = self.taps0.get(self.next_out) {
+                let first = (0..4).filter(|&j| t.w[j] != 0.0).map(|j| t.idx[j]).min().unwrap_or(t.idx[0]);
+                while self.window.front().is_some_and(|(i, _)| *i < first) {
+                    self.window.pop_front();
+                }
+            }
+        }
+        Ok(())
+    }
+}

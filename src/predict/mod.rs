@@ -1,0 +1,132 @@
+//! `segk predict`: raw NIfTI cases -> the model's preprocessing -> sliding-window inference
+//! (folds and mirror TTA averaged) -> label maps on each input's own grid and header.
+//! A model folder is what `segk train` writes: plans.json, dataset.json and fold_F/ folders
+//! with checkpoints.
+
+pub mod export;
+pub mod window;
+
+use crate::backend::Backend;
+use crate::dataset::nifti_io::{self, VoxelType};
+use crate::dataset::{DatasetJson, LabelValue};
+use crate::model::unet::Acts;
+use crate::model::{Checkpointing, UNet};
+use crate::plan::plans::PlansFile;
+use crate::preprocess::{preprocess_images, Settings};
+use crate::store::ImageDtype;
+use anyhow::{bail, ensure, Context, Result};
+use std::path::{Path, PathBuf};
+
+pub struct Model {
+    pub plans: PlansFile,
+    pub json: DatasetJson,
+    /// Checkpoint stems (dir/NAME without extension) of the folds to average.
+    pub checkpoints: Vec<(PathBuf, String)>,
+}
+
+impl Model {
+    /// Reads `dir` (plans.json, dataset.json) and finds `checkpoint` in each fold folder
+    /// (`folds`: names like "0" or "all"; default every fold_* folder present).
+    pub fn open(dir: &Path, folds: Option<&[String]>, checkpoint: &str) -> Result<Model> {
+        let plans = PlansFile::read(dir)?;
+        let json = crate::dataset::read_json(dir)?;
+        let folds: Vec<String> = match folds {
+            Some(f) => f.to_vec(),
+            None => {
+                let mut v: Vec<String> = std::fs::read_dir(dir)
+                    .with_context(|| format!("{}: cannot list", dir.display()))?
+                    .filter_map(|e| e.ok())
+                    .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("fold_")).map(str::to_string))
+                    .collect();
+                v.sort();
+                v
+            }
+        };
+        ensure!(!folds.is_empty(), "{}: no fold_* folders (train one with `segk train`)", dir.display());
+        let mut checkpoints = Vec::new();
+        for f in &folds {
+            let d = dir.join(format!("fold_{f}"));
+            ensure!(crate::checkpoint::exists(&d, checkpoint), "{}: no {checkpoint}.safetensors (with its .state file)", d.display());
+            checkpoints.push((d, checkpoint.to_string()));
+        }
+        Ok(Model { plans, json, checkpoints })
+    }
+
+    /// Label value of each output class, in class order.
+    pub fn class_values(&self) -> Result<Vec<i16>> {
+        let mut v = Vec::new();
+        for (name, l) in &self.json.labels {
+            match l {
+                LabelValue::One(x) if name != "ignore" => v.push(*x as i16),
+                LabelValue::One(_) => {}
+                LabelValue::Region(_) => bail!("region-based models are not supported by segk predict yet"),
+            }
+        }
+        v.sort();
+        ensure!(v.len() == self.plans.configurations.fullres.topology.n_classes, "dataset.json has {} labels, the network {} outputs", v.len(), self.plans.configurations.fullres.topology.n_classes);
+        Ok(v)
+    }
+}
+
+/// The cases in `input`: id -> channel files, by nnU-Net's imagesTs naming (ID_XXXX<ending>).
+pub fn find_cases(input: &Path, channels: usize, ending: &str) -> Result<Vec<(String, Vec<PathBuf>)>> {
+    let files = crate::dataset::files_with(input, ending)?;
+    let mut ids: Vec<String> = files
+        .iter()
+        .filter_map(|p| p.file_name()?.to_str()?.strip_suffix(ending).map(str::to_string))
+        .filter_map(|stem| stem.rsplit_once('_').filter(|(_, c)| c.len() == 4 && c.chars().all(|d| d.is_ascii_digit())).map(|(id, _)| id.to_string()))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ensure!(!ids.is_empty(), "{}: no images named CASE_XXXX{ending}", input.display());
+    ids.into_iter()
+        .map(|id| {
+            let paths: Vec<PathBuf> = (0..channels).map(|c| crate::dataset::image_path(input, &id, c, ending)).collect();
+            if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
+                bail!("{}: missing (case {id} needs {channels} channel files)", missing.display());
+            }
+            Ok((id, paths))
+        })
+        .collect()
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct PredictOptions {
+    pub step: f64,
+    pub tta: bool,
+}
+
+/// Predicts every case of `input` into `output` (label maps named ID<ending>, on each
+/// input's grid and header). Returns the written files.
+pub fn predict_folder<B: Backend>(be: &B, model: &Model, input: &Path, output: &Path, opt: PredictOptions, progress: &indicatif::ProgressBar) -> Result<Vec<PathBuf>> {
+    let plan = &model.plans.configurations.fullres;
+    let settings = Settings::new(&model.json, &model.plans, ImageDtype::F32)?;
+    let values = model.class_values()?;
+    let cases = find_cases(input, model.json.channels(), &model.json.file_ending)?;
+    std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
+    let mut nets = Vec::new();
+    for (dir, name) in &model.checkpoints {
+        let mut net = UNet::new(be, plan.topology.clone(), 0)?;
+        crate::checkpoint::load(dir, name, be, &mut net)?;
+        nets.push(net);
+    }
+    let acts = Acts::new(be, &plan.topology, plan.patch_size, 1, Checkpointing::Level1, false)?;
+    let predictor = window::Predictor { be, nets: &nets, acts: &acts, patch: plan.patch_size, classes: values.len(), step: opt.step, tta: opt.tta };
+    progress.set_length(cases.len() as u64);
+    let ty = if values.iter().all(|&v| (0..=255).contains(&v)) { VoxelType::U8 } else { VoxelType::I16 };
+    let mut written = Vec::new();
+    for (id, paths) in &cases {
+        progress.set_message(id.clone());
+        let (channels, geometry, raw) = preprocess_images(paths, &settings).with_context(|| format!("case {id}"))?;
+        let mut exporter = export::Exporter::new(&geometry, values.clone());
+        predictor.run(&channels, geometry.shape, &mut exporter).with_context(|| format!("case {id}"))?;
+        let out = output.join(format!("{id}{}", model.json.file_ending));
+        let mut vol = nifti_io::Volume { data: exporter.labels.iter().map(|&l| l as f32).collect(), ..raw };
+        // The input's geometry, not its intensity scaling.
+        (vol.header.scl_slope, vol.header.scl_inter) = (1.0, 0.0);
+        nifti_io::write(&out, &vol, ty)?;
+        written.push(out);
+        progress.inc(1);
+    }
+    Ok(written)
+}

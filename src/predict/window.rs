@@ -1,0 +1,186 @@
+//! Sliding-window inference, streamed along the first axis: tiles at nnU-Net's steps
+//! (overlap 1 - step of the patch), each tile's logits (averaged over folds and mirror TTA)
+//! weighted by a gaussian (sigma = patch/8) and accumulated into a window of slices only as
+//! deep as the patch plus one step; a slice leaves (divided by its weights) as soon as no
+//! later tile can touch it. Memory: classes x (patch depth + step) x H x W floats.
+
+use crate::backend::Backend;
+use crate::model::unet::Acts;
+use crate::model::UNet;
+use anyhow::Result;
+use std::collections::VecDeque;
+
+/// nnU-Net's tile starts along an axis of `size` (>= patch) for a step fraction.
+pub fn steps(size: usize, patch: usize, step: f64) -> Vec<usize> {
+    assert!(size >= patch && patch > 0);
+    let n = ((size - patch) as f64 / (patch as f64 * step)).ceil() as usize + 1;
+    if n == 1 {
+        return vec![0];
+    }
+    let actual = (size - patch) as f64 / (n - 1) as f64;
+    (0..n).map(|i| (actual * i as f64).round() as usize).collect()
+}
+
+/// The gaussian importance map of a patch: exp(-d^2 / 2 sigma^2) around patch/2 with
+/// sigma = patch/8 per axis, scaled to a maximum of 1, never 0.
+pub fn gaussian(patch: [usize; 3]) -> Vec<f32> {
+    let axis = |n: usize| -> Vec<f64> {
+        let (c, s) = ((n / 2) as f64, n as f64 / 8.0);
+        (0..n).map(|i| (-((i as f64 - c).powi(2)) / (2.0 * s * s)).exp()).collect()
+    };
+    let (gz, gy, gx) = (axis(patch[0]), axis(patch[1]), axis(patch[2]));
+    let mut g = Vec::with_capacity(patch.iter().product());
+    for z in &gz {
+        for y in &gy {
+            for x in &gx {
+                g.push((z * y * x) as f32);
+            }
+        }
+    }
+    let min_pos = g.iter().cloned().filter(|&v| v > 0.0).fold(f32::INFINITY, f32::min);
+    g.iter_mut().filter(|v| **v <= 0.0).for_each(|v| *v = min_pos);
+    g
+}
+
+/// Receives finished slices in order: slice `k` of the volume, logits [classes][H][W].
+pub trait SliceSink {
+    fn slice(&mut self, k: usize, logits: &[f32]) -> Result<()>;
+}
+
+/// What a tile needs: the nets (folds), the device buffers, the settings.
+pub struct Predictor<'a, B: Backend> {
+    pub be: &'a B,
+    pub nets: &'a [UNet<B>],
+    /// Forward-only activations for one patch, batch 1.
+    pub acts: &'a Acts<B>,
+    pub patch: [usize; 3],
+    pub classes: usize,
+    pub step: f64,
+    /// Mirror test-time augmentation over every combination of the three axes.
+    pub tta: bool,
+}
+
+fn flip_index(p: [usize; 3], patch: [usize; 3], flip: [bool; 3]) -> usize {
+    let q: [usize; 3] = std::array::from_fn(|a| if flip[a] { patch[a] - 1 - p[a] } else { p[a] });
+    (q[0] * patch[1] + q[1]) * patch[2] + q[2]
+}
+
+impl<B: Backend> Predictor<'_, B> {
+    /// Logits of one tile ([voxel][class]), averaged over folds and mirrorings.
+    fn tile(&self, input: &[f32], channels: usize, out: &mut [f32], flipped: &mut [f32], logits: &mut [f32]) -> Result<()> {
+        let p = self.patch;
+        let n: usize = p.iter().product();
+        let flips: Vec<[bool; 3]> = if self.tta { (0..8).map(|m| [m & 4 != 0, m & 2 != 0, m & 1 != 0]).collect() } else { vec![[false; 3]] };
+        out.iter_mut().for_each(|v| *v = 0.0);
+        for net in self.nets {
+            for &f in &flips {
+                for z in 0..p[0] {
+                    for y in 0..p[1] {
+                        for x in 0..p[2] {
+                            let (o, s) = ((z * p[1] + y) * p[2] + x, flip_index([z, y, x], p, f));
+                            flipped[o * channels..(o + 1) * channels].copy_from_slice(&input[s * channels..(s + 1) * channels]);
+                        }
+                    }
+                }
+                let lg = net.forward_logits(self.be, self.acts, flipped)?;
+                self.be.download(self.be.view(&self.acts.arena, lg.offset, lg.len()), logits)?;
+                let c = self.classes;
+                for z in 0..p[0] {
+                    for y in 0..p[1] {
+                        for x in 0..p[2] {
+                            let (o, s) = ((z * p[1] + y) * p[2] + x, flip_index([z, y, x], p, f));
+                            out[o * c..(o + 1) * c].iter_mut().zip(&logits[s * c..(s + 1) * c]).for_each(|(a, &b)| *a += b);
+                        }
+                    }
+                }
+            }
+        }
+        let k = 1.0 / (self.nets.len() * flips.len()) as f32;
+        out.iter_mut().for_each(|v| *v *= k);
+        debug_assert_eq!(out.len(), n * self.classes);
+        Ok(())
+    }
+
+    /// Runs the window over channels [C][D][H][W] of `shape` (padded with zeros up to the
+    /// patch where smaller) and hands every slice of the unpadded volume to `sink`, in order.
+    pub fn run(&self, channels: &[Vec<f32>], shape: [usize; 3], sink: &mut dyn SliceSink) -> Result<()> {
+        let (p, c, nch) = (self.patch, self.classes, channels.len());
+        let padded: [usize; 3] = std::array::from_fn(|a| shape[a].max(p[a]));
+        let pad_lo: [usize; 3] = std::array::from_fn(|a| (padded[a] - shape[a]) / 2);
+        let st: [Vec<usize>; 3] = std::array::from_fn(|a| steps(padded[a], p[a], self.step));
+        let g = gaussian(p);
+        let n: usize = p.iter().product();
+        let plane = padded[1] * padded[2];
+        let (mut input, mut flipped) = (vec![0.0f32; n * nch], vec![0.0f32; n * nch]);
+        let (mut tile, mut logits) = (vec![0.0f32; n * c], vec![0.0f32; n * c]);
+        // Live slices from `base`: logits [c][H][W] and weights [H][W].
+        let mut live: VecDeque<(Vec<f32>, Vec<f32>)> = VecDeque::new();
+        let mut base = 0usize;
+        let mut emit = |upto: usize, live: &mut VecDeque<(Vec<f32>, Vec<f32>)>, base: &mut usize| -> Result<()> {
+            while *base < upto {
+                let (mut acc, w) = live.pop_front().unwrap_or_else(|| (vec![0.0; c * plane], vec![1.0; plane]));
+                let z = *base;
+                *base += 1;
+                if z < pad_lo[0] || z >= pad_lo[0] + shape[0] {
+                    continue;
+                }
+                for k in 0..c {
+                    acc[k * plane..(k + 1) * plane].iter_mut().zip(&w).for_each(|(a, &wt)| *a /= wt);
+                }
+                // Crop the padding in-plane.
+                let out: Vec<f32> = if padded[1] == shape[1] && padded[2] == shape[2] {
+                    acc
+                } else {
+                    let mut o = Vec::with_capacity(c * shape[1] * shape[2]);
+                    for k in 0..c {
+                        for y in 0..shape[1] {
+                            let row = k * plane + (y + pad_lo[1]) * padded[2] + pad_lo[2];
+                            o.extend_from_slice(&acc[row..row + shape[2]]);
+                        }
+                    }
+                    o
+                };
+                sink.slice(z - pad_lo[0], &out)?;
+            }
+            Ok(())
+        };
+        for &z0 in &st[0] {
+            emit(z0, &mut live, &mut base)?;
+            while live.len() < z0 + p[0] - base {
+                live.push_back((vec![0.0; c * plane], vec![0.0; plane]));
+            }
+            for &y0 in &st[1] {
+                for &x0 in &st[2] {
+                    // Gather the tile (zeros in the padding), NDHWC.
+                    for z in 0..p[0] {
+                        for y in 0..p[1] {
+                            for x in 0..p[2] {
+                                let o = (z * p[1] + y) * p[2] + x;
+                                let q = [z + z0, y + y0, x + x0];
+                                let inside = (0..3).all(|a| q[a] >= pad_lo[a] && q[a] < pad_lo[a] + shape[a]);
+                                for ch in 0..nch {
+                                    input[o * nch + ch] = if inside { channels[ch][((q[0] - pad_lo[0]) * shape[1] + q[1] - pad_lo[1]) * shape[2] + q[2] - pad_lo[2]] } else { 0.0 };
+                                }
+                            }
+                        }
+                    }
+                    self.tile(&input, nch, &mut tile, &mut flipped, &mut logits)?;
+                    for z in 0..p[0] {
+                        let (acc, w) = &mut live[z0 + z - base];
+                        for y in 0..p[1] {
+                            for x in 0..p[2] {
+                                let o = (z * p[1] + y) * p[2] + x;
+                                let at = (y + y0) * padded[2] + x + x0;
+                                w[at] += g[o];
+                                for k in 0..c {
+                                    acc[k * plane + at] += g[o] * tile[o * c + k];
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        emit(padded[0], &mut live, &mut base)
+    }
+}

@@ -1,0 +1,124 @@
+//! Prediction: tile steps and the gaussian as nnU-Net has them, the sliding window against a
+//! single forward pass, and the raw -> train -> predict -> evaluate path with the input's
+//! geometry kept on anisotropic and oblique images.
+
+use segk::backend::cpu::CpuBackend;
+use segk::dataset::nifti_io::{self, header_for, Volume, VoxelType};
+use segk::model::unet::Acts;
+use segk::model::{Checkpointing, Topology, UNet};
+use segk::predict::window::{gaussian, steps, Predictor, SliceSink};
+
+#[test]
+fn tile_steps_and_gaussian_follow_nnunet() {
+    assert_eq!(steps(200, 128, 0.5), vec![0, 36, 72]);
+    assert_eq!(steps(128, 128, 0.5), vec![0]);
+    assert_eq!(steps(129, 128, 0.5), vec![0, 1]);
+    assert_eq!(steps(300, 100, 0.5), vec![0, 50, 100, 150, 200]);
+    let p = [16, 24, 32];
+    let g = gaussian(p);
+    let at = |z: usize, y: usize, x: usize| g[(z * 24 + y) * 32 + x];
+    assert_eq!(at(8, 12, 16), 1.0, "maximum 1 at patch/2");
+    assert!(g.iter().all(|&v| v > 0.0 && v <= 1.0));
+    // One sigma (patch/8 = 4 voxels along x) from the centre: exp(-1/2).
+    assert!((at(8, 12, 20) - (-0.5f32).exp()).abs() < 1e-6 && (at(8, 12, 12) - at(8, 12, 20)).abs() < 1e-7);
+}
+
+struct Collect(Vec<Vec<f32>>);
+impl SliceSink for Collect {
+    fn slice(&mut self, k: usize, logits: &[f32]) -> anyhow::Result<()> {
+        assert_eq!(k, self.0.len(), "slices arrive in order");
+        self.0.push(logits.to_vec());
+        Ok(())
+    }
+}
+
+#[test]
+fn a_volume_the_size_of_the_patch_gives_the_plain_forward_pass() {
+    let be = CpuBackend::<f32>::new();
+    let topo = Topology::isotropic(1, 3, vec![4, 8]);
+    let net = UNet::new(&be, topo.clone(), 5).unwrap();
+    let p = [8, 12, 16];
+    let n: usize = p.iter().product();
+    let acts = Acts::new(&be, &topo, p, 1, Checkpointing::Level1, false).unwrap();
+    let image: Vec<f32> = (0..n).map(|i| ((i * 7919) % 200) as f32 / 100.0 - 1.0).collect();
+    let nets = [net];
+    let pr = Predictor { be: &be, nets: &nets, acts: &acts, patch: p, classes: 3, step: 0.5, tta: false };
+    let mut sink = Collect(Vec::new());
+    pr.run(&[image.clone()], p, &mut sink).unwrap();
+    assert_eq!(sink.0.len(), p[0]);
+    let lg = nets[0].forward_logits(&be, &acts, &image).unwrap();
+    let mut direct = vec![0.0f32; lg.len()];
+    segk::backend::Backend::download(&be, segk::backend::Backend::view(&be, &acts.arena, lg.offset, lg.len()), &mut direct).unwrap();
+    let plane = p[1] * p[2];
+    for (z, s) in sink.0.iter().enumerate() {
+        for k in 0..3 {
+            for i in 0..plane {
+                let (a, b) = (s[k * plane + i], direct[(z * plane + i) * 3 + k]);
+                assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "z {z} class {k} voxel {i}: {a} vs {b}");
+            }
+        }
+    }
+    // A larger volume: every slice arrives once, in order, finite.
+    let big = [20, 12, 30];
+    let img: Vec<f32> = (0..big.iter().product::<usize>()).map(|i| (i % 13) as f32 * 0.1).collect();
+    let mut sink = Collect(Vec::new());
+    Predictor { tta: true, ..pr }.run(&[img], big, &mut sink).unwrap();
+    assert_eq!(sink.0.len(), big[0]);
+    assert!(sink.0.iter().all(|s| s.len() == 3 * big[1] * big[2] && s.iter().all(|v| v.is_finite())));
+}
+
+#[test]
+fn predictions_keep_each_inputs_grid_and_evaluate_scores_them() {
+    let base = std::env::temp_dir().join(format!("segk-predict-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let root = base.join("Dataset033_Predict");
+    let segk = || {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_segk"));
+        c.env_remove("nnUNet_preprocessed").env_remove("nnUNet_results");
+        c
+    };
+    let ok = |c: &mut std::process::Command| {
+        let out = c.output().unwrap();
+        assert!(out.status.success(), "{}\n{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    ok(segk().args(["synth", "--cases", "4", "--shape", "24,32,32", "--spacing", "1,1,1"]).arg(&root));
+    ok(segk().arg("train").arg(&root).args(["all", "--device", "cpu", "--epochs", "1", "--iters-per-epoch", "3", "--val-iters", "1", "--workers", "1"]));
+    let model = base.join("segk_results/Dataset033_Predict/3d_fullres");
+    assert!(model.join("plans.json").is_file() && model.join("dataset.json").is_file());
+
+    // Inputs on other grids: anisotropic spacing, and an oblique qform-free sform with origin.
+    let input = base.join("imagesTs");
+    std::fs::create_dir_all(&input).unwrap();
+    let src = nifti_io::read(&root.join("imagesTr/case_0000_0000.nii.gz")).unwrap();
+    let (c, s) = (0.8f64, 0.6f64);
+    let oblique = [[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]];
+    let identity = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
+    for (name, spacing, dirs, origin) in [("aniso", [3.0, 0.7, 0.9], identity, [0.0; 3]), ("oblique", [1.2, 1.0, 0.8], oblique, [-30.0, 12.5, 7.0])] {
+        let v = Volume { header: header_for(src.shape, spacing, dirs, origin), spacing, ..src.clone() };
+        nifti_io::write(&input.join(format!("{name}_0000.nii.gz")), &v, VoxelType::I16).unwrap();
+    }
+    let pred = base.join("pred");
+    let text = ok(segk().args(["predict", "-i"]).arg(&input).arg("-o").arg(&pred).arg("-m").arg(&model).args(["--device", "cpu", "--no-tta"]));
+    assert!(text.contains("wrote 2 label maps"), "{text}");
+    for name in ["aniso", "oblique"] {
+        let a = nifti_io::read(&input.join(format!("{name}_0000.nii.gz"))).unwrap();
+        let b = nifti_io::read(&pred.join(format!("{name}.nii.gz"))).unwrap();
+        assert_eq!(a.shape, b.shape, "{name}: shape");
+        assert!(a.affine.iter().flatten().zip(b.affine.iter().flatten()).all(|(x, y)| (x - y).abs() < 1e-4), "{name}: affine {:?} vs {:?}", a.affine, b.affine);
+        assert!(b.data.iter().all(|&l| l == 0.0 || l == 1.0 || l == 2.0), "{name}: only declared labels");
+        // Outside the nonzero crop nothing is predicted: the crop is undone in place.
+        let bbox = segk::plan::fingerprint::bounding_box(&segk::plan::fingerprint::nonzero_mask(&[&a.data], a.shape), a.shape);
+        assert!(bbox.iter().zip(a.shape).any(|(b, n)| b[0] > 0 || b[1] < n), "{name}: the test needs a crop");
+        let outside = (0..a.data.len()).filter(|&i| {
+            let q = [i / (a.shape[1] * a.shape[2]), (i / a.shape[2]) % a.shape[1], i % a.shape[2]];
+            (0..3).any(|d| q[d] < bbox[d][0] || q[d] >= bbox[d][1])
+        });
+        assert!(outside.clone().all(|i| b.data[i] == 0.0), "{name}: labels outside the crop");
+    }
+    // evaluate on the training images' predictions.
+    let pred_tr = base.join("pred_tr");
+    ok(segk().args(["predict", "-i"]).arg(root.join("imagesTr")).arg("-o").arg(&pred_tr).arg("-m").arg(&model).args(["--device", "cpu", "--no-tta", "--folds", "all"]));
+    let text = ok(segk().arg("evaluate").arg(&pred_tr).arg(root.join("labelsTr")));
+    assert!(text.contains("4 cases") && pred_tr.join("summary.json").is_file(), "{text}");
+}
