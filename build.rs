@@ -81,6 +81,16 @@ fn main() {
     let (fatbin, report_path) = (out.join("segk.fatbin"), out.join("ptxas-report.txt"));
     let require = env::var("SEGK_REQUIRE_KERNELS").is_ok_and(|v| v == "1");
 
+    // A fully static binary cannot load the NVIDIA driver (dlopen from static glibc is not
+    // supported), so the static build is CPU-only and carries no kernels.
+    let static_crt = env::var("CARGO_CFG_TARGET_FEATURE").is_ok_and(|f| f.split(',').any(|x| x == "crt-static"));
+    if static_crt {
+        fs::write(&fatbin, []).expect("write empty fatbin");
+        fs::write(&report_path, "static CPU-only build: no CUDA kernels\n").expect("write report");
+        println!("cargo:rustc-env=SEGK_KERNEL_INFO=none (static CPU-only build: it cannot use a GPU)");
+        return;
+    }
+
     let Some(nvcc) = find_nvcc() else {
         if require {
             panic!("SEGK_REQUIRE_KERNELS=1 but nvcc was not found in $NVCC, $CUDA_HOME/bin, $CUDA_PATH/bin or PATH");

@@ -25,6 +25,9 @@ pub const KERNEL_ARCHS: &str = "sm_80 sm_90 (SASS), compute_90 (PTX)";
 
 /// Why `--device cuda` cannot run here, or None when it can be tried.
 pub fn unavailable_reason() -> Option<String> {
+    if cfg!(target_feature = "crt-static") {
+        return Some("this is the static CPU-only build of segk: it cannot use a GPU (use the dynamically linked binary, which needs only the NVIDIA driver)".into());
+    }
     if !KERNELS_EMBEDDED {
         return Some("built without CUDA kernels: install the CUDA toolkit (nvcc) and rebuild".into());
     }
@@ -51,6 +54,9 @@ pub struct GpuInfo {
 
 /// Every GPU the driver offers (opening a context on each), or why there are none.
 pub fn gpus() -> std::result::Result<Vec<GpuInfo>, String> {
+    if let Some(why) = unavailable_reason().filter(|_| cfg!(target_feature = "crt-static")) {
+        return Err(why);
+    }
     // SAFETY: only tries to open the driver library.
     if !unsafe { sys::is_culib_present() } {
         return Err("no NVIDIA driver: libcuda.so could not be loaded".into());
