@@ -60,8 +60,11 @@ fn unet_gradients_match_finite_differences() {
             let a: Vec<f64> = sel.iter().map(|&k| analytic[k]).collect();
             let b: Vec<f64> = sel.iter().map(|&k| numeric[k]).collect();
             let scale = b.iter().map(|v| v.abs()).fold(0.0, f64::max);
+            // Central differences at eps 1e-6 on a loss near 1 carry ~1e-10 of rounding, so
+            // tiny gradients get that absolute slack (seen: -6.4710e-7 vs -6.4732e-7).
+            let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0.0, f64::max);
             if scale > 1e-7 {
-                assert!(rel_err(&a, &b) < 1e-4, "{dice:?} {}: {a:?} vs {b:?}", tensor.name);
+                assert!(rel_err(&a, &b) < 1e-4 || worst < 1e-9, "{dice:?} {}: {a:?} vs {b:?}", tensor.name);
             }
         }
     }
