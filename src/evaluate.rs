@@ -98,8 +98,13 @@ pub fn evaluate(pred: &Path, gt: &Path, labels: Option<Vec<i64>>) -> Result<Summ
         }
         pairs.push((p, r.clone()));
     }
+    evaluate_pairs(&pairs, labels)
+}
+
+/// Evaluates (prediction, reference) file pairs.
+pub fn evaluate_pairs(pairs: &[(PathBuf, PathBuf)], labels: Option<Vec<i64>>) -> Result<Summary> {
     let mut loaded = Vec::with_capacity(pairs.len());
-    for (p, r) in &pairs {
+    for (p, r) in pairs {
         let (pv, rv) = (nifti_io::read(p)?, nifti_io::read(r)?);
         ensure!(pv.shape == rv.shape, "{}: shape {:?} differs from the reference's {:?}", p.display(), pv.shape, rv.shape);
         loaded.push((pv.data, rv.data));

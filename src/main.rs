@@ -99,6 +99,9 @@ enum Cmd {
         /// Continue from checkpoint_latest in the output folder.
         #[arg(long)]
         resume: bool,
+        /// Skip predicting the validation cases after training.
+        #[arg(long)]
+        no_validation: bool,
         /// Augmentation workers (default: SEGK_WORKERS, else nnUNet_n_proc_DA, else CPUs - 1).
         #[arg(long)]
         workers: Option<usize>,
@@ -226,8 +229,8 @@ fn main() {
         Cmd::Fingerprint { dataset, out } => run_fingerprint(&dataset, out),
         Cmd::Plan { dataset, gpu_memory, out } => run_plan(&dataset, gpu_memory, out),
         Cmd::Preprocess { dataset, processes, f16, gpu_memory, out } => run_preprocess(&dataset, processes, f16, gpu_memory, out),
-        Cmd::Train { dataset, fold, device, epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, workers, seed, preprocessed, out } => {
-            let o = TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, workers, seed };
+        Cmd::Train { dataset, fold, device, epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, no_validation, workers, seed, preprocessed, out } => {
+            let o = TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, validation: !no_validation, workers, seed };
             run_train(&dataset, &fold, &device, o, preprocessed, out)
         }
         Cmd::Doctor => run_doctor(),
@@ -341,14 +344,45 @@ fn run_preprocess(root: &std::path::Path, processes: Option<usize>, f16: bool, g
     Ok(())
 }
 
-struct Train(segk::train::TrainConfig);
+struct Train {
+    cfg: segk::train::TrainConfig,
+    /// Validation after training, from this raw dataset.
+    validate: Option<std::path::PathBuf>,
+}
 
 impl Job for Train {
     type Out = Vec<segk::train::EpochLog>;
     fn run<B: Backend>(self, be: &B) -> Result<Self::Out> {
         println!("device {}", be.name());
-        segk::train::run_on(be, &self.0)
+        let logs = segk::train::run_on(be, &self.cfg)?;
+        if let Some(root) = &self.validate {
+            validate(be, &self.cfg, root)?;
+        }
+        Ok(logs)
     }
+}
+
+/// nnU-Net's validation after training: the fold's validation cases predicted from the raw
+/// images with checkpoint_final (mirror TTA on) into OUT/validation, scored into summary.json.
+fn validate<B: Backend>(be: &B, cfg: &segk::train::TrainConfig, root: &std::path::Path) -> Result<()> {
+    let model_dir = cfg.out.parent().unwrap_or(&cfg.out);
+    let model = segk::predict::Model {
+        plans: segk::plan::plans::PlansFile::read(model_dir)?,
+        json: segk::dataset::read_json(model_dir)?,
+        checkpoints: vec![(cfg.out.clone(), "checkpoint_final".to_string())],
+    };
+    let ending = model.json.file_ending.clone();
+    let cases: Vec<(String, Vec<std::path::PathBuf>)> =
+        cfg.val_ids.iter().map(|id| (id.clone(), (0..model.json.channels()).map(|c| segk::dataset::image_path(&root.join("imagesTr"), id, c, &ending)).collect())).collect();
+    let out = cfg.out.join("validation");
+    let t0 = std::time::Instant::now();
+    let files = segk::predict::predict_cases(be, &model, &cases, &out, segk::predict::PredictOptions { step: 0.5, tta: true }, &indicatif::ProgressBar::hidden())?;
+    let pairs: Vec<_> = files.iter().zip(&cfg.val_ids).map(|(p, id)| (p.clone(), root.join("labelsTr").join(format!("{id}{ending}")))).collect();
+    let s = segk::evaluate::evaluate_pairs(&pairs, None)?;
+    write_json_atomic(&out.join("summary.json"), &s)?;
+    print!("{}", segk::evaluate::table(&s));
+    println!("validation: {} cases in {:.1} s; wrote {}", files.len(), t0.elapsed().as_secs_f64(), out.join("summary.json").display());
+    Ok(())
 }
 
 struct TrainOpts {
@@ -358,6 +392,7 @@ struct TrainOpts {
     checkpointing: String,
     save_every: usize,
     resume: bool,
+    validation: bool,
     workers: Option<usize>,
     seed: u64,
 }
@@ -380,7 +415,7 @@ fn stop_on_signals() {
 
 fn run_train(root: &std::path::Path, fold: &str, device: &str, o: TrainOpts, preprocessed: Option<std::path::PathBuf>, out: Option<std::path::PathBuf>) -> Result<()> {
     use segk::preprocess::{splits, STORE_DIR};
-    let TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, workers, seed } = o;
+    let TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, validation, workers, seed } = o;
     let fold: splits::Fold = fold.parse()?;
     let checkpointing = match checkpointing.as_str() {
         "auto" => None,
@@ -440,7 +475,8 @@ fn run_train(root: &std::path::Path, fold: &str, device: &str, o: TrainOpts, pre
         save_every,
         resume,
     };
-    let logs = segk::device::run_on(device, Train(cfg))?;
+    let validate = validation.then(|| root.to_path_buf());
+    let logs = segk::device::run_on(device, Train { cfg, validate })?;
     if let Some(last) = logs.last() {
         println!("done: {} epochs run, final EMA pseudo-Dice {:.4}", logs.len(), last.ema_dice);
     }

@@ -99,10 +99,15 @@ pub struct PredictOptions {
 /// Predicts every case of `input` into `output` (label maps named ID<ending>, on each
 /// input's grid and header). Returns the written files.
 pub fn predict_folder<B: Backend>(be: &B, model: &Model, input: &Path, output: &Path, opt: PredictOptions, progress: &indicatif::ProgressBar) -> Result<Vec<PathBuf>> {
+    let cases = find_cases(input, model.json.channels(), &model.json.file_ending)?;
+    predict_cases(be, model, &cases, output, opt, progress)
+}
+
+/// Predicts the given cases (id, channel files) into `output`.
+pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<PathBuf>)], output: &Path, opt: PredictOptions, progress: &indicatif::ProgressBar) -> Result<Vec<PathBuf>> {
     let plan = &model.plans.configurations.fullres;
     let settings = Settings::new(&model.json, &model.plans, ImageDtype::F32)?;
     let values = model.class_values()?;
-    let cases = find_cases(input, model.json.channels(), &model.json.file_ending)?;
     std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
     let mut nets = Vec::new();
     for (dir, name) in &model.checkpoints {
@@ -115,7 +120,7 @@ pub fn predict_folder<B: Backend>(be: &B, model: &Model, input: &Path, output: &
     progress.set_length(cases.len() as u64);
     let ty = if values.iter().all(|&v| (0..=255).contains(&v)) { VoxelType::U8 } else { VoxelType::I16 };
     let mut written = Vec::new();
-    for (id, paths) in &cases {
+    for (id, paths) in cases {
         progress.set_message(id.clone());
         let (channels, geometry, raw) = preprocess_images(paths, &settings).with_context(|| format!("case {id}"))?;
         let mut exporter = export::Exporter::new(&geometry, values.clone());
