@@ -66,12 +66,16 @@ fn flip_index(p: [usize; 3], patch: [usize; 3], flip: [bool; 3]) -> usize {
 }
 
 impl<B: Backend> Predictor<'_, B> {
-    /// Logits of one tile ([voxel][class]), averaged over folds and mirrorings.
-    fn tile(&self, input: &[f32], channels: usize, out: &mut [f32], flipped: &mut [f32], logits: &mut [f32]) -> Result<()> {
+    /// Adds one tile's logits, averaged over folds and mirrorings and weighted by the
+    /// gaussian, into the live slices `live[z0 - base ..]` at (y0, x0). Logits come off the
+    /// device one patch slice at a time, so no patch-sized logit buffer is kept on the host.
+    fn add_tile(&self, input: &[f32], channels: usize, flipped: &mut [f32], slice: &mut [f32], g: &[f32], live: &mut [(Vec<f32>, Vec<f32>)], at: [usize; 3], padded_w: usize) -> Result<()> {
         let p = self.patch;
-        let n: usize = p.iter().product();
+        let c = self.classes;
+        let plane = live.first().map_or(0, |l| l.1.len());
         let flips: Vec<[bool; 3]> = if self.tta { (0..8).map(|m| [m & 4 != 0, m & 2 != 0, m & 1 != 0]).collect() } else { vec![[false; 3]] };
-        out.iter_mut().for_each(|v| *v = 0.0);
+        let scale = 1.0 / (self.nets.len() * flips.len()) as f32;
+        let row = p[1] * p[2];
         for net in self.nets {
             for &f in &flips {
                 for z in 0..p[0] {
@@ -83,21 +87,33 @@ impl<B: Backend> Predictor<'_, B> {
                     }
                 }
                 let lg = net.forward_logits(self.be, self.acts, flipped)?;
-                self.be.download(self.be.view(&self.acts.arena, lg.offset, lg.len()), logits)?;
-                let c = self.classes;
                 for z in 0..p[0] {
+                    let sz = if f[0] { p[0] - 1 - z } else { z };
+                    self.be.download(self.be.view(&self.acts.arena, lg.offset + sz * row * c, row * c), slice)?;
+                    let (acc, _) = &mut live[at[0] + z];
                     for y in 0..p[1] {
+                        let sy = if f[1] { p[1] - 1 - y } else { y };
                         for x in 0..p[2] {
-                            let (o, s) = ((z * p[1] + y) * p[2] + x, flip_index([z, y, x], p, f));
-                            out[o * c..(o + 1) * c].iter_mut().zip(&logits[s * c..(s + 1) * c]).for_each(|(a, &b)| *a += b);
+                            let sx = if f[2] { p[2] - 1 - x } else { x };
+                            let wgt = g[(z * p[1] + y) * p[2] + x] * scale;
+                            let src = &slice[(sy * p[2] + sx) * c..][..c];
+                            let dst = (y + at[1]) * padded_w + x + at[2];
+                            for k in 0..c {
+                                acc[k * plane + dst] += wgt * src[k];
+                            }
                         }
                     }
                 }
             }
         }
-        let k = 1.0 / (self.nets.len() * flips.len()) as f32;
-        out.iter_mut().for_each(|v| *v *= k);
-        debug_assert_eq!(out.len(), n * self.classes);
+        for z in 0..p[0] {
+            let (_, w) = &mut live[at[0] + z];
+            for y in 0..p[1] {
+                for x in 0..p[2] {
+                    w[(y + at[1]) * padded_w + x + at[2]] += g[(z * p[1] + y) * p[2] + x];
+                }
+            }
+        }
         Ok(())
     }
 
@@ -112,7 +128,7 @@ impl<B: Backend> Predictor<'_, B> {
         let n: usize = p.iter().product();
         let plane = padded[1] * padded[2];
         let (mut input, mut flipped) = (vec![0.0f32; n * nch], vec![0.0f32; n * nch]);
-        let (mut tile, mut logits) = (vec![0.0f32; n * c], vec![0.0f32; n * c]);
+        let mut slice = vec![0.0f32; p[1] * p[2] * c];
         // Live slices from `base`: logits [c][H][W] and weights [H][W].
         let mut live: VecDeque<(Vec<f32>, Vec<f32>)> = VecDeque::new();
         let mut base = 0usize;
@@ -164,20 +180,8 @@ impl<B: Backend> Predictor<'_, B> {
                             }
                         }
                     }
-                    self.tile(&input, nch, &mut tile, &mut flipped, &mut logits)?;
-                    for z in 0..p[0] {
-                        let (acc, w) = &mut live[z0 + z - base];
-                        for y in 0..p[1] {
-                            for x in 0..p[2] {
-                                let o = (z * p[1] + y) * p[2] + x;
-                                let at = (y + y0) * padded[2] + x + x0;
-                                w[at] += g[o];
-                                for k in 0..c {
-                                    acc[k * plane + at] += g[o] * tile[o * c + k];
-                                }
-                            }
-                        }
-                    }
+                    let live = live.make_contiguous();
+                    self.add_tile(&input, nch, &mut flipped, &mut slice, &g, live, [z0 - base, y0, x0], padded[2])?;
                 }
             }
         }
