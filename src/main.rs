@@ -508,7 +508,8 @@ fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &std::p
     let t0 = std::time::Instant::now();
     let job = Predict { model: m, input: input.to_path_buf(), output: output.to_path_buf(), opt: segk::predict::PredictOptions { step, tta } };
     let files = segk::device::run_on(device, job)?;
-    println!("wrote {} label maps to {} in {:.1} s", files.len(), output.display(), t0.elapsed().as_secs_f64());
+    let peak = segk::sysinfo::peak_rss().map(|b| format!(", peak RSS {:.0} MiB", b as f64 / (1 << 20) as f64)).unwrap_or_default();
+    println!("wrote {} label maps to {} in {:.1} s{peak}", files.len(), output.display(), t0.elapsed().as_secs_f64());
     Ok(())
 }
 

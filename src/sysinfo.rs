@@ -52,3 +52,9 @@ pub fn dev_shm_bytes() -> Option<u64> {
     let out = std::process::Command::new("df").args(["-k", "--output=size", "/dev/shm"]).output().ok()?;
     String::from_utf8_lossy(&out.stdout).lines().nth(1)?.trim().parse::<u64>().ok().map(|k| k * 1024)
 }
+
+/// This process's peak resident memory so far (VmHWM), in bytes.
+pub fn peak_rss() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    Some(status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
+}

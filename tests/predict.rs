@@ -122,3 +122,47 @@ fn predictions_keep_each_inputs_grid_and_evaluate_scores_them() {
     let text = ok(segk().arg("evaluate").arg(&pred_tr).arg(root.join("labelsTr")));
     assert!(text.contains("4 cases") && pred_tr.join("summary.json").is_file(), "{text}");
 }
+
+#[test]
+fn mirror_tta_of_a_mirror_symmetric_input_is_mirror_symmetric() {
+    // Averaging f over the 8 mirrorings of a symmetric input symmetrises f's output: any slip
+    // in flipping inputs or mapping logits back breaks the symmetry.
+    let be = CpuBackend::<f32>::new();
+    let topo = Topology::isotropic(1, 3, vec![4, 8]);
+    let nets = [UNet::new(&be, topo.clone(), 9).unwrap()];
+    let p = [8, 12, 16];
+    let acts = Acts::new(&be, &topo, p, 1, Checkpointing::Level1, false).unwrap();
+    let sym = |i: usize, n: usize| i.min(n - 1 - i) as f32;
+    let mut image = Vec::new();
+    for z in 0..p[0] {
+        for y in 0..p[1] {
+            for x in 0..p[2] {
+                image.push((sym(z, p[0]) * 0.3 + sym(y, p[1]) * 0.2 - sym(x, p[2]) * 0.1).sin());
+            }
+        }
+    }
+    for tta in [true, false] {
+        let pr = Predictor { be: &be, nets: &nets, acts: &acts, patch: p, classes: 3, step: 0.5, tta };
+        let mut sink = Collect(Vec::new());
+        pr.run(&[image.clone()], p, &mut sink).unwrap();
+        let at = |z: usize, y: usize, x: usize, k: usize| sink.0[z][k * p[1] * p[2] + y * p[2] + x];
+        let mut worst = 0.0f32;
+        for z in 0..p[0] {
+            for y in 0..p[1] {
+                for x in 0..p[2] {
+                    for k in 0..3 {
+                        let v = at(z, y, x, k);
+                        for (a, b, c) in [(p[0] - 1 - z, y, x), (z, p[1] - 1 - y, x), (z, y, p[2] - 1 - x)] {
+                            worst = worst.max((v - at(a, b, c, k)).abs());
+                        }
+                    }
+                }
+            }
+        }
+        if tta {
+            assert!(worst < 1e-4, "TTA output not mirror-symmetric: {worst}");
+        } else {
+            assert!(worst > 1e-3, "without TTA a random net is not symmetric ({worst}): the test would prove nothing");
+        }
+    }
+}
