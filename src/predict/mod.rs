@@ -120,18 +120,45 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
     progress.set_length(cases.len() as u64);
     let ty = if values.iter().all(|&v| (0..=255).contains(&v)) { VoxelType::U8 } else { VoxelType::I16 };
     let mut written = Vec::new();
-    for (id, paths) in cases {
-        progress.set_message(id.clone());
-        let (channels, geometry, raw) = preprocess_images(paths, &settings).with_context(|| format!("case {id}"))?;
-        let mut exporter = export::Exporter::new(&geometry, values.clone());
-        predictor.run(&channels, geometry.shape, &mut exporter).with_context(|| format!("case {id}"))?;
-        let out = output.join(format!("{id}{}", model.json.file_ending));
-        let mut vol = nifti_io::Volume { data: exporter.labels.iter().map(|&l| l as f32).collect(), ..raw };
-        // The input's geometry, not its intensity scaling.
-        (vol.header.scl_slope, vol.header.scl_inter) = (1.0, 0.0);
-        nifti_io::write(&out, &vol, ty)?;
-        written.push(out);
-        progress.inc(1);
-    }
+    // Three stages overlap: the next case is preprocessed and the last one written (gzip) on
+    // their own threads while this one runs through the net. One case ahead, one behind.
+    std::thread::scope(|scope| -> Result<()> {
+        let (prep_tx, prep_rx) = crossbeam_channel::bounded(1);
+        let (write_tx, write_rx) = crossbeam_channel::bounded::<(PathBuf, nifti_io::Volume)>(1);
+        let settings = &settings;
+        scope.spawn(move || {
+            for (id, paths) in cases {
+                let r = preprocess_images(paths, settings).with_context(|| format!("case {id}"));
+                if prep_tx.send((id.clone(), r)).is_err() {
+                    break;
+                }
+            }
+        });
+        let writer = scope.spawn(move || -> Result<()> {
+            for (out, vol) in write_rx {
+                nifti_io::write(&out, &vol, ty)?;
+            }
+            Ok(())
+        });
+        for (id, prepared) in prep_rx {
+            progress.set_message(id.clone());
+            let (channels, geometry, raw) = prepared?;
+            let mut exporter = export::Exporter::new(&geometry, values.clone());
+            predictor.run(&channels, geometry.shape, &mut exporter).with_context(|| format!("case {id}"))?;
+            drop(channels);
+            let out = output.join(format!("{id}{}", model.json.file_ending));
+            let mut vol = nifti_io::Volume { data: exporter.labels.iter().map(|&l| l as f32).collect(), ..raw };
+            // The input's geometry, not its intensity scaling.
+            (vol.header.scl_slope, vol.header.scl_inter) = (1.0, 0.0);
+            if write_tx.send((out.clone(), vol)).is_err() {
+                break;
+            }
+            written.push(out);
+            progress.inc(1);
+        }
+        drop(write_tx);
+        writer.join().map_err(|_| anyhow::anyhow!("the NIfTI writer thread panicked"))??;
+        Ok(())
+    })?;
     Ok(written)
 }
