@@ -180,6 +180,16 @@ pub fn load<B: Backend>(dir: &Path, name: &str, be: &B, net: &mut UNet<B>) -> Re
     Ok(state)
 }
 
+/// The trainer state stored with `dir/NAME`, without loading any tensor.
+pub fn read_state(dir: &Path, name: &str) -> Result<TrainerState> {
+    let (_, sp) = paths(dir, name);
+    let bytes = std::fs::read(&sp).with_context(|| format!("{}: cannot read", sp.display()))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{}: unreadable header ({e})", sp.display()))?;
+    let m = meta.metadata().clone().unwrap_or_default();
+    let text = m.get("segk_trainer_state").with_context(|| format!("{}: no trainer state in its metadata", sp.display()))?;
+    serde_json::from_str(text).with_context(|| format!("{}: trainer state unreadable", sp.display()))
+}
+
 /// Whether `dir/NAME` has both files.
 pub fn exists(dir: &Path, name: &str) -> bool {
     let (w, s) = paths(dir, name);

@@ -1,7 +1,8 @@
 //! segk: a training engine for nnU-Net-style 3D U-Nets.
 //!
-//! Layers, top to bottom: cli (main.rs) -> train / demo / bench -> model -> backend.
+//! Layers, top to bottom: cli (main.rs) -> train / predict / demo / bench -> model -> backend.
 //! The model asks a [`backend::Backend`] for ops and never knows which one it has.
+//! Data: dataset (raw nnU-Net folders) -> plan -> preprocess -> store -> loader (batches).
 
 #![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 

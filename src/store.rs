@@ -122,6 +122,16 @@ pub fn write_case(dir: &Path, header: &CaseHeader, channels: &[Vec<f32>], seg: &
     let n = header.voxels();
     ensure!(channels.len() == header.channels && channels.iter().all(|c| c.len() == n), "case {}: channel sizes do not match the header", header.id);
     ensure!(seg.len() == n && locations.len() == header.classes.len(), "case {}: label map or locations do not match the header", header.id);
+    if header.image_dtype == ImageDtype::F16 {
+        if let Some(v) = channels.iter().flatten().find(|v| v.abs() > f16::MAX.to_f32()) {
+            bail!("case {}: value {v} does not fit in f16 (max 65504): preprocess without --f16, or normalise this channel", header.id);
+        }
+    }
+    // A redone case loses its old header first, so an interrupted redo reads as incomplete.
+    match std::fs::remove_file(file(dir, &header.id, "json")) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(|| format!("removing the old header of case {}", header.id)),
+        _ => {}
+    }
     const CHUNK: usize = 1 << 16;
     write_atomic(&file(dir, &header.id, "img"), |w| {
         let mut buf = Vec::with_capacity(CHUNK * header.channels * 4);

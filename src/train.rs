@@ -86,6 +86,10 @@ impl EpochLog {
 /// True positives, false positives and false negatives per foreground class.
 fn count(pred: &[u8], truth: &[u8], classes: usize, tp: &mut [u64], fp: &mut [u64], fn_: &mut [u64]) {
     for (&p, &t) in pred.iter().zip(truth) {
+        // Voxels of the ignore label (above every class) are not scored, as nnU-Net masks them.
+        if t as usize >= classes {
+            continue;
+        }
         if p == t {
             if p > 0 {
                 tp[p as usize - 1] += 1;
@@ -139,6 +143,16 @@ pub fn preflight(plan: &Plan, asked: Option<Checkpointing>, elem_bytes: usize, a
     )
 }
 
+/// A data failure mid-run: save checkpoint_latest where training stands (the batch numbers
+/// included), so nothing is lost, and say how to go on.
+fn save_and_fail<B: Backend>(be: &B, cfg: &TrainConfig, net: &UNet<B>, st: &mut TrainerState, e: anyhow::Error) -> anyhow::Error {
+    st.steps = net.steps;
+    match checkpoint::save(&cfg.out, "checkpoint_latest", be, net, st) {
+        Ok(()) => e.context(format!("saved checkpoint_latest at epoch {} iteration {}; fix or remove the case named below, then --resume", st.epoch, st.iter)),
+        Err(save) => e.context(format!("and saving checkpoint_latest failed too: {save:#}")),
+    }
+}
+
 /// Trains and returns one log entry per epoch run (resumed epochs are not repeated).
 pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
     let plan = &cfg.plan;
@@ -154,6 +168,13 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
         if checkpoint::exists(&cfg.out, "checkpoint_latest") {
             st = checkpoint::load(&cfg.out, "checkpoint_latest", be, &mut net)?;
             println!("resuming from {} at epoch {} iteration {} (step {})", cfg.out.join("checkpoint_latest.safetensors").display(), st.epoch, st.iter, st.steps);
+            // checkpoint_best may be newer than checkpoint_latest: never let a worse model replace it.
+            if let Ok(best) = checkpoint::read_state(&cfg.out, "checkpoint_best") {
+                st.best_ema_dice = match (st.best_ema_dice, best.best_ema_dice) {
+                    (Some(a), Some(b)) => Some(a.max(b)),
+                    (a, b) => a.or(b),
+                };
+            }
         } else {
             println!("--resume: no checkpoint_latest in {}, starting fresh", cfg.out.display());
         }
@@ -189,7 +210,10 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
                 checkpoint::save(&cfg.out, "checkpoint_latest", be, &net, &st)?;
                 bail!("interrupted at epoch {epoch} iteration {}: saved checkpoint_latest; continue with --resume", st.iter);
             }
-            let b = train.pool.next()?;
+            let b = match train.pool.next() {
+                Ok(b) => b,
+                Err(e) => return Err(save_and_fail(be, cfg, &net, &mut st, e)),
+            };
             let (loss, applied) = net.train_step(be, &acts, &b.image, &b.labels, lr)?;
             st.next_train_batch += 1;
             st.iter += 1;
@@ -210,7 +234,10 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
         let stats = train.pool.take_stats();
         let (mut tp, mut fp, mut fn_) = (vec![0u64; classes - 1], vec![0u64; classes - 1], vec![0u64; classes - 1]);
         for _ in 0..cfg.val_iters {
-            let b = val.pool.next()?;
+            let b = match val.pool.next() {
+                Ok(b) => b,
+                Err(e) => return Err(save_and_fail(be, cfg, &net, &mut st, e)),
+            };
             let lg = net.forward_logits(be, &infer, &b.image)?;
             be.argmax(be.view(&infer.arena, lg.offset, lg.len()), lg.dims, be.label_view(&pred_buf, 0, rows))?;
             be.download_labels(be.label_view(&pred_buf, 0, rows), &mut pred)?;
@@ -260,4 +287,15 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
         logs.push(e);
     }
     Ok(logs)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn pseudo_dice_counts_skip_the_ignore_label() {
+        // classes 0..3; label 3 is the ignore label.
+        let (mut tp, mut fp, mut fn_) = (vec![0; 2], vec![0; 2], vec![0; 2]);
+        super::count(&[1, 1, 2, 0, 2, 1], &[1, 0, 2, 2, 3, 3], 3, &mut tp, &mut fp, &mut fn_);
+        assert_eq!((tp, fp, fn_), (vec![1, 1], vec![1, 0], vec![0, 1]), "ignore-label voxels neither hit nor miss");
+    }
 }

@@ -154,6 +154,7 @@ mod resume {
         let out = train(&root, &root.parent().unwrap().join("nan"), &[]).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("augmentation worker") && err.contains("case_000") && err.contains("NaN"), "{err}");
+        assert!(err.contains("saved checkpoint_latest at epoch 0 iteration 0") && root.parent().unwrap().join("nan/checkpoint_latest.safetensors").is_file(), "{err}");
     }
 }
 

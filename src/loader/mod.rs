@@ -352,16 +352,21 @@ pub struct Loader {
     pub ids: Vec<String>,
 }
 
-/// Refuses when the slots, the workers' scratch and the mapped store do not fit in RAM.
+/// Refuses when the slots and the workers' scratch do not fit in the memory available; the
+/// mapped store only warns (its pages are page cache: the kernel drops and rereads them, so a
+/// store larger than RAM trains, more slowly).
 pub fn check_memory(spec: &BatchSpec, workers: usize, slots: usize, mapped: usize) -> Result<()> {
-    let need = (slots * spec.slot_bytes() + workers * spec.scratch_bytes() + mapped) as u64;
+    let need = (slots * spec.slot_bytes() + workers * spec.scratch_bytes()) as u64;
+    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     if let Some(avail) = crate::sysinfo::host_memory_available() {
         if need > avail {
-            let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
             bail!(
-                "the loader needs {:.2} GiB of host memory ({} slots x {:.2} GiB, {} workers' scratch, {:.2} GiB of mapped store) but {:.2} GiB is available: use fewer --workers, a smaller batch or patch, or store images as f16 (`segk preprocess --f16`)",
-                gib(need), slots, gib(spec.slot_bytes() as u64), workers, gib(mapped as u64), gib(avail)
+                "the loader needs {:.2} GiB of host memory ({} slots x {:.2} GiB and {} workers' scratch) but {:.2} GiB is available: use fewer --workers or a smaller batch or patch",
+                gib(need), slots, gib(spec.slot_bytes() as u64), workers, gib(avail)
             );
+        }
+        if need + mapped as u64 > avail {
+            println!("note: the store ({:.2} GiB) does not fit in the {:.2} GiB left beside the loader: cases will be reread from disk (`segk preprocess --f16` halves the store)", gib(mapped as u64), gib(avail.saturating_sub(need)));
         }
     }
     Ok(())

@@ -1,4 +1,4 @@
-//! Planning: the dataset fingerprint, then (next) the 3d_fullres plan.
+//! Planning: the dataset fingerprint, nnU-Net's target spacing and topology rules, and the 3d_fullres plan.
 
 pub mod fingerprint;
 pub mod plans;

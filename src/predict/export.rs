@@ -2,7 +2,8 @@
 //! grid is resampled in-plane to the cropped original grid, the slices along the first axis
 //! are resampled as they arrive (linear, or nearest along a coarse axis as nnU-Net does for
 //! probabilities), argmax gives the class, and each output slice is untransposed and pasted
-//! into the original volume (background outside the crop). Only two input slices are kept.
+//! into the original volume (background outside the crop). Only the input slices an output
+//! still reads are kept (two for linear).
 
 use super::window::SliceSink;
 use crate::preprocess::geometry::Geometry;
@@ -82,6 +83,13 @@ impl Exporter {
 impl SliceSink for Exporter {
     fn slice(&mut self, k: usize, logits: &[f32]) -> Result<()> {
         let [_, h, w] = self.g.shape;
+        // Downsampling along the first axis skips slices: keep only those an output reads.
+        if let Some(t) = self.taps0.get(self.next_out) {
+            let first = (0..4).filter(|&j| t.w[j] != 0.0).map(|j| t.idx[j]).min().unwrap_or(t.idx[0]);
+            if k < first {
+                return Ok(());
+            }
+        }
         let (ho, wo) = (self.shape_t[1], self.shape_t[2]);
         let mut resampled = Vec::with_capacity(self.classes * ho * wo);
         for c in 0..self.classes {

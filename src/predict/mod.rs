@@ -39,6 +39,10 @@ impl Model {
                     .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("fold_")).map(str::to_string))
                     .collect();
                 v.sort();
+                // As nnU-Net: the cross-validation folds, not `all`, unless `all` is alone.
+                if v.iter().any(|f| f != "all") {
+                    v.retain(|f| f != "all");
+                }
                 v
             }
         };
