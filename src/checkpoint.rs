@@ -115,15 +115,23 @@ fn tensors_bytes(net_tensors: &[ParamTensor], region: &[f32], meta: HashMap<Stri
     Ok(safetensors::tensor::serialize(views, Some(meta))?)
 }
 
-/// Writes bytes through a temporary file, fsync and rename.
-fn write_durably(path: &Path, bytes: &[u8]) -> Result<()> {
-    let tmp = path.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))
+/// Writes bytes to `path` and fsyncs them.
+fn write_synced(path: &Path, bytes: &[u8]) -> Result<()> {
+    let mut f = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+    f.write_all(bytes).and_then(|_| f.sync_all()).with_context(|| format!("writing {}", path.display()))
+}
+
+fn rename(from: &Path, to: &Path) -> Result<()> {
+    std::fs::rename(from, to).with_context(|| format!("renaming {} to {}", from.display(), to.display()))
+}
+
+fn prev(name: &str) -> String {
+    format!("{name}.prev")
 }
 
 /// Saves weights and trainer state as `dir/NAME.safetensors` and `dir/NAME.state.safetensors`.
+/// Both are written and fsynced under temporary names first; the previous pair is kept as
+/// NAME.prev until the new pair is in place, so a kill at any moment leaves a loadable pair.
 pub fn save<B: Backend>(dir: &Path, name: &str, be: &B, net: &UNet<B>, state: &TrainerState) -> Result<()> {
     let n = net.layout.len;
     let mut params = vec![0.0f32; n];
@@ -132,10 +140,26 @@ pub fn save<B: Backend>(dir: &Path, name: &str, be: &B, net: &UNet<B>, state: &T
     be.download(net.momentum(be), &mut momentum)?;
     let steps = net.steps.to_string();
     let (wp, sp) = paths(dir, name);
+    let (tw, ts) = (wp.with_extension("tmp"), sp.with_extension("tmp"));
     let meta = HashMap::from([("format".to_string(), "pt".to_string()), ("segk_steps".to_string(), steps.clone())]);
-    write_durably(&wp, &tensors_bytes(&net.layout.tensors, &params, meta)?)?;
+    write_synced(&tw, &tensors_bytes(&net.layout.tensors, &params, meta)?)?;
     let meta = HashMap::from([("segk_steps".to_string(), steps), ("segk_trainer_state".to_string(), serde_json::to_string(state)?)]);
-    write_durably(&sp, &tensors_bytes(&net.layout.tensors, &momentum, meta)?)
+    write_synced(&ts, &tensors_bytes(&net.layout.tensors, &momentum, meta)?)?;
+    let (pw, ps) = paths(dir, &prev(name));
+    if wp.is_file() && sp.is_file() {
+        rename(&wp, &pw)?;
+        rename(&sp, &ps)?;
+    }
+    rename(&tw, &wp)?;
+    rename(&ts, &sp)?;
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).with_context(|| format!("syncing {}", dir.display()))?;
+    for p in [pw, ps] {
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e).with_context(|| format!("removing {}", p.display())),
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Reads one file's tensors into `region` (stored layout), checking every name and shape.
@@ -156,8 +180,22 @@ fn read_into(path: &Path, tensors: &[ParamTensor], region: &mut [f32]) -> Result
     Ok(meta.metadata().clone().unwrap_or_default())
 }
 
-/// Loads `dir/NAME` into `net` (weights, momentum, step count) and returns the trainer state.
+/// Loads `dir/NAME` into `net` (weights, momentum, step count) and returns the trainer state;
+/// when that pair is missing or unreadable but the previous one (left by a save that was cut
+/// short) is intact, loads that one and says so.
 pub fn load<B: Backend>(dir: &Path, name: &str, be: &B, net: &mut UNet<B>) -> Result<TrainerState> {
+    match load_pair(dir, name, be, net) {
+        Ok(s) => Ok(s),
+        Err(e) if paths(dir, &prev(name)).0.is_file() => {
+            let s = load_pair(dir, &prev(name), be, net).map_err(|_| e)?;
+            println!("{}: a save was cut short; loaded the previous {name} (epoch {}, step {})", dir.display(), s.epoch, s.steps);
+            Ok(s)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn load_pair<B: Backend>(dir: &Path, name: &str, be: &B, net: &mut UNet<B>) -> Result<TrainerState> {
     let (wp, sp) = paths(dir, name);
     let n = net.layout.len;
     let (mut params, mut momentum) = (vec![0.0f32; n], vec![0.0f32; n]);
@@ -190,15 +228,42 @@ pub fn read_state(dir: &Path, name: &str) -> Result<TrainerState> {
     serde_json::from_str(text).with_context(|| format!("{}: trainer state unreadable", sp.display()))
 }
 
-/// Whether `dir/NAME` has both files.
+/// Whether `dir/NAME` can be loaded: its pair, or the previous pair a cut-short save left.
 pub fn exists(dir: &Path, name: &str) -> bool {
-    let (w, s) = paths(dir, name);
-    w.is_file() && s.is_file()
+    let both = |n: &str| {
+        let (w, s) = paths(dir, n);
+        w.is_file() && s.is_file()
+    };
+    both(name) || both(&prev(name))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_save_cut_short_leaves_the_previous_pair_loadable() {
+        use crate::backend::cpu::CpuBackend;
+        use crate::model::Topology;
+        let be = CpuBackend::<f32>::new();
+        let mut net = UNet::new(&be, Topology::isotropic(1, 2, vec![2, 4]), 1).unwrap();
+        let dir = std::env::temp_dir().join(format!("segk-ckpt-cut-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = |epoch| TrainerState { epoch, steps: 0, next_train_batch: 0, next_val_batch: 0, ema_dice: None, best_ema_dice: None, seed: 0, bad_in_a_row: 0, iter: 0, epoch_loss_sum: 0.0, epoch_steps: 0, epoch_skipped: 0, history: vec![] };
+        save(&dir, "ck", &be, &net, &state(1)).unwrap();
+        save(&dir, "ck", &be, &net, &state(2)).unwrap();
+        assert!(!dir.join("ck.prev.safetensors").exists(), "a finished save removes the previous pair");
+        assert_eq!(load(&dir, "ck", &be, &mut net).unwrap().epoch, 2);
+        // Killed after the old pair moved aside and the new weights landed, before the state did.
+        std::fs::rename(dir.join("ck.safetensors"), dir.join("ck.prev.safetensors")).unwrap();
+        std::fs::rename(dir.join("ck.state.safetensors"), dir.join("ck.prev.state.safetensors")).unwrap();
+        std::fs::write(dir.join("ck.safetensors"), b"half of a new file").unwrap();
+        assert!(exists(&dir, "ck"));
+        assert_eq!(load(&dir, "ck", &be, &mut net).unwrap().epoch, 2, "the previous pair is loaded");
+        save(&dir, "ck", &be, &net, &state(3)).unwrap();
+        assert_eq!(load(&dir, "ck", &be, &mut net).unwrap().epoch, 3);
+    }
 
     fn tensor(name: &str, shape: Vec<usize>) -> ParamTensor {
         ParamTensor { name: name.into(), offset: 0, shape, he_std: None, fill: 0.0 }
