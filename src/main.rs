@@ -376,7 +376,7 @@ fn validate<B: Backend>(be: &B, cfg: &segk::train::TrainConfig, root: &std::path
         cfg.val_ids.iter().map(|id| (id.clone(), (0..model.json.channels()).map(|c| segk::dataset::image_path(&root.join("imagesTr"), id, c, &ending)).collect())).collect();
     let out = cfg.out.join("validation");
     let t0 = std::time::Instant::now();
-    let files = segk::predict::predict_cases(be, &model, &cases, &out, segk::predict::PredictOptions { step: 0.5, tta: true }, &indicatif::ProgressBar::hidden())?;
+    let (files, _) = segk::predict::predict_cases(be, &model, &cases, &out, segk::predict::PredictOptions { step: 0.5, tta: true }, &indicatif::ProgressBar::hidden())?;
     let pairs: Vec<_> = files.iter().zip(&cfg.val_ids).map(|(p, id)| (p.clone(), root.join("labelsTr").join(format!("{id}{ending}")))).collect();
     let s = segk::evaluate::evaluate_pairs(&pairs, None)?;
     write_json_atomic(&out.join("summary.json"), &s)?;
@@ -491,7 +491,7 @@ struct Predict {
 }
 
 impl Job for Predict {
-    type Out = Vec<std::path::PathBuf>;
+    type Out = (Vec<std::path::PathBuf>, u64);
     fn run<B: Backend>(self, be: &B) -> Result<Self::Out> {
         println!("device {}", be.name());
         let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} cases  {elapsed_precise}  {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
@@ -507,8 +507,8 @@ fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &std::p
     println!("predicting {} with {} fold(s), step {step}, mirror TTA {}", input.display(), m.checkpoints.len(), if tta { "on" } else { "off" });
     let t0 = std::time::Instant::now();
     let job = Predict { model: m, input: input.to_path_buf(), output: output.to_path_buf(), opt: segk::predict::PredictOptions { step, tta } };
-    let files = segk::device::run_on(device, job)?;
-    let peak = segk::sysinfo::peak_rss().map(|b| format!(", peak RSS {:.0} MiB", b as f64 / (1 << 20) as f64)).unwrap_or_default();
+    let (files, bound) = segk::device::run_on(device, job)?;
+    let peak = segk::sysinfo::peak_rss().map(|b| format!(", peak RSS {:.0} MiB (bound {:.0} MiB)", b as f64 / (1 << 20) as f64, bound as f64 / (1 << 20) as f64)).unwrap_or_default();
     println!("wrote {} label maps to {} in {:.1} s{peak}", files.len(), output.display(), t0.elapsed().as_secs_f64());
     Ok(())
 }

@@ -166,3 +166,55 @@ fn mirror_tta_of_a_mirror_symmetric_input_is_mirror_symmetric() {
         }
     }
 }
+
+#[test]
+fn many_labels_on_a_long_volume_stay_within_the_stated_bound() {
+    use segk::plan::fingerprint::IntensityStats;
+    use segk::plan::plans::{Configurations, Plan, PlansFile};
+    // A random 33-class net and a 384x96x96 case: whole-volume f32 logits would be 467 MB.
+    let base = std::env::temp_dir().join(format!("segk-predict-rss-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let model = base.join("model");
+    std::fs::create_dir_all(model.join("fold_0")).unwrap();
+    let classes = 33;
+    let topology = Topology::isotropic(1, classes, vec![4, 8]);
+    let plan = Plan {
+        spacing: [1.0; 3],
+        transpose_forward: [0, 1, 2],
+        transpose_backward: [0, 1, 2],
+        median_shape: [384, 96, 96],
+        patch_size: [16, 48, 48],
+        batch_size: 2,
+        topology: topology.clone(),
+        normalization: vec!["NoNormalization".into()],
+        use_mask_for_norm: vec![false],
+        gpu_memory_budget_bytes: 0,
+        gpu_memory_needed_bytes: 0,
+        checkpointing: 1,
+    };
+    let stats = IntensityStats { mean: 0.0, median: 0.0, std: 1.0, min: 0.0, max: 1.0, percentile_99_5: 1.0, percentile_00_5: 0.0 };
+    let plans = PlansFile { dataset_name: "rss".into(), configurations: Configurations { fullres: plan }, foreground_intensity_properties_per_channel: vec![stats] };
+    std::fs::write(model.join("plans.json"), serde_json::to_string(&plans).unwrap()).unwrap();
+    let labels: serde_json::Map<String, serde_json::Value> = (0..classes).map(|i| (if i == 0 { "background".to_string() } else { format!("l{i}") }, serde_json::json!(i))).collect();
+    std::fs::write(model.join("dataset.json"), serde_json::json!({"channel_names": {"0": "noNorm"}, "labels": labels, "numTraining": 1, "file_ending": ".nii.gz"}).to_string()).unwrap();
+    let be = CpuBackend::<f32>::new();
+    let net = UNet::new(&be, topology, 3).unwrap();
+    let state = segk::checkpoint::TrainerState { epoch: 0, steps: 0, next_train_batch: 0, next_val_batch: 0, ema_dice: None, best_ema_dice: None, seed: 0, bad_in_a_row: 0, iter: 0, epoch_loss_sum: 0.0, epoch_steps: 0, epoch_skipped: 0, history: vec![] };
+    segk::checkpoint::save(&model.join("fold_0"), "checkpoint_final", &be, &net, &state).unwrap();
+    let input = base.join("in");
+    std::fs::create_dir_all(&input).unwrap();
+    let shape = [384, 96, 96];
+    let n: usize = shape.iter().product();
+    let eye = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
+    let v = Volume { shape, spacing: [1.0; 3], affine: [[0.0; 4]; 3], data: (0..n).map(|i| 1.0 + (i % 97) as f32 * 0.01).collect(), header: header_for(shape, [1.0; 3], eye, [0.0; 3]) };
+    nifti_io::write(&input.join("long_0000.nii.gz"), &v, VoxelType::F32).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).args(["predict", "-i"]).arg(&input).arg("-o").arg(base.join("out")).arg("-m").arg(&model).args(["--device", "cpu", "--no-tta"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    let num = |key: &str| -> f64 { text.split(key).nth(1).and_then(|t| t.split_whitespace().next()).and_then(|v| v.parse().ok()).unwrap_or_else(|| panic!("no {key:?} in {text}")) };
+    let (peak, bound) = (num("peak RSS "), num("(bound "));
+    let whole = (classes * n * 4) as f64 / (1 << 20) as f64;
+    eprintln!("peak {peak} MiB, bound {bound} MiB, whole-volume logits {whole:.0} MiB");
+    assert!(peak <= bound, "peak RSS {peak} MiB above the stated bound {bound} MiB");
+    assert!(bound < whole, "the bound ({bound} MiB) must stay below whole-volume logits ({whole:.0} MiB) to mean anything");
+}

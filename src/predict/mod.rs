@@ -94,6 +94,26 @@ pub fn find_cases(input: &Path, channels: usize, ending: &str) -> Result<Vec<(St
         .collect()
 }
 
+/// An upper bound of the host memory `segk predict` uses for a case of `raw` voxels on its
+/// own grid and `stored` on the plan's: parameters (three copies per fold), the forward pass at
+/// batch 1, the live window (classes + weights x patch depth x H x W, padded to the patch),
+/// the tile buffers, and for two cases at once (one being preprocessed, one in the net)
+/// 24 bytes per raw voxel and channel of preprocessing copies plus the plan-grid channels, and
+/// two label maps with their f32 copy for the writer; plus 64 MiB for the program itself.
+/// It grows with classes x one slab, never with classes x the volume.
+pub fn host_bytes_bound(model: &Model, raw: usize, stored: [usize; 3]) -> Result<u64> {
+    let plan = &model.plans.configurations.fullres;
+    let t = &plan.topology;
+    let (p, c, ch) = (plan.patch_size, t.n_classes, t.in_channels);
+    let params = 3 * crate::model::params::ParamLayout::new(t).len * 4 * model.checkpoints.len();
+    let acts = crate::model::plan::ActPlan::new(t, p, 1, Checkpointing::Level1, false)?.bytes(4);
+    let padded: [usize; 3] = std::array::from_fn(|a| stored[a].max(p[a]));
+    let window = (c + 1) * p[0] * padded[1] * padded[2] * 4;
+    let tiles = 2 * p.iter().product::<usize>() * ch * 4 + p[1] * p[2] * c * 4;
+    let cases = 2 * (raw * ch * 24 + stored.iter().product::<usize>() * ch * 4 + raw * (2 + 4) + 2 * c * padded[1] * padded[2] * 4);
+    Ok((params + acts + window + tiles + cases) as u64 + (64 << 20))
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct PredictOptions {
     pub step: f64,
@@ -102,13 +122,14 @@ pub struct PredictOptions {
 
 /// Predicts every case of `input` into `output` (label maps named ID<ending>, on each
 /// input's grid and header). Returns the written files.
-pub fn predict_folder<B: Backend>(be: &B, model: &Model, input: &Path, output: &Path, opt: PredictOptions, progress: &indicatif::ProgressBar) -> Result<Vec<PathBuf>> {
+pub fn predict_folder<B: Backend>(be: &B, model: &Model, input: &Path, output: &Path, opt: PredictOptions, progress: &indicatif::ProgressBar) -> Result<(Vec<PathBuf>, u64)> {
     let cases = find_cases(input, model.json.channels(), &model.json.file_ending)?;
     predict_cases(be, model, &cases, output, opt, progress)
 }
 
-/// Predicts the given cases (id, channel files) into `output`.
-pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<PathBuf>)], output: &Path, opt: PredictOptions, progress: &indicatif::ProgressBar) -> Result<Vec<PathBuf>> {
+/// Predicts the given cases (id, channel files) into `output`; returns the files written and
+/// the largest [`host_bytes_bound`] of the cases.
+pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<PathBuf>)], output: &Path, opt: PredictOptions, progress: &indicatif::ProgressBar) -> Result<(Vec<PathBuf>, u64)> {
     let plan = &model.plans.configurations.fullres;
     let settings = Settings::new(&model.json, &model.plans, ImageDtype::F32)?;
     let values = model.class_values()?;
@@ -124,6 +145,7 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
     progress.set_length(cases.len() as u64);
     let ty = if values.iter().all(|&v| (0..=255).contains(&v)) { VoxelType::U8 } else { VoxelType::I16 };
     let mut written = Vec::new();
+    let mut bound = 0u64;
     // Three stages overlap: the next case is preprocessed and the last one written (gzip) on
     // their own threads while this one runs through the net. One case ahead, one behind.
     std::thread::scope(|scope| -> Result<()> {
@@ -147,6 +169,7 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
         for (id, prepared) in prep_rx {
             progress.set_message(id.clone());
             let (channels, geometry, raw) = prepared?;
+            bound = bound.max(host_bytes_bound(model, raw.voxels(), geometry.shape)?);
             let mut exporter = export::Exporter::new(&geometry, values.clone());
             predictor.run(&channels, geometry.shape, &mut exporter).with_context(|| format!("case {id}"))?;
             drop(channels);
@@ -164,5 +187,5 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
         writer.join().map_err(|_| anyhow::anyhow!("the NIfTI writer thread panicked"))??;
         Ok(())
     })?;
-    Ok(written)
+    Ok((written, bound))
 }
