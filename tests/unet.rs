@@ -27,7 +27,11 @@ fn batch(r: &mut rand_pcg::Pcg64, t: &Topology, patch: [usize; 3], n: usize) -> 
 
 #[test]
 fn unet_gradients_match_finite_differences() {
-    let mut r = rng("unet_gradcheck");
+    // A fixed seed: with fresh ones, about one run in thirty puts some activation within the
+    // finite-difference step of the LeakyReLU kink, and every parameter upstream of it then
+    // shows a ~1e-4 deviation (seen with seed 1795480450724991542). The op-level checks in
+    // tests/ops.rs keep fresh seeds, with inputs held off the kink.
+    let mut r = rng_seeded("unet_gradcheck", 7);
     for dice in [DiceMode::Batch, DiceMode::PerSample] {
         let t = small_topology(dice);
         let patch = [4, 4, 8];
@@ -53,6 +57,14 @@ fn unet_gradients_match_finite_differences() {
         });
         let analytic: Vec<f64> = idx.iter().map(|&i| grads[i]).collect();
         let e = rel_err(&analytic, &numeric);
+        if e >= 1e-5 {
+            let mut d: Vec<(f64, usize)> = (0..idx.len()).map(|k| ((analytic[k] - numeric[k]).abs(), k)).collect();
+            d.sort_by(|a, b| b.0.total_cmp(&a.0));
+            for &(_, k) in d.iter().take(3) {
+                let name = net.layout.tensors.iter().find(|t| idx[k] >= t.offset && idx[k] < t.offset + t.len()).map(|t| t.name.clone()).unwrap_or_default();
+                eprintln!("largest deviation: {name} [{}]: analytic {} numeric {}", idx[k] - net.layout.tensors.iter().find(|t| t.name == name).map_or(0, |t| t.offset), analytic[k], numeric[k]);
+            }
+        }
         assert!(e < 1e-5, "{dice:?}: whole-net gradient rel err {e}");
         // Per tensor too, so a wrong small layer cannot hide behind a big one.
         for tensor in &net.layout.tensors {
