@@ -3,7 +3,7 @@
 //! a Dice or IoU with nothing in either map is NaN there and null here) and printed as a table.
 
 use crate::dataset::nifti_io;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, ensure, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -76,11 +76,8 @@ pub struct Summary {
 }
 
 fn nifti_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .with_context(|| format!("{}: cannot list", dir.display()))?
-        .filter_map(|e| e.ok().map(|e| e.path()))
-        .filter(|p| p.to_string_lossy().ends_with(".nii.gz") || p.to_string_lossy().ends_with(".nii"))
-        .collect();
+    let mut v = crate::dataset::files_with(dir, ".nii.gz")?;
+    v.extend(crate::dataset::files_with(dir, ".nii")?);
     v.sort();
     Ok(v)
 }

@@ -271,12 +271,7 @@ fn preprocessed_dir(root: &std::path::Path) -> std::path::PathBuf {
     }
 }
 
-/// Writes `value` as pretty JSON through a temporary file and a rename.
-fn write_json_atomic(path: &std::path::Path, value: &impl serde::Serialize) -> Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(value)?).map_err(|e| anyhow::anyhow!("writing {}: {e}", tmp.display()))?;
-    std::fs::rename(&tmp, path).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))
-}
+use segk::store::write_json_atomic;
 
 fn run_plan(root: &std::path::Path, gpu_memory: f64, out: Option<std::path::PathBuf>) -> Result<()> {
     use segk::plan::{fingerprint, plans};

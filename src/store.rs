@@ -44,6 +44,12 @@ pub enum LabelDtype {
 /// The u8 code of nnU-Net's -1 ("outside the nonzero mask").
 pub const U8_OUTSIDE: u8 = 255;
 
+/// A stored u8 label as a label value (-1 outside the nonzero mask).
+#[inline]
+pub fn label_from_u8(v: u8) -> i16 {
+    if v == U8_OUTSIDE { -1 } else { v as i16 }
+}
+
 impl LabelDtype {
     /// u8 when every label value fits below 255, else i16.
     pub fn for_labels(values: &[i64]) -> Result<LabelDtype> {
@@ -159,7 +165,13 @@ pub fn write_case(dir: &Path, header: &CaseHeader, channels: &[Vec<f32>], seg: &
         }
         Ok(())
     })?;
-    write_atomic(&file(dir, &header.id, "json"), |w| w.write_all(serde_json::to_string_pretty(header).map_err(std::io::Error::other)?.as_bytes()))
+    write_json_atomic(&file(dir, &header.id, "json"), header)
+}
+
+/// Writes `value` as pretty JSON through a temporary file and a rename.
+pub fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<()> {
+    let text = serde_json::to_string_pretty(value)?;
+    write_atomic(path, |w| w.write_all(text.as_bytes()))
 }
 
 /// The header of a complete case (header present and every file of the size it names).
@@ -203,13 +215,13 @@ impl Labels<'_> {
     /// Label of voxel `i`, -1 outside the nonzero mask.
     pub fn get(&self, i: usize) -> i16 {
         match self {
-            Labels::U8(v) => if v[i] == U8_OUTSIDE { -1 } else { v[i] as i16 },
+            Labels::U8(v) => label_from_u8(v[i]),
             Labels::I16(v) => v[i],
         }
     }
     pub fn to_i16(&self) -> Vec<i16> {
         match self {
-            Labels::U8(v) => v.iter().map(|&l| if l == U8_OUTSIDE { -1 } else { l as i16 }).collect(),
+            Labels::U8(v) => v.iter().map(|&l| label_from_u8(l)).collect(),
             Labels::I16(v) => v.to_vec(),
         }
     }

@@ -17,6 +17,23 @@ pub fn host_memory_available() -> Option<u64> {
 }
 
 
+/// A count from a command-line flag, else the first of `vars` set in the environment, else
+/// `default`; returns the count and where it came from.
+pub fn count_from(flag: Option<usize>, flag_name: &str, vars: &[&str], default: (usize, String)) -> anyhow::Result<(usize, String)> {
+    use anyhow::Context;
+    if let Some(n) = flag {
+        anyhow::ensure!(n > 0, "{flag_name} must be at least 1");
+        return Ok((n, flag_name.into()));
+    }
+    for var in vars {
+        if let Ok(v) = std::env::var(var) {
+            let n: usize = v.trim().parse().ok().filter(|&n| n > 0).with_context(|| format!("{var}={v:?} is not a positive number"))?;
+            return Ok((n, var.to_string()));
+        }
+    }
+    Ok(default)
+}
+
 /// CPUs this process may use (affinity and cgroup quota included, as std computes it).
 pub fn usable_cpus() -> usize {
     std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)

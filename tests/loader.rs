@@ -332,7 +332,7 @@ fn a_failing_worker_is_named_within_a_second() {
 }
 
 #[test]
-fn worker_counts_come_from_flag_env_or_cpus() {
+fn worker_count_flag_and_data_wait_advice() {
     // Environment variables are process-wide: only read them here, in one test.
     let (n, src) = segk::loader::worker_count(Some(3)).unwrap();
     assert_eq!((n, src.as_str()), (3, "--workers"));

@@ -25,7 +25,7 @@ pub fn gaussian_noise(x: &mut [f32], sigma: f32, rng: &mut impl Rng) {
 /// rounds it (3, 5 or 7 for sigma in 0.5..1).
 fn kernel(sigma: f64) -> Vec<f32> {
     let n = 6.0 * sigma + 0.5;
-    let r = super::sampler::round_half_even(n);
+    let r = n.round_ties_even() as i64;
     let k = if r % 2 == 1 { r } else if n >= r as f64 { r + 1 } else { r - 1 };
     let half = (k - 1) / 2;
     let w: Vec<f64> = (-half..=half).map(|i| (-0.5 * (i as f64 / sigma).powi(2)).exp()).collect();
@@ -103,7 +103,7 @@ pub fn contrast(x: &mut [f32], m: f32) {
 /// Nearest-exact downsampling to round(shape x s), then trilinear back (align_corners
 /// false), as nnU-Net simulates a low-resolution acquisition.
 pub fn low_resolution(x: &mut [f32], shape: [usize; 3], s: f32, small: &mut Vec<f32>) {
-    let down: [usize; 3] = shape.map(|n| (super::sampler::round_half_even(n as f64 * s as f64).max(1)) as usize);
+    let down: [usize; 3] = shape.map(|n| ((n as f64 * s as f64).round_ties_even() as usize).max(1));
     let near = |i: usize, n_in: usize, n_out: usize| (((i as f64 + 0.5) * (n_in as f32 / n_out as f32) as f64).floor() as usize).min(n_in - 1);
     small.clear();
     for z in 0..down[0] {

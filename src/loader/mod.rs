@@ -9,7 +9,7 @@ pub mod sampler;
 pub mod spatial;
 
 use crate::store::{ImageDtype, LabelDtype, StoredCase};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use half::f16;
 use pool::{Batch, Fill, FillError};
 use rand::{Rng, SeedableRng};
@@ -328,20 +328,8 @@ impl Fill for Augmenter {
 /// How many augmentation workers: the flag, else SEGK_WORKERS, else nnU-Net's
 /// nnUNet_n_proc_DA, else the CPUs this process may use minus one for the trainer.
 pub fn worker_count(flag: Option<usize>) -> Result<(usize, String)> {
-    if let Some(n) = flag {
-        if n == 0 {
-            bail!("--workers must be at least 1");
-        }
-        return Ok((n, "--workers".into()));
-    }
-    for var in ["SEGK_WORKERS", "nnUNet_n_proc_DA"] {
-        if let Ok(v) = std::env::var(var) {
-            let n: usize = v.trim().parse().ok().filter(|&n| n > 0).with_context(|| format!("{var}={v:?} is not a positive number"))?;
-            return Ok((n, var.into()));
-        }
-    }
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
-    Ok(((cpus - 1).max(1), format!("{cpus} CPUs available, one left to the trainer")))
+    let cpus = crate::sysinfo::usable_cpus();
+    crate::sysinfo::count_from(flag, "--workers", &["SEGK_WORKERS", "nnUNet_n_proc_DA"], ((cpus - 1).max(1), format!("{cpus} CPUs available, one left to the trainer")))
 }
 
 /// The running loader: the pool over an augmenter, with what it chose.
@@ -390,7 +378,7 @@ pub fn data_wait_advice(wait_share: f64, workers: usize) -> Option<String> {
     if wait_share <= 0.05 {
         return None;
     }
-    let cpus = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1);
+    let cpus = crate::sysinfo::usable_cpus();
     let want = ((workers as f64 / (1.0 - wait_share)).ceil() as usize).max(workers + 1);
     Some(if want < cpus {
         format!("the step waited for data {:.0} % of the time: raise --workers from {workers} to {want} (this machine has {cpus} CPUs)", wait_share * 100.0)

@@ -9,19 +9,10 @@ use rand::Rng;
 /// nnU-Net's share of foreground-forced samples per batch.
 pub const OVERSAMPLE_FOREGROUND: f64 = 0.33;
 
-/// Python's round (half to even), which nnU-Net's rules use.
-pub fn round_half_even(x: f64) -> i64 {
-    let r = x.round();
-    if (x - x.trunc()).abs() == 0.5 && (r as i64) % 2 != 0 {
-        (r - x.signum()) as i64
-    } else {
-        r as i64
-    }
-}
-
 /// Whether sample `j` of a batch of `b` must contain foreground.
 pub fn forced_foreground(j: usize, b: usize) -> bool {
-    (j as i64) >= round_half_even(b as f64 * (1.0 - OVERSAMPLE_FOREGROUND))
+    // Python's round is half to even, as f64::round_ties_even.
+    (j as i64) >= (b as f64 * (1.0 - OVERSAMPLE_FOREGROUND)).round_ties_even() as i64
 }
 
 /// The patch loaded before rotation and scaling (nnU-Net's get_patch_size with rotations

@@ -73,7 +73,7 @@ pub trait LabelSource: Sync {
 }
 impl LabelSource for [u8] {
     fn label(&self, i: usize) -> i16 {
-        if self[i] == crate::store::U8_OUTSIDE { -1 } else { self[i] as i16 }
+        crate::store::label_from_u8(self[i])
     }
 }
 impl LabelSource for [i16] {
@@ -159,16 +159,6 @@ fn crop<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &Source<I, L>, pa
 fn floor_i64(v: f64) -> i64 {
     let t = v as i64;
     t - i64::from((t as f64) > v)
-}
-
-/// Round half to even, as the nearest-label lookup does.
-fn nearbyint(v: f64) -> i64 {
-    let r = v.round();
-    if (v - v.trunc()).abs() == 0.5 && (r as i64) % 2 != 0 {
-        (r - v.signum()) as i64
-    } else {
-        r as i64
-    }
 }
 
 fn warp<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &Source<I, L>, a: &Mat3, patch: [usize; 3], image: &mut [f32], labels: &mut [i16]) {
@@ -263,6 +253,6 @@ fn decide<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(cand: &mut [(i16, f3
     cand.iter_mut().for_each(|e| e.1 = f16::from_f32(1000.0 * e.1).to_f32());
     let best = cand.iter().map(|e| e.1).fold(f32::MIN, f32::max);
     let lowest = cand.iter().filter(|e| e.1 == best).map(|e| e.0).min().unwrap_or(-1);
-    let near = src.index(q.map(nearbyint)).map_or(-1, |i| src.labels.label(i));
+    let near = src.index(q.map(|v| v.round_ties_even() as i64)).map_or(-1, |i| src.labels.label(i));
     if cand.iter().any(|e| e.0 == near && e.1 == best) { near } else { lowest }
 }

@@ -236,17 +236,7 @@ pub fn preprocess_case(case: &Case, s: &Settings) -> Result<Preprocessed> {
 /// How many cases run at once: the flag, else SEGK_PROCESSES, else nnU-Net's
 /// nnUNet_def_n_proc, else the CPUs this process may use (cgroup quota included).
 pub fn worker_count(flag: Option<usize>) -> Result<(usize, String)> {
-    if let Some(n) = flag {
-        ensure!(n > 0, "--processes must be at least 1");
-        return Ok((n, "--processes".into()));
-    }
-    for var in ["SEGK_PROCESSES", "nnUNet_def_n_proc"] {
-        if let Ok(v) = std::env::var(var) {
-            let n: usize = v.trim().parse().ok().filter(|&n| n > 0).with_context(|| format!("{var}={v:?} is not a positive number"))?;
-            return Ok((n, var.into()));
-        }
-    }
-    Ok((std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1), "available CPUs".into()))
+    crate::sysinfo::count_from(flag, "--processes", &["SEGK_PROCESSES", "nnUNet_def_n_proc"], (crate::sysinfo::usable_cpus(), "available CPUs".into()))
 }
 
 #[derive(Clone, Debug, Default)]

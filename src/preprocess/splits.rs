@@ -136,8 +136,6 @@ pub fn load_or_create(dir: &Path, ids: &[String]) -> Result<Vec<Split>> {
         return serde_json::from_str(&text).with_context(|| format!("{}: not a list of {{\"train\": [...], \"val\": [...]}}", path.display()));
     }
     let splits = kfold(ids, FOLDS, SEED)?;
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, serde_json::to_string_pretty(&splits)?).with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, &path).with_context(|| format!("writing {}", path.display()))?;
+    crate::store::write_json_atomic(&path, &splits)?;
     Ok(splits)
 }
