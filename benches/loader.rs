@@ -15,6 +15,29 @@ use std::time::Duration;
 
 const PATCH: [usize; 3] = [128, 128, 128];
 
+/// The rotation+scaling pass alone (the loader's largest cost), on an in-memory f32 volume with
+/// three labels in blobs, so the label path meets boundaries as in real cases.
+fn bench_warp(c: &mut Criterion) {
+    use segk::loader::spatial::{affine, sample, Source};
+    let shape = [205usize, 205, 205];
+    let n: usize = shape.iter().product();
+    let image: Vec<f32> = (0..n).map(|i| ((i * 2654435761) % 1000) as f32 / 500.0 - 1.0).collect();
+    let labels: Vec<u8> = (0..n)
+        .map(|i| {
+            let (z, y, x) = (i / (205 * 205), (i / 205) % 205, i % 205);
+            let r2 = |c: usize| (z as i64 - c as i64).pow(2) + (y as i64 - c as i64).pow(2) + (x as i64 - 100).pow(2);
+            if r2(80) < 40 * 40 { 1 } else if r2(130) < 30 * 30 { 2 } else { 0 }
+        })
+        .collect();
+    let src = Source { image: &image[..], labels: &labels[..], channels: 1, shape, lo: [0, 0, 0], size: shape };
+    let m = affine([0.3, -0.2, 0.4], [1.1; 3]);
+    let (mut out, mut lab) = (vec![0f32; 128 * 128 * 128], vec![0i16; 128 * 128 * 128]);
+    let mut g = c.benchmark_group("loader");
+    g.sample_size(10).throughput(Throughput::Elements(1));
+    g.bench_function("warp_only_128cube_1core", |b| b.iter(|| sample(&src, Some(&m), PATCH, &mut out, &mut lab)));
+    g.finish();
+}
+
 fn bench(c: &mut Criterion) {
     let base = std::env::temp_dir().join(format!("segk-bench-loader-{}", std::process::id()));
     let root = base.join("Dataset902_Loader");
@@ -62,5 +85,5 @@ fn bench(c: &mut Criterion) {
     let _ = std::fs::remove_dir_all(&base);
 }
 
-criterion_group!(benches, bench);
+criterion_group!(benches, bench_warp, bench);
 criterion_main!(benches);

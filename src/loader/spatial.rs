@@ -54,31 +54,67 @@ pub fn draw(rng: &mut impl Rng, p: &SpatialParams) -> Option<Mat3> {
 
 /// Stored image voxels, channels interleaved.
 pub trait ImageSource: Sync {
+    fn voxels(&self) -> usize;
     fn at(&self, i: usize) -> f32;
+    /// # Safety
+    /// `i` is below the source's length.
+    unsafe fn at_unchecked(&self, i: usize) -> f32;
 }
 impl ImageSource for [f32] {
+    fn voxels(&self) -> usize {
+        self.len()
+    }
     fn at(&self, i: usize) -> f32 {
         self[i]
     }
+    unsafe fn at_unchecked(&self, i: usize) -> f32 {
+        debug_assert!(i < self.len());
+        unsafe { *self.get_unchecked(i) }
+    }
 }
 impl ImageSource for [f16] {
+    fn voxels(&self) -> usize {
+        self.len()
+    }
     fn at(&self, i: usize) -> f32 {
         self[i].to_f32()
+    }
+    unsafe fn at_unchecked(&self, i: usize) -> f32 {
+        debug_assert!(i < self.len());
+        unsafe { self.get_unchecked(i).to_f32() }
     }
 }
 
 /// Stored labels (-1 outside the nonzero mask).
 pub trait LabelSource: Sync {
+    fn voxels(&self) -> usize;
     fn label(&self, i: usize) -> i16;
+    /// # Safety
+    /// `i` is below the source's length.
+    unsafe fn label_unchecked(&self, i: usize) -> i16;
 }
 impl LabelSource for [u8] {
+    fn voxels(&self) -> usize {
+        self.len()
+    }
     fn label(&self, i: usize) -> i16 {
         crate::store::label_from_u8(self[i])
     }
+    unsafe fn label_unchecked(&self, i: usize) -> i16 {
+        debug_assert!(i < self.len());
+        crate::store::label_from_u8(unsafe { *self.get_unchecked(i) })
+    }
 }
 impl LabelSource for [i16] {
+    fn voxels(&self) -> usize {
+        self.len()
+    }
     fn label(&self, i: usize) -> i16 {
         self[i]
+    }
+    unsafe fn label_unchecked(&self, i: usize) -> i16 {
+        debug_assert!(i < self.len());
+        unsafe { *self.get_unchecked(i) }
     }
 }
 
@@ -94,6 +130,12 @@ pub struct Source<'a, I: ImageSource + ?Sized, L: LabelSource + ?Sized> {
 }
 
 impl<I: ImageSource + ?Sized, L: LabelSource + ?Sized> Source<'_, I, L> {
+    /// The arrays hold the whole volume: the fast warp reads without bounds checks.
+    fn check(&self) {
+        let v: usize = self.shape.iter().product();
+        assert!(self.image.voxels() >= v * self.channels && self.labels.voxels() >= v, "source arrays shorter than the volume {:?}", self.shape);
+    }
+
     /// Flat voxel index of stored position `p` if it lies in the box and in the volume.
     #[inline]
     fn index(&self, p: [i64; 3]) -> Option<usize> {
@@ -110,9 +152,10 @@ impl<I: ImageSource + ?Sized, L: LabelSource + ?Sized> Source<'_, I, L> {
 pub fn sample<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &Source<I, L>, matrix: Option<&Mat3>, patch: [usize; 3], image: &mut [f32], labels: &mut [i16]) {
     let n: usize = patch.iter().product();
     assert!(image.len() == n * src.channels && labels.len() == n, "patch buffers");
+    src.check();
     match matrix {
         None => crop(src, patch, image, labels),
-        Some(a) => warp(src, a, patch, image, labels),
+        Some(a) => warp_dispatch(src, a, patch, image, labels),
     }
 }
 
@@ -161,80 +204,198 @@ fn floor_i64(v: f64) -> i64 {
     t - i64::from((t as f64) > v)
 }
 
+/// Geometry shared by both warp paths: output centre, loaded-box centre, readable bounds.
+struct Frame {
+    cin: [f64; 3],
+    cout: [f64; 3],
+    lo: [i64; 3],
+    hi: [i64; 3],
+}
+
+impl Frame {
+    fn new<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &Source<I, L>, patch: [usize; 3]) -> Frame {
+        Frame {
+            cin: std::array::from_fn(|d| (src.size[d] as f64 - 1.0) / 2.0 + src.lo[d] as f64),
+            cout: patch.map(|p| (p as f64 - 1.0) / 2.0),
+            lo: std::array::from_fn(|d| src.lo[d].max(0)),
+            hi: std::array::from_fn(|d| (src.lo[d] + src.size[d] as i64).min(src.shape[d] as i64)),
+        }
+    }
+
+    /// Stored position of output row (z, y) at x = 0; the row advances by column 2 of `a`.
+    fn row_start(&self, a: &Mat3, z: usize, y: usize) -> [f64; 3] {
+        let rel = [z as f64 - self.cout[0], y as f64 - self.cout[1], -self.cout[2]];
+        std::array::from_fn(|i| a[i][0] * rel[0] + a[i][1] * rel[1] + a[i][2] * rel[2] + self.cin[i])
+    }
+
+    /// All eight corners of position q readable.
+    fn inside(&self, q: [f64; 3]) -> bool {
+        (0..3).all(|d| {
+            let i = floor_i64(q[d]);
+            i >= self.lo[d] && i + 1 < self.hi[d]
+        })
+    }
+
+    /// The run of x in [0, len) whose positions q0 + x d have every corner readable. q's
+    /// coordinates are monotone in x (one product, one sum, both rounded monotonically), so
+    /// the run is one interval: bound it analytically, then trim with the exact test.
+    fn interior_run(&self, q0: [f64; 3], d: [f64; 3], len: usize) -> (usize, usize) {
+        let (mut xa, mut xb) = (0f64, len as f64);
+        for k in 0..3 {
+            // lo <= q0 + x d < hi - 1
+            let (a, b) = (self.lo[k] as f64 - q0[k], (self.hi[k] - 1) as f64 - q0[k]);
+            if d[k] == 0.0 {
+                if a > 0.0 || b <= 0.0 {
+                    return (0, 0);
+                }
+            } else {
+                let (u, v) = if d[k] > 0.0 { (a / d[k], b / d[k]) } else { (b / d[k], a / d[k]) };
+                xa = xa.max(u.floor() - 1.0);
+                xb = xb.min(v.ceil() + 1.0);
+            }
+        }
+        let mut xa = xa.clamp(0.0, len as f64) as usize;
+        let mut xb = (xb.clamp(0.0, len as f64) as usize).max(xa);
+        let at = |x: usize| -> [f64; 3] { std::array::from_fn(|k| q0[k] + x as f64 * d[k]) };
+        while xa < xb && !self.inside(at(xa)) {
+            xa += 1;
+        }
+        while xb > xa && !self.inside(at(xb - 1)) {
+            xb -= 1;
+        }
+        (xa, xb)
+    }
+}
+
+/// The warp compiled for AVX2 where the CPU has it (gathers and 8-wide lerps; no FMA, so the
+/// results are the same bits on every machine), else for the portable baseline.
+fn warp_dispatch<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &Source<I, L>, a: &Mat3, patch: [usize; 3], image: &mut [f32], labels: &mut [i16]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        #[target_feature(enable = "avx2")]
+        fn warp_avx2<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &Source<I, L>, a: &Mat3, patch: [usize; 3], image: &mut [f32], labels: &mut [i16]) {
+            warp(src, a, patch, image, labels)
+        }
+        // SAFETY: the CPU has AVX2 (checked above).
+        return unsafe { warp_avx2(src, a, patch, image, labels) };
+    }
+    warp(src, a, patch, image, labels)
+}
+
+/// The fast path: per output row, the interior run (every corner readable) takes fixed
+/// corner offsets, truncation as floor (positions there are >= 0) and unchecked reads; the
+/// rest of the row, and label boundaries, go through `warp_voxel`.
+#[inline(always)]
 fn warp<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &Source<I, L>, a: &Mat3, patch: [usize; 3], image: &mut [f32], labels: &mut [i16]) {
     let n: usize = patch.iter().product();
-    let cin: [f64; 3] = std::array::from_fn(|d| (src.size[d] as f64 - 1.0) / 2.0 + src.lo[d] as f64);
-    let cout: [f64; 3] = patch.map(|p| (p as f64 - 1.0) / 2.0);
-    // Readable stored positions: inside the box and the volume.
-    let lo: [i64; 3] = std::array::from_fn(|d| src.lo[d].max(0));
-    let hi: [i64; 3] = std::array::from_fn(|d| (src.lo[d] + src.size[d] as i64).min(src.shape[d] as i64));
-    let (plane, row) = ((src.shape[1] * src.shape[2]) as isize, src.shape[2] as isize);
-    let corner_off: [isize; 8] = std::array::from_fn(|k| ((k >> 2) & 1) as isize * plane + ((k >> 1) & 1) as isize * row + (k & 1) as isize);
+    let f = Frame::new(src, patch);
+    let d = [a[0][2], a[1][2], a[2][2]];
+    let (plane, row) = (src.shape[1] * src.shape[2], src.shape[2]);
+    let corner_off: [usize; 8] = std::array::from_fn(|k| ((k >> 2) & 1) * plane + ((k >> 1) & 1) * row + (k & 1));
     let ch = src.channels;
-    let mut o = 0;
     let mut cand: Vec<(i16, f32)> = Vec::with_capacity(8);
+    let lerp = |a: f32, b: f32, t: f32| a + t * (b - a);
+    let (mut base, mut t0, mut t1, mut t2) = (vec![0usize; patch[2]], vec![0f32; patch[2]], vec![0f32; patch[2]], vec![0f32; patch[2]]);
     for z in 0..patch[0] {
         for y in 0..patch[1] {
-            let rel = [z as f64 - cout[0], y as f64 - cout[1], -cout[2]];
-            let mut q: [f64; 3] = std::array::from_fn(|i| a[i][0] * rel[0] + a[i][1] * rel[1] + a[i][2] * rel[2] + cin[i]);
-            for _ in 0..patch[2] {
-                let i0 = q.map(floor_i64);
-                let t: [f32; 3] = std::array::from_fn(|d| (q[d] - i0[d] as f64) as f32);
-                let w = || -> [f32; 8] {
-                    std::array::from_fn(|k| {
-                        let f = |d: usize, bit: usize| if bit == 1 { t[d] } else { 1.0 - t[d] };
-                        f(0, (k >> 2) & 1) * f(1, (k >> 1) & 1) * f(2, k & 1)
-                    })
-                };
-                let inside = (0..3).all(|d| i0[d] >= lo[d] && i0[d] + 1 < hi[d]);
-                if inside {
-                    // Every corner readable: fixed offsets from the first, seven lerps.
-                    let base = (i0[0] as usize * src.shape[1] + i0[1] as usize) * src.shape[2] + i0[2] as usize;
-                    let idx: [usize; 8] = std::array::from_fn(|k| (base as isize + corner_off[k]) as usize);
-                    let lerp = |a: f32, b: f32, t: f32| a + t * (b - a);
-                    for c in 0..ch {
-                        let v: [f32; 8] = std::array::from_fn(|k| src.image.at(idx[k] * ch + c));
-                        let (c00, c01) = (lerp(v[0], v[1], t[2]), lerp(v[2], v[3], t[2]));
-                        let (c10, c11) = (lerp(v[4], v[5], t[2]), lerp(v[6], v[7], t[2]));
-                        image[c * n + o] = lerp(lerp(c00, c01, t[1]), lerp(c10, c11, t[1]), t[0]);
-                    }
-                    let l: [i16; 8] = std::array::from_fn(|k| src.labels.label(idx[k]));
-                    if l.iter().all(|&x| x == l[0]) {
-                        labels[o] = l[0];
-                    } else {
-                        cand.clear();
-                        let w = w();
-                        for k in 0..8 {
-                            vote(&mut cand, l[k], w[k]);
-                        }
-                        labels[o] = if cand.len() == 1 { cand[0].0 } else { decide(&mut cand, src, q) };
-                    }
-                } else {
-                    (0..ch).for_each(|c| image[c * n + o] = 0.0);
-                    cand.clear();
-                    let w = w();
-                    for k in 0..8 {
-                        let p = [i0[0] + ((k >> 2) & 1) as i64, i0[1] + ((k >> 1) & 1) as i64, i0[2] + (k & 1) as i64];
-                        let l = match src.index(p) {
-                            Some(i) => {
-                                for c in 0..ch {
-                                    image[c * n + o] += w[k] * src.image.at(i * ch + c);
-                                }
-                                src.labels.label(i)
-                            }
-                            None => -1,
-                        };
-                        vote(&mut cand, l, w[k]);
-                    }
-                    labels[o] = if cand.len() == 1 { cand[0].0 } else { decide(&mut cand, src, q) };
+            let q0 = f.row_start(a, z, y);
+            let o0 = (z * patch[1] + y) * patch[2];
+            let (xa, xb) = f.interior_run(q0, d, patch[2]);
+            let at = |x: usize| -> [f64; 3] { std::array::from_fn(|k| q0[k] + x as f64 * d[k]) };
+            for x in (0..xa).chain(xb..patch[2]) {
+                warp_voxel(src, at(x), o0 + x, n, image, labels, &mut cand);
+            }
+            // Pass 1: corner index and fractions of each voxel of the run (truncation is floor
+            // there: positions are >= lo >= 0). Passes 2 and 3 read them per channel and for labels.
+            let run = xb - xa;
+            for j in 0..run {
+                let q = at(xa + j);
+                let i0 = q.map(|v| v as usize);
+                base[j] = (i0[0] * src.shape[1] + i0[1]) * src.shape[2] + i0[2];
+                t0[j] = (q[0] - i0[0] as f64) as f32;
+                t1[j] = (q[1] - i0[1] as f64) as f32;
+                t2[j] = (q[2] - i0[2] as f64) as f32;
+            }
+            // SAFETY (both passes): every voxel of the run has lo <= i0 and i0 + 1 < hi <= shape
+            // on every axis, so base + corner_off[7] indexes the volume, whose arrays hold shape
+            // voxels (times ch for the image), as Source::check asserted.
+            for c in 0..ch {
+                let out = &mut image[c * n + o0 + xa..c * n + o0 + xb];
+                for j in 0..run {
+                    let v: [f32; 8] = std::array::from_fn(|k| unsafe { src.image.at_unchecked((base[j] + corner_off[k]) * ch + c) });
+                    let (c00, c01) = (lerp(v[0], v[1], t2[j]), lerp(v[2], v[3], t2[j]));
+                    let (c10, c11) = (lerp(v[4], v[5], t2[j]), lerp(v[6], v[7], t2[j]));
+                    out[j] = lerp(lerp(c00, c01, t1[j]), lerp(c10, c11, t1[j]), t0[j]);
                 }
-                for d in 0..3 {
-                    q[d] += a[d][2];
-                }
-                o += 1;
+            }
+            for j in 0..run {
+                let l: [i16; 8] = std::array::from_fn(|k| unsafe { src.labels.label_unchecked(base[j] + corner_off[k]) });
+                labels[o0 + xa + j] = if l.iter().all(|&v| v == l[0]) { l[0] } else { vote_corners(src, at(xa + j), [t0[j], t1[j], t2[j]], |k| l[k], &mut cand) };
             }
         }
     }
+}
+
+/// The definition, one voxel at a time with every corner checked: the reference the fast
+/// path is tested against, and the path for rows' edges.
+#[doc(hidden)]
+pub fn warp_reference<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &Source<I, L>, a: &Mat3, patch: [usize; 3], image: &mut [f32], labels: &mut [i16]) {
+    let n: usize = patch.iter().product();
+    assert!(image.len() == n * src.channels && labels.len() == n, "patch buffers");
+    src.check();
+    let f = Frame::new(src, patch);
+    let mut cand = Vec::with_capacity(8);
+    for z in 0..patch[0] {
+        for y in 0..patch[1] {
+            let q0 = f.row_start(a, z, y);
+            for x in 0..patch[2] {
+                let q = std::array::from_fn(|k| q0[k] + x as f64 * a[k][2]);
+                warp_voxel(src, q, (z * patch[1] + y) * patch[2] + x, n, image, labels, &mut cand);
+            }
+        }
+    }
+}
+
+/// Trilinear weights of the eight corners, corner k = (bit 2: axis 0, bit 1: axis 1, bit 0: axis 2).
+fn corner_weights(t: [f32; 3]) -> [f32; 8] {
+    std::array::from_fn(|k| {
+        let f = |d: usize, bit: usize| if bit == 1 { t[d] } else { 1.0 - t[d] };
+        f(0, (k >> 2) & 1) * f(1, (k >> 1) & 1) * f(2, k & 1)
+    })
+}
+
+fn warp_voxel<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &Source<I, L>, q: [f64; 3], o: usize, n: usize, image: &mut [f32], labels: &mut [i16], cand: &mut Vec<(i16, f32)>) {
+    let i0 = q.map(floor_i64);
+    let ch = src.channels;
+    (0..ch).for_each(|c| image[c * n + o] = 0.0);
+    if (0..3).any(|d| i0[d] + 1 < src.lo[d].max(0) || i0[d] >= (src.lo[d] + src.size[d] as i64).min(src.shape[d] as i64)) {
+        // No corner readable: every vote is "outside".
+        labels[o] = -1;
+        return;
+    }
+    let t: [f32; 3] = std::array::from_fn(|d| (q[d] - i0[d] as f64) as f32);
+    let w = corner_weights(t);
+    let corner = |k: usize| [i0[0] + ((k >> 2) & 1) as i64, i0[1] + ((k >> 1) & 1) as i64, i0[2] + (k & 1) as i64];
+    let mut l = [-1i16; 8];
+    for k in 0..8 {
+        if let Some(i) = src.index(corner(k)) {
+            for c in 0..ch {
+                image[c * n + o] += w[k] * src.image.at(i * ch + c);
+            }
+            l[k] = src.labels.label(i);
+        }
+    }
+    labels[o] = vote_corners(src, q, t, |k| l[k], cand);
+}
+
+/// Per-label trilinear scores of the eight corners, then nnU-Net's tie rule.
+fn vote_corners<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &Source<I, L>, q: [f64; 3], t: [f32; 3], label: impl Fn(usize) -> i16, cand: &mut Vec<(i16, f32)>) -> i16 {
+    cand.clear();
+    let w = corner_weights(t);
+    for k in 0..8 {
+        vote(cand, label(k), w[k]);
+    }
+    if cand.len() == 1 { cand[0].0 } else { decide(cand, src, q) }
 }
 
 fn vote(cand: &mut Vec<(i16, f32)>, l: i16, w: f32) {
