@@ -16,6 +16,7 @@ pub mod evaluate;
 pub mod loader;
 pub mod model;
 pub mod plan;
+pub mod plot;
 pub mod predict;
 pub mod preprocess;
 pub mod selftest;

@@ -11,6 +11,7 @@ use crate::model::plan::ActPlan;
 use crate::model::unet::Acts;
 use crate::model::{Checkpointing, UNet};
 use crate::plan::plans::Plan;
+use crate::plot;
 use anyhow::{bail, ensure, Context, Result};
 use std::io::Write;
 use std::path::PathBuf;
@@ -276,6 +277,16 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
         }
         if st.epoch == cfg.epochs {
             checkpoint::save(&cfg.out, "checkpoint_final", be, &net, &st)?;
+        }
+        let points: Vec<plot::Point> = st
+            .history
+            .iter()
+            .enumerate()
+            .map(|(k, h)| plot::Point { train_loss: h[0], pseudo_dice: h[1], ema_dice: h[2], seconds: h[3], lr: poly_lr(cfg.lr, k, cfg.epochs) })
+            .collect();
+        // A plot that cannot be drawn or written (disk full, odd filesystem) must not end a run.
+        if let Err(err) = plot::write_progress(&cfg.out.join("progress.png"), &points) {
+            println!("  progress.png not updated: {err:#}");
         }
         let line = e.line();
         println!("{line}");

@@ -45,6 +45,9 @@ fn train_command_runs_plan_preprocess_and_epochs() {
     let epochs: Vec<&str> = log.lines().filter(|l| l.starts_with("epoch")).collect();
     assert_eq!(epochs.len(), 2, "{log}");
     assert!(epochs.iter().all(|l| l.contains("pseudo dice [") && l.contains("data wait")), "{log}");
+    let png = std::fs::read(base.join("segk_results/Dataset031_Train/3d_fullres/fold_all/progress.png")).unwrap();
+    assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "progress.png: {} bytes", png.len());
+    assert!(!text.contains("progress.png not updated"), "{text}");
     // nnU-Net's validation after training: every case of fold `all`, predicted and scored.
     let val = base.join("segk_results/Dataset031_Train/3d_fullres/fold_all/validation");
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(val.join("summary.json")).unwrap()).unwrap();
