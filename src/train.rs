@@ -65,12 +65,15 @@ pub struct EpochLog {
     /// Mean number of batches ready when the trainer asked for one.
     pub ready: f64,
     pub skipped_steps: usize,
+    /// Device memory in use at the epoch's end (GPU only) and the host's peak RSS so far.
+    pub device_memory: Option<u64>,
+    pub host_peak: Option<u64>,
 }
 
 impl EpochLog {
     pub fn line(&self) -> String {
         let dice: Vec<String> = self.pseudo_dice.iter().map(|d| format!("{d:.4}")).collect();
-        format!(
+        let mut line = format!(
             "epoch {:4}  train loss {:.4}  pseudo dice [{}]  ema {:.4}  lr {:.6}  {:.1} s  data wait {:.1} %  ready {:.1}",
             self.epoch,
             self.train_loss,
@@ -80,7 +83,14 @@ impl EpochLog {
             self.seconds,
             self.data_wait * 100.0,
             self.ready
-        )
+        );
+        if let Some(d) = self.device_memory {
+            line += &format!("  gpu mem {:.2} GiB", gib(d));
+        }
+        if let Some(h) = self.host_peak {
+            line += &format!("  host peak {:.2} GiB", gib(h));
+        }
+        line
     }
 }
 
@@ -121,8 +131,8 @@ pub fn device_bytes(plan: &Plan, level: Checkpointing, elem_bytes: usize) -> Res
 
 /// The checkpoint level to train at: the one asked for if it fits, or (auto) the fastest
 /// that fits; refuses with the numbers and the remedies when none does.
-pub fn preflight(plan: &Plan, asked: Option<Checkpointing>, elem_bytes: usize, available: Option<u64>) -> Result<Checkpointing> {
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+/// `workspace`: what the backend's ops allocate on their own, on top of the arenas.
+pub fn preflight(plan: &Plan, asked: Option<Checkpointing>, elem_bytes: usize, available: Option<u64>, workspace: u64) -> Result<Checkpointing> {
     let levels = match asked {
         Some(l) => vec![l],
         None => vec![Checkpointing::None, Checkpointing::Level1, Checkpointing::Level2],
@@ -130,29 +140,48 @@ pub fn preflight(plan: &Plan, asked: Option<Checkpointing>, elem_bytes: usize, a
     let Some(avail) = available else { return Ok(asked.unwrap_or(Checkpointing::Level1)) };
     let mut needs = Vec::new();
     for &l in &levels {
-        let need = device_bytes(plan, l, elem_bytes)? as u64;
+        let need = device_bytes(plan, l, elem_bytes)? as u64 + workspace;
         if need <= avail {
             return Ok(l);
         }
         needs.push(format!("level {}: {:.2} GiB", l.level(), gib(need)));
     }
-    bail!(
-        "training needs {} but {:.2} GiB is free: plan a smaller patch (`segk plan --gpu-memory {:.0}`), train at --checkpointing 2, or free memory",
-        needs.join(", "),
-        gib(avail),
-        (gib(avail) * 0.9).floor().max(1.0)
-    )
+    bail!("training needs {} but {:.2} GiB is free: {}", needs.join(", "), gib(avail), remedies(avail))
 }
 
-/// A data failure mid-run: save checkpoint_latest where training stands (the batch numbers
-/// included), so nothing is lost, and say how to go on.
-fn save_and_fail<B: Backend>(be: &B, cfg: &TrainConfig, net: &UNet<B>, st: &mut TrainerState, e: anyhow::Error) -> anyhow::Error {
+fn gib(b: u64) -> f64 {
+    b as f64 / (1u64 << 30) as f64
+}
+
+/// What to do when training does not fit in `free` bytes.
+fn remedies(free: u64) -> String {
+    format!("plan a smaller patch (`segk plan --gpu-memory {:.0}`), train at --checkpointing 2, or free memory", (gib(free) * 0.9).floor().max(1.0))
+}
+
+/// A device out-of-memory error during the run gets the pre-flight's numbers and remedies
+/// (the free memory is what the device reported at the failure); other errors pass unchanged.
+pub fn explain_oom(e: anyhow::Error) -> anyhow::Error {
+    let Some(oom) = e.downcast_ref::<crate::backend::OutOfMemory>() else { return e };
+    let advice = match oom.free {
+        Some(free) => remedies(free),
+        None => remedies(0),
+    };
+    let msg = format!("{oom} (more than the pre-flight counted: another process may be using the device): {advice}");
+    e.context(msg)
+}
+
+/// A failure mid-run (data or device): save checkpoint_latest where training stands (the batch
+/// numbers included), so nothing is lost, and say how to go on (`next`).
+fn save_and_fail<B: Backend>(be: &B, cfg: &TrainConfig, net: &UNet<B>, st: &mut TrainerState, e: anyhow::Error, next: &str) -> anyhow::Error {
     st.steps = net.steps;
     match checkpoint::save(&cfg.out, "checkpoint_latest", be, net, st) {
-        Ok(()) => e.context(format!("saved checkpoint_latest at epoch {} iteration {}; fix or remove the case named below, then --resume", st.epoch, st.iter)),
+        Ok(()) => e.context(format!("saved checkpoint_latest at epoch {} iteration {}; {next}, then --resume", st.epoch, st.iter)),
         Err(save) => e.context(format!("and saving checkpoint_latest failed too: {save:#}")),
     }
 }
+
+const FIX_DATA: &str = "fix or remove the case named below";
+const FIX_DEVICE: &str = "mend what is said below";
 
 /// Trains and returns one log entry per epoch run (resumed epochs are not repeated).
 pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
@@ -160,10 +189,13 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
     let topo = plan.topology.clone();
     let classes = topo.n_classes;
     let channels = topo.in_channels;
-    let level = preflight(plan, cfg.checkpointing, be.elem_bytes(), be.memory_available())?;
-    println!("memory: {:.2} GiB at checkpointing level {}", device_bytes(plan, level, be.elem_bytes())? as f64 / (1u64 << 30) as f64, level.level());
+    let largest_weight = ParamLayout::new(&topo).tensors.iter().map(|t| t.len()).max().unwrap_or(0);
+    let widest = topo.features.iter().copied().max().unwrap_or(0).max(classes);
+    let workspace = be.workspace_bytes(largest_weight, widest, plan.batch_size) as u64;
+    let level = preflight(plan, cfg.checkpointing, be.elem_bytes(), be.memory_available(), workspace)?;
+    println!("memory: {:.2} GiB at checkpointing level {}", gib(device_bytes(plan, level, be.elem_bytes())? as u64 + workspace), level.level());
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
-    let mut net = UNet::new(be, topo.clone(), cfg.seed)?;
+    let mut net = UNet::new(be, topo.clone(), cfg.seed).map_err(explain_oom)?;
     let mut st = TrainerState { epoch: 0, steps: 0, next_train_batch: 0, next_val_batch: 0, ema_dice: None, best_ema_dice: None, seed: cfg.seed, bad_in_a_row: 0, iter: 0, epoch_loss_sum: 0.0, epoch_steps: 0, epoch_skipped: 0, history: Vec::new() };
     if cfg.resume {
         if checkpoint::exists(&cfg.out, "checkpoint_latest") {
@@ -192,8 +224,8 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
         cfg.train_ids.len(),
         cfg.val_ids.len()
     );
-    let acts = Acts::new(be, &topo, plan.patch_size, plan.batch_size, level, true)?;
-    let infer = Acts::new(be, &topo, plan.patch_size, plan.batch_size, Checkpointing::Level1, false)?;
+    let acts = Acts::new(be, &topo, plan.patch_size, plan.batch_size, level, true).map_err(explain_oom)?;
+    let infer = Acts::new(be, &topo, plan.patch_size, plan.batch_size, Checkpointing::Level1, false).map_err(explain_oom)?;
     let rows = plan.batch_size * plan.patch_size.iter().product::<usize>();
     let pred_buf = be.alloc_labels(rows)?;
     let mut pred = vec![0u8; rows];
@@ -213,9 +245,12 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
             }
             let b = match train.pool.next() {
                 Ok(b) => b,
-                Err(e) => return Err(save_and_fail(be, cfg, &net, &mut st, e)),
+                Err(e) => return Err(save_and_fail(be, cfg, &net, &mut st, e, FIX_DATA)),
             };
-            let (loss, applied) = net.train_step(be, &acts, &b.image, &b.labels, lr)?;
+            let (loss, applied) = match net.train_step(be, &acts, &b.image, &b.labels, lr) {
+                Ok(r) => r,
+                Err(e) => return Err(save_and_fail(be, cfg, &net, &mut st, explain_oom(e), FIX_DEVICE)),
+            };
             st.next_train_batch += 1;
             st.iter += 1;
             if applied {
@@ -237,11 +272,15 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
         for _ in 0..cfg.val_iters {
             let b = match val.pool.next() {
                 Ok(b) => b,
-                Err(e) => return Err(save_and_fail(be, cfg, &net, &mut st, e)),
+                Err(e) => return Err(save_and_fail(be, cfg, &net, &mut st, e, FIX_DATA)),
             };
-            let lg = net.forward_logits(be, &infer, &b.image)?;
-            be.argmax(be.view(&infer.arena, lg.offset, lg.len()), lg.dims, be.label_view(&pred_buf, 0, rows))?;
-            be.download_labels(be.label_view(&pred_buf, 0, rows), &mut pred)?;
+            let predicted = net.forward_logits(be, &infer, &b.image).and_then(|lg| {
+                be.argmax(be.view(&infer.arena, lg.offset, lg.len()), lg.dims, be.label_view(&pred_buf, 0, rows))?;
+                be.download_labels(be.label_view(&pred_buf, 0, rows), &mut pred)
+            });
+            if let Err(e) = predicted {
+                return Err(save_and_fail(be, cfg, &net, &mut st, explain_oom(e), FIX_DEVICE));
+            }
             count(&pred, &b.labels, classes, &mut tp, &mut fp, &mut fn_);
             val.pool.give_back(b);
             st.next_val_batch += 1;
@@ -262,6 +301,8 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
             data_wait: stats.wait.as_secs_f64() / train_time.max(Duration::from_nanos(1)).as_secs_f64(),
             ready: stats.mean_fill(),
             skipped_steps: st.epoch_skipped,
+            device_memory: be.memory_used(),
+            host_peak: crate::sysinfo::peak_rss(),
         };
         st.history.push([e.train_loss, mean, e.ema_dice, e.seconds]);
         st.epoch += 1;
@@ -302,6 +343,15 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_device_oom_mid_run_gets_the_preflight_advice() {
+        let oom = crate::backend::OutOfMemory { what: "CUDA workspace allocation".into(), requested: Some(3 << 30), free: Some(5 << 29) };
+        let msg = format!("{:#}", super::explain_oom(anyhow::Error::new(oom)));
+        assert!(msg.contains("needs 3.00 GiB more, 2.50 GiB free") && msg.contains("--gpu-memory 2") && msg.contains("--checkpointing 2"), "{msg}");
+        let other = format!("{:#}", super::explain_oom(anyhow::anyhow!("CUDA error in segk_conv: illegal address")));
+        assert_eq!(other, "CUDA error in segk_conv: illegal address", "other errors pass unchanged");
+    }
+
     #[test]
     fn pseudo_dice_counts_skip_the_ignore_label() {
         // classes 0..3; label 3 is the ignore label.

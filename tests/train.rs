@@ -44,7 +44,7 @@ fn train_command_runs_plan_preprocess_and_epochs() {
     let log = std::fs::read_to_string(base.join("segk_results/Dataset031_Train/3d_fullres/fold_all/training_log.txt")).unwrap();
     let epochs: Vec<&str> = log.lines().filter(|l| l.starts_with("epoch")).collect();
     assert_eq!(epochs.len(), 2, "{log}");
-    assert!(epochs.iter().all(|l| l.contains("pseudo dice [") && l.contains("data wait")), "{log}");
+    assert!(epochs.iter().all(|l| l.contains("pseudo dice [") && l.contains("data wait") && l.contains("host peak")), "{log}");
     let png = std::fs::read(base.join("segk_results/Dataset031_Train/3d_fullres/fold_all/progress.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "progress.png: {} bytes", png.len());
     assert!(!text.contains("progress.png not updated"), "{text}");
@@ -183,10 +183,11 @@ fn preflight_picks_the_fastest_level_that_fits_or_refuses_with_numbers() {
     };
     let [l0, l1, l2] = [Checkpointing::None, Checkpointing::Level1, Checkpointing::Level2].map(|l| device_bytes(&plan, l, 4).unwrap() as u64);
     assert!(l0 > l1 && l1 > l2, "{l0} {l1} {l2}");
-    assert_eq!(preflight(&plan, None, 4, Some(l0)).unwrap(), Checkpointing::None);
-    assert_eq!(preflight(&plan, None, 4, Some(l1)).unwrap(), Checkpointing::Level1);
-    assert_eq!(preflight(&plan, None, 4, Some(l2)).unwrap(), Checkpointing::Level2);
-    let e = preflight(&plan, None, 4, Some(l2 - 1)).unwrap_err().to_string();
+    assert_eq!(preflight(&plan, None, 4, Some(l0), 0).unwrap(), Checkpointing::None);
+    assert_eq!(preflight(&plan, None, 4, Some(l1), 0).unwrap(), Checkpointing::Level1);
+    assert_eq!(preflight(&plan, None, 4, Some(l2), 0).unwrap(), Checkpointing::Level2);
+    let e = preflight(&plan, None, 4, Some(l2 - 1), 0).unwrap_err().to_string();
     assert!(e.contains("level 2:") && e.contains("GiB is free") && e.contains("--gpu-memory"), "{e}");
-    assert!(preflight(&plan, Some(Checkpointing::None), 4, Some(l1)).is_err(), "an explicit level that does not fit is refused");
+    assert!(preflight(&plan, Some(Checkpointing::None), 4, Some(l1), 0).is_err(), "an explicit level that does not fit is refused");
+    assert_eq!(preflight(&plan, None, 4, Some(l0), 1).unwrap(), Checkpointing::Level1, "the backend's workspace counts");
 }

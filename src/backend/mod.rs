@@ -116,6 +116,32 @@ pub fn poly_lr(lr0: f64, epoch: usize, max_epochs: usize) -> f64 {
     lr0 * (1.0 - epoch as f64 / max_epochs as f64).max(0.0).powf(0.9)
 }
 
+/// A device allocation that did not fit: the backend says what it was for and the numbers, the
+/// trainer turns it into the same advice as its pre-flight (anyhow keeps the type: downcast).
+#[derive(Debug, Clone)]
+pub struct OutOfMemory {
+    pub what: String,
+    /// Bytes asked for, when the failure was an allocation.
+    pub requested: Option<u64>,
+    pub free: Option<u64>,
+}
+
+impl std::fmt::Display for OutOfMemory {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        write!(f, "out of device memory in {}", self.what)?;
+        if let Some(r) = self.requested {
+            write!(f, ": needs {:.2} GiB more", gib(r))?;
+        }
+        match self.free {
+            Some(free) => write!(f, ", {:.2} GiB free", gib(free)),
+            None => Ok(()),
+        }
+    }
+}
+
+impl std::error::Error for OutOfMemory {}
+
 /// torch.nn.utils.clip_grad_norm_: the factor that brings the norm to at most `max_norm`.
 pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
     (max_norm / (norm + 1e-6)).min(1.0)
@@ -147,6 +173,18 @@ pub trait Backend: Sync {
     /// Bytes the backend can still allocate (device memory free, or host memory available),
     /// when it can tell.
     fn memory_available(&self) -> Option<u64>;
+    /// Device memory in use now (every process's, the driver's context included), for the
+    /// per-epoch log; None where the backend is the host.
+    fn memory_used(&self) -> Option<u64> {
+        None
+    }
+    /// Upper bound of the workspace the ops allocate on their own (split-K partial sums and
+    /// the like), for a net whose largest weight has `largest_weight` elements, whose widest
+    /// layer has `widest` channels, at `batch`; the pre-flight adds it. Nothing on the CPU (its
+    /// temporaries are per call and small).
+    fn workspace_bytes(&self, _largest_weight: usize, _widest: usize, _batch: usize) -> usize {
+        0
+    }
 
     // ---- convolution ----
     fn conv_fwd(&self, x: Self::Buf, xd: Dims, w: Self::Buf, b: Self::Buf, y: Self::Buf, g: &ConvGeom) -> Result<()>;

@@ -129,6 +129,14 @@ fn splits(be: &CudaBackend, m: usize, n: usize, r: usize) -> usize {
     (2 * be.sms()).div_ceil(t).clamp(1, r.div_ceil(256).max(1))
 }
 
+/// Most f32 of workspace any op asks for (the workspace grows to the largest request). A
+/// weight gradient's split-K partials sp x m x n, where sp <= ceil(2 sms / t) and the t tiles
+/// cover m x n, so sp x m x n <= 2 sms TILE^2 + m x n, plus its bias partials 2 sms x cout;
+/// the norms' partials (2 sms + n) x c x 3 and the loss's are below the sum of the two.
+pub(crate) fn workspace_bound(sms: usize, largest_weight: usize, widest: usize, batch: usize) -> usize {
+    2 * sms * TILE * TILE + largest_weight + 2 * sms * widest + 3 * (2 * sms + batch) * widest
+}
+
 /// out = column sums of x ([rows x c]) via per-chunk partials in `ws`.
 fn colsum(be: &CudaBackend, x: u64, rows: usize, c: usize, out: u64, ws: u64) -> Result<()> {
     let chunks = (2 * be.sms()).min(rows.max(1));

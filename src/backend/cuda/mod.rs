@@ -12,7 +12,7 @@ mod misc;
 mod norm;
 mod optim;
 
-use super::{Backend, ConvGeom, ConvTGeom, DiceMode, LossParts, SgdParams};
+use super::{Backend, ConvGeom, ConvTGeom, DiceMode, LossParts, OutOfMemory, SgdParams};
 use crate::tensor::Dims;
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig};
@@ -163,10 +163,16 @@ impl CudaBackend {
         self.ctx.mem_get_info().map_err(|e| anyhow!("cuMemGetInfo: {e}"))
     }
 
+    /// An error of `what`; out of memory becomes the typed `OutOfMemory` (with the bytes asked
+    /// for) so the trainer can give the pre-flight's advice.
     pub(crate) fn fail(&self, what: &str, e: DriverError) -> anyhow::Error {
+        self.fail_alloc(what, None, e)
+    }
+
+    pub(crate) fn fail_alloc(&self, what: &str, requested: Option<u64>, e: DriverError) -> anyhow::Error {
         if e.0 == sys::CUresult::CUDA_ERROR_OUT_OF_MEMORY {
-            let free = self.mem_info().map(|(f, _)| f as f64 / (1u64 << 30) as f64).unwrap_or(f64::NAN);
-            return anyhow!("CUDA out of memory in {what} ({free:.2} GiB free): use a smaller patch, checkpointing 2, or a bigger GPU");
+            let free = self.mem_info().ok().map(|(f, _)| f as u64);
+            return anyhow::Error::new(OutOfMemory { what: format!("CUDA {what}"), requested, free });
         }
         anyhow!("CUDA error in {what}: {e}")
     }
@@ -186,7 +192,7 @@ impl CudaBackend {
         let mut s = self.scratch.lock().map_err(|_| anyhow!("scratch lock poisoned"))?;
         if s.as_ref().is_none_or(|b| b.len() < len) {
             *s = None;
-            *s = Some(self.stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| self.fail("workspace allocation", e))?);
+            *s = Some(self.stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| self.fail_alloc("workspace allocation", Some(4 * len as u64), e))?);
         }
         let b = s.as_ref().expect("allocated above");
         let (p, _sync) = b.device_ptr(&self.stream);
@@ -225,15 +231,21 @@ impl Backend for CudaBackend {
     fn memory_available(&self) -> Option<u64> {
         self.ctx.mem_get_info().ok().map(|(free, _)| free as u64)
     }
+    fn memory_used(&self) -> Option<u64> {
+        self.ctx.mem_get_info().ok().map(|(free, total)| (total - free) as u64)
+    }
+    fn workspace_bytes(&self, largest_weight: usize, widest: usize, batch: usize) -> usize {
+        4 * conv::workspace_bound(self.sms(), largest_weight, widest, batch)
+    }
     fn alloc(&self, len: usize) -> Result<CudaSlice<f32>> {
-        self.stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| self.fail(&format!("allocating {:.1} MiB", len as f64 * 4.0 / (1 << 20) as f64), e))
+        self.stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| self.fail_alloc("arena allocation", Some(4 * len as u64), e))
     }
     fn view(&self, arena: &CudaSlice<f32>, offset: usize, len: usize) -> DevBuf {
         assert!(offset + len <= arena.len(), "view {offset}+{len} outside arena of {}", arena.len());
         DevBuf { ptr: base_ptr(arena, &self.stream) + 4 * offset as u64, len }
     }
     fn alloc_labels(&self, len: usize) -> Result<CudaSlice<u8>> {
-        self.stream.alloc_zeros::<u8>(len.max(1)).map_err(|e| self.fail("allocating label maps", e))
+        self.stream.alloc_zeros::<u8>(len.max(1)).map_err(|e| self.fail_alloc("label map allocation", Some(len as u64), e))
     }
     fn label_view(&self, arena: &CudaSlice<u8>, offset: usize, len: usize) -> DevLabels {
         assert!(offset + len <= arena.len(), "label view {offset}+{len} outside arena of {}", arena.len());
