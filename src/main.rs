@@ -423,12 +423,16 @@ fn run_train(root: &std::path::Path, fold: &str, device: &str, o: TrainOpts, pre
     let ds = segk::dataset::Dataset::open(root)?;
     let ids: Vec<String> = ds.cases.iter().map(|c| c.id.clone()).collect();
     let store = pre.join(STORE_DIR);
-    let stored = segk::store::case_ids(&store).unwrap_or_default();
-    if ids.iter().any(|id| !stored.contains(id)) {
-        println!("the store at {} is missing cases: preprocessing first", store.display());
+    if !pre.join(segk::plan::plans::PlansFile::NAME).is_file() {
+        println!("no plans in {}: planning and preprocessing first", pre.display());
         run_preprocess(root, None, false, 8.0, Some(pre.clone()))?;
     }
     let plans = segk::plan::plans::PlansFile::read(&pre)?;
+    let (stale, dtype) = segk::preprocess::stale_cases(&store, &ids, &ds.json, &plans)?;
+    if !stale.is_empty() {
+        println!("the store at {} is missing {} of {} cases or holds them under other settings: preprocessing first", store.display(), stale.len(), ids.len());
+        run_preprocess(root, None, dtype == segk::store::ImageDtype::F16, 8.0, Some(pre.clone()))?;
+    }
     // `all` needs no split (and works with fewer cases than folds).
     let folds = if fold == splits::Fold::All { Vec::new() } else { splits::load_or_create(&pre, &ids)? };
     let split = splits::select(&folds, &ids, fold)?;

@@ -392,6 +392,13 @@ fn store_round_trips_and_resumes() {
             assert!(mean.abs() < 0.05, "z-scored inside the mask (mean {mean} after resampling)");
         }
     }
+    // Training's check: nothing stale now (the f16 store is accepted as is); a plan with another
+    // spacing makes every case stale.
+    let ids: Vec<String> = ds.cases.iter().map(|c| c.id.clone()).collect();
+    assert_eq!(segk::preprocess::stale_cases(&dir, &ids, &ds.json, &plans).unwrap(), (vec![], ImageDtype::F16));
+    let mut other = plans_for(&ds);
+    other.configurations.fullres.spacing[0] *= 1.5;
+    assert_eq!(segk::preprocess::stale_cases(&dir, &ids, &ds.json, &other).unwrap().0, ids);
     // An interrupted case (a file missing, a temporary left behind) is redone, the rest kept.
     std::fs::remove_file(dir.join("c1.seg")).unwrap();
     std::fs::write(dir.join("c1.img.tmp"), b"partial").unwrap();

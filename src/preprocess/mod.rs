@@ -249,6 +249,17 @@ pub struct Summary {
     pub seconds: f64,
 }
 
+/// The cases of `ids` that the store lacks or holds under other settings than `plans` give
+/// (either image dtype is accepted: that is the store's own choice), and the dtype the store
+/// uses (f32 when it holds nothing): training must never read cases made for another plan.
+pub fn stale_cases(store_dir: &Path, ids: &[String], json: &DatasetJson, plans: &PlansFile) -> Result<(Vec<String>, ImageDtype)> {
+    let headers: Vec<Option<CaseHeader>> = ids.iter().map(|id| store::complete_header(store_dir, id)).collect();
+    let dtype = headers.iter().flatten().map(|h| h.image_dtype).next().unwrap_or(ImageDtype::F32);
+    let key = settings_key(&Settings::new(json, plans, dtype)?);
+    let stale = ids.iter().zip(&headers).filter(|(_, h)| h.as_ref().is_none_or(|h| h.settings != key)).map(|(id, _)| id.clone()).collect();
+    Ok((stale, dtype))
+}
+
 /// Preprocesses every case of `ds` not already complete in `store_dir` (made with the same
 /// settings), on `workers` threads. The first failure stops the run after the cases in
 /// flight finish; what was written stays and a rerun resumes.
