@@ -218,6 +218,29 @@ fn load_pair<B: Backend>(dir: &Path, name: &str, be: &B, net: &mut UNet<B>) -> R
     Ok(state)
 }
 
+/// Loads only the weights of `dir/NAME` (what inference needs; the momentum file is not
+/// read, nor required), falling back to NAME.prev as `load` does. Returns the step count.
+pub fn load_weights<B: Backend>(dir: &Path, name: &str, be: &B, net: &mut UNet<B>) -> Result<u64> {
+    let one = |name: &str, net: &mut UNet<B>| -> Result<u64> {
+        let (wp, _) = paths(dir, name);
+        let mut params = vec![0.0f32; net.layout.len];
+        let wm = read_into(&wp, &net.layout.tensors, &mut params)?;
+        be.upload(net.params(be), &params)?;
+        net.steps = wm.get("segk_steps").and_then(|s| s.parse::<u64>().ok()).unwrap_or(0);
+        Ok(net.steps)
+    };
+    match one(name, net) {
+        Ok(s) => Ok(s),
+        Err(e) if paths(dir, &prev(name)).0.is_file() => one(&prev(name), net).map_err(|_| e),
+        Err(e) => Err(e),
+    }
+}
+
+/// Whether `dir/NAME` (or its previous copy) has a weights file.
+pub fn weights_exist(dir: &Path, name: &str) -> bool {
+    paths(dir, name).0.is_file() || paths(dir, &prev(name)).0.is_file()
+}
+
 /// The trainer state stored with `dir/NAME`, without loading any tensor.
 pub fn read_state(dir: &Path, name: &str) -> Result<TrainerState> {
     let (_, sp) = paths(dir, name);
@@ -263,6 +286,39 @@ mod tests {
         assert_eq!(load(&dir, "ck", &be, &mut net).unwrap().epoch, 2, "the previous pair is loaded");
         save(&dir, "ck", &be, &net, &state(3)).unwrap();
         assert_eq!(load(&dir, "ck", &be, &mut net).unwrap().epoch, 3);
+    }
+
+    #[test]
+    fn inference_nets_load_weights_only_and_predict_the_same() {
+        use crate::backend::cpu::CpuBackend;
+        use crate::model::unet::Acts;
+        use crate::model::{Checkpointing, Topology};
+        let be = CpuBackend::<f32>::new();
+        let topo = Topology::isotropic(1, 3, vec![2, 4]);
+        let mut net = UNet::new(&be, topo.clone(), 5).unwrap();
+        net.steps = 7;
+        let dir = std::env::temp_dir().join(format!("segk-ckpt-infer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let state = TrainerState { epoch: 1, steps: 7, next_train_batch: 0, next_val_batch: 0, ema_dice: None, best_ema_dice: None, seed: 0, bad_in_a_row: 0, iter: 0, epoch_loss_sum: 0.0, epoch_steps: 0, epoch_skipped: 0, history: vec![] };
+        save(&dir, "ck", &be, &net, &state).unwrap();
+        // Inference needs only the weights: the momentum file may be gone.
+        std::fs::remove_file(dir.join("ck.state.safetensors")).unwrap();
+        let mut inf = UNet::for_inference(&be, topo.clone()).unwrap();
+        assert_eq!(load_weights(&dir, "ck", &be, &mut inf).unwrap(), 7);
+        assert_eq!(3 * inf.param_bytes(&be), net.param_bytes(&be), "a third of the training arena");
+        let acts = Acts::new(&be, &topo, [8, 8, 8], 1, Checkpointing::Level1, false).unwrap();
+        let image: Vec<f32> = (0..512).map(|i| ((i * 37) % 11) as f32 / 5.0 - 1.0).collect();
+        let logits = |n: &UNet<CpuBackend<f32>>| {
+            let s = n.forward_logits(&be, &acts, &image).unwrap();
+            let mut v = vec![0.0; s.len()];
+            be.download(be.view(&acts.arena, s.offset, s.len()), &mut v).unwrap();
+            v
+        };
+        assert_eq!(logits(&inf), logits(&net));
+        let train_acts = Acts::new(&be, &topo, [8, 8, 8], 1, Checkpointing::Level1, true).unwrap();
+        assert!(inf.compute_gradients(&be, &train_acts, &image, &[0; 512]).is_err(), "an inference net refuses to train");
+        std::fs::remove_dir_all(&dir).unwrap();
     }
 
     fn tensor(name: &str, shape: Vec<usize>) -> ParamTensor {

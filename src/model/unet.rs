@@ -17,10 +17,12 @@ pub const GRAD_CLIP: f64 = 12.0;
 pub struct UNet<B: Backend> {
     pub topo: Topology,
     pub layout: ParamLayout,
-    /// [params | grads | momentum].
+    /// [params | grads | momentum], or [params] for an inference net.
     pub arena: B::Arena,
     /// Optimizer steps taken.
     pub steps: u64,
+    /// False for `for_inference` nets: no gradients or optimizer state.
+    trainable: bool,
 }
 
 /// Activation memory for one input shape, plus what the level-1 recompute has resident.
@@ -70,7 +72,18 @@ impl<B: Backend> UNet<B> {
         let layout = ParamLayout::new(&topo);
         let arena = be.alloc(3 * layout.len)?;
         be.upload(be.view(&arena, 0, layout.len), &layout.init(seed))?;
-        Ok(UNet { topo, layout, arena, steps: 0 })
+        Ok(UNet { topo, layout, arena, steps: 0, trainable: true })
+    }
+    /// A net for inference: parameters only (zero until loaded), a third of the training
+    /// arena; gradients, momentum and training steps are refused.
+    pub fn for_inference(be: &B, topo: Topology) -> Result<UNet<B>> {
+        topo.validate()?;
+        let layout = ParamLayout::new(&topo);
+        let arena = be.alloc(layout.len)?;
+        Ok(UNet { topo, layout, arena, steps: 0, trainable: false })
+    }
+    pub fn trainable(&self) -> bool {
+        self.trainable
     }
     pub fn n_params(&self) -> usize {
         self.layout.len
@@ -79,19 +92,22 @@ impl<B: Backend> UNet<B> {
         be.view(&self.arena, 0, self.layout.len)
     }
     pub fn grads(&self, be: &B) -> B::Buf {
+        assert!(self.trainable, "an inference net has no gradients");
         be.view(&self.arena, self.layout.len, self.layout.len)
     }
     pub fn momentum(&self, be: &B) -> B::Buf {
+        assert!(self.trainable, "an inference net has no optimizer state");
         be.view(&self.arena, 2 * self.layout.len, self.layout.len)
     }
-    /// Bytes of parameters, gradients and optimizer state.
+    /// Bytes of parameters, gradients and optimizer state (parameters only for inference).
     pub fn param_bytes(&self, be: &B) -> usize {
-        3 * self.layout.len * be.elem_bytes()
+        (if self.trainable { 3 } else { 1 }) * self.layout.len * be.elem_bytes()
     }
 
     /// Forward, loss and backward: leaves the gradients in the grads region.
     pub fn compute_gradients(&self, be: &B, acts: &Acts<B>, image: &[f32], labels: &[u8]) -> Result<StepLoss> {
         ensure!(acts.plan.training, "compute_gradients needs a training activation plan");
+        ensure!(self.trainable, "compute_gradients needs a trainable net (this one was made for inference)");
         let pass = Pass { be, net: self, a: acts };
         pass.load(image, Some(labels))?;
         be.sync()?;

@@ -50,7 +50,7 @@ impl Model {
         let mut checkpoints = Vec::new();
         for f in &folds {
             let d = dir.join(format!("fold_{f}"));
-            ensure!(crate::checkpoint::exists(&d, checkpoint), "{}: no {checkpoint}.safetensors (with its .state file)", d.display());
+            ensure!(crate::checkpoint::weights_exist(&d, checkpoint), "{}: no {checkpoint}.safetensors", d.display());
             checkpoints.push((d, checkpoint.to_string()));
         }
         Ok(Model { plans, json, checkpoints })
@@ -95,7 +95,7 @@ pub fn find_cases(input: &Path, channels: usize, ending: &str) -> Result<Vec<(St
 }
 
 /// An upper bound of the host memory `segk predict` uses for a case of `raw` voxels on its
-/// own grid and `stored` on the plan's: parameters (three copies per fold), the forward pass at
+/// own grid and `stored` on the plan's: parameters (one copy per fold), the forward pass at
 /// batch 1, the live window (classes + weights x patch depth x H x W, padded to the patch),
 /// the tile buffers, and for two cases at once (one being preprocessed, one in the net)
 /// 24 bytes per raw voxel and channel of preprocessing copies plus the plan-grid channels, and
@@ -105,7 +105,7 @@ pub fn host_bytes_bound(model: &Model, raw: usize, stored: [usize; 3]) -> Result
     let plan = &model.plans.configurations.fullres;
     let t = &plan.topology;
     let (p, c, ch) = (plan.patch_size, t.n_classes, t.in_channels);
-    let params = 3 * crate::model::params::ParamLayout::new(t).len * 4 * model.checkpoints.len();
+    let params = crate::model::params::ParamLayout::new(t).len * 4 * model.checkpoints.len();
     let acts = crate::model::plan::ActPlan::new(t, p, 1, Checkpointing::Level1, false)?.bytes(4);
     let padded: [usize; 3] = std::array::from_fn(|a| stored[a].max(p[a]));
     let window = (c + 1) * p[0] * padded[1] * padded[2] * 4;
@@ -136,8 +136,8 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
     std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
     let mut nets = Vec::new();
     for (dir, name) in &model.checkpoints {
-        let mut net = UNet::new(be, plan.topology.clone(), 0)?;
-        crate::checkpoint::load(dir, name, be, &mut net)?;
+        let mut net = UNet::for_inference(be, plan.topology.clone())?;
+        crate::checkpoint::load_weights(dir, name, be, &mut net)?;
         nets.push(net);
     }
     let acts = Acts::new(be, &plan.topology, plan.patch_size, 1, Checkpointing::Level1, false)?;
