@@ -137,6 +137,10 @@ enum Cmd {
         /// No mirror test-time augmentation (8x faster).
         #[arg(long)]
         no_tta: bool,
+        /// Also write CASE.npz with the class probabilities on the input's grid (nnU-Net's
+        /// `probabilities` array: float32, classes x z x y x; needs that much disk, not RAM).
+        #[arg(long)]
+        save_probabilities: bool,
         /// auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
@@ -234,7 +238,9 @@ fn main() {
             run_train(&dataset, &fold, &device, o, preprocessed, out)
         }
         Cmd::Doctor => run_doctor(),
-        Cmd::Predict { input, output, model, folds, checkpoint, step, no_tta, device } => run_predict(&input, &output, &model, folds, &checkpoint, step, !no_tta, &device),
+        Cmd::Predict { input, output, model, folds, checkpoint, step, no_tta, save_probabilities, device } => {
+            run_predict(&input, &output, &model, folds, &checkpoint, segk::predict::PredictOptions { step, tta: !no_tta, save_probabilities }, &device)
+        }
         Cmd::Evaluate { pred, gt, labels, out } => run_evaluate(&pred, &gt, labels, out),
         Cmd::Synth { dataset, cases, shape, spacing, seed } => run_synth(&dataset, segk::synth::RawSpec { cases, shape, spacing, seed }),
         Cmd::Bench { what: BenchCmd::Step(a) } => set_threads(a.threads).and_then(|_| segk::bench_step::run(&a)),
@@ -371,7 +377,7 @@ fn validate<B: Backend>(be: &B, cfg: &segk::train::TrainConfig, root: &std::path
         cfg.val_ids.iter().map(|id| (id.clone(), (0..model.json.channels()).map(|c| segk::dataset::image_path(&root.join("imagesTr"), id, c, &ending)).collect())).collect();
     let out = cfg.out.join("validation");
     let t0 = std::time::Instant::now();
-    let (files, _) = segk::predict::predict_cases(be, &model, &cases, &out, segk::predict::PredictOptions { step: 0.5, tta: true }, &indicatif::ProgressBar::hidden())?;
+    let (files, _) = segk::predict::predict_cases(be, &model, &cases, &out, segk::predict::PredictOptions { step: 0.5, tta: true, save_probabilities: false }, &indicatif::ProgressBar::hidden())?;
     let pairs: Vec<_> = files.iter().zip(&cfg.val_ids).map(|(p, id)| (p.clone(), root.join("labelsTr").join(format!("{id}{ending}")))).collect();
     let s = segk::evaluate::evaluate_pairs(&pairs, None)?;
     write_json_atomic(&out.join("summary.json"), &s)?;
@@ -500,12 +506,13 @@ impl Job for Predict {
     }
 }
 
-fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &std::path::Path, folds: Option<Vec<String>>, checkpoint: &str, step: f64, tta: bool, device: &str) -> Result<()> {
-    anyhow::ensure!(step > 0.0 && step <= 1.0, "--step must be in (0, 1]");
+fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &std::path::Path, folds: Option<Vec<String>>, checkpoint: &str, opt: segk::predict::PredictOptions, device: &str) -> Result<()> {
+    anyhow::ensure!(opt.step > 0.0 && opt.step <= 1.0, "--step must be in (0, 1]");
     let m = segk::predict::Model::open(model, folds.as_deref(), checkpoint)?;
-    println!("predicting {} with {} fold(s), step {step}, mirror TTA {}", input.display(), m.checkpoints.len(), if tta { "on" } else { "off" });
+    let on = |b: bool| if b { "on" } else { "off" };
+    println!("predicting {} with {} fold(s), step {}, mirror TTA {}, probabilities {}", input.display(), m.checkpoints.len(), opt.step, on(opt.tta), on(opt.save_probabilities));
     let t0 = std::time::Instant::now();
-    let job = Predict { model: m, input: input.to_path_buf(), output: output.to_path_buf(), opt: segk::predict::PredictOptions { step, tta } };
+    let job = Predict { model: m, input: input.to_path_buf(), output: output.to_path_buf(), opt };
     let (files, bound) = segk::device::run_on(device, job)?;
     let peak = segk::sysinfo::peak_rss().map(|b| format!(", peak RSS {:.0} MiB (bound {:.0} MiB)", b as f64 / (1 << 20) as f64, bound as f64 / (1 << 20) as f64)).unwrap_or_default();
     println!("wrote {} label maps to {} in {:.1} s{peak}", files.len(), output.display(), t0.elapsed().as_secs_f64());

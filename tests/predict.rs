@@ -99,7 +99,7 @@ fn predictions_keep_each_inputs_grid_and_evaluate_scores_them() {
         nifti_io::write(&input.join(format!("{name}_0000.nii.gz")), &v, VoxelType::I16).unwrap();
     }
     let pred = base.join("pred");
-    let text = ok(segk().args(["predict", "-i"]).arg(&input).arg("-o").arg(&pred).arg("-m").arg(&model).args(["--device", "cpu", "--no-tta"]));
+    let text = ok(segk().args(["predict", "-i"]).arg(&input).arg("-o").arg(&pred).arg("-m").arg(&model).args(["--device", "cpu", "--no-tta", "--save-probabilities"]));
     assert!(text.contains("wrote 2 label maps"), "{text}");
     for name in ["aniso", "oblique"] {
         let a = nifti_io::read(&input.join(format!("{name}_0000.nii.gz"))).unwrap();
@@ -115,12 +115,27 @@ fn predictions_keep_each_inputs_grid_and_evaluate_scores_them() {
             (0..3).any(|d| q[d] < bbox[d][0] || q[d] >= bbox[d][1])
         });
         assert!(outside.clone().all(|i| b.data[i] == 0.0), "{name}: labels outside the crop");
+        // nnU-Net's CASE.npz: softmax per voxel on the input's grid, argmax = the label map,
+        // background 1 outside the crop.
+        let (shape, p) = segk::predict::probs::read_npz(&pred.join(format!("{name}.npz"))).unwrap();
+        let n = a.data.len();
+        assert_eq!(shape, vec![3, a.shape[0], a.shape[1], a.shape[2]], "{name}: probabilities shape");
+        for i in 0..n {
+            let v = [p[i], p[n + i], p[2 * n + i]];
+            assert!((v.iter().sum::<f32>() - 1.0).abs() < 1e-5 && v.iter().all(|x| (0.0..=1.0).contains(x)), "{name}: voxel {i} {v:?}");
+            let best = (0..3).fold(0, |b, k| if v[k] > v[b] { k } else { b });
+            assert_eq!(best as f32, b.data[i], "{name}: voxel {i}: argmax of {v:?} vs label {}", b.data[i]);
+        }
+        assert!(outside.clone().all(|i| p[i] == 1.0), "{name}: background 1 outside the crop");
     }
+    let left: Vec<_> = std::fs::read_dir(&pred).unwrap().filter_map(|e| e.ok()).map(|e| e.file_name()).filter(|f| f.to_string_lossy().contains("tmp")).collect();
+    assert!(left.is_empty(), "temporaries left: {left:?}");
     // evaluate on the training images' predictions.
     let pred_tr = base.join("pred_tr");
     ok(segk().args(["predict", "-i"]).arg(root.join("imagesTr")).arg("-o").arg(&pred_tr).arg("-m").arg(&model).args(["--device", "cpu", "--no-tta", "--folds", "all"]));
     let text = ok(segk().arg("evaluate").arg(&pred_tr).arg(root.join("labelsTr")));
     assert!(text.contains("4 cases") && pred_tr.join("summary.json").is_file(), "{text}");
+    let _ = std::fs::remove_dir_all(&base);
 }
 
 #[test]

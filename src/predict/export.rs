@@ -5,6 +5,7 @@
 //! into the original volume (background outside the crop). Only the input slices an output
 //! still reads are kept (two for linear).
 
+use super::probs::ProbFile;
 use super::window::SliceSink;
 use crate::preprocess::geometry::Geometry;
 use crate::preprocess::resample::{axis_kernels, resample_image, taps, Kernel, Taps};
@@ -25,10 +26,12 @@ pub struct Exporter {
     next_out: usize,
     /// The label map on the original grid, [z][y][x].
     pub labels: Vec<i16>,
+    /// The probabilities on the original grid, when asked for.
+    pub probs: Option<ProbFile>,
 }
 
 impl Exporter {
-    pub fn new(g: &Geometry, values: Vec<i16>) -> Exporter {
+    pub fn new(g: &Geometry, values: Vec<i16>, probs: Option<ProbFile>) -> Exporter {
         let c = g.crop_shape();
         let t = g.transpose_forward;
         let shape_t = t.map(|a| c[a]);
@@ -45,6 +48,7 @@ impl Exporter {
             window: VecDeque::new(),
             next_out: 0,
             labels: vec![0; g.original_shape.iter().product()],
+            probs,
         }
     }
 
@@ -67,6 +71,7 @@ impl Exporter {
         }
         let back = crate::preprocess::geometry::inverse(self.g.transpose_forward);
         let full = self.g.original_shape;
+        let mut voxel_logits = vec![0.0f32; self.classes];
         for y in 0..h {
             for x in 0..w {
                 let i = y * w + x;
@@ -74,7 +79,12 @@ impl Exporter {
                 // Stored axes (o, y, x) -> raw crop axes, then into the full volume.
                 let q = [o, y, x];
                 let raw: [usize; 3] = std::array::from_fn(|a| q[back[a]] + self.g.bbox[a][0]);
-                self.labels[(raw[0] * full[1] + raw[1]) * full[2] + raw[2]] = self.values[best];
+                let v = (raw[0] * full[1] + raw[1]) * full[2] + raw[2];
+                self.labels[v] = self.values[best];
+                if let Some(p) = self.probs.as_mut() {
+                    voxel_logits.iter_mut().enumerate().for_each(|(k, z)| *z = mix[k * n + i]);
+                    p.set_softmax(v, &voxel_logits);
+                }
             }
         }
     }

@@ -4,6 +4,7 @@
 //! with checkpoints.
 
 pub mod export;
+pub mod probs;
 pub mod window;
 
 use crate::backend::Backend;
@@ -118,6 +119,8 @@ pub fn host_bytes_bound(model: &Model, raw: usize, stored: [usize; 3]) -> Result
 pub struct PredictOptions {
     pub step: f64,
     pub tta: bool,
+    /// Also write CASE.npz with the class probabilities on the input's grid (nnU-Net's format).
+    pub save_probabilities: bool,
 }
 
 /// Predicts every case of `input` into `output` (label maps named ID<ending>, on each
@@ -150,7 +153,7 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
     // their own threads while this one runs through the net. One case ahead, one behind.
     std::thread::scope(|scope| -> Result<()> {
         let (prep_tx, prep_rx) = crossbeam_channel::bounded(1);
-        let (write_tx, write_rx) = crossbeam_channel::bounded::<(PathBuf, nifti_io::Volume)>(1);
+        let (write_tx, write_rx) = crossbeam_channel::bounded::<(PathBuf, nifti_io::Volume, Option<(probs::ProbFile, PathBuf)>)>(1);
         let settings = &settings;
         scope.spawn(move || {
             for (id, paths) in cases {
@@ -161,8 +164,11 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
             }
         });
         let writer = scope.spawn(move || -> Result<()> {
-            for (out, vol) in write_rx {
+            for (out, vol, probs) in write_rx {
                 nifti_io::write(&out, &vol, ty)?;
+                if let Some((p, npz)) = probs {
+                    p.finish(&npz)?;
+                }
             }
             Ok(())
         });
@@ -170,14 +176,20 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
             progress.set_message(id.clone());
             let (channels, geometry, raw) = prepared?;
             bound = bound.max(host_bytes_bound(model, raw.voxels(), geometry.shape)?);
-            let mut exporter = export::Exporter::new(&geometry, values.clone());
+            let probs = match opt.save_probabilities {
+                true => Some(probs::ProbFile::create(&output.join(format!("{id}.probabilities.npy.tmp")), values.len(), geometry.original_shape)?),
+                false => None,
+            };
+            let mut exporter = export::Exporter::new(&geometry, values.clone(), probs);
             predictor.run(&channels, geometry.shape, &mut exporter).with_context(|| format!("case {id}"))?;
             drop(channels);
             let out = output.join(format!("{id}{}", model.json.file_ending));
             let mut vol = nifti_io::Volume { data: exporter.labels.iter().map(|&l| l as f32).collect(), ..raw };
             // The input's geometry, not its intensity scaling.
             (vol.header.scl_slope, vol.header.scl_inter) = (1.0, 0.0);
-            if write_tx.send((out.clone(), vol)).is_err() {
+            // CASE.npz beside the label map, as nnU-Net names it.
+            let probs = exporter.probs.take().map(|p| (p, output.join(format!("{id}.npz"))));
+            if write_tx.send((out.clone(), vol, probs)).is_err() {
                 break;
             }
             written.push(out);

@@ -1,0 +1,124 @@
+//! `--save-probabilities`: the softmax of the resampled logits on the input's own grid, as
+//! nnU-Net saves it (CASE.npz holding `probabilities`, float32, shape (classes, z, y, x) in
+//! SimpleITK's axis order, background 1 outside the crop). The exporter finishes slices in the
+//! plan's axis order, which after untransposing lands anywhere in the volume, so the array is
+//! a memory-mapped .npy beside the output (disk and page cache, not the heap), deflated into
+//! the .npz at the end and removed.
+
+use anyhow::{ensure, Context, Result};
+use memmap2::MmapMut;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+pub struct ProbFile {
+    tmp: PathBuf,
+    map: MmapMut,
+    data_offset: usize,
+    voxels: usize,
+}
+
+/// A .npy version 1.0 header for little-endian f32 of `shape`, padded so the data starts on a
+/// 64-byte boundary (numpy's rule).
+fn npy_header(shape: &[usize]) -> Vec<u8> {
+    let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+    let mut dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}), }}", dims.join(", ") + if shape.len() == 1 { "," } else { "" });
+    let unpadded = 10 + dict.len() + 1;
+    dict.push_str(&" ".repeat(unpadded.next_multiple_of(64) - unpadded));
+    dict.push('\n');
+    let mut h = b"\x93NUMPY\x01\x00".to_vec();
+    h.extend_from_slice(&(dict.len() as u16).to_le_bytes());
+    h.extend_from_slice(dict.as_bytes());
+    h
+}
+
+impl ProbFile {
+    /// Creates `tmp` for `classes` x `shape` voxels: class 0 (background) 1, the rest 0.
+    pub fn create(tmp: &Path, classes: usize, shape: [usize; 3]) -> Result<ProbFile> {
+        let header = npy_header(&[classes, shape[0], shape[1], shape[2]]);
+        let voxels: usize = shape.iter().product();
+        let len = header.len() + 4 * classes * voxels;
+        let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(tmp).with_context(|| format!("creating {}", tmp.display()))?;
+        file.set_len(len as u64).with_context(|| format!("{}: cannot size to {len} bytes (disk full?)", tmp.display()))?;
+        // SAFETY: the file was just created by this process and is not shared while mapped.
+        let mut map = unsafe { MmapMut::map_mut(&file) }.with_context(|| format!("mapping {}", tmp.display()))?;
+        map[..header.len()].copy_from_slice(&header);
+        let mut p = ProbFile { tmp: tmp.to_path_buf(), map, data_offset: header.len(), voxels };
+        p.probs()[..voxels].fill(1.0);
+        Ok(p)
+    }
+
+    fn probs(&mut self) -> &mut [f32] {
+        bytemuck::cast_slice_mut(&mut self.map[self.data_offset..])
+    }
+
+    /// Writes the softmax of `logits` (one value per class) at `voxel`.
+    pub fn set_softmax(&mut self, voxel: usize, logits: &[f32]) {
+        let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+        let sum: f32 = logits.iter().map(|&z| (z - m).exp()).sum();
+        let n = self.voxels;
+        let probs = self.probs();
+        for (c, &z) in logits.iter().enumerate() {
+            probs[c * n + voxel] = (z - m).exp() / sum;
+        }
+    }
+
+    /// Deflates the array into `npz` (as `probabilities.npy`; temp file and rename) and
+    /// removes the mapped file.
+    pub fn finish(self, npz: &Path) -> Result<()> {
+        self.map.flush().with_context(|| format!("flushing {}", self.tmp.display()))?;
+        let ProbFile { tmp, map, .. } = self;
+        let part = npz.with_extension("npz.tmp");
+        let write = || -> Result<()> {
+            let out = std::fs::File::create(&part)?;
+            let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(out));
+            // Level 1: probability maps are mostly 0 and 1 and deflate well even at the fastest level.
+            let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated).compression_level(Some(1)).large_file(true);
+            zip.start_file("probabilities.npy", opts)?;
+            for chunk in map.chunks(8 << 20) {
+                zip.write_all(chunk)?;
+            }
+            zip.finish()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            Ok(())
+        };
+        write().with_context(|| format!("writing {}", part.display()))?;
+        drop(map);
+        std::fs::rename(&part, npz).with_context(|| format!("renaming {} to {}", part.display(), npz.display()))?;
+        std::fs::remove_file(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+        Ok(())
+    }
+}
+
+/// Reads `probabilities` back from an .npz written by `finish` (for tests and checks): shape
+/// and values.
+pub fn read_npz(npz: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
+    use std::io::Read;
+    let file = std::fs::File::open(npz).with_context(|| format!("opening {}", npz.display()))?;
+    let mut zip = zip::ZipArchive::new(file).with_context(|| format!("{}: not a zip", npz.display()))?;
+    let mut entry = zip.by_name("probabilities.npy").with_context(|| format!("{}: no probabilities.npy", npz.display()))?;
+    let mut bytes = Vec::new();
+    entry.read_to_end(&mut bytes)?;
+    ensure!(bytes.starts_with(b"\x93NUMPY") && bytes.len() > 10, "{}: not a .npy", npz.display());
+    let hl = u16::from_le_bytes([bytes[8], bytes[9]]) as usize;
+    let dict = std::str::from_utf8(&bytes[10..10 + hl])?;
+    let shape_text = dict.split("'shape': (").nth(1).and_then(|s| s.split(')').next()).with_context(|| format!("{}: no shape in {dict}", npz.display()))?;
+    let shape: Vec<usize> = shape_text.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| s.parse()).collect::<std::result::Result<_, _>>()?;
+    let data: Vec<f32> = bytes[10 + hl..].chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect();
+    ensure!(data.len() == shape.iter().product::<usize>(), "{}: {} values for shape {shape:?}", npz.display(), data.len());
+    Ok((shape, data))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn npy_headers_are_aligned_and_name_the_shape() {
+        for shape in [vec![3, 4, 5, 6], vec![33, 600, 512, 512], vec![7]] {
+            let h = super::npy_header(&shape);
+            assert_eq!(h.len() % 64, 0);
+            assert_eq!(*h.last().unwrap(), b'\n');
+            let text = String::from_utf8_lossy(&h[10..]);
+            assert!(text.contains("'descr': '<f4'") && text.contains("'fortran_order': False"), "{text}");
+            let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
+            assert!(text.contains(&format!("'shape': ({}", dims.join(", "))), "{text}");
+        }
+    }
+}
