@@ -231,7 +231,11 @@ pub fn load_weights<B: Backend>(dir: &Path, name: &str, be: &B, net: &mut UNet<B
     };
     match one(name, net) {
         Ok(s) => Ok(s),
-        Err(e) if paths(dir, &prev(name)).0.is_file() => one(&prev(name), net).map_err(|_| e),
+        Err(e) if paths(dir, &prev(name)).0.is_file() => {
+            let steps = one(&prev(name), net).map_err(|p| e.context(format!("and the previous copy failed too: {p:#}")))?;
+            println!("{}: {name} is unreadable (a save cut short); using the previous {name} (step {steps})", dir.display());
+            Ok(steps)
+        }
         Err(e) => Err(e),
     }
 }

@@ -514,7 +514,8 @@ fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &std::p
     let t0 = std::time::Instant::now();
     let job = Predict { model: m, input: input.to_path_buf(), output: output.to_path_buf(), opt };
     let (files, bound) = segk::device::run_on(device, job)?;
-    let peak = segk::sysinfo::peak_rss().map(|b| format!(", peak RSS {:.0} MiB (bound {:.0} MiB)", b as f64 / (1 << 20) as f64, bound as f64 / (1 << 20) as f64)).unwrap_or_default();
+    let mapped = if opt.save_probabilities { "; RSS includes the mapped probability files" } else { "" };
+    let peak = segk::sysinfo::peak_rss().map(|b| format!(", peak RSS {:.0} MiB (bound {:.0} MiB{mapped})", b as f64 / (1 << 20) as f64, bound as f64 / (1 << 20) as f64)).unwrap_or_default();
     println!("wrote {} label maps to {} in {:.1} s{peak}", files.len(), output.display(), t0.elapsed().as_secs_f64());
     Ok(())
 }

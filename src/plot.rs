@@ -104,14 +104,21 @@ pub fn render(points: &[Point]) -> Result<Vec<u8>> {
 pub fn write_progress(path: &Path, points: &[Point]) -> Result<()> {
     let rgb = render(points)?;
     let tmp = path.with_extension("png.tmp");
+    let r = encode(&tmp, &rgb).and_then(|()| std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display())));
+    if r.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    r
+}
+
+fn encode(tmp: &Path, rgb: &[u8]) -> Result<()> {
     let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut enc = png::Encoder::new(BufWriter::new(file), WIDTH, HEIGHT);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
     let mut w = enc.write_header().with_context(|| format!("writing {}", tmp.display()))?;
-    w.write_image_data(&rgb).with_context(|| format!("writing {}", tmp.display()))?;
-    w.finish().with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+    w.write_image_data(rgb).with_context(|| format!("writing {}", tmp.display()))?;
+    w.finish().with_context(|| format!("writing {}", tmp.display()))
 }
 
 #[cfg(test)]
@@ -138,7 +145,7 @@ mod tests {
         assert!(count(&rgb, [0, 150, 0]) > 500, "pseudo-Dice points and EMA (green)");
         assert!(count(&rgb, [200, 80, 0]) > 500, "epoch time line");
         assert!(count(&rgb, [120, 0, 160]) > 500, "learning rate line");
-        // The top caption strip holds only the title's glyphs: no text, no dark pixels there.
+        // The top strip holds only the title: its dark pixels are glyphs (no font, no ink).
         let strip = &rgb[..(WIDTH * 30 * 3) as usize];
         let ink = strip.chunks_exact(3).filter(|p| p.iter().all(|&c| c < 128)).count();
         assert!(ink > 200, "caption glyph pixels: {ink}");

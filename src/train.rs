@@ -158,16 +158,16 @@ fn remedies(free: u64) -> String {
     format!("plan a smaller patch (`segk plan --gpu-memory {:.0}`), train at --checkpointing 2, or free memory", (gib(free) * 0.9).floor().max(1.0))
 }
 
-/// A device out-of-memory error during the run gets the pre-flight's numbers and remedies
-/// (the free memory is what the device reported at the failure); other errors pass unchanged.
-pub fn explain_oom(e: anyhow::Error) -> anyhow::Error {
+/// A device out-of-memory error during the run gets the pre-flight's remedies, sized for what
+/// segk could have: the free memory the device reported plus the `held` bytes segk already
+/// holds. Other errors pass unchanged. (The OOM's own numbers follow as the error's source.)
+pub fn explain_oom(e: anyhow::Error, held: u64) -> anyhow::Error {
     let Some(oom) = e.downcast_ref::<crate::backend::OutOfMemory>() else { return e };
     let advice = match oom.free {
-        Some(free) => remedies(free),
-        None => remedies(0),
+        Some(free) => remedies(free + held),
+        None => "plan a smaller patch (`segk plan --gpu-memory`), train at --checkpointing 2, or free memory".to_string(),
     };
-    let msg = format!("{oom} (more than the pre-flight counted: another process may be using the device): {advice}");
-    e.context(msg)
+    e.context(format!("the device ran out of memory beyond what the pre-flight counted (is another process using it?): {advice}"))
 }
 
 /// A failure mid-run (data or device): save checkpoint_latest where training stands (the batch
@@ -195,7 +195,9 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
     let level = preflight(plan, cfg.checkpointing, be.elem_bytes(), be.memory_available(), workspace)?;
     println!("memory: {:.2} GiB at checkpointing level {}", gib(device_bytes(plan, level, be.elem_bytes())? as u64 + workspace), level.level());
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
-    let mut net = UNet::new(be, topo.clone(), cfg.seed).map_err(explain_oom)?;
+    let held = device_bytes(plan, level, be.elem_bytes())? as u64 + workspace;
+    let oom = |e| explain_oom(e, held);
+    let mut net = UNet::new(be, topo.clone(), cfg.seed).map_err(oom)?;
     let mut st = TrainerState { epoch: 0, steps: 0, next_train_batch: 0, next_val_batch: 0, ema_dice: None, best_ema_dice: None, seed: cfg.seed, bad_in_a_row: 0, iter: 0, epoch_loss_sum: 0.0, epoch_steps: 0, epoch_skipped: 0, history: Vec::new() };
     if cfg.resume {
         if checkpoint::exists(&cfg.out, "checkpoint_latest") {
@@ -224,10 +226,10 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
         cfg.train_ids.len(),
         cfg.val_ids.len()
     );
-    let acts = Acts::new(be, &topo, plan.patch_size, plan.batch_size, level, true).map_err(explain_oom)?;
-    let infer = Acts::new(be, &topo, plan.patch_size, plan.batch_size, Checkpointing::Level1, false).map_err(explain_oom)?;
+    let acts = Acts::new(be, &topo, plan.patch_size, plan.batch_size, level, true).map_err(oom)?;
+    let infer = Acts::new(be, &topo, plan.patch_size, plan.batch_size, Checkpointing::Level1, false).map_err(oom)?;
     let rows = plan.batch_size * plan.patch_size.iter().product::<usize>();
-    let pred_buf = be.alloc_labels(rows)?;
+    let pred_buf = be.alloc_labels(rows).map_err(oom)?;
     let mut pred = vec![0u8; rows];
     let log_path = cfg.out.join("training_log.txt");
     let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
@@ -249,7 +251,7 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
             };
             let (loss, applied) = match net.train_step(be, &acts, &b.image, &b.labels, lr) {
                 Ok(r) => r,
-                Err(e) => return Err(save_and_fail(be, cfg, &net, &mut st, explain_oom(e), FIX_DEVICE)),
+                Err(e) => return Err(save_and_fail(be, cfg, &net, &mut st, oom(e), FIX_DEVICE)),
             };
             st.next_train_batch += 1;
             st.iter += 1;
@@ -279,7 +281,7 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
                 be.download_labels(be.label_view(&pred_buf, 0, rows), &mut pred)
             });
             if let Err(e) = predicted {
-                return Err(save_and_fail(be, cfg, &net, &mut st, explain_oom(e), FIX_DEVICE));
+                return Err(save_and_fail(be, cfg, &net, &mut st, oom(e), FIX_DEVICE));
             }
             count(&pred, &b.labels, classes, &mut tp, &mut fp, &mut fn_);
             val.pool.give_back(b);
@@ -346,9 +348,11 @@ mod tests {
     #[test]
     fn a_device_oom_mid_run_gets_the_preflight_advice() {
         let oom = crate::backend::OutOfMemory { what: "CUDA workspace allocation".into(), requested: Some(3 << 30), free: Some(5 << 29) };
-        let msg = format!("{:#}", super::explain_oom(anyhow::Error::new(oom)));
-        assert!(msg.contains("needs 3.00 GiB more, 2.50 GiB free") && msg.contains("--gpu-memory 2") && msg.contains("--checkpointing 2"), "{msg}");
-        let other = format!("{:#}", super::explain_oom(anyhow::anyhow!("CUDA error in segk_conv: illegal address")));
+        // 2.5 GiB free + 20 GiB held by segk: plan for 0.9 x 22.5.
+        let msg = format!("{:#}", super::explain_oom(anyhow::Error::new(oom), 20 << 30));
+        assert!(msg.contains("needs 3.00 GiB more, 2.50 GiB free") && msg.contains("--gpu-memory 20") && msg.contains("--checkpointing 2"), "{msg}");
+        assert_eq!(msg.matches("out of device memory").count(), 1, "said once: {msg}");
+        let other = format!("{:#}", super::explain_oom(anyhow::anyhow!("CUDA error in segk_conv: illegal address"), 0));
         assert_eq!(other, "CUDA error in segk_conv: illegal address", "other errors pass unchanged");
     }
 

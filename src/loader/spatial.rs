@@ -132,8 +132,9 @@ pub struct Source<'a, I: ImageSource + ?Sized, L: LabelSource + ?Sized> {
 impl<I: ImageSource + ?Sized, L: LabelSource + ?Sized> Source<'_, I, L> {
     /// The arrays hold the whole volume: the fast warp reads without bounds checks.
     fn check(&self) {
-        let v: usize = self.shape.iter().product();
-        assert!(self.image.voxels() >= v * self.channels && self.labels.voxels() >= v, "source arrays shorter than the volume {:?}", self.shape);
+        let v = self.shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d));
+        let ok = v.and_then(|v| Some((v, v.checked_mul(self.channels)?))).is_some_and(|(v, vc)| self.image.voxels() >= vc && self.labels.voxels() >= v);
+        assert!(ok, "source arrays shorter than the volume {:?} x {} channels", self.shape, self.channels);
     }
 
     /// Flat voxel index of stored position `p` if it lies in the box and in the volume.
@@ -153,6 +154,10 @@ pub fn sample<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &Source<I, 
     let n: usize = patch.iter().product();
     assert!(image.len() == n * src.channels && labels.len() == n, "patch buffers");
     src.check();
+    if let Some(a) = matrix {
+        // Positions must stay far inside i64 (the fast path's bounds proof relies on it).
+        assert!(a.iter().flatten().all(|v| v.is_finite() && v.abs() < 1e6), "warp matrix {a:?}");
+    }
     match matrix {
         None => crop(src, patch, image, labels),
         Some(a) => warp_dispatch(src, a, patch, image, labels),
@@ -232,7 +237,8 @@ impl Frame {
     fn inside(&self, q: [f64; 3]) -> bool {
         (0..3).all(|d| {
             let i = floor_i64(q[d]);
-            i >= self.lo[d] && i + 1 < self.hi[d]
+            // `i < hi - 1`, not `i + 1 < hi`: floor saturates at i64::MAX, which must not wrap.
+            i >= self.lo[d] && i < self.hi[d] - 1
         })
     }
 
@@ -368,7 +374,7 @@ fn warp_voxel<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &Source<I, 
     let i0 = q.map(floor_i64);
     let ch = src.channels;
     (0..ch).for_each(|c| image[c * n + o] = 0.0);
-    if (0..3).any(|d| i0[d] + 1 < src.lo[d].max(0) || i0[d] >= (src.lo[d] + src.size[d] as i64).min(src.shape[d] as i64)) {
+    if (0..3).any(|d| i0[d] < src.lo[d].max(0) - 1 || i0[d] >= (src.lo[d] + src.size[d] as i64).min(src.shape[d] as i64)) {
         // No corner readable: every vote is "outside".
         labels[o] = -1;
         return;

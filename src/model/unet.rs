@@ -137,6 +137,7 @@ impl<B: Backend> UNet<B> {
     /// Clips the gradients to norm 12 and takes one SGD-nesterov step. Returns false (and
     /// leaves the weights alone) when the gradient norm is not finite.
     pub fn apply_update(&mut self, be: &B, grad_norm: f64, lr: f64) -> Result<bool> {
+        ensure!(self.trainable, "apply_update needs a trainable net (this one was made for inference)");
         if !grad_norm.is_finite() {
             return Ok(false);
         }

@@ -17,6 +17,30 @@ pub struct ProbFile {
     voxels: usize,
 }
 
+/// A case that fails (or a run that stops) before `finish` leaves no multi-GB temporary.
+impl Drop for ProbFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// Gives `file` its `len` bytes of disk now: writes through a mapping into a sparse file
+/// would meet a full disk as SIGBUS.
+fn reserve(file: &std::fs::File, len: usize, path: &Path) -> Result<()> {
+    file.set_len(len as u64).with_context(|| format!("{}: cannot size to {len} bytes", path.display()))?;
+    #[cfg(target_os = "linux")]
+    {
+        use std::os::fd::AsRawFd;
+        // SAFETY: a valid open descriptor, a range within i64.
+        let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
+        // EINVAL/EOPNOTSUPP: the filesystem cannot preallocate (tmpfs can); keep the sparse file.
+        if rc != 0 && rc != libc::EINVAL && rc != libc::EOPNOTSUPP {
+            anyhow::bail!("{}: cannot reserve {:.2} GiB for the probabilities ({}): free disk space or leave out --save-probabilities", path.display(), len as f64 / (1u64 << 30) as f64, std::io::Error::from_raw_os_error(rc));
+        }
+    }
+    Ok(())
+}
+
 /// A .npy version 1.0 header for little-endian f32 of `shape`, padded so the data starts on a
 /// 64-byte boundary (numpy's rule).
 fn npy_header(shape: &[usize]) -> Vec<u8> {
@@ -38,7 +62,11 @@ impl ProbFile {
         let voxels: usize = shape.iter().product();
         let len = header.len() + 4 * classes * voxels;
         let file = std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(true).open(tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        file.set_len(len as u64).with_context(|| format!("{}: cannot size to {len} bytes (disk full?)", tmp.display()))?;
+        let reserved = reserve(&file, len, tmp);
+        if let Err(e) = reserved {
+            let _ = std::fs::remove_file(tmp);
+            return Err(e);
+        }
         // SAFETY: the file was just created by this process and is not shared while mapped.
         let mut map = unsafe { MmapMut::map_mut(&file) }.with_context(|| format!("mapping {}", tmp.display()))?;
         map[..header.len()].copy_from_slice(&header);
@@ -65,8 +93,8 @@ impl ProbFile {
     /// Deflates the array into `npz` (as `probabilities.npy`; temp file and rename) and
     /// removes the mapped file.
     pub fn finish(self, npz: &Path) -> Result<()> {
-        self.map.flush().with_context(|| format!("flushing {}", self.tmp.display()))?;
-        let ProbFile { tmp, map, .. } = self;
+        // Read back through the same mapping: no flush needed (the file is deleted after).
+        let (tmp, map) = (&self.tmp, &self.map);
         let part = npz.with_extension("npz.tmp");
         let write = || -> Result<()> {
             let out = std::fs::File::create(&part)?;
@@ -80,10 +108,10 @@ impl ProbFile {
             zip.finish()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             Ok(())
         };
-        write().with_context(|| format!("writing {}", part.display()))?;
-        drop(map);
-        std::fs::rename(&part, npz).with_context(|| format!("renaming {} to {}", part.display(), npz.display()))?;
-        std::fs::remove_file(&tmp).with_context(|| format!("removing {}", tmp.display()))?;
+        if let Err(e) = write().and_then(|()| std::fs::rename(&part, npz).map_err(Into::into)) {
+            let _ = std::fs::remove_file(&part);
+            return Err(e.context(format!("writing {} (from {})", npz.display(), tmp.display())));
+        }
         Ok(())
     }
 }
@@ -109,6 +137,24 @@ pub fn read_npz(npz: &Path) -> Result<(Vec<usize>, Vec<f32>)> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn an_unfinished_file_is_removed_and_a_finished_one_reads_back() {
+        let dir = std::env::temp_dir().join(format!("segk-probs-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let tmp = dir.join("a.npy.tmp");
+        drop(super::ProbFile::create(&tmp, 3, [2, 3, 4]).unwrap());
+        assert!(!tmp.exists(), "a case that fails leaves no temporary");
+        let mut p = super::ProbFile::create(&tmp, 3, [2, 3, 4]).unwrap();
+        p.set_softmax(5, &[0.0, (2f32).ln(), 0.0]);
+        p.finish(&dir.join("a.npz")).unwrap();
+        assert!(!tmp.exists() && !dir.join("a.npz.tmp").exists());
+        let (shape, v) = super::read_npz(&dir.join("a.npz")).unwrap();
+        assert_eq!(shape, vec![3, 2, 3, 4]);
+        assert_eq!((v[5], v[24 + 5], v[48 + 5]), (0.25, 0.5, 0.25));
+        assert_eq!((v[0], v[24], v[48]), (1.0, 0.0, 0.0), "untouched voxels are background");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     #[test]
     fn npy_headers_are_aligned_and_name_the_shape() {
         for shape in [vec![3, 4, 5, 6], vec![33, 600, 512, 512], vec![7]] {

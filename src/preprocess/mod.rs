@@ -146,7 +146,7 @@ pub fn sample_locations(seg: &[i16], shape: [usize; 3], classes: &[Vec<i64>], se
 
 /// Settings that change what a stored case holds; a stored case made with others is redone.
 fn settings_key(s: &Settings) -> String {
-    serde_json::json!([s.plan.spacing, s.plan.transpose_forward, s.plan.normalization, s.plan.use_mask_for_norm, s.image_dtype, s.classes]).to_string()
+    serde_json::json!([s.plan.spacing, s.plan.transpose_forward, s.plan.normalization, s.plan.use_mask_for_norm, s.image_dtype, s.classes, s.stats]).to_string()
 }
 
 /// Channel images of one case, checked against `shape` (when given) and for non-finite voxels.
