@@ -87,6 +87,12 @@ impl Exporter {
                 }
             }
         }
+        // When the plan's first axis is the input's first, this slice completed one plane of
+        // every class array: let its pages go. (Other orders spread each slice over every plane.)
+        if let (Some(p), 0) = (self.probs.as_ref(), back[0]) {
+            let plane = full[1] * full[2];
+            p.finished((o + self.g.bbox[0][0]) * plane, plane);
+        }
     }
 }
 

@@ -7,14 +7,15 @@
 
 use anyhow::{ensure, Context, Result};
 use memmap2::MmapMut;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 
 pub struct ProbFile {
     tmp: PathBuf,
-    map: MmapMut,
+    /// None once `finish` has unmapped it.
+    map: Option<MmapMut>,
     data_offset: usize,
     voxels: usize,
+    classes: usize,
 }
 
 /// A case that fails (or a run that stops) before `finish` leaves no multi-GB temporary.
@@ -70,13 +71,39 @@ impl ProbFile {
         // SAFETY: the file was just created by this process and is not shared while mapped.
         let mut map = unsafe { MmapMut::map_mut(&file) }.with_context(|| format!("mapping {}", tmp.display()))?;
         map[..header.len()].copy_from_slice(&header);
-        let mut p = ProbFile { tmp: tmp.to_path_buf(), map, data_offset: header.len(), voxels };
+        let mut p = ProbFile { tmp: tmp.to_path_buf(), map: Some(map), data_offset: header.len(), voxels, classes };
         p.probs()[..voxels].fill(1.0);
+        p.release(0, voxels);
         Ok(p)
     }
 
     fn probs(&mut self) -> &mut [f32] {
-        bytemuck::cast_slice_mut(&mut self.map[self.data_offset..])
+        let off = self.data_offset;
+        bytemuck::cast_slice_mut(&mut self.map.as_mut().expect("mapped until finish")[off..])
+    }
+
+    /// Drops the mapped pages wholly inside voxels [from, from + len) of class 0's array (and
+    /// the same range of every class) from this process: the data stays in the page cache and
+    /// goes to disk, so RSS does not keep what is finished.
+    fn release(&self, from: usize, len: usize) {
+        let Some(map) = self.map.as_ref() else { return };
+        let page = 4096;
+        for c in 0..self.classes {
+            let a = self.data_offset + 4 * (c * self.voxels + from);
+            let (lo, hi) = (a.next_multiple_of(page), (a + 4 * len) / page * page);
+            if lo < hi {
+                // SAFETY: a shared file mapping: MADV_DONTNEED only unmaps the pages, their
+                // contents stay in the file (page cache), and a later access faults them back.
+                // The range is within the map; no reference into it is alive across this call.
+                let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, lo, hi - lo) };
+            }
+        }
+    }
+
+    /// Voxels [from, from + len) (a finished stretch of the volume, every class) will not be
+    /// written again.
+    pub fn finished(&self, from: usize, len: usize) {
+        self.release(from, len);
     }
 
     /// Writes the softmax of `logits` (one value per class) at `voxel`.
@@ -92,19 +119,20 @@ impl ProbFile {
 
     /// Deflates the array into `npz` (as `probabilities.npy`; temp file and rename) and
     /// removes the mapped file.
-    pub fn finish(self, npz: &Path) -> Result<()> {
-        // Read back through the same mapping: no flush needed (the file is deleted after).
-        let (tmp, map) = (&self.tmp, &self.map);
+    pub fn finish(mut self, npz: &Path) -> Result<()> {
+        // Unmap, then read the file through the page cache (no flush needed: the same cache),
+        // so the deflate pass does not map the whole array into this process.
+        drop(self.map.take());
+        let tmp = &self.tmp;
         let part = npz.with_extension("npz.tmp");
         let write = || -> Result<()> {
+            let mut src = std::fs::File::open(tmp)?;
             let out = std::fs::File::create(&part)?;
             let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(out));
             // Level 1: probability maps are mostly 0 and 1 and deflate well even at the fastest level.
             let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated).compression_level(Some(1)).large_file(true);
             zip.start_file("probabilities.npy", opts)?;
-            for chunk in map.chunks(8 << 20) {
-                zip.write_all(chunk)?;
-            }
+            std::io::copy(&mut src, &mut zip)?;
             zip.finish()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
             Ok(())
         };
