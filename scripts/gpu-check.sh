@@ -2,6 +2,8 @@
 # Every GPU check and GPU benchmark, from prebuilt binaries (the GPU machines have no Rust
 # toolchain): build here with nvcc (see .ci/run), copy target/release/segk over, run
 #   bash scripts/gpu-check.sh [REPORT_DIR]
+# If that binary does not start there (an older glibc than this machine's 2.36), build with
+# scripts/build-portable.sh (glibc 2.28) and pass it as SEGK_BIN.
 # It writes one file per step and a summary; it exits non-zero if a check failed.
 set -u
 bin=${SEGK_BIN:-target/release/segk}
