@@ -76,7 +76,7 @@ fn bench(c: &mut Criterion) {
         let mut pool = Pool::start(aug, workers, 2 * workers + 2, spec.slot_shape(), 0).expect("pool");
         g.bench_function(format!("pool_{workers}_workers_batch2"), |bch| {
             bch.iter(|| {
-                let b = pool.next().expect("batch");
+                let b = pool.next_batch().expect("batch");
                 pool.give_back(b);
             })
         });

@@ -174,7 +174,7 @@ pub fn run_on<B: Backend>(be: &B, cfg: &DemoConfig) -> Result<DemoReport> {
         let mut sum = 0.0;
         let te = Instant::now();
         for _ in 0..cfg.iters_per_epoch {
-            let b = pool.next()?;
+            let b = pool.next_batch()?;
             let (loss, applied) = net.train_step(be, &acts, &b.image, &b.labels, lr)?;
             pool.give_back(b);
             anyhow::ensure!(applied, "non-finite loss or gradient at epoch {epoch} (loss {})", loss.total);

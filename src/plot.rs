@@ -112,7 +112,7 @@ pub fn write_progress(path: &Path, points: &[Point]) -> Result<()> {
 }
 
 fn encode(tmp: &Path, rgb: &[u8]) -> Result<()> {
-    let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
+    let file = std::fs::File::create(tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut enc = png::Encoder::new(BufWriter::new(file), WIDTH, HEIGHT);
     enc.set_color(png::ColorType::Rgb);
     enc.set_depth(png::BitDepth::Eight);
@@ -157,7 +157,7 @@ mod tests {
         let mut h = history(1);
         h[0].train_loss = f64::NAN;
         render(&h).unwrap();
-        render(&vec![h[0]; 5]).unwrap();
+        render(&[h[0]; 5]).unwrap();
     }
 
     #[test]

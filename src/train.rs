@@ -245,7 +245,7 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
                 checkpoint::save(&cfg.out, "checkpoint_latest", be, &net, &st)?;
                 bail!("interrupted at epoch {epoch} iteration {}: saved checkpoint_latest; continue with --resume", st.iter);
             }
-            let b = match train.pool.next() {
+            let b = match train.pool.next_batch() {
                 Ok(b) => b,
                 Err(e) => return Err(save_and_fail(be, cfg, &net, &mut st, e, FIX_DATA)),
             };
@@ -272,7 +272,7 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
         let stats = train.pool.take_stats();
         let (mut tp, mut fp, mut fn_) = (vec![0u64; classes - 1], vec![0u64; classes - 1], vec![0u64; classes - 1]);
         for _ in 0..cfg.val_iters {
-            let b = match val.pool.next() {
+            let b = match val.pool.next_batch() {
                 Ok(b) => b,
                 Err(e) => return Err(save_and_fail(be, cfg, &net, &mut st, e, FIX_DATA)),
             };
@@ -315,7 +315,7 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
             st.best_ema_dice = Some(ema);
             checkpoint::save(&cfg.out, "checkpoint_best", be, &net, &st)?;
         }
-        if st.epoch % cfg.save_every.max(1) == 0 || st.epoch == cfg.epochs {
+        if st.epoch.is_multiple_of(cfg.save_every.max(1)) || st.epoch == cfg.epochs {
             checkpoint::save(&cfg.out, "checkpoint_latest", be, &net, &st)?;
         }
         if st.epoch == cfg.epochs {

@@ -241,7 +241,7 @@ fn collect(dir: &std::path::Path, ids: &[String], spec: BatchSpec, workers: usiz
     let mut pool = Pool::start(aug, workers, 3, spec.slot_shape(), 0).unwrap();
     (0..batches)
         .map(|k| {
-            let b = pool.next().unwrap();
+            let b = pool.next_batch().unwrap();
             assert_eq!(b.index, k as u64, "batches arrive in order");
             let out = (b.image.clone(), b.labels.clone(), b.cases.clone());
             pool.give_back(b);
@@ -331,7 +331,7 @@ fn the_ring_never_gives_a_slot_two_owners() {
         let mut pool = Pool::start(Arc::new(Stamp { fail_at: None, panic_at: None }), workers, slots, shape, 5).unwrap();
         let mut held = Vec::new();
         for k in 5..400u64 {
-            let b = pool.next().unwrap();
+            let b = pool.next_batch().unwrap();
             assert_eq!(b.index, k);
             assert!(b.image.iter().all(|&v| v == k as f32) && b.labels.iter().all(|&l| l == (k % 251) as u8), "slot {} written by another owner", b.slot);
             held.push(b);
@@ -353,7 +353,7 @@ fn a_failing_worker_is_named_within_a_second() {
         let t0 = Instant::now();
         let mut pool = Pool::start(Arc::new(filler), 4, 4, shape, 0).unwrap();
         let err = loop {
-            match pool.next() {
+            match pool.next_batch() {
                 Ok(b) => pool.give_back(b),
                 Err(e) => break e.to_string(),
             }

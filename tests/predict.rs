@@ -44,7 +44,7 @@ fn a_volume_the_size_of_the_patch_gives_the_plain_forward_pass() {
     let nets = [net];
     let pr = Predictor { be: &be, nets: &nets, acts: &acts, patch: p, classes: 3, step: 0.5, tta: false };
     let mut sink = Collect(Vec::new());
-    pr.run(&[image.clone()], p, &mut sink).unwrap();
+    pr.run(std::slice::from_ref(&image), p, &mut sink).unwrap();
     assert_eq!(sink.0.len(), p[0]);
     let lg = nets[0].forward_logits(&be, &acts, &image).unwrap();
     let mut direct = vec![0.0f32; lg.len()];

@@ -101,7 +101,7 @@ impl Pool {
 
     /// The next batch in order (blocks until it is filled). A worker's failure comes back
     /// as "augmentation worker N failed on case X during T: cause".
-    pub fn next(&mut self) -> Result<Batch> {
+    pub fn next_batch(&mut self) -> Result<Batch> {
         let t0 = Instant::now();
         self.stats.ready_sum += (self.ready.len() + self.early.len()) as u64;
         let b = loop {
