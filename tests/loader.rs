@@ -157,6 +157,15 @@ fn fast_warp_equals_the_per_voxel_definition() {
             assert_eq!(la, lb, "labels, patch {patch:?} box {lo:?}+{size:?}");
             let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
             assert!(worst <= 1e-5 && a.iter().all(|v| v.is_finite()), "image off by {worst}, patch {patch:?} box {lo:?}+{size:?}");
+            // The store's other layouts: f16 images and i16 labels take the same paths.
+            let img16: Vec<half::f16> = img.iter().map(|&v| half::f16::from_f32(v)).collect();
+            let lab16: Vec<i16> = lab.iter().map(|&l| if l == 255 { -1 } else { l as i16 }).collect();
+            let src16 = Source { image: &img16[..], labels: &lab16[..], channels, shape, lo, size };
+            sample(&src16, Some(&m), patch, &mut a, &mut la);
+            warp_reference(&src16, &m, patch, &mut b, &mut lb);
+            assert_eq!(la, lb, "i16 labels, patch {patch:?} box {lo:?}+{size:?}");
+            let worst = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(worst <= 1e-5, "f16 image off by {worst}");
         }
     }
 }
