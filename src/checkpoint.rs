@@ -268,6 +268,10 @@ pub fn exists(dir: &Path, name: &str) -> bool {
 mod tests {
     use super::*;
 
+    fn state(epoch: usize, steps: u64) -> TrainerState {
+        TrainerState { epoch, steps, next_train_batch: 0, next_val_batch: 0, ema_dice: None, best_ema_dice: None, seed: 0, bad_in_a_row: 0, iter: 0, epoch_loss_sum: 0.0, epoch_steps: 0, epoch_skipped: 0, history: vec![] }
+    }
+
     #[test]
     fn a_save_cut_short_leaves_the_previous_pair_loadable() {
         use crate::backend::cpu::CpuBackend;
@@ -277,7 +281,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("segk-ckpt-cut-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let state = |epoch| TrainerState { epoch, steps: 0, next_train_batch: 0, next_val_batch: 0, ema_dice: None, best_ema_dice: None, seed: 0, bad_in_a_row: 0, iter: 0, epoch_loss_sum: 0.0, epoch_steps: 0, epoch_skipped: 0, history: vec![] };
+        let state = |epoch| state(epoch, 0);
         save(&dir, "ck", &be, &net, &state(1)).unwrap();
         save(&dir, "ck", &be, &net, &state(2)).unwrap();
         assert!(!dir.join("ck.prev.safetensors").exists(), "a finished save removes the previous pair");
@@ -304,8 +308,7 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("segk-ckpt-infer-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).unwrap();
-        let state = TrainerState { epoch: 1, steps: 7, next_train_batch: 0, next_val_batch: 0, ema_dice: None, best_ema_dice: None, seed: 0, bad_in_a_row: 0, iter: 0, epoch_loss_sum: 0.0, epoch_steps: 0, epoch_skipped: 0, history: vec![] };
-        save(&dir, "ck", &be, &net, &state).unwrap();
+        save(&dir, "ck", &be, &net, &state(1, 7)).unwrap();
         // Inference needs only the weights: the momentum file may be gone.
         std::fs::remove_file(dir.join("ck.state.safetensors")).unwrap();
         let mut inf = UNet::for_inference(&be, topo.clone()).unwrap();

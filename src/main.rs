@@ -531,7 +531,6 @@ fn run_evaluate(pred: &std::path::Path, gt: &std::path::Path, labels: Option<Vec
 
 fn run_doctor() -> Result<()> {
     use segk::sysinfo::*;
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     println!("segk {}", LONG_VERSION.replace('\n', "; "));
     let quota = cgroup_cpu_quota().map(|q| format!(", cgroup quota {q:.1}")).unwrap_or_default();
     println!("CPUs: {} online, {} usable by this process{quota}", online_cpus(), usable_cpus());

@@ -70,6 +70,11 @@ pub fn dev_shm_bytes() -> Option<u64> {
     String::from_utf8_lossy(&out.stdout).lines().nth(1)?.trim().parse::<u64>().ok().map(|k| k * 1024)
 }
 
+/// Bytes in GiB, for messages.
+pub fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
+}
+
 /// This process's peak resident memory so far (VmHWM), in bytes.
 pub fn peak_rss() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;

@@ -12,6 +12,7 @@ use crate::model::unet::Acts;
 use crate::model::{Checkpointing, UNet};
 use crate::plan::plans::Plan;
 use crate::plot;
+use crate::sysinfo::gib;
 use anyhow::{bail, ensure, Context, Result};
 use std::io::Write;
 use std::path::PathBuf;
@@ -149,10 +150,6 @@ pub fn preflight(plan: &Plan, asked: Option<Checkpointing>, elem_bytes: usize, a
     bail!("training needs {} but {:.2} GiB is free: {}", needs.join(", "), gib(avail), remedies(avail))
 }
 
-fn gib(b: u64) -> f64 {
-    b as f64 / (1u64 << 30) as f64
-}
-
 /// What to do when training does not fit in `free` bytes.
 fn remedies(free: u64) -> String {
     format!("plan a smaller patch (`segk plan --gpu-memory {:.0}`), train at --checkpointing 2, or free memory", (gib(free) * 0.9).floor().max(1.0))
@@ -193,9 +190,9 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
     let widest = topo.features.iter().copied().max().unwrap_or(0).max(classes);
     let workspace = be.workspace_bytes(largest_weight, widest, plan.batch_size) as u64;
     let level = preflight(plan, cfg.checkpointing, be.elem_bytes(), be.memory_available(), workspace)?;
-    println!("memory: {:.2} GiB at checkpointing level {}", gib(device_bytes(plan, level, be.elem_bytes())? as u64 + workspace), level.level());
-    std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     let held = device_bytes(plan, level, be.elem_bytes())? as u64 + workspace;
+    println!("memory: {:.2} GiB at checkpointing level {}", gib(held), level.level());
+    std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     let oom = |e| explain_oom(e, held);
     let mut net = UNet::new(be, topo.clone(), cfg.seed).map_err(oom)?;
     let mut st = TrainerState { epoch: 0, steps: 0, next_train_batch: 0, next_val_batch: 0, ema_dice: None, best_ema_dice: None, seed: cfg.seed, bad_in_a_row: 0, iter: 0, epoch_loss_sum: 0.0, epoch_steps: 0, epoch_skipped: 0, history: Vec::new() };

@@ -128,7 +128,7 @@ pub struct OutOfMemory {
 
 impl std::fmt::Display for OutOfMemory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+        use crate::sysinfo::gib;
         write!(f, "out of device memory in {}", self.what)?;
         if let Some(r) = self.requested {
             write!(f, ": needs {:.2} GiB more", gib(r))?;

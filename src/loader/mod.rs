@@ -345,7 +345,7 @@ pub struct Loader {
 /// store larger than RAM trains, more slowly).
 pub fn check_memory(spec: &BatchSpec, workers: usize, slots: usize, mapped: usize) -> Result<()> {
     let need = (slots * spec.slot_bytes() + workers * spec.scratch_bytes()) as u64;
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
+    use crate::sysinfo::gib;
     if let Some(avail) = crate::sysinfo::host_memory_available() {
         if need > avail {
             bail!(

@@ -202,6 +202,12 @@ fn crop<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &Source<I, L>, pa
     }
 }
 
+/// Stored position of output column x of a row starting at q0 and advancing by d.
+#[inline]
+fn along(q0: [f64; 3], d: [f64; 3], x: usize) -> [f64; 3] {
+    std::array::from_fn(|k| q0[k] + x as f64 * d[k])
+}
+
 /// floor without the libm call (the default x86-64 target has no SSE4.1 round).
 #[inline]
 fn floor_i64(v: f64) -> i64 {
@@ -262,11 +268,10 @@ impl Frame {
         }
         let mut xa = xa.clamp(0.0, len as f64) as usize;
         let mut xb = (xb.clamp(0.0, len as f64) as usize).max(xa);
-        let at = |x: usize| -> [f64; 3] { std::array::from_fn(|k| q0[k] + x as f64 * d[k]) };
-        while xa < xb && !self.inside(at(xa)) {
+        while xa < xb && !self.inside(along(q0, d, xa)) {
             xa += 1;
         }
-        while xb > xa && !self.inside(at(xb - 1)) {
+        while xb > xa && !self.inside(along(q0, d, xb - 1)) {
             xb -= 1;
         }
         (xa, xb)
@@ -307,7 +312,7 @@ fn warp<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &Source<I, L>, a:
             let q0 = f.row_start(a, z, y);
             let o0 = (z * patch[1] + y) * patch[2];
             let (xa, xb) = f.interior_run(q0, d, patch[2]);
-            let at = |x: usize| -> [f64; 3] { std::array::from_fn(|k| q0[k] + x as f64 * d[k]) };
+            let at = |x: usize| along(q0, d, x);
             for x in (0..xa).chain(xb..patch[2]) {
                 warp_voxel(src, at(x), o0 + x, n, image, labels, &mut cand);
             }
@@ -355,7 +360,7 @@ pub fn warp_reference<I: ImageSource + ?Sized, L: LabelSource + ?Sized>(src: &So
         for y in 0..patch[1] {
             let q0 = f.row_start(a, z, y);
             for x in 0..patch[2] {
-                let q = std::array::from_fn(|k| q0[k] + x as f64 * a[k][2]);
+                let q = along(q0, [a[0][2], a[1][2], a[2][2]], x);
                 warp_voxel(src, q, (z * patch[1] + y) * patch[2] + x, n, image, labels, &mut cand);
             }
         }

@@ -52,6 +52,11 @@ impl Exporter {
         }
     }
 
+    /// The lowest input slice an output slice reads.
+    fn first_read(t: &Taps) -> usize {
+        (0..4).filter(|&k| t.w[k] != 0.0).map(|k| t.idx[k]).min().unwrap_or(t.idx[0])
+    }
+
     /// The highest input slice an output slice reads.
     fn needs(t: &Taps) -> usize {
         (0..4).filter(|&k| t.w[k] != 0.0).map(|k| t.idx[k]).max().unwrap_or(t.idx[0])
@@ -101,8 +106,7 @@ impl SliceSink for Exporter {
         let [_, h, w] = self.g.shape;
         // Downsampling along the first axis skips slices: keep only those an output reads.
         if let Some(t) = self.taps0.get(self.next_out) {
-            let first = (0..4).filter(|&j| t.w[j] != 0.0).map(|j| t.idx[j]).min().unwrap_or(t.idx[0]);
-            if k < first {
+            if k < Self::first_read(t) {
                 return Ok(());
             }
         }
@@ -117,7 +121,7 @@ impl SliceSink for Exporter {
             self.write_out(self.next_out);
             self.next_out += 1;
             if let Some(t) = self.taps0.get(self.next_out) {
-                let first = (0..4).filter(|&j| t.w[j] != 0.0).map(|j| t.idx[j]).min().unwrap_or(t.idx[0]);
+                let first = Self::first_read(t);
                 while self.window.front().is_some_and(|(i, _)| *i < first) {
                     self.window.pop_front();
                 }

@@ -36,7 +36,7 @@ fn reserve(file: &std::fs::File, len: usize, path: &Path) -> Result<()> {
         let rc = unsafe { libc::posix_fallocate(file.as_raw_fd(), 0, len as libc::off_t) };
         // EINVAL/EOPNOTSUPP: the filesystem cannot preallocate (tmpfs can); keep the sparse file.
         if rc != 0 && rc != libc::EINVAL && rc != libc::EOPNOTSUPP {
-            anyhow::bail!("{}: cannot reserve {:.2} GiB for the probabilities ({}): free disk space or leave out --save-probabilities", path.display(), len as f64 / (1u64 << 30) as f64, std::io::Error::from_raw_os_error(rc));
+            anyhow::bail!("{}: cannot reserve {:.2} GiB for the probabilities ({}): free disk space or leave out --save-probabilities", path.display(), crate::sysinfo::gib(len as u64), std::io::Error::from_raw_os_error(rc));
         }
     }
     Ok(())

@@ -249,6 +249,11 @@ pub struct Summary {
     pub seconds: f64,
 }
 
+/// A stored case (its complete header) made under the settings `key`: nothing to redo.
+fn current(header: Option<&CaseHeader>, key: &str) -> bool {
+    header.is_some_and(|h| h.settings == key)
+}
+
 /// The cases of `ids` that the store lacks or holds under other settings than `plans` give
 /// (either image dtype is accepted: that is the store's own choice), and the dtype the store
 /// uses (f32 when it holds nothing): training must never read cases made for another plan.
@@ -256,7 +261,7 @@ pub fn stale_cases(store_dir: &Path, ids: &[String], json: &DatasetJson, plans: 
     let headers: Vec<Option<CaseHeader>> = ids.iter().map(|id| store::complete_header(store_dir, id)).collect();
     let dtype = headers.iter().flatten().map(|h| h.image_dtype).next().unwrap_or(ImageDtype::F32);
     let key = settings_key(&Settings::new(json, plans, dtype)?);
-    let stale = ids.iter().zip(&headers).filter(|(_, h)| h.as_ref().is_none_or(|h| h.settings != key)).map(|(id, _)| id.clone()).collect();
+    let stale = ids.iter().zip(&headers).filter(|(_, h)| !current(h.as_ref(), &key)).map(|(id, _)| id.clone()).collect();
     Ok((stale, dtype))
 }
 
@@ -267,7 +272,7 @@ pub fn run(ds: &Dataset, settings: &Settings, store_dir: &Path, workers: usize, 
     std::fs::create_dir_all(store_dir).with_context(|| format!("creating {}", store_dir.display()))?;
     remove_temporaries(store_dir)?;
     let key = settings_key(settings);
-    let todo: Vec<&Case> = ds.cases.iter().filter(|c| store::complete_header(store_dir, &c.id).is_none_or(|h| h.settings != key)).collect();
+    let todo: Vec<&Case> = ds.cases.iter().filter(|c| !current(store::complete_header(store_dir, &c.id).as_ref(), &key)).collect();
     let t0 = std::time::Instant::now();
     let summary = Mutex::new(Summary { skipped: ds.cases.len() - todo.len(), ..Summary::default() });
     progress.set_length(ds.cases.len() as u64);
