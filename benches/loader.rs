@@ -2,14 +2,8 @@
 //! one channel), and the pool feeding a consumer that does nothing, at batch 2.
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use segk::dataset::Dataset;
 use segk::loader::pool::{Batch, Fill, Pool};
 use segk::loader::{Augment, Augmenter, BatchSpec};
-use segk::plan::fingerprint::fingerprint;
-use segk::plan::plans::{plan_3d_fullres, Configurations, PlansFile, GIB};
-use segk::preprocess::{Settings, STORE_DIR};
-use segk::store::ImageDtype;
-use segk::synth::{write_raw_dataset, RawSpec};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -40,16 +34,7 @@ fn bench_warp(c: &mut Criterion) {
 
 fn bench(c: &mut Criterion) {
     let base = std::env::temp_dir().join(format!("segk-bench-loader-{}", std::process::id()));
-    let root = base.join("Dataset902_Loader");
-    write_raw_dataset(&root, &RawSpec { cases: 3, shape: [160, 256, 256], spacing: [1.0, 0.8, 0.8], seed: 9 }).expect("dataset");
-    let ds = Dataset::open(&root).expect("open");
-    let fp = fingerprint(&ds, 1_000_000).expect("fingerprint");
-    let plan = plan_3d_fullres(&ds.json, &fp, (8.0 * GIB) as usize).expect("plan");
-    let plans = PlansFile { dataset_name: "bench".into(), configurations: Configurations { fullres: plan }, foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel };
-    let settings = Settings::new(&ds.json, &plans, ImageDtype::F32).expect("settings");
-    let store = base.join(STORE_DIR);
-    segk::preprocess::run(&ds, &settings, &store, 2, &indicatif::ProgressBar::hidden()).expect("preprocess");
-    let ids: Vec<String> = ds.cases.iter().map(|c| c.id.clone()).collect();
+    let (store, ids) = segk::bench_loader::synthetic_store(&base, 3, [160, 256, 256]).expect("store");
 
     let mut g = c.benchmark_group("loader");
     g.sample_size(10).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(15));
@@ -59,7 +44,7 @@ fn bench(c: &mut Criterion) {
         let aug = Augmenter::new(&store, &ids, spec.clone()).expect("augmenter");
         let mut w = aug.worker();
         let s = spec.slot_shape();
-        let mut b = Batch { slot: 0, index: 0, image: vec![0.0; s.image], labels: vec![0; s.labels], cases: vec![0; s.batch] };
+        let mut b = Batch::new(0, s, &segk::hostmem::Heap).expect("slot");
         let mut k = 0u64;
         g.bench_function(name, |bch| {
             bch.iter(|| {

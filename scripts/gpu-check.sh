@@ -32,6 +32,33 @@ if command -v python3 >/dev/null && python3 -c "import torch" 2>/dev/null; then
   step torch-5stage-80x96x80 python3 bench/torch_step.py --device cuda --warmup 2 --steps 10
   step torch-6stage-128cube python3 bench/torch_step.py --device cuda --stages 6 --patch 128 128 128 --warmup 2 --steps 10
 fi
+# Each op family alone on the 3d_fullres layer shapes: TFLOP/s and GB/s against the H100.
+step kernels "$bin" bench kernels --device cuda
+# The kernels under compute-sanitizer: out-of-bounds and misaligned accesses over the whole
+# selftest; shared-memory races in the kernels that use shared memory (conv, norm, loss).
+if command -v compute-sanitizer >/dev/null; then
+  step sanitizer-memcheck timeout 580 compute-sanitizer --tool memcheck --error-exitcode 1 "$bin" selftest --device cuda
+  for k in conv norm loss; do
+    step "sanitizer-racecheck-$k" timeout 580 compute-sanitizer --tool racecheck --error-exitcode 1 --kernel-name "kns=$k" "$bin" selftest --device cuda
+  done
+  step sanitizer-synccheck timeout 580 compute-sanitizer --tool synccheck --error-exitcode 1 "$bin" selftest --device cuda
+else
+  echo "== compute-sanitizer not on PATH: sanitizer checks not run" | tee -a "$out/summary.txt"
+fi
+# Does the loader keep up with the GPU? The step time of the 3d_fullres net, then the pool at
+# 1..16 workers against it.
+step_ms=$("$bin" bench step --device cuda --stages 6 --patch 128,128,128 --warmup 2 --steps 5 --json 2>/dev/null | python3 -c 'import json,sys; print(1000*json.load(sys.stdin)["step_median_s"])' 2>/dev/null || echo "")
+step loader "$bin" bench loader --workers 1,2,4,8,16 --seconds 10 ${step_ms:+--step-ms "$step_ms"}
+# A short real training run per checkpoint level on a generated dataset: epoch time, data-wait
+# share and GPU memory are in each epoch line.
+work=${TMPDIR:-/tmp}/segk-gpu-check-$$
+ds=$work/Dataset990_GpuCheck
+step synth "$bin" synth "$ds" --cases 8 --shape 96,160,160
+step preprocess "$bin" preprocess "$ds"
+for l in 0 1 2; do
+  step "train-ckpt$l" "$bin" train "$ds" 0 --device cuda --epochs 3 --iters-per-epoch 40 --val-iters 5 --checkpointing "$l" --no-validation --out "$work/train-ckpt$l"
+done
+rm -rf "$work"
 step demo "$bin" demo --device cuda
 echo "report in $out/"
 exit $status

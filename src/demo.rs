@@ -5,7 +5,8 @@ use crate::backend::cpu::CpuBackend;
 use crate::backend::poly_lr;
 use crate::loader::pool::{Batch, Fill, FillError, Pool, SlotShape};
 use crate::backend::Backend;
-use crate::model::unet::Acts;
+use crate::feed::Feed;
+use crate::model::unet::{Acts, Input};
 use crate::model::{Checkpointing, Topology, UNet};
 use crate::synth::{self, Case};
 use anyhow::Result;
@@ -162,7 +163,9 @@ pub fn run_on<B: Backend>(be: &B, cfg: &DemoConfig) -> Result<DemoReport> {
     let acts = Acts::new(be, &topo, cfg.patch, cfg.batch, Checkpointing::None, true)?;
     let pv: usize = cfg.patch.iter().product();
     let shape = SlotShape { image: cfg.batch * pv, labels: cfg.batch * pv, batch: cfg.batch };
-    let mut pool = Pool::start(sampler, 1, 4, shape, 0)?;
+    let mut pool = Pool::start_in(sampler, 1, 4, shape, 0, &*be.host_memory())?;
+    let mut feed = Feed::new(be, shape.image, shape.labels)?;
+    let (input_image, input_labels) = (acts.input_image(be), acts.input_labels(be)?);
     let steps = cfg.epochs * cfg.iters_per_epoch;
     let pb = bar(steps as u64, cfg.progress);
     pb.set_prefix("train");
@@ -174,8 +177,8 @@ pub fn run_on<B: Backend>(be: &B, cfg: &DemoConfig) -> Result<DemoReport> {
         let mut sum = 0.0;
         let te = Instant::now();
         for _ in 0..cfg.iters_per_epoch {
-            let b = pool.next_batch()?;
-            let (loss, applied) = net.train_step(be, &acts, &b.image, &b.labels, lr)?;
+            let b = feed.next(&mut pool, input_image, input_labels)?;
+            let (loss, applied) = net.step(be, &acts, Input::Resident, lr)?;
             pool.give_back(b);
             anyhow::ensure!(applied, "non-finite loss or gradient at epoch {epoch} (loss {})", loss.total);
             sum += loss.total;

@@ -7,12 +7,16 @@
 #![allow(clippy::too_many_arguments, clippy::needless_range_loop)]
 
 pub mod backend;
+pub mod bench_kernels;
+pub mod bench_loader;
 pub mod bench_step;
 pub mod checkpoint;
 pub mod dataset;
 pub mod demo;
 pub mod device;
 pub mod evaluate;
+pub mod feed;
+pub mod hostmem;
 pub mod loader;
 pub mod model;
 pub mod plan;

@@ -195,6 +195,10 @@ enum Cmd {
 enum BenchCmd {
     /// Time training steps of a PlainConvUNet on random data.
     Step(segk::bench_step::StepArgs),
+    /// Time each op family alone on the layer shapes of a net: TFLOP/s for convs, GB/s for the rest.
+    Kernels(segk::bench_kernels::KernelArgs),
+    /// Batches per second of the augmentation pool at several worker counts (generated data).
+    Loader(segk::bench_loader::LoaderArgs),
 }
 
 fn parse_triple<T: std::str::FromStr>(s: &str) -> Result<[T; 3], String> {
@@ -244,6 +248,8 @@ fn main() {
         Cmd::Evaluate { pred, gt, labels, out } => run_evaluate(&pred, &gt, labels, out),
         Cmd::Synth { dataset, cases, shape, spacing, seed } => run_synth(&dataset, segk::synth::RawSpec { cases, shape, spacing, seed }),
         Cmd::Bench { what: BenchCmd::Step(a) } => set_threads(a.threads).and_then(|_| segk::bench_step::run(&a)),
+        Cmd::Bench { what: BenchCmd::Loader(a) } => segk::bench_loader::run(&a).map(|_| ()),
+        Cmd::Bench { what: BenchCmd::Kernels(a) } => set_threads(a.threads).and_then(|_| segk::bench_kernels::run(&a).map(|_| ())),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

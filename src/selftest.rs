@@ -269,6 +269,64 @@ fn misc_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
     Ok(())
 }
 
+/// Device copies and the staged upload: a batch staged while the compute stream is still busy
+/// must land whole, the staging buffer must not be refilled before the previous batch left it,
+/// and host memory rewritten after `take_staged` must not reach the device.
+fn transfer_checks<B: Backend>(r: &mut Run<B>) -> Result<()> {
+    let exact = |same: bool| if same { 0.0 } else { 1.0 };
+    let n = 70_001;
+    let src = r.rand(n);
+    let (sd, dd) = (r.dev.put(&src)?, r.dev.out(n)?);
+    r.dev.be.copy(dd, sd)?;
+    let same = r.dev.get(dd, n)? == src;
+    r.checks.push(Check { name: "copy".into(), err: exact(same), bound: 0.0 });
+    let lab: Vec<u8> = (0..n).map(|_| r.rng.random_range(0..200)).collect();
+    let (ls, ld) = (r.dev.labels(&lab)?, r.dev.labels(&vec![255; n])?);
+    r.dev.be.copy_labels(ld, ls)?;
+    let same = r.dev.get_labels(ld, n)? == lab;
+    r.checks.push(Check { name: "copy_labels".into(), err: exact(same), bound: 0.0 });
+
+    let be = r.dev.be;
+    let mem = be.host_memory();
+    let (img_len, lab_len) = (1 << 20, 1 << 18);
+    let (stage_img, stage_lab) = (r.dev.out(img_len)?, r.dev.labels(&vec![0; lab_len])?);
+    let busy = r.dev.out(1 << 24)?;
+    let mut hosts = Vec::new();
+    for k in 0..3u8 {
+        let mut img = mem.f32s(img_len)?;
+        let mut lab = mem.bytes(lab_len)?;
+        img.iter_mut().enumerate().for_each(|(i, v)| *v = (k as usize * 7 + i % 1000) as f32);
+        lab.iter_mut().enumerate().for_each(|(i, v)| *v = (k as usize * 3 + i % 50) as u8);
+        hosts.push((img, lab));
+    }
+    let want: Vec<(Vec<f32>, Vec<u8>)> = hosts.iter().map(|(i, l)| (i.to_vec(), l.to_vec())).collect();
+    let mut outs = Vec::new();
+    // SAFETY: each host batch lives in `hosts` until after its take_staged.
+    unsafe { be.stage(stage_img, &hosts[0].0, stage_lab, &hosts[0].1)? };
+    for k in 0..3 {
+        // Keep the compute stream busy so the copies would race if they were not ordered.
+        for _ in 0..8 {
+            be.fill(busy, k as f32)?;
+        }
+        let (oi, ol) = (r.dev.out(img_len)?, r.dev.labels(&vec![255; lab_len])?);
+        be.take_staged(stage_img, oi, stage_lab, ol)?;
+        // The slot is free now: scribbling over it must not change what the device got.
+        hosts[k].0.iter_mut().for_each(|v| *v = f32::NAN);
+        hosts[k].1.iter_mut().for_each(|v| *v = 254);
+        if k + 1 < 3 {
+            // SAFETY: as above.
+            unsafe { be.stage(stage_img, &hosts[k + 1].0, stage_lab, &hosts[k + 1].1)? };
+        }
+        outs.push((oi, ol));
+    }
+    be.sync_staged()?;
+    for (k, (oi, ol)) in outs.into_iter().enumerate() {
+        let same = r.dev.get(oi, img_len)? == want[k].0 && r.dev.get_labels(ol, lab_len)? == want[k].1;
+        r.checks.push(Check { name: format!("staged upload batch {k} ({})", mem.kind()), err: exact(same), bound: 0.0 });
+    }
+    Ok(())
+}
+
 /// A whole training step of a small U-Net on both backends from the same weights.
 fn step_check<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
     let mut t = Topology::isotropic(1, 3, vec![8, 16, 32]);
@@ -303,6 +361,7 @@ pub fn run<B: Backend>(dev: &B, bounds: &Bounds, seed: u64) -> Result<Vec<Check>
     norm_checks(&mut r, bounds)?;
     loss_checks(&mut r, bounds)?;
     misc_checks(&mut r, bounds)?;
+    transfer_checks(&mut r)?;
     step_check(&mut r, bounds)?;
     dev.sync()?;
     Ok(r.checks)

@@ -8,7 +8,8 @@ use crate::checkpoint::{self, TrainerState};
 use crate::loader::{self, Augment, BatchSpec};
 use crate::model::params::ParamLayout;
 use crate::model::plan::ActPlan;
-use crate::model::unet::Acts;
+use crate::feed::Feed;
+use crate::model::unet::{Acts, Input};
 use crate::model::{Checkpointing, UNet};
 use crate::plan::plans::Plan;
 use crate::plot;
@@ -121,13 +122,16 @@ fn count(pred: &[u8], truth: &[u8], classes: usize, tp: &mut [u64], fp: &mut [u6
 pub static STOP: AtomicBool = AtomicBool::new(false);
 
 /// Bytes a training run needs on the device at a checkpoint level: parameters, gradients
-/// and momentum, the training activations, the validation activations and label maps.
+/// and momentum, the training activations, the validation activations and label maps, the
+/// feed's staging buffers (one batch of image and labels).
 pub fn device_bytes(plan: &Plan, level: Checkpointing, elem_bytes: usize) -> Result<usize> {
     let t = &plan.topology;
     let params = 3 * ParamLayout::new(t).len * elem_bytes;
     let train = ActPlan::new(t, plan.patch_size, plan.batch_size, level, true)?.bytes(elem_bytes);
     let infer = ActPlan::new(t, plan.patch_size, plan.batch_size, Checkpointing::Level1, false)?.bytes(elem_bytes);
-    Ok(params + train + infer + plan.batch_size * plan.patch_size.iter().product::<usize>())
+    let voxels = plan.batch_size * plan.patch_size.iter().product::<usize>();
+    let staging = voxels * t.in_channels * elem_bytes + voxels;
+    Ok(params + train + infer + voxels + staging)
 }
 
 /// The checkpoint level to train at: the one asked for if it fits, or (auto) the fastest
@@ -212,14 +216,16 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
         }
     }
     let spec = |augment, seed| BatchSpec { batch: plan.batch_size, patch: plan.patch_size, channels, use_mask: plan.use_mask_for_norm.clone(), seed, augment };
-    let mut train = loader::Loader::start(&cfg.store, &cfg.train_ids, spec(Augment::default(), st.seed), cfg.workers, st.next_train_batch)?;
-    let mut val = loader::Loader::start(&cfg.store, &cfg.val_ids, spec(Augment::none(), st.seed ^ 0x5eed), Some(1), st.next_val_batch)?;
+    let mem = be.host_memory();
+    let mut train = loader::Loader::start(&cfg.store, &cfg.train_ids, spec(Augment::default(), st.seed), cfg.workers, st.next_train_batch, &*mem)?;
+    let mut val = loader::Loader::start(&cfg.store, &cfg.val_ids, spec(Augment::none(), st.seed ^ 0x5eed), Some(1), st.next_val_batch, &*mem)?;
     println!(
-        "loader: {} workers ({}), {} slots of {:.1} MiB; train {} cases, validation {} cases",
+        "loader: {} workers ({}), {} slots of {:.1} MiB ({}); train {} cases, validation {} cases",
         train.pool.workers(),
         train.workers_source,
         train.pool.slots(),
         spec(Augment::none(), 0).slot_bytes() as f64 / (1 << 20) as f64,
+        mem.kind(),
         cfg.train_ids.len(),
         cfg.val_ids.len()
     );
@@ -227,6 +233,8 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
     let infer = Acts::new(be, &topo, plan.patch_size, plan.batch_size, Checkpointing::Level1, false).map_err(oom)?;
     let rows = plan.batch_size * plan.patch_size.iter().product::<usize>();
     let pred_buf = be.alloc_labels(rows).map_err(oom)?;
+    let mut feed = Feed::new(be, acts.plan.image.len(), rows).map_err(oom)?;
+    let (input_image, input_labels) = (acts.input_image(be), acts.input_labels(be)?);
     let mut pred = vec![0u8; rows];
     let log_path = cfg.out.join("training_log.txt");
     let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
@@ -242,11 +250,11 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
                 checkpoint::save(&cfg.out, "checkpoint_latest", be, &net, &st)?;
                 bail!("interrupted at epoch {epoch} iteration {}: saved checkpoint_latest; continue with --resume", st.iter);
             }
-            let b = match train.pool.next_batch() {
+            let b = match feed.next(&mut train.pool, input_image, input_labels) {
                 Ok(b) => b,
-                Err(e) => return Err(save_and_fail(be, cfg, &net, &mut st, e, FIX_DATA)),
+                Err(e) => return Err(save_and_fail(be, cfg, &net, &mut st, oom(e), FIX_DATA)),
             };
-            let (loss, applied) = match net.train_step(be, &acts, &b.image, &b.labels, lr) {
+            let (loss, applied) = match net.step(be, &acts, Input::Resident, lr) {
                 Ok(r) => r,
                 Err(e) => return Err(save_and_fail(be, cfg, &net, &mut st, oom(e), FIX_DEVICE)),
             };

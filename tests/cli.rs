@@ -19,6 +19,41 @@ fn bench_step_prints_stable_json() {
 }
 
 #[test]
+fn bench_kernels_times_every_op_family_on_the_nets_layers() {
+    let out = segk(&["bench", "kernels", "--patch", "16,16,16", "--stages", "3", "--reps", "1", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect();
+    let ops: Vec<&str> = rows.iter().map(|r| r["op"].as_str().unwrap()).collect();
+    // 3 stages: first conv, 2 strided, 3 stride-1 encoder convs, 2 decoder convs, the head: 9.
+    for op in ["conv_fwd 3x3x3 s1", "conv_wgrad 3x3x3 s2", "conv_dgrad 1x1x1 s1", "convt_fwd", "convt_dgrad", "convt_wgrad", "norm_stats", "norm_act_fwd", "norm_act_bwd", "softmax_dice_ce", "sgd_update"] {
+        assert!(ops.contains(&op), "no {op:?} row in {ops:?}");
+    }
+    assert_eq!(ops.iter().filter(|o| o.starts_with("conv_fwd")).count(), 9, "{ops:?}");
+    for r in &rows {
+        let rate = r["tflops"].as_f64().or(r["gbps"].as_f64());
+        assert!(r["median_ms"].as_f64().is_some_and(|m| m > 0.0) && rate.is_some_and(|x| x > 0.0 && x.is_finite()), "{r}");
+    }
+    let only = segk(&["bench", "kernels", "--patch", "16,16,16", "--stages", "3", "--reps", "1", "--only", "sgd"]);
+    let text = String::from_utf8_lossy(&only.stdout);
+    assert!(text.contains("sgd_update") && !text.contains("conv_fwd") && text.contains("GB/s"), "{text}");
+}
+
+#[test]
+fn bench_loader_measures_each_worker_count_against_a_step() {
+    let out = segk(&["bench", "loader", "--workers", "1,2", "--patch", "16,16,16", "--shape", "24,32,32", "--cases", "2", "--seconds", "0.3", "--step-ms", "1000", "--json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect();
+    assert_eq!(rows.iter().map(|r| r["workers"].as_u64().unwrap()).collect::<Vec<_>>(), vec![1, 2]);
+    for r in &rows {
+        let (b, s) = (r["batches_per_s"].as_f64().unwrap(), r["samples_per_s"].as_f64().unwrap());
+        assert!(b > 0.0 && (s - 2.0 * b).abs() < 1e-6 * s, "{r}");
+        assert_eq!(r["keeps_up_with_step"], serde_json::json!(b >= 1.0), "{r}");
+    }
+    let bad = segk(&["bench", "loader", "--workers", "0", "--patch", "16,16,16", "--shape", "24,32,32", "--cases", "1", "--seconds", "0.1"]);
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("--workers"));
+}
+
+#[test]
 fn bench_step_table_names_every_figure() {
     let out = segk(&["bench", "step", "--features", "4,8", "--patch", "8,8,8", "--warmup", "0", "--steps", "1"]);
     assert!(out.status.success());

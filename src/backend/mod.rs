@@ -8,6 +8,7 @@ pub mod cpu;
 pub mod cuda;
 pub mod profile;
 
+use crate::hostmem::{Heap, HostAlloc};
 use crate::tensor::Dims;
 use anyhow::Result;
 
@@ -168,6 +169,31 @@ pub trait Backend: Sync {
     fn download(&self, src: Self::Buf, dst: &mut [f32]) -> Result<()>;
     fn upload_labels(&self, dst: Self::LabelBuf, src: &[u8]) -> Result<()>;
     fn fill(&self, dst: Self::Buf, value: f32) -> Result<()>;
+    /// dst = src, device to device, in order with the ops.
+    fn copy(&self, dst: Self::Buf, src: Self::Buf) -> Result<()>;
+    fn copy_labels(&self, dst: Self::LabelBuf, src: Self::LabelBuf) -> Result<()>;
+    /// Where batch slots should live: page-locked memory on a GPU, so that `stage` is
+    /// asynchronous; heap memory on the CPU.
+    fn host_memory(&self) -> std::sync::Arc<dyn HostAlloc> {
+        std::sync::Arc::new(Heap)
+    }
+
+    // ---- staged input: the upload of batch k+1 overlaps step k ----
+    /// Starts copying a batch (image, labels) into the staging buffers `dst`/`ldst` on the copy
+    /// stream, once the previous `take_staged` has read them; on a GPU it returns before
+    /// the copy is done. The CPU copies at once.
+    ///
+    /// # Safety
+    /// `src` and `lsrc` must stay alive and unwritten until the next `take_staged` returns
+    /// (the copy engine may still be reading them).
+    unsafe fn stage(&self, dst: Self::Buf, src: &[f32], ldst: Self::LabelBuf, lsrc: &[u8]) -> Result<()>;
+    /// Orders the ops after the last `stage`, copies the staging buffers into the step's input
+    /// (`dst`, `ldst`), and waits until the staged host memory has been read.
+    fn take_staged(&self, src: Self::Buf, dst: Self::Buf, lsrc: Self::LabelBuf, ldst: Self::LabelBuf) -> Result<()>;
+    /// Waits for the staged uploads still in flight (`sync` waits for the ops only).
+    fn sync_staged(&self) -> Result<()> {
+        Ok(())
+    }
     /// Waits for queued work (a no-op on the CPU).
     fn sync(&self) -> Result<()>;
     /// Bytes the backend can still allocate (device memory free, or host memory available),

@@ -84,6 +84,31 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn fill(&self, d: B::Buf, v: f32) -> Result<()> {
         self.time("fill", 0.0, || self.inner.fill(d, v))
     }
+    fn copy(&self, d: B::Buf, s: B::Buf) -> Result<()> {
+        self.time("copy", 0.0, || self.inner.copy(d, s))
+    }
+    fn copy_labels(&self, d: B::LabelBuf, s: B::LabelBuf) -> Result<()> {
+        self.time("copy", 0.0, || self.inner.copy_labels(d, s))
+    }
+    fn host_memory(&self) -> std::sync::Arc<dyn crate::hostmem::HostAlloc> {
+        self.inner.host_memory()
+    }
+    unsafe fn stage(&self, d: B::Buf, s: &[f32], ld: B::LabelBuf, ls: &[u8]) -> Result<()> {
+        // SAFETY: the caller's promise passes through unchanged.
+        self.time("upload", 0.0, || unsafe { self.inner.stage(d, s, ld, ls) })
+    }
+    fn take_staged(&self, s: B::Buf, d: B::Buf, ls: B::LabelBuf, ld: B::LabelBuf) -> Result<()> {
+        self.time("copy", 0.0, || self.inner.take_staged(s, d, ls, ld))
+    }
+    fn sync_staged(&self) -> Result<()> {
+        self.inner.sync_staged()
+    }
+    fn memory_used(&self) -> Option<u64> {
+        self.inner.memory_used()
+    }
+    fn workspace_bytes(&self, largest_weight: usize, widest: usize, batch: usize) -> usize {
+        self.inner.workspace_bytes(largest_weight, widest, batch)
+    }
     fn sync(&self) -> Result<()> {
         self.inner.sync()
     }

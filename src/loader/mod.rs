@@ -362,13 +362,13 @@ pub fn check_memory(spec: &BatchSpec, workers: usize, slots: usize, mapped: usiz
 
 impl Loader {
     /// Starts `workers` threads (None: see [`worker_count`]) over the store's cases `ids`,
-    /// with two slots per worker plus two, batches numbered from `first`.
-    pub fn start(store: &Path, ids: &[String], spec: BatchSpec, workers: Option<usize>, first: u64) -> Result<Loader> {
+    /// with two slots per worker plus two from `mem`, batches numbered from `first`.
+    pub fn start(store: &Path, ids: &[String], spec: BatchSpec, workers: Option<usize>, first: u64, mem: &dyn crate::hostmem::HostAlloc) -> Result<Loader> {
         let (workers, workers_source) = worker_count(workers)?;
         let aug = Augmenter::new(store, ids, spec.clone())?;
         let slots = 2 * workers + 2;
         check_memory(&spec, workers, slots, aug.mapped_bytes())?;
-        let pool = pool::Pool::start(std::sync::Arc::new(aug), workers, slots, spec.slot_shape(), first)?;
+        let pool = pool::Pool::start_in(std::sync::Arc::new(aug), workers, slots, spec.slot_shape(), first, mem)?;
         Ok(Loader { pool, workers_source, ids: ids.to_vec() })
     }
 }

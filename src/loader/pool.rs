@@ -5,7 +5,8 @@
 //! handed to the trainer in order k = 0, 1, 2, ...: the sequence of batches depends on the
 //! seed only, not on the worker count or on timing.
 
-use anyhow::{anyhow, Result};
+use crate::hostmem::{Heap, HostAlloc, HostBuf};
+use anyhow::{anyhow, Context, Result};
 use crossbeam_channel::{bounded, Receiver, Sender};
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -19,9 +20,18 @@ pub struct Batch {
     pub slot: usize,
     /// The batch number this slot holds now.
     pub index: u64,
-    pub image: Vec<f32>,
-    pub labels: Vec<u8>,
+    pub image: HostBuf<f32>,
+    pub labels: HostBuf<u8>,
     pub cases: Vec<usize>,
+}
+
+impl Batch {
+    /// An empty slot from `mem` (pinned when the CUDA backend gave the allocator).
+    pub fn new(slot: usize, shape: SlotShape, mem: &dyn HostAlloc) -> Result<Batch> {
+        let image = mem.f32s(shape.image).with_context(|| format!("allocating batch slot {slot} ({} image values)", shape.image))?;
+        let labels = mem.bytes(shape.labels).with_context(|| format!("allocating batch slot {slot} ({} label voxels)", shape.labels))?;
+        Ok(Batch { slot, index: 0, image, labels, cases: vec![0; shape.batch] })
+    }
 }
 
 /// Why a worker could not fill a batch.
@@ -79,15 +89,19 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// Starts `workers` threads over `slots` slots, batches numbered from `first`.
+    /// Starts `workers` threads over `slots` heap slots, batches numbered from `first`.
     pub fn start<F: Fill>(filler: Arc<F>, workers: usize, slots: usize, shape: SlotShape, first: u64) -> Result<Pool> {
+        Pool::start_in(filler, workers, slots, shape, first, &Heap)
+    }
+
+    /// As `start`, with the slots taken from `mem` (pinned memory for a GPU).
+    pub fn start_in<F: Fill>(filler: Arc<F>, workers: usize, slots: usize, shape: SlotShape, first: u64, mem: &dyn HostAlloc) -> Result<Pool> {
         let workers = workers.max(1);
         let slots = slots.max(1);
         let (free_tx, free_rx) = bounded::<Batch>(slots);
         let (ready_tx, ready_rx) = bounded::<Ready>(slots);
         for slot in 0..slots {
-            let b = Batch { slot, index: 0, image: vec![0.0; shape.image], labels: vec![0; shape.labels], cases: vec![0; shape.batch] };
-            free_tx.send(b).map_err(|_| anyhow!("batch ring closed while starting"))?;
+            free_tx.send(Batch::new(slot, shape, mem)?).map_err(|_| anyhow!("batch ring closed while starting"))?;
         }
         let counter = Arc::new(AtomicU64::new(first));
         let handles = (0..workers)

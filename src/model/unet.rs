@@ -45,6 +45,23 @@ impl<B: Backend> Acts<B> {
     pub fn bytes(&self, be: &B) -> usize {
         self.plan.bytes(be.elem_bytes())
     }
+    /// The step's input image on the device, for a feed that puts batches there itself.
+    pub fn input_image(&self, be: &B) -> B::Buf {
+        be.view(&self.arena, self.plan.image.offset, self.plan.image.len())
+    }
+    /// The step's full-resolution labels on the device (training plans only).
+    pub fn input_labels(&self, be: &B) -> Result<B::LabelBuf> {
+        let top = self.plan.labels.first().copied().flatten().ok_or_else(|| anyhow::anyhow!("this activation plan has no labels (it was made for inference)"))?;
+        Ok(be.label_view(&self.labels, top.offset, top.dims.rows()))
+    }
+}
+
+/// Where a training step's batch is: host slices the step uploads, or already in the plan's
+/// input slots on the device (put there by [`crate::feed::Feed`]).
+#[derive(Clone, Copy)]
+pub enum Input<'a> {
+    Host { image: &'a [f32], labels: &'a [u8] },
+    Resident,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -106,10 +123,18 @@ impl<B: Backend> UNet<B> {
 
     /// Forward, loss and backward: leaves the gradients in the grads region.
     pub fn compute_gradients(&self, be: &B, acts: &Acts<B>, image: &[f32], labels: &[u8]) -> Result<StepLoss> {
+        self.gradients(be, acts, Input::Host { image, labels })
+    }
+
+    /// As `compute_gradients`, with the batch wherever `input` says.
+    pub fn gradients(&self, be: &B, acts: &Acts<B>, input: Input) -> Result<StepLoss> {
         ensure!(acts.plan.training, "compute_gradients needs a training activation plan");
         ensure!(self.trainable, "compute_gradients needs a trainable net (this one was made for inference)");
         let pass = Pass { be, net: self, a: acts };
-        pass.load(image, Some(labels))?;
+        if let Input::Host { image, labels } = input {
+            pass.load(image, Some(labels))?;
+        }
+        pass.downsample_labels()?;
         be.sync()?;
         let t0 = std::time::Instant::now();
         pass.forward(true)?;
@@ -154,7 +179,12 @@ impl<B: Backend> UNet<B> {
     /// One training step. Returns the loss; `applied` false means a non-finite gradient
     /// was skipped.
     pub fn train_step(&mut self, be: &B, acts: &Acts<B>, image: &[f32], labels: &[u8], lr: f64) -> Result<(StepLoss, bool)> {
-        let loss = self.compute_gradients(be, acts, image, labels)?;
+        self.step(be, acts, Input::Host { image, labels }, lr)
+    }
+
+    /// As `train_step`, with the batch wherever `input` says.
+    pub fn step(&mut self, be: &B, acts: &Acts<B>, input: Input, lr: f64) -> Result<(StepLoss, bool)> {
+        let loss = self.gradients(be, acts, input)?;
         let applied = loss.total.is_finite() && self.apply_update(be, loss.grad_norm, lr)?;
         Ok((loss, applied))
     }
@@ -212,7 +242,7 @@ impl<B: Backend> Pass<'_, B> {
         }
     }
 
-    /// Uploads the batch and the label maps of every supervised resolution.
+    /// Uploads the batch (image, and the full-resolution labels when given).
     fn load(&self, image: &[f32], labels: Option<&[u8]>) -> Result<()> {
         let img = self.a.plan.image;
         ensure!(image.len() == img.len(), "image batch has {} values, the net expects {} ({})", image.len(), img.len(), img.dims);
@@ -222,9 +252,14 @@ impl<B: Backend> Pass<'_, B> {
         ensure!(labels.len() == full.rows(), "label batch has {} voxels, expected {}", labels.len(), full.rows());
         // Resolution 0 is the full patch and always supervised; the others are downsampled.
         let top = self.a.plan.labels[0].expect("the full-resolution output always has a label slot");
-        self.be.upload_labels(self.label(top), labels)?;
+        self.be.upload_labels(self.label(top), labels)
+    }
+
+    /// The label maps of the lower supervised resolutions, from the full-resolution one.
+    fn downsample_labels(&self) -> Result<()> {
+        let top = self.a.plan.labels[0].expect("the full-resolution output always has a label slot");
         for s in self.a.plan.labels[1..].iter().flatten() {
-            self.be.downsample_labels(self.label(top), full, self.label(*s), s.dims)?;
+            self.be.downsample_labels(self.label(top), top.dims, self.label(*s), s.dims)?;
         }
         Ok(())
     }

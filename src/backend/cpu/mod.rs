@@ -167,14 +167,27 @@ impl<T> CpuBuf<T> {
 }
 
 /// The CPU backend, computing in `T`.
-#[derive(Default, Clone, Copy)]
+#[derive(Default)]
 pub struct CpuBackend<T: Float> {
     _t: PhantomData<T>,
+    /// The batch of the last `stage`, read only at `take_staged`, as a copy engine would read
+    /// it late: a caller that reuses the host memory too early gets wrong data here too.
+    staged: std::sync::Mutex<Option<Staged>>,
 }
+
+/// Host memory promised by the caller of `stage` until the next `take_staged`.
+struct Staged {
+    image: *const f32,
+    image_len: usize,
+    labels: *const u8,
+    labels_len: usize,
+}
+// SAFETY: the pointers are only read, under `stage`'s contract.
+unsafe impl Send for Staged {}
 
 impl<T: Float> CpuBackend<T> {
     pub fn new() -> Self {
-        CpuBackend { _t: PhantomData }
+        CpuBackend { _t: PhantomData, staged: Default::default() }
     }
 }
 
@@ -236,6 +249,32 @@ impl<T: Float> Backend for CpuBackend<T> {
     fn fill(&self, dst: CpuBuf<T>, value: f32) -> Result<()> {
         misc::fill(unsafe { dst.slice_mut() }, T::from_f64(value as f64));
         Ok(())
+    }
+    fn copy(&self, dst: CpuBuf<T>, src: CpuBuf<T>) -> Result<()> {
+        anyhow::ensure!(dst.len == src.len, "copy of {} values into {}", src.len, dst.len);
+        unsafe { dst.slice_mut() }.copy_from_slice(unsafe { src.slice() });
+        Ok(())
+    }
+    fn copy_labels(&self, dst: CpuBuf<u8>, src: CpuBuf<u8>) -> Result<()> {
+        anyhow::ensure!(dst.len == src.len, "label copy of {} voxels into {}", src.len, dst.len);
+        unsafe { dst.slice_mut() }.copy_from_slice(unsafe { src.slice() });
+        Ok(())
+    }
+    /// Copies nothing yet: the staged batch goes straight from host memory into the step's
+    /// input at `take_staged` (the staging buffers stay unused on the CPU).
+    unsafe fn stage(&self, dst: CpuBuf<T>, src: &[f32], ldst: CpuBuf<u8>, lsrc: &[u8]) -> Result<()> {
+        anyhow::ensure!(dst.len == src.len() && ldst.len == lsrc.len(), "staged batch of {}+{} values into {}+{}", src.len(), lsrc.len(), dst.len, ldst.len);
+        let pending = Staged { image: src.as_ptr(), image_len: src.len(), labels: lsrc.as_ptr(), labels_len: lsrc.len() };
+        *self.staged.lock().map_err(|_| anyhow::anyhow!("staging lock poisoned"))? = Some(pending);
+        Ok(())
+    }
+    fn take_staged(&self, _src: CpuBuf<T>, dst: CpuBuf<T>, _lsrc: CpuBuf<u8>, ldst: CpuBuf<u8>) -> Result<()> {
+        let s = self.staged.lock().map_err(|_| anyhow::anyhow!("staging lock poisoned"))?.take().ok_or_else(|| anyhow::anyhow!("take_staged without a staged batch"))?;
+        // SAFETY: `stage`'s caller keeps this memory alive and unwritten until now.
+        let (image, labels) = unsafe { (std::slice::from_raw_parts(s.image, s.image_len), std::slice::from_raw_parts(s.labels, s.labels_len)) };
+        self.upload(dst, image)?;
+        anyhow::ensure!(ldst.len == labels.len(), "staged labels: {} voxels into {}", labels.len(), ldst.len);
+        self.upload_labels(ldst, labels)
     }
     fn sync(&self) -> Result<()> {
         Ok(())

@@ -1,7 +1,8 @@
 //! CUDA backend: the kernels of kernels/*.cu, compiled by build.rs into one embedded fatbin,
 //! loaded with cudarc (the driver library is opened at run time, so the binary needs only
-//! the NVIDIA driver). One module load, one compute stream, event tracking off (ops are
-//! ordered by the stream), every launch's result checked.
+//! the NVIDIA driver). One module load, one compute stream for the ops and one copy stream for
+//! the staged batch uploads, ordered by two events of our own (cudarc's per-slice event
+//! tracking is off), every launch's result checked.
 //!
 //! Storage is f32 in this first version; the convolutions round operands to bf16 and run
 //! on tensor cores (mma.sync m16n8k16) with f32 accumulation.
@@ -15,7 +16,8 @@ mod optim;
 use super::{Backend, ConvGeom, ConvTGeom, DiceMode, LossParts, OutOfMemory, SgdParams};
 use crate::tensor::Dims;
 use anyhow::{anyhow, bail, Result};
-use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig};
+use crate::hostmem::{Heap, HostAlloc, HostBuf, HostElem};
+use cudarc::driver::{sys, CudaContext, CudaEvent, CudaFunction, CudaSlice, CudaStream, DevicePtr, DriverError, LaunchConfig};
 use std::sync::{Arc, Mutex};
 
 /// The kernels, as nvcc built them (empty when built without nvcc).
@@ -126,6 +128,12 @@ pub(crate) use launch;
 pub struct CudaBackend {
     pub(crate) ctx: Arc<CudaContext>,
     pub(crate) stream: Arc<CudaStream>,
+    /// Host-to-device batch uploads (`stage`), beside the compute stream.
+    copy_stream: Arc<CudaStream>,
+    /// Recorded on the copy stream after a `stage`: the staging buffers hold the batch.
+    staged: CudaEvent,
+    /// Recorded on the compute stream after a `take_staged`: the staging buffers are free.
+    consumed: CudaEvent,
     pub(crate) k: Kernels,
     /// Workspace for partial sums; grows to the largest request, then stays.
     scratch: Mutex<Option<CudaSlice<f32>>>,
@@ -147,6 +155,9 @@ impl CudaBackend {
         // SAFETY: called before any allocation.
         unsafe { ctx.disable_event_tracking() };
         let stream = ctx.new_stream().map_err(|e| anyhow!("creating a CUDA stream: {e}"))?;
+        let copy_stream = ctx.new_stream().map_err(|e| anyhow!("creating the CUDA copy stream: {e}"))?;
+        let event = || ctx.new_event(None).map_err(|e| anyhow!("creating a CUDA event: {e}"));
+        let (staged, consumed) = (event()?, event()?);
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec()))
             .map_err(|e| anyhow!("loading the embedded kernels ({KERNEL_ARCHS}) on this GPU: {e}"))?;
@@ -155,7 +166,7 @@ impl CudaBackend {
         let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(80).max(1) as u32;
         let gpu = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let name = format!("cuda:{ordinal} ({gpu}, sm_{maj}{min}, {sms} SMs)");
-        Ok(CudaBackend { ctx, stream, k, scratch: Mutex::new(None), sms, name })
+        Ok(CudaBackend { ctx, stream, copy_stream, staged, consumed, k, scratch: Mutex::new(None), sms, name })
     }
 
     /// (free, total) device memory in bytes.
@@ -211,6 +222,55 @@ impl CudaBackend {
     pub(crate) fn write_f32(&self, dst: u64, src: &[f32]) -> Result<()> {
         // SAFETY: dst addresses src.len() f32; pageable copies are staged before returning.
         unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }.map_err(|e| self.fail("host-to-device copy", e))
+    }
+}
+
+/// Page-locked host memory from this context (cached, not write-combined: the trainer also
+/// reads the labels of a slot). Falls back to heap memory, once said, when the driver refuses.
+struct Pinned {
+    ctx: Arc<CudaContext>,
+    refused: std::sync::atomic::AtomicBool,
+}
+
+impl Pinned {
+    fn alloc<T: HostElem + cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, len: usize) -> Result<HostBuf<T>> {
+        if len == 0 || self.refused.load(std::sync::atomic::Ordering::Relaxed) {
+            return Ok(HostBuf::heap(len));
+        }
+        // SAFETY: the block is zeroed below before anyone reads it.
+        match unsafe { self.ctx.alloc_pinned_with_flags::<T>(len, 0) } {
+            Ok(mut block) => {
+                let ptr = block.as_mut_ptr().map_err(|e| anyhow!("pinned host memory: {e}"))?;
+                // SAFETY: ptr addresses len T of the block, which `owner` keeps alive and frees.
+                unsafe {
+                    std::ptr::write_bytes(ptr, 0, len);
+                    let ptr = std::ptr::NonNull::new(ptr).ok_or_else(|| anyhow!("pinned host memory: null pointer"))?;
+                    Ok(HostBuf::from_owner(ptr, len, true, Box::new(block)))
+                }
+            }
+            Err(e) => {
+                if !self.refused.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                    println!("note: the driver refused page-locked host memory ({e}); batch slots use ordinary memory (uploads are then not overlapped with the step)");
+                }
+                Ok(HostBuf::heap(len))
+            }
+        }
+    }
+}
+
+impl HostAlloc for Pinned {
+    fn f32s(&self, len: usize) -> Result<HostBuf<f32>> {
+        self.alloc(len)
+    }
+    fn bytes(&self, len: usize) -> Result<HostBuf<u8>> {
+        self.alloc(len)
+    }
+    fn kind(&self) -> &'static str {
+        if self.refused.load(std::sync::atomic::Ordering::Relaxed) {
+            Heap.kind()
+        } else {
+            "pinned"
+        }
     }
 }
 
@@ -278,6 +338,41 @@ impl Backend for CudaBackend {
         let n = dst.len as i64;
         launch!(self, fill_f32, self.grid(dst.len), &dst.ptr, &n, &value);
         Ok(())
+    }
+    fn copy(&self, dst: DevBuf, src: DevBuf) -> Result<()> {
+        anyhow::ensure!(dst.len == src.len, "copy of {} values into {}", src.len, dst.len);
+        // SAFETY: both views address len f32 on this context.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(dst.ptr, src.ptr, 4 * dst.len, self.stream.cu_stream()) }.map_err(|e| self.fail("device-to-device copy", e))
+    }
+    fn copy_labels(&self, dst: DevLabels, src: DevLabels) -> Result<()> {
+        anyhow::ensure!(dst.len == src.len, "label copy of {} voxels into {}", src.len, dst.len);
+        // SAFETY: both views address len bytes on this context.
+        unsafe { cudarc::driver::result::memcpy_dtod_async(dst.ptr, src.ptr, dst.len, self.stream.cu_stream()) }.map_err(|e| self.fail("device-to-device label copy", e))
+    }
+    fn host_memory(&self) -> Arc<dyn HostAlloc> {
+        Arc::new(Pinned { ctx: self.ctx.clone(), refused: false.into() })
+    }
+    unsafe fn stage(&self, dst: DevBuf, src: &[f32], ldst: DevLabels, lsrc: &[u8]) -> Result<()> {
+        anyhow::ensure!(dst.len == src.len() && ldst.len == lsrc.len(), "staged batch of {}+{} values into {}+{}", src.len(), lsrc.len(), dst.len, ldst.len);
+        let cs = self.copy_stream.cu_stream();
+        self.copy_stream.wait(&self.consumed).map_err(|e| self.fail("copy stream wait", e))?;
+        // SAFETY: the views address the lengths checked above; the caller keeps src and lsrc
+        // alive and unwritten until take_staged has waited for `staged`.
+        unsafe {
+            cudarc::driver::result::memcpy_htod_async(dst.ptr, src, cs).map_err(|e| self.fail("staged image upload", e))?;
+            cudarc::driver::result::memcpy_htod_async(ldst.ptr, lsrc, cs).map_err(|e| self.fail("staged label upload", e))?;
+        }
+        self.staged.record(&self.copy_stream).map_err(|e| self.fail("event record (staged)", e))
+    }
+    fn take_staged(&self, src: DevBuf, dst: DevBuf, lsrc: DevLabels, ldst: DevLabels) -> Result<()> {
+        self.stream.wait(&self.staged).map_err(|e| self.fail("compute stream wait", e))?;
+        self.copy(dst, src)?;
+        self.copy_labels(ldst, lsrc)?;
+        self.consumed.record(&self.stream).map_err(|e| self.fail("event record (consumed)", e))?;
+        self.staged.synchronize().map_err(|e| self.fail("staged upload", e))
+    }
+    fn sync_staged(&self) -> Result<()> {
+        self.copy_stream.synchronize().map_err(|e| self.fail("copy stream synchronize", e))
     }
     fn sync(&self) -> Result<()> {
         self.stream.synchronize().map_err(|e| self.fail("stream synchronize", e))

@@ -1,0 +1,270 @@
+//! `segk bench kernels`: each op family alone, on the layer shapes of a 3d_fullres net (patch
+//! 128^3, batch 2, features 32..320, 6 stages by default), with the rate that bounds it:
+//! TFLOP/s for the convolutions (bf16 tensor cores on a GPU), GB/s of compulsory traffic for
+//! the memory-bound ops. On a GPU each rate is also given as a share of the H100 targets the
+//! issue set: 790 TFLOP/s bf16 dense and 3 TB/s of HBM.
+
+use crate::backend::{Backend, ConvGeom, ConvTGeom, DiceMode, SgdParams};
+use crate::bench_step::parse_triple;
+use crate::model::topology::nnunet_features;
+use crate::model::Topology;
+use crate::tensor::Dims;
+use anyhow::Result;
+use serde::Serialize;
+use std::time::Instant;
+
+pub const H100_BF16_TFLOPS: f64 = 790.0;
+pub const H100_HBM_GBPS: f64 = 3000.0;
+
+#[derive(clap::Args, Debug, Clone)]
+pub struct KernelArgs {
+    /// Patch size D,H,W of the net whose layers are timed.
+    #[arg(long, default_value = "128,128,128", value_parser = parse_triple)]
+    pub patch: [usize; 3],
+    #[arg(long, default_value_t = 2)]
+    pub batch: usize,
+    /// Stages (features min(32*2^i, 320)).
+    #[arg(long, default_value_t = 6)]
+    pub stages: usize,
+    /// Classes including background (heads and loss).
+    #[arg(long, default_value_t = 3)]
+    pub classes: usize,
+    /// cpu, cuda or cuda:N.
+    #[arg(long, default_value = "cpu")]
+    pub device: String,
+    /// Timed runs per op (after one warm-up); the median is reported.
+    #[arg(long, default_value_t = 5)]
+    pub reps: usize,
+    /// Only ops whose name contains this.
+    #[arg(long)]
+    pub only: Option<String>,
+    /// Worker threads on the CPU (default: all cores).
+    #[arg(long)]
+    pub threads: Option<usize>,
+    /// One JSON object per line instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// One timed op.
+#[derive(Serialize, Debug, Clone)]
+pub struct Row {
+    pub op: String,
+    pub shape: String,
+    pub median_ms: f64,
+    pub tflops: Option<f64>,
+    pub gbps: Option<f64>,
+}
+
+/// The ops to time: every distinct conv layer of the net (forward, dgrad, wgrad), the
+/// transposed convs, norm and loss at full resolution, the optimizer over all parameters.
+enum Op {
+    Conv(ConvGeom, Dims),
+    ConvT(ConvTGeom, Dims),
+    Norm(Dims),
+    Loss(Dims),
+    Sgd(usize),
+}
+
+fn ops(t: &Topology, patch: [usize; 3], batch: usize) -> Result<Vec<Op>> {
+    let sp = t.stage_spatial(patch)?;
+    let mut v = Vec::new();
+    let mut seen = Vec::new();
+    let mut conv = |g: ConvGeom, x: Dims, v: &mut Vec<Op>| {
+        if !seen.contains(&(g, x)) {
+            seen.push((g, x));
+            v.push(Op::Conv(g, x));
+        }
+    };
+    for s in 0..t.stages() {
+        let input = if s == 0 { sp[0] } else { sp[s - 1] };
+        let cin = t.enc_geom(s, 0).cin;
+        conv(t.enc_geom(s, 0), Dims::new(batch, input, cin), &mut v);
+        conv(t.enc_geom(s, 1), Dims::new(batch, sp[s], t.features[s]), &mut v);
+        if s + 1 < t.stages() {
+            conv(t.dec_geom(s, 0), Dims::new(batch, sp[s], 2 * t.features[s]), &mut v);
+        }
+    }
+    conv(t.head_geom(0), Dims::new(batch, sp[0], t.features[0]), &mut v);
+    for s in 0..t.stages() - 1 {
+        v.push(Op::ConvT(t.up_geom(s), Dims::new(batch, sp[s + 1], t.features[s + 1])));
+    }
+    v.push(Op::Norm(Dims::new(batch, sp[0], t.features[0])));
+    v.push(Op::Loss(Dims::new(batch, sp[0], t.n_classes)));
+    v.push(Op::Sgd(crate::model::params::ParamLayout::new(t).len));
+    Ok(v)
+}
+
+fn dims_str(d: Dims) -> String {
+    let s = d.spatial();
+    format!("{}x{}x{}x{}x{}", d.n, s[0], s[1], s[2], d.c)
+}
+
+/// Median wall time of `f` over `reps` runs after one warm-up, the device synchronised.
+fn time<B: Backend>(be: &B, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    be.sync()?;
+    let mut t = Vec::with_capacity(reps);
+    for _ in 0..reps.max(1) {
+        let t0 = Instant::now();
+        f()?;
+        be.sync()?;
+        t.push(t0.elapsed().as_secs_f64());
+    }
+    t.sort_by(|a, b| a.partial_cmp(b).expect("finite timings"));
+    Ok(t[t.len() / 2])
+}
+
+/// Arenas filled with a constant pattern (rates do not depend on the values; finite ones
+/// keep the loss and norm paths ordinary).
+struct Mem<'a, B: Backend> {
+    be: &'a B,
+    keep: Vec<B::Arena>,
+    labels: Vec<B::LabelArena>,
+}
+
+impl<B: Backend> Mem<'_, B> {
+    fn buf(&mut self, len: usize, value: f32) -> Result<B::Buf> {
+        let a = self.be.alloc(len)?;
+        let v = self.be.view(&a, 0, len);
+        self.be.fill(v, value)?;
+        self.keep.push(a);
+        Ok(v)
+    }
+    fn labels(&mut self, len: usize, classes: usize) -> Result<B::LabelBuf> {
+        let a = self.be.alloc_labels(len)?;
+        let v = self.be.label_view(&a, 0, len);
+        let host: Vec<u8> = (0..len).map(|i| (i % classes) as u8).collect();
+        self.be.upload_labels(v, &host)?;
+        self.labels.push(a);
+        Ok(v)
+    }
+}
+
+fn rows_of<B: Backend>(be: &B, op: &Op, reps: usize, keep: &dyn Fn(&str) -> bool) -> Result<Vec<Row>> {
+    let mut m = Mem { be, keep: Vec::new(), labels: Vec::new() };
+    let mut out = Vec::new();
+    let mut row = |op: &str, shape: String, secs: f64, flops: Option<f64>, bytes: Option<f64>| {
+        out.push(Row { op: op.into(), shape, median_ms: secs * 1e3, tflops: flops.map(|f| f / secs / 1e12), gbps: bytes.map(|b| b / secs / 1e9) });
+    };
+    match *op {
+        Op::Conv(g, x) => {
+            let y = g.out_dims(x);
+            let name = |k: &str| format!("conv_{k} {}x{}x{} s{}", g.kernel[0], g.kernel[1], g.kernel[2], g.stride.iter().max().copied().unwrap_or(1));
+            let shape = format!("{} -> {} ch", dims_str(x), g.cout);
+            let (xb, wb, bb, yb) = (m.buf(x.len(), 0.5)?, m.buf(g.weight_len(), 0.01)?, m.buf(g.cout, 0.0)?, m.buf(y.len(), 0.0)?);
+            if keep(&name("fwd")) {
+                row(&name("fwd"), shape.clone(), time(be, reps, || be.conv_fwd(xb, x, wb, bb, yb, &g))?, Some(g.flops(x)), None);
+            }
+            if keep(&name("dgrad")) {
+                row(&name("dgrad"), shape.clone(), time(be, reps, || be.conv_dgrad(yb, wb, xb, x, &g, 0.0))?, Some(g.flops(x)), None);
+            }
+            if keep(&name("wgrad")) {
+                let (dw, db) = (m.buf(g.weight_len(), 0.0)?, m.buf(g.cout, 0.0)?);
+                row(&name("wgrad"), shape, time(be, reps, || be.conv_wgrad(xb, x, yb, dw, db, &g))?, Some(g.flops(x)), None);
+            }
+        }
+        Op::ConvT(g, x) => {
+            let y = g.out_dims(x);
+            let shape = format!("{} -> {} ch", dims_str(x), g.cout);
+            let (xb, wb, bb, yb) = (m.buf(x.len(), 0.5)?, m.buf(g.weight_len(), 0.01)?, m.buf(g.cout, 0.0)?, m.buf(y.len(), 0.0)?);
+            if keep("convt_fwd") {
+                row("convt_fwd", shape.clone(), time(be, reps, || be.convt_fwd(xb, x, wb, bb, yb, &g))?, Some(g.flops(x)), None);
+            }
+            if keep("convt_dgrad") {
+                row("convt_dgrad", shape.clone(), time(be, reps, || be.convt_dgrad(yb, wb, xb, x, &g, 0.0))?, Some(g.flops(x)), None);
+            }
+            if keep("convt_wgrad") {
+                let (dw, db) = (m.buf(g.weight_len(), 0.0)?, m.buf(g.cout, 0.0)?);
+                row("convt_wgrad", shape, time(be, reps, || be.convt_wgrad(xb, x, yb, dw, db, &g))?, Some(g.flops(x)), None);
+            }
+        }
+        Op::Norm(d) => {
+            let e = be.elem_bytes() as f64;
+            let n = d.len() as f64;
+            let st = d.n * d.c;
+            let (x, y, dy) = (m.buf(d.len(), 0.5)?, m.buf(d.len(), 0.0)?, m.buf(d.len(), 0.1)?);
+            let (mean, rstd, gamma, beta, dg, dbt) = (m.buf(st, 0.0)?, m.buf(st, 1.0)?, m.buf(d.c, 1.0)?, m.buf(d.c, 0.0)?, m.buf(d.c, 0.0)?, m.buf(d.c, 0.0)?);
+            // Compulsory traffic: stats read x; forward reads x, writes y; backward reads
+            // dy and x, writes dx.
+            if keep("norm_stats") {
+                row("norm_stats", dims_str(d), time(be, reps, || be.norm_stats(x, d, mean, rstd))?, None, Some(n * e));
+            }
+            if keep("norm_act_fwd") {
+                row("norm_act_fwd", dims_str(d), time(be, reps, || be.norm_act_fwd(x, d, mean, rstd, gamma, beta, y))?, None, Some(2.0 * n * e));
+            }
+            if keep("norm_act_bwd") {
+                let dx = m.buf(d.len(), 0.0)?;
+                row("norm_act_bwd", dims_str(d), time(be, reps, || be.norm_act_bwd(dy, x, d, mean, rstd, gamma, beta, dx, dg, dbt))?, None, Some(3.0 * n * e));
+            }
+        }
+        Op::Loss(d) => {
+            if keep("softmax_dice_ce") {
+                let e = be.elem_bytes() as f64;
+                let logits = m.buf(d.len(), 0.0)?;
+                let labels = m.labels(d.rows(), d.c)?;
+                // Reads logits and labels, writes the gradient over the logits.
+                let bytes = 2.0 * d.len() as f64 * e + d.rows() as f64;
+                row("softmax_dice_ce", dims_str(d), time(be, reps, || be.fill(logits, 0.0).and_then(|_| be.softmax_dice_ce(logits, d, labels, DiceMode::Batch, 1.0).map(|_| ())))?, None, Some(bytes));
+            }
+        }
+        Op::Sgd(n) => {
+            if keep("sgd_update") {
+                let e = be.elem_bytes() as f64;
+                let (p, g, mo) = (m.buf(n, 0.1)?, m.buf(n, 0.01)?, m.buf(n, 0.0)?);
+                let sp = SgdParams { lr: 1e-3, momentum: 0.99, weight_decay: 3e-5, first_step: false };
+                // Reads params, grads, momentum; writes params and momentum.
+                row("sgd_update", format!("{n} params"), time(be, reps, || be.sgd_update(p, g, mo, &sp))?, None, Some(5.0 * n as f64 * e));
+            }
+        }
+    }
+    Ok(out)
+}
+
+struct Measure<'a>(&'a KernelArgs);
+
+impl crate::device::Job for Measure<'_> {
+    type Out = (String, Vec<Row>);
+    fn run<B: Backend>(self, be: &B) -> Result<(String, Vec<Row>)> {
+        let a = self.0;
+        let t = Topology::isotropic(1, a.classes, nnunet_features(a.stages, 32, 320));
+        let keep = |name: &str| a.only.as_deref().is_none_or(|f| name.contains(f));
+        let mut rows = Vec::new();
+        if !a.json {
+            println!("  device {}", be.name());
+        }
+        for op in ops(&t, a.patch, a.batch)? {
+            // Each op's buffers are freed before the next op allocates its own.
+            let r = rows_of(be, &op, a.reps, &keep)?;
+            for row in &r {
+                if a.json {
+                    println!("{}", serde_json::to_string(row)?);
+                } else {
+                    print_row(row, be.name().starts_with("cuda"));
+                }
+            }
+            rows.extend(r);
+        }
+        Ok((be.name(), rows))
+    }
+}
+
+fn print_row(r: &Row, gpu: bool) {
+    let rate = match (r.tflops, r.gbps) {
+        (Some(t), _) if gpu => format!("{t:8.1} TFLOP/s {:5.1} % of {H100_BF16_TFLOPS:.0}", 100.0 * t / H100_BF16_TFLOPS),
+        (Some(t), _) => format!("{:8.1} GFLOP/s", t * 1e3),
+        (_, Some(g)) if gpu => format!("{g:8.1} GB/s    {:5.1} % of {H100_HBM_GBPS:.0}", 100.0 * g / H100_HBM_GBPS),
+        (_, Some(g)) => format!("{g:8.1} GB/s"),
+        _ => String::new(),
+    };
+    println!("  {:<20} {:<32} {:>10.3} ms  {rate}", r.op, r.shape, r.median_ms);
+}
+
+pub fn run(a: &KernelArgs) -> Result<Vec<Row>> {
+    if !a.json {
+        let p = a.patch;
+        println!("segk bench kernels: {} stages, patch {}x{}x{}, batch {}, device {} (median of {} runs)", a.stages, p[0], p[1], p[2], a.batch, a.device, a.reps.max(1));
+    }
+    let (_name, rows) = crate::device::run_on(&a.device, Measure(a))?;
+    Ok(rows)
+}
