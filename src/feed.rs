@@ -42,7 +42,11 @@ impl<'a, B: Backend> Feed<'a, B> {
         }
         let current = self.staged.take().expect("staged above");
         let be = self.be;
-        be.take_staged(be.view(&self.image, 0, self.image_len), image, be.label_view(&self.labels, 0, self.label_len), labels)?;
+        if let Err(e) = be.take_staged(be.view(&self.image, 0, self.image_len), image, be.label_view(&self.labels, 0, self.label_len), labels) {
+            // `current` is freed on return: not while the copy engine may still read it.
+            let _ = be.sync_staged();
+            return Err(e);
+        }
         let following = pool.next_batch()?;
         self.stage(following)?;
         Ok(current)
@@ -53,17 +57,20 @@ impl<'a, B: Backend> Feed<'a, B> {
         let be = self.be;
         // SAFETY: `b` is kept in self.staged, untouched, until the next take_staged (in
         // `next`) has waited for this copy; Drop waits for it too.
-        unsafe { be.stage(be.view(&self.image, 0, self.image_len), &b.image, be.label_view(&self.labels, 0, self.label_len), &b.labels)? };
+        if let Err(e) = unsafe { be.stage(be.view(&self.image, 0, self.image_len), &b.image, be.label_view(&self.labels, 0, self.label_len), &b.labels) } {
+            // Part of the copy may be queued: wait for it before `b` is freed.
+            let _ = be.sync_staged();
+            return Err(e);
+        }
         self.staged = Some(b);
         Ok(())
     }
 }
 
 impl<B: Backend> Drop for Feed<'_, B> {
-    /// A batch still uploading must not be freed under the copy engine: wait for it.
+    /// A batch still uploading, or the staging buffers being written, must not be freed under
+    /// the copy engine: wait for the copies first.
     fn drop(&mut self) {
-        if self.staged.is_some() {
-            let _ = self.be.sync_staged();
-        }
+        let _ = self.be.sync_staged();
     }
 }

@@ -180,8 +180,8 @@ pub trait Backend: Sync {
 
     // ---- staged input: the upload of batch k+1 overlaps step k ----
     /// Starts copying a batch (image, labels) into the staging buffers `dst`/`ldst` on the copy
-    /// stream, once the previous `take_staged` has read them; on a GPU it returns before
-    /// the copy is done. The CPU copies at once.
+    /// stream, once the ops queued so far are done (the previous `take_staged` included); on a
+    /// GPU it returns before the copy is done. The CPU reads the batch at `take_staged`.
     ///
     /// # Safety
     /// `src` and `lsrc` must stay alive and unwritten until the next `take_staged` returns

@@ -132,8 +132,9 @@ pub struct CudaBackend {
     copy_stream: Arc<CudaStream>,
     /// Recorded on the copy stream after a `stage`: the staging buffers hold the batch.
     staged: CudaEvent,
-    /// Recorded on the compute stream after a `take_staged`: the staging buffers are free.
-    consumed: CudaEvent,
+    /// Recorded on the compute stream at each `stage`: the ops queued so far (the previous
+    /// `take_staged`'s copy out of the staging buffers, their allocation and zeroing) are done.
+    ops_done: CudaEvent,
     pub(crate) k: Kernels,
     /// Workspace for partial sums; grows to the largest request, then stays.
     scratch: Mutex<Option<CudaSlice<f32>>>,
@@ -157,7 +158,7 @@ impl CudaBackend {
         let stream = ctx.new_stream().map_err(|e| anyhow!("creating a CUDA stream: {e}"))?;
         let copy_stream = ctx.new_stream().map_err(|e| anyhow!("creating the CUDA copy stream: {e}"))?;
         let event = || ctx.new_event(None).map_err(|e| anyhow!("creating a CUDA event: {e}"));
-        let (staged, consumed) = (event()?, event()?);
+        let (staged, ops_done) = (event()?, event()?);
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec()))
             .map_err(|e| anyhow!("loading the embedded kernels ({KERNEL_ARCHS}) on this GPU: {e}"))?;
@@ -166,7 +167,7 @@ impl CudaBackend {
         let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(80).max(1) as u32;
         let gpu = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let name = format!("cuda:{ordinal} ({gpu}, sm_{maj}{min}, {sms} SMs)");
-        Ok(CudaBackend { ctx, stream, copy_stream, staged, consumed, k, scratch: Mutex::new(None), sms, name })
+        Ok(CudaBackend { ctx, stream, copy_stream, staged, ops_done, k, scratch: Mutex::new(None), sms, name })
     }
 
     /// (free, total) device memory in bytes.
@@ -220,7 +221,8 @@ impl CudaBackend {
     }
 
     pub(crate) fn write_f32(&self, dst: u64, src: &[f32]) -> Result<()> {
-        // SAFETY: dst addresses src.len() f32; pageable copies are staged before returning.
+        // SAFETY: dst addresses src.len() f32. From pinned memory the copy may still run after this
+        // returns: callers keep src untouched until the stream is synchronised (download, sync).
         unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }.map_err(|e| self.fail("host-to-device copy", e))
     }
 }
@@ -355,7 +357,8 @@ impl Backend for CudaBackend {
     unsafe fn stage(&self, dst: DevBuf, src: &[f32], ldst: DevLabels, lsrc: &[u8]) -> Result<()> {
         anyhow::ensure!(dst.len == src.len() && ldst.len == lsrc.len(), "staged batch of {}+{} values into {}+{}", src.len(), lsrc.len(), dst.len, ldst.len);
         let cs = self.copy_stream.cu_stream();
-        self.copy_stream.wait(&self.consumed).map_err(|e| self.fail("copy stream wait", e))?;
+        self.ops_done.record(&self.stream).map_err(|e| self.fail("event record (ops done)", e))?;
+        self.copy_stream.wait(&self.ops_done).map_err(|e| self.fail("copy stream wait", e))?;
         // SAFETY: the views address the lengths checked above; the caller keeps src and lsrc
         // alive and unwritten until take_staged has waited for `staged`.
         unsafe {
@@ -368,7 +371,6 @@ impl Backend for CudaBackend {
         self.stream.wait(&self.staged).map_err(|e| self.fail("compute stream wait", e))?;
         self.copy(dst, src)?;
         self.copy_labels(ldst, lsrc)?;
-        self.consumed.record(&self.stream).map_err(|e| self.fail("event record (consumed)", e))?;
         self.staged.synchronize().map_err(|e| self.fail("staged upload", e))
     }
     fn sync_staged(&self) -> Result<()> {
