@@ -2,7 +2,9 @@
 //! 128^3, batch 2, features 32..320, 6 stages by default), with the rate that bounds it:
 //! TFLOP/s for the convolutions (bf16 tensor cores on a GPU), GB/s of compulsory traffic for
 //! the memory-bound ops. On a GPU each rate is also given as a share of the H100 targets the
-//! issue set: 790 TFLOP/s bf16 dense and 3 TB/s of HBM.
+//! issue set: 790 TFLOP/s bf16 dense and 3 TB/s of HBM. Inputs are not rotated: a layer whose
+//! tensors fit in L2 (the deepest stages) reads them from L2 on repeats, which flatters its
+//! GB/s, not its TFLOP/s (those layers are compute-bound).
 
 use crate::backend::{Backend, ConvGeom, ConvTGeom, DiceMode, SgdParams};
 use crate::bench_step::parse_triple;
@@ -100,16 +102,25 @@ fn dims_str(d: Dims) -> String {
     format!("{}x{}x{}x{}x{}", d.n, s[0], s[1], s[2], d.c)
 }
 
-/// Median wall time of `f` over `reps` runs after one warm-up, the device synchronised.
+/// Median time of one call of `f` over `reps` runs after one warm-up, the device synchronised
+/// around each run. A run repeats `f` back to back until it lasts ~2 ms, so that a kernel of a
+/// few microseconds is not measured as launch and synchronisation latency.
 fn time<B: Backend>(be: &B, reps: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
     be.sync()?;
+    let t0 = Instant::now();
+    f()?;
+    be.sync()?;
+    let once = t0.elapsed().as_secs_f64();
+    let inner = ((2e-3 / once.max(1e-9)).ceil() as usize).clamp(1, 256);
     let mut t = Vec::with_capacity(reps);
     for _ in 0..reps.max(1) {
         let t0 = Instant::now();
-        f()?;
+        for _ in 0..inner {
+            f()?;
+        }
         be.sync()?;
-        t.push(t0.elapsed().as_secs_f64());
+        t.push(t0.elapsed().as_secs_f64() / inner as f64);
     }
     t.sort_by(|a, b| a.partial_cmp(b).expect("finite timings"));
     Ok(t[t.len() / 2])
