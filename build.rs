@@ -54,6 +54,63 @@ fn allowed_spills(dir: &Path) -> Vec<String> {
     text.lines().filter(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')).filter_map(|l| l.split_whitespace().next().map(str::to_string)).collect()
 }
 
+/// Names of the `extern "C" __global__` kernels in `src`.
+fn kernel_names(src: &str) -> Vec<String> {
+    let mut names = Vec::new();
+    for part in src.split("extern \"C\" __global__ void").skip(1) {
+        let mut rest = part.trim_start();
+        if let Some(r) = rest.strip_prefix("__launch_bounds__(") {
+            rest = r.split_once(')').map(|(_, r)| r.trim_start()).unwrap_or("");
+        }
+        let name: String = rest.chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+        if !name.is_empty() {
+            names.push(name);
+        }
+    }
+    names
+}
+
+/// The kernels compiled as C++ for the CPU emulator (kernels/emu), behind `--device emu`: every
+/// kernel runs on the host, so the GPU code path is checked against the CPU twins where no GPU
+/// is. Needs a C++ compiler (the cc crate's choice, $CXX); without one the build goes on.
+/// Links nothing beyond libc and libm (no libstdc++: no exceptions, RTTI or static guards).
+fn build_emulator(kdir: &Path, sources: &[PathBuf], out: &Path) {
+    let cus: Vec<&PathBuf> = sources.iter().filter(|p| p.extension().is_some_and(|e| e == "cu")).collect();
+    let mut unity: String = cus.iter().map(|p| format!("#include \"{}\"\n", p.display())).collect();
+    let names: Vec<String> = cus.iter().flat_map(|p| kernel_names(&fs::read_to_string(p).unwrap_or_default())).collect();
+    unity += &format!("#define EMU_KERNELS(X) {}\n", names.iter().map(|n| format!("X({n})")).collect::<Vec<_>>().join(" "));
+    unity += &format!("#include \"{}\"\n", kdir.join("emu/emu.cpp").display());
+    let file = out.join("segk_emu.cpp");
+    fs::write(&file, unity).expect("write emulator source");
+    for f in ["emu/emu.h", "emu/emu.cpp"] {
+        println!("cargo:rerun-if-changed={}", kdir.join(f).display());
+    }
+    let built = cc::Build::new()
+        .cpp(true)
+        .cpp_link_stdlib(None)
+        .std("c++17")
+        .opt_level(2)
+        .define("SEGK_EMU", None)
+        .flag("-include")
+        .flag(kdir.join("emu/emu.h").to_str().expect("UTF-8 path"))
+        .flag("-fno-exceptions")
+        .flag("-fno-rtti")
+        .flag("-fno-threadsafe-statics")
+        .warnings(false)
+        .file(&file)
+        .try_compile("segk_emu");
+    match built {
+        Ok(()) => {
+            println!("cargo:rustc-cfg=segk_emu");
+            println!("cargo:rustc-env=SEGK_EMU_INFO=yes (--device emu runs the CUDA kernels on the CPU)");
+        }
+        Err(e) => {
+            println!("cargo:warning=no C++ compiler for the kernel emulator ({e}): `--device emu` unavailable");
+            println!("cargo:rustc-env=SEGK_EMU_INFO=no (built without a C++ compiler)");
+        }
+    }
+}
+
 /// The commit this build comes from, for `segk --version`.
 fn git_commit(root: &Path) -> String {
     let out = Command::new("git").arg("-C").arg(root).args(["rev-parse", "--short=12", "HEAD"]).output();
@@ -65,6 +122,7 @@ fn git_commit(root: &Path) -> String {
 
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(segk_kernels)");
+    println!("cargo::rustc-check-cfg=cfg(segk_emu)");
     for v in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "SEGK_REQUIRE_KERNELS"] {
         println!("cargo:rerun-if-env-changed={v}");
     }
@@ -88,8 +146,11 @@ fn main() {
         fs::write(&fatbin, []).expect("write empty fatbin");
         fs::write(&report_path, "static CPU-only build: no CUDA kernels\n").expect("write report");
         println!("cargo:rustc-env=SEGK_KERNEL_INFO=none (static CPU-only build: it cannot use a GPU)");
+        println!("cargo:rustc-env=SEGK_EMU_INFO=no (static CPU-only build)");
         return;
     }
+
+    build_emulator(&kdir, &sources, &out);
 
     let Some(nvcc) = find_nvcc() else {
         if require {

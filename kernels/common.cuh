@@ -1,7 +1,10 @@
 // Shared device helpers: reductions and bf16 packing. Every kernel is extern "C" so the
 // host finds it by its plain name in the fatbin.
 #pragma once
+#ifndef SEGK_EMU
 #include <cuda_bf16.h>
+#define SEGK_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
 #include <stdint.h>
 
 #define SEGK_LEAKY 0.01f

@@ -8,7 +8,7 @@
 
 // part[block] = [inter C | pred C | gt C | ce | max label], block = (chunk, sample).
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_partial_f32(const float* z, const uint8_t* lab, long V, int C, long chunk, float* part) {
-    extern __shared__ float acc[];  // 3*C + 2
+    SEGK_DYNAMIC_SHARED(float, acc);  // 3*C + 2
     int b = blockIdx.y, k = blockIdx.x;
     for (int i = threadIdx.x; i < 3 * C + 2; i += blockDim.x) acc[i] = 0.f;
     __syncthreads();

@@ -8,15 +8,18 @@ use anyhow::{bail, Result};
 pub enum Device {
     Cpu,
     Cuda(usize),
+    /// The CUDA backend with its kernels run by the CPU emulator.
+    Emu,
 }
 
 pub fn parse(s: &str) -> Result<Device> {
     match s {
         "cpu" => Ok(Device::Cpu),
         "cuda" => Ok(Device::Cuda(0)),
+        "emu" => Ok(Device::Emu),
         _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(i)) => Ok(Device::Cuda(i)),
-            _ => bail!("unknown device {s:?}: use cpu, cuda or cuda:N"),
+            _ => bail!("unknown device {s:?}: use cpu, cuda, cuda:N or emu"),
         },
     }
 }
@@ -42,5 +45,6 @@ pub fn run_on<J: Job>(s: &str, job: J) -> Result<J::Out> {
     match parse(s)? {
         Device::Cpu => job.run(&CpuBackend::<f32>::new()),
         Device::Cuda(i) => job.run(&CudaBackend::new(i)?),
+        Device::Emu => job.run(&CudaBackend::emulated()?),
     }
 }

@@ -8,7 +8,7 @@ use segk::device::Job;
 use segk::selftest;
 use segk::synth::LABEL_NAMES;
 
-const LONG_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SEGK_GIT_COMMIT"), ")\nCUDA kernels: ", env!("SEGK_KERNEL_INFO"));
+const LONG_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SEGK_GIT_COMMIT"), ")\nCUDA kernels: ", env!("SEGK_KERNEL_INFO"), "\nkernel emulator: ", env!("SEGK_EMU_INFO"));
 
 #[derive(Parser)]
 #[command(name = "segk", version, long_version = LONG_VERSION, about = "Train and run nnU-Net-style 3D U-Nets: one binary, CPU or CUDA")]
@@ -177,7 +177,7 @@ enum Cmd {
     },
     /// Every kernel of a device against the CPU reference, then whole training steps.
     Selftest {
-        /// cpu (the f32 CPU backend against f64) or cuda[:N].
+        /// cpu (the f32 CPU backend against f64), cuda[:N], or emu (the CUDA kernels run by the CPU emulator).
         #[arg(long, default_value = "cuda")]
         device: String,
         /// Seed of the random inputs (default: fresh each run).

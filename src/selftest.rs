@@ -18,13 +18,25 @@ pub struct Bounds {
     pub bf16: f64,
     pub f32: f64,
     pub step: f64,
+    /// The whole gradient vector of a step.
+    pub step_grads: f64,
+    /// Whole steps are compared with an f64 reference whose convolutions round their
+    /// operands to bf16 as the device's do (`CpuBackend::with_bf16_operands`).
+    pub bf16_step_reference: bool,
 }
 
 impl Bounds {
-    pub const CUDA: Bounds = Bounds { bf16: 1e-2, f32: 1e-4, step: 5e-2 };
+    // Whole steps: bf16 operand rounding alone moves this test net's gradient vector by ~14 %
+    // against exact f64 (instance norm's mean subtraction amplifies it; measured with the
+    // emulator and with a CPU run rounding alike), so the step is checked against a reference
+    // that rounds alike. The emulated kernels then differ by 1.7e-2 to 5.2e-2 (values computed
+    // in f32 on the device and in f64 here fall on either side of a bf16 rounding point, and
+    // the net amplifies those flips): bound 0.15. Loss and gradient norm agree to < 1e-3. A
+    // composition bug (a wrong buffer, a lost accumulation) gives errors of order 1.
+    pub const CUDA: Bounds = Bounds { bf16: 1e-2, f32: 1e-4, step: 5e-2, step_grads: 0.15, bf16_step_reference: true };
     // A whole step crosses LeakyReLU kinks: one activation whose sign differs between f32
     // and f64 (measured: 1 of ~65k) moves the gradient vector by up to ~1e-2.
-    pub const CPU_F32: Bounds = Bounds { bf16: 1e-5, f32: 1e-5, step: 5e-2 };
+    pub const CPU_F32: Bounds = Bounds { bf16: 1e-5, f32: 1e-5, step: 5e-2, step_grads: 5e-2, bf16_step_reference: false };
 }
 
 #[derive(Clone, Debug)]
@@ -337,18 +349,23 @@ fn step_check<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
     let image = r.rand(vox);
     let labels: Vec<u8> = (0..vox).map(|i| ((i / 97) % 3) as u8).collect();
     let seed = r.rng.random();
+    let reference = if b.bf16_step_reference { CpuBackend::<f64>::with_bf16_operands() } else { CpuBackend::<f64>::new() };
+    let against = if b.bf16_step_reference { " vs f64 with bf16 conv operands" } else { "" };
     for policy in [Checkpointing::None, Checkpointing::Level1, Checkpointing::Level2] {
-        let (dn, cn) = (UNet::new(r.dev.be, t.clone(), seed)?, UNet::new(r.cpu.be, t.clone(), seed)?);
+        let (dn, cn) = (UNet::new(r.dev.be, t.clone(), seed)?, UNet::new(&reference, t.clone(), seed)?);
         let da = Acts::new(r.dev.be, &t, patch, batch, policy, true)?;
-        let ca = Acts::new(r.cpu.be, &t, patch, batch, policy, true)?;
+        let ca = Acts::new(&reference, &t, patch, batch, policy, true)?;
         r.dev.be.fill(r.dev.be.view(&da.arena, 0, da.plan.len), f32::NAN)?;
         let ld = dn.compute_gradients(r.dev.be, &da, &image, &labels)?;
-        let lc = cn.compute_gradients(r.cpu.be, &ca, &image, &labels)?;
+        let lc = cn.compute_gradients(&reference, &ca, &image, &labels)?;
         let lvl = policy.level();
-        r.checks.push(Check { name: format!("train step loss (checkpointing {lvl})"), err: (ld.total - lc.total).abs() / lc.total.abs(), bound: b.step });
-        r.checks.push(Check { name: format!("train step grad norm (checkpointing {lvl})"), err: (ld.grad_norm - lc.grad_norm).abs() / lc.grad_norm, bound: b.step });
+        r.checks.push(Check { name: format!("train step loss (checkpointing {lvl}){against}"), err: (ld.total - lc.total).abs() / lc.total.abs(), bound: b.step });
+        r.checks.push(Check { name: format!("train step grad norm (checkpointing {lvl}){against}"), err: (ld.grad_norm - lc.grad_norm).abs() / lc.grad_norm, bound: b.step });
         let n = dn.n_params();
-        r.compare(format!("train step gradients (checkpointing {lvl})"), dn.grads(r.dev.be), cn.grads(r.cpu.be), n, b.step)?;
+        let (mut dg, mut cg) = (vec![0f32; n], vec![0f32; n]);
+        r.dev.be.download(dn.grads(r.dev.be), &mut dg)?;
+        reference.download(cn.grads(&reference), &mut cg)?;
+        r.checks.push(Check { name: format!("train step gradients (checkpointing {lvl}){against}"), err: rel_err(&dg, &cg), bound: b.step_grads });
     }
     Ok(())
 }
@@ -370,7 +387,7 @@ pub fn run<B: Backend>(dev: &B, bounds: &Bounds, seed: u64) -> Result<Vec<Check>
 /// Prints the checks as a table; returns how many failed.
 pub fn report(checks: &[Check]) -> usize {
     for c in checks {
-        println!("  {:<4} {:<60} err {:>10.3e}  bound {:.0e}", if c.passed() { "ok" } else { "FAIL" }, c.name, c.err, c.bound);
+        println!("  {:<4} {:<72} err {:>10.3e}  bound {:.1e}", if c.passed() { "ok" } else { "FAIL" }, c.name, c.err, c.bound);
     }
     let failed = checks.iter().filter(|c| !c.passed()).count();
     println!("{} passed, {} failed", checks.len() - failed, failed);

@@ -45,3 +45,42 @@ fn cuda_kernels_match_cpu_twins() {
     selftest::report(&checks);
     assert_all_pass(&checks, "cuda vs cpu");
 }
+
+/// The CUDA backend with every kernel run by the CPU emulator (kernels/emu): the kernels'
+/// indexing, tails, barriers and mma fragment layout, the backend's launches and workspace, and
+/// whole steps at checkpoint levels 0/1/2, against the CPU twins, on any machine with a C++
+/// compiler at build time.
+#[test]
+fn emulated_cuda_kernels_match_cpu_twins() {
+    let be = match CudaBackend::emulated() {
+        Ok(be) => be,
+        Err(e) => {
+            let _ = writeln!(std::io::stderr(), "SKIPPED emulated_cuda_kernels_match_cpu_twins: {e}");
+            return;
+        }
+    };
+    let s = seed();
+    let _ = writeln!(std::io::stderr(), "emulated cuda selftest (seed {s})");
+    let checks = selftest::run(&be, &Bounds::CUDA, s).unwrap();
+    assert_all_pass(&checks, "emulated cuda vs cpu");
+}
+
+/// The emulator reports a kernel whose threads wait at barriers that cannot open, and an
+/// unknown kernel, as errors instead of hanging.
+#[test]
+fn the_emulator_reports_bad_launches() {
+    let Ok(_) = CudaBackend::emulated() else {
+        let _ = writeln!(std::io::stderr(), "SKIPPED the_emulator_reports_bad_launches: no emulator in this build");
+        return;
+    };
+    let cfg = cudarc::driver::LaunchConfig { grid_dim: (1, 1, 1), block_dim: (32, 1, 1), shared_mem_bytes: 0 };
+    let e = unsafe { segk::backend::cuda::emu::launch("segk_no_such_kernel", cfg, &mut []) }.unwrap_err().to_string();
+    assert!(e.contains("no kernel named segk_no_such_kernel"), "{e}");
+    let bad = cudarc::driver::LaunchConfig { grid_dim: (1, 1, 1), block_dim: (2048, 1, 1), shared_mem_bytes: 0 };
+    let e = unsafe { segk::backend::cuda::emu::launch("segk_fill_f32", bad, &mut []) }.unwrap_err().to_string();
+    assert!(e.contains("invalid"), "{e}");
+    let mut out = [0i32; 32];
+    let ptr = out.as_mut_ptr();
+    let e = unsafe { segk::backend::cuda::emu::launch("segk_emu_check_divergent", cfg, &mut [&ptr as *const _ as *mut std::ffi::c_void]) }.unwrap_err().to_string();
+    assert!(e.contains("divergent"), "{e}");
+}

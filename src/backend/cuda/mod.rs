@@ -8,6 +8,7 @@
 //! on tensor cores (mma.sync m16n8k16) with f32 accumulation.
 
 mod conv;
+pub mod emu;
 mod loss;
 mod misc;
 mod norm;
@@ -112,20 +113,37 @@ kernels!(
     conv_fprop, conv_dgrad, conv_wgrad, convt_fprop, convt_dgrad, convt_wgrad, sum_splits_f32, colsum_partial_f32,
 );
 
-/// Launches a kernel with the listed arguments (each bound to a local first, since cudarc
-/// passes argument addresses) and turns a failure into an error naming the kernel.
+/// Launches a kernel with the listed arguments (each bound to a local first, since both
+/// drivers take argument addresses) and turns a failure into an error naming the kernel.
 macro_rules! launch {
     ($be:expr, $k:ident, $cfg:expr, $($arg:expr),* $(,)?) => {{
-        use cudarc::driver::PushKernelArg;
-        let mut b = $be.stream.launch_builder(&$be.k.$k);
-        $(b.arg($arg);)*
-        // SAFETY: argument types and order match the kernel's signature in kernels/*.cu.
-        unsafe { b.launch($cfg) }.map_err(|e| $be.fail(concat!("segk_", stringify!($k)), e))?;
+        let cfg: cudarc::driver::LaunchConfig = $cfg;
+        match &$be.drv {
+            $crate::backend::cuda::Driver::Gpu(d) => {
+                use cudarc::driver::PushKernelArg;
+                let mut b = d.stream.launch_builder(&d.k.$k);
+                $(b.arg($arg);)*
+                // SAFETY: argument types and order match the kernel's signature in kernels/*.cu.
+                unsafe { b.launch(cfg) }.map_err(|e| $be.fail(concat!("segk_", stringify!($k)), e))?;
+            }
+            $crate::backend::cuda::Driver::Emu => {
+                let mut params: Vec<*mut std::ffi::c_void> = vec![$($arg as *const _ as *mut std::ffi::c_void),*];
+                // SAFETY: as above; the pointers in the arguments address host memory of this
+                // backend's arenas (the emulator's device memory is host memory).
+                unsafe { $crate::backend::cuda::emu::launch(concat!("segk_", stringify!($k)), cfg, &mut params) }?;
+            }
+        }
     }};
 }
 pub(crate) use launch;
 
-pub struct CudaBackend {
+/// What runs the kernels: a GPU through the driver, or the CPU emulator (`--device emu`).
+pub(crate) enum Driver {
+    Gpu(Box<Gpu>),
+    Emu,
+}
+
+pub(crate) struct Gpu {
     pub(crate) ctx: Arc<CudaContext>,
     pub(crate) stream: Arc<CudaStream>,
     /// Host-to-device batch uploads (`stage`), beside the compute stream.
@@ -136,8 +154,35 @@ pub struct CudaBackend {
     /// `take_staged`'s copy out of the staging buffers, their allocation and zeroing) are done.
     ops_done: CudaEvent,
     pub(crate) k: Kernels,
+}
+
+/// Device memory: a driver allocation, or (emulator) 16-byte-aligned host memory.
+pub struct DevMem<T> {
+    ptr: u64,
+    len: usize,
+    _keep: Keep<T>,
+}
+
+// The allocation stays alive for as long as the pointer is used; it is never read by name.
+#[allow(dead_code)]
+enum Keep<T> {
+    Gpu(CudaSlice<T>),
+    Host(Vec<u128>),
+}
+
+impl<T> DevMem<T> {
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+}
+
+pub struct CudaBackend {
+    pub(crate) drv: Driver,
     /// Workspace for partial sums; grows to the largest request, then stays.
-    scratch: Mutex<Option<CudaSlice<f32>>>,
+    scratch: Mutex<Option<DevMem<f32>>>,
     sms: u32,
     name: String,
 }
@@ -167,12 +212,53 @@ impl CudaBackend {
         let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(80).max(1) as u32;
         let gpu = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let name = format!("cuda:{ordinal} ({gpu}, sm_{maj}{min}, {sms} SMs)");
-        Ok(CudaBackend { ctx, stream, copy_stream, staged, ops_done, k, scratch: Mutex::new(None), sms, name })
+        let gpu = Gpu { ctx, stream, copy_stream, staged, ops_done, k };
+        Ok(CudaBackend { drv: Driver::Gpu(Box::new(gpu)), scratch: Mutex::new(None), sms, name })
+    }
+
+    /// The same backend with every kernel run by the CPU emulator (kernels/emu): slow, exact
+    /// about indexing, tails and barriers, silent about speed.
+    pub fn emulated() -> Result<CudaBackend> {
+        emu::available()?;
+        // Few "SMs" keep grid-stride launches small: every emulated thread is a fiber.
+        Ok(CudaBackend { drv: Driver::Emu, scratch: Mutex::new(None), sms: 2, name: "emu (the CUDA kernels emulated on the CPU)".into() })
+    }
+
+    fn gpu(&self) -> Option<&Gpu> {
+        match &self.drv {
+            Driver::Gpu(g) => Some(g),
+            Driver::Emu => None,
+        }
+    }
+
+    /// Zeroed device memory of `len` elements.
+    fn alloc_mem<T: cudarc::driver::DeviceRepr + cudarc::driver::ValidAsZeroBits>(&self, len: usize, what: &str) -> Result<DevMem<T>> {
+        let bytes = len.max(1) * std::mem::size_of::<T>();
+        match &self.drv {
+            Driver::Gpu(g) => {
+                let s = g.stream.alloc_zeros::<T>(len.max(1)).map_err(|e| self.fail_alloc(what, Some(bytes as u64), e))?;
+                let ptr = {
+                    let (ptr, _sync) = s.device_ptr(&g.stream);
+                    ptr
+                };
+                Ok(DevMem { ptr, len: len.max(1), _keep: Keep::Gpu(s) })
+            }
+            Driver::Emu => {
+                let host = vec![0u128; bytes.div_ceil(16)];
+                Ok(DevMem { ptr: host.as_ptr() as u64, len: len.max(1), _keep: Keep::Host(host) })
+            }
+        }
     }
 
     /// (free, total) device memory in bytes.
     pub fn mem_info(&self) -> Result<(usize, usize)> {
-        self.ctx.mem_get_info().map_err(|e| anyhow!("cuMemGetInfo: {e}"))
+        match self.gpu() {
+            Some(g) => g.ctx.mem_get_info().map_err(|e| anyhow!("cuMemGetInfo: {e}")),
+            None => {
+                let free = crate::sysinfo::host_memory_available().unwrap_or(0) as usize;
+                Ok((free, free))
+            }
+        }
     }
 
     /// An error of `what`; out of memory becomes the typed `OutOfMemory` (with the bytes asked
@@ -202,28 +288,62 @@ impl CudaBackend {
     /// Device pointer to at least `len` f32 of workspace, valid until the next call.
     pub(crate) fn scratch(&self, len: usize) -> Result<u64> {
         let mut s = self.scratch.lock().map_err(|_| anyhow!("scratch lock poisoned"))?;
-        if s.as_ref().is_none_or(|b| b.len() < len) {
+        if s.as_ref().is_none_or(|b| b.len < len) {
             *s = None;
-            *s = Some(self.stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| self.fail_alloc("workspace allocation", Some(4 * len as u64), e))?);
+            *s = Some(self.alloc_mem::<f32>(len, "workspace allocation")?);
         }
-        let b = s.as_ref().expect("allocated above");
-        let (p, _sync) = b.device_ptr(&self.stream);
-        Ok(p)
+        Ok(s.as_ref().expect("allocated above").ptr)
     }
 
     /// Copies `n` values from device to host and waits.
     pub(crate) fn read<T: Copy + Default>(&self, src: u64, n: usize) -> Result<Vec<T>> {
         let mut v = vec![T::default(); n];
-        // SAFETY: src addresses n f32 on this context; the stream is synchronised before use.
-        unsafe { cudarc::driver::result::memcpy_dtoh_async(&mut v, src, self.stream.cu_stream()) }.map_err(|e| self.fail("device-to-host copy", e))?;
-        self.stream.synchronize().map_err(|e| self.fail("stream synchronize", e))?;
+        self.read_into(src, &mut v)?;
         Ok(v)
     }
 
+    fn read_into<T: Copy>(&self, src: u64, dst: &mut [T]) -> Result<()> {
+        match self.gpu() {
+            Some(g) => {
+                // SAFETY: src addresses dst.len() T on this context; synchronised before use.
+                unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, src, g.stream.cu_stream()) }.map_err(|e| self.fail("device-to-host copy", e))?;
+                g.stream.synchronize().map_err(|e| self.fail("stream synchronize", e))
+            }
+            // SAFETY: emulator memory is host memory; src addresses dst.len() T.
+            None => unsafe {
+                std::ptr::copy_nonoverlapping(src as *const T, dst.as_mut_ptr(), dst.len());
+                Ok(())
+            },
+        }
+    }
+
+    fn write<T: Copy>(&self, dst: u64, src: &[T]) -> Result<()> {
+        match self.gpu() {
+            // SAFETY: dst addresses src.len() T. From pinned memory the copy may still run after
+            // this returns: callers keep src untouched until the stream is synchronised.
+            Some(g) => unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, g.stream.cu_stream()) }.map_err(|e| self.fail("host-to-device copy", e)),
+            // SAFETY: emulator memory is host memory; dst addresses src.len() T.
+            None => unsafe {
+                std::ptr::copy_nonoverlapping(src.as_ptr(), dst as *mut T, src.len());
+                Ok(())
+            },
+        }
+    }
+
     pub(crate) fn write_f32(&self, dst: u64, src: &[f32]) -> Result<()> {
-        // SAFETY: dst addresses src.len() f32. From pinned memory the copy may still run after this
-        // returns: callers keep src untouched until the stream is synchronised (download, sync).
-        unsafe { cudarc::driver::result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }.map_err(|e| self.fail("host-to-device copy", e))
+        self.write(dst, src)
+    }
+
+    fn copy_bytes(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
+        match self.gpu() {
+            // SAFETY: both address `bytes` bytes on this context.
+            Some(g) => unsafe { cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, g.stream.cu_stream()) }.map_err(|e| self.fail("device-to-device copy", e)),
+            // SAFETY: emulator memory is host memory; views of one op never overlap.
+            None => unsafe {
+                std::ptr::copy(src as *const u8, dst as *mut u8, bytes);
+                Ok(())
+            },
+        }
     }
 }
 
@@ -276,65 +396,56 @@ impl HostAlloc for Pinned {
     }
 }
 
-fn base_ptr<T>(s: &CudaSlice<T>, stream: &CudaStream) -> u64 {
-    let (p, _sync) = s.device_ptr(stream);
-    p
-}
-
 impl Backend for CudaBackend {
     type Buf = DevBuf;
     type LabelBuf = DevLabels;
-    type Arena = CudaSlice<f32>;
-    type LabelArena = CudaSlice<u8>;
+    type Arena = DevMem<f32>;
+    type LabelArena = DevMem<u8>;
 
     fn name(&self) -> String {
         self.name.clone()
     }
     fn memory_available(&self) -> Option<u64> {
-        self.ctx.mem_get_info().ok().map(|(free, _)| free as u64)
+        self.mem_info().ok().map(|(free, _)| free as u64)
     }
     fn memory_used(&self) -> Option<u64> {
-        self.ctx.mem_get_info().ok().map(|(free, total)| (total - free) as u64)
+        self.gpu().and_then(|_| self.mem_info().ok()).map(|(free, total)| (total - free) as u64)
     }
     fn workspace_bytes(&self, largest_weight: usize, widest: usize, batch: usize) -> usize {
         4 * conv::workspace_bound(self.sms(), largest_weight, widest, batch)
     }
-    fn alloc(&self, len: usize) -> Result<CudaSlice<f32>> {
-        self.stream.alloc_zeros::<f32>(len.max(1)).map_err(|e| self.fail_alloc("arena allocation", Some(4 * len as u64), e))
+    fn alloc(&self, len: usize) -> Result<DevMem<f32>> {
+        self.alloc_mem(len, "arena allocation")
     }
-    fn view(&self, arena: &CudaSlice<f32>, offset: usize, len: usize) -> DevBuf {
-        assert!(offset + len <= arena.len(), "view {offset}+{len} outside arena of {}", arena.len());
-        DevBuf { ptr: base_ptr(arena, &self.stream) + 4 * offset as u64, len }
+    fn view(&self, arena: &DevMem<f32>, offset: usize, len: usize) -> DevBuf {
+        assert!(offset + len <= arena.len, "view {offset}+{len} outside arena of {}", arena.len);
+        DevBuf { ptr: arena.ptr + 4 * offset as u64, len }
     }
-    fn alloc_labels(&self, len: usize) -> Result<CudaSlice<u8>> {
-        self.stream.alloc_zeros::<u8>(len.max(1)).map_err(|e| self.fail_alloc("label map allocation", Some(len as u64), e))
+    fn alloc_labels(&self, len: usize) -> Result<DevMem<u8>> {
+        self.alloc_mem(len, "label map allocation")
     }
-    fn label_view(&self, arena: &CudaSlice<u8>, offset: usize, len: usize) -> DevLabels {
-        assert!(offset + len <= arena.len(), "label view {offset}+{len} outside arena of {}", arena.len());
-        DevLabels { ptr: base_ptr(arena, &self.stream) + offset as u64, len }
+    fn label_view(&self, arena: &DevMem<u8>, offset: usize, len: usize) -> DevLabels {
+        assert!(offset + len <= arena.len, "label view {offset}+{len} outside arena of {}", arena.len);
+        DevLabels { ptr: arena.ptr + offset as u64, len }
     }
     fn elem_bytes(&self) -> usize {
         4
     }
     fn upload(&self, dst: DevBuf, src: &[f32]) -> Result<()> {
         anyhow::ensure!(dst.len == src.len(), "upload of {} values into {}", src.len(), dst.len);
-        self.write_f32(dst.ptr, src)
+        self.write(dst.ptr, src)
     }
     fn download(&self, src: DevBuf, dst: &mut [f32]) -> Result<()> {
         anyhow::ensure!(src.len == dst.len(), "download of {} values into {}", src.len, dst.len());
-        dst.copy_from_slice(&self.read::<f32>(src.ptr, src.len)?);
-        Ok(())
+        self.read_into(src.ptr, dst)
     }
     fn upload_labels(&self, dst: DevLabels, src: &[u8]) -> Result<()> {
         anyhow::ensure!(dst.len == src.len(), "label upload of {} into {}", src.len(), dst.len);
-        // SAFETY: dst addresses src.len() bytes.
-        unsafe { cudarc::driver::result::memcpy_htod_async(dst.ptr, src, self.stream.cu_stream()) }.map_err(|e| self.fail("label upload", e))
+        self.write(dst.ptr, src)
     }
     fn download_labels(&self, src: DevLabels, dst: &mut [u8]) -> Result<()> {
         anyhow::ensure!(src.len == dst.len(), "label download of {} into {}", src.len, dst.len());
-        // SAFETY: src addresses dst.len() bytes; synchronised below.
-        unsafe { cudarc::driver::result::memcpy_dtoh_async(dst, src.ptr, self.stream.cu_stream()) }.map_err(|e| self.fail("label download", e))?;
-        self.sync()
+        self.read_into(src.ptr, dst)
     }
     fn fill(&self, dst: DevBuf, value: f32) -> Result<()> {
         let n = dst.len as i64;
@@ -343,41 +454,58 @@ impl Backend for CudaBackend {
     }
     fn copy(&self, dst: DevBuf, src: DevBuf) -> Result<()> {
         anyhow::ensure!(dst.len == src.len, "copy of {} values into {}", src.len, dst.len);
-        // SAFETY: both views address len f32 on this context.
-        unsafe { cudarc::driver::result::memcpy_dtod_async(dst.ptr, src.ptr, 4 * dst.len, self.stream.cu_stream()) }.map_err(|e| self.fail("device-to-device copy", e))
+        self.copy_bytes(dst.ptr, src.ptr, 4 * dst.len)
     }
     fn copy_labels(&self, dst: DevLabels, src: DevLabels) -> Result<()> {
         anyhow::ensure!(dst.len == src.len, "label copy of {} voxels into {}", src.len, dst.len);
-        // SAFETY: both views address len bytes on this context.
-        unsafe { cudarc::driver::result::memcpy_dtod_async(dst.ptr, src.ptr, dst.len, self.stream.cu_stream()) }.map_err(|e| self.fail("device-to-device label copy", e))
+        self.copy_bytes(dst.ptr, src.ptr, dst.len)
     }
     fn host_memory(&self) -> Arc<dyn HostAlloc> {
-        Arc::new(Pinned { ctx: self.ctx.clone(), refused: false.into() })
+        match self.gpu() {
+            Some(g) => Arc::new(Pinned { ctx: g.ctx.clone(), refused: false.into() }),
+            None => Arc::new(Heap),
+        }
     }
     unsafe fn stage(&self, dst: DevBuf, src: &[f32], ldst: DevLabels, lsrc: &[u8]) -> Result<()> {
         anyhow::ensure!(dst.len == src.len() && ldst.len == lsrc.len(), "staged batch of {}+{} values into {}+{}", src.len(), lsrc.len(), dst.len, ldst.len);
-        let cs = self.copy_stream.cu_stream();
-        self.ops_done.record(&self.stream).map_err(|e| self.fail("event record (ops done)", e))?;
-        self.copy_stream.wait(&self.ops_done).map_err(|e| self.fail("copy stream wait", e))?;
+        let Some(g) = self.gpu() else {
+            // The emulator is synchronous: the batch is in the staging buffers on return.
+            self.write(dst.ptr, src)?;
+            return self.write(ldst.ptr, lsrc);
+        };
+        let cs = g.copy_stream.cu_stream();
+        g.ops_done.record(&g.stream).map_err(|e| self.fail("event record (ops done)", e))?;
+        g.copy_stream.wait(&g.ops_done).map_err(|e| self.fail("copy stream wait", e))?;
         // SAFETY: the views address the lengths checked above; the caller keeps src and lsrc
         // alive and unwritten until take_staged has waited for `staged`.
         unsafe {
             cudarc::driver::result::memcpy_htod_async(dst.ptr, src, cs).map_err(|e| self.fail("staged image upload", e))?;
             cudarc::driver::result::memcpy_htod_async(ldst.ptr, lsrc, cs).map_err(|e| self.fail("staged label upload", e))?;
         }
-        self.staged.record(&self.copy_stream).map_err(|e| self.fail("event record (staged)", e))
+        g.staged.record(&g.copy_stream).map_err(|e| self.fail("event record (staged)", e))
     }
     fn take_staged(&self, src: DevBuf, dst: DevBuf, lsrc: DevLabels, ldst: DevLabels) -> Result<()> {
-        self.stream.wait(&self.staged).map_err(|e| self.fail("compute stream wait", e))?;
+        if let Some(g) = self.gpu() {
+            g.stream.wait(&g.staged).map_err(|e| self.fail("compute stream wait", e))?;
+        }
         self.copy(dst, src)?;
         self.copy_labels(ldst, lsrc)?;
-        self.staged.synchronize().map_err(|e| self.fail("staged upload", e))
+        match self.gpu() {
+            Some(g) => g.staged.synchronize().map_err(|e| self.fail("staged upload", e)),
+            None => Ok(()),
+        }
     }
     fn sync_staged(&self) -> Result<()> {
-        self.copy_stream.synchronize().map_err(|e| self.fail("copy stream synchronize", e))
+        match self.gpu() {
+            Some(g) => g.copy_stream.synchronize().map_err(|e| self.fail("copy stream synchronize", e)),
+            None => Ok(()),
+        }
     }
     fn sync(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| self.fail("stream synchronize", e))
+        match self.gpu() {
+            Some(g) => g.stream.synchronize().map_err(|e| self.fail("stream synchronize", e)),
+            None => Ok(()),
+        }
     }
 
     fn conv_fwd(&self, x: DevBuf, xd: Dims, w: DevBuf, b: DevBuf, y: DevBuf, g: &ConvGeom) -> Result<()> {

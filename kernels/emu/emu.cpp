@@ -1,0 +1,231 @@
+// The emulator's runtime (see emu.h): fibers per block, barriers, the mma, and the launch entry
+// point. Built into one translation unit after every kernels/*.cu by build.rs, which also
+// defines EMU_KERNELS(X) as the list of kernel names.
+#include <setjmp.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <ucontext.h>
+#include <utility>
+
+uint3 threadIdx, blockIdx;
+dim3 blockDim, gridDim;
+
+namespace {
+enum State { READY, AT_BLOCK, AT_WARP, DONE };
+// A fiber starts through makecontext/swapcontext once per block, then switches with
+// _setjmp/_longjmp, which save no signal mask: no system call per barrier.
+struct Fiber {
+    ucontext_t ctx;
+    jmp_buf jb;
+    bool started;
+    State state;
+};
+const size_t STACK = 256 * 1024;
+const int WARP_WORDS = 32 * 8;
+Fiber* fibers = nullptr;
+char* stacks = nullptr;
+uint64_t* slots = nullptr;
+unsigned char* dyn = nullptr;
+int capacity = 0;
+size_t dyn_capacity = 0;
+int nthreads = 0, cur = -1;
+ucontext_t sched;
+jmp_buf sched_jb;
+void (*entry)(void**) = nullptr;
+void** params = nullptr;
+char err[512];
+
+void yield(State s) {
+    fibers[cur].state = s;
+    if (!_setjmp(fibers[cur].jb)) _longjmp(sched_jb, 1);
+}
+
+void fiber_main() {
+    entry(params);
+    fibers[cur].state = DONE;
+    _longjmp(sched_jb, 1);
+}
+
+// Runs fiber i until it yields or ends.
+void resume(int i) {
+    if (_setjmp(sched_jb)) return;
+    if (fibers[i].started) _longjmp(fibers[i].jb, 1);
+    fibers[i].started = true;
+    setcontext(&fibers[i].ctx);
+}
+
+void set_thread(int i) {
+    threadIdx.x = i % blockDim.x;
+    threadIdx.y = (i / blockDim.x) % blockDim.y;
+    threadIdx.z = i / (blockDim.x * blockDim.y);
+}
+
+// Runs every thread of the current block to completion; 2 when the threads wait at barriers
+// that can never open (a barrier in divergent code, a warp exchange beside a block barrier).
+int run_block() {
+    for (int i = 0; i < nthreads; i++) {
+        Fiber& f = fibers[i];
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = stacks + (size_t)i * STACK;
+        f.ctx.uc_stack.ss_size = STACK;
+        f.ctx.uc_link = &sched;
+        makecontext(&f.ctx, fiber_main, 0);
+        f.started = false;
+        f.state = READY;
+    }
+    for (;;) {
+        for (int i = 0; i < nthreads; i++) {
+            if (fibers[i].state != READY) continue;
+            cur = i;
+            set_thread(i);
+            resume(i);
+        }
+        cur = -1;
+        int done = 0, at_warp = 0;
+        for (int i = 0; i < nthreads; i++) {
+            done += fibers[i].state == DONE;
+            at_warp += fibers[i].state == AT_WARP;
+        }
+        if (done == nthreads) return 0;
+        bool released = false;
+        for (int w = 0; w * 32 < nthreads; w++) {
+            int lo = w * 32, hi = lo + 32 < nthreads ? lo + 32 : nthreads, waiting = 0, live = 0;
+            for (int i = lo; i < hi; i++) {
+                live += fibers[i].state != DONE;
+                waiting += fibers[i].state == AT_WARP;
+            }
+            if (waiting > 0 && waiting == live) {
+                for (int i = lo; i < hi; i++)
+                    if (fibers[i].state == AT_WARP) fibers[i].state = READY;
+                released = true;
+            }
+        }
+        if (released) continue;
+        if (at_warp > 0) {
+            snprintf(err, sizeof err, "block (%u,%u,%u): a warp exchange waits for lanes stopped at __syncthreads (divergent warp-level code)", blockIdx.x, blockIdx.y, blockIdx.z);
+            return 2;
+        }
+        for (int i = 0; i < nthreads; i++)
+            if (fibers[i].state == AT_BLOCK) fibers[i].state = READY;
+    }
+}
+
+struct Entry {
+    const char* name;
+    void (*call)(void**);
+};
+
+template <class... A, size_t... I>
+void call_with(void (*f)(A...), void** p, std::index_sequence<I...>) {
+    f(*static_cast<A*>(p[I])...);
+}
+template <class... A>
+void invoke(void (*f)(A...), void** p) {
+    call_with(f, p, std::index_sequence_for<A...>{});
+}
+
+// The emulator's own test: half a warp at a warp exchange, the other half at __syncthreads.
+void segk_emu_check_divergent(int* out) {
+    if ((threadIdx.x & 31) < 16)
+        out[threadIdx.x] = __shfl_xor_sync(0xffffffffu, 1, 1);
+    else
+        __syncthreads();
+}
+
+#define EMU_ENTRY(name) {#name, [](void** p) { invoke(name, p); }},
+const Entry table[] = {EMU_KERNELS(EMU_ENTRY) EMU_ENTRY(segk_emu_check_divergent)};
+}  // namespace
+
+void __syncthreads() { yield(AT_BLOCK); }
+void emu_warp_sync() { yield(AT_WARP); }
+uint64_t* emu_warp_slots() { return slots + (size_t)(cur / 32) * WARP_WORDS; }
+void* emu_dynamic_shared() { return dyn; }
+
+void emu_mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b) {
+    uint64_t* s = emu_warp_slots();
+    int lane = cur & 31;
+    for (int j = 0; j < 4; j++) s[lane * 8 + j] = a[j];
+    for (int j = 0; j < 2; j++) s[lane * 8 + 4 + j] = b[j];
+    emu_warp_sync();
+    float A[16][16], B[16][8];
+    for (int l = 0; l < 32; l++) {
+        int g = l >> 2, t = l & 3;
+        const uint64_t* r = s + l * 8;
+        // A row-major: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..);
+        // B column: b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g); the lower index in the low half.
+        const int ar[4] = {g, g + 8, g, g + 8}, ac[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
+        for (int j = 0; j < 4; j++) {
+            A[ar[j]][ac[j]] = emu_bf16_to_float((uint16_t)(r[j] & 0xffff));
+            A[ar[j]][ac[j] + 1] = emu_bf16_to_float((uint16_t)(r[j] >> 16));
+        }
+        for (int j = 0; j < 2; j++) {
+            B[2 * t + 8 * j][g] = emu_bf16_to_float((uint16_t)(r[4 + j] & 0xffff));
+            B[2 * t + 8 * j + 1][g] = emu_bf16_to_float((uint16_t)(r[4 + j] >> 16));
+        }
+    }
+    int g = lane >> 2, t = lane & 3;
+    const int dr[4] = {g, g, g + 8, g + 8}, dc[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+    for (int e = 0; e < 4; e++) {
+        float acc = 0.f;
+        for (int k = 0; k < 16; k++) acc += A[dr[e]][k] * B[k][dc[e]];
+        d[e] += acc;
+    }
+    emu_warp_sync();
+}
+
+// Runs kernel `name` over the grid, block after block; 0 on success, else see segk_emu_error.
+extern "C" int segk_emu_launch(const char* name, unsigned gx, unsigned gy, unsigned gz, unsigned bx, unsigned by, unsigned bz, unsigned shared_bytes, void** p) {
+    const Entry* e = nullptr;
+    for (const Entry& t : table)
+        if (strcmp(t.name, name) == 0) e = &t;
+    if (!e) {
+        snprintf(err, sizeof err, "no kernel named %s", name);
+        return 1;
+    }
+    int n = (int)(bx * by * bz);
+    if (n < 1 || n > 1024 || gx == 0 || gy == 0 || gz == 0) {
+        snprintf(err, sizeof err, "%s: launch of (%u,%u,%u) blocks of (%u,%u,%u) threads is invalid", name, gx, gy, gz, bx, by, bz);
+        return 3;
+    }
+    if (n > capacity) {
+        free(fibers);
+        free(stacks);
+        free(slots);
+        fibers = (Fiber*)calloc(n, sizeof(Fiber));
+        stacks = (char*)malloc((size_t)n * STACK);
+        slots = (uint64_t*)calloc((size_t)((n + 31) / 32) * WARP_WORDS, 8);
+        if (!fibers || !stacks || !slots) {
+            snprintf(err, sizeof err, "out of host memory for %d emulated threads", n);
+            capacity = 0;
+            return 4;
+        }
+        capacity = n;
+    }
+    if (shared_bytes > dyn_capacity) {
+        free(dyn);
+        dyn = (unsigned char*)malloc(shared_bytes);
+        dyn_capacity = dyn ? shared_bytes : 0;
+    }
+    nthreads = n;
+    blockDim = {bx, by, bz};
+    gridDim = {gx, gy, gz};
+    entry = e->call;
+    params = p;
+    for (unsigned z = 0; z < gz; z++)
+        for (unsigned y = 0; y < gy; y++)
+            for (unsigned x = 0; x < gx; x++) {
+                blockIdx = {x, y, z};
+                // Shared memory starts as garbage on a GPU: make reads before writes visible.
+                if (shared_bytes) memset(dyn, 0xff, shared_bytes);
+                int rc = run_block();
+                if (rc) {
+                    char tmp[512];
+                    snprintf(tmp, sizeof tmp, "%s: %s", name, err);
+                    memcpy(err, tmp, sizeof err);
+                    return rc;
+                }
+            }
+    return 0;
+}
+
+extern "C" const char* segk_emu_error() { return err; }

@@ -1,0 +1,87 @@
+// A CPU emulator for segk's kernels: the .cu files compile as C++ with this header first
+// (-DSEGK_EMU -include emu.h), and emu.cpp runs a launch block by block, each thread of a block
+// a fiber on one OS thread, switching only at barriers (__syncthreads, warp exchanges). It
+// checks the kernels' indexing, tails, barriers and fragment layouts against the CPU twins
+// where no GPU is available; it says nothing about speed, and the mma is emulated from the
+// PTX ISA's m16n8k16 fragment layout, not run on tensor cores.
+#pragma once
+#include <math.h>
+#include <stdint.h>
+#include <string.h>
+
+struct uint3 { unsigned x, y, z; };
+struct dim3 { unsigned x, y, z; };
+
+extern uint3 threadIdx, blockIdx;
+extern dim3 blockDim, gridDim;
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __launch_bounds__(n)
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+void __syncthreads();
+// All live lanes of the calling thread's warp meet here.
+void emu_warp_sync();
+// Per-warp exchange slots (one 8-byte word per lane) for shuffles and the mma.
+uint64_t* emu_warp_slots();
+void* emu_dynamic_shared();
+
+template <class T> inline T min(T a, T b) { return a < b ? a : b; }
+template <class T> inline T max(T a, T b) { return a > b ? a : b; }
+inline float __expf(float x) { return expf(x); }
+inline float __logf(float x) { return logf(x); }
+
+// Fibers switch only at barriers, so a read-modify-write is never interleaved.
+inline float atomicAdd(float* p, float v) { float o = *p; *p = o + v; return o; }
+inline double atomicAdd(double* p, double v) { double o = *p; *p = o + v; return o; }
+inline int atomicMax(int* p, int v) { int o = *p; if (v > o) *p = v; return o; }
+
+template <class T> inline T __shfl_xor_sync(unsigned, T v, int lane_mask) {
+    static_assert(sizeof(T) <= 8, "shuffle of a word");
+    uint64_t* s = emu_warp_slots();
+    int lane = threadIdx.x & 31;
+    uint64_t w = 0;
+    memcpy(&w, &v, sizeof(T));
+    s[lane] = w;
+    emu_warp_sync();
+    T r;
+    uint64_t got = s[lane ^ lane_mask];
+    memcpy(&r, &got, sizeof(T));
+    emu_warp_sync();
+    return r;
+}
+
+struct __nv_bfloat16 { uint16_t x; };
+struct __nv_bfloat162 { __nv_bfloat16 x, y; };
+
+// Round to nearest even, as __float2bfloat16 does; NaN stays NaN.
+inline __nv_bfloat16 __float2bfloat16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    __nv_bfloat16 b;
+    if ((u & 0x7fffffffu) > 0x7f800000u) { b.x = (uint16_t)((u >> 16) | 0x40); return b; }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    b.x = (uint16_t)(u >> 16);
+    return b;
+}
+inline float emu_bf16_to_float(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
+    __nv_bfloat162 v;
+    v.x = __float2bfloat16(lo);
+    v.y = __float2bfloat16(hi);
+    return v;
+}
+
+// mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 with D = C (in place), one warp.
+void emu_mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b);
+
+#define SEGK_DYNAMIC_SHARED(T, name) T* name = (T*)emu_dynamic_shared()
