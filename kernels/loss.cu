@@ -6,15 +6,23 @@
 
 #define LOSS_THREADS 256
 
+// Up to this many classes, each thread keeps its sums in registers and the block merges them
+// once per warp; above it, every voxel adds into shared memory (atomics, slower).
+#define LOSS_REG_C 8
+
 // part[block] = [inter C | pred C | gt C | ce | max label], block = (chunk, sample).
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_partial_f32(const float* z, const uint8_t* lab, long V, int C, long chunk, float* part) {
     SEGK_DYNAMIC_SHARED(float, acc);  // 3*C + 2
-    int b = blockIdx.y, k = blockIdx.x;
+    int b = blockIdx.y, k = blockIdx.x, lane = threadIdx.x & 31;
     for (int i = threadIdx.x; i < 3 * C + 2; i += blockDim.x) acc[i] = 0.f;
     __syncthreads();
     long r0 = k * chunk, r1 = min(V, r0 + chunk);
     float ce = 0.f;
     int maxlab = 0;
+    const bool regs = C <= LOSS_REG_C;
+    float pi[LOSS_REG_C], pp[LOSS_REG_C], pg[LOSS_REG_C];
+#pragma unroll
+    for (int c = 0; c < LOSS_REG_C; c++) pi[c] = pp[c] = pg[c] = 0.f;
     for (long r = r0 + threadIdx.x; r < r1; r += blockDim.x) {
         long row = (long)b * V + r;
         const float* zr = z + row * C;
@@ -27,11 +35,39 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_partial_f32
         float inv = 1.f / s;
         int yc = y < C ? y : 0;
         ce += mx + __logf(s) - zr[yc];
-        for (int c = 0; c < C; c++) atomicAdd(&acc[C + c], __expf(zr[c] - mx) * inv);
-        atomicAdd(&acc[yc], __expf(zr[yc] - mx) * inv);
-        atomicAdd(&acc[2 * C + yc], 1.f);
+        if (regs) {
+#pragma unroll
+            for (int c = 0; c < LOSS_REG_C; c++) {
+                if (c < C) {
+                    float p = __expf(zr[c] - mx) * inv;
+                    pp[c] += p;
+                    pi[c] += c == yc ? p : 0.f;
+                    pg[c] += c == yc ? 1.f : 0.f;
+                }
+            }
+        } else {
+            for (int c = 0; c < C; c++) atomicAdd(&acc[C + c], __expf(zr[c] - mx) * inv);
+            atomicAdd(&acc[yc], __expf(zr[yc] - mx) * inv);
+            atomicAdd(&acc[2 * C + yc], 1.f);
+        }
     }
-    atomicAdd(&acc[3 * C], ce);
+    if (regs) {
+        // Every lane reaches this point (the voxel loop has ended for all), so the full-warp
+        // sums are safe; lane 0 adds the warp's share.
+#pragma unroll
+        for (int c = 0; c < LOSS_REG_C; c++) {
+            if (c < C) {
+                float si = warp_sum(pi[c]), sp = warp_sum(pp[c]), sg = warp_sum(pg[c]);
+                if (lane == 0) {
+                    atomicAdd(&acc[c], si);
+                    atomicAdd(&acc[C + c], sp);
+                    atomicAdd(&acc[2 * C + c], sg);
+                }
+            }
+        }
+    }
+    ce = warp_sum(ce);
+    if (lane == 0) atomicAdd(&acc[3 * C], ce);
     atomicMax(reinterpret_cast<int*>(&acc[3 * C + 1]), maxlab);
     __syncthreads();
     float* p = part + ((long)b * gridDim.x + k) * (3 * C + 2);
