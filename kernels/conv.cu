@@ -33,6 +33,70 @@ __device__ __forceinline__ float im2col(const ConvShape& s, const float* x, i64 
     return x[(((b * s.id + iz) * s.ih + iy) * s.iw + ix) * s.cin + ci];
 }
 
+// What the gathers need of a row or column, decoded once per tile (rows) or per k-step
+// (columns) instead of once per element: integer division is the costly part of a gather.
+// The input corner of an output voxel: its coordinates times the stride, minus the padding.
+struct Origin {
+    int b, z, y, x;
+    bool ok;
+};
+// Column k = tap * cin + ci of the im2col matrix.
+struct TapC {
+    int td, th, tw, ci;
+    bool ok;
+};
+
+__device__ __forceinline__ Origin origin_of(const ConvShape& s, i64 r, i64 rows) {
+    Origin o = {0, 0, 0, 0, r < rows};
+    if (!o.ok) return o;
+    i64 ox = r % s.ow, t = r / s.ow;
+    i64 oy = t % s.oh;
+    t /= s.oh;
+    i64 oz = t % s.od;
+    o.b = (int)(t / s.od);
+    o.z = (int)(oz * s.sd - s.pd);
+    o.y = (int)(oy * s.sh - s.ph);
+    o.x = (int)(ox * s.sw - s.pw);
+    return o;
+}
+
+__device__ __forceinline__ TapC tap_of(const ConvShape& s, i64 k) {
+    i64 tap = k / s.cin;
+    TapC t;
+    t.ok = true;
+    t.ci = (int)(k - tap * s.cin);
+    t.tw = (int)(tap % s.kw);
+    t.th = (int)((tap / s.kw) % s.kh);
+    t.td = (int)(tap / (s.kw * s.kh));
+    return t;
+}
+
+__device__ __forceinline__ float im2col_at(const ConvShape& s, const float* x, const Origin& o, const TapC& t) {
+    int iz = o.z + t.td, iy = o.y + t.th, ix = o.x + t.tw;
+    if (iz < 0 || iy < 0 || ix < 0 || iz >= s.id || iy >= s.ih || ix >= s.iw) return 0.f;
+    return x[((((i64)o.b * s.id + iz) * s.ih + iy) * s.iw + ix) * s.cin + t.ci];
+}
+
+// An index along M or N of a problem that decodes nothing ahead (the transposed convs).
+struct Plain {
+    i64 i;
+    bool ok;
+};
+// The default contexts: rows and columns as plain indices, elements through a(m, k), b(k, n);
+// k is the fast index of both fills (lanes along k).
+#define PLAIN_CONTEXTS                                                                              \
+    typedef Plain ARow;                                                                             \
+    typedef Plain ACol;                                                                             \
+    typedef Plain BRow;                                                                             \
+    typedef Plain BCol;                                                                             \
+    static constexpr bool A_K_FAST = true, B_K_FAST = true;                                         \
+    __device__ Plain a_row(i64 m) const { return {m, m < M}; }                                      \
+    __device__ Plain a_col(i64 k) const { return {k, true}; }                                       \
+    __device__ Plain b_row(i64 n) const { return {n, n < N}; }                                      \
+    __device__ Plain b_col(i64 k) const { return {k, true}; }                                       \
+    __device__ float a_at(const Plain& r, const Plain& c) const { return a(r.i, c.i); }             \
+    __device__ float b_at(const Plain& r, const Plain& c) const { return b(c.i, r.i); }
+
 struct Fprop {
     ConvShape s;
     const float* x;
@@ -45,6 +109,18 @@ struct Fprop {
     __device__ float a(i64 m, i64 k) const { return im2col(s, x, m, k); }
     __device__ float b(i64 k, i64 n) const { return w[k * s.cout + n]; }
     __device__ void store(i64 m, i64 n, float v, int) const { y[m * s.cout + n] = v + bias[n]; }
+    // A: lanes along k read consecutive input channels; B: lanes along n, consecutive couts.
+    typedef Origin ARow;
+    typedef TapC ACol;
+    typedef Plain BRow;
+    typedef Plain BCol;
+    static constexpr bool A_K_FAST = true, B_K_FAST = false;
+    __device__ Origin a_row(i64 m) const { return origin_of(s, m, M); }
+    __device__ TapC a_col(i64 k) const { return tap_of(s, k); }
+    __device__ Plain b_row(i64 n) const { return {n, n < N}; }
+    __device__ Plain b_col(i64 k) const { return {k * s.cout, true}; }
+    __device__ float a_at(const Origin& r, const TapC& c) const { return im2col_at(s, x, r, c); }
+    __device__ float b_at(const Plain& r, const Plain& c) const { return w[c.i + r.i]; }
 };
 
 // dgrad for the input voxels of one stride-parity class: rows are those voxels, columns of
@@ -95,6 +171,48 @@ struct Dgrad {
         float* d = dx + (((b * s.id + z) * s.ih + y) * s.iw + x) * s.cin + n;
         *d = beta == 0.f ? v : beta * *d + v;
     }
+    // A row: the class voxel; A column: (tap offsets, cout) with lanes along cout; B: the
+    // weight of (tap, cout) for input channel n, lanes along cout too.
+    struct VoxelRow {
+        int b, z, y, x;
+        bool ok;
+    };
+    struct TapCo {
+        int qd, qh, qw, co;  // padding minus tap offset, per axis
+        i64 wbase;           // (tap * cin) * cout + co
+    };
+    typedef VoxelRow ARow;
+    typedef TapCo ACol;
+    typedef Plain BRow;
+    typedef TapCo BCol;
+    static constexpr bool A_K_FAST = true, B_K_FAST = true;
+    __device__ VoxelRow a_row(i64 m) const {
+        VoxelRow r = {0, 0, 0, 0, m < M};
+        if (!r.ok) return r;
+        i64 b, z, y, x;
+        voxel(m, b, z, y, x);
+        r.b = (int)b, r.z = (int)z, r.y = (int)y, r.x = (int)x;
+        return r;
+    }
+    __device__ TapCo a_col(i64 k) const {
+        i64 co = k % s.cout, td, th, tw;
+        tap(k / s.cout, td, th, tw);
+        TapCo c;
+        c.qd = (int)(s.pd - td), c.qh = (int)(s.ph - th), c.qw = (int)(s.pw - tw), c.co = (int)co;
+        c.wbase = ((td * s.kh + th) * s.kw + tw) * s.cin * s.cout + co;
+        return c;
+    }
+    __device__ Plain b_row(i64 n) const { return {n, n < N}; }
+    __device__ TapCo b_col(i64 k) const { return a_col(k); }
+    // The class's taps make every q an exact multiple of the stride (1 or 2): a shift divides.
+    __device__ float a_at(const VoxelRow& r, const TapCo& c) const {
+        int qz = r.z + c.qd, qy = r.y + c.qh, qx = r.x + c.qw;
+        if (qz < 0 || qy < 0 || qx < 0) return 0.f;
+        int oz = qz >> (s.sd == 2), oy = qy >> (s.sh == 2), ox = qx >> (s.sw == 2);
+        if (oz >= s.od || oy >= s.oh || ox >= s.ow) return 0.f;
+        return dy[((((i64)r.b * s.od + oz) * s.oh + oy) * s.ow + ox) * s.cout + c.co];
+    }
+    __device__ float b_at(const Plain& r, const TapCo& c) const { return w[c.wbase + r.i * s.cout]; }
 };
 
 // wgrad: C[taps*cin][cout] = im2col^T dy, reduction over output rows split across
@@ -110,6 +228,23 @@ struct Wgrad {
     __device__ float a(i64 m, i64 k) const { return im2col(s, x, k, m); }
     __device__ float b(i64 k, i64 n) const { return dy[k * s.cout + n]; }
     __device__ void store(i64 m, i64 n, float v, int z) const { part[((i64)z * M + m) * N + n] = v; }
+    // A row: an im2col column (tap, input channel), lanes along it read consecutive input
+    // channels; A column: an output voxel's input corner. B: dy, lanes along cout.
+    typedef TapC ARow;
+    typedef Origin ACol;
+    typedef Plain BRow;
+    typedef Plain BCol;
+    static constexpr bool A_K_FAST = false, B_K_FAST = false;
+    __device__ TapC a_row(i64 m) const {
+        TapC t = tap_of(s, m < M ? m : 0);
+        t.ok = m < M;
+        return t;
+    }
+    __device__ Origin a_col(i64 k) const { return origin_of(s, k, R); }
+    __device__ Plain b_row(i64 n) const { return {n, n < N}; }
+    __device__ Plain b_col(i64 k) const { return {k * s.cout, true}; }
+    __device__ float a_at(const TapC& r, const Origin& c) const { return c.ok ? im2col_at(s, x, c, r) : 0.f; }
+    __device__ float b_at(const Plain& r, const Plain& c) const { return dy[c.i + r.i]; }
 };
 
 struct TShape {
@@ -138,6 +273,7 @@ struct TFprop {
     __device__ float a(i64 m, i64 k) const { return x[m * s.cin + k]; }
     __device__ float b(i64 k, i64 n) const { return w[(k * s.sd * s.sh * s.sw + tap) * s.cout + n]; }
     __device__ void store(i64 m, i64 n, float v, int) const { y[tout_row(s, m, tap) * s.cout + n] = v + bias[n]; }
+    PLAIN_CONTEXTS
 };
 
 struct TDgrad {
@@ -155,6 +291,7 @@ struct TDgrad {
         float* d = dx + m * s.cin + n;
         *d = beta == 0.f ? v : beta * *d + v;
     }
+    PLAIN_CONTEXTS
 };
 
 struct TWgrad {
@@ -168,6 +305,7 @@ struct TWgrad {
     __device__ float a(i64 m, i64 k) const { return x[k * s.cin + m]; }
     __device__ float b(i64 k, i64 n) const { return dy[tout_row(s, k, n / s.cout) * s.cout + n % s.cout]; }
     __device__ void store(i64 m, i64 n, float v, int z) const { part[((i64)z * M + m) * N + n] = v; }
+    PLAIN_CONTEXTS
 };
 
 __device__ __forceinline__ void mma_bf16_16816(float* d, const uint32_t* a, const uint32_t* b) {
@@ -181,11 +319,30 @@ __device__ __forceinline__ void mma_bf16_16816(float* d, const uint32_t* a, cons
 #endif
 }
 
+// Fills a BR x BK tile T[row][k] (rows along M for A, along N for B) with at(row, col) as
+// bf16. K_FAST: consecutive lanes take consecutive k (the operand is contiguous along k), else
+// consecutive rows; either way each element costs no division (rows and columns are decoded).
+template <bool K_FAST, int BR, class Row, class Col, class At>
+__device__ __forceinline__ void fill_tile(__nv_bfloat16 (*T)[BK + SPAD], const Row* rows, const Col* cols, const bool* kok, int tid, At at) {
+    if (K_FAST) {
+        const int c = tid % BK;
+        for (int r = tid / BK; r < BR; r += GEMM_THREADS / BK) T[r][c] = __float2bfloat16(kok[c] && rows[r].ok ? at(rows[r], cols[c]) : 0.f);
+    } else {
+        const int r = tid % BR;
+        for (int c = tid / BR; c < BK; c += GEMM_THREADS / BR) T[r][c] = __float2bfloat16(kok[c] && rows[r].ok ? at(rows[r], cols[c]) : 0.f);
+    }
+}
+
 // One 64x64 tile of C per block, four warps of 32x32, K in steps of 32.
 template <class P>
 __device__ __forceinline__ void igemm(const P& p) {
     __shared__ __align__(16) __nv_bfloat16 As[BM][BK + SPAD];
     __shared__ __align__(16) __nv_bfloat16 Bs[BN][BK + SPAD];  // n-major: k pairs contiguous
+    __shared__ typename P::ARow arow[BM];
+    __shared__ typename P::BRow brow[BN];
+    __shared__ typename P::ACol acol[BK];
+    __shared__ typename P::BCol bcol[BK];
+    __shared__ bool kok[BK];
     const i64 m0 = (i64)blockIdx.x * BM, n0 = (i64)blockIdx.y * BN;
     const int z = blockIdx.z;
     const i64 kb = p.k_begin(z), ke = p.k_end(z);
@@ -199,18 +356,20 @@ __device__ __forceinline__ void igemm(const P& p) {
         for (int j = 0; j < 4; j++)
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
+    for (int i = tid; i < BM; i += GEMM_THREADS) arow[i] = p.a_row(m0 + i);
+    for (int i = tid; i < BN; i += GEMM_THREADS) brow[i] = p.b_row(n0 + i);
 
     for (i64 k0 = kb; k0 < ke; k0 += BK) {
-        for (int i = tid; i < BM * BK; i += GEMM_THREADS) {
-            int r = i / BK, c = i % BK;
-            i64 m = m0 + r, k = k0 + c;
-            As[r][c] = __float2bfloat16(m < p.M && k < ke ? p.a(m, k) : 0.f);
+        // The previous step's fills read the column contexts before its first barrier.
+        for (int c = tid; c < BK; c += GEMM_THREADS) {
+            const i64 k = k0 + c < ke ? k0 + c : kb;
+            kok[c] = k0 + c < ke;
+            acol[c] = p.a_col(k);
+            bcol[c] = p.b_col(k);
         }
-        for (int i = tid; i < BN * BK; i += GEMM_THREADS) {
-            int nn = i / BK, c = i % BK;
-            i64 n = n0 + nn, k = k0 + c;
-            Bs[nn][c] = __float2bfloat16(n < p.N && k < ke ? p.b(k, n) : 0.f);
-        }
+        __syncthreads();
+        fill_tile<P::A_K_FAST, BM>(As, arow, acol, kok, tid, [&](const typename P::ARow& r, const typename P::ACol& c) { return p.a_at(r, c); });
+        fill_tile<P::B_K_FAST, BN>(Bs, brow, bcol, kok, tid, [&](const typename P::BRow& r, const typename P::BCol& c) { return p.b_at(r, c); });
         __syncthreads();
 #pragma unroll
         for (int kk = 0; kk < BK; kk += 16) {

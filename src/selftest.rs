@@ -140,6 +140,8 @@ fn conv_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
         (Dims::new(1, [4, 9, 6], 16), 24, [1, 3, 3], [1, 2, 2]),
         (Dims::new(2, [7, 4, 5], 8), 3, [1, 1, 1], [1, 1, 1]),
         (Dims::new(1, [6, 5, 8], 12), 16, [3, 1, 3], [2, 1, 2]),
+        // More than one 64-wide tile along N in every pass (cout 72 in fprop, cin 70 in dgrad).
+        (Dims::new(1, [4, 5, 6], 70), 72, [3, 3, 3], [1, 1, 1]),
     ];
     for (xd, cout, k, s) in cases {
         let g = ConvGeom::new(xd.c, cout, k, s);
