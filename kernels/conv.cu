@@ -3,7 +3,9 @@
 // fp32 tensors are gathered tile by tile, rounded to bf16 in shared memory, multiplied with
 // mma.sync.m16n8k16 and accumulated in fp32. Bounds are checked per element, so channel
 // counts that are not multiples of 8 (first conv, seg heads) take the same path.
-// Each problem type says how to read A[m][k] and B[k][n] and where C[m][n] goes.
+// Each problem type says how to read A[m][k] and B[k][n] (a() and b(), the plain definition)
+// and where C[m][n] goes; the tile fills use its decoded row/column contexts (a_at, b_at),
+// which compute the same elements without a division per element.
 #include "common.cuh"
 
 #define BM 64
@@ -82,20 +84,6 @@ struct Plain {
     i64 i;
     bool ok;
 };
-// The default contexts: rows and columns as plain indices, elements through a(m, k), b(k, n);
-// k is the fast index of both fills (lanes along k).
-#define PLAIN_CONTEXTS                                                                              \
-    typedef Plain ARow;                                                                             \
-    typedef Plain ACol;                                                                             \
-    typedef Plain BRow;                                                                             \
-    typedef Plain BCol;                                                                             \
-    static constexpr bool A_K_FAST = true, B_K_FAST = true;                                         \
-    __device__ Plain a_row(i64 m) const { return {m, m < M}; }                                      \
-    __device__ Plain a_col(i64 k) const { return {k, true}; }                                       \
-    __device__ Plain b_row(i64 n) const { return {n, n < N}; }                                      \
-    __device__ Plain b_col(i64 k) const { return {k, true}; }                                       \
-    __device__ float a_at(const Plain& r, const Plain& c) const { return a(r.i, c.i); }             \
-    __device__ float b_at(const Plain& r, const Plain& c) const { return b(c.i, r.i); }
 
 struct Fprop {
     ConvShape s;
@@ -260,6 +248,48 @@ __device__ __forceinline__ i64 tout_row(const TShape& s, i64 r, i64 t) {
     return ((b * s.id * s.sd + z * s.sd + td) * (s.ih * s.sh) + y * s.sh + th) * (s.iw * s.sw) + x * s.sw + tw;
 }
 
+// For the transposed-conv gathers: an input voxel with its coordinates already scaled by the
+// stride (the corner of its output block), and a tap of that block with an output channel.
+struct TVox {
+    int b, z, y, x;
+    bool ok;
+};
+struct TTap {
+    int td, th, tw, co;
+    bool ok;
+};
+
+__device__ __forceinline__ TVox tvox_of(const TShape& s, i64 r, i64 rows) {
+    TVox v = {0, 0, 0, 0, r < rows};
+    if (!v.ok) return v;
+    i64 x = r % s.iw, q = r / s.iw;
+    i64 y = q % s.ih;
+    q /= s.ih;
+    v.z = (int)((q % s.id) * s.sd);
+    v.b = (int)(q / s.id);
+    v.y = (int)(y * s.sh);
+    v.x = (int)(x * s.sw);
+    return v;
+}
+
+// Index k = tap * cout + co.
+__device__ __forceinline__ TTap ttap_of(const TShape& s, i64 k) {
+    i64 t = k / s.cout;
+    TTap p;
+    p.co = (int)(k - t * s.cout);
+    p.tw = (int)(t % s.sw);
+    p.th = (int)((t / s.sw) % s.sh);
+    p.td = (int)(t / (s.sw * s.sh));
+    p.ok = true;
+    return p;
+}
+
+// dy at the output voxel (v + tap), channel tap.co.
+__device__ __forceinline__ float tout_at(const TShape& s, const float* dy, const TVox& v, const TTap& t) {
+    i64 od = s.id * s.sd, oh = s.ih * s.sh, ow = s.iw * s.sw;
+    return dy[((((i64)v.b * od + v.z + t.td) * oh + v.y + t.th) * ow + v.x + t.tw) * s.cout + t.co];
+}
+
 // Transposed conv forward for one tap: rows are input voxels.
 struct TFprop {
     TShape s;
@@ -273,7 +303,17 @@ struct TFprop {
     __device__ float a(i64 m, i64 k) const { return x[m * s.cin + k]; }
     __device__ float b(i64 k, i64 n) const { return w[(k * s.sd * s.sh * s.sw + tap) * s.cout + n]; }
     __device__ void store(i64 m, i64 n, float v, int) const { y[tout_row(s, m, tap) * s.cout + n] = v + bias[n]; }
-    PLAIN_CONTEXTS
+    typedef Plain ARow;
+    typedef Plain ACol;
+    typedef Plain BRow;
+    typedef Plain BCol;
+    static constexpr bool A_K_FAST = true, B_K_FAST = false;
+    __device__ Plain a_row(i64 m) const { return {m, m < M}; }
+    __device__ Plain a_col(i64 k) const { return {k, true}; }
+    __device__ Plain b_row(i64 n) const { return {n, n < N}; }
+    __device__ Plain b_col(i64 k) const { return {(k * s.sd * s.sh * s.sw + tap) * s.cout, true}; }
+    __device__ float a_at(const Plain& r, const Plain& c) const { return x[r.i * s.cin + c.i]; }
+    __device__ float b_at(const Plain& r, const Plain& c) const { return w[c.i + r.i]; }
 };
 
 struct TDgrad {
@@ -291,7 +331,18 @@ struct TDgrad {
         float* d = dx + m * s.cin + n;
         *d = beta == 0.f ? v : beta * *d + v;
     }
-    PLAIN_CONTEXTS
+    // A row: the input voxel (scaled); A column: (tap, cout), lanes along cout. B: w[n][k].
+    typedef TVox ARow;
+    typedef TTap ACol;
+    typedef Plain BRow;
+    typedef Plain BCol;
+    static constexpr bool A_K_FAST = true, B_K_FAST = true;
+    __device__ TVox a_row(i64 m) const { return tvox_of(s, m, M); }
+    __device__ TTap a_col(i64 k) const { return ttap_of(s, k); }
+    __device__ Plain b_row(i64 n) const { return {n * K, n < N}; }
+    __device__ Plain b_col(i64 k) const { return {k, true}; }
+    __device__ float a_at(const TVox& r, const TTap& c) const { return tout_at(s, dy, r, c); }
+    __device__ float b_at(const Plain& r, const Plain& c) const { return w[r.i + c.i]; }
 };
 
 struct TWgrad {
@@ -305,7 +356,23 @@ struct TWgrad {
     __device__ float a(i64 m, i64 k) const { return x[k * s.cin + m]; }
     __device__ float b(i64 k, i64 n) const { return dy[tout_row(s, k, n / s.cout) * s.cout + n % s.cout]; }
     __device__ void store(i64 m, i64 n, float v, int z) const { part[((i64)z * M + m) * N + n] = v; }
-    PLAIN_CONTEXTS
+    // A: x[k][m], lanes along m (input channels). B row: (tap, cout), lanes along it; B column:
+    // the input voxel (scaled).
+    typedef Plain ARow;
+    typedef Plain ACol;
+    typedef TTap BRow;
+    typedef TVox BCol;
+    static constexpr bool A_K_FAST = false, B_K_FAST = false;
+    __device__ Plain a_row(i64 m) const { return {m, m < M}; }
+    __device__ Plain a_col(i64 k) const { return {k * s.cin, true}; }
+    __device__ TTap b_row(i64 n) const {
+        TTap t = ttap_of(s, n < N ? n : 0);
+        t.ok = n < N;
+        return t;
+    }
+    __device__ TVox b_col(i64 k) const { return tvox_of(s, k, R); }
+    __device__ float a_at(const Plain& r, const Plain& c) const { return x[c.i + r.i]; }
+    __device__ float b_at(const TTap& r, const TVox& c) const { return c.ok ? tout_at(s, dy, c, r) : 0.f; }
 };
 
 __device__ __forceinline__ void mma_bf16_16816(float* d, const uint32_t* a, const uint32_t* b) {

@@ -167,7 +167,8 @@ fn conv_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
         r.compare(format!("conv_wgrad {tag}"), dwd, dwc, g.weight_len(), b.bf16)?;
         r.compare(format!("conv_bias_grad {tag}"), dbd, dbc, cout, b.f32)?;
     }
-    for (xd, cout, s) in [(Dims::new(2, [3, 4, 5], 16), 8, [2, 2, 2]), (Dims::new(1, [2, 3, 3], 5), 3, [1, 2, 2])] {
+    // The third has several tiles along every axis of every pass (taps x cout = 288).
+    for (xd, cout, s) in [(Dims::new(2, [3, 4, 5], 16), 8, [2, 2, 2]), (Dims::new(1, [2, 3, 3], 5), 3, [1, 2, 2]), (Dims::new(1, [3, 3, 4], 70), 36, [2, 2, 2])] {
         let g = ConvTGeom { cin: xd.c, cout, stride: s };
         let yd = g.out_dims(xd);
         let tag = format!("{}->{} s{:?} {}", xd.c, cout, s, xd);
