@@ -141,35 +141,51 @@ void emu_warp_sync() { yield(AT_WARP); }
 uint64_t* emu_warp_slots() { return slots + (size_t)(cur / 32) * WARP_WORDS; }
 void* emu_dynamic_shared() { return dyn; }
 
+// Per warp: whether the current mma's products are computed, and the 16x8 products.
+static bool* mma_done = nullptr;
+static float* mma_out = nullptr;
+
 void emu_mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b) {
     uint64_t* s = emu_warp_slots();
-    int lane = cur & 31;
+    int lane = cur & 31, warp = cur / 32;
     for (int j = 0; j < 4; j++) s[lane * 8 + j] = a[j];
     for (int j = 0; j < 2; j++) s[lane * 8 + 4 + j] = b[j];
+    mma_done[warp] = false;
     emu_warp_sync();
-    float A[16][16], B[16][8];
-    for (int l = 0; l < 32; l++) {
-        int g = l >> 2, t = l & 3;
-        const uint64_t* r = s + l * 8;
-        // A row-major: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..);
-        // B column: b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g); the lower index in the low half.
-        const int ar[4] = {g, g + 8, g, g + 8}, ac[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
-        for (int j = 0; j < 4; j++) {
-            A[ar[j]][ac[j]] = emu_bf16_to_float((uint16_t)(r[j] & 0xffff));
-            A[ar[j]][ac[j] + 1] = emu_bf16_to_float((uint16_t)(r[j] >> 16));
+    float* out = mma_out + warp * 128;
+    // The first lane to resume multiplies for the whole warp; fibers never interleave
+    // between barriers, so the others find the products ready.
+    if (!mma_done[warp]) {
+        float A[16][16], B[16][8];
+        for (int l = 0; l < 32; l++) {
+            int g = l >> 2, t = l & 3;
+            const uint64_t* r = s + l * 8;
+            // A row-major: a0 (g, 2t..2t+1), a1 (g+8, 2t..), a2 (g, 2t+8..), a3 (g+8, 2t+8..);
+            // B column: b0 (k 2t..2t+1, n g), b1 (k 2t+8.., n g); the lower index in the low half.
+            const int ar[4] = {g, g + 8, g, g + 8}, ac[4] = {2 * t, 2 * t, 2 * t + 8, 2 * t + 8};
+            for (int j = 0; j < 4; j++) {
+                A[ar[j]][ac[j]] = emu_bf16_to_float((uint16_t)(r[j] & 0xffff));
+                A[ar[j]][ac[j] + 1] = emu_bf16_to_float((uint16_t)(r[j] >> 16));
+            }
+            for (int j = 0; j < 2; j++) {
+                B[2 * t + 8 * j][g] = emu_bf16_to_float((uint16_t)(r[4 + j] & 0xffff));
+                B[2 * t + 8 * j + 1][g] = emu_bf16_to_float((uint16_t)(r[4 + j] >> 16));
+            }
         }
-        for (int j = 0; j < 2; j++) {
-            B[2 * t + 8 * j][g] = emu_bf16_to_float((uint16_t)(r[4 + j] & 0xffff));
-            B[2 * t + 8 * j + 1][g] = emu_bf16_to_float((uint16_t)(r[4 + j] >> 16));
-        }
+        for (int i = 0; i < 16; i++)
+            for (int j = 0; j < 8; j++) {
+                float acc = 0.f;
+                for (int k = 0; k < 16; k++) acc += A[i][k] * B[k][j];
+                out[i * 8 + j] = acc;
+            }
+        mma_done[warp] = true;
     }
+    // D fragment: d0 (g, 2t), d1 (g, 2t+1), d2 (g+8, 2t), d3 (g+8, 2t+1).
     int g = lane >> 2, t = lane & 3;
-    const int dr[4] = {g, g, g + 8, g + 8}, dc[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
-    for (int e = 0; e < 4; e++) {
-        float acc = 0.f;
-        for (int k = 0; k < 16; k++) acc += A[dr[e]][k] * B[k][dc[e]];
-        d[e] += acc;
-    }
+    d[0] += out[g * 8 + 2 * t];
+    d[1] += out[g * 8 + 2 * t + 1];
+    d[2] += out[(g + 8) * 8 + 2 * t];
+    d[3] += out[(g + 8) * 8 + 2 * t + 1];
     emu_warp_sync();
 }
 
@@ -194,7 +210,11 @@ extern "C" int segk_emu_launch(const char* name, unsigned gx, unsigned gy, unsig
         fibers = (Fiber*)calloc(n, sizeof(Fiber));
         stacks = (char*)malloc((size_t)n * STACK);
         slots = (uint64_t*)calloc((size_t)((n + 31) / 32) * WARP_WORDS, 8);
-        if (!fibers || !stacks || !slots) {
+        free(mma_done);
+        free(mma_out);
+        mma_done = (bool*)calloc((size_t)(n + 31) / 32, sizeof(bool));
+        mma_out = (float*)calloc((size_t)((n + 31) / 32) * 128, sizeof(float));
+        if (!fibers || !stacks || !slots || !mma_done || !mma_out) {
             snprintf(err, sizeof err, "out of host memory for %d emulated threads", n);
             capacity = 0;
             return 4;
