@@ -105,8 +105,12 @@ fn build_emulator(kdir: &Path, sources: &[PathBuf], out: &Path) {
             println!("cargo:rustc-env=SEGK_EMU_INFO=yes (--device emu runs the CUDA kernels on the CPU)");
         }
         Err(e) => {
-            println!("cargo:warning=no C++ compiler for the kernel emulator ({e}): `--device emu` unavailable");
-            println!("cargo:rustc-env=SEGK_EMU_INFO=no (built without a C++ compiler)");
+            // A kernel the emulator cannot compile must not pass unnoticed where it is required (CI).
+            if env::var("SEGK_REQUIRE_EMU").is_ok_and(|v| v == "1") {
+                panic!("SEGK_REQUIRE_EMU=1 but the kernel emulator did not build: {e}");
+            }
+            println!("cargo:warning=the kernel emulator did not build ({e}): `--device emu` unavailable");
+            println!("cargo:rustc-env=SEGK_EMU_INFO=no (the emulator did not build: no C++ compiler, or a kernel it cannot compile)");
         }
     }
 }
@@ -123,7 +127,7 @@ fn git_commit(root: &Path) -> String {
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(segk_kernels)");
     println!("cargo::rustc-check-cfg=cfg(segk_emu)");
-    for v in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "SEGK_REQUIRE_KERNELS"] {
+    for v in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "SEGK_REQUIRE_KERNELS", "SEGK_REQUIRE_EMU", "CXX", "CXXFLAGS"] {
         println!("cargo:rerun-if-env-changed={v}");
     }
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));

@@ -25,7 +25,7 @@ if ! ls "$venv"/lib/python3*/site-packages/nvidia/cu13/bin/nvcc >/dev/null 2>&1;
   "$venv/bin/pip" install -q --disable-pip-version-check "nvidia-cuda-nvcc==13.0.*" "nvidia-cuda-runtime==13.0.*" "nvidia-cuda-crt==13.0.*" "nvidia-nvvm==13.0.*" "nvidia-cuda-cccl==13.0.*"
 fi
 NVCC=$(ls "$venv"/lib/python3*/site-packages/nvidia/cu13/bin/nvcc)
-export NVCC SEGK_REQUIRE_KERNELS=1
+export NVCC SEGK_REQUIRE_KERNELS=1 SEGK_REQUIRE_EMU=1
 
 cargo zigbuild --release --locked --target "x86_64-unknown-linux-gnu.$GLIBC" --bin segk
 bin=target/x86_64-unknown-linux-gnu/release/segk

@@ -318,7 +318,25 @@ fn transfer_checks<B: Backend>(r: &mut Run<B>) -> Result<()> {
     }
     let want: Vec<(Vec<f32>, Vec<u8>)> = hosts.iter().map(|(i, l)| (i.to_vec(), l.to_vec())).collect();
     let mut outs = Vec::new();
-    // SAFETY: each host batch lives in `hosts` until after its take_staged.
+    let staged = staged_round_trip(r, be, &mut hosts, (stage_img, stage_lab), busy, (img_len, lab_len), &mut outs);
+    // Whatever happened, no copy may still read `hosts` when they are freed.
+    be.sync_staged()?;
+    staged?;
+    for (k, (oi, ol)) in outs.into_iter().enumerate() {
+        let same = r.dev.get(oi, img_len)? == want[k].0 && r.dev.get_labels(ol, lab_len)? == want[k].1;
+        r.checks.push(Check { name: format!("staged upload batch {k} ({})", mem.kind()), err: exact(same), bound: 0.0 });
+    }
+    Ok(())
+}
+
+type Batch = (crate::hostmem::HostBuf<f32>, crate::hostmem::HostBuf<u8>);
+
+/// Stages three batches through one staging buffer while the compute stream is busy, each
+/// taken into a fresh poisoned output, the host copy scribbled over right after its take.
+fn staged_round_trip<B: Backend>(r: &mut Run<B>, be: &B, hosts: &mut [Batch], staging: (B::Buf, B::LabelBuf), busy: B::Buf, lens: (usize, usize), outs: &mut Vec<(B::Buf, B::LabelBuf)>) -> Result<()> {
+    let ((stage_img, stage_lab), (img_len, lab_len)) = (staging, lens);
+    // SAFETY: each host batch lives in `hosts` until after its take_staged (the caller
+    // waits for the copies before freeing them, even on error).
     unsafe { be.stage(stage_img, &hosts[0].0, stage_lab, &hosts[0].1)? };
     for k in 0..3 {
         // Keep the compute stream busy so the copies would race if they were not ordered.
@@ -335,11 +353,6 @@ fn transfer_checks<B: Backend>(r: &mut Run<B>) -> Result<()> {
             unsafe { be.stage(stage_img, &hosts[k + 1].0, stage_lab, &hosts[k + 1].1)? };
         }
         outs.push((oi, ol));
-    }
-    be.sync_staged()?;
-    for (k, (oi, ol)) in outs.into_iter().enumerate() {
-        let same = r.dev.get(oi, img_len)? == want[k].0 && r.dev.get_labels(ol, lab_len)? == want[k].1;
-        r.checks.push(Check { name: format!("staged upload batch {k} ({})", mem.kind()), err: exact(same), bound: 0.0 });
     }
     Ok(())
 }

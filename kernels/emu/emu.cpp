@@ -225,6 +225,10 @@ extern "C" int segk_emu_launch(const char* name, unsigned gx, unsigned gy, unsig
         free(dyn);
         dyn = (unsigned char*)malloc(shared_bytes);
         dyn_capacity = dyn ? shared_bytes : 0;
+        if (!dyn) {
+            snprintf(err, sizeof err, "out of host memory for %u bytes of shared memory", shared_bytes);
+            return 4;
+        }
     }
     nthreads = n;
     blockDim = {bx, by, bz};

@@ -5,6 +5,10 @@
 // where no GPU is available; it says nothing about speed, and the mma is emulated from the
 // PTX ISA's m16n8k16 fragment layout, not run on tensor cores.
 #pragma once
+// Fibers resume with _longjmp onto other stacks, which glibc's fortified longjmp check
+// (__longjmp_chk) takes for a corrupt stack and aborts: this file is included before any
+// libc header, so turning the fortification off here holds whatever the compiler flags say.
+#undef _FORTIFY_SOURCE
 #include <math.h>
 #include <stdint.h>
 #include <string.h>

@@ -190,10 +190,9 @@ pub trait Backend: Sync {
     /// Orders the ops after the last `stage`, copies the staging buffers into the step's input
     /// (`dst`, `ldst`), and waits until the staged host memory has been read.
     fn take_staged(&self, src: Self::Buf, dst: Self::Buf, lsrc: Self::LabelBuf, ldst: Self::LabelBuf) -> Result<()>;
-    /// Waits for the staged uploads still in flight (`sync` waits for the ops only).
-    fn sync_staged(&self) -> Result<()> {
-        Ok(())
-    }
+    /// Waits for the staged uploads still in flight (`sync` waits for the ops only); after it
+    /// the host memory of the last `stage` is no longer borrowed.
+    fn sync_staged(&self) -> Result<()>;
     /// Waits for queued work (a no-op on the CPU).
     fn sync(&self) -> Result<()>;
     /// Bytes the backend can still allocate (device memory free, or host memory available),

@@ -288,6 +288,11 @@ impl<T: Float> Backend for CpuBackend<T> {
         *self.staged.lock().map_err(|_| anyhow::anyhow!("staging lock poisoned"))? = Some(pending);
         Ok(())
     }
+    /// Forgets the staged batch: its memory may be freed after this.
+    fn sync_staged(&self) -> Result<()> {
+        self.staged.lock().map_err(|_| anyhow::anyhow!("staging lock poisoned"))?.take();
+        Ok(())
+    }
     fn take_staged(&self, _src: CpuBuf<T>, dst: CpuBuf<T>, _lsrc: CpuBuf<u8>, ldst: CpuBuf<u8>) -> Result<()> {
         let s = self.staged.lock().map_err(|_| anyhow::anyhow!("staging lock poisoned"))?.take().ok_or_else(|| anyhow::anyhow!("take_staged without a staged batch"))?;
         // SAFETY: `stage`'s caller keeps this memory alive and unwritten until now.

@@ -166,6 +166,8 @@ pub fn fwd(be: &CudaBackend, x: DevBuf, xd: Dims, w: DevBuf, b: DevBuf, y: DevBu
 pub fn dgrad(be: &CudaBackend, dy: DevBuf, w: DevBuf, dx: DevBuf, xd: Dims, g: &ConvGeom, beta: f32) -> Result<()> {
     let yd = g.out_dims(xd);
     ensure!(dy.len == yd.len() && dx.len == xd.len() && w.len == g.weight_len(), "conv_dgrad shapes");
+    // The kernel divides by the stride with a shift (exact within a parity class).
+    ensure!(g.stride.iter().all(|&s| s == 1 || s == 2), "conv_dgrad: strides must be 1 or 2, got {:?}", g.stride);
     for class in ParityClass::all(g, xd) {
         let m = class.rows(xd.n);
         if m == 0 {

@@ -244,8 +244,8 @@ impl CudaBackend {
                 Ok(DevMem { ptr, len: len.max(1), _keep: Keep::Gpu(s) })
             }
             Driver::Emu => {
-                let host = vec![0u128; bytes.div_ceil(16)];
-                Ok(DevMem { ptr: host.as_ptr() as u64, len: len.max(1), _keep: Keep::Host(host) })
+                let mut host = vec![0u128; bytes.div_ceil(16)];
+                Ok(DevMem { ptr: host.as_mut_ptr() as u64, len: len.max(1), _keep: Keep::Host(host) })
             }
         }
     }
@@ -431,9 +431,12 @@ impl Backend for CudaBackend {
     fn elem_bytes(&self) -> usize {
         4
     }
+    // Uploads wait for their copy: the source may be a pinned batch slot, which the caller is
+    // free to hand back once this returns (only `stage` is asynchronous).
     fn upload(&self, dst: DevBuf, src: &[f32]) -> Result<()> {
         anyhow::ensure!(dst.len == src.len(), "upload of {} values into {}", src.len(), dst.len);
-        self.write(dst.ptr, src)
+        self.write(dst.ptr, src)?;
+        self.sync()
     }
     fn download(&self, src: DevBuf, dst: &mut [f32]) -> Result<()> {
         anyhow::ensure!(src.len == dst.len(), "download of {} values into {}", src.len, dst.len());
@@ -441,7 +444,8 @@ impl Backend for CudaBackend {
     }
     fn upload_labels(&self, dst: DevLabels, src: &[u8]) -> Result<()> {
         anyhow::ensure!(dst.len == src.len(), "label upload of {} into {}", src.len(), dst.len);
-        self.write(dst.ptr, src)
+        self.write(dst.ptr, src)?;
+        self.sync()
     }
     fn download_labels(&self, src: DevLabels, dst: &mut [u8]) -> Result<()> {
         anyhow::ensure!(src.len == dst.len(), "label download of {} into {}", src.len, dst.len());
