@@ -20,6 +20,9 @@ step() {  # step NAME CMD...
 nvidia-smi >"$out/nvidia-smi.txt" 2>&1 || true
 "$bin" --version >>"$out/summary.txt" 2>&1 || true
 step selftest "$bin" selftest --device cuda
+# The same checks on the CPU emulator of the same kernels: a failure above with this one green
+# points at what the emulator cannot see (races between warps, the real tensor cores).
+step selftest-emu "$bin" selftest --device emu
 if [ -n "${SEGK_TEST_BIN:-}" ]; then
   step cargo-tests "$SEGK_TEST_BIN" --nocapture
 fi
