@@ -3,9 +3,9 @@
 // fp32 tensors are gathered tile by tile, rounded to bf16 in shared memory, multiplied with
 // mma.sync.m16n8k16 and accumulated in fp32. Bounds are checked per element, so channel
 // counts that are not multiples of 8 (first conv, seg heads) take the same path.
-// Each problem type says how to read A[m][k] and B[k][n] (a() and b(), the plain definition)
-// and where C[m][n] goes; the tile fills use its decoded row/column contexts (a_at, b_at),
-// which compute the same elements without a division per element.
+// Each problem type says how to read A[m][k] and B[k][n] and where C[m][n] goes. Rows are
+// decoded once per tile and columns once per k-step (a_row/a_col, b_row/b_col), so reading an
+// element (a_at, b_at) costs no division.
 #include "common.cuh"
 
 #define BM 64
@@ -21,19 +21,6 @@ struct ConvShape {
     i64 od, oh, ow, cout;
     i64 kd, kh, kw, sd, sh, sw, pd, ph, pw;
 };
-
-// im2col element: row r of the output, column k = tap * cin + ci.
-__device__ __forceinline__ float im2col(const ConvShape& s, const float* x, i64 r, i64 k) {
-    i64 ci = k % s.cin, tap = k / s.cin;
-    i64 tw = tap % s.kw, th = (tap / s.kw) % s.kh, td = tap / (s.kw * s.kh);
-    i64 ox = r % s.ow, t = r / s.ow;
-    i64 oy = t % s.oh;
-    t /= s.oh;
-    i64 oz = t % s.od, b = t / s.od;
-    i64 iz = oz * s.sd + td - s.pd, iy = oy * s.sh + th - s.ph, ix = ox * s.sw + tw - s.pw;
-    if (iz < 0 || iy < 0 || ix < 0 || iz >= s.id || iy >= s.ih || ix >= s.iw) return 0.f;
-    return x[(((b * s.id + iz) * s.ih + iy) * s.iw + ix) * s.cin + ci];
-}
 
 // What the gathers need of a row or column, decoded once per tile (rows) or per k-step
 // (columns) instead of once per element: integer division is the costly part of a gather.
@@ -94,8 +81,6 @@ struct Fprop {
     i64 M, N, K;
     __device__ i64 k_begin(int) const { return 0; }
     __device__ i64 k_end(int) const { return K; }
-    __device__ float a(i64 m, i64 k) const { return im2col(s, x, m, k); }
-    __device__ float b(i64 k, i64 n) const { return w[k * s.cout + n]; }
     __device__ void store(i64 m, i64 n, float v, int) const { y[m * s.cout + n] = v + bias[n]; }
     // A: lanes along k read consecutive input channels; B: lanes along n, consecutive couts.
     typedef Origin ARow;
@@ -136,22 +121,6 @@ struct Dgrad {
         tw = (tapcode[2] >> (2 * (t % ntaps[2]))) & 3;
         th = (tapcode[1] >> (2 * ((t / ntaps[2]) % ntaps[1]))) & 3;
         td = (tapcode[0] >> (2 * (t / (ntaps[2] * ntaps[1])))) & 3;
-    }
-    __device__ float a(i64 m, i64 k) const {
-        i64 co = k % s.cout, b, z, y, x, td, th, tw;
-        voxel(m, b, z, y, x);
-        tap(k / s.cout, td, th, tw);
-        i64 qz = z + s.pd - td, qy = y + s.ph - th, qx = x + s.pw - tw;
-        if (qz < 0 || qy < 0 || qx < 0) return 0.f;
-        i64 oz = qz / s.sd, oy = qy / s.sh, ox = qx / s.sw;
-        if (oz >= s.od || oy >= s.oh || ox >= s.ow) return 0.f;
-        return dy[(((b * s.od + oz) * s.oh + oy) * s.ow + ox) * s.cout + co];
-    }
-    __device__ float b(i64 k, i64 n) const {
-        i64 co = k % s.cout, td, th, tw;
-        tap(k / s.cout, td, th, tw);
-        i64 t = (td * s.kh + th) * s.kw + tw;
-        return w[(t * s.cin + n) * s.cout + co];
     }
     __device__ void store(i64 m, i64 n, float v, int) const {
         i64 b, z, y, x;
@@ -213,8 +182,6 @@ struct Wgrad {
     i64 M, N, R, per_split;
     __device__ i64 k_begin(int z) const { return z * per_split; }
     __device__ i64 k_end(int z) const { return min(R, (z + 1) * per_split); }
-    __device__ float a(i64 m, i64 k) const { return im2col(s, x, k, m); }
-    __device__ float b(i64 k, i64 n) const { return dy[k * s.cout + n]; }
     __device__ void store(i64 m, i64 n, float v, int z) const { part[((i64)z * M + m) * N + n] = v; }
     // A row: an im2col column (tap, input channel), lanes along it read consecutive input
     // channels; A column: an output voxel's input corner. B: dy, lanes along cout.
@@ -300,8 +267,6 @@ struct TFprop {
     i64 tap, M, N, K;
     __device__ i64 k_begin(int) const { return 0; }
     __device__ i64 k_end(int) const { return K; }
-    __device__ float a(i64 m, i64 k) const { return x[m * s.cin + k]; }
-    __device__ float b(i64 k, i64 n) const { return w[(k * s.sd * s.sh * s.sw + tap) * s.cout + n]; }
     __device__ void store(i64 m, i64 n, float v, int) const { y[tout_row(s, m, tap) * s.cout + n] = v + bias[n]; }
     typedef Plain ARow;
     typedef Plain ACol;
@@ -325,8 +290,6 @@ struct TDgrad {
     float beta, pad_;
     __device__ i64 k_begin(int) const { return 0; }
     __device__ i64 k_end(int) const { return K; }
-    __device__ float a(i64 m, i64 k) const { return dy[tout_row(s, m, k / s.cout) * s.cout + k % s.cout]; }
-    __device__ float b(i64 k, i64 n) const { return w[n * K + k]; }
     __device__ void store(i64 m, i64 n, float v, int) const {
         float* d = dx + m * s.cin + n;
         *d = beta == 0.f ? v : beta * *d + v;
@@ -353,8 +316,6 @@ struct TWgrad {
     i64 M, N, R, per_split;
     __device__ i64 k_begin(int z) const { return z * per_split; }
     __device__ i64 k_end(int z) const { return min(R, (z + 1) * per_split); }
-    __device__ float a(i64 m, i64 k) const { return x[k * s.cin + m]; }
-    __device__ float b(i64 k, i64 n) const { return dy[tout_row(s, k, n / s.cout) * s.cout + n % s.cout]; }
     __device__ void store(i64 m, i64 n, float v, int z) const { part[((i64)z * M + m) * N + n] = v; }
     // A: x[k][m], lanes along m (input channels). B row: (tap, cout), lanes along it; B column:
     // the input voxel (scaled).

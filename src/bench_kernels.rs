@@ -122,8 +122,7 @@ fn time<B: Backend>(be: &B, reps: usize, mut f: impl FnMut() -> Result<()>) -> R
         be.sync()?;
         t.push(t0.elapsed().as_secs_f64() / inner as f64);
     }
-    t.sort_by(|a, b| a.partial_cmp(b).expect("finite timings"));
-    Ok(t[t.len() / 2])
+    Ok(crate::bench_step::median(&mut t))
 }
 
 /// Arenas filled with a constant pattern (rates do not depend on the values; finite ones

@@ -112,7 +112,7 @@ fn spec(a: &StepArgs) -> Result<StepSpec> {
     Ok(StepSpec { topology: t, patch: a.patch, batch: a.batch })
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).expect("finite timings"));
     v[v.len() / 2]
 }

@@ -12,7 +12,7 @@ dim3 blockDim, gridDim;
 
 namespace {
 enum State { READY, AT_BLOCK, AT_WARP, DONE };
-// A fiber starts through makecontext/swapcontext once per block, then switches with
+// A fiber starts through makecontext/setcontext once per block, then switches with
 // _setjmp/_longjmp, which save no signal mask: no system call per barrier.
 struct Fiber {
     ucontext_t ctx;
@@ -29,7 +29,6 @@ unsigned char* dyn = nullptr;
 int capacity = 0;
 size_t dyn_capacity = 0;
 int nthreads = 0, cur = -1;
-ucontext_t sched;
 jmp_buf sched_jb;
 void (*entry)(void**) = nullptr;
 void** params = nullptr;
@@ -68,7 +67,7 @@ int run_block() {
         getcontext(&f.ctx);
         f.ctx.uc_stack.ss_sp = stacks + (size_t)i * STACK;
         f.ctx.uc_stack.ss_size = STACK;
-        f.ctx.uc_link = &sched;
+        f.ctx.uc_link = nullptr;  // never reached: fiber_main ends with a jump back
         makecontext(&f.ctx, fiber_main, 0);
         f.started = false;
         f.state = READY;

@@ -202,6 +202,20 @@ impl<T: Float> CpuBackend<T> {
         CpuBackend { bf16_operands: true, ..Self::new() }
     }
 
+    /// With bf16 operands, the bias gradient again from unrounded `dy` (column sums), as the
+    /// GPU computes it apart from the tensor-core product.
+    fn unrounded_bias_grad(&self, dy: CpuBuf<T>, db: CpuBuf<T>) {
+        if !self.bf16_operands {
+            return;
+        }
+        // SAFETY: dy and db are distinct views handed to this op.
+        let (dy, db) = unsafe { (dy.slice(), db.slice_mut()) };
+        db.fill(T::ZERO);
+        for row in dy.chunks_exact(db.len()) {
+            db.iter_mut().zip(row).for_each(|(d, &v)| *d += v);
+        }
+    }
+
     /// `s` as the conv kernels see it: rounded to bf16 when this backend emulates them.
     fn operand<'a>(&self, s: &'a [T]) -> std::borrow::Cow<'a, [T]> {
         if !self.bf16_operands {
@@ -215,6 +229,14 @@ fn view_of<E>(arena: &[E], offset: usize, len: usize) -> CpuBuf<E> {
     assert!(offset + len <= arena.len(), "view {offset}+{len} outside arena of {}", arena.len());
     // Views are handed to ops that write through them; the arena is only reached through views.
     CpuBuf { ptr: arena.as_ptr().wrapping_add(offset) as *mut E, len }
+}
+
+/// dst = src between two views of the same kind.
+fn copy_view<E: Copy>(dst: CpuBuf<E>, src: CpuBuf<E>) -> Result<()> {
+    anyhow::ensure!(dst.len == src.len, "copy of {} values into {}", src.len, dst.len);
+    // SAFETY: an op's output view does not overlap its inputs (the trait's rule).
+    unsafe { dst.slice_mut() }.copy_from_slice(unsafe { src.slice() });
+    Ok(())
 }
 
 // SAFETY (all impl methods): the model hands each op views that do not overlap the op's
@@ -271,14 +293,10 @@ impl<T: Float> Backend for CpuBackend<T> {
         Ok(())
     }
     fn copy(&self, dst: CpuBuf<T>, src: CpuBuf<T>) -> Result<()> {
-        anyhow::ensure!(dst.len == src.len, "copy of {} values into {}", src.len, dst.len);
-        unsafe { dst.slice_mut() }.copy_from_slice(unsafe { src.slice() });
-        Ok(())
+        copy_view(dst, src)
     }
     fn copy_labels(&self, dst: CpuBuf<u8>, src: CpuBuf<u8>) -> Result<()> {
-        anyhow::ensure!(dst.len == src.len, "label copy of {} voxels into {}", src.len, dst.len);
-        unsafe { dst.slice_mut() }.copy_from_slice(unsafe { src.slice() });
-        Ok(())
+        copy_view(dst, src)
     }
     /// Copies nothing yet: the staged batch goes straight from host memory into the step's
     /// input at `take_staged` (the staging buffers stay unused on the CPU).
@@ -314,12 +332,8 @@ impl<T: Float> Backend for CpuBackend<T> {
         Ok(())
     }
     fn conv_wgrad(&self, x: CpuBuf<T>, xd: Dims, dy: CpuBuf<T>, dw: CpuBuf<T>, db: CpuBuf<T>, g: &ConvGeom) -> Result<()> {
-        unsafe { conv::conv_wgrad(x.slice(), xd, dy.slice(), dw.slice_mut(), db.slice_mut(), g) };
-        if self.bf16_operands {
-            // Weights from rounded operands; the bias gradient above (unrounded dy) stays.
-            let mut unused = vec![T::ZERO; g.cout];
-            unsafe { conv::conv_wgrad(&self.operand(x.slice()), xd, &self.operand(dy.slice()), dw.slice_mut(), &mut unused, g) };
-        }
+        unsafe { conv::conv_wgrad(&self.operand(x.slice()), xd, &self.operand(dy.slice()), dw.slice_mut(), db.slice_mut(), g) };
+        self.unrounded_bias_grad(dy, db);
         Ok(())
     }
     fn convt_fwd(&self, x: CpuBuf<T>, xd: Dims, w: CpuBuf<T>, b: CpuBuf<T>, y: CpuBuf<T>, g: &ConvTGeom) -> Result<()> {
@@ -331,11 +345,8 @@ impl<T: Float> Backend for CpuBackend<T> {
         Ok(())
     }
     fn convt_wgrad(&self, x: CpuBuf<T>, xd: Dims, dy: CpuBuf<T>, dw: CpuBuf<T>, db: CpuBuf<T>, g: &ConvTGeom) -> Result<()> {
-        unsafe { convt::convt_wgrad(x.slice(), xd, dy.slice(), dw.slice_mut(), db.slice_mut(), g) };
-        if self.bf16_operands {
-            let mut unused = vec![T::ZERO; g.cout];
-            unsafe { convt::convt_wgrad(&self.operand(x.slice()), xd, &self.operand(dy.slice()), dw.slice_mut(), &mut unused, g) };
-        }
+        unsafe { convt::convt_wgrad(&self.operand(x.slice()), xd, &self.operand(dy.slice()), dw.slice_mut(), db.slice_mut(), g) };
+        self.unrounded_bias_grad(dy, db);
         Ok(())
     }
 

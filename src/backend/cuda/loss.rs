@@ -37,7 +37,7 @@ pub fn softmax_dice_ce(be: &CudaBackend, z: DevBuf, ld: Dims, labels: DevLabels,
     let DiceTerms { parts, coef, terms, total_vox } = dice_terms(&per_sample, mode, v);
     let flat: Vec<f32> = coef.iter().flatten().flat_map(|&(dc, inv)| [dc as f32, inv as f32]).collect();
     let coef_ptr = part + 4 * (n * nchunks * width) as u64;
-    be.write_f32(coef_ptr, &flat)?;
+    be.write(coef_ptr, &flat)?;
     let (nn, per, t, tv, w) = (n as i32, (mode == DiceMode::PerSample) as i32, terms as f32, total_vox as f32, weight as f32);
     launch!(be, loss_grad_f32, be.grid(ld.rows()), &z.ptr, &labels.ptr, &nn, &vv, &cc, &coef_ptr, &per, &t, &tv, &w);
     Ok(parts)

@@ -317,7 +317,8 @@ impl CudaBackend {
         }
     }
 
-    fn write<T: Copy>(&self, dst: u64, src: &[T]) -> Result<()> {
+    /// Copies host values to the device (asynchronously when `src` is pinned).
+    pub(crate) fn write<T: Copy>(&self, dst: u64, src: &[T]) -> Result<()> {
         match self.gpu() {
             // SAFETY: dst addresses src.len() T. From pinned memory the copy may still run after
             // this returns: callers keep src untouched until the stream is synchronised.
@@ -328,10 +329,6 @@ impl CudaBackend {
                 Ok(())
             },
         }
-    }
-
-    pub(crate) fn write_f32(&self, dst: u64, src: &[f32]) -> Result<()> {
-        self.write(dst, src)
     }
 
     fn copy_bytes(&self, dst: u64, src: u64, bytes: usize) -> Result<()> {
