@@ -38,3 +38,12 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 }
 
 __device__ __forceinline__ float leaky(float z) { return z > 0.f ? z : z * SEGK_LEAKY; }
+
+// Activation storage: f32, or bf16 (half the bytes of every activation and its gradient; math
+// stays f32). Kernels that touch activations are templates over the storage type A, exported
+// twice: segk_<name>_f32 and segk_<name>_bf16. Everything reads and writes them through these.
+typedef __nv_bfloat16 bf16;
+__device__ __forceinline__ float ld(const float* p) { return *p; }
+__device__ __forceinline__ float ld(const bf16* p) { return __bfloat162float(*p); }
+__device__ __forceinline__ void st(float* p, float v) { *p = v; }
+__device__ __forceinline__ void st(bf16* p, float v) { *p = __float2bfloat16(v); }

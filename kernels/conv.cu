@@ -1,7 +1,8 @@
 // 3D convolution (NDHWC, weights [kd][kh][kw][cin][cout]) and transposed convolution
 // (kernel = stride, weights [cin][sd][sh][sw][cout]) as implicit GEMMs on tensor cores:
-// fp32 tensors are gathered tile by tile, rounded to bf16 in shared memory, multiplied with
-// mma.sync.m16n8k16 and accumulated in fp32. Bounds are checked per element, so channel
+// activations (f32 or bf16 storage, the template parameter A) and f32 weights are gathered tile
+// by tile, rounded to bf16 in shared memory, multiplied with mma.sync.m16n8k16 and accumulated
+// in fp32; outputs are stored as A. Bounds are checked per element, so channel
 // counts that are not multiples of 8 (first conv, seg heads) take the same path.
 // Each problem type says how to read A[m][k] and B[k][n] and where C[m][n] goes. Rows are
 // decoded once per tile and columns once per k-step (a_row/a_col, b_row/b_col), so reading an
@@ -60,10 +61,11 @@ __device__ __forceinline__ TapC tap_of(const ConvShape& s, i64 k) {
     return t;
 }
 
-__device__ __forceinline__ float im2col_at(const ConvShape& s, const float* x, const Origin& o, const TapC& t) {
+template <class A>
+__device__ __forceinline__ float im2col_at(const ConvShape& s, const A* x, const Origin& o, const TapC& t) {
     int iz = o.z + t.td, iy = o.y + t.th, ix = o.x + t.tw;
     if (iz < 0 || iy < 0 || ix < 0 || iz >= s.id || iy >= s.ih || ix >= s.iw) return 0.f;
-    return x[((((i64)o.b * s.id + iz) * s.ih + iy) * s.iw + ix) * s.cin + t.ci];
+    return ld(x + ((((i64)o.b * s.id + iz) * s.ih + iy) * s.iw + ix) * s.cin + t.ci);
 }
 
 // An index along M or N of a problem that decodes nothing ahead (the transposed convs).
@@ -72,16 +74,17 @@ struct Plain {
     bool ok;
 };
 
+template <class A>
 struct Fprop {
     ConvShape s;
-    const float* x;
+    const A* x;
     const float* w;
     const float* bias;
-    float* y;
+    A* y;
     i64 M, N, K;
     __device__ i64 k_begin(int) const { return 0; }
     __device__ i64 k_end(int) const { return K; }
-    __device__ void store(i64 m, i64 n, float v, int) const { y[m * s.cout + n] = v + bias[n]; }
+    __device__ void store(i64 m, i64 n, float v, int) const { st(y + m * s.cout + n, v + bias[n]); }
     // A: lanes along k read consecutive input channels; B: lanes along n, consecutive couts.
     typedef Origin ARow;
     typedef TapC ACol;
@@ -98,11 +101,12 @@ struct Fprop {
 
 // dgrad for the input voxels of one stride-parity class: rows are those voxels, columns of
 // A are (class tap, cout); only taps that reach the class contribute.
+template <class A>
 struct Dgrad {
     ConvShape s;
-    const float* dy;
+    const A* dy;
     const float* w;
-    float* dx;
+    A* dx;
     // Taps per axis that reach this class: entry i of axis a is (tapcode[a] >> 2i) & 3.
     i64 res[3], cnt[3], tapcode[3], ntaps[3];
     i64 M, N, K;
@@ -125,8 +129,8 @@ struct Dgrad {
     __device__ void store(i64 m, i64 n, float v, int) const {
         i64 b, z, y, x;
         voxel(m, b, z, y, x);
-        float* d = dx + (((b * s.id + z) * s.ih + y) * s.iw + x) * s.cin + n;
-        *d = beta == 0.f ? v : beta * *d + v;
+        A* d = dx + (((b * s.id + z) * s.ih + y) * s.iw + x) * s.cin + n;
+        st(d, beta == 0.f ? v : beta * ld(d) + v);
     }
     // A row: the class voxel; A column: (tap offsets, cout) with lanes along cout; B: the
     // weight of (tap, cout) for input channel n, lanes along cout too.
@@ -167,17 +171,18 @@ struct Dgrad {
         if (qz < 0 || qy < 0 || qx < 0) return 0.f;
         int oz = qz >> (s.sd == 2), oy = qy >> (s.sh == 2), ox = qx >> (s.sw == 2);
         if (oz >= s.od || oy >= s.oh || ox >= s.ow) return 0.f;
-        return dy[((((i64)r.b * s.od + oz) * s.oh + oy) * s.ow + ox) * s.cout + c.co];
+        return ld(dy + ((((i64)r.b * s.od + oz) * s.oh + oy) * s.ow + ox) * s.cout + c.co);
     }
     __device__ float b_at(const Plain& r, const TapCo& c) const { return w[c.wbase + r.i * s.cout]; }
 };
 
 // wgrad: C[taps*cin][cout] = im2col^T dy, reduction over output rows split across
 // blockIdx.z; each split writes its own partial.
+template <class A>
 struct Wgrad {
     ConvShape s;
-    const float* x;
-    const float* dy;
+    const A* x;
+    const A* dy;
     float* part;
     i64 M, N, R, per_split;
     __device__ i64 k_begin(int z) const { return z * per_split; }
@@ -199,7 +204,7 @@ struct Wgrad {
     __device__ Plain b_row(i64 n) const { return {n, n < N}; }
     __device__ Plain b_col(i64 k) const { return {k * s.cout, true}; }
     __device__ float a_at(const TapC& r, const Origin& c) const { return c.ok ? im2col_at(s, x, c, r) : 0.f; }
-    __device__ float b_at(const Plain& r, const Plain& c) const { return dy[c.i + r.i]; }
+    __device__ float b_at(const Plain& r, const Plain& c) const { return ld(dy + c.i + r.i); }
 };
 
 struct TShape {
@@ -252,22 +257,24 @@ __device__ __forceinline__ TTap ttap_of(const TShape& s, i64 k) {
 }
 
 // dy at the output voxel (v + tap), channel tap.co.
-__device__ __forceinline__ float tout_at(const TShape& s, const float* dy, const TVox& v, const TTap& t) {
+template <class A>
+__device__ __forceinline__ float tout_at(const TShape& s, const A* dy, const TVox& v, const TTap& t) {
     i64 od = s.id * s.sd, oh = s.ih * s.sh, ow = s.iw * s.sw;
-    return dy[((((i64)v.b * od + v.z + t.td) * oh + v.y + t.th) * ow + v.x + t.tw) * s.cout + t.co];
+    return ld(dy + ((((i64)v.b * od + v.z + t.td) * oh + v.y + t.th) * ow + v.x + t.tw) * s.cout + t.co);
 }
 
 // Transposed conv forward for one tap: rows are input voxels.
+template <class A>
 struct TFprop {
     TShape s;
-    const float* x;
+    const A* x;
     const float* w;
     const float* bias;
-    float* y;
+    A* y;
     i64 tap, M, N, K;
     __device__ i64 k_begin(int) const { return 0; }
     __device__ i64 k_end(int) const { return K; }
-    __device__ void store(i64 m, i64 n, float v, int) const { y[tout_row(s, m, tap) * s.cout + n] = v + bias[n]; }
+    __device__ void store(i64 m, i64 n, float v, int) const { st(y + tout_row(s, m, tap) * s.cout + n, v + bias[n]); }
     typedef Plain ARow;
     typedef Plain ACol;
     typedef Plain BRow;
@@ -277,22 +284,23 @@ struct TFprop {
     __device__ Plain a_col(i64 k) const { return {k, true}; }
     __device__ Plain b_row(i64 n) const { return {n, n < N}; }
     __device__ Plain b_col(i64 k) const { return {(k * s.sd * s.sh * s.sw + tap) * s.cout, true}; }
-    __device__ float a_at(const Plain& r, const Plain& c) const { return x[r.i * s.cin + c.i]; }
+    __device__ float a_at(const Plain& r, const Plain& c) const { return ld(x + r.i * s.cin + c.i); }
     __device__ float b_at(const Plain& r, const Plain& c) const { return w[c.i + r.i]; }
 };
 
+template <class A>
 struct TDgrad {
     TShape s;
-    const float* dy;
+    const A* dy;
     const float* w;
-    float* dx;
+    A* dx;
     i64 M, N, K;
     float beta, pad_;
     __device__ i64 k_begin(int) const { return 0; }
     __device__ i64 k_end(int) const { return K; }
     __device__ void store(i64 m, i64 n, float v, int) const {
-        float* d = dx + m * s.cin + n;
-        *d = beta == 0.f ? v : beta * *d + v;
+        A* d = dx + m * s.cin + n;
+        st(d, beta == 0.f ? v : beta * ld(d) + v);
     }
     // A row: the input voxel (scaled); A column: (tap, cout), lanes along cout. B: w[n][k].
     typedef TVox ARow;
@@ -308,10 +316,11 @@ struct TDgrad {
     __device__ float b_at(const Plain& r, const Plain& c) const { return w[r.i + c.i]; }
 };
 
+template <class A>
 struct TWgrad {
     TShape s;
-    const float* x;
-    const float* dy;
+    const A* x;
+    const A* dy;
     float* part;
     i64 M, N, R, per_split;
     __device__ i64 k_begin(int z) const { return z * per_split; }
@@ -332,7 +341,7 @@ struct TWgrad {
         return t;
     }
     __device__ TVox b_col(i64 k) const { return tvox_of(s, k, R); }
-    __device__ float a_at(const Plain& r, const Plain& c) const { return x[c.i + r.i]; }
+    __device__ float a_at(const Plain& r, const Plain& c) const { return ld(x + c.i + r.i); }
     __device__ float b_at(const TTap& r, const TVox& c) const { return c.ok ? tout_at(s, dy, c, r) : 0.f; }
 };
 
@@ -436,12 +445,18 @@ __device__ __forceinline__ void igemm(const P& p) {
                 }
 }
 
-extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_conv_fprop(Fprop p) { igemm(p); }
-extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_conv_dgrad(Dgrad p) { igemm(p); }
-extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_conv_wgrad(Wgrad p) { igemm(p); }
-extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_convt_fprop(TFprop p) { igemm(p); }
-extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_convt_dgrad(TDgrad p) { igemm(p); }
-extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_convt_wgrad(TWgrad p) { igemm(p); }
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_conv_fprop_f32(Fprop<float> p) { igemm(p); }
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_conv_fprop_bf16(Fprop<bf16> p) { igemm(p); }
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_conv_dgrad_f32(Dgrad<float> p) { igemm(p); }
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_conv_dgrad_bf16(Dgrad<bf16> p) { igemm(p); }
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_conv_wgrad_f32(Wgrad<float> p) { igemm(p); }
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_conv_wgrad_bf16(Wgrad<bf16> p) { igemm(p); }
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_convt_fprop_f32(TFprop<float> p) { igemm(p); }
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_convt_fprop_bf16(TFprop<bf16> p) { igemm(p); }
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_convt_dgrad_f32(TDgrad<float> p) { igemm(p); }
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_convt_dgrad_bf16(TDgrad<bf16> p) { igemm(p); }
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_convt_wgrad_f32(TWgrad<float> p) { igemm(p); }
+extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_convt_wgrad_bf16(TWgrad<bf16> p) { igemm(p); }
 
 // out[i] = sum over splits of part[z * len + i] (split-K reduction, fixed order).
 extern "C" __global__ void segk_sum_splits_f32(const float* part, int splits, i64 len, float* out) {
@@ -453,11 +468,14 @@ extern "C" __global__ void segk_sum_splits_f32(const float* part, int splits, i6
 }
 
 // part[blockIdx.x][c] = column sums of rows in this block's chunk (bias gradients).
-extern "C" __global__ void segk_colsum_partial_f32(const float* x, i64 rows, int C, i64 chunk, float* part) {
+template <class A>
+__device__ __forceinline__ void colsum_partial(const A* x, i64 rows, int C, i64 chunk, float* part) {
     i64 r0 = blockIdx.x * chunk, r1 = min(rows, r0 + chunk);
     for (int c = threadIdx.x; c < C; c += blockDim.x) {
         float s = 0.f;
-        for (i64 r = r0; r < r1; r++) s += x[r * C + c];
+        for (i64 r = r0; r < r1; r++) s += ld(x + r * C + c);
         part[(i64)blockIdx.x * C + c] = s;
     }
 }
+extern "C" __global__ void segk_colsum_partial_f32(const float* x, i64 rows, int C, i64 chunk, float* part) { colsum_partial(x, rows, C, chunk, part); }
+extern "C" __global__ void segk_colsum_partial_bf16(const bf16* x, i64 rows, int C, i64 chunk, float* part) { colsum_partial(x, rows, C, chunk, part); }

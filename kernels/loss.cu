@@ -11,7 +11,8 @@
 #define LOSS_REG_C 8
 
 // part[block] = [inter C | pred C | gt C | ce | max label], block = (chunk, sample).
-extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_partial_f32(const float* z, const uint8_t* lab, long V, int C, long chunk, float* part) {
+template <class A>
+__device__ __forceinline__ void loss_partial(const A* z, const uint8_t* lab, long V, int C, long chunk, float* part) {
     SEGK_DYNAMIC_SHARED(float, acc);  // 3*C + 2
     int b = blockIdx.y, k = blockIdx.x, lane = threadIdx.x & 31;
     for (int i = threadIdx.x; i < 3 * C + 2; i += blockDim.x) acc[i] = 0.f;
@@ -25,29 +26,29 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_partial_f32
     for (int c = 0; c < LOSS_REG_C; c++) pi[c] = pp[c] = pg[c] = 0.f;
     for (long r = r0 + threadIdx.x; r < r1; r += blockDim.x) {
         long row = (long)b * V + r;
-        const float* zr = z + row * C;
+        const A* zr = z + row * C;
         int y = lab[row];
         maxlab = max(maxlab, y);
-        float mx = zr[0];
-        for (int c = 1; c < C; c++) mx = fmaxf(mx, zr[c]);
+        float mx = ld(zr);
+        for (int c = 1; c < C; c++) mx = fmaxf(mx, ld(zr + c));
         float s = 0.f;
-        for (int c = 0; c < C; c++) s += __expf(zr[c] - mx);
+        for (int c = 0; c < C; c++) s += __expf(ld(zr + c) - mx);
         float inv = 1.f / s;
         int yc = y < C ? y : 0;
-        ce += mx + __logf(s) - zr[yc];
+        ce += mx + __logf(s) - ld(zr + yc);
         if (regs) {
 #pragma unroll
             for (int c = 0; c < LOSS_REG_C; c++) {
                 if (c < C) {
-                    float p = __expf(zr[c] - mx) * inv;
+                    float p = __expf(ld(zr + c) - mx) * inv;
                     pp[c] += p;
                     pi[c] += c == yc ? p : 0.f;
                     pg[c] += c == yc ? 1.f : 0.f;
                 }
             }
         } else {
-            for (int c = 0; c < C; c++) atomicAdd(&acc[C + c], __expf(zr[c] - mx) * inv);
-            atomicAdd(&acc[yc], __expf(zr[yc] - mx) * inv);
+            for (int c = 0; c < C; c++) atomicAdd(&acc[C + c], __expf(ld(zr + c) - mx) * inv);
+            atomicAdd(&acc[yc], __expf(ld(zr + yc) - mx) * inv);
             atomicAdd(&acc[2 * C + yc], 1.f);
         }
     }
@@ -77,29 +78,35 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_partial_f32
 
 // z <- weight * dL/dz; coef[(group * C + c) * 2] = (dc, 1/denominator), group = sample
 // when per_sample else 0.
-extern "C" __global__ void segk_loss_grad_f32(float* z, const uint8_t* lab, int n, long V, int C, const float* coef, int per_sample, float terms, float total_vox, float weight) {
+template <class A>
+__device__ __forceinline__ void loss_grad(A* z, const uint8_t* lab, int n, long V, int C, const float* coef, int per_sample, float terms, float total_vox, float weight) {
     long rows = (long)n * V;
     for (long row = blockIdx.x * (long)blockDim.x + threadIdx.x; row < rows; row += (long)gridDim.x * blockDim.x) {
-        float* zr = z + row * C;
+        A* zr = z + row * C;
         int y = lab[row];
         const float* cf = coef + (per_sample ? (row / V) * C * 2 : 0);
-        float mx = zr[0];
-        for (int c = 1; c < C; c++) mx = fmaxf(mx, zr[c]);
+        float mx = ld(zr);
+        for (int c = 1; c < C; c++) mx = fmaxf(mx, ld(zr + c));
         float s = 0.f;
-        for (int c = 0; c < C; c++) s += __expf(zr[c] - mx);
+        for (int c = 0; c < C; c++) s += __expf(ld(zr + c) - mx);
         float inv = 1.f / s;
         // g_c = dDice/dp_c = -(2 y_c - dc_c) / (denom_c * terms), g_0 = 0
         float pg = 0.f;
         for (int c = 1; c < C; c++) {
-            float p = __expf(zr[c] - mx) * inv;
+            float p = __expf(ld(zr + c) - mx) * inv;
             float g = -((c == y ? 2.f : 0.f) - cf[c * 2]) * cf[c * 2 + 1] / terms;
             pg += p * g;
         }
         for (int c = 0; c < C; c++) {
-            float p = __expf(zr[c] - mx) * inv;
+            float p = __expf(ld(zr + c) - mx) * inv;
             float g = c == 0 ? 0.f : -((c == y ? 2.f : 0.f) - cf[c * 2]) * cf[c * 2 + 1] / terms;
             float dce = (p - (c == y ? 1.f : 0.f)) / total_vox;
-            zr[c] = weight * (dce + p * (g - pg));
+            st(zr + c, weight * (dce + p * (g - pg)));
         }
     }
 }
+
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_partial_f32(const float* z, const uint8_t* lab, long V, int C, long chunk, float* part) { loss_partial(z, lab, V, C, chunk, part); }
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_partial_bf16(const bf16* z, const uint8_t* lab, long V, int C, long chunk, float* part) { loss_partial(z, lab, V, C, chunk, part); }
+extern "C" __global__ void segk_loss_grad_f32(float* z, const uint8_t* lab, int n, long V, int C, const float* coef, int per_sample, float terms, float total_vox, float weight) { loss_grad(z, lab, n, V, C, coef, per_sample, terms, total_vox, weight); }
+extern "C" __global__ void segk_loss_grad_bf16(bf16* z, const uint8_t* lab, int n, long V, int C, const float* coef, int per_sample, float terms, float total_vox, float weight) { loss_grad(z, lab, n, V, C, coef, per_sample, terms, total_vox, weight); }

@@ -2,7 +2,8 @@
 // downsampling for deep supervision, argmax over classes.
 #include "common.cuh"
 
-extern "C" __global__ void segk_concat_f32(const float* a, int ca, const float* b, int cb, long rows, float* out) {
+template <class A>
+__device__ __forceinline__ void concat(const A* a, int ca, const A* b, int cb, long rows, A* out) {
     long c = ca + cb, n = rows * c;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         long r = i / c;
@@ -12,7 +13,8 @@ extern "C" __global__ void segk_concat_f32(const float* a, int ca, const float* 
 }
 
 // da = dout[:, :ca]; db = beta*db + dout[:, ca:] (beta 0 never reads db).
-extern "C" __global__ void segk_concat_bwd_f32(const float* d, int ca, int cb, long rows, float* da, float* db, float beta) {
+template <class A>
+__device__ __forceinline__ void concat_bwd(const A* d, int ca, int cb, long rows, A* da, A* db, float beta) {
     long c = ca + cb, n = rows * c;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
         long r = i / c;
@@ -21,7 +23,7 @@ extern "C" __global__ void segk_concat_bwd_f32(const float* d, int ca, int cb, l
             da[r * ca + k] = d[i];
         } else {
             long j = r * cb + (k - ca);
-            db[j] = beta == 0.f ? d[i] : beta * db[j] + d[i];
+            st(db + j, beta == 0.f ? ld(d + i) : beta * ld(db + j) + ld(d + i));
         }
     }
 }
@@ -45,12 +47,31 @@ extern "C" __global__ void segk_downsample_labels(const uint8_t* src, int n, int
     }
 }
 
-extern "C" __global__ void segk_argmax_f32(const float* logits, long rows, int c, uint8_t* out) {
+template <class A>
+__device__ __forceinline__ void argmax(const A* logits, long rows, int c, uint8_t* out) {
     for (long r = blockIdx.x * (long)blockDim.x + threadIdx.x; r < rows; r += (long)gridDim.x * blockDim.x) {
-        const float* z = logits + r * c;
+        const A* z = logits + r * c;
         int best = 0;
-        for (int k = 1; k < c; k++)
-            if (z[k] > z[best]) best = k;
+        float top = ld(z);
+        for (int k = 1; k < c; k++) {
+            float v = ld(z + k);
+            if (v > top) best = k, top = v;
+        }
         out[r] = (uint8_t)best;
     }
 }
+
+// Host f32 data into bf16 activations and back (uploads, downloads, the staged batch).
+extern "C" __global__ void segk_cast_f32_bf16(const float* src, long n, bf16* dst) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) st(dst + i, src[i]);
+}
+extern "C" __global__ void segk_cast_bf16_f32(const bf16* src, long n, float* dst) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) dst[i] = ld(src + i);
+}
+
+extern "C" __global__ void segk_concat_f32(const float* a, int ca, const float* b, int cb, long rows, float* out) { concat(a, ca, b, cb, rows, out); }
+extern "C" __global__ void segk_concat_bf16(const bf16* a, int ca, const bf16* b, int cb, long rows, bf16* out) { concat(a, ca, b, cb, rows, out); }
+extern "C" __global__ void segk_concat_bwd_f32(const float* d, int ca, int cb, long rows, float* da, float* db, float beta) { concat_bwd(d, ca, cb, rows, da, db, beta); }
+extern "C" __global__ void segk_concat_bwd_bf16(const bf16* d, int ca, int cb, long rows, bf16* da, bf16* db, float beta) { concat_bwd(d, ca, cb, rows, da, db, beta); }
+extern "C" __global__ void segk_argmax_f32(const float* logits, long rows, int c, uint8_t* out) { argmax(logits, rows, c, out); }
+extern "C" __global__ void segk_argmax_bf16(const bf16* logits, long rows, int c, uint8_t* out) { argmax(logits, rows, c, out); }

@@ -9,7 +9,8 @@
 __device__ __forceinline__ int channel_lanes(int C) { return C < NORM_THREADS ? C : NORM_THREADS; }
 
 // part[((b * nchunks + k) * C + c) * 3] = (mean, M2, count) of chunk k of sample b.
-extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_partial_f32(const float* x, long V, int C, long chunk, float* part) {
+template <class A>
+__device__ __forceinline__ void norm_partial(const A* x, long V, int C, long chunk, float* part) {
     __shared__ float sm[NORM_THREADS], sm2[NORM_THREADS], sc[NORM_THREADS];
     int b = blockIdx.y, k = blockIdx.x, nchunks = gridDim.x;
     int lanes = channel_lanes(C), rl = blockDim.x / lanes;
@@ -20,7 +21,7 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_partial_f32
         float mean = 0.f, m2 = 0.f, cnt = 0.f;
         if (rlane < rl && c < C) {
             for (long r = r0 + rlane; r < r1; r += rl) {
-                float v = x[((long)b * V + r) * C + c];
+                float v = ld(x + ((long)b * V + r) * C + c);
                 cnt += 1.f;
                 float d = v - mean;
                 mean += d / cnt;
@@ -65,18 +66,20 @@ extern "C" __global__ void segk_norm_finalize_f32(const float* part, int n, int 
     rstd[i] = (float)(1.0 / sqrt(m2 / cnt + 1e-5));
 }
 
-extern "C" __global__ void segk_norm_act_fwd_f32(const float* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, float* y) {
+template <class A>
+__device__ __forceinline__ void norm_act_fwd(const A* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, A* y) {
     long total = (long)n * V * C;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
         int c = (int)(i % C);
         int bc = (int)(i / ((long)V * C)) * C + c;
         float s = gamma[c] * rstd[bc];
-        y[i] = leaky(s * (x[i] - mean[bc]) + beta[c]);
+        st(y + i, leaky(s * (ld(x + i) - mean[bc]) + beta[c]));
     }
 }
 
 // part[((b * nchunks + k) * C + c) * 2] = (sum dz, sum dz*xhat) over chunk k of sample b.
-extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_partial_f32(const float* dy, const float* x, long V, int C, long chunk, const float* mean, const float* rstd, const float* gamma, const float* beta, float* part) {
+template <class A>
+__device__ __forceinline__ void norm_bwd_partial(const A* dy, const A* x, long V, int C, long chunk, const float* mean, const float* rstd, const float* gamma, const float* beta, float* part) {
     __shared__ float s1[NORM_THREADS], s2[NORM_THREADS];
     int b = blockIdx.y, k = blockIdx.x, nchunks = gridDim.x;
     int lanes = channel_lanes(C), rl = blockDim.x / lanes;
@@ -90,8 +93,8 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_partial
             float mu = mean[bc], rs = rstd[bc], g = gamma[c], be = beta[c];
             for (long r = r0 + rlane; r < r1; r += rl) {
                 long i = ((long)b * V + r) * C + c;
-                float xh = (x[i] - mu) * rs;
-                float dz = g * xh + be > 0.f ? dy[i] : dy[i] * SEGK_LEAKY;
+                float xh = (ld(x + i) - mu) * rs, g_ = ld(dy + i);
+                float dz = g * xh + be > 0.f ? g_ : g_ * SEGK_LEAKY;
                 a += dz;
                 d += dz * xh;
             }
@@ -132,15 +135,25 @@ extern "C" __global__ void segk_norm_bwd_finalize_f32(const float* part, int n, 
 }
 
 // dx = gamma*rstd * (dz - mean(dz) - xhat * mean(dz*xhat)); dx may alias dy.
-extern "C" __global__ void segk_norm_bwd_apply_f32(const float* dy, const float* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const float* sums, float* dx) {
+template <class A>
+__device__ __forceinline__ void norm_bwd_apply(const A* dy, const A* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const float* sums, A* dx) {
     long total = (long)n * V * C;
     float inv_v = 1.f / (float)V;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
         int c = (int)(i % C);
         int bc = (int)(i / ((long)V * C)) * C + c;
-        float xh = (x[i] - mean[bc]) * rstd[bc];
-        float g = dy[i];
+        float xh = (ld(x + i) - mean[bc]) * rstd[bc];
+        float g = ld(dy + i);
         float dz = gamma[c] * xh + beta[c] > 0.f ? g : g * SEGK_LEAKY;
-        dx[i] = gamma[c] * rstd[bc] * (dz - sums[bc * 2] * inv_v - xh * sums[bc * 2 + 1] * inv_v);
+        st(dx + i, gamma[c] * rstd[bc] * (dz - sums[bc * 2] * inv_v - xh * sums[bc * 2 + 1] * inv_v));
     }
 }
+
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_partial_f32(const float* x, long V, int C, long chunk, float* part) { norm_partial(x, V, C, chunk, part); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_partial_bf16(const bf16* x, long V, int C, long chunk, float* part) { norm_partial(x, V, C, chunk, part); }
+extern "C" __global__ void segk_norm_act_fwd_f32(const float* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, float* y) { norm_act_fwd(x, n, V, C, mean, rstd, gamma, beta, y); }
+extern "C" __global__ void segk_norm_act_fwd_bf16(const bf16* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, bf16* y) { norm_act_fwd(x, n, V, C, mean, rstd, gamma, beta, y); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_partial_f32(const float* dy, const float* x, long V, int C, long chunk, const float* mean, const float* rstd, const float* gamma, const float* beta, float* part) { norm_bwd_partial(dy, x, V, C, chunk, mean, rstd, gamma, beta, part); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_partial_bf16(const bf16* dy, const bf16* x, long V, int C, long chunk, const float* mean, const float* rstd, const float* gamma, const float* beta, float* part) { norm_bwd_partial(dy, x, V, C, chunk, mean, rstd, gamma, beta, part); }
+extern "C" __global__ void segk_norm_bwd_apply_f32(const float* dy, const float* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const float* sums, float* dx) { norm_bwd_apply(dy, x, n, V, C, mean, rstd, gamma, beta, sums, dx); }
+extern "C" __global__ void segk_norm_bwd_apply_bf16(const bf16* dy, const bf16* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const float* sums, bf16* dx) { norm_bwd_apply(dy, x, n, V, C, mean, rstd, gamma, beta, sums, dx); }

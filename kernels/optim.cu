@@ -2,9 +2,12 @@
 // SGD with nesterov momentum and weight decay (torch.optim.SGD semantics).
 #include "common.cuh"
 
-extern "C" __global__ void segk_fill_f32(float* p, long n, float v) {
-    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) p[i] = v;
+template <class A>
+__device__ __forceinline__ void fill(A* p, long n, float v) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) st(p + i, v);
 }
+extern "C" __global__ void segk_fill_f32(float* p, long n, float v) { fill(p, n, v); }
+extern "C" __global__ void segk_fill_bf16(bf16* p, long n, float v) { fill(p, n, v); }
 
 extern "C" __global__ void segk_scale_f32(float* p, long n, float s) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) p[i] *= s;

@@ -134,8 +134,17 @@ struct Mem<'a, B: Backend> {
 }
 
 impl<B: Backend> Mem<'_, B> {
+    /// Working precision (weights, statistics, optimizer state).
     fn buf(&mut self, len: usize, value: f32) -> Result<B::Buf> {
         let a = self.be.alloc(len)?;
+        self.keep(a, len, value)
+    }
+    /// Activation memory (bf16 on a GPU by default).
+    fn act(&mut self, len: usize, value: f32) -> Result<B::Buf> {
+        let a = self.be.alloc_act(len)?;
+        self.keep(a, len, value)
+    }
+    fn keep(&mut self, a: B::Arena, len: usize, value: f32) -> Result<B::Buf> {
         let v = self.be.view(&a, 0, len);
         self.be.fill(v, value)?;
         self.keep.push(a);
@@ -162,7 +171,7 @@ fn rows_of<B: Backend>(be: &B, op: &Op, reps: usize, keep: &dyn Fn(&str) -> bool
             let y = g.out_dims(x);
             let name = |k: &str| format!("conv_{k} {}x{}x{} s{}", g.kernel[0], g.kernel[1], g.kernel[2], g.stride.iter().max().copied().unwrap_or(1));
             let shape = format!("{} -> {} ch", dims_str(x), g.cout);
-            let (xb, wb, bb, yb) = (m.buf(x.len(), 0.5)?, m.buf(g.weight_len(), 0.01)?, m.buf(g.cout, 0.0)?, m.buf(y.len(), 0.0)?);
+            let (xb, wb, bb, yb) = (m.act(x.len(), 0.5)?, m.buf(g.weight_len(), 0.01)?, m.buf(g.cout, 0.0)?, m.act(y.len(), 0.0)?);
             if keep(&name("fwd")) {
                 row(&name("fwd"), shape.clone(), time(be, reps, || be.conv_fwd(xb, x, wb, bb, yb, &g))?, Some(g.flops(x)), None);
             }
@@ -177,7 +186,7 @@ fn rows_of<B: Backend>(be: &B, op: &Op, reps: usize, keep: &dyn Fn(&str) -> bool
         Op::ConvT(g, x) => {
             let y = g.out_dims(x);
             let shape = format!("{} -> {} ch", dims_str(x), g.cout);
-            let (xb, wb, bb, yb) = (m.buf(x.len(), 0.5)?, m.buf(g.weight_len(), 0.01)?, m.buf(g.cout, 0.0)?, m.buf(y.len(), 0.0)?);
+            let (xb, wb, bb, yb) = (m.act(x.len(), 0.5)?, m.buf(g.weight_len(), 0.01)?, m.buf(g.cout, 0.0)?, m.act(y.len(), 0.0)?);
             if keep("convt_fwd") {
                 row("convt_fwd", shape.clone(), time(be, reps, || be.convt_fwd(xb, x, wb, bb, yb, &g))?, Some(g.flops(x)), None);
             }
@@ -190,10 +199,10 @@ fn rows_of<B: Backend>(be: &B, op: &Op, reps: usize, keep: &dyn Fn(&str) -> bool
             }
         }
         Op::Norm(d) => {
-            let e = be.elem_bytes() as f64;
+            let e = be.act_bytes() as f64;
             let n = d.len() as f64;
             let st = d.n * d.c;
-            let (x, y, dy) = (m.buf(d.len(), 0.5)?, m.buf(d.len(), 0.0)?, m.buf(d.len(), 0.1)?);
+            let (x, y, dy) = (m.act(d.len(), 0.5)?, m.act(d.len(), 0.0)?, m.act(d.len(), 0.1)?);
             let (mean, rstd, gamma, beta, dg, dbt) = (m.buf(st, 0.0)?, m.buf(st, 1.0)?, m.buf(d.c, 1.0)?, m.buf(d.c, 0.0)?, m.buf(d.c, 0.0)?, m.buf(d.c, 0.0)?);
             // Compulsory traffic: stats read x; forward reads x, writes y; backward reads
             // dy and x, writes dx.
@@ -204,14 +213,14 @@ fn rows_of<B: Backend>(be: &B, op: &Op, reps: usize, keep: &dyn Fn(&str) -> bool
                 row("norm_act_fwd", dims_str(d), time(be, reps, || be.norm_act_fwd(x, d, mean, rstd, gamma, beta, y))?, None, Some(2.0 * n * e));
             }
             if keep("norm_act_bwd") {
-                let dx = m.buf(d.len(), 0.0)?;
+                let dx = m.act(d.len(), 0.0)?;
                 row("norm_act_bwd", dims_str(d), time(be, reps, || be.norm_act_bwd(dy, x, d, mean, rstd, gamma, beta, dx, dg, dbt))?, None, Some(3.0 * n * e));
             }
         }
         Op::Loss(d) => {
             if keep("softmax_dice_ce") {
-                let e = be.elem_bytes() as f64;
-                let logits = m.buf(d.len(), 0.0)?;
+                let e = be.act_bytes() as f64;
+                let logits = m.act(d.len(), 0.0)?;
                 let labels = m.labels(d.rows(), d.c)?;
                 // Reads logits and labels, writes the gradient over the logits.
                 let bytes = 2.0 * d.len() as f64 * e + d.rows() as f64;

@@ -2,7 +2,8 @@
 //!
 //! On a GPU the pool's slots are page-locked, the backend copies a slot into a staging buffer
 //! on its copy stream, and a step begins with a device-side copy from the staging buffer into
-//! its input (tens of microseconds); the staging buffer is then refilled with the next batch
+//! its input (tens of microseconds; the staging buffer holds f32, as the slots do, and the copy
+//! converts into the net's activation storage, bf16 by default); the staging buffer is then refilled with the next batch
 //! while the step runs. A slot goes back to the workers only after its upload has been waited
 //! for, so no worker writes into memory the copy engine is still reading. On the CPU the same
 //! calls are plain copies.

@@ -3,6 +3,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use segk::backend::Backend;
+use segk::backend::cuda::CudaBackend;
 use segk::demo::{self, DemoConfig};
 use segk::device::Job;
 use segk::selftest;
@@ -594,6 +595,11 @@ fn run_fingerprint(root: &std::path::Path, out: Option<std::path::PathBuf>) -> R
     Ok(())
 }
 
+fn run_cuda_selftest(mut be: CudaBackend, seed: u64) -> Result<Vec<selftest::Check>> {
+    println!("segk selftest on {} (seed {seed}), activations stored as f32 and as bf16", be.name());
+    selftest::run_cuda(&mut be, seed)
+}
+
 struct Selftest(u64);
 
 impl Job for Selftest {
@@ -607,7 +613,12 @@ impl Job for Selftest {
 
 fn run_selftest(device: &str, seed: Option<u64>) -> Result<()> {
     let seed = seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1));
-    let checks = segk::device::run_on(device, Selftest(seed))?;
+    // The CUDA backend (and its emulator) is checked with both activation storage types.
+    let checks = match segk::device::parse(device) {
+        Ok(segk::device::Device::Cuda(i)) => run_cuda_selftest(CudaBackend::new(i)?, seed)?,
+        Ok(segk::device::Device::Emu) => run_cuda_selftest(CudaBackend::emulated()?, seed)?,
+        _ => segk::device::run_on(device, Selftest(seed))?,
+    };
     if selftest::report(&checks) > 0 {
         anyhow::bail!("selftest failed on {device}");
     }

@@ -121,14 +121,29 @@ fn count(pred: &[u8], truth: &[u8], classes: usize, tp: &mut [u64], fp: &mut [u6
 /// Set by SIGINT/SIGTERM: the trainer saves checkpoint_latest at the next step and stops.
 pub static STOP: AtomicBool = AtomicBool::new(false);
 
+/// Bytes per element of a backend's two kinds of memory.
+#[derive(Clone, Copy, Debug)]
+pub struct ElemBytes {
+    /// Parameters, gradients, optimizer state, statistics, staging.
+    pub working: usize,
+    /// Activations and their gradients.
+    pub activation: usize,
+}
+
+impl ElemBytes {
+    pub fn of<B: Backend>(be: &B) -> ElemBytes {
+        ElemBytes { working: be.elem_bytes(), activation: be.act_bytes() }
+    }
+}
+
 /// Bytes a training run needs on the device at a checkpoint level: parameters, gradients
 /// and momentum, the training activations, the validation activations and label maps, the
 /// feed's staging buffers (one batch of image and labels).
-pub fn device_bytes(plan: &Plan, level: Checkpointing, elem_bytes: usize) -> Result<usize> {
-    let t = &plan.topology;
+pub fn device_bytes(plan: &Plan, level: Checkpointing, sizes: ElemBytes) -> Result<usize> {
+    let (t, elem_bytes, act) = (&plan.topology, sizes.working, sizes.activation);
     let params = 3 * ParamLayout::new(t).len * elem_bytes;
-    let train = ActPlan::new(t, plan.patch_size, plan.batch_size, level, true)?.bytes(elem_bytes);
-    let infer = ActPlan::new(t, plan.patch_size, plan.batch_size, Checkpointing::Level1, false)?.bytes(elem_bytes);
+    let train = ActPlan::new(t, plan.patch_size, plan.batch_size, level, true)?.bytes(act, elem_bytes);
+    let infer = ActPlan::new(t, plan.patch_size, plan.batch_size, Checkpointing::Level1, false)?.bytes(act, elem_bytes);
     let voxels = plan.batch_size * plan.patch_size.iter().product::<usize>();
     let staging = voxels * t.in_channels * elem_bytes + voxels;
     Ok(params + train + infer + voxels + staging)
@@ -137,7 +152,7 @@ pub fn device_bytes(plan: &Plan, level: Checkpointing, elem_bytes: usize) -> Res
 /// The checkpoint level to train at: the one asked for if it fits, or (auto) the fastest
 /// that fits; refuses with the numbers and the remedies when none does.
 /// `workspace`: what the backend's ops allocate on their own, on top of the arenas.
-pub fn preflight(plan: &Plan, asked: Option<Checkpointing>, elem_bytes: usize, available: Option<u64>, workspace: u64) -> Result<Checkpointing> {
+pub fn preflight(plan: &Plan, asked: Option<Checkpointing>, sizes: ElemBytes, available: Option<u64>, workspace: u64) -> Result<Checkpointing> {
     let levels = match asked {
         Some(l) => vec![l],
         None => vec![Checkpointing::None, Checkpointing::Level1, Checkpointing::Level2],
@@ -145,7 +160,7 @@ pub fn preflight(plan: &Plan, asked: Option<Checkpointing>, elem_bytes: usize, a
     let Some(avail) = available else { return Ok(asked.unwrap_or(Checkpointing::Level1)) };
     let mut needs = Vec::new();
     for &l in &levels {
-        let need = device_bytes(plan, l, elem_bytes)? as u64 + workspace;
+        let need = device_bytes(plan, l, sizes)? as u64 + workspace;
         if need <= avail {
             return Ok(l);
         }
@@ -193,8 +208,9 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
     let largest_weight = ParamLayout::new(&topo).tensors.iter().map(|t| t.len()).max().unwrap_or(0);
     let widest = topo.features.iter().copied().max().unwrap_or(0).max(classes);
     let workspace = be.workspace_bytes(largest_weight, widest, plan.batch_size) as u64;
-    let level = preflight(plan, cfg.checkpointing, be.elem_bytes(), be.memory_available(), workspace)?;
-    let held = device_bytes(plan, level, be.elem_bytes())? as u64 + workspace;
+    let sizes = ElemBytes::of(be);
+    let level = preflight(plan, cfg.checkpointing, sizes, be.memory_available(), workspace)?;
+    let held = device_bytes(plan, level, sizes)? as u64 + workspace;
     println!("memory: {:.2} GiB at checkpointing level {}", gib(held), level.level());
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     let oom = |e| explain_oom(e, held);

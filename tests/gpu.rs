@@ -41,7 +41,8 @@ fn cuda_kernels_match_cpu_twins() {
     let be = CudaBackend::new(0).unwrap();
     let s = seed();
     let _ = writeln!(std::io::stderr(), "cuda selftest on {} (seed {s})", segk::backend::Backend::name(&be));
-    let checks = selftest::run(&be, &Bounds::CUDA, s).unwrap();
+    let mut be = be;
+    let checks = selftest::run_cuda(&mut be, s).unwrap();
     selftest::report(&checks);
     assert_all_pass(&checks, "cuda vs cpu");
 }
@@ -61,7 +62,8 @@ fn emulated_cuda_kernels_match_cpu_twins() {
     };
     let s = seed();
     let _ = writeln!(std::io::stderr(), "emulated cuda selftest (seed {s})");
-    let checks = selftest::run(&be, &Bounds::CUDA, s).unwrap();
+    let mut be = be;
+    let checks = selftest::run_cuda(&mut be, s).unwrap();
     assert_all_pass(&checks, "emulated cuda vs cpu");
 }
 

@@ -338,3 +338,31 @@ fn nearest_downsampling_picks_centres() {
     misc::argmax(&[0.1f32, 0.9, 0.3, 2.0, -1.0, 0.0], Dims::new(1, [1, 1, 2], 3), &mut arg);
     assert_eq!(arg, vec![1, 0]);
 }
+
+/// The bf16-storage twin (the reference for the GPU's default precision) rounds what ops store
+/// into activation memory to the nearest bf16, ties to even, and leaves working memory alone.
+#[test]
+fn bf16_storage_twin_rounds_activation_memory_only() {
+    use segk::backend::cpu::CpuBackend;
+    use segk::backend::Backend;
+    let be = CpuBackend::<f64>::with_bf16_storage();
+    // 1 + 2^-9 is a tie (to 1), 1 + 3*2^-9 a tie (to 1 + 2^-7), 0x408E8006 just above a tie.
+    let just_above = f32::from_bits(0x408E_8006);
+    let v = [1.0 + 2f32.powi(-9), 1.0 + 3.0 * 2f32.powi(-9), just_above, -2.5];
+    let want = [1.0, 1.0 + 2f32.powi(-7), f32::from_bits(0x408F_0000), -2.5];
+    let (act, work) = (be.alloc_act(4).unwrap(), be.alloc(4).unwrap());
+    let (a, w) = (be.view(&act, 0, 4), be.view(&work, 0, 4));
+    be.upload(a, &v).unwrap();
+    be.upload(w, &v).unwrap();
+    let (mut ga, mut gw) = ([0f32; 4], [0f32; 4]);
+    be.download(a, &mut ga).unwrap();
+    be.download(w, &mut gw).unwrap();
+    assert_eq!(ga, want, "activation memory holds bf16 values");
+    assert_eq!(gw, v, "working memory is not rounded");
+    // An op's output into activation memory is rounded too: concat of the working values.
+    let out = be.alloc_act(8).unwrap();
+    be.concat(w, 1, w, 1, 4, be.view(&out, 0, 8)).unwrap();
+    let mut got = [0f32; 8];
+    be.download(be.view(&out, 0, 8), &mut got).unwrap();
+    assert_eq!(got.iter().step_by(2).copied().collect::<Vec<_>>(), want, "op outputs are stored rounded");
+}

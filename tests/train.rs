@@ -165,7 +165,8 @@ mod resume {
 fn preflight_picks_the_fastest_level_that_fits_or_refuses_with_numbers() {
     use segk::model::{Checkpointing, Topology};
     use segk::plan::plans::Plan;
-    use segk::train::{device_bytes, preflight};
+    use segk::train::{device_bytes, preflight, ElemBytes};
+    const F32: ElemBytes = ElemBytes { working: 4, activation: 4 };
     let topology = Topology::isotropic(1, 3, vec![8, 16, 32]);
     let plan = Plan {
         spacing: [1.0; 3],
@@ -181,13 +182,13 @@ fn preflight_picks_the_fastest_level_that_fits_or_refuses_with_numbers() {
         gpu_memory_needed_bytes: 0,
         checkpointing: 1,
     };
-    let [l0, l1, l2] = [Checkpointing::None, Checkpointing::Level1, Checkpointing::Level2].map(|l| device_bytes(&plan, l, 4).unwrap() as u64);
+    let [l0, l1, l2] = [Checkpointing::None, Checkpointing::Level1, Checkpointing::Level2].map(|l| device_bytes(&plan, l, F32).unwrap() as u64);
     assert!(l0 > l1 && l1 > l2, "{l0} {l1} {l2}");
-    assert_eq!(preflight(&plan, None, 4, Some(l0), 0).unwrap(), Checkpointing::None);
-    assert_eq!(preflight(&plan, None, 4, Some(l1), 0).unwrap(), Checkpointing::Level1);
-    assert_eq!(preflight(&plan, None, 4, Some(l2), 0).unwrap(), Checkpointing::Level2);
-    let e = preflight(&plan, None, 4, Some(l2 - 1), 0).unwrap_err().to_string();
+    assert_eq!(preflight(&plan, None, F32, Some(l0), 0).unwrap(), Checkpointing::None);
+    assert_eq!(preflight(&plan, None, F32, Some(l1), 0).unwrap(), Checkpointing::Level1);
+    assert_eq!(preflight(&plan, None, F32, Some(l2), 0).unwrap(), Checkpointing::Level2);
+    let e = preflight(&plan, None, F32, Some(l2 - 1), 0).unwrap_err().to_string();
     assert!(e.contains("level 2:") && e.contains("GiB is free") && e.contains("--gpu-memory"), "{e}");
-    assert!(preflight(&plan, Some(Checkpointing::None), 4, Some(l1), 0).is_err(), "an explicit level that does not fit is refused");
-    assert_eq!(preflight(&plan, None, 4, Some(l0), 1).unwrap(), Checkpointing::Level1, "the backend's workspace counts");
+    assert!(preflight(&plan, Some(Checkpointing::None), F32, Some(l1), 0).is_err(), "an explicit level that does not fit is refused");
+    assert_eq!(preflight(&plan, None, F32, Some(l0), 1).unwrap(), Checkpointing::Level1, "the backend's workspace counts");
 }

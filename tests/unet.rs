@@ -99,8 +99,8 @@ fn checkpoint_levels_give_same_gradients_with_less_memory() {
         let loss = net.compute_gradients(&be, &acts, &image, &labels).unwrap();
         let n = net.n_params();
         let bytes = acts.bytes(&be);
-        assert_eq!(bytes, activation_bytes(&t, patch, 2, policy, 4).unwrap(), "{policy:?}: arena matches the report");
-        assert_eq!(acts.arena.len() * 4 + acts.labels.len(), bytes, "{policy:?}: allocation matches the report");
+        assert_eq!(bytes, activation_bytes(&t, patch, 2, policy, 4, 4).unwrap(), "{policy:?}: arena matches the report");
+        assert_eq!((acts.arena.len() + acts.stats.len()) * 4 + acts.labels.len(), bytes, "{policy:?}: allocation matches the report");
         results.push((policy, loss.total, net.arena[n..2 * n].to_vec(), bytes));
     }
     let (_, l0, g0, b0) = &results[0];

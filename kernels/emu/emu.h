@@ -78,6 +78,7 @@ inline float emu_bf16_to_float(uint16_t h) {
     memcpy(&f, &u, 4);
     return f;
 }
+inline float __bfloat162float(__nv_bfloat16 b) { return emu_bf16_to_float(b.x); }
 inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
     __nv_bfloat162 v;
     v.x = __float2bfloat16(lo);

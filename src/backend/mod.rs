@@ -159,12 +159,22 @@ pub trait Backend: Sync {
     fn name(&self) -> String;
 
     // ---- memory ----
+    /// Working-precision memory: parameters, their gradients, optimizer state, statistics.
     fn alloc(&self, len: usize) -> Result<Self::Arena>;
+    /// Activation memory (activations and their gradients): bf16 on a GPU by default, whose
+    /// ops then store rounded values and compute in f32; working precision elsewhere.
+    fn alloc_act(&self, len: usize) -> Result<Self::Arena> {
+        self.alloc(len)
+    }
     fn view(&self, arena: &Self::Arena, offset: usize, len: usize) -> Self::Buf;
     fn alloc_labels(&self, len: usize) -> Result<Self::LabelArena>;
     fn label_view(&self, arena: &Self::LabelArena, offset: usize, len: usize) -> Self::LabelBuf;
     /// Bytes of one working-precision element.
     fn elem_bytes(&self) -> usize;
+    /// Bytes of one element of activation memory.
+    fn act_bytes(&self) -> usize {
+        self.elem_bytes()
+    }
     fn upload(&self, dst: Self::Buf, src: &[f32]) -> Result<()>;
     fn download(&self, src: Self::Buf, dst: &mut [f32]) -> Result<()>;
     fn upload_labels(&self, dst: Self::LabelBuf, src: &[u8]) -> Result<()>;

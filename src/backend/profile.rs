@@ -57,6 +57,12 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn alloc(&self, len: usize) -> Result<B::Arena> {
         self.inner.alloc(len)
     }
+    fn alloc_act(&self, len: usize) -> Result<B::Arena> {
+        self.inner.alloc_act(len)
+    }
+    fn act_bytes(&self) -> usize {
+        self.inner.act_bytes()
+    }
     fn view(&self, a: &B::Arena, o: usize, l: usize) -> B::Buf {
         self.inner.view(a, o, l)
     }

@@ -1,6 +1,7 @@
 //! The activation plan: where every activation and backward buffer lives in the
-//! activation arena for a topology, patch, batch and checkpoint policy. The arena is sized
-//! from this plan, so the reported bytes are exactly what a step uses.
+//! activation arena for a topology, patch, batch and checkpoint policy, and where the norm
+//! statistics live in the (working-precision) statistics arena. The arenas are sized from this
+//! plan, so the reported bytes are exactly what a step uses.
 
 use super::topology::Topology;
 use crate::tensor::Dims;
@@ -60,6 +61,7 @@ pub struct BlockSlots {
     pub x: Slot,
     /// Normalised + activated output.
     pub y: Slot,
+    /// Offsets of the per-(sample, channel) statistics in the statistics arena.
     pub mean: usize,
     pub rstd: usize,
 }
@@ -83,6 +85,8 @@ pub struct ActPlan {
     pub skip_grad: Vec<usize>,
     /// Elements of the activation arena.
     pub len: usize,
+    /// Elements of the statistics arena (norm mean and rstd, kept in working precision).
+    pub stats_len: usize,
     /// Label maps per resolution (offset into the label arena) for the loss.
     pub labels: Vec<Option<Slot>>,
     pub labels_len: usize,
@@ -142,17 +146,18 @@ impl ActPlan {
             };
             Slot { offset, dims }
         };
-        let block = |cur: &mut Cursor, stage: &mut Cursor, place: &mut dyn FnMut(&mut Cursor, &mut Cursor, Kind, Dims) -> Slot, input: Dims, out: Dims, last: bool| {
+        let mut stats = Cursor(0);
+        let block = |cur: &mut Cursor, stage: &mut Cursor, stats: &mut Cursor, place: &mut dyn FnMut(&mut Cursor, &mut Cursor, Kind, Dims) -> Slot, input: Dims, out: Dims, last: bool| {
             let x = place(cur, stage, Kind::X, out);
             let y = place(cur, stage, if last && policy != Checkpointing::Level1 { Kind::StageOut } else { Kind::Y }, out);
-            let mean = cur.take(out.n * out.c);
-            let rstd = cur.take(out.n * out.c);
+            let mean = stats.take(out.n * out.c);
+            let rstd = stats.take(out.n * out.c);
             BlockSlots { input, x, y, mean, rstd }
         };
         let mut enc = Vec::new();
         for s in 0..ns {
             stage.0 = stage_base;
-            enc.push((0..nc).map(|j| block(&mut cur, &mut stage, &mut place, enc_in(s, j), d(s, t.features[s]), j == nc - 1)).collect::<Vec<_>>());
+            enc.push((0..nc).map(|j| block(&mut cur, &mut stage, &mut stats, &mut place, enc_in(s, j), d(s, t.features[s]), j == nc - 1)).collect::<Vec<_>>());
         }
         let mut dec = vec![Vec::new(); ns - 1];
         let mut up = vec![Slot { offset: 0, dims: Dims::default() }; ns - 1];
@@ -162,7 +167,7 @@ impl ActPlan {
             stage.0 = stage_base;
             up[s] = place(&mut cur, &mut stage, Kind::Up, d(s, t.features[s]));
             cat[s] = place(&mut cur, &mut stage, Kind::Cat, d(s, 2 * t.features[s]));
-            dec[s] = (0..nc).map(|j| block(&mut cur, &mut stage, &mut place, dec_in(s, j), d(s, t.features[s]), j == nc - 1)).collect();
+            dec[s] = (0..nc).map(|j| block(&mut cur, &mut stage, &mut stats, &mut place, dec_in(s, j), d(s, t.features[s]), j == nc - 1)).collect();
             if has_head(s) {
                 logits[s] = Some(Slot { offset: cur.take(d(s, t.n_classes).len()), dims: d(s, t.n_classes) });
             }
@@ -182,13 +187,13 @@ impl ActPlan {
                 }
             }
         }
-        Ok(ActPlan { policy, training, image, enc, dec, up, cat, logits, ga, gb, gc, skip_grad, len: cur.0, labels, labels_len: lab.0 })
+        Ok(ActPlan { policy, training, image, enc, dec, up, cat, logits, ga, gb, gc, skip_grad, len: cur.0, stats_len: stats.0, labels, labels_len: lab.0 })
     }
 
-    /// Bytes of activation memory a step uses: the arena at `elem_bytes` per element plus
-    /// the u8 label maps.
-    pub fn bytes(&self, elem_bytes: usize) -> usize {
-        self.len * elem_bytes + self.labels_len
+    /// Bytes of activation memory a step uses: the activation arena at `act_bytes` per
+    /// element, the statistics at `elem_bytes`, and the u8 label maps.
+    pub fn bytes(&self, act_bytes: usize, elem_bytes: usize) -> usize {
+        self.len * act_bytes + self.stats_len * elem_bytes + self.labels_len
     }
 }
 
@@ -202,6 +207,6 @@ enum Kind {
 }
 
 /// The activation bytes a training step needs (the memory planner's model).
-pub fn activation_bytes(t: &Topology, patch: [usize; 3], batch: usize, policy: Checkpointing, elem_bytes: usize) -> Result<usize> {
-    Ok(ActPlan::new(t, patch, batch, policy, true)?.bytes(elem_bytes))
+pub fn activation_bytes(t: &Topology, patch: [usize; 3], batch: usize, policy: Checkpointing, act_bytes: usize, elem_bytes: usize) -> Result<usize> {
+    Ok(ActPlan::new(t, patch, batch, policy, true)?.bytes(act_bytes, elem_bytes))
 }

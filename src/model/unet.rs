@@ -1,6 +1,7 @@
 //! PlainConvUNet forward and backward, written out op by op (llm.c style). Parameters,
-//! gradients and momentum share one arena; activations live in another, laid out by
-//! [`ActPlan`]. The net never knows which backend runs it.
+//! gradients and momentum share one arena; activations live in another (the backend's
+//! activation storage: bf16 on a GPU), norm statistics in a third (working precision), laid
+//! out by [`ActPlan`]. The net never knows which backend runs it.
 
 use super::params::{BlockParams, ConvParams, ParamLayout};
 use super::plan::{ActPlan, BlockSlots, Checkpointing, Slot};
@@ -29,6 +30,8 @@ pub struct UNet<B: Backend> {
 pub struct Acts<B: Backend> {
     pub plan: ActPlan,
     pub arena: B::Arena,
+    /// Norm mean and rstd per block.
+    pub stats: B::Arena,
     pub labels: B::LabelArena,
     y_resident: Cell<Option<BlockId>>,
     cat_resident: Cell<Option<usize>>,
@@ -37,13 +40,14 @@ pub struct Acts<B: Backend> {
 impl<B: Backend> Acts<B> {
     pub fn new(be: &B, t: &Topology, patch: [usize; 3], batch: usize, policy: Checkpointing, training: bool) -> Result<Acts<B>> {
         let plan = ActPlan::new(t, patch, batch, policy, training)?;
-        let arena = be.alloc(plan.len)?;
+        let arena = be.alloc_act(plan.len)?;
+        let stats = be.alloc(plan.stats_len.max(1))?;
         let labels = be.alloc_labels(plan.labels_len.max(1))?;
-        Ok(Acts { plan, arena, labels, y_resident: Cell::new(None), cat_resident: Cell::new(None) })
+        Ok(Acts { plan, arena, stats, labels, y_resident: Cell::new(None), cat_resident: Cell::new(None) })
     }
     /// Bytes this activation memory takes.
     pub fn bytes(&self, be: &B) -> usize {
-        self.plan.bytes(be.elem_bytes())
+        self.plan.bytes(be.act_bytes(), be.elem_bytes())
     }
     /// The step's input image on the device, for a feed that puts batches there itself.
     pub fn input_image(&self, be: &B) -> B::Buf {
@@ -212,6 +216,9 @@ impl<B: Backend> Pass<'_, B> {
     fn act_at(&self, offset: usize, len: usize) -> B::Buf {
         self.be.view(&self.a.arena, offset, len)
     }
+    fn stat(&self, offset: usize, len: usize) -> B::Buf {
+        self.be.view(&self.a.stats, offset, len)
+    }
     fn label(&self, s: Slot) -> B::LabelBuf {
         self.be.label_view(&self.a.labels, s.offset, s.dims.rows())
     }
@@ -271,7 +278,7 @@ impl<B: Backend> Pass<'_, B> {
         let a = *self.slots(id);
         let be = self.be;
         let out = a.x.dims;
-        let stat = |o| self.act_at(o, out.n * out.c);
+        let stat = |o| self.stat(o, out.n * out.c);
         be.conv_fwd(input, a.input, self.par(p.conv.w, g.weight_len()), self.par(p.conv.b, g.cout), self.act(&a.x), &g)?;
         be.norm_stats(self.act(&a.x), out, stat(a.mean), stat(a.rstd))?;
         be.norm_act_fwd(self.act(&a.x), out, stat(a.mean), stat(a.rstd), self.par(p.gamma, g.cout), self.par(p.beta, g.cout), self.act(&a.y))?;
@@ -285,7 +292,7 @@ impl<B: Backend> Pass<'_, B> {
         if self.policy() == Checkpointing::Level1 && self.a.y_resident.get() != Some(id) {
             let (p, g) = self.params(id);
             let out = a.x.dims;
-            let stat = |o| self.act_at(o, out.n * out.c);
+            let stat = |o| self.stat(o, out.n * out.c);
             self.be.norm_act_fwd(self.act(&a.x), out, stat(a.mean), stat(a.rstd), self.par(p.gamma, g.cout), self.par(p.beta, g.cout), self.act(&a.y))?;
             self.a.y_resident.set(Some(id));
         }
@@ -380,7 +387,7 @@ impl<B: Backend> Pass<'_, B> {
         let be = self.be;
         let out = a.x.dims;
         let gb = self.act_at(grad, out.len());
-        let stat = |o| self.act_at(o, out.n * out.c);
+        let stat = |o| self.stat(o, out.n * out.c);
         be.norm_act_bwd(gb, self.act(&a.x), out, stat(a.mean), stat(a.rstd), self.par(p.gamma, g.cout), self.par(p.beta, g.cout), gb, self.grad(p.gamma, g.cout), self.grad(p.beta, g.cout))?;
         be.conv_wgrad(input, a.input, gb, self.grad(p.conv.w, g.weight_len()), self.grad(p.conv.b, g.cout), &g)?;
         if let Some((dst, beta)) = dx {

@@ -43,7 +43,7 @@ pub struct Plan {
 /// plus the activation arena at bf16.
 pub fn gpu_bytes(t: &Topology, patch: [usize; 3], batch: usize) -> Result<usize> {
     let params = ParamLayout::new(t).len;
-    Ok(params * (3 * 4 + 2) + activation_bytes(t, patch, batch, PLAN_CHECKPOINTING, GPU_ACT_BYTES)?)
+    Ok(params * (3 * 4 + 2) + activation_bytes(t, patch, batch, PLAN_CHECKPOINTING, GPU_ACT_BYTES, 4)?)
 }
 
 fn permute<T: Copy>(v: [T; 3], order: [usize; 3]) -> [T; 3] {

@@ -107,7 +107,7 @@ pub fn host_bytes_bound(model: &Model, raw: usize, stored: [usize; 3]) -> Result
     let t = &plan.topology;
     let (p, c, ch) = (plan.patch_size, t.n_classes, t.in_channels);
     let params = crate::model::params::ParamLayout::new(t).len * 4 * model.checkpoints.len();
-    let acts = crate::model::plan::ActPlan::new(t, p, 1, Checkpointing::Level1, false)?.bytes(4);
+    let acts = crate::model::plan::ActPlan::new(t, p, 1, Checkpointing::Level1, false)?.bytes(4, 4);
     let padded: [usize; 3] = std::array::from_fn(|a| stored[a].max(p[a]));
     let window = (c + 1) * p[0] * padded[1] * padded[2] * 4;
     let tiles = 2 * p.iter().product::<usize>() * ch * 4 + p[1] * p[2] * c * 4;

@@ -136,6 +136,8 @@ pub(crate) fn chunk_rows(total: usize, per_thread: usize, min_rows: usize, max_r
 pub struct CpuBuf<T> {
     ptr: *mut T,
     len: usize,
+    /// Values stored here are rounded to bf16 (activation memory of a bf16-storage backend).
+    bf16: bool,
 }
 impl<T> Clone for CpuBuf<T> {
     fn clone(&self) -> Self {
@@ -175,6 +177,36 @@ pub struct CpuBackend<T: Float> {
     staged: std::sync::Mutex<Option<Staged>>,
     /// Round the convolutions' operands to bf16 first, as the GPU's tensor-core path does.
     bf16_operands: bool,
+    /// Activation arenas store bf16-rounded values, as the GPU's default storage does.
+    bf16_storage: bool,
+}
+
+/// CPU memory of one kind: values, and whether they are stored rounded to bf16.
+pub struct CpuArena<T> {
+    data: Vec<T>,
+    bf16: bool,
+}
+
+impl<T> std::ops::Deref for CpuArena<T> {
+    type Target = [T];
+    fn deref(&self) -> &[T] {
+        &self.data
+    }
+}
+
+/// Direct access for tests and tools; values written this way are not rounded.
+impl<T> std::ops::DerefMut for CpuArena<T> {
+    fn deref_mut(&mut self) -> &mut [T] {
+        &mut self.data
+    }
+}
+
+/// `v` rounded to the nearest bf16 (ties to even) through f32, as the GPU rounds its f32
+/// results. Not `bf16::from_f64`: half 2.7 misrounds f64 values just above a tie (e.g. the f32
+/// 0x408E8006 becomes 0x408E, not 0x408F; half-rs issue #151), which made this reference
+/// disagree with the device on a few elements in ten thousand.
+fn round_bf16<T: Float>(v: T) -> T {
+    T::from_f64(half::bf16::from_f32(v.to_f64() as f32).to_f64())
 }
 
 /// Host memory promised by the caller of `stage` until the next `take_staged`.
@@ -189,7 +221,22 @@ unsafe impl Send for Staged {}
 
 impl<T: Float> CpuBackend<T> {
     pub fn new() -> Self {
-        CpuBackend { _t: PhantomData, staged: Default::default(), bf16_operands: false }
+        CpuBackend { _t: PhantomData, staged: Default::default(), bf16_operands: false, bf16_storage: false }
+    }
+
+    /// The reference for the GPU's default precision: bf16 conv operands (as
+    /// `with_bf16_operands`) and activation arenas whose values every op stores rounded to
+    /// bf16, computing in `T` in between, as the kernels compute in f32.
+    pub fn with_bf16_storage() -> Self {
+        CpuBackend { bf16_operands: true, bf16_storage: true, ..Self::new() }
+    }
+
+    /// Rounds what an op stored into bf16 activation views.
+    fn stored(&self, outs: &[CpuBuf<T>]) {
+        for o in outs.iter().filter(|o| o.bf16) {
+            // SAFETY: the op that wrote `o` has returned; no other view of it is live.
+            unsafe { o.slice_mut() }.iter_mut().for_each(|v| *v = round_bf16(*v));
+        }
     }
 
     /// A backend whose convolutions (and transposed convolutions) first round their operands
@@ -221,14 +268,14 @@ impl<T: Float> CpuBackend<T> {
         if !self.bf16_operands {
             return std::borrow::Cow::Borrowed(s);
         }
-        std::borrow::Cow::Owned(s.iter().map(|v| T::from_f64(half::bf16::from_f64(v.to_f64()).to_f64())).collect())
+        std::borrow::Cow::Owned(s.iter().map(|&v| round_bf16(v)).collect())
     }
 }
 
-fn view_of<E>(arena: &[E], offset: usize, len: usize) -> CpuBuf<E> {
+fn view_of<E>(arena: &[E], offset: usize, len: usize, bf16: bool) -> CpuBuf<E> {
     assert!(offset + len <= arena.len(), "view {offset}+{len} outside arena of {}", arena.len());
     // Views are handed to ops that write through them; the arena is only reached through views.
-    CpuBuf { ptr: arena.as_ptr().wrapping_add(offset) as *mut E, len }
+    CpuBuf { ptr: arena.as_ptr().wrapping_add(offset) as *mut E, len, bf16 }
 }
 
 /// dst = src between two views of the same kind.
@@ -244,7 +291,7 @@ fn copy_view<E: Copy>(dst: CpuBuf<E>, src: CpuBuf<E>) -> Result<()> {
 impl<T: Float> Backend for CpuBackend<T> {
     type Buf = CpuBuf<T>;
     type LabelBuf = CpuBuf<u8>;
-    type Arena = Vec<T>;
+    type Arena = CpuArena<T>;
     type LabelArena = Vec<u8>;
 
     fn name(&self) -> String {
@@ -253,17 +300,20 @@ impl<T: Float> Backend for CpuBackend<T> {
     fn memory_available(&self) -> Option<u64> {
         crate::sysinfo::host_memory_available()
     }
-    fn alloc(&self, len: usize) -> Result<Vec<T>> {
-        Ok(vec![T::ZERO; len])
+    fn alloc(&self, len: usize) -> Result<CpuArena<T>> {
+        Ok(CpuArena { data: vec![T::ZERO; len], bf16: false })
     }
-    fn view(&self, arena: &Vec<T>, offset: usize, len: usize) -> CpuBuf<T> {
-        view_of(arena, offset, len)
+    fn alloc_act(&self, len: usize) -> Result<CpuArena<T>> {
+        Ok(CpuArena { data: vec![T::ZERO; len], bf16: self.bf16_storage })
+    }
+    fn view(&self, arena: &CpuArena<T>, offset: usize, len: usize) -> CpuBuf<T> {
+        view_of(arena, offset, len, arena.bf16)
     }
     fn alloc_labels(&self, len: usize) -> Result<Vec<u8>> {
         Ok(vec![0; len])
     }
     fn label_view(&self, arena: &Vec<u8>, offset: usize, len: usize) -> CpuBuf<u8> {
-        view_of(arena, offset, len)
+        view_of(arena, offset, len, false)
     }
     fn elem_bytes(&self) -> usize {
         std::mem::size_of::<T>()
@@ -272,6 +322,7 @@ impl<T: Float> Backend for CpuBackend<T> {
         let d = unsafe { dst.slice_mut() };
         anyhow::ensure!(d.len() == src.len(), "upload of {} values into {}", src.len(), d.len());
         d.iter_mut().zip(src).for_each(|(d, &s)| *d = T::from_f64(s as f64));
+        self.stored(&[dst]);
         Ok(())
     }
     fn download(&self, src: CpuBuf<T>, dst: &mut [f32]) -> Result<()> {
@@ -290,10 +341,13 @@ impl<T: Float> Backend for CpuBackend<T> {
     }
     fn fill(&self, dst: CpuBuf<T>, value: f32) -> Result<()> {
         misc::fill(unsafe { dst.slice_mut() }, T::from_f64(value as f64));
+        self.stored(&[dst]);
         Ok(())
     }
     fn copy(&self, dst: CpuBuf<T>, src: CpuBuf<T>) -> Result<()> {
-        copy_view(dst, src)
+        copy_view(dst, src)?;
+        self.stored(&[dst]);
+        Ok(())
     }
     fn copy_labels(&self, dst: CpuBuf<u8>, src: CpuBuf<u8>) -> Result<()> {
         copy_view(dst, src)
@@ -325,10 +379,12 @@ impl<T: Float> Backend for CpuBackend<T> {
 
     fn conv_fwd(&self, x: CpuBuf<T>, xd: Dims, w: CpuBuf<T>, b: CpuBuf<T>, y: CpuBuf<T>, g: &ConvGeom) -> Result<()> {
         unsafe { conv::conv_fwd(&self.operand(x.slice()), xd, &self.operand(w.slice()), b.slice(), y.slice_mut(), g) };
+        self.stored(&[y]);
         Ok(())
     }
     fn conv_dgrad(&self, dy: CpuBuf<T>, w: CpuBuf<T>, dx: CpuBuf<T>, xd: Dims, g: &ConvGeom, beta: f32) -> Result<()> {
         unsafe { conv::conv_dgrad(&self.operand(dy.slice()), &self.operand(w.slice()), dx.slice_mut(), xd, g, T::from_f64(beta as f64)) };
+        self.stored(&[dx]);
         Ok(())
     }
     fn conv_wgrad(&self, x: CpuBuf<T>, xd: Dims, dy: CpuBuf<T>, dw: CpuBuf<T>, db: CpuBuf<T>, g: &ConvGeom) -> Result<()> {
@@ -338,10 +394,12 @@ impl<T: Float> Backend for CpuBackend<T> {
     }
     fn convt_fwd(&self, x: CpuBuf<T>, xd: Dims, w: CpuBuf<T>, b: CpuBuf<T>, y: CpuBuf<T>, g: &ConvTGeom) -> Result<()> {
         unsafe { convt::convt_fwd(&self.operand(x.slice()), xd, &self.operand(w.slice()), b.slice(), y.slice_mut(), g) };
+        self.stored(&[y]);
         Ok(())
     }
     fn convt_dgrad(&self, dy: CpuBuf<T>, w: CpuBuf<T>, dx: CpuBuf<T>, xd: Dims, g: &ConvTGeom, beta: f32) -> Result<()> {
         unsafe { convt::convt_dgrad(&self.operand(dy.slice()), &self.operand(w.slice()), dx.slice_mut(), xd, g, T::from_f64(beta as f64)) };
+        self.stored(&[dx]);
         Ok(())
     }
     fn convt_wgrad(&self, x: CpuBuf<T>, xd: Dims, dy: CpuBuf<T>, dw: CpuBuf<T>, db: CpuBuf<T>, g: &ConvTGeom) -> Result<()> {
@@ -356,6 +414,7 @@ impl<T: Float> Backend for CpuBackend<T> {
     }
     fn norm_act_fwd(&self, x: CpuBuf<T>, xd: Dims, mean: CpuBuf<T>, rstd: CpuBuf<T>, gamma: CpuBuf<T>, beta: CpuBuf<T>, y: CpuBuf<T>) -> Result<()> {
         unsafe { norm::norm_act_fwd(x.slice(), xd, mean.slice(), rstd.slice(), gamma.slice(), beta.slice(), y.slice_mut()) };
+        self.stored(&[y]);
         Ok(())
     }
     fn norm_act_bwd(&self, dy: CpuBuf<T>, x: CpuBuf<T>, xd: Dims, mean: CpuBuf<T>, rstd: CpuBuf<T>, gamma: CpuBuf<T>, beta: CpuBuf<T>, dx: CpuBuf<T>, dgamma: CpuBuf<T>, dbeta: CpuBuf<T>) -> Result<()> {
@@ -370,15 +429,18 @@ impl<T: Float> Backend for CpuBackend<T> {
                 norm::norm_act_bwd_inplace(d, x.slice(), xd, stats, dg, db);
             }
         }
+        self.stored(&[dx]);
         Ok(())
     }
 
     fn concat(&self, a: CpuBuf<T>, ca: usize, b: CpuBuf<T>, cb: usize, rows: usize, out: CpuBuf<T>) -> Result<()> {
         unsafe { misc::concat(a.slice(), ca, b.slice(), cb, rows, out.slice_mut()) };
+        self.stored(&[out]);
         Ok(())
     }
     fn concat_bwd(&self, dout: CpuBuf<T>, ca: usize, cb: usize, rows: usize, da: CpuBuf<T>, db: CpuBuf<T>, beta_b: f32) -> Result<()> {
         unsafe { misc::concat_bwd(dout.slice(), ca, cb, rows, da.slice_mut(), db.slice_mut(), T::from_f64(beta_b as f64)) };
+        self.stored(&[da, db]);
         Ok(())
     }
     fn downsample_labels(&self, src: CpuBuf<u8>, sd: Dims, dst: CpuBuf<u8>, dd: Dims) -> Result<()> {
@@ -387,7 +449,9 @@ impl<T: Float> Backend for CpuBackend<T> {
     }
 
     fn softmax_dice_ce(&self, logits: CpuBuf<T>, ld: Dims, labels: CpuBuf<u8>, mode: DiceMode, weight: f64) -> Result<LossParts> {
-        unsafe { loss::softmax_dice_ce(logits.slice_mut(), ld, labels.slice(), mode, weight) }
+        let parts = unsafe { loss::softmax_dice_ce(logits.slice_mut(), ld, labels.slice(), mode, weight) }?;
+        self.stored(&[logits]);
+        Ok(parts)
     }
     fn argmax(&self, logits: CpuBuf<T>, ld: Dims, out: CpuBuf<u8>) -> Result<()> {
         unsafe { misc::argmax(logits.slice(), ld, out.slice_mut()) };

@@ -2,7 +2,7 @@
 //! structs mirror the C structs field for field (#[repr(C)], all 8-byte fields but the
 //! trailing f32 pair).
 
-use super::{launch, CudaBackend, DevBuf};
+use super::{f32s, launch, same_dt, CudaBackend, DevBuf, Dt};
 use crate::backend::cpu::conv::ParityClass;
 use crate::backend::{ConvGeom, ConvTGeom};
 use crate::tensor::Dims;
@@ -138,13 +138,13 @@ pub(crate) fn workspace_bound(sms: usize, largest_weight: usize, widest: usize, 
 }
 
 /// out = column sums of x ([rows x c]) via per-chunk partials in `ws`.
-fn colsum(be: &CudaBackend, x: u64, rows: usize, c: usize, out: u64, ws: u64) -> Result<()> {
+fn colsum(be: &CudaBackend, x: u64, dt: Dt, rows: usize, c: usize, out: u64, ws: u64) -> Result<()> {
     let chunks = (2 * be.sms()).min(rows.max(1));
     let chunk = rows.div_ceil(chunks).max(1);
     let chunks = rows.div_ceil(chunk).max(1);
     let cfg = LaunchConfig { grid_dim: (chunks as u32, 1, 1), block_dim: (c.clamp(32, 256) as u32, 1, 1), shared_mem_bytes: 0 };
     let (r, cc, ch) = (rows as i64, c as i32, chunk as i64);
-    launch!(be, colsum_partial_f32, cfg, &x, &r, &cc, &ch, &ws);
+    launch!(be, colsum_partial[dt], cfg, &x, &r, &cc, &ch, &ws);
     sum_splits(be, ws, chunks, c, out)
 }
 
@@ -157,9 +157,11 @@ fn sum_splits(be: &CudaBackend, part: u64, splits: usize, len: usize, out: u64) 
 pub fn fwd(be: &CudaBackend, x: DevBuf, xd: Dims, w: DevBuf, b: DevBuf, y: DevBuf, g: &ConvGeom) -> Result<()> {
     let yd = g.out_dims(xd);
     ensure!(x.len == xd.len() && y.len == yd.len() && w.len == g.weight_len() && b.len == g.cout, "conv_fwd shapes");
+    let dt = same_dt("conv_fwd", &[x, y])?;
+    f32s("conv_fwd", &[w, b])?;
     let (m, n, k) = (yd.rows(), g.cout, g.taps() * g.cin);
     let p = Fprop { s: shape(xd, g), x: x.ptr, w: w.ptr, bias: b.ptr, y: y.ptr, m: m as i64, n: n as i64, k: k as i64 };
-    launch!(be, conv_fprop, tiles(m, n, 1), &p);
+    launch!(be, conv_fprop[dt], tiles(m, n, 1), &p);
     Ok(())
 }
 
@@ -168,6 +170,8 @@ pub fn dgrad(be: &CudaBackend, dy: DevBuf, w: DevBuf, dx: DevBuf, xd: Dims, g: &
     ensure!(dy.len == yd.len() && dx.len == xd.len() && w.len == g.weight_len(), "conv_dgrad shapes");
     // The kernel divides by the stride with a shift (exact within a parity class).
     ensure!(g.stride.iter().all(|&s| s == 1 || s == 2), "conv_dgrad: strides must be 1 or 2, got {:?}", g.stride);
+    let dt = same_dt("conv_dgrad", &[dy, dx])?;
+    f32s("conv_dgrad", &[w])?;
     for class in ParityClass::all(g, xd) {
         let m = class.rows(xd.n);
         if m == 0 {
@@ -191,7 +195,7 @@ pub fn dgrad(be: &CudaBackend, dy: DevBuf, w: DevBuf, dx: DevBuf, xd: Dims, g: &
             beta,
             pad: 0.0,
         };
-        launch!(be, conv_dgrad, tiles(m, g.cin, 1), &arg);
+        launch!(be, conv_dgrad[dt], tiles(m, g.cin, 1), &arg);
     }
     Ok(())
 }
@@ -199,42 +203,50 @@ pub fn dgrad(be: &CudaBackend, dy: DevBuf, w: DevBuf, dx: DevBuf, xd: Dims, g: &
 pub fn wgrad(be: &CudaBackend, x: DevBuf, xd: Dims, dy: DevBuf, dw: DevBuf, db: DevBuf, g: &ConvGeom) -> Result<()> {
     let yd = g.out_dims(xd);
     ensure!(x.len == xd.len() && dy.len == yd.len() && dw.len == g.weight_len() && db.len == g.cout, "conv_wgrad shapes");
+    let dt = same_dt("conv_wgrad", &[x, dy])?;
+    f32s("conv_wgrad", &[dw, db])?;
     let (m, n, r) = (g.taps() * g.cin, g.cout, yd.rows());
     let sp = splits(be, m, n, r);
     let ws = be.scratch(sp * m * n + 2 * be.sms() * n)?;
     let arg = Wgrad { s: shape(xd, g), x: x.ptr, dy: dy.ptr, part: ws, m: m as i64, n: n as i64, r: r as i64, per_split: r.div_ceil(sp) as i64 };
-    launch!(be, conv_wgrad, tiles(m, n, sp), &arg);
+    launch!(be, conv_wgrad[dt], tiles(m, n, sp), &arg);
     sum_splits(be, ws, sp, m * n, dw.ptr)?;
-    colsum(be, dy.ptr, r, n, db.ptr, ws + 4 * (sp * m * n) as u64)
+    colsum(be, dy.ptr, dt, r, n, db.ptr, ws + 4 * (sp * m * n) as u64)
 }
 
 pub fn t_fwd(be: &CudaBackend, x: DevBuf, xd: Dims, w: DevBuf, b: DevBuf, y: DevBuf, g: &ConvTGeom) -> Result<()> {
     let yd = g.out_dims(xd);
     ensure!(x.len == xd.len() && y.len == yd.len() && w.len == g.weight_len() && b.len == g.cout, "convt_fwd shapes");
+    let dt = same_dt("convt_fwd", &[x, y])?;
+    f32s("convt_fwd", &[w, b])?;
     let m = xd.rows();
     for tap in 0..g.taps() {
         let arg = TFprop { s: tshape(xd, g), x: x.ptr, w: w.ptr, bias: b.ptr, y: y.ptr, tap: tap as i64, m: m as i64, n: g.cout as i64, k: g.cin as i64 };
-        launch!(be, convt_fprop, tiles(m, g.cout, 1), &arg);
+        launch!(be, convt_fprop[dt], tiles(m, g.cout, 1), &arg);
     }
     Ok(())
 }
 
 pub fn t_dgrad(be: &CudaBackend, dy: DevBuf, w: DevBuf, dx: DevBuf, xd: Dims, g: &ConvTGeom, beta: f32) -> Result<()> {
     ensure!(dy.len == g.out_dims(xd).len() && dx.len == xd.len() && w.len == g.weight_len(), "convt_dgrad shapes");
+    let dt = same_dt("convt_dgrad", &[dy, dx])?;
+    f32s("convt_dgrad", &[w])?;
     let m = xd.rows();
     let arg = TDgrad { s: tshape(xd, g), dy: dy.ptr, w: w.ptr, dx: dx.ptr, m: m as i64, n: g.cin as i64, k: (g.taps() * g.cout) as i64, beta, pad: 0.0 };
-    launch!(be, convt_dgrad, tiles(m, g.cin, 1), &arg);
+    launch!(be, convt_dgrad[dt], tiles(m, g.cin, 1), &arg);
     Ok(())
 }
 
 pub fn t_wgrad(be: &CudaBackend, x: DevBuf, xd: Dims, dy: DevBuf, dw: DevBuf, db: DevBuf, g: &ConvTGeom) -> Result<()> {
     let yd = g.out_dims(xd);
     ensure!(x.len == xd.len() && dy.len == yd.len() && dw.len == g.weight_len() && db.len == g.cout, "convt_wgrad shapes");
+    let dt = same_dt("convt_wgrad", &[x, dy])?;
+    f32s("convt_wgrad", &[dw, db])?;
     let (m, n, r) = (g.cin, g.taps() * g.cout, xd.rows());
     let sp = splits(be, m, n, r);
     let ws = be.scratch(sp * m * n + 2 * be.sms() * g.cout)?;
     let arg = TWgrad { s: tshape(xd, g), x: x.ptr, dy: dy.ptr, part: ws, m: m as i64, n: n as i64, r: r as i64, per_split: r.div_ceil(sp) as i64 };
-    launch!(be, convt_wgrad, tiles(m, n, sp), &arg);
+    launch!(be, convt_wgrad[dt], tiles(m, n, sp), &arg);
     sum_splits(be, ws, sp, m * n, dw.ptr)?;
-    colsum(be, dy.ptr, yd.rows(), g.cout, db.ptr, ws + 4 * (sp * m * n) as u64)
+    colsum(be, dy.ptr, dt, yd.rows(), g.cout, db.ptr, ws + 4 * (sp * m * n) as u64)
 }

@@ -19,7 +19,7 @@ pub fn softmax_dice_ce(be: &CudaBackend, z: DevBuf, ld: Dims, labels: DevLabels,
     let part = be.scratch(n * nchunks * width + 2 * n * c)?;
     let cfg = LaunchConfig { grid_dim: (nchunks as u32, n as u32, 1), block_dim: (256, 1, 1), shared_mem_bytes: (4 * width) as u32 };
     let (vv, cc, ch) = (v as i64, c as i32, chunk as i64);
-    launch!(be, loss_partial_f32, cfg, &z.ptr, &labels.ptr, &vv, &cc, &ch, &part);
+    launch!(be, loss_partial[z.dt], cfg, &z.ptr, &labels.ptr, &vv, &cc, &ch, &part);
     let host = be.read::<f32>(part, n * nchunks * width)?;
     let mut per_sample = vec![Sums::zeros(c); n];
     for (i, blk) in host.chunks_exact(width).enumerate() {
@@ -39,6 +39,6 @@ pub fn softmax_dice_ce(be: &CudaBackend, z: DevBuf, ld: Dims, labels: DevLabels,
     let coef_ptr = part + 4 * (n * nchunks * width) as u64;
     be.write(coef_ptr, &flat)?;
     let (nn, per, t, tv, w) = (n as i32, (mode == DiceMode::PerSample) as i32, terms as f32, total_vox as f32, weight as f32);
-    launch!(be, loss_grad_f32, be.grid(ld.rows()), &z.ptr, &labels.ptr, &nn, &vv, &cc, &coef_ptr, &per, &t, &tv, &w);
+    launch!(be, loss_grad[z.dt], be.grid(ld.rows()), &z.ptr, &labels.ptr, &nn, &vv, &cc, &coef_ptr, &per, &t, &tv, &w);
     Ok(parts)
 }

@@ -4,8 +4,10 @@
 //! the staged batch uploads, ordered by two events of our own (cudarc's per-slice event
 //! tracking is off), every launch's result checked.
 //!
-//! Storage is f32 in this first version; the convolutions round operands to bf16 and run
-//! on tensor cores (mma.sync m16n8k16) with f32 accumulation.
+//! Parameters, gradients, optimizer state and statistics are f32. Activations and their
+//! gradients are stored as bf16 by default (`SEGK_ACTIVATIONS=f32` keeps them f32): every view
+//! carries its storage type and the launches pick the kernel variant for it. The convolutions
+//! round operands to bf16 and run on tensor cores (mma.sync m16n8k16) with f32 accumulation.
 
 mod conv;
 pub mod emu;
@@ -80,11 +82,50 @@ pub fn gpus() -> std::result::Result<Vec<GpuInfo>, String> {
         .collect()
 }
 
-/// A view of f32 device memory.
+/// Storage type of device values; activation kernels exist once per type (segk_<name>_f32,
+/// segk_<name>_bf16), and the index of a type is its column in the kernel table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dt {
+    F32 = 0,
+    Bf16 = 1,
+}
+
+impl Dt {
+    pub fn bytes(self) -> usize {
+        match self {
+            Dt::F32 => 4,
+            Dt::Bf16 => 2,
+        }
+    }
+    pub fn suffix(self) -> &'static str {
+        match self {
+            Dt::F32 => "f32",
+            Dt::Bf16 => "bf16",
+        }
+    }
+    /// The activation storage asked for by SEGK_ACTIVATIONS (f32 or bf16; bf16 when unset).
+    pub fn activations_from_env() -> Result<Dt> {
+        match std::env::var("SEGK_ACTIVATIONS").ok().as_deref() {
+            None | Some("") | Some("bf16") => Ok(Dt::Bf16),
+            Some("f32") => Ok(Dt::F32),
+            Some(other) => bail!("SEGK_ACTIVATIONS must be f32 or bf16, got {other:?}"),
+        }
+    }
+}
+
+/// A view of device values of type `dt`.
 #[derive(Clone, Copy, Debug)]
 pub struct DevBuf {
     pub ptr: u64,
     pub len: usize,
+    pub dt: Dt,
+}
+
+/// An arena of device values of one storage type.
+pub struct DevArena {
+    mem: DevMem<u8>,
+    len: usize,
+    dt: Dt,
 }
 
 /// A view of u8 device memory (label maps).
@@ -95,47 +136,73 @@ pub struct DevLabels {
 }
 
 macro_rules! kernels {
-    ($($name:ident),* $(,)?) => {
-        pub(crate) struct Kernels { $(pub $name: CudaFunction,)* }
+    (plain: $($name:ident),* ; per storage type: $($act:ident),* $(,)?) => {
+        pub(crate) struct Kernels { $(pub $name: CudaFunction,)* $(pub $act: [CudaFunction; 2],)* }
         impl Kernels {
             fn load(m: &Arc<cudarc::driver::CudaModule>) -> Result<Kernels> {
-                Ok(Kernels { $($name: m.load_function(concat!("segk_", stringify!($name))).map_err(|e| anyhow!("kernel segk_{} missing from the fatbin: {e}", stringify!($name)))?,)* })
+                let f = |name: &str| m.load_function(name).map_err(|e| anyhow!("kernel {name} missing from the fatbin: {e}"));
+                Ok(Kernels {
+                    $($name: f(concat!("segk_", stringify!($name)))?,)*
+                    $($act: [f(concat!("segk_", stringify!($act), "_f32"))?, f(concat!("segk_", stringify!($act), "_bf16"))?],)*
+                })
             }
         }
     };
 }
 
 kernels!(
-    fill_f32, scale_f32, sum_squares_f32, sgd_nesterov_f32,
-    concat_f32, concat_bwd_f32, downsample_labels, argmax_f32,
-    norm_partial_f32, norm_finalize_f32, norm_act_fwd_f32, norm_bwd_partial_f32, norm_bwd_finalize_f32, norm_bwd_apply_f32,
-    loss_partial_f32, loss_grad_f32,
-    conv_fprop, conv_dgrad, conv_wgrad, convt_fprop, convt_dgrad, convt_wgrad, sum_splits_f32, colsum_partial_f32,
+    plain: scale_f32, sum_squares_f32, sgd_nesterov_f32, downsample_labels, cast_f32_bf16, cast_bf16_f32,
+    norm_finalize_f32, norm_bwd_finalize_f32, sum_splits_f32;
+    per storage type: fill, concat, concat_bwd, argmax, norm_partial, norm_act_fwd, norm_bwd_partial, norm_bwd_apply,
+    loss_partial, loss_grad, conv_fprop, conv_dgrad, conv_wgrad, convt_fprop, convt_dgrad, convt_wgrad, colsum_partial,
 );
 
 /// Launches a kernel with the listed arguments (each bound to a local first, since both
 /// drivers take argument addresses) and turns a failure into an error naming the kernel.
+/// `name[dt]` launches the variant of an activation kernel for storage type `dt`.
 macro_rules! launch {
-    ($be:expr, $k:ident, $cfg:expr, $($arg:expr),* $(,)?) => {{
+    (@run $be:expr, $kt:ident => $pick:expr, $name:expr, $cfg:expr, $($arg:expr),*) => {{
         let cfg: cudarc::driver::LaunchConfig = $cfg;
         match &$be.drv {
             $crate::backend::cuda::Driver::Gpu(d) => {
                 use cudarc::driver::PushKernelArg;
-                let mut b = d.stream.launch_builder(&d.k.$k);
+                let $kt = &d.k;
+                let mut b = d.stream.launch_builder($pick);
                 $(b.arg($arg);)*
                 // SAFETY: argument types and order match the kernel's signature in kernels/*.cu.
-                unsafe { b.launch(cfg) }.map_err(|e| $be.fail(concat!("segk_", stringify!($k)), e))?;
+                unsafe { b.launch(cfg) }.map_err(|e| $be.fail($name, e))?;
             }
             $crate::backend::cuda::Driver::Emu => {
                 let mut params: Vec<*mut std::ffi::c_void> = vec![$($arg as *const _ as *mut std::ffi::c_void),*];
                 // SAFETY: as above; the pointers in the arguments address host memory of this
                 // backend's arenas (the emulator's device memory is host memory).
-                unsafe { $crate::backend::cuda::emu::launch(concat!("segk_", stringify!($k)), cfg, &mut params) }?;
+                unsafe { $crate::backend::cuda::emu::launch($name, cfg, &mut params) }?;
             }
         }
     }};
+    ($be:expr, $k:ident [$dt:expr], $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let dt: $crate::backend::cuda::Dt = $dt;
+        let name = format!(concat!("segk_", stringify!($k), "_{}"), dt.suffix());
+        $crate::backend::cuda::launch!(@run $be, kt => &kt.$k[dt as usize], &name, $cfg, $($arg),*)
+    }};
+    ($be:expr, $k:ident, $cfg:expr, $($arg:expr),* $(,)?) => {
+        $crate::backend::cuda::launch!(@run $be, kt => &kt.$k, concat!("segk_", stringify!($k)), $cfg, $($arg),*)
+    };
 }
 pub(crate) use launch;
+
+/// The storage type shared by activation views `bufs`; parameters and statistics are checked
+/// to be f32 with [`f32s`].
+pub(crate) fn same_dt(op: &str, bufs: &[DevBuf]) -> Result<Dt> {
+    let dt = bufs[0].dt;
+    anyhow::ensure!(bufs.iter().all(|b| b.dt == dt), "{op}: activation views of mixed storage types {:?}", bufs.iter().map(|b| b.dt).collect::<Vec<_>>());
+    Ok(dt)
+}
+
+pub(crate) fn f32s(op: &str, bufs: &[DevBuf]) -> Result<()> {
+    anyhow::ensure!(bufs.iter().all(|b| b.dt == Dt::F32), "{op}: parameters and statistics must be f32 views");
+    Ok(())
+}
 
 /// What runs the kernels: a GPU through the driver, or the CPU emulator (`--device emu`).
 pub(crate) enum Driver {
@@ -181,6 +248,8 @@ impl<T> DevMem<T> {
 
 pub struct CudaBackend {
     pub(crate) drv: Driver,
+    /// Storage type of the activation arenas (`alloc_act`).
+    act: Dt,
     /// Workspace for partial sums; grows to the largest request, then stays.
     scratch: Mutex<Option<DevMem<f32>>>,
     sms: u32,
@@ -213,7 +282,7 @@ impl CudaBackend {
         let gpu = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let name = format!("cuda:{ordinal} ({gpu}, sm_{maj}{min}, {sms} SMs)");
         let gpu = Gpu { ctx, stream, copy_stream, staged, ops_done, k };
-        Ok(CudaBackend { drv: Driver::Gpu(Box::new(gpu)), scratch: Mutex::new(None), sms, name })
+        Ok(CudaBackend { drv: Driver::Gpu(Box::new(gpu)), act: Dt::activations_from_env()?, scratch: Mutex::new(None), sms, name })
     }
 
     /// The same backend with every kernel run by the CPU emulator (kernels/emu): slow, exact
@@ -221,7 +290,35 @@ impl CudaBackend {
     pub fn emulated() -> Result<CudaBackend> {
         emu::available()?;
         // Few "SMs" keep grid-stride launches small: every emulated thread is a fiber.
-        Ok(CudaBackend { drv: Driver::Emu, scratch: Mutex::new(None), sms: 2, name: "emu (the CUDA kernels emulated on the CPU)".into() })
+        Ok(CudaBackend { drv: Driver::Emu, act: Dt::activations_from_env()?, scratch: Mutex::new(None), sms: 2, name: "emu (the CUDA kernels emulated on the CPU)".into() })
+    }
+
+    /// The storage type of activation arenas allocated from now on (arenas keep theirs).
+    pub fn set_activations(&mut self, dt: Dt) {
+        self.act = dt;
+    }
+    pub fn activations(&self) -> Dt {
+        self.act
+    }
+
+    fn alloc_typed(&self, len: usize, dt: Dt, what: &str) -> Result<DevArena> {
+        Ok(DevArena { mem: self.alloc_mem::<u8>(len * dt.bytes(), what)?, len, dt })
+    }
+
+    /// `n` values of `src` into `dst` converted between storage types, in order with the ops.
+    fn cast(&self, src: u64, src_dt: Dt, dst: u64, dst_dt: Dt, n: usize) -> Result<()> {
+        let len = n as i64;
+        match (src_dt, dst_dt) {
+            (a, b) if a == b => self.copy_bytes(dst, src, n * a.bytes()),
+            (Dt::F32, Dt::Bf16) => {
+                launch!(self, cast_f32_bf16, self.grid(n), &src, &len, &dst);
+                Ok(())
+            }
+            _ => {
+                launch!(self, cast_bf16_f32, self.grid(n), &src, &len, &dst);
+                Ok(())
+            }
+        }
     }
 
     fn gpu(&self) -> Option<&Gpu> {
@@ -396,11 +493,11 @@ impl HostAlloc for Pinned {
 impl Backend for CudaBackend {
     type Buf = DevBuf;
     type LabelBuf = DevLabels;
-    type Arena = DevMem<f32>;
+    type Arena = DevArena;
     type LabelArena = DevMem<u8>;
 
     fn name(&self) -> String {
-        self.name.clone()
+        format!("{}, {} activations", self.name, self.act.suffix())
     }
     fn memory_available(&self) -> Option<u64> {
         self.mem_info().ok().map(|(free, _)| free as u64)
@@ -411,12 +508,18 @@ impl Backend for CudaBackend {
     fn workspace_bytes(&self, largest_weight: usize, widest: usize, batch: usize) -> usize {
         4 * conv::workspace_bound(self.sms(), largest_weight, widest, batch)
     }
-    fn alloc(&self, len: usize) -> Result<DevMem<f32>> {
-        self.alloc_mem(len, "arena allocation")
+    fn alloc(&self, len: usize) -> Result<DevArena> {
+        self.alloc_typed(len, Dt::F32, "arena allocation")
     }
-    fn view(&self, arena: &DevMem<f32>, offset: usize, len: usize) -> DevBuf {
+    fn alloc_act(&self, len: usize) -> Result<DevArena> {
+        self.alloc_typed(len, self.act, "activation arena allocation")
+    }
+    fn act_bytes(&self) -> usize {
+        self.act.bytes()
+    }
+    fn view(&self, arena: &DevArena, offset: usize, len: usize) -> DevBuf {
         assert!(offset + len <= arena.len, "view {offset}+{len} outside arena of {}", arena.len);
-        DevBuf { ptr: arena.ptr + 4 * offset as u64, len }
+        DevBuf { ptr: arena.mem.ptr + (arena.dt.bytes() * offset) as u64, len, dt: arena.dt }
     }
     fn alloc_labels(&self, len: usize) -> Result<DevMem<u8>> {
         self.alloc_mem(len, "label map allocation")
@@ -432,12 +535,23 @@ impl Backend for CudaBackend {
     // free to hand back once this returns (only `stage` is asynchronous).
     fn upload(&self, dst: DevBuf, src: &[f32]) -> Result<()> {
         anyhow::ensure!(dst.len == src.len(), "upload of {} values into {}", src.len(), dst.len);
-        self.write(dst.ptr, src)?;
+        if dst.dt == Dt::F32 {
+            self.write(dst.ptr, src)?;
+        } else {
+            let tmp = self.scratch(src.len())?;
+            self.write(tmp, src)?;
+            self.cast(tmp, Dt::F32, dst.ptr, dst.dt, src.len())?;
+        }
         self.sync()
     }
     fn download(&self, src: DevBuf, dst: &mut [f32]) -> Result<()> {
         anyhow::ensure!(src.len == dst.len(), "download of {} values into {}", src.len, dst.len());
-        self.read_into(src.ptr, dst)
+        if src.dt == Dt::F32 {
+            return self.read_into(src.ptr, dst);
+        }
+        let tmp = self.scratch(dst.len())?;
+        self.cast(src.ptr, src.dt, tmp, Dt::F32, dst.len())?;
+        self.read_into(tmp, dst)
     }
     fn upload_labels(&self, dst: DevLabels, src: &[u8]) -> Result<()> {
         anyhow::ensure!(dst.len == src.len(), "label upload of {} into {}", src.len(), dst.len);
@@ -450,12 +564,14 @@ impl Backend for CudaBackend {
     }
     fn fill(&self, dst: DevBuf, value: f32) -> Result<()> {
         let n = dst.len as i64;
-        launch!(self, fill_f32, self.grid(dst.len), &dst.ptr, &n, &value);
+        launch!(self, fill[dst.dt], self.grid(dst.len), &dst.ptr, &n, &value);
         Ok(())
     }
+    /// Converts between storage types where they differ (the f32 staging buffer into a bf16
+    /// input image).
     fn copy(&self, dst: DevBuf, src: DevBuf) -> Result<()> {
         anyhow::ensure!(dst.len == src.len, "copy of {} values into {}", src.len, dst.len);
-        self.copy_bytes(dst.ptr, src.ptr, 4 * dst.len)
+        self.cast(src.ptr, src.dt, dst.ptr, dst.dt, dst.len)
     }
     fn copy_labels(&self, dst: DevLabels, src: DevLabels) -> Result<()> {
         anyhow::ensure!(dst.len == src.len, "label copy of {} voxels into {}", src.len, dst.len);
