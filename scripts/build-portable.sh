@@ -2,7 +2,8 @@
 # A segk binary (CUDA kernels embedded) that starts on older Linux images: linked by zig
 # against glibc 2.28 (RHEL 8, Debian 10, Ubuntu 20.04 and newer), for a GPU machine whose
 # image is older than this one's (a plain build here asks for GLIBC_2.34). Prints the highest
-# glibc symbol version the binary asks for. Output: target/x86_64-unknown-linux-gnu/release/segk.
+# glibc symbol version the binary asks for. Output: target/x86_64-unknown-linux-gnu/release/segk
+# and segk-gpu-bench (benches/gpu.rs) beside it.
 #   bash scripts/build-portable.sh        (needs python3 and cargo; installs the rest once)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -29,4 +30,16 @@ export NVCC SEGK_REQUIRE_KERNELS=1 SEGK_REQUIRE_EMU=1
 
 cargo zigbuild --release --locked --target "x86_64-unknown-linux-gnu.$GLIBC" --bin segk
 bin=target/x86_64-unknown-linux-gnu/release/segk
+# Debug info off (symbols stay, for backtraces): both binaries fit the 64 MiB a GPU session
+# may carry (52 + 51 MB with it, 14 + 10 MB without).
+strip --strip-debug "$bin"
 echo "$bin: $(stat -c %s "$bin") bytes, asks for $(objdump -T "$bin" | grep -o 'GLIBC_[0-9.]*' | sort -V -u | tail -1)"
+# The criterion GPU bench (benches/gpu.rs) for the same machines: pass it as SEGK_GPU_BENCH_BIN.
+gpu_bench=$(cargo zigbuild --release --locked --target "x86_64-unknown-linux-gnu.$GLIBC" --bench gpu --message-format=json 2>/dev/null | python3 -c 'import json,sys
+for l in sys.stdin:
+    m = json.loads(l)
+    if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "gpu" and m.get("executable"):
+        print(m["executable"])')
+cp "$gpu_bench" target/x86_64-unknown-linux-gnu/release/segk-gpu-bench
+strip --strip-debug target/x86_64-unknown-linux-gnu/release/segk-gpu-bench
+echo "target/x86_64-unknown-linux-gnu/release/segk-gpu-bench: $(stat -c %s target/x86_64-unknown-linux-gnu/release/segk-gpu-bench) bytes (the criterion GPU bench)"

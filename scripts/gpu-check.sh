@@ -30,6 +30,8 @@ for l in 0 1 2; do
   step "step-5stage-80x96x80-ckpt$l" "$bin" bench step --device cuda --checkpointing "$l" --warmup 2 --steps 10
   step "step-6stage-128cube-ckpt$l" "$bin" bench step --device cuda --stages 6 --patch 128,128,128 --checkpointing "$l" --warmup 2 --steps 10
 done
+# The same 3d_fullres step with activations stored as f32: what bf16 storage saves.
+step "step-6stage-128cube-ckpt1-f32-activations" env SEGK_ACTIVATIONS=f32 "$bin" bench step --device cuda --stages 6 --patch 128,128,128 --checkpointing 1 --warmup 2 --steps 10
 # The PyTorch peer on the same GPU (cuDNN, AMP bf16), so each ratio is one run apart.
 if command -v python3 >/dev/null && python3 -c "import torch" 2>/dev/null; then
   step torch-5stage-80x96x80 python3 bench/torch_step.py --device cuda --warmup 2 --steps 10
@@ -37,6 +39,10 @@ if command -v python3 >/dev/null && python3 -c "import torch" 2>/dev/null; then
 fi
 # Each op family alone on the 3d_fullres layer shapes: TFLOP/s and GB/s against the H100.
 step kernels "$bin" bench kernels --device cuda
+# The criterion GPU bench (benches/gpu.rs; scripts/build-portable.sh builds it), when given.
+if [ -n "${SEGK_GPU_BENCH_BIN:-}" ]; then
+  step criterion-gpu "$SEGK_GPU_BENCH_BIN" --bench
+fi
 # The kernels under compute-sanitizer: out-of-bounds and misaligned accesses over the whole
 # selftest; shared-memory races in the kernels that use shared memory (conv, norm, loss).
 if command -v compute-sanitizer >/dev/null; then
