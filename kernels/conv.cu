@@ -68,6 +68,21 @@ __device__ __forceinline__ float im2col_at(const ConvShape& s, const A* x, const
     return ld(x + ((((i64)o.b * s.id + iz) * s.ih + iy) * s.iw + ix) * s.cin + t.ci);
 }
 
+// Eight bf16 values (16 bytes) of one operand row at once: where activations are stored as
+// bf16, 16-byte aligned, and the operand's contiguous axis (channels) is a multiple of 8, a
+// group of 8 consecutive k never crosses a tap, so one load replaces eight gathers.
+__device__ __forceinline__ uint4 zero16() {
+    uint4 z;
+    z.x = z.y = z.z = z.w = 0u;
+    return z;
+}
+template <class A>
+__device__ __forceinline__ bool vec8_ok(const A* p, i64 channels) {
+    return sizeof(A) == 2 && (reinterpret_cast<uintptr_t>(p) & 15) == 0 && channels % 8 == 0;
+}
+template <class A>
+__device__ __forceinline__ uint4 load16(const A* p) { return *reinterpret_cast<const uint4*>(p); }
+
 // An index along M or N of a problem that decodes nothing ahead (the transposed convs).
 struct Plain {
     i64 i;
@@ -90,12 +105,18 @@ struct Fprop {
     typedef TapC ACol;
     typedef Plain BRow;
     typedef Plain BCol;
-    static constexpr bool A_K_FAST = true, B_K_FAST = false;
+    static constexpr bool A_K_FAST = true, B_K_FAST = false, A_VEC = sizeof(A) == 2;
     __device__ Origin a_row(i64 m) const { return origin_of(s, m, M); }
     __device__ TapC a_col(i64 k) const { return tap_of(s, k); }
     __device__ Plain b_row(i64 n) const { return {n, n < N}; }
     __device__ Plain b_col(i64 k) const { return {k * s.cout, true}; }
     __device__ float a_at(const Origin& r, const TapC& c) const { return im2col_at(s, x, r, c); }
+    __device__ bool a_vec_ok() const { return vec8_ok(x, s.cin); }
+    __device__ uint4 a_vec(const Origin& o, const TapC& t) const {
+        int iz = o.z + t.td, iy = o.y + t.th, ix = o.x + t.tw;
+        if (iz < 0 || iy < 0 || ix < 0 || iz >= s.id || iy >= s.ih || ix >= s.iw) return zero16();
+        return load16(x + ((((i64)o.b * s.id + iz) * s.ih + iy) * s.iw + ix) * s.cin + t.ci);
+    }
     __device__ float b_at(const Plain& r, const Plain& c) const { return w[c.i + r.i]; }
 };
 
@@ -146,7 +167,7 @@ struct Dgrad {
     typedef TapCo ACol;
     typedef Plain BRow;
     typedef TapCo BCol;
-    static constexpr bool A_K_FAST = true, B_K_FAST = true;
+    static constexpr bool A_K_FAST = true, B_K_FAST = true, A_VEC = sizeof(A) == 2;
     __device__ VoxelRow a_row(i64 m) const {
         VoxelRow r = {0, 0, 0, 0, m < M};
         if (!r.ok) return r;
@@ -173,6 +194,14 @@ struct Dgrad {
         if (oz >= s.od || oy >= s.oh || ox >= s.ow) return 0.f;
         return ld(dy + ((((i64)r.b * s.od + oz) * s.oh + oy) * s.ow + ox) * s.cout + c.co);
     }
+    __device__ bool a_vec_ok() const { return vec8_ok(dy, s.cout); }
+    __device__ uint4 a_vec(const VoxelRow& r, const TapCo& c) const {
+        int qz = r.z + c.qd, qy = r.y + c.qh, qx = r.x + c.qw;
+        if (qz < 0 || qy < 0 || qx < 0) return zero16();
+        int oz = qz >> (s.sd == 2), oy = qy >> (s.sh == 2), ox = qx >> (s.sw == 2);
+        if (oz >= s.od || oy >= s.oh || ox >= s.ow) return zero16();
+        return load16(dy + ((((i64)r.b * s.od + oz) * s.oh + oy) * s.ow + ox) * s.cout + c.co);
+    }
     __device__ float b_at(const Plain& r, const TapCo& c) const { return w[c.wbase + r.i * s.cout]; }
 };
 
@@ -194,7 +223,7 @@ struct Wgrad {
     typedef Origin ACol;
     typedef Plain BRow;
     typedef Plain BCol;
-    static constexpr bool A_K_FAST = false, B_K_FAST = false;
+    static constexpr bool A_K_FAST = false, B_K_FAST = false, A_VEC = false;
     __device__ TapC a_row(i64 m) const {
         TapC t = tap_of(s, m < M ? m : 0);
         t.ok = m < M;
@@ -279,9 +308,11 @@ struct TFprop {
     typedef Plain ACol;
     typedef Plain BRow;
     typedef Plain BCol;
-    static constexpr bool A_K_FAST = true, B_K_FAST = false;
+    static constexpr bool A_K_FAST = true, B_K_FAST = false, A_VEC = sizeof(A) == 2;
     __device__ Plain a_row(i64 m) const { return {m, m < M}; }
     __device__ Plain a_col(i64 k) const { return {k, true}; }
+    __device__ bool a_vec_ok() const { return vec8_ok(x, s.cin); }
+    __device__ uint4 a_vec(const Plain& r, const Plain& c) const { return load16(x + r.i * s.cin + c.i); }
     __device__ Plain b_row(i64 n) const { return {n, n < N}; }
     __device__ Plain b_col(i64 k) const { return {(k * s.sd * s.sh * s.sw + tap) * s.cout, true}; }
     __device__ float a_at(const Plain& r, const Plain& c) const { return ld(x + r.i * s.cin + c.i); }
@@ -307,8 +338,13 @@ struct TDgrad {
     typedef TTap ACol;
     typedef Plain BRow;
     typedef Plain BCol;
-    static constexpr bool A_K_FAST = true, B_K_FAST = true;
+    static constexpr bool A_K_FAST = true, B_K_FAST = true, A_VEC = sizeof(A) == 2;
     __device__ TVox a_row(i64 m) const { return tvox_of(s, m, M); }
+    __device__ bool a_vec_ok() const { return vec8_ok(dy, s.cout); }
+    __device__ uint4 a_vec(const TVox& v, const TTap& t) const {
+        i64 od = s.id * s.sd, oh = s.ih * s.sh, ow = s.iw * s.sw;
+        return load16(dy + ((((i64)v.b * od + v.z + t.td) * oh + v.y + t.th) * ow + v.x + t.tw) * s.cout + t.co);
+    }
     __device__ TTap a_col(i64 k) const { return ttap_of(s, k); }
     __device__ Plain b_row(i64 n) const { return {n * K, n < N}; }
     __device__ Plain b_col(i64 k) const { return {k, true}; }
@@ -332,7 +368,7 @@ struct TWgrad {
     typedef Plain ACol;
     typedef TTap BRow;
     typedef TVox BCol;
-    static constexpr bool A_K_FAST = false, B_K_FAST = false;
+    static constexpr bool A_K_FAST = false, B_K_FAST = false, A_VEC = false;
     __device__ Plain a_row(i64 m) const { return {m, m < M}; }
     __device__ Plain a_col(i64 k) const { return {k * s.cin, true}; }
     __device__ TTap b_row(i64 n) const {
@@ -370,6 +406,15 @@ __device__ __forceinline__ void fill_tile(__nv_bfloat16 (*T)[BK + SPAD], const R
     }
 }
 
+// fill_tile for an operand read 8 k at a time (a_vec): each thread stores 16-byte groups.
+// Every group is wholly in or out of K (K and every group start are multiples of 8).
+template <int BR, class Row, class Col, class AtVec>
+__device__ __forceinline__ void fill_tile_vec(__nv_bfloat16 (*T)[BK + SPAD], const Row* rows, const Col* cols, const bool* kok, int tid, AtVec at) {
+    const int g = tid % (BK / 8), c = g * 8;
+    for (int r = tid / (BK / 8); r < BR; r += GEMM_THREADS / (BK / 8))
+        *reinterpret_cast<uint4*>(&T[r][c]) = kok[c] && rows[r].ok ? at(rows[r], cols[c]) : zero16();
+}
+
 // One 64x64 tile of C per block, four warps of 32x32, K in steps of 32.
 template <class P>
 __device__ __forceinline__ void igemm(const P& p) {
@@ -394,6 +439,8 @@ __device__ __forceinline__ void igemm(const P& p) {
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
     for (int i = tid; i < BM; i += GEMM_THREADS) arow[i] = p.a_row(m0 + i);
+    bool avec = false;
+    if constexpr (P::A_VEC) avec = p.a_vec_ok();
     for (int i = tid; i < BN; i += GEMM_THREADS) brow[i] = p.b_row(n0 + i);
 
     for (i64 k0 = kb; k0 < ke; k0 += BK) {
@@ -405,7 +452,14 @@ __device__ __forceinline__ void igemm(const P& p) {
             bcol[c] = p.b_col(k);
         }
         __syncthreads();
-        fill_tile<P::A_K_FAST, BM>(As, arow, acol, kok, tid, [&](const typename P::ARow& r, const typename P::ACol& c) { return p.a_at(r, c); });
+        bool a_vectorised = false;
+        if constexpr (P::A_VEC) {
+            if (avec) {
+                fill_tile_vec<BM>(As, arow, acol, kok, tid, [&](const typename P::ARow& r, const typename P::ACol& c) { return p.a_vec(r, c); });
+                a_vectorised = true;
+            }
+        }
+        if (!a_vectorised) fill_tile<P::A_K_FAST, BM>(As, arow, acol, kok, tid, [&](const typename P::ARow& r, const typename P::ACol& c) { return p.a_at(r, c); });
         fill_tile<P::B_K_FAST, BN>(Bs, brow, bcol, kok, tid, [&](const typename P::BRow& r, const typename P::BCol& c) { return p.b_at(r, c); });
         __syncthreads();
 #pragma unroll

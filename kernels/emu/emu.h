@@ -14,6 +14,7 @@
 #include <string.h>
 
 struct uint3 { unsigned x, y, z; };
+struct __attribute__((aligned(16))) uint4 { unsigned x, y, z, w; };
 struct dim3 { unsigned x, y, z; };
 
 extern uint3 threadIdx, blockIdx;

@@ -92,12 +92,21 @@ pub struct ActPlan {
     pub labels_len: usize,
 }
 
-/// Sequential placement in one region.
+/// Every tensor starts on a multiple of this many elements (128 bytes at bf16): the conv
+/// kernels load 8 channels at once where a tensor is 16-byte aligned.
+pub const ALIGN: usize = 64;
+
+/// `n` elements rounded up to whole alignment units.
+fn padded(n: usize) -> usize {
+    n.next_multiple_of(ALIGN)
+}
+
+/// Sequential placement in one region, each tensor aligned.
 struct Cursor(usize);
 impl Cursor {
     fn take(&mut self, n: usize) -> usize {
         let o = self.0;
-        self.0 += n;
+        self.0 += padded(n);
         o
     }
 }
@@ -120,7 +129,7 @@ impl ActPlan {
         let max_y = (0..ns).map(|s| d(s, t.features[s]).len()).max().unwrap_or(0);
         let max_cat = (0..ns - 1).map(|s| d(s, 2 * t.features[s]).len()).max().unwrap_or(0);
         let stage_scratch = |s: usize, dec: bool| {
-            let out = d(s, t.features[s]).len();
+            let out = padded(d(s, t.features[s]).len());
             let blocks = nc * out + (nc - 1) * out;
             if dec { blocks + out + 2 * out } else { blocks }
         };
