@@ -35,7 +35,7 @@ bin=target/x86_64-unknown-linux-gnu/release/segk
 strip --strip-debug "$bin"
 echo "$bin: $(stat -c %s "$bin") bytes, asks for $(objdump -T "$bin" | grep -o 'GLIBC_[0-9.]*' | sort -V -u | tail -1)"
 # The criterion GPU bench (benches/gpu.rs) for the same machines: pass it as SEGK_GPU_BENCH_BIN.
-gpu_bench=$(cargo zigbuild --release --locked --target "x86_64-unknown-linux-gnu.$GLIBC" --bench gpu --message-format=json 2>/dev/null | python3 -c 'import json,sys
+gpu_bench=$(cargo zigbuild --release --locked --target "x86_64-unknown-linux-gnu.$GLIBC" --bench gpu --message-format=json | python3 -c 'import json,sys
 for l in sys.stdin:
     m = json.loads(l)
     if m.get("reason") == "compiler-artifact" and m.get("target", {}).get("name") == "gpu" and m.get("executable"):

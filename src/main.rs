@@ -596,7 +596,7 @@ fn run_fingerprint(root: &std::path::Path, out: Option<std::path::PathBuf>) -> R
 }
 
 fn run_cuda_selftest(mut be: CudaBackend, seed: u64) -> Result<Vec<selftest::Check>> {
-    println!("segk selftest on {} (seed {seed}), activations stored as f32 and as bf16", be.name());
+    println!("segk selftest on {} (seed {seed}), every check with activations stored as f32 and as bf16", be.device());
     selftest::run_cuda(&mut be, seed)
 }
 

@@ -113,6 +113,10 @@ impl Dt {
     }
 }
 
+/// f32 values converted per step when activations are uploaded or downloaded as bf16: the
+/// workspace they pass through (4 MiB) is within `workspace_bytes` for every GPU.
+pub(crate) const CAST_CHUNK: usize = 1 << 20;
+
 /// A view of device values of type `dt`.
 #[derive(Clone, Copy, Debug)]
 pub struct DevBuf {
@@ -182,8 +186,8 @@ macro_rules! launch {
     }};
     ($be:expr, $k:ident [$dt:expr], $cfg:expr, $($arg:expr),* $(,)?) => {{
         let dt: $crate::backend::cuda::Dt = $dt;
-        let name = format!(concat!("segk_", stringify!($k), "_{}"), dt.suffix());
-        $crate::backend::cuda::launch!(@run $be, kt => &kt.$k[dt as usize], &name, $cfg, $($arg),*)
+        let name = [concat!("segk_", stringify!($k), "_f32"), concat!("segk_", stringify!($k), "_bf16")][dt as usize];
+        $crate::backend::cuda::launch!(@run $be, kt => &kt.$k[dt as usize], name, $cfg, $($arg),*)
     }};
     ($be:expr, $k:ident, $cfg:expr, $($arg:expr),* $(,)?) => {
         $crate::backend::cuda::launch!(@run $be, kt => &kt.$k, concat!("segk_", stringify!($k)), $cfg, $($arg),*)
@@ -291,6 +295,11 @@ impl CudaBackend {
         emu::available()?;
         // Few "SMs" keep grid-stride launches small: every emulated thread is a fiber.
         Ok(CudaBackend { drv: Driver::Emu, act: Dt::activations_from_env()?, scratch: Mutex::new(None), sms: 2, name: "emu (the CUDA kernels emulated on the CPU)".into() })
+    }
+
+    /// The GPU (or the emulator), without the activation storage `name` adds.
+    pub fn device(&self) -> &str {
+        &self.name
     }
 
     /// The storage type of activation arenas allocated from now on (arenas keep theirs).
@@ -538,9 +547,13 @@ impl Backend for CudaBackend {
         if dst.dt == Dt::F32 {
             self.write(dst.ptr, src)?;
         } else {
-            let tmp = self.scratch(src.len())?;
-            self.write(tmp, src)?;
-            self.cast(tmp, Dt::F32, dst.ptr, dst.dt, src.len())?;
+            // Through f32 workspace a chunk at a time (the workspace stays within its bound;
+            // the stream orders each chunk's write after the previous chunk's cast).
+            let tmp = self.scratch(CAST_CHUNK.min(src.len()))?;
+            for (i, part) in src.chunks(CAST_CHUNK).enumerate() {
+                self.write(tmp, part)?;
+                self.cast(tmp, Dt::F32, dst.ptr + (i * CAST_CHUNK * dst.dt.bytes()) as u64, dst.dt, part.len())?;
+            }
         }
         self.sync()
     }
@@ -549,9 +562,12 @@ impl Backend for CudaBackend {
         if src.dt == Dt::F32 {
             return self.read_into(src.ptr, dst);
         }
-        let tmp = self.scratch(dst.len())?;
-        self.cast(src.ptr, src.dt, tmp, Dt::F32, dst.len())?;
-        self.read_into(tmp, dst)
+        let tmp = self.scratch(CAST_CHUNK.min(dst.len()))?;
+        for (i, part) in dst.chunks_mut(CAST_CHUNK).enumerate() {
+            self.cast(src.ptr + (i * CAST_CHUNK * src.dt.bytes()) as u64, src.dt, tmp, Dt::F32, part.len())?;
+            self.read_into(tmp, part)?;
+        }
+        Ok(())
     }
     fn upload_labels(&self, dst: DevLabels, src: &[u8]) -> Result<()> {
         anyhow::ensure!(dst.len == src.len(), "label upload of {} into {}", src.len(), dst.len);
@@ -585,6 +601,7 @@ impl Backend for CudaBackend {
     }
     unsafe fn stage(&self, dst: DevBuf, src: &[f32], ldst: DevLabels, lsrc: &[u8]) -> Result<()> {
         anyhow::ensure!(dst.len == src.len() && ldst.len == lsrc.len(), "staged batch of {}+{} values into {}+{}", src.len(), lsrc.len(), dst.len, ldst.len);
+        anyhow::ensure!(dst.dt == Dt::F32, "stage: the staging buffer must be f32 (a raw copy of the host batch)");
         let Some(g) = self.gpu() else {
             // The emulator is synchronous: the batch is in the staging buffers on return.
             self.write(dst.ptr, src)?;
