@@ -9,21 +9,13 @@
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use segk::backend::cuda::{unavailable_reason, CudaBackend};
+use segk::bench_kernels::Mem;
 use segk::backend::{Backend, ConvGeom, DiceMode, SgdParams};
 use segk::model::topology::nnunet_features;
 use segk::model::unet::{Acts, Input};
 use segk::model::{Checkpointing, Topology, UNet};
 use segk::tensor::Dims;
 use std::time::Duration;
-
-/// Device memory of one kind, filled with a constant (rates do not depend on the values).
-fn filled(be: &CudaBackend, keep: &mut Vec<<CudaBackend as Backend>::Arena>, len: usize, value: f32, act: bool) -> <CudaBackend as Backend>::Buf {
-    let a = if act { be.alloc_act(len) } else { be.alloc(len) }.expect("device allocation");
-    let v = be.view(&a, 0, len);
-    be.fill(v, value).expect("fill");
-    keep.push(a);
-    v
-}
 
 fn convs(c: &mut Criterion, be: &CudaBackend) {
     let mut g = c.benchmark_group("cuda_conv3d");
@@ -36,10 +28,10 @@ fn convs(c: &mut Criterion, be: &CudaBackend) {
         ("320to320_8cube", Dims::new(2, [8, 8, 8], 320), ConvGeom::new(320, 320, [3, 3, 3], [1, 1, 1])),
     ];
     for (name, xd, geom) in layers {
-        let mut keep = Vec::new();
+        let mut m = Mem::new(be);
         let yd = geom.out_dims(xd);
-        let (x, w, b, y) = (filled(be, &mut keep, xd.len(), 0.5, true), filled(be, &mut keep, geom.weight_len(), 0.01, false), filled(be, &mut keep, geom.cout, 0.0, false), filled(be, &mut keep, yd.len(), 0.1, true));
-        let (dw, db) = (filled(be, &mut keep, geom.weight_len(), 0.0, false), filled(be, &mut keep, geom.cout, 0.0, false));
+        let (x, w, b, y) = (m.act(xd.len(), 0.5).unwrap(), m.buf(geom.weight_len(), 0.01).unwrap(), m.buf(geom.cout, 0.0).unwrap(), m.act(yd.len(), 0.1).unwrap());
+        let (dw, db) = (m.buf(geom.weight_len(), 0.0).unwrap(), m.buf(geom.cout, 0.0).unwrap());
         g.throughput(Throughput::Elements(geom.flops(xd) as u64));
         g.bench_function(BenchmarkId::new("fwd", name), |bch| bch.iter(|| be.conv_fwd(x, xd, w, b, y, &geom).and_then(|_| be.sync()).expect("conv_fwd")));
         g.bench_function(BenchmarkId::new("dgrad", name), |bch| bch.iter(|| be.conv_dgrad(y, w, x, xd, &geom, 0.0).and_then(|_| be.sync()).expect("conv_dgrad")));
@@ -51,14 +43,14 @@ fn convs(c: &mut Criterion, be: &CudaBackend) {
 fn memory_bound(c: &mut Criterion, be: &CudaBackend) {
     let mut g = c.benchmark_group("cuda_memory_bound");
     g.sample_size(20).warm_up_time(Duration::from_secs(1)).measurement_time(Duration::from_secs(3));
-    let mut keep = Vec::new();
+    let mut m = Mem::new(be);
     let e = be.act_bytes() as u64;
     let d = Dims::new(2, [128, 128, 128], 32);
     let n = d.len() as u64;
-    let (x, y, dy, dx) = (filled(be, &mut keep, d.len(), 0.5, true), filled(be, &mut keep, d.len(), 0.0, true), filled(be, &mut keep, d.len(), 0.1, true), filled(be, &mut keep, d.len(), 0.0, true));
+    let (x, y, dy, dx) = (m.act(d.len(), 0.5).unwrap(), m.act(d.len(), 0.0).unwrap(), m.act(d.len(), 0.1).unwrap(), m.act(d.len(), 0.0).unwrap());
     let st = d.n * d.c;
-    let (mean, rstd) = (filled(be, &mut keep, st, 0.0, false), filled(be, &mut keep, st, 1.0, false));
-    let (gamma, beta, dg, dbt) = (filled(be, &mut keep, d.c, 1.0, false), filled(be, &mut keep, d.c, 0.0, false), filled(be, &mut keep, d.c, 0.0, false), filled(be, &mut keep, d.c, 0.0, false));
+    let (mean, rstd) = (m.buf(st, 0.0).unwrap(), m.buf(st, 1.0).unwrap());
+    let (gamma, beta, dg, dbt) = (m.buf(d.c, 1.0).unwrap(), m.buf(d.c, 0.0).unwrap(), m.buf(d.c, 0.0).unwrap(), m.buf(d.c, 0.0).unwrap());
     // Compulsory traffic: stats read x; forward reads x and writes y; backward reads dy and x
     // and writes dx.
     g.throughput(Throughput::Bytes(n * e));
@@ -69,17 +61,14 @@ fn memory_bound(c: &mut Criterion, be: &CudaBackend) {
     g.bench_function("norm_act_bwd_2x128cube_32ch", |bch| bch.iter(|| be.norm_act_bwd(dy, x, d, mean, rstd, gamma, beta, dx, dg, dbt).and_then(|_| be.sync()).expect("norm_act_bwd")));
 
     let ld = Dims::new(2, [128, 128, 128], 3);
-    let logits = filled(be, &mut keep, ld.len(), 0.0, true);
-    let la = be.alloc_labels(ld.rows()).expect("labels");
-    let labels = be.label_view(&la, 0, ld.rows());
-    be.upload_labels(labels, &(0..ld.rows()).map(|i| (i % 3) as u8).collect::<Vec<_>>()).expect("labels");
+    let (logits, labels) = (m.act(ld.len(), 0.0).unwrap(), m.labels(ld.rows(), ld.c).unwrap());
     // Reads logits and labels, writes the gradient (the fill that restores the logits is
     // timed too: one more write).
     g.throughput(Throughput::Bytes(3 * ld.len() as u64 * e + ld.rows() as u64));
     g.bench_function("softmax_dice_ce_2x128cube_3cls", |bch| bch.iter(|| be.fill(logits, 0.0).and_then(|_| be.softmax_dice_ce(logits, ld, labels, DiceMode::Batch, 1.0)).and_then(|_| be.sync()).expect("loss")));
 
     let np = segk::model::params::ParamLayout::new(&net_topology()).len;
-    let (p, gr, mo) = (filled(be, &mut keep, np, 0.1, false), filled(be, &mut keep, np, 0.01, false), filled(be, &mut keep, np, 0.0, false));
+    let (p, gr, mo) = (m.buf(np, 0.1).unwrap(), m.buf(np, 0.01).unwrap(), m.buf(np, 0.0).unwrap());
     let sp = SgdParams { lr: 1e-3, momentum: 0.99, weight_decay: 3e-5, first_step: false };
     // Reads params, grads, momentum; writes params and momentum (f32).
     g.throughput(Throughput::Bytes(5 * 4 * np as u64));

@@ -61,12 +61,17 @@ __device__ __forceinline__ TapC tap_of(const ConvShape& s, i64 k) {
     return t;
 }
 
+// The input element of im2col column (tap, ci) for an output voxel, or null in the padding.
 template <class A>
-__device__ __forceinline__ float im2col_at(const ConvShape& s, const A* x, const Origin& o, const TapC& t) {
+__device__ __forceinline__ const A* im2col_ptr(const ConvShape& s, const A* x, const Origin& o, const TapC& t) {
     int iz = o.z + t.td, iy = o.y + t.th, ix = o.x + t.tw;
-    if (iz < 0 || iy < 0 || ix < 0 || iz >= s.id || iy >= s.ih || ix >= s.iw) return 0.f;
-    return ld(x + ((((i64)o.b * s.id + iz) * s.ih + iy) * s.iw + ix) * s.cin + t.ci);
+    if (iz < 0 || iy < 0 || ix < 0 || iz >= s.id || iy >= s.ih || ix >= s.iw) return nullptr;
+    return x + ((((i64)o.b * s.id + iz) * s.ih + iy) * s.iw + ix) * s.cin + t.ci;
 }
+
+// One value at a gathered address, zero where there is none (padding).
+template <class A>
+__device__ __forceinline__ float ld_or0(const A* p) { return p ? ld(p) : 0.f; }
 
 // Eight bf16 values (16 bytes) of one operand row at once: where activations are stored as
 // bf16, 16-byte aligned, and the operand's contiguous axis (channels) is a multiple of 8, a
@@ -81,7 +86,7 @@ __device__ __forceinline__ bool vec8_ok(const A* p, i64 channels) {
     return sizeof(A) == 2 && (reinterpret_cast<uintptr_t>(p) & 15) == 0 && channels % 8 == 0;
 }
 template <class A>
-__device__ __forceinline__ uint4 load16(const A* p) { return *reinterpret_cast<const uint4*>(p); }
+__device__ __forceinline__ uint4 load16_or0(const A* p) { return p ? *reinterpret_cast<const uint4*>(p) : zero16(); }
 
 // An index along M or N of a problem that decodes nothing ahead (the transposed convs).
 struct Plain {
@@ -110,13 +115,9 @@ struct Fprop {
     __device__ TapC a_col(i64 k) const { return tap_of(s, k); }
     __device__ Plain b_row(i64 n) const { return {n, n < N}; }
     __device__ Plain b_col(i64 k) const { return {k * s.cout, true}; }
-    __device__ float a_at(const Origin& r, const TapC& c) const { return im2col_at(s, x, r, c); }
+    __device__ float a_at(const Origin& r, const TapC& c) const { return ld_or0(im2col_ptr(s, x, r, c)); }
     __device__ bool a_vec_ok() const { return vec8_ok(x, s.cin); }
-    __device__ uint4 a_vec(const Origin& o, const TapC& t) const {
-        int iz = o.z + t.td, iy = o.y + t.th, ix = o.x + t.tw;
-        if (iz < 0 || iy < 0 || ix < 0 || iz >= s.id || iy >= s.ih || ix >= s.iw) return zero16();
-        return load16(x + ((((i64)o.b * s.id + iz) * s.ih + iy) * s.iw + ix) * s.cin + t.ci);
-    }
+    __device__ uint4 a_vec(const Origin& r, const TapC& c) const { return load16_or0(im2col_ptr(s, x, r, c)); }
     __device__ float b_at(const Plain& r, const Plain& c) const { return w[c.i + r.i]; }
 };
 
@@ -186,22 +187,18 @@ struct Dgrad {
     }
     __device__ Plain b_row(i64 n) const { return {n, n < N}; }
     __device__ TapCo b_col(i64 k) const { return a_col(k); }
-    // The class's taps make every q an exact multiple of the stride (1 or 2): a shift divides.
-    __device__ float a_at(const VoxelRow& r, const TapCo& c) const {
+    // The output gradient a class voxel reads through a tap, or null outside dy. The class's
+    // taps make every q an exact multiple of the stride (1 or 2): a shift divides.
+    __device__ const A* dy_ptr(const VoxelRow& r, const TapCo& c) const {
         int qz = r.z + c.qd, qy = r.y + c.qh, qx = r.x + c.qw;
-        if (qz < 0 || qy < 0 || qx < 0) return 0.f;
+        if (qz < 0 || qy < 0 || qx < 0) return nullptr;
         int oz = qz >> (s.sd == 2), oy = qy >> (s.sh == 2), ox = qx >> (s.sw == 2);
-        if (oz >= s.od || oy >= s.oh || ox >= s.ow) return 0.f;
-        return ld(dy + ((((i64)r.b * s.od + oz) * s.oh + oy) * s.ow + ox) * s.cout + c.co);
+        if (oz >= s.od || oy >= s.oh || ox >= s.ow) return nullptr;
+        return dy + ((((i64)r.b * s.od + oz) * s.oh + oy) * s.ow + ox) * s.cout + c.co;
     }
+    __device__ float a_at(const VoxelRow& r, const TapCo& c) const { return ld_or0(dy_ptr(r, c)); }
     __device__ bool a_vec_ok() const { return vec8_ok(dy, s.cout); }
-    __device__ uint4 a_vec(const VoxelRow& r, const TapCo& c) const {
-        int qz = r.z + c.qd, qy = r.y + c.qh, qx = r.x + c.qw;
-        if (qz < 0 || qy < 0 || qx < 0) return zero16();
-        int oz = qz >> (s.sd == 2), oy = qy >> (s.sh == 2), ox = qx >> (s.sw == 2);
-        if (oz >= s.od || oy >= s.oh || ox >= s.ow) return zero16();
-        return load16(dy + ((((i64)r.b * s.od + oz) * s.oh + oy) * s.ow + ox) * s.cout + c.co);
-    }
+    __device__ uint4 a_vec(const VoxelRow& r, const TapCo& c) const { return load16_or0(dy_ptr(r, c)); }
     __device__ float b_at(const Plain& r, const TapCo& c) const { return w[c.wbase + r.i * s.cout]; }
 };
 
@@ -232,7 +229,7 @@ struct Wgrad {
     __device__ Origin a_col(i64 k) const { return origin_of(s, k, R); }
     __device__ Plain b_row(i64 n) const { return {n, n < N}; }
     __device__ Plain b_col(i64 k) const { return {k * s.cout, true}; }
-    __device__ float a_at(const TapC& r, const Origin& c) const { return c.ok ? im2col_at(s, x, c, r) : 0.f; }
+    __device__ float a_at(const TapC& r, const Origin& c) const { return c.ok ? ld_or0(im2col_ptr(s, x, c, r)) : 0.f; }
     __device__ float b_at(const Plain& r, const Plain& c) const { return ld(dy + c.i + r.i); }
 };
 
@@ -285,11 +282,11 @@ __device__ __forceinline__ TTap ttap_of(const TShape& s, i64 k) {
     return p;
 }
 
-// dy at the output voxel (v + tap), channel tap.co.
+// dy at the output voxel (v + tap), channel tap.co (always inside: kernel = stride).
 template <class A>
-__device__ __forceinline__ float tout_at(const TShape& s, const A* dy, const TVox& v, const TTap& t) {
+__device__ __forceinline__ const A* tout_ptr(const TShape& s, const A* dy, const TVox& v, const TTap& t) {
     i64 od = s.id * s.sd, oh = s.ih * s.sh, ow = s.iw * s.sw;
-    return ld(dy + ((((i64)v.b * od + v.z + t.td) * oh + v.y + t.th) * ow + v.x + t.tw) * s.cout + t.co);
+    return dy + ((((i64)v.b * od + v.z + t.td) * oh + v.y + t.th) * ow + v.x + t.tw) * s.cout + t.co;
 }
 
 // Transposed conv forward for one tap: rows are input voxels.
@@ -312,7 +309,7 @@ struct TFprop {
     __device__ Plain a_row(i64 m) const { return {m, m < M}; }
     __device__ Plain a_col(i64 k) const { return {k, true}; }
     __device__ bool a_vec_ok() const { return vec8_ok(x, s.cin); }
-    __device__ uint4 a_vec(const Plain& r, const Plain& c) const { return load16(x + r.i * s.cin + c.i); }
+    __device__ uint4 a_vec(const Plain& r, const Plain& c) const { return load16_or0(x + r.i * s.cin + c.i); }
     __device__ Plain b_row(i64 n) const { return {n, n < N}; }
     __device__ Plain b_col(i64 k) const { return {(k * s.sd * s.sh * s.sw + tap) * s.cout, true}; }
     __device__ float a_at(const Plain& r, const Plain& c) const { return ld(x + r.i * s.cin + c.i); }
@@ -341,14 +338,11 @@ struct TDgrad {
     static constexpr bool A_K_FAST = true, B_K_FAST = true, A_VEC = sizeof(A) == 2;
     __device__ TVox a_row(i64 m) const { return tvox_of(s, m, M); }
     __device__ bool a_vec_ok() const { return vec8_ok(dy, s.cout); }
-    __device__ uint4 a_vec(const TVox& v, const TTap& t) const {
-        i64 od = s.id * s.sd, oh = s.ih * s.sh, ow = s.iw * s.sw;
-        return load16(dy + ((((i64)v.b * od + v.z + t.td) * oh + v.y + t.th) * ow + v.x + t.tw) * s.cout + t.co);
-    }
+    __device__ uint4 a_vec(const TVox& r, const TTap& c) const { return load16_or0(tout_ptr(s, dy, r, c)); }
     __device__ TTap a_col(i64 k) const { return ttap_of(s, k); }
     __device__ Plain b_row(i64 n) const { return {n * K, n < N}; }
     __device__ Plain b_col(i64 k) const { return {k, true}; }
-    __device__ float a_at(const TVox& r, const TTap& c) const { return tout_at(s, dy, r, c); }
+    __device__ float a_at(const TVox& r, const TTap& c) const { return ld(tout_ptr(s, dy, r, c)); }
     __device__ float b_at(const Plain& r, const Plain& c) const { return w[r.i + c.i]; }
 };
 
@@ -378,7 +372,7 @@ struct TWgrad {
     }
     __device__ TVox b_col(i64 k) const { return tvox_of(s, k, R); }
     __device__ float a_at(const Plain& r, const Plain& c) const { return ld(x + c.i + r.i); }
-    __device__ float b_at(const TTap& r, const TVox& c) const { return c.ok ? tout_at(s, dy, c, r) : 0.f; }
+    __device__ float b_at(const TTap& r, const TVox& c) const { return c.ok ? ld(tout_ptr(s, dy, c, r)) : 0.f; }
 };
 
 __device__ __forceinline__ void mma_bf16_16816(float* d, const uint32_t* a, const uint32_t* b) {

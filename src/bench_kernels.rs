@@ -126,21 +126,24 @@ fn time<B: Backend>(be: &B, reps: usize, mut f: impl FnMut() -> Result<()>) -> R
 }
 
 /// Arenas filled with a constant pattern (rates do not depend on the values; finite ones
-/// keep the loss and norm paths ordinary).
-struct Mem<'a, B: Backend> {
+/// keep the loss and norm paths ordinary), kept alive for the views handed out.
+pub struct Mem<'a, B: Backend> {
     be: &'a B,
     keep: Vec<B::Arena>,
     labels: Vec<B::LabelArena>,
 }
 
-impl<B: Backend> Mem<'_, B> {
+impl<'a, B: Backend> Mem<'a, B> {
+    pub fn new(be: &'a B) -> Self {
+        Mem { be, keep: Vec::new(), labels: Vec::new() }
+    }
     /// Working precision (weights, statistics, optimizer state).
-    fn buf(&mut self, len: usize, value: f32) -> Result<B::Buf> {
+    pub fn buf(&mut self, len: usize, value: f32) -> Result<B::Buf> {
         let a = self.be.alloc(len)?;
         self.keep(a, len, value)
     }
     /// Activation memory (bf16 on a GPU by default).
-    fn act(&mut self, len: usize, value: f32) -> Result<B::Buf> {
+    pub fn act(&mut self, len: usize, value: f32) -> Result<B::Buf> {
         let a = self.be.alloc_act(len)?;
         self.keep(a, len, value)
     }
@@ -150,7 +153,8 @@ impl<B: Backend> Mem<'_, B> {
         self.keep.push(a);
         Ok(v)
     }
-    fn labels(&mut self, len: usize, classes: usize) -> Result<B::LabelBuf> {
+    /// Label maps cycling through `classes`.
+    pub fn labels(&mut self, len: usize, classes: usize) -> Result<B::LabelBuf> {
         let a = self.be.alloc_labels(len)?;
         let v = self.be.label_view(&a, 0, len);
         let host: Vec<u8> = (0..len).map(|i| (i % classes) as u8).collect();
@@ -161,7 +165,7 @@ impl<B: Backend> Mem<'_, B> {
 }
 
 fn rows_of<B: Backend>(be: &B, op: &Op, reps: usize, keep: &dyn Fn(&str) -> bool) -> Result<Vec<Row>> {
-    let mut m = Mem { be, keep: Vec::new(), labels: Vec::new() };
+    let mut m = Mem::new(be);
     let mut out = Vec::new();
     let mut row = |op: &str, shape: String, secs: f64, flops: Option<f64>, bytes: Option<f64>| {
         out.push(Row { op: op.into(), shape, median_ms: secs * 1e3, tflops: flops.map(|f| f / secs / 1e12), gbps: bytes.map(|b| b / secs / 1e9) });

@@ -128,8 +128,17 @@ pub struct DevBuf {
 /// An arena of device values of one storage type.
 pub struct DevArena {
     mem: DevMem<u8>,
-    len: usize,
     dt: Dt,
+}
+
+impl DevArena {
+    /// Values it holds (its bytes over the value size; a 1-byte placeholder holds none).
+    pub fn len(&self) -> usize {
+        self.mem.len / self.dt.bytes()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
 }
 
 /// A view of u8 device memory (label maps).
@@ -311,7 +320,7 @@ impl CudaBackend {
     }
 
     fn alloc_typed(&self, len: usize, dt: Dt, what: &str) -> Result<DevArena> {
-        Ok(DevArena { mem: self.alloc_mem::<u8>(len * dt.bytes(), what)?, len, dt })
+        Ok(DevArena { mem: self.alloc_mem::<u8>(len * dt.bytes(), what)?, dt })
     }
 
     /// `n` values of `src` into `dst` converted between storage types, in order with the ops.
@@ -527,7 +536,7 @@ impl Backend for CudaBackend {
         self.act.bytes()
     }
     fn view(&self, arena: &DevArena, offset: usize, len: usize) -> DevBuf {
-        assert!(offset + len <= arena.len, "view {offset}+{len} outside arena of {}", arena.len);
+        assert!(offset + len <= arena.len(), "view {offset}+{len} outside arena of {}", arena.len());
         DevBuf { ptr: arena.mem.ptr + (arena.dt.bytes() * offset) as u64, len, dt: arena.dt }
     }
     fn alloc_labels(&self, len: usize) -> Result<DevMem<u8>> {
