@@ -7,6 +7,7 @@
 // Each problem type says how to read A[m][k] and B[k][n] and where C[m][n] goes. Rows are
 // decoded once per tile and columns once per k-step (a_row/a_col, b_row/b_col), so reading an
 // element (a_at, b_at) costs no division.
+#pragma once  // conv_pipe.cu includes it for the problem structs
 #include "common.cuh"
 
 #define BM 64
@@ -104,7 +105,8 @@ struct Fprop {
     i64 M, N, K;
     __device__ i64 k_begin(int) const { return 0; }
     __device__ i64 k_end(int) const { return K; }
-    __device__ void store(i64 m, i64 n, float v, int) const { st(y + m * s.cout + n, v + bias[n]); }
+    __device__ i64 out_row(i64 m, int) const { return m * s.cout; }
+    __device__ void out_at(i64 row, i64 n, float v) const { st(y + row + n, v + bias[n]); }
     // A: lanes along k read consecutive input channels; B: lanes along n, consecutive couts.
     typedef Origin ARow;
     typedef TapC ACol;
@@ -148,10 +150,13 @@ struct Dgrad {
         th = (tapcode[1] >> (2 * ((t / ntaps[2]) % ntaps[1]))) & 3;
         td = (tapcode[0] >> (2 * (t / (ntaps[2] * ntaps[1])))) & 3;
     }
-    __device__ void store(i64 m, i64 n, float v, int) const {
+    __device__ i64 out_row(i64 m, int) const {
         i64 b, z, y, x;
         voxel(m, b, z, y, x);
-        A* d = dx + (((b * s.id + z) * s.ih + y) * s.iw + x) * s.cin + n;
+        return (((b * s.id + z) * s.ih + y) * s.iw + x) * s.cin;
+    }
+    __device__ void out_at(i64 row, i64 n, float v) const {
+        A* d = dx + row + n;
         st(d, beta == 0.f ? v : beta * ld(d) + v);
     }
     // A row: the class voxel; A column: (tap offsets, cout) with lanes along cout; B: the
@@ -213,7 +218,8 @@ struct Wgrad {
     i64 M, N, R, per_split;
     __device__ i64 k_begin(int z) const { return z * per_split; }
     __device__ i64 k_end(int z) const { return min(R, (z + 1) * per_split); }
-    __device__ void store(i64 m, i64 n, float v, int z) const { part[((i64)z * M + m) * N + n] = v; }
+    __device__ i64 out_row(i64 m, int z) const { return ((i64)z * M + m) * N; }
+    __device__ void out_at(i64 row, i64 n, float v) const { part[row + n] = v; }
     // A row: an im2col column (tap, input channel), lanes along it read consecutive input
     // channels; A column: an output voxel's input corner. B: dy, lanes along cout.
     typedef TapC ARow;
@@ -300,7 +306,8 @@ struct TFprop {
     i64 tap, M, N, K;
     __device__ i64 k_begin(int) const { return 0; }
     __device__ i64 k_end(int) const { return K; }
-    __device__ void store(i64 m, i64 n, float v, int) const { st(y + tout_row(s, m, tap) * s.cout + n, v + bias[n]); }
+    __device__ i64 out_row(i64 m, int) const { return tout_row(s, m, tap) * s.cout; }
+    __device__ void out_at(i64 row, i64 n, float v) const { st(y + row + n, v + bias[n]); }
     typedef Plain ARow;
     typedef Plain ACol;
     typedef Plain BRow;
@@ -326,8 +333,9 @@ struct TDgrad {
     float beta, pad_;
     __device__ i64 k_begin(int) const { return 0; }
     __device__ i64 k_end(int) const { return K; }
-    __device__ void store(i64 m, i64 n, float v, int) const {
-        A* d = dx + m * s.cin + n;
+    __device__ i64 out_row(i64 m, int) const { return m * s.cin; }
+    __device__ void out_at(i64 row, i64 n, float v) const {
+        A* d = dx + row + n;
         st(d, beta == 0.f ? v : beta * ld(d) + v);
     }
     // A row: the input voxel (scaled); A column: (tap, cout), lanes along cout. B: w[n][k].
@@ -355,7 +363,8 @@ struct TWgrad {
     i64 M, N, R, per_split;
     __device__ i64 k_begin(int z) const { return z * per_split; }
     __device__ i64 k_end(int z) const { return min(R, (z + 1) * per_split); }
-    __device__ void store(i64 m, i64 n, float v, int z) const { part[((i64)z * M + m) * N + n] = v; }
+    __device__ i64 out_row(i64 m, int z) const { return ((i64)z * M + m) * N; }
+    __device__ void out_at(i64 row, i64 n, float v) const { part[row + n] = v; }
     // A: x[k][m], lanes along m (input channels). B row: (tap, cout), lanes along it; B column:
     // the input voxel (scaled).
     typedef Plain ARow;
@@ -409,6 +418,28 @@ __device__ __forceinline__ void fill_tile_vec(__nv_bfloat16 (*T)[BK + SPAD], con
         *reinterpret_cast<uint4*>(&T[r][c]) = kok[c] && rows[r].ok ? at(rows[r], cols[c]) : zero16();
 }
 
+// Stores a warp's MI x NI fragments of C (rows from r0, columns from c0): each output row is
+// located once (out_row: the dgrad one decodes a voxel), then its columns are written.
+template <int MI, int NI, class P>
+__device__ __forceinline__ void store_tile(const P& p, const float (*acc)[NI][4], i64 r0, i64 c0, int lane, int z) {
+    const int g = lane >> 2, t = lane & 3;
+#pragma unroll
+    for (int mi = 0; mi < MI; mi++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+            const i64 m = r0 + mi * 16 + g + h * 8;
+            if (m >= p.M) continue;
+            const i64 row = p.out_row(m, z);
+#pragma unroll
+            for (int ni = 0; ni < NI; ni++)
+#pragma unroll
+                for (int e = 0; e < 2; e++) {
+                    const i64 n = c0 + ni * 8 + t * 2 + e;
+                    if (n < p.N) p.out_at(row, n, acc[mi][ni][h * 2 + e]);
+                }
+        }
+}
+
 // One 64x64 tile of C per block, four warps of 32x32, K in steps of 32.
 template <class P>
 __device__ __forceinline__ void igemm(const P& p) {
@@ -424,7 +455,7 @@ __device__ __forceinline__ void igemm(const P& p) {
     const i64 kb = p.k_begin(z), ke = p.k_end(z);
     const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
     const int wm = (warp >> 1) * 32, wn = (warp & 1) * 32;
-    const int g = lane >> 2, t = lane & 3;
+    const int g = lane >> 2, t = lane & 3;  // this lane's row and column pair in a fragment
     float acc[2][4][4];
 #pragma unroll
     for (int i = 0; i < 2; i++)
@@ -480,17 +511,7 @@ __device__ __forceinline__ void igemm(const P& p) {
         }
         __syncthreads();
     }
-#pragma unroll
-    for (int mi = 0; mi < 2; mi++)
-#pragma unroll
-        for (int ni = 0; ni < 4; ni++)
-#pragma unroll
-            for (int h = 0; h < 2; h++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    i64 m = m0 + wm + mi * 16 + g + h * 8, n = n0 + wn + ni * 8 + t * 2 + e;
-                    if (m < p.M && n < p.N) p.store(m, n, acc[mi][ni][h * 2 + e], z);
-                }
+    store_tile<2, 4>(p, acc, m0 + wm, n0 + wn, lane, z);
 }
 
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS) segk_conv_fprop_f32(Fprop<float> p) { igemm(p); }

@@ -32,6 +32,9 @@ for l in 0 1 2; do
 done
 # The same 3d_fullres step with activations stored as f32: what bf16 storage saves.
 step "step-6stage-128cube-ckpt1-f32-activations" env SEGK_ACTIVATIONS=f32 "$bin" bench step --device cuda --stages 6 --patch 128,128,128 --checkpointing 1 --warmup 2 --steps 10
+# The same step with every convolution on the simple kernels (conv.cu) instead of the pipelined
+# ones (conv_pipe.cu): what the pipeline buys, measured.
+step "step-6stage-128cube-ckpt1-simple-conv" env SEGK_CONV=simple "$bin" bench step --device cuda --stages 6 --patch 128,128,128 --checkpointing 1 --warmup 2 --steps 10
 # The PyTorch peer on the same GPU (cuDNN, AMP bf16), so each ratio is one run apart.
 if command -v python3 >/dev/null && python3 -c "import torch" 2>/dev/null; then
   step torch-5stage-80x96x80 python3 bench/torch_step.py --device cuda --warmup 2 --steps 10
@@ -39,6 +42,7 @@ if command -v python3 >/dev/null && python3 -c "import torch" 2>/dev/null; then
 fi
 # Each op family alone on the 3d_fullres layer shapes: TFLOP/s and GB/s against the H100.
 step kernels "$bin" bench kernels --device cuda
+step kernels-simple-conv env SEGK_CONV=simple "$bin" bench kernels --device cuda
 # The criterion GPU bench (benches/gpu.rs; scripts/build-portable.sh builds it), when given.
 if [ -n "${SEGK_GPU_BENCH_BIN:-}" ]; then
   step criterion-gpu "$SEGK_GPU_BENCH_BIN" --bench

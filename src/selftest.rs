@@ -181,6 +181,11 @@ fn conv_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
         (Dims::new(1, [6, 5, 8], 12), 16, [3, 1, 3], [2, 1, 2]),
         // More than one 64-wide tile along N in every pass (cout 72 in fprop, cin 70 in dgrad).
         (Dims::new(1, [4, 5, 6], 70), 72, [3, 3, 3], [1, 1, 1]),
+        // With bf16 activations these take the pipelined kernels (conv_pipe.cu): 128-wide
+        // tiles, two of them along N, 54 k-steps (fprop, wgrad); 8 input channels, so one k-step
+        // of 32 spans four taps (fprop) and one of 16-channel couts two (dgrad).
+        (Dims::new(1, [5, 6, 7], 64), 136, [3, 3, 3], [1, 1, 1]),
+        (Dims::new(1, [5, 4, 6], 8), 16, [3, 3, 3], [1, 1, 1]),
     ];
     for (xd, cout, k, s) in cases {
         let g = ConvGeom::new(xd.c, cout, k, s);
@@ -456,10 +461,18 @@ fn step_check<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
 /// Runs every check of `dev` against the f64 CPU reference; where `dev` stores activations
 /// in bf16 (narrower than its working precision), against a reference that stores them alike.
 pub fn run<B: Backend>(dev: &B, bounds: &Bounds, seed: u64) -> Result<Vec<Check>> {
+    run_checks(dev, bounds, seed, true)
+}
+
+fn run_checks<B: Backend>(dev: &B, bounds: &Bounds, seed: u64, all: bool) -> Result<Vec<Check>> {
     let bf16_storage = dev.act_bytes() < dev.elem_bytes();
     let cpu = if bf16_storage { CpuBackend::<f64>::with_bf16_storage() } else { CpuBackend::<f64>::new() };
     let mut r = Run { dev: Side::new(dev), cpu: Side::new(&cpu), checks: Vec::new(), rng: Pcg64::seed_from_u64(seed), bf16_storage };
     conv_checks(&mut r, bounds)?;
+    if !all {
+        dev.sync()?;
+        return Ok(r.checks);
+    }
     norm_checks(&mut r, bounds)?;
     loss_checks(&mut r, bounds)?;
     misc_checks(&mut r, bounds)?;
@@ -470,15 +483,19 @@ pub fn run<B: Backend>(dev: &B, bounds: &Bounds, seed: u64) -> Result<Vec<Check>
 }
 
 /// The CUDA backend's checks with activations stored as f32 and as bf16 (both kernel variants
-/// are in every build), each check named after its storage; the backend keeps its setting.
+/// are in every build), each check named after its storage, then the convolutions once more
+/// with bf16 and the pipelined kernels off, so that the simple ones stay checked on the shapes
+/// the pipelined ones take. The backend keeps its settings.
 pub fn run_cuda(be: &mut CudaBackend, seed: u64) -> Result<Vec<Check>> {
-    let kept = be.activations();
+    let kept = (be.activations(), be.conv_pipeline());
     let mut all = Vec::new();
-    for dt in [Dt::F32, Dt::Bf16] {
+    for (dt, pipe, tag) in [(Dt::F32, true, "f32 acts"), (Dt::Bf16, true, "bf16 acts"), (Dt::Bf16, false, "bf16 acts, simple conv")] {
         be.set_activations(dt);
-        let checks = run(&*be, &Bounds::CUDA, seed);
-        be.set_activations(kept);
-        all.extend(checks?.into_iter().map(|c| Check { name: format!("[{} acts] {}", dt.suffix(), c.name), ..c }));
+        be.set_conv_pipeline(pipe);
+        let checks = run_checks(&*be, &Bounds::CUDA, seed, pipe);
+        be.set_activations(kept.0);
+        be.set_conv_pipeline(kept.1);
+        all.extend(checks?.into_iter().map(|c| Check { name: format!("[{tag}] {}", c.name), ..c }));
     }
     Ok(all)
 }

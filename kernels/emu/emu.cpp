@@ -28,6 +28,7 @@ uint64_t* slots = nullptr;
 unsigned char* dyn = nullptr;
 int capacity = 0;
 size_t dyn_capacity = 0;
+unsigned dyn_bytes = 0;
 int nthreads = 0, cur = -1;
 jmp_buf sched_jb;
 void (*entry)(void**) = nullptr;
@@ -139,6 +140,65 @@ void __syncthreads() { yield(AT_BLOCK); }
 void emu_warp_sync() { yield(AT_WARP); }
 uint64_t* emu_warp_slots() { return slots + (size_t)(cur / 32) * WARP_WORDS; }
 void* emu_dynamic_shared() { return dyn; }
+unsigned emu_dynamic_shared_bytes() { return dyn_bytes; }
+
+// Per thread: copies queued by cp.async, each tagged with the group it was issued in.
+struct AsyncCopy {
+    void* dst;
+    const void* src;
+    int group;
+};
+const int MAX_ASYNC = 64;
+static AsyncCopy* async_q = nullptr;
+static int* async_n = nullptr;       // copies queued per thread
+static int* async_groups = nullptr;  // groups committed per thread
+
+void emu_cp_async16(void* dst, const void* src, bool valid) {
+    if (async_n[cur] == MAX_ASYNC) {
+        fprintf(stderr, "segk emulator: more than %d cp.async in flight in one thread\n", MAX_ASYNC);
+        abort();
+    }
+    async_q[(size_t)cur * MAX_ASYNC + async_n[cur]++] = {dst, valid ? src : nullptr, async_groups[cur]};
+}
+
+void emu_cp_async_commit() { async_groups[cur]++; }
+
+void emu_cp_async_wait(int pending) {
+    AsyncCopy* q = async_q + (size_t)cur * MAX_ASYNC;
+    int kept = 0;
+    for (int i = 0; i < async_n[cur]; i++) {
+        if (q[i].group < async_groups[cur] - pending) {
+            if (q[i].src) memcpy(q[i].dst, q[i].src, 16);
+            else memset(q[i].dst, 0, 16);
+        } else {
+            q[kept++] = q[i];
+        }
+    }
+    async_n[cur] = kept;
+}
+
+void emu_ldmatrix_x4(uint32_t* r, const void* row, bool trans) {
+    uint64_t* s = emu_warp_slots();
+    int lane = cur & 31;
+    s[lane] = (uint64_t)(uintptr_t)row;
+    emu_warp_sync();
+    for (int j = 0; j < 4; j++) {
+        if (!trans) {
+            // Lane l holds row l/4 of matrix j, elements 2(l%4) and 2(l%4)+1.
+            const unsigned char* p = (const unsigned char*)(uintptr_t)s[8 * j + (lane >> 2)];
+            memcpy(&r[j], p + (lane & 3) * 4, 4);
+        } else {
+            // Transposed: column l/4, rows 2(l%4) (low half) and 2(l%4)+1 (high half).
+            const unsigned char* lo = (const unsigned char*)(uintptr_t)s[8 * j + (lane & 3) * 2];
+            const unsigned char* hi = (const unsigned char*)(uintptr_t)s[8 * j + (lane & 3) * 2 + 1];
+            uint16_t a, b;
+            memcpy(&a, lo + (lane >> 2) * 2, 2);
+            memcpy(&b, hi + (lane >> 2) * 2, 2);
+            r[j] = (uint32_t)a | ((uint32_t)b << 16);
+        }
+    }
+    emu_warp_sync();
+}
 
 // Per warp: whether the current mma's products are computed, and the 16x8 products.
 static bool* mma_done = nullptr;
@@ -211,9 +271,15 @@ extern "C" int segk_emu_launch(const char* name, unsigned gx, unsigned gy, unsig
         slots = (uint64_t*)calloc((size_t)((n + 31) / 32) * WARP_WORDS, 8);
         free(mma_done);
         free(mma_out);
+        free(async_q);
+        free(async_n);
+        free(async_groups);
+        async_q = (AsyncCopy*)calloc((size_t)n * MAX_ASYNC, sizeof(AsyncCopy));
+        async_n = (int*)calloc(n, sizeof(int));
+        async_groups = (int*)calloc(n, sizeof(int));
         mma_done = (bool*)calloc((size_t)(n + 31) / 32, sizeof(bool));
         mma_out = (float*)calloc((size_t)((n + 31) / 32) * 128, sizeof(float));
-        if (!fibers || !stacks || !slots || !mma_done || !mma_out) {
+        if (!fibers || !stacks || !slots || !mma_done || !mma_out || !async_q || !async_n || !async_groups) {
             snprintf(err, sizeof err, "out of host memory for %d emulated threads", n);
             capacity = 0;
             return 4;
@@ -230,6 +296,7 @@ extern "C" int segk_emu_launch(const char* name, unsigned gx, unsigned gy, unsig
         }
     }
     nthreads = n;
+    dyn_bytes = shared_bytes;
     blockDim = {bx, by, bz};
     gridDim = {gx, gy, gz};
     entry = e->call;
@@ -240,6 +307,9 @@ extern "C" int segk_emu_launch(const char* name, unsigned gx, unsigned gy, unsig
                 blockIdx = {x, y, z};
                 // Shared memory starts as garbage on a GPU: make reads before writes visible.
                 if (shared_bytes) memset(dyn, 0xff, shared_bytes);
+                // Copies a block left in flight die with it.
+                memset(async_n, 0, n * sizeof(int));
+                memset(async_groups, 0, n * sizeof(int));
                 int rc = run_block();
                 if (rc) {
                     char tmp[512];

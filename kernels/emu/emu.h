@@ -15,6 +15,7 @@
 
 struct uint3 { unsigned x, y, z; };
 struct __attribute__((aligned(16))) uint4 { unsigned x, y, z, w; };
+struct __attribute__((aligned(16))) int4 { int x, y, z, w; };
 struct dim3 { unsigned x, y, z; };
 
 extern uint3 threadIdx, blockIdx;
@@ -34,6 +35,8 @@ void emu_warp_sync();
 // Per-warp exchange slots (one 8-byte word per lane) for shuffles and the mma.
 uint64_t* emu_warp_slots();
 void* emu_dynamic_shared();
+
+#define __trap() __builtin_trap()
 
 template <class T> inline T min(T a, T b) { return a < b ? a : b; }
 template <class T> inline T max(T a, T b) { return a > b ? a : b; }
@@ -91,3 +94,15 @@ inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
 void emu_mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b);
 
 #define SEGK_DYNAMIC_SHARED(T, name) T* name = (T*)emu_dynamic_shared()
+// Bytes of dynamic shared memory this launch has.
+unsigned emu_dynamic_shared_bytes();
+
+// cp.async: a 16-byte copy (zeros when !valid) queued per thread in the open group, done only
+// when a wait retires its group, so a read of shared memory that no wait and barrier orders
+// after the copy finds the old bytes, as it can on a GPU.
+void emu_cp_async16(void* dst, const void* src, bool valid);
+void emu_cp_async_commit();
+// Retires every committed group but the newest `pending`.
+void emu_cp_async_wait(int pending);
+// ldmatrix.sync.aligned.m8n8.x4(.trans).shared.b16: lane 8j+i gives row i of matrix j.
+void emu_ldmatrix_x4(uint32_t* r, const void* row, bool trans);

@@ -2,14 +2,81 @@
 //! structs mirror the C structs field for field (#[repr(C)], all 8-byte fields but the
 //! trailing f32 pair).
 
-use super::{f32s, launch, same_dt, CudaBackend, DevBuf, Dt};
+use super::{f32s, launch, same_dt, CudaBackend, DevBuf, Dt, Kernels};
 use crate::backend::cpu::conv::ParityClass;
 use crate::backend::{ConvGeom, ConvTGeom};
 use crate::tensor::Dims;
-use anyhow::{ensure, Result};
+use anyhow::{anyhow, bail, ensure, Result};
 use cudarc::driver::{DeviceRepr, LaunchConfig};
 
 const TILE: usize = 64;
+
+// The pipelined kernels (kernels/conv_pipe.cu): tiles of PIPE_ROWS x 32, 64 or 128, PIPE_STAGES
+// stages of PIPE_K, and PIPE_CTX bytes of contexts: the dynamic shared memory PTile::SMEM asks
+// for (the kernels trap if a launch gives them less).
+const PIPE_ROWS: usize = 128;
+const PIPE_STAGES: usize = 4;
+const PIPE_K: usize = 32;
+const PIPE_CTX: usize = 2048;
+const PIPE_WIDTHS: [usize; 3] = [32, 64, 128];
+
+/// `SEGK_CONV`: `pipe` (default) or `simple` (every convolution on the simple kernels).
+pub(crate) fn pipe_from_env() -> Result<bool> {
+    match std::env::var("SEGK_CONV").ok().as_deref() {
+        None | Some("") | Some("pipe") => Ok(true),
+        Some("simple") => Ok(false),
+        Some(other) => bail!("SEGK_CONV must be pipe or simple, got {other:?}"),
+    }
+}
+
+/// The narrowest pipelined tile width that covers `n` columns of C (up to 128; wider C takes
+/// several tiles).
+fn pipe_width(n: usize) -> usize {
+    PIPE_WIDTHS.into_iter().find(|&w| n <= w).unwrap_or(128)
+}
+
+fn pipe_smem(width: usize) -> usize {
+    PIPE_STAGES * (PIPE_ROWS + width) * PIPE_K * 2 + PIPE_CTX
+}
+
+fn pipe_tiles(m: usize, n: usize, splits: usize) -> LaunchConfig {
+    let w = pipe_width(n);
+    LaunchConfig { grid_dim: (m.div_ceil(PIPE_ROWS) as u32, n.div_ceil(w) as u32, splits as u32), block_dim: (2 * w as u32, 1, 1), shared_mem_bytes: pipe_smem(w) as u32 }
+}
+
+/// The 128-wide tiles need more than the 48 KiB of shared memory a kernel gets unasked.
+pub(crate) fn allow_pipe_shared_memory(k: &Kernels) -> Result<()> {
+    use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN;
+    let all = [
+        (&k.conv_fprop_pipe_n32, 32),
+        (&k.conv_fprop_pipe_n64, 64),
+        (&k.conv_fprop_pipe_n128, 128),
+        (&k.conv_dgrad_pipe_n32, 32),
+        (&k.conv_dgrad_pipe_n64, 64),
+        (&k.conv_dgrad_pipe_n128, 128),
+        (&k.conv_wgrad_pipe_n32, 32),
+        (&k.conv_wgrad_pipe_n64, 64),
+        (&k.conv_wgrad_pipe_n128, 128),
+    ];
+    for (f, w) in all {
+        f.set_attribute(MAX_DYN, pipe_smem(w) as i32).map_err(|e| anyhow!("allowing {} bytes of shared memory to the pipelined convolutions: {e}", pipe_smem(w)))?;
+    }
+    Ok(())
+}
+
+/// Whether a convolution pass may take the pipelined kernels: bf16 activations read as 16-byte
+/// groups (16-byte aligned, the grouped channel counts multiples of 8) and addressed with 32-bit
+/// offsets (fewer than 2^31 values per gathered tensor).
+fn pipe_ok(be: &CudaBackend, dt: Dt, channels: &[usize], gathered: &[DevBuf]) -> bool {
+    be.conv_pipe && dt == Dt::Bf16 && channels.iter().all(|c| c % 8 == 0) && gathered.iter().all(|b| b.ptr % 16 == 0 && b.len < 1 << 31)
+}
+
+/// A bf16 copy of f32 weights in the workspace, for the pipelined kernels' 16-byte copies.
+fn bf16_weights(be: &CudaBackend, w: DevBuf) -> Result<u64> {
+    let ws = be.scratch(w.len.div_ceil(2))?;
+    be.cast(w.ptr, Dt::F32, ws, Dt::Bf16, w.len)?;
+    Ok(ws)
+}
 
 #[repr(C)]
 #[derive(Clone, Copy)]
@@ -124,18 +191,19 @@ fn tiles(m: usize, n: usize, splits: usize) -> LaunchConfig {
 
 /// Split-K factor for a reduction of `r` rows over an m x n output: fill the GPU twice,
 /// keep at least 256 rows per split.
-fn splits(be: &CudaBackend, m: usize, n: usize, r: usize) -> usize {
-    let t = m.div_ceil(TILE) * n.div_ceil(TILE);
+fn splits(be: &CudaBackend, cfg: &LaunchConfig, r: usize) -> usize {
+    let t = (cfg.grid_dim.0 * cfg.grid_dim.1) as usize;
     (2 * be.sms()).div_ceil(t).clamp(1, r.div_ceil(256).max(1))
 }
 
 /// Most f32 of workspace any op asks for (the workspace grows to the largest request). A
 /// weight gradient's split-K partials sp x m x n, where sp <= ceil(2 sms / t) and the t tiles
-/// cover m x n, so sp x m x n <= 2 sms TILE^2 + m x n, plus its bias partials 2 sms x cout;
+/// cover m x n with tiles of at most 128 x 128, so sp x m x n <= 2 sms 128^2 + m x n, plus its
+/// bias partials 2 sms x cout;
 /// the norms' partials (2 sms + n) x c x 3 and the loss's are below the sum of the two.
 /// Bf16 uploads and downloads pass through CAST_CHUNK of it.
 pub(crate) fn workspace_bound(sms: usize, largest_weight: usize, widest: usize, batch: usize) -> usize {
-    let ops = 2 * sms * TILE * TILE + largest_weight + 2 * sms * widest + 3 * (2 * sms + batch) * widest;
+    let ops = 2 * sms * PIPE_ROWS * 128 + largest_weight + 2 * sms * widest + 3 * (2 * sms + batch) * widest;
     ops.max(super::CAST_CHUNK)
 }
 
@@ -163,7 +231,17 @@ pub fn fwd(be: &CudaBackend, x: DevBuf, xd: Dims, w: DevBuf, b: DevBuf, y: DevBu
     f32s("conv_fwd", &[w, b])?;
     let (m, n, k) = (yd.rows(), g.cout, g.taps() * g.cin);
     let p = Fprop { s: shape(xd, g), x: x.ptr, w: w.ptr, bias: b.ptr, y: y.ptr, m: m as i64, n: n as i64, k: k as i64 };
-    launch!(be, conv_fprop[dt], tiles(m, n, 1), &p);
+    if pipe_ok(be, dt, &[g.cin, g.cout], &[x]) {
+        let wb = bf16_weights(be, w)?;
+        let cfg = pipe_tiles(m, n, 1);
+        match pipe_width(n) {
+            32 => launch!(be, conv_fprop_pipe_n32, cfg, &p, &wb),
+            64 => launch!(be, conv_fprop_pipe_n64, cfg, &p, &wb),
+            _ => launch!(be, conv_fprop_pipe_n128, cfg, &p, &wb),
+        }
+    } else {
+        launch!(be, conv_fprop[dt], tiles(m, n, 1), &p);
+    }
     Ok(())
 }
 
@@ -174,6 +252,8 @@ pub fn dgrad(be: &CudaBackend, dy: DevBuf, w: DevBuf, dx: DevBuf, xd: Dims, g: &
     ensure!(g.stride.iter().all(|&s| s == 1 || s == 2), "conv_dgrad: strides must be 1 or 2, got {:?}", g.stride);
     let dt = same_dt("conv_dgrad", &[dy, dx])?;
     f32s("conv_dgrad", &[w])?;
+    let pipe = pipe_ok(be, dt, &[g.cout], &[dy]);
+    let wb = if pipe { bf16_weights(be, w)? } else { 0 };
     for class in ParityClass::all(g, xd) {
         let m = class.rows(xd.n);
         if m == 0 {
@@ -197,7 +277,16 @@ pub fn dgrad(be: &CudaBackend, dy: DevBuf, w: DevBuf, dx: DevBuf, xd: Dims, g: &
             beta,
             pad: 0.0,
         };
-        launch!(be, conv_dgrad[dt], tiles(m, g.cin, 1), &arg);
+        if pipe {
+            let cfg = pipe_tiles(m, g.cin, 1);
+            match pipe_width(g.cin) {
+                32 => launch!(be, conv_dgrad_pipe_n32, cfg, &arg, &wb),
+                64 => launch!(be, conv_dgrad_pipe_n64, cfg, &arg, &wb),
+                _ => launch!(be, conv_dgrad_pipe_n128, cfg, &arg, &wb),
+            }
+        } else {
+            launch!(be, conv_dgrad[dt], tiles(m, g.cin, 1), &arg);
+        }
     }
     Ok(())
 }
@@ -208,10 +297,21 @@ pub fn wgrad(be: &CudaBackend, x: DevBuf, xd: Dims, dy: DevBuf, dw: DevBuf, db: 
     let dt = same_dt("conv_wgrad", &[x, dy])?;
     f32s("conv_wgrad", &[dw, db])?;
     let (m, n, r) = (g.taps() * g.cin, g.cout, yd.rows());
-    let sp = splits(be, m, n, r);
+    let pipe = pipe_ok(be, dt, &[g.cin, g.cout], &[x, dy]);
+    let cfg = if pipe { pipe_tiles(m, n, 1) } else { tiles(m, n, 1) };
+    let sp = splits(be, &cfg, r);
+    let cfg = LaunchConfig { grid_dim: (cfg.grid_dim.0, cfg.grid_dim.1, sp as u32), ..cfg };
     let ws = be.scratch(sp * m * n + 2 * be.sms() * n)?;
     let arg = Wgrad { s: shape(xd, g), x: x.ptr, dy: dy.ptr, part: ws, m: m as i64, n: n as i64, r: r as i64, per_split: r.div_ceil(sp) as i64 };
-    launch!(be, conv_wgrad[dt], tiles(m, n, sp), &arg);
+    if pipe {
+        match pipe_width(n) {
+            32 => launch!(be, conv_wgrad_pipe_n32, cfg, &arg),
+            64 => launch!(be, conv_wgrad_pipe_n64, cfg, &arg),
+            _ => launch!(be, conv_wgrad_pipe_n128, cfg, &arg),
+        }
+    } else {
+        launch!(be, conv_wgrad[dt], cfg, &arg);
+    }
     sum_splits(be, ws, sp, m * n, dw.ptr)?;
     colsum(be, dy.ptr, dt, r, n, db.ptr, ws + 4 * (sp * m * n) as u64)
 }
@@ -245,7 +345,7 @@ pub fn t_wgrad(be: &CudaBackend, x: DevBuf, xd: Dims, dy: DevBuf, dw: DevBuf, db
     let dt = same_dt("convt_wgrad", &[x, dy])?;
     f32s("convt_wgrad", &[dw, db])?;
     let (m, n, r) = (g.cin, g.taps() * g.cout, xd.rows());
-    let sp = splits(be, m, n, r);
+    let sp = splits(be, &tiles(m, n, 1), r);
     let ws = be.scratch(sp * m * n + 2 * be.sms() * g.cout)?;
     let arg = TWgrad { s: tshape(xd, g), x: x.ptr, dy: dy.ptr, part: ws, m: m as i64, n: n as i64, r: r as i64, per_split: r.div_ceil(sp) as i64 };
     launch!(be, convt_wgrad[dt], tiles(m, n, sp), &arg);

@@ -165,7 +165,9 @@ macro_rules! kernels {
 
 kernels!(
     plain: scale_f32, sum_squares_f32, sgd_nesterov_f32, downsample_labels, cast_f32_bf16, cast_bf16_f32,
-    norm_finalize_f32, norm_bwd_finalize_f32, sum_splits_f32;
+    norm_finalize_f32, norm_bwd_finalize_f32, sum_splits_f32,
+    conv_fprop_pipe_n32, conv_fprop_pipe_n64, conv_fprop_pipe_n128, conv_dgrad_pipe_n32, conv_dgrad_pipe_n64, conv_dgrad_pipe_n128,
+    conv_wgrad_pipe_n32, conv_wgrad_pipe_n64, conv_wgrad_pipe_n128;
     per storage type: fill, concat, concat_bwd, argmax, norm_partial, norm_act_fwd, norm_bwd_partial, norm_bwd_apply,
     loss_partial, loss_grad, conv_fprop, conv_dgrad, conv_wgrad, convt_fprop, convt_dgrad, convt_wgrad, colsum_partial,
 );
@@ -263,6 +265,8 @@ pub struct CudaBackend {
     pub(crate) drv: Driver,
     /// Storage type of the activation arenas (`alloc_act`).
     act: Dt,
+    /// Convolutions take the pipelined kernels (conv_pipe.cu) where their shapes allow.
+    conv_pipe: bool,
     /// Workspace for partial sums; grows to the largest request, then stays.
     scratch: Mutex<Option<DevMem<f32>>>,
     sms: u32,
@@ -290,12 +294,13 @@ impl CudaBackend {
             .load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec()))
             .map_err(|e| anyhow!("loading the embedded kernels ({KERNEL_ARCHS}) on this GPU: {e}"))?;
         let k = Kernels::load(&module)?;
+        conv::allow_pipe_shared_memory(&k)?;
         let (maj, min) = ctx.compute_capability().unwrap_or((0, 0));
         let sms = ctx.attribute(sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT).unwrap_or(80).max(1) as u32;
         let gpu = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let name = format!("cuda:{ordinal} ({gpu}, sm_{maj}{min}, {sms} SMs)");
         let gpu = Gpu { ctx, stream, copy_stream, staged, ops_done, k };
-        Ok(CudaBackend { drv: Driver::Gpu(Box::new(gpu)), act: Dt::activations_from_env()?, scratch: Mutex::new(None), sms, name })
+        Ok(CudaBackend { drv: Driver::Gpu(Box::new(gpu)), act: Dt::activations_from_env()?, conv_pipe: conv::pipe_from_env()?, scratch: Mutex::new(None), sms, name })
     }
 
     /// The same backend with every kernel run by the CPU emulator (kernels/emu): slow, exact
@@ -303,7 +308,7 @@ impl CudaBackend {
     pub fn emulated() -> Result<CudaBackend> {
         emu::available()?;
         // Few "SMs" keep grid-stride launches small: every emulated thread is a fiber.
-        Ok(CudaBackend { drv: Driver::Emu, act: Dt::activations_from_env()?, scratch: Mutex::new(None), sms: 2, name: "emu (the CUDA kernels emulated on the CPU)".into() })
+        Ok(CudaBackend { drv: Driver::Emu, act: Dt::activations_from_env()?, conv_pipe: conv::pipe_from_env()?, scratch: Mutex::new(None), sms: 2, name: "emu (the CUDA kernels emulated on the CPU)".into() })
     }
 
     /// The GPU (or the emulator), without the activation storage `name` adds.
@@ -317,6 +322,15 @@ impl CudaBackend {
     }
     pub fn activations(&self) -> Dt {
         self.act
+    }
+
+    /// Whether convolutions may take the pipelined kernels (`SEGK_CONV=simple` says no);
+    /// shapes they do not cover take the simple ones either way.
+    pub fn set_conv_pipeline(&mut self, on: bool) {
+        self.conv_pipe = on;
+    }
+    pub fn conv_pipeline(&self) -> bool {
+        self.conv_pipe
     }
 
     fn alloc_typed(&self, len: usize, dt: Dt, what: &str) -> Result<DevArena> {
@@ -515,7 +529,8 @@ impl Backend for CudaBackend {
     type LabelArena = DevMem<u8>;
 
     fn name(&self) -> String {
-        format!("{}, {} activations", self.name, self.act.suffix())
+        let conv = if self.conv_pipe { "" } else { ", simple conv kernels" };
+        format!("{}, {} activations{conv}", self.name, self.act.suffix())
     }
     fn memory_available(&self) -> Option<u64> {
         self.mem_info().ok().map(|(free, _)| free as u64)
