@@ -3,7 +3,8 @@
 #pragma once
 #ifndef SEGK_EMU
 #include <cuda_bf16.h>
-#define SEGK_DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+// 16-byte aligned: cp.async and ldmatrix need it.
+#define SEGK_DYNAMIC_SHARED(T, name) extern __shared__ __align__(16) T name[]
 #endif
 #include <stdint.h>
 
