@@ -35,16 +35,16 @@ __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool vali
 #else
     unsigned d = (unsigned)__cvta_generic_to_shared(dst);
     if (L1)
-        asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
+        asm volatile("cp.async.ca.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
     else
-        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0));
+        asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(d), "l"(src), "r"(valid ? 16 : 0) : "memory");
 #endif
 }
 __device__ __forceinline__ void cp_async_commit() {
 #ifdef SEGK_EMU
     emu_cp_async_commit();
 #else
-    asm volatile("cp.async.commit_group;\n" ::);
+    asm volatile("cp.async.commit_group;\n" ::: "memory");
 #endif
 }
 template <int N>
@@ -52,7 +52,7 @@ __device__ __forceinline__ void cp_async_wait() {
 #ifdef SEGK_EMU
     emu_cp_async_wait(N);
 #else
-    asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 #endif
 }
 template <bool TRANS>
@@ -132,11 +132,19 @@ __device__ __forceinline__ Row4 load_row(const Row4* r) {
 
 __device__ __forceinline__ bool inside(int v, int n) { return (unsigned)v < (unsigned)n; }
 
-// The row of output voxel m of a forward conv (or wgrad voxel): its input corner.
+// The row of output voxel m of a forward conv (or wgrad voxel): its input corner. 32-bit
+// division (voxel counts are below 2^31 here): wgrad decodes 32 of these every k-step.
 __device__ __forceinline__ Row4 corner_row(const ConvShape& s, i64 m, i64 rows) {
-    const Origin o = origin_of(s, m, rows);
-    if (!o.ok) return {0, NO_ROW, 0, 0};
-    return {(int)((((i64)o.b * s.id + o.z) * s.ih + o.y) * s.iw + o.x) * (int)s.cin, o.z, o.y, o.x};
+    if (m >= rows) return {0, NO_ROW, 0, 0};
+    unsigned r = (unsigned)m;
+    const unsigned ow = (unsigned)s.ow, oh = (unsigned)s.oh, od = (unsigned)s.od;
+    const int ox = (int)(r % ow);
+    r /= ow;
+    const int oy = (int)(r % oh);
+    r /= oh;
+    const int oz = (int)(r % od), b = (int)(r / od);
+    const int z = oz * (int)s.sd - (int)s.pd, y = oy * (int)s.sh - (int)s.ph, x = ox * (int)s.sw - (int)s.pw;
+    return {(((b * (int)s.id + z) * (int)s.ih + y) * (int)s.iw + x) * (int)s.cin, z, y, x};
 }
 
 // Forward. A = im2col(x), k-major, chunk column c = tid % 4 fixed per thread; B = w[k][cout]
@@ -186,7 +194,7 @@ struct FpropLoad {
         }
         locate();
     }
-    __device__ void prepare(i64) {}
+    __device__ void prepare(int, i64) {}
 };
 
 // dgrad for one stride-parity class. A = dy at (class voxel, (class tap, cout)), k-major;
@@ -257,7 +265,7 @@ struct DgradLoad {
         co += PK;
         settle();
     }
-    __device__ void prepare(i64) {}
+    __device__ void prepare(int, i64) {}
 };
 
 // wgrad (one split of the voxels). A = x at (voxel k, (tap, cin) m), MN-major with chunk column
@@ -267,12 +275,12 @@ template <class T>
 struct WgradLoad {
     const Wgrad<bf16>& p;
     Row4* ring;  // [2][PK]
-    i64 k, kb, ke, bcol;
+    i64 k, ke, bcol;
     int tid, step, id, ih, iw, td, th, tw, toff;  // this thread's A tap and its offset
     bool mok;
     __device__ WgradLoad(const Wgrad<bf16>& p_, const bf16*, uint8_t* ctx, i64 m0, i64 n0, int tid_) : p(p_), ring((Row4*)ctx), tid(tid_), step(0) {
         const ConvShape& s = p.s;
-        kb = k = p.k_begin(blockIdx.z), ke = p.k_end(blockIdx.z);
+        k = p.k_begin(blockIdx.z), ke = p.k_end(blockIdx.z);
         id = (int)s.id, ih = (int)s.ih, iw = (int)s.iw;
         const i64 m = m0 + (tid % (T::TM / 8)) * 8;
         mok = m < p.M;
@@ -281,9 +289,9 @@ struct WgradLoad {
         toff = ((td * ih + th) * iw + tw) * (int)s.cin + t.ci;
         bcol = n0 + (tid % (T::TN / 8)) * 8;
     }
-    // Decodes the voxel corners of the step at k0 into its ring slot.
-    __device__ void prepare(i64 k0) {
-        if (tid < PK) ring[(int)((k0 - kb) / PK & 1) * PK + tid] = corner_row(p.s, k0 + tid, ke);
+    // Decodes the voxel corners of step `step` (at k0) into its ring slot.
+    __device__ void prepare(int step, i64 k0) {
+        if (tid < PK) ring[(step & 1) * PK + tid] = corner_row(p.s, k0 + tid, ke);
     }
     __device__ void issue(uint8_t* A, uint8_t* B) {
         const Row4* org = ring + (step & 1) * PK;
@@ -324,13 +332,13 @@ __device__ __forceinline__ void igemm_pipe(const P& p, L& ld, uint8_t* smem, i64
 #pragma unroll
             for (int e = 0; e < 4; e++) acc[i][j][e] = 0.f;
 
-    ld.prepare(kb);
+    ld.prepare(0, kb);
     __syncthreads();  // row contexts and the first origins
 #pragma unroll
     for (int s = 0; s < PSTAGES - 1; s++) {
         if (s < steps) {
             ld.issue(smem + s * T::STAGE_BYTES, smem + s * T::STAGE_BYTES + T::A_BYTES);
-            ld.prepare(kb + (s + 1) * PK);
+            ld.prepare(s + 1, kb + (s + 1) * PK);
         }
         cp_async_commit();
         __syncthreads();  // the origins just decoded, before the next issue reads them
@@ -342,7 +350,7 @@ __device__ __forceinline__ void igemm_pipe(const P& p, L& ld, uint8_t* smem, i64
         if (nk < steps) {
             uint8_t* st = smem + (nk % PSTAGES) * T::STAGE_BYTES;
             ld.issue(st, st + T::A_BYTES);
-            ld.prepare(kb + (i64)(nk + 1) * PK);
+            ld.prepare(nk + 1, kb + (i64)(nk + 1) * PK);
         }
         cp_async_commit();
         const uint8_t* As = smem + (kt % PSTAGES) * T::STAGE_BYTES;

@@ -66,9 +66,9 @@ pub(crate) fn allow_pipe_shared_memory(k: &Kernels) -> Result<()> {
 
 /// Whether a convolution pass may take the pipelined kernels: bf16 activations read as 16-byte
 /// groups (16-byte aligned, the grouped channel counts multiples of 8) and addressed with 32-bit
-/// offsets (fewer than 2^31 values per gathered tensor).
-fn pipe_ok(be: &CudaBackend, dt: Dt, channels: &[usize], gathered: &[DevBuf]) -> bool {
-    be.conv_pipe && dt == Dt::Bf16 && channels.iter().all(|c| c % 8 == 0) && gathered.iter().all(|b| b.ptr % 16 == 0 && b.len < 1 << 31)
+/// offsets: every offset a gather forms, `reach` values past a tensor's start at most, below 2^31.
+fn pipe_ok(be: &CudaBackend, dt: Dt, channels: &[usize], gathered: &[(DevBuf, usize)]) -> bool {
+    be.conv_pipe && dt == Dt::Bf16 && channels.iter().all(|c| c % 8 == 0) && gathered.iter().all(|(b, reach)| b.ptr % 16 == 0 && b.len.max(*reach) < 1 << 31)
 }
 
 /// A bf16 copy of f32 weights in the workspace, for the pipelined kernels' 16-byte copies.
@@ -231,7 +231,7 @@ pub fn fwd(be: &CudaBackend, x: DevBuf, xd: Dims, w: DevBuf, b: DevBuf, y: DevBu
     f32s("conv_fwd", &[w, b])?;
     let (m, n, k) = (yd.rows(), g.cout, g.taps() * g.cin);
     let p = Fprop { s: shape(xd, g), x: x.ptr, w: w.ptr, bias: b.ptr, y: y.ptr, m: m as i64, n: n as i64, k: k as i64 };
-    if pipe_ok(be, dt, &[g.cin, g.cout], &[x]) {
+    if pipe_ok(be, dt, &[g.cin, g.cout], &[(x, x.len)]) {
         let wb = bf16_weights(be, w)?;
         let cfg = pipe_tiles(m, n, 1);
         match pipe_width(n) {
@@ -252,7 +252,11 @@ pub fn dgrad(be: &CudaBackend, dy: DevBuf, w: DevBuf, dx: DevBuf, xd: Dims, g: &
     ensure!(g.stride.iter().all(|&s| s == 1 || s == 2), "conv_dgrad: strides must be 1 or 2, got {:?}", g.stride);
     let dt = same_dt("conv_dgrad", &[dy, dx])?;
     f32s("conv_dgrad", &[w])?;
-    let pipe = pipe_ok(be, dt, &[g.cout], &[dy]);
+    // The dgrad rows index dy by a voxel's place in its parity class, which may run past dy's
+    // extent along an axis where the class is longer than the output (valid padding).
+    let (out, inp) = ([yd.d, yd.h, yd.w], [xd.d, xd.h, xd.w]);
+    let reach = (0..3).map(|a| out[a].max(inp[a].div_ceil(g.stride[a]))).product::<usize>() * xd.n * g.cout;
+    let pipe = pipe_ok(be, dt, &[g.cout], &[(dy, reach)]);
     let wb = if pipe { bf16_weights(be, w)? } else { 0 };
     for class in ParityClass::all(g, xd) {
         let m = class.rows(xd.n);
@@ -297,7 +301,7 @@ pub fn wgrad(be: &CudaBackend, x: DevBuf, xd: Dims, dy: DevBuf, dw: DevBuf, db: 
     let dt = same_dt("conv_wgrad", &[x, dy])?;
     f32s("conv_wgrad", &[dw, db])?;
     let (m, n, r) = (g.taps() * g.cin, g.cout, yd.rows());
-    let pipe = pipe_ok(be, dt, &[g.cin, g.cout], &[x, dy]);
+    let pipe = pipe_ok(be, dt, &[g.cin, g.cout], &[(x, x.len), (dy, dy.len)]);
     let cfg = if pipe { pipe_tiles(m, n, 1) } else { tiles(m, n, 1) };
     let sp = splits(be, &cfg, r);
     let cfg = LaunchConfig { grid_dim: (cfg.grid_dim.0, cfg.grid_dim.1, sp as u32), ..cfg };
