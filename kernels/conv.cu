@@ -37,17 +37,22 @@ struct TapC {
     bool ok;
 };
 
+// I: the type the divisions run in (the pipelined kernels decode in unsigned 32-bit, which is
+// several times cheaper than 64-bit, for voxel counts below 2^31).
+template <class I = i64>
 __device__ __forceinline__ Origin origin_of(const ConvShape& s, i64 r, i64 rows) {
     Origin o = {0, 0, 0, 0, r < rows};
     if (!o.ok) return o;
-    i64 ox = r % s.ow, t = r / s.ow;
-    i64 oy = t % s.oh;
-    t /= s.oh;
-    i64 oz = t % s.od;
-    o.b = (int)(t / s.od);
-    o.z = (int)(oz * s.sd - s.pd);
-    o.y = (int)(oy * s.sh - s.ph);
-    o.x = (int)(ox * s.sw - s.pw);
+    const I ow = (I)s.ow, oh = (I)s.oh, od = (I)s.od;
+    I t = (I)r;
+    const I ox = t % ow;
+    t /= ow;
+    const I oy = t % oh;
+    t /= oh;
+    o.b = (int)(t / od);
+    o.z = (int)(t % od) * (int)s.sd - (int)s.pd;
+    o.y = (int)oy * (int)s.sh - (int)s.ph;
+    o.x = (int)ox * (int)s.sw - (int)s.pw;
     return o;
 }
 
@@ -137,13 +142,18 @@ struct Dgrad {
     float beta, pad_;
     __device__ i64 k_begin(int) const { return 0; }
     __device__ i64 k_end(int) const { return K; }
-    __device__ void voxel(i64 m, i64& b, i64& z, i64& y, i64& x) const {
-        x = res[2] + (m % cnt[2]) * s.sw;
+    // Class voxel m as its batch and its index (j) per axis within the class.
+    __device__ void class_index(i64 m, i64& b, i64& jz, i64& jy, i64& jx) const {
+        jx = m % cnt[2];
         i64 t = m / cnt[2];
-        y = res[1] + (t % cnt[1]) * s.sh;
+        jy = t % cnt[1];
         t /= cnt[1];
-        z = res[0] + (t % cnt[0]) * s.sd;
+        jz = t % cnt[0];
         b = t / cnt[0];
+    }
+    __device__ void voxel(i64 m, i64& b, i64& z, i64& y, i64& x) const {
+        class_index(m, b, z, y, x);
+        z = res[0] + z * s.sd, y = res[1] + y * s.sh, x = res[2] + x * s.sw;
     }
     __device__ void tap(i64 t, i64& td, i64& th, i64& tw) const {
         tw = (tapcode[2] >> (2 * (t % ntaps[2]))) & 3;

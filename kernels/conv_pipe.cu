@@ -132,19 +132,25 @@ __device__ __forceinline__ Row4 load_row(const Row4* r) {
 
 __device__ __forceinline__ bool inside(int v, int n) { return (unsigned)v < (unsigned)n; }
 
-// The row of output voxel m of a forward conv (or wgrad voxel): its input corner. 32-bit
-// division (voxel counts are below 2^31 here): wgrad decodes 32 of these every k-step.
+// The row of output voxel m of a forward conv (or wgrad voxel): its input corner. Decoded in
+// 32-bit (voxel counts are below 2^31 here): wgrad decodes 32 of these every k-step.
 __device__ __forceinline__ Row4 corner_row(const ConvShape& s, i64 m, i64 rows) {
-    if (m >= rows) return {0, NO_ROW, 0, 0};
-    unsigned r = (unsigned)m;
-    const unsigned ow = (unsigned)s.ow, oh = (unsigned)s.oh, od = (unsigned)s.od;
-    const int ox = (int)(r % ow);
-    r /= ow;
-    const int oy = (int)(r % oh);
-    r /= oh;
-    const int oz = (int)(r % od), b = (int)(r / od);
-    const int z = oz * (int)s.sd - (int)s.pd, y = oy * (int)s.sh - (int)s.ph, x = ox * (int)s.sw - (int)s.pw;
-    return {(((b * (int)s.id + z) * (int)s.ih + y) * (int)s.iw + x) * (int)s.cin, z, y, x};
+    const Origin o = origin_of<unsigned>(s, m, rows);
+    if (!o.ok) return {0, NO_ROW, 0, 0};
+    return {(((o.b * (int)s.id + o.z) * (int)s.ih + o.y) * (int)s.iw + o.x) * (int)s.cin, o.z, o.y, o.x};
+}
+
+// Copies the MN-major B tile of one step: rows k .. k + PK (each thread the same column chunk
+// `col` in its rows), row kg at src + kg * stride + col, zeros past k_end or N.
+template <class T>
+__device__ __forceinline__ void copy_mn_rows(uint8_t* B, const bf16* src, i64 stride, i64 k, i64 k_end, i64 col, i64 N, int tid) {
+    constexpr int CPR = T::TN / 8;
+#pragma unroll
+    for (int i = 0; i < PK * CPR / T::THREADS; i++) {
+        const int kr = tid / CPR + i * (T::THREADS / CPR);
+        const bool ok = k + kr < k_end && col < N;
+        cp_async16(B + mnmajor_off<T::TN>(kr, tid % CPR), ok ? src + (k + kr) * stride + col : src, ok);
+    }
 }
 
 // Forward. A = im2col(x), k-major, chunk column c = tid % 4 fixed per thread; B = w[k][cout]
@@ -177,13 +183,7 @@ struct FpropLoad {
             const bool ok = kin && inside(o.z + td, id) && inside(o.y + th, ih) && inside(o.x + tw, iw);
             cp_async16<true>(A + kmajor_off(r, c), ok ? p.x + (o.base + coff) : p.x, ok);
         }
-        constexpr int CPR = T::TN / 8;
-#pragma unroll
-        for (int i = 0; i < PK * CPR / T::THREADS; i++) {
-            const int kr = tid / CPR + i * (T::THREADS / CPR);
-            const bool ok = k + kr < p.K && bcol < p.N;
-            cp_async16(B + mnmajor_off<T::TN>(kr, tid % CPR), ok ? wb + (k + kr) * p.N + bcol : wb, ok);
-        }
+        copy_mn_rows<T>(B, wb, p.N, k, p.K, bcol, p.N, tid);
         k += PK;
         for (ci += PK; ci >= p.s.cin;) {
             ci -= (int)p.s.cin;
@@ -219,12 +219,9 @@ struct DgradLoad {
                 rows[i] = {0, NO_ROW, 0, 0};
                 continue;
             }
-            const int jx = (int)(m % p.cnt[2]);
-            i64 q = m / p.cnt[2];
-            const int jy = (int)(q % p.cnt[1]);
-            q /= p.cnt[1];
-            const int jz = (int)(q % p.cnt[0]), b = (int)(q / p.cnt[0]);
-            rows[i] = {(((b * od + jz) * oh + jy) * ow + jx) * (int)s.cout, jz, jy, jx};
+            i64 b, jz, jy, jx;
+            p.class_index(m, b, jz, jy, jx);
+            rows[i] = {((((int)b * od + (int)jz) * oh + (int)jy) * ow + (int)jx) * (int)s.cout, (int)jz, (int)jy, (int)jx};
         }
         co = (tid & 3) * 8, t0 = t1 = t2 = 0;
         settle();
@@ -303,13 +300,7 @@ struct WgradLoad {
             const bool ok = mok && inside(o.z + td, id) && inside(o.y + th, ih) && inside(o.x + tw, iw);
             cp_async16<true>(A + mnmajor_off<T::TM>(kr, tid % ACPR), ok ? p.x + (o.base + toff) : p.x, ok);
         }
-        constexpr int CPR = T::TN / 8;
-#pragma unroll
-        for (int i = 0; i < PK * CPR / T::THREADS; i++) {
-            const int kr = tid / CPR + i * (T::THREADS / CPR);
-            const bool ok = k + kr < ke && bcol < p.N;
-            cp_async16(B + mnmajor_off<T::TN>(kr, tid % CPR), ok ? p.dy + (k + kr) * p.s.cout + bcol : p.dy, ok);
-        }
+        copy_mn_rows<T>(B, p.dy, p.s.cout, k, ke, bcol, p.N, tid);
         k += PK;
         step++;
     }

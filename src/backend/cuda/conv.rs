@@ -30,9 +30,9 @@ pub(crate) fn pipe_from_env() -> Result<bool> {
 }
 
 /// The narrowest pipelined tile width that covers `n` columns of C (up to 128; wider C takes
-/// several tiles).
+/// several tiles), as its index in PIPE_WIDTHS.
 fn pipe_width(n: usize) -> usize {
-    PIPE_WIDTHS.into_iter().find(|&w| n <= w).unwrap_or(128)
+    PIPE_WIDTHS.iter().position(|&w| n <= w).unwrap_or(PIPE_WIDTHS.len() - 1)
 }
 
 fn pipe_smem(width: usize) -> usize {
@@ -40,26 +40,17 @@ fn pipe_smem(width: usize) -> usize {
 }
 
 fn pipe_tiles(m: usize, n: usize, splits: usize) -> LaunchConfig {
-    let w = pipe_width(n);
+    let w = PIPE_WIDTHS[pipe_width(n)];
     LaunchConfig { grid_dim: (m.div_ceil(PIPE_ROWS) as u32, n.div_ceil(w) as u32, splits as u32), block_dim: (2 * w as u32, 1, 1), shared_mem_bytes: pipe_smem(w) as u32 }
 }
 
 /// The 128-wide tiles need more than the 48 KiB of shared memory a kernel gets unasked.
 pub(crate) fn allow_pipe_shared_memory(k: &Kernels) -> Result<()> {
     use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN;
-    let all = [
-        (&k.conv_fprop_pipe_n32, 32),
-        (&k.conv_fprop_pipe_n64, 64),
-        (&k.conv_fprop_pipe_n128, 128),
-        (&k.conv_dgrad_pipe_n32, 32),
-        (&k.conv_dgrad_pipe_n64, 64),
-        (&k.conv_dgrad_pipe_n128, 128),
-        (&k.conv_wgrad_pipe_n32, 32),
-        (&k.conv_wgrad_pipe_n64, 64),
-        (&k.conv_wgrad_pipe_n128, 128),
-    ];
-    for (f, w) in all {
-        f.set_attribute(MAX_DYN, pipe_smem(w) as i32).map_err(|e| anyhow!("allowing {} bytes of shared memory to the pipelined convolutions: {e}", pipe_smem(w)))?;
+    for pass in [&k.conv_fprop_pipe, &k.conv_dgrad_pipe, &k.conv_wgrad_pipe] {
+        for (f, w) in pass.iter().zip(PIPE_WIDTHS) {
+            f.set_attribute(MAX_DYN, pipe_smem(w) as i32).map_err(|e| anyhow!("allowing {} bytes of shared memory to the pipelined convolutions: {e}", pipe_smem(w)))?;
+        }
     }
     Ok(())
 }
@@ -233,12 +224,7 @@ pub fn fwd(be: &CudaBackend, x: DevBuf, xd: Dims, w: DevBuf, b: DevBuf, y: DevBu
     let p = Fprop { s: shape(xd, g), x: x.ptr, w: w.ptr, bias: b.ptr, y: y.ptr, m: m as i64, n: n as i64, k: k as i64 };
     if pipe_ok(be, dt, &[g.cin, g.cout], &[(x, x.len)]) {
         let wb = bf16_weights(be, w)?;
-        let cfg = pipe_tiles(m, n, 1);
-        match pipe_width(n) {
-            32 => launch!(be, conv_fprop_pipe_n32, cfg, &p, &wb),
-            64 => launch!(be, conv_fprop_pipe_n64, cfg, &p, &wb),
-            _ => launch!(be, conv_fprop_pipe_n128, cfg, &p, &wb),
-        }
+        launch!(be, conv_fprop_pipe @ pipe_width(n), pipe_tiles(m, n, 1), &p, &wb);
     } else {
         launch!(be, conv_fprop[dt], tiles(m, n, 1), &p);
     }
@@ -282,12 +268,7 @@ pub fn dgrad(be: &CudaBackend, dy: DevBuf, w: DevBuf, dx: DevBuf, xd: Dims, g: &
             pad: 0.0,
         };
         if pipe {
-            let cfg = pipe_tiles(m, g.cin, 1);
-            match pipe_width(g.cin) {
-                32 => launch!(be, conv_dgrad_pipe_n32, cfg, &arg, &wb),
-                64 => launch!(be, conv_dgrad_pipe_n64, cfg, &arg, &wb),
-                _ => launch!(be, conv_dgrad_pipe_n128, cfg, &arg, &wb),
-            }
+            launch!(be, conv_dgrad_pipe @ pipe_width(g.cin), pipe_tiles(m, g.cin, 1), &arg, &wb);
         } else {
             launch!(be, conv_dgrad[dt], tiles(m, g.cin, 1), &arg);
         }
@@ -308,11 +289,7 @@ pub fn wgrad(be: &CudaBackend, x: DevBuf, xd: Dims, dy: DevBuf, dw: DevBuf, db: 
     let ws = be.scratch(sp * m * n + 2 * be.sms() * n)?;
     let arg = Wgrad { s: shape(xd, g), x: x.ptr, dy: dy.ptr, part: ws, m: m as i64, n: n as i64, r: r as i64, per_split: r.div_ceil(sp) as i64 };
     if pipe {
-        match pipe_width(n) {
-            32 => launch!(be, conv_wgrad_pipe_n32, cfg, &arg),
-            64 => launch!(be, conv_wgrad_pipe_n64, cfg, &arg),
-            _ => launch!(be, conv_wgrad_pipe_n128, cfg, &arg),
-        }
+        launch!(be, conv_wgrad_pipe @ pipe_width(n), cfg, &arg);
     } else {
         launch!(be, conv_wgrad[dt], cfg, &arg);
     }

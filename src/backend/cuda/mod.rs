@@ -149,14 +149,15 @@ pub struct DevLabels {
 }
 
 macro_rules! kernels {
-    (plain: $($name:ident),* ; per storage type: $($act:ident),* $(,)?) => {
-        pub(crate) struct Kernels { $(pub $name: CudaFunction,)* $(pub $act: [CudaFunction; 2],)* }
+    (plain: $($name:ident),* ; per storage type: $($act:ident),* ; per tile width: $($tile:ident),* $(,)?) => {
+        pub(crate) struct Kernels { $(pub $name: CudaFunction,)* $(pub $act: [CudaFunction; 2],)* $(pub $tile: [CudaFunction; 3],)* }
         impl Kernels {
             fn load(m: &Arc<cudarc::driver::CudaModule>) -> Result<Kernels> {
                 let f = |name: &str| m.load_function(name).map_err(|e| anyhow!("kernel {name} missing from the fatbin: {e}"));
                 Ok(Kernels {
                     $($name: f(concat!("segk_", stringify!($name)))?,)*
                     $($act: [f(concat!("segk_", stringify!($act), "_f32"))?, f(concat!("segk_", stringify!($act), "_bf16"))?],)*
+                    $($tile: [f(concat!("segk_", stringify!($tile), "_n32"))?, f(concat!("segk_", stringify!($tile), "_n64"))?, f(concat!("segk_", stringify!($tile), "_n128"))?],)*
                 })
             }
         }
@@ -165,16 +166,16 @@ macro_rules! kernels {
 
 kernels!(
     plain: scale_f32, sum_squares_f32, sgd_nesterov_f32, downsample_labels, cast_f32_bf16, cast_bf16_f32,
-    norm_finalize_f32, norm_bwd_finalize_f32, sum_splits_f32,
-    conv_fprop_pipe_n32, conv_fprop_pipe_n64, conv_fprop_pipe_n128, conv_dgrad_pipe_n32, conv_dgrad_pipe_n64, conv_dgrad_pipe_n128,
-    conv_wgrad_pipe_n32, conv_wgrad_pipe_n64, conv_wgrad_pipe_n128;
+    norm_finalize_f32, norm_bwd_finalize_f32, sum_splits_f32;
     per storage type: fill, concat, concat_bwd, argmax, norm_partial, norm_act_fwd, norm_bwd_partial, norm_bwd_apply,
-    loss_partial, loss_grad, conv_fprop, conv_dgrad, conv_wgrad, convt_fprop, convt_dgrad, convt_wgrad, colsum_partial,
+    loss_partial, loss_grad, conv_fprop, conv_dgrad, conv_wgrad, convt_fprop, convt_dgrad, convt_wgrad, colsum_partial;
+    per tile width: conv_fprop_pipe, conv_dgrad_pipe, conv_wgrad_pipe,
 );
 
 /// Launches a kernel with the listed arguments (each bound to a local first, since both
 /// drivers take argument addresses) and turns a failure into an error naming the kernel.
-/// `name[dt]` launches the variant of an activation kernel for storage type `dt`.
+/// `name[dt]` launches the variant of an activation kernel for storage type `dt`;
+/// `name@i` the variant of a pipelined conv for tile width i (0, 1, 2: 32, 64, 128 columns).
 macro_rules! launch {
     (@run $be:expr, $kt:ident => $pick:expr, $name:expr, $cfg:expr, $($arg:expr),*) => {{
         let cfg: cudarc::driver::LaunchConfig = $cfg;
@@ -199,6 +200,11 @@ macro_rules! launch {
         let dt: $crate::backend::cuda::Dt = $dt;
         let name = [concat!("segk_", stringify!($k), "_f32"), concat!("segk_", stringify!($k), "_bf16")][dt as usize];
         $crate::backend::cuda::launch!(@run $be, kt => &kt.$k[dt as usize], name, $cfg, $($arg),*)
+    }};
+    ($be:expr, $k:ident @ $w:expr, $cfg:expr, $($arg:expr),* $(,)?) => {{
+        let w: usize = $w;
+        let name = [concat!("segk_", stringify!($k), "_n32"), concat!("segk_", stringify!($k), "_n64"), concat!("segk_", stringify!($k), "_n128")][w];
+        $crate::backend::cuda::launch!(@run $be, kt => &kt.$k[w], name, $cfg, $($arg),*)
     }};
     ($be:expr, $k:ident, $cfg:expr, $($arg:expr),* $(,)?) => {
         $crate::backend::cuda::launch!(@run $be, kt => &kt.$k, concat!("segk_", stringify!($k)), $cfg, $($arg),*)
