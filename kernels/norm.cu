@@ -1,12 +1,27 @@
 // Instance norm (affine, eps 1e-5, biased variance) fused with LeakyReLU(0.01), NDHWC.
 // Statistics: Welford per thread over a chunk of voxels, Chan merges across threads and
-// chunks (fp32 per thread, f64 for the final merge). Never E[x^2] - E[x]^2.
+// chunks (fp32 per thread, f64 for the final merge). Never E[x^2] - E[x]^2. Two paths: one
+// channel per thread for any channel count, and eight per thread with 16-byte accesses where
+// the channel count is a multiple of 8 (every norm of a U-Net); the partials they leave are
+// laid out alike, so one pair of finalize kernels serves both.
 #include "common.cuh"
 
 #define NORM_THREADS 256
 
 // Thread layout for C channels: `lanes` channel lanes, blockDim / lanes row lanes.
 __device__ __forceinline__ int channel_lanes(int C) { return C < NORM_THREADS ? C : NORM_THREADS; }
+
+// Chan's merge of the statistics (mean, M2, count) of two disjoint sets into the first.
+template <class F>
+__device__ __forceinline__ void chan_merge(F& mean, F& m2, F& cnt, F mb, F m2b, F nb) {
+    if (nb == F(0)) return;
+    const F n = cnt + nb, delta = mb - mean, f = nb / n;
+    mean += delta * f;
+    m2 += m2b + delta * delta * cnt * f;
+    cnt = n;
+}
+
+// --- any channel count: one channel per thread, one element per access ----------------------
 
 // part[((b * nchunks + k) * C + c) * 3] = (mean, M2, count) of chunk k of sample b.
 template <class A>
@@ -33,37 +48,13 @@ __device__ __forceinline__ void norm_partial(const A* x, long V, int C, long chu
         if (rlane == 0 && c < C) {
             for (int j = 1; j < rl; j++) {
                 int o = j * lanes + cl;
-                float nb = sc[o];
-                if (nb == 0.f) continue;
-                float n = cnt + nb, delta = sm[o] - mean;
-                mean += delta * nb / n;
-                m2 += sm2[o] + delta * delta * cnt * nb / n;
-                cnt = n;
+                chan_merge(mean, m2, cnt, sm[o], sm2[o], sc[o]);
             }
             float* p = part + (((long)b * nchunks + k) * C + c) * 3;
             p[0] = mean; p[1] = m2; p[2] = cnt;
         }
         __syncthreads();
     }
-}
-
-// One thread per (sample, channel): Chan-merge the chunks, write mean and rstd.
-extern "C" __global__ void segk_norm_finalize_f32(const float* part, int n, int nchunks, int C, float* mean, float* rstd) {
-    int i = blockIdx.x * blockDim.x + threadIdx.x;
-    if (i >= n * C) return;
-    int b = i / C, c = i % C;
-    double mu = 0.0, m2 = 0.0, cnt = 0.0;
-    for (int k = 0; k < nchunks; k++) {
-        const float* p = part + (((long)b * nchunks + k) * C + c) * 3;
-        double nb = p[2];
-        if (nb == 0.0) continue;
-        double nn = cnt + nb, delta = (double)p[0] - mu;
-        mu += delta * nb / nn;
-        m2 += (double)p[1] + delta * delta * cnt * nb / nn;
-        cnt = nn;
-    }
-    mean[i] = (float)mu;
-    rstd[i] = (float)(1.0 / sqrt(m2 / cnt + 1e-5));
 }
 
 template <class A>
@@ -113,27 +104,6 @@ __device__ __forceinline__ void norm_bwd_partial(const A* dy, const A* x, long V
     }
 }
 
-// One thread per channel: sums per (sample, channel) into `sums` and dgamma/dbeta.
-extern "C" __global__ void segk_norm_bwd_finalize_f32(const float* part, int n, int nchunks, int C, float* sums, float* dgamma, float* dbeta) {
-    int c = blockIdx.x * blockDim.x + threadIdx.x;
-    if (c >= C) return;
-    double tg = 0.0, tb = 0.0;
-    for (int b = 0; b < n; b++) {
-        double a = 0.0, d = 0.0;
-        for (int k = 0; k < nchunks; k++) {
-            const float* p = part + (((long)b * nchunks + k) * C + c) * 2;
-            a += p[0];
-            d += p[1];
-        }
-        sums[(b * C + c) * 2] = (float)a;
-        sums[(b * C + c) * 2 + 1] = (float)d;
-        tb += a;
-        tg += d;
-    }
-    dgamma[c] = (float)tg;
-    dbeta[c] = (float)tb;
-}
-
 // dx = gamma*rstd * (dz - mean(dz) - xhat * mean(dz*xhat)); dx may alias dy.
 template <class A>
 __device__ __forceinline__ void norm_bwd_apply(const A* dy, const A* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const float* sums, A* dx) {
@@ -149,6 +119,266 @@ __device__ __forceinline__ void norm_bwd_apply(const A* dy, const A* x, int n, l
     }
 }
 
+// --- channel counts that are multiples of 8: eight channels per thread, 16-byte accesses -----
+// The scalar kernels above divide a 64-bit index twice per element and move 2 or 4 bytes per
+// access: at H100 bandwidth that is more instructions than the SMs issue. Here a thread keeps a
+// group of 8 channels: the statistics kernels fix it per thread (so their per-channel
+// parameters sit in registers), the elementwise ones find it with one 32-bit remainder per 16
+// bytes and read per-sample tables from shared memory. The host sends these kernels only
+// 16-byte aligned tensors whose V * C / 8 fits 32 bits.
+
+// Row lanes of the statistics kernels: a power of two (for the tree merge), with `lanes`
+// channel groups side by side filling at most the block.
+__device__ __forceinline__ int row_lanes(int lanes) {
+    int rl = 1;
+    while (rl * 2 * lanes <= NORM_THREADS) rl *= 2;
+    return rl;
+}
+
+// A block of the 8-channel statistics kernels: sample blockIdx.y, voxel chunk blockIdx.x (rows
+// r0 .. r1), `lanes` channel groups side by side, `rl` row lanes stepping through the rows.
+struct Stats8 {
+    int b, k, G, lanes, rl, cl, rlane;
+    long r0, r1;
+    __device__ Stats8(long V, int C, long chunk) : b(blockIdx.y), k(blockIdx.x), G(C / 8) {
+        lanes = min(G, NORM_THREADS), rl = row_lanes(lanes);
+        cl = threadIdx.x % lanes, rlane = threadIdx.x / lanes;
+        r0 = k * chunk, r1 = min(V, r0 + chunk);
+    }
+    __device__ bool live(int g) const { return rlane < rl && g < G; }
+    // Where this block's `width` partials of channel c go.
+    __device__ float* part_at(float* part, int C, int c, int width) const { return part + (((long)b * gridDim.x + k) * C + c) * width; }
+};
+
+// Sums of row lane pairs, halving: after it, row lane 0 holds the block's result in v[] for
+// its channel group. v[] (W floats) is exchanged through sh[NORM_THREADS * W].
+template <int W, class Merge>
+__device__ __forceinline__ void tree_merge(float* v, float* sh, const Stats8& L, bool live, Merge merge) {
+    for (int s = L.rl / 2; s > 0; s >>= 1) {
+        if (live && L.rlane >= s && L.rlane < 2 * s)
+#pragma unroll
+            for (int i = 0; i < W; i++) sh[threadIdx.x * W + i] = v[i];
+        __syncthreads();
+        if (live && L.rlane < s) merge(v, sh + (threadIdx.x + s * L.lanes) * W);
+        __syncthreads();
+    }
+}
+
+// Welford step for 8 channels of one voxel: one reciprocal serves the eight.
+__device__ __forceinline__ void welford8(float* s, const float* v) {  // s: mean[8], m2[8], count
+    s[16] += 1.f;
+    const float inv = 1.f / s[16];
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+        const float d = v[i] - s[i];
+        s[i] += d * inv;
+        s[8 + i] += d * (v[i] - s[i]);
+    }
+}
+
+template <class A>
+__device__ __forceinline__ void norm_partial8(const A* x, long V, int C, long chunk, float* part) {
+    __shared__ float sh[NORM_THREADS * 17];
+    const Stats8 L(V, C, chunk);
+    for (int g0 = 0; g0 < L.G; g0 += L.lanes) {  // every thread runs every pass (barriers)
+        const int g = g0 + L.cl;
+        const bool live = L.live(g);
+        float acc[17] = {};
+        if (live) {
+            const A* p = x + (long)L.b * V * C + g * 8;
+            long r = L.r0 + L.rlane;
+            for (; r + L.rl < L.r1; r += 2 * L.rl) {  // two loads in flight
+                float v[8], w[8];
+                load8(p + r * C, v);
+                load8(p + (r + L.rl) * C, w);
+                welford8(acc, v);
+                welford8(acc, w);
+            }
+            if (r < L.r1) {
+                float v[8];
+                load8(p + r * C, v);
+                welford8(acc, v);
+            }
+        }
+        tree_merge<17>(acc, sh, L, live, [](float* a, const float* o) {
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                float n = a[16];
+                chan_merge(a[i], a[8 + i], n, o[i], o[8 + i], o[16]);
+            }
+            a[16] += o[16];
+        });
+        if (live && L.rlane == 0)
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                float* q = L.part_at(part, C, g * 8 + i, 3);
+                q[0] = acc[i], q[1] = acc[8 + i], q[2] = acc[16];
+            }
+    }
+}
+
+// Per-sample table of `rows` x C floats in shared memory, row j filled with f(j, c).
+template <class F>
+__device__ __forceinline__ float* sample_table(int rows, int C, F f) {
+    SEGK_DYNAMIC_SHARED(float, t);
+    for (int c = threadIdx.x; c < C; c += blockDim.x)
+        for (int j = 0; j < rows; j++) t[j * C + c] = f(j, c);
+    __syncthreads();
+    return t;
+}
+
+// Eight consecutive floats of a shared table (16-byte aligned: c is a multiple of 8).
+__device__ __forceinline__ void table8(const float* t, float* v) {
+    const float4 a = reinterpret_cast<const float4*>(t)[0], b = reinterpret_cast<const float4*>(t)[1];
+    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
+}
+
+// grid (blocks, samples); shared: mean, gamma * rstd, beta of sample blockIdx.y.
+template <class A>
+__device__ __forceinline__ void norm_act_fwd8(const A* x, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, A* y) {
+    const int b = blockIdx.y;
+    const float* t = sample_table(3, C, [&](int j, int c) { return j == 0 ? mean[b * C + c] : j == 1 ? gamma[c] * rstd[b * C + c] : beta[c]; });
+    const unsigned G = C / 8, n = (unsigned)(V * G);
+    const A* xs = x + (long)b * V * C;
+    A* ys = y + (long)b * V * C;
+    for (unsigned j = blockIdx.x * blockDim.x + threadIdx.x; j < n; j += gridDim.x * blockDim.x) {
+        const unsigned c = (j % G) * 8;
+        float v[8], mu[8], s[8], be[8];
+        load8(xs + (long)j * 8, v);
+        table8(t + c, mu), table8(t + C + c, s), table8(t + 2 * C + c, be);
+#pragma unroll
+        for (int i = 0; i < 8; i++) v[i] = leaky(s[i] * (v[i] - mu[i]) + be[i]);
+        store8(ys + (long)j * 8, v);
+    }
+}
+
+template <class A>
+__device__ __forceinline__ void norm_bwd_partial8(const A* dy, const A* x, long V, int C, long chunk, const float* mean, const float* rstd, const float* gamma, const float* beta, float* part) {
+    __shared__ float sh[NORM_THREADS * 16];
+    const Stats8 L(V, C, chunk);
+    for (int g0 = 0; g0 < L.G; g0 += L.lanes) {  // every thread runs every pass (barriers)
+        const int g = g0 + L.cl;
+        const bool live = L.live(g);
+        float acc[16] = {};  // sum dz, then sum dz * xhat, per channel
+        if (live) {
+            float mu[8], rs[8], ga[8], be[8];
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                const int c = g * 8 + i;
+                mu[i] = mean[L.b * C + c], rs[i] = rstd[L.b * C + c], ga[i] = gamma[c], be[i] = beta[c];
+            }
+            const long base = (long)L.b * V * C + g * 8;
+            for (long r = L.r0 + L.rlane; r < L.r1; r += L.rl) {
+                float xv[8], gv[8];
+                load8(x + base + r * C, xv);
+                load8(dy + base + r * C, gv);
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    const float xh = (xv[i] - mu[i]) * rs[i];
+                    const float dz = ga[i] * xh + be[i] > 0.f ? gv[i] : gv[i] * SEGK_LEAKY;
+                    acc[i] += dz;
+                    acc[8 + i] += dz * xh;
+                }
+            }
+        }
+        tree_merge<16>(acc, sh, L, live, [](float* a, const float* o) {
+#pragma unroll
+            for (int i = 0; i < 16; i++) a[i] += o[i];
+        });
+        if (live && L.rlane == 0)
+#pragma unroll
+            for (int i = 0; i < 8; i++) {
+                float* q = L.part_at(part, C, g * 8 + i, 2);
+                q[0] = acc[i], q[1] = acc[8 + i];
+            }
+    }
+}
+
+// dx = a * dz - a * mean(dz) - a * mean(dz * xhat) * xhat with a = gamma * rstd; grid
+// (blocks, samples), the per-channel factors of sample blockIdx.y in shared memory. dx may
+// alias dy (each thread reads its 16 bytes before it writes them).
+template <class A>
+__device__ __forceinline__ void norm_bwd_apply8(const A* dy, const A* x, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const float* sums, A* dx) {
+    const int b = blockIdx.y;
+    const float inv_v = 1.f / (float)V;
+    // rows: mean, rstd, gamma, beta, a, a * mean(dz), a * mean(dz * xhat)
+    const float* t = sample_table(7, C, [&](int j, int c) {
+        const int bc = b * C + c;
+        const float a = gamma[c] * rstd[bc];
+        switch (j) {
+            case 0: return mean[bc];
+            case 1: return rstd[bc];
+            case 2: return gamma[c];
+            case 3: return beta[c];
+            case 4: return a;
+            case 5: return a * sums[bc * 2] * inv_v;
+            default: return a * sums[bc * 2 + 1] * inv_v;
+        }
+    });
+    const unsigned G = C / 8, n = (unsigned)(V * G);
+    const long base = (long)b * V * C;
+    for (unsigned j = blockIdx.x * blockDim.x + threadIdx.x; j < n; j += gridDim.x * blockDim.x) {
+        const unsigned c = (j % G) * 8;
+        float xv[8], gv[8], mu[8], rs[8], ga[8], be[8], a[8], m1[8], m2[8];
+        load8(x + base + (long)j * 8, xv);
+        load8(dy + base + (long)j * 8, gv);
+        table8(t + c, mu), table8(t + C + c, rs), table8(t + 2 * C + c, ga), table8(t + 3 * C + c, be);
+        table8(t + 4 * C + c, a), table8(t + 5 * C + c, m1), table8(t + 6 * C + c, m2);
+#pragma unroll
+        for (int i = 0; i < 8; i++) {
+            const float xh = (xv[i] - mu[i]) * rs[i];
+            const float dz = ga[i] * xh + be[i] > 0.f ? gv[i] : gv[i] * SEGK_LEAKY;
+            xv[i] = a[i] * dz - m1[i] - m2[i] * xh;
+        }
+        store8(dx + base + (long)j * 8, xv);
+    }
+}
+
+// --- both paths ---------------------------------------------------------------------------
+
+// One warp per (sample, channel): each lane Chan-merges every 32nd chunk in f64, then the
+// lanes merge pairwise. Writes mean and rstd.
+extern "C" __global__ void segk_norm_finalize_f32(const float* part, int n, int nchunks, int C, float* mean, float* rstd) {
+    const int lane = threadIdx.x & 31, i = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (i >= n * C) return;  // whole warps: i is the same across a warp
+    const int b = i / C, c = i % C;
+    double mu = 0.0, m2 = 0.0, cnt = 0.0;
+    for (int k = lane; k < nchunks; k += 32) {
+        const float* p = part + (((long)b * nchunks + k) * C + c) * 3;
+        chan_merge<double>(mu, m2, cnt, p[0], p[1], p[2]);
+    }
+    for (int o = 16; o > 0; o >>= 1) {
+        const double mb = __shfl_xor_sync(0xffffffffu, mu, o), m2b = __shfl_xor_sync(0xffffffffu, m2, o), nb = __shfl_xor_sync(0xffffffffu, cnt, o);
+        chan_merge<double>(mu, m2, cnt, mb, m2b, nb);
+    }
+    if (lane == 0) {
+        mean[i] = (float)mu;
+        rstd[i] = (float)(1.0 / sqrt(m2 / cnt + 1e-5));
+    }
+}
+
+// One warp per channel: sums per (sample, channel) into `sums` (lanes over the chunks, f64),
+// and dgamma/dbeta over the samples.
+extern "C" __global__ void segk_norm_bwd_finalize_f32(const float* part, int n, int nchunks, int C, float* sums, float* dgamma, float* dbeta) {
+    const int lane = threadIdx.x & 31, c = blockIdx.x * (blockDim.x >> 5) + (threadIdx.x >> 5);
+    if (c >= C) return;  // whole warps
+    double tg = 0.0, tb = 0.0;
+    for (int b = 0; b < n; b++) {
+        double a = 0.0, d = 0.0;
+        for (int k = lane; k < nchunks; k += 32) {
+            const float* p = part + (((long)b * nchunks + k) * C + c) * 2;
+            a += p[0];
+            d += p[1];
+        }
+        a = warp_sum_d(a);
+        d = warp_sum_d(d);
+        if (lane == 0) sums[(b * C + c) * 2] = (float)a, sums[(b * C + c) * 2 + 1] = (float)d;
+        tb += a;
+        tg += d;
+    }
+    if (lane == 0) dgamma[c] = (float)tg, dbeta[c] = (float)tb;
+}
+
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_partial_f32(const float* x, long V, int C, long chunk, float* part) { norm_partial(x, V, C, chunk, part); }
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_partial_bf16(const bf16* x, long V, int C, long chunk, float* part) { norm_partial(x, V, C, chunk, part); }
 extern "C" __global__ void segk_norm_act_fwd_f32(const float* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, float* y) { norm_act_fwd(x, n, V, C, mean, rstd, gamma, beta, y); }
@@ -157,3 +387,11 @@ extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_partial
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_partial_bf16(const bf16* dy, const bf16* x, long V, int C, long chunk, const float* mean, const float* rstd, const float* gamma, const float* beta, float* part) { norm_bwd_partial(dy, x, V, C, chunk, mean, rstd, gamma, beta, part); }
 extern "C" __global__ void segk_norm_bwd_apply_f32(const float* dy, const float* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const float* sums, float* dx) { norm_bwd_apply(dy, x, n, V, C, mean, rstd, gamma, beta, sums, dx); }
 extern "C" __global__ void segk_norm_bwd_apply_bf16(const bf16* dy, const bf16* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const float* sums, bf16* dx) { norm_bwd_apply(dy, x, n, V, C, mean, rstd, gamma, beta, sums, dx); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_partial8_f32(const float* x, long V, int C, long chunk, float* part) { norm_partial8(x, V, C, chunk, part); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_partial8_bf16(const bf16* x, long V, int C, long chunk, float* part) { norm_partial8(x, V, C, chunk, part); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_act_fwd8_f32(const float* x, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, float* y) { norm_act_fwd8(x, V, C, mean, rstd, gamma, beta, y); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_act_fwd8_bf16(const bf16* x, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, bf16* y) { norm_act_fwd8(x, V, C, mean, rstd, gamma, beta, y); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_partial8_f32(const float* dy, const float* x, long V, int C, long chunk, const float* mean, const float* rstd, const float* gamma, const float* beta, float* part) { norm_bwd_partial8(dy, x, V, C, chunk, mean, rstd, gamma, beta, part); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_partial8_bf16(const bf16* dy, const bf16* x, long V, int C, long chunk, const float* mean, const float* rstd, const float* gamma, const float* beta, float* part) { norm_bwd_partial8(dy, x, V, C, chunk, mean, rstd, gamma, beta, part); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_apply8_f32(const float* dy, const float* x, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const float* sums, float* dx) { norm_bwd_apply8(dy, x, V, C, mean, rstd, gamma, beta, sums, dx); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_apply8_bf16(const bf16* dy, const bf16* x, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const float* sums, bf16* dx) { norm_bwd_apply8(dy, x, V, C, mean, rstd, gamma, beta, sums, dx); }

@@ -236,7 +236,9 @@ fn conv_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
 }
 
 fn norm_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
-    for xd in [Dims::new(2, [5, 6, 7], 3), Dims::new(1, [16, 16, 17], 32), Dims::new(2, [3, 3, 3], 320)] {
+    // C = 3 takes the scalar kernels; 32, 40 (five 8-channel groups: an odd tree) and 320 the
+    // 8-channel ones.
+    for xd in [Dims::new(2, [5, 6, 7], 3), Dims::new(1, [16, 16, 17], 32), Dims::new(2, [7, 9, 11], 40), Dims::new(2, [3, 3, 3], 320)] {
         let tag = format!("{xd}");
         // Inputs kept away from the LeakyReLU kink: |xhat| >~ 0.45 everywhere while the kink
         // sits at xhat = -beta/gamma, |.| <= 0.2; otherwise a sign decided differently in
@@ -292,19 +294,22 @@ fn loss_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
 }
 
 fn misc_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
-    let (rows, ca, cb) = (301, 7, 5);
-    let (a, bb, prior) = (r.rand(rows * ca), r.rand(rows * cb), r.rand(rows * cb));
-    let ((ad, ac), (bd, bc)) = (r.both_act(&a)?, r.both_act(&bb)?);
-    let (od, oc) = r.outs_act(rows * (ca + cb))?;
-    r.dev.be.concat(ad, ca, bd, cb, rows, od)?;
-    r.cpu.be.concat(ac, ca, bc, cb, rows, oc)?;
-    r.compare("concat".into(), od, oc, rows * (ca + cb), b.f32)?;
-    let ((dad, dac), (pd, pc)) = (r.outs_act(rows * ca)?, r.both_act(&prior)?);
-    r.dev.be.concat_bwd(od, ca, cb, rows, dad, pd, 1.0)?;
-    r.cpu.be.concat_bwd(oc, ca, cb, rows, dac, pc, 1.0)?;
-    r.compare("concat_bwd a".into(), dad, dac, rows * ca, b.f32)?;
-    let stored = r.stored(b, b.f32);
-    r.compare("concat_bwd b+=".into(), pd, pc, rows * cb, stored)?;
+    // 7 + 5 channels take the scalar kernels, 16 + 24 and 24 + 8 the 16-byte ones.
+    for (rows, ca, cb, beta) in [(301, 7, 5, 1.0), (97, 16, 24, 1.0), (61, 24, 8, 0.0)] {
+        let tag = format!("{rows}x({ca}+{cb})");
+        let (a, bb, prior) = (r.rand(rows * ca), r.rand(rows * cb), r.rand(rows * cb));
+        let ((ad, ac), (bd, bc)) = (r.both_act(&a)?, r.both_act(&bb)?);
+        let (od, oc) = r.outs_act(rows * (ca + cb))?;
+        r.dev.be.concat(ad, ca, bd, cb, rows, od)?;
+        r.cpu.be.concat(ac, ca, bc, cb, rows, oc)?;
+        r.compare(format!("concat {tag}"), od, oc, rows * (ca + cb), b.f32)?;
+        let ((dad, dac), (pd, pc)) = (r.outs_act(rows * ca)?, r.both_act(&prior)?);
+        r.dev.be.concat_bwd(od, ca, cb, rows, dad, pd, beta)?;
+        r.cpu.be.concat_bwd(oc, ca, cb, rows, dac, pc, beta)?;
+        r.compare(format!("concat_bwd a {tag}"), dad, dac, rows * ca, b.f32)?;
+        let stored = r.stored(b, b.f32);
+        r.compare(format!("concat_bwd b = {beta} b + d {tag}"), pd, pc, rows * cb, stored)?;
+    }
 
     let (sd, dd) = (Dims::new(2, [12, 10, 9], 1), Dims::new(2, [6, 5, 9], 1));
     let lab: Vec<u8> = (0..sd.rows()).map(|_| r.rng.random_range(0..4)).collect();

@@ -16,6 +16,7 @@
 struct uint3 { unsigned x, y, z; };
 struct __attribute__((aligned(16))) uint4 { unsigned x, y, z, w; };
 struct __attribute__((aligned(16))) int4 { int x, y, z, w; };
+struct __attribute__((aligned(16))) float4 { float x, y, z, w; };
 struct dim3 { unsigned x, y, z; };
 
 extern uint3 threadIdx, blockIdx;
@@ -41,6 +42,8 @@ void* emu_dynamic_shared();
 template <class T> inline T min(T a, T b) { return a < b ? a : b; }
 template <class T> inline T max(T a, T b) { return a > b ? a : b; }
 inline float __expf(float x) { return expf(x); }
+inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f; }
+inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
 inline float __logf(float x) { return logf(x); }
 
 // Fibers switch only at barriers, so a read-modify-write is never interleaved.

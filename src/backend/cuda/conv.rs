@@ -191,10 +191,10 @@ fn splits(be: &CudaBackend, cfg: &LaunchConfig, r: usize) -> usize {
 /// weight gradient's split-K partials sp x m x n, where sp <= ceil(2 sms / t) and the t tiles
 /// cover m x n with tiles of at most 128 x 128, so sp x m x n <= 2 sms 128^2 + m x n, plus its
 /// bias partials 2 sms x cout;
-/// the norms' partials (2 sms + n) x c x 3 and the loss's are below the sum of the two.
+/// the norms' partials (4 sms + n) x c x 3 and the loss's are below the sum of the two.
 /// Bf16 uploads and downloads pass through CAST_CHUNK of it.
 pub(crate) fn workspace_bound(sms: usize, largest_weight: usize, widest: usize, batch: usize) -> usize {
-    let ops = 2 * sms * PIPE_ROWS * 128 + largest_weight + 2 * sms * widest + 3 * (2 * sms + batch) * widest;
+    let ops = 2 * sms * PIPE_ROWS * 128 + largest_weight + 2 * sms * widest + 3 * (4 * sms + batch) * widest;
     ops.max(super::CAST_CHUNK)
 }
 
