@@ -74,3 +74,41 @@ __device__ __forceinline__ void store8(float* p, const float* v) {
     a.x = v[0], a.y = v[1], a.z = v[2], a.w = v[3], b.x = v[4], b.y = v[5], b.z = v[6], b.w = v[7];
     reinterpret_cast<float4*>(p)[0] = a, reinterpret_cast<float4*>(p)[1] = b;
 }
+
+// --- reductions over the rows of an [rows x C] tensor, per channel ---------------------------
+// (instance-norm statistics, bias gradients). A block of COL_THREADS takes a chunk of rows
+// (blockIdx.x; blockIdx.y a sample of `rows` rows each, where there are several): `lanes`
+// groups of W channels side by side, `rl` row lanes (a power of two) stepping through the rows,
+// then a tree merge of the row lanes' results in shared memory.
+#define COL_THREADS 256
+
+template <int W>
+struct ColBlock {
+    int b, k, G, lanes, rl, cl, rlane;
+    long r0, r1;
+    __device__ ColBlock(long rows, int C, long chunk) : b(blockIdx.y), k(blockIdx.x), G(C / W) {
+        lanes = min(G, COL_THREADS);
+        for (rl = 1; rl * 2 * lanes <= COL_THREADS;) rl *= 2;
+        cl = threadIdx.x % lanes, rlane = threadIdx.x / lanes;
+        r0 = k * chunk, r1 = min(rows, r0 + chunk);
+    }
+    // Whether this thread works on channel group g (every thread runs every pass over the
+    // groups: the merges have barriers).
+    __device__ bool live(int g) const { return rlane < rl && g < G; }
+    // Where this block's `width` partials of channel c go: part[((b * chunks + k) * C + c) * width].
+    __device__ float* part_at(float* part, int C, int c, int width) const { return part + (((long)b * gridDim.x + k) * C + c) * width; }
+};
+
+// Merges row lane pairs, halving: after it, row lane 0 holds the block's result in v[] for its
+// channel group. v[] (V floats) is exchanged through sh[COL_THREADS * V].
+template <int V, int W, class Merge>
+__device__ __forceinline__ void tree_merge(float* v, float* sh, const ColBlock<W>& L, bool live, Merge merge) {
+    for (int s = L.rl / 2; s > 0; s >>= 1) {
+        if (live && L.rlane >= s && L.rlane < 2 * s)
+#pragma unroll
+            for (int i = 0; i < V; i++) sh[threadIdx.x * V + i] = v[i];
+        __syncthreads();
+        if (live && L.rlane < s) merge(v, sh + (threadIdx.x + s * L.lanes) * V);
+        __syncthreads();
+    }
+}

@@ -6,7 +6,7 @@
 // laid out alike, so one pair of finalize kernels serves both.
 #include "common.cuh"
 
-#define NORM_THREADS 256
+#define NORM_THREADS COL_THREADS
 
 // Thread layout for C channels: `lanes` channel lanes, blockDim / lanes row lanes.
 __device__ __forceinline__ int channel_lanes(int C) { return C < NORM_THREADS ? C : NORM_THREADS; }
@@ -127,43 +127,6 @@ __device__ __forceinline__ void norm_bwd_apply(const A* dy, const A* x, int n, l
 // bytes and read per-sample tables from shared memory. The host sends these kernels only
 // 16-byte aligned tensors whose V * C / 8 fits 32 bits.
 
-// Row lanes of the statistics kernels: a power of two (for the tree merge), with `lanes`
-// channel groups side by side filling at most the block.
-__device__ __forceinline__ int row_lanes(int lanes) {
-    int rl = 1;
-    while (rl * 2 * lanes <= NORM_THREADS) rl *= 2;
-    return rl;
-}
-
-// A block of the 8-channel statistics kernels: sample blockIdx.y, voxel chunk blockIdx.x (rows
-// r0 .. r1), `lanes` channel groups side by side, `rl` row lanes stepping through the rows.
-struct Stats8 {
-    int b, k, G, lanes, rl, cl, rlane;
-    long r0, r1;
-    __device__ Stats8(long V, int C, long chunk) : b(blockIdx.y), k(blockIdx.x), G(C / 8) {
-        lanes = min(G, NORM_THREADS), rl = row_lanes(lanes);
-        cl = threadIdx.x % lanes, rlane = threadIdx.x / lanes;
-        r0 = k * chunk, r1 = min(V, r0 + chunk);
-    }
-    __device__ bool live(int g) const { return rlane < rl && g < G; }
-    // Where this block's `width` partials of channel c go.
-    __device__ float* part_at(float* part, int C, int c, int width) const { return part + (((long)b * gridDim.x + k) * C + c) * width; }
-};
-
-// Sums of row lane pairs, halving: after it, row lane 0 holds the block's result in v[] for
-// its channel group. v[] (W floats) is exchanged through sh[NORM_THREADS * W].
-template <int W, class Merge>
-__device__ __forceinline__ void tree_merge(float* v, float* sh, const Stats8& L, bool live, Merge merge) {
-    for (int s = L.rl / 2; s > 0; s >>= 1) {
-        if (live && L.rlane >= s && L.rlane < 2 * s)
-#pragma unroll
-            for (int i = 0; i < W; i++) sh[threadIdx.x * W + i] = v[i];
-        __syncthreads();
-        if (live && L.rlane < s) merge(v, sh + (threadIdx.x + s * L.lanes) * W);
-        __syncthreads();
-    }
-}
-
 // Welford step for 8 channels of one voxel: one reciprocal serves the eight.
 __device__ __forceinline__ void welford8(float* s, const float* v) {  // s: mean[8], m2[8], count
     s[16] += 1.f;
@@ -179,7 +142,7 @@ __device__ __forceinline__ void welford8(float* s, const float* v) {  // s: mean
 template <class A>
 __device__ __forceinline__ void norm_partial8(const A* x, long V, int C, long chunk, float* part) {
     __shared__ float sh[NORM_THREADS * 17];
-    const Stats8 L(V, C, chunk);
+    const ColBlock<8> L(V, C, chunk);
     for (int g0 = 0; g0 < L.G; g0 += L.lanes) {  // every thread runs every pass (barriers)
         const int g = g0 + L.cl;
         const bool live = L.live(g);
@@ -255,7 +218,7 @@ __device__ __forceinline__ void norm_act_fwd8(const A* x, long V, int C, const f
 template <class A>
 __device__ __forceinline__ void norm_bwd_partial8(const A* dy, const A* x, long V, int C, long chunk, const float* mean, const float* rstd, const float* gamma, const float* beta, float* part) {
     __shared__ float sh[NORM_THREADS * 16];
-    const Stats8 L(V, C, chunk);
+    const ColBlock<8> L(V, C, chunk);
     for (int g0 = 0; g0 < L.G; g0 += L.lanes) {  // every thread runs every pass (barriers)
         const int g = g0 + L.cl;
         const bool live = L.live(g);

@@ -190,22 +190,27 @@ fn splits(be: &CudaBackend, cfg: &LaunchConfig, r: usize) -> usize {
 /// Most f32 of workspace any op asks for (the workspace grows to the largest request). A
 /// weight gradient's split-K partials sp x m x n, where sp <= ceil(2 sms / t) and the t tiles
 /// cover m x n with tiles of at most 128 x 128, so sp x m x n <= 2 sms 128^2 + m x n, plus its
-/// bias partials 2 sms x cout;
+/// bias partials 4 sms x cout;
 /// the norms' partials (4 sms + n) x c x 3 and the loss's are below the sum of the two.
 /// Bf16 uploads and downloads pass through CAST_CHUNK of it.
 pub(crate) fn workspace_bound(sms: usize, largest_weight: usize, widest: usize, batch: usize) -> usize {
-    let ops = 2 * sms * PIPE_ROWS * 128 + largest_weight + 2 * sms * widest + 3 * (4 * sms + batch) * widest;
+    let ops = 2 * sms * PIPE_ROWS * 128 + largest_weight + 4 * sms * widest + 3 * (4 * sms + batch) * widest;
     ops.max(super::CAST_CHUNK)
 }
 
-/// out = column sums of x ([rows x c]) via per-chunk partials in `ws`.
+/// out = column sums of x ([rows x c]) via per-chunk partials in `ws`: about four blocks of 256
+/// per SM, each a chunk of rows, 8 channels per thread with 16-byte loads where c allows.
 fn colsum(be: &CudaBackend, x: u64, dt: Dt, rows: usize, c: usize, out: u64, ws: u64) -> Result<()> {
-    let chunks = (2 * be.sms()).min(rows.max(1));
+    let chunks = (4 * be.sms()).min(rows.max(1));
     let chunk = rows.div_ceil(chunks).max(1);
     let chunks = rows.div_ceil(chunk).max(1);
-    let cfg = LaunchConfig { grid_dim: (chunks as u32, 1, 1), block_dim: (c.clamp(32, 256) as u32, 1, 1), shared_mem_bytes: 0 };
+    let cfg = LaunchConfig { grid_dim: (chunks as u32, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
     let (r, cc, ch) = (rows as i64, c as i32, chunk as i64);
-    launch!(be, colsum_partial[dt], cfg, &x, &r, &cc, &ch, &ws);
+    if c % 8 == 0 && x % 16 == 0 {
+        launch!(be, colsum_partial8[dt], cfg, &x, &r, &cc, &ch, &ws);
+    } else {
+        launch!(be, colsum_partial[dt], cfg, &x, &r, &cc, &ch, &ws);
+    }
     sum_splits(be, ws, chunks, c, out)
 }
 
@@ -286,7 +291,7 @@ pub fn wgrad(be: &CudaBackend, x: DevBuf, xd: Dims, dy: DevBuf, dw: DevBuf, db: 
     let cfg = if pipe { pipe_tiles(m, n, 1) } else { tiles(m, n, 1) };
     let sp = splits(be, &cfg, r);
     let cfg = LaunchConfig { grid_dim: (cfg.grid_dim.0, cfg.grid_dim.1, sp as u32), ..cfg };
-    let ws = be.scratch(sp * m * n + 2 * be.sms() * n)?;
+    let ws = be.scratch(sp * m * n + 4 * be.sms() * n)?;
     let arg = Wgrad { s: shape(xd, g), x: x.ptr, dy: dy.ptr, part: ws, m: m as i64, n: n as i64, r: r as i64, per_split: r.div_ceil(sp) as i64 };
     if pipe {
         launch!(be, conv_wgrad_pipe @ pipe_width(n), cfg, &arg);
@@ -327,7 +332,7 @@ pub fn t_wgrad(be: &CudaBackend, x: DevBuf, xd: Dims, dy: DevBuf, dw: DevBuf, db
     f32s("convt_wgrad", &[dw, db])?;
     let (m, n, r) = (g.cin, g.taps() * g.cout, xd.rows());
     let sp = splits(be, &tiles(m, n, 1), r);
-    let ws = be.scratch(sp * m * n + 2 * be.sms() * g.cout)?;
+    let ws = be.scratch(sp * m * n + 4 * be.sms() * g.cout)?;
     let arg = TWgrad { s: tshape(xd, g), x: x.ptr, dy: dy.ptr, part: ws, m: m as i64, n: n as i64, r: r as i64, per_split: r.div_ceil(sp) as i64 };
     launch!(be, convt_wgrad[dt], tiles(m, n, sp), &arg);
     sum_splits(be, ws, sp, m * n, dw.ptr)?;

@@ -168,7 +168,7 @@ kernels!(
     plain: scale_f32, sum_squares_f32, sgd_nesterov_f32, downsample_labels, cast_f32_bf16, cast_bf16_f32,
     norm_finalize_f32, norm_bwd_finalize_f32, sum_splits_f32;
     per storage type: fill, concat, concat_bwd, argmax, norm_partial, norm_act_fwd, norm_bwd_partial, norm_bwd_apply,
-    concat8, concat_bwd8, norm_partial8, norm_act_fwd8, norm_bwd_partial8, norm_bwd_apply8,
+    colsum_partial8, concat8, concat_bwd8, norm_partial8, norm_act_fwd8, norm_bwd_partial8, norm_bwd_apply8,
     loss_partial, loss_grad, conv_fprop, conv_dgrad, conv_wgrad, convt_fprop, convt_dgrad, convt_wgrad, colsum_partial;
     per tile width: conv_fprop_pipe, conv_dgrad_pipe, conv_wgrad_pipe,
 );
