@@ -140,16 +140,30 @@ __device__ __forceinline__ Row4 corner_row(const ConvShape& s, i64 m, i64 rows) 
     return {(((o.b * (int)s.id + o.z) * (int)s.ih + o.y) * (int)s.iw + o.x) * (int)s.cin, o.z, o.y, o.x};
 }
 
-// Copies the MN-major B tile of one step: rows k .. k + PK (each thread the same column chunk
-// `col` in its rows), row kg at src + kg * stride + col, zeros past k_end or N.
-template <class T>
+// Copies an MN-major tile W wide of one step from a plain [k][n] matrix: rows k .. k + PK (each
+// thread the same column chunk `col`, its chunk index tid % (W / 8), in its rows), row kg at
+// src + kg * stride + col, zeros past k_end or N.
+template <int W, int THREADS>
 __device__ __forceinline__ void copy_mn_rows(uint8_t* B, const bf16* src, i64 stride, i64 k, i64 k_end, i64 col, i64 N, int tid) {
-    constexpr int CPR = T::TN / 8;
+    constexpr int CPR = W / 8;
 #pragma unroll
-    for (int i = 0; i < PK * CPR / T::THREADS; i++) {
-        const int kr = tid / CPR + i * (T::THREADS / CPR);
+    for (int i = 0; i < PK * CPR / THREADS; i++) {
+        const int kr = tid / CPR + i * (THREADS / CPR);
         const bool ok = k + kr < k_end && col < N;
-        cp_async16(B + mnmajor_off<T::TN>(kr, tid % CPR), ok ? src + (k + kr) * stride + col : src, ok);
+        cp_async16(B + mnmajor_off<W>(kr, tid % CPR), ok ? src + (k + kr) * stride + col : src, ok);
+    }
+}
+
+// Copies the K-major B tile of one step: rows n0 .. n0 + TN of a matrix whose row n starts at
+// src + n * stride, src already at this thread's 16-byte chunk of the step (chunk tid % 4);
+// zeros past N, or everywhere when the chunk is past K (!kin).
+template <class T>
+__device__ __forceinline__ void copy_k_rows(uint8_t* B, const bf16* src, i64 stride, i64 n0, i64 N, bool kin, int tid) {
+#pragma unroll
+    for (int i = 0; i < T::TN * 4 / T::THREADS; i++) {
+        const int r = (tid >> 2) + i * (T::THREADS / 4);
+        const bool ok = kin && n0 + r < N;
+        cp_async16(B + kmajor_off(r, tid & 3), ok ? src + (n0 + r) * stride : src, ok);
     }
 }
 
@@ -183,7 +197,7 @@ struct FpropLoad {
             const bool ok = kin && inside(o.z + td, id) && inside(o.y + th, ih) && inside(o.x + tw, iw);
             cp_async16<true>(A + kmajor_off(r, c), ok ? p.x + (o.base + coff) : p.x, ok);
         }
-        copy_mn_rows<T>(B, wb, p.N, k, p.K, bcol, p.N, tid);
+        copy_mn_rows<T::TN, T::THREADS>(B, wb, p.N, k, p.K, bcol, p.N, tid);
         k += PK;
         for (ci += PK; ci >= p.s.cin;) {
             ci -= (int)p.s.cin;
@@ -253,12 +267,7 @@ struct DgradLoad {
             const bool ok = kin && inside(o.z + cz, od) && inside(o.y + cy, oh) && inside(o.x + cx, ow);
             cp_async16<true>(A + kmajor_off(r, c), ok ? p.dy + (o.base + coff) : p.dy, ok);
         }
-#pragma unroll
-        for (int i = 0; i < T::TN * 4 / T::THREADS; i++) {
-            const int r = (tid >> 2) + i * (T::THREADS / 4);
-            const bool ok = kin && n0 + r < p.N;
-            cp_async16(B + kmajor_off(r, c), ok ? wb + woff + (n0 + r) * p.s.cout : wb, ok);
-        }
+        copy_k_rows<T>(B, wb + woff, p.s.cout, n0, p.N, kin, tid);
         co += PK;
         settle();
     }
@@ -300,7 +309,125 @@ struct WgradLoad {
             const bool ok = mok && inside(o.z + td, id) && inside(o.y + th, ih) && inside(o.x + tw, iw);
             cp_async16<true>(A + mnmajor_off<T::TM>(kr, tid % ACPR), ok ? p.x + (o.base + toff) : p.x, ok);
         }
-        copy_mn_rows<T>(B, p.dy, p.s.cout, k, ke, bcol, p.N, tid);
+        copy_mn_rows<T::TN, T::THREADS>(B, p.dy, p.s.cout, k, ke, bcol, p.N, tid);
+        k += PK;
+        step++;
+    }
+};
+
+// --- transposed convolutions (kernel = stride): every output voxel has one input voxel ------
+// Their gathers never leave the tensors (no padding, no tap outside), so the only bounds are
+// M, N and K.
+
+// The dy offset of the output block corner of input voxel r (kernel = stride), in 32 bits.
+__device__ __forceinline__ int tcorner(const TShape& s, unsigned r) {
+    const unsigned iw = (unsigned)s.iw, ih = (unsigned)s.ih, id = (unsigned)s.id;
+    const unsigned x = r % iw, y = (r / iw) % ih, q = r / (iw * ih), z = q % id, b = q / id;
+    const unsigned od = id * (unsigned)s.sd, oh = ih * (unsigned)s.sh, ow = iw * (unsigned)s.sw;
+    return (int)((((b * od + z * (unsigned)s.sd) * oh + y * (unsigned)s.sh) * ow + x * (unsigned)s.sw) * (unsigned)s.cout);
+}
+
+// The dy offset of tap t of an output block, channel co.
+__device__ __forceinline__ int ttap_offset(const TShape& s, int t, int co) {
+    const int tw = t % (int)s.sw, th = (t / (int)s.sw) % (int)s.sh, td = t / (int)(s.sw * s.sh);
+    return ((td * (int)(s.ih * s.sh) + th) * (int)(s.iw * s.sw) + tw) * (int)s.cout + co;
+}
+
+// Forward, one tap: A = x[voxel][cin] (k-major, plain rows), B = w[cin][tap][cout] at this
+// tap (MN-major, row stride taps * cout).
+template <class T>
+struct TFpropLoad {
+    const TFprop<bf16>& p;
+    const bf16* wb;
+    i64 k, bcol;
+    int tid, rowoff, nrows;  // the x offset of this block's first row; its rows inside M
+    __device__ TFpropLoad(const TFprop<bf16>& p_, const bf16* wb_, uint8_t*, i64 m0, i64 n0, int tid_) : p(p_), wb(wb_ + p_.tap * p_.s.cout), k(0), tid(tid_) {
+        rowoff = (int)(m0 * p.s.cin);
+        nrows = (int)min(p.M - m0, (i64)T::TM);
+        bcol = n0 + (tid % (T::TN / 8)) * 8;
+    }
+    __device__ void issue(uint8_t* A, uint8_t* B) {
+        const int c = tid & 3, cin = (int)p.s.cin;
+        const bool kin = k + c * 8 < p.K;
+#pragma unroll
+        for (int i = 0; i < T::TM * 4 / T::THREADS; i++) {
+            const int r = (tid >> 2) + i * (T::THREADS / 4);
+            const bool ok = kin && r < nrows;
+            cp_async16(A + kmajor_off(r, c), ok ? p.x + (rowoff + r * cin + (int)k + c * 8) : p.x, ok);
+        }
+        copy_mn_rows<T::TN, T::THREADS>(B, wb, p.s.sd * p.s.sh * p.s.sw * p.s.cout, k, p.K, bcol, p.N, tid);
+        k += PK;
+    }
+    __device__ void prepare(int, i64) {}
+};
+
+// dgrad: A = dy at (input voxel, (tap, cout)), k-major, rows located by their output block's
+// corner; B = w[cin][tap * cout] read as (n = cin, k), k-major.
+template <class T>
+struct TDgradLoad {
+    const TDgrad<bf16>& p;
+    const bf16* wb;
+    int* rows;  // each row's corner offset in dy, -1 past M
+    i64 n0, k;
+    int tid, t, co, coff;  // this thread's chunk: tap, channel, their offset from a corner
+    __device__ TDgradLoad(const TDgrad<bf16>& p_, const bf16* wb_, uint8_t* ctx, i64 m0, i64 n0_, int tid_) : p(p_), wb(wb_), rows((int*)ctx), n0(n0_), k(0), tid(tid_) {
+        for (int i = tid; i < T::TM; i += T::THREADS) rows[i] = m0 + i < p.M ? tcorner(p.s, (unsigned)(m0 + i)) : -1;
+        t = 0, co = (tid & 3) * 8;
+        settle();
+    }
+    __device__ void settle() {
+        for (; co >= p.s.cout; co -= (int)p.s.cout) t++;
+        coff = ttap_offset(p.s, t, co);
+    }
+    __device__ void issue(uint8_t* A, uint8_t* B) {
+        const int c = tid & 3;
+        const bool kin = k + c * 8 < p.K;
+#pragma unroll
+        for (int i = 0; i < T::TM * 4 / T::THREADS; i++) {
+            const int r = (tid >> 2) + i * (T::THREADS / 4);
+            const int base = rows[r];
+            const bool ok = kin && base >= 0;
+            cp_async16(A + kmajor_off(r, c), ok ? p.dy + (base + coff) : p.dy, ok);
+        }
+        copy_k_rows<T>(B, wb + k + c * 8, p.K, n0, p.N, kin, tid);
+        k += PK;
+        co += PK;
+        settle();
+    }
+    __device__ void prepare(int, i64) {}
+};
+
+// wgrad (one split of the input voxels): A = x[voxel][cin], MN-major (plain rows); B = dy at
+// (voxel, (tap, cout) n), MN-major with this thread's column chunk fixed, so its tap offset is
+// too; the k rows' corners are decoded one step ahead into a ring in shared memory.
+template <class T>
+struct TWgradLoad {
+    const TWgrad<bf16>& p;
+    int* ring;  // [2][PK] corner offsets in dy, -1 past the split
+    i64 k, ke, acol;
+    int tid, step, toff;
+    bool nok;
+    __device__ TWgradLoad(const TWgrad<bf16>& p_, const bf16*, uint8_t* ctx, i64 m0, i64 n0, int tid_) : p(p_), ring((int*)ctx), tid(tid_), step(0) {
+        k = p.k_begin(blockIdx.z), ke = p.k_end(blockIdx.z);
+        acol = m0 + (tid % (T::TM / 8)) * 8;
+        const i64 n = n0 + (tid % (T::TN / 8)) * 8;
+        nok = n < p.N;
+        toff = nok ? ttap_offset(p.s, (int)(n / p.s.cout), (int)(n % p.s.cout)) : 0;
+    }
+    __device__ void prepare(int step, i64 k0) {
+        if (tid < PK) ring[(step & 1) * PK + tid] = k0 + tid < ke ? tcorner(p.s, (unsigned)(k0 + tid)) : -1;
+    }
+    __device__ void issue(uint8_t* A, uint8_t* B) {
+        copy_mn_rows<T::TM, T::THREADS>(A, p.x, p.s.cin, k, ke, acol, p.M, tid);
+        const int* corner = ring + (step & 1) * PK;
+        constexpr int CPR = T::TN / 8;
+#pragma unroll
+        for (int i = 0; i < PK * CPR / T::THREADS; i++) {
+            const int kr = tid / CPR + i * (T::THREADS / CPR);
+            const int base = corner[kr];
+            const bool ok = nok && base >= 0;
+            cp_async16(B + mnmajor_off<T::TN>(kr, tid % CPR), ok ? p.dy + (base + toff) : p.dy, ok);
+        }
         k += PK;
         step++;
     }
@@ -394,3 +521,12 @@ extern "C" __global__ void __launch_bounds__(PTile<64>::THREADS) segk_conv_wgrad
 extern "C" __global__ void __launch_bounds__(PTile<128>::THREADS) segk_conv_fprop_pipe_n128(Fprop<bf16> p, const bf16* wb) { conv_pipe<PTile<128>, FpropLoad, true, false>(p, wb); }
 extern "C" __global__ void __launch_bounds__(PTile<128>::THREADS) segk_conv_dgrad_pipe_n128(Dgrad<bf16> p, const bf16* wb) { conv_pipe<PTile<128>, DgradLoad, true, true>(p, wb); }
 extern "C" __global__ void __launch_bounds__(PTile<128>::THREADS) segk_conv_wgrad_pipe_n128(Wgrad<bf16> p) { conv_pipe<PTile<128>, WgradLoad, false, false>(p, nullptr); }
+extern "C" __global__ void __launch_bounds__(PTile<32>::THREADS) segk_convt_fprop_pipe_n32(TFprop<bf16> p, const bf16* wb) { conv_pipe<PTile<32>, TFpropLoad, true, false>(p, wb); }
+extern "C" __global__ void __launch_bounds__(PTile<32>::THREADS) segk_convt_dgrad_pipe_n32(TDgrad<bf16> p, const bf16* wb) { conv_pipe<PTile<32>, TDgradLoad, true, true>(p, wb); }
+extern "C" __global__ void __launch_bounds__(PTile<32>::THREADS) segk_convt_wgrad_pipe_n32(TWgrad<bf16> p) { conv_pipe<PTile<32>, TWgradLoad, false, false>(p, nullptr); }
+extern "C" __global__ void __launch_bounds__(PTile<64>::THREADS) segk_convt_fprop_pipe_n64(TFprop<bf16> p, const bf16* wb) { conv_pipe<PTile<64>, TFpropLoad, true, false>(p, wb); }
+extern "C" __global__ void __launch_bounds__(PTile<64>::THREADS) segk_convt_dgrad_pipe_n64(TDgrad<bf16> p, const bf16* wb) { conv_pipe<PTile<64>, TDgradLoad, true, true>(p, wb); }
+extern "C" __global__ void __launch_bounds__(PTile<64>::THREADS) segk_convt_wgrad_pipe_n64(TWgrad<bf16> p) { conv_pipe<PTile<64>, TWgradLoad, false, false>(p, nullptr); }
+extern "C" __global__ void __launch_bounds__(PTile<128>::THREADS) segk_convt_fprop_pipe_n128(TFprop<bf16> p, const bf16* wb) { conv_pipe<PTile<128>, TFpropLoad, true, false>(p, wb); }
+extern "C" __global__ void __launch_bounds__(PTile<128>::THREADS) segk_convt_dgrad_pipe_n128(TDgrad<bf16> p, const bf16* wb) { conv_pipe<PTile<128>, TDgradLoad, true, true>(p, wb); }
+extern "C" __global__ void __launch_bounds__(PTile<128>::THREADS) segk_convt_wgrad_pipe_n128(TWgrad<bf16> p) { conv_pipe<PTile<128>, TWgradLoad, false, false>(p, nullptr); }

@@ -211,8 +211,17 @@ fn conv_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
         r.compare(format!("conv_wgrad {tag}"), dwd, dwc, g.weight_len(), b.bf16)?;
         r.compare(format!("conv_bias_grad {tag}"), dbd, dbc, cout, b.f32)?;
     }
-    // The third has several tiles along every axis of every pass (taps x cout = 288).
-    for (xd, cout, s) in [(Dims::new(2, [3, 4, 5], 16), 8, [2, 2, 2]), (Dims::new(1, [2, 3, 3], 5), 3, [1, 2, 2]), (Dims::new(1, [3, 3, 4], 70), 36, [2, 2, 2])] {
+    // The third has several tiles along every axis of every pass (taps x cout = 288). The
+    // multiples of 8 take the pipelined kernels with bf16 storage: 64 -> 32 with more rows than
+    // a tile and 8 k-steps of dgrad, 24 -> 40 with taps that change inside a k-step.
+    let cases = [
+        (Dims::new(2, [3, 4, 5], 16), 8, [2, 2, 2]),
+        (Dims::new(1, [2, 3, 3], 5), 3, [1, 2, 2]),
+        (Dims::new(1, [3, 3, 4], 70), 36, [2, 2, 2]),
+        (Dims::new(1, [5, 6, 7], 64), 32, [2, 2, 2]),
+        (Dims::new(2, [3, 5, 4], 24), 40, [1, 2, 2]),
+    ];
+    for (xd, cout, s) in cases {
         let g = ConvTGeom { cin: xd.c, cout, stride: s };
         let yd = g.out_dims(xd);
         let tag = format!("{}->{} s{:?} {}", xd.c, cout, s, xd);
@@ -226,6 +235,11 @@ fn conv_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
         r.dev.be.convt_dgrad(dyd, wd, dxd, xd, &g, 0.0)?;
         r.cpu.be.convt_dgrad(dyc, wc, dxc, xd, &g, 0.0)?;
         r.compare(format!("convt_dgrad {tag}"), dxd, dxc, xd.len(), b.bf16)?;
+        let prior = r.rand(xd.len());
+        let (pd, pc) = r.both_act(&prior)?;
+        r.dev.be.convt_dgrad(dyd, wd, pd, xd, &g, 1.0)?;
+        r.cpu.be.convt_dgrad(dyc, wc, pc, xd, &g, 1.0)?;
+        r.compare(format!("convt_dgrad+= {tag}"), pd, pc, xd.len(), b.bf16)?;
         let ((dwd, dwc), (dbd, dbc)) = (r.outs(g.weight_len())?, r.outs(cout)?);
         r.dev.be.convt_wgrad(xd_, xd, dyd, dwd, dbd, &g)?;
         r.cpu.be.convt_wgrad(xc, xd, dyc, dwc, dbc, &g)?;

@@ -47,7 +47,7 @@ fn pipe_tiles(m: usize, n: usize, splits: usize) -> LaunchConfig {
 /// The 128-wide tiles need more than the 48 KiB of shared memory a kernel gets unasked.
 pub(crate) fn allow_pipe_shared_memory(k: &Kernels) -> Result<()> {
     use cudarc::driver::sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as MAX_DYN;
-    for pass in [&k.conv_fprop_pipe, &k.conv_dgrad_pipe, &k.conv_wgrad_pipe] {
+    for pass in [&k.conv_fprop_pipe, &k.conv_dgrad_pipe, &k.conv_wgrad_pipe, &k.convt_fprop_pipe, &k.convt_dgrad_pipe, &k.convt_wgrad_pipe] {
         for (f, w) in pass.iter().zip(PIPE_WIDTHS) {
             f.set_attribute(MAX_DYN, pipe_smem(w) as i32).map_err(|e| anyhow!("allowing {} bytes of shared memory to the pipelined convolutions: {e}", pipe_smem(w)))?;
         }
@@ -308,9 +308,15 @@ pub fn t_fwd(be: &CudaBackend, x: DevBuf, xd: Dims, w: DevBuf, b: DevBuf, y: Dev
     let dt = same_dt("convt_fwd", &[x, y])?;
     f32s("convt_fwd", &[w, b])?;
     let m = xd.rows();
+    let pipe = pipe_ok(be, dt, &[g.cin, g.cout], &[(x, x.len)]);
+    let wb = if pipe { bf16_weights(be, w)? } else { 0 };
     for tap in 0..g.taps() {
         let arg = TFprop { s: tshape(xd, g), x: x.ptr, w: w.ptr, bias: b.ptr, y: y.ptr, tap: tap as i64, m: m as i64, n: g.cout as i64, k: g.cin as i64 };
-        launch!(be, convt_fprop[dt], tiles(m, g.cout, 1), &arg);
+        if pipe {
+            launch!(be, convt_fprop_pipe @ pipe_width(g.cout), pipe_tiles(m, g.cout, 1), &arg, &wb);
+        } else {
+            launch!(be, convt_fprop[dt], tiles(m, g.cout, 1), &arg);
+        }
     }
     Ok(())
 }
@@ -321,7 +327,12 @@ pub fn t_dgrad(be: &CudaBackend, dy: DevBuf, w: DevBuf, dx: DevBuf, xd: Dims, g:
     f32s("convt_dgrad", &[w])?;
     let m = xd.rows();
     let arg = TDgrad { s: tshape(xd, g), dy: dy.ptr, w: w.ptr, dx: dx.ptr, m: m as i64, n: g.cin as i64, k: (g.taps() * g.cout) as i64, beta, pad: 0.0 };
-    launch!(be, convt_dgrad[dt], tiles(m, g.cin, 1), &arg);
+    if pipe_ok(be, dt, &[g.cout], &[(dy, dy.len)]) {
+        let wb = bf16_weights(be, w)?;
+        launch!(be, convt_dgrad_pipe @ pipe_width(g.cin), pipe_tiles(m, g.cin, 1), &arg, &wb);
+    } else {
+        launch!(be, convt_dgrad[dt], tiles(m, g.cin, 1), &arg);
+    }
     Ok(())
 }
 
@@ -331,10 +342,17 @@ pub fn t_wgrad(be: &CudaBackend, x: DevBuf, xd: Dims, dy: DevBuf, dw: DevBuf, db
     let dt = same_dt("convt_wgrad", &[x, dy])?;
     f32s("convt_wgrad", &[dw, db])?;
     let (m, n, r) = (g.cin, g.taps() * g.cout, xd.rows());
-    let sp = splits(be, &tiles(m, n, 1), r);
+    let pipe = pipe_ok(be, dt, &[g.cin, g.cout], &[(x, x.len), (dy, dy.len)]);
+    let cfg = if pipe { pipe_tiles(m, n, 1) } else { tiles(m, n, 1) };
+    let sp = splits(be, &cfg, r);
+    let cfg = LaunchConfig { grid_dim: (cfg.grid_dim.0, cfg.grid_dim.1, sp as u32), ..cfg };
     let ws = be.scratch(sp * m * n + 4 * be.sms() * g.cout)?;
     let arg = TWgrad { s: tshape(xd, g), x: x.ptr, dy: dy.ptr, part: ws, m: m as i64, n: n as i64, r: r as i64, per_split: r.div_ceil(sp) as i64 };
-    launch!(be, convt_wgrad[dt], tiles(m, n, sp), &arg);
+    if pipe {
+        launch!(be, convt_wgrad_pipe @ pipe_width(n), cfg, &arg);
+    } else {
+        launch!(be, convt_wgrad[dt], cfg, &arg);
+    }
     sum_splits(be, ws, sp, m * n, dw.ptr)?;
     colsum(be, dy.ptr, dt, yd.rows(), g.cout, db.ptr, ws + 4 * (sp * m * n) as u64)
 }

@@ -170,7 +170,7 @@ kernels!(
     per storage type: fill, concat, concat_bwd, argmax, norm_partial, norm_act_fwd, norm_bwd_partial, norm_bwd_apply,
     colsum_partial8, concat8, concat_bwd8, norm_partial8, norm_act_fwd8, norm_bwd_partial8, norm_bwd_apply8,
     loss_partial, loss_grad, conv_fprop, conv_dgrad, conv_wgrad, convt_fprop, convt_dgrad, convt_wgrad, colsum_partial;
-    per tile width: conv_fprop_pipe, conv_dgrad_pipe, conv_wgrad_pipe,
+    per tile width: conv_fprop_pipe, conv_dgrad_pipe, conv_wgrad_pipe, convt_fprop_pipe, convt_dgrad_pipe, convt_wgrad_pipe,
 );
 
 /// Launches a kernel with the listed arguments (each bound to a local first, since both
