@@ -5,10 +5,12 @@ use crate::tensor::Dims;
 use anyhow::{ensure, Result};
 
 /// The 16-byte groups of a concat's output where the 8-channel kernels take it: both channel
-/// counts multiples of 8, every view 16-byte aligned, the group count within 32 bits.
+/// counts multiples of 8, every view 16-byte aligned, the group count below 2^31 (the kernels
+/// count in 32 bits, and a grid stride past the last group must not wrap).
 fn groups8(rows: usize, ca: usize, cb: usize, bufs: &[DevBuf]) -> Option<u32> {
-    let ok = ca % 8 == 0 && cb % 8 == 0 && bufs.iter().all(|b| b.ptr % 16 == 0);
-    u32::try_from(rows * (ca + cb) / 8).ok().filter(|_| ok)
+    let groups = rows * (ca + cb) / 8;
+    let ok = ca % 8 == 0 && cb % 8 == 0 && groups < 1 << 31 && bufs.iter().all(|b| b.ptr % 16 == 0);
+    ok.then_some(groups as u32)
 }
 
 pub fn concat(be: &CudaBackend, a: DevBuf, ca: usize, b: DevBuf, cb: usize, rows: usize, out: DevBuf) -> Result<()> {

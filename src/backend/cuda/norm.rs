@@ -36,9 +36,10 @@ fn per_sample(be: &CudaBackend, xd: Dims, table_rows: usize) -> LaunchConfig {
 }
 
 /// Whether the 8-channel kernels take these tensors: groups of 8 channels, 16-byte aligned,
-/// a sample's groups counted in 32 bits, the tables within shared memory.
+/// a sample's groups counted in 32 bits (below 2^31, so that a grid stride past the last
+/// group cannot wrap), the tables within shared memory.
 fn vec8(xd: Dims, bufs: &[DevBuf]) -> bool {
-    xd.c % 8 == 0 && xd.c <= MAX_VEC_CHANNELS && xd.voxels() * xd.c / 8 < 1 << 32 && bufs.iter().all(|b| b.ptr % 16 == 0)
+    xd.c % 8 == 0 && xd.c <= MAX_VEC_CHANNELS && xd.voxels() * xd.c / 8 < 1 << 31 && bufs.iter().all(|b| b.ptr % 16 == 0)
 }
 
 pub fn stats(be: &CudaBackend, x: DevBuf, xd: Dims, mean: DevBuf, rstd: DevBuf) -> Result<()> {
