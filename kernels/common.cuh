@@ -39,6 +39,8 @@ __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
 }
 
 __device__ __forceinline__ float leaky(float z) { return z > 0.f ? z : z * SEGK_LEAKY; }
+// The gradient through LeakyReLU at pre-activation z of an incoming gradient g.
+__device__ __forceinline__ float leaky_grad(float z, float g) { return z > 0.f ? g : g * SEGK_LEAKY; }
 
 // Activation storage: f32, or bf16 (half the bytes of every activation and its gradient; math
 // stays f32). Kernels that touch activations are templates over the storage type A, exported

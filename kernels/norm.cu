@@ -85,7 +85,7 @@ __device__ __forceinline__ void norm_bwd_partial(const A* dy, const A* x, long V
             for (long r = r0 + rlane; r < r1; r += rl) {
                 long i = ((long)b * V + r) * C + c;
                 float xh = (ld(x + i) - mu) * rs, g_ = ld(dy + i);
-                float dz = g * xh + be > 0.f ? g_ : g_ * SEGK_LEAKY;
+                float dz = leaky_grad(g * xh + be, g_);
                 a += dz;
                 d += dz * xh;
             }
@@ -114,7 +114,7 @@ __device__ __forceinline__ void norm_bwd_apply(const A* dy, const A* x, int n, l
         int bc = (int)(i / ((long)V * C)) * C + c;
         float xh = (ld(x + i) - mean[bc]) * rstd[bc];
         float g = ld(dy + i);
-        float dz = gamma[c] * xh + beta[c] > 0.f ? g : g * SEGK_LEAKY;
+        float dz = leaky_grad(gamma[c] * xh + beta[c], g);
         st(dx + i, gamma[c] * rstd[bc] * (dz - sums[bc * 2] * inv_v - xh * sums[bc * 2 + 1] * inv_v));
     }
 }
@@ -125,7 +125,7 @@ __device__ __forceinline__ void norm_bwd_apply(const A* dy, const A* x, int n, l
 // group of 8 channels: the statistics kernels fix it per thread (so their per-channel
 // parameters sit in registers), the elementwise ones find it with one 32-bit remainder per 16
 // bytes and read per-sample tables from shared memory. The host sends these kernels only
-// 16-byte aligned tensors whose V * C / 8 fits 32 bits.
+// 16-byte aligned tensors whose V * C / 8 is below 2^31.
 
 // Welford step for 8 channels of one voxel: one reciprocal serves the eight.
 __device__ __forceinline__ void welford8(float* s, const float* v) {  // s: mean[8], m2[8], count
@@ -180,7 +180,8 @@ __device__ __forceinline__ void norm_partial8(const A* x, long V, int C, long ch
     }
 }
 
-// Per-sample table of `rows` x C floats in shared memory, row j filled with f(j, c).
+// Per-sample table of `rows` x C floats in shared memory, row j filled with f(j, c); read 8
+// channels at a time with load8 (16-byte aligned: C and the channel are multiples of 8).
 template <class F>
 __device__ __forceinline__ float* sample_table(int rows, int C, F f) {
     SEGK_DYNAMIC_SHARED(float, t);
@@ -188,12 +189,6 @@ __device__ __forceinline__ float* sample_table(int rows, int C, F f) {
         for (int j = 0; j < rows; j++) t[j * C + c] = f(j, c);
     __syncthreads();
     return t;
-}
-
-// Eight consecutive floats of a shared table (16-byte aligned: c is a multiple of 8).
-__device__ __forceinline__ void table8(const float* t, float* v) {
-    const float4 a = reinterpret_cast<const float4*>(t)[0], b = reinterpret_cast<const float4*>(t)[1];
-    v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
 
 // grid (blocks, samples); shared: mean, gamma * rstd, beta of sample blockIdx.y.
@@ -208,7 +203,7 @@ __device__ __forceinline__ void norm_act_fwd8(const A* x, long V, int C, const f
         const unsigned c = (j % G) * 8;
         float v[8], mu[8], s[8], be[8];
         load8(xs + (long)j * 8, v);
-        table8(t + c, mu), table8(t + C + c, s), table8(t + 2 * C + c, be);
+        load8(t + c, mu), load8(t + C + c, s), load8(t + 2 * C + c, be);
 #pragma unroll
         for (int i = 0; i < 8; i++) v[i] = leaky(s[i] * (v[i] - mu[i]) + be[i]);
         store8(ys + (long)j * 8, v);
@@ -238,7 +233,7 @@ __device__ __forceinline__ void norm_bwd_partial8(const A* dy, const A* x, long 
 #pragma unroll
                 for (int i = 0; i < 8; i++) {
                     const float xh = (xv[i] - mu[i]) * rs[i];
-                    const float dz = ga[i] * xh + be[i] > 0.f ? gv[i] : gv[i] * SEGK_LEAKY;
+                    const float dz = leaky_grad(ga[i] * xh + be[i], gv[i]);
                     acc[i] += dz;
                     acc[8 + i] += dz * xh;
                 }
@@ -285,12 +280,12 @@ __device__ __forceinline__ void norm_bwd_apply8(const A* dy, const A* x, long V,
         float xv[8], gv[8], mu[8], rs[8], ga[8], be[8], a[8], m1[8], m2[8];
         load8(x + base + (long)j * 8, xv);
         load8(dy + base + (long)j * 8, gv);
-        table8(t + c, mu), table8(t + C + c, rs), table8(t + 2 * C + c, ga), table8(t + 3 * C + c, be);
-        table8(t + 4 * C + c, a), table8(t + 5 * C + c, m1), table8(t + 6 * C + c, m2);
+        load8(t + c, mu), load8(t + C + c, rs), load8(t + 2 * C + c, ga), load8(t + 3 * C + c, be);
+        load8(t + 4 * C + c, a), load8(t + 5 * C + c, m1), load8(t + 6 * C + c, m2);
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             const float xh = (xv[i] - mu[i]) * rs[i];
-            const float dz = ga[i] * xh + be[i] > 0.f ? gv[i] : gv[i] * SEGK_LEAKY;
+            const float dz = leaky_grad(ga[i] * xh + be[i], gv[i]);
             xv[i] = a[i] * dz - m1[i] - m2[i] * xh;
         }
         store8(dx + base + (long)j * 8, xv);

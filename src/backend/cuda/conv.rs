@@ -180,11 +180,14 @@ fn tiles(m: usize, n: usize, splits: usize) -> LaunchConfig {
     LaunchConfig { grid_dim: (m.div_ceil(TILE) as u32, n.div_ceil(TILE) as u32, splits as u32), block_dim: (128, 1, 1), shared_mem_bytes: 0 }
 }
 
-/// Split-K factor for a reduction of `r` rows over an m x n output: fill the GPU twice,
-/// keep at least 256 rows per split.
-fn splits(be: &CudaBackend, cfg: &LaunchConfig, r: usize) -> usize {
+/// The launch of a weight gradient: an m x n output over the pipelined or the simple tiles,
+/// its reduction of `r` rows split (grid z) so that the GPU fills twice, at least 256 rows per
+/// split. Returns the launch and the split count.
+fn split_k(be: &CudaBackend, pipe: bool, m: usize, n: usize, r: usize) -> (LaunchConfig, usize) {
+    let cfg = if pipe { pipe_tiles(m, n, 1) } else { tiles(m, n, 1) };
     let t = (cfg.grid_dim.0 * cfg.grid_dim.1) as usize;
-    (2 * be.sms()).div_ceil(t).clamp(1, r.div_ceil(256).max(1))
+    let sp = (2 * be.sms()).div_ceil(t).clamp(1, r.div_ceil(256).max(1));
+    (LaunchConfig { grid_dim: (cfg.grid_dim.0, cfg.grid_dim.1, sp as u32), ..cfg }, sp)
 }
 
 /// Most f32 of workspace any op asks for (the workspace grows to the largest request). A
@@ -288,9 +291,7 @@ pub fn wgrad(be: &CudaBackend, x: DevBuf, xd: Dims, dy: DevBuf, dw: DevBuf, db: 
     f32s("conv_wgrad", &[dw, db])?;
     let (m, n, r) = (g.taps() * g.cin, g.cout, yd.rows());
     let pipe = pipe_ok(be, dt, &[g.cin, g.cout], &[(x, x.len), (dy, dy.len)]);
-    let cfg = if pipe { pipe_tiles(m, n, 1) } else { tiles(m, n, 1) };
-    let sp = splits(be, &cfg, r);
-    let cfg = LaunchConfig { grid_dim: (cfg.grid_dim.0, cfg.grid_dim.1, sp as u32), ..cfg };
+    let (cfg, sp) = split_k(be, pipe, m, n, r);
     let ws = be.scratch(sp * m * n + 4 * be.sms() * n)?;
     let arg = Wgrad { s: shape(xd, g), x: x.ptr, dy: dy.ptr, part: ws, m: m as i64, n: n as i64, r: r as i64, per_split: r.div_ceil(sp) as i64 };
     if pipe {
@@ -343,9 +344,7 @@ pub fn t_wgrad(be: &CudaBackend, x: DevBuf, xd: Dims, dy: DevBuf, dw: DevBuf, db
     f32s("convt_wgrad", &[dw, db])?;
     let (m, n, r) = (g.cin, g.taps() * g.cout, xd.rows());
     let pipe = pipe_ok(be, dt, &[g.cin, g.cout], &[(x, x.len), (dy, dy.len)]);
-    let cfg = if pipe { pipe_tiles(m, n, 1) } else { tiles(m, n, 1) };
-    let sp = splits(be, &cfg, r);
-    let cfg = LaunchConfig { grid_dim: (cfg.grid_dim.0, cfg.grid_dim.1, sp as u32), ..cfg };
+    let (cfg, sp) = split_k(be, pipe, m, n, r);
     let ws = be.scratch(sp * m * n + 4 * be.sms() * g.cout)?;
     let arg = TWgrad { s: tshape(xd, g), x: x.ptr, dy: dy.ptr, part: ws, m: m as i64, n: n as i64, r: r as i64, per_split: r.div_ceil(sp) as i64 };
     if pipe {
