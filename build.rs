@@ -103,6 +103,11 @@ fn build_emulator(kdir: &Path, sources: &[PathBuf], out: &Path) {
         Ok(()) => {
             println!("cargo:rustc-cfg=segk_emu");
             println!("cargo:rustc-env=SEGK_EMU_INFO=yes (--device emu runs the CUDA kernels on the CPU)");
+            // The fake driver (kernels/emu/driver.c) finds the emulator in the process by name.
+            for sym in ["segk_emu_launch", "segk_emu_error", "segk_emu_param_sizes"] {
+                println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol={sym}");
+            }
+            build_fake_driver(kdir, out);
         }
         Err(e) => {
             // A kernel the emulator cannot compile must not pass unnoticed where it is required (CI).
@@ -111,6 +116,33 @@ fn build_emulator(kdir: &Path, sources: &[PathBuf], out: &Path) {
             }
             println!("cargo:warning=the kernel emulator did not build ({e}): `--device emu` unavailable");
             println!("cargo:rustc-env=SEGK_EMU_INFO=no (the emulator did not build: no C++ compiler, or a kernel it cannot compile)");
+        }
+    }
+}
+
+/// kernels/emu/driver.c as OUT_DIR/fakecuda/libcuda.so: an NVIDIA driver whose GPU is the
+/// kernel emulator, so tests run `--device cuda` (cudarc, streams, events, copies) with no GPU.
+/// Its directory reaches the tests as SEGK_FAKE_CUDA_DIR (empty when it did not build).
+fn build_fake_driver(kdir: &Path, out: &Path) {
+    let src = kdir.join("emu/driver.c");
+    println!("cargo:rerun-if-changed={}", src.display());
+    let dir = out.join("fakecuda");
+    let _ = fs::create_dir_all(&dir);
+    let lib = dir.join("libcuda.so");
+    let compiler = cc::Build::new().cargo_metadata(false).get_compiler();
+    let res = compiler.to_command().args(["-shared", "-fPIC", "-O2", "-pthread", "-o"]).arg(&lib).arg(&src).arg("-ldl").output();
+    match res {
+        Ok(o) if o.status.success() => println!("cargo:rustc-env=SEGK_FAKE_CUDA_DIR={}", dir.display()),
+        other => {
+            let why = match other {
+                Ok(o) => String::from_utf8_lossy(&o.stderr).into_owned(),
+                Err(e) => e.to_string(),
+            };
+            if env::var("SEGK_REQUIRE_EMU").is_ok_and(|v| v == "1") {
+                panic!("SEGK_REQUIRE_EMU=1 but the fake driver (kernels/emu/driver.c) did not build: {why}");
+            }
+            println!("cargo:warning=the fake driver did not build ({why}): its tests will skip");
+            println!("cargo:rustc-env=SEGK_FAKE_CUDA_DIR=");
         }
     }
 }

@@ -2,6 +2,8 @@
 //! `selftest`. Without a GPU they print why they skip (straight to stderr, past the test
 //! harness's capture) and the selftest harness itself runs on the f32 CPU backend.
 
+mod common;
+
 use segk::backend::cpu::CpuBackend;
 use segk::backend::cuda::{unavailable_reason, CudaBackend};
 use segk::selftest::{self, Bounds, Check};
@@ -85,4 +87,89 @@ fn the_emulator_reports_bad_launches() {
     let ptr = out.as_mut_ptr();
     let e = unsafe { segk::backend::cuda::emu::launch("segk_emu_check_divergent", cfg, &mut [&ptr as *const _ as *mut std::ffi::c_void]) }.unwrap_err().to_string();
     assert!(e.contains("divergent"), "{e}");
+}
+
+/// `segk selftest --device cuda` through the fake driver (kernels/emu/driver.c): the CUDA
+/// backend's own driver path -- cudarc's context, module load of the embedded fatbin, function
+/// lookup, launches with their arguments copied, stream-ordered allocation, copies and events,
+/// with the kernels on the emulator, against the CPU twins.
+#[test]
+fn selftest_command_on_the_fake_driver() {
+    let env = match common::fake_driver_env(20) {
+        Ok(env) => env,
+        Err(why) => {
+            let _ = writeln!(std::io::stderr(), "SKIPPED selftest_command_on_the_fake_driver: {why}");
+            return;
+        }
+    };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).args(["selftest", "--device", "cuda"]).envs(env).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("selftest on cuda:0 (fake GPU") && stdout.contains(" passed, 0 failed"), "{stdout}");
+    assert!(!stderr.contains("fake libcuda"), "the fake driver refused something:\n{stderr}");
+}
+
+/// The fake driver refuses what a GPU refuses, so that a run on it that passes means something:
+/// more than 1024 threads, dynamic shared memory over 48 KiB not allowed first, more registers
+/// than the SM has (from the ptxas report), a kernel not in the fatbin; and it runs a good launch.
+#[test]
+fn the_fake_driver_refuses_what_a_gpu_refuses() {
+    if !common::run_on_fake_driver("the_fake_driver_refuses_what_a_gpu_refuses", 0) {
+        return;
+    }
+    use cudarc::driver::{CudaContext, LaunchConfig, PushKernelArg};
+    let ctx = CudaContext::new(0).unwrap();
+    let stream = ctx.new_stream().unwrap();
+    let module = ctx.load_module(cudarc::nvrtc::Ptx::from_binary(segk::backend::cuda::FATBIN.to_vec())).unwrap();
+    let fill = module.load_function("segk_fill_f32").unwrap();
+    let buf = stream.alloc_zeros::<f32>(1000).unwrap();
+    let (n, value) = (1000i64, 1.5f32);
+    let cfg = |threads: u32, smem: u32| LaunchConfig { grid_dim: (2, 1, 1), block_dim: (threads, 1, 1), shared_mem_bytes: smem };
+    let launch = |f: &cudarc::driver::CudaFunction, cfg: LaunchConfig| {
+        let mut b = stream.launch_builder(f);
+        b.arg(&buf).arg(&n).arg(&value);
+        unsafe { b.launch(cfg) }.map(|_| ()).map_err(|e| format!("{e:?}"))
+    };
+    launch(&fill, cfg(256, 0)).unwrap();
+    assert!(stream.clone_dtoh(&buf).unwrap().iter().all(|&v| v == 1.5));
+    assert!(launch(&fill, cfg(2048, 0)).unwrap_err().contains("INVALID_VALUE"));
+    assert!(launch(&fill, cfg(256, 64 << 10)).unwrap_err().contains("INVALID_VALUE"));
+    // 120-odd registers a thread: 1024 threads need twice the SM's 64K registers.
+    let conv = module.load_function("segk_conv_fprop_pipe_n128").unwrap();
+    assert!(launch(&conv, cfg(1024, 0)).unwrap_err().contains("OUT_OF_RESOURCES"));
+    assert!(module.load_function("segk_no_such_kernel").is_err());
+}
+
+/// Training on a GPU too small for the plan stops before the first step, with the numbers and
+/// the remedies (a smaller patch, more checkpointing), on the fake driver's 30 MB GPU.
+#[test]
+fn train_refuses_a_gpu_too_small_with_numbers() {
+    let mut env = match common::fake_driver_env(0) {
+        Ok(env) => env,
+        Err(why) => {
+            let _ = writeln!(std::io::stderr(), "SKIPPED train_refuses_a_gpu_too_small_with_numbers: {why}");
+            return;
+        }
+    };
+    env.push(("FAKECUDA_MEM_BYTES".into(), "30000000".into()));
+    let base = std::env::temp_dir().join(format!("segk-fake-oom-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let root = base.join("Dataset034_Small");
+    let segk = env!("CARGO_BIN_EXE_segk");
+    let out = std::process::Command::new(segk).args(["synth", "--cases", "3", "--shape", "24,32,32", "--spacing", "1,1,1"]).arg(&root).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(segk)
+        .arg("train")
+        .arg(&root)
+        .args(["all", "--device", "cuda", "--epochs", "1", "--iters-per-epoch", "1", "--val-iters", "0", "--workers", "1"])
+        .env_remove("nnUNet_preprocessed")
+        .env_remove("nnUNet_results")
+        .envs(env)
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.contains("fake GPU"), "{stdout}");
+    assert!(stderr.contains("level 2:") && stderr.contains("GiB is free") && stderr.contains("--checkpointing 2"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&base);
 }

@@ -404,14 +404,29 @@ fn a_loader_that_cannot_fit_in_ram_is_refused_with_numbers() {
 /// `take_staged` (as a copy engine reads late) and workers race for few slots.
 #[test]
 fn the_feed_delivers_each_batch_whole_while_the_next_is_staged() {
-    use segk::backend::{cpu::CpuBackend, Backend};
+    feed_delivers_each_batch_whole(&segk::backend::cpu::CpuBackend::<f32>::new());
+}
+
+/// The same through the CUDA backend on the fake driver: page-locked slots, the copy stream
+/// and its events, with every stream a thread that runs each operation up to 2 ms late (longer
+/// than the test's own downloads, so a missing wait reads a stale staging buffer).
+#[test]
+fn the_feed_delivers_each_batch_whole_on_the_fake_driver() {
+    if common::run_on_fake_driver("the_feed_delivers_each_batch_whole_on_the_fake_driver", 2000) {
+        let be = segk::backend::cuda::CudaBackend::new(0).unwrap();
+        assert!(be.device().contains("fake GPU"), "{}", be.device());
+        assert_eq!(segk::backend::Backend::host_memory(&be).kind(), "pinned");
+        feed_delivers_each_batch_whole(&be);
+    }
+}
+
+fn feed_delivers_each_batch_whole<B: segk::backend::Backend>(be: &B) {
     use segk::feed::Feed;
-    let be = CpuBackend::<f32>::new();
     let shape = SlotShape { image: 30_000, labels: 2000, batch: 1 };
     for (workers, slots) in [(6, 2), (2, 5)] {
         let mut pool = Pool::start_in(Arc::new(Stamp { fail_at: None, panic_at: None }), workers, slots, shape, 0, &*be.host_memory()).unwrap();
         let (img, lab) = (be.alloc(shape.image).unwrap(), be.alloc_labels(shape.labels).unwrap());
-        let mut feed = Feed::new(&be, shape.image, shape.labels).unwrap();
+        let mut feed = Feed::new(be, shape.image, shape.labels).unwrap();
         let (mut image, mut labels) = (vec![0f32; shape.image], vec![0u8; shape.labels]);
         for k in 0..150u64 {
             let b = feed.next(&mut pool, be.view(&img, 0, shape.image), be.label_view(&lab, 0, shape.labels)).unwrap();
@@ -429,28 +444,39 @@ fn the_feed_delivers_each_batch_whole_while_the_next_is_staged() {
 /// each batch in the step: identical losses, bit for bit, on the CPU.
 #[test]
 fn training_through_the_feed_matches_uploading_in_the_step() {
-    use segk::backend::cpu::CpuBackend;
+    training_through_the_feed_matches_uploading(&segk::backend::cpu::CpuBackend::<f32>::new());
+}
+
+/// The same on the CUDA backend through the fake driver (bf16 activations, the kernels on the
+/// emulator): the asynchronous staged upload gives the bits the synchronous upload gives.
+#[test]
+fn training_through_the_feed_matches_uploading_on_the_fake_driver() {
+    if common::run_on_fake_driver("training_through_the_feed_matches_uploading_on_the_fake_driver", 100) {
+        training_through_the_feed_matches_uploading(&segk::backend::cuda::CudaBackend::new(0).unwrap());
+    }
+}
+
+fn training_through_the_feed_matches_uploading<B: segk::backend::Backend>(be: &B) {
     use segk::feed::Feed;
     use segk::model::unet::{Acts, Input};
     use segk::model::{Checkpointing, Topology, UNet};
-    let be = CpuBackend::<f32>::new();
-    let topo = Topology::isotropic(1, 3, vec![4, 8]);
+    let topo = Topology::isotropic(1, 3, vec![8, 16]);
     let (patch, batch) = ([8, 8, 8], 2);
     let (root, ids) = store("feed", 3);
     let s = BatchSpec { batch, patch, channels: 1, use_mask: vec![false], seed: 11, augment: Augment::default() };
-    let acts = Acts::new(&be, &topo, patch, batch, Checkpointing::None, true).unwrap();
+    let acts = Acts::new(be, &topo, patch, batch, Checkpointing::None, true).unwrap();
     let voxels = batch * 512;
-    let mut direct = UNet::new(&be, topo.clone(), 5).unwrap();
-    let mut fed = UNet::new(&be, topo, 5).unwrap();
+    let mut direct = UNet::new(be, topo.clone(), 5).unwrap();
+    let mut fed = UNet::new(be, topo, 5).unwrap();
     let mut pool = Pool::start(Arc::new(Augmenter::new(&root, &ids, s.clone()).unwrap()), 2, 3, s.slot_shape(), 0).unwrap();
-    let mut feed_pool = Pool::start_in(Arc::new(Augmenter::new(&root, &ids, s.clone()).unwrap()), 2, 3, s.slot_shape(), 0, &*segk::backend::Backend::host_memory(&be)).unwrap();
-    let mut feed = Feed::new(&be, voxels, voxels).unwrap();
+    let mut feed_pool = Pool::start_in(Arc::new(Augmenter::new(&root, &ids, s.clone()).unwrap()), 2, 3, s.slot_shape(), 0, &*be.host_memory()).unwrap();
+    let mut feed = Feed::new(be, voxels, voxels).unwrap();
     for _ in 0..4 {
         let b = pool.next_batch().unwrap();
-        let (a, _) = direct.step(&be, &acts, Input::Host { image: &b.image, labels: &b.labels }, 0.01).unwrap();
+        let (a, _) = direct.step(be, &acts, Input::Host { image: &b.image, labels: &b.labels }, 0.01).unwrap();
         pool.give_back(b);
-        let b = feed.next(&mut feed_pool, acts.input_image(&be), acts.input_labels(&be).unwrap()).unwrap();
-        let (f, _) = fed.step(&be, &acts, Input::Resident, 0.01).unwrap();
+        let b = feed.next(&mut feed_pool, acts.input_image(be), acts.input_labels(be).unwrap()).unwrap();
+        let (f, _) = fed.step(be, &acts, Input::Resident, 0.01).unwrap();
         feed_pool.give_back(b);
         assert!(a.total.is_finite());
         assert_eq!(a.total.to_bits(), f.total.to_bits(), "loss {} through the feed, {} uploaded", f.total, a.total);

@@ -113,6 +113,7 @@ int run_block() {
 struct Entry {
     const char* name;
     void (*call)(void**);
+    int (*sizes)(unsigned*, int);
 };
 
 template <class... A, size_t... I>
@@ -123,6 +124,14 @@ template <class... A>
 void invoke(void (*f)(A...), void** p) {
     call_with(f, p, std::index_sequence_for<A...>{});
 }
+// The byte size of each argument, in order: what a driver copies at launch.
+template <class... A>
+int param_sizes(void (*)(A...), unsigned* out, int max) {
+    const unsigned s[] = {(unsigned)sizeof(A)..., 0u};
+    int n = (int)sizeof...(A);
+    for (int i = 0; i < n && i < max; i++) out[i] = s[i];
+    return n;
+}
 
 // The emulator's own test: half a warp at a warp exchange, the other half at __syncthreads.
 void segk_emu_check_divergent(int* out) {
@@ -132,7 +141,7 @@ void segk_emu_check_divergent(int* out) {
         __syncthreads();
 }
 
-#define EMU_ENTRY(name) {#name, [](void** p) { invoke(name, p); }},
+#define EMU_ENTRY(name) {#name, [](void** p) { invoke(name, p); }, [](unsigned* s, int m) { return param_sizes(name, s, m); }},
 const Entry table[] = {EMU_KERNELS(EMU_ENTRY) EMU_ENTRY(segk_emu_check_divergent)};
 }  // namespace
 
@@ -246,6 +255,13 @@ void emu_mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b) {
     d[2] += out[(g + 8) * 8 + 2 * t];
     d[3] += out[(g + 8) * 8 + 2 * t + 1];
     emu_warp_sync();
+}
+
+// The argument count of kernel `name` (its sizes in `sizes`, up to `max`), -1 for no such kernel.
+extern "C" int segk_emu_param_sizes(const char* name, unsigned* sizes, int max) {
+    for (const Entry& t : table)
+        if (strcmp(t.name, name) == 0) return t.sizes(sizes, max);
+    return -1;
 }
 
 // Runs kernel `name` over the grid, block after block; 0 on success, else see segk_emu_error.

@@ -67,3 +67,46 @@ pub fn pick(rng: &mut Pcg64, n: usize, k: usize) -> Vec<usize> {
 pub fn dot(a: &[f64], b: &[f64]) -> f64 {
     a.iter().zip(b).map(|(x, y)| x * y).sum()
 }
+
+/// The fake NVIDIA driver of this build (kernels/emu/driver.c, whose GPU is the kernel
+/// emulator): the environment that makes a child process load it for `--device cuda`, or why
+/// there is none (no C compiler, no emulator, or no nvcc for the embedded kernels).
+pub fn fake_driver_env(delay_us: u32) -> Result<Vec<(String, String)>, String> {
+    let dir = option_env!("SEGK_FAKE_CUDA_DIR").unwrap_or("");
+    if dir.is_empty() {
+        return Err("this build has no fake driver (kernels/emu/driver.c did not build)".into());
+    }
+    if !segk::backend::cuda::KERNELS_EMBEDDED {
+        return Err("built without nvcc: no kernels to load through the fake driver".into());
+    }
+    let report = std::path::Path::new(dir).parent().unwrap().join("ptxas-report.txt");
+    Ok(vec![
+        ("LD_LIBRARY_PATH".into(), dir.into()),
+        ("FAKECUDA_PTXAS_REPORT".into(), report.display().to_string()),
+        ("FAKECUDA_DELAY_US".into(), delay_us.to_string()),
+        ("SEGK_ON_FAKE_DRIVER".into(), "1".into()),
+    ])
+}
+
+/// Whether the body of test `name` should run here: true in the child this starts (the same
+/// test binary, run with the fake driver loaded, which dlopen only picks up at process start,
+/// each stream operation up to `delay_us` late);
+/// false in the parent, after asserting the child passed, and when there is no fake driver
+/// (printed as SKIPPED with the reason).
+pub fn run_on_fake_driver(name: &str, delay_us: u32) -> bool {
+    use std::io::Write;
+    if std::env::var("SEGK_ON_FAKE_DRIVER").is_ok_and(|v| v == "1") {
+        return true;
+    }
+    let env = match fake_driver_env(delay_us) {
+        Ok(env) => env,
+        Err(why) => {
+            let _ = writeln!(std::io::stderr(), "SKIPPED {name}: {why}");
+            return false;
+        }
+    };
+    let out = std::process::Command::new(std::env::current_exe().unwrap()).args(["--exact", name, "--nocapture", "--test-threads", "1"]).envs(env).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && stdout.contains("1 passed"), "{name} on the fake driver:\n{stdout}\n{stderr}");
+    false
+}
