@@ -104,10 +104,17 @@ fn build_emulator(kdir: &Path, sources: &[PathBuf], out: &Path) {
             println!("cargo:rustc-cfg=segk_emu");
             println!("cargo:rustc-env=SEGK_EMU_INFO=yes (--device emu runs the CUDA kernels on the CPU)");
             // The fake driver (kernels/emu/driver.c) finds the emulator in the process by name.
-            for sym in ["segk_emu_launch", "segk_emu_error", "segk_emu_param_sizes"] {
-                println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol={sym}");
+            // zig's linker (scripts/build-portable.sh, binaries for GPU machines, where the real
+            // driver is) does not take the flag: those binaries go without.
+            let zig = env::var("RUSTC_LINKER").is_ok_and(|l| l.contains("zig"));
+            if !zig {
+                for sym in ["segk_emu_launch", "segk_emu_error", "segk_emu_param_sizes"] {
+                    println!("cargo:rustc-link-arg=-Wl,--export-dynamic-symbol={sym}");
+                }
+                build_fake_driver(kdir, out);
+            } else {
+                println!("cargo:rustc-env=SEGK_FAKE_CUDA_DIR=");
             }
-            build_fake_driver(kdir, out);
         }
         Err(e) => {
             // A kernel the emulator cannot compile must not pass unnoticed where it is required (CI).
@@ -159,7 +166,7 @@ fn git_commit(root: &Path) -> String {
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(segk_kernels)");
     println!("cargo::rustc-check-cfg=cfg(segk_emu)");
-    for v in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "SEGK_REQUIRE_KERNELS", "SEGK_REQUIRE_EMU", "CXX", "CXXFLAGS"] {
+    for v in ["NVCC", "CUDA_HOME", "CUDA_PATH", "PATH", "SEGK_REQUIRE_KERNELS", "SEGK_REQUIRE_EMU", "CXX", "CXXFLAGS", "RUSTC_LINKER"] {
         println!("cargo:rerun-if-env-changed={v}");
     }
     let root = PathBuf::from(env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
