@@ -192,7 +192,11 @@ fn save_and_fail<B: Backend>(be: &B, cfg: &TrainConfig, net: &UNet<B>, st: &mut 
     st.steps = net.steps;
     match checkpoint::save(&cfg.out, "checkpoint_latest", be, net, st) {
         Ok(()) => e.context(format!("saved checkpoint_latest at epoch {} iteration {}; {next}, then --resume", st.epoch, st.iter)),
-        Err(save) => e.context(format!("and saving checkpoint_latest failed too: {save:#}")),
+        Err(save) => {
+            // A lost device fails the save the way it failed the step: say that once.
+            let why = if format!("{save:#}") == format!("{e:#}") { "the same error".to_string() } else { format!("{save:#}") };
+            e.context(format!("training stopped at epoch {} iteration {}; checkpoint_latest could not be saved ({why}), so --resume starts from the last checkpoint saved before", st.epoch, st.iter))
+        }
     }
 }
 
@@ -371,7 +375,7 @@ mod tests {
         let oom = crate::backend::OutOfMemory { what: "CUDA workspace allocation".into(), requested: Some(3 << 30), free: Some(5 << 29) };
         // 2.5 GiB free + 20 GiB held by segk: plan for 0.9 x 22.5.
         let msg = format!("{:#}", super::explain_oom(anyhow::Error::new(oom), 20 << 30));
-        assert!(msg.contains("needs 3.00 GiB more, 2.50 GiB free") && msg.contains("--gpu-memory 20") && msg.contains("--checkpointing 2"), "{msg}");
+        assert!(msg.contains("asked for 3.00 GiB, 2.50 GiB free") && msg.contains("--gpu-memory 20") && msg.contains("--checkpointing 2"), "{msg}");
         assert_eq!(msg.matches("out of device memory").count(), 1, "said once: {msg}");
         let other = format!("{:#}", super::explain_oom(anyhow::anyhow!("CUDA error in segk_conv: illegal address"), 0));
         assert_eq!(other, "CUDA error in segk_conv: illegal address", "other errors pass unchanged");

@@ -89,19 +89,47 @@ fn the_emulator_reports_bad_launches() {
     assert!(e.contains("divergent"), "{e}");
 }
 
+/// The fake driver's environment for a child process, or None after printing why the test
+/// `name` skips.
+fn fake_env_or_skip(name: &str, delay_us: u32) -> Option<Vec<(String, String)>> {
+    common::fake_driver_env(delay_us).map_err(|why| writeln!(std::io::stderr(), "SKIPPED {name}: {why}")).ok()
+}
+
+/// A generated raw dataset of 3 small cases under a fresh temporary `base`: (base, root).
+fn tiny_dataset(tag: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let base = std::env::temp_dir().join(format!("segk-fake-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let root = base.join("Dataset034_Fake");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).args(["synth", "--cases", "3", "--shape", "24,32,32", "--spacing", "1,1,1"]).arg(&root).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    (base, root)
+}
+
+/// `segk train ROOT all --device cuda` on the fake driver with `env` (killed after 120 s, so a
+/// hang fails with exit 124): (exit code, stdout, stderr).
+fn train_on_fake(root: &std::path::Path, out: &std::path::Path, iters: &str, env: &[(String, String)]) -> (Option<i32>, String, String) {
+    let out = std::process::Command::new("timeout")
+        .arg("120")
+        .arg(env!("CARGO_BIN_EXE_segk"))
+        .arg("train")
+        .arg(root)
+        .args(["all", "--device", "cuda", "--epochs", "1", "--iters-per-epoch", iters, "--val-iters", "1", "--workers", "1", "--out"])
+        .arg(out)
+        .env_remove("nnUNet_preprocessed")
+        .env_remove("nnUNet_results")
+        .envs(env.iter().cloned())
+        .output()
+        .unwrap();
+    (out.status.code(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
 /// `segk selftest --device cuda` through the fake driver (kernels/emu/driver.c): the CUDA
 /// backend's own driver path -- cudarc's context, module load of the embedded fatbin, function
 /// lookup, launches with their arguments copied, stream-ordered allocation, copies and events,
 /// with the kernels on the emulator, against the CPU twins.
 #[test]
 fn selftest_command_on_the_fake_driver() {
-    let env = match common::fake_driver_env(20) {
-        Ok(env) => env,
-        Err(why) => {
-            let _ = writeln!(std::io::stderr(), "SKIPPED selftest_command_on_the_fake_driver: {why}");
-            return;
-        }
-    };
+    let Some(env) = fake_env_or_skip("selftest_command_on_the_fake_driver", 20) else { return };
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).args(["selftest", "--device", "cuda"]).envs(env).output().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success(), "{stdout}\n{stderr}");
@@ -144,32 +172,32 @@ fn the_fake_driver_refuses_what_a_gpu_refuses() {
 /// the remedies (a smaller patch, more checkpointing), on the fake driver's 30 MB GPU.
 #[test]
 fn train_refuses_a_gpu_too_small_with_numbers() {
-    let mut env = match common::fake_driver_env(0) {
-        Ok(env) => env,
-        Err(why) => {
-            let _ = writeln!(std::io::stderr(), "SKIPPED train_refuses_a_gpu_too_small_with_numbers: {why}");
-            return;
-        }
-    };
+    let Some(mut env) = fake_env_or_skip("train_refuses_a_gpu_too_small_with_numbers", 0) else { return };
     env.push(("FAKECUDA_MEM_BYTES".into(), "30000000".into()));
-    let base = std::env::temp_dir().join(format!("segk-fake-oom-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    let root = base.join("Dataset034_Small");
-    let segk = env!("CARGO_BIN_EXE_segk");
-    let out = std::process::Command::new(segk).args(["synth", "--cases", "3", "--shape", "24,32,32", "--spacing", "1,1,1"]).arg(&root).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let out = std::process::Command::new(segk)
-        .arg("train")
-        .arg(&root)
-        .args(["all", "--device", "cuda", "--epochs", "1", "--iters-per-epoch", "1", "--val-iters", "0", "--workers", "1"])
-        .env_remove("nnUNet_preprocessed")
-        .env_remove("nnUNet_results")
-        .envs(env)
-        .output()
-        .unwrap();
-    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success(), "{stdout}");
+    let (base, root) = tiny_dataset("small");
+    let (code, stdout, stderr) = train_on_fake(&root, &base.join("out"), "1", &env);
+    assert_eq!(code, Some(1), "{stdout}\n{stderr}");
     assert!(stdout.contains("fake GPU"), "{stdout}");
     assert!(stderr.contains("level 2:") && stderr.contains("GiB is free") && stderr.contains("--checkpointing 2"), "{stderr}");
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// Device faults in the middle of a run, on the fake driver: memory taken by someone else after
+/// the pre-flight (every allocation fails once a kernel ran), and a kernel that faults. Each
+/// stops training within seconds with one error saying what happened and what to do -- the
+/// OOM after saving checkpoint_latest -- and no thread left hanging.
+#[test]
+fn device_faults_mid_run_stop_training_with_a_clear_error() {
+    let Some(env) = fake_env_or_skip("device_faults_mid_run_stop_training_with_a_clear_error", 0) else { return };
+    let (base, root) = tiny_dataset("fault");
+    let with = |k: &str, v: &str| [env.clone(), vec![(k.to_string(), v.to_string())]].concat();
+    let (code, _, oom) = train_on_fake(&root, &base.join("oom"), "2", &with("FAKECUDA_OOM_AFTER_LAUNCHES", "1"));
+    assert_eq!(code, Some(1), "exit 124 is a hang\n{oom}");
+    assert!(oom.contains("saved checkpoint_latest at epoch 0") && oom.contains("ran out of memory beyond what the pre-flight counted") && oom.contains("--checkpointing 2"), "{oom}");
+    assert!(base.join("oom/checkpoint_latest.safetensors").exists(), "{oom}");
+    let (code, _, fault) = train_on_fake(&root, &base.join("fault"), "2", &with("FAKECUDA_FAIL_LAUNCH", "5"));
+    assert_eq!(code, Some(1), "exit 124 is a hang\n{fault}");
+    assert!(fault.contains("CUDA_ERROR_LAUNCH_FAILED") && fault.contains("GPU context is lost") && fault.contains("CUDA_LAUNCH_BLOCKING=1"), "{fault}");
+    assert!(fault.contains("training stopped at epoch 0 iteration 0") && fault.matches("CUDA_ERROR_LAUNCH_FAILED").count() == 1, "said once: {fault}");
     let _ = std::fs::remove_dir_all(&base);
 }

@@ -14,6 +14,8 @@
 //   cuFuncSetAttribute allows it, and -- given FAKECUDA_PTXAS_REPORT, nvcc's -Xptxas -v output --
 //   each kernel's sm_90 registers and static shared memory against the SM's 64K registers and
 //   227 KiB of shared memory.
+// - Faults on request: FAKECUDA_OOM_AFTER_LAUNCHES=N fails every device allocation once N
+//   kernels were launched; FAKECUDA_FAIL_LAUNCH=N makes the N-th launch fault.
 // - A kernel that fails in the emulator makes every later call fail (a sticky error), as a
 //   faulting kernel does on a GPU.
 // Not modelled: timing, occupancy, memory pools, graphs, more than one device.
@@ -73,6 +75,9 @@ static const char* (*emu_error)(void);
 static int (*emu_param_sizes)(const char*, unsigned*, int);
 static unsigned delay_us;
 static size_t device_bytes = 80ull << 30;
+// Fault injection: device allocations fail once this many launches were made (another process
+// took the memory), and launch number fail_launch faults (a kernel's illegal address).
+static unsigned long long launches, oom_after = ~0ull, fail_launch = ~0ull;
 
 static void say(const char* fmt, ...) {
     va_list ap;
@@ -189,6 +194,7 @@ struct Op {
     // RECORD / WAIT
     CUevent ev;
     unsigned long long gen;
+    int fault;  // KERNEL: fail as an illegal address would (FAKECUDA_FAIL_LAUNCH)
 };
 
 struct Stream {
@@ -203,6 +209,8 @@ struct Event {
     struct timespec at;
 };
 
+static CUresult status(void);
+
 static void run_kernel(struct Op* op) {
     void* params[MAX_PARAMS];
     size_t off = 0;
@@ -211,8 +219,9 @@ static void run_kernel(struct Op* op) {
         off += (op->f->sizes[i] + 7) & ~7u;
     }
     pthread_mutex_lock(&EMU);
-    int rc = emu_launch(op->f->name, op->grid[0], op->grid[1], op->grid[2], op->block[0], op->block[1], op->block[2], op->smem, params);
-    if (rc) say("kernel %s failed in the emulator: %s", op->f->name, emu_error());
+    int rc = op->fault ? -1 : emu_launch(op->f->name, op->grid[0], op->grid[1], op->grid[2], op->block[0], op->block[1], op->block[2], op->smem, params);
+    if (rc > 0) say("kernel %s failed in the emulator: %s", op->f->name, emu_error());
+    if (rc < 0) say("kernel %s faulted (FAKECUDA_FAIL_LAUNCH)", op->f->name);
     pthread_mutex_unlock(&EMU);
     if (rc) {
         pthread_mutex_lock(&G);
@@ -223,7 +232,10 @@ static void run_kernel(struct Op* op) {
 
 static void execute(struct Op* op) {
     switch (op->kind) {
-    case KERNEL: run_kernel(op); break;
+    case KERNEL:
+        // After a fault the context is lost: work queued behind it never runs.
+        if (!status()) run_kernel(op);
+        break;
     case COPY: memmove(op->dst, op->owned ? op->owned : op->src, op->bytes); break;
     case SET: memset(op->dst, op->value, op->bytes); break;
     case FREE:
@@ -327,6 +339,10 @@ CUresult cuInit(unsigned flags) {
     delay_us = d ? (unsigned)atoi(d) : 0;
     const char* m = getenv("FAKECUDA_MEM_BYTES");
     if (m) device_bytes = strtoull(m, NULL, 10);
+    const char* o = getenv("FAKECUDA_OOM_AFTER_LAUNCHES");
+    if (o) oom_after = strtoull(o, NULL, 10);
+    const char* f = getenv("FAKECUDA_FAIL_LAUNCH");
+    if (f) fail_launch = strtoull(f, NULL, 10);
     return OK;
 }
 
@@ -531,8 +547,12 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
         say("cuLaunchKernel(%s): %d bytes of shared memory per block", f->name, f->static_smem + (int)smem);
         return INVALID_VALUE;
     }
+    pthread_mutex_lock(&G);
+    int fault = ++launches == fail_launch;
+    pthread_mutex_unlock(&G);
     struct Op* op = new_op(KERNEL);
     op->f = f;
+    op->fault = fault;
     op->grid[0] = gx, op->grid[1] = gy, op->grid[2] = gz;
     op->block[0] = bx, op->block[1] = by, op->block[2] = bz;
     op->smem = smem;
@@ -549,7 +569,7 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
 
 static CUresult alloc_device(CUdeviceptr* p, size_t bytes) {
     pthread_mutex_lock(&G);
-    int fits = device_used + bytes <= device_bytes;
+    int fits = device_used + bytes <= device_bytes && launches < oom_after;
     pthread_mutex_unlock(&G);
     void* m = NULL;
     if (!fits || posix_memalign(&m, 256, bytes ? bytes : 1)) return OUT_OF_MEMORY;

@@ -129,13 +129,13 @@ pub struct OutOfMemory {
 
 impl std::fmt::Display for OutOfMemory {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        use crate::sysinfo::gib;
+        use crate::sysinfo::bytes_text;
         write!(f, "out of device memory in {}", self.what)?;
         if let Some(r) = self.requested {
-            write!(f, ": needs {:.2} GiB more", gib(r))?;
+            write!(f, ": asked for {}", bytes_text(r))?;
         }
         match self.free {
-            Some(free) => write!(f, ", {:.2} GiB free", gib(free)),
+            Some(free) => write!(f, ", {} free", bytes_text(free)),
             None => Ok(()),
         }
     }

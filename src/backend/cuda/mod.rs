@@ -408,7 +408,7 @@ impl CudaBackend {
             let free = self.mem_info().ok().map(|(f, _)| f as u64);
             return anyhow::Error::new(OutOfMemory { what: format!("CUDA {what}"), requested, free });
         }
-        anyhow!("CUDA error in {what}: {e}")
+        anyhow!("CUDA error in {what}: {}", describe(&e))
     }
 
     /// Grid-stride launch shape for `n` independent elements.
@@ -477,6 +477,24 @@ impl CudaBackend {
                 Ok(())
             },
         }
+    }
+}
+
+/// A driver error as its name and the driver's words for it; for the errors a faulting kernel
+/// leaves (they surface at whatever call comes next, and the context is lost), what to do.
+fn describe(e: &DriverError) -> String {
+    use sys::CUresult::*;
+    let name = e.error_name().map(|s| s.to_string_lossy().into_owned()).unwrap_or_else(|_| format!("{:?}", e.0));
+    let words = e.error_string().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default();
+    let text = if words.is_empty() || words == name { name } else { format!("{name} ({words})") };
+    let fault = matches!(
+        e.0,
+        CUDA_ERROR_LAUNCH_FAILED | CUDA_ERROR_ILLEGAL_ADDRESS | CUDA_ERROR_MISALIGNED_ADDRESS | CUDA_ERROR_ILLEGAL_INSTRUCTION | CUDA_ERROR_INVALID_ADDRESS_SPACE | CUDA_ERROR_INVALID_PC | CUDA_ERROR_HARDWARE_STACK_ERROR | CUDA_ERROR_ASSERT
+    );
+    if fault {
+        format!("{text}: a kernel queued before this call faulted and the GPU context is lost; `segk selftest --device cuda` checks every kernel, and CUDA_LAUNCH_BLOCKING=1 makes the error name the kernel that faulted")
+    } else {
+        text
     }
 }
 
