@@ -139,7 +139,8 @@ fn selftest_command_on_the_fake_driver() {
 
 /// The fake driver refuses what a GPU refuses, so that a run on it that passes means something:
 /// more than 1024 threads, dynamic shared memory over 48 KiB not allowed first, more registers
-/// than the SM has (from the ptxas report), a kernel not in the fatbin; and it runs a good launch.
+/// than the SM has (from the ptxas report), a kernel not in the fatbin, pointers outside live
+/// device memory, a write past the end of an allocation; and it runs a good launch.
 #[test]
 fn the_fake_driver_refuses_what_a_gpu_refuses() {
     if !common::run_on_fake_driver("the_fake_driver_refuses_what_a_gpu_refuses", 0) {
@@ -166,6 +167,27 @@ fn the_fake_driver_refuses_what_a_gpu_refuses() {
     let conv = module.load_function("segk_conv_fprop_pipe_n128").unwrap();
     assert!(launch(&conv, cfg(1024, 0)).unwrap_err().contains("OUT_OF_RESOURCES"));
     assert!(module.load_function("segk_no_such_kernel").is_err());
+    // Pointer arguments must address live device memory: not host memory, not a freed buffer.
+    let raw = |ptr: u64, n: i64| {
+        let mut b = stream.launch_builder(&fill);
+        b.arg(&ptr).arg(&n).arg(&value);
+        unsafe { b.launch(cfg(256, 0)) }.map(|_| ()).map_err(|e| format!("{e:?}"))
+    };
+    let host = vec![0f32; 16];
+    assert!(raw(host.as_ptr() as u64, 16).unwrap_err().contains("INVALID_VALUE"));
+    let gone = stream.alloc_zeros::<f32>(16).unwrap();
+    let gone_ptr = { cudarc::driver::DevicePtr::device_ptr(&gone, &stream).0 };
+    drop(gone);
+    assert!(raw(gone_ptr, 16).unwrap_err().contains("INVALID_VALUE"));
+    // One value past the end of 1001 lands in the allocation's slack: the kernel is reported
+    // and the context is lost, as after an out-of-bounds write on a GPU (the guard page beyond
+    // the slack stops a process outright; README, "The fake driver").
+    let odd = stream.alloc_zeros::<f32>(1001).unwrap();
+    let odd_ptr = { cudarc::driver::DevicePtr::device_ptr(&odd, &stream).0 };
+    raw(odd_ptr, 1001).unwrap();
+    stream.synchronize().unwrap();
+    raw(odd_ptr, 1002).unwrap();
+    assert!(format!("{:?}", stream.synchronize().unwrap_err()).contains("LAUNCH_FAILED"));
 }
 
 /// Training on a GPU too small for the plan stops before the first step, with the numbers and

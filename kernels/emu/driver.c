@@ -8,8 +8,9 @@
 //   ordered only by events. Copies from page-locked memory and kernel arguments are read when
 //   the operation runs, not when it is queued (arguments are copied at launch, as the driver
 //   does). FAKECUDA_DELAY_US=N sleeps each operation up to N us first, to widen race windows.
-// - Fresh device memory is NaN bytes; copies must stay inside one allocation; freed memory is
-//   filled with NaN bytes before it is released. FAKECUDA_MEM_BYTES sets the device's size.
+// - Fresh device memory is NaN bytes; copies must stay inside one allocation and pointer
+//   arguments inside live ones; each allocation ends at a guard page (see Block).
+//   FAKECUDA_MEM_BYTES sets the device's size.
 // - Launch limits: 1024 threads per block, dynamic shared memory over 48 KiB only after
 //   cuFuncSetAttribute allows it, and -- given FAKECUDA_PTXAS_REPORT, nvcc's -Xptxas -v output --
 //   each kernel's sm_90 registers and static shared memory against the SM's 64K registers and
@@ -26,7 +27,9 @@
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <signal.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -90,17 +93,22 @@ static void say(const char* fmt, ...) {
 
 // ---- allocations ----------------------------------------------------------------------------
 
-struct Block { uintptr_t base; size_t bytes; int pinned; };
+// A device block lives at the end of its own mapping, rounded up to 16 bytes (what segk's
+// kernels may assume; the driver gives 256, and segk's host code only ever tests 16), with an
+// inaccessible guard page right after it: a kernel running past the end of an allocation stops
+// with a message instead of reading the neighbour. The slack is NaN bytes, checked after every
+// kernel. `freeing`: cuMemFreeAsync was called, so no later launch may use it.
+struct Block { uintptr_t base; size_t bytes; int pinned, freeing; void* map; size_t map_bytes; };
 static struct Block* blocks;
 static size_t nblocks, cap_blocks, device_used;
 
-static void add_block(uintptr_t base, size_t bytes, int pinned) {
+static void add_block(struct Block b) {
     if (nblocks == cap_blocks) {
         cap_blocks = cap_blocks ? 2 * cap_blocks : 64;
         blocks = realloc(blocks, cap_blocks * sizeof *blocks);
     }
-    blocks[nblocks++] = (struct Block){base, bytes, pinned};
-    if (!pinned) device_used += bytes;
+    blocks[nblocks++] = b;
+    if (!b.pinned) device_used += b.bytes;
 }
 
 // The block holding [p, p+n), or NULL. Caller holds G.
@@ -110,15 +118,43 @@ static struct Block* find_block(uintptr_t p, size_t n, int pinned) {
     return NULL;
 }
 
+// Forgets the block at `base` and releases its memory. Caller holds G.
 static int remove_block(uintptr_t base, int pinned) {
     for (size_t i = 0; i < nblocks; i++)
         if (blocks[i].base == base && blocks[i].pinned == pinned) {
-            if (!pinned) device_used -= blocks[i].bytes;
-            memset((void*)base, 0xff, blocks[i].bytes);
+            struct Block b = blocks[i];
             blocks[i] = blocks[--nblocks];
+            if (pinned) {
+                free((void*)b.base);
+            } else {
+                device_used -= b.bytes;
+                munmap(b.map, b.map_bytes);
+            }
             return 1;
         }
     return 0;
+}
+
+// The size of a live block whose slack (the bytes between its end and the next 16-byte
+// boundary) no longer holds NaN bytes, or 0. Caller holds G.
+static size_t overwritten_block(void) {
+    for (size_t i = 0; i < nblocks; i++) {
+        const struct Block* b = &blocks[i];
+        const unsigned char* slack = (const unsigned char*)b->base + b->bytes;
+        for (size_t k = 0; !b->pinned && k < (16 - b->bytes % 16) % 16; k++)
+            if (slack[k] != 0xff) return b->bytes;
+    }
+    return 0;
+}
+
+// The guard page a kernel touched, said before the process dies.
+static const char* volatile running_kernel = "";
+static void on_segv(int sig, siginfo_t* info, void* ctx) {
+    (void)sig, (void)ctx;
+    char msg[256];
+    int n = snprintf(msg, sizeof msg, "fake libcuda: kernel %s accessed %p, outside its device allocations (past the end of one, or freed)\n", running_kernel, info->si_addr);
+    if (n > 0) (void)!write(2, msg, (size_t)n);
+    _exit(139);
 }
 
 static int is_pinned(const void* p, size_t n) {
@@ -142,6 +178,7 @@ struct Func {
     char name[128];
     int nparams;
     unsigned sizes[MAX_PARAMS];
+    unsigned char pointer[MAX_PARAMS];  // a pointer argument: must address a live allocation
     int max_dynamic_smem;
     int regs, static_smem;  // from the ptxas report; -1 when unknown
 };
@@ -219,15 +256,16 @@ static void run_kernel(struct Op* op) {
         off += (op->f->sizes[i] + 7) & ~7u;
     }
     pthread_mutex_lock(&EMU);
+    running_kernel = op->f->name;
     int rc = op->fault ? -1 : emu_launch(op->f->name, op->grid[0], op->grid[1], op->grid[2], op->block[0], op->block[1], op->block[2], op->smem, params);
     if (rc > 0) say("kernel %s failed in the emulator: %s", op->f->name, emu_error());
     if (rc < 0) say("kernel %s faulted (FAKECUDA_FAIL_LAUNCH)", op->f->name);
     pthread_mutex_unlock(&EMU);
-    if (rc) {
-        pthread_mutex_lock(&G);
-        sticky = LAUNCH_FAILED;
-        pthread_mutex_unlock(&G);
-    }
+    pthread_mutex_lock(&G);
+    size_t over = rc ? 0 : overwritten_block();
+    if (over) say("kernel %s wrote past the end of a device allocation of %zu bytes", op->f->name, over);
+    if (rc || over) sticky = LAUNCH_FAILED;
+    pthread_mutex_unlock(&G);
 }
 
 static void execute(struct Op* op) {
@@ -242,7 +280,6 @@ static void execute(struct Op* op) {
         pthread_mutex_lock(&G);
         remove_block((uintptr_t)op->dst, 0);
         pthread_mutex_unlock(&G);
-        free(op->dst);
         break;
     case RECORD:
         pthread_mutex_lock(&G);
@@ -343,6 +380,12 @@ CUresult cuInit(unsigned flags) {
     if (o) oom_after = strtoull(o, NULL, 10);
     const char* f = getenv("FAKECUDA_FAIL_LAUNCH");
     if (f) fail_launch = strtoull(f, NULL, 10);
+    // Fibers run on their own stacks; the handler gets one of its own.
+    static char alt[64 * 1024];
+    stack_t st = {.ss_sp = alt, .ss_size = sizeof alt};
+    sigaltstack(&st, NULL);
+    struct sigaction sa = {.sa_sigaction = on_segv, .sa_flags = SA_SIGINFO | SA_ONSTACK};
+    sigaction(SIGSEGV, &sa, NULL);
     return OK;
 }
 
@@ -494,6 +537,10 @@ CUresult cuModuleGetFunction(CUfunction* out, CUmodule m, const char* name) {
         free(f);
         return NOT_FOUND;
     }
+    for (int i = 0; i < f->nparams; i++) {
+        f->pointer[i] = (f->sizes[i] & 0x80000000u) != 0;
+        f->sizes[i] &= 0x7fffffffu;
+    }
     f->max_dynamic_smem = SMEM_DEFAULT;
     read_report(f);
     *out = f;
@@ -547,6 +594,19 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
         say("cuLaunchKernel(%s): %d bytes of shared memory per block", f->name, f->static_smem + (int)smem);
         return INVALID_VALUE;
     }
+    for (int i = 0; i < f->nparams; i++) {
+        if (!f->pointer[i]) continue;
+        uintptr_t ptr;
+        memcpy(&ptr, params[i], sizeof ptr);
+        pthread_mutex_lock(&G);
+        struct Block* b = ptr ? find_block(ptr, 1, 0) : NULL;
+        int ok = !ptr || (b && !b->freeing);
+        pthread_mutex_unlock(&G);
+        if (!ok) {
+            say("cuLaunchKernel(%s): argument %d (%p) is not in a live device allocation%s", f->name, i, (void*)ptr, b ? " (it was freed)" : "");
+            return INVALID_VALUE;
+        }
+    }
     pthread_mutex_lock(&G);
     int fault = ++launches == fail_launch;
     pthread_mutex_unlock(&G);
@@ -571,13 +631,18 @@ static CUresult alloc_device(CUdeviceptr* p, size_t bytes) {
     pthread_mutex_lock(&G);
     int fits = device_used + bytes <= device_bytes && launches < oom_after;
     pthread_mutex_unlock(&G);
-    void* m = NULL;
-    if (!fits || posix_memalign(&m, 256, bytes ? bytes : 1)) return OUT_OF_MEMORY;
-    memset(m, 0xff, bytes);
+    if (!fits) return OUT_OF_MEMORY;
+    const size_t page = 4096, body = ((bytes ? bytes : 1) + 15) & ~(size_t)15;
+    const size_t data = (body + page - 1) & ~(page - 1), span = data + page;
+    char* map = mmap(NULL, span, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (map == MAP_FAILED) return OUT_OF_MEMORY;
+    mprotect(map + data, page, PROT_NONE);
+    char* base = map + data - body;
+    memset(base, 0xff, body);
     pthread_mutex_lock(&G);
-    add_block((uintptr_t)m, bytes, 0);
+    add_block((struct Block){(uintptr_t)base, bytes, 0, 0, map, span});
     pthread_mutex_unlock(&G);
-    *p = (CUdeviceptr)(uintptr_t)m;
+    *p = (CUdeviceptr)(uintptr_t)base;
     return OK;
 }
 
@@ -585,7 +650,15 @@ CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { CUresult st = status(); r
 CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream s) { (void)s; return cuMemAlloc_v2(p, bytes); }
 
 CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
-    if (check_device_range(p, 1, "cuMemFreeAsync")) return INVALID_VALUE;
+    pthread_mutex_lock(&G);
+    struct Block* b = find_block((uintptr_t)p, 1, 0);
+    int ok = b && b->base == (uintptr_t)p && !b->freeing;
+    if (ok) b->freeing = 1;
+    pthread_mutex_unlock(&G);
+    if (!ok) {
+        say("cuMemFreeAsync(0x%llx): not the start of a live allocation", p);
+        return INVALID_VALUE;
+    }
     struct Op* op = new_op(FREE);
     op->dst = (void*)(uintptr_t)p;
     enqueue(s, op);
@@ -599,7 +672,7 @@ CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned flags) {
     void* m = NULL;
     if (posix_memalign(&m, 4096, bytes ? bytes : 1)) return OUT_OF_MEMORY;
     pthread_mutex_lock(&G);
-    add_block((uintptr_t)m, bytes, 1);
+    add_block((struct Block){(uintptr_t)m, bytes, 1, 0, NULL, 0});
     pthread_mutex_unlock(&G);
     *p = m;
     return OK;
@@ -611,9 +684,7 @@ CUresult cuMemFreeHost(void* p) {
     pthread_mutex_lock(&G);
     int known = remove_block((uintptr_t)p, 1);
     pthread_mutex_unlock(&G);
-    if (!known) return INVALID_VALUE;
-    free(p);
-    return OK;
+    return known ? OK : INVALID_VALUE;
 }
 
 CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, CUstream s) {

@@ -5,6 +5,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <ucontext.h>
+#include <type_traits>
 #include <utility>
 
 uint3 threadIdx, blockIdx;
@@ -124,10 +125,11 @@ template <class... A>
 void invoke(void (*f)(A...), void** p) {
     call_with(f, p, std::index_sequence_for<A...>{});
 }
-// The byte size of each argument, in order: what a driver copies at launch.
+// The byte size of each argument, in order (what a driver copies at launch), with the top bit
+// set for pointers.
 template <class... A>
 int param_sizes(void (*)(A...), unsigned* out, int max) {
-    const unsigned s[] = {(unsigned)sizeof(A)..., 0u};
+    const unsigned s[] = {(unsigned)sizeof(A) | (std::is_pointer<A>::value ? 0x80000000u : 0u)..., 0u};
     int n = (int)sizeof...(A);
     for (int i = 0; i < n && i < max; i++) out[i] = s[i];
     return n;
@@ -257,7 +259,8 @@ void emu_mma_m16n8k16_bf16(float* d, const uint32_t* a, const uint32_t* b) {
     emu_warp_sync();
 }
 
-// The argument count of kernel `name` (its sizes in `sizes`, up to `max`), -1 for no such kernel.
+// The argument count of kernel `name` (sizes as param_sizes gives them, up to `max`), -1 for
+// no such kernel.
 extern "C" int segk_emu_param_sizes(const char* name, unsigned* sizes, int max) {
     for (const Entry& t : table)
         if (strcmp(t.name, name) == 0) return t.sizes(sizes, max);
