@@ -19,7 +19,8 @@
 //   kernels were launched; FAKECUDA_FAIL_LAUNCH=N makes the N-th launch fault.
 // - A kernel that fails in the emulator makes every later call fail (a sticky error), as a
 //   faulting kernel does on a GPU.
-// Not modelled: timing, occupancy, memory pools, graphs, more than one device.
+// Not modelled: timing, occupancy, memory pools (allocations are immediate), graphs, more than
+// one device.
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
@@ -30,7 +31,6 @@
 #include <signal.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <time.h>
 #include <unistd.h>
 
 typedef int CUresult;
@@ -50,13 +50,9 @@ enum {
     NO_DEVICE = 100,
     INVALID_DEVICE = 101,
     INVALID_IMAGE = 200,
-    INVALID_CONTEXT = 201,
-    INVALID_HANDLE = 400,
     NOT_FOUND = 500,
-    NOT_READY = 600,
     LAUNCH_OUT_OF_RESOURCES = 701,
     LAUNCH_FAILED = 719,
-    NOT_SUPPORTED = 801,
 };
 
 #define MAX_PARAMS 32
@@ -141,7 +137,8 @@ static size_t overwritten_block(void) {
     for (size_t i = 0; i < nblocks; i++) {
         const struct Block* b = &blocks[i];
         const unsigned char* slack = (const unsigned char*)b->base + b->bytes;
-        for (size_t k = 0; !b->pinned && k < (16 - b->bytes % 16) % 16; k++)
+        if (b->pinned) continue;
+        for (size_t k = 0; k < (16 - b->bytes % 16) % 16; k++)
             if (slack[k] != 0xff) return b->bytes;
     }
     return 0;
@@ -243,7 +240,6 @@ struct Stream {
 
 struct Event {
     unsigned long long recorded, done;
-    struct timespec at;
 };
 
 static CUresult status(void);
@@ -284,7 +280,6 @@ static void execute(struct Op* op) {
     case RECORD:
         pthread_mutex_lock(&G);
         if (op->gen > op->ev->done) op->ev->done = op->gen;
-        clock_gettime(CLOCK_MONOTONIC, &op->ev->at);
         pthread_mutex_unlock(&G);
         break;
     case WAIT:
@@ -389,7 +384,6 @@ CUresult cuInit(unsigned flags) {
     return OK;
 }
 
-CUresult cuDriverGetVersion(int* v) { *v = 13000; return OK; }
 CUresult cuDeviceGetCount(int* n) { *n = emu_launch ? 1 : 0; return emu_launch ? OK : NOT_INITIALIZED; }
 CUresult cuDeviceGet(CUdevice* d, int ordinal) { *d = ordinal; return ordinal == 0 ? OK : INVALID_DEVICE; }
 
@@ -399,7 +393,6 @@ CUresult cuDeviceGetName(char* name, int len, CUdevice d) {
     return OK;
 }
 
-CUresult cuDeviceTotalMem_v2(size_t* bytes, CUdevice d) { (void)d; *bytes = device_bytes; return OK; }
 
 CUresult cuDeviceGetAttribute(int* v, int attr, CUdevice d) {
     (void)d;
@@ -501,19 +494,6 @@ CUresult cuEventSynchronize(CUevent e) {
     return status();
 }
 
-CUresult cuEventQuery(CUevent e) {
-    pthread_mutex_lock(&G);
-    int ready = e->done >= e->recorded;
-    pthread_mutex_unlock(&G);
-    return sticky ? sticky : ready ? OK : NOT_READY;
-}
-
-CUresult cuEventElapsedTime(float* ms, CUevent a, CUevent b) {
-    *ms = (float)((b->at.tv_sec - a->at.tv_sec) * 1e3 + (b->at.tv_nsec - a->at.tv_nsec) * 1e-6);
-    return OK;
-}
-CUresult cuEventElapsedTime_v2(float* ms, CUevent a, CUevent b) { return cuEventElapsedTime(ms, a, b); }
-
 // A fatbin (nvcc -fatbin) starts with magic 0xBA55ED50; anything else is not what segk embeds.
 CUresult cuModuleLoadData(CUmodule* m, const void* image) {
     uint32_t magic;
@@ -555,17 +535,6 @@ CUresult cuFuncSetAttribute(CUfunction f, int attr, int value) {
             return INVALID_VALUE;
         }
         f->max_dynamic_smem = value;
-    }
-    return OK;
-}
-
-CUresult cuFuncGetAttribute(int* v, int attr, CUfunction f) {
-    switch (attr) {
-    case 0: *v = 1024; break;
-    case 1: *v = f->static_smem > 0 ? f->static_smem : 0; break;
-    case 4: *v = f->regs > 0 ? f->regs : 32; break;
-    case 8: *v = f->max_dynamic_smem; break;
-    default: *v = 0;
     }
     return OK;
 }
@@ -646,8 +615,13 @@ static CUresult alloc_device(CUdeviceptr* p, size_t bytes) {
     return OK;
 }
 
-CUresult cuMemAlloc_v2(CUdeviceptr* p, size_t bytes) { CUresult st = status(); return st ? st : alloc_device(p, bytes); }
-CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream s) { (void)s; return cuMemAlloc_v2(p, bytes); }
+// Stream-ordered allocation (the device reports memory pools, as an H100 does, so cudarc uses
+// it): the memory is there at once, which is never earlier than the stream needs it.
+CUresult cuMemAllocAsync(CUdeviceptr* p, size_t bytes, CUstream s) {
+    (void)s;
+    CUresult st = status();
+    return st ? st : alloc_device(p, bytes);
+}
 
 CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
     pthread_mutex_lock(&G);
@@ -665,7 +639,6 @@ CUresult cuMemFreeAsync(CUdeviceptr p, CUstream s) {
     return OK;
 }
 
-CUresult cuMemFree_v2(CUdeviceptr p) { return cuMemFreeAsync(p, NULL); }
 
 CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned flags) {
     (void)flags;
@@ -678,7 +651,6 @@ CUresult cuMemHostAlloc(void** p, size_t bytes, unsigned flags) {
     return OK;
 }
 
-CUresult cuMemAllocHost_v2(void** p, size_t bytes) { return cuMemHostAlloc(p, bytes, 0); }
 
 CUresult cuMemFreeHost(void* p) {
     pthread_mutex_lock(&G);
@@ -726,9 +698,6 @@ CUresult cuMemcpyDtoDAsync_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes, CU
     return enqueue(s, op);
 }
 
-CUresult cuMemcpyHtoD_v2(CUdeviceptr dst, const void* src, size_t bytes) { return cuMemcpyHtoDAsync_v2(dst, src, bytes, NULL); }
-CUresult cuMemcpyDtoH_v2(void* dst, CUdeviceptr src, size_t bytes) { return cuMemcpyDtoHAsync_v2(dst, src, bytes, NULL); }
-CUresult cuMemcpyDtoD_v2(CUdeviceptr dst, CUdeviceptr src, size_t bytes) { return cuMemcpyDtoDAsync_v2(dst, src, bytes, NULL); }
 
 CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s) {
     CUresult st = status();
@@ -739,7 +708,6 @@ CUresult cuMemsetD8Async(CUdeviceptr dst, unsigned char v, size_t n, CUstream s)
     op->value = v;
     return enqueue(s, op);
 }
-CUresult cuMemsetD8_v2(CUdeviceptr dst, unsigned char v, size_t n) { return cuMemsetD8Async(dst, v, n, NULL); }
 
 static const char* error_name(CUresult e) {
     switch (e) {
@@ -750,9 +718,7 @@ static const char* error_name(CUresult e) {
     case NO_DEVICE: return "CUDA_ERROR_NO_DEVICE";
     case INVALID_DEVICE: return "CUDA_ERROR_INVALID_DEVICE";
     case INVALID_IMAGE: return "CUDA_ERROR_INVALID_IMAGE";
-    case INVALID_HANDLE: return "CUDA_ERROR_INVALID_HANDLE";
     case NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
-    case NOT_READY: return "CUDA_ERROR_NOT_READY";
     case LAUNCH_OUT_OF_RESOURCES: return "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES";
     case LAUNCH_FAILED: return "CUDA_ERROR_LAUNCH_FAILED";
     default: return "CUDA_ERROR_UNKNOWN";

@@ -84,7 +84,6 @@ pub fn fake_driver_env(delay_us: u32) -> Result<Vec<(String, String)>, String> {
         ("LD_LIBRARY_PATH".into(), dir.into()),
         ("FAKECUDA_PTXAS_REPORT".into(), report.display().to_string()),
         ("FAKECUDA_DELAY_US".into(), delay_us.to_string()),
-        ("SEGK_ON_FAKE_DRIVER".into(), "1".into()),
     ])
 }
 
@@ -105,7 +104,7 @@ pub fn run_on_fake_driver(name: &str, delay_us: u32) -> bool {
             return false;
         }
     };
-    let out = std::process::Command::new(std::env::current_exe().unwrap()).args(["--exact", name, "--nocapture", "--test-threads", "1"]).envs(env).output().unwrap();
+    let out = std::process::Command::new(std::env::current_exe().unwrap()).args(["--exact", name, "--nocapture", "--test-threads", "1"]).envs(env).env("SEGK_ON_FAKE_DRIVER", "1").output().unwrap();
     let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     assert!(out.status.success() && stdout.contains("1 passed"), "{name} on the fake driver:\n{stdout}\n{stderr}");
     false
