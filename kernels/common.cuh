@@ -33,6 +33,14 @@ __device__ __forceinline__ double block_sum_d(double v, double* sh) {
     return v;
 }
 
+// A vector access must be aligned to its size on a GPU (else "misaligned address"); the
+// emulator's CPU does not care, so it checks each one here.
+#ifdef SEGK_EMU
+#define SEGK_ALIGNED(p, bytes) emu_check_aligned((const void*)(p), bytes)
+#else
+#define SEGK_ALIGNED(p, bytes) ((void)0)
+#endif
+
 __device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
     __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
     return *reinterpret_cast<uint32_t*>(&v);
@@ -59,22 +67,67 @@ __device__ __forceinline__ void unpack2(uint32_t w, float* v) {
     v[1] = __uint_as_float(w & 0xffff0000u);
 }
 __device__ __forceinline__ void load8(const bf16* p, float* v) {
+    SEGK_ALIGNED(p, 16);
     const uint4 u = *reinterpret_cast<const uint4*>(p);
     unpack2(u.x, v), unpack2(u.y, v + 2), unpack2(u.z, v + 4), unpack2(u.w, v + 6);
 }
 __device__ __forceinline__ void load8(const float* p, float* v) {
+    SEGK_ALIGNED(p, 16);
     const float4 a = reinterpret_cast<const float4*>(p)[0], b = reinterpret_cast<const float4*>(p)[1];
     v[0] = a.x, v[1] = a.y, v[2] = a.z, v[3] = a.w, v[4] = b.x, v[5] = b.y, v[6] = b.z, v[7] = b.w;
 }
 __device__ __forceinline__ void store8(bf16* p, const float* v) {
+    SEGK_ALIGNED(p, 16);
     uint4 u;
     u.x = pack_bf16(v[0], v[1]), u.y = pack_bf16(v[2], v[3]), u.z = pack_bf16(v[4], v[5]), u.w = pack_bf16(v[6], v[7]);
     *reinterpret_cast<uint4*>(p) = u;
 }
 __device__ __forceinline__ void store8(float* p, const float* v) {
+    SEGK_ALIGNED(p, 16);
     float4 a, b;
     a.x = v[0], a.y = v[1], a.z = v[2], a.w = v[3], b.x = v[4], b.y = v[5], b.z = v[6], b.w = v[7];
     reinterpret_cast<float4*>(p)[0] = a, reinterpret_cast<float4*>(p)[1] = b;
+}
+
+// Two consecutive activations in one 4-byte (bf16) or 8-byte (f32) access: the conv
+// epilogues write each mma fragment's column pair this way.
+template <class T>
+__device__ __forceinline__ bool pair_aligned(const T* p) { return (reinterpret_cast<uintptr_t>(p) & (2 * sizeof(T) - 1)) == 0; }
+__device__ __forceinline__ void ld2(const bf16* p, float* v) {
+    SEGK_ALIGNED(p, 4);
+    unpack2(*reinterpret_cast<const uint32_t*>(p), v);
+}
+__device__ __forceinline__ void ld2(const float* p, float* v) {
+    SEGK_ALIGNED(p, 8);
+    const float2 a = *reinterpret_cast<const float2*>(p);
+    v[0] = a.x, v[1] = a.y;
+}
+__device__ __forceinline__ void st2(bf16* p, float a, float b) {
+    SEGK_ALIGNED(p, 4);
+    *reinterpret_cast<uint32_t*>(p) = pack_bf16(a, b);
+}
+__device__ __forceinline__ void st2(float* p, float a, float b) {
+    SEGK_ALIGNED(p, 8);
+    float2 v;
+    v.x = a, v.y = b;
+    *reinterpret_cast<float2*>(p) = v;
+}
+// Output columns n and n+1 of one row (`both`: n+1 exists) at p: one access where `paired`
+// (the pair is aligned, the same for the whole tensor), else one element at a time. A nonzero
+// beta adds beta times what is there.
+template <class T>
+__device__ __forceinline__ void st_cols(T* p, float v0, float v1, bool both, bool paired, float beta = 0.f) {
+    if (both && paired) {
+        if (beta != 0.f) {
+            float o[2];
+            ld2(p, o);
+            v0 = beta * o[0] + v0, v1 = beta * o[1] + v1;
+        }
+        st2(p, v0, v1);
+    } else {
+        st(p, beta == 0.f ? v0 : beta * ld(p) + v0);
+        if (both) st(p + 1, beta == 0.f ? v1 : beta * ld(p + 1) + v1);
+    }
 }
 
 // --- reductions over the rows of an [rows x C] tensor, per channel ---------------------------

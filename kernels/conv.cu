@@ -92,7 +92,11 @@ __device__ __forceinline__ bool vec8_ok(const A* p, i64 channels) {
     return sizeof(A) == 2 && (reinterpret_cast<uintptr_t>(p) & 15) == 0 && channels % 8 == 0;
 }
 template <class A>
-__device__ __forceinline__ uint4 load16_or0(const A* p) { return p ? *reinterpret_cast<const uint4*>(p) : zero16(); }
+__device__ __forceinline__ uint4 load16_or0(const A* p) {
+    if (!p) return zero16();
+    SEGK_ALIGNED(p, 16);
+    return *reinterpret_cast<const uint4*>(p);
+}
 
 // An index along M or N of a problem that decodes nothing ahead (the transposed convs).
 struct Plain {
@@ -111,7 +115,10 @@ struct Fprop {
     __device__ i64 k_begin(int) const { return 0; }
     __device__ i64 k_end(int) const { return K; }
     __device__ i64 out_row(i64 m, int) const { return m * s.cout; }
-    __device__ void out_at(i64 row, i64 n, float v) const { st(y + row + n, v + bias[n]); }
+    __device__ bool pairs() const { return s.cout % 2 == 0 && pair_aligned(y); }
+    __device__ void out_at(i64 row, i64 n, float v0, float v1, bool both, bool paired) const {
+        st_cols(y + row + n, v0 + bias[n], both ? v1 + bias[n + 1] : 0.f, both, paired);
+    }
     // A: lanes along k read consecutive input channels; B: lanes along n, consecutive couts.
     typedef Origin ARow;
     typedef TapC ACol;
@@ -165,10 +172,8 @@ struct Dgrad {
         voxel(m, b, z, y, x);
         return (((b * s.id + z) * s.ih + y) * s.iw + x) * s.cin;
     }
-    __device__ void out_at(i64 row, i64 n, float v) const {
-        A* d = dx + row + n;
-        st(d, beta == 0.f ? v : beta * ld(d) + v);
-    }
+    __device__ bool pairs() const { return s.cin % 2 == 0 && pair_aligned(dx); }
+    __device__ void out_at(i64 row, i64 n, float v0, float v1, bool both, bool paired) const { st_cols(dx + row + n, v0, v1, both, paired, beta); }
     // A row: the class voxel; A column: (tap offsets, cout) with lanes along cout; B: the
     // weight of (tap, cout) for input channel n, lanes along cout too.
     struct VoxelRow {
@@ -229,7 +234,8 @@ struct Wgrad {
     __device__ i64 k_begin(int z) const { return z * per_split; }
     __device__ i64 k_end(int z) const { return min(R, (z + 1) * per_split); }
     __device__ i64 out_row(i64 m, int z) const { return ((i64)z * M + m) * N; }
-    __device__ void out_at(i64 row, i64 n, float v) const { part[row + n] = v; }
+    __device__ bool pairs() const { return N % 2 == 0 && pair_aligned(part); }
+    __device__ void out_at(i64 row, i64 n, float v0, float v1, bool both, bool paired) const { st_cols(part + row + n, v0, v1, both, paired); }
     // A row: an im2col column (tap, input channel), lanes along it read consecutive input
     // channels; A column: an output voxel's input corner. B: dy, lanes along cout.
     typedef TapC ARow;
@@ -317,7 +323,10 @@ struct TFprop {
     __device__ i64 k_begin(int) const { return 0; }
     __device__ i64 k_end(int) const { return K; }
     __device__ i64 out_row(i64 m, int) const { return tout_row(s, m, tap) * s.cout; }
-    __device__ void out_at(i64 row, i64 n, float v) const { st(y + row + n, v + bias[n]); }
+    __device__ bool pairs() const { return s.cout % 2 == 0 && pair_aligned(y); }
+    __device__ void out_at(i64 row, i64 n, float v0, float v1, bool both, bool paired) const {
+        st_cols(y + row + n, v0 + bias[n], both ? v1 + bias[n + 1] : 0.f, both, paired);
+    }
     typedef Plain ARow;
     typedef Plain ACol;
     typedef Plain BRow;
@@ -344,10 +353,8 @@ struct TDgrad {
     __device__ i64 k_begin(int) const { return 0; }
     __device__ i64 k_end(int) const { return K; }
     __device__ i64 out_row(i64 m, int) const { return m * s.cin; }
-    __device__ void out_at(i64 row, i64 n, float v) const {
-        A* d = dx + row + n;
-        st(d, beta == 0.f ? v : beta * ld(d) + v);
-    }
+    __device__ bool pairs() const { return s.cin % 2 == 0 && pair_aligned(dx); }
+    __device__ void out_at(i64 row, i64 n, float v0, float v1, bool both, bool paired) const { st_cols(dx + row + n, v0, v1, both, paired, beta); }
     // A row: the input voxel (scaled); A column: (tap, cout), lanes along cout. B: w[n][k].
     typedef TVox ARow;
     typedef TTap ACol;
@@ -374,7 +381,8 @@ struct TWgrad {
     __device__ i64 k_begin(int z) const { return z * per_split; }
     __device__ i64 k_end(int z) const { return min(R, (z + 1) * per_split); }
     __device__ i64 out_row(i64 m, int z) const { return ((i64)z * M + m) * N; }
-    __device__ void out_at(i64 row, i64 n, float v) const { part[row + n] = v; }
+    __device__ bool pairs() const { return N % 2 == 0 && pair_aligned(part); }
+    __device__ void out_at(i64 row, i64 n, float v0, float v1, bool both, bool paired) const { st_cols(part + row + n, v0, v1, both, paired); }
     // A: x[k][m], lanes along m (input channels). B row: (tap, cout), lanes along it; B column:
     // the input voxel (scaled).
     typedef Plain ARow;
@@ -429,10 +437,12 @@ __device__ __forceinline__ void fill_tile_vec(__nv_bfloat16 (*T)[BK + SPAD], con
 }
 
 // Stores a warp's MI x NI fragments of C (rows from r0, columns from c0): each output row is
-// located once (out_row: the dgrad one decodes a voxel), then its columns are written.
+// located once (out_row: the dgrad one decodes a voxel), then each lane writes its fragment's
+// two adjacent columns, in one access where the output allows it.
 template <int MI, int NI, class P>
 __device__ __forceinline__ void store_tile(const P& p, const float (*acc)[NI][4], i64 r0, i64 c0, int lane, int z) {
     const int g = lane >> 2, t = lane & 3;
+    const bool paired = p.pairs();
 #pragma unroll
     for (int mi = 0; mi < MI; mi++)
 #pragma unroll
@@ -441,12 +451,10 @@ __device__ __forceinline__ void store_tile(const P& p, const float (*acc)[NI][4]
             if (m >= p.M) continue;
             const i64 row = p.out_row(m, z);
 #pragma unroll
-            for (int ni = 0; ni < NI; ni++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const i64 n = c0 + ni * 8 + t * 2 + e;
-                    if (n < p.N) p.out_at(row, n, acc[mi][ni][h * 2 + e]);
-                }
+            for (int ni = 0; ni < NI; ni++) {
+                const i64 n = c0 + ni * 8 + t * 2;
+                if (n < p.N) p.out_at(row, n, acc[mi][ni][h * 2], acc[mi][ni][h * 2 + 1], n + 1 < p.N, paired);
+            }
         }
 }
 

@@ -69,8 +69,8 @@ fn emulated_cuda_kernels_match_cpu_twins() {
     assert_all_pass(&checks, "emulated cuda vs cpu");
 }
 
-/// The emulator reports a kernel whose threads wait at barriers that cannot open, and an
-/// unknown kernel, as errors instead of hanging.
+/// The emulator reports a kernel whose threads wait at barriers that cannot open, an unknown
+/// kernel, and a misaligned vector access as errors instead of hanging or passing.
 #[test]
 fn the_emulator_reports_bad_launches() {
     let Ok(_) = CudaBackend::emulated() else {
@@ -87,6 +87,10 @@ fn the_emulator_reports_bad_launches() {
     let ptr = out.as_mut_ptr();
     let e = unsafe { segk::backend::cuda::emu::launch("segk_emu_check_divergent", cfg, &mut [&ptr as *const _ as *mut std::ffi::c_void]) }.unwrap_err().to_string();
     assert!(e.contains("divergent"), "{e}");
+    let mut f = [0f64; 2];
+    let ptr = f.as_mut_ptr();
+    let e = unsafe { segk::backend::cuda::emu::launch("segk_emu_check_misaligned", cfg, &mut [&ptr as *const _ as *mut std::ffi::c_void]) }.unwrap_err().to_string();
+    assert!(e.contains("misaligned address: a 8-byte access"), "{e}");
 }
 
 /// The fake driver's environment for a child process, or None after printing why the test

@@ -35,6 +35,9 @@ jmp_buf sched_jb;
 void (*entry)(void**) = nullptr;
 void** params = nullptr;
 char err[512];
+// The first misaligned vector access of the launch (a GPU stops the kernel there; the
+// emulator finishes the block and fails the launch with it).
+bool misaligned = false;
 
 void yield(State s) {
     fibers[cur].state = s;
@@ -143,11 +146,19 @@ void segk_emu_check_divergent(int* out) {
         __syncthreads();
 }
 
+// And a vector access off its alignment, as a float pointer one element past an 8-byte boundary.
+void segk_emu_check_misaligned(float* p) { emu_check_aligned(p + 1, 8); }
+
 #define EMU_ENTRY(name) {#name, [](void** p) { invoke(name, p); }, [](unsigned* s, int m) { return param_sizes(name, s, m); }},
-const Entry table[] = {EMU_KERNELS(EMU_ENTRY) EMU_ENTRY(segk_emu_check_divergent)};
+const Entry table[] = {EMU_KERNELS(EMU_ENTRY) EMU_ENTRY(segk_emu_check_divergent) EMU_ENTRY(segk_emu_check_misaligned)};
 }  // namespace
 
 void __syncthreads() { yield(AT_BLOCK); }
+void emu_check_aligned(const void* p, unsigned bytes) {
+    if (misaligned || ((uintptr_t)p & (bytes - 1)) == 0) return;
+    misaligned = true;
+    snprintf(err, sizeof err, "block (%u,%u,%u) thread %d: misaligned address: a %u-byte access at %p", blockIdx.x, blockIdx.y, blockIdx.z, cur, bytes, p);
+}
 void emu_warp_sync() { yield(AT_WARP); }
 uint64_t* emu_warp_slots() { return slots + (size_t)(cur / 32) * WARP_WORDS; }
 void* emu_dynamic_shared() { return dyn; }
@@ -329,7 +340,9 @@ extern "C" int segk_emu_launch(const char* name, unsigned gx, unsigned gy, unsig
                 // Copies a block left in flight die with it.
                 memset(async_n, 0, n * sizeof(int));
                 memset(async_groups, 0, n * sizeof(int));
+                misaligned = false;
                 int rc = run_block();
+                if (!rc && misaligned) rc = 5;
                 if (rc) {
                     char tmp[512];
                     snprintf(tmp, sizeof tmp, "%s: %s", name, err);

@@ -17,6 +17,7 @@ struct uint3 { unsigned x, y, z; };
 struct __attribute__((aligned(16))) uint4 { unsigned x, y, z, w; };
 struct __attribute__((aligned(16))) int4 { int x, y, z, w; };
 struct __attribute__((aligned(16))) float4 { float x, y, z, w; };
+struct __attribute__((aligned(8))) float2 { float x, y; };
 struct dim3 { unsigned x, y, z; };
 
 extern uint3 threadIdx, blockIdx;
@@ -31,6 +32,9 @@ extern dim3 blockDim, gridDim;
 #define __align__(n) __attribute__((aligned(n)))
 
 void __syncthreads();
+// A vector access of `bytes` at p: a GPU faults on a misaligned one, so the launch fails
+// ("misaligned address", naming the thread) when one happens.
+void emu_check_aligned(const void* p, unsigned bytes);
 // All live lanes of the calling thread's warp meet here.
 void emu_warp_sync();
 // Per-warp exchange slots (one 8-byte word per lane) for shuffles and the mma.
