@@ -6,7 +6,7 @@ use crate::backend::Backend;
 use crate::model::topology::nnunet_features;
 use crate::model::unet::{Acts, Input};
 use crate::model::{Checkpointing, Topology, UNet};
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::time::Instant;
@@ -93,6 +93,12 @@ pub struct StepReport {
 }
 
 fn spec(a: &StepArgs) -> Result<StepSpec> {
+    let s = spec_asked(a)?;
+    ensure!(s.batch >= 1 && s.patch.iter().all(|&v| v >= 1), "the batch and every patch axis must be at least 1 (got batch {}, patch {:?})", s.batch, s.patch);
+    Ok(s)
+}
+
+fn spec_asked(a: &StepArgs) -> Result<StepSpec> {
     if let Some(p) = &a.plans {
         let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
         return serde_json::from_str(&text).with_context(|| format!("{}: not a step spec (topology, patch, batch)", p.display()));

@@ -44,7 +44,7 @@ enum Cmd {
     Fingerprint {
         /// The DatasetXXX_Name folder.
         dataset: std::path::PathBuf,
-        /// Output file (default: dataset_fingerprint.json in the folder `segk plan` uses).
+        /// Output file (default: segk_fingerprint.json in the folder `segk plan` uses).
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
@@ -85,10 +85,13 @@ enum Cmd {
         /// auto (GPU 0 if usable, else CPU), cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// Epochs (nnU-Net's 1000); the learning rate decays over them.
         #[arg(long, default_value_t = segk::train::EPOCHS)]
         epochs: usize,
+        /// Training steps per epoch.
         #[arg(long, default_value_t = segk::train::ITERS_PER_EPOCH)]
         iters_per_epoch: usize,
+        /// Validation batches per epoch for the pseudo-Dice (at least 1).
         #[arg(long, default_value_t = segk::train::VAL_ITERS)]
         val_iters: usize,
         /// Activation checkpointing: auto (the fastest level that fits), 0, 1 or 2.
@@ -106,12 +109,13 @@ enum Cmd {
         /// Augmentation workers (default: SEGK_WORKERS, else nnUNet_n_proc_DA, else CPUs - 1).
         #[arg(long)]
         workers: Option<usize>,
+        /// Seed of the weights, the batches and the augmentation (a run is reproducible from it).
         #[arg(long, default_value_t = 0)]
         seed: u64,
         /// Preprocessed folder (default: as `segk plan`).
         #[arg(long)]
         preprocessed: Option<std::path::PathBuf>,
-        /// Output folder (default: $nnUNet_results/NAME/segk_3d_fullres/fold_F, else DATASET/../segk_results/...).
+        /// The fold's output folder; its parent is the model folder `segk predict -m` takes (default: $nnUNet_results/NAME/segk_3d_fullres/fold_F, else DATASET/../segk_results/NAME/3d_fullres/fold_F).
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
@@ -271,8 +275,19 @@ fn run_check(root: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// The dataset folder as a full path, so that `.` or `..` still has a name and a parent.
+fn full_path(root: &std::path::Path) -> std::path::PathBuf {
+    std::fs::canonicalize(root).or_else(|_| std::path::absolute(root)).unwrap_or_else(|_| root.to_path_buf())
+}
+
 fn dataset_name(root: &std::path::Path) -> String {
-    root.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "dataset".into())
+    full_path(root).file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "dataset".into())
+}
+
+/// The folder that holds the dataset folder (where segk_preprocessed/ and segk_results/ go).
+fn beside(root: &std::path::Path) -> std::path::PathBuf {
+    let full = full_path(root);
+    full.parent().unwrap_or(&full).to_path_buf()
 }
 
 /// Where derived files of a dataset go: $nnUNet_preprocessed/NAME as nnU-Net users expect,
@@ -280,7 +295,7 @@ fn dataset_name(root: &std::path::Path) -> String {
 fn preprocessed_dir(root: &std::path::Path) -> std::path::PathBuf {
     match std::env::var_os("nnUNet_preprocessed") {
         Some(p) => std::path::PathBuf::from(p).join(dataset_name(root)),
-        None => root.parent().unwrap_or(root).join("segk_preprocessed").join(dataset_name(root)),
+        None => beside(root).join("segk_preprocessed").join(dataset_name(root)),
     }
 }
 
@@ -288,7 +303,7 @@ use segk::store::write_json_atomic;
 
 fn run_plan(root: &std::path::Path, gpu_memory: f64, out: Option<std::path::PathBuf>) -> Result<()> {
     use segk::plan::{fingerprint, plans};
-    anyhow::ensure!(gpu_memory > 0.0, "--gpu-memory must be positive");
+    anyhow::ensure!(gpu_memory > 0.0 && gpu_memory <= 4096.0, "--gpu-memory must be a size in GiB, above 0 and at most 4096 (got {gpu_memory})");
     run_check(root)?;
     let ds = segk::dataset::Dataset::open(root)?;
     let name = dataset_name(root);
@@ -297,7 +312,7 @@ fn run_plan(root: &std::path::Path, gpu_memory: f64, out: Option<std::path::Path
     let t0 = std::time::Instant::now();
     let fp = fingerprint::fingerprint(&ds, fingerprint::FOREGROUND_SAMPLES)?;
     println!("fingerprint: {} cases in {:.1} s", ds.cases.len(), t0.elapsed().as_secs_f64());
-    write_json_atomic(&out.join("dataset_fingerprint.json"), &fp)?;
+    write_json_atomic(&out.join(fingerprint::FILE), &fp)?;
     let plan = plans::plan_3d_fullres(&ds.json, &fp, (gpu_memory * plans::GIB) as usize)?;
     let doc = plans::PlansFile {
         dataset_name: name,
@@ -308,7 +323,7 @@ fn run_plan(root: &std::path::Path, gpu_memory: f64, out: Option<std::path::Path
     let t = &plan.topology;
     println!("3d_fullres: spacing {:?}, patch {:?}, batch {}, {} stages, features {:?}", plan.spacing, plan.patch_size, plan.batch_size, t.stages(), t.features);
     println!("  GPU memory: needs {:.2} GiB of the {:.2} GiB budget (checkpointing {})", plan.gpu_memory_needed_bytes as f64 / plans::GIB, gpu_memory, plan.checkpointing);
-    println!("wrote {} and dataset_fingerprint.json", out.join("plans.json").display());
+    println!("wrote {} and {}", out.join("plans.json").display(), fingerprint::FILE);
     Ok(())
 }
 
@@ -405,16 +420,29 @@ struct TrainOpts {
     seed: u64,
 }
 
-/// Saves and stops at the next step on Ctrl-C or `kill` (SIGINT, SIGTERM).
+/// Ctrl-C or `kill` (SIGINT, SIGTERM): inside the training loop, save checkpoint_latest and
+/// stop at the next step; anywhere else (planning, preprocessing, validation), or at a second
+/// signal, stop at once, as without the handler.
 #[cfg(unix)]
 fn stop_on_signals() {
     extern "C" fn on_signal(_: i32) {
-        segk::train::STOP.store(true, std::sync::atomic::Ordering::Relaxed);
+        use std::sync::atomic::Ordering::Relaxed;
+        if segk::train::STEPPING.load(Relaxed) && !segk::train::STOP.swap(true, Relaxed) {
+            return;
+        }
+        const MSG: &[u8] = b"\nsegk: interrupted\n";
+        // SAFETY: write and _exit are async-signal-safe.
+        unsafe {
+            write(2, MSG.as_ptr(), MSG.len());
+            _exit(130);
+        }
     }
     extern "C" {
         fn signal(signum: i32, handler: usize) -> usize;
+        fn write(fd: i32, buf: *const u8, count: usize) -> isize;
+        fn _exit(status: i32) -> !;
     }
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    // SAFETY: the handler only touches atomics and calls async-signal-safe functions.
     unsafe {
         signal(2, on_signal as extern "C" fn(i32) as usize);
         signal(15, on_signal as extern "C" fn(i32) as usize);
@@ -431,7 +459,8 @@ fn run_train(root: &std::path::Path, fold: &str, device: &str, o: TrainOpts, pre
     };
     #[cfg(unix)]
     stop_on_signals();
-    anyhow::ensure!(epochs > 0 && iters_per_epoch > 0, "--epochs and --iters-per-epoch must be positive");
+    anyhow::ensure!(epochs > 0 && iters_per_epoch > 0 && val_iters > 0, "--epochs, --iters-per-epoch and --val-iters must be at least 1");
+    anyhow::ensure!(workers != Some(0), "--workers must be at least 1");
     let pre = preprocessed.unwrap_or_else(|| preprocessed_dir(root));
     let ds = segk::dataset::Dataset::open(root)?;
     let ids: Vec<String> = ds.cases.iter().map(|c| c.id.clone()).collect();
@@ -455,10 +484,14 @@ fn run_train(root: &std::path::Path, fold: &str, device: &str, o: TrainOpts, pre
     };
     let out = out.unwrap_or_else(|| match std::env::var_os("nnUNet_results") {
         Some(r) => std::path::PathBuf::from(r).join(dataset_name(root)).join("segk_3d_fullres").join(format!("fold_{fold_name}")),
-        None => root.parent().unwrap_or(root).join("segk_results").join(dataset_name(root)).join("3d_fullres").join(format!("fold_{fold_name}")),
+        None => beside(root).join("segk_results").join(dataset_name(root)).join("3d_fullres").join(format!("fold_{fold_name}")),
     });
+    if !resume {
+        refuse_to_replace_a_run(&out)?;
+    }
     // The model folder (the fold's parent) carries what prediction needs.
     let model_dir = out.parent().unwrap_or(&out).to_path_buf();
+    refuse_another_plan(&model_dir, &plans)?;
     std::fs::create_dir_all(&model_dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", model_dir.display()))?;
     write_json_atomic(&model_dir.join(segk::plan::plans::PlansFile::NAME), &plans)?;
     std::fs::copy(root.join("dataset.json"), model_dir.join("dataset.json")).map_err(|e| anyhow::anyhow!("copying dataset.json to {}: {e}", model_dir.display()))?;
@@ -495,6 +528,43 @@ fn run_train(root: &std::path::Path, fold: &str, device: &str, o: TrainOpts, pre
     Ok(())
 }
 
+/// Makes the folder of output file `path`, refusing a folder as the file, before the work
+/// that fills it starts.
+fn writable_file(path: &std::path::Path) -> Result<()> {
+    anyhow::ensure!(!path.is_dir(), "{}: is a folder; name a file to write", path.display());
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display())),
+        _ => Ok(()),
+    }
+}
+
+/// A fold folder that holds checkpoints is a run: starting again there without --resume would
+/// replace them.
+fn refuse_to_replace_a_run(out: &std::path::Path) -> Result<()> {
+    use segk::checkpoint;
+    for name in ["checkpoint_latest", "checkpoint_final"] {
+        if checkpoint::exists(out, name) {
+            let at = checkpoint::read_state(out, name).map(|st| format!(" at epoch {}", st.epoch)).unwrap_or_default();
+            anyhow::bail!("{} already holds a training run ({name}{at}): continue it with --resume, or start over in another --out (or delete that folder)", out.display());
+        }
+    }
+    Ok(())
+}
+
+/// The model folder's plans.json is the one every fold in it was trained with: a fold of
+/// another plan there would leave the others unloadable.
+fn refuse_another_plan(model_dir: &std::path::Path, plans: &segk::plan::plans::PlansFile) -> Result<()> {
+    let path = model_dir.join(segk::plan::plans::PlansFile::NAME);
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let same = serde_json::from_str::<serde_json::Value>(&text).ok() == Some(serde_json::to_value(plans)?);
+    anyhow::ensure!(
+        same,
+        "{} holds another plan than this training's (the folds trained with it would no longer load): train into another model folder (--out OTHER/fold_N), or delete that one",
+        path.display()
+    );
+    Ok(())
+}
+
 struct Predict {
     model: segk::predict::Model,
     input: std::path::PathBuf,
@@ -528,8 +598,9 @@ fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &std::p
 }
 
 fn run_evaluate(pred: &std::path::Path, gt: &std::path::Path, labels: Option<Vec<i64>>, out: Option<std::path::PathBuf>) -> Result<()> {
-    let s = segk::evaluate::evaluate(pred, gt, labels)?;
     let out = out.unwrap_or_else(|| pred.join("summary.json"));
+    writable_file(&out)?;
+    let s = segk::evaluate::evaluate(pred, gt, labels)?;
     write_json_atomic(&out, &s)?;
     print!("{}", segk::evaluate::table(&s));
     println!("{} cases; wrote {}", s.metric_per_case.len(), out.display());
@@ -577,16 +648,10 @@ fn run_synth(root: &std::path::Path, spec: segk::synth::RawSpec) -> Result<()> {
 fn run_fingerprint(root: &std::path::Path, out: Option<std::path::PathBuf>) -> Result<()> {
     run_check(root)?;
     let ds = segk::dataset::Dataset::open(root)?;
+    let out = out.unwrap_or_else(|| preprocessed_dir(root).join(segk::plan::fingerprint::FILE));
+    writable_file(&out)?;
     let t0 = std::time::Instant::now();
     let fp = segk::plan::fingerprint::fingerprint(&ds, segk::plan::fingerprint::FOREGROUND_SAMPLES)?;
-    let out = match out {
-        Some(o) => o,
-        None => {
-            let dir = preprocessed_dir(root);
-            std::fs::create_dir_all(&dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
-            dir.join("dataset_fingerprint.json")
-        }
-    };
     write_json_atomic(&out, &fp)?;
     for (c, s) in fp.foreground_intensity_properties_per_channel.iter().enumerate() {
         println!("channel {c}: foreground mean {:.3} std {:.3} p0.5 {:.3} p99.5 {:.3}", s.mean, s.std, s.percentile_00_5, s.percentile_99_5);
@@ -615,7 +680,10 @@ fn run_selftest(device: &str, seed: Option<u64>) -> Result<()> {
     let seed = seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1));
     // The CUDA backend (and its emulator) is checked with both activation storage types.
     let checks = match segk::device::parse(device) {
-        Ok(segk::device::Device::Cuda(i)) => run_cuda_selftest(CudaBackend::new(i)?, seed)?,
+        Ok(segk::device::Device::Cuda(i)) => {
+            let be = CudaBackend::new(i).map_err(|e| e.context("selftest checks the GPU kernels by default; without a GPU, --device emu checks them on the CPU emulator and --device cpu the CPU backend"))?;
+            run_cuda_selftest(be, seed)?
+        }
         Ok(segk::device::Device::Emu) => run_cuda_selftest(CudaBackend::emulated()?, seed)?,
         _ => segk::device::run_on(device, Selftest(seed))?,
     };

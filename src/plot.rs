@@ -57,6 +57,8 @@ pub fn render(points: &[Point]) -> Result<Vec<u8>> {
         let panels = root.split_evenly((3, 1));
         let epochs = (points.len().max(2) - 1) as f64;
         let font = ("sans-serif", 18);
+        // At most one label per epoch: more would print the same rounded epoch twice.
+        let x_labels = (epochs as usize + 1).min(10);
 
         let (lo, hi) = range(points.iter().map(|p| p.train_loss));
         let mut c = ChartBuilder::on(&panels[0])
@@ -68,7 +70,7 @@ pub fn render(points: &[Point]) -> Result<Vec<u8>> {
             .build_cartesian_2d(0f64..epochs, lo..hi)
             .map_err(|e| err(&e))?
             .set_secondary_coord(0f64..epochs, 0f64..1f64);
-        c.configure_mesh().x_desc("epoch").x_label_formatter(&|x| format!("{x:.0}")).y_desc("train loss").label_style(font).axis_desc_style(font).draw().map_err(|e| err(&e))?;
+        c.configure_mesh().x_desc("epoch").x_labels(x_labels).x_label_formatter(&|x| format!("{x:.0}")).y_desc("train loss").label_style(font).axis_desc_style(font).draw().map_err(|e| err(&e))?;
         c.configure_secondary_axes().y_desc("pseudo-Dice").label_style(font).axis_desc_style(font).draw().map_err(|e| err(&e))?;
         let legend = |color: RGBColor| move |(x, y): (i32, i32)| PathElement::new(vec![(x, y), (x + 24, y)], color.stroke_width(3));
         c.draw_series(LineSeries::new(series(points, |p| p.train_loss), BLUE.stroke_width(2))).map_err(|e| err(&e))?.label("train loss").legend(legend(BLUE));
@@ -76,7 +78,7 @@ pub fn render(points: &[Point]) -> Result<Vec<u8>> {
         c.draw_secondary_series(series(points, |p| p.pseudo_dice).into_iter().map(|xy| Circle::new(xy, 3, green.filled())))
             .map_err(|e| err(&e))?
             .label("pseudo-Dice")
-            .legend(legend(green));
+            .legend(move |(x, y)| Circle::new((x + 12, y), 4, green.filled()));
         c.draw_secondary_series(LineSeries::new(series(points, |p| p.ema_dice), green.stroke_width(3))).map_err(|e| err(&e))?.label("pseudo-Dice (EMA)").legend(legend(green));
         c.configure_series_labels().label_font(font).background_style(WHITE.mix(0.85)).border_style(BLACK).position(SeriesLabelPosition::UpperRight).draw().map_err(|e| err(&e))?;
 
@@ -92,7 +94,7 @@ pub fn render(points: &[Point]) -> Result<Vec<u8>> {
                 .y_label_area_size(70)
                 .build_cartesian_2d(0f64..epochs, lo.min(0.0)..hi)
                 .map_err(|e| err(&e))?;
-            c.configure_mesh().x_desc("epoch").x_label_formatter(&|x| format!("{x:.0}")).y_desc(desc).label_style(font).axis_desc_style(font).draw().map_err(|e| err(&e))?;
+            c.configure_mesh().x_desc("epoch").x_labels(x_labels).x_label_formatter(&|x| format!("{x:.0}")).y_desc(desc).label_style(font).axis_desc_style(font).draw().map_err(|e| err(&e))?;
             c.draw_series(LineSeries::new(series(points, f), color.stroke_width(2))).map_err(|e| err(&e))?;
         }
         root.present().map_err(|e| err(&e))?;

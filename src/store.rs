@@ -113,13 +113,21 @@ fn file(dir: &Path, id: &str, ext: &str) -> PathBuf {
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
+/// A failed write leaves no temporary behind.
 fn write_atomic(path: &Path, fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>) -> Result<()> {
-    let tmp = path.with_extension(format!("{}.tmp", path.extension().and_then(|e| e.to_str()).unwrap_or("")));
+    ensure!(!path.is_dir(), "{}: is a folder; name a file to write", path.display());
+    let mut name = path.file_name().with_context(|| format!("{}: not a file name", path.display()))?.to_os_string();
+    name.push(".tmp");
+    let tmp = path.with_file_name(name);
     let f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
-    fill(&mut w).and_then(|_| w.flush()).with_context(|| format!("writing {}", tmp.display()))?;
+    let written = fill(&mut w).and_then(|_| w.flush()).with_context(|| format!("writing {}", tmp.display()));
     drop(w);
-    std::fs::rename(&tmp, path).with_context(|| format!("renaming {} into place", tmp.display()))
+    let done = written.and_then(|()| std::fs::rename(&tmp, path).with_context(|| format!("renaming {} to {}", tmp.display(), path.display())));
+    if done.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    done
 }
 
 /// Writes one case: channels (each [z][y][x] f32) interleaved into NDHWC, labels (-1 outside
@@ -258,5 +266,24 @@ impl StoredCase {
         let c = &self.header.classes[k];
         let all: &[[u32; 3]] = bytemuck::cast_slice(&self.loc[..]);
         &all[c.offset..c.offset + c.count]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn atomic_writes_name_their_temporary_after_the_file_and_leave_none_behind() {
+        let dir = std::env::temp_dir().join(format!("segk-atomic-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(dir.join("a_folder")).unwrap();
+        super::write_json_atomic(&dir.join("noext"), &[1, 2]).unwrap();
+        assert_eq!(std::fs::read_to_string(dir.join("noext")).unwrap().split_whitespace().collect::<String>(), "[1,2]");
+        let e = super::write_json_atomic(&dir.join("a_folder"), &[1]).unwrap_err().to_string();
+        assert!(e.contains("a_folder: is a folder"), "{e}");
+        let e = super::write_atomic(&dir.join("x.json"), |_| Err(std::io::Error::other("disk full"))).unwrap_err();
+        assert!(format!("{e:#}").contains("disk full"), "{e:#}");
+        let left: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(left.len(), 2, "only noext and a_folder: {left:?}");
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

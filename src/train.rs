@@ -120,6 +120,23 @@ fn count(pred: &[u8], truth: &[u8], classes: usize, tp: &mut [u64], fp: &mut [u6
 
 /// Set by SIGINT/SIGTERM: the trainer saves checkpoint_latest at the next step and stops.
 pub static STOP: AtomicBool = AtomicBool::new(false);
+/// Whether the training loop is running (and so answers STOP); outside it a signal stops the
+/// process at once.
+pub static STEPPING: AtomicBool = AtomicBool::new(false);
+
+/// STEPPING for as long as it lives (every way out of the training loop included).
+struct Stepping;
+impl Stepping {
+    fn start() -> Stepping {
+        STEPPING.store(true, Ordering::Relaxed);
+        Stepping
+    }
+}
+impl Drop for Stepping {
+    fn drop(&mut self) {
+        STEPPING.store(false, Ordering::Relaxed);
+    }
+}
 
 /// Bytes per element of a backend's two kinds of memory.
 #[derive(Clone, Copy, Debug)]
@@ -166,12 +183,23 @@ pub fn preflight(plan: &Plan, asked: Option<Checkpointing>, sizes: ElemBytes, av
         }
         needs.push(format!("level {}: {:.2} GiB", l.level(), gib(need)));
     }
-    bail!("training needs {} but {:.2} GiB is free: {}", needs.join(", "), gib(avail), remedies(avail))
+    let level2_fits = !levels.contains(&Checkpointing::Level2) && device_bytes(plan, Checkpointing::Level2, sizes)? as u64 + workspace <= avail;
+    // The planner's memory model counts a GPU's bf16 activations and no validation arena:
+    // scale the budget to ask of it by what this backend really needs for the plan.
+    let scale = match plan.gpu_memory_needed_bytes {
+        0 => 1.0,
+        modelled => device_bytes(plan, Checkpointing::Level1, sizes)? as f64 / modelled as f64,
+    };
+    let budget = (avail.saturating_sub(workspace)) as f64 * 0.95 / scale;
+    bail!("training needs {} but {:.2} GiB is free: {}", needs.join(", "), gib(avail), remedies(budget, level2_fits))
 }
 
-/// What to do when training does not fit in `free` bytes.
-fn remedies(free: u64) -> String {
-    format!("plan a smaller patch (`segk plan --gpu-memory {:.0}`), train at --checkpointing 2, or free memory", (gib(free) * 0.9).floor().max(1.0))
+/// What to do when training does not fit: plan for `budget` bytes (as `segk plan` counts
+/// them), more checkpointing when that would fit, or free memory.
+fn remedies(budget: f64, level2_fits: bool) -> String {
+    let gpu_memory = ((budget / (1u64 << 30) as f64 * 10.0).floor() / 10.0).max(0.1);
+    let level2 = if level2_fits { "train at --checkpointing 2, " } else { "" };
+    format!("plan a smaller patch (`segk plan --gpu-memory {gpu_memory}`), {level2}or free memory")
 }
 
 /// A device out-of-memory error during the run gets the pre-flight's remedies, sized for what
@@ -180,7 +208,7 @@ fn remedies(free: u64) -> String {
 pub fn explain_oom(e: anyhow::Error, held: u64) -> anyhow::Error {
     let Some(oom) = e.downcast_ref::<crate::backend::OutOfMemory>() else { return e };
     let advice = match oom.free {
-        Some(free) => remedies(free + held),
+        Some(free) => remedies((free + held) as f64 * 0.9, true),
         None => "plan a smaller patch (`segk plan --gpu-memory`), train at --checkpointing 2, or free memory".to_string(),
     };
     e.context(format!("the device ran out of memory beyond what the pre-flight counted (is another process using it?): {advice}"))
@@ -224,6 +252,9 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
         if checkpoint::exists(&cfg.out, "checkpoint_latest") {
             st = checkpoint::load(&cfg.out, "checkpoint_latest", be, &mut net)?;
             println!("resuming from {} at epoch {} iteration {} (step {})", cfg.out.join("checkpoint_latest.safetensors").display(), st.epoch, st.iter, st.steps);
+            if st.epoch >= cfg.epochs {
+                println!("this run already finished its {} epochs: nothing left to train", cfg.epochs);
+            }
             // checkpoint_best may be newer than checkpoint_latest: never let a worse model replace it.
             if let Ok(best) = checkpoint::read_state(&cfg.out, "checkpoint_best") {
                 st.best_ema_dice = match (st.best_ema_dice, best.best_ema_dice) {
@@ -259,6 +290,7 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
     let log_path = cfg.out.join("training_log.txt");
     let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
     let mut logs = Vec::new();
+    let _answering = Stepping::start();
     while st.epoch < cfg.epochs {
         let epoch = st.epoch;
         let t0 = Instant::now();
@@ -375,7 +407,7 @@ mod tests {
         let oom = crate::backend::OutOfMemory { what: "CUDA workspace allocation".into(), requested: Some(3 << 30), free: Some(5 << 29) };
         // 2.5 GiB free + 20 GiB held by segk: plan for 0.9 x 22.5.
         let msg = format!("{:#}", super::explain_oom(anyhow::Error::new(oom), 20 << 30));
-        assert!(msg.contains("asked for 3.00 GiB, 2.50 GiB free") && msg.contains("--gpu-memory 20") && msg.contains("--checkpointing 2"), "{msg}");
+        assert!(msg.contains("asked for 3.00 GiB, 2.50 GiB free") && msg.contains("--gpu-memory 20.2") && msg.contains("--checkpointing 2"), "{msg}");
         assert_eq!(msg.matches("out of device memory").count(), 1, "said once: {msg}");
         let other = format!("{:#}", super::explain_oom(anyhow::anyhow!("CUDA error in segk_conv: illegal address"), 0));
         assert_eq!(other, "CUDA error in segk_conv: illegal address", "other errors pass unchanged");

@@ -109,6 +109,9 @@ fn integrity_check_reports_every_fault_once() {
     assert_eq!(has("labelsTr/undeclared.nii.gz", "not declared in dataset.json: 7"), 1);
     assert_eq!(has("nan_0000.nii.gz", "12 NaN/inf voxels"), 1);
     assert_eq!(has("truncated_0001.nii.gz", "unreadable"), 1);
+    // Read directly (as predict and evaluate do), the cause is said in words, not Rust's Debug form.
+    let e = format!("{:#}", nifti_io::read(&t).unwrap_err());
+    assert!(e.contains("truncated_0001.nii.gz") && !e.contains("Io(") && !e.contains("Custom {"), "{e}");
     assert_eq!(has("orphan_0000.nii.gz", "without a label map"), 1);
     assert!(!lines.iter().any(|l| l.contains("/good")), "the good case has no problem");
     // Each faulty file is named once per fault; channels repeat per-channel faults.
@@ -126,4 +129,21 @@ fn integrity_check_names_a_broken_dataset_json() {
     std::fs::create_dir_all(root.join("labelsTr")).unwrap();
     let p: Vec<String> = check(&root).iter().map(|p| p.to_string()).collect();
     assert!(p.iter().any(|l| l.contains("\"background\": 0")) && p.iter().any(|l| l.contains("\"ignore\"")), "{p:?}");
+    // nnU-Net's label-table rules segk also needs: consecutive values, no shared value, and
+    // no regions (which segk cannot train): refused before any planning.
+    for (labels, says) in [
+        (r#"{"background": 0, "liver": 1, "tumor": 3}"#, "consecutive from 0 (nnU-Net's rule): found [0, 1, 3]"),
+        (r#"{"background": 0, "liver": 1, "tumor": 1}"#, "two labels share a value"),
+        (r#"{"background": 0, "organ": [1, 2], "lesion": 2}"#, "label \"organ\" is a region [1, 2]"),
+        (r#"{"background": 0, "liver": 1, "tumor": 2, "ignore": 3}"#, ""),
+    ] {
+        let json = format!(r#"{{"channel_names": {{"0": "MR"}}, "labels": {labels}, "numTraining": 0, "file_ending": ".nii.gz"}}"#);
+        std::fs::write(root.join("dataset.json"), json).unwrap();
+        let p: Vec<String> = check(&root).iter().map(|p| p.to_string()).collect();
+        if says.is_empty() {
+            assert!(p.is_empty(), "{labels}: {p:?}");
+        } else {
+            assert!(p.len() == 1 && p[0].contains(says), "{labels}: {p:?}");
+        }
+    }
 }

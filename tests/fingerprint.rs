@@ -95,8 +95,8 @@ fn fingerprint_command_writes_json() {
     nifti_io::write(&root.join("labelsTr/a.nii"), &lab, VoxelType::U8).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).arg("fingerprint").arg(&root).env_remove("nnUNet_preprocessed").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!root.join("dataset_fingerprint.json").exists(), "the raw dataset folder is not written to");
-    let fp = root.parent().unwrap().join("segk_preprocessed/Dataset003_Cli/dataset_fingerprint.json");
+    assert!(!root.join("segk_fingerprint.json").exists(), "the raw dataset folder is not written to");
+    let fp = root.parent().unwrap().join("segk_preprocessed/Dataset003_Cli/segk_fingerprint.json");
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(fp).unwrap()).unwrap();
     assert_eq!(v["shapes_after_crop"], serde_json::json!([[4, 4, 4]]));
     assert_eq!(v["foreground_intensity_properties_per_channel"][0]["max"], 64.0);
@@ -238,7 +238,7 @@ fn plan_command_writes_plans_json() {
     assert_eq!(c["median_shape"], serde_json::json!([16, 24, 24]));
     assert_eq!(c["normalization"], serde_json::json!(["CTNormalization"]));
     assert!(c["batch_size"].as_u64().unwrap() >= 2);
-    assert!(dir.join("dataset_fingerprint.json").is_file());
+    assert!(dir.join("segk_fingerprint.json").is_file());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("GPU memory: needs"), "{text}");
 }

@@ -436,7 +436,7 @@ fn preprocess_command_plans_preprocesses_splits_and_resumes() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("planning first") && text.contains("5 cases preprocessed") && text.contains("2 workers (from --processes)"), "{text}");
     let dir = base.join("segk_preprocessed/Dataset014_Cli");
-    for f in ["plans.json", "dataset.json", "dataset_fingerprint.json", "splits_final.json"] {
+    for f in ["plans.json", "dataset.json", "segk_fingerprint.json", "splits_final.json"] {
         assert!(dir.join(f).is_file(), "{f} written");
     }
     assert_eq!(store::case_ids(&dir.join(STORE_DIR)).unwrap().len(), 5);
@@ -444,4 +444,19 @@ fn preprocess_command_plans_preprocesses_splits_and_resumes() {
     assert_eq!(splits.as_array().unwrap().len(), 5);
     let again = run();
     assert!(String::from_utf8_lossy(&again.stdout).contains("0 cases preprocessed, 5 already done"));
+    // `.` from inside the dataset names the same dataset (not one called "dataset" in the raw folder).
+    let here = std::process::Command::new(segk).args(["preprocess", "."]).current_dir(&root).env_remove("nnUNet_preprocessed").output().unwrap();
+    assert!(String::from_utf8_lossy(&here.stdout).contains("0 cases preprocessed, 5 already done"), "{}", String::from_utf8_lossy(&here.stderr));
+    assert!(!root.join("segk_preprocessed").exists() && !base.join("segk_preprocessed/dataset").exists());
+    // Sizes that cannot be are refused at once, with the file or flag named.
+    let plan_inf = std::process::Command::new(segk).arg("plan").arg(&root).args(["--gpu-memory", "inf"]).output().unwrap();
+    assert!(String::from_utf8_lossy(&plan_inf.stderr).contains("--gpu-memory must be a size in GiB"), "{}", String::from_utf8_lossy(&plan_inf.stderr));
+    let plans = dir.join("plans.json");
+    let good = std::fs::read_to_string(&plans).unwrap();
+    let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
+    v["configurations"]["3d_fullres"]["batch_size"] = 0.into();
+    std::fs::write(&plans, v.to_string()).unwrap();
+    let train = std::process::Command::new(segk).arg("train").arg(&root).args(["0", "--device", "cpu", "--epochs", "1"]).env_remove("nnUNet_preprocessed").env_remove("nnUNet_results").output().unwrap();
+    let err = String::from_utf8_lossy(&train.stderr);
+    assert!(!train.status.success() && err.contains("plans.json: batch_size must be at least 1") && !err.contains("panicked"), "{err}");
 }

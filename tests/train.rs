@@ -121,6 +121,18 @@ mod resume {
         let want_state = tensors(&a.join("checkpoint_final.state.safetensors"));
         assert!(a.join("checkpoint_best.safetensors").is_file() && a.join("checkpoint_latest.state.safetensors").is_file());
 
+        // The same command again, without --resume, must not replace the finished run.
+        let out = train(&root, &a, &[]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("already holds a training run (checkpoint_latest at epoch 3)") && err.contains("--resume"), "{err}");
+        assert!(want == tensors(&a.join("checkpoint_final.safetensors")), "the refused run changed checkpoint_final");
+        // Nor may a fold of another plan replace the plans.json its model folder's folds use.
+        std::fs::create_dir_all(base.join("m")).unwrap();
+        std::fs::write(base.join("m/plans.json"), "{}").unwrap();
+        let out = train(&root, &base.join("m/fold_all"), &[]).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("holds another plan") && std::fs::read_to_string(base.join("m/plans.json")).unwrap() == "{}", "{err}");
+
         // kill -9 during epoch 2: resume from the checkpoint of epoch 1.
         interrupt(&root, &b, 2, Duration::from_millis(300), "KILL");
         let out = train(&root, &b, &["--resume"]).output().unwrap();
@@ -143,6 +155,29 @@ mod resume {
         let out = train(&root, &c, &["--resume"]).output().unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("checkpoint_latest.safetensors") && err.contains("not a valid safetensors file"), "{err}");
+    }
+
+    /// Ctrl-C while `train` plans and preprocesses (or validates) stops the process at once, as
+    /// it would without segk's handler; only the training loop saves first.
+    #[test]
+    fn a_signal_outside_the_training_loop_stops_at_once() {
+        use std::io::BufRead;
+        let base = std::env::temp_dir().join(format!("segk-resume-sigpre-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        let root = base.join("Dataset033_Signal");
+        let out = segk().args(["synth", "--cases", "5", "--shape", "64,96,96", "--spacing", "1,1,1"]).arg(&root).output().unwrap();
+        assert!(out.status.success());
+        let mut child = train(&root, &base.join("out"), &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
+        let first = lines.next().unwrap().unwrap();
+        assert!(first.contains("planning and preprocessing first"), "{first}");
+        let t0 = Instant::now();
+        assert!(Command::new("kill").args(["-s", "INT"]).arg(child.id().to_string()).status().unwrap().success());
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.code() == Some(130) && err.contains("segk: interrupted"), "{:?} {err}", out.status);
+        assert!(t0.elapsed() < Duration::from_secs(5) && !base.join("out/checkpoint_latest.safetensors").exists());
+        let _ = std::fs::remove_dir_all(&base);
     }
 
     #[test]
@@ -189,6 +224,15 @@ fn preflight_picks_the_fastest_level_that_fits_or_refuses_with_numbers() {
     assert_eq!(preflight(&plan, None, F32, Some(l2), 0).unwrap(), Checkpointing::Level2);
     let e = preflight(&plan, None, F32, Some(l2 - 1), 0).unwrap_err().to_string();
     assert!(e.contains("level 2:") && e.contains("GiB is free") && e.contains("--gpu-memory"), "{e}");
-    assert!(preflight(&plan, Some(Checkpointing::None), F32, Some(l1), 0).is_err(), "an explicit level that does not fit is refused");
+    let e = preflight(&plan, Some(Checkpointing::None), F32, Some(l1), 0).unwrap_err().to_string();
+    assert!(e.contains("--checkpointing 2"), "an explicit level that does not fit is refused, pointing at one that does: {e}");
+    // The budget to plan for is scaled by what this backend needs over what the planner models
+    // (here twice): the advice asks for a plan of half the free memory.
+    let mut big = Plan { patch_size: [512; 3], ..plan.clone() };
+    big.gpu_memory_needed_bytes = device_bytes(&big, Checkpointing::Level1, F32).unwrap() / 2;
+    let free = 8u64 << 30;
+    let e = preflight(&big, None, F32, Some(free), 0).unwrap_err().to_string();
+    let asked: f64 = e.split("--gpu-memory ").nth(1).and_then(|r| r.split('`').next()).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
+    assert!(!e.contains("--checkpointing 2") && (asked - 8.0 * 0.95 / 2.0).abs() < 0.11, "{e}");
     assert_eq!(preflight(&plan, None, F32, Some(l0), 1).unwrap(), Checkpointing::Level1, "the backend's workspace counts");
 }

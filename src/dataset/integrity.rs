@@ -41,6 +41,22 @@ fn label_rules(json: &DatasetJson, file: &Path) -> Vec<Problem> {
     if json.label_values().iter().any(|&v| !(0..=255).contains(&v)) {
         out.push(problem(file, "label values must lie in 0..=255"));
     }
+    for (name, v) in &json.labels {
+        if let LabelValue::Region(r) = v {
+            out.push(problem(file, format!("label \"{name}\" is a region {r:?}: segk trains plain labels only (region-based training is not supported yet)")));
+            return out;
+        }
+    }
+    let mut plain: Vec<i64> = json.labels.iter().filter(|(k, _)| *k != "ignore").filter_map(|(_, v)| match v {
+        LabelValue::One(x) => Some(*x),
+        LabelValue::Region(_) => None,
+    }).collect();
+    plain.sort();
+    if plain.windows(2).any(|w| w[0] == w[1]) {
+        out.push(problem(file, format!("two labels share a value: {plain:?}")));
+    } else if plain.iter().enumerate().any(|(i, &v)| v != i as i64) {
+        out.push(problem(file, format!("label values must be consecutive from 0 (nnU-Net's rule): found {plain:?}")));
+    }
     out
 }
 
@@ -124,7 +140,9 @@ pub fn check(root: &Path) -> Vec<Problem> {
         }
     };
     if ds.cases.len() != json.num_training {
-        out.push(problem(&json_path, format!("numTraining is {} but labelsTr holds {} cases", json.num_training, ds.cases.len())));
+        let others = std::fs::read_dir(root.join("labelsTr")).map(|d| d.filter_map(|e| e.ok()).filter(|e| !e.file_name().to_string_lossy().ends_with(&json.file_ending)).count()).unwrap_or(0);
+        let hint = if others > 0 { format!(" (and {others} other files: file_ending is \"{}\")", json.file_ending) } else { String::new() };
+        out.push(problem(&json_path, format!("numTraining is {} but labelsTr holds {} cases{hint}", json.num_training, ds.cases.len())));
     }
     let ids: std::collections::HashSet<&str> = ds.cases.iter().map(|c| c.id.as_str()).collect();
     let ending = &json.file_ending;

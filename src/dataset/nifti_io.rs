@@ -59,7 +59,7 @@ fn affine_of(h: &NiftiHeader) -> [[f64; 4]; 3] {
 
 /// Reads a 3D NIfTI volume (a 4th dimension of size 1 is accepted).
 pub fn read(path: &Path) -> Result<Volume> {
-    let obj = ReaderOptions::new().read_file(path).with_context(|| format!("{}: not a readable NIfTI file", path.display()))?;
+    let obj = ReaderOptions::new().read_file(path).map_err(plain).with_context(|| format!("{}: not a readable NIfTI file", path.display()))?;
     let header = obj.header().clone();
     let dim = header.dim;
     let rank = dim[0] as usize;
@@ -67,7 +67,7 @@ pub fn read(path: &Path) -> Result<Volume> {
         bail!("{}: expected a 3D volume, found {}D with dims {:?}", path.display(), rank, &dim[1..=rank.min(7)]);
     }
     let [nx, ny, nz] = [dim[1], dim[2], dim[3]].map(|v| v as usize);
-    let arr = obj.into_volume().into_ndarray::<f32>().with_context(|| format!("{}: voxel data unreadable (truncated?)", path.display()))?;
+    let arr = obj.into_volume().into_ndarray::<f32>().map_err(plain).with_context(|| format!("{}: voxel data unreadable (truncated?)", path.display()))?;
     if arr.len() != nx * ny * nz {
         bail!("{}: header says {}x{}x{} voxels, data holds {}", path.display(), nx, ny, nz, arr.len());
     }
@@ -116,7 +116,16 @@ pub fn write(path: &Path, v: &Volume, ty: VoxelType) -> Result<()> {
             w.write_nifti(&a)
         }
     };
-    r.with_context(|| format!("writing {}", path.display()))
+    r.map_err(plain).with_context(|| format!("writing {}", path.display()))
+}
+
+/// The nifti crate's error, with an I/O cause said in its own words (its Display shows the
+/// cause's Debug form: `Io(Os { code: 30, .. })`).
+fn plain(e: nifti::NiftiError) -> anyhow::Error {
+    match e {
+        nifti::NiftiError::Io(io) => anyhow::Error::new(io),
+        other => anyhow::Error::new(other),
+    }
 }
 
 /// A header for a volume of `shape` ([z, y, x]) and `spacing` ([z, y, x]) with an sform

@@ -9,6 +9,10 @@ use anyhow::{ensure, Context, Result};
 use rand::{Rng, SeedableRng};
 use rand_pcg::Pcg64;
 use rayon::prelude::*;
+
+/// segk's own name for the file (its layout is not nnU-Net's dataset_fingerprint.json, which it
+/// must not replace where both tools share $nnUNet_preprocessed).
+pub const FILE: &str = "segk_fingerprint.json";
 use serde::{Deserialize, Serialize};
 
 /// nnU-Net's total foreground sample budget over the dataset.

@@ -86,13 +86,12 @@ pub fn plan_3d_fullres(json: &DatasetJson, fp: &Fingerprint, budget: usize) -> R
         (topo, padded) = (t, p);
     }
     // Largest batch that fits, at least 2, at most 5 % of the dataset's voxels per step.
-    let mut batch = 2;
-    while gpu_bytes(&topo, padded, batch + 1)? <= budget {
-        batch += 1;
-    }
     let dataset_voxels: f64 = resampled.iter().map(|r| r.iter().product::<f64>()).sum();
     let five_percent = (dataset_voxels * 0.05 / padded.iter().product::<usize>() as f64).round() as usize;
-    batch = batch.min(five_percent).max(2);
+    let mut batch = 2;
+    while batch < five_percent && gpu_bytes(&topo, padded, batch + 1)? <= budget {
+        batch += 1;
+    }
     let schemes: Vec<Scheme> = (0..channels).map(|c| Scheme::for_channel(json.channel_names.get(&c.to_string()).map(String::as_str).unwrap_or(""))).collect();
     let cropping_helps = percentile(&fp.relative_size_after_cropping, 50.0) < 0.75;
     let use_mask_for_norm = schemes.iter().map(|s| cropping_helps && s.can_use_mask()).collect();
@@ -135,6 +134,10 @@ impl PlansFile {
         use anyhow::Context;
         let p = dir.join(Self::NAME);
         let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read (run `segk plan` first)", p.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{}: not a segk plans.json", p.display()))
+        let plans: PlansFile = serde_json::from_str(&text).with_context(|| format!("{}: not a segk plans.json", p.display()))?;
+        let plan = &plans.configurations.fullres;
+        anyhow::ensure!(plan.batch_size >= 1, "{}: batch_size must be at least 1", p.display());
+        anyhow::ensure!(plan.patch_size.iter().all(|&s| s >= 1), "{}: patch_size {:?} has an empty axis", p.display(), plan.patch_size);
+        Ok(plans)
     }
 }

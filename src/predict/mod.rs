@@ -137,6 +137,10 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
     let settings = Settings::new(&model.json, &model.plans, ImageDtype::F32)?;
     let values = model.class_values()?;
     std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
+    // Find out now, not after the first case's minutes, that nothing can be written there.
+    let probe = output.join(".segk-write-test");
+    std::fs::write(&probe, b"").with_context(|| format!("{}: cannot write there", output.display()))?;
+    let _ = std::fs::remove_file(&probe);
     let mut nets = Vec::new();
     for (dir, name) in &model.checkpoints {
         let mut net = UNet::for_inference(be, plan.topology.clone())?;
