@@ -19,7 +19,7 @@ pub fn parse(s: &str) -> Result<Device> {
         "emu" => Ok(Device::Emu),
         _ => match s.strip_prefix("cuda:").map(str::parse::<usize>) {
             Some(Ok(i)) => Ok(Device::Cuda(i)),
-            _ => bail!("unknown device {s:?}: use cpu, cuda, cuda:N or emu"),
+            _ => bail!("unknown device {s:?}: use auto, cpu, cuda, cuda:N or emu"),
         },
     }
 }

@@ -132,7 +132,7 @@ pub fn evaluate_pairs(pairs: &[(PathBuf, PathBuf)], labels: Option<Vec<i64>>) ->
 /// The summary as a readable table: one row per label, then the foreground mean.
 pub fn table(s: &Summary) -> String {
     let f = |v: Option<f64>| v.map_or("   -  ".to_string(), |x| format!("{x:.4}"));
-    let mut out = format!("{:>8}  {:>6}  {:>6}  {:>12}  {:>12}  {:>12}\n", "label", "Dice", "IoU", "TP", "FP", "FN");
+    let mut out = format!("{:>8}  {:>6}  {:>6}  {:>12}  {:>12}  {:>12}   (means over cases; voxel counts)\n", "label", "Dice", "IoU", "TP", "FP", "FN");
     for (l, m) in &s.mean {
         out += &format!("{l:>8}  {}  {}  {:>12.1}  {:>12.1}  {:>12.1}\n", f(m.dice), f(m.iou), m.tp, m.fp, m.fn_);
     }

@@ -331,6 +331,7 @@ fn run_preprocess(root: &std::path::Path, processes: Option<usize>, f16: bool, g
     use segk::plan::plans::PlansFile;
     use segk::preprocess::{self, splits};
     let out = out.unwrap_or_else(|| preprocessed_dir(root));
+    anyhow::ensure!(processes != Some(0), "--processes must be at least 1");
     if !out.join(PlansFile::NAME).is_file() {
         println!("no {} yet: planning first", out.join(PlansFile::NAME).display());
         run_plan(root, gpu_memory, Some(out.clone()))?;
@@ -399,7 +400,11 @@ fn validate<B: Backend>(be: &B, cfg: &segk::train::TrainConfig, root: &std::path
         cfg.val_ids.iter().map(|id| (id.clone(), (0..model.json.channels()).map(|c| segk::dataset::image_path(&root.join("imagesTr"), id, c, &ending)).collect())).collect();
     let out = cfg.out.join("validation");
     let t0 = std::time::Instant::now();
-    let (files, _) = segk::predict::predict_cases(be, &model, &cases, &out, segk::predict::PredictOptions { step: 0.5, tta: true, save_probabilities: false }, &indicatif::ProgressBar::hidden())?;
+    println!("validation: predicting {} cases with checkpoint_final and mirror TTA into {}", cases.len(), out.display());
+    let bar = cases_bar();
+    let predicted = segk::predict::predict_cases(be, &model, &cases, &out, segk::predict::PredictOptions { step: 0.5, tta: true, save_probabilities: false }, &bar);
+    bar.finish_and_clear();
+    let (files, _) = predicted?;
     let pairs: Vec<_> = files.iter().zip(&cfg.val_ids).map(|(p, id)| (p.clone(), root.join("labelsTr").join(format!("{id}{ending}")))).collect();
     let s = segk::evaluate::evaluate_pairs(&pairs, None)?;
     write_json_atomic(&out.join("summary.json"), &s)?;
@@ -461,6 +466,9 @@ fn run_train(root: &std::path::Path, fold: &str, device: &str, o: TrainOpts, pre
     stop_on_signals();
     anyhow::ensure!(epochs > 0 && iters_per_epoch > 0 && val_iters > 0, "--epochs, --iters-per-epoch and --val-iters must be at least 1");
     anyhow::ensure!(workers != Some(0), "--workers must be at least 1");
+    if device != "auto" {
+        segk::device::parse(device)?;
+    }
     let pre = preprocessed.unwrap_or_else(|| preprocessed_dir(root));
     let ds = segk::dataset::Dataset::open(root)?;
     let ids: Vec<String> = ds.cases.iter().map(|c| c.id.clone()).collect();
@@ -565,6 +573,11 @@ fn refuse_another_plan(model_dir: &std::path::Path, plans: &segk::plan::plans::P
     Ok(())
 }
 
+/// Progress over cases (drawn on a terminal only).
+fn cases_bar() -> indicatif::ProgressBar {
+    indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} cases  {elapsed_precise}  {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()))
+}
+
 struct Predict {
     model: segk::predict::Model,
     input: std::path::PathBuf,
@@ -576,7 +589,7 @@ impl Job for Predict {
     type Out = (Vec<std::path::PathBuf>, u64);
     fn run<B: Backend>(self, be: &B) -> Result<Self::Out> {
         println!("device {}", be.name());
-        let bar = indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} cases  {elapsed_precise}  {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+        let bar = cases_bar();
         let r = segk::predict::predict_folder(be, &self.model, &self.input, &self.output, self.opt, &bar);
         bar.finish_and_clear();
         r

@@ -296,6 +296,11 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
         let t0 = Instant::now();
         let lr = poly_lr(cfg.lr, epoch, cfg.epochs);
         train.pool.take_stats();
+        // Steps of the epoch, on a terminal only (the log gets the epoch's line).
+        let bar = indicatif::ProgressBar::new(cfg.iters_per_epoch as u64)
+            .with_style(indicatif::ProgressStyle::with_template("epoch {msg} {bar:30} {pos}/{len} steps  {elapsed_precise}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
+        bar.set_message(epoch.to_string());
+        bar.set_position(st.iter as u64);
         while st.iter < cfg.iters_per_epoch {
             if STOP.load(Ordering::Relaxed) {
                 st.steps = net.steps;
@@ -324,7 +329,9 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
                 ensure!(st.bad_in_a_row < MAX_BAD_STEPS, "{} steps in a row gave a non-finite loss or gradient at epoch {epoch} (last batch: cases {cases:?})", st.bad_in_a_row);
             }
             train.pool.give_back(b);
+            bar.inc(1);
         }
+        bar.finish_and_clear();
         let train_time = t0.elapsed();
         let stats = train.pool.take_stats();
         let (mut tp, mut fp, mut fn_) = (vec![0u64; classes - 1], vec![0u64; classes - 1], vec![0u64; classes - 1]);

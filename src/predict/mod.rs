@@ -29,6 +29,12 @@ impl Model {
     /// Reads `dir` (plans.json, dataset.json) and finds `checkpoint` in each fold folder
     /// (`folds`: names like "0" or "all"; default every fold_* folder present).
     pub fn open(dir: &Path, folds: Option<&[String]>, checkpoint: &str) -> Result<Model> {
+        ensure!(
+            dir.join(PlansFile::NAME).is_file(),
+            "{}: not a model folder (no {}): -m takes the folder `segk train` writes, the one that holds fold_0, fold_1, ..",
+            dir.display(),
+            PlansFile::NAME
+        );
         let plans = PlansFile::read(dir)?;
         let json = crate::dataset::read_json(dir)?;
         let folds: Vec<String> = match folds {
