@@ -96,6 +96,7 @@ fn integrity_check_reports_every_fault_once() {
     let bytes = std::fs::read(&t).unwrap();
     std::fs::write(&t, &bytes[..bytes.len() / 2]).unwrap();
     nifti_io::write(&root.join("imagesTr/orphan_0000.nii.gz"), &img, VoxelType::F32).unwrap();
+    nifti_io::write(&root.join("imagesTr/good_0002.nii.gz"), &img, VoxelType::F32).unwrap();
 
     let problems = check(&root);
     let lines: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
@@ -113,9 +114,10 @@ fn integrity_check_reports_every_fault_once() {
     let e = format!("{:#}", nifti_io::read(&t).unwrap_err());
     assert!(e.contains("truncated_0001.nii.gz") && !e.contains("Io(") && !e.contains("Custom {"), "{e}");
     assert_eq!(has("orphan_0000.nii.gz", "without a label map"), 1);
-    assert!(!lines.iter().any(|l| l.contains("/good")), "the good case has no problem");
+    assert_eq!(has("good_0002.nii.gz", "channel 0002 is not declared"), 1);
+    assert!(!lines.iter().any(|l| l.contains("/good") && !l.contains("good_0002")), "the good case has no other problem");
     // Each faulty file is named once per fault; channels repeat per-channel faults.
-    assert_eq!(problems.len(), 1 + 1 + 2 + 2 + 2 + 1 + 2 + 1 + 1, "{lines:#?}");
+    assert_eq!(problems.len(), 1 + 1 + 2 + 2 + 2 + 1 + 2 + 1 + 1 + 1, "{lines:#?}");
 }
 
 #[test]

@@ -149,9 +149,11 @@ pub fn check(root: &Path) -> Vec<Problem> {
     for img in files_with(&root.join("imagesTr"), ending).unwrap_or_default() {
         let name = img.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
         let stem = &name[..name.len() - ending.len()];
-        let id = stem.rsplit_once('_').map(|(id, _)| id).unwrap_or(stem);
+        let (id, channel) = stem.rsplit_once('_').unwrap_or((stem, ""));
         if !ids.contains(id) {
             out.push(problem(&img, "image without a label map in labelsTr"));
+        } else if channel.parse::<usize>().is_ok_and(|c| c >= json.channels()) {
+            out.push(problem(&img, format!("channel {channel} is not declared in dataset.json's channel_names ({} channel(s)): it would be ignored", json.channels())));
         }
     }
     let allowed = json.label_values();
