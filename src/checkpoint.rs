@@ -39,6 +39,9 @@ pub struct TrainerState {
     pub epoch_skipped: usize,
     /// Per finished epoch: train loss, mean pseudo-Dice, EMA, seconds (for the log and plot).
     pub history: Vec<[f64; 4]>,
+    /// The run's --epochs (its learning-rate schedule); absent in checkpoints of older builds.
+    #[serde(default)]
+    pub epochs: Option<usize>,
 }
 
 fn paths(dir: &Path, name: &str) -> (PathBuf, PathBuf) {
@@ -269,7 +272,7 @@ mod tests {
     use super::*;
 
     fn state(epoch: usize, steps: u64) -> TrainerState {
-        TrainerState { epoch, steps, next_train_batch: 0, next_val_batch: 0, ema_dice: None, best_ema_dice: None, seed: 0, bad_in_a_row: 0, iter: 0, epoch_loss_sum: 0.0, epoch_steps: 0, epoch_skipped: 0, history: vec![] }
+        TrainerState { epoch, steps, next_train_batch: 0, next_val_batch: 0, ema_dice: None, best_ema_dice: None, seed: 0, bad_in_a_row: 0, iter: 0, epoch_loss_sum: 0.0, epoch_steps: 0, epoch_skipped: 0, history: vec![], epochs: None }
     }
 
     #[test]

@@ -37,12 +37,12 @@ enum Cmd {
     },
     /// Integrity check of an nnU-Net raw dataset: every problem, one line each, with its file.
     Check {
-        /// The DatasetXXX_Name folder (with dataset.json, imagesTr, labelsTr).
+        /// The DatasetXXX_Name folder (with dataset.json, imagesTr, labelsTr), or its ID or name under $nnUNet_raw.
         dataset: std::path::PathBuf,
     },
     /// Integrity check, then nnU-Net's dataset fingerprint written as JSON.
     Fingerprint {
-        /// The DatasetXXX_Name folder.
+        /// The DatasetXXX_Name folder, or its ID (900) or name under $nnUNet_raw.
         dataset: std::path::PathBuf,
         /// Output file (default: segk_fingerprint.json in the folder `segk plan` uses).
         #[arg(long)]
@@ -50,7 +50,7 @@ enum Cmd {
     },
     /// Integrity check, fingerprint and the 3d_fullres plan (plans.json) sized for a GPU budget.
     Plan {
-        /// The DatasetXXX_Name folder.
+        /// The DatasetXXX_Name folder, or its ID (900) or name under $nnUNet_raw.
         dataset: std::path::PathBuf,
         /// GPU memory budget in GiB (8 matches nnU-Net's default plans).
         #[arg(long, default_value_t = 8.0)]
@@ -61,7 +61,7 @@ enum Cmd {
     },
     /// Preprocess a planned dataset into the store (plans it first when plans.json is missing).
     Preprocess {
-        /// The DatasetXXX_Name folder.
+        /// The DatasetXXX_Name folder, or its ID (900) or name under $nnUNet_raw.
         dataset: std::path::PathBuf,
         /// Cases processed at once (default: SEGK_PROCESSES, else nnUNet_def_n_proc, else all CPUs).
         #[arg(long)]
@@ -78,7 +78,7 @@ enum Cmd {
     },
     /// Train 3d_fullres on a fold (preprocessing first when the store is incomplete).
     Train {
-        /// The DatasetXXX_Name folder.
+        /// The DatasetXXX_Name folder, or its ID (900) or name under $nnUNet_raw.
         dataset: std::path::PathBuf,
         /// 0-4, or `all` (train on every case).
         fold: String,
@@ -238,13 +238,13 @@ fn main() {
     let r = match cli.cmd {
         Cmd::Demo { epochs, iters, seed, threads, device } => set_threads(threads).and_then(|_| run_demo(epochs, iters, seed, &device)),
         Cmd::Selftest { device, seed } => run_selftest(&device, seed),
-        Cmd::Check { dataset } => run_check(&dataset),
-        Cmd::Fingerprint { dataset, out } => run_fingerprint(&dataset, out),
-        Cmd::Plan { dataset, gpu_memory, out } => run_plan(&dataset, gpu_memory, out),
-        Cmd::Preprocess { dataset, processes, f16, gpu_memory, out } => run_preprocess(&dataset, processes, f16, gpu_memory, out),
+        Cmd::Check { dataset } => dataset_folder(&dataset).and_then(|d| run_check(&d)),
+        Cmd::Fingerprint { dataset, out } => dataset_folder(&dataset).and_then(|d| run_fingerprint(&d, out)),
+        Cmd::Plan { dataset, gpu_memory, out } => dataset_folder(&dataset).and_then(|d| run_plan(&d, gpu_memory, out)),
+        Cmd::Preprocess { dataset, processes, f16, gpu_memory, out } => dataset_folder(&dataset).and_then(|d| run_preprocess(&d, processes, f16, gpu_memory, out)),
         Cmd::Train { dataset, fold, device, epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, no_validation, workers, seed, preprocessed, out } => {
             let o = TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, validation: !no_validation, workers, seed };
-            run_train(&dataset, &fold, &device, o, preprocessed, out)
+            dataset_folder(&dataset).and_then(|d| run_train(&d, &fold, &device, o, preprocessed, out))
         }
         Cmd::Doctor => run_doctor(),
         Cmd::Predict { input, output, model, folds, checkpoint, step, no_tta, save_probabilities, device } => {
@@ -271,13 +271,51 @@ fn run_check(root: &std::path::Path) -> Result<()> {
         anyhow::bail!("{}: {} problem(s)", root.display(), problems.len());
     }
     let ds = segk::dataset::Dataset::open(root)?;
-    println!("{}: {} cases, {} channel(s), labels {:?}: no problems", root.display(), ds.cases.len(), ds.json.channels(), ds.json.labels.keys().collect::<Vec<_>>());
+    let mut labels: Vec<(Vec<i64>, &String)> = ds.json.labels.iter().map(|(name, v)| (segk::dataset::values_of(v), name)).collect();
+    labels.sort();
+    let labels: Vec<String> = labels.iter().map(|(v, name)| format!("{name} {}", v.iter().map(i64::to_string).collect::<Vec<_>>().join("+"))).collect();
+    println!("{}: {} cases, {} channel(s), labels {}: no problems", root.display(), ds.cases.len(), ds.json.channels(), labels.join(", "));
     Ok(())
 }
 
+/// The raw dataset a command names: a folder, else (as nnU-Net's commands take them) a dataset
+/// ID (`900`, `Dataset900`) or name (`Dataset900_Synth`) under $nnUNet_raw.
+fn dataset_folder(arg: &std::path::Path) -> Result<std::path::PathBuf> {
+    if arg.is_dir() {
+        return Ok(arg.to_path_buf());
+    }
+    let text = arg.to_string_lossy();
+    let Some(raw) = std::env::var_os("nnUNet_raw").map(std::path::PathBuf::from) else {
+        anyhow::bail!("{text}: no such dataset folder (set $nnUNet_raw to name datasets by ID or name, as nnU-Net does)");
+    };
+    let id = text.strip_prefix("Dataset").unwrap_or(&text);
+    let found: Vec<std::path::PathBuf> = match id.parse::<u32>() {
+        Ok(n) => {
+            let prefix = format!("Dataset{n:03}_");
+            std::fs::read_dir(&raw)
+                .map_err(|e| anyhow::anyhow!("$nnUNet_raw ({}): {e}", raw.display()))?
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix) && e.path().is_dir())
+                .map(|e| e.path())
+                .collect()
+        }
+        Err(_) => Some(raw.join(&*text)).filter(|p| p.is_dir()).into_iter().collect(),
+    };
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => anyhow::bail!("{text}: no such dataset folder, here or in $nnUNet_raw ({})", raw.display()),
+        many => anyhow::bail!("{text}: several datasets in $nnUNet_raw match: {}", many.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")),
+    }
+}
+
 /// The dataset folder as a full path, so that `.` or `..` still has a name and a parent.
+/// Symbolic links stay as given (the link's name is the dataset's name, as for nnU-Net).
 fn full_path(root: &std::path::Path) -> std::path::PathBuf {
-    std::fs::canonicalize(root).or_else(|_| std::path::absolute(root)).unwrap_or_else(|_| root.to_path_buf())
+    let abs = std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf());
+    match root.file_name() {
+        Some(_) => abs,
+        None => std::fs::canonicalize(root).unwrap_or(abs),
+    }
 }
 
 fn dataset_name(root: &std::path::Path) -> String {
@@ -379,6 +417,11 @@ impl Job for Train {
     fn run<B: Backend>(self, be: &B) -> Result<Self::Out> {
         println!("device {}", be.name());
         let logs = segk::train::run_on(be, &self.cfg)?;
+        // A signal in the last epoch's tail (after its steps) lands here: the run is saved.
+        anyhow::ensure!(
+            !segk::train::STOP.load(std::sync::atomic::Ordering::Relaxed),
+            "interrupted after the last epoch: checkpoint_final is saved; validation was skipped"
+        );
         if let Some(root) = &self.validate {
             validate(be, &self.cfg, root)?;
         }
@@ -430,16 +473,18 @@ struct TrainOpts {
 /// signal, stop at once, as without the handler.
 #[cfg(unix)]
 fn stop_on_signals() {
-    extern "C" fn on_signal(_: i32) {
+    extern "C" fn on_signal(signum: i32) {
         use std::sync::atomic::Ordering::Relaxed;
+        // SAFETY (both blocks): write and _exit are async-signal-safe.
         if segk::train::STEPPING.load(Relaxed) && !segk::train::STOP.swap(true, Relaxed) {
+            const SAVING: &[u8] = b"\nsegk: stopping: checkpoint_latest is saved at the next step (a second Ctrl-C quits without saving)\n";
+            unsafe { write(2, SAVING.as_ptr(), SAVING.len()) };
             return;
         }
         const MSG: &[u8] = b"\nsegk: interrupted\n";
-        // SAFETY: write and _exit are async-signal-safe.
         unsafe {
             write(2, MSG.as_ptr(), MSG.len());
-            _exit(130);
+            _exit(128 + signum);
         }
     }
     extern "C" {
@@ -550,7 +595,7 @@ fn writable_file(path: &std::path::Path) -> Result<()> {
 /// replace them.
 fn refuse_to_replace_a_run(out: &std::path::Path) -> Result<()> {
     use segk::checkpoint;
-    for name in ["checkpoint_latest", "checkpoint_final"] {
+    for name in ["checkpoint_latest", "checkpoint_final", "checkpoint_best"] {
         if checkpoint::exists(out, name) {
             let at = checkpoint::read_state(out, name).map(|st| format!(" at epoch {}", st.epoch)).unwrap_or_default();
             anyhow::bail!("{} already holds a training run ({name}{at}): continue it with --resume, or start over in another --out (or delete that folder)", out.display());
@@ -564,7 +609,10 @@ fn refuse_to_replace_a_run(out: &std::path::Path) -> Result<()> {
 fn refuse_another_plan(model_dir: &std::path::Path, plans: &segk::plan::plans::PlansFile) -> Result<()> {
     let path = model_dir.join(segk::plan::plans::PlansFile::NAME);
     let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
-    let same = serde_json::from_str::<serde_json::Value>(&text).ok() == Some(serde_json::to_value(plans)?);
+    let Ok(there) = serde_json::from_str::<serde_json::Value>(&text) else {
+        anyhow::bail!("{}: unreadable (not JSON); it should be the plan this model folder's folds were trained with", path.display())
+    };
+    let same = there == serde_json::to_value(plans)?;
     anyhow::ensure!(
         same,
         "{} holds another plan than this training's (the folds trained with it would no longer load): train into another model folder (--out OTHER/fold_N), or delete that one",
@@ -611,6 +659,9 @@ fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &std::p
 }
 
 fn run_evaluate(pred: &std::path::Path, gt: &std::path::Path, labels: Option<Vec<i64>>, out: Option<std::path::PathBuf>) -> Result<()> {
+    for dir in [pred, gt] {
+        anyhow::ensure!(dir.is_dir(), "{}: no such folder", dir.display());
+    }
     let out = out.unwrap_or_else(|| pred.join("summary.json"));
     writable_file(&out)?;
     let s = segk::evaluate::evaluate(pred, gt, labels)?;

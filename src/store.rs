@@ -115,9 +115,14 @@ fn file(dir: &Path, id: &str, ext: &str) -> PathBuf {
 /// Writes `bytes` to `path` through a temporary file and a rename.
 /// A failed write leaves no temporary behind.
 fn write_atomic(path: &Path, fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>) -> Result<()> {
+    write_atomic_via(path, ".tmp", fill)
+}
+
+/// write_atomic through the temporary FILE`suffix`.
+fn write_atomic_via(path: &Path, suffix: &str, fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>) -> Result<()> {
     ensure!(!path.is_dir(), "{}: is a folder; name a file to write", path.display());
     let mut name = path.file_name().with_context(|| format!("{}: not a file name", path.display()))?.to_os_string();
-    name.push(".tmp");
+    name.push(suffix);
     let tmp = path.with_file_name(name);
     let f = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
@@ -179,7 +184,9 @@ pub fn write_case(dir: &Path, header: &CaseHeader, channels: &[Vec<f32>], seg: &
 /// Writes `value` as pretty JSON through a temporary file and a rename.
 pub fn write_json_atomic(path: &Path, value: &impl Serialize) -> Result<()> {
     let text = serde_json::to_string_pretty(value)?;
-    write_atomic(path, |w| w.write_all(text.as_bytes()))
+    // Several processes may write the same small file (the folds of one model started
+    // together write its plans.json): each through its own temporary.
+    write_atomic_via(path, &format!(".{}.tmp", std::process::id()), |w| w.write_all(text.as_bytes()))
 }
 
 /// The header of a complete case (header present and every file of the size it names).

@@ -183,7 +183,14 @@ pub fn preflight(plan: &Plan, asked: Option<Checkpointing>, sizes: ElemBytes, av
         }
         needs.push(format!("level {}: {:.2} GiB", l.level(), gib(need)));
     }
-    let level2_fits = !levels.contains(&Checkpointing::Level2) && device_bytes(plan, Checkpointing::Level2, sizes)? as u64 + workspace <= avail;
+    // Only an explicit level can leave another that fits (auto tried them all).
+    let mut fits = None;
+    for l in [Checkpointing::None, Checkpointing::Level1, Checkpointing::Level2] {
+        if !levels.contains(&l) && device_bytes(plan, l, sizes)? as u64 + workspace <= avail {
+            fits = Some(l);
+            break;
+        }
+    }
     // The planner's memory model counts a GPU's bf16 activations and no validation arena:
     // scale the budget to ask of it by what this backend really needs for the plan.
     let scale = match plan.gpu_memory_needed_bytes {
@@ -191,15 +198,15 @@ pub fn preflight(plan: &Plan, asked: Option<Checkpointing>, sizes: ElemBytes, av
         modelled => device_bytes(plan, Checkpointing::Level1, sizes)? as f64 / modelled as f64,
     };
     let budget = (avail.saturating_sub(workspace)) as f64 * 0.95 / scale;
-    bail!("training needs {} but {:.2} GiB is free: {}", needs.join(", "), gib(avail), remedies(budget, level2_fits))
+    bail!("training needs {} but {:.2} GiB is free: {}", needs.join(", "), gib(avail), remedies(budget, fits.map(|l| l.level().to_string())))
 }
 
 /// What to do when training does not fit: plan for `budget` bytes (as `segk plan` counts
-/// them), more checkpointing when that would fit, or free memory.
-fn remedies(budget: f64, level2_fits: bool) -> String {
+/// them), another checkpoint level when one would fit, or free memory.
+fn remedies(budget: f64, level: Option<String>) -> String {
     let gpu_memory = ((budget / (1u64 << 30) as f64 * 10.0).floor() / 10.0).max(0.1);
-    let level2 = if level2_fits { "train at --checkpointing 2, " } else { "" };
-    format!("plan a smaller patch (`segk plan --gpu-memory {gpu_memory}`), {level2}or free memory")
+    let level = level.map(|l| format!("train at --checkpointing {l} (or auto), ")).unwrap_or_default();
+    format!("plan a smaller patch (`segk plan --gpu-memory {gpu_memory}`), {level}or free memory")
 }
 
 /// A device out-of-memory error during the run gets the pre-flight's remedies, sized for what
@@ -208,7 +215,7 @@ fn remedies(budget: f64, level2_fits: bool) -> String {
 pub fn explain_oom(e: anyhow::Error, held: u64) -> anyhow::Error {
     let Some(oom) = e.downcast_ref::<crate::backend::OutOfMemory>() else { return e };
     let advice = match oom.free {
-        Some(free) => remedies((free + held) as f64 * 0.9, true),
+        Some(free) => remedies((free + held) as f64 * 0.9, Some("2".into())),
         None => "plan a smaller patch (`segk plan --gpu-memory`), train at --checkpointing 2, or free memory".to_string(),
     };
     e.context(format!("the device ran out of memory beyond what the pre-flight counted (is another process using it?): {advice}"))
@@ -247,11 +254,17 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
     std::fs::create_dir_all(&cfg.out).with_context(|| format!("creating {}", cfg.out.display()))?;
     let oom = |e| explain_oom(e, held);
     let mut net = UNet::new(be, topo.clone(), cfg.seed).map_err(oom)?;
-    let mut st = TrainerState { epoch: 0, steps: 0, next_train_batch: 0, next_val_batch: 0, ema_dice: None, best_ema_dice: None, seed: cfg.seed, bad_in_a_row: 0, iter: 0, epoch_loss_sum: 0.0, epoch_steps: 0, epoch_skipped: 0, history: Vec::new() };
+    let mut st = TrainerState { epoch: 0, steps: 0, next_train_batch: 0, next_val_batch: 0, ema_dice: None, best_ema_dice: None, seed: cfg.seed, bad_in_a_row: 0, iter: 0, epoch_loss_sum: 0.0, epoch_steps: 0, epoch_skipped: 0, history: Vec::new(), epochs: Some(cfg.epochs) };
     if cfg.resume {
-        if checkpoint::exists(&cfg.out, "checkpoint_latest") {
-            st = checkpoint::load(&cfg.out, "checkpoint_latest", be, &mut net)?;
-            println!("resuming from {} at epoch {} iteration {} (step {})", cfg.out.join("checkpoint_latest.safetensors").display(), st.epoch, st.iter, st.steps);
+        // As nnU-Net: checkpoint_latest, else checkpoint_best (a run killed before its first
+        // periodic save has only that one).
+        if let Some(from) = ["checkpoint_latest", "checkpoint_best"].into_iter().find(|n| checkpoint::exists(&cfg.out, n)) {
+            st = checkpoint::load(&cfg.out, from, be, &mut net)?;
+            println!("resuming from {} at epoch {} iteration {} (step {})", cfg.out.join(format!("{from}.safetensors")).display(), st.epoch, st.iter, st.steps);
+            if let Some(before) = st.epochs.filter(|&e| e != cfg.epochs) {
+                println!("  the run was started for {before} epochs and goes on for {}: the learning rate follows the new schedule from here", cfg.epochs);
+            }
+            st.epochs = Some(cfg.epochs);
             if st.epoch >= cfg.epochs {
                 println!("this run already finished its {} epochs: nothing left to train", cfg.epochs);
             }
@@ -263,7 +276,7 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
                 };
             }
         } else {
-            println!("--resume: no checkpoint_latest in {}, starting fresh", cfg.out.display());
+            println!("--resume: no checkpoint_latest or checkpoint_best in {}, starting fresh", cfg.out.display());
         }
     }
     let spec = |augment, seed| BatchSpec { batch: plan.batch_size, patch: plan.patch_size, channels, use_mask: plan.use_mask_for_norm.clone(), seed, augment };
@@ -403,6 +416,10 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
             writeln!(log, "  {advice}").with_context(|| format!("writing {}", log_path.display()))?;
         }
         logs.push(e);
+    }
+    // A finished run resumed from checkpoint_best (its latest and final lost) ends as one.
+    if !checkpoint::exists(&cfg.out, "checkpoint_final") {
+        checkpoint::save(&cfg.out, "checkpoint_final", be, &net, &st)?;
     }
     Ok(logs)
 }

@@ -214,7 +214,7 @@ fn many_labels_on_a_long_volume_stay_within_the_stated_bound() {
     std::fs::write(model.join("dataset.json"), serde_json::json!({"channel_names": {"0": "noNorm"}, "labels": labels, "numTraining": 1, "file_ending": ".nii.gz"}).to_string()).unwrap();
     let be = CpuBackend::<f32>::new();
     let net = UNet::new(&be, topology, 3).unwrap();
-    let state = segk::checkpoint::TrainerState { epoch: 0, steps: 0, next_train_batch: 0, next_val_batch: 0, ema_dice: None, best_ema_dice: None, seed: 0, bad_in_a_row: 0, iter: 0, epoch_loss_sum: 0.0, epoch_steps: 0, epoch_skipped: 0, history: vec![] };
+    let state = segk::checkpoint::TrainerState { epoch: 0, steps: 0, next_train_batch: 0, next_val_batch: 0, ema_dice: None, best_ema_dice: None, seed: 0, bad_in_a_row: 0, iter: 0, epoch_loss_sum: 0.0, epoch_steps: 0, epoch_skipped: 0, history: vec![], epochs: None };
     segk::checkpoint::save(&model.join("fold_0"), "checkpoint_final", &be, &net, &state).unwrap();
     let input = base.join("in");
     std::fs::create_dir_all(&input).unwrap();

@@ -448,6 +448,17 @@ fn preprocess_command_plans_preprocesses_splits_and_resumes() {
     let here = std::process::Command::new(segk).args(["preprocess", "."]).current_dir(&root).env_remove("nnUNet_preprocessed").output().unwrap();
     assert!(String::from_utf8_lossy(&here.stdout).contains("0 cases preprocessed, 5 already done"), "{}", String::from_utf8_lossy(&here.stderr));
     assert!(!root.join("segk_preprocessed").exists() && !base.join("segk_preprocessed/dataset").exists());
+    // A dataset reached through a symbolic link keeps the link's name, as for nnU-Net.
+    std::os::unix::fs::symlink(&root, base.join("Dataset015_Link")).unwrap();
+    let out = std::process::Command::new(segk).arg("fingerprint").arg(base.join("Dataset015_Link")).env_remove("nnUNet_preprocessed").output().unwrap();
+    assert!(out.status.success() && base.join("segk_preprocessed/Dataset015_Link/segk_fingerprint.json").is_file(), "{}", String::from_utf8_lossy(&out.stderr));
+    // As nnU-Net's commands: the dataset by ID or name under $nnUNet_raw.
+    for (arg, ok) in [("14", true), ("Dataset014", true), ("Dataset014_Cli", true), ("16", false)] {
+        let out = std::process::Command::new(segk).args(["check", arg]).env("nnUNet_raw", &base).current_dir(std::env::temp_dir()).output().unwrap();
+        let (text, err) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert_eq!(out.status.success(), ok, "{arg}: {text}{err}");
+        assert!(if ok { text.contains("Dataset014_Cli: 5 cases") } else { err.contains("16: no such dataset folder, here or in $nnUNet_raw") }, "{arg}: {text}{err}");
+    }
     // Sizes that cannot be are refused at once, with the file or flag named.
     let plan_inf = std::process::Command::new(segk).arg("plan").arg(&root).args(["--gpu-memory", "inf"]).output().unwrap();
     assert!(String::from_utf8_lossy(&plan_inf.stderr).contains("--gpu-memory must be a size in GiB"), "{}", String::from_utf8_lossy(&plan_inf.stderr));

@@ -96,6 +96,16 @@ mod resume {
         std::fs::read_to_string(out.join("training_log.txt")).map(|s| s.lines().filter(|l| l.starts_with("epoch")).count()).unwrap_or(0)
     }
 
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for e in std::fs::read_dir(from).unwrap() {
+            let e = e.unwrap();
+            if e.path().is_file() {
+                std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+            }
+        }
+    }
+
     /// Starts a run, waits until `epochs` are logged plus `delay`, then sends `signal`.
     fn interrupt(root: &Path, out: &Path, epochs: usize, delay: Duration, signal: &str) -> std::process::Output {
         let child = train(root, out, &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
@@ -126,6 +136,24 @@ mod resume {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!out.status.success() && err.contains("already holds a training run (checkpoint_latest at epoch 3)") && err.contains("--resume"), "{err}");
         assert!(want == tensors(&a.join("checkpoint_final.safetensors")), "the refused run changed checkpoint_final");
+        // Resuming a finished run for more epochs says that the schedule changes, then trains on.
+        copy_dir(&a, &base.join("a4"));
+        let out = segk().arg("train").arg(&root).args(["all", "--device", "cpu", "--epochs", "4", "--iters-per-epoch", "1", "--val-iters", "1", "--workers", "1", "--no-validation", "--resume", "--out"]).arg(base.join("a4")).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("started for 3 epochs and goes on for 4") && text.contains("epoch    3"), "{text}");
+        // A run killed before its first periodic save has only checkpoint_best: it is a run
+        // (refused without --resume) and --resume continues from it, as nnU-Net does.
+        let best_only = base.join("best_only");
+        std::fs::create_dir_all(&best_only).unwrap();
+        for f in ["checkpoint_best.safetensors", "checkpoint_best.state.safetensors"] {
+            std::fs::copy(a.join(f), best_only.join(f)).unwrap();
+        }
+        let out = train(&root, &best_only, &[]).output().unwrap();
+        assert!(String::from_utf8_lossy(&out.stderr).contains("already holds a training run (checkpoint_best"), "{}", String::from_utf8_lossy(&out.stderr));
+        let out = train(&root, &best_only, &["--resume"]).output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success() && text.contains("resuming from") && text.contains("checkpoint_best.safetensors"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(best_only.join("checkpoint_final.safetensors").is_file());
         // Nor may a fold of another plan replace the plans.json its model folder's folds use.
         std::fs::create_dir_all(base.join("m")).unwrap();
         std::fs::write(base.join("m/plans.json"), "{}").unwrap();
@@ -225,7 +253,7 @@ fn preflight_picks_the_fastest_level_that_fits_or_refuses_with_numbers() {
     let e = preflight(&plan, None, F32, Some(l2 - 1), 0).unwrap_err().to_string();
     assert!(e.contains("level 2:") && e.contains("GiB is free") && e.contains("--gpu-memory"), "{e}");
     let e = preflight(&plan, Some(Checkpointing::None), F32, Some(l1), 0).unwrap_err().to_string();
-    assert!(e.contains("--checkpointing 2"), "an explicit level that does not fit is refused, pointing at one that does: {e}");
+    assert!(e.contains("--checkpointing 1 (or auto)"), "an explicit level that does not fit is refused, pointing at one that does: {e}");
     // The budget to plan for is scaled by what this backend needs over what the planner models
     // (here twice): the advice asks for a plan of half the free memory.
     let mut big = Plan { patch_size: [512; 3], ..plan.clone() };

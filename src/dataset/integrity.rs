@@ -29,10 +29,7 @@ fn label_rules(json: &DatasetJson, file: &Path) -> Vec<Problem> {
         _ => out.push(problem(file, "labels must declare \"background\": 0")),
     }
     if let Some(ig) = json.labels.get("ignore") {
-        let max_other = json.labels.iter().filter(|(k, _)| *k != "ignore").flat_map(|(_, v)| match v {
-            LabelValue::One(x) => vec![*x],
-            LabelValue::Region(r) => r.clone(),
-        }).max().unwrap_or(0);
+        let max_other = json.labels.iter().filter(|(k, _)| *k != "ignore").flat_map(|(_, v)| super::values_of(v)).max().unwrap_or(0);
         match ig {
             LabelValue::One(v) if *v > max_other => {}
             _ => out.push(problem(file, "the \"ignore\" label must be a single value above every other label")),

@@ -17,6 +17,14 @@ pub enum LabelValue {
     Region(Vec<i64>),
 }
 
+/// The values one label stands for.
+pub fn values_of(l: &LabelValue) -> Vec<i64> {
+    match l {
+        LabelValue::One(x) => vec![*x],
+        LabelValue::Region(r) => r.clone(),
+    }
+}
+
 #[derive(Clone, Debug, Deserialize)]
 pub struct DatasetJson {
     /// Channel index ("0", "1", ...) -> modality name ("CT", "T2", ...).
@@ -38,10 +46,7 @@ impl DatasetJson {
     }
     /// Every integer value a label map may contain.
     pub fn label_values(&self) -> Vec<i64> {
-        let mut v: Vec<i64> = self.labels.values().flat_map(|l| match l {
-            LabelValue::One(x) => vec![*x],
-            LabelValue::Region(r) => r.clone(),
-        }).collect();
+        let mut v: Vec<i64> = self.labels.values().flat_map(values_of).collect();
         v.sort();
         v.dedup();
         v
@@ -78,7 +83,16 @@ pub fn image_path(dir: &Path, id: &str, c: usize, ending: &str) -> PathBuf {
 pub fn read_json(root: &Path) -> Result<DatasetJson> {
     let p = root.join("dataset.json");
     let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
-    serde_json::from_str(&text).with_context(|| format!("{}: not a valid nnU-Net v2 dataset.json (needs channel_names, labels, numTraining, file_ending)", p.display()))
+    let mut json: DatasetJson = serde_json::from_str(&text).with_context(|| format!("{}: not a valid nnU-Net v2 dataset.json (needs channel_names, labels, numTraining, file_ending)", p.display()))?;
+    // As nnU-Net: a list of one value is that label, not a region.
+    for v in json.labels.values_mut() {
+        if let LabelValue::Region(r) = v {
+            if let [one] = r.as_slice() {
+                *v = LabelValue::One(*one);
+            }
+        }
+    }
+    Ok(json)
 }
 
 /// Files in `dir` ending with `ending`, sorted.

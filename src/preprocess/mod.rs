@@ -9,7 +9,7 @@ pub mod resample;
 pub mod splits;
 
 use crate::dataset::nifti_io;
-use crate::dataset::{Case, Dataset, DatasetJson, LabelValue};
+use crate::dataset::{Case, Dataset, DatasetJson};
 use crate::plan::fingerprint::{bounding_box, nonzero_mask, IntensityStats};
 use crate::plan::plans::{Plan, PlansFile};
 use crate::store::{self, CaseHeader, ClassLocations, ImageDtype, LabelDtype};
@@ -39,10 +39,7 @@ pub fn sampling_classes(json: &DatasetJson) -> Vec<Vec<i64>> {
         .labels
         .iter()
         .filter(|(name, _)| *name != "background" && *name != "ignore")
-        .map(|(_, v)| match v {
-            LabelValue::One(x) => vec![*x],
-            LabelValue::Region(r) => r.clone(),
-        })
+        .map(|(_, v)| crate::dataset::values_of(v))
         .collect();
     classes.sort();
     if ignore.is_some() {
