@@ -649,6 +649,10 @@ fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &std::p
     let m = segk::predict::Model::open(model, folds.as_deref(), checkpoint)?;
     let on = |b: bool| if b { "on" } else { "off" };
     println!("predicting {} with {} fold(s), step {}, mirror TTA {}, probabilities {}", input.display(), m.checkpoints.len(), opt.step, on(opt.tta), on(opt.save_probabilities));
+    let unread = segk::predict::unread_files(input, m.json.channels(), &m.json.file_ending);
+    if !unread.is_empty() {
+        println!("  not read: {}", unread.join(", "));
+    }
     let t0 = std::time::Instant::now();
     let job = Predict { model: m, input: input.to_path_buf(), output: output.to_path_buf(), opt };
     let (files, bound) = segk::device::run_on(device, job)?;

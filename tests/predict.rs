@@ -98,9 +98,13 @@ fn predictions_keep_each_inputs_grid_and_evaluate_scores_them() {
         let v = Volume { header: header_for(src.shape, spacing, dirs, origin), spacing, ..src.clone() };
         nifti_io::write(&input.join(format!("{name}_0000.nii.gz")), &v, VoxelType::I16).unwrap();
     }
+    // Files the model cannot read are named, not silently skipped.
+    std::fs::copy(input.join("aniso_0000.nii.gz"), input.join("aniso_0001.nii.gz")).unwrap();
+    std::fs::write(input.join("other_0000.nii"), b"").unwrap();
     let pred = base.join("pred");
     let text = ok(segk().args(["predict", "-i"]).arg(&input).arg("-o").arg(&pred).arg("-m").arg(&model).args(["--device", "cpu", "--no-tta", "--save-probabilities"]));
     assert!(text.contains("wrote 2 label maps"), "{text}");
+    assert!(text.contains("not read: aniso_0001.nii.gz (channel 1; the model reads 1), other_0000.nii (the model's file_ending is .nii.gz)"), "{text}");
     for name in ["aniso", "oblique"] {
         let a = nifti_io::read(&input.join(format!("{name}_0000.nii.gz"))).unwrap();
         let b = nifti_io::read(&pred.join(format!("{name}.nii.gz"))).unwrap();

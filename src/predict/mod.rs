@@ -101,6 +101,24 @@ pub fn find_cases(input: &Path, channels: usize, ending: &str) -> Result<Vec<(St
         .collect()
 }
 
+/// Files in `input` that find_cases leaves unread: image channels beyond the model's, and
+/// NIfTI files of another ending. Each named with why.
+pub fn unread_files(input: &Path, channels: usize, ending: &str) -> Vec<String> {
+    let Ok(dir) = std::fs::read_dir(input) else { return Vec::new() };
+    let mut out: Vec<String> = dir
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .filter_map(|name| match name.strip_suffix(ending) {
+            Some(stem) => {
+                let c = stem.rsplit_once('_')?.1.parse::<usize>().ok()?;
+                (c >= channels).then(|| format!("{name} (channel {c}; the model reads {channels})"))
+            }
+            None => (name.ends_with(".nii") || name.ends_with(".nii.gz")).then(|| format!("{name} (the model's file_ending is {ending})")),
+        })
+        .collect();
+    out.sort();
+    out
+}
+
 /// An upper bound of the host memory `segk predict` uses for a case of `raw` voxels on its
 /// own grid and `stored` on the plan's: parameters (one copy per fold), the forward pass at
 /// batch 1, the live window (classes + weights x patch depth x H x W, padded to the patch),
