@@ -92,3 +92,12 @@ pub fn peak_rss() -> Option<u64> {
     let status = std::fs::read_to_string("/proc/self/status").ok()?;
     Some(status.lines().find(|l| l.starts_with("VmHWM:"))?.split_whitespace().nth(1)?.parse::<u64>().ok()? * 1024)
 }
+
+/// Where a progress bar cannot be drawn (output to a file, a batch job's log), one line per
+/// item done instead, on stderr as the bar would be, so the log still shows progress and
+/// stdout stays what the command prints (JSON included).
+pub fn log_when_hidden(bar: &indicatif::ProgressBar, item: &str) {
+    if bar.is_hidden() {
+        eprintln!("  {item} done ({}/{}, {:.0} s)", bar.position(), bar.length().unwrap_or(0), bar.elapsed().as_secs_f64());
+    }
+}

@@ -222,6 +222,7 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
             }
             written.push(out);
             progress.inc(1);
+            crate::sysinfo::log_when_hidden(progress, &id);
         }
         drop(write_tx);
         writer.join().map_err(|_| anyhow::anyhow!("the NIfTI writer thread panicked"))??;

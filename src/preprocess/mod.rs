@@ -297,6 +297,7 @@ pub fn run(ds: &Dataset, settings: &Settings, store_dir: &Path, workers: usize, 
                         s.bytes_written += p.header.voxels() * (p.header.channels * p.header.image_dtype.bytes() + p.header.label_dtype.bytes());
                         progress.set_message(case.id.clone());
                         progress.inc(1);
+                        crate::sysinfo::log_when_hidden(progress, &case.id);
                     }
                     Err(e) => {
                         failed.store(true, Ordering::Relaxed);
