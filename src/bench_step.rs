@@ -61,7 +61,7 @@ pub struct StepArgs {
 
 pub fn parse_triple(s: &str) -> Result<[usize; 3], String> {
     let v: Vec<usize> = s.split(['x', ',']).map(|t| t.trim().parse::<usize>().map_err(|e| format!("{s:?}: {e}"))).collect::<Result<_, _>>()?;
-    v.try_into().map_err(|_| format!("{s:?}: expected three numbers like 80x96x80"))
+    v.try_into().map_err(|_| format!("{s:?}: expected three numbers like 80,96,80"))
 }
 
 /// What a plans file (or the flags) describe for the benchmark.

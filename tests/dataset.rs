@@ -139,6 +139,7 @@ fn integrity_check_names_a_broken_dataset_json() {
         (r#"{"background": 0, "organ": [1, 2], "lesion": 2}"#, "label \"organ\" is a region [1, 2]"),
         (r#"{"background": 0, "liver": 1, "tumor": 2, "ignore": 3}"#, ""),
         (r#"{"background": 0, "liver": [1], "tumor": 2}"#, ""),
+        (r#"{"background": 0, "liver": "1"}"#, "a label's value must be an integer or a list of integers"),
     ] {
         let json = format!(r#"{{"channel_names": {{"0": "MR"}}, "labels": {labels}, "numTraining": 0, "file_ending": ".nii.gz"}}"#);
         std::fs::write(root.join("dataset.json"), json).unwrap();

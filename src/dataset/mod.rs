@@ -83,7 +83,13 @@ pub fn image_path(dir: &Path, id: &str, c: usize, ending: &str) -> PathBuf {
 pub fn read_json(root: &Path) -> Result<DatasetJson> {
     let p = root.join("dataset.json");
     let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
-    let mut json: DatasetJson = serde_json::from_str(&text).with_context(|| format!("{}: not a valid nnU-Net v2 dataset.json (needs channel_names, labels, numTraining, file_ending)", p.display()))?;
+    let mut json: DatasetJson = serde_json::from_str(&text)
+        .map_err(|e| match e.to_string().contains("untagged enum LabelValue") {
+            // serde's own words name a Rust type; say what the file must hold.
+            true => anyhow::anyhow!("a label's value must be an integer or a list of integers (line {}, column {})", e.line(), e.column()),
+            false => anyhow::Error::new(e),
+        })
+        .with_context(|| format!("{}: not a valid nnU-Net v2 dataset.json (needs channel_names, labels, numTraining, file_ending)", p.display()))?;
     // As nnU-Net: a list of one value is that label, not a region.
     for v in json.labels.values_mut() {
         if let LabelValue::Region(r) = v {
