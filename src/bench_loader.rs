@@ -73,8 +73,11 @@ pub fn synthetic_store(base: &Path, cases: usize, shape: [usize; 3]) -> Result<(
 /// each slot straight back.
 pub fn measure(store: &Path, ids: &[String], spec: &BatchSpec, workers: usize, seconds: f64) -> Result<LoaderRow> {
     let aug = Augmenter::new(store, ids, spec.clone())?;
-    let mut pool = Pool::start(Arc::new(aug), workers, 2 * workers + 2, spec.slot_shape(), 0)?;
-    for _ in 0..workers {
+    let slots = 2 * workers + 2;
+    let mut pool = Pool::start(Arc::new(aug), workers, slots, spec.slot_shape(), 0)?;
+    // The ring fills while the pool starts: take those batches before the clock starts, or a
+    // short run counts them as made in no time.
+    for _ in 0..slots {
         let b = pool.next_batch()?;
         pool.give_back(b);
     }
@@ -95,6 +98,8 @@ pub fn run(a: &LoaderArgs) -> Result<Vec<LoaderRow>> {
     let base = std::env::temp_dir().join(format!("segk-bench-loader-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
     std::fs::create_dir_all(&base).with_context(|| format!("creating {}", base.display()))?;
+    anyhow::ensure!(a.seconds >= 0.1 && a.seconds.is_finite(), "--seconds must be at least 0.1 (got {})", a.seconds);
+    anyhow::ensure!(a.cases >= 1, "--cases must be at least 1");
     let result = (|| {
         if !a.json {
             println!("segk bench loader: patch {:?}, batch {}, full nnU-Net augmentation, {} generated cases of {:?} ({} CPUs usable)", a.patch, a.batch, a.cases, a.shape, crate::sysinfo::usable_cpus());

@@ -24,7 +24,7 @@ pub struct StepArgs {
     #[arg(long, default_value_t = 3)]
     pub classes: usize,
     /// Stages (used when --features is not given: min(32*2^i, 320)).
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, conflicts_with = "features")]
     pub stages: usize,
     /// Features per stage, comma separated.
     #[arg(long, value_delimiter = ',')]
@@ -61,7 +61,7 @@ pub struct StepArgs {
 
 pub fn parse_triple(s: &str) -> Result<[usize; 3], String> {
     let v: Vec<usize> = s.split(['x', ',']).map(|t| t.trim().parse::<usize>().map_err(|e| format!("{s:?}: {e}"))).collect::<Result<_, _>>()?;
-    v.try_into().map_err(|_| format!("{s:?}: expected three numbers like 80,96,80"))
+    v.try_into().map_err(|_| format!("{s:?}: expected three numbers like 80,96,80 (or 80x96x80)"))
 }
 
 /// What a plans file (or the flags) describe for the benchmark.
@@ -93,6 +93,7 @@ pub struct StepReport {
 }
 
 fn spec(a: &StepArgs) -> Result<StepSpec> {
+    ensure!(a.steps >= 1, "--steps must be at least 1");
     let s = spec_asked(a)?;
     ensure!(s.batch >= 1 && s.patch.iter().all(|&v| v >= 1), "the batch and every patch axis must be at least 1 (got batch {}, patch {:?})", s.batch, s.patch);
     Ok(s)

@@ -87,13 +87,12 @@ fn nifti_files(dir: &Path) -> Result<Vec<PathBuf>> {
 pub fn evaluate(pred: &Path, gt: &Path, labels: Option<Vec<i64>>) -> Result<Summary> {
     let refs = nifti_files(gt)?;
     ensure!(!refs.is_empty(), "{}: no .nii or .nii.gz reference files", gt.display());
-    let mut pairs = Vec::new();
-    for r in &refs {
-        let p = pred.join(r.file_name().unwrap_or_default());
-        if !p.is_file() {
-            bail!("{}: no prediction for reference {}", p.display(), r.display());
-        }
-        pairs.push((p, r.clone()));
+    let pairs: Vec<(PathBuf, PathBuf)> = refs.iter().map(|r| (pred.join(r.file_name().unwrap_or_default()), r.clone())).collect();
+    let missing: Vec<String> = pairs.iter().filter(|(p, _)| !p.is_file()).map(|(_, r)| r.file_name().unwrap_or_default().to_string_lossy().to_string()).collect();
+    if !missing.is_empty() {
+        let shown = missing.iter().take(5).cloned().collect::<Vec<_>>().join(", ");
+        let more = if missing.len() > 5 { format!(" and {} more", missing.len() - 5) } else { String::new() };
+        bail!("{}: no prediction for {} of the {} references in {}: {shown}{more}", pred.display(), missing.len(), refs.len(), gt.display());
     }
     evaluate_pairs(&pairs, labels)
 }

@@ -359,7 +359,11 @@ fn run_plan(root: &std::path::Path, gpu_memory: f64, out: Option<std::path::Path
     };
     write_json_atomic(&out.join(plans::PlansFile::NAME), &doc)?;
     let t = &plan.topology;
-    println!("3d_fullres: spacing {:?}, patch {:?}, batch {}, {} stages, features {:?}", plan.spacing, plan.patch_size, plan.batch_size, t.stages(), t.features);
+    let triple = |v: &[usize; 3]| format!("{}x{}x{}", v[0], v[1], v[2]);
+    let spacing: Vec<String> = plan.spacing.iter().map(|s| format!("{s:.3}")).collect();
+    println!("3d_fullres: spacing {} mm (image axes in the order {:?}), patch {}, batch {}, {} stages, features {:?}", spacing.join(" x "), plan.transpose_forward, triple(&plan.patch_size), plan.batch_size, t.stages(), t.features);
+    println!("  kernels {}", t.kernels.iter().map(triple).collect::<Vec<_>>().join(" "));
+    println!("  strides {}", t.strides.iter().map(triple).collect::<Vec<_>>().join(" "));
     println!("  GPU memory: needs {:.2} GiB of the {:.2} GiB budget (checkpointing {})", plan.gpu_memory_needed_bytes as f64 / plans::GIB, gpu_memory, plan.checkpointing);
     println!("wrote {} and {}", out.join("plans.json").display(), fingerprint::FILE);
     Ok(())
@@ -646,9 +650,15 @@ impl Job for Predict {
 
 fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &std::path::Path, folds: Option<Vec<String>>, checkpoint: &str, opt: segk::predict::PredictOptions, device: &str) -> Result<()> {
     anyhow::ensure!(opt.step > 0.0 && opt.step <= 1.0, "--step must be in (0, 1]");
+    // Predictions written into the input folder would be read as images by the next run.
+    let same = |a: &std::path::Path, b: &std::path::Path| matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y);
+    anyhow::ensure!(!same(input, output), "-o {} is the input folder: write the predictions elsewhere", output.display());
+    // nnU-Net names its checkpoints NAME.pth.
+    let checkpoint = checkpoint.strip_suffix(".pth").unwrap_or(checkpoint);
     let m = segk::predict::Model::open(model, folds.as_deref(), checkpoint)?;
     let on = |b: bool| if b { "on" } else { "off" };
-    println!("predicting {} with {} fold(s), step {}, mirror TTA {}, probabilities {}", input.display(), m.checkpoints.len(), opt.step, on(opt.tta), on(opt.save_probabilities));
+    let names: Vec<String> = m.checkpoints.iter().filter_map(|(d, _)| d.file_name().map(|n| n.to_string_lossy().to_string())).collect();
+    println!("predicting {} with {} ({checkpoint}), step {}, mirror TTA {}, probabilities {}", input.display(), names.join(", "), opt.step, on(opt.tta), on(opt.save_probabilities));
     let unread = segk::predict::unread_files(input, m.json.channels(), &m.json.file_ending);
     if !unread.is_empty() {
         println!("  not read: {}", unread.join(", "));

@@ -49,5 +49,5 @@ fn dice_iou_and_counts_match_hand_computed_values() {
     assert!(String::from_utf8_lossy(&out.stdout).contains("mean"));
     std::fs::remove_file(pred.join("b.nii.gz")).unwrap();
     let e = evaluate(&pred, &gt, None).unwrap_err().to_string();
-    assert!(e.contains("b.nii.gz") && e.contains("no prediction"), "{e}");
+    assert!(e.contains("no prediction for 1 of the 2 references") && e.contains(": b.nii.gz"), "{e}");
 }

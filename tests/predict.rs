@@ -139,6 +139,15 @@ fn predictions_keep_each_inputs_grid_and_evaluate_scores_them() {
     ok(segk().args(["predict", "-i"]).arg(root.join("imagesTr")).arg("-o").arg(&pred_tr).arg("-m").arg(&model).args(["--device", "cpu", "--no-tta", "--folds", "all"]));
     let text = ok(segk().arg("evaluate").arg(&pred_tr).arg(root.join("labelsTr")));
     assert!(text.contains("4 cases") && pred_tr.join("summary.json").is_file(), "{text}");
+    // Refused up front: predicting into the input folder, a fold that was never trained. An
+    // nnU-Net checkpoint name (.pth) is taken for segk's.
+    let err = |c: &mut std::process::Command| String::from_utf8_lossy(&c.output().unwrap().stderr).to_string();
+    let e = err(segk().args(["predict", "-i"]).arg(&input).arg("-o").arg(&input).arg("-m").arg(&model).args(["--device", "cpu"]));
+    assert!(e.contains("is the input folder"), "{e}");
+    let e = err(segk().args(["predict", "-i"]).arg(&input).arg("-o").arg(base.join("p3")).arg("-m").arg(&model).args(["--device", "cpu", "--folds", "3"]));
+    assert!(e.contains("fold 3 is not trained in") && e.contains("(it holds fold all)"), "{e}");
+    let text = ok(segk().args(["predict", "-i"]).arg(&input).arg("-o").arg(base.join("p4")).arg("-m").arg(&model).args(["--device", "cpu", "--no-tta", "--checkpoint", "checkpoint_final.pth"]));
+    assert!(text.contains("with fold_all (checkpoint_final)"), "{text}");
     let _ = std::fs::remove_dir_all(&base);
 }
 

@@ -470,4 +470,17 @@ fn preprocess_command_plans_preprocesses_splits_and_resumes() {
     let train = std::process::Command::new(segk).arg("train").arg(&root).args(["0", "--device", "cpu", "--epochs", "1"]).env_remove("nnUNet_preprocessed").env_remove("nnUNet_results").output().unwrap();
     let err = String::from_utf8_lossy(&train.stderr);
     assert!(!train.status.success() && err.contains("plans.json: batch_size must be at least 1") && !err.contains("panicked"), "{err}");
+    std::fs::write(&plans, good).unwrap();
+    // A hand-written split is checked against the dataset before anything is written.
+    let splits = dir.join("splits_final.json");
+    for (text, says) in [
+        (r#"[{"train": ["case_0000", "case_0001"], "val": []}]"#, r#"fold 0: "val" is empty"#),
+        (r#"[{"train": ["case_0000", "case_0099"], "val": ["case_0003"]}]"#, r#"fold 0: "train" names cases the dataset does not have: case_0099"#),
+    ] {
+        std::fs::write(&splits, text).unwrap();
+        let out_dir = base.join("split_run/fold_0");
+        let train = std::process::Command::new(segk).arg("train").arg(&root).args(["0", "--device", "cpu", "--epochs", "1", "--out"]).arg(&out_dir).env_remove("nnUNet_preprocessed").output().unwrap();
+        let err = String::from_utf8_lossy(&train.stderr);
+        assert!(!train.status.success() && err.contains("splits_final.json") && err.contains(says) && !out_dir.exists(), "{err}");
+    }
 }

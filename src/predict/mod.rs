@@ -37,15 +37,16 @@ impl Model {
         );
         let plans = PlansFile::read(dir)?;
         let json = crate::dataset::read_json(dir)?;
+        let mut present: Vec<String> = std::fs::read_dir(dir)
+            .with_context(|| format!("{}: cannot list", dir.display()))?
+            .filter_map(|e| e.ok())
+            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("fold_")).map(str::to_string))
+            .collect();
+        present.sort();
         let folds: Vec<String> = match folds {
             Some(f) => f.to_vec(),
             None => {
-                let mut v: Vec<String> = std::fs::read_dir(dir)
-                    .with_context(|| format!("{}: cannot list", dir.display()))?
-                    .filter_map(|e| e.ok())
-                    .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("fold_")).map(str::to_string))
-                    .collect();
-                v.sort();
+                let mut v = present.clone();
                 // As nnU-Net: the cross-validation folds, not `all`, unless `all` is alone.
                 if v.iter().any(|f| f != "all") {
                     v.retain(|f| f != "all");
@@ -56,6 +57,7 @@ impl Model {
         ensure!(!folds.is_empty(), "{}: no fold_* folders (train one with `segk train`)", dir.display());
         let mut checkpoints = Vec::new();
         for f in &folds {
+            ensure!(present.contains(f), "fold {f} is not trained in {} (it holds fold {})", dir.display(), present.join(", "));
             let d = dir.join(format!("fold_{f}"));
             ensure!(crate::checkpoint::weights_exist(&d, checkpoint), "{}: no {checkpoint}.safetensors", d.display());
             checkpoints.push((d, checkpoint.to_string()));

@@ -127,13 +127,29 @@ pub fn select(splits: &[Split], ids: &[String], fold: Fold) -> Result<Split> {
     }
 }
 
+/// A split users may have written by hand: every fold trains and validates on something, and
+/// only on cases the dataset has.
+fn check_cases(splits: &[Split], ids: &[String]) -> Result<()> {
+    let known: std::collections::HashSet<&str> = ids.iter().map(String::as_str).collect();
+    for (k, s) in splits.iter().enumerate() {
+        for (what, list) in [("train", &s.train), ("val", &s.val)] {
+            anyhow::ensure!(!list.is_empty(), "fold {k}: \"{what}\" is empty");
+            let unknown: Vec<&str> = list.iter().map(String::as_str).filter(|c| !known.contains(c)).collect();
+            anyhow::ensure!(unknown.is_empty(), "fold {k}: \"{what}\" names cases the dataset does not have: {}", unknown.join(", "));
+        }
+    }
+    Ok(())
+}
+
 /// Reads `dir/splits_final.json`, or writes nnU-Net's 5-fold split of `ids` there when it
 /// is missing (an existing file is never overwritten: it may be the user's own).
 pub fn load_or_create(dir: &Path, ids: &[String]) -> Result<Vec<Split>> {
     let path = dir.join(FILE);
     if path.exists() {
         let text = std::fs::read_to_string(&path).with_context(|| format!("{}: cannot read", path.display()))?;
-        return serde_json::from_str(&text).with_context(|| format!("{}: not a list of {{\"train\": [...], \"val\": [...]}}", path.display()));
+        let splits: Vec<Split> = serde_json::from_str(&text).with_context(|| format!("{}: not a list of {{\"train\": [...], \"val\": [...]}}", path.display()))?;
+        check_cases(&splits, ids).with_context(|| format!("{}", path.display()))?;
+        return Ok(splits);
     }
     let splits = kfold(ids, FOLDS, SEED)?;
     crate::store::write_json_atomic(&path, &splits)?;
