@@ -246,3 +246,13 @@ fn many_labels_on_a_long_volume_stay_within_the_stated_bound() {
     assert!(peak <= bound, "peak RSS {peak} MiB above the stated bound {bound} MiB");
     assert!(bound < whole, "the bound ({bound} MiB) must stay below whole-volume logits ({whole:.0} MiB) to mean anything");
 }
+
+#[test]
+fn a_case_with_its_coarse_axis_elsewhere_is_said() {
+    use segk::predict::axis_order_warning as w;
+    assert!(w([3.0, 0.8, 0.8], [0, 1, 2], [0.8, 0.8, 3.0]).is_some_and(|m| m.contains("3.00 mm")));
+    assert!(w([3.0, 0.8, 0.8], [2, 0, 1], [0.8, 0.8, 3.0]).is_none(), "the plan's transpose is applied first");
+    assert!(w([3.0, 0.8, 0.8], [0, 1, 2], [2.5, 0.7, 0.9]).is_none());
+    assert!(w([1.0, 1.0, 1.0], [0, 1, 2], [0.8, 0.8, 3.0]).is_none(), "an isotropic plan has no coarse axis");
+    assert!(w([3.0, 0.8, 0.8], [0, 1, 2], [1.0, 1.0, 1.1]).is_none(), "an isotropic case is not a different orientation");
+}

@@ -103,6 +103,20 @@ pub fn find_cases(input: &Path, channels: usize, ending: &str) -> Result<Vec<(St
         .collect()
 }
 
+/// When the training images had one coarse axis (spacing over twice the finest) and a case's
+/// coarse axis is another one, the case is probably oriented differently: it is predicted as
+/// given (as nnU-Net does), but said. Spacings are [z, y, x]; the plan's in its axis order.
+pub fn axis_order_warning(plan_spacing: [f64; 3], order: [usize; 3], case_spacing: [f64; 3]) -> Option<String> {
+    let coarsest = |s: [f64; 3]| (0..3).max_by(|&a, &b| s[a].total_cmp(&s[b])).unwrap_or(0);
+    let finest = plan_spacing.iter().copied().fold(f64::INFINITY, f64::min);
+    let case = order.map(|a| case_spacing[a]);
+    let case_finest = case.iter().copied().fold(f64::INFINITY, f64::min);
+    let (p, c) = (coarsest(plan_spacing), coarsest(case));
+    (plan_spacing[p] > 2.0 * finest && case[c] > 2.0 * case_finest && p != c).then(|| {
+        format!("its coarse axis ({:.2} mm) is not the one the training images had ({:.2} mm): is it oriented as they were? (predicted as given)", case[c], plan_spacing[p])
+    })
+}
+
 /// Files in `input` that find_cases leaves unread: image channels beyond the model's, and
 /// NIfTI files of another ending. Each named with why.
 pub fn unread_files(input: &Path, channels: usize, ending: &str) -> Vec<String> {
@@ -205,6 +219,9 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
         for (id, prepared) in prep_rx {
             progress.set_message(id.clone());
             let (channels, geometry, raw) = prepared?;
+            if let Some(w) = axis_order_warning(plan.spacing, plan.transpose_forward, raw.spacing) {
+                println!("  case {id}: {w}");
+            }
             bound = bound.max(host_bytes_bound(model, raw.voxels(), geometry.shape)?);
             let probs = match opt.save_probabilities {
                 true => Some(probs::ProbFile::create(&output.join(format!("{id}.probabilities.npy.tmp")), values.len(), geometry.original_shape)?),
