@@ -349,7 +349,7 @@ fn run_plan(root: &std::path::Path, gpu_memory: f64, out: Option<std::path::Path
     std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("creating {}: {e}", out.display()))?;
     let t0 = std::time::Instant::now();
     let fp = fingerprint::fingerprint(&ds, fingerprint::FOREGROUND_SAMPLES)?;
-    println!("fingerprint: {} cases in {:.1} s", ds.cases.len(), t0.elapsed().as_secs_f64());
+    println!("fingerprint: {} in {:.1} s", segk::sysinfo::count(ds.cases.len(), "case"), t0.elapsed().as_secs_f64());
     write_json_atomic(&out.join(fingerprint::FILE), &fp)?;
     let plan = plans::plan_3d_fullres(&ds.json, &fp, (gpu_memory * plans::GIB) as usize)?;
     let doc = plans::PlansFile {
@@ -385,7 +385,7 @@ fn run_preprocess(root: &std::path::Path, processes: Option<usize>, f16: bool, g
     let settings = preprocess::Settings::new(&ds.json, &plans, dtype)?;
     let (workers, source) = preprocess::worker_count(processes)?;
     let store = out.join(preprocess::STORE_DIR);
-    println!("preprocessing {} cases into {} with {workers} workers (from {source}), images {dtype:?}", ds.cases.len(), store.display());
+    println!("preprocessing {} into {} with {} (from {source}), images {}", segk::sysinfo::count(ds.cases.len(), "case"), store.display(), segk::sysinfo::count(workers, "worker"), format!("{dtype:?}").to_lowercase());
     let bar = indicatif::ProgressBar::new(ds.cases.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} cases  {elapsed_precise} elapsed, {eta} left  {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
@@ -447,7 +447,7 @@ fn validate<B: Backend>(be: &B, cfg: &segk::train::TrainConfig, root: &std::path
         cfg.val_ids.iter().map(|id| (id.clone(), (0..model.json.channels()).map(|c| segk::dataset::image_path(&root.join("imagesTr"), id, c, &ending)).collect())).collect();
     let out = cfg.out.join("validation");
     let t0 = std::time::Instant::now();
-    println!("validation: predicting {} cases with checkpoint_final and mirror TTA into {}", cases.len(), out.display());
+    println!("validation: predicting {} with checkpoint_final and mirror TTA into {}", segk::sysinfo::count(cases.len(), "case"), out.display());
     let bar = cases_bar();
     let predicted = segk::predict::predict_cases(be, &model, &cases, &out, segk::predict::PredictOptions { step: 0.5, tta: true, save_probabilities: false }, &bar);
     bar.finish_and_clear();
@@ -456,7 +456,7 @@ fn validate<B: Backend>(be: &B, cfg: &segk::train::TrainConfig, root: &std::path
     let s = segk::evaluate::evaluate_pairs(&pairs, None)?;
     write_json_atomic(&out.join("summary.json"), &s)?;
     print!("{}", segk::evaluate::table(&s));
-    println!("validation: {} cases in {:.1} s; wrote {}", files.len(), t0.elapsed().as_secs_f64(), out.join("summary.json").display());
+    println!("validation: {} in {:.1} s; wrote {}", segk::sysinfo::count(files.len(), "case"), t0.elapsed().as_secs_f64(), out.join("summary.json").display());
     Ok(())
 }
 
@@ -668,7 +668,7 @@ fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &std::p
     let (files, bound) = segk::device::run_on(device, job)?;
     let mapped = if opt.save_probabilities { "; RSS includes the mapped probability files" } else { "" };
     let peak = segk::sysinfo::peak_rss().map(|b| format!(", peak RSS {:.0} MiB (bound {:.0} MiB{mapped})", b as f64 / (1 << 20) as f64, bound as f64 / (1 << 20) as f64)).unwrap_or_default();
-    println!("wrote {} label maps to {} in {:.1} s{peak}", files.len(), output.display(), t0.elapsed().as_secs_f64());
+    println!("wrote {} to {} in {:.1} s{peak}", segk::sysinfo::count(files.len(), "label map"), output.display(), t0.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -681,7 +681,7 @@ fn run_evaluate(pred: &std::path::Path, gt: &std::path::Path, labels: Option<Vec
     let s = segk::evaluate::evaluate(pred, gt, labels)?;
     write_json_atomic(&out, &s)?;
     print!("{}", segk::evaluate::table(&s));
-    println!("{} cases; wrote {}", s.metric_per_case.len(), out.display());
+    println!("{}; wrote {}", segk::sysinfo::count(s.metric_per_case.len(), "case"), out.display());
     Ok(())
 }
 

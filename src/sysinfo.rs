@@ -101,3 +101,12 @@ pub fn log_when_hidden(bar: &indicatif::ProgressBar, item: &str) {
         eprintln!("  {item} done ({}/{}, {:.0} s)", bar.position(), bar.length().unwrap_or(0), bar.elapsed().as_secs_f64());
     }
 }
+
+/// "1 case", "2 cases": a count with its noun.
+pub fn count(n: usize, noun: &str) -> String {
+    if n == 1 {
+        format!("1 {noun}")
+    } else {
+        format!("{n} {noun}s")
+    }
+}

@@ -284,14 +284,14 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
     let mut train = loader::Loader::start(&cfg.store, &cfg.train_ids, spec(Augment::default(), st.seed), cfg.workers, st.next_train_batch, &*mem)?;
     let mut val = loader::Loader::start(&cfg.store, &cfg.val_ids, spec(Augment::none(), st.seed ^ 0x5eed), Some(1), st.next_val_batch, &*mem)?;
     println!(
-        "loader: {} workers ({}), {} slots of {:.1} MiB ({}); train {} cases, validation {} cases",
-        train.pool.workers(),
+        "loader: {} ({}), {} slots of {:.1} MiB ({}); train {}, validation {}",
+        crate::sysinfo::count(train.pool.workers(), "worker"),
         train.workers_source,
         train.pool.slots(),
         spec(Augment::none(), 0).slot_bytes() as f64 / (1 << 20) as f64,
         mem.kind(),
-        cfg.train_ids.len(),
-        cfg.val_ids.len()
+        crate::sysinfo::count(cfg.train_ids.len(), "case"),
+        crate::sysinfo::count(cfg.val_ids.len(), "case")
     );
     let acts = Acts::new(be, &topo, plan.patch_size, plan.batch_size, level, true).map_err(oom)?;
     let infer = Acts::new(be, &topo, plan.patch_size, plan.batch_size, Checkpointing::Level1, false).map_err(oom)?;
