@@ -45,7 +45,7 @@ pub struct StepArgs {
     pub warmup: usize,
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
-    /// Read topology, patch and batch from a JSON file ({"topology": .., "patch": .., "batch": ..}).
+    /// Read topology, patch and batch from a plans.json of `segk plan`, or a JSON file ({"topology": .., "patch": .., "batch": ..}).
     #[arg(long)]
     pub plans: Option<std::path::PathBuf>,
     /// Worker threads (default: all cores).
@@ -102,7 +102,12 @@ fn spec(a: &StepArgs) -> Result<StepSpec> {
 fn spec_asked(a: &StepArgs) -> Result<StepSpec> {
     if let Some(p) = &a.plans {
         let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-        return serde_json::from_str(&text).with_context(|| format!("{}: not a step spec (topology, patch, batch)", p.display()));
+        // A plans.json of `segk plan` times its 3d_fullres step as training would run it.
+        if let Ok(plans) = serde_json::from_str::<crate::plan::plans::PlansFile>(&text) {
+            let c = plans.configurations.fullres;
+            return Ok(StepSpec { topology: c.topology, patch: c.patch_size, batch: c.batch_size });
+        }
+        return serde_json::from_str(&text).with_context(|| format!("{}: neither a segk plans.json nor a step spec (topology, patch, batch)", p.display()));
     }
     let features = a.features.clone().unwrap_or_else(|| nnunet_features(a.stages, 32, 320));
     let n = features.len();

@@ -20,7 +20,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Generate synthetic cases, train on the CPU, predict held-out cases, print Dice.
+    /// Generate synthetic cases, train (on the CPU unless --device says otherwise), predict held-out cases, print Dice.
     Demo {
         #[arg(long, default_value_t = 12)]
         epochs: usize,
@@ -156,8 +156,8 @@ enum Cmd {
         pred: std::path::PathBuf,
         /// Folder of reference label maps with the same file names.
         gt: std::path::PathBuf,
-        /// Labels to score, comma-separated (default: every nonzero label in the references).
-        #[arg(long, value_delimiter = ',')]
+        /// Labels to score: `1,2` or, as nnU-Net's -l, `1 2` (default: every nonzero label in the references).
+        #[arg(long, value_delimiter = ',', num_args = 1..)]
         labels: Option<Vec<i64>>,
         /// Output file (default: PRED/summary.json).
         #[arg(long)]

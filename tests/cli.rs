@@ -77,6 +77,19 @@ fn bad_input_gets_one_clear_error() {
     }
     let out = segk(&["bench", "step", "--device", "tpu"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown device \"tpu\""));
+    // A plans.json of `segk plan` is a step spec too.
+    let dir = std::env::temp_dir().join(format!("segk-cli-plans-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let topology = segk::model::Topology::isotropic(1, 3, vec![4, 8]);
+    let plan = serde_json::json!({"dataset_name": "D", "configurations": {"3d_fullres": {
+        "spacing": [1.0, 1.0, 1.0], "transpose_forward": [0, 1, 2], "transpose_backward": [0, 1, 2], "median_shape": [8, 8, 8],
+        "patch_size": [8, 8, 8], "batch_size": 2, "topology": topology, "normalization": ["ZScoreNormalization"],
+        "use_mask_for_norm": [false], "gpu_memory_budget_bytes": 0, "gpu_memory_needed_bytes": 0, "checkpointing": 1}},
+        "foreground_intensity_properties_per_channel": []});
+    std::fs::write(dir.join("plans.json"), plan.to_string()).unwrap();
+    let out = segk(&["bench", "step", "--steps", "1", "--warmup", "0", "--json", "--plans", dir.join("plans.json").to_str().unwrap()]);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!((v["spec"]["patch"].clone(), v["spec"]["batch"].clone()), (serde_json::json!([8, 8, 8]), serde_json::json!(2)), "{v}");
     let out = segk(&["bench", "step", "--plans", "/nonexistent/plans.json"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("/nonexistent/plans.json"));
 }

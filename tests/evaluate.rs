@@ -47,6 +47,11 @@ fn dice_iou_and_counts_match_hand_computed_values() {
     assert_eq!(v["mean"]["1"]["Dice"], 0.5);
     assert!(v["metric_per_case"][1]["metrics"]["2"]["Dice"].is_null());
     assert!(String::from_utf8_lossy(&out.stdout).contains("mean"));
+    // nnU-Net's `-l 1 2` spelling of the labels works as `1,2` does.
+    for labels in [vec!["1", "2"], vec!["1,2"]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).arg("evaluate").arg(&pred).arg(&gt).arg("--labels").args(&labels).output().unwrap();
+        assert!(out.status.success(), "{labels:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
     std::fs::remove_file(pred.join("b.nii.gz")).unwrap();
     let e = evaluate(&pred, &gt, None).unwrap_err().to_string();
     assert!(e.contains("no prediction for 1 of the 2 references") && e.contains(": b.nii.gz"), "{e}");
