@@ -585,16 +585,6 @@ fn run_train(root: &std::path::Path, fold: &str, device: &str, o: TrainOpts, pre
     Ok(())
 }
 
-/// Makes the folder of output file `path`, refusing a folder as the file, before the work
-/// that fills it starts.
-fn writable_file(path: &std::path::Path) -> Result<()> {
-    anyhow::ensure!(!path.is_dir(), "{}: is a folder; name a file to write", path.display());
-    match path.parent() {
-        Some(dir) if !dir.as_os_str().is_empty() => std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display())),
-        _ => Ok(()),
-    }
-}
-
 /// A fold folder that holds checkpoints is a run: starting again there without --resume would
 /// replace them.
 fn refuse_to_replace_a_run(out: &std::path::Path) -> Result<()> {
@@ -677,7 +667,7 @@ fn run_evaluate(pred: &std::path::Path, gt: &std::path::Path, labels: Option<Vec
         anyhow::ensure!(dir.is_dir(), "{}: no such folder", dir.display());
     }
     let out = out.unwrap_or_else(|| pred.join("summary.json"));
-    writable_file(&out)?;
+    segk::store::prepare_output_file(&out)?;
     let s = segk::evaluate::evaluate(pred, gt, labels)?;
     write_json_atomic(&out, &s)?;
     print!("{}", segk::evaluate::table(&s));
@@ -727,7 +717,7 @@ fn run_fingerprint(root: &std::path::Path, out: Option<std::path::PathBuf>) -> R
     run_check(root)?;
     let ds = segk::dataset::Dataset::open(root)?;
     let out = out.unwrap_or_else(|| preprocessed_dir(root).join(segk::plan::fingerprint::FILE));
-    writable_file(&out)?;
+    segk::store::prepare_output_file(&out)?;
     let t0 = std::time::Instant::now();
     let fp = segk::plan::fingerprint::fingerprint(&ds, segk::plan::fingerprint::FOREGROUND_SAMPLES)?;
     write_json_atomic(&out, &fp)?;

@@ -113,6 +113,21 @@ fn file(dir: &Path, id: &str, ext: &str) -> PathBuf {
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename.
+fn refuse_folder(path: &Path) -> Result<()> {
+    ensure!(!path.is_dir(), "{}: is a folder; name a file to write", path.display());
+    Ok(())
+}
+
+/// Readies output file `path` before the work that fills it: refuses a folder, makes the
+/// folder it goes in.
+pub fn prepare_output_file(path: &Path) -> Result<()> {
+    refuse_folder(path)?;
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display())),
+        _ => Ok(()),
+    }
+}
+
 /// A failed write leaves no temporary behind.
 fn write_atomic(path: &Path, fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>) -> Result<()> {
     write_atomic_via(path, ".tmp", fill)
@@ -120,7 +135,7 @@ fn write_atomic(path: &Path, fill: impl FnOnce(&mut std::io::BufWriter<std::fs::
 
 /// write_atomic through the temporary FILE`suffix`.
 fn write_atomic_via(path: &Path, suffix: &str, fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>) -> Result<()> {
-    ensure!(!path.is_dir(), "{}: is a folder; name a file to write", path.display());
+    refuse_folder(path)?;
     let mut name = path.file_name().with_context(|| format!("{}: not a file name", path.display()))?.to_os_string();
     name.push(suffix);
     let tmp = path.with_file_name(name);

@@ -198,12 +198,12 @@ pub fn preflight(plan: &Plan, asked: Option<Checkpointing>, sizes: ElemBytes, av
         modelled => device_bytes(plan, Checkpointing::Level1, sizes)? as f64 / modelled as f64,
     };
     let budget = (avail.saturating_sub(workspace)) as f64 * 0.95 / scale;
-    bail!("training needs {} but {:.2} GiB is free: {}", needs.join(", "), gib(avail), remedies(budget, fits.map(|l| l.level().to_string())))
+    bail!("training needs {} but {:.2} GiB is free: {}", needs.join(", "), gib(avail), remedies(budget, fits.map(|l| l.level())))
 }
 
 /// What to do when training does not fit: plan for `budget` bytes (as `segk plan` counts
 /// them), another checkpoint level when one would fit, or free memory.
-fn remedies(budget: f64, level: Option<String>) -> String {
+fn remedies(budget: f64, level: Option<u8>) -> String {
     let gpu_memory = ((budget / (1u64 << 30) as f64 * 10.0).floor() / 10.0).max(0.1);
     let level = level.map(|l| format!("train at --checkpointing {l} (or auto), ")).unwrap_or_default();
     format!("plan a smaller patch (`segk plan --gpu-memory {gpu_memory}`), {level}or free memory")
@@ -215,7 +215,7 @@ fn remedies(budget: f64, level: Option<String>) -> String {
 pub fn explain_oom(e: anyhow::Error, held: u64) -> anyhow::Error {
     let Some(oom) = e.downcast_ref::<crate::backend::OutOfMemory>() else { return e };
     let advice = match oom.free {
-        Some(free) => remedies((free + held) as f64 * 0.9, Some("2".into())),
+        Some(free) => remedies((free + held) as f64 * 0.9, Some(2)),
         None => "plan a smaller patch (`segk plan --gpu-memory`), train at --checkpointing 2, or free memory".to_string(),
     };
     e.context(format!("the device ran out of memory beyond what the pre-flight counted (is another process using it?): {advice}"))

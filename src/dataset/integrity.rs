@@ -44,10 +44,8 @@ fn label_rules(json: &DatasetJson, file: &Path) -> Vec<Problem> {
             return out;
         }
     }
-    let mut plain: Vec<i64> = json.labels.iter().filter(|(k, _)| *k != "ignore").filter_map(|(_, v)| match v {
-        LabelValue::One(x) => Some(*x),
-        LabelValue::Region(_) => None,
-    }).collect();
+    // No regions past this point: each label is one value.
+    let mut plain: Vec<i64> = json.labels.iter().filter(|(k, _)| *k != "ignore").flat_map(|(_, v)| super::values_of(v)).collect();
     plain.sort();
     if plain.windows(2).any(|w| w[0] == w[1]) {
         out.push(problem(file, format!("two labels share a value: {plain:?}")));
@@ -146,11 +144,11 @@ pub fn check(root: &Path) -> Vec<Problem> {
     for img in files_with(&root.join("imagesTr"), ending).unwrap_or_default() {
         let name = img.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
         let stem = &name[..name.len() - ending.len()];
-        let (id, channel) = stem.rsplit_once('_').unwrap_or((stem, ""));
+        let (id, channel) = super::split_channel(stem).map_or((stem, None), |(id, c)| (id, Some(c)));
         if !ids.contains(id) {
             out.push(problem(&img, "image without a label map in labelsTr"));
-        } else if channel.parse::<usize>().is_ok_and(|c| c >= json.channels()) {
-            out.push(problem(&img, format!("channel {channel} is not declared in dataset.json's channel_names ({} channel(s)): it would be ignored", json.channels())));
+        } else if let Some(c) = channel.filter(|&c| c >= json.channels()) {
+            out.push(problem(&img, format!("channel {c:04} is not declared in dataset.json's channel_names ({} channel(s)): it would be ignored", json.channels())));
         }
     }
     let allowed = json.label_values();

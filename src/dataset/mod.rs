@@ -80,6 +80,12 @@ pub fn image_path(dir: &Path, id: &str, c: usize, ending: &str) -> PathBuf {
     dir.join(format!("{id}_{c:04}{ending}"))
 }
 
+/// An image file's stem (`CASE_0001`) as its case and channel: nnU-Net's four-digit suffix.
+pub fn split_channel(stem: &str) -> Option<(&str, usize)> {
+    let (id, c) = stem.rsplit_once('_')?;
+    (c.len() == 4 && c.bytes().all(|d| d.is_ascii_digit())).then(|| (id, c.parse().unwrap_or(0)))
+}
+
 pub fn read_json(root: &Path) -> Result<DatasetJson> {
     let p = root.join("dataset.json");
     let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;

@@ -87,7 +87,7 @@ pub fn find_cases(input: &Path, channels: usize, ending: &str) -> Result<Vec<(St
     let mut ids: Vec<String> = files
         .iter()
         .filter_map(|p| p.file_name()?.to_str()?.strip_suffix(ending).map(str::to_string))
-        .filter_map(|stem| stem.rsplit_once('_').filter(|(_, c)| c.len() == 4 && c.chars().all(|d| d.is_ascii_digit())).map(|(id, _)| id.to_string()))
+        .filter_map(|stem| crate::dataset::split_channel(&stem).map(|(id, _)| id.to_string()))
         .collect();
     ids.sort();
     ids.dedup();
@@ -125,7 +125,7 @@ pub fn unread_files(input: &Path, channels: usize, ending: &str) -> Vec<String> 
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .filter_map(|name| match name.strip_suffix(ending) {
             Some(stem) => {
-                let c = stem.rsplit_once('_')?.1.parse::<usize>().ok()?;
+                let (_, c) = crate::dataset::split_channel(stem)?;
                 (c >= channels).then(|| format!("{name} (channel {c}; the model reads {channels})"))
             }
             None => (name.ends_with(".nii") || name.ends_with(".nii.gz")).then(|| format!("{name} (the model's file_ending is {ending})")),
