@@ -234,4 +234,6 @@ fn main() {
     println!("cargo:rustc-cfg=segk_kernels");
     let version = Command::new(&nvcc).arg("--version").output().map(|o| String::from_utf8_lossy(&o.stdout).lines().find_map(|l| l.split("release ").nth(1).map(str::to_string)).unwrap_or_default()).unwrap_or_default();
     println!("cargo:rustc-env=SEGK_KERNEL_INFO=embedded, sm_80 sm_90 SASS + compute_90 PTX, nvcc {version}");
+    // The CUDA release the PTX is for: a driver older than it cannot load the module.
+    println!("cargo:rustc-env=SEGK_NVCC_RELEASE={}", version.split(',').next().unwrap_or("").trim());
 }

@@ -10,7 +10,7 @@
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use segk::backend::cuda::{unavailable_reason, CudaBackend};
 use segk::bench_kernels::Mem;
-use segk::backend::{Backend, ConvGeom, DiceMode, SgdParams};
+use segk::backend::{Backend, ConvGeom, DiceMode, SgdParams, LOSS_RECORD};
 use segk::model::topology::nnunet_features;
 use segk::model::unet::{Acts, Input};
 use segk::model::{Checkpointing, Topology, UNet};
@@ -65,14 +65,17 @@ fn memory_bound(c: &mut Criterion, be: &CudaBackend) {
     // Reads logits and labels, writes the gradient (the fill that restores the logits is
     // timed too: one more write).
     g.throughput(Throughput::Bytes(3 * ld.len() as u64 * e + ld.rows() as u64));
-    g.bench_function("softmax_dice_ce_2x128cube_3cls", |bch| bch.iter(|| be.fill(logits, 0.0).and_then(|_| be.softmax_dice_ce(logits, ld, labels, DiceMode::Batch, 1.0)).and_then(|_| be.sync()).expect("loss")));
+    let record = m.buf(LOSS_RECORD, 0.0).unwrap();
+    g.bench_function("softmax_dice_ce_2x128cube_3cls", |bch| bch.iter(|| be.fill(logits, 0.0).and_then(|_| be.softmax_dice_ce(logits, ld, labels, DiceMode::Batch, 1.0, record)).and_then(|_| be.sync()).expect("loss")));
 
     let np = segk::model::params::ParamLayout::new(&net_topology()).len;
     let (p, gr, mo) = (m.buf(np, 0.1).unwrap(), m.buf(np, 0.01).unwrap(), m.buf(np, 0.0).unwrap());
-    let sp = SgdParams { lr: 1e-3, momentum: 0.99, weight_decay: 3e-5, first_step: false };
+    let sp = SgdParams { lr: 1e-3, momentum: 0.99, weight_decay: 3e-5, max_grad_norm: 12.0 };
+    // A squared gradient norm of 1: the update runs, unclipped.
+    let guard = m.buf(1, 1.0).unwrap();
     // Reads params, grads, momentum; writes params and momentum (f32).
     g.throughput(Throughput::Bytes(5 * 4 * np as u64));
-    g.bench_function("sgd_update_3d_fullres_params", |bch| bch.iter(|| be.sgd_update(p, gr, mo, &sp).and_then(|_| be.sync()).expect("sgd")));
+    g.bench_function("sgd_update_3d_fullres_params", |bch| bch.iter(|| be.sgd_update(p, gr, mo, &sp, guard).and_then(|_| be.sync()).expect("sgd")));
     g.finish();
 }
 
@@ -91,7 +94,7 @@ fn training_step(c: &mut Criterion, be: &CudaBackend) {
     be.upload(acts.input_image(be), &(0..vox).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 500.0).collect::<Vec<_>>()).expect("image");
     be.upload_labels(acts.input_labels(be).expect("labels"), &(0..vox).map(|i| ((i / 4099) % 3) as u8).collect::<Vec<_>>()).expect("labels");
     g.throughput(Throughput::Elements((fwd + bwd) as u64));
-    g.bench_function("3d_fullres_128cube_b2_level1", |bch| bch.iter(|| net.step(be, &acts, Input::Resident, 1e-2).and_then(|_| be.sync()).expect("step")));
+    g.bench_function("3d_fullres_128cube_b2_level1", |bch| bch.iter(|| net.step(be, &acts, Input::Resident, 1e-2).and_then(|_| net.take_steps(be)).expect("step")));
     g.finish();
 }
 

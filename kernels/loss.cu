@@ -1,79 +1,134 @@
-// Softmax + soft Dice + cross-entropy. Pass 1: per-block partial sums per class of
-// intersection, prediction and ground truth, plus CE and the largest label seen; the host
-// merges them (f64), computes each Dice term, and uploads (dc, 1/denominator) per
-// (group, class). Pass 2: the gradient over the logits, in place.
+// Softmax + soft Dice + cross-entropy, with every sum in a fixed order (the same bits on every
+// run). Pass 1: per-block partial sums per class of intersection, prediction and ground truth,
+// plus CE and the largest label seen. Dice: one block merges the partials in index order, writes
+// (dc, 1/denominator) per (group, class) for pass 2 and the loss parts into the step's record on
+// the device (nothing goes back to the host). Pass 2: the gradient over the logits, in place.
 #include "common.cuh"
 
 #define LOSS_THREADS 256
+#define LOSS_WARPS (LOSS_THREADS / 32)
 
-// Up to this many classes, each thread keeps its sums in registers and the block merges them
-// once per warp; above it, every voxel adds into shared memory (atomics, slower).
+// Classes summed per pass over a block's voxels: each thread keeps this many sums of each kind
+// in registers; more classes take more passes (the logits are re-read, no atomics).
 #define LOSS_REG_C 8
 
-// part[block] = [inter C | pred C | gt C | ce | max label], block = (chunk, sample).
+__device__ __forceinline__ float warp_max(float v) {
+    for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+    return v;
+}
+
+// part[block] = [inter C | pred C | gt C | ce | max label], block = (chunk, sample). Each warp
+// reduces its lanes with shuffles, lands its sums in its own shared row, and thread i adds row
+// i's column over the warps in warp order.
 template <class A>
 __device__ __forceinline__ void loss_partial(const A* z, const uint8_t* lab, long V, int C, long chunk, float* part) {
-    SEGK_DYNAMIC_SHARED(float, acc);  // 3*C + 2
-    int b = blockIdx.y, k = blockIdx.x, lane = threadIdx.x & 31;
-    for (int i = threadIdx.x; i < 3 * C + 2; i += blockDim.x) acc[i] = 0.f;
-    __syncthreads();
-    long r0 = k * chunk, r1 = min(V, r0 + chunk);
-    float ce = 0.f;
-    int maxlab = 0;
-    const bool regs = C <= LOSS_REG_C;
-    float pi[LOSS_REG_C], pp[LOSS_REG_C], pg[LOSS_REG_C];
+    SEGK_DYNAMIC_SHARED(float, wacc);  // LOSS_WARPS rows of 3*C + 2
+    const int W = 3 * C + 2, b = blockIdx.y, k = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    float* row_sums = wacc + warp * W;
+    const long r0 = k * chunk, r1 = min(V, r0 + chunk);
+    for (int c0 = 0; c0 < C; c0 += LOSS_REG_C) {
+        float pi[LOSS_REG_C], pp[LOSS_REG_C], pg[LOSS_REG_C], ce = 0.f, maxlab = 0.f;
 #pragma unroll
-    for (int c = 0; c < LOSS_REG_C; c++) pi[c] = pp[c] = pg[c] = 0.f;
-    for (long r = r0 + threadIdx.x; r < r1; r += blockDim.x) {
-        long row = (long)b * V + r;
-        const A* zr = z + row * C;
-        int y = lab[row];
-        maxlab = max(maxlab, y);
-        float mx = ld(zr);
-        for (int c = 1; c < C; c++) mx = fmaxf(mx, ld(zr + c));
-        float s = 0.f;
-        for (int c = 0; c < C; c++) s += __expf(ld(zr + c) - mx);
-        float inv = 1.f / s;
-        int yc = y < C ? y : 0;
-        ce += mx + __logf(s) - ld(zr + yc);
-        if (regs) {
+        for (int c = 0; c < LOSS_REG_C; c++) pi[c] = pp[c] = pg[c] = 0.f;
+        for (long r = r0 + threadIdx.x; r < r1; r += blockDim.x) {
+            const long row = (long)b * V + r;
+            const A* zr = z + row * C;
+            const int y = lab[row], yc = y < C ? y : 0;
+            float mx = ld(zr);
+            for (int c = 1; c < C; c++) mx = fmaxf(mx, ld(zr + c));
+            float s = 0.f;
+            for (int c = 0; c < C; c++) s += __expf(ld(zr + c) - mx);
+            const float inv = 1.f / s;
+            if (c0 == 0) {
+                ce += mx + __logf(s) - ld(zr + yc);
+                maxlab = fmaxf(maxlab, (float)y);
+            }
 #pragma unroll
             for (int c = 0; c < LOSS_REG_C; c++) {
-                if (c < C) {
-                    float p = __expf(ld(zr + c) - mx) * inv;
+                if (c0 + c < C) {
+                    const float p = __expf(ld(zr + c0 + c) - mx) * inv;
                     pp[c] += p;
-                    pi[c] += c == yc ? p : 0.f;
-                    pg[c] += c == yc ? 1.f : 0.f;
+                    pi[c] += c0 + c == yc ? p : 0.f;
+                    pg[c] += c0 + c == yc ? 1.f : 0.f;
                 }
             }
-        } else {
-            for (int c = 0; c < C; c++) atomicAdd(&acc[C + c], __expf(ld(zr + c) - mx) * inv);
-            atomicAdd(&acc[yc], __expf(ld(zr + yc) - mx) * inv);
-            atomicAdd(&acc[2 * C + yc], 1.f);
         }
-    }
-    if (regs) {
         // Every lane reaches this point (the voxel loop has ended for all), so the full-warp
-        // sums are safe; lane 0 adds the warp's share.
+        // reductions are safe.
 #pragma unroll
         for (int c = 0; c < LOSS_REG_C; c++) {
-            if (c < C) {
-                float si = warp_sum(pi[c]), sp = warp_sum(pp[c]), sg = warp_sum(pg[c]);
+            if (c0 + c < C) {
+                const float si = warp_sum(pi[c]), sp = warp_sum(pp[c]), sg = warp_sum(pg[c]);
                 if (lane == 0) {
-                    atomicAdd(&acc[c], si);
-                    atomicAdd(&acc[C + c], sp);
-                    atomicAdd(&acc[2 * C + c], sg);
+                    row_sums[c0 + c] = si;
+                    row_sums[C + c0 + c] = sp;
+                    row_sums[2 * C + c0 + c] = sg;
                 }
             }
         }
+        if (c0 == 0) {
+            ce = warp_sum(ce);
+            maxlab = warp_max(maxlab);
+            if (lane == 0) {
+                row_sums[3 * C] = ce;
+                row_sums[3 * C + 1] = maxlab;
+            }
+        }
     }
-    ce = warp_sum(ce);
-    if (lane == 0) atomicAdd(&acc[3 * C], ce);
-    atomicMax(reinterpret_cast<int*>(&acc[3 * C + 1]), maxlab);
     __syncthreads();
-    float* p = part + ((long)b * gridDim.x + k) * (3 * C + 2);
-    for (int i = threadIdx.x; i < 3 * C + 1; i += blockDim.x) p[i] = acc[i];
-    if (threadIdx.x == 0) p[3 * C + 1] = (float)(*reinterpret_cast<int*>(&acc[3 * C + 1]));
+    float* p = part + ((long)b * gridDim.x + k) * W;
+    const int nw = (blockDim.x + 31) >> 5;
+    for (int i = threadIdx.x; i < W; i += blockDim.x) {
+        float v = wacc[i];
+        for (int w = 1; w < nw; w++) v = i == 3 * C + 1 ? fmaxf(v, wacc[w * W + i]) : v + wacc[w * W + i];
+        p[i] = v;
+    }
+}
+
+// One block. sums[(b * C + c) * 3 + {0,1,2}] = per-sample (inter, pred, gt), f64, each summed
+// over the chunks in order; then per group (the batch, or each sample) coef[(g * C + c) * 2] =
+// (dc, 1/denominator) as the CPU twin's dice_terms; out = [ce, -mean foreground dc, max label],
+// the Dice term NaN when a label is not below C (the step is then not applied; the host names
+// the label when it reads the record).
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_dice(const float* part, int n, int nchunks, int C, int per_sample, double total_vox, double* sums, float* coef, float* out) {
+    const int W = 3 * C + 2;
+    for (int t = threadIdx.x; t < n * C * 3; t += blockDim.x) {
+        const int b = t / (3 * C), c = t % (3 * C);
+        double s = 0.0;
+        for (int k = 0; k < nchunks; k++) s += part[((long)b * nchunks + k) * W + c];
+        sums[(b * C + c % C) * 3 + c / C] = s;
+    }
+    __syncthreads();
+    const int groups = per_sample ? n : 1;
+    for (int t = threadIdx.x; t < groups * C; t += blockDim.x) {
+        const int g = t / C, c = t % C;
+        double inter = 0.0, pred = 0.0, gt = 0.0;
+        for (int b = per_sample ? g : 0; b < (per_sample ? g + 1 : n); b++) {
+            const double* s = sums + (b * C + c) * 3;
+            inter += s[0];
+            pred += s[1];
+            gt += s[2];
+        }
+        const double denom = fmax(gt + pred + 1e-5, 1e-8);
+        const double dc = (2.0 * inter + 1e-5) / denom;
+        coef[t * 2] = (float)dc;
+        coef[t * 2 + 1] = (float)(1.0 / denom);
+        sums[(long)n * C * 3 + t] = dc;
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+        double ce = 0.0, dice = 0.0;
+        float maxlab = 0.f;
+        for (long i = 0; i < (long)n * nchunks; i++) {
+            ce += part[i * W + 3 * C];
+            maxlab = fmaxf(maxlab, part[i * W + 3 * C + 1]);
+        }
+        for (int g = 0; g < groups; g++)
+            for (int c = 1; c < C; c++) dice += sums[(long)n * C * 3 + g * C + c];
+        out[0] = (float)(ce / total_vox);
+        out[1] = maxlab < (float)C ? (float)(-dice / (double)(groups * (C - 1))) : __int_as_float(0x7fc00000);
+        out[2] = maxlab;
+    }
 }
 
 // z <- weight * dL/dz; coef[(group * C + c) * 2] = (dc, 1/denominator), group = sample

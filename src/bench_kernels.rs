@@ -6,7 +6,7 @@
 //! tensors fit in L2 (the deepest stages) reads them from L2 on repeats, which flatters its
 //! GB/s, not its TFLOP/s (those layers are compute-bound).
 
-use crate::backend::{Backend, ConvGeom, ConvTGeom, DiceMode, SgdParams};
+use crate::backend::{Backend, ConvGeom, ConvTGeom, DiceMode, SgdParams, LOSS_RECORD};
 use crate::bench_step::parse_triple;
 use crate::model::topology::nnunet_features;
 use crate::model::Topology;
@@ -226,18 +226,21 @@ fn rows_of<B: Backend>(be: &B, op: &Op, reps: usize, keep: &dyn Fn(&str) -> bool
                 let e = be.act_bytes() as f64;
                 let logits = m.act(d.len(), 0.0)?;
                 let labels = m.labels(d.rows(), d.c)?;
+                let record = m.buf(LOSS_RECORD, 0.0)?;
                 // Reads logits and labels, writes the gradient over the logits.
                 let bytes = 2.0 * d.len() as f64 * e + d.rows() as f64;
-                row("softmax_dice_ce", dims_str(d), time(be, reps, || be.fill(logits, 0.0).and_then(|_| be.softmax_dice_ce(logits, d, labels, DiceMode::Batch, 1.0).map(|_| ())))?, None, Some(bytes));
+                row("softmax_dice_ce", dims_str(d), time(be, reps, || be.fill(logits, 0.0).and_then(|_| be.softmax_dice_ce(logits, d, labels, DiceMode::Batch, 1.0, record)))?, None, Some(bytes));
             }
         }
         Op::Sgd(n) => {
             if keep("sgd_update") {
                 let e = be.elem_bytes() as f64;
                 let (p, g, mo) = (m.buf(n, 0.1)?, m.buf(n, 0.01)?, m.buf(n, 0.0)?);
-                let sp = SgdParams { lr: 1e-3, momentum: 0.99, weight_decay: 3e-5, first_step: false };
+                let sp = SgdParams { lr: 1e-3, momentum: 0.99, weight_decay: 3e-5, max_grad_norm: 12.0 };
+                // A squared norm of 1: the update runs, unclipped.
+                let guard = m.buf(1, 1.0)?;
                 // Reads params, grads, momentum; writes params and momentum.
-                row("sgd_update", format!("{n} params"), time(be, reps, || be.sgd_update(p, g, mo, &sp))?, None, Some(5.0 * n as f64 * e));
+                row("sgd_update", format!("{n} params"), time(be, reps, || be.sgd_update(p, g, mo, &sp, guard))?, None, Some(5.0 * n as f64 * e));
             }
         }
     }

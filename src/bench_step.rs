@@ -90,6 +90,10 @@ pub struct StepReport {
     pub param_bytes: usize,
     pub activation_bytes: usize,
     pub peak_rss_bytes: Option<usize>,
+    /// Device memory in use once the steps ran (every process's; the arenas and workspace stay
+    /// allocated, so this is the step's peak): None on the CPU.
+    #[serde(default)]
+    pub peak_gpu_bytes: Option<u64>,
 }
 
 fn spec(a: &StepArgs) -> Result<StepSpec> {
@@ -173,6 +177,8 @@ pub fn measure_with<B: Backend>(be: &B, a: &StepArgs, after_warmup: impl Fn()) -
     let policy = Checkpointing::from_level(a.checkpointing)?;
     let (fwd, bwd) = t.step_flops(patch, batch)?;
     let mut net = UNet::new(be, t.clone(), 0)?;
+    // Forward and backward timed apart: the step synchronises at each end (a few microseconds).
+    net.timed = true;
     let acts = Acts::new(be, t, patch, batch, policy, true)?;
     let mut rng = rand_pcg::Pcg64::seed_from_u64(1);
     let vox = batch * patch.iter().product::<usize>();
@@ -188,13 +194,15 @@ pub fn measure_with<B: Backend>(be: &B, a: &StepArgs, after_warmup: impl Fn()) -
             after_warmup();
         }
         let t0 = Instant::now();
-        let (loss, _) = net.step(be, &acts, Input::Resident, 1e-2)?;
+        net.step(be, &acts, Input::Resident, 1e-2)?;
         be.sync()?;
         if i >= a.warmup {
             total.push(t0.elapsed().as_secs_f64());
-            f.push(loss.forward_secs);
-            b.push(loss.backward_secs);
         }
+    }
+    for loss in net.take_steps(be)?.iter().skip(a.warmup) {
+        f.push(loss.forward_secs);
+        b.push(loss.backward_secs);
     }
     let step = median(&mut total);
     Ok(StepReport {
@@ -213,6 +221,7 @@ pub fn measure_with<B: Backend>(be: &B, a: &StepArgs, after_warmup: impl Fn()) -
         param_bytes: net.param_bytes(be),
         activation_bytes: acts.bytes(be),
         peak_rss_bytes: peak_rss_bytes(),
+        peak_gpu_bytes: be.memory_used(),
         spec,
     })
 }
@@ -242,6 +251,7 @@ fn print(r: &StepReport, json: bool) -> Result<()> {
     println!("  forward+loss    {:.3} s", r.forward_median_s);
     println!("  backward        {:.3} s", r.backward_median_s);
     println!("  throughput      {:.1} GFLOP/s", r.gflops_per_s);
-    println!("  memory          params+grads+momentum {}, activations {}, peak RSS {}", mib(r.param_bytes), mib(r.activation_bytes), r.peak_rss_bytes.map(mib).unwrap_or_else(|| "n/a".into()));
+    let gpu = r.peak_gpu_bytes.map(|b| format!(", peak GPU {} in use", mib(b as usize))).unwrap_or_default();
+    println!("  memory          params+grads+momentum {}, activations {}, peak RSS {}{gpu}", mib(r.param_bytes), mib(r.activation_bytes), r.peak_rss_bytes.map(mib).unwrap_or_else(|| "n/a".into()));
     Ok(())
 }

@@ -3,7 +3,6 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use segk::backend::Backend;
-use segk::backend::cuda::CudaBackend;
 use segk::demo::{self, DemoConfig};
 use segk::device::Job;
 use segk::selftest;
@@ -188,6 +187,9 @@ enum Cmd {
         /// Seed of the random inputs (default: fresh each run).
         #[arg(long)]
         seed: Option<u64>,
+        /// Only these families of checks, comma-separated: conv, norm, loss, misc, transfer, step.
+        #[arg(long)]
+        only: Option<String>,
     },
     /// Benchmarks.
     Bench {
@@ -237,7 +239,7 @@ fn main() {
     let cli = Cli::parse();
     let r = match cli.cmd {
         Cmd::Demo { epochs, iters, seed, threads, device } => set_threads(threads).and_then(|_| run_demo(epochs, iters, seed, &device)),
-        Cmd::Selftest { device, seed } => run_selftest(&device, seed),
+        Cmd::Selftest { device, seed, only } => selftest::command(&device, seed, only.as_deref()),
         Cmd::Check { dataset } => dataset_folder(&dataset).and_then(|d| run_check(&d)),
         Cmd::Fingerprint { dataset, out } => dataset_folder(&dataset).and_then(|d| run_fingerprint(&d, out)),
         Cmd::Plan { dataset, gpu_memory, out } => dataset_folder(&dataset).and_then(|d| run_plan(&d, gpu_memory, out)),
@@ -692,6 +694,8 @@ fn run_doctor() -> Result<()> {
         Some(why) if !segk::backend::cuda::KERNELS_EMBEDDED => println!("CUDA: {why}"),
         _ => match segk::backend::cuda::gpus() {
             Ok(list) => {
+                let lib = segk::backend::cuda::driver_library().unwrap_or_else(|| "?".into());
+                println!("NVIDIA driver: {lib}, CUDA {}", segk::backend::cuda::driver_cuda_version().unwrap_or_else(|| "?".into()));
                 for g in list {
                     println!("GPU cuda:{}: {}, sm_{}{}, {:.1} GiB free of {:.1} GiB", g.ordinal, g.name, g.compute_capability.0, g.compute_capability.1, gib(g.free_bytes), gib(g.total_bytes));
                 }
@@ -725,39 +729,6 @@ fn run_fingerprint(root: &std::path::Path, out: Option<std::path::PathBuf>) -> R
         println!("channel {c}: foreground mean {:.3} std {:.3} p0.5 {:.3} p99.5 {:.3}", s.mean, s.std, s.percentile_00_5, s.percentile_99_5);
     }
     println!("wrote {} ({} cases, {:.1} s)", out.display(), fp.spacings.len(), t0.elapsed().as_secs_f64());
-    Ok(())
-}
-
-fn run_cuda_selftest(mut be: CudaBackend, seed: u64) -> Result<Vec<selftest::Check>> {
-    println!("segk selftest on {} (seed {seed}), every check with activations stored as f32 and as bf16", be.device());
-    selftest::run_cuda(&mut be, seed)
-}
-
-struct Selftest(u64);
-
-impl Job for Selftest {
-    type Out = Vec<selftest::Check>;
-    fn run<B: Backend>(self, be: &B) -> Result<Self::Out> {
-        println!("segk selftest on {} (seed {})", be.name(), self.0);
-        let bounds = if be.name().starts_with("cpu") { selftest::Bounds::CPU_F32 } else { selftest::Bounds::CUDA };
-        selftest::run(be, &bounds, self.0)
-    }
-}
-
-fn run_selftest(device: &str, seed: Option<u64>) -> Result<()> {
-    let seed = seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1));
-    // The CUDA backend (and its emulator) is checked with both activation storage types.
-    let checks = match segk::device::parse(device) {
-        Ok(segk::device::Device::Cuda(i)) => {
-            let be = CudaBackend::new(i).map_err(|e| e.context("selftest checks the GPU kernels by default; without a GPU, --device emu checks them on the CPU emulator and --device cpu the CPU backend"))?;
-            run_cuda_selftest(be, seed)?
-        }
-        Ok(segk::device::Device::Emu) => run_cuda_selftest(CudaBackend::emulated()?, seed)?,
-        _ => segk::device::run_on(device, Selftest(seed))?,
-    };
-    if selftest::report(&checks) > 0 {
-        anyhow::bail!("selftest failed on {device}");
-    }
     Ok(())
 }
 

@@ -5,7 +5,7 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, Dt};
-use crate::backend::{Backend, ConvGeom, ConvTGeom, DiceMode, SgdParams};
+use crate::backend::{Backend, ConvGeom, ConvTGeom, DiceMode, SgdParams, LOSS_RECORD};
 use crate::model::unet::Acts;
 use crate::model::{Checkpointing, Topology, UNet};
 use crate::tensor::Dims;
@@ -130,10 +130,15 @@ fn rand_vec(r: &mut Pcg64, n: usize) -> Vec<f32> {
     (0..n).map(|_| r.random_range(-1.0f32..1.0)).collect()
 }
 
-struct Run<'a, B: Backend> {
+struct Run<'a, 'o, B: Backend> {
     dev: Side<'a, B>,
     cpu: Side<'a, CpuBackend<f64>>,
-    checks: Vec<Check>,
+    /// Every check so far (kept by the caller, so that a run stopped by an error keeps them).
+    checks: &'o mut Vec<Check>,
+    /// Put before each check's name ("[bf16 acts] "); each check is printed as it completes
+    /// when `print`.
+    tag: String,
+    print: bool,
     rng: Pcg64,
     /// The device stores activations in bf16 (and the reference rounds alike).
     bf16_storage: bool,
@@ -141,7 +146,14 @@ struct Run<'a, B: Backend> {
 
 type Pair<B> = (<B as Backend>::Buf, <CpuBackend<f64> as Backend>::Buf);
 
-impl<B: Backend> Run<'_, B> {
+impl<B: Backend> Run<'_, '_, B> {
+    fn push(&mut self, c: Check) {
+        let c = Check { name: format!("{}{}", self.tag, c.name), ..c };
+        if self.print {
+            print_check(&c);
+        }
+        self.checks.push(c);
+    }
     fn both(&mut self, data: &[f32]) -> Result<Pair<B>> {
         Ok((self.dev.put(data)?, self.cpu.put(data)?))
     }
@@ -164,7 +176,7 @@ impl<B: Backend> Run<'_, B> {
     }
     fn compare(&mut self, name: String, d: B::Buf, c: <CpuBackend<f64> as Backend>::Buf, len: usize, bound: f64) -> Result<()> {
         let err = rel_err(&self.dev.get(d, len)?, &self.cpu.get(c, len)?);
-        self.checks.push(Check { name, err, bound });
+        self.push(Check { name, err, bound });
         Ok(())
     }
     fn rand(&mut self, n: usize) -> Vec<f32> {
@@ -295,15 +307,27 @@ fn loss_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
         r.cpu.be.argmax(zc, ld, ac)?;
         let (x, y) = (r.dev.get_labels(ad, ld.rows())?, r.cpu.get_labels(ac, ld.rows())?);
         let wrong = x.iter().zip(&y).filter(|(a, b)| a != b).count();
-        r.checks.push(Check { name: format!("argmax {ld}"), err: wrong as f64, bound: 0.0 });
+        r.push(Check { name: format!("argmax {ld}"), err: wrong as f64, bound: 0.0 });
         let (ldv, lcv) = (r.dev.labels(&labels)?, r.cpu.labels(&labels)?);
-        let pd = r.dev.be.softmax_dice_ce(zd, ld, ldv, mode, 0.5)?;
-        let pc = r.cpu.be.softmax_dice_ce(zc, ld, lcv, mode, 0.5)?;
-        let err = ((pd.ce - pc.ce).abs() + (pd.dice - pc.dice).abs()) / (pc.ce.abs() + pc.dice.abs());
-        r.checks.push(Check { name: format!("loss value {mode:?} {ld}"), err, bound: b.f32 });
+        let (rd, rc) = r.outs(LOSS_RECORD)?;
+        r.dev.be.softmax_dice_ce(zd, ld, ldv, mode, 0.5, rd)?;
+        r.cpu.be.softmax_dice_ce(zc, ld, lcv, mode, 0.5, rc)?;
+        // [CE, Dice term, largest label]: the label exactly, the parts within f32 rounding.
+        let (pd, pc) = (r.dev.get(rd, LOSS_RECORD)?, r.cpu.get(rc, LOSS_RECORD)?);
+        r.push(Check { name: format!("loss value {mode:?} {ld}"), err: rel_err(&pd[..2], &pc[..2]), bound: b.f32 });
+        r.push(Check { name: format!("loss largest label {mode:?} {ld}"), err: if pd[2] == pc[2] { 0.0 } else { 1.0 }, bound: 0.0 });
         let stored = r.stored(b, b.f32);
         r.compare(format!("loss gradient {mode:?} {ld}"), zd, zc, ld.len(), stored)?;
     }
+    // A label the net has no output for: NaN Dice term (the update is then skipped), the label
+    // reported.
+    let ld = Dims::new(1, [2, 3, 4], 3);
+    let z = r.rand(ld.len());
+    let labels: Vec<u8> = (0..ld.rows()).map(|i| if i == 7 { 5 } else { (i % 3) as u8 }).collect();
+    let ((zd, _), ldv, (rd, _)) = (r.both_act(&z)?, r.dev.labels(&labels)?, r.outs(LOSS_RECORD)?);
+    r.dev.be.softmax_dice_ce(zd, ld, ldv, DiceMode::Batch, 1.0, rd)?;
+    let got = r.dev.get(rd, LOSS_RECORD)?;
+    r.push(Check { name: "loss with a label beyond the classes: NaN Dice term, label 5 reported".into(), err: if got[1].is_nan() && got[2] == 5.0 { 0.0 } else { 1.0 }, bound: 0.0 });
     Ok(())
 }
 
@@ -332,23 +356,34 @@ fn misc_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
     r.dev.be.downsample_labels(sdv, sd, ddv, dd)?;
     r.cpu.be.downsample_labels(scv, sd, dcv, dd)?;
     let same = r.dev.get_labels(ddv, dd.rows())? == r.cpu.get_labels(dcv, dd.rows())?;
-    r.checks.push(Check { name: "downsample_labels".into(), err: if same { 0.0 } else { 1.0 }, bound: 0.0 });
+    r.push(Check { name: "downsample_labels".into(), err: if same { 0.0 } else { 1.0 }, bound: 0.0 });
 
     let n = 100_003;
     let (p, g, m) = (r.rand(n), r.rand(n), r.rand(n));
     let ((pd, pc), (gd, gc), (md, mc)) = (r.both(&p)?, r.both(&g)?, r.both(&m)?);
-    let ss = (r.dev.be.sum_squares(gd)?, r.cpu.be.sum_squares(gc)?);
-    r.checks.push(Check { name: "sum_squares".into(), err: (ss.0 - ss.1).abs() / ss.1, bound: b.f32 });
-    for first in [true, false] {
-        let sp = SgdParams { lr: 0.01, momentum: 0.99, weight_decay: 3e-5, first_step: first };
-        r.dev.be.sgd_update(pd, gd, md, &sp)?;
-        r.cpu.be.sgd_update(pc, gc, mc, &sp)?;
+    // The guard as a step leaves it: the squared norm, then loss parts.
+    let ((sd, sc), (guard_d, guard_c)) = (r.outs(1)?, r.outs(3)?);
+    r.dev.be.sum_squares(gd, sd)?;
+    r.cpu.be.sum_squares(gc, sc)?;
+    r.compare("sum_squares".into(), sd, sc, 1, b.f32)?;
+    // Twice unclipped, then clipped (a squared norm of 400: the factor is 12/20), then a guard
+    // with a NaN loss part, which must leave parameters and momentum untouched.
+    let guards: [[f32; 3]; 4] = [[1.0, 0.5, -0.2], [1.0, 0.5, -0.2], [400.0, 0.5, -0.2], [1.0, f32::NAN, -0.2]];
+    for (k, guard) in guards.iter().enumerate() {
+        r.dev.be.upload(guard_d, guard)?;
+        r.cpu.be.upload(guard_c, guard)?;
+        let sp = SgdParams { lr: 0.01, momentum: 0.99, weight_decay: 3e-5, max_grad_norm: 12.0 };
+        let before = (r.dev.get(pd, n)?, r.dev.get(md, n)?);
+        r.dev.be.sgd_update(pd, gd, md, &sp, guard_d)?;
+        r.cpu.be.sgd_update(pc, gc, mc, &sp, guard_c)?;
+        let what = ["", " again", " clipped", " with a NaN guard"][k];
+        r.compare(format!("sgd_nesterov params{what}"), pd, pc, n, b.f32)?;
+        r.compare(format!("sgd_nesterov momentum{what}"), md, mc, n, b.f32)?;
+        if k == 3 {
+            let same = (r.dev.get(pd, n)?, r.dev.get(md, n)?) == before;
+            r.push(Check { name: "sgd_nesterov with a NaN guard leaves the net untouched".into(), err: if same { 0.0 } else { 1.0 }, bound: 0.0 });
+        }
     }
-    r.compare("sgd_nesterov params".into(), pd, pc, n, b.f32)?;
-    r.compare("sgd_nesterov momentum".into(), md, mc, n, b.f32)?;
-    r.dev.be.scale(gd, 0.37)?;
-    r.cpu.be.scale(gc, 0.37)?;
-    r.compare("scale".into(), gd, gc, n, b.f32)?;
     Ok(())
 }
 
@@ -362,7 +397,7 @@ fn transfer_checks<B: Backend>(r: &mut Run<B>) -> Result<()> {
     let (sd, dd) = (r.dev.put(&src)?, r.dev.out(n)?);
     r.dev.be.copy(dd, sd)?;
     let same = r.dev.get(dd, n)? == src;
-    r.checks.push(Check { name: "copy".into(), err: exact(same), bound: 0.0 });
+    r.push(Check { name: "copy".into(), err: exact(same), bound: 0.0 });
     // Activation memory from working precision and back (a cast where they differ).
     let (ad, back) = (r.dev.out_act(n)?, r.dev.out(n)?);
     r.dev.be.copy(ad, sd)?;
@@ -371,18 +406,18 @@ fn transfer_checks<B: Backend>(r: &mut Run<B>) -> Result<()> {
     let err = rel_err(&got, &src);
     // bf16 rounding to nearest moves each value by at most 2^-9 of itself.
     let bound = if r.bf16_storage { 2e-3 } else { 0.0 };
-    r.checks.push(Check { name: "copy into activation memory and back".into(), err: if got == want { err } else { f64::INFINITY }, bound });
+    r.push(Check { name: "copy into activation memory and back".into(), err: if got == want { err } else { f64::INFINITY }, bound });
     // Uploads and downloads of activation memory longer than the chunks a bf16 conversion
     // goes through (2^20 values), in small integers that bf16 holds exactly.
     let big: Vec<f32> = (0..(2 << 20) + 5).map(|i| (i % 97) as f32 - 48.0).collect();
     let bd = r.dev.put_act(&big)?;
     let same = r.dev.get(bd, big.len())? == big;
-    r.checks.push(Check { name: "upload and download of activation memory in chunks".into(), err: exact(same), bound: 0.0 });
+    r.push(Check { name: "upload and download of activation memory in chunks".into(), err: exact(same), bound: 0.0 });
     let lab: Vec<u8> = (0..n).map(|_| r.rng.random_range(0..200)).collect();
     let (ls, ld) = (r.dev.labels(&lab)?, r.dev.labels(&vec![255; n])?);
     r.dev.be.copy_labels(ld, ls)?;
     let same = r.dev.get_labels(ld, n)? == lab;
-    r.checks.push(Check { name: "copy_labels".into(), err: exact(same), bound: 0.0 });
+    r.push(Check { name: "copy_labels".into(), err: exact(same), bound: 0.0 });
 
     let be = r.dev.be;
     let mem = be.host_memory();
@@ -406,7 +441,7 @@ fn transfer_checks<B: Backend>(r: &mut Run<B>) -> Result<()> {
     staged?;
     for (k, (oi, ol)) in outs.into_iter().enumerate() {
         let same = r.dev.get(oi, img_len)? == want[k].0 && r.dev.get_labels(ol, lab_len)? == want[k].1;
-        r.checks.push(Check { name: format!("staged upload batch {k} ({})", mem.kind()), err: exact(same), bound: 0.0 });
+        r.push(Check { name: format!("staged upload batch {k} ({})", mem.kind()), err: exact(same), bound: 0.0 });
     }
     Ok(())
 }
@@ -466,39 +501,83 @@ fn step_check<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
         let ld = dn.compute_gradients(r.dev.be, &da, &image, &labels)?;
         let lc = cn.compute_gradients(&reference, &ca, &image, &labels)?;
         let lvl = policy.level();
-        r.checks.push(Check { name: format!("train step loss (checkpointing {lvl}){against}"), err: (ld.total - lc.total).abs() / lc.total.abs(), bound: b.step });
-        r.checks.push(Check { name: format!("train step grad norm (checkpointing {lvl}){against}"), err: (ld.grad_norm - lc.grad_norm).abs() / lc.grad_norm, bound: b.step });
+        r.push(Check { name: format!("train step loss (checkpointing {lvl}){against}"), err: (ld.total - lc.total).abs() / lc.total.abs(), bound: b.step });
+        r.push(Check { name: format!("train step grad norm (checkpointing {lvl}){against}"), err: (ld.grad_norm - lc.grad_norm).abs() / lc.grad_norm, bound: b.step });
         let n = dn.n_params();
         let (mut dg, mut cg) = (vec![0f32; n], vec![0f32; n]);
         r.dev.be.download(dn.grads(r.dev.be), &mut dg)?;
         reference.download(cn.grads(&reference), &mut cg)?;
-        r.checks.push(Check { name: format!("train step gradients (checkpointing {lvl}){against}"), err: rel_err(&dg, &cg), bound: b.step_grads });
+        r.push(Check { name: format!("train step gradients (checkpointing {lvl}){against}"), err: rel_err(&dg, &cg), bound: b.step_grads });
     }
     Ok(())
+}
+
+/// The families of checks, in the order they run.
+pub const FAMILIES: [&str; 6] = ["conv", "norm", "loss", "misc", "transfer", "step"];
+
+/// Which families run, and whether each check is printed as it completes.
+#[derive(Clone, Debug)]
+pub struct Selection {
+    pub families: Vec<&'static str>,
+    pub print: bool,
+}
+
+impl Selection {
+    /// Every family, silently (the tests).
+    pub fn all() -> Selection {
+        Selection { families: FAMILIES.to_vec(), print: false }
+    }
+    /// `--only a,b` (every family without it), printed as it goes.
+    pub fn parse(only: Option<&str>) -> Result<Selection> {
+        let families = match only {
+            None => FAMILIES.to_vec(),
+            Some(list) => list
+                .split(',')
+                .map(|f| FAMILIES.iter().copied().find(|k| *k == f.trim()).ok_or_else(|| anyhow::anyhow!("--only: no family of checks named {f:?} (they are {})", FAMILIES.join(", "))))
+                .collect::<Result<_>>()?,
+        };
+        Ok(Selection { families, print: true })
+    }
 }
 
 /// Runs every check of `dev` against the f64 CPU reference; where `dev` stores activations
 /// in bf16 (narrower than its working precision), against a reference that stores them alike.
 pub fn run<B: Backend>(dev: &B, bounds: &Bounds, seed: u64) -> Result<Vec<Check>> {
-    run_checks(dev, bounds, seed, true)
+    let mut checks = Vec::new();
+    run_selected(dev, bounds, seed, &Selection::all(), "", &mut checks)?;
+    Ok(checks)
 }
 
-fn run_checks<B: Backend>(dev: &B, bounds: &Bounds, seed: u64, all: bool) -> Result<Vec<Check>> {
+/// The selected families into `checks`, each check's name after `tag`. An error stops the
+/// run, saying in which family and after which check; the checks before it stay in `checks`.
+pub fn run_selected<B: Backend>(dev: &B, bounds: &Bounds, seed: u64, sel: &Selection, tag: &str, checks: &mut Vec<Check>) -> Result<()> {
     let bf16_storage = dev.act_bytes() < dev.elem_bytes();
     let cpu = if bf16_storage { CpuBackend::<f64>::with_bf16_storage() } else { CpuBackend::<f64>::new() };
-    let mut r = Run { dev: Side::new(dev), cpu: Side::new(&cpu), checks: Vec::new(), rng: Pcg64::seed_from_u64(seed), bf16_storage };
-    conv_checks(&mut r, bounds)?;
-    if !all {
-        dev.sync()?;
-        return Ok(r.checks);
+    let tag_text = if tag.is_empty() { String::new() } else { format!("[{tag}] ") };
+    let mut r = Run { dev: Side::new(dev), cpu: Side::new(&cpu), checks, tag: tag_text, print: sel.print, rng: Pcg64::seed_from_u64(seed), bf16_storage };
+    for &family in FAMILIES.iter().filter(|f| sel.families.contains(f)) {
+        if sel.print {
+            println!("-- {family}{}", if tag.is_empty() { String::new() } else { format!(" [{tag}]") });
+        }
+        let before = r.checks.len();
+        let done = match family {
+            "conv" => conv_checks(&mut r, bounds),
+            "norm" => norm_checks(&mut r, bounds),
+            "loss" => loss_checks(&mut r, bounds),
+            "misc" => misc_checks(&mut r, bounds),
+            "transfer" => transfer_checks(&mut r),
+            _ => step_check(&mut r, bounds),
+        };
+        if let Err(e) = done.and_then(|_| dev.sync()) {
+            let last = match r.checks[before..].last() {
+                Some(c) => format!("after check '{}'", c.name),
+                None => "at its first check".to_string(),
+            };
+            let tagged = if tag.is_empty() { String::new() } else { format!(" [{tag}]") };
+            return Err(e.context(format!("selftest stopped in {family}{tagged} {last}")));
+        }
     }
-    norm_checks(&mut r, bounds)?;
-    loss_checks(&mut r, bounds)?;
-    misc_checks(&mut r, bounds)?;
-    transfer_checks(&mut r)?;
-    step_check(&mut r, bounds)?;
-    dev.sync()?;
-    Ok(r.checks)
+    Ok(())
 }
 
 /// The CUDA backend's checks with activations stored as f32 and as bf16 (both kernel variants
@@ -506,25 +585,83 @@ fn run_checks<B: Backend>(dev: &B, bounds: &Bounds, seed: u64, all: bool) -> Res
 /// with bf16 and the pipelined kernels off, so that the simple ones stay checked on the shapes
 /// the pipelined ones take. The backend keeps its settings.
 pub fn run_cuda(be: &mut CudaBackend, seed: u64) -> Result<Vec<Check>> {
+    let mut checks = Vec::new();
+    run_cuda_selected(be, seed, &Selection::all(), &mut checks)?;
+    Ok(checks)
+}
+
+pub fn run_cuda_selected(be: &mut CudaBackend, seed: u64, sel: &Selection, checks: &mut Vec<Check>) -> Result<()> {
     let kept = (be.activations(), be.conv_pipeline());
-    let mut all = Vec::new();
     for (dt, pipe, tag) in [(Dt::F32, true, "f32 acts"), (Dt::Bf16, true, "bf16 acts"), (Dt::Bf16, false, "bf16 acts, simple conv")] {
+        let sel = if pipe { sel.clone() } else { Selection { families: sel.families.iter().copied().filter(|f| *f == "conv").collect(), ..sel.clone() } };
         be.set_activations(dt);
         be.set_conv_pipeline(pipe);
-        let checks = run_checks(&*be, &Bounds::CUDA, seed, pipe);
+        let done = run_selected(&*be, &Bounds::CUDA, seed, &sel, tag, checks);
         be.set_activations(kept.0);
         be.set_conv_pipeline(kept.1);
-        all.extend(checks?.into_iter().map(|c| Check { name: format!("[{tag}] {}", c.name), ..c }));
+        done?;
     }
-    Ok(all)
+    Ok(())
+}
+
+fn print_check(c: &Check) {
+    println!("  {:<4} {:<72} err {:>10.3e}  bound {:.1e}", if c.passed() { "ok" } else { "FAIL" }, c.name, c.err, c.bound);
 }
 
 /// Prints the checks as a table; returns how many failed.
 pub fn report(checks: &[Check]) -> usize {
-    for c in checks {
-        println!("  {:<4} {:<72} err {:>10.3e}  bound {:.1e}", if c.passed() { "ok" } else { "FAIL" }, c.name, c.err, c.bound);
-    }
+    checks.iter().for_each(print_check);
+    summary(checks)
+}
+
+/// Prints the closing line (how many passed and failed); returns how many failed.
+pub fn summary(checks: &[Check]) -> usize {
     let failed = checks.iter().filter(|c| !c.passed()).count();
     println!("{} passed, {} failed", checks.len() - failed, failed);
     failed
+}
+
+/// `segk selftest`: the selected families on `device` (a GPU and the emulator with both
+/// activation storage types), each check printed as it completes; an error (a faulting kernel)
+/// prints the closing line of the checks so far and names where the run stopped.
+pub fn command(device: &str, seed: Option<u64>, only: Option<&str>) -> Result<()> {
+    let sel = Selection::parse(only)?;
+    let seed = seed.unwrap_or_else(|| std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos() as u64).unwrap_or(1));
+    let mut checks = Vec::new();
+    let cuda = |mut be: CudaBackend, checks: &mut Vec<Check>| {
+        println!("segk selftest on {} (seed {seed}), every check with activations stored as f32 and as bf16", be.device());
+        run_cuda_selected(&mut be, seed, &sel, checks)
+    };
+    let done = match crate::device::parse(device) {
+        Ok(crate::device::Device::Cuda(i)) => {
+            let be = CudaBackend::new(i).map_err(|e| e.context("selftest checks the GPU kernels by default; without a GPU, --device emu checks them on the CPU emulator and --device cpu the CPU backend"))?;
+            cuda(be, &mut checks)
+        }
+        Ok(crate::device::Device::Emu) => cuda(CudaBackend::emulated()?, &mut checks),
+        _ => crate::device::run_on(device, Job { seed, sel: &sel, checks: &mut checks }),
+    };
+    if let Err(e) = done {
+        summary(&checks);
+        println!("{e:#}");
+        return Err(e);
+    }
+    if summary(&checks) > 0 {
+        anyhow::bail!("selftest failed on {device}");
+    }
+    Ok(())
+}
+
+struct Job<'a> {
+    seed: u64,
+    sel: &'a Selection,
+    checks: &'a mut Vec<Check>,
+}
+
+impl crate::device::Job for Job<'_> {
+    type Out = ();
+    fn run<B: Backend>(self, be: &B) -> Result<()> {
+        println!("segk selftest on {} (seed {})", be.name(), self.seed);
+        let bounds = if be.name().starts_with("cpu") { Bounds::CPU_F32 } else { Bounds::CUDA };
+        run_selected(be, &bounds, self.seed, self.sel, "", self.checks)
+    }
 }

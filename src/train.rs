@@ -223,8 +223,9 @@ pub fn explain_oom(e: anyhow::Error, held: u64) -> anyhow::Error {
 
 /// A failure mid-run (data or device): save checkpoint_latest where training stands (the batch
 /// numbers included), so nothing is lost, and say how to go on (`next`).
-fn save_and_fail<B: Backend>(be: &B, cfg: &TrainConfig, net: &UNet<B>, st: &mut TrainerState, e: anyhow::Error, next: &str) -> anyhow::Error {
-    st.steps = net.steps;
+fn save_and_fail<B: Backend>(be: &B, cfg: &TrainConfig, net: &mut UNet<B>, st: &mut TrainerState, pending: &mut Vec<Vec<String>>, e: anyhow::Error, next: &str) -> anyhow::Error {
+    // The steps queued before the failure count as taken (when the device can still say so).
+    let _ = account(be, net, st, pending);
     match checkpoint::save(&cfg.out, "checkpoint_latest", be, net, st) {
         Ok(()) => e.context(format!("saved checkpoint_latest at epoch {} iteration {}; {next}, then --resume", st.epoch, st.iter)),
         Err(save) => {
@@ -233,6 +234,27 @@ fn save_and_fail<B: Backend>(be: &B, cfg: &TrainConfig, net: &UNet<B>, st: &mut 
             e.context(format!("training stopped at epoch {} iteration {}; checkpoint_latest could not be saved ({why}), so --resume starts from the last checkpoint saved before", st.epoch, st.iter))
         }
     }
+}
+
+/// Reads the steps queued since the last read (one wait for the device) into the epoch's sums;
+/// `pending` holds each queued step's cases, in order.
+fn account<B: Backend>(be: &B, net: &mut UNet<B>, st: &mut TrainerState, pending: &mut Vec<Vec<String>>) -> Result<()> {
+    let steps = net.take_steps(be)?;
+    st.steps = net.steps;
+    for (s, cases) in steps.iter().zip(pending.drain(..)) {
+        crate::model::ledger::check_labels(s, net.topo.n_classes, &format_args!("the batch of cases {cases:?}"))?;
+        if s.applied {
+            st.epoch_loss_sum += s.total;
+            st.epoch_steps += 1;
+            st.bad_in_a_row = 0;
+        } else {
+            st.epoch_skipped += 1;
+            st.bad_in_a_row += 1;
+            println!("  skipped a step at epoch {}: non-finite loss or gradient (loss {}, cases {cases:?})", st.epoch, s.total);
+            ensure!(st.bad_in_a_row < MAX_BAD_STEPS, "{} steps in a row gave a non-finite loss or gradient at epoch {} (last batch: cases {cases:?})", st.bad_in_a_row, st.epoch);
+        }
+    }
+    Ok(())
 }
 
 const FIX_DATA: &str = "fix or remove the case named below";
@@ -314,35 +336,29 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
             .with_style(indicatif::ProgressStyle::with_template("epoch {msg} {bar:30} {pos}/{len} steps  {elapsed_precise}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()));
         bar.set_message(epoch.to_string());
         bar.set_position(st.iter as u64);
+        // The cases of each step queued and not yet read back (the numbers come once an epoch).
+        let mut pending: Vec<Vec<String>> = Vec::new();
         while st.iter < cfg.iters_per_epoch {
             if STOP.load(Ordering::Relaxed) {
-                st.steps = net.steps;
+                account(be, &mut net, &mut st, &mut pending)?;
                 checkpoint::save(&cfg.out, "checkpoint_latest", be, &net, &st)?;
                 bail!("interrupted at epoch {epoch} iteration {}: saved checkpoint_latest; continue with --resume", st.iter);
             }
             let b = match feed.next(&mut train.pool, input_image, input_labels) {
                 Ok(b) => b,
-                Err(e) => return Err(save_and_fail(be, cfg, &net, &mut st, oom(e), FIX_DATA)),
+                Err(e) => return Err(save_and_fail(be, cfg, &mut net, &mut st, &mut pending, oom(e), FIX_DATA)),
             };
-            let (loss, applied) = match net.step(be, &acts, Input::Resident, lr) {
-                Ok(r) => r,
-                Err(e) => return Err(save_and_fail(be, cfg, &net, &mut st, oom(e), FIX_DEVICE)),
-            };
+            if let Err(e) = net.step(be, &acts, Input::Resident, lr) {
+                return Err(save_and_fail(be, cfg, &mut net, &mut st, &mut pending, oom(e), FIX_DEVICE));
+            }
+            pending.push(b.cases.iter().map(|&c| train.ids[c].clone()).collect());
             st.next_train_batch += 1;
             st.iter += 1;
-            if applied {
-                st.epoch_loss_sum += loss.total;
-                st.epoch_steps += 1;
-                st.bad_in_a_row = 0;
-            } else {
-                st.epoch_skipped += 1;
-                st.bad_in_a_row += 1;
-                let cases: Vec<&str> = b.cases.iter().map(|&c| train.ids[c].as_str()).collect();
-                println!("  skipped a step at epoch {epoch}: non-finite loss or gradient (loss {}, cases {cases:?})", loss.total);
-                ensure!(st.bad_in_a_row < MAX_BAD_STEPS, "{} steps in a row gave a non-finite loss or gradient at epoch {epoch} (last batch: cases {cases:?})", st.bad_in_a_row);
-            }
             train.pool.give_back(b);
             bar.inc(1);
+        }
+        if let Err(e) = account(be, &mut net, &mut st, &mut pending) {
+            return Err(save_and_fail(be, cfg, &mut net, &mut st, &mut pending, oom(e), FIX_DATA));
         }
         bar.finish_and_clear();
         let train_time = t0.elapsed();
@@ -351,14 +367,14 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
         for _ in 0..cfg.val_iters {
             let b = match val.pool.next_batch() {
                 Ok(b) => b,
-                Err(e) => return Err(save_and_fail(be, cfg, &net, &mut st, e, FIX_DATA)),
+                Err(e) => return Err(save_and_fail(be, cfg, &mut net, &mut st, &mut Vec::new(), e, FIX_DATA)),
             };
             let predicted = net.forward_logits(be, &infer, &b.image).and_then(|lg| {
                 be.argmax(be.view(&infer.arena, lg.offset, lg.len()), lg.dims, be.label_view(&pred_buf, 0, rows))?;
                 be.download_labels(be.label_view(&pred_buf, 0, rows), &mut pred)
             });
             if let Err(e) = predicted {
-                return Err(save_and_fail(be, cfg, &net, &mut st, oom(e), FIX_DEVICE));
+                return Err(save_and_fail(be, cfg, &mut net, &mut st, &mut Vec::new(), oom(e), FIX_DEVICE));
             }
             count(&pred, &b.labels, classes, &mut tp, &mut fp, &mut fn_);
             val.pool.give_back(b);

@@ -93,6 +93,58 @@ fn the_emulator_reports_bad_launches() {
     assert!(e.contains("misaligned address: a 8-byte access"), "{e}");
 }
 
+/// GPU reductions sum in a fixed order: whole training steps (every kernel of forward, loss,
+/// backward, gradient norm and update, bf16 and f32 activations) give the same bits when the
+/// emulator runs the blocks of each launch, and the warps between barriers, in two different
+/// shuffled orders -- as they run in a different order from run to run on a GPU. (A float
+/// atomicAdd into shared memory in the loss, as it was, fails this.)
+#[test]
+fn training_steps_are_bit_identical_under_shuffled_schedules() {
+    use segk::backend::cuda::{emu, Dt};
+    use segk::backend::Backend;
+    use segk::model::unet::Acts;
+    use segk::model::{Checkpointing, Topology, UNet};
+    let Ok(mut be) = CudaBackend::emulated() else {
+        let _ = writeln!(std::io::stderr(), "SKIPPED training_steps_are_bit_identical_under_shuffled_schedules: no emulator in this build");
+        return;
+    };
+    let topo = Topology::isotropic(1, 3, vec![8, 16, 32]);
+    let (patch, batch) = ([16, 16, 16], 2);
+    let vox = batch * 16 * 16 * 16;
+    let image: Vec<f32> = (0..vox).map(|i| ((i * 7919 % 1000) as f32 - 500.0) / 250.0).collect();
+    let labels: Vec<u8> = (0..vox).map(|i| ((i / 301) % 3) as u8).collect();
+    for dt in [Dt::Bf16, Dt::F32] {
+        be.set_activations(dt);
+        let run = |seed: u64| {
+            emu::set_schedule(seed).unwrap();
+            let mut net = UNet::new(&be, topo.clone(), 7).unwrap();
+            let acts = Acts::new(&be, &topo, patch, batch, Checkpointing::Level1, true).unwrap();
+            let losses: Vec<u64> = (0..2).map(|_| net.train_step(&be, &acts, &image, &labels, 0.01).unwrap().total.to_bits()).collect();
+            let mut params = vec![0f32; net.n_params()];
+            be.download(net.params(&be), &mut params).unwrap();
+            (losses, params.iter().map(|v| v.to_bits()).collect::<Vec<u32>>())
+        };
+        let (a, b) = (run(1), run(2));
+        emu::set_schedule(0).unwrap();
+        assert_eq!(a.0, b.0, "{dt:?}: losses differ between schedules");
+        let differ = a.1.iter().zip(&b.1).filter(|(x, y)| x != y).count();
+        assert_eq!(differ, 0, "{dt:?}: {differ} of {} parameters differ between schedules", a.1.len());
+    }
+}
+
+/// A driver older than the kernels' CUDA release refuses the module: the error says both
+/// versions and what to do (the fake driver plays a CUDA 12.4 driver).
+#[test]
+fn an_old_driver_is_named_with_both_versions() {
+    let Some(mut env) = fake_env_or_skip("an_old_driver_is_named_with_both_versions", 0) else { return };
+    env.push(("FAKECUDA_DRIVER_VERSION".into(), "12040".into()));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).args(["selftest", "--device", "cuda", "--only", "misc"]).envs(env).output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("CUDA_ERROR_UNSUPPORTED_PTX_VERSION") && stderr.contains("supports CUDA 12.4") && stderr.contains("built by nvcc 13.0") && stderr.contains("update the NVIDIA driver"), "{stderr}");
+    assert!(stderr.contains("fakecuda/libcuda.so"), "names the library loaded: {stderr}");
+}
+
 /// The fake driver's environment for a child process, or None after printing why the test
 /// `name` skips.
 fn fake_env_or_skip(name: &str, delay_us: u32) -> Option<Vec<(String, String)>> {
@@ -139,6 +191,28 @@ fn selftest_command_on_the_fake_driver() {
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("selftest on cuda:0 (fake GPU") && stdout.contains(" passed, 0 failed"), "{stdout}");
     assert!(!stderr.contains("fake libcuda"), "the fake driver refused something:\n{stderr}");
+    // Each family announced before its checks, for every storage type.
+    for family in ["-- conv [f32 acts]", "-- step [bf16 acts]", "-- conv [bf16 acts, simple conv]"] {
+        assert!(stdout.contains(family), "{family}: {stdout}");
+    }
+}
+
+/// A kernel that faults mid-selftest: the checks done so far are already printed (each as it
+/// completed), the closing line counts them, and the run names where it stopped.
+#[test]
+fn a_selftest_stopped_by_a_fault_says_where() {
+    let Some(mut env) = fake_env_or_skip("a_selftest_stopped_by_a_fault_says_where", 0) else { return };
+    // Launch 60 falls in the second conv case's passes.
+    env.push(("FAKECUDA_FAIL_LAUNCH".into(), "60".into()));
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).args(["selftest", "--device", "cuda", "--only", "conv,loss"]).envs(env).output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(!out.status.success(), "{stdout}");
+    let ok_lines = stdout.lines().filter(|l| l.starts_with("  ok ")).count();
+    assert!(ok_lines >= 1, "checks before the fault are printed: {stdout}");
+    assert!(stdout.contains(&format!("{ok_lines} passed, 0 failed")), "{stdout}");
+    assert!(stdout.contains("selftest stopped in conv [f32 acts] after check '[f32 acts] conv_"), "{stdout}");
+    assert!(stdout.contains("CUDA_ERROR_LAUNCH_FAILED") && stderr.contains("CUDA_ERROR_LAUNCH_FAILED"), "{stdout}\n{stderr}");
+    assert!(!stdout.contains("-- loss"), "the run stops at the fault: {stdout}");
 }
 
 /// The fake driver refuses what a GPU refuses, so that a run on it that passes means something:
@@ -222,9 +296,10 @@ fn device_faults_mid_run_stop_training_with_a_clear_error() {
     assert_eq!(code, Some(1), "exit 124 is a hang\n{oom}");
     assert!(oom.contains("saved checkpoint_latest at epoch 0") && oom.contains("ran out of memory beyond what the pre-flight counted") && oom.contains("--checkpointing 2"), "{oom}");
     assert!(base.join("oom/checkpoint_latest.safetensors").exists(), "{oom}");
+    // Steps do not wait for the device: the fault surfaces where the epoch's numbers are read.
     let (code, _, fault) = train_on_fake(&root, &base.join("fault"), "2", &with("FAKECUDA_FAIL_LAUNCH", "5"));
     assert_eq!(code, Some(1), "exit 124 is a hang\n{fault}");
     assert!(fault.contains("CUDA_ERROR_LAUNCH_FAILED") && fault.contains("GPU context is lost") && fault.contains("CUDA_LAUNCH_BLOCKING=1"), "{fault}");
-    assert!(fault.contains("training stopped at epoch 0 iteration 0") && fault.matches("CUDA_ERROR_LAUNCH_FAILED").count() == 1, "said once: {fault}");
+    assert!(fault.contains("training stopped at epoch 0 iteration ") && fault.matches("CUDA_ERROR_LAUNCH_FAILED").count() == 1, "said once: {fault}");
     let _ = std::fs::remove_dir_all(&base);
 }

@@ -473,13 +473,76 @@ fn training_through_the_feed_matches_uploading<B: segk::backend::Backend>(be: &B
     let mut feed = Feed::new(be, voxels, voxels).unwrap();
     for _ in 0..4 {
         let b = pool.next_batch().unwrap();
-        let (a, _) = direct.step(be, &acts, Input::Host { image: &b.image, labels: &b.labels }, 0.01).unwrap();
+        direct.step(be, &acts, Input::Host { image: &b.image, labels: &b.labels }, 0.01).unwrap();
+        let a = direct.take_steps(be).unwrap().pop().unwrap();
         pool.give_back(b);
         let b = feed.next(&mut feed_pool, acts.input_image(be), acts.input_labels(be).unwrap()).unwrap();
-        let (f, _) = fed.step(be, &acts, Input::Resident, 0.01).unwrap();
+        fed.step(be, &acts, Input::Resident, 0.01).unwrap();
+        let f = fed.take_steps(be).unwrap().pop().unwrap();
         feed_pool.give_back(b);
         assert!(a.total.is_finite());
         assert_eq!(a.total.to_bits(), f.total.to_bits(), "loss {} through the feed, {} uploaded", f.total, a.total);
         assert_eq!(a.grad_norm.to_bits(), f.grad_norm.to_bits());
     }
+}
+
+/// (stream, event and context synchronisations, device-to-host copies) the fake driver counted
+/// so far in this process.
+fn fake_driver_counts() -> [u64; 4] {
+    // SAFETY: the fake libcuda is loaded in this process (the test runs on it); RTLD_NOLOAD
+    // only finds it, and fakecuda_counts writes 4 counters.
+    unsafe {
+        let lib = libc::dlopen(c"libcuda.so.1".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD);
+        let lib = if lib.is_null() { libc::dlopen(c"libcuda.so".as_ptr(), libc::RTLD_NOW | libc::RTLD_NOLOAD) } else { lib };
+        assert!(!lib.is_null(), "the fake libcuda is not loaded");
+        let f = libc::dlsym(lib, c"fakecuda_counts".as_ptr());
+        assert!(!f.is_null(), "this libcuda is not the fake driver");
+        let f: extern "C" fn(*mut u64) = std::mem::transmute(f);
+        let mut out = [0u64; 4];
+        f(out.as_mut_ptr());
+        out
+    }
+}
+
+/// A training step never waits for the device: through the feed, each step waits only for its
+/// batch's upload (one event synchronisation, so the slot can go back to the workers) and reads
+/// nothing back; the epoch's numbers come with one synchronisation and one copy. Counted by the
+/// fake driver over 5 steps after a warm-up.
+#[test]
+fn a_training_step_waits_only_for_its_upload() {
+    if !common::run_on_fake_driver("a_training_step_waits_only_for_its_upload", 0) {
+        return;
+    }
+    use segk::feed::Feed;
+    use segk::model::unet::{Acts, Input};
+    use segk::model::{Checkpointing, Topology, UNet};
+    let be = segk::backend::cuda::CudaBackend::new(0).unwrap();
+    let topo = Topology::isotropic(1, 3, vec![8, 16]);
+    let (patch, batch) = ([8, 8, 8], 2);
+    let (root, ids) = store("syncs", 3);
+    let s = BatchSpec { batch, patch, channels: 1, use_mask: vec![false], seed: 3, augment: Augment::default() };
+    let acts = Acts::new(&be, &topo, patch, batch, Checkpointing::Level1, true).unwrap();
+    let mut net = UNet::new(&be, topo, 5).unwrap();
+    let mut pool = Pool::start_in(Arc::new(Augmenter::new(&root, &ids, s.clone()).unwrap()), 1, 3, s.slot_shape(), 0, &*segk::backend::Backend::host_memory(&be)).unwrap();
+    let mut feed = Feed::new(&be, batch * 512, batch * 512).unwrap();
+    let mut step = |net: &mut UNet<_>| {
+        let b = feed.next(&mut pool, acts.input_image(&be), acts.input_labels(&be).unwrap()).unwrap();
+        net.step(&be, &acts, Input::Resident, 0.01).unwrap();
+        pool.give_back(b);
+    };
+    // Warm-up: the first batch's stage, workspace growth.
+    step(&mut net);
+    net.take_steps(&be).unwrap();
+    let before = fake_driver_counts();
+    for _ in 0..5 {
+        step(&mut net);
+    }
+    let stepped = fake_driver_counts();
+    let read = net.take_steps(&be).unwrap();
+    let after = fake_driver_counts();
+    let diff = |a: [u64; 4], b: [u64; 4]| [b[0] - a[0], b[1] - a[1], b[2] - a[2], b[3] - a[3]];
+    assert_eq!(diff(before, stepped), [0, 5, 0, 0], "5 steps: [stream syncs, event syncs, context syncs, device-to-host copies]");
+    assert_eq!(diff(stepped, after), [1, 0, 0, 1], "reading the steps' numbers");
+    assert_eq!(read.len(), 5);
+    assert!(read.iter().all(|s| s.applied && s.total.is_finite() && s.grad_norm > 0.0), "{read:?}");
 }

@@ -251,12 +251,12 @@ fn loss_hand_computed_case() {
     // One sample, two voxels, two classes, logits 0: p = 0.5 everywhere, labels [1, 0].
     let ld = Dims::new(1, [1, 1, 2], 2);
     let mut z = vec![0.0f64; 4];
-    let parts = loss::softmax_dice_ce(&mut z, ld, &[1, 0], DiceMode::Batch, 1.0).unwrap();
-    assert!((parts.ce - 2f64.ln()).abs() < 1e-12);
+    let [ce, dice, max_label] = loss::softmax_dice_ce(&mut z, ld, &[1, 0], DiceMode::Batch, 1.0).unwrap();
+    assert!((ce - 2f64.ln()).abs() < 1e-12);
     // class 1: I = 0.5, P = 1, G = 1 -> dc = (1 + s) / (2 + s)
     let dc = (1.0 + 1e-5) / (2.0 + 1e-5);
-    assert!((parts.dice + dc).abs() < 1e-12, "dice {}", parts.dice);
-    assert!((parts.total() - (2f64.ln() - dc)).abs() < 1e-12);
+    assert!((dice + dc).abs() < 1e-12, "dice {dice}");
+    assert_eq!(max_label, 1.0);
 }
 
 #[test]
@@ -271,7 +271,8 @@ fn loss_gradient_matches_finite_differences() {
             let idx = pick(&mut r, z.len(), 60);
             let n = numeric_grad(&mut z, &idx, &mut |z| {
                 let mut t = z.to_vec();
-                w * loss::softmax_dice_ce(&mut t, ld, &labels, mode, 1.0).unwrap().total()
+                let [ce, dice, _] = loss::softmax_dice_ce(&mut t, ld, &labels, mode, 1.0).unwrap();
+                w * (ce + dice)
             });
             let e = rel_err(&idx.iter().map(|&i| g[i]).collect::<Vec<_>>(), &n);
             assert!(e < 1e-6, "{mode:?} {ld}: {e}");
@@ -280,23 +281,40 @@ fn loss_gradient_matches_finite_differences() {
 }
 
 #[test]
-fn loss_rejects_labels_beyond_classes() {
-    let mut z = vec![0.0f64; 4];
-    let err = loss::softmax_dice_ce(&mut z, Dims::new(1, [1, 1, 2], 2), &[0, 5], DiceMode::Batch, 1.0).unwrap_err();
-    assert!(err.to_string().contains("label 5"), "{err}");
+fn loss_marks_labels_beyond_classes() {
+    // NaN parts (the update is skipped), the label reported, the logits left alone.
+    let mut z = vec![0.25f64; 4];
+    let [ce, dice, max_label] = loss::softmax_dice_ce(&mut z, Dims::new(1, [1, 1, 2], 2), &[0, 5], DiceMode::Batch, 1.0).unwrap();
+    assert!(ce.is_nan() && dice.is_nan() && max_label == 5.0);
+    assert_eq!(z, vec![0.25; 4]);
 }
 
 #[test]
 fn sgd_nesterov_hand_computed() {
     let (mut p, g, mut m) = (vec![1.0f64], vec![0.5f64], vec![0.0f64]);
-    let mut sp = SgdParams { lr: 0.1, momentum: 0.9, weight_decay: 0.1, first_step: true };
-    optim::sgd_update(&mut p, &g, &mut m, &sp);
-    // g' = 0.6, buf = 0.6, p = 1 - 0.1 * (0.6 + 0.54)
+    let sp = SgdParams { lr: 0.1, momentum: 0.9, weight_decay: 0.1, max_grad_norm: 12.0 };
+    // Guard: squared norm 0.25 (no clipping), a finite loss part.
+    optim::sgd_update(&mut p, &g, &mut m, &sp, &[0.25, 1.0]);
+    // g' = 0.6, buf = 0.6 (from zero), p = 1 - 0.1 * (0.6 + 0.54)
     assert!((p[0] - 0.886).abs() < 1e-12 && (m[0] - 0.6).abs() < 1e-12, "{p:?} {m:?}");
-    sp.first_step = false;
-    optim::sgd_update(&mut p, &g, &mut m, &sp);
+    optim::sgd_update(&mut p, &g, &mut m, &sp, &[0.25, 1.0]);
     // g' = 0.5 + 0.0886, buf = 0.54 + g', p -= 0.1 * (g' + 0.9 buf)
     assert!((m[0] - 1.1286).abs() < 1e-12 && (p[0] - 0.725566).abs() < 1e-12, "{p:?} {m:?}");
+    // A non-finite guard value skips the step.
+    for bad in [[f64::NAN, 1.0], [0.25, f64::INFINITY]] {
+        optim::sgd_update(&mut p, &g, &mut m, &sp, &bad);
+        assert!((m[0] - 1.1286).abs() < 1e-12 && (p[0] - 0.725566).abs() < 1e-12, "{p:?} {m:?}");
+    }
+}
+
+#[test]
+fn sgd_clips_to_the_gradient_norm() {
+    // Squared norm 576: the gradient is scaled by 12 / (24 + 1e-6) before the step.
+    let (mut p, g, mut m) = (vec![0.0f64], vec![2.0f64], vec![0.0f64]);
+    let sp = SgdParams { lr: 1.0, momentum: 0.0, weight_decay: 0.0, max_grad_norm: 12.0 };
+    optim::sgd_update(&mut p, &g, &mut m, &sp, &[576.0]);
+    let f = 12.0 / (24.0 + 1e-6);
+    assert!((m[0] - 2.0 * f).abs() < 1e-12 && (p[0] + 2.0 * f).abs() < 1e-12, "{p:?} {m:?}");
 }
 
 #[test]
@@ -306,10 +324,8 @@ fn clip_and_poly_schedule() {
     assert_eq!(segk::backend::poly_lr(0.01, 0, 1000), 0.01);
     assert!((segk::backend::poly_lr(0.01, 500, 1000) - 0.01 * 0.5f64.powf(0.9)).abs() < 1e-15);
     assert_eq!(segk::backend::poly_lr(0.01, 1000, 1000), 0.0);
-    let mut g = vec![3.0f64, 4.0];
+    let g = vec![3.0f64, 4.0];
     assert_eq!(optim::sum_squares(&g), 25.0);
-    optim::scale(&mut g, 0.5);
-    assert_eq!(g, vec![1.5, 2.0]);
 }
 
 #[test]

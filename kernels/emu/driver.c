@@ -19,6 +19,8 @@
 //   kernels were launched; FAKECUDA_FAIL_LAUNCH=N makes the N-th launch fault.
 // - A kernel that fails in the emulator makes every later call fail (a sticky error), as a
 //   faulting kernel does on a GPU.
+// - It counts what the host waits for and reads back (fakecuda_counts), and plays an older
+//   driver on request (FAKECUDA_DRIVER_VERSION).
 // Not modelled: timing, occupancy, memory pools (allocations are immediate), graphs, more than
 // one device.
 #define _GNU_SOURCE
@@ -50,6 +52,7 @@ enum {
     NO_DEVICE = 100,
     INVALID_DEVICE = 101,
     INVALID_IMAGE = 200,
+    UNSUPPORTED_PTX_VERSION = 222,
     NOT_FOUND = 500,
     LAUNCH_OUT_OF_RESOURCES = 701,
     LAUNCH_FAILED = 719,
@@ -74,6 +77,20 @@ static const char* (*emu_error)(void);
 static int (*emu_param_sizes)(const char*, unsigned*, int);
 static unsigned delay_us;
 static size_t device_bytes = 80ull << 30;
+// What the host waited for and read back, for tests that hold a training step to its count of
+// synchronisations: stream, event and context synchronisations, device-to-host copies.
+static unsigned long long n_stream_sync, n_event_sync, n_ctx_sync, n_dtoh;
+
+// Read by tests in a process that loaded this library (dlsym): the counts so far.
+__attribute__((visibility("default"))) void fakecuda_counts(unsigned long long out[4]) {
+    pthread_mutex_lock(&G);
+    out[0] = n_stream_sync;
+    out[1] = n_event_sync;
+    out[2] = n_ctx_sync;
+    out[3] = n_dtoh;
+    pthread_mutex_unlock(&G);
+}
+
 // Fault injection: device allocations fail once this many launches were made (another process
 // took the memory), and launch number fail_launch faults (a kernel's illegal address).
 static unsigned long long launches, oom_after = ~0ull, fail_launch = ~0ull;
@@ -435,10 +452,21 @@ CUresult cuStreamCreate(CUstream* out, unsigned flags) {
     return OK;
 }
 
-CUresult cuStreamSynchronize(CUstream s) { drain(s); return status(); }
+static void count(unsigned long long* n) {
+    pthread_mutex_lock(&G);
+    ++*n;
+    pthread_mutex_unlock(&G);
+}
+
+CUresult cuStreamSynchronize(CUstream s) {
+    count(&n_stream_sync);
+    drain(s);
+    return status();
+}
 
 CUresult cuCtxSynchronize(void) {
     pthread_mutex_lock(&G);
+    n_ctx_sync++;
     struct Stream* all[64];
     int n = nstreams;
     memcpy(all, streams, sizeof all);
@@ -488,14 +516,28 @@ CUresult cuStreamWaitEvent(CUstream s, CUevent e, unsigned flags) {
 
 CUresult cuEventSynchronize(CUevent e) {
     pthread_mutex_lock(&G);
+    n_event_sync++;
     unsigned long long target = e->recorded;
     while (e->done < target) pthread_cond_wait(&GC, &G);
     pthread_mutex_unlock(&G);
     return status();
 }
 
+// FAKECUDA_DRIVER_VERSION=12040 plays a driver older than the kernels' CUDA release: it reports
+// that version and refuses the module as such a driver refuses newer PTX.
+static int driver_version(void) {
+    const char* v = getenv("FAKECUDA_DRIVER_VERSION");
+    return v ? atoi(v) : 13000;
+}
+
+CUresult cuDriverGetVersion(int* v) {
+    *v = driver_version();
+    return OK;
+}
+
 // A fatbin (nvcc -fatbin) starts with magic 0xBA55ED50; anything else is not what segk embeds.
 CUresult cuModuleLoadData(CUmodule* m, const void* image) {
+    if (driver_version() < 13000) return UNSUPPORTED_PTX_VERSION;
     uint32_t magic;
     memcpy(&magic, image, 4);
     if (magic != 0xBA55ED50u) {
@@ -677,6 +719,7 @@ CUresult cuMemcpyHtoDAsync_v2(CUdeviceptr dst, const void* src, size_t bytes, CU
 CUresult cuMemcpyDtoHAsync_v2(void* dst, CUdeviceptr src, size_t bytes, CUstream s) {
     CUresult st = status();
     if (st || (st = check_device_range(src, bytes, "device-to-host copy"))) return st;
+    count(&n_dtoh);
     struct Op* op = new_op(COPY);
     op->dst = dst;
     op->src = (const void*)(uintptr_t)src;
@@ -718,6 +761,7 @@ static const char* error_name(CUresult e) {
     case NO_DEVICE: return "CUDA_ERROR_NO_DEVICE";
     case INVALID_DEVICE: return "CUDA_ERROR_INVALID_DEVICE";
     case INVALID_IMAGE: return "CUDA_ERROR_INVALID_IMAGE";
+    case UNSUPPORTED_PTX_VERSION: return "CUDA_ERROR_UNSUPPORTED_PTX_VERSION";
     case NOT_FOUND: return "CUDA_ERROR_NOT_FOUND";
     case LAUNCH_OUT_OF_RESOURCES: return "CUDA_ERROR_LAUNCH_OUT_OF_RESOURCES";
     case LAUNCH_FAILED: return "CUDA_ERROR_LAUNCH_FAILED";

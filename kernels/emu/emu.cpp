@@ -39,6 +39,34 @@ char err[512];
 // emulator finishes the block and fails the launch with it).
 bool misaligned = false;
 
+// A seeded schedule (0: off, blocks in grid order and threads in index order): blocks run in a
+// shuffled order and, between barriers, the threads of a block in a fresh shuffled order each
+// round, so that a result which depends on the order warps or blocks happen to run in (a float
+// atomicAdd) changes with the seed, as it changes from run to run on a GPU.
+uint64_t schedule_seed = 0, schedule_state = 0;
+bool schedule_from_env = true;
+int* order = nullptr;
+
+uint64_t next_random() {
+    // splitmix64
+    uint64_t z = (schedule_state += 0x9e3779b97f4a7c15ull);
+    z = (z ^ (z >> 30)) * 0xbf58476d1ce4e5b9ull;
+    z = (z ^ (z >> 27)) * 0x94d049bb133111ebull;
+    return z ^ (z >> 31);
+}
+
+// order[0..n) = 0..n-1, shuffled when a schedule seed is set.
+void fill_order(int* o, int n) {
+    for (int i = 0; i < n; i++) o[i] = i;
+    if (!schedule_seed) return;
+    for (int i = n - 1; i > 0; i--) {
+        int j = (int)(next_random() % (uint64_t)(i + 1));
+        int t = o[i];
+        o[i] = o[j];
+        o[j] = t;
+    }
+}
+
 void yield(State s) {
     fibers[cur].state = s;
     if (!_setjmp(fibers[cur].jb)) _longjmp(sched_jb, 1);
@@ -78,7 +106,9 @@ int run_block() {
         f.state = READY;
     }
     for (;;) {
-        for (int i = 0; i < nthreads; i++) {
+        fill_order(order, nthreads);
+        for (int k = 0; k < nthreads; k++) {
+            int i = order[k];
             if (fibers[i].state != READY) continue;
             cur = i;
             set_thread(i);
@@ -296,6 +326,8 @@ extern "C" int segk_emu_launch(const char* name, unsigned gx, unsigned gy, unsig
         free(fibers);
         free(stacks);
         free(slots);
+        free(order);
+        order = (int*)calloc(n, sizeof(int));
         fibers = (Fiber*)calloc(n, sizeof(Fiber));
         stacks = (char*)malloc((size_t)n * STACK);
         slots = (uint64_t*)calloc((size_t)((n + 31) / 32) * WARP_WORDS, 8);
@@ -309,7 +341,7 @@ extern "C" int segk_emu_launch(const char* name, unsigned gx, unsigned gy, unsig
         async_groups = (int*)calloc(n, sizeof(int));
         mma_done = (bool*)calloc((size_t)(n + 31) / 32, sizeof(bool));
         mma_out = (float*)calloc((size_t)((n + 31) / 32) * 128, sizeof(float));
-        if (!fibers || !stacks || !slots || !mma_done || !mma_out || !async_q || !async_n || !async_groups) {
+        if (!fibers || !order || !stacks || !slots || !mma_done || !mma_out || !async_q || !async_n || !async_groups) {
             snprintf(err, sizeof err, "out of host memory for %d emulated threads", n);
             capacity = 0;
             return 4;
@@ -331,26 +363,50 @@ extern "C" int segk_emu_launch(const char* name, unsigned gx, unsigned gy, unsig
     gridDim = {gx, gy, gz};
     entry = e->call;
     params = p;
-    for (unsigned z = 0; z < gz; z++)
-        for (unsigned y = 0; y < gy; y++)
-            for (unsigned x = 0; x < gx; x++) {
-                blockIdx = {x, y, z};
-                // Shared memory starts as garbage on a GPU: make reads before writes visible.
-                if (shared_bytes) memset(dyn, 0xff, shared_bytes);
-                // Copies a block left in flight die with it.
-                memset(async_n, 0, n * sizeof(int));
-                memset(async_groups, 0, n * sizeof(int));
-                misaligned = false;
-                int rc = run_block();
-                if (!rc && misaligned) rc = 5;
-                if (rc) {
-                    char tmp[512];
-                    snprintf(tmp, sizeof tmp, "%s: %s", name, err);
-                    memcpy(err, tmp, sizeof err);
-                    return rc;
-                }
-            }
+    if (schedule_from_env) {
+        const char* env = getenv("SEGK_EMU_SCHEDULE");
+        schedule_seed = env ? strtoull(env, nullptr, 10) : 0;
+        schedule_from_env = false;
+    }
+    // Every launch draws its own order from the seed and the launch's position in the run.
+    static uint64_t launch_count = 0;
+    schedule_state = schedule_seed * 0x2545f4914f6cdd1dull + ++launch_count;
+    size_t nblocks = (size_t)gx * gy * gz;
+    int* block_order = nullptr;
+    if (schedule_seed) {
+        if (nblocks > (size_t)1 << 30 || !(block_order = (int*)malloc(nblocks * sizeof(int)))) {
+            snprintf(err, sizeof err, "%s: out of host memory for a shuffled order of %zu blocks", name, nblocks);
+            return 4;
+        }
+        fill_order(block_order, (int)nblocks);
+    }
+    for (size_t b = 0; b < nblocks; b++) {
+        size_t i = block_order ? (size_t)block_order[b] : b;
+        blockIdx = {(unsigned)(i % gx), (unsigned)(i / gx % gy), (unsigned)(i / gx / gy)};
+        // Shared memory starts as garbage on a GPU: make reads before writes visible.
+        if (shared_bytes) memset(dyn, 0xff, shared_bytes);
+        // Copies a block left in flight die with it.
+        memset(async_n, 0, n * sizeof(int));
+        memset(async_groups, 0, n * sizeof(int));
+        misaligned = false;
+        int rc = run_block();
+        if (!rc && misaligned) rc = 5;
+        if (rc) {
+            free(block_order);
+            char tmp[512];
+            snprintf(tmp, sizeof tmp, "%s: %s", name, err);
+            memcpy(err, tmp, sizeof err);
+            return rc;
+        }
+    }
+    free(block_order);
     return 0;
 }
 
 extern "C" const char* segk_emu_error() { return err; }
+
+// Sets the schedule seed (0: grid and thread order), over SEGK_EMU_SCHEDULE from then on.
+extern "C" void segk_emu_set_schedule(uint64_t seed) {
+    schedule_seed = seed;
+    schedule_from_env = false;
+}

@@ -87,6 +87,9 @@ pub const DICE_SMOOTH: f64 = 1e-5;
 pub const NORM_EPS: f64 = 1e-5;
 pub const LEAKY_SLOPE: f64 = 0.01;
 
+/// Values a loss writes per output into its record (see `Backend::softmax_dice_ce`).
+pub const LOSS_RECORD: usize = 3;
+
 /// The two terms of nnU-Net's DC_and_CE loss for one output, before weighting.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct LossParts {
@@ -102,14 +105,15 @@ impl LossParts {
     }
 }
 
-/// SGD with nesterov momentum and weight decay, PyTorch semantics.
+/// SGD with nesterov momentum and weight decay, PyTorch semantics, after clipping the
+/// gradients to a global norm (torch.nn.utils.clip_grad_norm_). The momentum buffer starts at
+/// zero, which makes the first step's buffer the first gradient, as PyTorch's does.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct SgdParams {
     pub lr: f64,
     pub momentum: f64,
     pub weight_decay: f64,
-    /// PyTorch starts the momentum buffer at the first gradient.
-    pub first_step: bool,
+    pub max_grad_norm: f64,
 }
 
 /// nnU-Net's poly schedule: lr0 * (1 - epoch / max_epochs)^0.9.
@@ -148,6 +152,12 @@ pub fn clip_factor(norm: f64, max_norm: f64) -> f64 {
     (max_norm / (norm + 1e-6)).min(1.0)
 }
 
+/// Whether a step whose guard values (squared gradient norm, loss parts) are `guard` is
+/// applied: every backend's `sgd_update` decides the same way on the device.
+pub fn step_applies(guard: &[f64]) -> bool {
+    guard.iter().all(|v| v.is_finite())
+}
+
 /// Every op the model needs. `Buf` views working-precision memory, `LabelBuf` views u8
 /// class maps. Forward ops overwrite their output; `beta = 1` asks an op to add instead.
 pub trait Backend: Sync {
@@ -160,6 +170,7 @@ pub trait Backend: Sync {
 
     // ---- memory ----
     /// Working-precision memory: parameters, their gradients, optimizer state, statistics.
+    /// Every allocation starts zeroed (momentum and step records rely on it).
     fn alloc(&self, len: usize) -> Result<Self::Arena>;
     /// Activation memory (activations and their gradients): bf16 on a GPU by default, whose
     /// ops then store rounded values and compute in f32; working precision elsewhere.
@@ -177,6 +188,13 @@ pub trait Backend: Sync {
     }
     fn upload(&self, dst: Self::Buf, src: &[f32]) -> Result<()>;
     fn download(&self, src: Self::Buf, dst: &mut [f32]) -> Result<()>;
+    /// Working-precision values at their own precision (f64 on the f64 CPU reference, whose
+    /// step records the gradient checks difference): a copy and a wait.
+    fn download_exact(&self, src: Self::Buf, len: usize) -> Result<Vec<f64>> {
+        let mut v = vec![0f32; len];
+        self.download(src, &mut v)?;
+        Ok(v.into_iter().map(f64::from).collect())
+    }
     fn upload_labels(&self, dst: Self::LabelBuf, src: &[u8]) -> Result<()>;
     fn fill(&self, dst: Self::Buf, value: f32) -> Result<()>;
     /// dst = src, device to device, in order with the ops.
@@ -249,15 +267,20 @@ pub trait Backend: Sync {
 
     // ---- loss ----
     /// Softmax + soft Dice (foreground classes) + cross-entropy over `logits` (c = classes).
-    /// Overwrites `logits` with weight * d(loss)/d(logits), returns the unweighted parts.
-    fn softmax_dice_ce(&self, logits: Self::Buf, ld: Dims, labels: Self::LabelBuf, mode: DiceMode, weight: f64) -> Result<LossParts>;
+    /// Overwrites `logits` with weight * d(loss)/d(logits) and writes the unweighted parts into
+    /// `record` ([`LOSS_RECORD`] values: CE, the Dice term (nnU-Net's sign), the largest label
+    /// seen), where they stay until read: a step never waits for its loss. A label not below c
+    /// makes the Dice term NaN (the step is then not applied) and its gradient meaningless.
+    fn softmax_dice_ce(&self, logits: Self::Buf, ld: Dims, labels: Self::LabelBuf, mode: DiceMode, weight: f64, record: Self::Buf) -> Result<()>;
     /// Argmax over channels into a label map (prediction).
     fn argmax(&self, logits: Self::Buf, ld: Dims, out: Self::LabelBuf) -> Result<()>;
     fn download_labels(&self, src: Self::LabelBuf, dst: &mut [u8]) -> Result<()>;
 
     // ---- optimizer ----
-    fn sum_squares(&self, x: Self::Buf) -> Result<f64>;
-    fn scale(&self, x: Self::Buf, s: f64) -> Result<()>;
-    /// One fused SGD-nesterov step over the whole parameter arena.
-    fn sgd_update(&self, params: Self::Buf, grads: Self::Buf, momentum: Self::Buf, p: &SgdParams) -> Result<()>;
+    /// out[0] = the sum of squares of `x`, summed in an order fixed by the length alone.
+    fn sum_squares(&self, x: Self::Buf, out: Self::Buf) -> Result<()>;
+    /// One fused SGD-nesterov step over the whole parameter arena, applied only when every
+    /// value of `guard` is finite ([`step_applies`]); the gradients are first clipped to
+    /// `p.max_grad_norm` by the norm sqrt(guard[0]).
+    fn sgd_update(&self, params: Self::Buf, grads: Self::Buf, momentum: Self::Buf, p: &SgdParams, guard: Self::Buf) -> Result<()>;
 }

@@ -1,7 +1,7 @@
 //! A backend wrapper that times every op (synchronising the device around each one), for
 //! `segk bench step --profile`: where a step's time goes, op family by op family.
 
-use super::{Backend, ConvGeom, ConvTGeom, DiceMode, LossParts, SgdParams};
+use super::{Backend, ConvGeom, ConvTGeom, DiceMode, SgdParams};
 use crate::tensor::Dims;
 use anyhow::Result;
 use std::collections::BTreeMap;
@@ -81,6 +81,9 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn download(&self, s: B::Buf, d: &mut [f32]) -> Result<()> {
         self.time("download", 0.0, || self.inner.download(s, d))
     }
+    fn download_exact(&self, s: B::Buf, len: usize) -> Result<Vec<f64>> {
+        self.time("download", 0.0, || self.inner.download_exact(s, len))
+    }
     fn upload_labels(&self, d: B::LabelBuf, s: &[u8]) -> Result<()> {
         self.time("upload", 0.0, || self.inner.upload_labels(d, s))
     }
@@ -154,19 +157,16 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn downsample_labels(&self, s: B::LabelBuf, sd: Dims, d: B::LabelBuf, dd: Dims) -> Result<()> {
         self.time("downsample_labels", 0.0, || self.inner.downsample_labels(s, sd, d, dd))
     }
-    fn softmax_dice_ce(&self, l: B::Buf, ld: Dims, lab: B::LabelBuf, mode: DiceMode, w: f64) -> Result<LossParts> {
-        self.time("softmax_dice_ce", 0.0, || self.inner.softmax_dice_ce(l, ld, lab, mode, w))
+    fn softmax_dice_ce(&self, l: B::Buf, ld: Dims, lab: B::LabelBuf, mode: DiceMode, w: f64, record: B::Buf) -> Result<()> {
+        self.time("softmax_dice_ce", 0.0, || self.inner.softmax_dice_ce(l, ld, lab, mode, w, record))
     }
     fn argmax(&self, l: B::Buf, ld: Dims, o: B::LabelBuf) -> Result<()> {
         self.time("argmax", 0.0, || self.inner.argmax(l, ld, o))
     }
-    fn sum_squares(&self, x: B::Buf) -> Result<f64> {
-        self.time("sum_squares", 0.0, || self.inner.sum_squares(x))
+    fn sum_squares(&self, x: B::Buf, out: B::Buf) -> Result<()> {
+        self.time("sum_squares", 0.0, || self.inner.sum_squares(x, out))
     }
-    fn scale(&self, x: B::Buf, s: f64) -> Result<()> {
-        self.time("scale", 0.0, || self.inner.scale(x, s))
-    }
-    fn sgd_update(&self, p: B::Buf, g: B::Buf, m: B::Buf, sp: &SgdParams) -> Result<()> {
-        self.time("sgd_update", 0.0, || self.inner.sgd_update(p, g, m, sp))
+    fn sgd_update(&self, p: B::Buf, g: B::Buf, m: B::Buf, sp: &SgdParams, guard: B::Buf) -> Result<()> {
+        self.time("sgd_update", 0.0, || self.inner.sgd_update(p, g, m, sp, guard))
     }
 }

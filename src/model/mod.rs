@@ -1,5 +1,6 @@
 //! PlainConvUNet: topology, parameter layout, activation plan, forward and backward.
 
+pub mod ledger;
 pub mod params;
 pub mod plan;
 pub mod topology;

@@ -6,7 +6,9 @@
 use super::params::{BlockParams, ConvParams, ParamLayout};
 use super::plan::{ActPlan, BlockSlots, Checkpointing, Slot};
 use super::topology::Topology;
-use crate::backend::{Backend, ConvGeom, LossParts, SgdParams};
+pub use super::ledger::StepLoss;
+use super::ledger::Ledger;
+use crate::backend::{Backend, ConvGeom, SgdParams};
 use crate::tensor::Dims;
 use anyhow::{ensure, Result};
 use std::cell::Cell;
@@ -20,10 +22,16 @@ pub struct UNet<B: Backend> {
     pub layout: ParamLayout,
     /// [params | grads | momentum], or [params] for an inference net.
     pub arena: B::Arena,
-    /// Optimizer steps taken.
+    /// Optimizer steps applied, as of the last read of the ledger ([`UNet::take_steps`]).
     pub steps: u64,
     /// False for `for_inference` nets: no gradients or optimizer state.
     trainable: bool,
+    /// Step records on the device (training nets only), and those read early because the
+    /// ledger filled up.
+    ledger: Option<Ledger<B>>,
+    read_early: Vec<StepLoss>,
+    /// Each step synchronises around forward and backward and records their times (bench).
+    pub timed: bool,
 }
 
 /// Activation memory for one input shape, plus what the level-1 recompute has resident.
@@ -74,26 +82,14 @@ enum BlockId {
     Dec(usize, usize),
 }
 
-/// Losses of one step, weighted as in training.
-#[derive(Clone, Debug, Default)]
-pub struct StepLoss {
-    /// sum_s w_s * (ce_s + dice_s).
-    pub total: f64,
-    /// Parts of the full-resolution output.
-    pub top: LossParts,
-    pub grad_norm: f64,
-    /// Wall time of forward + loss and of backward (the backend synchronised at each end).
-    pub forward_secs: f64,
-    pub backward_secs: f64,
-}
-
 impl<B: Backend> UNet<B> {
     pub fn new(be: &B, topo: Topology, seed: u64) -> Result<UNet<B>> {
         topo.validate()?;
         let layout = ParamLayout::new(&topo);
         let arena = be.alloc(3 * layout.len)?;
         be.upload(be.view(&arena, 0, layout.len), &layout.init(seed))?;
-        Ok(UNet { topo, layout, arena, steps: 0, trainable: true })
+        let ledger = Some(Ledger::new(be, topo.ds_weights().len())?);
+        Ok(UNet { topo, layout, arena, steps: 0, trainable: true, ledger, read_early: Vec::new(), timed: false })
     }
     /// A net for inference: parameters only (zero until loaded), a third of the training
     /// arena; gradients, momentum and training steps are refused.
@@ -101,7 +97,7 @@ impl<B: Backend> UNet<B> {
         topo.validate()?;
         let layout = ParamLayout::new(&topo);
         let arena = be.alloc(layout.len)?;
-        Ok(UNet { topo, layout, arena, steps: 0, trainable: false })
+        Ok(UNet { topo, layout, arena, steps: 0, trainable: false, ledger: None, read_early: Vec::new(), timed: false })
     }
     pub fn trainable(&self) -> bool {
         self.trainable
@@ -125,72 +121,82 @@ impl<B: Backend> UNet<B> {
         (if self.trainable { 3 } else { 1 }) * self.layout.len * be.elem_bytes()
     }
 
-    /// Forward, loss and backward: leaves the gradients in the grads region.
-    pub fn compute_gradients(&self, be: &B, acts: &Acts<B>, image: &[f32], labels: &[u8]) -> Result<StepLoss> {
-        self.gradients(be, acts, Input::Host { image, labels })
+    fn ledger(&self) -> Result<&Ledger<B>> {
+        self.ledger.as_ref().ok_or_else(|| anyhow::anyhow!("training needs a trainable net (this one was made for inference)"))
     }
 
-    /// As `compute_gradients`, with the batch wherever `input` says.
-    pub fn gradients(&self, be: &B, acts: &Acts<B>, input: Input) -> Result<StepLoss> {
+    /// Forward, loss and backward: leaves the gradients in the grads region and returns the
+    /// step's numbers (it waits for them: for checks and tests; training steps do not wait).
+    pub fn compute_gradients(&self, be: &B, acts: &Acts<B>, image: &[f32], labels: &[u8]) -> Result<StepLoss> {
+        let times = self.gradients(be, acts, Input::Host { image, labels })?;
+        self.ledger()?.peek(be, &self.topo.ds_weights(), times)
+    }
+
+    /// Forward, loss and backward with the batch wherever `input` says, into the ledger's next
+    /// record. Returns the phase times when the net is `timed`.
+    fn gradients(&self, be: &B, acts: &Acts<B>, input: Input) -> Result<(f64, f64)> {
         ensure!(acts.plan.training, "compute_gradients needs a training activation plan");
         ensure!(self.trainable, "compute_gradients needs a trainable net (this one was made for inference)");
+        let ledger = self.ledger()?;
         let pass = Pass { be, net: self, a: acts };
         if let Input::Host { image, labels } = input {
             pass.load(image, Some(labels))?;
         }
         pass.downsample_labels()?;
-        be.sync()?;
-        let t0 = std::time::Instant::now();
+        let timer = Phases::start(be, self.timed)?;
         pass.forward(true)?;
         let weights = self.topo.ds_weights();
-        let mut loss = StepLoss::default();
         for (s, slot) in acts.plan.logits.iter().enumerate() {
             if let (Some(lg), Some(lb)) = (slot, acts.plan.labels[s]) {
-                let parts = be.softmax_dice_ce(pass.act(lg), lg.dims, pass.label(lb), self.topo.dice, weights[s])?;
-                loss.total += weights[s] * parts.total();
-                if s == 0 {
-                    loss.top = parts;
-                }
+                be.softmax_dice_ce(pass.act(lg), lg.dims, pass.label(lb), self.topo.dice, weights[s], ledger.next_loss(be, s))?;
             }
         }
-        be.sync()?;
-        let t1 = std::time::Instant::now();
+        let timer = timer.lap(be)?;
         pass.backward()?;
-        be.sync()?;
-        loss.forward_secs = (t1 - t0).as_secs_f64();
-        loss.backward_secs = t1.elapsed().as_secs_f64();
-        loss.grad_norm = be.sum_squares(self.grads(be))?.sqrt();
-        Ok(loss)
+        let times = timer.lap(be)?.times();
+        be.sum_squares(self.grads(be), ledger.next_norm(be))?;
+        Ok(times)
     }
 
-    /// Clips the gradients to norm 12 and takes one SGD-nesterov step. Returns false (and
-    /// leaves the weights alone) when the gradient norm is not finite.
-    pub fn apply_update(&mut self, be: &B, grad_norm: f64, lr: f64) -> Result<bool> {
-        ensure!(self.trainable, "apply_update needs a trainable net (this one was made for inference)");
-        if !grad_norm.is_finite() {
-            return Ok(false);
+    /// One training step, queued: forward, loss, backward, and the update clipped to norm 12,
+    /// which the device skips when a loss or the gradient is not finite. Nothing waits for the
+    /// device here (unless the ledger is full); [`UNet::take_steps`] reads the steps' numbers.
+    pub fn step(&mut self, be: &B, acts: &Acts<B>, input: Input, lr: f64) -> Result<()> {
+        ensure!(self.trainable, "a training step needs a trainable net (this one was made for inference)");
+        if self.ledger()?.is_full() {
+            let early = self.read_ledger(be)?;
+            self.read_early.extend(early);
         }
-        let f = crate::backend::clip_factor(grad_norm, GRAD_CLIP);
-        if f < 1.0 {
-            be.scale(self.grads(be), f)?;
+        let times = self.gradients(be, acts, input)?;
+        let guard = self.ledger()?.next(be);
+        let p = SgdParams { lr, momentum: MOMENTUM, weight_decay: WEIGHT_DECAY, max_grad_norm: GRAD_CLIP };
+        be.sgd_update(self.params(be), self.grads(be), self.momentum(be), &p, guard)?;
+        if let Some(l) = self.ledger.as_mut() {
+            l.push(times);
         }
-        let p = SgdParams { lr, momentum: MOMENTUM, weight_decay: WEIGHT_DECAY, first_step: self.steps == 0 };
-        be.sgd_update(self.params(be), self.grads(be), self.momentum(be), &p)?;
-        self.steps += 1;
-        Ok(true)
+        Ok(())
     }
 
-    /// One training step. Returns the loss; `applied` false means a non-finite gradient
-    /// was skipped.
-    pub fn train_step(&mut self, be: &B, acts: &Acts<B>, image: &[f32], labels: &[u8], lr: f64) -> Result<(StepLoss, bool)> {
-        self.step(be, acts, Input::Host { image, labels }, lr)
+    fn read_ledger(&mut self, be: &B) -> Result<Vec<StepLoss>> {
+        let weights = self.topo.ds_weights();
+        let Some(l) = self.ledger.as_mut() else { return Ok(Vec::new()) };
+        let read = l.read(be, &weights)?;
+        self.steps += read.iter().filter(|s| s.applied).count() as u64;
+        Ok(read)
     }
 
-    /// As `train_step`, with the batch wherever `input` says.
-    pub fn step(&mut self, be: &B, acts: &Acts<B>, input: Input, lr: f64) -> Result<(StepLoss, bool)> {
-        let loss = self.gradients(be, acts, input)?;
-        let applied = loss.total.is_finite() && self.apply_update(be, loss.grad_norm, lr)?;
-        Ok((loss, applied))
+    /// The numbers of every step queued since the last call, in order (waits for the device).
+    pub fn take_steps(&mut self, be: &B) -> Result<Vec<StepLoss>> {
+        let mut all = std::mem::take(&mut self.read_early);
+        all.extend(self.read_ledger(be)?);
+        Ok(all)
+    }
+
+    /// One training step from host memory, waited for (tests, benches).
+    pub fn train_step(&mut self, be: &B, acts: &Acts<B>, image: &[f32], labels: &[u8], lr: f64) -> Result<StepLoss> {
+        self.step(be, acts, Input::Host { image, labels }, lr)?;
+        let mut all = self.take_steps(be)?;
+        all.pop().ok_or_else(|| anyhow::anyhow!("a step left no record"))
     }
 
     /// Full-resolution logits for `image` (acts from a forward-only plan).
@@ -199,6 +205,34 @@ impl<B: Backend> UNet<B> {
         pass.load(image, None)?;
         pass.forward(true)?;
         Ok(acts.plan.logits[0].expect("the full-resolution head is always planned"))
+    }
+}
+
+/// Wall times of a step's phases, measured only when asked (each lap synchronises).
+struct Phases {
+    on: bool,
+    at: std::time::Instant,
+    laps: Vec<f64>,
+}
+
+impl Phases {
+    fn start<B: Backend>(be: &B, on: bool) -> Result<Phases> {
+        if on {
+            be.sync()?;
+        }
+        Ok(Phases { on, at: std::time::Instant::now(), laps: Vec::new() })
+    }
+    fn lap<B: Backend>(mut self, be: &B) -> Result<Phases> {
+        if self.on {
+            be.sync()?;
+            let now = std::time::Instant::now();
+            self.laps.push((now - self.at).as_secs_f64());
+            self.at = now;
+        }
+        Ok(self)
+    }
+    fn times(&self) -> (f64, f64) {
+        (self.laps.first().copied().unwrap_or(0.0), self.laps.get(1).copied().unwrap_or(0.0))
     }
 }
 

@@ -3,7 +3,7 @@
 //! CE sum; pass 2 recomputes the softmax per voxel and writes the gradient over the logits.
 
 use super::Float;
-use crate::backend::{DiceMode, LossParts, DICE_SMOOTH};
+use crate::backend::{DiceMode, LossParts, DICE_SMOOTH, LOSS_RECORD};
 use crate::tensor::Dims;
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
@@ -89,14 +89,16 @@ pub fn dice_terms(per_sample: &[Sums], mode: DiceMode, voxels_per_sample: usize)
     DiceTerms { parts: LossParts { ce, dice: -dice_sum / terms }, coef, terms, total_vox }
 }
 
-/// Forward and backward in one call: returns the loss parts and overwrites `logits` with
-/// `weight * dL/dlogits`.
-pub fn softmax_dice_ce<T: Float>(logits: &mut [T], ld: Dims, labels: &[u8], mode: DiceMode, weight: f64) -> Result<LossParts> {
+/// Forward and backward in one call: returns the record the backend stores ([CE, Dice term,
+/// largest label]) and overwrites `logits` with `weight * dL/dlogits`. A label not below the
+/// class count gives NaN loss parts and leaves `logits` alone (the step is not applied).
+pub fn softmax_dice_ce<T: Float>(logits: &mut [T], ld: Dims, labels: &[u8], mode: DiceMode, weight: f64) -> Result<[f64; LOSS_RECORD]> {
     let (c, v, n) = (ld.c, ld.voxels(), ld.n);
     ensure!(c >= 2, "the loss needs at least 2 classes (background + 1), got {c}");
     ensure!(logits.len() == ld.len() && labels.len() == ld.rows(), "loss: logits {} and labels {} do not match {}", logits.len(), labels.len(), ld);
-    if let Some(&bad) = labels.iter().find(|&&l| l as usize >= c) {
-        anyhow::bail!("label {bad} found but the network has {c} classes");
+    let max_label = labels.iter().copied().max().unwrap_or(0) as f64;
+    if max_label as usize >= c {
+        return Ok([f64::NAN, f64::NAN, max_label]);
     }
     // Pass 1: per-chunk sums, one chunk never spans two samples (v % ROWS handled by split).
     let chunks: Vec<(usize, usize)> = (0..n).flat_map(|b| (0..v.div_ceil(ROWS)).map(move |k| (b, k))).collect();
@@ -145,5 +147,5 @@ pub fn softmax_dice_ce<T: Float>(logits: &mut [T], ld: Dims, labels: &[u8], mode
             }
         }
     });
-    Ok(parts)
+    Ok([parts.ce, parts.dice, max_label])
 }

@@ -9,7 +9,7 @@ pub mod misc;
 pub mod norm;
 pub mod optim;
 
-use super::{Backend, ConvGeom, ConvTGeom, DiceMode, LossParts, SgdParams};
+use super::{Backend, ConvGeom, ConvTGeom, DiceMode, SgdParams, LOSS_RECORD};
 use crate::tensor::Dims;
 use anyhow::Result;
 use std::marker::PhantomData;
@@ -325,6 +325,10 @@ impl<T: Float> Backend for CpuBackend<T> {
         self.stored(&[dst]);
         Ok(())
     }
+    fn download_exact(&self, src: CpuBuf<T>, len: usize) -> Result<Vec<f64>> {
+        anyhow::ensure!(src.len == len, "download of {} values into {len}", src.len);
+        Ok(unsafe { src.slice() }.iter().map(|v| v.to_f64()).collect())
+    }
     fn download(&self, src: CpuBuf<T>, dst: &mut [f32]) -> Result<()> {
         let s = unsafe { src.slice() };
         anyhow::ensure!(s.len() == dst.len(), "download of {} values into {}", s.len(), dst.len());
@@ -448,25 +452,26 @@ impl<T: Float> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn softmax_dice_ce(&self, logits: CpuBuf<T>, ld: Dims, labels: CpuBuf<u8>, mode: DiceMode, weight: f64) -> Result<LossParts> {
+    fn softmax_dice_ce(&self, logits: CpuBuf<T>, ld: Dims, labels: CpuBuf<u8>, mode: DiceMode, weight: f64, record: CpuBuf<T>) -> Result<()> {
         let parts = unsafe { loss::softmax_dice_ce(logits.slice_mut(), ld, labels.slice(), mode, weight) }?;
+        anyhow::ensure!(record.len == LOSS_RECORD, "loss record of {} values, not {LOSS_RECORD}", record.len);
+        unsafe { record.slice_mut() }.iter_mut().zip(parts).for_each(|(r, v)| *r = T::from_f64(v));
         self.stored(&[logits]);
-        Ok(parts)
+        Ok(())
     }
     fn argmax(&self, logits: CpuBuf<T>, ld: Dims, out: CpuBuf<u8>) -> Result<()> {
         unsafe { misc::argmax(logits.slice(), ld, out.slice_mut()) };
         Ok(())
     }
 
-    fn sum_squares(&self, x: CpuBuf<T>) -> Result<f64> {
-        Ok(optim::sum_squares(unsafe { x.slice() }))
-    }
-    fn scale(&self, x: CpuBuf<T>, s: f64) -> Result<()> {
-        optim::scale(unsafe { x.slice_mut() }, T::from_f64(s));
+    fn sum_squares(&self, x: CpuBuf<T>, out: CpuBuf<T>) -> Result<()> {
+        anyhow::ensure!(out.len >= 1, "sum_squares into an empty view");
+        unsafe { out.slice_mut()[0] = T::from_f64(optim::sum_squares(x.slice())) };
         Ok(())
     }
-    fn sgd_update(&self, params: CpuBuf<T>, grads: CpuBuf<T>, momentum: CpuBuf<T>, p: &SgdParams) -> Result<()> {
-        unsafe { optim::sgd_update(params.slice_mut(), grads.slice(), momentum.slice_mut(), p) };
+    fn sgd_update(&self, params: CpuBuf<T>, grads: CpuBuf<T>, momentum: CpuBuf<T>, p: &SgdParams, guard: CpuBuf<T>) -> Result<()> {
+        anyhow::ensure!(guard.len >= 1, "sgd_update needs its guard (the squared gradient norm first)");
+        unsafe { optim::sgd_update(params.slice_mut(), grads.slice(), momentum.slice_mut(), p, guard.slice()) };
         Ok(())
     }
 }

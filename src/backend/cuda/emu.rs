@@ -13,6 +13,7 @@ mod ffi {
     extern "C" {
         pub fn segk_emu_launch(name: *const c_char, gx: c_uint, gy: c_uint, gz: c_uint, bx: c_uint, by: c_uint, bz: c_uint, shared_bytes: c_uint, params: *mut *mut c_void) -> c_int;
         pub fn segk_emu_error() -> *const c_char;
+        pub fn segk_emu_set_schedule(seed: u64);
     }
 }
 
@@ -27,6 +28,21 @@ pub fn available() -> Result<()> {
 
 #[cfg(segk_emu)]
 static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Runs the blocks of every later launch, and the threads of a block between barriers, in an
+/// order shuffled from `seed` (0: grid order, thread order; `SEGK_EMU_SCHEDULE=seed` sets it
+/// for a whole process, the fake driver's included). A kernel whose result depends on the order
+/// its warps or blocks run in gives different bits under two seeds, as on a GPU from run to run.
+pub fn set_schedule(seed: u64) -> Result<()> {
+    available()?;
+    #[cfg(segk_emu)]
+    {
+        let _one_at_a_time = LOCK.lock().unwrap_or_else(|p| p.into_inner());
+        // SAFETY: sets a global the launches (serialised by LOCK) read.
+        unsafe { ffi::segk_emu_set_schedule(seed) };
+    }
+    Ok(())
+}
 
 /// Runs kernel `name` over `cfg`'s grid on the host.
 ///

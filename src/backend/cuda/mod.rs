@@ -16,7 +16,7 @@ mod misc;
 mod norm;
 mod optim;
 
-use super::{Backend, ConvGeom, ConvTGeom, DiceMode, LossParts, OutOfMemory, SgdParams};
+use super::{Backend, ConvGeom, ConvTGeom, DiceMode, OutOfMemory, SgdParams};
 use crate::tensor::Dims;
 use anyhow::{anyhow, bail, Result};
 use crate::hostmem::{Heap, HostAlloc, HostBuf, HostElem};
@@ -42,9 +42,45 @@ pub fn unavailable_reason() -> Option<String> {
     }
     match CudaContext::device_count() {
         Ok(0) => Some("the NVIDIA driver reports no GPU".into()),
+        Err(e) if e.0 == sys::CUresult::CUDA_ERROR_STUB_LIBRARY => Some(format!(
+            "the libcuda.so loaded ({}) is the CUDA toolkit's stub, not the NVIDIA driver: put the driver's libcuda.so.1 first on the library path (LD_LIBRARY_PATH), or run where the driver is installed",
+            driver_library().unwrap_or_else(|| "path unknown".into())
+        )),
         Err(e) => Some(format!("the NVIDIA driver reports no usable GPU: {e}")),
         Ok(_) => None,
     }
+}
+
+/// The libcuda this process loaded, as the kernel maps it (None before it is loaded).
+pub fn driver_library() -> Option<String> {
+    let maps = std::fs::read_to_string("/proc/self/maps").ok()?;
+    maps.lines().filter_map(|l| l.split_whitespace().nth(5)).find(|p| p.contains("libcuda.so")).map(str::to_string)
+}
+
+/// The CUDA version the loaded driver supports, as "13.0", when it says.
+pub fn driver_cuda_version() -> Option<String> {
+    let mut v = 0;
+    // SAFETY: only called once the driver library is known to load; writes one int.
+    let ok = unsafe { sys::is_culib_present() && sys::cuDriverGetVersion(&mut v) == sys::CUresult::CUDA_SUCCESS };
+    ok.then(|| format!("{}.{}", v / 1000, v % 1000 / 10))
+}
+
+/// Why the embedded module did not load, in the terms that decide it: the CUDA release the
+/// kernels were built with and the one the driver supports.
+fn module_load_error(e: DriverError) -> anyhow::Error {
+    let built = option_env!("SEGK_NVCC_RELEASE").filter(|v| !v.is_empty()).unwrap_or("unknown");
+    let driver = driver_cuda_version().unwrap_or_else(|| "unknown".into());
+    let lib = driver_library().unwrap_or_else(|| "libcuda.so".into());
+    let older = |a: &str, b: &str| {
+        let v = |s: &str| s.split('.').map(|p| p.parse::<u32>().unwrap_or(0)).collect::<Vec<_>>();
+        v(a) < v(b)
+    };
+    let hint = if driver != "unknown" && built != "unknown" && older(&driver, built) {
+        format!(": this driver is older than the kernels need; update the NVIDIA driver to one for CUDA {built} or newer, or rebuild segk with an nvcc of CUDA {driver} or older (NVCC=...)")
+    } else {
+        String::new()
+    };
+    anyhow!("loading the embedded kernels ({KERNEL_ARCHS}, built by nvcc {built}) failed: {}; the driver ({lib}) supports CUDA {driver}{hint}", describe(&e))
 }
 
 /// One GPU as the driver reports it.
@@ -165,7 +201,7 @@ macro_rules! kernels {
 }
 
 kernels!(
-    plain: scale_f32, sum_squares_f32, sgd_nesterov_f32, downsample_labels, cast_f32_bf16, cast_bf16_f32,
+    plain: sum_squares_f32, sum_partials_f64, sgd_nesterov_f32, loss_dice, downsample_labels, cast_f32_bf16, cast_bf16_f32,
     norm_finalize_f32, norm_bwd_finalize_f32, sum_splits_f32;
     per storage type: fill, concat, concat_bwd, argmax, norm_partial, norm_act_fwd, norm_bwd_partial, norm_bwd_apply,
     colsum_partial8, concat8, concat_bwd8, norm_partial8, norm_act_fwd8, norm_bwd_partial8, norm_bwd_apply8,
@@ -299,7 +335,7 @@ impl CudaBackend {
         let (staged, ops_done) = (event()?, event()?);
         let module = ctx
             .load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec()))
-            .map_err(|e| anyhow!("loading the embedded kernels ({KERNEL_ARCHS}) on this GPU: {e}"))?;
+            .map_err(module_load_error)?;
         let k = Kernels::load(&module)?;
         conv::allow_pipe_shared_memory(&k)?;
         let (maj, min) = ctx.compute_capability().unwrap_or((0, 0));
@@ -429,13 +465,6 @@ impl CudaBackend {
             *s = Some(self.alloc_mem::<f32>(len, "workspace allocation")?);
         }
         Ok(s.as_ref().expect("allocated above").ptr)
-    }
-
-    /// Copies `n` values from device to host and waits.
-    pub(crate) fn read<T: Copy + Default>(&self, src: u64, n: usize) -> Result<Vec<T>> {
-        let mut v = vec![T::default(); n];
-        self.read_into(src, &mut v)?;
-        Ok(v)
     }
 
     fn read_into<T: Copy>(&self, src: u64, dst: &mut [T]) -> Result<()> {
@@ -727,19 +756,16 @@ impl Backend for CudaBackend {
     fn downsample_labels(&self, src: DevLabels, sd: Dims, dst: DevLabels, dd: Dims) -> Result<()> {
         misc::downsample_labels(self, src, sd, dst, dd)
     }
-    fn softmax_dice_ce(&self, logits: DevBuf, ld: Dims, labels: DevLabels, mode: DiceMode, weight: f64) -> Result<LossParts> {
-        loss::softmax_dice_ce(self, logits, ld, labels, mode, weight)
+    fn softmax_dice_ce(&self, logits: DevBuf, ld: Dims, labels: DevLabels, mode: DiceMode, weight: f64, record: DevBuf) -> Result<()> {
+        loss::softmax_dice_ce(self, logits, ld, labels, mode, weight, record)
     }
     fn argmax(&self, logits: DevBuf, ld: Dims, out: DevLabels) -> Result<()> {
         misc::argmax(self, logits, ld, out)
     }
-    fn sum_squares(&self, x: DevBuf) -> Result<f64> {
-        optim::sum_squares(self, x)
+    fn sum_squares(&self, x: DevBuf, out: DevBuf) -> Result<()> {
+        optim::sum_squares(self, x, out)
     }
-    fn scale(&self, x: DevBuf, s: f64) -> Result<()> {
-        optim::scale(self, x, s)
-    }
-    fn sgd_update(&self, params: DevBuf, grads: DevBuf, momentum: DevBuf, p: &SgdParams) -> Result<()> {
-        optim::sgd_update(self, params, grads, momentum, p)
+    fn sgd_update(&self, params: DevBuf, grads: DevBuf, momentum: DevBuf, p: &SgdParams, guard: DevBuf) -> Result<()> {
+        optim::sgd_update(self, params, grads, momentum, p, guard)
     }
 }

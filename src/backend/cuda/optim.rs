@@ -3,29 +3,31 @@
 use super::{f32s, launch, CudaBackend, DevBuf};
 use crate::backend::SgdParams;
 use anyhow::Result;
+use cudarc::driver::LaunchConfig;
 
-pub fn sum_squares(be: &CudaBackend, x: DevBuf) -> Result<f64> {
-    f32s("sum_squares", &[x])?;
+/// Per-block f64 partials, then one block merging them in a fixed order into out[0]: the
+/// squared gradient norm stays on the device, where the update reads it.
+pub fn sum_squares(be: &CudaBackend, x: DevBuf, out: DevBuf) -> Result<()> {
+    f32s("sum_squares", &[x, out])?;
+    anyhow::ensure!(out.len >= 1, "sum_squares into an empty view");
     let cfg = be.grid(x.len);
-    let blocks = cfg.grid_dim.0 as usize;
+    let blocks = cfg.grid_dim.0;
     // f64 partials, one per block, in the f32 workspace (2 words each, 8-byte aligned).
-    let part = be.scratch(2 * blocks)?;
+    let part = be.scratch(2 * blocks as usize)?;
     let n = x.len as i64;
     launch!(be, sum_squares_f32, cfg, &x.ptr, &n, &part);
-    Ok(be.read::<f64>(part, blocks)?.iter().sum())
-}
-
-pub fn scale(be: &CudaBackend, x: DevBuf, s: f64) -> Result<()> {
-    f32s("scale", &[x])?;
-    let (n, s) = (x.len as i64, s as f32);
-    launch!(be, scale_f32, be.grid(x.len), &x.ptr, &n, &s);
+    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (256, 1, 1), shared_mem_bytes: 0 };
+    let nb = blocks as i32;
+    launch!(be, sum_partials_f64, one, &part, &nb, &out.ptr);
     Ok(())
 }
 
-pub fn sgd_update(be: &CudaBackend, p: DevBuf, g: DevBuf, m: DevBuf, sp: &SgdParams) -> Result<()> {
+pub fn sgd_update(be: &CudaBackend, p: DevBuf, g: DevBuf, m: DevBuf, sp: &SgdParams, guard: DevBuf) -> Result<()> {
     anyhow::ensure!(p.len == g.len && p.len == m.len, "sgd arena sizes");
-    f32s("sgd_update", &[p, g, m])?;
-    let (n, lr, mu, wd, first) = (p.len as i64, sp.lr as f32, sp.momentum as f32, sp.weight_decay as f32, sp.first_step as i32);
-    launch!(be, sgd_nesterov_f32, be.grid(p.len), &p.ptr, &g.ptr, &m.ptr, &n, &lr, &mu, &wd, &first);
+    anyhow::ensure!(guard.len >= 1, "sgd_update needs its guard (the squared gradient norm first)");
+    f32s("sgd_update", &[p, g, m, guard])?;
+    let (n, lr, mu, wd) = (p.len as i64, sp.lr as f32, sp.momentum as f32, sp.weight_decay as f32);
+    let (glen, max_norm) = (guard.len as i32, sp.max_grad_norm as f32);
+    launch!(be, sgd_nesterov_f32, be.grid(p.len), &p.ptr, &g.ptr, &m.ptr, &n, &lr, &mu, &wd, &guard.ptr, &glen, &max_norm);
     Ok(())
 }
