@@ -47,11 +47,18 @@ enum Cmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
-    /// Integrity check, fingerprint and the 3d_fullres plan (plans.json) sized for a GPU budget.
+    /// Integrity check, fingerprint, nnU-Net's plans (nnUNetPlans.json: 2d, 3d_fullres, 3d_lowres,
+    /// 3d_cascade_fullres) and segk's 3d_fullres plan sized for a GPU budget (plans.json).
     Plan {
         /// The DatasetXXX_Name folder, or its ID (900) or name under $nnUNet_raw.
         dataset: std::path::PathBuf,
-        /// GPU memory budget in GiB (8 matches nnU-Net's default plans).
+        /// nnU-Net's planner (-pl): ExperimentPlanner, nnUNetPlannerResEncM, nnUNetPlannerResEncL, nnUNetPlannerResEncXL.
+        #[arg(long = "pl", visible_alias = "planner", default_value = "ExperimentPlanner")]
+        planner: String,
+        /// nnU-Net's -gpu_memory_target in GB (default: the planner's own, 8/8/24/40).
+        #[arg(long)]
+        gpu_memory_target: Option<f64>,
+        /// GPU memory budget in GiB of segk's own 3d_fullres plan (plans.json), sized with its exact memory model.
         #[arg(long, default_value_t = 8.0)]
         gpu_memory: f64,
         /// Output folder (default: $nnUNet_preprocessed/NAME, else DATASET/../segk_preprocessed/NAME).
@@ -233,16 +240,26 @@ fn default_sigpipe() {
     unsafe { signal(SIGPIPE, SIG_DFL) };
 }
 
+/// nnU-Net's single-dash flags of more than one letter (`-pl`, `-gpu_memory_target`), which
+/// clap reads as bundles of short flags, in their long spelling.
+fn nnunet_flag(arg: String) -> String {
+    match arg.as_str() {
+        "-pl" => "--pl".into(),
+        "-gpu_memory_target" => "--gpu-memory-target".into(),
+        _ => arg,
+    }
+}
+
 fn main() {
     #[cfg(unix)]
     default_sigpipe();
-    let cli = Cli::parse();
+    let cli = Cli::parse_from(std::env::args().map(nnunet_flag));
     let r = match cli.cmd {
         Cmd::Demo { epochs, iters, seed, threads, device } => set_threads(threads).and_then(|_| run_demo(epochs, iters, seed, &device)),
         Cmd::Selftest { device, seed, only } => selftest::command(&device, seed, only.as_deref()),
         Cmd::Check { dataset } => dataset_folder(&dataset).and_then(|d| run_check(&d)),
         Cmd::Fingerprint { dataset, out } => dataset_folder(&dataset).and_then(|d| run_fingerprint(&d, out)),
-        Cmd::Plan { dataset, gpu_memory, out } => dataset_folder(&dataset).and_then(|d| run_plan(&d, gpu_memory, out)),
+        Cmd::Plan { dataset, planner, gpu_memory_target, gpu_memory, out } => dataset_folder(&dataset).and_then(|d| run_plan(&d, gpu_memory, out, Some((&planner, gpu_memory_target)))),
         Cmd::Preprocess { dataset, processes, f16, gpu_memory, out } => dataset_folder(&dataset).and_then(|d| run_preprocess(&d, processes, f16, gpu_memory, out)),
         Cmd::Train { dataset, fold, device, epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, no_validation, workers, seed, preprocessed, out } => {
             let o = TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, validation: !no_validation, workers, seed };
@@ -341,9 +358,11 @@ fn preprocessed_dir(root: &std::path::Path) -> std::path::PathBuf {
 
 use segk::store::write_json_atomic;
 
-fn run_plan(root: &std::path::Path, gpu_memory: f64, out: Option<std::path::PathBuf>) -> Result<()> {
-    use segk::plan::{fingerprint, plans};
+/// `nnunet`: the nnU-Net planner to run as well, and its GPU memory target.
+fn run_plan(root: &std::path::Path, gpu_memory: f64, out: Option<std::path::PathBuf>, nnunet: Option<(&str, Option<f64>)>) -> Result<()> {
+    use segk::plan::{fingerprint, nnunet as nn, plans};
     anyhow::ensure!(gpu_memory > 0.0 && gpu_memory <= 4096.0, "--gpu-memory must be a size in GiB, above 0 and at most 4096 (got {gpu_memory})");
+    let planner = nnunet.map(|(name, _)| nn::planner(name)).transpose()?;
     run_check(root)?;
     let ds = segk::dataset::Dataset::open(root)?;
     let name = dataset_name(root);
@@ -367,7 +386,26 @@ fn run_plan(root: &std::path::Path, gpu_memory: f64, out: Option<std::path::Path
     println!("  kernels {}", t.kernels.iter().map(triple).collect::<Vec<_>>().join(" "));
     println!("  strides {}", t.strides.iter().map(triple).collect::<Vec<_>>().join(" "));
     println!("  GPU memory: needs {:.2} GiB of the {:.2} GiB budget (checkpointing {})", plan.gpu_memory_needed_bytes as f64 / plans::GIB, gpu_memory, plan.checkpointing);
-    println!("wrote {} and {}", out.join("plans.json").display(), fingerprint::FILE);
+    println!("wrote {} (segk's own plan: its patch and batch are sized to --gpu-memory with segk's memory model, a deviation from nnU-Net's plan; training uses it for now) and {}", out.join("plans.json").display(), fingerprint::FILE);
+    if let (Some(p), Some((_, target))) = (planner, nnunet) {
+        // nnU-Net's own fingerprint, where nnUNetv2_extract_fingerprint wrote one, is read as it is.
+        let theirs = out.join("dataset_fingerprint.json");
+        let (nfp, source) = match std::fs::read(&theirs) {
+            Ok(b) => (serde_json::from_slice(&b).map_err(|e| anyhow::anyhow!("{}: not nnU-Net's fingerprint: {e}", theirs.display()))?, "nnU-Net's dataset_fingerprint.json"),
+            Err(_) => (nn::NnunetFingerprint::from_segk(&fp)?, "segk's fingerprint"),
+        };
+        let doc = nn::plan_experiment(p, &dataset_name(root), &ds.json, &nfp, "SimpleITKIO", target)?;
+        let (path, written) = nn::write_plans(&out, &doc)?;
+        println!("nnU-Net's plans ({}, from {source}):", p.class);
+        for line in nn::describe(&doc, &ds.json) {
+            println!("  {line}");
+        }
+        match written {
+            nn::Written::New => println!("wrote {}", path.display()),
+            nn::Written::Same => println!("{} is already this plan", path.display()),
+            nn::Written::KeptDifferent => println!("{} exists with other contents (nnU-Net's or edited): kept as it is; remove it to have segk write this plan", path.display()),
+        }
+    }
     Ok(())
 }
 
@@ -378,7 +416,7 @@ fn run_preprocess(root: &std::path::Path, processes: Option<usize>, f16: bool, g
     anyhow::ensure!(processes != Some(0), "--processes must be at least 1");
     if !out.join(PlansFile::NAME).is_file() {
         println!("no {} yet: planning first", out.join(PlansFile::NAME).display());
-        run_plan(root, gpu_memory, Some(out.clone()))?;
+        run_plan(root, gpu_memory, Some(out.clone()), None)?;
     }
     let plans = PlansFile::read(&out)?;
     let ds = segk::dataset::Dataset::open(root)?;

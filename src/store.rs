@@ -134,7 +134,7 @@ fn write_atomic(path: &Path, fill: impl FnOnce(&mut std::io::BufWriter<std::fs::
 }
 
 /// write_atomic through the temporary FILE`suffix`.
-fn write_atomic_via(path: &Path, suffix: &str, fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>) -> Result<()> {
+pub fn write_atomic_via(path: &Path, suffix: &str, fill: impl FnOnce(&mut std::io::BufWriter<std::fs::File>) -> std::io::Result<()>) -> Result<()> {
     refuse_folder(path)?;
     let mut name = path.file_name().with_context(|| format!("{}: not a file name", path.display()))?.to_os_string();
     name.push(suffix);

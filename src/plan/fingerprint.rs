@@ -120,7 +120,12 @@ pub fn percentile<T: Copy + Into<f64>>(sorted: &[T], p: f64) -> f64 {
     let (i, f) = (pos.floor() as usize, pos.fract());
     let a: f64 = sorted[i].into();
     let b: f64 = sorted[(i + 1).min(sorted.len() - 1)].into();
-    a + (b - a) * f
+    // numpy's _lerp: from the nearer end, so that the result is exact at both ends.
+    if f >= 0.5 {
+        b - (b - a) * (1.0 - f)
+    } else {
+        a + (b - a) * f
+    }
 }
 
 /// The same percentile by selection instead of a sort: O(n), reorders `v`.
