@@ -43,6 +43,7 @@ extern "C" __global__ void segk_sgd_nesterov_f32(float* p, const float* g, float
     const double norm = sqrt((double)guard[0]);
     const float f = (float)fmin(1.0, (double)max_norm / (norm + 1e-6));
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) {
+        // The clipped gradient rounded on its own, as the CPU twin scales it (not fused into the add).
         float gi = (f < 1.f ? __fmul_rn(g[i], f) : g[i]) + wd * p[i];
         float mi = mu * m[i] + gi;
         m[i] = mi;

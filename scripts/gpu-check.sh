@@ -80,6 +80,7 @@ record() {
     ok) line=$(printf 'ok        %-40s %6s s' "$name" "$secs"); n_ok=$((n_ok + 1)) ;;
     failed) line=$(printf 'FAILED    %-40s %6s s  (exit %s)' "$name" "$secs" "$rc"); n_failed=$((n_failed + 1)) ;;
     timeout) line=$(printf 'TIMED OUT %-40s %6s s  (its limit)' "$name" "$secs"); n_timeout=$((n_timeout + 1)) ;;
+    cut) line=$(printf 'CUT       %-40s %6s s  (by the deadline: rerun with a larger DEADLINE)' "$name" "$secs"); n_skipped=$((n_skipped + 1)) ;;
     skipped) line="skipped $name: $reason"; n_skipped=$((n_skipped + 1)); [ -n "$rc" ] && line+=" (ran $secs s, exit $rc)" ;;
   esac
   say "$line"
@@ -121,6 +122,7 @@ step() {
   secs=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%.1f", b - a }')
   tail -n +"$((before + 1))" "$log" >"$steplog"
   if [ "$rc" -eq 0 ]; then step_status=ok
+  elif { [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; } && [ "$t" -lt "$cap" ]; then step_status=cut
   elif [ "$rc" -eq 124 ] || [ "$rc" -eq 137 ]; then step_status=timeout
   else step_status=failed
   fi
@@ -296,7 +298,7 @@ if [ "$smoke" = 1 ]; then
   kernels="--patch 8,8,8 --stages 2 --batch 1 --reps 1"
   criterion_args="--bench --warm-up-time 0.1 --measurement-time 0.1 --sample-size 10"
   # step NEED/CAP in seconds: selftest, headline, others.
-  need_self=15 cap_self=300 need_big=2 cap_big=60 need_small=2 cap_small=60
+  need_self=60 cap_self=300 need_big=2 cap_big=60 need_small=2 cap_small=60
   need_fix=10 cap_fix=120 need_crit=10 cap_crit=120 need_race=10 cap_race=120
 else
   s6="--stages 6 --patch 128,128,128 --batch 2 --warmup 2 --steps 10"
@@ -311,9 +313,16 @@ fi
 say "segk GPU check $(date -u +%Y-%m-%dT%H:%M:%SZ) on $(hostname), bin $bin, deadline $deadline s$([ "$smoke" = 1 ] && echo ', SMOKE (toy sizes)')"
 
 # 1. Environment.
+# segk's commit and the kernels' nvcc release, for recording the figures.
+PARSE=parse_version
+parse_version() {
+  local l
+  while IFS= read -r l; do note "$l"; done < <(grep -v '^[[:space:]]*$' "$steplog" | head -n 4 | cut -c1-200)
+}
 if ! step version 1 30 "$bin" --version; then
   [ "$step_status" = skipped ] || stop_reason="$bin does not run (see version)"
 fi
+PARSE=""
 PARSE=parse_doctor_lines
 parse_doctor_lines() {
   local l

@@ -90,8 +90,9 @@ pub struct StepReport {
     pub param_bytes: usize,
     pub activation_bytes: usize,
     pub peak_rss_bytes: Option<usize>,
-    /// Device memory in use once the steps ran (every process's; the arenas and workspace stay
-    /// allocated, so this is the step's peak): None on the CPU.
+    /// Device memory this run holds once the steps ran (in use after, less in use before: the
+    /// arenas and workspace stay allocated, so this is its peak; like PyTorch's reserved memory,
+    /// not counting the context): None on the CPU.
     #[serde(default)]
     pub peak_gpu_bytes: Option<u64>,
 }
@@ -176,6 +177,8 @@ pub fn measure_with<B: Backend>(be: &B, a: &StepArgs, after_warmup: impl Fn()) -
     let (t, patch, batch) = (&spec.topology, spec.patch, spec.batch);
     let policy = Checkpointing::from_level(a.checkpointing)?;
     let (fwd, bwd) = t.step_flops(patch, batch)?;
+    // Device memory in use before this run's allocations (the context, other processes).
+    let used_before = be.memory_used();
     let mut net = UNet::new(be, t.clone(), 0)?;
     // Forward and backward timed apart: the step synchronises at each end (a few microseconds).
     net.timed = true;
@@ -221,7 +224,7 @@ pub fn measure_with<B: Backend>(be: &B, a: &StepArgs, after_warmup: impl Fn()) -
         param_bytes: net.param_bytes(be),
         activation_bytes: acts.bytes(be),
         peak_rss_bytes: peak_rss_bytes(),
-        peak_gpu_bytes: be.memory_used(),
+        peak_gpu_bytes: be.memory_used().zip(used_before).map(|(after, before)| after.saturating_sub(before)),
         spec,
     })
 }

@@ -58,9 +58,9 @@ enum Cmd {
         /// nnU-Net's -gpu_memory_target in GB (default: the planner's own, 8/8/24/40).
         #[arg(long)]
         gpu_memory_target: Option<f64>,
-        /// GPU memory budget in GiB of segk's own 3d_fullres plan (plans.json), sized with its exact memory model.
-        #[arg(long, default_value_t = 8.0)]
-        gpu_memory: f64,
+        /// Instead of nnU-Net's 3d_fullres, train segk's own plan sized to this many GiB with its exact memory model.
+        #[arg(long)]
+        gpu_memory: Option<f64>,
         /// Output folder (default: $nnUNet_preprocessed/NAME, else DATASET/../segk_preprocessed/NAME).
         #[arg(long)]
         out: Option<std::path::PathBuf>,
@@ -75,9 +75,9 @@ enum Cmd {
         /// Store images as f16 (half the disk and page cache; default f32 as nnU-Net).
         #[arg(long)]
         f16: bool,
-        /// GPU memory budget in GiB, used when planning is needed.
-        #[arg(long, default_value_t = 8.0)]
-        gpu_memory: f64,
+        /// When planning is needed: segk's own plan sized to this many GiB instead of nnU-Net's 3d_fullres.
+        #[arg(long)]
+        gpu_memory: Option<f64>,
         /// Preprocessed folder (default: as `segk plan`).
         #[arg(long)]
         out: Option<std::path::PathBuf>,
@@ -259,7 +259,7 @@ fn main() {
         Cmd::Selftest { device, seed, only } => selftest::command(&device, seed, only.as_deref()),
         Cmd::Check { dataset } => dataset_folder(&dataset).and_then(|d| run_check(&d)),
         Cmd::Fingerprint { dataset, out } => dataset_folder(&dataset).and_then(|d| run_fingerprint(&d, out)),
-        Cmd::Plan { dataset, planner, gpu_memory_target, gpu_memory, out } => dataset_folder(&dataset).and_then(|d| run_plan(&d, gpu_memory, out, Some((&planner, gpu_memory_target)))),
+        Cmd::Plan { dataset, planner, gpu_memory_target, gpu_memory, out } => dataset_folder(&dataset).and_then(|d| run_plan(&d, gpu_memory, out, &planner, gpu_memory_target)),
         Cmd::Preprocess { dataset, processes, f16, gpu_memory, out } => dataset_folder(&dataset).and_then(|d| run_preprocess(&d, processes, f16, gpu_memory, out)),
         Cmd::Train { dataset, fold, device, epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, no_validation, workers, seed, preprocessed, out } => {
             let o = TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, validation: !no_validation, workers, seed };
@@ -358,11 +358,15 @@ fn preprocessed_dir(root: &std::path::Path) -> std::path::PathBuf {
 
 use segk::store::write_json_atomic;
 
-/// `nnunet`: the nnU-Net planner to run as well, and its GPU memory target.
-fn run_plan(root: &std::path::Path, gpu_memory: f64, out: Option<std::path::PathBuf>, nnunet: Option<(&str, Option<f64>)>) -> Result<()> {
+/// Fingerprint, nnU-Net's plans (ExperimentPlanner's always, `planner`'s too), and segk's plan
+/// (plans.json, what preprocess and train use): nnU-Net's 3d_fullres, or with `gpu_memory`
+/// segk's own sizing to that budget.
+fn run_plan(root: &std::path::Path, gpu_memory: Option<f64>, out: Option<std::path::PathBuf>, planner: &str, target: Option<f64>) -> Result<()> {
     use segk::plan::{fingerprint, nnunet as nn, plans};
-    anyhow::ensure!(gpu_memory > 0.0 && gpu_memory <= 4096.0, "--gpu-memory must be a size in GiB, above 0 and at most 4096 (got {gpu_memory})");
-    let planner = nnunet.map(|(name, _)| nn::planner(name)).transpose()?;
+    if let Some(g) = gpu_memory {
+        anyhow::ensure!(g > 0.0 && g <= 4096.0, "--gpu-memory must be a size in GiB, above 0 and at most 4096 (got {g})");
+    }
+    let chosen = nn::planner(planner)?;
     run_check(root)?;
     let ds = segk::dataset::Dataset::open(root)?;
     let name = dataset_name(root);
@@ -372,7 +376,46 @@ fn run_plan(root: &std::path::Path, gpu_memory: f64, out: Option<std::path::Path
     let fp = fingerprint::fingerprint(&ds, fingerprint::FOREGROUND_SAMPLES)?;
     println!("fingerprint: {} in {:.1} s", segk::sysinfo::count(ds.cases.len(), "case"), t0.elapsed().as_secs_f64());
     write_json_atomic(&out.join(fingerprint::FILE), &fp)?;
-    let plan = plans::plan_3d_fullres(&ds.json, &fp, (gpu_memory * plans::GIB) as usize)?;
+    // nnU-Net's own fingerprint, where nnUNetv2_extract_fingerprint wrote one, is read as it is.
+    let theirs = out.join("dataset_fingerprint.json");
+    let (nfp, source) = match std::fs::read(&theirs) {
+        Ok(b) => (serde_json::from_slice(&b).map_err(|e| anyhow::anyhow!("{}: not nnU-Net's fingerprint: {e}", theirs.display()))?, "nnU-Net's dataset_fingerprint.json"),
+        Err(_) => (nn::NnunetFingerprint::from_segk(&fp)?, "segk's fingerprint"),
+    };
+    let mut default = None;
+    for p in [&nn::PLANNERS[0], chosen] {
+        if p.class == nn::PLANNERS[0].class && default.is_some() {
+            continue;
+        }
+        let doc = nn::plan_experiment(p, &name, &ds.json, &nfp, "SimpleITKIO", if std::ptr::eq(p, chosen) { target } else { None })?;
+        let (path, written) = nn::write_plans(&out, &doc)?;
+        println!("nnU-Net's plans ({}, from {source}):", p.class);
+        for line in nn::describe(&doc, &ds.json) {
+            println!("  {line}");
+        }
+        match written {
+            nn::Written::New => println!("wrote {}", path.display()),
+            nn::Written::Same => println!("{} is already this plan", path.display()),
+            nn::Written::KeptDifferent => println!("{} exists with other contents (nnU-Net's or edited): kept as it is, and used; remove it to have segk write this plan", path.display()),
+        }
+        if default.is_none() {
+            // What is on disk is what is used (nnU-Net's own file included).
+            default = Some(serde_json::from_slice::<segk::plan::plans_json::PlansJson>(&std::fs::read(&path)?).map_err(|e| anyhow::anyhow!("{}: not an nnU-Net plans file: {e}", path.display()))?);
+        }
+    }
+    let default = default.expect("ExperimentPlanner planned above");
+    let plan = match gpu_memory {
+        None => {
+            let plan = plans::from_nnunet(&default, "3d_fullres", &ds.json).map_err(|e| e.context("segk trains nnUNetPlans' 3d_fullres (or, with --gpu-memory, a 3d_fullres plan of its own)"))?;
+            println!("segk trains nnUNetPlans' 3d_fullres as planned{}", if chosen.class == nn::PLANNERS[0].class { "" } else { " (the other planner's networks are not trained by segk yet)" });
+            plan
+        }
+        Some(g) => {
+            let plan = plans::plan_3d_fullres(&ds.json, &fp, (g * plans::GIB) as usize)?;
+            println!("--gpu-memory {g}: segk's own 3d_fullres plan, patch and batch sized to {g} GiB with segk's exact memory model -- a deviation from nnU-Net's plan above");
+            plan
+        }
+    };
     let doc = plans::PlansFile {
         dataset_name: name,
         configurations: plans::Configurations { fullres: plan.clone() },
@@ -385,38 +428,19 @@ fn run_plan(root: &std::path::Path, gpu_memory: f64, out: Option<std::path::Path
     println!("3d_fullres: spacing {} mm (image axes in the order {:?}), patch {}, batch {}, {} stages, features {:?}", spacing.join(" x "), plan.transpose_forward, triple(&plan.patch_size), plan.batch_size, t.stages(), t.features);
     println!("  kernels {}", t.kernels.iter().map(triple).collect::<Vec<_>>().join(" "));
     println!("  strides {}", t.strides.iter().map(triple).collect::<Vec<_>>().join(" "));
-    println!("  GPU memory: needs {:.2} GiB of the {:.2} GiB budget (checkpointing {})", plan.gpu_memory_needed_bytes as f64 / plans::GIB, gpu_memory, plan.checkpointing);
-    println!("wrote {} (segk's own plan: its patch and batch are sized to --gpu-memory with segk's memory model, a deviation from nnU-Net's plan; training uses it for now) and {}", out.join("plans.json").display(), fingerprint::FILE);
-    if let (Some(p), Some((_, target))) = (planner, nnunet) {
-        // nnU-Net's own fingerprint, where nnUNetv2_extract_fingerprint wrote one, is read as it is.
-        let theirs = out.join("dataset_fingerprint.json");
-        let (nfp, source) = match std::fs::read(&theirs) {
-            Ok(b) => (serde_json::from_slice(&b).map_err(|e| anyhow::anyhow!("{}: not nnU-Net's fingerprint: {e}", theirs.display()))?, "nnU-Net's dataset_fingerprint.json"),
-            Err(_) => (nn::NnunetFingerprint::from_segk(&fp)?, "segk's fingerprint"),
-        };
-        let doc = nn::plan_experiment(p, &dataset_name(root), &ds.json, &nfp, "SimpleITKIO", target)?;
-        let (path, written) = nn::write_plans(&out, &doc)?;
-        println!("nnU-Net's plans ({}, from {source}):", p.class);
-        for line in nn::describe(&doc, &ds.json) {
-            println!("  {line}");
-        }
-        match written {
-            nn::Written::New => println!("wrote {}", path.display()),
-            nn::Written::Same => println!("{} is already this plan", path.display()),
-            nn::Written::KeptDifferent => println!("{} exists with other contents (nnU-Net's or edited): kept as it is; remove it to have segk write this plan", path.display()),
-        }
-    }
+    println!("  GPU memory: needs {:.2} GiB at checkpoint level {}{}", plan.gpu_memory_needed_bytes as f64 / plans::GIB, plan.checkpointing, gpu_memory.map(|g| format!(" of the {g:.2} GiB budget")).unwrap_or_default());
+    println!("wrote {} (the plan segk preprocesses and trains with) and {}", out.join("plans.json").display(), fingerprint::FILE);
     Ok(())
 }
 
-fn run_preprocess(root: &std::path::Path, processes: Option<usize>, f16: bool, gpu_memory: f64, out: Option<std::path::PathBuf>) -> Result<()> {
+fn run_preprocess(root: &std::path::Path, processes: Option<usize>, f16: bool, gpu_memory: Option<f64>, out: Option<std::path::PathBuf>) -> Result<()> {
     use segk::plan::plans::PlansFile;
     use segk::preprocess::{self, splits};
     let out = out.unwrap_or_else(|| preprocessed_dir(root));
     anyhow::ensure!(processes != Some(0), "--processes must be at least 1");
     if !out.join(PlansFile::NAME).is_file() {
         println!("no {} yet: planning first", out.join(PlansFile::NAME).display());
-        run_plan(root, gpu_memory, Some(out.clone()), None)?;
+        run_plan(root, gpu_memory, Some(out.clone()), "ExperimentPlanner", None)?;
     }
     let plans = PlansFile::read(&out)?;
     let ds = segk::dataset::Dataset::open(root)?;
@@ -564,13 +588,13 @@ fn run_train(root: &std::path::Path, fold: &str, device: &str, o: TrainOpts, pre
     let store = pre.join(STORE_DIR);
     if !pre.join(segk::plan::plans::PlansFile::NAME).is_file() {
         println!("no plans in {}: planning and preprocessing first", pre.display());
-        run_preprocess(root, None, false, 8.0, Some(pre.clone()))?;
+        run_preprocess(root, None, false, None, Some(pre.clone()))?;
     }
     let plans = segk::plan::plans::PlansFile::read(&pre)?;
     let (stale, dtype) = segk::preprocess::stale_cases(&store, &ids, &ds.json, &plans)?;
     if !stale.is_empty() {
         println!("the store at {} is missing {} of {} cases or holds them under other settings: preprocessing first", store.display(), stale.len(), ids.len());
-        run_preprocess(root, None, dtype == segk::store::ImageDtype::F16, 8.0, Some(pre.clone()))?;
+        run_preprocess(root, None, dtype == segk::store::ImageDtype::F16, None, Some(pre.clone()))?;
     }
     // `all` needs no split (and works with fewer cases than folds).
     let folds = if fold == splits::Fold::All { Vec::new() } else { splits::load_or_create(&pre, &ids)? };
@@ -732,14 +756,15 @@ fn run_doctor() -> Result<()> {
         Some(why) if !segk::backend::cuda::KERNELS_EMBEDDED => println!("CUDA: {why}"),
         _ => match segk::backend::cuda::gpus() {
             Ok(list) => {
-                let lib = segk::backend::cuda::driver_library().unwrap_or_else(|| "?".into());
-                println!("NVIDIA driver: {lib}, CUDA {}", segk::backend::cuda::driver_cuda_version().unwrap_or_else(|| "?".into()));
                 for g in list {
                     println!("GPU cuda:{}: {}, sm_{}{}, {:.1} GiB free of {:.1} GiB", g.ordinal, g.name, g.compute_capability.0, g.compute_capability.1, gib(g.free_bytes), gib(g.total_bytes));
                 }
             }
             Err(why) => println!("CUDA: {why}"),
         },
+    }
+    if let Some(lib) = segk::backend::cuda::driver_library() {
+        println!("NVIDIA driver: {lib}, CUDA {}", segk::backend::cuda::driver_cuda_version().unwrap_or_else(|| "?".into()));
     }
     let (p, ps) = segk::preprocess::worker_count(None)?;
     let (w, ws) = segk::loader::worker_count(None)?;

@@ -296,7 +296,7 @@ fn norm_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
 }
 
 fn loss_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
-    // Up to 8 classes the loss kernel sums in registers, above it in shared memory: both.
+    // Up to 8 classes the loss kernel sums in one pass over the voxels, above it in several: both.
     let cases = [(Dims::new(2, [6, 5, 7], 3), DiceMode::Batch), (Dims::new(3, [4, 4, 9], 5), DiceMode::PerSample), (Dims::new(2, [8, 9, 10], 12), DiceMode::PerSample)];
     for (ld, mode) in cases {
         let z: Vec<f32> = r.rand(ld.len()).iter().map(|v| 4.0 * v).collect();

@@ -225,7 +225,7 @@ pub fn explain_oom(e: anyhow::Error, held: u64) -> anyhow::Error {
 /// numbers included), so nothing is lost, and say how to go on (`next`).
 fn save_and_fail<B: Backend>(be: &B, cfg: &TrainConfig, net: &mut UNet<B>, st: &mut TrainerState, pending: &mut Vec<Vec<String>>, e: anyhow::Error, next: &str) -> anyhow::Error {
     // The steps queued before the failure count as taken (when the device can still say so).
-    let _ = account(be, net, st, pending);
+    let _ = settle(be, net, st, pending);
     match checkpoint::save(&cfg.out, "checkpoint_latest", be, net, st) {
         Ok(()) => e.context(format!("saved checkpoint_latest at epoch {} iteration {}; {next}, then --resume", st.epoch, st.iter)),
         Err(save) => {
@@ -236,13 +236,15 @@ fn save_and_fail<B: Backend>(be: &B, cfg: &TrainConfig, net: &mut UNet<B>, st: &
     }
 }
 
-/// Reads the steps queued since the last read (one wait for the device) into the epoch's sums;
-/// `pending` holds each queued step's cases, in order.
-fn account<B: Backend>(be: &B, net: &mut UNet<B>, st: &mut TrainerState, pending: &mut Vec<Vec<String>>) -> Result<()> {
-    let steps = net.take_steps(be)?;
-    st.steps = net.steps;
+/// The steps read back (in the order they were queued, with each one's cases) into the
+/// epoch's sums. Every step is counted before an error (a label the net has no output for,
+/// too many non-finite steps in a row) is returned, so a checkpoint saved after it is whole.
+fn account(steps: &[crate::model::unet::StepLoss], pending: &mut Vec<Vec<String>>, st: &mut TrainerState, classes: usize) -> Result<()> {
+    let mut first_error = None;
     for (s, cases) in steps.iter().zip(pending.drain(..)) {
-        crate::model::ledger::check_labels(s, net.topo.n_classes, &format_args!("the batch of cases {cases:?}"))?;
+        if let Err(e) = crate::model::ledger::check_labels(s, classes, &format_args!("the batch of cases {cases:?}")) {
+            first_error.get_or_insert(e);
+        }
         if s.applied {
             st.epoch_loss_sum += s.total;
             st.epoch_steps += 1;
@@ -251,10 +253,20 @@ fn account<B: Backend>(be: &B, net: &mut UNet<B>, st: &mut TrainerState, pending
             st.epoch_skipped += 1;
             st.bad_in_a_row += 1;
             println!("  skipped a step at epoch {}: non-finite loss or gradient (loss {}, cases {cases:?})", st.epoch, s.total);
-            ensure!(st.bad_in_a_row < MAX_BAD_STEPS, "{} steps in a row gave a non-finite loss or gradient at epoch {} (last batch: cases {cases:?})", st.bad_in_a_row, st.epoch);
+            if st.bad_in_a_row >= MAX_BAD_STEPS {
+                first_error.get_or_insert(anyhow::anyhow!("{} steps in a row gave a non-finite loss or gradient at epoch {} (last batch: cases {cases:?})", st.bad_in_a_row, st.epoch));
+            }
         }
     }
-    Ok(())
+    first_error.map_or(Ok(()), Err)
+}
+
+/// Reads back the steps queued so far (one wait for the device) and accounts them: an error of
+/// the device, or of the data (with the remedy for each).
+fn settle<B: Backend>(be: &B, net: &mut UNet<B>, st: &mut TrainerState, pending: &mut Vec<Vec<String>>) -> std::result::Result<(), (anyhow::Error, &'static str)> {
+    let steps = net.take_steps(be).map_err(|e| (e, FIX_DEVICE))?;
+    st.steps = net.steps;
+    account(&steps, pending, st, net.topo.n_classes).map_err(|e| (e, FIX_DATA))
 }
 
 const FIX_DATA: &str = "fix or remove the case named below";
@@ -340,8 +352,12 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
         let mut pending: Vec<Vec<String>> = Vec::new();
         while st.iter < cfg.iters_per_epoch {
             if STOP.load(Ordering::Relaxed) {
-                account(be, &mut net, &mut st, &mut pending)?;
+                // Saved whatever the queued steps say: an error among them comes after the save.
+                let settled = settle(be, &mut net, &mut st, &mut pending);
                 checkpoint::save(&cfg.out, "checkpoint_latest", be, &net, &st)?;
+                if let Err((e, _)) = settled {
+                    return Err(e.context(format!("interrupted at epoch {epoch} iteration {}: saved checkpoint_latest", st.iter)));
+                }
                 bail!("interrupted at epoch {epoch} iteration {}: saved checkpoint_latest; continue with --resume", st.iter);
             }
             let b = match feed.next(&mut train.pool, input_image, input_labels) {
@@ -357,8 +373,8 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
             train.pool.give_back(b);
             bar.inc(1);
         }
-        if let Err(e) = account(be, &mut net, &mut st, &mut pending) {
-            return Err(save_and_fail(be, cfg, &mut net, &mut st, &mut pending, oom(e), FIX_DATA));
+        if let Err((e, fix)) = settle(be, &mut net, &mut st, &mut pending) {
+            return Err(save_and_fail(be, cfg, &mut net, &mut st, &mut pending, oom(e), fix));
         }
         bar.finish_and_clear();
         let train_time = t0.elapsed();
@@ -442,6 +458,29 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
 
 #[cfg(test)]
 mod tests {
+    /// Read-back steps are all counted before an error is returned: a bad label in the middle,
+    /// then the rest; five non-finite steps in a row stop the run, still with every step counted.
+    #[test]
+    fn accounting_counts_every_step_before_its_error() {
+        use crate::model::unet::StepLoss;
+        let good = StepLoss { total: 1.0, applied: true, max_label: 2, ..Default::default() };
+        let bad_label = StepLoss { total: f64::NAN, applied: false, max_label: 7, ..Default::default() };
+        let nan = StepLoss { total: f64::NAN, applied: false, max_label: 1, ..Default::default() };
+        let mut st = crate::checkpoint::TrainerState { epoch: 0, steps: 0, next_train_batch: 0, next_val_batch: 0, ema_dice: None, best_ema_dice: None, seed: 0, bad_in_a_row: 0, iter: 0, epoch_loss_sum: 0.0, epoch_steps: 0, epoch_skipped: 0, history: vec![], epochs: None };
+        let cases = |n: usize| (0..n).map(|i| vec![format!("case_{i}")]).collect::<Vec<_>>();
+        let steps = [good.clone(), bad_label, good.clone(), good.clone()];
+        let mut pending = cases(4);
+        let e = super::account(&steps, &mut pending, &mut st, 3).unwrap_err().to_string();
+        assert!(e.contains("label 7") && e.contains("case_1") && e.contains("3 classes"), "{e}");
+        assert_eq!((st.epoch_steps, st.epoch_skipped, st.epoch_loss_sum), (3, 1, 3.0));
+        assert!(pending.is_empty());
+        let steps: Vec<StepLoss> = std::iter::repeat_n(nan, 6).chain([good]).collect();
+        let mut pending = cases(7);
+        let e = super::account(&steps, &mut pending, &mut st, 3).unwrap_err().to_string();
+        assert!(e.contains("5 steps in a row") && e.contains("case_4"), "{e}");
+        assert_eq!((st.epoch_steps, st.epoch_skipped, st.bad_in_a_row), (4, 7, 0));
+    }
+
     #[test]
     fn a_device_oom_mid_run_gets_the_preflight_advice() {
         let oom = crate::backend::OutOfMemory { what: "CUDA workspace allocation".into(), requested: Some(3 << 30), free: Some(5 << 29) };

@@ -125,11 +125,27 @@ fn training_steps_are_bit_identical_under_shuffled_schedules() {
             (losses, params.iter().map(|v| v.to_bits()).collect::<Vec<u32>>())
         };
         let (a, b) = (run(1), run(2));
-        emu::set_schedule(0).unwrap();
         assert_eq!(a.0, b.0, "{dt:?}: losses differ between schedules");
         let differ = a.1.iter().zip(&b.1).filter(|(x, y)| x != y).count();
         assert_eq!(differ, 0, "{dt:?}: {differ} of {} parameters differ between schedules", a.1.len());
     }
+    // The schedules are really shuffled: the turn each thread of 4 blocks of 64 gets.
+    let order = |seed: u64| {
+        emu::set_schedule(seed).unwrap();
+        let mut out = vec![0i32; 1 + 256];
+        let ptr = out.as_mut_ptr();
+        let cfg = cudarc::driver::LaunchConfig { grid_dim: (4, 1, 1), block_dim: (64, 1, 1), shared_mem_bytes: 0 };
+        unsafe { emu::launch("segk_emu_check_order", cfg, &mut [&ptr as *const _ as *mut std::ffi::c_void]) }.unwrap();
+        out[1..].to_vec()
+    };
+    let (plain, one, two) = (order(0), order(1), order(2));
+    assert_eq!(plain, (1..=256).collect::<Vec<i32>>(), "seed 0: grid and thread order");
+    assert!(one != plain && two != plain && one != two, "shuffled orders differ");
+    assert!(one[..64].iter().any(|&t| t > 64) && one[..64].windows(2).any(|w| w[1] < w[0]), "blocks and threads both shuffled: {:?}", &one[..64]);
+    let mut sorted = one.clone();
+    sorted.sort();
+    assert_eq!(sorted, plain, "every thread ran once");
+    emu::set_schedule(0).unwrap();
 }
 
 /// A driver older than the kernels' CUDA release refuses the module: the error says both
@@ -141,8 +157,23 @@ fn an_old_driver_is_named_with_both_versions() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).args(["selftest", "--device", "cuda", "--only", "misc"]).envs(env).output().unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
-    assert!(stderr.contains("CUDA_ERROR_UNSUPPORTED_PTX_VERSION") && stderr.contains("supports CUDA 12.4") && stderr.contains("built by nvcc 13.0") && stderr.contains("update the NVIDIA driver"), "{stderr}");
+    let built = format!("built by nvcc {}", option_env!("SEGK_NVCC_RELEASE").unwrap_or("?"));
+    assert!(stderr.contains("CUDA_ERROR_UNSUPPORTED_PTX_VERSION") && stderr.contains("supports CUDA 12.4") && stderr.contains(&built) && stderr.contains("update the NVIDIA driver"), "{stderr}");
     assert!(stderr.contains("fakecuda/libcuda.so"), "names the library loaded: {stderr}");
+}
+
+/// The CUDA toolkit's stub libcuda (every call answers CUDA_ERROR_STUB_LIBRARY) is named as a
+/// stub, with its path, by doctor and by --device cuda.
+#[test]
+fn the_stub_libcuda_is_named_as_such() {
+    let Some(mut env) = fake_env_or_skip("the_stub_libcuda_is_named_as_such", 0) else { return };
+    env.push(("FAKECUDA_STUB".into(), "1".into()));
+    let doctor = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).arg("doctor").envs(env.clone()).output().unwrap();
+    let stdout = String::from_utf8_lossy(&doctor.stdout);
+    assert!(stdout.contains("the CUDA toolkit's stub") && stdout.contains("fakecuda/libcuda.so"), "{stdout}");
+    let run = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).args(["selftest", "--device", "cuda"]).envs(env).output().unwrap();
+    let stderr = String::from_utf8_lossy(&run.stderr);
+    assert!(!run.status.success() && stderr.contains("the CUDA toolkit's stub"), "{stderr}");
 }
 
 /// The fake driver's environment for a child process, or None after printing why the test

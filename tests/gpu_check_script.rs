@@ -61,7 +61,7 @@ impl Run {
         let is_its_line = |l: &str| {
             let w: Vec<&str> = l.split_whitespace().collect();
             match w.as_slice() {
-                ["ok" | "FAILED", n, ..] | ["TIMED", "OUT", n, ..] => *n == name,
+                ["ok" | "FAILED" | "CUT", n, ..] | ["TIMED", "OUT", n, ..] => *n == name,
                 _ => l.starts_with(&format!("skipped {name}: ")),
             }
         };
@@ -128,7 +128,7 @@ fn assert_well_formed(run: &Run) {
     for r in &run.results {
         assert!(r.get("name").is_some_and(|v| v.is_string()) && r.get("command").is_some_and(|v| v.is_string()), "{r:?}\n{}", run.dump());
         let status = r.get("status").and_then(|v| v.as_str()).unwrap_or("");
-        assert!(["ok", "failed", "skipped", "timeout"].contains(&status), "status {status:?} in {r:?}");
+        assert!(["ok", "failed", "skipped", "timeout", "cut"].contains(&status), "status {status:?} in {r:?}");
         assert!(r.get("seconds").is_some_and(|v| v.is_number()), "{r:?}");
         assert!(r.contains_key("exit_code"), "{r:?}");
         if status == "skipped" {

@@ -96,7 +96,19 @@ fn segk_plan_writes_nnunets_plans_and_keeps_a_different_file() {
     assert_eq!(plans.plans_name, "nnUNetPlans");
     assert_eq!(plans.experiment_planner_used, "ExperimentPlanner");
     assert!(plans.configurations.get("3d_fullres").is_some() && plans.configurations.get("2d").is_some());
-    assert!(stdout.contains("3d_fullres: patch ") && stdout.contains("at checkpoint levels 0 / 1 / 2") && stdout.contains("2d configuration is not trained by segk yet"), "{stdout}");
+    assert!(stdout.contains("3d_fullres: patch ") && stdout.contains("at checkpoint levels 0 / 1 / 2") && stdout.contains("segk does not train 2d configurations yet"), "{stdout}");
+    // segk trains nnU-Net's 3d_fullres: its patch, batch, spacing and network in plans.json.
+    let segk_plan: serde_json::Value = serde_json::from_slice(&std::fs::read(base.join("segk_preprocessed/Dataset905_Plans/plans.json")).unwrap()).unwrap();
+    let full = plans.configurations.get("3d_fullres").unwrap();
+    let ours = &segk_plan["configurations"]["3d_fullres"];
+    assert_eq!(ours["patch_size"], serde_json::json!(full.patch_size.clone().unwrap()));
+    assert_eq!(ours["batch_size"], serde_json::json!(full.batch_size.unwrap()));
+    assert_eq!(ours["spacing"], serde_json::json!(full.spacing.clone().unwrap()));
+    assert_eq!(ours["topology"]["features"], serde_json::json!(full.architecture.as_ref().unwrap().arch_kwargs.features_per_stage));
+    assert_eq!(ours["topology"]["strides"], serde_json::json!(full.architecture.as_ref().unwrap().arch_kwargs.strides));
+    // --gpu-memory: segk's own sizing, said to deviate.
+    let own = segk(&["plan", root.to_str().unwrap(), "--gpu-memory", "1"]);
+    assert!(own.status.success() && String::from_utf8_lossy(&own.stdout).contains("a deviation from nnU-Net's plan"));
     // The same plan again: unchanged. An edited file: kept.
     let out = segk(&["plan", root.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("is already this plan"));
@@ -104,6 +116,9 @@ fn segk_plan_writes_nnunets_plans_and_keeps_a_different_file() {
     let out = segk(&["plan", root.to_str().unwrap(), "-pl", "ExperimentPlanner"]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("kept as it is"), "{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(std::fs::read(&file).unwrap(), b"{\"edited\": true}");
+    // What is kept is what is used: one that is not a plans file is refused, by name.
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("not an nnU-Net plans file"), "{}", String::from_utf8_lossy(&out.stderr));
+    std::fs::remove_file(&file).unwrap();
     // An unknown planner is named with nnU-Net's.
     let out = segk(&["plan", root.to_str().unwrap(), "-pl", "MyPlanner"]);
     assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("nnUNetPlannerResEncM"));

@@ -20,7 +20,7 @@
 // - A kernel that fails in the emulator makes every later call fail (a sticky error), as a
 //   faulting kernel does on a GPU.
 // - It counts what the host waits for and reads back (fakecuda_counts), and plays an older
-//   driver on request (FAKECUDA_DRIVER_VERSION).
+//   driver (FAKECUDA_DRIVER_VERSION) or the toolkit's stub library (FAKECUDA_STUB=1) on request.
 // Not modelled: timing, occupancy, memory pools (allocations are immediate), graphs, more than
 // one device.
 #define _GNU_SOURCE
@@ -49,6 +49,7 @@ enum {
     INVALID_VALUE = 1,
     OUT_OF_MEMORY = 2,
     NOT_INITIALIZED = 3,
+    STUB_LIBRARY = 34,
     NO_DEVICE = 100,
     INVALID_DEVICE = 101,
     INVALID_IMAGE = 200,
@@ -377,6 +378,9 @@ static CUresult status(void) {
 
 CUresult cuInit(unsigned flags) {
     (void)flags;
+    // FAKECUDA_STUB=1 plays the CUDA toolkit's stub libcuda, which answers every call so.
+    const char* stub = getenv("FAKECUDA_STUB");
+    if (stub && strcmp(stub, "1") == 0) return STUB_LIBRARY;
     emu_launch = dlsym(RTLD_DEFAULT, "segk_emu_launch");
     emu_error = dlsym(RTLD_DEFAULT, "segk_emu_error");
     emu_param_sizes = dlsym(RTLD_DEFAULT, "segk_emu_param_sizes");
@@ -758,6 +762,7 @@ static const char* error_name(CUresult e) {
     case INVALID_VALUE: return "CUDA_ERROR_INVALID_VALUE";
     case OUT_OF_MEMORY: return "CUDA_ERROR_OUT_OF_MEMORY";
     case NOT_INITIALIZED: return "CUDA_ERROR_NOT_INITIALIZED";
+    case STUB_LIBRARY: return "CUDA_ERROR_STUB_LIBRARY";
     case NO_DEVICE: return "CUDA_ERROR_NO_DEVICE";
     case INVALID_DEVICE: return "CUDA_ERROR_INVALID_DEVICE";
     case INVALID_IMAGE: return "CUDA_ERROR_INVALID_IMAGE";

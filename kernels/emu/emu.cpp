@@ -179,8 +179,12 @@ void segk_emu_check_divergent(int* out) {
 // And a vector access off its alignment, as a float pointer one element past an 8-byte boundary.
 void segk_emu_check_misaligned(float* p) { emu_check_aligned(p + 1, 8); }
 
+// And the order threads run in: out[0] counts turns, out[1 + flat thread index] gets its turn,
+// so a schedule seed shows as another order (blocks and threads both).
+void segk_emu_check_order(int* out) { out[1 + blockIdx.x * blockDim.x + threadIdx.x] = ++out[0]; }
+
 #define EMU_ENTRY(name) {#name, [](void** p) { invoke(name, p); }, [](unsigned* s, int m) { return param_sizes(name, s, m); }},
-const Entry table[] = {EMU_KERNELS(EMU_ENTRY) EMU_ENTRY(segk_emu_check_divergent) EMU_ENTRY(segk_emu_check_misaligned)};
+const Entry table[] = {EMU_KERNELS(EMU_ENTRY) EMU_ENTRY(segk_emu_check_divergent) EMU_ENTRY(segk_emu_check_misaligned) EMU_ENTRY(segk_emu_check_order)};
 }  // namespace
 
 void __syncthreads() { yield(AT_BLOCK); }

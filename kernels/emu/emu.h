@@ -50,7 +50,7 @@ inline float __uint_as_float(unsigned u) { float f; memcpy(&f, &u, 4); return f;
 inline unsigned __float_as_uint(float f) { unsigned u; memcpy(&u, &f, 4); return u; }
 inline float __logf(float x) { return logf(x); }
 inline float __int_as_float(int i) { float f; memcpy(&f, &i, 4); return f; }
-// Multiplies without fusing into a following add (nvcc contracts a*b + c otherwise).
+// A product rounded on its own (nvcc would otherwise contract it into a following add).
 inline float __fmul_rn(float a, float b) { return a * b; }
 
 // Fibers switch only at barriers, so a read-modify-write is never interleaved.

@@ -277,7 +277,8 @@ pub trait Backend: Sync {
     fn download_labels(&self, src: Self::LabelBuf, dst: &mut [u8]) -> Result<()>;
 
     // ---- optimizer ----
-    /// out[0] = the sum of squares of `x`, summed in an order fixed by the length alone.
+    /// out[0] = the sum of squares of `x`, summed in an order fixed by the length (and, on a GPU,
+    /// its SM count): the same bits on every run on one GPU model.
     fn sum_squares(&self, x: Self::Buf, out: Self::Buf) -> Result<()>;
     /// One fused SGD-nesterov step over the whole parameter arena, applied only when every
     /// value of `guard` is finite ([`step_applies`]); the gradients are first clipped to

@@ -138,6 +138,7 @@ impl<B: Backend> UNet<B> {
         ensure!(acts.plan.training, "compute_gradients needs a training activation plan");
         ensure!(self.trainable, "compute_gradients needs a trainable net (this one was made for inference)");
         let ledger = self.ledger()?;
+        ensure!(!ledger.is_full(), "the step ledger is full: read it (take_steps) first");
         let pass = Pass { be, net: self, a: acts };
         if let Input::Host { image, labels } = input {
             pass.load(image, Some(labels))?;
@@ -147,8 +148,10 @@ impl<B: Backend> UNet<B> {
         pass.forward(true)?;
         let weights = self.topo.ds_weights();
         for (s, slot) in acts.plan.logits.iter().enumerate() {
-            if let (Some(lg), Some(lb)) = (slot, acts.plan.labels[s]) {
-                be.softmax_dice_ce(pass.act(lg), lg.dims, pass.label(lb), self.topo.dice, weights[s], ledger.next_loss(be, s))?;
+            match (slot, acts.plan.labels[s]) {
+                (Some(lg), Some(lb)) => be.softmax_dice_ce(pass.act(lg), lg.dims, pass.label(lb), self.topo.dice, weights[s], ledger.next_loss(be, s))?,
+                // An output without a loss this step: zeros, not a record left by another plan.
+                _ => be.fill(ledger.next_loss(be, s), 0.0)?,
             }
         }
         let timer = timer.lap(be)?;

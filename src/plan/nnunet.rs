@@ -9,6 +9,7 @@
 use super::plans_json::{ArchKwargs, Architecture, Configuration, Ordered, PlansJson, ResamplingKwargs};
 use super::spacing::{target_spacing, transpose_forward};
 use crate::dataset::DatasetJson;
+use crate::preprocess::normalize::Scheme;
 use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -261,18 +262,6 @@ fn plan_configuration(p: &Planner, gpu_gb: f64, r: &Request) -> Configuration {
 
 const RESAMPLE: &str = "resample_data_or_seg_to_shape";
 
-/// Normalisation scheme per channel name, as nnU-Net maps them (anything else: z-score).
-fn scheme(channel: &str) -> &'static str {
-    match channel.to_lowercase().as_str() {
-        "ct" => "CTNormalization",
-        "nonorm" => "NoNormalization",
-        "zscore" => "ZScoreNormalization",
-        "rescale_to_0_1" => "RescaleTo01Normalization",
-        "rgb_to_0_1" => "RGBTo01Normalization",
-        _ => "ZScoreNormalization",
-    }
-}
-
 fn permute<T: Copy>(v: &[T], order: &[usize]) -> Vec<T> {
     order.iter().map(|&a| v[a]).collect()
 }
@@ -297,9 +286,10 @@ pub fn plan_experiment(p: &Planner, dataset_name: &str, json: &DatasetJson, fp: 
 
     let mut channels: Vec<(usize, &String)> = json.channel_names.iter().map(|(k, v)| Ok((k.parse::<usize>().map_err(|_| anyhow::anyhow!("channel_names key {k:?} is not a number"))?, v))).collect::<Result<_>>()?;
     channels.sort();
-    let schemes: Vec<String> = channels.iter().map(|(_, n)| scheme(n).to_string()).collect();
+    let schemes: Vec<Scheme> = channels.iter().map(|(_, n)| Scheme::for_channel(n)).collect();
     let masked = fp.median_relative_size_after_cropping < 0.75;
-    let use_mask: Vec<bool> = schemes.iter().map(|s| masked && s == "ZScoreNormalization").collect();
+    let use_mask: Vec<bool> = schemes.iter().map(|s| masked && s.can_use_mask()).collect();
+    let schemes: Vec<String> = schemes.iter().map(|s| s.name().to_string()).collect();
     let id = |config: &str| {
         let shared = p.residual && config != "3d_lowres";
         format!("{}_{config}", if shared { "nnUNetPlans" } else { p.plans_name })
@@ -403,8 +393,8 @@ pub fn write_plans(dir: &std::path::Path, plans: &PlansJson) -> Result<(std::pat
 pub fn segk_topology(c: &Configuration, json: &DatasetJson) -> Result<crate::model::Topology> {
     let arch = c.architecture.as_ref().ok_or_else(|| anyhow::anyhow!("the configuration has no architecture"))?;
     let a = &arch.arch_kwargs;
-    ensure!(arch.network_class_name == super::plans_json::PLAIN_UNET, "{} is not trained by segk yet (PlainConvUNet is; the residual-encoder U-Net comes with nnU-Net's ResEnc presets)", arch.network_class_name);
-    ensure!(a.kernel_sizes.iter().chain(&a.strides).all(|k| k.len() == 3), "a 2d configuration is not trained by segk yet (3D configurations are)");
+    ensure!(arch.network_class_name == super::plans_json::PLAIN_UNET, "segk does not train {} yet (PlainConvUNet only; the residual-encoder U-Net comes with nnU-Net's ResEnc presets)", arch.network_class_name.rsplit('.').next().unwrap_or(""));
+    ensure!(a.kernel_sizes.iter().chain(&a.strides).all(|k| k.len() == 3), "segk does not train 2d configurations yet (3D ones only)");
     let convs = a.n_conv_per_stage.clone().unwrap_or_default();
     ensure!(convs.iter().chain(&a.n_conv_per_stage_decoder).all(|&n| n == convs[0]), "segk's PlainConvUNet has one conv count for every stage, the plans have {:?} and {:?}", convs, a.n_conv_per_stage_decoder);
     let triple = |v: &Vec<usize>| [v[0], v[1], v[2]];
@@ -467,7 +457,7 @@ pub fn describe(plans: &PlansJson, json: &DatasetJson) -> Vec<String> {
         });
         out.push(match need {
             Ok(b) => format!("  segk on a GPU needs {:.2} / {:.2} / {:.2} GiB at checkpoint levels 0 / 1 / 2 (exact, bf16 activations)", b[0] as f64 / super::plans::GIB, b[1] as f64 / super::plans::GIB, b[2] as f64 / super::plans::GIB),
-            Err(e) => format!("  segk cannot train it yet: {e:#}"),
+            Err(e) => format!("  {e:#}"),
         });
     }
     out

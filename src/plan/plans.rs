@@ -9,7 +9,7 @@ use crate::model::params::ParamLayout;
 use crate::model::plan::activation_bytes;
 use crate::model::{Checkpointing, Topology};
 use crate::preprocess::normalize::Scheme;
-use anyhow::{bail, Result};
+use anyhow::{bail, ensure, Result};
 use serde::{Deserialize, Serialize};
 
 /// Bytes per activation element on the GPU (bf16 activations, ENGINE.md section 2).
@@ -108,6 +108,44 @@ pub fn plan_3d_fullres(json: &DatasetJson, fp: &Fingerprint, budget: usize) -> R
         normalization,
         use_mask_for_norm,
         gpu_memory_budget_bytes: budget,
+        checkpointing: PLAN_CHECKPOINTING.level(),
+    })
+}
+
+/// segk's plan from configuration `name` of an nnU-Net plans file (nnU-Net's own, or the one
+/// `segk plan` wrote): the same spacing, axis order, patch, batch, network and normalisation,
+/// with what the step needs on a GPU with segk at checkpoint level 1.
+pub fn from_nnunet(plans: &super::plans_json::PlansJson, name: &str, json: &DatasetJson) -> Result<Plan> {
+    use anyhow::Context;
+    let c = super::nnunet::resolve(plans, name)?;
+    let topology = super::nnunet::segk_topology(&c, json).with_context(|| format!("configuration {name} of {}", plans.plans_name))?;
+    let missing = |key: &str| anyhow::anyhow!("configuration {name} of {} has no {key}", plans.plans_name);
+    let three = |v: &[usize], key: &str| -> Result<[usize; 3]> { v.try_into().map_err(|_| anyhow::anyhow!("{key} of configuration {name} has {} axes, not 3", v.len())) };
+    let patch_size = three(c.patch_size.as_deref().ok_or_else(|| missing("patch_size"))?, "patch_size")?;
+    let spacing = c.spacing.clone().ok_or_else(|| missing("spacing"))?;
+    let spacing: [f64; 3] = spacing.as_slice().try_into().map_err(|_| anyhow::anyhow!("spacing of configuration {name} has {} axes, not 3", spacing.len()))?;
+    let median: Vec<usize> = c.median_image_size_in_voxels.clone().ok_or_else(|| missing("median_image_size_in_voxels"))?.iter().map(|n| n.as_f64().unwrap_or(0.0).round() as usize).collect();
+    let batch_size = c.batch_size.ok_or_else(|| missing("batch_size"))?;
+    ensure!(batch_size >= 1, "configuration {name} of {}: batch_size must be at least 1", plans.plans_name);
+    let axes = |v: &[usize]| -> Result<[usize; 3]> { v.try_into().map_err(|_| anyhow::anyhow!("transpose of {} has {} axes", plans.plans_name, v.len())) };
+    let normalization = c.normalization_schemes.clone().ok_or_else(|| missing("normalization_schemes"))?;
+    ensure!(normalization.len() == json.channels(), "configuration {name} normalises {} channels, dataset.json has {}", normalization.len(), json.channels());
+    for n in &normalization {
+        Scheme::from_name(n)?;
+    }
+    let needed = gpu_bytes(&topology, patch_size, batch_size)?;
+    Ok(Plan {
+        spacing,
+        transpose_forward: axes(&plans.transpose_forward)?,
+        transpose_backward: axes(&plans.transpose_backward)?,
+        median_shape: three(&median, "median_image_size_in_voxels")?,
+        patch_size,
+        batch_size,
+        topology,
+        normalization,
+        use_mask_for_norm: c.use_mask_for_norm.clone().ok_or_else(|| missing("use_mask_for_norm"))?,
+        gpu_memory_budget_bytes: needed,
+        gpu_memory_needed_bytes: needed,
         checkpointing: PLAN_CHECKPOINTING.level(),
     })
 }

@@ -42,12 +42,20 @@ pub fn unavailable_reason() -> Option<String> {
     }
     match CudaContext::device_count() {
         Ok(0) => Some("the NVIDIA driver reports no GPU".into()),
-        Err(e) if e.0 == sys::CUresult::CUDA_ERROR_STUB_LIBRARY => Some(format!(
+        Err(e) => Some(no_gpu(&e)),
+        Ok(_) => None,
+    }
+}
+
+/// Why the driver offers no GPU, the toolkit's stub library named as such.
+fn no_gpu(e: &DriverError) -> String {
+    if e.0 == sys::CUresult::CUDA_ERROR_STUB_LIBRARY {
+        format!(
             "the libcuda.so loaded ({}) is the CUDA toolkit's stub, not the NVIDIA driver: put the driver's libcuda.so.1 first on the library path (LD_LIBRARY_PATH), or run where the driver is installed",
             driver_library().unwrap_or_else(|| "path unknown".into())
-        )),
-        Err(e) => Some(format!("the NVIDIA driver reports no usable GPU: {e}")),
-        Ok(_) => None,
+        )
+    } else {
+        format!("the NVIDIA driver reports no usable GPU: {e}")
     }
 }
 
@@ -102,7 +110,7 @@ pub fn gpus() -> std::result::Result<Vec<GpuInfo>, String> {
     if !unsafe { sys::is_culib_present() } {
         return Err("no NVIDIA driver: libcuda.so could not be loaded".into());
     }
-    let n = CudaContext::device_count().map_err(|e| format!("the driver reports no usable GPU: {e}"))?;
+    let n = CudaContext::device_count().map_err(|e| no_gpu(&e))?;
     (0..n as usize)
         .map(|i| {
             let ctx = CudaContext::new(i).map_err(|e| format!("cuda:{i}: {e}"))?;
