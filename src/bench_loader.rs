@@ -61,7 +61,7 @@ pub fn synthetic_store(base: &Path, cases: usize, shape: [usize; 3]) -> Result<(
     let ds = Dataset::open(&root)?;
     let fp = fingerprint(&ds, 1_000_000)?;
     let plan = plan_3d_fullres(&ds.json, &fp, (8.0 * GIB) as usize)?;
-    let plans = PlansFile { dataset_name: "bench".into(), configurations: Configurations { fullres: plan }, foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel };
+    let plans = PlansFile { dataset_name: "bench".into(), plans_name: "nnUNetPlans".into(), configurations: Configurations { fullres: plan }, foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel };
     let settings = Settings::new(&ds.json, &plans, ImageDtype::F32)?;
     let store = base.join(STORE_DIR);
     let threads = crate::sysinfo::usable_cpus().max(1);

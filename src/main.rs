@@ -86,8 +86,14 @@ enum Cmd {
     Train {
         /// The DatasetXXX_Name folder, or its ID (900) or name under $nnUNet_raw.
         dataset: std::path::PathBuf,
-        /// 0-4, or `all` (train on every case).
-        fold: String,
+        /// CONFIGURATION FOLD, as nnU-Net's: 3d_fullres (the configuration segk trains so far), then
+        /// 0-4 or `all`. The older form `segk train DATASET FOLD` means 3d_fullres.
+        #[arg(num_args = 1..=2, value_names = ["CONFIGURATION", "FOLD"], required = true)]
+        configuration_fold: Vec<String>,
+        /// The plans (-p): nnUNetPlans (nnU-Net's, the default `segk plan` trains), or segkPlans
+        /// (`segk plan --gpu-memory`); must be the plans the preprocessed folder's plans.json holds.
+        #[arg(short = 'p', long = "plans")]
+        plans: Option<String>,
         /// auto (GPU 0 if usable, else CPU), cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
@@ -121,7 +127,7 @@ enum Cmd {
         /// Preprocessed folder (default: as `segk plan`).
         #[arg(long)]
         preprocessed: Option<std::path::PathBuf>,
-        /// The fold's output folder; its parent is the model folder `segk predict -m` takes (default: $nnUNet_results/NAME/segk_3d_fullres/fold_F, else DATASET/../segk_results/NAME/3d_fullres/fold_F).
+        /// The fold's output folder; its parent is the model folder `segk predict -m` takes (default: $nnUNet_results/NAME/segkTrainer__PLANS__CONFIGURATION/fold_F, else DATASET/../segk_results/NAME/segkTrainer__PLANS__CONFIGURATION/fold_F).
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
@@ -261,9 +267,17 @@ fn main() {
         Cmd::Fingerprint { dataset, out } => dataset_folder(&dataset).and_then(|d| run_fingerprint(&d, out)),
         Cmd::Plan { dataset, planner, gpu_memory_target, gpu_memory, out } => dataset_folder(&dataset).and_then(|d| run_plan(&d, gpu_memory, out, &planner, gpu_memory_target)),
         Cmd::Preprocess { dataset, processes, f16, gpu_memory, out } => dataset_folder(&dataset).and_then(|d| run_preprocess(&d, processes, f16, gpu_memory, out)),
-        Cmd::Train { dataset, fold, device, epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, no_validation, workers, seed, preprocessed, out } => {
+        Cmd::Train { dataset, configuration_fold, plans, device, epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, no_validation, workers, seed, preprocessed, out } => {
             let o = TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, validation: !no_validation, workers, seed };
-            dataset_folder(&dataset).and_then(|d| run_train(&d, &fold, &device, o, preprocessed, out))
+            let (configuration, fold) = match configuration_fold.as_slice() {
+                [fold] => {
+                    eprintln!("note: `segk train DATASET {fold}` is the older form of `segk train DATASET 3d_fullres {fold}` (nnU-Net's CONFIGURATION FOLD); it will go");
+                    ("3d_fullres", fold.as_str())
+                }
+                [c, fold, ..] => (c.as_str(), fold.as_str()),
+                [] => ("", ""),
+            };
+            dataset_folder(&dataset).and_then(|d| run_train(&d, configuration, fold, plans.as_deref(), &device, o, preprocessed, out))
         }
         Cmd::Doctor => run_doctor(),
         Cmd::Predict { input, output, model, folds, checkpoint, step, no_tta, save_probabilities, device } => {
@@ -418,6 +432,7 @@ fn run_plan(root: &std::path::Path, gpu_memory: Option<f64>, out: Option<std::pa
     };
     let doc = plans::PlansFile {
         dataset_name: name,
+        plans_name: if gpu_memory.is_some() { plans::SEGK_PLANS.to_string() } else { default.plans_name.clone() },
         configurations: plans::Configurations { fullres: plan.clone() },
         foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel.clone(),
     };
@@ -567,9 +582,14 @@ fn stop_on_signals() {
     }
 }
 
-fn run_train(root: &std::path::Path, fold: &str, device: &str, o: TrainOpts, preprocessed: Option<std::path::PathBuf>, out: Option<std::path::PathBuf>) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+fn run_train(root: &std::path::Path, configuration: &str, fold: &str, plans_name: Option<&str>, device: &str, o: TrainOpts, preprocessed: Option<std::path::PathBuf>, out: Option<std::path::PathBuf>) -> Result<()> {
     use segk::preprocess::{splits, STORE_DIR};
     let TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, validation, workers, seed } = o;
+    anyhow::ensure!(
+        configuration == "3d_fullres",
+        "configuration {configuration:?}: segk trains 3d_fullres so far (`segk plan` writes nnU-Net's 2d, 3d_lowres and 3d_cascade_fullres too; training them comes with nnU-Net's other configurations)"
+    );
     let fold: splits::Fold = fold.parse()?;
     let checkpointing = match checkpointing.as_str() {
         "auto" => None,
@@ -591,6 +611,9 @@ fn run_train(root: &std::path::Path, fold: &str, device: &str, o: TrainOpts, pre
         run_preprocess(root, None, false, None, Some(pre.clone()))?;
     }
     let plans = segk::plan::plans::PlansFile::read(&pre)?;
+    if let Some(p) = plans_name.filter(|p| *p != plans.plans_name) {
+        anyhow::bail!("-p {p}: {} holds the plan of {} (`segk plan` makes nnUNetPlans' 3d_fullres, `segk plan --gpu-memory GB` segkPlans)", pre.join(segk::plan::plans::PlansFile::NAME).display(), plans.plans_name);
+    }
     let (stale, dtype) = segk::preprocess::stale_cases(&store, &ids, &ds.json, &plans)?;
     if !stale.is_empty() {
         println!("the store at {} is missing {} of {} cases or holds them under other settings: preprocessing first", store.display(), stale.len(), ids.len());
@@ -604,8 +627,8 @@ fn run_train(root: &std::path::Path, fold: &str, device: &str, o: TrainOpts, pre
         splits::Fold::Index(k) => k.to_string(),
     };
     let out = out.unwrap_or_else(|| match std::env::var_os("nnUNet_results") {
-        Some(r) => std::path::PathBuf::from(r).join(dataset_name(root)).join("segk_3d_fullres").join(format!("fold_{fold_name}")),
-        None => beside(root).join("segk_results").join(dataset_name(root)).join("3d_fullres").join(format!("fold_{fold_name}")),
+        Some(r) => std::path::PathBuf::from(r).join(dataset_name(root)).join(model_folder_name(&plans.plans_name, configuration)).join(format!("fold_{fold_name}")),
+        None => beside(root).join("segk_results").join(dataset_name(root)).join(model_folder_name(&plans.plans_name, configuration)).join(format!("fold_{fold_name}")),
     });
     if !resume {
         refuse_to_replace_a_run(&out)?;
@@ -647,6 +670,12 @@ fn run_train(root: &std::path::Path, fold: &str, device: &str, o: TrainOpts, pre
         println!("done: {} epochs run, final EMA pseudo-Dice {:.4}", logs.len(), last.ema_dice);
     }
     Ok(())
+}
+
+/// nnU-Net's TRAINER__PLANS__CONFIGURATION, with segk's trainer name: beside nnU-Net's own
+/// nnUNetTrainer__... folders, never taken for one.
+fn model_folder_name(plans: &str, configuration: &str) -> String {
+    format!("segkTrainer__{plans}__{configuration}")
 }
 
 /// A fold folder that holds checkpoints is a run: starting again there without --resume would

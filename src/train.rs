@@ -14,7 +14,7 @@ use crate::model::{Checkpointing, UNet};
 use crate::plan::plans::Plan;
 use crate::plot;
 use crate::sysinfo::gib;
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};

@@ -35,7 +35,7 @@ fn store(tag: &str, cases: usize) -> (PathBuf, Vec<String>) {
     let ds = Dataset::open(&root).unwrap();
     let fp = fingerprint(&ds, 100_000).unwrap();
     let plan = plan_3d_fullres(&ds.json, &fp, (8.0 * GIB) as usize).unwrap();
-    let plans = PlansFile { dataset_name: "t".into(), configurations: Configurations { fullres: plan }, foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel };
+    let plans = PlansFile { dataset_name: "t".into(), plans_name: "nnUNetPlans".into(), configurations: Configurations { fullres: plan }, foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel };
     let s = Settings::new(&ds.json, &plans, ImageDtype::F32).unwrap();
     let dir = base.join(STORE_DIR);
     segk::preprocess::run(&ds, &s, &dir, 2, &indicatif::ProgressBar::hidden()).unwrap();

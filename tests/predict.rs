@@ -84,7 +84,7 @@ fn predictions_keep_each_inputs_grid_and_evaluate_scores_them() {
     };
     ok(segk().args(["synth", "--cases", "4", "--shape", "24,32,32", "--spacing", "1,1,1"]).arg(&root));
     ok(segk().arg("train").arg(&root).args(["all", "--device", "cpu", "--epochs", "1", "--iters-per-epoch", "3", "--val-iters", "1", "--workers", "1"]));
-    let model = base.join("segk_results/Dataset033_Predict/3d_fullres");
+    let model = base.join("segk_results/Dataset033_Predict/segkTrainer__nnUNetPlans__3d_fullres");
     assert!(model.join("plans.json").is_file() && model.join("dataset.json").is_file());
 
     // Inputs on other grids: anisotropic spacing, and an oblique qform-free sform with origin.
@@ -221,7 +221,7 @@ fn many_labels_on_a_long_volume_stay_within_the_stated_bound() {
         checkpointing: 1,
     };
     let stats = IntensityStats { mean: 0.0, median: 0.0, std: 1.0, min: 0.0, max: 1.0, percentile_99_5: 1.0, percentile_00_5: 0.0 };
-    let plans = PlansFile { dataset_name: "rss".into(), configurations: Configurations { fullres: plan }, foreground_intensity_properties_per_channel: vec![stats] };
+    let plans = PlansFile { dataset_name: "rss".into(), plans_name: "nnUNetPlans".into(), configurations: Configurations { fullres: plan }, foreground_intensity_properties_per_channel: vec![stats] };
     std::fs::write(model.join("plans.json"), serde_json::to_string(&plans).unwrap()).unwrap();
     let labels: serde_json::Map<String, serde_json::Value> = (0..classes).map(|i| (if i == 0 { "background".to_string() } else { format!("l{i}") }, serde_json::json!(i))).collect();
     std::fs::write(model.join("dataset.json"), serde_json::json!({"channel_names": {"0": "noNorm"}, "labels": labels, "numTraining": 1, "file_ending": ".nii.gz"}).to_string()).unwrap();

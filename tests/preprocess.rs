@@ -289,7 +289,7 @@ fn smooth_dataset(root: &Path, shape: [usize; 3], spacings: &[[f64; 3]], channel
 fn plans_for(ds: &Dataset) -> PlansFile {
     let fp = fingerprint(ds, 100_000).unwrap();
     let plan = plan_3d_fullres(&ds.json, &fp, (8.0 * GIB) as usize).unwrap();
-    PlansFile { dataset_name: "t".into(), configurations: Configurations { fullres: plan }, foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel }
+    PlansFile { dataset_name: "t".into(), plans_name: "nnUNetPlans".into(), configurations: Configurations { fullres: plan }, foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel }
 }
 
 #[test]

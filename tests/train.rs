@@ -33,7 +33,7 @@ fn train_command_runs_plan_preprocess_and_epochs() {
     let out = std::process::Command::new(segk)
         .arg("train")
         .arg(&root)
-        .args(["all", "--device", "cpu", "--epochs", "2", "--iters-per-epoch", "3", "--val-iters", "2", "--workers", "1"])
+        .args(["3d_fullres", "all", "-p", "nnUNetPlans", "--device", "cpu", "--epochs", "2", "--iters-per-epoch", "3", "--val-iters", "2", "--workers", "1"])
         .env_remove("nnUNet_preprocessed")
         .env_remove("nnUNet_results")
         .output()
@@ -41,18 +41,30 @@ fn train_command_runs_plan_preprocess_and_epochs() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("preprocessing first") && text.contains("1 worker (--workers)"), "{text}");
-    let log = std::fs::read_to_string(base.join("segk_results/Dataset031_Train/3d_fullres/fold_all/training_log.txt")).unwrap();
+    let log = std::fs::read_to_string(base.join("segk_results/Dataset031_Train/segkTrainer__nnUNetPlans__3d_fullres/fold_all/training_log.txt")).unwrap();
     let epochs: Vec<&str> = log.lines().filter(|l| l.starts_with("epoch")).collect();
     assert_eq!(epochs.len(), 2, "{log}");
     assert!(epochs.iter().all(|l| l.contains("pseudo dice [") && l.contains("data wait") && l.contains("host peak")), "{log}");
-    let png = std::fs::read(base.join("segk_results/Dataset031_Train/3d_fullres/fold_all/progress.png")).unwrap();
+    let png = std::fs::read(base.join("segk_results/Dataset031_Train/segkTrainer__nnUNetPlans__3d_fullres/fold_all/progress.png")).unwrap();
     assert!(png.starts_with(b"\x89PNG") && png.len() > 10_000, "progress.png: {} bytes", png.len());
     assert!(!text.contains("progress.png not updated"), "{text}");
     // nnU-Net's validation after training: every case of fold `all`, predicted and scored.
-    let val = base.join("segk_results/Dataset031_Train/3d_fullres/fold_all/validation");
+    let val = base.join("segk_results/Dataset031_Train/segkTrainer__nnUNetPlans__3d_fullres/fold_all/validation");
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(val.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["metric_per_case"].as_array().unwrap().len(), 5);
     assert!(text.contains("validation: 5 cases"), "{text}");
+    // nnU-Net's terms: another configuration is planned, not trained yet; plans other than the
+    // preprocessed folder's are refused by name; the older two-argument form says what it means.
+    let refused = |args: &[&str], says: &str| {
+        let out = std::process::Command::new(segk).arg("train").arg(&root).args(args).env_remove("nnUNet_preprocessed").env_remove("nnUNet_results").output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
+        err
+    };
+    refused(&["2d", "all", "--device", "cpu"], "segk trains 3d_fullres so far");
+    refused(&["3d_fullres", "all", "-p", "segkPlans", "--device", "cpu"], "holds the plan of nnUNetPlans");
+    let old_form = refused(&["all", "--device", "cpu"], "already holds a training run");
+    assert!(old_form.contains("older form of `segk train DATASET 3d_fullres all`"), "{old_form}");
 }
 
 mod resume {

@@ -152,10 +152,21 @@ pub fn from_nnunet(plans: &super::plans_json::PlansJson, name: &str, json: &Data
 
 pub const GIB: f64 = (1u64 << 30) as f64;
 
+/// The plans name of segk's own sizing.
+pub const SEGK_PLANS: &str = "segkPlans";
+
+fn segk_plans() -> String {
+    SEGK_PLANS.to_string()
+}
+
 /// plans.json: what `segk plan` writes and `segk preprocess` and `segk train` read.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct PlansFile {
     pub dataset_name: String,
+    /// The plans this plan comes from: "nnUNetPlans" (nnU-Net's 3d_fullres), or "segkPlans"
+    /// (segk's own sizing, `segk plan --gpu-memory`; also plans.json files older than this field).
+    #[serde(default = "segk_plans")]
+    pub plans_name: String,
     pub configurations: Configurations,
     pub foreground_intensity_properties_per_channel: Vec<IntensityStats>,
 }

@@ -35,6 +35,8 @@ static LOCK: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// its warps or blocks run in gives different bits under two seeds, as on a GPU from run to run.
 pub fn set_schedule(seed: u64) -> Result<()> {
     available()?;
+    #[cfg(not(segk_emu))]
+    let _ = seed;
     #[cfg(segk_emu)]
     {
         let _one_at_a_time = LOCK.lock().unwrap_or_else(|p| p.into_inner());
