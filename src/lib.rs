@@ -15,6 +15,7 @@ pub mod dataset;
 pub mod demo;
 pub mod device;
 pub mod evaluate;
+pub mod experiment;
 pub mod feed;
 pub mod hostmem;
 pub mod loader;

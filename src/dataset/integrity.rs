@@ -121,17 +121,22 @@ fn check_case(json: &DatasetJson, case: &super::Case, allowed: &[i64]) -> Vec<Pr
 
 /// Every problem of the raw dataset at `root`, sorted by file.
 pub fn check(root: &Path) -> Vec<Problem> {
+    check_opening(root).0
+}
+
+/// The problems, and the dataset as opened to find them (when it could be).
+pub fn check_opening(root: &Path) -> (Vec<Problem>, Option<Dataset>) {
     let json_path = root.join("dataset.json");
     let json = match read_json(root) {
         Ok(j) => j,
-        Err(e) => return vec![problem(&json_path, format!("{}", e.root_cause()))],
+        Err(e) => return (vec![problem(&json_path, format!("{}", e.root_cause()))], None),
     };
     let mut out = label_rules(&json, &json_path);
     let ds = match Dataset::open(root) {
         Ok(d) => d,
         Err(e) => {
             out.push(problem(&root.join("labelsTr"), format!("{}", e.root_cause())));
-            return out;
+            return (out, None);
         }
     };
     if ds.cases.len() != json.num_training {
@@ -154,5 +159,5 @@ pub fn check(root: &Path) -> Vec<Problem> {
     let allowed = json.label_values();
     out.par_extend(ds.cases.par_iter().flat_map_iter(|c| check_case(&json, c, &allowed)));
     out.sort();
-    out
+    (out, Some(ds))
 }

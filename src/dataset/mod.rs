@@ -115,10 +115,19 @@ pub fn files_with(dir: &Path, ending: &str) -> Result<Vec<PathBuf>> {
     Ok(v)
 }
 
+/// Datasets opened in this process (a command opens its dataset once; a test counts it).
+static OPENS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// How many times a dataset was opened in this process.
+pub fn opens() -> usize {
+    OPENS.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 impl Dataset {
     /// Reads dataset.json and pairs every label map in labelsTr with its channel images
     /// (missing images are left for the integrity check to report).
     pub fn open(root: &Path) -> Result<Dataset> {
+        OPENS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let json = read_json(root)?;
         if json.channels() == 0 {
             bail!("{}: channel_names is empty", root.join("dataset.json").display());

@@ -1,0 +1,527 @@
+//! One experiment as nnU-Net's commands see it: a raw dataset (a folder, or an ID or name under
+//! $nnUNet_raw), its preprocessed and results folders, and the stages -- check, fingerprint,
+//! plan, preprocess, train (with validation), predict, evaluate -- as library functions that
+//! `segk`'s commands call. A command opens the dataset once: the stages share the
+//! [`Experiment`] and the dataset it opened while checking it.
+
+use crate::backend::Backend;
+use crate::dataset::Dataset;
+use crate::device::Job;
+use crate::store::write_json_atomic;
+use anyhow::Result;
+use std::cell::OnceCell;
+use std::path::{Path, PathBuf};
+
+/// A raw dataset and the folders derived from it; the dataset is opened (and checked) once.
+pub struct Experiment {
+    pub root: PathBuf,
+    dataset: OnceCell<Dataset>,
+}
+
+impl Experiment {
+    /// The dataset a command names: a folder, else a dataset ID or name under $nnUNet_raw.
+    pub fn new(arg: &Path) -> Result<Experiment> {
+        Ok(Experiment { root: dataset_folder(arg)?, dataset: OnceCell::new() })
+    }
+    /// The dataset, checked for integrity (every problem printed) the first time.
+    pub fn dataset(&self) -> Result<&Dataset> {
+        if let Some(ds) = self.dataset.get() {
+            return Ok(ds);
+        }
+        let ds = check_and_open(&self.root)?;
+        Ok(self.dataset.get_or_init(|| ds))
+    }
+    pub fn name(&self) -> String {
+        dataset_name(&self.root)
+    }
+}
+
+/// Prints every problem of the dataset, then its summary line; the dataset when it has none.
+fn check_and_open(root: &Path) -> Result<Dataset> {
+    let (problems, ds) = crate::dataset::integrity::check_opening(root);
+    for p in &problems {
+        println!("{p}");
+    }
+    if !problems.is_empty() {
+        anyhow::bail!("{}: {} problem(s)", root.display(), problems.len());
+    }
+    let ds = ds.ok_or_else(|| anyhow::anyhow!("{}: the dataset could not be opened", root.display()))?;
+    let mut labels: Vec<(Vec<i64>, &String)> = ds.json.labels.iter().map(|(name, v)| (crate::dataset::values_of(v), name)).collect();
+    labels.sort();
+    let labels: Vec<String> = labels.iter().map(|(v, name)| format!("{name} {}", v.iter().map(i64::to_string).collect::<Vec<_>>().join("+"))).collect();
+    println!("{}: {} cases, {} channel(s), labels {}: no problems", root.display(), ds.cases.len(), ds.json.channels(), labels.join(", "));
+    Ok(ds)
+}
+
+/// The raw dataset a command names: a folder, else (as nnU-Net's commands take them) a dataset
+/// ID (`900`, `Dataset900`) or name (`Dataset900_Synth`) under $nnUNet_raw.
+pub fn dataset_folder(arg: &std::path::Path) -> Result<std::path::PathBuf> {
+    if arg.is_dir() {
+        return Ok(arg.to_path_buf());
+    }
+    let text = arg.to_string_lossy();
+    let Some(raw) = std::env::var_os("nnUNet_raw").map(std::path::PathBuf::from) else {
+        anyhow::bail!("{text}: no such dataset folder (set $nnUNet_raw to name datasets by ID or name, as nnU-Net does)");
+    };
+    let id = text.strip_prefix("Dataset").unwrap_or(&text);
+    let found: Vec<std::path::PathBuf> = match id.parse::<u32>() {
+        Ok(n) => {
+            let prefix = format!("Dataset{n:03}_");
+            std::fs::read_dir(&raw)
+                .map_err(|e| anyhow::anyhow!("$nnUNet_raw ({}): {e}", raw.display()))?
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix) && e.path().is_dir())
+                .map(|e| e.path())
+                .collect()
+        }
+        Err(_) => Some(raw.join(&*text)).filter(|p| p.is_dir()).into_iter().collect(),
+    };
+    match found.as_slice() {
+        [one] => Ok(one.clone()),
+        [] => anyhow::bail!("{text}: no such dataset folder, here or in $nnUNet_raw ({})", raw.display()),
+        many => anyhow::bail!("{text}: several datasets in $nnUNet_raw match: {}", many.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")),
+    }
+}
+
+/// The dataset folder as a full path, so that `.` or `..` still has a name and a parent.
+/// Symbolic links stay as given (the link's name is the dataset's name, as for nnU-Net).
+pub fn full_path(root: &std::path::Path) -> std::path::PathBuf {
+    let abs = std::path::absolute(root).unwrap_or_else(|_| root.to_path_buf());
+    match root.file_name() {
+        Some(_) => abs,
+        None => std::fs::canonicalize(root).unwrap_or(abs),
+    }
+}
+
+pub fn dataset_name(root: &std::path::Path) -> String {
+    full_path(root).file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_else(|| "dataset".into())
+}
+
+/// The folder that holds the dataset folder (where segk_preprocessed/ and segk_results/ go).
+pub fn beside(root: &std::path::Path) -> std::path::PathBuf {
+    let full = full_path(root);
+    full.parent().unwrap_or(&full).to_path_buf()
+}
+
+/// Where derived files of a dataset go: $nnUNet_preprocessed/NAME as nnU-Net users expect,
+/// else DATASET/../segk_preprocessed/NAME (the raw folder is never written to).
+pub fn preprocessed_dir(root: &std::path::Path) -> std::path::PathBuf {
+    match std::env::var_os("nnUNet_preprocessed") {
+        Some(p) => std::path::PathBuf::from(p).join(dataset_name(root)),
+        None => beside(root).join("segk_preprocessed").join(dataset_name(root)),
+    }
+}
+
+/// Fingerprint, nnU-Net's plans (ExperimentPlanner's always, `planner`'s too), and segk's plan
+/// (plans.json, what preprocess and train use): nnU-Net's 3d_fullres, or with `gpu_memory`
+/// segk's own sizing to that budget.
+pub fn run_plan(ex: &Experiment, gpu_memory: Option<f64>, out: Option<std::path::PathBuf>, planner: &str, target: Option<f64>) -> Result<()> {
+    let root = ex.root.as_path();
+    use crate::plan::{fingerprint, nnunet as nn, plans};
+    if let Some(g) = gpu_memory {
+        anyhow::ensure!(g > 0.0 && g <= 4096.0, "--gpu-memory must be a size in GiB, above 0 and at most 4096 (got {g})");
+    }
+    let chosen = nn::planner(planner)?;
+    let ds = ex.dataset()?;
+    let name = dataset_name(root);
+    let out = out.unwrap_or_else(|| preprocessed_dir(root));
+    std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("creating {}: {e}", out.display()))?;
+    let t0 = std::time::Instant::now();
+    let fp = fingerprint::fingerprint(ds, fingerprint::FOREGROUND_SAMPLES)?;
+    println!("fingerprint: {} in {:.1} s", crate::sysinfo::count(ds.cases.len(), "case"), t0.elapsed().as_secs_f64());
+    write_json_atomic(&out.join(fingerprint::FILE), &fp)?;
+    // nnU-Net's own fingerprint, where nnUNetv2_extract_fingerprint wrote one, is read as it is.
+    let theirs = out.join("dataset_fingerprint.json");
+    let (nfp, source) = match std::fs::read(&theirs) {
+        Ok(b) => (serde_json::from_slice(&b).map_err(|e| anyhow::anyhow!("{}: not nnU-Net's fingerprint: {e}", theirs.display()))?, "nnU-Net's dataset_fingerprint.json"),
+        Err(_) => (nn::NnunetFingerprint::from_segk(&fp)?, "segk's fingerprint"),
+    };
+    let mut default = None;
+    for p in [&nn::PLANNERS[0], chosen] {
+        if p.class == nn::PLANNERS[0].class && default.is_some() {
+            continue;
+        }
+        let doc = nn::plan_experiment(p, &name, &ds.json, &nfp, "SimpleITKIO", if std::ptr::eq(p, chosen) { target } else { None })?;
+        let (path, written) = nn::write_plans(&out, &doc)?;
+        println!("nnU-Net's plans ({}, from {source}):", p.class);
+        for line in nn::describe(&doc, &ds.json) {
+            println!("  {line}");
+        }
+        match written {
+            nn::Written::New => println!("wrote {}", path.display()),
+            nn::Written::Same => println!("{} is already this plan", path.display()),
+            nn::Written::KeptDifferent => println!("{} exists with other contents (nnU-Net's or edited): kept as it is, and used; remove it to have segk write this plan", path.display()),
+        }
+        if default.is_none() {
+            // What is on disk is what is used (nnU-Net's own file included).
+            default = Some(serde_json::from_slice::<crate::plan::plans_json::PlansJson>(&std::fs::read(&path)?).map_err(|e| anyhow::anyhow!("{}: not an nnU-Net plans file: {e}", path.display()))?);
+        }
+    }
+    let default = default.expect("ExperimentPlanner planned above");
+    let plan = match gpu_memory {
+        None => {
+            let plan = plans::from_nnunet(&default, "3d_fullres", &ds.json).map_err(|e| e.context("segk trains nnUNetPlans' 3d_fullres (or, with --gpu-memory, a 3d_fullres plan of its own)"))?;
+            println!("segk trains nnUNetPlans' 3d_fullres as planned{}", if chosen.class == nn::PLANNERS[0].class { "" } else { " (the other planner's networks are not trained by segk yet)" });
+            plan
+        }
+        Some(g) => {
+            let plan = plans::plan_3d_fullres(&ds.json, &fp, (g * plans::GIB) as usize)?;
+            println!("--gpu-memory {g}: segk's own 3d_fullres plan, patch and batch sized to {g} GiB with segk's exact memory model -- a deviation from nnU-Net's plan above");
+            plan
+        }
+    };
+    let doc = plans::PlansFile {
+        dataset_name: name,
+        plans_name: if gpu_memory.is_some() { plans::SEGK_PLANS.to_string() } else { default.plans_name.clone() },
+        configurations: plans::Configurations { fullres: plan.clone() },
+        foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel.clone(),
+    };
+    write_json_atomic(&out.join(plans::PlansFile::NAME), &doc)?;
+    let t = &plan.topology;
+    let triple = |v: &[usize; 3]| format!("{}x{}x{}", v[0], v[1], v[2]);
+    let spacing: Vec<String> = plan.spacing.iter().map(|s| format!("{s:.3}")).collect();
+    println!("3d_fullres: spacing {} mm (image axes in the order {:?}), patch {}, batch {}, {} stages, features {:?}", spacing.join(" x "), plan.transpose_forward, triple(&plan.patch_size), plan.batch_size, t.stages(), t.features);
+    println!("  kernels {}", t.kernels.iter().map(triple).collect::<Vec<_>>().join(" "));
+    println!("  strides {}", t.strides.iter().map(triple).collect::<Vec<_>>().join(" "));
+    println!("  GPU memory: needs {:.2} GiB at checkpoint level {}{}", plan.gpu_memory_needed_bytes as f64 / plans::GIB, plan.checkpointing, gpu_memory.map(|g| format!(" of the {g:.2} GiB budget")).unwrap_or_default());
+    println!("wrote {} (the plan segk preprocesses and trains with) and {}", out.join("plans.json").display(), fingerprint::FILE);
+    Ok(())
+}
+
+pub fn run_preprocess(ex: &Experiment, processes: Option<usize>, f16: bool, gpu_memory: Option<f64>, out: Option<std::path::PathBuf>) -> Result<()> {
+    let root = ex.root.as_path();
+    use crate::plan::plans::PlansFile;
+    use crate::preprocess::{self, splits};
+    let out = out.unwrap_or_else(|| preprocessed_dir(root));
+    anyhow::ensure!(processes != Some(0), "--processes must be at least 1");
+    if !out.join(PlansFile::NAME).is_file() {
+        println!("no {} yet: planning first", out.join(PlansFile::NAME).display());
+        run_plan(ex, gpu_memory, Some(out.clone()), "ExperimentPlanner", None)?;
+    }
+    let plans = PlansFile::read(&out)?;
+    let ds = ex.dataset()?;
+    anyhow::ensure!(!ds.cases.is_empty(), "{}: no training cases in labelsTr", root.display());
+    let dtype = if f16 { crate::store::ImageDtype::F16 } else { crate::store::ImageDtype::F32 };
+    let settings = preprocess::Settings::new(&ds.json, &plans, dtype)?;
+    let (workers, source) = preprocess::worker_count(processes)?;
+    let store = out.join(preprocess::STORE_DIR);
+    println!("preprocessing {} into {} with {} (from {source}), images {}", crate::sysinfo::count(ds.cases.len(), "case"), store.display(), crate::sysinfo::count(workers, "worker"), format!("{dtype:?}").to_lowercase());
+    let bar = indicatif::ProgressBar::new(ds.cases.len() as u64).with_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} cases  {elapsed_precise} elapsed, {eta} left  {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let s = preprocess::run(&ds, &settings, &store, workers, &bar);
+    bar.finish_and_clear();
+    let s = s?;
+    std::fs::copy(root.join("dataset.json"), out.join("dataset.json")).map_err(|e| anyhow::anyhow!("copying dataset.json to {}: {e}", out.display()))?;
+    let ids: Vec<String> = ds.cases.iter().map(|c| c.id.clone()).collect();
+    let split = splits::load_or_create(&out, &ids);
+    println!(
+        "{} cases preprocessed, {} already done; {:.1} s, {:.1} Mvoxel/s in, {:.1} GB written",
+        s.done,
+        s.skipped,
+        s.seconds,
+        s.voxels_in as f64 / s.seconds.max(1e-9) / 1e6,
+        s.bytes_written as f64 / 1e9
+    );
+    match split {
+        Ok(sp) => println!("{}: {} folds", out.join(splits::FILE).display(), sp.len()),
+        Err(e) => println!("no cross-validation split: {e:#}"),
+    }
+    Ok(())
+}
+
+struct Train {
+    cfg: crate::train::TrainConfig,
+    /// Validation after training, from this raw dataset.
+    validate: Option<std::path::PathBuf>,
+}
+
+impl Job for Train {
+    type Out = Vec<crate::train::EpochLog>;
+    fn run<B: Backend>(self, be: &B) -> Result<Self::Out> {
+        println!("device {}", be.name());
+        let logs = crate::train::run_on(be, &self.cfg)?;
+        // A signal in the last epoch's tail (after its steps) lands here: the run is saved.
+        anyhow::ensure!(
+            !crate::train::STOP.load(std::sync::atomic::Ordering::Relaxed),
+            "interrupted after the last epoch: checkpoint_final is saved; validation was skipped"
+        );
+        if let Some(root) = &self.validate {
+            validate(be, &self.cfg, root)?;
+        }
+        Ok(logs)
+    }
+}
+
+/// nnU-Net's validation after training: the fold's validation cases predicted from the raw
+/// images with checkpoint_final (mirror TTA on) into OUT/validation, scored into summary.json.
+pub fn validate<B: Backend>(be: &B, cfg: &crate::train::TrainConfig, root: &std::path::Path) -> Result<()> {
+    let model_dir = cfg.out.parent().unwrap_or(&cfg.out);
+    let model = crate::predict::Model {
+        plans: crate::plan::plans::PlansFile::read(model_dir)?,
+        json: crate::dataset::read_json(model_dir)?,
+        checkpoints: vec![(cfg.out.clone(), "checkpoint_final".to_string())],
+    };
+    let ending = model.json.file_ending.clone();
+    let cases: Vec<(String, Vec<std::path::PathBuf>)> =
+        cfg.val_ids.iter().map(|id| (id.clone(), (0..model.json.channels()).map(|c| crate::dataset::image_path(&root.join("imagesTr"), id, c, &ending)).collect())).collect();
+    let out = cfg.out.join("validation");
+    let t0 = std::time::Instant::now();
+    println!("validation: predicting {} with checkpoint_final and mirror TTA into {}", crate::sysinfo::count(cases.len(), "case"), out.display());
+    let bar = cases_bar();
+    let predicted = crate::predict::predict_cases(be, &model, &cases, &out, crate::predict::PredictOptions { step: 0.5, tta: true, save_probabilities: false }, &bar);
+    bar.finish_and_clear();
+    let (files, _) = predicted?;
+    let pairs: Vec<_> = files.iter().zip(&cfg.val_ids).map(|(p, id)| (p.clone(), root.join("labelsTr").join(format!("{id}{ending}")))).collect();
+    let s = crate::evaluate::evaluate_pairs(&pairs, None)?;
+    write_json_atomic(&out.join("summary.json"), &s)?;
+    print!("{}", crate::evaluate::table(&s));
+    println!("validation: {} in {:.1} s; wrote {}", crate::sysinfo::count(files.len(), "case"), t0.elapsed().as_secs_f64(), out.join("summary.json").display());
+    Ok(())
+}
+
+pub struct TrainOpts {
+    pub epochs: usize,
+    pub iters_per_epoch: usize,
+    pub val_iters: usize,
+    pub checkpointing: String,
+    pub save_every: usize,
+    pub resume: bool,
+    pub validation: bool,
+    pub workers: Option<usize>,
+    pub seed: u64,
+}
+
+/// Ctrl-C or `kill` (SIGINT, SIGTERM): inside the training loop, save checkpoint_latest and
+/// stop at the next step; anywhere else (planning, preprocessing, validation), or at a second
+/// signal, stop at once, as without the handler.
+#[cfg(unix)]
+pub fn stop_on_signals() {
+    extern "C" fn on_signal(signum: i32) {
+        use std::sync::atomic::Ordering::Relaxed;
+        // SAFETY (both blocks): write and _exit are async-signal-safe.
+        if crate::train::STEPPING.load(Relaxed) && !crate::train::STOP.swap(true, Relaxed) {
+            const SAVING: &[u8] = b"\nsegk: stopping: checkpoint_latest is saved at the next step (a second Ctrl-C quits without saving)\n";
+            unsafe { write(2, SAVING.as_ptr(), SAVING.len()) };
+            return;
+        }
+        const MSG: &[u8] = b"\nsegk: interrupted\n";
+        unsafe {
+            write(2, MSG.as_ptr(), MSG.len());
+            _exit(128 + signum);
+        }
+    }
+    extern "C" {
+        fn signal(signum: i32, handler: usize) -> usize;
+        fn write(fd: i32, buf: *const u8, count: usize) -> isize;
+        fn _exit(status: i32) -> !;
+    }
+    // SAFETY: the handler only touches atomics and calls async-signal-safe functions.
+    unsafe {
+        signal(2, on_signal as extern "C" fn(i32) as usize);
+        signal(15, on_signal as extern "C" fn(i32) as usize);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: Option<&str>, device: &str, o: TrainOpts, preprocessed: Option<std::path::PathBuf>, out: Option<std::path::PathBuf>) -> Result<()> {
+    use crate::preprocess::{splits, STORE_DIR};
+    let TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, validation, workers, seed } = o;
+    anyhow::ensure!(
+        configuration == "3d_fullres",
+        "configuration {configuration:?}: segk trains 3d_fullres so far (`segk plan` writes nnU-Net's 2d, 3d_lowres and 3d_cascade_fullres too; training them comes with nnU-Net's other configurations)"
+    );
+    let fold: splits::Fold = fold.parse()?;
+    let checkpointing = match checkpointing.as_str() {
+        "auto" => None,
+        l => Some(crate::model::Checkpointing::from_level(l.parse().map_err(|_| anyhow::anyhow!("--checkpointing must be auto, 0, 1 or 2"))?)?),
+    };
+    #[cfg(unix)]
+    stop_on_signals();
+    anyhow::ensure!(epochs > 0 && iters_per_epoch > 0 && val_iters > 0, "--epochs, --iters-per-epoch and --val-iters must be at least 1");
+    anyhow::ensure!(workers != Some(0), "--workers must be at least 1");
+    if device != "auto" {
+        crate::device::parse(device)?;
+    }
+    let root = ex.root.as_path();
+    let pre = preprocessed.unwrap_or_else(|| preprocessed_dir(root));
+    let ds = ex.dataset()?;
+    let ids: Vec<String> = ds.cases.iter().map(|c| c.id.clone()).collect();
+    let store = pre.join(STORE_DIR);
+    if !pre.join(crate::plan::plans::PlansFile::NAME).is_file() {
+        println!("no plans in {}: planning and preprocessing first", pre.display());
+        run_preprocess(ex, None, false, None, Some(pre.clone()))?;
+    }
+    let plans = crate::plan::plans::PlansFile::read(&pre)?;
+    if let Some(p) = plans_name.filter(|p| *p != plans.plans_name) {
+        anyhow::bail!("-p {p}: {} holds the plan of {} (`segk plan` makes nnUNetPlans' 3d_fullres, `segk plan --gpu-memory GB` segkPlans)", pre.join(crate::plan::plans::PlansFile::NAME).display(), plans.plans_name);
+    }
+    let (stale, dtype) = crate::preprocess::stale_cases(&store, &ids, &ds.json, &plans)?;
+    if !stale.is_empty() {
+        println!("the store at {} is missing {} of {} cases or holds them under other settings: preprocessing first", store.display(), stale.len(), ids.len());
+        run_preprocess(ex, None, dtype == crate::store::ImageDtype::F16, None, Some(pre.clone()))?;
+    }
+    // `all` needs no split (and works with fewer cases than folds).
+    let folds = if fold == splits::Fold::All { Vec::new() } else { splits::load_or_create(&pre, &ids)? };
+    let split = splits::select(&folds, &ids, fold)?;
+    let fold_name = match fold {
+        splits::Fold::All => "all".to_string(),
+        splits::Fold::Index(k) => k.to_string(),
+    };
+    let out = out.unwrap_or_else(|| match std::env::var_os("nnUNet_results") {
+        Some(r) => std::path::PathBuf::from(r).join(dataset_name(root)).join(model_folder_name(&plans.plans_name, configuration)).join(format!("fold_{fold_name}")),
+        None => beside(root).join("segk_results").join(dataset_name(root)).join(model_folder_name(&plans.plans_name, configuration)).join(format!("fold_{fold_name}")),
+    });
+    if !resume {
+        refuse_to_replace_a_run(&out)?;
+    }
+    // The model folder (the fold's parent) carries what prediction needs.
+    let model_dir = out.parent().unwrap_or(&out).to_path_buf();
+    refuse_another_plan(&model_dir, &plans)?;
+    std::fs::create_dir_all(&model_dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", model_dir.display()))?;
+    write_json_atomic(&model_dir.join(crate::plan::plans::PlansFile::NAME), &plans)?;
+    std::fs::copy(root.join("dataset.json"), model_dir.join("dataset.json")).map_err(|e| anyhow::anyhow!("copying dataset.json to {}: {e}", model_dir.display()))?;
+    let plan = plans.configurations.fullres;
+    println!(
+        "training 3d_fullres fold {fold_name}: patch {:?}, batch {}, {} epochs x {} iterations, output {}",
+        plan.patch_size,
+        plan.batch_size,
+        epochs,
+        iters_per_epoch,
+        out.display()
+    );
+    let cfg = crate::train::TrainConfig {
+        store,
+        plan,
+        train_ids: split.train,
+        val_ids: split.val,
+        out,
+        epochs,
+        iters_per_epoch,
+        val_iters,
+        checkpointing,
+        workers,
+        seed,
+        lr: crate::train::INITIAL_LR,
+        save_every,
+        resume,
+    };
+    let validate = validation.then(|| root.to_path_buf());
+    let logs = crate::device::run_on(device, Train { cfg, validate })?;
+    if let Some(last) = logs.last() {
+        println!("done: {} epochs run, final EMA pseudo-Dice {:.4}", logs.len(), last.ema_dice);
+    }
+    Ok(())
+}
+
+/// nnU-Net's TRAINER__PLANS__CONFIGURATION, with segk's trainer name: beside nnU-Net's own
+/// nnUNetTrainer__... folders, never taken for one.
+pub fn model_folder_name(plans: &str, configuration: &str) -> String {
+    format!("segkTrainer__{plans}__{configuration}")
+}
+
+/// A fold folder that holds checkpoints is a run: starting again there without --resume would
+/// replace them.
+pub fn refuse_to_replace_a_run(out: &std::path::Path) -> Result<()> {
+    use crate::checkpoint;
+    for name in ["checkpoint_latest", "checkpoint_final", "checkpoint_best"] {
+        if checkpoint::exists(out, name) {
+            let at = checkpoint::read_state(out, name).map(|st| format!(" at epoch {}", st.epoch)).unwrap_or_default();
+            anyhow::bail!("{} already holds a training run ({name}{at}): continue it with --resume, or start over in another --out (or delete that folder)", out.display());
+        }
+    }
+    Ok(())
+}
+
+/// The model folder's plans.json is the one every fold in it was trained with: a fold of
+/// another plan there would leave the others unloadable.
+pub fn refuse_another_plan(model_dir: &std::path::Path, plans: &crate::plan::plans::PlansFile) -> Result<()> {
+    let path = model_dir.join(crate::plan::plans::PlansFile::NAME);
+    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
+    let Ok(there) = serde_json::from_str::<serde_json::Value>(&text) else {
+        anyhow::bail!("{}: unreadable (not JSON); it should be the plan this model folder's folds were trained with", path.display())
+    };
+    let same = there == serde_json::to_value(plans)?;
+    anyhow::ensure!(
+        same,
+        "{} holds another plan than this training's (the folds trained with it would no longer load): train into another model folder (--out OTHER/fold_N), or delete that one",
+        path.display()
+    );
+    Ok(())
+}
+
+/// Progress over cases (drawn on a terminal only).
+pub fn cases_bar() -> indicatif::ProgressBar {
+    indicatif::ProgressBar::new(0).with_style(indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} cases  {elapsed_precise}  {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()))
+}
+
+struct Predict {
+    model: crate::predict::Model,
+    input: std::path::PathBuf,
+    output: std::path::PathBuf,
+    opt: crate::predict::PredictOptions,
+}
+
+impl Job for Predict {
+    type Out = (Vec<std::path::PathBuf>, u64);
+    fn run<B: Backend>(self, be: &B) -> Result<Self::Out> {
+        println!("device {}", be.name());
+        let bar = cases_bar();
+        let r = crate::predict::predict_folder(be, &self.model, &self.input, &self.output, self.opt, &bar);
+        bar.finish_and_clear();
+        r
+    }
+}
+
+pub fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &std::path::Path, folds: Option<Vec<String>>, checkpoint: &str, opt: crate::predict::PredictOptions, device: &str) -> Result<()> {
+    anyhow::ensure!(opt.step > 0.0 && opt.step <= 1.0, "--step must be in (0, 1]");
+    // Predictions written into the input folder would be read as images by the next run.
+    let same = |a: &std::path::Path, b: &std::path::Path| matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y);
+    anyhow::ensure!(!same(input, output), "-o {} is the input folder: write the predictions elsewhere", output.display());
+    // nnU-Net names its checkpoints NAME.pth.
+    let checkpoint = checkpoint.strip_suffix(".pth").unwrap_or(checkpoint);
+    let m = crate::predict::Model::open(model, folds.as_deref(), checkpoint)?;
+    let on = |b: bool| if b { "on" } else { "off" };
+    let names: Vec<String> = m.checkpoints.iter().filter_map(|(d, _)| d.file_name().map(|n| n.to_string_lossy().to_string())).collect();
+    println!("predicting {} with {} ({checkpoint}), step {}, mirror TTA {}, probabilities {}", input.display(), names.join(", "), opt.step, on(opt.tta), on(opt.save_probabilities));
+    let unread = crate::predict::unread_files(input, m.json.channels(), &m.json.file_ending);
+    if !unread.is_empty() {
+        println!("  not read: {}", unread.join(", "));
+    }
+    let t0 = std::time::Instant::now();
+    let job = Predict { model: m, input: input.to_path_buf(), output: output.to_path_buf(), opt };
+    let (files, bound) = crate::device::run_on(device, job)?;
+    let mapped = if opt.save_probabilities { "; RSS includes the mapped probability files" } else { "" };
+    let peak = crate::sysinfo::peak_rss().map(|b| format!(", peak RSS {:.0} MiB (bound {:.0} MiB{mapped})", b as f64 / (1 << 20) as f64, bound as f64 / (1 << 20) as f64)).unwrap_or_default();
+    println!("wrote {} to {} in {:.1} s{peak}", crate::sysinfo::count(files.len(), "label map"), output.display(), t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
+pub fn run_evaluate(pred: &std::path::Path, gt: &std::path::Path, labels: Option<Vec<i64>>, out: Option<std::path::PathBuf>) -> Result<()> {
+    for dir in [pred, gt] {
+        anyhow::ensure!(dir.is_dir(), "{}: no such folder", dir.display());
+    }
+    let out = out.unwrap_or_else(|| pred.join("summary.json"));
+    crate::store::prepare_output_file(&out)?;
+    let s = crate::evaluate::evaluate(pred, gt, labels)?;
+    write_json_atomic(&out, &s)?;
+    print!("{}", crate::evaluate::table(&s));
+    println!("{}; wrote {}", crate::sysinfo::count(s.metric_per_case.len(), "case"), out.display());
+    Ok(())
+}
+
+pub fn run_fingerprint(ex: &Experiment, out: Option<std::path::PathBuf>) -> Result<()> {
+    let root = ex.root.as_path();
+    let ds = ex.dataset()?;
+    let out = out.unwrap_or_else(|| preprocessed_dir(root).join(crate::plan::fingerprint::FILE));
+    crate::store::prepare_output_file(&out)?;
+    let t0 = std::time::Instant::now();
+    let fp = crate::plan::fingerprint::fingerprint(&ds, crate::plan::fingerprint::FOREGROUND_SAMPLES)?;
+    write_json_atomic(&out, &fp)?;
+    for (c, s) in fp.foreground_intensity_properties_per_channel.iter().enumerate() {
+        println!("channel {c}: foreground mean {:.3} std {:.3} p0.5 {:.3} p99.5 {:.3}", s.mean, s.std, s.percentile_00_5, s.percentile_99_5);
+    }
+    println!("wrote {} ({} cases, {:.1} s)", out.display(), fp.spacings.len(), t0.elapsed().as_secs_f64());
+    Ok(())
+}
+
