@@ -8,7 +8,7 @@ use crate::loader::pool::Pool;
 use crate::loader::{Augment, Augmenter, BatchSpec};
 use crate::plan::fingerprint::fingerprint;
 use crate::plan::plans::{plan_3d_fullres, Configurations, PlansFile, GIB};
-use crate::preprocess::{Settings, STORE_DIR};
+use crate::preprocess::Settings;
 use crate::store::ImageDtype;
 use crate::synth::{write_raw_dataset, RawSpec};
 use anyhow::{Context, Result};
@@ -63,7 +63,7 @@ pub fn synthetic_store(base: &Path, cases: usize, shape: [usize; 3]) -> Result<(
     let plan = plan_3d_fullres(&ds.json, &fp, (8.0 * GIB) as usize)?;
     let plans = PlansFile { dataset_name: "bench".into(), plans_name: "nnUNetPlans".into(), configurations: Configurations { fullres: plan }, foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel };
     let settings = Settings::new(&ds.json, &plans, ImageDtype::F32)?;
-    let store = base.join(STORE_DIR);
+    let store = base.join(plans.store_dir());
     let threads = crate::sysinfo::usable_cpus().max(1);
     crate::preprocess::run(&ds, &settings, &store, threads, &indicatif::ProgressBar::hidden())?;
     Ok((store, ds.cases.iter().map(|c| c.id.clone()).collect()))

@@ -204,7 +204,7 @@ pub fn run_preprocess(ex: &Experiment, processes: Option<usize>, f16: bool, gpu_
     let dtype = if f16 { crate::store::ImageDtype::F16 } else { crate::store::ImageDtype::F32 };
     let settings = preprocess::Settings::new(&ds.json, &plans, dtype)?;
     let (workers, source) = preprocess::worker_count(processes)?;
-    let store = out.join(preprocess::STORE_DIR);
+    let store = out.join(plans.store_dir());
     println!("preprocessing {} into {} with {} (from {source}), images {}", crate::sysinfo::count(ds.cases.len(), "case"), store.display(), crate::sysinfo::count(workers, "worker"), format!("{dtype:?}").to_lowercase());
     let bar = indicatif::ProgressBar::new(ds.cases.len() as u64).with_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} cases  {elapsed_precise} elapsed, {eta} left  {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
@@ -325,7 +325,7 @@ pub fn stop_on_signals() {
 
 #[allow(clippy::too_many_arguments)]
 pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: Option<&str>, device: &str, o: TrainOpts, preprocessed: Option<std::path::PathBuf>, out: Option<std::path::PathBuf>) -> Result<()> {
-    use crate::preprocess::{splits, STORE_DIR};
+    use crate::preprocess::splits;
     let TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, validation, workers, seed } = o;
     anyhow::ensure!(
         configuration == "3d_fullres",
@@ -347,7 +347,6 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
     let pre = preprocessed.unwrap_or_else(|| preprocessed_dir(root));
     let ds = ex.dataset()?;
     let ids: Vec<String> = ds.cases.iter().map(|c| c.id.clone()).collect();
-    let store = pre.join(STORE_DIR);
     if !pre.join(crate::plan::plans::PlansFile::NAME).is_file() {
         println!("no plans in {}: planning and preprocessing first", pre.display());
         run_preprocess(ex, None, false, None, Some(pre.clone()))?;
@@ -356,6 +355,7 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
     if let Some(p) = plans_name.filter(|p| *p != plans.plans_name) {
         anyhow::bail!("-p {p}: {} holds the plan of {} (`segk plan` makes nnUNetPlans' 3d_fullres, `segk plan --gpu-memory GB` segkPlans)", pre.join(crate::plan::plans::PlansFile::NAME).display(), plans.plans_name);
     }
+    let store = pre.join(plans.store_dir());
     let (stale, dtype) = crate::preprocess::stale_cases(&store, &ids, &ds.json, &plans)?;
     if !stale.is_empty() {
         println!("the store at {} is missing {} of {} cases or holds them under other settings: preprocessing first", store.display(), stale.len(), ids.len());
@@ -418,6 +418,33 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
 /// nnUNetTrainer__... folders, never taken for one.
 pub fn model_folder_name(plans: &str, configuration: &str) -> String {
     format!("segkTrainer__{plans}__{configuration}")
+}
+
+/// The model folder nnU-Net's predict names with -d -c -p -tr:
+/// $nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIGURATION, the dataset given by ID or name.
+pub fn model_folder(dataset: &str, configuration: &str, plans: &str, trainer: &str) -> Result<PathBuf> {
+    let results = std::env::var_os("nnUNet_results").map(PathBuf::from).ok_or_else(|| anyhow::anyhow!("-d {dataset}: set $nnUNet_results (where `segk train` puts model folders), or give the model folder with -m"))?;
+    let id = dataset.strip_prefix("Dataset").unwrap_or(dataset);
+    let name = match id.parse::<u32>() {
+        Ok(n) => {
+            let prefix = format!("Dataset{n:03}_");
+            let found: Vec<String> = std::fs::read_dir(&results)
+                .map_err(|e| anyhow::anyhow!("$nnUNet_results ({}): {e}", results.display()))?
+                .filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with(&prefix))
+                .collect();
+            match found.as_slice() {
+                [one] => one.clone(),
+                [] => anyhow::bail!("-d {dataset}: no Dataset{n:03}_* in $nnUNet_results ({})", results.display()),
+                many => anyhow::bail!("-d {dataset}: several datasets match in $nnUNet_results: {}", many.join(", ")),
+            }
+        }
+        Err(_) => dataset.to_string(),
+    };
+    let dir = results.join(name).join(format!("{trainer}__{plans}__{configuration}"));
+    anyhow::ensure!(dir.is_dir(), "{}: no such model folder (segk train writes segkTrainer__PLANS__CONFIGURATION; nnU-Net's own nnUNetTrainer__ folders hold PyTorch checkpoints, which segk does not read yet)", dir.display());
+    Ok(dir)
 }
 
 /// A fold folder that holds checkpoints is a run: starting again there without --resume would

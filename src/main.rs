@@ -140,24 +140,37 @@ enum Cmd {
         /// Output folder for the label maps.
         #[arg(short = 'o', long)]
         output: std::path::PathBuf,
-        /// Model folder (plans.json, dataset.json, fold_F/ with checkpoints), as `segk train` writes it.
-        #[arg(short = 'm', long)]
-        model: std::path::PathBuf,
-        /// Folds to average (default: every fold_* folder).
-        #[arg(long, num_args = 1..)]
+        /// Model folder (plans.json, dataset.json, fold_F/ with checkpoints), as `segk train` writes
+        /// it; or, as nnU-Net's, -d DATASET -c CONFIGURATION [-p PLANS] [-tr TRAINER].
+        #[arg(short = 'm', long, required_unless_present = "dataset", conflicts_with = "dataset")]
+        model: Option<std::path::PathBuf>,
+        /// The dataset (ID or name) whose model folder under $nnUNet_results to use.
+        #[arg(short = 'd', long, requires = "configuration")]
+        dataset: Option<String>,
+        /// With -d: the configuration (3d_fullres).
+        #[arg(short = 'c', long)]
+        configuration: Option<String>,
+        /// With -d: the plans (nnUNetPlans, or segkPlans).
+        #[arg(short = 'p', long, default_value = "nnUNetPlans")]
+        plans: String,
+        /// With -d: the trainer part of the model folder's name.
+        #[arg(long = "tr", default_value = "segkTrainer")]
+        trainer: String,
+        /// Folds to average (-f; default: every fold_* folder).
+        #[arg(short = 'f', long, num_args = 1..)]
         folds: Option<Vec<String>>,
-        /// Which checkpoint of each fold.
+        /// Which checkpoint of each fold (-chk).
         #[arg(long, default_value = "checkpoint_final")]
         checkpoint: String,
-        /// Tile step as a fraction of the patch.
-        #[arg(long, default_value_t = 0.5)]
+        /// Tile step as a fraction of the patch (nnU-Net's --step_size).
+        #[arg(long, alias = "step_size", default_value_t = 0.5)]
         step: f64,
-        /// No mirror test-time augmentation (8x faster).
-        #[arg(long)]
+        /// No mirror test-time augmentation (8x faster; nnU-Net's --disable_tta).
+        #[arg(long, alias = "disable_tta")]
         no_tta: bool,
         /// Also write CASE.npz with the class probabilities on the input's grid (nnU-Net's
         /// `probabilities` array: float32, classes x z x y x; needs that much disk, not RAM).
-        #[arg(long)]
+        #[arg(long, alias = "save_probabilities")]
         save_probabilities: bool,
         /// auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
@@ -253,6 +266,8 @@ fn nnunet_flag(arg: String) -> String {
     match arg.as_str() {
         "-pl" => "--pl".into(),
         "-gpu_memory_target" => "--gpu-memory-target".into(),
+        "-chk" => "--checkpoint".into(),
+        "-tr" => "--tr".into(),
         _ => arg,
     }
 }
@@ -281,8 +296,13 @@ fn main() {
             Experiment::new(&dataset).and_then(|e| run_train(&e, configuration, fold, plans.as_deref(), &device, o, preprocessed, out))
         }
         Cmd::Doctor => run_doctor(),
-        Cmd::Predict { input, output, model, folds, checkpoint, step, no_tta, save_probabilities, device } => {
-            run_predict(&input, &output, &model, folds, &checkpoint, segk::predict::PredictOptions { step, tta: !no_tta, save_probabilities }, &device)
+        Cmd::Predict { input, output, model, dataset, configuration, plans, trainer, folds, checkpoint, step, no_tta, save_probabilities, device } => {
+            let model = match (model, dataset) {
+                (Some(m), _) => Ok(m),
+                (None, Some(d)) => model_folder(&d, configuration.as_deref().unwrap_or("3d_fullres"), &plans, &trainer),
+                (None, None) => Err(anyhow::anyhow!("predict needs -m MODEL_DIR, or -d DATASET -c CONFIGURATION")),
+            };
+            model.and_then(|m| run_predict(&input, &output, &m, folds, &checkpoint, segk::predict::PredictOptions { step, tta: !no_tta, save_probabilities }, &device))
         }
         Cmd::Evaluate { pred, gt, labels, out } => run_evaluate(&pred, &gt, labels, out),
         Cmd::Synth { dataset, cases, shape, spacing, seed } => run_synth(&dataset, segk::synth::RawSpec { cases, shape, spacing, seed }),

@@ -11,7 +11,7 @@ use segk::loader::spatial::{affine, sample, warp_reference, Source};
 use segk::loader::{Augment, Augmenter, BatchSpec};
 use segk::plan::fingerprint::fingerprint;
 use segk::plan::plans::{plan_3d_fullres, Configurations, PlansFile, GIB};
-use segk::preprocess::{Settings, STORE_DIR};
+use segk::preprocess::Settings;
 use segk::store::ImageDtype;
 use segk::synth::{write_raw_dataset, RawSpec};
 use rand::{Rng, SeedableRng};
@@ -37,7 +37,7 @@ fn store(tag: &str, cases: usize) -> (PathBuf, Vec<String>) {
     let plan = plan_3d_fullres(&ds.json, &fp, (8.0 * GIB) as usize).unwrap();
     let plans = PlansFile { dataset_name: "t".into(), plans_name: "nnUNetPlans".into(), configurations: Configurations { fullres: plan }, foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel };
     let s = Settings::new(&ds.json, &plans, ImageDtype::F32).unwrap();
-    let dir = base.join(STORE_DIR);
+    let dir = base.join(plans.store_dir());
     segk::preprocess::run(&ds, &s, &dir, 2, &indicatif::ProgressBar::hidden()).unwrap();
     (dir, ds.cases.iter().map(|c| c.id.clone()).collect())
 }

@@ -104,6 +104,16 @@ fn predictions_keep_each_inputs_grid_and_evaluate_scores_them() {
     let pred = base.join("pred");
     let text = ok(segk().args(["predict", "-i"]).arg(&input).arg("-o").arg(&pred).arg("-m").arg(&model).args(["--device", "cpu", "--no-tta", "--save-probabilities"]));
     assert!(text.contains("wrote 2 label maps"), "{text}");
+    // nnU-Net's spelling: -d DATASET -c CONFIGURATION (-p, -tr defaults) under $nnUNet_results,
+    // -f, -chk NAME.pth, --disable_tta: the same label maps.
+    let pred_d = base.join("pred_d");
+    ok(segk().args(["predict", "-i"]).arg(&input).arg("-o").arg(&pred_d).args(["-d", "33", "-c", "3d_fullres", "-f", "all", "-chk", "checkpoint_final.pth", "--disable_tta", "--device", "cpu"]).env("nnUNet_results", base.join("segk_results")));
+    for name in ["aniso", "oblique"] {
+        let (a, b) = (nifti_io::read(&pred.join(format!("{name}.nii.gz"))).unwrap(), nifti_io::read(&pred_d.join(format!("{name}.nii.gz"))).unwrap());
+        assert_eq!(a.data, b.data, "{name}: -d -c finds the model -m names");
+    }
+    let wrong = segk().args(["predict", "-i"]).arg(&input).arg("-o").arg(base.join("pred_x")).args(["-d", "33", "-c", "3d_fullres", "-p", "nnUNetResEncUNetMPlans"]).env("nnUNet_results", base.join("segk_results")).output().unwrap();
+    assert!(!wrong.status.success() && String::from_utf8_lossy(&wrong.stderr).contains("segkTrainer__nnUNetResEncUNetMPlans__3d_fullres: no such model folder"), "{}", String::from_utf8_lossy(&wrong.stderr));
     assert!(text.contains("not read: aniso_0001.nii.gz (channel 1; the model reads 1), other_0000.nii (the model's file_ending is .nii.gz)"), "{text}");
     for name in ["aniso", "oblique"] {
         let a = nifti_io::read(&input.join(format!("{name}_0000.nii.gz"))).unwrap();

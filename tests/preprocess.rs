@@ -10,7 +10,7 @@ use segk::plan::plans::{plan_3d_fullres, Configurations, PlansFile, GIB};
 use segk::preprocess::normalize::{normalize, Scheme};
 use segk::preprocess::resample::{axis_kernels, new_shape, resample_image, resample_labels, Kernel};
 use segk::preprocess::splits::{kfold, select, Fold, Mt19937};
-use segk::preprocess::{preprocess_case, sample_locations, Settings, STORE_DIR};
+use segk::preprocess::{preprocess_case, sample_locations, Settings};
 use segk::store::{self, ImageDtype, StoredCase};
 use std::path::{Path, PathBuf};
 
@@ -368,7 +368,7 @@ fn store_round_trips_and_resumes() {
     let ds = Dataset::open(&root).unwrap();
     let plans = plans_for(&ds);
     assert!(plans.configurations.fullres.use_mask_for_norm[0], "cropping removes over a quarter: z-score uses the mask");
-    let dir = base.join(STORE_DIR);
+    let dir = base.join("store");
     let bar = indicatif::ProgressBar::hidden();
     for dtype in [ImageDtype::F32, ImageDtype::F16] {
         let s = Settings::new(&ds.json, &plans, dtype).unwrap();
@@ -418,7 +418,7 @@ fn a_broken_case_stops_the_run_with_its_name() {
     let plans = plans_for(&ds);
     std::fs::write(root.join("imagesTr/c1_0000.nii.gz"), b"not a nifti file").unwrap();
     let s = Settings::new(&ds.json, &plans, ImageDtype::F32).unwrap();
-    let e = segk::preprocess::run(&ds, &s, &base.join(STORE_DIR), 2, &indicatif::ProgressBar::hidden()).unwrap_err();
+    let e = segk::preprocess::run(&ds, &s, &base.join("store"), 2, &indicatif::ProgressBar::hidden()).unwrap_err();
     let msg = format!("{e:#}");
     assert!(msg.contains("case c1") && msg.contains("c1_0000.nii.gz"), "{msg}");
 }
@@ -439,7 +439,8 @@ fn preprocess_command_plans_preprocesses_splits_and_resumes() {
     for f in ["plans.json", "dataset.json", "segk_fingerprint.json", "splits_final.json"] {
         assert!(dir.join(f).is_file(), "{f} written");
     }
-    assert_eq!(store::case_ids(&dir.join(STORE_DIR)).unwrap().len(), 5);
+    // One store per nnU-Net data identifier, under segk's prefix.
+    assert_eq!(store::case_ids(&dir.join("segk_nnUNetPlans_3d_fullres")).unwrap().len(), 5);
     let splits: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("splits_final.json")).unwrap()).unwrap();
     assert_eq!(splits.as_array().unwrap().len(), 5);
     let again = run();

@@ -179,6 +179,12 @@ pub struct Configurations {
 
 impl PlansFile {
     pub const NAME: &'static str = "plans.json";
+    /// The store of this plan in the preprocessed folder: one per nnU-Net data identifier
+    /// (PLANS_3d_fullres; the ResEnc presets share nnUNetPlans'), under segk's prefix because
+    /// its files are not nnU-Net's and nnU-Net's preprocessing replaces its own folder.
+    pub fn store_dir(&self) -> String {
+        format!("segk_{}_3d_fullres", self.plans_name)
+    }
     pub fn read(dir: &std::path::Path) -> anyhow::Result<PlansFile> {
         use anyhow::Context;
         let p = dir.join(Self::NAME);

@@ -23,8 +23,6 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Mutex;
 
-/// The store folder of the 3d_fullres configuration, inside the preprocessed folder.
-pub const STORE_DIR: &str = "3d_fullres";
 /// nnU-Net's foreground sampling: at least this many voxels per class...
 pub const LOCATION_SAMPLES: usize = 10_000;
 /// ...or this share of the class, whichever is more.
