@@ -106,6 +106,20 @@ fn segk_plan_writes_nnunets_plans_and_keeps_a_different_file() {
     assert_eq!(ours["spacing"], serde_json::json!(full.spacing.clone().unwrap()));
     assert_eq!(ours["topology"]["features"], serde_json::json!(full.architecture.as_ref().unwrap().arch_kwargs.features_per_stage));
     assert_eq!(ours["topology"]["strides"], serde_json::json!(full.architecture.as_ref().unwrap().arch_kwargs.strides));
+    // A plans file already there (nnU-Net's, or edited by hand) is read and used unchanged: a
+    // 3d_fullres batch of 3 and a smaller patch are what segk then trains.
+    let mut edited: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
+    edited["configurations"]["3d_fullres"]["batch_size"] = serde_json::json!(3);
+    edited["configurations"]["3d_fullres"]["patch_size"] = serde_json::json!([16, 32, 32]);
+    let edited_bytes = to_python_json(&edited).unwrap();
+    std::fs::write(&file, &edited_bytes).unwrap();
+    let out = segk(&["plan", root.to_str().unwrap()]);
+    assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("kept as it is, and used"), "{}", String::from_utf8_lossy(&out.stdout));
+    assert_eq!(std::fs::read(&file).unwrap(), edited_bytes, "never rewritten");
+    let used: serde_json::Value = serde_json::from_slice(&std::fs::read(base.join("segk_preprocessed/Dataset905_Plans/plans.json")).unwrap()).unwrap();
+    assert_eq!((used["configurations"]["3d_fullres"]["batch_size"].clone(), used["configurations"]["3d_fullres"]["patch_size"].clone()), (serde_json::json!(3), serde_json::json!([16, 32, 32])));
+    std::fs::remove_file(&file).unwrap();
+    assert!(segk(&["plan", root.to_str().unwrap()]).status.success());
     // --gpu-memory: segk's own sizing, said to deviate.
     let own = segk(&["plan", root.to_str().unwrap(), "--gpu-memory", "1"]);
     assert!(own.status.success() && String::from_utf8_lossy(&own.stdout).contains("a deviation from nnU-Net's plan"));
