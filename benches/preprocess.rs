@@ -32,7 +32,7 @@ fn bench(c: &mut Criterion) {
     let ds = Dataset::open(&root).expect("dataset");
     let fp = fingerprint(&ds, 1_000_000).expect("fingerprint");
     let plan = plan_3d_fullres(&ds.json, &fp, (8.0 * GIB) as usize).expect("plan");
-    let plans = PlansFile { dataset_name: "bench".into(), configurations: Configurations { fullres: plan }, foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel };
+    let plans = PlansFile { dataset_name: "bench".into(), plans_name: "nnUNetPlans".into(), configurations: Configurations { fullres: plan }, foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel };
     let settings = Settings::new(&ds.json, &plans, ImageDtype::F32).expect("settings");
     g.throughput(Throughput::Elements(spec.shape.iter().product::<usize>() as u64));
     g.bench_function("case_160x256x256_read_crop_norm_resample", |b| b.iter(|| preprocess_case(&ds.cases[0], &settings).expect("case")));
