@@ -141,41 +141,42 @@ pub fn run_plan(ex: &Experiment, gpu_memory: Option<f64>, out: Option<std::path:
         if p.class == nn::PLANNERS[0].class && default.is_some() {
             continue;
         }
-        let doc = nn::plan_experiment(p, &name, &ds.json, &nfp, "SimpleITKIO", if std::ptr::eq(p, chosen) { target } else { None })?;
+        let doc = nn::plan_experiment(p, &name, &ds.json, &nfp, "SimpleITKIO", if p.class == chosen.class { target } else { None })?;
         let (path, written) = nn::write_plans(&out, &doc)?;
-        println!("nnU-Net's plans ({}, from {source}):", p.class);
-        for line in nn::describe(&doc, &ds.json) {
-            println!("  {line}");
-        }
         match written {
             nn::Written::New => println!("wrote {}", path.display()),
             nn::Written::Same => println!("{} is already this plan", path.display()),
             nn::Written::KeptDifferent => println!("{} exists with other contents (nnU-Net's or edited): kept as it is, and used; remove it to have segk write this plan", path.display()),
         }
+        // What is on disk is what is used and described (nnU-Net's own file included).
+        let used = plans::read_nnunet_plans(&path)?;
+        println!("{} ({}, from {source}):", path.display(), p.class);
+        for line in nn::describe(&used, &ds.json) {
+            println!("  {line}");
+        }
         if default.is_none() {
-            // What is on disk is what is used (nnU-Net's own file included).
-            default = Some(serde_json::from_slice::<crate::plan::plans_json::PlansJson>(&std::fs::read(&path)?).map_err(|e| anyhow::anyhow!("{}: not an nnU-Net plans file: {e}", path.display()))?);
+            default = Some(used);
         }
     }
     let default = default.expect("ExperimentPlanner planned above");
-    let plan = match gpu_memory {
+    let doc = match gpu_memory {
         None => {
-            let plan = plans::from_nnunet(&default, "3d_fullres", &ds.json).map_err(|e| e.context("segk trains nnUNetPlans' 3d_fullres (or, with --gpu-memory, a 3d_fullres plan of its own)"))?;
+            let doc = plans::plans_file_from_nnunet(&default, &ds.json).map_err(|e| e.context("segk trains nnUNetPlans' 3d_fullres (or, with --gpu-memory, a 3d_fullres plan of its own)"))?;
             println!("segk trains nnUNetPlans' 3d_fullres as planned{}", if chosen.class == nn::PLANNERS[0].class { "" } else { " (the other planner's networks are not trained by segk yet)" });
-            plan
+            doc
         }
         Some(g) => {
             let plan = plans::plan_3d_fullres(&ds.json, &fp, (g * plans::GIB) as usize)?;
             println!("--gpu-memory {g}: segk's own 3d_fullres plan, patch and batch sized to {g} GiB with segk's exact memory model -- a deviation from nnU-Net's plan above");
-            plan
+            plans::PlansFile {
+                dataset_name: name,
+                plans_name: plans::SEGK_PLANS.to_string(),
+                configurations: plans::Configurations { fullres: plan },
+                foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel.clone(),
+            }
         }
     };
-    let doc = plans::PlansFile {
-        dataset_name: name,
-        plans_name: if gpu_memory.is_some() { plans::SEGK_PLANS.to_string() } else { default.plans_name.clone() },
-        configurations: plans::Configurations { fullres: plan.clone() },
-        foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel.clone(),
-    };
+    let plan = doc.configurations.fullres.clone();
     write_json_atomic(&out.join(plans::PlansFile::NAME), &doc)?;
     let t = &plan.topology;
     let triple = |v: &[usize; 3]| format!("{}x{}x{}", v[0], v[1], v[2]);
@@ -347,13 +348,18 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
     let pre = preprocessed.unwrap_or_else(|| preprocessed_dir(root));
     let ds = ex.dataset()?;
     let ids: Vec<String> = ds.cases.iter().map(|c| c.id.clone()).collect();
-    if !pre.join(crate::plan::plans::PlansFile::NAME).is_file() {
+    use crate::plan::plans::{self as plans_mod, PlansFile};
+    if let Some(p) = plans_name.filter(|p| ![crate::plan::nnunet::PLANNERS[0].plans_name, plans_mod::SEGK_PLANS].contains(p)) {
+        anyhow::bail!("-p {p}: segk trains nnUNetPlans (`segk plan`) or segkPlans (`segk plan --gpu-memory GB`) so far; the ResEnc plans are planned, not trained yet");
+    }
+    follow_nnunet_plans(&pre, &ds.json)?;
+    if !pre.join(PlansFile::NAME).is_file() {
         println!("no plans in {}: planning and preprocessing first", pre.display());
         run_preprocess(ex, None, false, None, Some(pre.clone()))?;
     }
-    let plans = crate::plan::plans::PlansFile::read(&pre)?;
+    let plans = PlansFile::read(&pre)?;
     if let Some(p) = plans_name.filter(|p| *p != plans.plans_name) {
-        anyhow::bail!("-p {p}: {} holds the plan of {} (`segk plan` makes nnUNetPlans' 3d_fullres, `segk plan --gpu-memory GB` segkPlans)", pre.join(crate::plan::plans::PlansFile::NAME).display(), plans.plans_name);
+        anyhow::bail!("-p {p}: {} holds the plan of {} (`segk plan` makes nnUNetPlans' 3d_fullres, `segk plan --gpu-memory GB` segkPlans)", pre.join(PlansFile::NAME).display(), plans.plans_name);
     }
     let store = pre.join(plans.store_dir());
     let (stale, dtype) = crate::preprocess::stale_cases(&store, &ids, &ds.json, &plans)?;
@@ -418,6 +424,23 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
 /// nnUNetTrainer__... folders, never taken for one.
 pub fn model_folder_name(plans: &str, configuration: &str) -> String {
     format!("segkTrainer__{plans}__{configuration}")
+}
+
+/// plans.json made from nnUNetPlans.json follows that file when it changed since (edited by
+/// hand, or written again by nnU-Net's planner).
+fn follow_nnunet_plans(pre: &Path, json: &crate::dataset::DatasetJson) -> Result<()> {
+    use crate::plan::plans::{plans_file_from_nnunet, read_nnunet_plans, PlansFile};
+    let source = crate::plan::nnunet::plans_path(pre, crate::plan::nnunet::PLANNERS[0].plans_name);
+    let Ok(current) = PlansFile::read(pre) else { return Ok(()) };
+    if current.plans_name != crate::plan::nnunet::PLANNERS[0].plans_name || !source.is_file() {
+        return Ok(());
+    }
+    let fresh = plans_file_from_nnunet(&read_nnunet_plans(&source)?, json)?;
+    if serde_json::to_value(&fresh)? != serde_json::to_value(&current)? {
+        println!("{} changed since {} was made from it: following it", source.display(), pre.join(PlansFile::NAME).display());
+        write_json_atomic(&pre.join(PlansFile::NAME), &fresh)?;
+    }
+    Ok(())
 }
 
 /// The model folder nnU-Net's predict names with -d -c -p -tr:

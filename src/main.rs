@@ -49,7 +49,8 @@ enum Cmd {
         out: Option<std::path::PathBuf>,
     },
     /// Integrity check, fingerprint, nnU-Net's plans (nnUNetPlans.json: 2d, 3d_fullres, 3d_lowres,
-    /// 3d_cascade_fullres) and segk's 3d_fullres plan sized for a GPU budget (plans.json).
+    /// 3d_cascade_fullres), and plans.json: what segk trains (nnUNetPlans' 3d_fullres, or with
+    /// --gpu-memory segk's own sizing).
     Plan {
         /// The DatasetXXX_Name folder, or its ID (900) or name under $nnUNet_raw.
         dataset: std::path::PathBuf,
@@ -113,8 +114,8 @@ enum Cmd {
         /// Epochs between checkpoint_latest saves.
         #[arg(long, default_value_t = segk::train::SAVE_EVERY)]
         save_every: usize,
-        /// Continue from checkpoint_latest in the output folder.
-        #[arg(long)]
+        /// Continue from checkpoint_latest in the output folder (nnU-Net's --c).
+        #[arg(long, alias = "c")]
         resume: bool,
         /// Skip predicting the validation cases after training.
         #[arg(long)]
@@ -148,7 +149,7 @@ enum Cmd {
         #[arg(short = 'd', long, requires = "configuration")]
         dataset: Option<String>,
         /// With -d: the configuration (3d_fullres).
-        #[arg(short = 'c', long)]
+        #[arg(short = 'c', long, requires = "dataset")]
         configuration: Option<String>,
         /// With -d: the plans (nnUNetPlans, or segkPlans).
         #[arg(short = 'p', long, default_value = "nnUNetPlans")]
@@ -267,6 +268,8 @@ fn nnunet_flag(arg: String) -> String {
         "-pl" => "--pl".into(),
         "-gpu_memory_target" => "--gpu-memory-target".into(),
         "-chk" => "--checkpoint".into(),
+        "-step_size" => "--step".into(),
+        "-device" => "--device".into(),
         "-tr" => "--tr".into(),
         _ => arg,
     }
@@ -286,6 +289,10 @@ fn main() {
         Cmd::Train { dataset, configuration_fold, plans, device, epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, no_validation, workers, seed, preprocessed, out } => {
             let o = TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, validation: !no_validation, workers, seed };
             let (configuration, fold) = match configuration_fold.as_slice() {
+                [c] if ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"].contains(&c.as_str()) => {
+                    eprintln!("error: segk train DATASET {c} FOLD: the fold is missing (0-4 or all)");
+                    std::process::exit(2);
+                }
                 [fold] => {
                     eprintln!("note: `segk train DATASET {fold}` is the older form of `segk train DATASET 3d_fullres {fold}` (nnU-Net's CONFIGURATION FOLD); it will go");
                     ("3d_fullres", fold.as_str())

@@ -111,6 +111,7 @@ fn segk_plan_writes_nnunets_plans_and_keeps_a_different_file() {
     let mut edited: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     edited["configurations"]["3d_fullres"]["batch_size"] = serde_json::json!(3);
     edited["configurations"]["3d_fullres"]["patch_size"] = serde_json::json!([16, 32, 32]);
+    edited["foreground_intensity_properties_per_channel"]["0"]["percentile_99_5"] = serde_json::json!(120.0);
     let edited_bytes = to_python_json(&edited).unwrap();
     std::fs::write(&file, &edited_bytes).unwrap();
     let out = segk(&["plan", root.to_str().unwrap()]);
@@ -118,8 +119,21 @@ fn segk_plan_writes_nnunets_plans_and_keeps_a_different_file() {
     assert_eq!(std::fs::read(&file).unwrap(), edited_bytes, "never rewritten");
     let used: serde_json::Value = serde_json::from_slice(&std::fs::read(base.join("segk_preprocessed/Dataset905_Plans/plans.json")).unwrap()).unwrap();
     assert_eq!((used["configurations"]["3d_fullres"]["batch_size"].clone(), used["configurations"]["3d_fullres"]["patch_size"].clone()), (serde_json::json!(3), serde_json::json!([16, 32, 32])));
+    assert_eq!(used["foreground_intensity_properties_per_channel"][0]["percentile_99_5"], serde_json::json!(120.0), "its intensity statistics too");
+    // Edited after planning: training follows it.
+    edited["configurations"]["3d_fullres"]["batch_size"] = serde_json::json!(4);
+    std::fs::write(&file, to_python_json(&edited).unwrap()).unwrap();
+    let out = segk(&["train", root.to_str().unwrap(), "3d_fullres", "all", "--device", "cpu", "--epochs", "1", "--iters-per-epoch", "1", "--val-iters", "1", "--workers", "1", "--no-validation"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("changed since") && text.contains("batch 4"), "{text}{}", String::from_utf8_lossy(&out.stderr));
     std::fs::remove_file(&file).unwrap();
     assert!(segk(&["plan", root.to_str().unwrap()]).status.success());
+    // nnU-Net's -gpu_memory_target shrinks the default planner's patch as it does nnU-Net's.
+    let small = segk(&["plan", root.to_str().unwrap(), "-gpu_memory_target", "0.001", "--out", base.join("small").to_str().unwrap()]);
+    assert!(small.status.success(), "{}", String::from_utf8_lossy(&small.stderr));
+    let small: PlansJson = serde_json::from_slice(&std::fs::read(base.join("small/nnUNetPlans.json")).unwrap()).unwrap();
+    let voxels = |p: &PlansJson| p.configurations.get("3d_fullres").unwrap().patch_size.clone().unwrap().iter().product::<usize>();
+    assert!(voxels(&small) < voxels(&plans), "{} vs {}", voxels(&small), voxels(&plans));
     // --gpu-memory: segk's own sizing, said to deviate.
     let own = segk(&["plan", root.to_str().unwrap(), "--gpu-memory", "1"]);
     assert!(own.status.success() && String::from_utf8_lossy(&own.stdout).contains("a deviation from nnU-Net's plan"));

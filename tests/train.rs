@@ -224,7 +224,7 @@ mod resume {
     #[test]
     fn a_corrupt_store_stops_training_with_the_case_named() {
         let root = dataset("nan");
-        let store = root.parent().unwrap().join("segk_preprocessed/Dataset032_Resume/3d_fullres");
+        let store = root.parent().unwrap().join("segk_preprocessed/Dataset032_Resume/segk_nnUNetPlans_3d_fullres");
         for id in ["case_0000", "case_0001", "case_0002", "case_0003", "case_0004"] {
             let p = store.join(format!("{id}.img"));
             let n = std::fs::metadata(&p).unwrap().len() as usize / 4;

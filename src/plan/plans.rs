@@ -150,6 +150,29 @@ pub fn from_nnunet(plans: &super::plans_json::PlansJson, name: &str, json: &Data
     })
 }
 
+/// segk's plans.json from an nnU-Net plans file: its 3d_fullres, and its intensity statistics
+/// (what CT normalisation clips and scales with).
+pub fn plans_file_from_nnunet(plans: &super::plans_json::PlansJson, json: &DatasetJson) -> Result<PlansFile> {
+    let stats = plans.foreground_intensity_properties_per_channel.as_object().ok_or_else(|| anyhow::anyhow!("{}: foreground_intensity_properties_per_channel is not an object", plans.plans_name))?;
+    let mut channels: Vec<(usize, IntensityStats)> = stats
+        .iter()
+        .map(|(k, v)| Ok((k.parse::<usize>().map_err(|_| anyhow::anyhow!("{}: intensity statistics for channel {k:?}", plans.plans_name))?, serde_json::from_value(v.clone())?)))
+        .collect::<Result<_>>()?;
+    channels.sort_by_key(|(c, _)| *c);
+    Ok(PlansFile {
+        dataset_name: plans.dataset_name.clone(),
+        plans_name: plans.plans_name.clone(),
+        configurations: Configurations { fullres: from_nnunet(plans, "3d_fullres", json)? },
+        foreground_intensity_properties_per_channel: channels.into_iter().map(|(_, s)| s).collect(),
+    })
+}
+
+/// An nnU-Net plans file as it is on disk.
+pub fn read_nnunet_plans(path: &std::path::Path) -> Result<super::plans_json::PlansJson> {
+    let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
+    serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("{}: not an nnU-Net plans file: {e}", path.display()))
+}
+
 pub const GIB: f64 = (1u64 << 30) as f64;
 
 /// The plans name of segk's own sizing.
