@@ -134,9 +134,14 @@ fn segk_plan_writes_nnunets_plans_and_keeps_a_different_file() {
     let small: PlansJson = serde_json::from_slice(&std::fs::read(base.join("small/nnUNetPlans.json")).unwrap()).unwrap();
     let voxels = |p: &PlansJson| p.configurations.get("3d_fullres").unwrap().patch_size.clone().unwrap().iter().product::<usize>();
     assert!(voxels(&small) < voxels(&plans), "{} vs {}", voxels(&small), voxels(&plans));
-    // --gpu-memory: segk's own sizing, said to deviate.
+    // --gpu-memory: segk's own sizing, said to deviate. The store first as nnUNetPlans has it
+    // now (the training above preprocessed with the edited file's statistics).
+    assert!(segk(&["preprocess", root.to_str().unwrap()]).status.success());
     let own = segk(&["plan", root.to_str().unwrap(), "--gpu-memory", "1"]);
     assert!(own.status.success() && String::from_utf8_lossy(&own.stdout).contains("a deviation from nnU-Net's plan"));
+    // It preprocesses as nnUNetPlans does: the store training made above is shared, not redone.
+    let pre = segk(&["preprocess", root.to_str().unwrap()]);
+    assert!(String::from_utf8_lossy(&pre.stdout).contains("0 cases preprocessed, 4 already done"), "{}", String::from_utf8_lossy(&pre.stdout));
     // The same plan again: unchanged. An edited file: kept.
     let out = segk(&["plan", root.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("is already this plan"));
@@ -158,7 +163,7 @@ fn segk_plan_writes_nnunets_plans_and_keeps_a_different_file() {
             let out = segk(&["plan", root.to_str().unwrap(), "-pl", planner]);
             assert!(out.status.success());
         }
-        for name in ["nnUNetResEncUNetMPlans.json"] {
+        for name in ["nnUNetPlans.json", "nnUNetResEncUNetMPlans.json"] {
             let make = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nnunet_plans/make.py");
             let f = base.join("segk_preprocessed/Dataset905_Plans").join(name);
             let out = std::process::Command::new(&py).arg(make).arg("--check-load").arg(&f).arg(root.join("dataset.json")).output().unwrap();

@@ -202,11 +202,13 @@ pub struct Configurations {
 
 impl PlansFile {
     pub const NAME: &'static str = "plans.json";
-    /// The store of this plan in the preprocessed folder: one per nnU-Net data identifier
-    /// (PLANS_3d_fullres; the ResEnc presets share nnUNetPlans'), under segk's prefix because
-    /// its files are not nnU-Net's and nnU-Net's preprocessing replaces its own folder.
+    /// The store of this plan in the preprocessed folder: one per nnU-Net data identifier, under
+    /// segk's prefix because its files are not nnU-Net's and nnU-Net's preprocessing replaces
+    /// its own folder. segkPlans preprocesses as nnUNetPlans does (its own sizing changes only
+    /// the patch and batch), as do nnU-Net's ResEnc presets: they share nnUNetPlans_3d_fullres.
+    /// (A store made under other settings is found stale and redone, case by case.)
     pub fn store_dir(&self) -> String {
-        format!("segk_{}_3d_fullres", self.plans_name)
+        "segk_nnUNetPlans_3d_fullres".to_string()
     }
     pub fn read(dir: &std::path::Path) -> anyhow::Result<PlansFile> {
         use anyhow::Context;
