@@ -63,23 +63,29 @@ pub fn dataset_folder(arg: &std::path::Path) -> Result<std::path::PathBuf> {
     let Some(raw) = std::env::var_os("nnUNet_raw").map(std::path::PathBuf::from) else {
         anyhow::bail!("{text}: no such dataset folder (set $nnUNet_raw to name datasets by ID or name, as nnU-Net does)");
     };
-    let id = text.strip_prefix("Dataset").unwrap_or(&text);
-    let found: Vec<std::path::PathBuf> = match id.parse::<u32>() {
+    find_dataset(&raw, "$nnUNet_raw", &text)
+}
+
+/// The dataset folder in `dir` (named `what` in errors) that `text` names: an ID (`900`,
+/// `Dataset900`) or a full name, as nnU-Net's commands take them.
+fn find_dataset(dir: &Path, what: &str, text: &str) -> Result<PathBuf> {
+    let id = text.strip_prefix("Dataset").unwrap_or(text);
+    let found: Vec<PathBuf> = match id.parse::<u32>() {
         Ok(n) => {
             let prefix = format!("Dataset{n:03}_");
-            std::fs::read_dir(&raw)
-                .map_err(|e| anyhow::anyhow!("$nnUNet_raw ({}): {e}", raw.display()))?
+            std::fs::read_dir(dir)
+                .map_err(|e| anyhow::anyhow!("{what} ({}): {e}", dir.display()))?
                 .filter_map(|e| e.ok())
                 .filter(|e| e.file_name().to_string_lossy().starts_with(&prefix) && e.path().is_dir())
                 .map(|e| e.path())
                 .collect()
         }
-        Err(_) => Some(raw.join(&*text)).filter(|p| p.is_dir()).into_iter().collect(),
+        Err(_) => Some(dir.join(text)).filter(|p| p.is_dir()).into_iter().collect(),
     };
     match found.as_slice() {
         [one] => Ok(one.clone()),
-        [] => anyhow::bail!("{text}: no such dataset folder, here or in $nnUNet_raw ({})", raw.display()),
-        many => anyhow::bail!("{text}: several datasets in $nnUNet_raw match: {}", many.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")),
+        [] => anyhow::bail!("{text}: no such dataset folder, here or in {what} ({})", dir.display()),
+        many => anyhow::bail!("{text}: several datasets in {what} match: {}", many.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")),
     }
 }
 
@@ -123,7 +129,7 @@ pub fn run_plan(ex: &Experiment, gpu_memory: Option<f64>, out: Option<std::path:
     }
     let chosen = nn::planner(planner)?;
     let ds = ex.dataset()?;
-    let name = dataset_name(root);
+    let name = ex.name();
     let out = out.unwrap_or_else(|| preprocessed_dir(root));
     std::fs::create_dir_all(&out).map_err(|e| anyhow::anyhow!("creating {}: {e}", out.display()))?;
     let t0 = std::time::Instant::now();
@@ -447,25 +453,8 @@ fn follow_nnunet_plans(pre: &Path, json: &crate::dataset::DatasetJson) -> Result
 /// $nnUNet_results/DatasetXXX_Name/TRAINER__PLANS__CONFIGURATION, the dataset given by ID or name.
 pub fn model_folder(dataset: &str, configuration: &str, plans: &str, trainer: &str) -> Result<PathBuf> {
     let results = std::env::var_os("nnUNet_results").map(PathBuf::from).ok_or_else(|| anyhow::anyhow!("-d {dataset}: set $nnUNet_results (where `segk train` puts model folders), or give the model folder with -m"))?;
-    let id = dataset.strip_prefix("Dataset").unwrap_or(dataset);
-    let name = match id.parse::<u32>() {
-        Ok(n) => {
-            let prefix = format!("Dataset{n:03}_");
-            let found: Vec<String> = std::fs::read_dir(&results)
-                .map_err(|e| anyhow::anyhow!("$nnUNet_results ({}): {e}", results.display()))?
-                .filter_map(|e| e.ok())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.starts_with(&prefix))
-                .collect();
-            match found.as_slice() {
-                [one] => one.clone(),
-                [] => anyhow::bail!("-d {dataset}: no Dataset{n:03}_* in $nnUNet_results ({})", results.display()),
-                many => anyhow::bail!("-d {dataset}: several datasets match in $nnUNet_results: {}", many.join(", ")),
-            }
-        }
-        Err(_) => dataset.to_string(),
-    };
-    let dir = results.join(name).join(format!("{trainer}__{plans}__{configuration}"));
+    let dataset_dir = find_dataset(&results, "$nnUNet_results", dataset)?;
+    let dir = dataset_dir.join(format!("{trainer}__{plans}__{configuration}"));
     anyhow::ensure!(dir.is_dir(), "{}: no such model folder (segk train writes segkTrainer__PLANS__CONFIGURATION; nnU-Net's own nnUNetTrainer__ folders hold PyTorch checkpoints, which segk does not read yet)", dir.display());
     Ok(dir)
 }

@@ -297,8 +297,9 @@ fn main() {
                     eprintln!("note: `segk train DATASET {fold}` is the older form of `segk train DATASET 3d_fullres {fold}` (nnU-Net's CONFIGURATION FOLD); it will go");
                     ("3d_fullres", fold.as_str())
                 }
+                // clap takes one or two values.
                 [c, fold, ..] => (c.as_str(), fold.as_str()),
-                [] => ("", ""),
+                [] => unreachable!("CONFIGURATION FOLD is required"),
             };
             Experiment::new(&dataset).and_then(|e| run_train(&e, configuration, fold, plans.as_deref(), &device, o, preprocessed, out))
         }

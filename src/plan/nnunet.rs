@@ -255,7 +255,7 @@ fn plan_configuration(p: &Planner, gpu_gb: f64, r: &Request) -> Configuration {
         resampling_fn_seg_kwargs: Some(ResamplingKwargs::new(true, 1)),
         resampling_fn_probabilities: Some(RESAMPLE.into()),
         resampling_fn_probabilities_kwargs: Some(ResamplingKwargs::new(false, 1)),
-        architecture: Some(Architecture::nnunet(p.residual, dim, ArchKwargs::new(p.residual, dim, features(n, dim), t.kernels.clone(), t.strides.clone(), &RESENC_BLOCKS))),
+        architecture: Some(Architecture::nnunet(p.residual, ArchKwargs::new(p.residual, dim, features(n, dim), t.kernels.clone(), t.strides.clone(), &RESENC_BLOCKS))),
         ..Configuration::default()
     }
 }

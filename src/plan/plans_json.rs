@@ -147,7 +147,7 @@ pub const PLAIN_UNET: &str = "dynamic_network_architectures.architectures.unet.P
 pub const RESENC_UNET: &str = "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet";
 
 impl Architecture {
-    pub fn nnunet(residual: bool, _dim: usize, arch_kwargs: ArchKwargs) -> Architecture {
+    pub fn nnunet(residual: bool, arch_kwargs: ArchKwargs) -> Architecture {
         Architecture {
             network_class_name: if residual { RESENC_UNET } else { PLAIN_UNET }.into(),
             arch_kwargs,
