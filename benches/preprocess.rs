@@ -5,7 +5,6 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use segk::dataset::Dataset;
 use segk::plan::fingerprint::fingerprint;
-use segk::plan::plans::{plan_3d_fullres, Configurations, PlansFile, GIB};
 use segk::preprocess::resample::{resample_image, resample_labels, Kernel};
 use segk::preprocess::{preprocess_case, Settings};
 use segk::store::ImageDtype;
@@ -31,9 +30,8 @@ fn bench(c: &mut Criterion) {
     write_raw_dataset(&root, &spec).expect("generated dataset");
     let ds = Dataset::open(&root).expect("dataset");
     let fp = fingerprint(&ds, 1_000_000).expect("fingerprint");
-    let plan = plan_3d_fullres(&ds.json, &fp, (8.0 * GIB) as usize).expect("plan");
-    let plans = PlansFile { dataset_name: "bench".into(), plans_name: "nnUNetPlans".into(), configurations: Configurations { fullres: plan }, foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel };
-    let settings = Settings::new(&ds.json, &plans, ImageDtype::F32).expect("settings");
+    let plans = segk::plan::plans::nnunet_default("bench", &ds.json, &fp).expect("plan");
+    let settings = Settings::new(&ds.json, &plans, "3d_fullres", ImageDtype::F32).expect("settings");
     g.throughput(Throughput::Elements(spec.shape.iter().product::<usize>() as u64));
     g.bench_function("case_160x256x256_read_crop_norm_resample", |b| b.iter(|| preprocess_case(&ds.cases[0], &settings).expect("case")));
     g.finish();

@@ -73,7 +73,7 @@ parse_train() {
 ds=$tmp/Dataset990_GpuCheck
 PARSE=""
 step synth "$need" "$cap" "$bin" synth "$ds" $synth
-step preprocess "$need" "$cap" "$bin" preprocess "$ds"
+step preprocess "$need" "$cap" "$bin" preprocess "$ds" -c 3d_fullres
 for l in 0 1 2; do
   PARSE=parse_train step "train-ckpt$l" "$need_train" "$cap_train" "$bin" train "$ds" 0 --device cuda $train --checkpointing "$l" --no-validation --out "$tmp/train-ckpt$l"
 done

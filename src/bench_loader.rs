@@ -7,7 +7,7 @@ use crate::dataset::Dataset;
 use crate::loader::pool::Pool;
 use crate::loader::{Augment, Augmenter, BatchSpec};
 use crate::plan::fingerprint::fingerprint;
-use crate::plan::plans::{plan_3d_fullres, Configurations, PlansFile, GIB};
+
 use crate::preprocess::Settings;
 use crate::store::ImageDtype;
 use crate::synth::{write_raw_dataset, RawSpec};
@@ -60,10 +60,9 @@ pub fn synthetic_store(base: &Path, cases: usize, shape: [usize; 3]) -> Result<(
     write_raw_dataset(&root, &RawSpec { cases, shape, spacing: [1.0, 0.8, 0.8], seed: 9 })?;
     let ds = Dataset::open(&root)?;
     let fp = fingerprint(&ds, 1_000_000)?;
-    let plan = plan_3d_fullres(&ds.json, &fp, (8.0 * GIB) as usize)?;
-    let plans = PlansFile { dataset_name: "bench".into(), plans_name: "nnUNetPlans".into(), configurations: Configurations { fullres: plan }, foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel };
-    let settings = Settings::new(&ds.json, &plans, ImageDtype::F32)?;
-    let store = base.join(plans.store_dir());
+    let plans = crate::plan::plans::nnunet_default("bench", &ds.json, &fp)?;
+    let settings = Settings::new(&ds.json, &plans, "3d_fullres", ImageDtype::F32)?;
+    let store = base.join(crate::plan::plans::store_dir(&plans, "3d_fullres")?);
     let threads = crate::sysinfo::usable_cpus().max(1);
     crate::preprocess::run(&ds, &settings, &store, threads, &indicatif::ProgressBar::hidden())?;
     Ok((store, ds.cases.iter().map(|c| c.id.clone()).collect()))

@@ -45,7 +45,7 @@ pub struct StepArgs {
     pub warmup: usize,
     #[arg(long, default_value_t = 3)]
     pub steps: usize,
-    /// Read topology, patch and batch from a plans.json of `segk plan`, or a JSON file ({"topology": .., "patch": .., "batch": ..}).
+    /// Read topology, patch and batch from a plans file's 3d_fullres (nnUNetPlans.json, with the dataset.json beside it), or a JSON file ({"topology": .., "patch": .., "batch": ..}).
     #[arg(long)]
     pub plans: Option<std::path::PathBuf>,
     /// Worker threads (default: all cores).
@@ -107,12 +107,18 @@ fn spec(a: &StepArgs) -> Result<StepSpec> {
 fn spec_asked(a: &StepArgs) -> Result<StepSpec> {
     if let Some(p) = &a.plans {
         let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
-        // A plans.json of `segk plan` times its 3d_fullres step as training would run it.
-        if let Ok(plans) = serde_json::from_str::<crate::plan::plans::PlansFile>(&text) {
-            let c = plans.configurations.fullres;
+        // A plans file (nnU-Net's schema) times its 3d_fullres step as training would run it;
+        // the dataset.json beside it (a preprocessed or model folder has one) gives the
+        // channels and classes.
+        let value: serde_json::Value = serde_json::from_str(&text).with_context(|| format!("{}: not JSON", p.display()))?;
+        if value.get("configurations").is_some() {
+            let plans = crate::plan::plans::parse_plans(text.as_bytes(), &p.display().to_string())?;
+            let dir = p.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(std::path::Path::new("."));
+            let json = crate::dataset::read_json(dir).with_context(|| format!("{}: a plans file needs the dataset.json beside it", p.display()))?;
+            let c = crate::plan::plans::from_nnunet(&plans, "3d_fullres", &json)?;
             return Ok(StepSpec { topology: c.topology, patch: c.patch_size, batch: c.batch_size });
         }
-        return serde_json::from_str(&text).with_context(|| format!("{}: neither a segk plans.json nor a step spec (topology, patch, batch)", p.display()));
+        return serde_json::from_value(value).with_context(|| format!("{}: neither a plans file nor a step spec (topology, patch, batch)", p.display()));
     }
     let features = a.features.clone().unwrap_or_else(|| nnunet_features(a.stages, 32, 320));
     let n = features.len();

@@ -8,7 +8,7 @@ use crate::backend::Backend;
 use crate::dataset::Dataset;
 use crate::device::Job;
 use crate::store::write_json_atomic;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::cell::OnceCell;
 use std::path::{Path, PathBuf};
 
@@ -118,9 +118,9 @@ pub fn preprocessed_dir(root: &std::path::Path) -> std::path::PathBuf {
     }
 }
 
-/// Fingerprint, nnU-Net's plans (ExperimentPlanner's always, `planner`'s too), and segk's plan
-/// (plans.json, what preprocess and train use): nnU-Net's 3d_fullres, or with `gpu_memory`
-/// segk's own sizing to that budget.
+/// Fingerprint and nnU-Net's plans (ExperimentPlanner's always, `planner`'s too) as nnU-Net
+/// writes them; with `gpu_memory` also segkPlans, segk's own sizing of 3d_fullres to that
+/// budget. Preprocess and train read these files by plans name (-p).
 pub fn run_plan(ex: &Experiment, gpu_memory: Option<f64>, out: Option<std::path::PathBuf>, planner: &str, target: Option<f64>) -> Result<()> {
     let root = ex.root.as_path();
     use crate::plan::{fingerprint, nnunet as nn, plans};
@@ -165,72 +165,93 @@ pub fn run_plan(ex: &Experiment, gpu_memory: Option<f64>, out: Option<std::path:
         }
     }
     let default = default.expect("ExperimentPlanner planned above");
-    let doc = match gpu_memory {
-        None => {
-            let doc = plans::plans_file_from_nnunet(&default, &ds.json).map_err(|e| e.context("segk trains nnUNetPlans' 3d_fullres (or, with --gpu-memory, a 3d_fullres plan of its own)"))?;
-            println!("segk trains nnUNetPlans' 3d_fullres as planned{}", if chosen.class == nn::PLANNERS[0].class { "" } else { " (the other planner's networks are not trained by segk yet)" });
-            doc
+    if let Some(g) = gpu_memory {
+        let doc = plans::segk_sized(&default, &ds.json, (g * plans::GIB) as usize)?;
+        let path = nn::plans_path(&out, &doc.plans_name);
+        let bytes = crate::plan::plans_json::to_python_json(&doc)?;
+        crate::store::write_atomic_via(&path, &format!(".{}.tmp", std::process::id()), |w| std::io::Write::write_all(w, &bytes))?;
+        println!("wrote {} (--gpu-memory {g}: nnUNetPlans' 3d_fullres with patch and batch sized to {g} GiB by segk's exact memory model -- a deviation from nnU-Net's plan):", path.display());
+        for line in nn::describe(&doc, &ds.json) {
+            println!("  {line}");
         }
-        Some(g) => {
-            let plan = plans::plan_3d_fullres(&ds.json, &fp, (g * plans::GIB) as usize)?;
-            println!("--gpu-memory {g}: segk's own 3d_fullres plan, patch and batch sized to {g} GiB with segk's exact memory model -- a deviation from nnU-Net's plan above");
-            plans::PlansFile {
-                dataset_name: name,
-                plans_name: plans::SEGK_PLANS.to_string(),
-                configurations: plans::Configurations { fullres: plan },
-                foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel.clone(),
-            }
-        }
-    };
-    let plan = doc.configurations.fullres.clone();
-    write_json_atomic(&out.join(plans::PlansFile::NAME), &doc)?;
-    let t = &plan.topology;
-    let triple = |v: &[usize; 3]| format!("{}x{}x{}", v[0], v[1], v[2]);
-    let spacing: Vec<String> = plan.spacing.iter().map(|s| format!("{s:.3}")).collect();
-    println!("3d_fullres: spacing {} mm (image axes in the order {:?}), patch {}, batch {}, {} stages, features {:?}", spacing.join(" x "), plan.transpose_forward, triple(&plan.patch_size), plan.batch_size, t.stages(), t.features);
-    println!("  kernels {}", t.kernels.iter().map(triple).collect::<Vec<_>>().join(" "));
-    println!("  strides {}", t.strides.iter().map(triple).collect::<Vec<_>>().join(" "));
-    println!("  GPU memory: needs {:.2} GiB at checkpoint level {}{}", plan.gpu_memory_needed_bytes as f64 / plans::GIB, plan.checkpointing, gpu_memory.map(|g| format!(" of the {g:.2} GiB budget")).unwrap_or_default());
-    println!("wrote {} (the plan segk preprocesses and trains with) and {}", out.join("plans.json").display(), fingerprint::FILE);
+        println!("train it with `segk train DATASET 3d_fullres FOLD -p {}`", plans::SEGK_PLANS);
+    } else {
+        let trains = match plans::from_nnunet(&default, "3d_fullres", &ds.json) {
+            Ok(_) => "segk trains nnUNetPlans' 3d_fullres as planned: `segk train DATASET 3d_fullres FOLD`".to_string(),
+            Err(e) => format!("segk cannot train nnUNetPlans' 3d_fullres: {e:#}"),
+        };
+        println!("{trains}{}", if chosen.class == nn::PLANNERS[0].class { "" } else { " (the other planner's networks are not trained by segk yet)" });
+    }
+    println!("wrote {}", out.join(fingerprint::FILE).display());
     Ok(())
 }
 
-pub fn run_preprocess(ex: &Experiment, processes: Option<usize>, f16: bool, gpu_memory: Option<f64>, out: Option<std::path::PathBuf>) -> Result<()> {
+/// The plans file PLANS.json of the preprocessed folder, planned first when it is missing and
+/// one of nnU-Net's planners makes it.
+fn open_plans(ex: &Experiment, pre: &Path, plans_name: &str) -> Result<crate::plan::plans_json::PlansJson> {
+    use crate::plan::{nnunet as nn, plans};
+    let path = nn::plans_path(pre, plans_name);
+    if !path.is_file() {
+        match nn::planner(plans_name) {
+            Ok(p) => {
+                println!("no {} yet: planning first", path.display());
+                run_plan(ex, None, Some(pre.to_path_buf()), p.class, None)?;
+            }
+            Err(_) if plans_name == plans::SEGK_PLANS => anyhow::bail!("{}: missing: `segk plan DATASET --gpu-memory GB` writes segkPlans", path.display()),
+            Err(_) => anyhow::bail!("{}: no such plans file (`segk plan -pl PLANNER` writes nnU-Net's; a plans file of your own goes there by its plans name)", path.display()),
+        }
+    }
+    plans::read_nnunet_plans(&path)
+}
+
+/// nnU-Net's default configurations to preprocess (`nnUNetv2_plan_and_preprocess`).
+pub const DEFAULT_CONFIGURATIONS: [&str; 3] = ["2d", "3d_fullres", "3d_lowres"];
+
+/// Preprocesses `configurations` of the plans `plans_name` (planned first when missing), one
+/// store per data identifier: configurations that share one are preprocessed once.
+pub fn run_preprocess(ex: &Experiment, processes: Option<usize>, f16: bool, plans_name: &str, configurations: &[String], out: Option<std::path::PathBuf>) -> Result<()> {
     let root = ex.root.as_path();
-    use crate::plan::plans::PlansFile;
     use crate::preprocess::{self, splits};
     let out = out.unwrap_or_else(|| preprocessed_dir(root));
     anyhow::ensure!(processes != Some(0), "--processes must be at least 1");
-    if !out.join(PlansFile::NAME).is_file() {
-        println!("no {} yet: planning first", out.join(PlansFile::NAME).display());
-        run_plan(ex, gpu_memory, Some(out.clone()), "ExperimentPlanner", None)?;
-    }
-    let plans = PlansFile::read(&out)?;
+    let plans = open_plans(ex, &out, plans_name)?;
     let ds = ex.dataset()?;
     anyhow::ensure!(!ds.cases.is_empty(), "{}: no training cases in labelsTr", root.display());
     let dtype = if f16 { crate::store::ImageDtype::F16 } else { crate::store::ImageDtype::F32 };
-    let settings = preprocess::Settings::new(&ds.json, &plans, dtype)?;
     let (workers, source) = preprocess::worker_count(processes)?;
-    let store = out.join(plans.store_dir());
-    println!("preprocessing {} into {} with {} (from {source}), images {}", crate::sysinfo::count(ds.cases.len(), "case"), store.display(), crate::sysinfo::count(workers, "worker"), format!("{dtype:?}").to_lowercase());
-    let bar = indicatif::ProgressBar::new(ds.cases.len() as u64).with_style(
-        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} cases  {elapsed_precise} elapsed, {eta} left  {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
-    );
-    let s = preprocess::run(&ds, &settings, &store, workers, &bar);
-    bar.finish_and_clear();
-    let s = s?;
+    let mut done: Vec<String> = Vec::new();
+    for configuration in configurations {
+        if plans.configurations.get(configuration).is_none() {
+            println!("{plans_name} has no configuration {configuration}: skipped (nnU-Net plans 3d_lowres only when the images are large against the 3d_fullres patch)");
+            continue;
+        }
+        let dir = crate::plan::plans::store_dir(&plans, configuration)?;
+        if done.contains(&dir) {
+            println!("{configuration}: preprocessed above, in {dir}");
+            continue;
+        }
+        let settings = preprocess::Settings::new(&ds.json, &plans, configuration, dtype)?;
+        let store = out.join(&dir);
+        println!("preprocessing {configuration}: {} into {} with {} (from {source}), images {}", crate::sysinfo::count(ds.cases.len(), "case"), store.display(), crate::sysinfo::count(workers, "worker"), format!("{dtype:?}").to_lowercase());
+        let bar = indicatif::ProgressBar::new(ds.cases.len() as u64).with_style(
+            indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} cases  {elapsed_precise} elapsed, {eta} left  {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let s = preprocess::run(ds, &settings, &store, workers, &bar);
+        bar.finish_and_clear();
+        let s = s?;
+        println!(
+            "{configuration}: {} cases preprocessed, {} already done; {:.1} s, {:.1} Mvoxel/s in, {:.1} GB written",
+            s.done,
+            s.skipped,
+            s.seconds,
+            s.voxels_in as f64 / s.seconds.max(1e-9) / 1e6,
+            s.bytes_written as f64 / 1e9
+        );
+        done.push(dir);
+    }
     std::fs::copy(root.join("dataset.json"), out.join("dataset.json")).map_err(|e| anyhow::anyhow!("copying dataset.json to {}: {e}", out.display()))?;
     let ids: Vec<String> = ds.cases.iter().map(|c| c.id.clone()).collect();
-    let split = splits::load_or_create(&out, &ids);
-    println!(
-        "{} cases preprocessed, {} already done; {:.1} s, {:.1} Mvoxel/s in, {:.1} GB written",
-        s.done,
-        s.skipped,
-        s.seconds,
-        s.voxels_in as f64 / s.seconds.max(1e-9) / 1e6,
-        s.bytes_written as f64 / 1e9
-    );
-    match split {
+    match splits::load_or_create(&out, &ids) {
         Ok(sp) => println!("{}: {} folds", out.join(splits::FILE).display(), sp.len()),
         Err(e) => println!("no cross-validation split: {e:#}"),
     }
@@ -239,6 +260,7 @@ pub fn run_preprocess(ex: &Experiment, processes: Option<usize>, f16: bool, gpu_
 
 struct Train {
     cfg: crate::train::TrainConfig,
+    configuration: String,
     /// Validation after training, from this raw dataset.
     validate: Option<std::path::PathBuf>,
 }
@@ -254,7 +276,7 @@ impl Job for Train {
             "interrupted after the last epoch: checkpoint_final is saved; validation was skipped"
         );
         if let Some(root) = &self.validate {
-            validate(be, &self.cfg, root)?;
+            validate(be, &self.cfg, &self.configuration, root)?;
         }
         Ok(logs)
     }
@@ -262,10 +284,12 @@ impl Job for Train {
 
 /// nnU-Net's validation after training: the fold's validation cases predicted from the raw
 /// images with checkpoint_final (mirror TTA on) into OUT/validation, scored into summary.json.
-pub fn validate<B: Backend>(be: &B, cfg: &crate::train::TrainConfig, root: &std::path::Path) -> Result<()> {
+pub fn validate<B: Backend>(be: &B, cfg: &crate::train::TrainConfig, configuration: &str, root: &std::path::Path) -> Result<()> {
     let model_dir = cfg.out.parent().unwrap_or(&cfg.out);
     let model = crate::predict::Model {
-        plans: crate::plan::plans::PlansFile::read(model_dir)?,
+        plans: crate::plan::plans::read_nnunet_plans(&model_dir.join(crate::predict::PLANS_FILE))?,
+        configuration: configuration.to_string(),
+        plan: cfg.plan.clone(),
         json: crate::dataset::read_json(model_dir)?,
         checkpoints: vec![(cfg.out.clone(), "checkpoint_final".to_string())],
     };
@@ -354,24 +378,17 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
     let pre = preprocessed.unwrap_or_else(|| preprocessed_dir(root));
     let ds = ex.dataset()?;
     let ids: Vec<String> = ds.cases.iter().map(|c| c.id.clone()).collect();
-    use crate::plan::plans::{self as plans_mod, PlansFile};
-    if let Some(p) = plans_name.filter(|p| ![crate::plan::nnunet::PLANNERS[0].plans_name, plans_mod::SEGK_PLANS].contains(p)) {
-        anyhow::bail!("-p {p}: segk trains nnUNetPlans (`segk plan`) or segkPlans (`segk plan --gpu-memory GB`) so far; the ResEnc plans are planned, not trained yet");
+    let plans_name = plans_name.unwrap_or(crate::plan::nnunet::PLANNERS[0].plans_name);
+    if crate::plan::nnunet::PLANNERS.iter().any(|p| p.residual && p.plans_name == plans_name) {
+        anyhow::bail!("-p {plans_name}: segk plans the ResEnc presets (`segk plan -pl`) but does not train them yet");
     }
-    follow_nnunet_plans(&pre, &ds.json)?;
-    if !pre.join(PlansFile::NAME).is_file() {
-        println!("no plans in {}: planning and preprocessing first", pre.display());
-        run_preprocess(ex, None, false, None, Some(pre.clone()))?;
-    }
-    let plans = PlansFile::read(&pre)?;
-    if let Some(p) = plans_name.filter(|p| *p != plans.plans_name) {
-        anyhow::bail!("-p {p}: {} holds the plan of {} (`segk plan` makes nnUNetPlans' 3d_fullres, `segk plan --gpu-memory GB` segkPlans)", pre.join(PlansFile::NAME).display(), plans.plans_name);
-    }
-    let store = pre.join(plans.store_dir());
-    let (stale, dtype) = crate::preprocess::stale_cases(&store, &ids, &ds.json, &plans)?;
+    let plans = open_plans(ex, &pre, plans_name)?;
+    let plan = crate::plan::plans::from_nnunet(&plans, configuration, &ds.json).with_context(|| format!("{}", crate::plan::nnunet::plans_path(&pre, plans_name).display()))?;
+    let store = pre.join(crate::plan::plans::store_dir(&plans, configuration)?);
+    let (stale, dtype) = crate::preprocess::stale_cases(&store, &ids, &ds.json, &plans, configuration)?;
     if !stale.is_empty() {
         println!("the store at {} is missing {} of {} cases or holds them under other settings: preprocessing first", store.display(), stale.len(), ids.len());
-        run_preprocess(ex, None, dtype == crate::store::ImageDtype::F16, None, Some(pre.clone()))?;
+        run_preprocess(ex, None, dtype == crate::store::ImageDtype::F16, plans_name, &[configuration.to_string()], Some(pre.clone()))?;
     }
     // `all` needs no split (and works with fewer cases than folds).
     let folds = if fold == splits::Fold::All { Vec::new() } else { splits::load_or_create(&pre, &ids)? };
@@ -381,8 +398,8 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
         splits::Fold::Index(k) => k.to_string(),
     };
     let out = out.unwrap_or_else(|| match std::env::var_os("nnUNet_results") {
-        Some(r) => std::path::PathBuf::from(r).join(dataset_name(root)).join(model_folder_name(&plans.plans_name, configuration)).join(format!("fold_{fold_name}")),
-        None => beside(root).join("segk_results").join(dataset_name(root)).join(model_folder_name(&plans.plans_name, configuration)).join(format!("fold_{fold_name}")),
+        Some(r) => std::path::PathBuf::from(r).join(dataset_name(root)).join(model_folder_name(plans_name, configuration)).join(format!("fold_{fold_name}")),
+        None => beside(root).join("segk_results").join(dataset_name(root)).join(model_folder_name(plans_name, configuration)).join(format!("fold_{fold_name}")),
     });
     if !resume {
         refuse_to_replace_a_run(&out)?;
@@ -391,11 +408,13 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
     let model_dir = out.parent().unwrap_or(&out).to_path_buf();
     refuse_another_plan(&model_dir, &plans)?;
     std::fs::create_dir_all(&model_dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", model_dir.display()))?;
-    write_json_atomic(&model_dir.join(crate::plan::plans::PlansFile::NAME), &plans)?;
+    // The plans file as it is on disk (its key order and any keys of its own kept).
+    let source = crate::plan::nnunet::plans_path(&pre, plans_name);
+    let bytes = std::fs::read(&source).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", source.display()))?;
+    crate::store::write_atomic_via(&model_dir.join(crate::predict::PLANS_FILE), &format!(".{}.tmp", std::process::id()), |w| std::io::Write::write_all(w, &bytes))?;
     std::fs::copy(root.join("dataset.json"), model_dir.join("dataset.json")).map_err(|e| anyhow::anyhow!("copying dataset.json to {}: {e}", model_dir.display()))?;
-    let plan = plans.configurations.fullres;
     println!(
-        "training 3d_fullres fold {fold_name}: patch {:?}, batch {}, {} epochs x {} iterations, output {}",
+        "training {configuration} of {plans_name}, fold {fold_name}: patch {:?}, batch {}, {} epochs x {} iterations, output {}",
         plan.patch_size,
         plan.batch_size,
         epochs,
@@ -419,7 +438,7 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
         resume,
     };
     let validate = validation.then(|| root.to_path_buf());
-    let logs = crate::device::run_on(device, Train { cfg, validate })?;
+    let logs = crate::device::run_on(device, Train { cfg, configuration: configuration.to_string(), validate })?;
     if let Some(last) = logs.last() {
         println!("done: {} epochs run, final EMA pseudo-Dice {:.4}", logs.len(), last.ema_dice);
     }
@@ -430,23 +449,6 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
 /// nnUNetTrainer__... folders, never taken for one.
 pub fn model_folder_name(plans: &str, configuration: &str) -> String {
     format!("segkTrainer__{plans}__{configuration}")
-}
-
-/// plans.json made from nnUNetPlans.json follows that file when it changed since (edited by
-/// hand, or written again by nnU-Net's planner).
-fn follow_nnunet_plans(pre: &Path, json: &crate::dataset::DatasetJson) -> Result<()> {
-    use crate::plan::plans::{plans_file_from_nnunet, read_nnunet_plans, PlansFile};
-    let source = crate::plan::nnunet::plans_path(pre, crate::plan::nnunet::PLANNERS[0].plans_name);
-    let Ok(current) = PlansFile::read(pre) else { return Ok(()) };
-    if current.plans_name != crate::plan::nnunet::PLANNERS[0].plans_name || !source.is_file() {
-        return Ok(());
-    }
-    let fresh = plans_file_from_nnunet(&read_nnunet_plans(&source)?, json)?;
-    if serde_json::to_value(&fresh)? != serde_json::to_value(&current)? {
-        println!("{} changed since {} was made from it: following it", source.display(), pre.join(PlansFile::NAME).display());
-        write_json_atomic(&pre.join(PlansFile::NAME), &fresh)?;
-    }
-    Ok(())
 }
 
 /// The model folder nnU-Net's predict names with -d -c -p -tr:
@@ -474,15 +476,12 @@ pub fn refuse_to_replace_a_run(out: &std::path::Path) -> Result<()> {
 
 /// The model folder's plans.json is the one every fold in it was trained with: a fold of
 /// another plan there would leave the others unloadable.
-pub fn refuse_another_plan(model_dir: &std::path::Path, plans: &crate::plan::plans::PlansFile) -> Result<()> {
-    let path = model_dir.join(crate::plan::plans::PlansFile::NAME);
-    let Ok(text) = std::fs::read_to_string(&path) else { return Ok(()) };
-    let Ok(there) = serde_json::from_str::<serde_json::Value>(&text) else {
-        anyhow::bail!("{}: unreadable (not JSON); it should be the plan this model folder's folds were trained with", path.display())
-    };
-    let same = there == serde_json::to_value(plans)?;
+pub fn refuse_another_plan(model_dir: &std::path::Path, plans: &crate::plan::plans_json::PlansJson) -> Result<()> {
+    let path = model_dir.join(crate::predict::PLANS_FILE);
+    let Ok(bytes) = std::fs::read(&path) else { return Ok(()) };
+    let there = crate::plan::plans::parse_plans(&bytes, &path.display().to_string());
     anyhow::ensure!(
-        same,
+        there.as_ref().is_ok_and(|t| t == plans),
         "{} holds another plan than this training's (the folds trained with it would no longer load): train into another model folder (--out OTHER/fold_N), or delete that one",
         path.display()
     );

@@ -2,12 +2,9 @@
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
-use segk::backend::Backend;
-use segk::demo::{self, DemoConfig};
-use segk::device::Job;
+use segk::demo;
 use segk::selftest;
 use segk::experiment::*;
-use segk::synth::LABEL_NAMES;
 
 const LONG_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!("SEGK_GIT_COMMIT"), ")\nCUDA kernels: ", env!("SEGK_KERNEL_INFO"), "\nkernel emulator: ", env!("SEGK_EMU_INFO"));
 
@@ -48,9 +45,9 @@ enum Cmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
-    /// Integrity check, fingerprint, nnU-Net's plans (nnUNetPlans.json: 2d, 3d_fullres, 3d_lowres,
-    /// 3d_cascade_fullres), and plans.json: what segk trains (nnUNetPlans' 3d_fullres, or with
-    /// --gpu-memory segk's own sizing).
+    /// Integrity check, fingerprint, and nnU-Net's plans (nnUNetPlans.json: 2d, 3d_fullres,
+    /// 3d_lowres, 3d_cascade_fullres) with what each needs with segk; with --gpu-memory also
+    /// segkPlans.json, segk's own sizing of 3d_fullres.
     Plan {
         /// The DatasetXXX_Name folder, or its ID (900) or name under $nnUNet_raw.
         dataset: std::path::PathBuf,
@@ -60,26 +57,29 @@ enum Cmd {
         /// nnU-Net's -gpu_memory_target in GB (default: the planner's own, 8/8/24/40).
         #[arg(long)]
         gpu_memory_target: Option<f64>,
-        /// Instead of nnU-Net's 3d_fullres, train segk's own plan sized to this many GiB with its exact memory model.
+        /// Also write segkPlans.json: nnU-Net's 3d_fullres with patch and batch sized to this many GiB by segk's exact memory model (train it with -p segkPlans).
         #[arg(long)]
         gpu_memory: Option<f64>,
         /// Output folder (default: $nnUNet_preprocessed/NAME, else DATASET/../segk_preprocessed/NAME).
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
-    /// Preprocess a planned dataset into the store (plans it first when plans.json is missing).
+    /// Preprocess configurations of a plans file into segk's stores (plans first when the plans file is missing).
     Preprocess {
         /// The DatasetXXX_Name folder, or its ID (900) or name under $nnUNet_raw.
         dataset: std::path::PathBuf,
+        /// The plans file's name (nnU-Net's -plans_name).
+        #[arg(short = 'p', long = "plans", default_value = "nnUNetPlans")]
+        plans: String,
+        /// Configurations to preprocess (nnU-Net's -c); those the plans lack are skipped.
+        #[arg(short = 'c', long = "configurations", num_args = 1.., default_values_t = DEFAULT_CONFIGURATIONS.map(String::from))]
+        configurations: Vec<String>,
         /// Cases processed at once (default: SEGK_PROCESSES, else nnUNet_def_n_proc, else all CPUs).
         #[arg(long)]
         processes: Option<usize>,
         /// Store images as f16 (half the disk and page cache; default f32 as nnU-Net).
         #[arg(long)]
         f16: bool,
-        /// When planning is needed: segk's own plan sized to this many GiB instead of nnU-Net's 3d_fullres.
-        #[arg(long)]
-        gpu_memory: Option<f64>,
         /// Preprocessed folder (default: as `segk plan`).
         #[arg(long)]
         out: Option<std::path::PathBuf>,
@@ -92,8 +92,8 @@ enum Cmd {
         /// 0-4 or `all`. The older form `segk train DATASET FOLD` means 3d_fullres.
         #[arg(num_args = 1..=2, value_names = ["CONFIGURATION", "FOLD"], required = true)]
         configuration_fold: Vec<String>,
-        /// The plans (-p): nnUNetPlans (nnU-Net's, the default `segk plan` trains), or segkPlans
-        /// (`segk plan --gpu-memory`); must be the plans the preprocessed folder's plans.json holds.
+        /// The plans file's name (-p): nnUNetPlans (the default), segkPlans (`segk plan
+        /// --gpu-memory`), or a plans file of your own in the preprocessed folder.
         #[arg(short = 'p', long = "plans")]
         plans: Option<String>,
         /// auto (GPU 0 if usable, else CPU), cpu, cuda or cuda:N.
@@ -271,6 +271,8 @@ fn nnunet_flag(arg: String) -> String {
         "-step_size" => "--step".into(),
         "-device" => "--device".into(),
         "-tr" => "--tr".into(),
+        "-plans_name" => "--plans".into(),
+        "-np" => "--processes".into(),
         _ => arg,
     }
 }
@@ -280,12 +282,12 @@ fn main() {
     default_sigpipe();
     let cli = Cli::parse_from(std::env::args().map(nnunet_flag));
     let r = match cli.cmd {
-        Cmd::Demo { epochs, iters, seed, threads, device } => set_threads(threads).and_then(|_| run_demo(epochs, iters, seed, &device)),
+        Cmd::Demo { epochs, iters, seed, threads, device } => set_threads(threads).and_then(|_| demo::command(epochs, iters, seed, &device)),
         Cmd::Selftest { device, seed, only } => selftest::command(&device, seed, only.as_deref()),
         Cmd::Check { dataset } => Experiment::new(&dataset).and_then(|e| e.dataset().map(|_| ())),
         Cmd::Fingerprint { dataset, out } => Experiment::new(&dataset).and_then(|e| run_fingerprint(&e, out)),
         Cmd::Plan { dataset, planner, gpu_memory_target, gpu_memory, out } => Experiment::new(&dataset).and_then(|e| run_plan(&e, gpu_memory, out, &planner, gpu_memory_target)),
-        Cmd::Preprocess { dataset, processes, f16, gpu_memory, out } => Experiment::new(&dataset).and_then(|e| run_preprocess(&e, processes, f16, gpu_memory, out)),
+        Cmd::Preprocess { dataset, plans, configurations, processes, f16, out } => Experiment::new(&dataset).and_then(|e| run_preprocess(&e, processes, f16, &plans, &configurations, out)),
         Cmd::Train { dataset, configuration_fold, plans, device, epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, no_validation, workers, seed, preprocessed, out } => {
             let o = TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, validation: !no_validation, workers, seed };
             let (configuration, fold) = match configuration_fold.as_slice() {
@@ -303,7 +305,7 @@ fn main() {
             };
             Experiment::new(&dataset).and_then(|e| run_train(&e, configuration, fold, plans.as_deref(), &device, o, preprocessed, out))
         }
-        Cmd::Doctor => run_doctor(),
+        Cmd::Doctor => segk::sysinfo::doctor(&LONG_VERSION.replace('\n', "; ")),
         Cmd::Predict { input, output, model, dataset, configuration, plans, trainer, folds, checkpoint, step, no_tta, save_probabilities, device } => {
             let model = match (model, dataset) {
                 (Some(m), _) => Ok(m),
@@ -313,7 +315,7 @@ fn main() {
             model.and_then(|m| run_predict(&input, &output, &m, folds, &checkpoint, segk::predict::PredictOptions { step, tta: !no_tta, save_probabilities }, &device))
         }
         Cmd::Evaluate { pred, gt, labels, out } => run_evaluate(&pred, &gt, labels, out),
-        Cmd::Synth { dataset, cases, shape, spacing, seed } => run_synth(&dataset, segk::synth::RawSpec { cases, shape, spacing, seed }),
+        Cmd::Synth { dataset, cases, shape, spacing, seed } => segk::synth::command(&dataset, segk::synth::RawSpec { cases, shape, spacing, seed }),
         Cmd::Bench { what: BenchCmd::Step(a) } => set_threads(a.threads).and_then(|_| segk::bench_step::run(&a)),
         Cmd::Bench { what: BenchCmd::Loader(a) } => segk::bench_loader::run(&a).map(|_| ()),
         Cmd::Bench { what: BenchCmd::Kernels(a) } => set_threads(a.threads).and_then(|_| segk::bench_kernels::run(&a).map(|_| ())),
@@ -324,70 +326,3 @@ fn main() {
     }
 }
 
-fn run_doctor() -> Result<()> {
-    use segk::sysinfo::*;
-    println!("segk {}", LONG_VERSION.replace('\n', "; "));
-    let quota = cgroup_cpu_quota().map(|q| format!(", cgroup quota {q:.1}")).unwrap_or_default();
-    println!("CPUs: {} online, {} usable by this process{quota}", online_cpus(), usable_cpus());
-    match (host_memory_total(), host_memory_available()) {
-        (Some(t), Some(a)) => println!("memory: {:.1} GiB total, {:.1} GiB available to this process (cgroup limit included)", gib(t), gib(a)),
-        _ => println!("memory: unknown (/proc/meminfo unreadable)"),
-    }
-    match dev_shm_bytes() {
-        Some(b) => println!("/dev/shm: {:.1} GiB (segk's workers are threads: it needs none, so no --ipc=host)", gib(b)),
-        None => println!("/dev/shm: not found (segk does not need it)"),
-    }
-    match segk::backend::cuda::unavailable_reason() {
-        Some(why) if !segk::backend::cuda::KERNELS_EMBEDDED => println!("CUDA: {why}"),
-        _ => match segk::backend::cuda::gpus() {
-            Ok(list) => {
-                for g in list {
-                    println!("GPU cuda:{}: {}, sm_{}{}, {:.1} GiB free of {:.1} GiB", g.ordinal, g.name, g.compute_capability.0, g.compute_capability.1, gib(g.free_bytes), gib(g.total_bytes));
-                }
-            }
-            Err(why) => println!("CUDA: {why}"),
-        },
-    }
-    if let Some(lib) = segk::backend::cuda::driver_library() {
-        println!("NVIDIA driver: {lib}, CUDA {}", segk::backend::cuda::driver_cuda_version().unwrap_or_else(|| "?".into()));
-    }
-    let (p, ps) = segk::preprocess::worker_count(None)?;
-    let (w, ws) = segk::loader::worker_count(None)?;
-    println!("would use: {p} preprocessing workers (from {ps}), {w} augmentation workers (from {ws})");
-    Ok(())
-}
-
-fn run_synth(root: &std::path::Path, spec: segk::synth::RawSpec) -> Result<()> {
-    anyhow::ensure!(spec.cases > 0 && spec.shape.iter().all(|&s| s >= 8), "need at least one case of at least 8 voxels per axis");
-    let t0 = std::time::Instant::now();
-    segk::synth::write_raw_dataset(root, &spec)?;
-    println!("wrote {} cases of {:?} to {} in {:.1} s", spec.cases, spec.shape, root.display(), t0.elapsed().as_secs_f64());
-    Ok(())
-}
-
-struct Demo(DemoConfig);
-
-impl Job for Demo {
-    type Out = demo::DemoReport;
-    fn run<B: Backend>(self, be: &B) -> Result<Self::Out> {
-        println!("device {}", be.name());
-        demo::run_on(be, &self.0)
-    }
-}
-
-fn run_demo(epochs: usize, iters: usize, seed: u64, device: &str) -> Result<()> {
-    let cfg = DemoConfig { epochs, iters_per_epoch: iters, seed, ..DemoConfig::default() };
-    println!(
-        "segk demo: {} training + {} held-out synthetic cases of {:?}, patch {:?}, batch {}, features {:?}, {} threads",
-        cfg.train_cases, cfg.test_cases, cfg.size, cfg.patch, cfg.batch, cfg.features, rayon::current_num_threads()
-    );
-    let t0 = std::time::Instant::now();
-    let r = segk::device::run_on(device, Demo(cfg))?;
-    println!("trained {} steps in {:.1} s (waiting for data {:.1} % of it); mean loss first epoch {:.4}, last epoch {:.4}", r.steps, r.train_secs, r.data_wait * 100.0, r.first_epoch_loss, r.last_epoch_loss);
-    println!("held-out Dice per label:");
-    for (k, d) in r.dice.iter().enumerate() {
-        println!("  {:>2} {:<10} {:.4}", k + 1, LABEL_NAMES[k + 1], d);
-    }
-    println!("mean foreground Dice {:.4}  (total {:.1} s)", r.mean_dice, t0.elapsed().as_secs_f64());
-    Ok(())
-}

@@ -204,3 +204,12 @@ pub fn write_raw_dataset(root: &std::path::Path, spec: &RawSpec) -> anyhow::Resu
         nifti_io::write(&root.join(format!("labelsTr/{id}.nii.gz")), &l, VoxelType::U8)
     })
 }
+
+/// `segk synth`: writes the generated raw dataset, saying how long it took.
+pub fn command(root: &std::path::Path, spec: RawSpec) -> anyhow::Result<()> {
+    anyhow::ensure!(spec.cases > 0 && spec.shape.iter().all(|&s| s >= 8), "need at least one case of at least 8 voxels per axis");
+    let t0 = std::time::Instant::now();
+    write_raw_dataset(root, &spec)?;
+    println!("wrote {} cases of {:?} to {} in {:.1} s", spec.cases, spec.shape, root.display(), t0.elapsed().as_secs_f64());
+    Ok(())
+}

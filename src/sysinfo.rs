@@ -110,3 +110,37 @@ pub fn count(n: usize, noun: &str) -> String {
         format!("{n} {noun}s")
     }
 }
+
+/// `segk doctor`: what segk sees -- CPUs and quota, memory, /dev/shm, GPUs, the driver, and
+/// the worker counts it would pick (`version`: segk's long version on one line).
+pub fn doctor(version: &str) -> anyhow::Result<()> {
+    println!("segk {version}");
+    let quota = cgroup_cpu_quota().map(|q| format!(", cgroup quota {q:.1}")).unwrap_or_default();
+    println!("CPUs: {} online, {} usable by this process{quota}", online_cpus(), usable_cpus());
+    match (host_memory_total(), host_memory_available()) {
+        (Some(t), Some(a)) => println!("memory: {:.1} GiB total, {:.1} GiB available to this process (cgroup limit included)", gib(t), gib(a)),
+        _ => println!("memory: unknown (/proc/meminfo unreadable)"),
+    }
+    match dev_shm_bytes() {
+        Some(b) => println!("/dev/shm: {:.1} GiB (segk's workers are threads: it needs none, so no --ipc=host)", gib(b)),
+        None => println!("/dev/shm: not found (segk does not need it)"),
+    }
+    match crate::backend::cuda::unavailable_reason() {
+        Some(why) if !crate::backend::cuda::KERNELS_EMBEDDED => println!("CUDA: {why}"),
+        _ => match crate::backend::cuda::gpus() {
+            Ok(list) => {
+                for g in list {
+                    println!("GPU cuda:{}: {}, sm_{}{}, {:.1} GiB free of {:.1} GiB", g.ordinal, g.name, g.compute_capability.0, g.compute_capability.1, gib(g.free_bytes), gib(g.total_bytes));
+                }
+            }
+            Err(why) => println!("CUDA: {why}"),
+        },
+    }
+    if let Some(lib) = crate::backend::cuda::driver_library() {
+        println!("NVIDIA driver: {lib}, CUDA {}", crate::backend::cuda::driver_cuda_version().unwrap_or_else(|| "?".into()));
+    }
+    let (p, ps) = crate::preprocess::worker_count(None)?;
+    let (w, ws) = crate::loader::worker_count(None)?;
+    println!("would use: {p} preprocessing workers (from {ps}), {w} augmentation workers (from {ws})");
+    Ok(())
+}

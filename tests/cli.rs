@@ -77,7 +77,7 @@ fn bad_input_gets_one_clear_error() {
     }
     let out = segk(&["bench", "step", "--device", "tpu"]);
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown device \"tpu\""));
-    // A plans.json of `segk plan` is a step spec too.
+    // A plans file (here in segk's older schema) with the dataset.json beside it is a step spec too.
     let dir = std::env::temp_dir().join(format!("segk-cli-plans-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let topology = segk::model::Topology::isotropic(1, 3, vec![4, 8]);
@@ -87,6 +87,7 @@ fn bad_input_gets_one_clear_error() {
         "use_mask_for_norm": [false], "gpu_memory_budget_bytes": 0, "gpu_memory_needed_bytes": 0, "checkpointing": 1}},
         "foreground_intensity_properties_per_channel": []});
     std::fs::write(dir.join("plans.json"), plan.to_string()).unwrap();
+    std::fs::write(dir.join("dataset.json"), r#"{"channel_names": {"0": "MR"}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 1, "file_ending": ".nii.gz"}"#).unwrap();
     let out = segk(&["bench", "step", "--steps", "1", "--warmup", "0", "--json", "--plans", dir.join("plans.json").to_str().unwrap()]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|_| panic!("{}", String::from_utf8_lossy(&out.stderr)));
     assert_eq!((v["spec"]["patch"].clone(), v["spec"]["batch"].clone()), (serde_json::json!([8, 8, 8]), serde_json::json!(2)), "{v}");

@@ -138,36 +138,33 @@ mod spacing {
 }
 
 mod topology {
-    use segk::plan::topology::{initial_patch, plain_unet, pool_and_conv_props};
+    use segk::plan::nnunet::{initial_patch, pool_and_conv};
 
     #[test]
     fn isotropic_patch_pools_every_axis_down_to_4() {
-        let (strides, kernels, padded) = pool_and_conv_props([1.0; 3], [128, 128, 128]);
-        assert_eq!(strides.len(), 6);
-        assert!(strides[1..].iter().all(|s| *s == [2, 2, 2]));
-        assert!(kernels.iter().all(|k| *k == [3, 3, 3]) && kernels.len() == 6);
-        assert_eq!(padded, [128, 128, 128]);
-        assert_eq!(initial_patch([1.0; 3], [300.0, 200.0, 180.0]), [256, 200, 180]);
+        let t = pool_and_conv(&[1.0; 3], &[128.0; 3]);
+        assert_eq!(t.strides.len(), 6);
+        assert!(t.strides[1..].iter().all(|s| *s == [2, 2, 2]));
+        assert!(t.kernels.iter().all(|k| *k == [3, 3, 3]) && t.kernels.len() == 6);
+        assert_eq!(t.patch, [128, 128, 128]);
+        assert_eq!(initial_patch(&[1.0; 3], &[300.0, 200.0, 180.0]), [256.0, 200.0, 180.0]);
     }
 
     #[test]
     fn anisotropic_spacing_pools_in_plane_first() {
         // Worked by hand from nnU-Net's get_pool_and_conv_props.
-        let (strides, kernels, padded) = pool_and_conv_props([5.0, 0.7, 0.7], [20, 256, 256]);
-        assert_eq!(strides, vec![[1, 1, 1], [1, 2, 2], [1, 2, 2], [2, 2, 2], [2, 2, 2], [1, 2, 2], [1, 2, 2]]);
-        assert_eq!(kernels, vec![[1, 3, 3], [1, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3], [3, 3, 3]]);
-        assert_eq!(padded, [20, 256, 256]);
-        let (t, p) = plain_unet([5.0, 0.7, 0.7], [18, 250, 256], 1, 3);
-        assert_eq!(p, [20, 256, 256], "padded to multiples of 4 and 64");
-        assert_eq!(t.features, vec![32, 64, 128, 256, 320, 320, 320]);
-        assert!(t.stage_spatial(p).is_ok());
+        let t = pool_and_conv(&[5.0, 0.7, 0.7], &[20.0, 256.0, 256.0]);
+        assert_eq!(t.strides, vec![vec![1, 1, 1], vec![1, 2, 2], vec![1, 2, 2], vec![2, 2, 2], vec![2, 2, 2], vec![1, 2, 2], vec![1, 2, 2]]);
+        assert_eq!(t.kernels, vec![vec![1, 3, 3], vec![1, 3, 3], vec![3, 3, 3], vec![3, 3, 3], vec![3, 3, 3], vec![3, 3, 3], vec![3, 3, 3]]);
+        assert_eq!(t.patch, [20, 256, 256]);
+        assert_eq!(pool_and_conv(&[5.0, 0.7, 0.7], &[18.0, 250.0, 256.0]).patch, [20, 256, 256], "padded to multiples of 4 and 64");
     }
 }
 
 mod plans {
     use segk::dataset::DatasetJson;
     use segk::plan::fingerprint::{Fingerprint, IntensityStats};
-    use segk::plan::plans::{gpu_bytes, plan_3d_fullres, GIB};
+    use segk::plan::plans::{from_nnunet, gpu_bytes, nnunet_default, segk_sized, Plan, GIB};
 
     fn json(channel: &str) -> DatasetJson {
         serde_json::from_str(&format!(r#"{{"channel_names": {{"0": "{channel}"}}, "labels": {{"background": 0, "a": 1, "b": 2}}, "numTraining": 10, "file_ending": ".nii.gz"}}"#)).unwrap()
@@ -178,33 +175,47 @@ mod plans {
         Fingerprint { spacings: vec![spacing; n], shapes_after_crop: vec![shape; n], relative_size_after_cropping: vec![1.0; n], foreground_intensity_properties_per_channel: vec![s] }
     }
 
+    /// segkPlans' 3d_fullres for a fingerprint and a budget in bytes.
+    fn sized(channel: &str, f: &Fingerprint, budget: usize) -> anyhow::Result<Plan> {
+        let j = json(channel);
+        let doc = segk_sized(&nnunet_default("t", &j, f)?, &j, budget)?;
+        assert_eq!(doc.plans_name, "segkPlans");
+        assert_eq!(doc.configurations.keys().collect::<Vec<_>>(), ["3d_fullres"]);
+        from_nnunet(&doc, "3d_fullres", &j)
+    }
+
     #[test]
     fn plan_fits_the_budget_and_grows_with_it() {
         let budget = (8.0 * GIB) as usize;
-        let p = plan_3d_fullres(&json("CT"), &fp([1.0; 3], [320, 320, 320], 400), budget).unwrap();
+        let f = fp([1.0; 3], [320, 320, 320], 400);
+        let p = sized("CT", &f, budget).unwrap();
         eprintln!("8 GiB: patch {:?} batch {} needs {:.2} GiB", p.patch_size, p.batch_size, p.gpu_memory_needed_bytes as f64 / GIB);
         assert!(p.gpu_memory_needed_bytes <= budget, "{} > {budget}", p.gpu_memory_needed_bytes);
+        assert_eq!(p.gpu_memory_budget_bytes, budget, "the budget is kept in the plans file");
         assert_eq!(p.gpu_memory_needed_bytes, gpu_bytes(&p.topology, p.patch_size, p.batch_size).unwrap());
         assert!(p.batch_size >= 2);
         assert!(p.topology.stage_spatial(p.patch_size).is_ok());
         assert!(p.patch_size.iter().all(|&v| v <= 320), "{:?}", p.patch_size);
         assert_eq!(p.normalization, vec!["CTNormalization"]);
         assert_eq!(p.topology.n_classes, 3);
-        let big = plan_3d_fullres(&json("CT"), &fp([1.0; 3], [320, 320, 320], 400), 4 * budget).unwrap();
+        let big = sized("CT", &f, 4 * budget).unwrap();
         eprintln!("32 GiB: patch {:?} batch {}", big.patch_size, big.batch_size);
-        let vox = |p: &segk::plan::plans::Plan| p.batch_size * p.patch_size.iter().product::<usize>();
+        let vox = |p: &Plan| p.batch_size * p.patch_size.iter().product::<usize>();
         assert!(vox(&big) > vox(&p), "more memory buys a bigger patch or batch");
+        // The spacing, axis order and normalisation stay nnU-Net's.
+        let theirs = from_nnunet(&nnunet_default("t", &json("CT"), &f).unwrap(), "3d_fullres", &json("CT")).unwrap();
+        assert_eq!((p.spacing, p.transpose_forward, &p.normalization, &p.use_mask_for_norm), (theirs.spacing, theirs.transpose_forward, &theirs.normalization, &theirs.use_mask_for_norm));
     }
 
     #[test]
     fn plan_refuses_an_impossible_budget() {
-        let e = plan_3d_fullres(&json("MR"), &fp([1.0; 3], [160, 160, 160], 10), 1 << 20).unwrap_err();
+        let e = sized("MR", &fp([1.0; 3], [160, 160, 160], 10), 1 << 20).unwrap_err();
         assert!(e.to_string().contains("budget"), "{e}");
     }
 
     #[test]
     fn anisotropic_plan_keeps_the_coarse_axis_first_and_unpooled_early() {
-        let p = plan_3d_fullres(&json("T2"), &fp([0.7, 0.7, 5.0], [512, 512, 40], 10), (8.0 * GIB) as usize).unwrap();
+        let p = sized("T2", &fp([0.7, 0.7, 5.0], [512, 512, 40], 10), (8.0 * GIB) as usize).unwrap();
         assert_eq!(p.transpose_forward, [2, 0, 1]);
         assert_eq!(p.transpose_backward, [1, 2, 0]);
         assert_eq!(p.spacing, [5.0, 0.7, 0.7]);
@@ -215,7 +226,7 @@ mod plans {
 }
 
 #[test]
-fn plan_command_writes_plans_json() {
+fn plan_command_writes_nnunet_plans() {
     let base = std::env::temp_dir().join(format!("segk-plancli-{}", std::process::id()));
     let root = base.join("Dataset004_Plan");
     let _ = std::fs::remove_dir_all(&base);
@@ -232,13 +243,13 @@ fn plan_command_writes_plans_json() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).arg("plan").arg(&root).env_remove("nnUNet_preprocessed").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let dir = base.join("segk_preprocessed/Dataset004_Plan");
-    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("plans.json")).unwrap()).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("nnUNetPlans.json")).unwrap()).unwrap();
     let c = &v["configurations"]["3d_fullres"];
     assert_eq!(c["spacing"], serde_json::json!([2.0, 1.0, 1.0]));
-    assert_eq!(c["median_shape"], serde_json::json!([16, 24, 24]));
-    assert_eq!(c["normalization"], serde_json::json!(["CTNormalization"]));
+    assert_eq!(c["median_image_size_in_voxels"], serde_json::json!([16.0, 24.0, 24.0]));
+    assert_eq!(c["normalization_schemes"], serde_json::json!(["CTNormalization"]));
     assert!(c["batch_size"].as_u64().unwrap() >= 2);
     assert!(dir.join("segk_fingerprint.json").is_file());
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("GPU memory: needs"), "{text}");
+    assert!(text.contains("segk on a GPU needs") && text.contains("at checkpoint levels 0 / 1 / 2"), "{text}");
 }

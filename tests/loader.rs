@@ -10,7 +10,6 @@ use segk::loader::sampler::{forced_foreground, initial_patch, pick_box};
 use segk::loader::spatial::{affine, sample, warp_reference, Source};
 use segk::loader::{Augment, Augmenter, BatchSpec};
 use segk::plan::fingerprint::fingerprint;
-use segk::plan::plans::{plan_3d_fullres, Configurations, PlansFile, GIB};
 use segk::preprocess::Settings;
 use segk::store::ImageDtype;
 use segk::synth::{write_raw_dataset, RawSpec};
@@ -34,10 +33,9 @@ fn store(tag: &str, cases: usize) -> (PathBuf, Vec<String>) {
     write_raw_dataset(&root, &RawSpec { cases, shape: [40, 56, 56], spacing: [1.0, 1.0, 1.0], seed: 5 }).unwrap();
     let ds = Dataset::open(&root).unwrap();
     let fp = fingerprint(&ds, 100_000).unwrap();
-    let plan = plan_3d_fullres(&ds.json, &fp, (8.0 * GIB) as usize).unwrap();
-    let plans = PlansFile { dataset_name: "t".into(), plans_name: "nnUNetPlans".into(), configurations: Configurations { fullres: plan }, foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel };
-    let s = Settings::new(&ds.json, &plans, ImageDtype::F32).unwrap();
-    let dir = base.join(plans.store_dir());
+    let plans = segk::plan::plans::nnunet_default("t", &ds.json, &fp).unwrap();
+    let s = Settings::new(&ds.json, &plans, "3d_fullres", ImageDtype::F32).unwrap();
+    let dir = base.join(segk::plan::plans::store_dir(&plans, "3d_fullres").unwrap());
     segk::preprocess::run(&ds, &s, &dir, 2, &indicatif::ProgressBar::hidden()).unwrap();
     (dir, ds.cases.iter().map(|c| c.id.clone()).collect())
 }

@@ -78,8 +78,8 @@ fn python_float_repr() {
     }
 }
 
-/// `segk plan -pl`: nnU-Net's plans file beside segk's plans.json, with segk's memory per
-/// configuration; an existing plans file with other contents is kept, not rewritten.
+/// `segk plan -pl`: nnU-Net's plans file, with segk's memory per configuration; an existing
+/// plans file with other contents is kept, not rewritten, and used.
 #[test]
 fn segk_plan_writes_nnunets_plans_and_keeps_a_different_file() {
     let base = std::env::temp_dir().join(format!("segk-nnplans-{}", std::process::id()));
@@ -97,17 +97,11 @@ fn segk_plan_writes_nnunets_plans_and_keeps_a_different_file() {
     assert_eq!(plans.experiment_planner_used, "ExperimentPlanner");
     assert!(plans.configurations.get("3d_fullres").is_some() && plans.configurations.get("2d").is_some());
     assert!(stdout.contains("3d_fullres: patch ") && stdout.contains("at checkpoint levels 0 / 1 / 2") && stdout.contains("segk does not train 2d configurations yet"), "{stdout}");
-    // segk trains nnU-Net's 3d_fullres: its patch, batch, spacing and network in plans.json.
-    let segk_plan: serde_json::Value = serde_json::from_slice(&std::fs::read(base.join("segk_preprocessed/Dataset905_Plans/plans.json")).unwrap()).unwrap();
-    let full = plans.configurations.get("3d_fullres").unwrap();
-    let ours = &segk_plan["configurations"]["3d_fullres"];
-    assert_eq!(ours["patch_size"], serde_json::json!(full.patch_size.clone().unwrap()));
-    assert_eq!(ours["batch_size"], serde_json::json!(full.batch_size.unwrap()));
-    assert_eq!(ours["spacing"], serde_json::json!(full.spacing.clone().unwrap()));
-    assert_eq!(ours["topology"]["features"], serde_json::json!(full.architecture.as_ref().unwrap().arch_kwargs.features_per_stage));
-    assert_eq!(ours["topology"]["strides"], serde_json::json!(full.architecture.as_ref().unwrap().arch_kwargs.strides));
+    assert!(stdout.contains("segk trains nnUNetPlans' 3d_fullres as planned"), "{stdout}");
+    assert!(!base.join("segk_preprocessed/Dataset905_Plans/plans.json").exists(), "plans files by plans name only");
     // A plans file already there (nnU-Net's, or edited by hand) is read and used unchanged: a
-    // 3d_fullres batch of 3 and a smaller patch are what segk then trains.
+    // 3d_fullres batch of 3, a smaller patch and other intensity statistics are what segk then
+    // trains with, and the model folder carries that file as its plans.json (as nnU-Net's).
     let mut edited: serde_json::Value = serde_json::from_slice(&std::fs::read(&file).unwrap()).unwrap();
     edited["configurations"]["3d_fullres"]["batch_size"] = serde_json::json!(3);
     edited["configurations"]["3d_fullres"]["patch_size"] = serde_json::json!([16, 32, 32]);
@@ -117,15 +111,11 @@ fn segk_plan_writes_nnunets_plans_and_keeps_a_different_file() {
     let out = segk(&["plan", root.to_str().unwrap()]);
     assert!(out.status.success() && String::from_utf8_lossy(&out.stdout).contains("kept as it is, and used"), "{}", String::from_utf8_lossy(&out.stdout));
     assert_eq!(std::fs::read(&file).unwrap(), edited_bytes, "never rewritten");
-    let used: serde_json::Value = serde_json::from_slice(&std::fs::read(base.join("segk_preprocessed/Dataset905_Plans/plans.json")).unwrap()).unwrap();
-    assert_eq!((used["configurations"]["3d_fullres"]["batch_size"].clone(), used["configurations"]["3d_fullres"]["patch_size"].clone()), (serde_json::json!(3), serde_json::json!([16, 32, 32])));
-    assert_eq!(used["foreground_intensity_properties_per_channel"][0]["percentile_99_5"], serde_json::json!(120.0), "its intensity statistics too");
-    // Edited after planning: training follows it.
-    edited["configurations"]["3d_fullres"]["batch_size"] = serde_json::json!(4);
-    std::fs::write(&file, to_python_json(&edited).unwrap()).unwrap();
     let out = segk(&["train", root.to_str().unwrap(), "3d_fullres", "all", "--device", "cpu", "--epochs", "1", "--iters-per-epoch", "1", "--val-iters", "1", "--workers", "1", "--no-validation"]);
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success() && text.contains("changed since") && text.contains("batch 4"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success() && text.contains("patch [16, 32, 32], batch 3"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let model_plans = std::fs::read(base.join("segk_results/Dataset905_Plans/segkTrainer__nnUNetPlans__3d_fullres/plans.json")).unwrap();
+    assert_eq!(model_plans, edited_bytes, "the model folder carries the plans file byte for byte");
     std::fs::remove_file(&file).unwrap();
     assert!(segk(&["plan", root.to_str().unwrap()]).status.success());
     // nnU-Net's -gpu_memory_target shrinks the default planner's patch as it does nnU-Net's.
@@ -134,14 +124,22 @@ fn segk_plan_writes_nnunets_plans_and_keeps_a_different_file() {
     let small: PlansJson = serde_json::from_slice(&std::fs::read(base.join("small/nnUNetPlans.json")).unwrap()).unwrap();
     let voxels = |p: &PlansJson| p.configurations.get("3d_fullres").unwrap().patch_size.clone().unwrap().iter().product::<usize>();
     assert!(voxels(&small) < voxels(&plans), "{} vs {}", voxels(&small), voxels(&plans));
-    // --gpu-memory: segk's own sizing, said to deviate. The store first as nnUNetPlans has it
-    // now (the training above preprocessed with the edited file's statistics).
-    assert!(segk(&["preprocess", root.to_str().unwrap()]).status.success());
+    // --gpu-memory: segk's own sizing (segkPlans.json, nnU-Net's schema), said to deviate. The
+    // store first as nnUNetPlans has it now (the training above preprocessed with the edited
+    // file's statistics).
+    let pre = segk(&["preprocess", root.to_str().unwrap(), "-c", "3d_fullres"]);
+    assert!(pre.status.success() && String::from_utf8_lossy(&pre.stdout).contains("4 cases preprocessed"), "{}", String::from_utf8_lossy(&pre.stdout));
     let own = segk(&["plan", root.to_str().unwrap(), "--gpu-memory", "1"]);
     assert!(own.status.success() && String::from_utf8_lossy(&own.stdout).contains("a deviation from nnU-Net's plan"));
-    // It preprocesses as nnUNetPlans does: the store training made above is shared, not redone.
-    let pre = segk(&["preprocess", root.to_str().unwrap()]);
-    assert!(String::from_utf8_lossy(&pre.stdout).contains("0 cases preprocessed, 4 already done"), "{}", String::from_utf8_lossy(&pre.stdout));
+    let sized: PlansJson = serde_json::from_slice(&std::fs::read(base.join("segk_preprocessed/Dataset905_Plans/segkPlans.json")).unwrap()).unwrap();
+    assert_eq!((sized.plans_name.as_str(), sized.configurations.keys().collect::<Vec<_>>()), ("segkPlans", vec!["3d_fullres"]));
+    assert_eq!(sized.extra["segk"]["gpu_memory_budget_bytes"], serde_json::json!(1u64 << 30));
+    let (a, b) = (sized.configurations.get("3d_fullres").unwrap(), plans.configurations.get("3d_fullres").unwrap());
+    assert_eq!((&a.spacing, &a.data_identifier, &a.normalization_schemes), (&b.spacing, &b.data_identifier, &b.normalization_schemes), "only the patch, batch and network change");
+    // It preprocesses as nnUNetPlans does: the store made above is shared, not redone.
+    let pre = segk(&["preprocess", root.to_str().unwrap(), "-p", "segkPlans"]);
+    let text = String::from_utf8_lossy(&pre.stdout);
+    assert!(text.contains("3d_fullres: 0 cases preprocessed, 4 already done") && text.contains("segkPlans has no configuration 2d: skipped"), "{text}");
     // The same plan again: unchanged. An edited file: kept.
     let out = segk(&["plan", root.to_str().unwrap()]);
     assert!(String::from_utf8_lossy(&out.stdout).contains("is already this plan"));
@@ -163,7 +161,7 @@ fn segk_plan_writes_nnunets_plans_and_keeps_a_different_file() {
             let out = segk(&["plan", root.to_str().unwrap(), "-pl", planner]);
             assert!(out.status.success());
         }
-        for name in ["nnUNetPlans.json", "nnUNetResEncUNetMPlans.json"] {
+        for name in ["nnUNetPlans.json", "nnUNetResEncUNetMPlans.json", "segkPlans.json"] {
             let make = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/nnunet_plans/make.py");
             let f = base.join("segk_preprocessed/Dataset905_Plans").join(name);
             let out = std::process::Command::new(&py).arg(make).arg("--check-load").arg(&f).arg(root.join("dataset.json")).output().unwrap();

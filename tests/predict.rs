@@ -208,7 +208,7 @@ fn mirror_tta_of_a_mirror_symmetric_input_is_mirror_symmetric() {
 #[test]
 fn many_labels_on_a_long_volume_stay_within_the_stated_bound() {
     use segk::plan::fingerprint::IntensityStats;
-    use segk::plan::plans::{Configurations, Plan, PlansFile};
+    use segk::plan::plans::Plan;
     // A random 33-class net and a 384x96x96 case: whole-volume f32 logits would be 467 MB.
     let base = std::env::temp_dir().join(format!("segk-predict-rss-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
@@ -231,7 +231,8 @@ fn many_labels_on_a_long_volume_stay_within_the_stated_bound() {
         checkpointing: 1,
     };
     let stats = IntensityStats { mean: 0.0, median: 0.0, std: 1.0, min: 0.0, max: 1.0, percentile_99_5: 1.0, percentile_00_5: 0.0 };
-    let plans = PlansFile { dataset_name: "rss".into(), plans_name: "nnUNetPlans".into(), configurations: Configurations { fullres: plan }, foreground_intensity_properties_per_channel: vec![stats] };
+    // segk's plans.json schema before nnU-Net's: model folders trained then still load.
+    let plans = serde_json::json!({"dataset_name": "rss", "plans_name": "nnUNetPlans", "configurations": {"3d_fullres": plan}, "foreground_intensity_properties_per_channel": [stats]});
     std::fs::write(model.join("plans.json"), serde_json::to_string(&plans).unwrap()).unwrap();
     let labels: serde_json::Map<String, serde_json::Value> = (0..classes).map(|i| (if i == 0 { "background".to_string() } else { format!("l{i}") }, serde_json::json!(i))).collect();
     std::fs::write(model.join("dataset.json"), serde_json::json!({"channel_names": {"0": "noNorm"}, "labels": labels, "numTraining": 1, "file_ending": ".nii.gz"}).to_string()).unwrap();

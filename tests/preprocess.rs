@@ -6,7 +6,7 @@ mod common;
 use segk::dataset::nifti_io::{self, header_for, Volume, VoxelType};
 use segk::dataset::Dataset;
 use segk::plan::fingerprint::{fingerprint, IntensityStats};
-use segk::plan::plans::{plan_3d_fullres, Configurations, PlansFile, GIB};
+use segk::plan::plans_json::PlansJson;
 use segk::preprocess::normalize::{normalize, Scheme};
 use segk::preprocess::resample::{axis_kernels, new_shape, resample_image, resample_labels, Kernel};
 use segk::preprocess::splits::{kfold, select, Fold, Mt19937};
@@ -286,10 +286,13 @@ fn smooth_dataset(root: &Path, shape: [usize; 3], spacings: &[[f64; 3]], channel
     }
 }
 
-fn plans_for(ds: &Dataset) -> PlansFile {
+fn plans_for(ds: &Dataset) -> PlansJson {
     let fp = fingerprint(ds, 100_000).unwrap();
-    let plan = plan_3d_fullres(&ds.json, &fp, (8.0 * GIB) as usize).unwrap();
-    PlansFile { dataset_name: "t".into(), plans_name: "nnUNetPlans".into(), configurations: Configurations { fullres: plan }, foreground_intensity_properties_per_channel: fp.foreground_intensity_properties_per_channel }
+    segk::plan::plans::nnunet_default("t", &ds.json, &fp).unwrap()
+}
+
+fn fullres(plans: &PlansJson, json: &segk::dataset::DatasetJson) -> segk::plan::plans::Plan {
+    segk::plan::plans::from_nnunet(plans, "3d_fullres", json).unwrap()
 }
 
 #[test]
@@ -300,8 +303,8 @@ fn identity_spacing_round_trip_preserves_labels_exactly() {
     smooth_dataset(&root, [20, 24, 28], &[sp, sp, sp], "noNorm", r#"{"background": 0, "a": 1, "b": 2}"#, 2);
     let ds = Dataset::open(&root).unwrap();
     let plans = plans_for(&ds);
-    assert_eq!(plans.configurations.fullres.transpose_forward, [2, 0, 1]);
-    let s = Settings::new(&ds.json, &plans, ImageDtype::F32).unwrap();
+    assert_eq!(fullres(&plans, &ds.json).transpose_forward, [2, 0, 1]);
+    let s = Settings::new(&ds.json, &plans, "3d_fullres", ImageDtype::F32).unwrap();
     for case in &ds.cases {
         let p = preprocess_case(case, &s).unwrap();
         let g = &p.header.geometry;
@@ -321,7 +324,7 @@ fn resampled_round_trip_is_within_interpolation_error() {
     smooth_dataset(&root, [24, 40, 44], &[[1.2, 0.9, 0.8], [1.5, 1.1, 1.0], [1.0, 0.7, 0.9]], "noNorm", r#"{"background": 0, "a": 1, "b": 2}"#, 2);
     let ds = Dataset::open(&root).unwrap();
     let plans = plans_for(&ds);
-    let s = Settings::new(&ds.json, &plans, ImageDtype::F32).unwrap();
+    let s = Settings::new(&ds.json, &plans, "3d_fullres", ImageDtype::F32).unwrap();
     for case in &ds.cases {
         let p = preprocess_case(case, &s).unwrap();
         let g = &p.header.geometry;
@@ -367,11 +370,11 @@ fn store_round_trips_and_resumes() {
     smooth_dataset(&root, [16, 20, 24], &[[1.0, 1.0, 1.0], [1.2, 1.0, 1.0], [1.0, 0.9, 1.1]], "T2", r#"{"background": 0, "a": 1, "b": 300}"#, 300);
     let ds = Dataset::open(&root).unwrap();
     let plans = plans_for(&ds);
-    assert!(plans.configurations.fullres.use_mask_for_norm[0], "cropping removes over a quarter: z-score uses the mask");
+    assert!(fullres(&plans, &ds.json).use_mask_for_norm[0], "cropping removes over a quarter: z-score uses the mask");
     let dir = base.join("store");
     let bar = indicatif::ProgressBar::hidden();
     for dtype in [ImageDtype::F32, ImageDtype::F16] {
-        let s = Settings::new(&ds.json, &plans, dtype).unwrap();
+        let s = Settings::new(&ds.json, &plans, "3d_fullres", dtype).unwrap();
         let sum = segk::preprocess::run(&ds, &s, &dir, 2, &bar).unwrap();
         assert_eq!((sum.done, sum.skipped), (3, 0), "{dtype:?}: a change of settings redoes every case");
         let again = segk::preprocess::run(&ds, &s, &dir, 2, &bar).unwrap();
@@ -395,14 +398,14 @@ fn store_round_trips_and_resumes() {
     // Training's check: nothing stale now (the f16 store is accepted as is); a plan with another
     // spacing makes every case stale.
     let ids: Vec<String> = ds.cases.iter().map(|c| c.id.clone()).collect();
-    assert_eq!(segk::preprocess::stale_cases(&dir, &ids, &ds.json, &plans).unwrap(), (vec![], ImageDtype::F16));
+    assert_eq!(segk::preprocess::stale_cases(&dir, &ids, &ds.json, &plans, "3d_fullres").unwrap(), (vec![], ImageDtype::F16));
     let mut other = plans_for(&ds);
-    other.configurations.fullres.spacing[0] *= 1.5;
-    assert_eq!(segk::preprocess::stale_cases(&dir, &ids, &ds.json, &other).unwrap().0, ids);
+    other.configurations.get_mut("3d_fullres").unwrap().spacing.as_mut().unwrap()[0] *= 1.5;
+    assert_eq!(segk::preprocess::stale_cases(&dir, &ids, &ds.json, &other, "3d_fullres").unwrap().0, ids);
     // An interrupted case (a file missing, a temporary left behind) is redone, the rest kept.
     std::fs::remove_file(dir.join("c1.seg")).unwrap();
     std::fs::write(dir.join("c1.img.tmp"), b"partial").unwrap();
-    let s = Settings::new(&ds.json, &plans, ImageDtype::F16).unwrap();
+    let s = Settings::new(&ds.json, &plans, "3d_fullres", ImageDtype::F16).unwrap();
     let r = segk::preprocess::run(&ds, &s, &dir, 1, &bar).unwrap();
     assert_eq!((r.done, r.skipped), (1, 2));
     assert!(!dir.join("c1.img.tmp").exists());
@@ -417,7 +420,7 @@ fn a_broken_case_stops_the_run_with_its_name() {
     let ds = Dataset::open(&root).unwrap();
     let plans = plans_for(&ds);
     std::fs::write(root.join("imagesTr/c1_0000.nii.gz"), b"not a nifti file").unwrap();
-    let s = Settings::new(&ds.json, &plans, ImageDtype::F32).unwrap();
+    let s = Settings::new(&ds.json, &plans, "3d_fullres", ImageDtype::F32).unwrap();
     let e = segk::preprocess::run(&ds, &s, &base.join("store"), 2, &indicatif::ProgressBar::hidden()).unwrap_err();
     let msg = format!("{e:#}");
     assert!(msg.contains("case c1") && msg.contains("c1_0000.nii.gz"), "{msg}");
@@ -436,11 +439,12 @@ fn preprocess_command_plans_preprocesses_splits_and_resumes() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("planning first") && text.contains("5 cases preprocessed") && text.contains("2 workers (from --processes)"), "{text}");
     let dir = base.join("segk_preprocessed/Dataset014_Cli");
-    for f in ["plans.json", "dataset.json", "segk_fingerprint.json", "splits_final.json"] {
+    for f in ["nnUNetPlans.json", "dataset.json", "segk_fingerprint.json", "splits_final.json"] {
         assert!(dir.join(f).is_file(), "{f} written");
     }
     // One store per nnU-Net data identifier, under segk's prefix.
     assert_eq!(store::case_ids(&dir.join("segk_nnUNetPlans_3d_fullres")).unwrap().len(), 5);
+    assert!(!dir.join("plans.json").exists(), "plans files by plans name only, as nnU-Net's");
     let splits: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("splits_final.json")).unwrap()).unwrap();
     assert_eq!(splits.as_array().unwrap().len(), 5);
     let again = run();
@@ -463,14 +467,14 @@ fn preprocess_command_plans_preprocesses_splits_and_resumes() {
     // Sizes that cannot be are refused at once, with the file or flag named.
     let plan_inf = std::process::Command::new(segk).arg("plan").arg(&root).args(["--gpu-memory", "inf"]).output().unwrap();
     assert!(String::from_utf8_lossy(&plan_inf.stderr).contains("--gpu-memory must be a size in GiB"), "{}", String::from_utf8_lossy(&plan_inf.stderr));
-    let plans = dir.join("plans.json");
+    let plans = dir.join("nnUNetPlans.json");
     let good = std::fs::read_to_string(&plans).unwrap();
     let mut v: serde_json::Value = serde_json::from_str(&good).unwrap();
     v["configurations"]["3d_fullres"]["batch_size"] = 0.into();
     std::fs::write(&plans, v.to_string()).unwrap();
     let train = std::process::Command::new(segk).arg("train").arg(&root).args(["0", "--device", "cpu", "--epochs", "1"]).env_remove("nnUNet_preprocessed").env_remove("nnUNet_results").output().unwrap();
     let err = String::from_utf8_lossy(&train.stderr);
-    assert!(!train.status.success() && err.contains("plans.json: batch_size must be at least 1") && !err.contains("panicked"), "{err}");
+    assert!(!train.status.success() && err.contains("nnUNetPlans.json: configuration 3d_fullres of nnUNetPlans: batch_size must be at least 1") && !err.contains("panicked"), "{err}");
     std::fs::write(&plans, good).unwrap();
     // A hand-written split is checked against the dataset before anything is written.
     let splits = dir.join("splits_final.json");
@@ -483,5 +487,51 @@ fn preprocess_command_plans_preprocesses_splits_and_resumes() {
         let train = std::process::Command::new(segk).arg("train").arg(&root).args(["0", "--device", "cpu", "--epochs", "1", "--out"]).arg(&out_dir).env_remove("nnUNet_preprocessed").output().unwrap();
         let err = String::from_utf8_lossy(&train.stderr);
         assert!(!train.status.success() && err.contains("splits_final.json") && err.contains(says) && !out_dir.exists(), "{err}");
+    }
+}
+
+/// `segk preprocess -c 2d 3d_fullres 3d_lowres`: one store per data identifier; 2d resamples
+/// in plane only (the first axis keeps each case's spacing, as nnU-Net's preprocessor does),
+/// 3d_lowres to its own coarser spacing; configurations the plans lack are skipped.
+#[test]
+fn preprocess_makes_a_store_per_configuration() {
+    let base = tmpdir("configs");
+    let root = base.join("Dataset016_Configs");
+    let segk = env!("CARGO_BIN_EXE_segk");
+    let run = |args: &[&str]| std::process::Command::new(segk).args(args).env_remove("nnUNet_preprocessed").env_remove("nnUNet_raw").output().unwrap();
+    assert!(run(&["synth", root.to_str().unwrap(), "--cases", "3", "--shape", "20,36,36", "--spacing", "2.5,1,1"]).status.success());
+    assert!(run(&["plan", root.to_str().unwrap()]).status.success());
+    let dir = base.join("segk_preprocessed/Dataset016_Configs");
+    // The synthetic cases are too small for nnU-Net to plan 3d_lowres: the default skips it.
+    let out = run(&["preprocess", root.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("nnUNetPlans has no configuration 3d_lowres: skipped") && text.contains("2d: 3 cases preprocessed"), "{text}");
+    // A plans file with a 3d_lowres (as nnU-Net writes one for large images).
+    let path = dir.join("nnUNetPlans.json");
+    let mut plans: PlansJson = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let mut low = plans.configurations.get("3d_fullres").unwrap().clone();
+    low.spacing = Some(low.spacing.unwrap().iter().map(|s| s * 2.0).collect());
+    low.data_identifier = Some("nnUNetPlans_3d_lowres".into());
+    plans.configurations.0.push(("3d_lowres".into(), low));
+    std::fs::write(&path, segk::plan::plans_json::to_python_json(&plans).unwrap()).unwrap();
+    let out = run(&["preprocess", root.to_str().unwrap(), "-c", "2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("3d_lowres: 3 cases preprocessed") && text.contains("2d: 0 cases preprocessed, 3 already done"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let full_spacing = plans.configurations.get("3d_fullres").unwrap().spacing.clone().unwrap();
+    let two_d = plans.configurations.get("2d").unwrap().spacing.clone().unwrap();
+    let ids = store::case_ids(&dir.join("segk_nnUNetPlans_2d")).unwrap();
+    assert_eq!(ids.len(), 3);
+    for id in &ids {
+        let id = id.as_str();
+        let header = |store: &str| store::complete_header(&dir.join(store), id).unwrap_or_else(|| panic!("{id} in {store}"));
+        let (f, l, d) = (header("segk_nnUNetPlans_3d_fullres"), header("segk_nnUNetPlans_3d_lowres"), header("segk_nnUNetPlans_2d"));
+        assert_eq!(f.geometry.spacing.to_vec(), full_spacing);
+        assert_eq!(l.geometry.spacing.to_vec(), full_spacing.iter().map(|s| s * 2.0).collect::<Vec<_>>());
+        for a in 0..3 {
+            assert!(l.shape[a].abs_diff(f.shape[a].div_ceil(2)) <= 1, "{id}: lowres {:?} vs fullres {:?}", l.shape, f.shape);
+        }
+        let own = d.geometry.transpose_forward.map(|a| d.geometry.original_spacing[a]);
+        assert_eq!(d.geometry.spacing, [own[0], two_d[0], two_d[1]], "{id}: 2d keeps the case's own first-axis spacing");
+        assert_eq!(d.shape[0], d.geometry.transpose_forward.map(|a| d.geometry.crop_shape()[a])[0], "{id}: no resampling along the first axis");
     }
 }

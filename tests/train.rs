@@ -62,7 +62,7 @@ fn train_command_runs_plan_preprocess_and_epochs() {
         err
     };
     refused(&["2d", "all", "--device", "cpu"], "segk trains 3d_fullres so far");
-    refused(&["3d_fullres", "all", "-p", "segkPlans", "--device", "cpu"], "holds the plan of nnUNetPlans");
+    refused(&["3d_fullres", "all", "-p", "segkPlans", "--device", "cpu"], "segkPlans.json: missing: `segk plan DATASET --gpu-memory GB` writes segkPlans");
     let old_form = refused(&["all", "--device", "cpu"], "already holds a training run");
     assert!(old_form.contains("older form of `segk train DATASET 3d_fullres all`"), "{old_form}");
 }
@@ -210,7 +210,7 @@ mod resume {
         let mut child = train(&root, &base.join("out"), &[]).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
         let mut lines = std::io::BufReader::new(child.stdout.take().unwrap()).lines();
         // The dataset is checked first, then planning begins.
-        let planning = lines.by_ref().take(3).map_while(Result::ok).find(|l| l.contains("planning and preprocessing first"));
+        let planning = lines.by_ref().take(3).map_while(Result::ok).find(|l| l.contains("planning first"));
         assert!(planning.is_some(), "no planning line");
         let t0 = Instant::now();
         assert!(Command::new("kill").args(["-s", "INT"]).arg(child.id().to_string()).status().unwrap().success());

@@ -1,8 +1,8 @@
-//! Planning: the dataset fingerprint, nnU-Net's target spacing and topology rules, and the 3d_fullres plan.
+//! Planning: the dataset fingerprint, nnU-Net's planners and plans schema, and segk's view of
+//! a plan (what it trains, what that needs on a GPU).
 
 pub mod fingerprint;
 pub mod nnunet;
 pub mod plans;
 pub mod plans_json;
 pub mod spacing;
-pub mod topology;

@@ -159,7 +159,7 @@ pub fn pool_and_conv(spacing: &[f64], patch: &[f64]) -> PoolProps {
 }
 
 /// Features per stage, doubling from 32 up to the cap.
-fn features(stages: usize, dim: usize) -> Vec<usize> {
+pub fn features(stages: usize, dim: usize) -> Vec<usize> {
     let cap = if dim == 2 { MAX_FEATURES_2D } else { MAX_FEATURES_3D };
     (0..stages).map(|s| (BASE_FEATURES << s).min(cap)).collect()
 }
@@ -192,6 +192,29 @@ fn estimate(p: &Planner, t: &PoolProps, labels: usize) -> f64 {
     total + labels as f64 * voxels[0]
 }
 
+/// nnU-Net's first patch: 1/spacing scaled to 256^3 voxels (2048^2 in 2d), clipped to the
+/// median shape.
+pub fn initial_patch(spacing: &[f64], median: &[f64]) -> Vec<f64> {
+    let inv: Vec<f64> = spacing.iter().map(|s| 1.0 / s).collect();
+    let prod: f64 = inv.iter().product();
+    let k = if spacing.len() == 3 { (256f64.powi(3) / prod).powf(1.0 / 3.0) } else { (2048f64.powi(2) / prod).powf(0.5) };
+    inv.iter().zip(median).map(|(v, &m)| py_round(v * k).min(m)).collect()
+}
+
+/// One step of nnU-Net's patch-shrinking loop: the axis whose patch is largest against the
+/// median (ties to the last axis) loses what keeps the patch divisible, and the topology is
+/// planned again.
+pub fn shrink(spacing: &[f64], median: &[f64], t: &PoolProps) -> PoolProps {
+    let ratio: Vec<f64> = t.patch.iter().zip(median).map(|(&a, &m)| a as f64 / m).collect();
+    let axis = (0..ratio.len()).fold(0, |best, a| if ratio[a] >= ratio[best] { a } else { best });
+    let mut tmp: Vec<f64> = t.patch.iter().map(|&v| v as f64).collect();
+    tmp[axis] -= t.divisor[axis] as f64;
+    let step = pool_and_conv(spacing, &tmp).divisor[axis];
+    let mut patch: Vec<f64> = t.patch.iter().map(|&v| v as f64).collect();
+    patch[axis] -= step as f64;
+    pool_and_conv(spacing, &patch)
+}
+
 /// What a configuration is planned from.
 struct Request<'a> {
     spacing: Vec<f64>,
@@ -207,32 +230,14 @@ struct Request<'a> {
 
 fn plan_configuration(p: &Planner, gpu_gb: f64, r: &Request) -> Configuration {
     let dim = r.spacing.len();
-    let inv: Vec<f64> = r.spacing.iter().map(|s| 1.0 / s).collect();
-    let prod: f64 = inv.iter().product();
-    let initial: Vec<f64> = if dim == 3 {
-        let k = (256f64.powi(3) / prod).powf(1.0 / 3.0);
-        inv.iter().map(|v| py_round(v * k)).collect()
-    } else {
-        let k = (2048f64.powi(2) / prod).powf(0.5);
-        inv.iter().map(|v| py_round(v * k)).collect()
-    };
-    let clipped: Vec<f64> = initial.iter().zip(&r.median).map(|(&i, &m)| i.min(m)).collect();
-    let mut t = pool_and_conv(&r.spacing, &clipped);
+    let mut t = pool_and_conv(&r.spacing, &initial_patch(&r.spacing, &r.median));
     let labels = r.json.labels.len();
     let (reference, ref_bs) = if dim == 2 { (p.reference_2d, REF_BATCH_2D) } else { (p.reference_3d, REF_BATCH_3D) };
     let reference = reference * gpu_gb / p.reference_gb;
     let over = |est: f64| if p.residual { est > reference } else { est / ref_bs * 2.0 > reference };
     let mut est = estimate(p, &t, labels);
     while over(est) {
-        // The axis whose patch is largest against the median (ties to the last axis).
-        let ratio: Vec<f64> = t.patch.iter().zip(&r.median).map(|(&a, &m)| a as f64 / m).collect();
-        let axis = (0..dim).fold(0, |best, a| if ratio[a] >= ratio[best] { a } else { best });
-        let mut tmp: Vec<f64> = t.patch.iter().map(|&v| v as f64).collect();
-        tmp[axis] -= t.divisor[axis] as f64;
-        let shrink = pool_and_conv(&r.spacing, &tmp).divisor[axis];
-        let mut patch: Vec<f64> = t.patch.iter().map(|&v| v as f64).collect();
-        patch[axis] -= shrink as f64;
-        t = pool_and_conv(&r.spacing, &patch);
+        t = shrink(&r.spacing, &r.median, &t);
         est = estimate(p, &t, labels);
     }
     let bs = py_round(reference / est * ref_bs);
@@ -240,23 +245,31 @@ fn plan_configuration(p: &Planner, gpu_gb: f64, r: &Request) -> Configuration {
     let batch = (bs.min(cap) as usize).max(MIN_BATCH);
     let n = t.strides.len();
     let median = r.median.iter().map(|&m| if r.median_is_int { serde_json::Number::from(m as i64) } else { serde_json::Number::from_f64(m).unwrap_or_else(|| 0.into()) }).collect();
-    Configuration {
+    with_default_preprocessing(Configuration {
         data_identifier: Some(r.data_identifier.clone()),
-        preprocessor_name: Some("DefaultPreprocessor".into()),
         batch_size: Some(batch),
         patch_size: Some(t.patch.clone()),
         median_image_size_in_voxels: Some(median),
         spacing: Some(r.spacing.clone()),
         normalization_schemes: Some(r.schemes.to_vec()),
         use_mask_for_norm: Some(r.use_mask.to_vec()),
+        architecture: Some(Architecture::nnunet(p.residual, ArchKwargs::new(p.residual, dim, features(n, dim), t.kernels.clone(), t.strides.clone(), &RESENC_BLOCKS))),
+        ..Configuration::default()
+    })
+}
+
+/// nnU-Net's DefaultPreprocessor with its resampling functions (third order for images,
+/// linear for labels and probabilities, a separate z axis when anisotropic).
+pub fn with_default_preprocessing(c: Configuration) -> Configuration {
+    Configuration {
+        preprocessor_name: Some("DefaultPreprocessor".into()),
         resampling_fn_data: Some(RESAMPLE.into()),
         resampling_fn_seg: Some(RESAMPLE.into()),
         resampling_fn_data_kwargs: Some(ResamplingKwargs::new(false, 3)),
         resampling_fn_seg_kwargs: Some(ResamplingKwargs::new(true, 1)),
         resampling_fn_probabilities: Some(RESAMPLE.into()),
         resampling_fn_probabilities_kwargs: Some(ResamplingKwargs::new(false, 1)),
-        architecture: Some(Architecture::nnunet(p.residual, ArchKwargs::new(p.residual, dim, features(n, dim), t.kernels.clone(), t.strides.clone(), &RESENC_BLOCKS))),
-        ..Configuration::default()
+        ..c
     }
 }
 

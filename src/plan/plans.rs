@@ -1,15 +1,18 @@
-//! The 3d_fullres plan: spacing, axis order, patch, batch and network, sized by segk's exact
-//! memory model against a GPU memory budget (nnU-Net uses a fitted constant instead).
+//! segk's view of a configuration it trains ([`Plan`]: spacing, axis order, patch, batch,
+//! network, and what a step needs on a GPU), read from an nnU-Net plans file; and segk's own
+//! sizing (`segk plan --gpu-memory GB`, plans name segkPlans): nnU-Net's 3d_fullres with the
+//! patch and batch sized to a GPU budget by segk's exact memory model, written in nnU-Net's
+//! schema with segk's figures in a key nnU-Net ignores.
 
 use super::fingerprint::{Fingerprint, IntensityStats};
-use super::spacing::{percentile, target_spacing, transpose_forward};
-use super::topology::{initial_patch, plain_unet};
+use super::nnunet::{self as nn, NnunetFingerprint, PoolProps};
+use super::plans_json::{ArchKwargs, Architecture, Configuration, Ordered, PlansJson};
 use crate::dataset::DatasetJson;
 use crate::model::params::ParamLayout;
 use crate::model::plan::activation_bytes;
 use crate::model::{Checkpointing, Topology};
 use crate::preprocess::normalize::Scheme;
-use anyhow::{bail, ensure, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// Bytes per activation element on the GPU (bf16 activations, ENGINE.md section 2).
@@ -46,79 +49,12 @@ pub fn gpu_bytes(t: &Topology, patch: [usize; 3], batch: usize) -> Result<usize>
     Ok(params * (3 * 4 + 2) + activation_bytes(t, patch, batch, PLAN_CHECKPOINTING, GPU_ACT_BYTES, 4)?)
 }
 
-fn permute<T: Copy>(v: [T; 3], order: [usize; 3]) -> [T; 3] {
-    order.map(|a| v[a])
-}
-
-/// Plans 3d_fullres for a fingerprinted dataset within `budget` bytes of GPU memory.
-pub fn plan_3d_fullres(json: &DatasetJson, fp: &Fingerprint, budget: usize) -> Result<Plan> {
-    let spacing = target_spacing(&fp.spacings, &fp.shapes_after_crop);
-    let order = transpose_forward(spacing);
-    let mut back = [0; 3];
-    for (i, &a) in order.iter().enumerate() {
-        back[a] = i;
-    }
-    // Median shape once resampled to the target spacing.
-    let resampled: Vec<[f64; 3]> = fp.spacings.iter().zip(&fp.shapes_after_crop).map(|(s, n)| std::array::from_fn(|a| (n[a] as f64 * s[a] / spacing[a]).round())).collect();
-    let median: [f64; 3] = std::array::from_fn(|a| percentile(&resampled.iter().map(|r| r[a]).collect::<Vec<_>>(), 50.0));
-    let (sp_t, med_t) = (permute(spacing, order), permute(median, order));
-    let classes = json.labels.keys().filter(|k| *k != "ignore").count().max(2);
-    let channels = json.channels();
-
-    let mut patch = initial_patch(sp_t, med_t);
-    let (mut topo, mut padded) = plain_unet(sp_t, patch, channels, classes);
-    if topo.stages() < 2 {
-        bail!("median shape {:?} (after resampling to {sp_t:?}) is too small to pool once: a U-Net needs at least 8 voxels along an axis", med_t.map(|v| v as usize));
-    }
-    while gpu_bytes(&topo, padded, 2)? > budget {
-        // Shrink the axis whose patch is largest relative to the median shape.
-        let axis = (0..3).max_by(|&a, &b| (padded[a] as f64 / med_t[a]).total_cmp(&(padded[b] as f64 / med_t[b]))).unwrap_or(0);
-        let step = topo.strides.iter().map(|s| s[axis]).product::<usize>();
-        let needs = gpu_bytes(&topo, padded, 2)? as f64 / GIB;
-        if padded[axis] <= step {
-            bail!("even the smallest patch needs {needs:.2} GiB at batch 2, more than the {:.2} GiB budget", budget as f64 / GIB);
-        }
-        patch[axis] = padded[axis] - step;
-        let (t, p) = plain_unet(sp_t, patch, channels, classes);
-        if t.stages() < 2 {
-            bail!("patch {padded:?} needs {needs:.2} GiB at batch 2 and smaller patches leave no U-Net: the {:.2} GiB budget is too small", budget as f64 / GIB);
-        }
-        (topo, padded) = (t, p);
-    }
-    // Largest batch that fits, at least 2, at most 5 % of the dataset's voxels per step.
-    let dataset_voxels: f64 = resampled.iter().map(|r| r.iter().product::<f64>()).sum();
-    let five_percent = (dataset_voxels * 0.05 / padded.iter().product::<usize>() as f64).round() as usize;
-    let mut batch = 2;
-    while batch < five_percent && gpu_bytes(&topo, padded, batch + 1)? <= budget {
-        batch += 1;
-    }
-    let schemes: Vec<Scheme> = (0..channels).map(|c| Scheme::for_channel(json.channel_names.get(&c.to_string()).map(String::as_str).unwrap_or(""))).collect();
-    let cropping_helps = percentile(&fp.relative_size_after_cropping, 50.0) < 0.75;
-    let use_mask_for_norm = schemes.iter().map(|s| cropping_helps && s.can_use_mask()).collect();
-    let normalization = schemes.iter().map(|s| s.name().to_string()).collect();
-    Ok(Plan {
-        spacing: sp_t,
-        transpose_forward: order,
-        transpose_backward: back,
-        median_shape: med_t.map(|v| v as usize),
-        patch_size: padded,
-        batch_size: batch,
-        gpu_memory_needed_bytes: gpu_bytes(&topo, padded, batch)?,
-        topology: topo,
-        normalization,
-        use_mask_for_norm,
-        gpu_memory_budget_bytes: budget,
-        checkpointing: PLAN_CHECKPOINTING.level(),
-    })
-}
-
 /// segk's plan from configuration `name` of an nnU-Net plans file (nnU-Net's own, or the one
 /// `segk plan` wrote): the same spacing, axis order, patch, batch, network and normalisation,
 /// with what the step needs on a GPU with segk at checkpoint level 1.
-pub fn from_nnunet(plans: &super::plans_json::PlansJson, name: &str, json: &DatasetJson) -> Result<Plan> {
-    use anyhow::Context;
-    let c = super::nnunet::resolve(plans, name)?;
-    let topology = super::nnunet::segk_topology(&c, json).with_context(|| format!("configuration {name} of {}", plans.plans_name))?;
+pub fn from_nnunet(plans: &PlansJson, name: &str, json: &DatasetJson) -> Result<Plan> {
+    let c = nn::resolve(plans, name)?;
+    let topology = nn::segk_topology(&c, json).with_context(|| format!("configuration {name} of {}", plans.plans_name))?;
     let missing = |key: &str| anyhow::anyhow!("configuration {name} of {} has no {key}", plans.plans_name);
     let three = |v: &[usize], key: &str| -> Result<[usize; 3]> { v.try_into().map_err(|_| anyhow::anyhow!("{key} of configuration {name} has {} axes, not 3", v.len())) };
     let patch_size = three(c.patch_size.as_deref().ok_or_else(|| missing("patch_size"))?, "patch_size")?;
@@ -144,33 +80,16 @@ pub fn from_nnunet(plans: &super::plans_json::PlansJson, name: &str, json: &Data
         topology,
         normalization,
         use_mask_for_norm: c.use_mask_for_norm.clone().ok_or_else(|| missing("use_mask_for_norm"))?,
-        gpu_memory_budget_bytes: needed,
+        gpu_memory_budget_bytes: plans.extra.get(SEGK_KEY).and_then(|v| v["gpu_memory_budget_bytes"].as_u64()).map_or(needed, |b| b as usize),
         gpu_memory_needed_bytes: needed,
         checkpointing: PLAN_CHECKPOINTING.level(),
     })
 }
 
-/// segk's plans.json from an nnU-Net plans file: its 3d_fullres, and its intensity statistics
-/// (what CT normalisation clips and scales with).
-pub fn plans_file_from_nnunet(plans: &super::plans_json::PlansJson, json: &DatasetJson) -> Result<PlansFile> {
-    let stats = plans.foreground_intensity_properties_per_channel.as_object().ok_or_else(|| anyhow::anyhow!("{}: foreground_intensity_properties_per_channel is not an object", plans.plans_name))?;
-    let mut channels: Vec<(usize, IntensityStats)> = stats
-        .iter()
-        .map(|(k, v)| Ok((k.parse::<usize>().map_err(|_| anyhow::anyhow!("{}: intensity statistics for channel {k:?}", plans.plans_name))?, serde_json::from_value(v.clone())?)))
-        .collect::<Result<_>>()?;
-    channels.sort_by_key(|(c, _)| *c);
-    Ok(PlansFile {
-        dataset_name: plans.dataset_name.clone(),
-        plans_name: plans.plans_name.clone(),
-        configurations: Configurations { fullres: from_nnunet(plans, "3d_fullres", json)? },
-        foreground_intensity_properties_per_channel: channels.into_iter().map(|(_, s)| s).collect(),
-    })
-}
-
 /// An nnU-Net plans file as it is on disk.
-pub fn read_nnunet_plans(path: &std::path::Path) -> Result<super::plans_json::PlansJson> {
+pub fn read_nnunet_plans(path: &std::path::Path) -> Result<PlansJson> {
     let bytes = std::fs::read(path).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", path.display()))?;
-    serde_json::from_slice(&bytes).map_err(|e| anyhow::anyhow!("{}: not an nnU-Net plans file: {e}", path.display()))
+    parse_plans(&bytes, &path.display().to_string())
 }
 
 pub const GIB: f64 = (1u64 << 30) as f64;
@@ -178,46 +97,147 @@ pub const GIB: f64 = (1u64 << 30) as f64;
 /// The plans name of segk's own sizing.
 pub const SEGK_PLANS: &str = "segkPlans";
 
+
+/// The top-level key of segk's own facts in a plans file it sized (nnU-Net ignores it).
+pub const SEGK_KEY: &str = "segk";
+
+/// Per channel, the foreground intensity statistics of a plans file (what CT normalisation
+/// clips and scales with), in channel order.
+pub fn intensity_stats(plans: &PlansJson) -> Result<Vec<IntensityStats>> {
+    let stats = plans.foreground_intensity_properties_per_channel.as_object().ok_or_else(|| anyhow::anyhow!("{}: foreground_intensity_properties_per_channel is not an object", plans.plans_name))?;
+    let mut channels: Vec<(usize, IntensityStats)> = stats
+        .iter()
+        .map(|(k, v)| {
+            let c = k.parse::<usize>().map_err(|_| anyhow::anyhow!("{}: intensity statistics for channel {k:?}", plans.plans_name))?;
+            Ok((c, serde_json::from_value(v.clone()).with_context(|| format!("{}: intensity statistics of channel {k}", plans.plans_name))?))
+        })
+        .collect::<Result<_>>()?;
+    channels.sort_by_key(|(c, _)| *c);
+    ensure!(channels.iter().enumerate().all(|(i, (c, _))| i == *c), "{}: intensity statistics for channels {:?}, not 0..{}", plans.plans_name, channels.iter().map(|(c, _)| *c).collect::<Vec<_>>(), channels.len());
+    Ok(channels.into_iter().map(|(_, s)| s).collect())
+}
+
+/// The store folder of a configuration in the preprocessed folder: one per nnU-Net data
+/// identifier (configurations and plans that preprocess alike share one), under segk's prefix
+/// because its files are not nnU-Net's and nnU-Net's preprocessing replaces its own folder.
+pub fn store_dir(plans: &PlansJson, configuration: &str) -> Result<String> {
+    let c = nn::resolve(plans, configuration)?;
+    Ok(format!("segk_{}", c.data_identifier.unwrap_or_else(|| format!("{}_{configuration}", plans.plans_name))))
+}
+
+/// nnU-Net's default plans (ExperimentPlanner) from segk's fingerprint, in memory.
+pub fn nnunet_default(dataset_name: &str, json: &DatasetJson, fp: &Fingerprint) -> Result<PlansJson> {
+    nn::plan_experiment(&nn::PLANNERS[0], dataset_name, json, &NnunetFingerprint::from_segk(fp)?, "SimpleITKIO", None)
+}
+
+/// segkPlans: `base`'s 3d_fullres (its spacing, preprocessing and network rules) with the patch
+/// sized by segk's exact memory model to `budget` bytes at batch 2 -- nnU-Net's first patch,
+/// shrunk by nnU-Net's rule while it does not fit -- then the largest batch that fits, at
+/// least 2, covering at most 5 % of the dataset's voxels.
+pub fn segk_sized(base: &PlansJson, json: &DatasetJson, budget: usize) -> Result<PlansJson> {
+    let c = nn::resolve(base, "3d_fullres").context("segk sizes 3d_fullres")?;
+    let spacing = c.spacing.clone().context("3d_fullres has no spacing")?;
+    let median: Vec<f64> = c.median_image_size_in_voxels.clone().context("3d_fullres has no median_image_size_in_voxels")?.iter().map(|n| n.as_f64().unwrap_or(0.0)).collect();
+    ensure!(spacing.len() == 3 && median.len() == 3, "3d_fullres of {} is not 3D", base.plans_name);
+    let configure = |t: &PoolProps, batch: usize| Configuration {
+        patch_size: Some(t.patch.clone()),
+        batch_size: Some(batch),
+        architecture: Some(Architecture::nnunet(false, ArchKwargs::new(false, 3, nn::features(t.strides.len(), 3), t.kernels.clone(), t.strides.clone(), &[]))),
+        ..c.clone()
+    };
+    let needs = |t: &PoolProps, batch: usize| -> Result<usize> { gpu_bytes(&nn::segk_topology(&configure(t, batch), json)?, [t.patch[0], t.patch[1], t.patch[2]], batch) };
+    let gib = |b: usize| b as f64 / GIB;
+    let mut t = nn::pool_and_conv(&spacing, &nn::initial_patch(&spacing, &median));
+    ensure!(t.strides.len() >= 2, "median shape {median:?} (at spacing {spacing:?}) is too small to pool once: a U-Net needs at least 8 voxels along an axis");
+    while needs(&t, 2)? > budget {
+        let next = nn::shrink(&spacing, &median, &t);
+        if next.strides.len() < 2 || next.patch.contains(&0) {
+            bail!("patch {:?} needs {:.2} GiB at batch 2 and smaller patches leave no U-Net: the {:.2} GiB budget is too small", t.patch, gib(needs(&t, 2)?), gib(budget));
+        }
+        t = next;
+    }
+    let dataset_voxels = median.iter().product::<f64>() * json.num_training as f64;
+    let cap = (dataset_voxels * 0.05 / t.patch.iter().map(|&v| v as f64).product::<f64>()).round_ties_even() as usize;
+    let mut batch = 2;
+    while batch < cap && needs(&t, batch + 1)? <= budget {
+        batch += 1;
+    }
+    let mut extra = base.extra.clone();
+    extra.insert(
+        SEGK_KEY.into(),
+        serde_json::json!({
+            "sized_from": base.plans_name,
+            "gpu_memory_budget_bytes": budget,
+            "gpu_memory_needed_bytes": needs(&t, batch)?,
+            "checkpoint_level": PLAN_CHECKPOINTING.level(),
+        }),
+    );
+    Ok(PlansJson { plans_name: SEGK_PLANS.into(), configurations: Ordered(vec![("3d_fullres".into(), configure(&t, batch))]), extra, ..base.clone() })
+}
+
+/// A plans.json of segk before it wrote nnU-Net's schema (model folders trained then):
+/// {"dataset_name", "plans_name"?, "configurations": {"3d_fullres": Plan}, stats as a list}.
+#[derive(Deserialize)]
+struct Legacy {
+    dataset_name: String,
+    #[serde(default = "segk_plans")]
+    plans_name: String,
+    configurations: LegacyConfigurations,
+    foreground_intensity_properties_per_channel: Vec<IntensityStats>,
+}
+
+#[derive(Deserialize)]
+struct LegacyConfigurations {
+    #[serde(rename = "3d_fullres")]
+    fullres: Plan,
+}
+
 fn segk_plans() -> String {
     SEGK_PLANS.to_string()
 }
 
-/// plans.json: what `segk plan` writes and `segk preprocess` and `segk train` read.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct PlansFile {
-    pub dataset_name: String,
-    /// The plans this plan comes from: "nnUNetPlans" (nnU-Net's 3d_fullres), or "segkPlans"
-    /// (segk's own sizing, `segk plan --gpu-memory`; also plans.json files older than this field).
-    #[serde(default = "segk_plans")]
-    pub plans_name: String,
-    pub configurations: Configurations,
-    pub foreground_intensity_properties_per_channel: Vec<IntensityStats>,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Configurations {
-    #[serde(rename = "3d_fullres")]
-    pub fullres: Plan,
-}
-
-impl PlansFile {
-    pub const NAME: &'static str = "plans.json";
-    /// The store of this plan in the preprocessed folder: one per nnU-Net data identifier, under
-    /// segk's prefix because its files are not nnU-Net's and nnU-Net's preprocessing replaces
-    /// its own folder. segkPlans preprocesses as nnUNetPlans does (its own sizing changes only
-    /// the patch and batch), as do nnU-Net's ResEnc presets: they share nnUNetPlans_3d_fullres.
-    /// (A store made under other settings is found stale and redone, case by case.)
-    pub fn store_dir(&self) -> String {
-        "segk_nnUNetPlans_3d_fullres".to_string()
+/// A plans file in nnU-Net's schema, or segk's older one converted to it (`what` names the
+/// file in errors).
+pub fn parse_plans(bytes: &[u8], what: &str) -> Result<PlansJson> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).with_context(|| format!("{what}: not JSON"))?;
+    if value.pointer("/configurations/3d_fullres/topology").is_none() {
+        return serde_json::from_value(value).with_context(|| format!("{what}: not an nnU-Net plans file"));
     }
-    pub fn read(dir: &std::path::Path) -> anyhow::Result<PlansFile> {
-        use anyhow::Context;
-        let p = dir.join(Self::NAME);
-        let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read (run `segk plan` first)", p.display()))?;
-        let plans: PlansFile = serde_json::from_str(&text).with_context(|| format!("{}: not a segk plans.json", p.display()))?;
-        let plan = &plans.configurations.fullres;
-        anyhow::ensure!(plan.batch_size >= 1, "{}: batch_size must be at least 1", p.display());
-        anyhow::ensure!(plan.patch_size.iter().all(|&s| s >= 1), "{}: patch_size {:?} has an empty axis", p.display(), plan.patch_size);
-        Ok(plans)
-    }
+    let old: Legacy = serde_json::from_value(value).with_context(|| format!("{what}: not a segk plans.json"))?;
+    let p = old.configurations.fullres;
+    let t = &p.topology;
+    let n = t.features.len();
+    let mut arch = ArchKwargs::new(false, 3, t.features.clone(), t.kernels.iter().map(|k| k.to_vec()).collect(), t.strides.iter().map(|s| s.to_vec()).collect(), &[]);
+    arch.n_conv_per_stage = Some(vec![t.convs_per_stage; n]);
+    arch.n_conv_per_stage_decoder = vec![t.convs_per_stage; n - 1];
+    let config = nn::with_default_preprocessing(Configuration {
+        data_identifier: Some("nnUNetPlans_3d_fullres".into()),
+        batch_size: Some(p.batch_size),
+        patch_size: Some(p.patch_size.to_vec()),
+        median_image_size_in_voxels: Some(p.median_shape.iter().map(|&v| serde_json::Number::from(v)).collect()),
+        spacing: Some(p.spacing.to_vec()),
+        normalization_schemes: Some(p.normalization.clone()),
+        use_mask_for_norm: Some(p.use_mask_for_norm.clone()),
+        architecture: Some(Architecture::nnunet(false, arch)),
+        batch_dice: Some(t.dice == crate::backend::DiceMode::Batch),
+        ..Configuration::default()
+    });
+    let stats: serde_json::Map<String, serde_json::Value> = old.foreground_intensity_properties_per_channel.iter().enumerate().map(|(c, s)| Ok((c.to_string(), serde_json::to_value(s)?))).collect::<Result<_>>()?;
+    let mut extra = serde_json::Map::new();
+    extra.insert(SEGK_KEY.into(), serde_json::json!({"converted_from": "segk's plans.json schema before nnU-Net's", "gpu_memory_budget_bytes": p.gpu_memory_budget_bytes}));
+    // nnU-Net resolves the planner by class name; the plan is its 3d_fullres in layout.
+    Ok(PlansJson {
+        dataset_name: old.dataset_name,
+        plans_name: old.plans_name,
+        original_median_spacing_after_transp: p.spacing.to_vec(),
+        original_median_shape_after_transp: p.median_shape.iter().map(|&v| v as i64).collect(),
+        image_reader_writer: "SimpleITKIO".into(),
+        transpose_forward: p.transpose_forward.to_vec(),
+        transpose_backward: p.transpose_backward.to_vec(),
+        configurations: Ordered(vec![("3d_fullres".into(), config)]),
+        experiment_planner_used: nn::PLANNERS[0].class.into(),
+        label_manager: "LabelManager".into(),
+        foreground_intensity_properties_per_channel: serde_json::Value::Object(stats),
+        extra,
+    })
 }

@@ -1,7 +1,7 @@
 //! `segk predict`: raw NIfTI cases -> the model's preprocessing -> sliding-window inference
 //! (folds and mirror TTA averaged) -> label maps on each input's own grid and header.
-//! A model folder is what `segk train` writes: plans.json, dataset.json and fold_F/ folders
-//! with checkpoints.
+//! A model folder is what `segk train` writes, laid out as nnU-Net's: plans.json (the plans
+//! file trained with, in nnU-Net's schema), dataset.json and fold_F/ folders with checkpoints.
 
 pub mod export;
 pub mod probs;
@@ -12,14 +12,19 @@ use crate::dataset::nifti_io::{self, VoxelType};
 use crate::dataset::{DatasetJson, LabelValue};
 use crate::model::unet::Acts;
 use crate::model::{Checkpointing, UNet};
-use crate::plan::plans::PlansFile;
+use crate::plan::plans::Plan;
+use crate::plan::plans_json::PlansJson;
 use crate::preprocess::{preprocess_images, Settings};
 use crate::store::ImageDtype;
 use anyhow::{bail, ensure, Context, Result};
 use std::path::{Path, PathBuf};
 
 pub struct Model {
-    pub plans: PlansFile,
+    pub plans: PlansJson,
+    /// The configuration of `plans` the model was trained as.
+    pub configuration: String,
+    /// segk's view of that configuration.
+    pub plan: Plan,
     pub json: DatasetJson,
     /// Checkpoint stems (dir/NAME without extension) of the folds to average.
     pub checkpoints: Vec<(PathBuf, String)>,
@@ -27,16 +32,16 @@ pub struct Model {
 
 impl Model {
     /// Reads `dir` (plans.json, dataset.json) and finds `checkpoint` in each fold folder
-    /// (`folds`: names like "0" or "all"; default every fold_* folder present).
+    /// (`folds`: names like "0" or "all"; default every fold_* folder present). The
+    /// configuration is the one the folder's name (TRAINER__PLANS__CONFIGURATION) gives, else
+    /// 3d_fullres.
     pub fn open(dir: &Path, folds: Option<&[String]>, checkpoint: &str) -> Result<Model> {
-        ensure!(
-            dir.join(PlansFile::NAME).is_file(),
-            "{}: not a model folder (no {}): -m takes the folder `segk train` writes, the one that holds fold_0, fold_1, ..",
-            dir.display(),
-            PlansFile::NAME
-        );
-        let plans = PlansFile::read(dir)?;
+        let path = dir.join(PLANS_FILE);
+        ensure!(path.is_file(), "{}: not a model folder (no {PLANS_FILE}): -m takes the folder `segk train` writes, the one that holds fold_0, fold_1, ..", dir.display());
+        let plans = crate::plan::plans::read_nnunet_plans(&path)?;
         let json = crate::dataset::read_json(dir)?;
+        let configuration = configuration_of(dir);
+        let plan = crate::plan::plans::from_nnunet(&plans, &configuration, &json).with_context(|| format!("{}", path.display()))?;
         let mut present: Vec<String> = std::fs::read_dir(dir)
             .with_context(|| format!("{}: cannot list", dir.display()))?
             .filter_map(|e| e.ok())
@@ -62,7 +67,7 @@ impl Model {
             ensure!(crate::checkpoint::weights_exist(&d, checkpoint), "{}: no {checkpoint}.safetensors", d.display());
             checkpoints.push((d, checkpoint.to_string()));
         }
-        Ok(Model { plans, json, checkpoints })
+        Ok(Model { plans, configuration, plan, json, checkpoints })
     }
 
     /// Label value of each output class, in class order.
@@ -76,8 +81,21 @@ impl Model {
             }
         }
         v.sort();
-        ensure!(v.len() == self.plans.configurations.fullres.topology.n_classes, "dataset.json has {} labels, the network {} outputs", v.len(), self.plans.configurations.fullres.topology.n_classes);
+        ensure!(v.len() == self.plan.topology.n_classes, "dataset.json has {} labels, the network {} outputs", v.len(), self.plan.topology.n_classes);
         Ok(v)
+    }
+}
+
+/// The plans file of a model folder, as nnU-Net names it there.
+pub const PLANS_FILE: &str = "plans.json";
+
+/// The configuration a model folder named TRAINER__PLANS__CONFIGURATION holds; 3d_fullres for
+/// a folder named otherwise (`segk train --out`).
+pub fn configuration_of(dir: &Path) -> String {
+    let name = crate::experiment::full_path(dir).file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    match name.split("__").collect::<Vec<_>>().as_slice() {
+        [_, _, c] if !c.is_empty() => c.to_string(),
+        _ => "3d_fullres".into(),
     }
 }
 
@@ -143,7 +161,7 @@ pub fn unread_files(input: &Path, channels: usize, ending: &str) -> Vec<String> 
 /// two label maps with their f32 copy for the writer; plus 64 MiB for the program itself.
 /// It grows with classes x one slab, never with classes x the volume.
 pub fn host_bytes_bound(model: &Model, raw: usize, stored: [usize; 3]) -> Result<u64> {
-    let plan = &model.plans.configurations.fullres;
+    let plan = &model.plan;
     let t = &plan.topology;
     let (p, c, ch) = (plan.patch_size, t.n_classes, t.in_channels);
     let params = crate::model::params::ParamLayout::new(t).len * 4 * model.checkpoints.len();
@@ -173,8 +191,8 @@ pub fn predict_folder<B: Backend>(be: &B, model: &Model, input: &Path, output: &
 /// Predicts the given cases (id, channel files) into `output`; returns the files written and
 /// the largest [`host_bytes_bound`] of the cases.
 pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<PathBuf>)], output: &Path, opt: PredictOptions, progress: &indicatif::ProgressBar) -> Result<(Vec<PathBuf>, u64)> {
-    let plan = &model.plans.configurations.fullres;
-    let settings = Settings::new(&model.json, &model.plans, ImageDtype::F32)?;
+    let plan = &model.plan;
+    let settings = Settings::new(&model.json, &model.plans, &model.configuration, ImageDtype::F32)?;
     let values = model.class_values()?;
     std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
     // Find out now, not after the first case's minutes, that nothing can be written there.

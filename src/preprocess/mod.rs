@@ -11,7 +11,7 @@ pub mod splits;
 use crate::dataset::nifti_io;
 use crate::dataset::{Case, Dataset, DatasetJson};
 use crate::plan::fingerprint::{bounding_box, nonzero_mask, IntensityStats};
-use crate::plan::plans::{Plan, PlansFile};
+use crate::plan::plans_json::PlansJson;
 use crate::store::{self, CaseHeader, ClassLocations, ImageDtype, LabelDtype};
 use anyhow::{bail, ensure, Context, Result};
 use geometry::{crop, transpose, Geometry};
@@ -48,10 +48,16 @@ pub fn sampling_classes(json: &DatasetJson) -> Vec<Vec<i64>> {
     classes
 }
 
-/// Everything a case needs from the plan and dataset.
+/// Everything a case needs from a configuration of a plans file and the dataset.
 #[derive(Clone, Debug)]
 pub struct Settings {
-    pub plan: Plan,
+    /// Target spacing in the transposed axis order; with two values (2d) the first axis keeps
+    /// each case's own spacing, as nnU-Net's preprocessor does.
+    pub spacing: Vec<f64>,
+    pub transpose_forward: [usize; 3],
+    /// Per channel, nnU-Net's scheme name.
+    pub normalization: Vec<String>,
+    pub use_mask_for_norm: Vec<bool>,
     pub stats: Vec<IntensityStats>,
     pub schemes: Vec<Scheme>,
     pub classes: Vec<Vec<i64>>,
@@ -60,19 +66,29 @@ pub struct Settings {
 }
 
 impl Settings {
-    pub fn new(json: &DatasetJson, plans: &PlansFile, image_dtype: ImageDtype) -> Result<Settings> {
-        let plan = plans.configurations.fullres.clone();
-        let schemes = plan.normalization.iter().map(|n| Scheme::from_name(n)).collect::<Result<Vec<_>>>()?;
-        ensure!(schemes.len() == json.channels(), "plans.json normalises {} channels, dataset.json declares {}", schemes.len(), json.channels());
-        ensure!(plans.foreground_intensity_properties_per_channel.len() == json.channels(), "plans.json has intensity statistics for {} channels, dataset.json declares {}", plans.foreground_intensity_properties_per_channel.len(), json.channels());
-        Ok(Settings {
-            stats: plans.foreground_intensity_properties_per_channel.clone(),
-            schemes,
-            classes: sampling_classes(json),
-            label_dtype: LabelDtype::for_labels(&json.label_values())?,
-            image_dtype,
-            plan,
-        })
+    pub fn new(json: &DatasetJson, plans: &PlansJson, configuration: &str, image_dtype: ImageDtype) -> Result<Settings> {
+        let c = crate::plan::nnunet::resolve(plans, configuration)?;
+        let what = format!("configuration {configuration} of {}", plans.plans_name);
+        let missing = |key: &str| anyhow::anyhow!("{what} has no {key}");
+        let spacing = c.spacing.clone().ok_or_else(|| missing("spacing"))?;
+        ensure!(spacing.len() == 2 || spacing.len() == 3, "{what}: spacing {spacing:?} is neither 2d nor 3d");
+        ensure!(spacing.iter().all(|s| s.is_finite() && *s > 0.0), "{what}: spacing {spacing:?} must be positive");
+        let transpose_forward: [usize; 3] = plans.transpose_forward.as_slice().try_into().map_err(|_| anyhow::anyhow!("{}: transpose_forward {:?} is not 3 axes", plans.plans_name, plans.transpose_forward))?;
+        let normalization = c.normalization_schemes.clone().ok_or_else(|| missing("normalization_schemes"))?;
+        let use_mask_for_norm = c.use_mask_for_norm.clone().ok_or_else(|| missing("use_mask_for_norm"))?;
+        let schemes = normalization.iter().map(|n| Scheme::from_name(n)).collect::<Result<Vec<_>>>()?;
+        let stats = crate::plan::plans::intensity_stats(plans)?;
+        ensure!(schemes.len() == json.channels() && use_mask_for_norm.len() == json.channels(), "{what} normalises {} channels, dataset.json declares {}", schemes.len(), json.channels());
+        ensure!(stats.len() == json.channels(), "{} has intensity statistics for {} channels, dataset.json declares {}", plans.plans_name, stats.len(), json.channels());
+        Ok(Settings { spacing, transpose_forward, normalization, use_mask_for_norm, stats, schemes, classes: sampling_classes(json), label_dtype: LabelDtype::for_labels(&json.label_values())?, image_dtype })
+    }
+
+    /// The spacing a case at `spacing` (transposed) is resampled to.
+    pub fn target_spacing(&self, spacing: [f64; 3]) -> [f64; 3] {
+        match self.spacing.as_slice() {
+            &[a, b] => [spacing[0], a, b],
+            s => [s[0], s[1], s[2]],
+        }
     }
 }
 
@@ -141,7 +157,7 @@ pub fn sample_locations(seg: &[i16], shape: [usize; 3], classes: &[Vec<i64>], se
 
 /// Settings that change what a stored case holds; a stored case made with others is redone.
 fn settings_key(s: &Settings) -> String {
-    serde_json::json!([s.plan.spacing, s.plan.transpose_forward, s.plan.normalization, s.plan.use_mask_for_norm, s.image_dtype, s.classes, s.stats]).to_string()
+    serde_json::json!([s.spacing, s.transpose_forward, s.normalization, s.use_mask_for_norm, s.image_dtype, s.classes, s.stats]).to_string()
 }
 
 /// Channel images of one case, checked against `shape` (when given) and for non-finite voxels.
@@ -180,19 +196,20 @@ fn prepare(images: Vec<Vec<f32>>, seg: Option<Vec<i16>>, raw: &nifti_io::Volume,
     };
     seg.iter_mut().zip(&mask).filter(|(l, &m)| **l == 0 && !m).for_each(|(l, _)| *l = -1);
     drop(mask);
-    let order = s.plan.transpose_forward;
+    let order = s.transpose_forward;
     let (seg, shape_t) = transpose(&seg, crop_shape, order);
     let spacing_t = order.map(|a| raw.spacing[a]);
-    let out_shape = new_shape(shape_t, spacing_t, s.plan.spacing);
+    let target = s.target_spacing(spacing_t);
+    let out_shape = new_shape(shape_t, spacing_t, target);
     let mut channels = Vec::with_capacity(images.len());
     for (c, img) in images.into_iter().enumerate() {
         let (mut v, _) = transpose(&crop(&img, shape, bbox), crop_shape, order);
         drop(img);
-        normalize::normalize(&mut v, s.schemes[c], s.plan.use_mask_for_norm[c], &seg, &s.stats[c]).with_context(|| format!("{}", paths[c].display()))?;
-        channels.push(resample_image(&v, shape_t, out_shape, axis_kernels(spacing_t, s.plan.spacing, Kernel::Cubic)));
+        normalize::normalize(&mut v, s.schemes[c], s.use_mask_for_norm[c], &seg, &s.stats[c]).with_context(|| format!("{}", paths[c].display()))?;
+        channels.push(resample_image(&v, shape_t, out_shape, axis_kernels(spacing_t, target, Kernel::Cubic)));
     }
-    let seg = resample_labels(&seg, shape_t, out_shape, axis_kernels(spacing_t, s.plan.spacing, Kernel::Linear));
-    let geometry = Geometry { original_shape: shape, original_spacing: raw.spacing, bbox, transpose_forward: order, spacing: s.plan.spacing, shape: out_shape, affine: raw.affine };
+    let seg = resample_labels(&seg, shape_t, out_shape, axis_kernels(spacing_t, target, Kernel::Linear));
+    let geometry = Geometry { original_shape: shape, original_spacing: raw.spacing, bbox, transpose_forward: order, spacing: target, shape: out_shape, affine: raw.affine };
     Ok((channels, seg, geometry))
 }
 
@@ -249,13 +266,13 @@ fn current(header: Option<&CaseHeader>, key: &str) -> bool {
     header.is_some_and(|h| h.settings == key)
 }
 
-/// The cases of `ids` that the store lacks or holds under other settings than `plans` give
+/// The cases of `ids` that the store lacks or holds under other settings than `configuration` of `plans` gives
 /// (either image dtype is accepted: that is the store's own choice), and the dtype the store
 /// uses (f32 when it holds nothing): training must never read cases made for another plan.
-pub fn stale_cases(store_dir: &Path, ids: &[String], json: &DatasetJson, plans: &PlansFile) -> Result<(Vec<String>, ImageDtype)> {
+pub fn stale_cases(store_dir: &Path, ids: &[String], json: &DatasetJson, plans: &PlansJson, configuration: &str) -> Result<(Vec<String>, ImageDtype)> {
     let headers: Vec<Option<CaseHeader>> = ids.iter().map(|id| store::complete_header(store_dir, id)).collect();
     let dtype = headers.iter().flatten().map(|h| h.image_dtype).next().unwrap_or(ImageDtype::F32);
-    let key = settings_key(&Settings::new(json, plans, dtype)?);
+    let key = settings_key(&Settings::new(json, plans, configuration, dtype)?);
     let stale = ids.iter().zip(&headers).filter(|(_, h)| !current(h.as_ref(), &key)).map(|(id, _)| id.clone()).collect();
     Ok((stale, dtype))
 }
