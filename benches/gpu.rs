@@ -66,7 +66,7 @@ fn memory_bound(c: &mut Criterion, be: &CudaBackend) {
     // timed too: one more write).
     g.throughput(Throughput::Bytes(3 * ld.len() as u64 * e + ld.rows() as u64));
     let record = m.buf(LOSS_RECORD, 0.0).unwrap();
-    g.bench_function("softmax_dice_ce_2x128cube_3cls", |bch| bch.iter(|| be.fill(logits, 0.0).and_then(|_| be.softmax_dice_ce(logits, ld, labels, DiceMode::Batch, 1.0, record)).and_then(|_| be.sync()).expect("loss")));
+    g.bench_function("softmax_dice_ce_2x128cube_3cls", |bch| bch.iter(|| be.fill(logits, 0.0).and_then(|_| be.softmax_dice_ce(logits, ld, labels, DiceMode::Batch, false, 1.0, record)).and_then(|_| be.sync()).expect("loss")));
 
     let np = segk::model::params::ParamLayout::new(&net_topology()).len;
     let (p, gr, mo) = (m.buf(np, 0.1).unwrap(), m.buf(np, 0.01).unwrap(), m.buf(np, 0.0).unwrap());

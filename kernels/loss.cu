@@ -3,6 +3,8 @@
 // plus CE and the largest label seen. Dice: one block merges the partials in index order, writes
 // (dc, 1/denominator) per (group, class) for pass 2 and the loss parts into the step's record on
 // the device (nothing goes back to the host). Pass 2: the gradient over the logits, in place.
+// With `ignore`, voxels labelled C (the ignore label) take no part: not in any sum, CE averaged
+// over the labelled voxels (the ground-truth total), gradient zero; as the CPU twin.
 #include "common.cuh"
 
 #define LOSS_THREADS 256
@@ -21,7 +23,7 @@ __device__ __forceinline__ float warp_max(float v) {
 // reduces its lanes with shuffles, lands its sums in its own shared row, and thread i adds row
 // i's column over the warps in warp order.
 template <class A>
-__device__ __forceinline__ void loss_partial(const A* z, const uint8_t* lab, long V, int C, long chunk, float* part) {
+__device__ __forceinline__ void loss_partial(const A* z, const uint8_t* lab, long V, int C, int ignore, long chunk, float* part) {
     SEGK_DYNAMIC_SHARED(float, wacc);  // LOSS_WARPS rows of 3*C + 2
     const int W = 3 * C + 2, b = blockIdx.y, k = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
     float* row_sums = wacc + warp * W;
@@ -34,15 +36,14 @@ __device__ __forceinline__ void loss_partial(const A* z, const uint8_t* lab, lon
             const long row = (long)b * V + r;
             const A* zr = z + row * C;
             const int y = lab[row], yc = y < C ? y : 0;
+            if (c0 == 0) maxlab = fmaxf(maxlab, (float)y);
+            if (ignore && y == C) continue;
             float mx = ld(zr);
             for (int c = 1; c < C; c++) mx = fmaxf(mx, ld(zr + c));
             float s = 0.f;
             for (int c = 0; c < C; c++) s += __expf(ld(zr + c) - mx);
             const float inv = 1.f / s;
-            if (c0 == 0) {
-                ce += mx + __logf(s) - ld(zr + yc);
-                maxlab = fmaxf(maxlab, (float)y);
-            }
+            if (c0 == 0) ce += mx + __logf(s) - ld(zr + yc);
 #pragma unroll
             for (int c = 0; c < LOSS_REG_C; c++) {
                 if (c0 + c < C) {
@@ -87,10 +88,11 @@ __device__ __forceinline__ void loss_partial(const A* z, const uint8_t* lab, lon
 
 // One block. sums[(b * C + c) * 3 + {0,1,2}] = per-sample (inter, pred, gt), f64, each summed
 // over the chunks in order; then per group (the batch, or each sample) coef[(g * C + c) * 2] =
-// (dc, 1/denominator) as the CPU twin's dice_terms; out = [ce, -mean foreground dc, max label],
-// the Dice term NaN when a label is not below C (the step is then not applied; the host names
-// the label when it reads the record).
-extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_dice(const float* part, int n, int nchunks, int C, int per_sample, double total_vox, double* sums, float* coef, float* out) {
+// (dc, 1/denominator) as the CPU twin's dice_terms, and after them the labelled-voxel count the
+// CE is averaged over; out = [ce, -mean foreground dc, max label], the Dice term NaN when a
+// label is not below C (C + 1 with an ignore label; the step is then not applied, and the host
+// names the label when it reads the record).
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_dice(const float* part, int n, int nchunks, int C, int per_sample, int ignore, double* sums, float* coef, float* out) {
     const int W = 3 * C + 2;
     for (int t = threadIdx.x; t < n * C * 3; t += blockDim.x) {
         const int b = t / (3 * C), c = t % (3 * C);
@@ -117,28 +119,35 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_dice(const 
     }
     __syncthreads();
     if (threadIdx.x == 0) {
-        double ce = 0.0, dice = 0.0;
+        double ce = 0.0, dice = 0.0, labelled = 0.0;
         float maxlab = 0.f;
+        for (long i = 0; i < (long)n * C; i++) labelled += sums[i * 3 + 2];
+        coef[groups * C * 2] = (float)labelled;
         for (long i = 0; i < (long)n * nchunks; i++) {
             ce += part[i * W + 3 * C];
             maxlab = fmaxf(maxlab, part[i * W + 3 * C + 1]);
         }
         for (int g = 0; g < groups; g++)
             for (int c = 1; c < C; c++) dice += sums[(long)n * C * 3 + g * C + c];
-        out[0] = (float)(ce / total_vox);
-        out[1] = maxlab < (float)C ? (float)(-dice / (double)(groups * (C - 1))) : __int_as_float(0x7fc00000);
+        out[0] = labelled > 0.0 ? (float)(ce / labelled) : 0.f;
+        out[1] = maxlab < (float)(C + ignore) ? (float)(-dice / (double)(groups * (C - 1))) : __int_as_float(0x7fc00000);
         out[2] = maxlab;
     }
 }
 
 // z <- weight * dL/dz; coef[(group * C + c) * 2] = (dc, 1/denominator), group = sample
-// when per_sample else 0.
+// when per_sample else 0, then the labelled-voxel count (groups = n when per_sample else 1).
 template <class A>
-__device__ __forceinline__ void loss_grad(A* z, const uint8_t* lab, int n, long V, int C, const float* coef, int per_sample, float terms, float total_vox, float weight) {
+__device__ __forceinline__ void loss_grad(A* z, const uint8_t* lab, int n, long V, int C, const float* coef, int per_sample, int ignore, float terms, float weight) {
     long rows = (long)n * V;
+    const float total_vox = coef[(per_sample ? n : 1) * C * 2];
     for (long row = blockIdx.x * (long)blockDim.x + threadIdx.x; row < rows; row += (long)gridDim.x * blockDim.x) {
         A* zr = z + row * C;
         int y = lab[row];
+        if (ignore && y == C) {
+            for (int c = 0; c < C; c++) st(zr + c, 0.f);
+            continue;
+        }
         const float* cf = coef + (per_sample ? (row / V) * C * 2 : 0);
         float mx = ld(zr);
         for (int c = 1; c < C; c++) mx = fmaxf(mx, ld(zr + c));
@@ -161,7 +170,7 @@ __device__ __forceinline__ void loss_grad(A* z, const uint8_t* lab, int n, long 
     }
 }
 
-extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_partial_f32(const float* z, const uint8_t* lab, long V, int C, long chunk, float* part) { loss_partial(z, lab, V, C, chunk, part); }
-extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_partial_bf16(const bf16* z, const uint8_t* lab, long V, int C, long chunk, float* part) { loss_partial(z, lab, V, C, chunk, part); }
-extern "C" __global__ void segk_loss_grad_f32(float* z, const uint8_t* lab, int n, long V, int C, const float* coef, int per_sample, float terms, float total_vox, float weight) { loss_grad(z, lab, n, V, C, coef, per_sample, terms, total_vox, weight); }
-extern "C" __global__ void segk_loss_grad_bf16(bf16* z, const uint8_t* lab, int n, long V, int C, const float* coef, int per_sample, float terms, float total_vox, float weight) { loss_grad(z, lab, n, V, C, coef, per_sample, terms, total_vox, weight); }
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_partial_f32(const float* z, const uint8_t* lab, long V, int C, int ignore, long chunk, float* part) { loss_partial(z, lab, V, C, ignore, chunk, part); }
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_partial_bf16(const bf16* z, const uint8_t* lab, long V, int C, int ignore, long chunk, float* part) { loss_partial(z, lab, V, C, ignore, chunk, part); }
+extern "C" __global__ void segk_loss_grad_f32(float* z, const uint8_t* lab, int n, long V, int C, const float* coef, int per_sample, int ignore, float terms, float weight) { loss_grad(z, lab, n, V, C, coef, per_sample, ignore, terms, weight); }
+extern "C" __global__ void segk_loss_grad_bf16(bf16* z, const uint8_t* lab, int n, long V, int C, const float* coef, int per_sample, int ignore, float terms, float weight) { loss_grad(z, lab, n, V, C, coef, per_sample, ignore, terms, weight); }

@@ -229,7 +229,7 @@ fn rows_of<B: Backend>(be: &B, op: &Op, reps: usize, keep: &dyn Fn(&str) -> bool
                 let record = m.buf(LOSS_RECORD, 0.0)?;
                 // Reads logits and labels, writes the gradient over the logits.
                 let bytes = 2.0 * d.len() as f64 * e + d.rows() as f64;
-                row("softmax_dice_ce", dims_str(d), time(be, reps, || be.fill(logits, 0.0).and_then(|_| be.softmax_dice_ce(logits, d, labels, DiceMode::Batch, 1.0, record)))?, None, Some(bytes));
+                row("softmax_dice_ce", dims_str(d), time(be, reps, || be.fill(logits, 0.0).and_then(|_| be.softmax_dice_ce(logits, d, labels, DiceMode::Batch, false, 1.0, record)))?, None, Some(bytes));
             }
         }
         Op::Sgd(n) => {

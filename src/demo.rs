@@ -28,6 +28,9 @@ pub struct DemoConfig {
     pub lr: f64,
     pub seed: u64,
     pub progress: bool,
+    /// Sparse annotation: the training cases keep their labels on one slab of 4 slices in
+    /// three, the rest is nnU-Net's ignore label (held-out cases stay fully labelled).
+    pub sparse: bool,
 }
 
 impl Default for DemoConfig {
@@ -44,6 +47,7 @@ impl Default for DemoConfig {
             lr: 1e-2,
             seed: 42,
             progress: true,
+            sparse: false,
         }
     }
 }
@@ -128,7 +132,19 @@ impl Fill for Sampler {
 }
 
 pub fn topology(cfg: &DemoConfig) -> Topology {
-    Topology::isotropic(1, synth::LABEL_NAMES.len(), cfg.features.clone())
+    let mut t = Topology::isotropic(1, synth::LABEL_NAMES.len(), cfg.features.clone());
+    t.ignore_label = cfg.sparse;
+    t
+}
+
+/// Two slabs of 4 slices in three become the ignore label (value `classes`).
+fn sparsify(case: &mut Case, classes: usize) {
+    let plane = case.shape[1] * case.shape[2];
+    for (i, l) in case.labels.iter_mut().enumerate() {
+        if (i / plane / 4) % 3 != 0 {
+            *l = classes as u8;
+        }
+    }
 }
 
 fn bar(len: u64, show: bool) -> ProgressBar {
@@ -157,6 +173,9 @@ pub fn run_on<B: Backend>(be: &B, cfg: &DemoConfig) -> Result<DemoReport> {
     }
     gen.finish();
     let test: Vec<Case> = cases.split_off(cfg.train_cases);
+    if cfg.sparse {
+        cases.iter_mut().for_each(|c| sparsify(c, classes));
+    }
     let sampler = std::sync::Arc::new(Sampler::new(cases, classes, cfg.patch, cfg.seed.wrapping_add(1)));
 
     let mut net = UNet::new(be, topo.clone(), cfg.seed)?;

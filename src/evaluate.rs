@@ -1,6 +1,8 @@
 //! `segk evaluate PRED_DIR GT_DIR`: per case and per label TP/FP/FN/TN, Dice and IoU, the
 //! means over cases and over foreground labels, written as nnU-Net's summary.json (same keys;
 //! a Dice or IoU with nothing in either map is NaN there and null here) and printed as a table.
+//! With an ignore label, the reference's ignore voxels are left out of every count, as
+//! nnU-Net's compute_metrics does.
 
 use crate::dataset::nifti_io;
 use anyhow::{bail, ensure, Result};
@@ -26,10 +28,15 @@ pub struct Metrics {
     pub n_ref: f64,
 }
 
-/// Counts and scores of one label in one pair of maps.
-pub fn metrics(pred: &[f32], reference: &[f32], label: f32) -> Metrics {
-    let (mut tp, mut fp, mut fn_) = (0u64, 0u64, 0u64);
+/// Counts and scores of one label in one pair of maps, without the voxels whose reference is
+/// the `ignore` label.
+pub fn metrics(pred: &[f32], reference: &[f32], label: f32, ignore: Option<f32>) -> Metrics {
+    let (mut tp, mut fp, mut fn_, mut counted) = (0u64, 0u64, 0u64, 0u64);
     for (&p, &r) in pred.iter().zip(reference) {
+        if Some(r) == ignore {
+            continue;
+        }
+        counted += 1;
         match (p == label, r == label) {
             (true, true) => tp += 1,
             (true, false) => fp += 1,
@@ -37,7 +44,7 @@ pub fn metrics(pred: &[f32], reference: &[f32], label: f32) -> Metrics {
             _ => {}
         }
     }
-    let tn = reference.len() as u64 - tp - fp - fn_;
+    let tn = counted - tp - fp - fn_;
     let any = tp + fp + fn_ > 0;
     Metrics {
         dice: any.then(|| 2.0 * tp as f64 / (2 * tp + fp + fn_) as f64),
@@ -83,8 +90,9 @@ fn nifti_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Evaluates every reference in `gt` against the prediction of the same file name in `pred`.
-/// `labels`: the labels to score (default: every nonzero label in the references).
-pub fn evaluate(pred: &Path, gt: &Path, labels: Option<Vec<i64>>) -> Result<Summary> {
+/// `labels`: the labels to score (default: every nonzero label in the references but the
+/// ignore label).
+pub fn evaluate(pred: &Path, gt: &Path, labels: Option<Vec<i64>>, ignore: Option<i64>) -> Result<Summary> {
     let refs = nifti_files(gt)?;
     ensure!(!refs.is_empty(), "{}: no .nii or .nii.gz reference files", gt.display());
     let pairs: Vec<(PathBuf, PathBuf)> = refs.iter().map(|r| (pred.join(r.file_name().unwrap_or_default()), r.clone())).collect();
@@ -94,11 +102,11 @@ pub fn evaluate(pred: &Path, gt: &Path, labels: Option<Vec<i64>>) -> Result<Summ
         let more = if missing.len() > 5 { format!(" and {} more", missing.len() - 5) } else { String::new() };
         bail!("{}: no prediction for {} of the {} references in {}: {shown}{more}", pred.display(), missing.len(), refs.len(), gt.display());
     }
-    evaluate_pairs(&pairs, labels)
+    evaluate_pairs(&pairs, labels, ignore)
 }
 
 /// Evaluates (prediction, reference) file pairs.
-pub fn evaluate_pairs(pairs: &[(PathBuf, PathBuf)], labels: Option<Vec<i64>>) -> Result<Summary> {
+pub fn evaluate_pairs(pairs: &[(PathBuf, PathBuf)], labels: Option<Vec<i64>>, ignore: Option<i64>) -> Result<Summary> {
     let mut loaded = Vec::with_capacity(pairs.len());
     for (p, r) in pairs {
         let (pv, rv) = (nifti_io::read(p)?, nifti_io::read(r)?);
@@ -106,14 +114,14 @@ pub fn evaluate_pairs(pairs: &[(PathBuf, PathBuf)], labels: Option<Vec<i64>>) ->
         loaded.push((pv.data, rv.data));
     }
     let labels = labels.unwrap_or_else(|| {
-        let mut l: Vec<i64> = loaded.iter().flat_map(|(_, r)| r.iter().map(|&v| v as i64)).filter(|&v| v != 0).collect();
+        let mut l: Vec<i64> = loaded.iter().flat_map(|(_, r)| r.iter().map(|&v| v as i64)).filter(|&v| v != 0 && Some(v) != ignore).collect();
         l.sort();
         l.dedup();
         l
     });
     let mut per_case = Vec::new();
     for ((p, r), (pv, rv)) in pairs.iter().zip(&loaded) {
-        let m = labels.iter().map(|&l| (l.to_string(), metrics(pv, rv, l as f32))).collect();
+        let m = labels.iter().map(|&l| (l.to_string(), metrics(pv, rv, l as f32, ignore.map(|i| i as f32)))).collect();
         per_case.push(CaseResult { metrics: m, prediction_file: p.display().to_string(), reference_file: r.display().to_string() });
     }
     let mean_per_label: BTreeMap<String, Metrics> = labels

@@ -304,7 +304,7 @@ pub fn validate<B: Backend>(be: &B, cfg: &crate::train::TrainConfig, configurati
     bar.finish_and_clear();
     let (files, _) = predicted?;
     let pairs: Vec<_> = files.iter().zip(&cfg.val_ids).map(|(p, id)| (p.clone(), root.join("labelsTr").join(format!("{id}{ending}")))).collect();
-    let s = crate::evaluate::evaluate_pairs(&pairs, None)?;
+    let s = crate::evaluate::evaluate_pairs(&pairs, Some(foreground_labels(&model.json)), model.json.ignore_label())?;
     write_json_atomic(&out.join("summary.json"), &s)?;
     print!("{}", crate::evaluate::table(&s));
     println!("validation: {} in {:.1} s; wrote {}", crate::sysinfo::count(files.len(), "case"), t0.elapsed().as_secs_f64(), out.join("summary.json").display());
@@ -535,13 +535,27 @@ pub fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &st
     Ok(())
 }
 
-pub fn run_evaluate(pred: &std::path::Path, gt: &std::path::Path, labels: Option<Vec<i64>>, out: Option<std::path::PathBuf>) -> Result<()> {
+/// The labels nnU-Net scores: every label value but background and the ignore label.
+pub fn foreground_labels(json: &crate::dataset::DatasetJson) -> Vec<i64> {
+    let ignore = json.ignore_label();
+    json.label_values().into_iter().filter(|&v| v != 0 && Some(v) != ignore).collect()
+}
+
+/// `segk evaluate`: the labels from `--labels`, else the dataset.json's (`dataset_json`), else
+/// those in the references; the ignore label from `--ignore-label`, else the dataset.json's.
+pub fn run_evaluate(pred: &std::path::Path, gt: &std::path::Path, labels: Option<Vec<i64>>, ignore: Option<i64>, dataset_json: Option<&Path>, out: Option<std::path::PathBuf>) -> Result<()> {
     for dir in [pred, gt] {
         anyhow::ensure!(dir.is_dir(), "{}: no such folder", dir.display());
     }
+    let json = match dataset_json {
+        Some(f) => Some(crate::dataset::read_json_file(f)?),
+        None => None,
+    };
+    let labels = labels.or_else(|| json.as_ref().map(foreground_labels));
+    let ignore = ignore.or_else(|| json.as_ref().and_then(|j| j.ignore_label()));
     let out = out.unwrap_or_else(|| pred.join("summary.json"));
     crate::store::prepare_output_file(&out)?;
-    let s = crate::evaluate::evaluate(pred, gt, labels)?;
+    let s = crate::evaluate::evaluate(pred, gt, labels, ignore)?;
     write_json_atomic(&out, &s)?;
     print!("{}", crate::evaluate::table(&s));
     println!("{}; wrote {}", crate::sysinfo::count(s.metric_per_case.len(), "case"), out.display());

@@ -183,9 +183,15 @@ enum Cmd {
         pred: std::path::PathBuf,
         /// Folder of reference label maps with the same file names.
         gt: std::path::PathBuf,
-        /// Labels to score: `1,2` or, as nnU-Net's -l, `1 2` (default: every nonzero label in the references).
+        /// Labels to score: `1,2` or, as nnU-Net's -l, `1 2` (default: the dataset.json's, else every nonzero label in the references).
         #[arg(long, value_delimiter = ',', num_args = 1..)]
         labels: Option<Vec<i64>>,
+        /// The ignore label (nnU-Net's -il): voxels with it in the reference are not scored (default: the dataset.json's).
+        #[arg(long)]
+        ignore_label: Option<i64>,
+        /// A dataset.json giving the labels and the ignore label (nnU-Net's -djfile).
+        #[arg(long)]
+        dataset_json: Option<std::path::PathBuf>,
         /// Output file (default: PRED/summary.json).
         #[arg(long)]
         out: Option<std::path::PathBuf>,
@@ -273,6 +279,8 @@ fn nnunet_flag(arg: String) -> String {
         "-tr" => "--tr".into(),
         "-plans_name" => "--plans".into(),
         "-np" => "--processes".into(),
+        "-il" => "--ignore-label".into(),
+        "-djfile" => "--dataset-json".into(),
         _ => arg,
     }
 }
@@ -314,7 +322,7 @@ fn main() {
             };
             model.and_then(|m| run_predict(&input, &output, &m, folds, &checkpoint, segk::predict::PredictOptions { step, tta: !no_tta, save_probabilities }, &device))
         }
-        Cmd::Evaluate { pred, gt, labels, out } => run_evaluate(&pred, &gt, labels, out),
+        Cmd::Evaluate { pred, gt, labels, ignore_label, dataset_json, out } => run_evaluate(&pred, &gt, labels, ignore_label, dataset_json.as_deref(), out),
         Cmd::Synth { dataset, cases, shape, spacing, seed } => segk::synth::command(&dataset, segk::synth::RawSpec { cases, shape, spacing, seed }),
         Cmd::Bench { what: BenchCmd::Step(a) } => set_threads(a.threads).and_then(|_| segk::bench_step::run(&a)),
         Cmd::Bench { what: BenchCmd::Loader(a) } => segk::bench_loader::run(&a).map(|_| ()),

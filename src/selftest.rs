@@ -297,10 +297,21 @@ fn norm_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
 
 fn loss_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
     // Up to 8 classes the loss kernel sums in one pass over the voxels, above it in several: both.
-    let cases = [(Dims::new(2, [6, 5, 7], 3), DiceMode::Batch), (Dims::new(3, [4, 4, 9], 5), DiceMode::PerSample), (Dims::new(2, [8, 9, 10], 12), DiceMode::PerSample)];
-    for (ld, mode) in cases {
+    // With an ignore label (value c) on a random share of the voxels, and on every voxel.
+    let cases = [
+        (Dims::new(2, [6, 5, 7], 3), DiceMode::Batch, None),
+        (Dims::new(3, [4, 4, 9], 5), DiceMode::PerSample, None),
+        (Dims::new(2, [8, 9, 10], 12), DiceMode::PerSample, None),
+        (Dims::new(2, [6, 5, 7], 3), DiceMode::Batch, Some(0.6)),
+        (Dims::new(3, [4, 4, 9], 5), DiceMode::PerSample, Some(0.3)),
+        (Dims::new(2, [8, 9, 10], 12), DiceMode::Batch, Some(0.5)),
+        (Dims::new(2, [3, 4, 5], 3), DiceMode::PerSample, Some(1.0)),
+    ];
+    for (ld, mode, ignored) in cases {
+        let ignore = ignored.is_some();
         let z: Vec<f32> = r.rand(ld.len()).iter().map(|v| 4.0 * v).collect();
-        let labels: Vec<u8> = (0..ld.rows()).map(|_| r.rng.random_range(0..ld.c as u8)).collect();
+        let labels: Vec<u8> = (0..ld.rows()).map(|_| if r.rng.random_bool(ignored.unwrap_or(0.0)) { ld.c as u8 } else { r.rng.random_range(0..ld.c as u8) }).collect();
+        let mode_name = format!("{mode:?}{}", ignored.map(|p| format!(" ignoring {:.0} %", p * 100.0)).unwrap_or_default());
         let (zd, zc) = r.both_act(&z)?;
         let (ad, ac) = (r.dev.labels(&vec![255; ld.rows()])?, r.cpu.labels(&vec![255; ld.rows()])?);
         r.dev.be.argmax(zd, ld, ad)?;
@@ -310,22 +321,22 @@ fn loss_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
         r.push(Check { name: format!("argmax {ld}"), err: wrong as f64, bound: 0.0 });
         let (ldv, lcv) = (r.dev.labels(&labels)?, r.cpu.labels(&labels)?);
         let (rd, rc) = r.outs(LOSS_RECORD)?;
-        r.dev.be.softmax_dice_ce(zd, ld, ldv, mode, 0.5, rd)?;
-        r.cpu.be.softmax_dice_ce(zc, ld, lcv, mode, 0.5, rc)?;
+        r.dev.be.softmax_dice_ce(zd, ld, ldv, mode, ignore, 0.5, rd)?;
+        r.cpu.be.softmax_dice_ce(zc, ld, lcv, mode, ignore, 0.5, rc)?;
         // [CE, Dice term, largest label]: the label exactly, the parts within f32 rounding.
         let (pd, pc) = (r.dev.get(rd, LOSS_RECORD)?, r.cpu.get(rc, LOSS_RECORD)?);
-        r.push(Check { name: format!("loss value {mode:?} {ld}"), err: rel_err(&pd[..2], &pc[..2]), bound: b.f32 });
-        r.push(Check { name: format!("loss largest label {mode:?} {ld}"), err: if pd[2] == pc[2] { 0.0 } else { 1.0 }, bound: 0.0 });
+        r.push(Check { name: format!("loss value {mode_name} {ld}"), err: rel_err(&pd[..2], &pc[..2]), bound: b.f32 });
+        r.push(Check { name: format!("loss largest label {mode_name} {ld}"), err: if pd[2] == pc[2] { 0.0 } else { 1.0 }, bound: 0.0 });
         let stored = r.stored(b, b.f32);
-        r.compare(format!("loss gradient {mode:?} {ld}"), zd, zc, ld.len(), stored)?;
+        r.compare(format!("loss gradient {mode_name} {ld}"), zd, zc, ld.len(), stored)?;
     }
-    // A label the net has no output for: NaN Dice term (the update is then skipped), the label
-    // reported.
+    // A label the net has no output for (above the ignore label): NaN Dice term (the update is
+    // then skipped), the label reported.
     let ld = Dims::new(1, [2, 3, 4], 3);
     let z = r.rand(ld.len());
     let labels: Vec<u8> = (0..ld.rows()).map(|i| if i == 7 { 5 } else { (i % 3) as u8 }).collect();
     let ((zd, _), ldv, (rd, _)) = (r.both_act(&z)?, r.dev.labels(&labels)?, r.outs(LOSS_RECORD)?);
-    r.dev.be.softmax_dice_ce(zd, ld, ldv, DiceMode::Batch, 1.0, rd)?;
+    r.dev.be.softmax_dice_ce(zd, ld, ldv, DiceMode::Batch, true, 1.0, rd)?;
     let got = r.dev.get(rd, LOSS_RECORD)?;
     r.push(Check { name: "loss with a label beyond the classes: NaN Dice term, label 5 reported".into(), err: if got[1].is_nan() && got[2] == 5.0 { 0.0 } else { 1.0 }, bound: 0.0 });
     Ok(())

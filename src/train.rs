@@ -239,10 +239,10 @@ fn save_and_fail<B: Backend>(be: &B, cfg: &TrainConfig, net: &mut UNet<B>, st: &
 /// The steps read back (in the order they were queued, with each one's cases) into the
 /// epoch's sums. Every step is counted before an error (a label the net has no output for,
 /// too many non-finite steps in a row) is returned, so a checkpoint saved after it is whole.
-fn account(steps: &[crate::model::unet::StepLoss], pending: &mut Vec<Vec<String>>, st: &mut TrainerState, classes: usize) -> Result<()> {
+fn account(steps: &[crate::model::unet::StepLoss], pending: &mut Vec<Vec<String>>, st: &mut TrainerState, topo: &crate::model::Topology) -> Result<()> {
     let mut first_error = None;
     for (s, cases) in steps.iter().zip(pending.drain(..)) {
-        if let Err(e) = crate::model::ledger::check_labels(s, classes, &format_args!("the batch of cases {cases:?}")) {
+        if let Err(e) = crate::model::ledger::check_labels(s, topo.n_classes, topo.ignore_label, &format_args!("the batch of cases {cases:?}")) {
             first_error.get_or_insert(e);
         }
         if s.applied {
@@ -266,7 +266,7 @@ fn account(steps: &[crate::model::unet::StepLoss], pending: &mut Vec<Vec<String>
 fn settle<B: Backend>(be: &B, net: &mut UNet<B>, st: &mut TrainerState, pending: &mut Vec<Vec<String>>) -> std::result::Result<(), (anyhow::Error, &'static str)> {
     let steps = net.take_steps(be).map_err(|e| (e, FIX_DEVICE))?;
     st.steps = net.steps;
-    account(&steps, pending, st, net.topo.n_classes).map_err(|e| (e, FIX_DATA))
+    account(&steps, pending, st, &net.topo).map_err(|e| (e, FIX_DATA))
 }
 
 const FIX_DATA: &str = "fix or remove the case named below";
@@ -470,13 +470,13 @@ mod tests {
         let cases = |n: usize| (0..n).map(|i| vec![format!("case_{i}")]).collect::<Vec<_>>();
         let steps = [good.clone(), bad_label, good.clone(), good.clone()];
         let mut pending = cases(4);
-        let e = super::account(&steps, &mut pending, &mut st, 3).unwrap_err().to_string();
+        let e = super::account(&steps, &mut pending, &mut st, &crate::model::Topology::isotropic(1, 3, vec![4, 8])).unwrap_err().to_string();
         assert!(e.contains("label 7") && e.contains("case_1") && e.contains("3 classes"), "{e}");
         assert_eq!((st.epoch_steps, st.epoch_skipped, st.epoch_loss_sum), (3, 1, 3.0));
         assert!(pending.is_empty());
         let steps: Vec<StepLoss> = std::iter::repeat_n(nan, 6).chain([good]).collect();
         let mut pending = cases(7);
-        let e = super::account(&steps, &mut pending, &mut st, 3).unwrap_err().to_string();
+        let e = super::account(&steps, &mut pending, &mut st, &crate::model::Topology::isotropic(1, 3, vec![4, 8])).unwrap_err().to_string();
         assert!(e.contains("5 steps in a row") && e.contains("case_4"), "{e}");
         assert_eq!((st.epoch_steps, st.epoch_skipped, st.bad_in_a_row), (4, 7, 0));
     }

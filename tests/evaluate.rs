@@ -13,11 +13,14 @@ fn write(path: &std::path::Path, data: Vec<f32>) {
 
 #[test]
 fn dice_iou_and_counts_match_hand_computed_values() {
-    let m = metrics(&[1.0, 1.0, 0.0, 2.0], &[1.0, 0.0, 1.0, 2.0], 1.0);
+    let m = metrics(&[1.0, 1.0, 0.0, 2.0], &[1.0, 0.0, 1.0, 2.0], 1.0, None);
     assert_eq!((m.tp, m.fp, m.fn_, m.tn, m.n_pred, m.n_ref), (1.0, 1.0, 1.0, 1.0, 2.0, 2.0));
     assert_eq!(m.dice, Some(0.5));
     assert_eq!(m.iou, Some(1.0 / 3.0));
-    assert_eq!(metrics(&[0.0; 4], &[0.0; 4], 1.0).dice, None, "nothing in either map: undefined");
+    assert_eq!(metrics(&[0.0; 4], &[0.0; 4], 1.0, None).dice, None, "nothing in either map: undefined");
+    // The reference's ignore voxels (3) count nowhere, whatever was predicted there.
+    let m = metrics(&[1.0, 1.0, 0.0, 2.0, 1.0, 0.0], &[1.0, 0.0, 1.0, 2.0, 3.0, 3.0], 1.0, Some(3.0));
+    assert_eq!((m.tp, m.fp, m.fn_, m.tn, m.n_pred, m.n_ref), (1.0, 1.0, 1.0, 1.0, 2.0, 2.0));
 
     let base = std::env::temp_dir().join(format!("segk-eval-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
@@ -34,7 +37,7 @@ fn dice_iou_and_counts_match_hand_computed_values() {
     write(&pred.join("a.nii.gz"), a_pred);
     write(&gt.join("b.nii.gz"), b_ref);
     write(&pred.join("b.nii.gz"), b_pred);
-    let s = evaluate(&pred, &gt, None).unwrap();
+    let s = evaluate(&pred, &gt, None, None).unwrap();
     let d = |case: usize, l: &str| s.metric_per_case[case].metrics[l].dice;
     assert_eq!((d(0, "1"), d(0, "2"), d(1, "1"), d(1, "2")), (Some(1.0), Some(2.0 * 2.0 / (4.0 + 2.0)), Some(0.0), None));
     assert_eq!(s.mean["1"].dice, Some(0.5));
@@ -53,6 +56,33 @@ fn dice_iou_and_counts_match_hand_computed_values() {
         assert!(out.status.success(), "{labels:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
     std::fs::remove_file(pred.join("b.nii.gz")).unwrap();
-    let e = evaluate(&pred, &gt, None).unwrap_err().to_string();
+    let e = evaluate(&pred, &gt, None, None).unwrap_err().to_string();
     assert!(e.contains("no prediction for 1 of the 2 references") && e.contains(": b.nii.gz"), "{e}");
+}
+
+/// `segk evaluate --ignore-label` (nnU-Net's -il) and `--dataset-json` (-djfile): ignore
+/// voxels are left out, and the ignore label is not scored.
+#[test]
+fn ignore_label_voxels_are_not_scored() {
+    let base = std::env::temp_dir().join(format!("segk-eval-ignore-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (pred, gt) = (base.join("pred"), base.join("gt"));
+    std::fs::create_dir_all(&pred).unwrap();
+    std::fs::create_dir_all(&gt).unwrap();
+    // Label 1 on 0..4, ignore (2) on 8..16; the prediction puts 1 on 0..4 and on 8..12.
+    write(&gt.join("a.nii.gz"), (0..16).map(|i| if i < 4 { 1.0 } else if i >= 8 { 2.0 } else { 0.0 }).collect());
+    write(&pred.join("a.nii.gz"), (0..16).map(|i| if i < 4 || (8..12).contains(&i) { 1.0 } else { 0.0 }).collect());
+    let s = evaluate(&pred, &gt, None, None).unwrap();
+    assert_eq!(s.mean["1"].dice, Some(2.0 * 4.0 / (8.0 + 4.0)), "without an ignore label the voxels count");
+    let s = evaluate(&pred, &gt, None, Some(2)).unwrap();
+    assert_eq!((s.mean["1"].dice, s.mean["1"].tn), (Some(1.0), 4.0));
+    assert!(!s.mean.contains_key("2"), "the ignore label is not scored");
+    std::fs::write(base.join("dataset.json"), r#"{"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1, "ignore": 2}, "numTraining": 1, "file_ending": ".nii.gz"}"#).unwrap();
+    for args in [vec!["-il", "2"], vec!["--ignore-label", "2"], vec!["-djfile", base.join("dataset.json").to_str().unwrap()]] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).arg("evaluate").arg(&pred).arg(&gt).args(&args).output().unwrap();
+        assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(pred.join("summary.json")).unwrap()).unwrap();
+        assert_eq!(v["mean"]["1"]["Dice"], 1.0, "{args:?}");
+        assert!(v["mean"]["2"].is_null(), "{args:?}");
+    }
 }

@@ -251,7 +251,7 @@ fn loss_hand_computed_case() {
     // One sample, two voxels, two classes, logits 0: p = 0.5 everywhere, labels [1, 0].
     let ld = Dims::new(1, [1, 1, 2], 2);
     let mut z = vec![0.0f64; 4];
-    let [ce, dice, max_label] = loss::softmax_dice_ce(&mut z, ld, &[1, 0], DiceMode::Batch, 1.0).unwrap();
+    let [ce, dice, max_label] = loss::softmax_dice_ce(&mut z, ld, &[1, 0], DiceMode::Batch, false, 1.0).unwrap();
     assert!((ce - 2f64.ln()).abs() < 1e-12);
     // class 1: I = 0.5, P = 1, G = 1 -> dc = (1 + s) / (2 + s)
     let dc = (1.0 + 1e-5) / (2.0 + 1e-5);
@@ -262,29 +262,59 @@ fn loss_hand_computed_case() {
 #[test]
 fn loss_gradient_matches_finite_differences() {
     let mut r = rng("loss_backward");
-    for mode in [DiceMode::Batch, DiceMode::PerSample] {
-        for (ld, w) in [(Dims::new(2, [3, 4, 5], 3), 1.0), (Dims::new(3, [2, 2, 3], 4), 0.25)] {
-            let mut z: Vec<f64> = randn(&mut r, ld.len()).iter().map(|v| 3.0 * v).collect();
-            let labels: Vec<u8> = (0..ld.rows()).map(|i| ((i * 7 + (z[i] > 0.0) as usize) % ld.c) as u8).collect();
-            let mut g = z.clone();
-            loss::softmax_dice_ce(&mut g, ld, &labels, mode, w).unwrap();
-            let idx = pick(&mut r, z.len(), 60);
-            let n = numeric_grad(&mut z, &idx, &mut |z| {
-                let mut t = z.to_vec();
-                let [ce, dice, _] = loss::softmax_dice_ce(&mut t, ld, &labels, mode, 1.0).unwrap();
-                w * (ce + dice)
-            });
-            let e = rel_err(&idx.iter().map(|&i| g[i]).collect::<Vec<_>>(), &n);
-            assert!(e < 1e-6, "{mode:?} {ld}: {e}");
+    // With an ignore label (value c) on every third voxel too: those get no gradient.
+    for ignore in [false, true] {
+        for mode in [DiceMode::Batch, DiceMode::PerSample] {
+            for (ld, w) in [(Dims::new(2, [3, 4, 5], 3), 1.0), (Dims::new(3, [2, 2, 3], 4), 0.25)] {
+                let mut z: Vec<f64> = randn(&mut r, ld.len()).iter().map(|v| 3.0 * v).collect();
+                let labels: Vec<u8> = (0..ld.rows()).map(|i| if ignore && i % 3 == 1 { ld.c as u8 } else { ((i * 7 + (z[i] > 0.0) as usize) % ld.c) as u8 }).collect();
+                let mut g = z.clone();
+                loss::softmax_dice_ce(&mut g, ld, &labels, mode, ignore, w).unwrap();
+                let idx = pick(&mut r, z.len(), 60);
+                let n = numeric_grad(&mut z, &idx, &mut |z| {
+                    let mut t = z.to_vec();
+                    let [ce, dice, _] = loss::softmax_dice_ce(&mut t, ld, &labels, mode, ignore, 1.0).unwrap();
+                    w * (ce + dice)
+                });
+                let e = rel_err(&idx.iter().map(|&i| g[i]).collect::<Vec<_>>(), &n);
+                assert!(e < 1e-6, "{mode:?} ignore {ignore} {ld}: {e}");
+                if ignore {
+                    assert!(g.chunks(ld.c).zip(&labels).all(|(gr, &l)| l as usize != ld.c || gr.iter().all(|&v| v == 0.0)), "ignored voxels get no gradient");
+                }
+            }
         }
     }
+}
+
+#[test]
+fn loss_with_ignore_label_hand_computed() {
+    // The hand-computed case plus two ignored voxels (label 2 = the class count): the same
+    // loss, as nnU-Net's masked Dice and CE with ignore_index give; an all-ignored batch: CE 0,
+    // every Dice 1 (smooth / smooth), no gradient.
+    let ld = Dims::new(1, [1, 1, 4], 2);
+    let mut z = vec![0.0, 0.0, 3.0, -1.0, 0.0, 0.0, -2.0, 5.0];
+    let [ce, dice, max_label] = loss::softmax_dice_ce(&mut z, ld, &[1, 2, 0, 2], DiceMode::Batch, true, 1.0).unwrap();
+    assert!((ce - 2f64.ln()).abs() < 1e-12, "ce {ce}");
+    assert!((dice + (1.0 + 1e-5) / (2.0 + 1e-5)).abs() < 1e-12, "dice {dice}");
+    assert_eq!(max_label, 2.0);
+    assert!(z[2..4].iter().chain(&z[6..8]).all(|&v| v == 0.0), "{z:?}");
+    // Without an ignore label, 2 is a label the net has no output for.
+    let [ce, ..] = loss::softmax_dice_ce(&mut vec![0.0; 8], ld, &[1, 2, 0, 2], DiceMode::Batch, false, 1.0).unwrap();
+    assert!(ce.is_nan());
+    let mut z = vec![0.5f64; 8];
+    let [ce, dice, _] = loss::softmax_dice_ce(&mut z, ld, &[2; 4], DiceMode::PerSample, true, 1.0).unwrap();
+    assert_eq!((ce, dice), (0.0, -1.0));
+    assert_eq!(z, vec![0.0; 8]);
+    // A label above the ignore label is still refused.
+    let [_, dice, max_label] = loss::softmax_dice_ce(&mut vec![0.0; 8], ld, &[1, 3, 0, 2], DiceMode::Batch, true, 1.0).unwrap();
+    assert!(dice.is_nan() && max_label == 3.0);
 }
 
 #[test]
 fn loss_marks_labels_beyond_classes() {
     // NaN parts (the update is skipped), the label reported, the logits left alone.
     let mut z = vec![0.25f64; 4];
-    let [ce, dice, max_label] = loss::softmax_dice_ce(&mut z, Dims::new(1, [1, 1, 2], 2), &[0, 5], DiceMode::Batch, 1.0).unwrap();
+    let [ce, dice, max_label] = loss::softmax_dice_ce(&mut z, Dims::new(1, [1, 1, 2], 2), &[0, 5], DiceMode::Batch, false, 1.0).unwrap();
     assert!(ce.is_nan() && dice.is_nan() && max_label == 5.0);
     assert_eq!(z, vec![0.25; 4]);
 }

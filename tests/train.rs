@@ -21,6 +21,27 @@ fn short_training_run_learns() {
     assert!(r.mean_dice >= 0.7, "held-out mean foreground Dice {:.4} < 0.7", r.mean_dice);
 }
 
+/// Sparse annotation (nnU-Net's ignore label on two thirds of every training volume) still
+/// learns: the held-out cases, fully labelled, reach a Dice threshold.
+#[test]
+fn sparse_annotation_with_an_ignore_label_learns() {
+    let cfg = DemoConfig {
+        train_cases: 8,
+        test_cases: 2,
+        size: [32, 32, 32],
+        patch: [32, 32, 32],
+        epochs: 6,
+        iters_per_epoch: 25,
+        progress: false,
+        seed: 7,
+        sparse: true,
+        ..DemoConfig::default()
+    };
+    let r = demo::run(&cfg).unwrap();
+    eprintln!("sparse: loss {:.4} -> {:.4}, dice {:?}, mean {:.4}, {:.1} s", r.first_epoch_loss, r.last_epoch_loss, r.dice, r.mean_dice, r.train_secs);
+    assert!(r.mean_dice >= 0.7, "held-out mean foreground Dice {:.4} < 0.7", r.mean_dice);
+}
+
 /// raw dataset -> `segk train` (which plans and preprocesses first) -> a log line per epoch.
 #[test]
 fn train_command_runs_plan_preprocess_and_epochs() {
@@ -276,4 +297,49 @@ fn preflight_picks_the_fastest_level_that_fits_or_refuses_with_numbers() {
     let asked: f64 = e.split("--gpu-memory ").nth(1).and_then(|r| r.split('`').next()).and_then(|v| v.parse().ok()).unwrap_or(f64::NAN);
     assert!(!e.contains("--checkpointing 2") && (asked - 8.0 * 0.95 / 2.0).abs() < 0.11, "{e}");
     assert_eq!(preflight(&plan, None, F32, Some(l0), 1).unwrap(), Checkpointing::Level1, "the backend's workspace counts");
+}
+
+/// An nnU-Net dataset with `"ignore": 3` (two thirds of every label map unlabelled) trains,
+/// validates, predicts and evaluates: no output for the ignore label, none predicted, its
+/// voxels left out of the scores.
+#[test]
+fn ignore_label_dataset_trains_predicts_and_evaluates() {
+    use segk::dataset::nifti_io;
+    let base = std::env::temp_dir().join(format!("segk-train-ignore-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let root = base.join("Dataset034_Sparse");
+    let segk = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_segk")).args(args).env_remove("nnUNet_preprocessed").env_remove("nnUNet_results").env_remove("nnUNet_raw").output().unwrap();
+    assert!(segk(&["synth", root.to_str().unwrap(), "--cases", "4", "--shape", "24,32,32", "--spacing", "1,1,1"]).status.success());
+    let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("dataset.json")).unwrap()).unwrap();
+    json["labels"]["ignore"] = 3.into();
+    std::fs::write(root.join("dataset.json"), json.to_string()).unwrap();
+    for e in std::fs::read_dir(root.join("labelsTr")).unwrap() {
+        let p = e.unwrap().path();
+        let mut v = nifti_io::read(&p).unwrap();
+        let plane = v.shape[1] * v.shape[2];
+        v.data.iter_mut().enumerate().filter(|(i, _)| (i / plane / 4) % 3 != 0).for_each(|(_, l)| *l = 3.0);
+        nifti_io::write(&p, &v, nifti_io::VoxelType::U8).unwrap();
+    }
+    let out = segk(&["train", root.to_str().unwrap(), "3d_fullres", "all", "--device", "cpu", "--epochs", "1", "--iters-per-epoch", "2", "--val-iters", "1", "--workers", "1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let model = base.join("segk_results/Dataset034_Sparse/segkTrainer__nnUNetPlans__3d_fullres");
+    let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("fold_all/validation/summary.json")).unwrap()).unwrap();
+    assert!(summary["mean"]["3"].is_null() && summary["mean"]["1"].is_object(), "the ignore label is not scored: {summary}");
+    let out = segk(&["predict", "-i", root.join("imagesTr").to_str().unwrap(), "-o", base.join("pred").to_str().unwrap(), "-m", model.to_str().unwrap(), "--device", "cpu", "--no-tta"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    for e in std::fs::read_dir(base.join("pred")).unwrap() {
+        let p = e.unwrap().path();
+        if p.to_string_lossy().ends_with(".nii.gz") {
+            assert!(nifti_io::read(&p).unwrap().data.iter().all(|&l| l < 3.0), "{}: the ignore label is never predicted", p.display());
+        }
+    }
+    let out = segk(&["evaluate", base.join("pred").to_str().unwrap(), root.join("labelsTr").to_str().unwrap(), "-djfile", root.join("dataset.json").to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(base.join("pred/summary.json")).unwrap()).unwrap();
+    let case = &s["metric_per_case"][0]["metrics"]["1"];
+    let counted = ["TP", "FP", "FN", "TN"].iter().map(|k| case[k].as_f64().unwrap()).sum::<f64>();
+    let labelled = (0..24).filter(|z| (z / 4) % 3 == 0).count() * 32 * 32;
+    assert_eq!(counted, labelled as f64, "only the labelled voxels are counted");
+    let _ = std::fs::remove_dir_all(&base);
 }

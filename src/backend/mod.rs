@@ -269,9 +269,12 @@ pub trait Backend: Sync {
     /// Softmax + soft Dice (foreground classes) + cross-entropy over `logits` (c = classes).
     /// Overwrites `logits` with weight * d(loss)/d(logits) and writes the unweighted parts into
     /// `record` ([`LOSS_RECORD`] values: CE, the Dice term (nnU-Net's sign), the largest label
-    /// seen), where they stay until read: a step never waits for its loss. A label not below c
-    /// makes the Dice term NaN (the step is then not applied) and its gradient meaningless.
-    fn softmax_dice_ce(&self, logits: Self::Buf, ld: Dims, labels: Self::LabelBuf, mode: DiceMode, weight: f64, record: Self::Buf) -> Result<()>;
+    /// seen), where they stay until read: a step never waits for its loss. With `ignore`, voxels
+    /// labelled c (nnU-Net's ignore label, the highest value) take no part in either term and
+    /// get a zero gradient; any other label not below c makes the Dice term NaN (the step is
+    /// then not applied) and its gradient meaningless.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_dice_ce(&self, logits: Self::Buf, ld: Dims, labels: Self::LabelBuf, mode: DiceMode, ignore: bool, weight: f64, record: Self::Buf) -> Result<()>;
     /// Argmax over channels into a label map (prediction).
     fn argmax(&self, logits: Self::Buf, ld: Dims, out: Self::LabelBuf) -> Result<()>;
     fn download_labels(&self, src: Self::LabelBuf, dst: &mut [u8]) -> Result<()>;

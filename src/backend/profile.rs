@@ -157,8 +157,8 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn downsample_labels(&self, s: B::LabelBuf, sd: Dims, d: B::LabelBuf, dd: Dims) -> Result<()> {
         self.time("downsample_labels", 0.0, || self.inner.downsample_labels(s, sd, d, dd))
     }
-    fn softmax_dice_ce(&self, l: B::Buf, ld: Dims, lab: B::LabelBuf, mode: DiceMode, w: f64, record: B::Buf) -> Result<()> {
-        self.time("softmax_dice_ce", 0.0, || self.inner.softmax_dice_ce(l, ld, lab, mode, w, record))
+    fn softmax_dice_ce(&self, l: B::Buf, ld: Dims, lab: B::LabelBuf, mode: DiceMode, ignore: bool, w: f64, record: B::Buf) -> Result<()> {
+        self.time("softmax_dice_ce", 0.0, || self.inner.softmax_dice_ce(l, ld, lab, mode, ignore, w, record))
     }
     fn argmax(&self, l: B::Buf, ld: Dims, o: B::LabelBuf) -> Result<()> {
         self.time("argmax", 0.0, || self.inner.argmax(l, ld, o))

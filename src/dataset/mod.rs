@@ -87,7 +87,11 @@ pub fn split_channel(stem: &str) -> Option<(&str, usize)> {
 }
 
 pub fn read_json(root: &Path) -> Result<DatasetJson> {
-    let p = root.join("dataset.json");
+    read_json_file(&root.join("dataset.json"))
+}
+
+/// A dataset.json by its own path.
+pub fn read_json_file(p: &Path) -> Result<DatasetJson> {
     let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
     let mut json: DatasetJson = serde_json::from_str(&text)
         .map_err(|e| match e.to_string().contains("untagged enum LabelValue") {

@@ -87,10 +87,12 @@ impl<B: Backend> Ledger<B> {
     }
 }
 
-/// The error for a step that saw a label the net has no output for.
-pub fn check_labels(s: &StepLoss, classes: usize, cases: &dyn std::fmt::Display) -> Result<()> {
-    if s.max_label >= classes {
-        bail!("label {} found in {cases} but the network has {classes} classes", s.max_label);
+/// The error for a step that saw a label the net has no output for (the ignore label, value
+/// `classes`, aside).
+pub fn check_labels(s: &StepLoss, classes: usize, ignore_label: bool, cases: &dyn std::fmt::Display) -> Result<()> {
+    if s.max_label >= classes + ignore_label as usize {
+        let ignore = if ignore_label { format!(" and ignore label {classes}") } else { String::new() };
+        bail!("label {} found in {cases} but the network has {classes} classes{ignore}", s.max_label);
     }
     Ok(())
 }

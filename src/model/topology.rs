@@ -20,6 +20,9 @@ pub struct Topology {
     pub deep_supervision: bool,
     #[serde(default = "batch_dice")]
     pub dice: DiceMode,
+    /// Label value `n_classes` is nnU-Net's ignore label: no output, no loss, no score.
+    #[serde(default)]
+    pub ignore_label: bool,
 }
 
 fn two() -> usize {
@@ -50,6 +53,7 @@ impl Topology {
             convs_per_stage: 2,
             deep_supervision: true,
             dice: DiceMode::Batch,
+            ignore_label: false,
         }
     }
 

@@ -149,7 +149,7 @@ impl<B: Backend> UNet<B> {
         let weights = self.topo.ds_weights();
         for (s, slot) in acts.plan.logits.iter().enumerate() {
             match (slot, acts.plan.labels[s]) {
-                (Some(lg), Some(lb)) => be.softmax_dice_ce(pass.act(lg), lg.dims, pass.label(lb), self.topo.dice, weights[s], ledger.next_loss(be, s))?,
+                (Some(lg), Some(lb)) => be.softmax_dice_ce(pass.act(lg), lg.dims, pass.label(lb), self.topo.dice, self.topo.ignore_label, weights[s], ledger.next_loss(be, s))?,
                 // An output without a loss this step: zeros, not a record left by another plan.
                 _ => be.fill(ledger.next_loss(be, s), 0.0)?,
             }

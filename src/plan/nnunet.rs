@@ -420,6 +420,7 @@ pub fn segk_topology(c: &Configuration, json: &DatasetJson) -> Result<crate::mod
         convs_per_stage: convs[0],
         deep_supervision: true,
         dice: if c.batch_dice.unwrap_or(false) { crate::backend::DiceMode::Batch } else { crate::backend::DiceMode::PerSample },
+        ignore_label: json.ignore_label().is_some(),
     };
     t.validate()?;
     Ok(t)

@@ -1,6 +1,8 @@
 //! Softmax + soft Dice + cross-entropy (nnU-Net's DC_and_CE_loss, weights 1:1).
 //! Pass 1 gathers per (sample, class) intersection / prediction / ground-truth sums and the
 //! CE sum; pass 2 recomputes the softmax per voxel and writes the gradient over the logits.
+//! With an ignore label (label value = class count) its voxels take no part: not in the Dice
+//! sums (nnU-Net's loss mask), not in the CE or its mean (ignore_index), gradient zero.
 
 use super::Float;
 use crate::backend::{DiceMode, LossParts, DICE_SMOOTH, LOSS_RECORD};
@@ -53,11 +55,13 @@ pub struct DiceTerms {
     pub coef: Vec<Vec<(f64, f64)>>,
     /// Number of averaged Dice terms (groups x foreground classes).
     pub terms: f64,
+    /// Voxels the CE is averaged over: every labelled (not ignored) voxel of the batch.
     pub total_vox: f64,
 }
 
-/// Loss parts and gradient coefficients from per-sample sums.
-pub fn dice_terms(per_sample: &[Sums], mode: DiceMode, voxels_per_sample: usize) -> DiceTerms {
+/// Loss parts and gradient coefficients from per-sample sums (the CE 0 when no voxel is
+/// labelled, as PyTorch's ignore_index makes nnU-Net's).
+pub fn dice_terms(per_sample: &[Sums], mode: DiceMode) -> DiceTerms {
     let c = per_sample[0].inter.len();
     let groups: Vec<Sums> = match mode {
         DiceMode::Batch => {
@@ -84,20 +88,21 @@ pub fn dice_terms(per_sample: &[Sums], mode: DiceMode, voxels_per_sample: usize)
                 .collect()
         })
         .collect();
-    let total_vox = (per_sample.len() * voxels_per_sample) as f64;
-    let ce = per_sample.iter().map(|s| s.ce).sum::<f64>() / total_vox;
+    let total_vox: f64 = per_sample.iter().map(|s| s.gt.iter().sum::<f64>()).sum();
+    let ce = if total_vox > 0.0 { per_sample.iter().map(|s| s.ce).sum::<f64>() / total_vox } else { 0.0 };
     DiceTerms { parts: LossParts { ce, dice: -dice_sum / terms }, coef, terms, total_vox }
 }
 
 /// Forward and backward in one call: returns the record the backend stores ([CE, Dice term,
-/// largest label]) and overwrites `logits` with `weight * dL/dlogits`. A label not below the
-/// class count gives NaN loss parts and leaves `logits` alone (the step is not applied).
-pub fn softmax_dice_ce<T: Float>(logits: &mut [T], ld: Dims, labels: &[u8], mode: DiceMode, weight: f64) -> Result<[f64; LOSS_RECORD]> {
+/// largest label]) and overwrites `logits` with `weight * dL/dlogits`. With `ignore`, voxels
+/// labelled with the class count are ignored; any other label not below the class count gives
+/// NaN loss parts and leaves `logits` alone (the step is not applied).
+pub fn softmax_dice_ce<T: Float>(logits: &mut [T], ld: Dims, labels: &[u8], mode: DiceMode, ignore: bool, weight: f64) -> Result<[f64; LOSS_RECORD]> {
     let (c, v, n) = (ld.c, ld.voxels(), ld.n);
     ensure!(c >= 2, "the loss needs at least 2 classes (background + 1), got {c}");
     ensure!(logits.len() == ld.len() && labels.len() == ld.rows(), "loss: logits {} and labels {} do not match {}", logits.len(), labels.len(), ld);
     let max_label = labels.iter().copied().max().unwrap_or(0) as f64;
-    if max_label as usize >= c {
+    if max_label as usize >= c + ignore as usize {
         return Ok([f64::NAN, f64::NAN, max_label]);
     }
     // Pass 1: per-chunk sums, one chunk never spans two samples (v % ROWS handled by split).
@@ -110,8 +115,11 @@ pub fn softmax_dice_ce<T: Float>(logits: &mut [T], ld: Dims, labels: &[u8], mode
             let mut s = Sums::zeros(c);
             let mut p = vec![0.0; c];
             for r in lo..hi {
-                let lse = softmax(&lref[r * c..(r + 1) * c], &mut p);
                 let y = labels[r] as usize;
+                if y == c {
+                    continue;
+                }
+                let lse = softmax(&lref[r * c..(r + 1) * c], &mut p);
                 s.ce += lse - lref[r * c + y].to_f64();
                 s.inter[y] += p[y];
                 s.gt[y] += 1.0;
@@ -124,7 +132,7 @@ pub fn softmax_dice_ce<T: Float>(logits: &mut [T], ld: Dims, labels: &[u8], mode
     for (b, s) in &partial {
         per_sample[*b].add(s);
     }
-    let DiceTerms { parts, coef, terms, total_vox } = dice_terms(&per_sample, mode, v);
+    let DiceTerms { parts, coef, terms, total_vox } = dice_terms(&per_sample, mode);
 
     // Pass 2: dL/dz = p * (g - sum_k p_k g_k), g = dL/dp.
     logits.par_chunks_mut(ROWS * c).enumerate().for_each(|(ci, lc)| {
@@ -132,6 +140,10 @@ pub fn softmax_dice_ce<T: Float>(logits: &mut [T], ld: Dims, labels: &[u8], mode
         for (i, z) in lc.chunks_exact_mut(c).enumerate() {
             let r = ci * ROWS + i;
             let y = labels[r] as usize;
+            if y == c {
+                z.iter_mut().for_each(|z| *z = T::from_f64(0.0));
+                continue;
+            }
             let cf = &coef[if mode == DiceMode::Batch { 0 } else { r / v }];
             softmax(z, &mut p);
             g[0] = 0.0;

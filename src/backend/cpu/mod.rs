@@ -452,8 +452,8 @@ impl<T: Float> Backend for CpuBackend<T> {
         Ok(())
     }
 
-    fn softmax_dice_ce(&self, logits: CpuBuf<T>, ld: Dims, labels: CpuBuf<u8>, mode: DiceMode, weight: f64, record: CpuBuf<T>) -> Result<()> {
-        let parts = unsafe { loss::softmax_dice_ce(logits.slice_mut(), ld, labels.slice(), mode, weight) }?;
+    fn softmax_dice_ce(&self, logits: CpuBuf<T>, ld: Dims, labels: CpuBuf<u8>, mode: DiceMode, ignore: bool, weight: f64, record: CpuBuf<T>) -> Result<()> {
+        let parts = unsafe { loss::softmax_dice_ce(logits.slice_mut(), ld, labels.slice(), mode, ignore, weight) }?;
         anyhow::ensure!(record.len == LOSS_RECORD, "loss record of {} values, not {LOSS_RECORD}", record.len);
         unsafe { record.slice_mut() }.iter_mut().zip(parts).for_each(|(r, v)| *r = T::from_f64(v));
         self.stored(&[logits]);

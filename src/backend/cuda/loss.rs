@@ -10,7 +10,7 @@ use cudarc::driver::LaunchConfig;
 
 const THREADS: usize = 256;
 
-pub fn softmax_dice_ce(be: &CudaBackend, z: DevBuf, ld: Dims, labels: DevLabels, mode: DiceMode, weight: f64, record: DevBuf) -> Result<()> {
+pub fn softmax_dice_ce(be: &CudaBackend, z: DevBuf, ld: Dims, labels: DevLabels, mode: DiceMode, ignore: bool, weight: f64, record: DevBuf) -> Result<()> {
     let (c, v, n) = (ld.c, ld.voxels(), ld.n);
     ensure!(c >= 2, "the loss needs at least 2 classes (background + 1), got {c}");
     ensure!(z.len == ld.len() && labels.len == ld.rows(), "loss: logits {} and labels {} do not match {}", z.len, labels.len, ld);
@@ -21,18 +21,19 @@ pub fn softmax_dice_ce(be: &CudaBackend, z: DevBuf, ld: Dims, labels: DevLabels,
     let nchunks = v.div_ceil(chunk);
     let width = 3 * c + 2;
     let groups = if mode == DiceMode::PerSample { n } else { 1 };
-    // Workspace (f32 words): partials, coefficients, then f64 sums at an 8-byte boundary.
-    let (part_len, coef_len) = (n * nchunks * width, 2 * groups * c);
+    // Workspace (f32 words): partials, coefficients and the labelled-voxel count, then f64
+    // sums at an 8-byte boundary.
+    let (part_len, coef_len) = (n * nchunks * width, 2 * groups * c + 1);
     let sums_at = (part_len + coef_len).next_multiple_of(2);
     let part = be.scratch(sums_at + 2 * (3 * n * c + groups * c))?;
     let (coef, sums) = (part + 4 * part_len as u64, part + 4 * sums_at as u64);
     let cfg = LaunchConfig { grid_dim: (nchunks as u32, n as u32, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: (4 * width * THREADS / 32) as u32 };
-    let (vv, cc, ch) = (v as i64, c as i32, chunk as i64);
-    launch!(be, loss_partial[z.dt], cfg, &z.ptr, &labels.ptr, &vv, &cc, &ch, &part);
+    let (vv, cc, ch, ig) = (v as i64, c as i32, chunk as i64, ignore as i32);
+    launch!(be, loss_partial[z.dt], cfg, &z.ptr, &labels.ptr, &vv, &cc, &ig, &ch, &part);
     let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 };
-    let (nn, nch, per, total_vox) = (n as i32, nchunks as i32, (mode == DiceMode::PerSample) as i32, (n * v) as f64);
-    launch!(be, loss_dice, one, &part, &nn, &nch, &cc, &per, &total_vox, &sums, &coef, &record.ptr);
-    let (terms, tv, w) = ((groups * (c - 1)) as f32, total_vox as f32, weight as f32);
-    launch!(be, loss_grad[z.dt], be.grid(ld.rows()), &z.ptr, &labels.ptr, &nn, &vv, &cc, &coef, &per, &terms, &tv, &w);
+    let (nn, nch, per) = (n as i32, nchunks as i32, (mode == DiceMode::PerSample) as i32);
+    launch!(be, loss_dice, one, &part, &nn, &nch, &cc, &per, &ig, &sums, &coef, &record.ptr);
+    let (terms, w) = ((groups * (c - 1)) as f32, weight as f32);
+    launch!(be, loss_grad[z.dt], be.grid(ld.rows()), &z.ptr, &labels.ptr, &nn, &vv, &cc, &coef, &per, &ig, &terms, &w);
     Ok(())
 }

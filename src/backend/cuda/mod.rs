@@ -764,8 +764,8 @@ impl Backend for CudaBackend {
     fn downsample_labels(&self, src: DevLabels, sd: Dims, dst: DevLabels, dd: Dims) -> Result<()> {
         misc::downsample_labels(self, src, sd, dst, dd)
     }
-    fn softmax_dice_ce(&self, logits: DevBuf, ld: Dims, labels: DevLabels, mode: DiceMode, weight: f64, record: DevBuf) -> Result<()> {
-        loss::softmax_dice_ce(self, logits, ld, labels, mode, weight, record)
+    fn softmax_dice_ce(&self, logits: DevBuf, ld: Dims, labels: DevLabels, mode: DiceMode, ignore: bool, weight: f64, record: DevBuf) -> Result<()> {
+        loss::softmax_dice_ce(self, logits, ld, labels, mode, ignore, weight, record)
     }
     fn argmax(&self, logits: DevBuf, ld: Dims, out: DevLabels) -> Result<()> {
         misc::argmax(self, logits, ld, out)
