@@ -19,15 +19,56 @@ __device__ __forceinline__ float warp_max(float v) {
     return v;
 }
 
+// Lane 0 of each warp lands the warp's sums of classes c0.. (this pass's) in its shared row;
+// every lane must call it (full-warp shuffles).
+__device__ __forceinline__ void warp_class_sums(float* row_sums, int C, int c0, const float* pi, const float* pp, const float* pg) {
+    const int lane = threadIdx.x & 31;
+#pragma unroll
+    for (int c = 0; c < LOSS_REG_C; c++) {
+        if (c0 + c < C) {
+            const float si = warp_sum(pi[c]), sp = warp_sum(pp[c]), sg = warp_sum(pg[c]);
+            if (lane == 0) {
+                row_sums[c0 + c] = si;
+                row_sums[C + c0 + c] = sp;
+                row_sums[2 * C + c0 + c] = sg;
+            }
+        }
+    }
+}
+
+// Lane 0 of each warp lands the warp's summed (B)CE and largest label after the class sums.
+__device__ __forceinline__ void warp_ce_and_label(float* row_sums, int C, float ce, float maxlab) {
+    ce = warp_sum(ce);
+    maxlab = warp_max(maxlab);
+    if ((threadIdx.x & 31) == 0) {
+        row_sums[3 * C] = ce;
+        row_sums[3 * C + 1] = maxlab;
+    }
+}
+
+// The block's partials from the warps' rows: thread i adds column i over the warps in warp
+// order (the largest label by max).
+__device__ __forceinline__ void block_partials(const float* wacc, int C, float* part) {
+    __syncthreads();
+    const int W = 3 * C + 2;
+    float* p = part + ((long)blockIdx.y * gridDim.x + blockIdx.x) * W;
+    const int nw = (blockDim.x + 31) >> 5;
+    for (int i = threadIdx.x; i < W; i += blockDim.x) {
+        float v = wacc[i];
+        for (int w = 1; w < nw; w++) v = i == 3 * C + 1 ? fmaxf(v, wacc[w * W + i]) : v + wacc[w * W + i];
+        p[i] = v;
+    }
+}
+
 // part[block] = [inter C | pred C | gt C | ce | max label], block = (chunk, sample). Each warp
 // reduces its lanes with shuffles, lands its sums in its own shared row, and thread i adds row
 // i's column over the warps in warp order.
 template <class A>
 __device__ __forceinline__ void loss_partial(const A* z, const uint8_t* lab, long V, int C, int ignore, long chunk, float* part) {
     SEGK_DYNAMIC_SHARED(float, wacc);  // LOSS_WARPS rows of 3*C + 2
-    const int W = 3 * C + 2, b = blockIdx.y, k = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+    const int W = 3 * C + 2, b = blockIdx.y, warp = threadIdx.x >> 5;
     float* row_sums = wacc + warp * W;
-    const long r0 = k * chunk, r1 = min(V, r0 + chunk);
+    const long r0 = blockIdx.x * chunk, r1 = min(V, r0 + chunk);
     for (int c0 = 0; c0 < C; c0 += LOSS_REG_C) {
         float pi[LOSS_REG_C], pp[LOSS_REG_C], pg[LOSS_REG_C], ce = 0.f, maxlab = 0.f;
 #pragma unroll
@@ -56,34 +97,10 @@ __device__ __forceinline__ void loss_partial(const A* z, const uint8_t* lab, lon
         }
         // Every lane reaches this point (the voxel loop has ended for all), so the full-warp
         // reductions are safe.
-#pragma unroll
-        for (int c = 0; c < LOSS_REG_C; c++) {
-            if (c0 + c < C) {
-                const float si = warp_sum(pi[c]), sp = warp_sum(pp[c]), sg = warp_sum(pg[c]);
-                if (lane == 0) {
-                    row_sums[c0 + c] = si;
-                    row_sums[C + c0 + c] = sp;
-                    row_sums[2 * C + c0 + c] = sg;
-                }
-            }
-        }
-        if (c0 == 0) {
-            ce = warp_sum(ce);
-            maxlab = warp_max(maxlab);
-            if (lane == 0) {
-                row_sums[3 * C] = ce;
-                row_sums[3 * C + 1] = maxlab;
-            }
-        }
+        warp_class_sums(row_sums, C, c0, pi, pp, pg);
+        if (c0 == 0) warp_ce_and_label(row_sums, C, ce, maxlab);
     }
-    __syncthreads();
-    float* p = part + ((long)b * gridDim.x + k) * W;
-    const int nw = (blockDim.x + 31) >> 5;
-    for (int i = threadIdx.x; i < W; i += blockDim.x) {
-        float v = wacc[i];
-        for (int w = 1; w < nw; w++) v = i == 3 * C + 1 ? fmaxf(v, wacc[w * W + i]) : v + wacc[w * W + i];
-        p[i] = v;
-    }
+    block_partials(wacc, C, part);
 }
 
 // One block. sums[(b * C + c) * 3 + {0,1,2}] = per-sample (inter, pred, gt), f64, each summed
@@ -92,7 +109,9 @@ __device__ __forceinline__ void loss_partial(const A* z, const uint8_t* lab, lon
 // CE is averaged over; out = [ce, -mean foreground dc, max label], the Dice term NaN when a
 // label is not below C (C + 1 with an ignore label; the step is then not applied, and the host
 // names the label when it reads the record).
-extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_dice(const float* part, int n, int nchunks, int C, int per_sample, int ignore, double* sums, float* coef, float* out) {
+// Region nets (`ce_count` > 0): Dice over every region (no background channel), the BCE
+// averaged over `ce_count` (every voxel of every region), NaN when a label is 32 or more.
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_dice(const float* part, int n, int nchunks, int C, int per_sample, int ignore, double ce_count, double* sums, float* coef, float* out) {
     const int W = 3 * C + 2;
     for (int t = threadIdx.x; t < n * C * 3; t += blockDim.x) {
         const int b = t / (3 * C), c = t % (3 * C);
@@ -121,16 +140,19 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_dice(const 
     if (threadIdx.x == 0) {
         double ce = 0.0, dice = 0.0, labelled = 0.0;
         float maxlab = 0.f;
-        for (long i = 0; i < (long)n * C; i++) labelled += sums[i * 3 + 2];
+        const int regions = ce_count > 0.0, first = regions ? 0 : 1;
+        if (regions) labelled = ce_count;
+        else
+            for (long i = 0; i < (long)n * C; i++) labelled += sums[i * 3 + 2];
         coef[groups * C * 2] = (float)labelled;
         for (long i = 0; i < (long)n * nchunks; i++) {
             ce += part[i * W + 3 * C];
             maxlab = fmaxf(maxlab, part[i * W + 3 * C + 1]);
         }
         for (int g = 0; g < groups; g++)
-            for (int c = 1; c < C; c++) dice += sums[(long)n * C * 3 + g * C + c];
+            for (int c = first; c < C; c++) dice += sums[(long)n * C * 3 + g * C + c];
         out[0] = labelled > 0.0 ? (float)(ce / labelled) : 0.f;
-        out[1] = maxlab < (float)(C + ignore) ? (float)(-dice / (double)(groups * (C - 1))) : __int_as_float(0x7fc00000);
+        out[1] = maxlab < (regions ? 32.f : (float)(C + ignore)) ? (float)(-dice / (double)(groups * (C - first))) : __int_as_float(0x7fc00000);
         out[2] = maxlab;
     }
 }
@@ -169,6 +191,67 @@ __device__ __forceinline__ void loss_grad(A* z, const uint8_t* lab, int n, long 
         }
     }
 }
+
+// Region nets: whether label y lies in region c (masks two to a word, as RegionMasks::words).
+__device__ __forceinline__ float in_region(const unsigned long long* m, int c, int y) {
+    return y < 32 && ((m[c >> 1] >> (32 * (c & 1) + y)) & 1ull) ? 1.f : 0.f;
+}
+
+// Region nets (C <= 8 regions, one pass): part[block] as loss_partial's, with sigmoid
+// probabilities, the region masks as targets and the summed BCE in place of the CE.
+template <class A>
+__device__ __forceinline__ void region_partial(const A* z, const uint8_t* lab, long V, int C, unsigned long long m01, unsigned long long m23, unsigned long long m45, unsigned long long m67, long chunk, float* part) {
+    SEGK_DYNAMIC_SHARED(float, wacc);  // LOSS_WARPS rows of 3*C + 2
+    const unsigned long long m[4] = {m01, m23, m45, m67};
+    const int W = 3 * C + 2, b = blockIdx.y, warp = threadIdx.x >> 5;
+    float* row_sums = wacc + warp * W;
+    const long r0 = blockIdx.x * chunk, r1 = min(V, r0 + chunk);
+    float pi[LOSS_REG_C], pp[LOSS_REG_C], pg[LOSS_REG_C], bce = 0.f, maxlab = 0.f;
+#pragma unroll
+    for (int c = 0; c < LOSS_REG_C; c++) pi[c] = pp[c] = pg[c] = 0.f;
+    for (long r = r0 + threadIdx.x; r < r1; r += blockDim.x) {
+        const long row = (long)b * V + r;
+        const int y = lab[row];
+        maxlab = fmaxf(maxlab, (float)y);
+#pragma unroll
+        for (int c = 0; c < LOSS_REG_C; c++) {
+            if (c < C) {
+                const float x = ld(z + row * C + c), t = in_region(m, c, y), p = 1.f / (1.f + __expf(-x));
+                bce += fmaxf(x, 0.f) - x * t + log1pf(__expf(-fabsf(x)));
+                pp[c] += p;
+                pi[c] += p * t;
+                pg[c] += t;
+            }
+        }
+    }
+    warp_class_sums(row_sums, C, 0, pi, pp, pg);
+    warp_ce_and_label(row_sums, C, bce, maxlab);
+    block_partials(wacc, C, part);
+}
+
+// z <- weight * dL/dz for region nets: (p - t) / count + p (1 - p) g, g = dDice/dp as in
+// loss_grad over every region; count = n * V * C.
+template <class A>
+__device__ __forceinline__ void region_grad(A* z, const uint8_t* lab, int n, long V, int C, unsigned long long m01, unsigned long long m23, unsigned long long m45, unsigned long long m67, const float* coef, int per_sample, float terms, float weight) {
+    const unsigned long long m[4] = {m01, m23, m45, m67};
+    const long rows = (long)n * V;
+    const float count = (float)rows * C;
+    for (long row = blockIdx.x * (long)blockDim.x + threadIdx.x; row < rows; row += (long)gridDim.x * blockDim.x) {
+        const int y = lab[row];
+        const float* cf = coef + (per_sample ? (row / V) * C * 2 : 0);
+        for (int c = 0; c < C; c++) {
+            const float x = ld(z + row * C + c), t = in_region(m, c, y), p = 1.f / (1.f + __expf(-x));
+            const float g = -(2.f * t - cf[c * 2]) * cf[c * 2 + 1] / terms;
+            st(z + row * C + c, weight * ((p - t) / count + p * (1.f - p) * g));
+        }
+    }
+}
+
+#define REGION_MASKS unsigned long long m01, unsigned long long m23, unsigned long long m45, unsigned long long m67
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_region_partial_f32(const float* z, const uint8_t* lab, long V, int C, REGION_MASKS, long chunk, float* part) { region_partial(z, lab, V, C, m01, m23, m45, m67, chunk, part); }
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_region_partial_bf16(const bf16* z, const uint8_t* lab, long V, int C, REGION_MASKS, long chunk, float* part) { region_partial(z, lab, V, C, m01, m23, m45, m67, chunk, part); }
+extern "C" __global__ void segk_region_grad_f32(float* z, const uint8_t* lab, int n, long V, int C, REGION_MASKS, const float* coef, int per_sample, float terms, float weight) { region_grad(z, lab, n, V, C, m01, m23, m45, m67, coef, per_sample, terms, weight); }
+extern "C" __global__ void segk_region_grad_bf16(bf16* z, const uint8_t* lab, int n, long V, int C, REGION_MASKS, const float* coef, int per_sample, float terms, float weight) { region_grad(z, lab, n, V, C, m01, m23, m45, m67, coef, per_sample, terms, weight); }
 
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_partial_f32(const float* z, const uint8_t* lab, long V, int C, int ignore, long chunk, float* part) { loss_partial(z, lab, V, C, ignore, chunk, part); }
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_partial_bf16(const bf16* z, const uint8_t* lab, long V, int C, int ignore, long chunk, float* part) { loss_partial(z, lab, V, C, ignore, chunk, part); }

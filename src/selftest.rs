@@ -330,6 +330,28 @@ fn loss_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
         let stored = r.stored(b, b.f32);
         r.compare(format!("loss gradient {mode_name} {ld}"), zd, zc, ld.len(), stored)?;
     }
+    // Region nets (sigmoid + Dice + BCE): nested regions as BraTS's, one region, eight, and a
+    // batch where no region is present.
+    let nested = vec![vec![1, 2, 3], vec![2, 3], vec![3]];
+    let eight: Vec<Vec<i64>> = (1..=8).map(|k| (k..=8).step_by(2).collect()).collect();
+    let region_cases: [(Dims, DiceMode, &[Vec<i64>], u8); 4] =
+        [(Dims::new(2, [6, 5, 7], 3), DiceMode::Batch, &nested, 4), (Dims::new(3, [4, 4, 9], 1), DiceMode::PerSample, &[vec![1]], 2), (Dims::new(2, [8, 9, 10], 8), DiceMode::PerSample, &eight, 9), (Dims::new(2, [3, 4, 5], 3), DiceMode::Batch, &nested, 1)];
+    for (ld, mode, regions, labels_below) in region_cases {
+        let masks = crate::backend::RegionMasks::new(regions)?;
+        let z: Vec<f32> = r.rand(ld.len()).iter().map(|v| 4.0 * v).collect();
+        let labels: Vec<u8> = (0..ld.rows()).map(|_| r.rng.random_range(0..labels_below)).collect();
+        let (zd, zc) = r.both_act(&z)?;
+        let (ldv, lcv) = (r.dev.labels(&labels)?, r.cpu.labels(&labels)?);
+        let (rd, rc) = r.outs(LOSS_RECORD)?;
+        r.dev.be.sigmoid_dice_bce(zd, ld, ldv, &masks, mode, 0.5, rd)?;
+        r.cpu.be.sigmoid_dice_bce(zc, ld, lcv, &masks, mode, 0.5, rc)?;
+        let (pd, pc) = (r.dev.get(rd, LOSS_RECORD)?, r.cpu.get(rc, LOSS_RECORD)?);
+        let name = format!("{mode:?} {} regions, labels < {labels_below} {ld}", regions.len());
+        r.push(Check { name: format!("region loss value {name}"), err: rel_err(&pd[..2], &pc[..2]), bound: b.f32 });
+        r.push(Check { name: format!("region loss largest label {name}"), err: if pd[2] == pc[2] { 0.0 } else { 1.0 }, bound: 0.0 });
+        let stored = r.stored(b, b.f32);
+        r.compare(format!("region loss gradient {name}"), zd, zc, ld.len(), stored)?;
+    }
     // A label the net has no output for (above the ignore label): NaN Dice term (the update is
     // then skipped), the label reported.
     let ld = Dims::new(1, [2, 3, 4], 3);

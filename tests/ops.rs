@@ -310,6 +310,42 @@ fn loss_with_ignore_label_hand_computed() {
     assert!(dice.is_nan() && max_label == 3.0);
 }
 
+/// Region nets: sigmoid + soft Dice over every region + BCE, against a hand-computed case and
+/// f64 finite differences (nested regions, a region absent from the batch).
+#[test]
+fn region_loss_hand_computed_and_finite_differences() {
+    use segk::backend::RegionMasks;
+    // Two voxels, one region {1}: logits 0 -> p = 0.5; labels [1, 0].
+    let one = RegionMasks::new(&[vec![1]]).unwrap();
+    let ld = Dims::new(1, [1, 1, 2], 1);
+    let mut z = vec![0.0f64; 2];
+    let [bce, dice, max_label] = loss::sigmoid_dice_bce(&mut z, ld, &[1, 0], &one, DiceMode::Batch, 1.0).unwrap();
+    assert!((bce - 2f64.ln()).abs() < 1e-12, "bce {bce}");
+    // I = 0.5, P = 1, G = 1
+    assert!((dice + (1.0 + 1e-5) / (2.0 + 1e-5)).abs() < 1e-12, "dice {dice}");
+    assert_eq!(max_label, 1.0);
+    let [_, dice, _] = loss::sigmoid_dice_bce(&mut vec![0.0; 2], ld, &[1, 40], &one, DiceMode::Batch, 1.0).unwrap();
+    assert!(dice.is_nan(), "a label value beyond 31 is refused");
+    let nested = RegionMasks::new(&[vec![1, 2, 3], vec![2, 3], vec![3]]).unwrap();
+    let mut r = rng("region_loss");
+    for mode in [DiceMode::Batch, DiceMode::PerSample] {
+        // Labels up to 3 (every region present), and only 0 and 1 (regions 2 and 3 absent).
+        for (ld, top, w) in [(Dims::new(2, [3, 4, 5], 3), 4, 1.0), (Dims::new(3, [2, 2, 3], 3), 2, 0.25)] {
+            let mut z: Vec<f64> = randn(&mut r, ld.len()).iter().map(|v| 3.0 * v).collect();
+            let labels: Vec<u8> = (0..ld.rows()).map(|i| ((i * 7 + (z[i] > 0.0) as usize) % top) as u8).collect();
+            let mut g = z.clone();
+            loss::sigmoid_dice_bce(&mut g, ld, &labels, &nested, mode, w).unwrap();
+            let idx = pick(&mut r, z.len(), 60);
+            let n = numeric_grad(&mut z, &idx, &mut |z| {
+                let [bce, dice, _] = loss::sigmoid_dice_bce(&mut z.to_vec(), ld, &labels, &nested, mode, 1.0).unwrap();
+                w * (bce + dice)
+            });
+            let e = rel_err(&idx.iter().map(|&i| g[i]).collect::<Vec<_>>(), &n);
+            assert!(e < 1e-6, "{mode:?} {ld} labels < {top}: {e}");
+        }
+    }
+}
+
 #[test]
 fn loss_marks_labels_beyond_classes() {
     // NaN parts (the update is skipped), the label reported, the logits left alone.

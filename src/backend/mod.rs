@@ -87,6 +87,39 @@ pub const DICE_SMOOTH: f64 = 1e-5;
 pub const NORM_EPS: f64 = 1e-5;
 pub const LEAKY_SLOPE: f64 = 0.01;
 
+/// Most regions a region-based net may have (nnU-Net's BraTS has 3).
+pub const MAX_REGIONS: usize = 8;
+/// Label values a region may hold: 0..32.
+pub const REGION_LABELS: usize = 32;
+
+/// The regions of a region-based net (nnU-Net's labels given as lists, such as BraTS's
+/// "whole tumor": [1, 2, 3]): per output channel, the label values it covers, as bits.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RegionMasks(pub [u32; MAX_REGIONS]);
+
+impl RegionMasks {
+    /// One mask per region, each a list of label values in 1..32.
+    pub fn new(regions: &[Vec<i64>]) -> Result<RegionMasks> {
+        anyhow::ensure!(!regions.is_empty() && regions.len() <= MAX_REGIONS, "{} regions: segk trains 1 to {MAX_REGIONS}", regions.len());
+        let mut m = [0u32; MAX_REGIONS];
+        for (c, r) in regions.iter().enumerate() {
+            for &v in r {
+                anyhow::ensure!((1..REGION_LABELS as i64).contains(&v), "region {r:?}: label value {v} is not in 1..{REGION_LABELS}");
+                m[c] |= 1 << v;
+            }
+        }
+        Ok(RegionMasks(m))
+    }
+    /// Whether label `y` lies in region `c`.
+    pub fn contains(&self, c: usize, y: u8) -> bool {
+        (y as usize) < REGION_LABELS && self.0[c] >> y & 1 == 1
+    }
+    /// The masks two to a word, as the CUDA kernels take them.
+    pub fn words(&self) -> [u64; MAX_REGIONS / 2] {
+        std::array::from_fn(|i| self.0[2 * i] as u64 | (self.0[2 * i + 1] as u64) << 32)
+    }
+}
+
 /// Values a loss writes per output into its record (see `Backend::softmax_dice_ce`).
 pub const LOSS_RECORD: usize = 3;
 
@@ -275,6 +308,13 @@ pub trait Backend: Sync {
     /// then not applied) and its gradient meaningless.
     #[allow(clippy::too_many_arguments)]
     fn softmax_dice_ce(&self, logits: Self::Buf, ld: Dims, labels: Self::LabelBuf, mode: DiceMode, ignore: bool, weight: f64, record: Self::Buf) -> Result<()>;
+    /// Sigmoid per region + soft Dice over the regions + binary cross-entropy (nnU-Net's
+    /// DC_and_BCE_loss for region-based nets, weights 1:1), the targets the region masks of the
+    /// label map (`labels`, the ground-truth label values; c = regions). As `softmax_dice_ce`:
+    /// `logits` become weight * d(loss)/d(logits), `record` gets [BCE, Dice term, largest
+    /// label]; a label value of 32 or more makes the Dice term NaN.
+    #[allow(clippy::too_many_arguments)]
+    fn sigmoid_dice_bce(&self, logits: Self::Buf, ld: Dims, labels: Self::LabelBuf, regions: &RegionMasks, mode: DiceMode, weight: f64, record: Self::Buf) -> Result<()>;
     /// Argmax over channels into a label map (prediction).
     fn argmax(&self, logits: Self::Buf, ld: Dims, out: Self::LabelBuf) -> Result<()>;
     fn download_labels(&self, src: Self::LabelBuf, dst: &mut [u8]) -> Result<()>;

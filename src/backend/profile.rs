@@ -1,7 +1,7 @@
 //! A backend wrapper that times every op (synchronising the device around each one), for
 //! `segk bench step --profile`: where a step's time goes, op family by op family.
 
-use super::{Backend, ConvGeom, ConvTGeom, DiceMode, SgdParams};
+use super::{Backend, ConvGeom, ConvTGeom, DiceMode, RegionMasks, SgdParams};
 use crate::tensor::Dims;
 use anyhow::Result;
 use std::collections::BTreeMap;
@@ -159,6 +159,9 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     }
     fn softmax_dice_ce(&self, l: B::Buf, ld: Dims, lab: B::LabelBuf, mode: DiceMode, ignore: bool, w: f64, record: B::Buf) -> Result<()> {
         self.time("softmax_dice_ce", 0.0, || self.inner.softmax_dice_ce(l, ld, lab, mode, ignore, w, record))
+    }
+    fn sigmoid_dice_bce(&self, l: B::Buf, ld: Dims, lab: B::LabelBuf, regions: &RegionMasks, mode: DiceMode, w: f64, record: B::Buf) -> Result<()> {
+        self.time("sigmoid_dice_bce", 0.0, || self.inner.sigmoid_dice_bce(l, ld, lab, regions, mode, w, record))
     }
     fn argmax(&self, l: B::Buf, ld: Dims, o: B::LabelBuf) -> Result<()> {
         self.time("argmax", 0.0, || self.inner.argmax(l, ld, o))

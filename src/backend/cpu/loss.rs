@@ -3,9 +3,11 @@
 //! CE sum; pass 2 recomputes the softmax per voxel and writes the gradient over the logits.
 //! With an ignore label (label value = class count) its voxels take no part: not in the Dice
 //! sums (nnU-Net's loss mask), not in the CE or its mean (ignore_index), gradient zero.
+//! Region-based nets: a sigmoid per region, soft Dice over every region and binary CE
+//! (nnU-Net's DC_and_BCE_loss), the targets the region masks of the label map.
 
 use super::Float;
-use crate::backend::{DiceMode, LossParts, DICE_SMOOTH, LOSS_RECORD};
+use crate::backend::{DiceMode, LossParts, RegionMasks, DICE_SMOOTH, LOSS_RECORD, MAX_REGIONS, REGION_LABELS};
 use crate::tensor::Dims;
 use anyhow::{ensure, Result};
 use rayon::prelude::*;
@@ -53,15 +55,16 @@ pub struct DiceTerms {
     pub parts: LossParts,
     /// Per group (the batch, or each sample), per class: (dc, 1 / denominator).
     pub coef: Vec<Vec<(f64, f64)>>,
-    /// Number of averaged Dice terms (groups x foreground classes).
+    /// Number of averaged Dice terms (groups x scored classes).
     pub terms: f64,
     /// Voxels the CE is averaged over: every labelled (not ignored) voxel of the batch.
     pub total_vox: f64,
 }
 
-/// Loss parts and gradient coefficients from per-sample sums (the CE 0 when no voxel is
-/// labelled, as PyTorch's ignore_index makes nnU-Net's).
-pub fn dice_terms(per_sample: &[Sums], mode: DiceMode) -> DiceTerms {
+/// Loss parts and gradient coefficients from per-sample sums: Dice over the classes from
+/// `first` on (1: foreground of a softmax; 0: every region), the CE averaged over `ce_count`
+/// (0 when that is 0, as PyTorch's ignore_index makes nnU-Net's with nothing labelled).
+pub fn dice_terms(per_sample: &[Sums], mode: DiceMode, first: usize, ce_count: f64) -> DiceTerms {
     let c = per_sample[0].inter.len();
     let groups: Vec<Sums> = match mode {
         DiceMode::Batch => {
@@ -71,7 +74,7 @@ pub fn dice_terms(per_sample: &[Sums], mode: DiceMode) -> DiceTerms {
         }
         DiceMode::PerSample => per_sample.to_vec(),
     };
-    let terms = (groups.len() * (c - 1)) as f64;
+    let terms = (groups.len() * (c - first)) as f64;
     let mut dice_sum = 0.0;
     let coef = groups
         .iter()
@@ -80,7 +83,7 @@ pub fn dice_terms(per_sample: &[Sums], mode: DiceMode) -> DiceTerms {
                 .map(|k| {
                     let denom = (s.gt[k] + s.pred[k] + DICE_SMOOTH).max(1e-8);
                     let dc = (2.0 * s.inter[k] + DICE_SMOOTH) / denom;
-                    if k > 0 {
+                    if k >= first {
                         dice_sum += dc;
                     }
                     (dc, 1.0 / denom)
@@ -88,9 +91,8 @@ pub fn dice_terms(per_sample: &[Sums], mode: DiceMode) -> DiceTerms {
                 .collect()
         })
         .collect();
-    let total_vox: f64 = per_sample.iter().map(|s| s.gt.iter().sum::<f64>()).sum();
-    let ce = if total_vox > 0.0 { per_sample.iter().map(|s| s.ce).sum::<f64>() / total_vox } else { 0.0 };
-    DiceTerms { parts: LossParts { ce, dice: -dice_sum / terms }, coef, terms, total_vox }
+    let ce = if ce_count > 0.0 { per_sample.iter().map(|s| s.ce).sum::<f64>() / ce_count } else { 0.0 };
+    DiceTerms { parts: LossParts { ce, dice: -dice_sum / terms }, coef, terms, total_vox: ce_count }
 }
 
 /// Forward and backward in one call: returns the record the backend stores ([CE, Dice term,
@@ -132,7 +134,9 @@ pub fn softmax_dice_ce<T: Float>(logits: &mut [T], ld: Dims, labels: &[u8], mode
     for (b, s) in &partial {
         per_sample[*b].add(s);
     }
-    let DiceTerms { parts, coef, terms, total_vox } = dice_terms(&per_sample, mode);
+    // Every labelled voxel is in exactly one class's ground truth.
+    let labelled: f64 = per_sample.iter().map(|s| s.gt.iter().sum::<f64>()).sum();
+    let DiceTerms { parts, coef, terms, total_vox } = dice_terms(&per_sample, mode, 1, labelled);
 
     // Pass 2: dL/dz = p * (g - sum_k p_k g_k), g = dL/dp.
     logits.par_chunks_mut(ROWS * c).enumerate().for_each(|(ci, lc)| {
@@ -156,6 +160,66 @@ pub fn softmax_dice_ce<T: Float>(logits: &mut [T], ld: Dims, labels: &[u8], mode
                 let yk = if k == y { 1.0 } else { 0.0 };
                 let dce = (p[k] - yk) / total_vox;
                 z[k] = T::from_f64(weight * (dce + p[k] * (g[k] - pg)));
+            }
+        }
+    });
+    Ok([parts.ce, parts.dice, max_label])
+}
+
+/// Per-sample region sums of one output, in chunks of ROWS voxels that never span two samples.
+fn region_sums<T: Float>(logits: &[T], ld: Dims, labels: &[u8], regions: &RegionMasks) -> Vec<Sums> {
+    let (c, v, n) = (ld.c, ld.voxels(), ld.n);
+    let chunks: Vec<(usize, usize)> = (0..n).flat_map(|b| (0..v.div_ceil(ROWS)).map(move |k| (b, k))).collect();
+    let partial: Vec<(usize, Sums)> = chunks
+        .par_iter()
+        .map(|&(b, k)| {
+            let mut s = Sums::zeros(c);
+            for r in b * v + k * ROWS..b * v + ((k + 1) * ROWS).min(v) {
+                for j in 0..c {
+                    let z = logits[r * c + j].to_f64();
+                    let (p, y) = (sigmoid(z), regions.contains(j, labels[r]) as u8 as f64);
+                    // -[y ln p + (1 - y) ln(1 - p)], stable for large |z|.
+                    s.ce += z.max(0.0) - z * y + (-z.abs()).exp().ln_1p();
+                    s.inter[j] += p * y;
+                    s.pred[j] += p;
+                    s.gt[j] += y;
+                }
+            }
+            (b, s)
+        })
+        .collect();
+    let mut per_sample = vec![Sums::zeros(c); n];
+    for (b, s) in &partial {
+        per_sample[*b].add(s);
+    }
+    per_sample
+}
+
+fn sigmoid(z: f64) -> f64 {
+    1.0 / (1.0 + (-z).exp())
+}
+
+/// Region-based loss, forward and backward in one call (see `Backend::sigmoid_dice_bce`):
+/// returns [BCE, Dice term, largest label] and overwrites `logits` with `weight * dL/dlogits`.
+/// A label value of 32 or more gives NaN parts and leaves `logits` alone.
+pub fn sigmoid_dice_bce<T: Float>(logits: &mut [T], ld: Dims, labels: &[u8], regions: &RegionMasks, mode: DiceMode, weight: f64) -> Result<[f64; LOSS_RECORD]> {
+    let (c, v) = (ld.c, ld.voxels());
+    ensure!((1..=MAX_REGIONS).contains(&c), "the region loss needs 1 to {MAX_REGIONS} regions, got {c}");
+    ensure!(logits.len() == ld.len() && labels.len() == ld.rows(), "loss: logits {} and labels {} do not match {}", logits.len(), labels.len(), ld);
+    let max_label = labels.iter().copied().max().unwrap_or(0) as f64;
+    if max_label as usize >= REGION_LABELS {
+        return Ok([f64::NAN, f64::NAN, max_label]);
+    }
+    let per_sample = region_sums(logits, ld, labels, regions);
+    let DiceTerms { parts, coef, terms, total_vox } = dice_terms(&per_sample, mode, 0, ld.len() as f64);
+    logits.par_chunks_mut(ROWS * c).enumerate().for_each(|(ci, lc)| {
+        for (i, z) in lc.chunks_exact_mut(c).enumerate() {
+            let r = ci * ROWS + i;
+            let cf = &coef[if mode == DiceMode::Batch { 0 } else { r / v }];
+            for (j, zj) in z.iter_mut().enumerate() {
+                let (p, y) = (sigmoid(zj.to_f64()), regions.contains(j, labels[r]) as u8 as f64);
+                let g = -(2.0 * y - cf[j].0) * cf[j].1 / terms;
+                *zj = T::from_f64(weight * ((p - y) / total_vox + p * (1.0 - p) * g));
             }
         }
     });

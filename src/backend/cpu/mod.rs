@@ -9,7 +9,7 @@ pub mod misc;
 pub mod norm;
 pub mod optim;
 
-use super::{Backend, ConvGeom, ConvTGeom, DiceMode, SgdParams, LOSS_RECORD};
+use super::{Backend, ConvGeom, ConvTGeom, DiceMode, RegionMasks, SgdParams, LOSS_RECORD};
 use crate::tensor::Dims;
 use anyhow::Result;
 use std::marker::PhantomData;
@@ -454,6 +454,13 @@ impl<T: Float> Backend for CpuBackend<T> {
 
     fn softmax_dice_ce(&self, logits: CpuBuf<T>, ld: Dims, labels: CpuBuf<u8>, mode: DiceMode, ignore: bool, weight: f64, record: CpuBuf<T>) -> Result<()> {
         let parts = unsafe { loss::softmax_dice_ce(logits.slice_mut(), ld, labels.slice(), mode, ignore, weight) }?;
+        anyhow::ensure!(record.len == LOSS_RECORD, "loss record of {} values, not {LOSS_RECORD}", record.len);
+        unsafe { record.slice_mut() }.iter_mut().zip(parts).for_each(|(r, v)| *r = T::from_f64(v));
+        self.stored(&[logits]);
+        Ok(())
+    }
+    fn sigmoid_dice_bce(&self, logits: CpuBuf<T>, ld: Dims, labels: CpuBuf<u8>, regions: &RegionMasks, mode: DiceMode, weight: f64, record: CpuBuf<T>) -> Result<()> {
+        let parts = unsafe { loss::sigmoid_dice_bce(logits.slice_mut(), ld, labels.slice(), regions, mode, weight) }?;
         anyhow::ensure!(record.len == LOSS_RECORD, "loss record of {} values, not {LOSS_RECORD}", record.len);
         unsafe { record.slice_mut() }.iter_mut().zip(parts).for_each(|(r, v)| *r = T::from_f64(v));
         self.stored(&[logits]);

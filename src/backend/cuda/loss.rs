@@ -3,12 +3,40 @@
 //! `dice_terms` uses; the loss parts stay on the device in the step's record.
 
 use super::{f32s, launch, CudaBackend, DevBuf, DevLabels};
-use crate::backend::{DiceMode, LOSS_RECORD};
+use crate::backend::{DiceMode, RegionMasks, LOSS_RECORD, MAX_REGIONS};
 use crate::tensor::Dims;
 use anyhow::{ensure, Result};
 use cudarc::driver::LaunchConfig;
 
 const THREADS: usize = 256;
+
+/// Both losses' pass-1 layout: chunks of a sample per block, and one workspace (f32 words):
+/// the blocks' partials, the coefficients and the CE count, then f64 sums at an 8-byte
+/// boundary.
+struct Work {
+    chunk: usize,
+    nchunks: usize,
+    groups: usize,
+    part: u64,
+    coef: u64,
+    sums: u64,
+    cfg: LaunchConfig,
+}
+
+fn workspace(be: &CudaBackend, ld: Dims, mode: DiceMode) -> Result<Work> {
+    let (c, v, n) = (ld.c, ld.voxels(), ld.n);
+    let per_sample_blocks = (2 * be.sms()).div_ceil(n).max(1);
+    let chunk = v.div_ceil(per_sample_blocks).max(THREADS);
+    let nchunks = v.div_ceil(chunk);
+    let width = 3 * c + 2;
+    let groups = if mode == DiceMode::PerSample { n } else { 1 };
+    let (part_len, coef_len) = (n * nchunks * width, 2 * groups * c + 1);
+    let sums_at = (part_len + coef_len).next_multiple_of(2);
+    let part = be.scratch(sums_at + 2 * (3 * n * c + groups * c))?;
+    let (coef, sums) = (part + 4 * part_len as u64, part + 4 * sums_at as u64);
+    let cfg = LaunchConfig { grid_dim: (nchunks as u32, n as u32, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: (4 * width * THREADS / 32) as u32 };
+    Ok(Work { chunk, nchunks, groups, part, coef, sums, cfg })
+}
 
 pub fn softmax_dice_ce(be: &CudaBackend, z: DevBuf, ld: Dims, labels: DevLabels, mode: DiceMode, ignore: bool, weight: f64, record: DevBuf) -> Result<()> {
     let (c, v, n) = (ld.c, ld.voxels(), ld.n);
@@ -16,24 +44,35 @@ pub fn softmax_dice_ce(be: &CudaBackend, z: DevBuf, ld: Dims, labels: DevLabels,
     ensure!(z.len == ld.len() && labels.len == ld.rows(), "loss: logits {} and labels {} do not match {}", z.len, labels.len, ld);
     ensure!(record.len == LOSS_RECORD, "loss record of {} values, not {LOSS_RECORD}", record.len);
     f32s("softmax_dice_ce record", &[record])?;
-    let per_sample_blocks = (2 * be.sms()).div_ceil(n).max(1);
-    let chunk = v.div_ceil(per_sample_blocks).max(THREADS);
-    let nchunks = v.div_ceil(chunk);
-    let width = 3 * c + 2;
-    let groups = if mode == DiceMode::PerSample { n } else { 1 };
-    // Workspace (f32 words): partials, coefficients and the labelled-voxel count, then f64
-    // sums at an 8-byte boundary.
-    let (part_len, coef_len) = (n * nchunks * width, 2 * groups * c + 1);
-    let sums_at = (part_len + coef_len).next_multiple_of(2);
-    let part = be.scratch(sums_at + 2 * (3 * n * c + groups * c))?;
-    let (coef, sums) = (part + 4 * part_len as u64, part + 4 * sums_at as u64);
-    let cfg = LaunchConfig { grid_dim: (nchunks as u32, n as u32, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: (4 * width * THREADS / 32) as u32 };
+    let Work { chunk, nchunks, groups, part, coef, sums, cfg } = workspace(be, ld, mode)?;
     let (vv, cc, ch, ig) = (v as i64, c as i32, chunk as i64, ignore as i32);
     launch!(be, loss_partial[z.dt], cfg, &z.ptr, &labels.ptr, &vv, &cc, &ig, &ch, &part);
     let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 };
     let (nn, nch, per) = (n as i32, nchunks as i32, (mode == DiceMode::PerSample) as i32);
-    launch!(be, loss_dice, one, &part, &nn, &nch, &cc, &per, &ig, &sums, &coef, &record.ptr);
+    let softmax = 0.0f64;
+    launch!(be, loss_dice, one, &part, &nn, &nch, &cc, &per, &ig, &softmax, &sums, &coef, &record.ptr);
     let (terms, w) = ((groups * (c - 1)) as f32, weight as f32);
     launch!(be, loss_grad[z.dt], be.grid(ld.rows()), &z.ptr, &labels.ptr, &nn, &vv, &cc, &coef, &per, &ig, &terms, &w);
+    Ok(())
+}
+
+/// The region nets' loss (sigmoid + Dice over every region + BCE): region_partial, the shared
+/// loss_dice merge (BCE averaged over every voxel of every region), region_grad.
+#[allow(clippy::too_many_arguments)]
+pub fn sigmoid_dice_bce(be: &CudaBackend, z: DevBuf, ld: Dims, labels: DevLabels, regions: &RegionMasks, mode: DiceMode, weight: f64, record: DevBuf) -> Result<()> {
+    let (c, v, n) = (ld.c, ld.voxels(), ld.n);
+    ensure!((1..=MAX_REGIONS).contains(&c), "the region loss needs 1 to {MAX_REGIONS} regions, got {c}");
+    ensure!(z.len == ld.len() && labels.len == ld.rows(), "loss: logits {} and labels {} do not match {}", z.len, labels.len, ld);
+    ensure!(record.len == LOSS_RECORD, "loss record of {} values, not {LOSS_RECORD}", record.len);
+    f32s("sigmoid_dice_bce record", &[record])?;
+    let Work { chunk, nchunks, groups, part, coef, sums, cfg } = workspace(be, ld, mode)?;
+    let (vv, cc, ch) = (v as i64, c as i32, chunk as i64);
+    let [m01, m23, m45, m67] = regions.words();
+    launch!(be, region_partial[z.dt], cfg, &z.ptr, &labels.ptr, &vv, &cc, &m01, &m23, &m45, &m67, &ch, &part);
+    let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 };
+    let (nn, nch, per, no_ignore, count) = (n as i32, nchunks as i32, (mode == DiceMode::PerSample) as i32, 0i32, ld.len() as f64);
+    launch!(be, loss_dice, one, &part, &nn, &nch, &cc, &per, &no_ignore, &count, &sums, &coef, &record.ptr);
+    let (terms, w) = ((groups * c) as f32, weight as f32);
+    launch!(be, region_grad[z.dt], be.grid(ld.rows()), &z.ptr, &labels.ptr, &nn, &vv, &cc, &m01, &m23, &m45, &m67, &coef, &per, &terms, &w);
     Ok(())
 }

@@ -16,7 +16,7 @@ mod misc;
 mod norm;
 mod optim;
 
-use super::{Backend, ConvGeom, ConvTGeom, DiceMode, OutOfMemory, SgdParams};
+use super::{Backend, ConvGeom, ConvTGeom, DiceMode, OutOfMemory, RegionMasks, SgdParams};
 use crate::tensor::Dims;
 use anyhow::{anyhow, bail, Result};
 use crate::hostmem::{Heap, HostAlloc, HostBuf, HostElem};
@@ -213,7 +213,7 @@ kernels!(
     norm_finalize_f32, norm_bwd_finalize_f32, sum_splits_f32;
     per storage type: fill, concat, concat_bwd, argmax, norm_partial, norm_act_fwd, norm_bwd_partial, norm_bwd_apply,
     colsum_partial8, concat8, concat_bwd8, norm_partial8, norm_act_fwd8, norm_bwd_partial8, norm_bwd_apply8,
-    loss_partial, loss_grad, conv_fprop, conv_dgrad, conv_wgrad, convt_fprop, convt_dgrad, convt_wgrad, colsum_partial;
+    loss_partial, loss_grad, region_partial, region_grad, conv_fprop, conv_dgrad, conv_wgrad, convt_fprop, convt_dgrad, convt_wgrad, colsum_partial;
     per tile width: conv_fprop_pipe, conv_dgrad_pipe, conv_wgrad_pipe, convt_fprop_pipe, convt_dgrad_pipe, convt_wgrad_pipe,
 );
 
@@ -766,6 +766,9 @@ impl Backend for CudaBackend {
     }
     fn softmax_dice_ce(&self, logits: DevBuf, ld: Dims, labels: DevLabels, mode: DiceMode, ignore: bool, weight: f64, record: DevBuf) -> Result<()> {
         loss::softmax_dice_ce(self, logits, ld, labels, mode, ignore, weight, record)
+    }
+    fn sigmoid_dice_bce(&self, logits: DevBuf, ld: Dims, labels: DevLabels, regions: &RegionMasks, mode: DiceMode, weight: f64, record: DevBuf) -> Result<()> {
+        loss::sigmoid_dice_bce(self, logits, ld, labels, regions, mode, weight, record)
     }
     fn argmax(&self, logits: DevBuf, ld: Dims, out: DevLabels) -> Result<()> {
         misc::argmax(self, logits, ld, out)
