@@ -28,16 +28,16 @@ pub struct Metrics {
     pub n_ref: f64,
 }
 
-/// Counts and scores of one label in one pair of maps, without the voxels whose reference is
-/// the `ignore` label.
-pub fn metrics(pred: &[f32], reference: &[f32], label: f32, ignore: Option<f32>) -> Metrics {
+/// Counts and scores of one label, or one region (the voxels of any of its labels), in one pair
+/// of maps, without the voxels whose reference is the `ignore` label.
+pub fn metrics(pred: &[f32], reference: &[f32], region: &[f32], ignore: Option<f32>) -> Metrics {
     let (mut tp, mut fp, mut fn_, mut counted) = (0u64, 0u64, 0u64, 0u64);
     for (&p, &r) in pred.iter().zip(reference) {
         if Some(r) == ignore {
             continue;
         }
         counted += 1;
-        match (p == label, r == label) {
+        match (region.contains(&p), region.contains(&r)) {
             (true, true) => tp += 1,
             (true, false) => fp += 1,
             (false, true) => fn_ += 1,
@@ -90,9 +90,9 @@ fn nifti_files(dir: &Path) -> Result<Vec<PathBuf>> {
 }
 
 /// Evaluates every reference in `gt` against the prediction of the same file name in `pred`.
-/// `labels`: the labels to score (default: every nonzero label in the references but the
-/// ignore label).
-pub fn evaluate(pred: &Path, gt: &Path, labels: Option<Vec<i64>>, ignore: Option<i64>) -> Result<Summary> {
+/// `labels`: the labels or regions to score (default: every nonzero label in the references
+/// but the ignore label).
+pub fn evaluate(pred: &Path, gt: &Path, labels: Option<Vec<Vec<i64>>>, ignore: Option<i64>) -> Result<Summary> {
     let refs = nifti_files(gt)?;
     ensure!(!refs.is_empty(), "{}: no .nii or .nii.gz reference files", gt.display());
     let pairs: Vec<(PathBuf, PathBuf)> = refs.iter().map(|r| (pred.join(r.file_name().unwrap_or_default()), r.clone())).collect();
@@ -106,7 +106,7 @@ pub fn evaluate(pred: &Path, gt: &Path, labels: Option<Vec<i64>>, ignore: Option
 }
 
 /// Evaluates (prediction, reference) file pairs.
-pub fn evaluate_pairs(pairs: &[(PathBuf, PathBuf)], labels: Option<Vec<i64>>, ignore: Option<i64>) -> Result<Summary> {
+pub fn evaluate_pairs(pairs: &[(PathBuf, PathBuf)], labels: Option<Vec<Vec<i64>>>, ignore: Option<i64>) -> Result<Summary> {
     let mut loaded = Vec::with_capacity(pairs.len());
     for (p, r) in pairs {
         let (pv, rv) = (nifti_io::read(p)?, nifti_io::read(r)?);
@@ -117,23 +117,31 @@ pub fn evaluate_pairs(pairs: &[(PathBuf, PathBuf)], labels: Option<Vec<i64>>, ig
         let mut l: Vec<i64> = loaded.iter().flat_map(|(_, r)| r.iter().map(|&v| v as i64)).filter(|&v| v != 0 && Some(v) != ignore).collect();
         l.sort();
         l.dedup();
-        l
+        l.into_iter().map(|v| vec![v]).collect()
     });
     let mut per_case = Vec::new();
     for ((p, r), (pv, rv)) in pairs.iter().zip(&loaded) {
-        let m = labels.iter().map(|&l| (l.to_string(), metrics(pv, rv, l as f32, ignore.map(|i| i as f32)))).collect();
+        let m = labels.iter().map(|l| (key(l), metrics(pv, rv, &l.iter().map(|&v| v as f32).collect::<Vec<_>>(), ignore.map(|i| i as f32)))).collect();
         per_case.push(CaseResult { metrics: m, prediction_file: p.display().to_string(), reference_file: r.display().to_string() });
     }
     let mean_per_label: BTreeMap<String, Metrics> = labels
         .iter()
         .map(|l| {
-            let k = l.to_string();
+            let k = key(l);
             let ms: Vec<Metrics> = per_case.iter().map(|c| c.metrics[&k]).collect();
             (k, mean(&ms))
         })
         .collect();
     let fg: Vec<Metrics> = mean_per_label.values().copied().collect();
     Ok(Summary { foreground_mean: mean(&fg), mean: mean_per_label, metric_per_case: per_case })
+}
+
+/// nnU-Net's summary key of a label ("2") or a region ("(1, 2, 3)", Python's tuple).
+pub fn key(region: &[i64]) -> String {
+    match region {
+        [one] => one.to_string(),
+        many => format!("({})", many.iter().map(i64::to_string).collect::<Vec<_>>().join(", ")),
+    }
 }
 
 /// The summary as a readable table: one row per label, then the foreground mean.

@@ -378,6 +378,11 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
     let pre = preprocessed.unwrap_or_else(|| preprocessed_dir(root));
     let ds = ex.dataset()?;
     let ids: Vec<String> = ds.cases.iter().map(|c| c.id.clone()).collect();
+    anyhow::ensure!(
+        !ds.json.has_regions(),
+        "{}: labels are regions: segk has nnU-Net's region loss (sigmoid + Dice + BCE, kernels and CPU twin) but does not train or predict region-based nets yet",
+        root.display()
+    );
     let plans_name = plans_name.unwrap_or(crate::plan::nnunet::PLANNERS[0].plans_name);
     if crate::plan::nnunet::PLANNERS.iter().any(|p| p.residual && p.plans_name == plans_name) {
         anyhow::bail!("-p {plans_name}: segk plans the ResEnc presets (`segk plan -pl`) but does not train them yet");
@@ -535,13 +540,17 @@ pub fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &st
     Ok(())
 }
 
-/// The labels nnU-Net scores: every label value but background and the ignore label.
-pub fn foreground_labels(json: &crate::dataset::DatasetJson) -> Vec<i64> {
+/// What nnU-Net scores: the foreground regions of a region dataset, else every label value
+/// but background and the ignore label.
+pub fn foreground_labels(json: &crate::dataset::DatasetJson) -> Vec<Vec<i64>> {
+    if json.has_regions() {
+        return json.regions();
+    }
     let ignore = json.ignore_label();
-    json.label_values().into_iter().filter(|&v| v != 0 && Some(v) != ignore).collect()
+    json.label_values().into_iter().filter(|&v| v != 0 && Some(v) != ignore).map(|v| vec![v]).collect()
 }
 
-/// `segk evaluate`: the labels from `--labels`, else the dataset.json's (`dataset_json`), else
+/// `segk evaluate`: the labels from `--labels`, else the dataset.json's labels or regions (`dataset_json`), else
 /// those in the references; the ignore label from `--ignore-label`, else the dataset.json's.
 pub fn run_evaluate(pred: &std::path::Path, gt: &std::path::Path, labels: Option<Vec<i64>>, ignore: Option<i64>, dataset_json: Option<&Path>, out: Option<std::path::PathBuf>) -> Result<()> {
     for dir in [pred, gt] {
@@ -551,7 +560,7 @@ pub fn run_evaluate(pred: &std::path::Path, gt: &std::path::Path, labels: Option
         Some(f) => Some(crate::dataset::read_json_file(f)?),
         None => None,
     };
-    let labels = labels.or_else(|| json.as_ref().map(foreground_labels));
+    let labels = labels.map(|l| l.into_iter().map(|v| vec![v]).collect()).or_else(|| json.as_ref().map(foreground_labels));
     let ignore = ignore.or_else(|| json.as_ref().and_then(|j| j.ignore_label()));
     let out = out.unwrap_or_else(|| pred.join("summary.json"));
     crate::store::prepare_output_file(&out)?;

@@ -20,6 +20,7 @@ pub mod feed;
 pub mod hostmem;
 pub mod loader;
 pub mod model;
+pub mod ordered;
 pub mod plan;
 pub mod plot;
 pub mod predict;

@@ -131,17 +131,25 @@ fn integrity_check_names_a_broken_dataset_json() {
     std::fs::create_dir_all(root.join("labelsTr")).unwrap();
     let p: Vec<String> = check(&root).iter().map(|p| p.to_string()).collect();
     assert!(p.iter().any(|l| l.contains("\"background\": 0")) && p.iter().any(|l| l.contains("\"ignore\"")), "{p:?}");
-    // nnU-Net's label-table rules segk also needs: consecutive values, no shared value, and
-    // no regions (which segk cannot train): refused before any planning.
+    // nnU-Net's label-table rules segk also needs: consecutive values, no shared value; for
+    // regions, regions_class_order present and consistent, every value reachable. Refused
+    // before any planning.
+    let brats = r#"{"background": 0, "whole tumor": [1, 2, 3], "tumor core": [2, 3], "enhancing tumor": 3}"#;
     for (labels, says) in [
         (r#"{"background": 0, "liver": 1, "tumor": 3}"#, "consecutive from 0 (nnU-Net's rule): found [0, 1, 3]"),
         (r#"{"background": 0, "liver": 1, "tumor": 1}"#, "two labels share a value"),
-        (r#"{"background": 0, "organ": [1, 2], "lesion": 2}"#, "label \"organ\" is a region [1, 2]"),
+        (r#"{"background": 0, "organ": [1, 2], "lesion": 2}"#, "regions_class_order is missing"),
+        (&format!(r#"{brats}, "regions_class_order": [1, 2, 3]"#), ""),
+        (&format!(r#"{brats}, "regions_class_order": [1, 2]"#), "regions_class_order has 2 entries for 3 foreground regions"),
+        (&format!(r#"{brats}, "regions_class_order": [1, 3, 3]"#), "label values [2] are in no entry of regions_class_order"),
+        (&format!(r#"{brats}, "regions_class_order": [1, 3, 2]"#), "writes 2 for region [3]"),
+        (r#"{"background": 0, "a": [1, 3], "b": 3}, "regions_class_order": [1, 3]"#, "consecutive from 1: found [1, 3]"),
+        (r#"{"background": 0, "a": [1, 2], "b": 2, "ignore": 3}, "regions_class_order": [1, 2]"#, "together with regions"),
         (r#"{"background": 0, "liver": 1, "tumor": 2, "ignore": 3}"#, ""),
         (r#"{"background": 0, "liver": [1], "tumor": 2}"#, ""),
         (r#"{"background": 0, "liver": "1"}"#, "a label's value must be an integer or a list of integers"),
     ] {
-        let json = format!(r#"{{"channel_names": {{"0": "MR"}}, "labels": {labels}, "numTraining": 0, "file_ending": ".nii.gz"}}"#);
+        let json = format!(r#"{{"channel_names": {{"0": "MR"}}, "numTraining": 0, "file_ending": ".nii.gz", "labels": {labels}}}"#);
         std::fs::write(root.join("dataset.json"), json).unwrap();
         let p: Vec<String> = check(&root).iter().map(|p| p.to_string()).collect();
         if says.is_empty() {

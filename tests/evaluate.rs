@@ -13,13 +13,13 @@ fn write(path: &std::path::Path, data: Vec<f32>) {
 
 #[test]
 fn dice_iou_and_counts_match_hand_computed_values() {
-    let m = metrics(&[1.0, 1.0, 0.0, 2.0], &[1.0, 0.0, 1.0, 2.0], 1.0, None);
+    let m = metrics(&[1.0, 1.0, 0.0, 2.0], &[1.0, 0.0, 1.0, 2.0], &[1.0], None);
     assert_eq!((m.tp, m.fp, m.fn_, m.tn, m.n_pred, m.n_ref), (1.0, 1.0, 1.0, 1.0, 2.0, 2.0));
     assert_eq!(m.dice, Some(0.5));
     assert_eq!(m.iou, Some(1.0 / 3.0));
-    assert_eq!(metrics(&[0.0; 4], &[0.0; 4], 1.0, None).dice, None, "nothing in either map: undefined");
+    assert_eq!(metrics(&[0.0; 4], &[0.0; 4], &[1.0], None).dice, None, "nothing in either map: undefined");
     // The reference's ignore voxels (3) count nowhere, whatever was predicted there.
-    let m = metrics(&[1.0, 1.0, 0.0, 2.0, 1.0, 0.0], &[1.0, 0.0, 1.0, 2.0, 3.0, 3.0], 1.0, Some(3.0));
+    let m = metrics(&[1.0, 1.0, 0.0, 2.0, 1.0, 0.0], &[1.0, 0.0, 1.0, 2.0, 3.0, 3.0], &[1.0], Some(3.0));
     assert_eq!((m.tp, m.fp, m.fn_, m.tn, m.n_pred, m.n_ref), (1.0, 1.0, 1.0, 1.0, 2.0, 2.0));
 
     let base = std::env::temp_dir().join(format!("segk-eval-{}", std::process::id()));
@@ -85,4 +85,28 @@ fn ignore_label_voxels_are_not_scored() {
         assert_eq!(v["mean"]["1"]["Dice"], 1.0, "{args:?}");
         assert!(v["mean"]["2"].is_null(), "{args:?}");
     }
+}
+
+/// With a region dataset.json (-djfile), the regions are scored as nnU-Net's evaluate_folder
+/// does: a voxel is in a region when its label is, keys as Python's tuples.
+#[test]
+fn regions_are_scored_from_the_dataset_json() {
+    use segk::evaluate::key;
+    assert_eq!((key(&[3]), key(&[1, 2, 3])), ("3".to_string(), "(1, 2, 3)".to_string()));
+    // Region (1, 2): 1 vs 2 counts as a hit; label 1 alone it does not.
+    let m = metrics(&[1.0, 2.0, 0.0, 2.0], &[2.0, 2.0, 1.0, 0.0], &[1.0, 2.0], None);
+    assert_eq!((m.tp, m.fp, m.fn_, m.tn), (2.0, 1.0, 1.0, 0.0));
+    let base = std::env::temp_dir().join(format!("segk-eval-regions-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (pred, gt) = (base.join("pred"), base.join("gt"));
+    std::fs::create_dir_all(&pred).unwrap();
+    std::fs::create_dir_all(&gt).unwrap();
+    write(&gt.join("a.nii.gz"), (0..16).map(|i| (i % 3) as f32).collect());
+    write(&pred.join("a.nii.gz"), (0..16).map(|i| if i % 3 == 0 { 0.0 } else { 1.0 }).collect());
+    std::fs::write(base.join("dataset.json"), r#"{"channel_names": {"0": "T1"}, "labels": {"background": 0, "whole": [1, 2], "core": 2}, "regions_class_order": [1, 2], "numTraining": 1, "file_ending": ".nii.gz"}"#).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).arg("evaluate").arg(&pred).arg(&gt).args(["-djfile", base.join("dataset.json").to_str().unwrap()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(pred.join("summary.json")).unwrap()).unwrap();
+    assert_eq!(v["mean"]["(1, 2)"]["Dice"], 1.0, "{v}");
+    assert_eq!(v["mean"]["2"]["Dice"], 0.0, "{v}");
 }

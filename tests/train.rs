@@ -325,3 +325,23 @@ fn ignore_label_dataset_trains_predicts_and_evaluates() {
     assert_eq!(counted, labelled as f64, "only the labelled voxels are counted");
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// A region dataset passes `segk check`, and `segk train` says at once that segk does not
+/// train region-based nets yet (before any planning).
+#[test]
+fn region_dataset_is_checked_and_training_refused_clearly() {
+    let base = std::env::temp_dir().join(format!("segk-train-regions-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let root = base.join("Dataset035_Regions");
+    let segk = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_segk")).args(args).env_remove("nnUNet_preprocessed").env_remove("nnUNet_results").env_remove("nnUNet_raw").output().unwrap();
+    assert!(segk(&["synth", root.to_str().unwrap(), "--cases", "2", "--shape", "16,16,16"]).status.success());
+    // By hand: the labels' order is the outputs' order (serde_json would sort the keys).
+    let json = r#"{"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": [1, 2], "lesion": 2}, "regions_class_order": [1, 2], "numTraining": 2, "file_ending": ".nii.gz"}"#;
+    std::fs::write(root.join("dataset.json"), json).unwrap();
+    let out = segk(&["check", root.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
+    let out = segk(&["train", root.to_str().unwrap(), "3d_fullres", "0", "--device", "cpu"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() && err.contains("labels are regions") && !base.join("segk_preprocessed").exists(), "{err}");
+    let _ = std::fs::remove_dir_all(&base);
+}

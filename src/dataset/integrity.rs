@@ -38,11 +38,9 @@ fn label_rules(json: &DatasetJson, file: &Path) -> Vec<Problem> {
     if json.label_values().iter().any(|&v| !(0..=255).contains(&v)) {
         out.push(problem(file, "label values must lie in 0..=255"));
     }
-    for (name, v) in &json.labels {
-        if let LabelValue::Region(r) = v {
-            out.push(problem(file, format!("label \"{name}\" is a region {r:?}: segk trains plain labels only (region-based training is not supported yet)")));
-            return out;
-        }
+    if json.has_regions() {
+        out.extend(region_rules(json, file));
+        return out;
     }
     // No regions past this point: each label is one value.
     let mut plain: Vec<i64> = json.labels.iter().filter(|(k, _)| *k != "ignore").flat_map(|(_, v)| super::values_of(v)).collect();
@@ -51,6 +49,47 @@ fn label_rules(json: &DatasetJson, file: &Path) -> Vec<Problem> {
         out.push(problem(file, format!("two labels share a value: {plain:?}")));
     } else if plain.iter().enumerate().any(|(i, &v)| v != i as i64) {
         out.push(problem(file, format!("label values must be consecutive from 0 (nnU-Net's rule): found {plain:?}")));
+    }
+    out
+}
+
+/// nnU-Net's region labels (BraTS: "whole tumor": [1, 2, 3], "tumor core": [2, 3], ...): one
+/// output per foreground region, and `regions_class_order` giving the label value each region
+/// writes into a prediction, later regions over earlier ones.
+fn region_rules(json: &DatasetJson, file: &Path) -> Vec<Problem> {
+    let mut out = Vec::new();
+    let regions = json.regions();
+    if json.ignore_label().is_some() {
+        out.push(problem(file, "an \"ignore\" label together with regions is not supported by segk yet"));
+    }
+    if regions.len() > crate::backend::MAX_REGIONS {
+        out.push(problem(file, format!("{} regions: segk trains at most {}", regions.len(), crate::backend::MAX_REGIONS)));
+    }
+    for r in &regions {
+        if r.is_empty() || r.iter().any(|&v| !(1..crate::backend::REGION_LABELS as i64).contains(&v)) {
+            out.push(problem(file, format!("region {r:?}: region label values must lie in 1..{} (background 0 is in no region)", crate::backend::REGION_LABELS)));
+        }
+    }
+    let mut values: Vec<i64> = regions.iter().flatten().copied().chain([0]).collect();
+    values.sort();
+    values.dedup();
+    if values.iter().enumerate().any(|(i, &v)| v != i as i64) {
+        out.push(problem(file, format!("the label values of the regions must be consecutive from 1: found {:?}", &values[1..])));
+    }
+    match &json.regions_class_order {
+        None => out.push(problem(file, "labels are regions but regions_class_order is missing: it gives the label value each region writes into a prediction")),
+        Some(order) if order.len() != regions.len() => out.push(problem(file, format!("regions_class_order has {} entries for {} foreground regions", order.len(), regions.len()))),
+        Some(order) => {
+            for (r, v) in regions.iter().zip(order) {
+                if !r.contains(v) {
+                    out.push(problem(file, format!("regions_class_order writes {v} for region {r:?}, a value outside that region")));
+                }
+            }
+            let unreachable: Vec<i64> = values[1..].iter().copied().filter(|v| !order.contains(v)).collect();
+            if !unreachable.is_empty() {
+                out.push(problem(file, format!("label values {unreachable:?} are in no entry of regions_class_order: predictions could never contain them")));
+            }
+        }
     }
     out
 }

@@ -30,7 +30,8 @@ pub struct DatasetJson {
     /// Channel index ("0", "1", ...) -> modality name ("CT", "T2", ...).
     #[serde(alias = "modality")]
     pub channel_names: BTreeMap<String, String>,
-    pub labels: BTreeMap<String, LabelValue>,
+    /// In the file's order: a region net's outputs follow it, as nnU-Net's.
+    pub labels: crate::ordered::Ordered<LabelValue>,
     #[serde(rename = "numTraining")]
     pub num_training: usize,
     pub file_ending: String,
@@ -50,6 +51,15 @@ impl DatasetJson {
         v.sort();
         v.dedup();
         v
+    }
+    /// Whether labels are regions (nnU-Net's region-based training): some label is a list.
+    pub fn has_regions(&self) -> bool {
+        self.labels.values().any(|v| matches!(v, LabelValue::Region(_)))
+    }
+    /// The foreground regions in the file's order (background and ignore aside), one output
+    /// channel each, as nnU-Net's LabelManager.foreground_regions.
+    pub fn regions(&self) -> Vec<Vec<i64>> {
+        self.labels.iter().filter(|(k, _)| *k != "background" && *k != "ignore").map(|(_, v)| values_of(v)).collect()
     }
     /// The "ignore" label's value, when the dataset declares one.
     pub fn ignore_label(&self) -> Option<i64> {

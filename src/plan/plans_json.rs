@@ -3,58 +3,12 @@
 //! (indent 4, Python's float repr, no trailing newline), so that a file segk writes is the file
 //! nnU-Net writes and a file nnU-Net wrote is used as it is. Keys segk does not know are kept.
 
-use serde::de::{MapAccess, Visitor};
-use serde::ser::SerializeMap;
-use serde::{Deserialize, Deserializer, Serialize, Serializer};
+use serde::{Deserialize, Serialize};
 use std::io::Write;
 
 type Extra = serde_json::Map<String, serde_json::Value>;
 
-/// A JSON object whose keys keep the order they were written in.
-#[derive(Clone, Debug, Default, PartialEq)]
-pub struct Ordered<T>(pub Vec<(String, T)>);
-
-impl<T> Ordered<T> {
-    pub fn get(&self, key: &str) -> Option<&T> {
-        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v)
-    }
-    pub fn get_mut(&mut self, key: &str) -> Option<&mut T> {
-        self.0.iter_mut().find(|(k, _)| k == key).map(|(_, v)| v)
-    }
-    pub fn keys(&self) -> impl Iterator<Item = &str> {
-        self.0.iter().map(|(k, _)| k.as_str())
-    }
-}
-
-impl<T: Serialize> Serialize for Ordered<T> {
-    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        let mut m = s.serialize_map(Some(self.0.len()))?;
-        for (k, v) in &self.0 {
-            m.serialize_entry(k, v)?;
-        }
-        m.end()
-    }
-}
-
-impl<'de, T: Deserialize<'de>> Deserialize<'de> for Ordered<T> {
-    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        struct V<T>(std::marker::PhantomData<T>);
-        impl<'de, T: Deserialize<'de>> Visitor<'de> for V<T> {
-            type Value = Ordered<T>;
-            fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
-                f.write_str("a JSON object")
-            }
-            fn visit_map<A: MapAccess<'de>>(self, mut a: A) -> Result<Ordered<T>, A::Error> {
-                let mut v = Vec::new();
-                while let Some((k, x)) = a.next_entry()? {
-                    v.push((k, x));
-                }
-                Ok(Ordered(v))
-            }
-        }
-        d.deserialize_map(V(std::marker::PhantomData))
-    }
-}
+pub use crate::ordered::Ordered;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct PlansJson {

@@ -73,7 +73,7 @@ impl Model {
     /// Label value of each output class, in class order.
     pub fn class_values(&self) -> Result<Vec<i16>> {
         let mut v = Vec::new();
-        for (name, l) in &self.json.labels {
+        for (name, l) in self.json.labels.iter() {
             match l {
                 LabelValue::One(x) if name != "ignore" => v.push(*x as i16),
                 LabelValue::One(_) => {}
