@@ -31,6 +31,9 @@ pub struct DemoConfig {
     /// Sparse annotation: the training cases keep their labels on one slab of 4 slices in
     /// three, the rest is nnU-Net's ignore label (held-out cases stay fully labelled).
     pub sparse: bool,
+    /// A region net (nnU-Net's BraTS-style training): nested regions "any object" [1, 2, 3],
+    /// "blob or box" [1, 2] and "box" [2], a sigmoid output each.
+    pub regions: bool,
 }
 
 impl Default for DemoConfig {
@@ -48,6 +51,7 @@ impl Default for DemoConfig {
             seed: 42,
             progress: true,
             sparse: false,
+            regions: false,
         }
     }
 }
@@ -134,6 +138,10 @@ impl Fill for Sampler {
 pub fn topology(cfg: &DemoConfig) -> Topology {
     let mut t = Topology::isotropic(1, synth::LABEL_NAMES.len(), cfg.features.clone());
     t.ignore_label = cfg.sparse;
+    if cfg.regions {
+        t.regions = vec![vec![1, 2, 3], vec![1, 2], vec![2]];
+        t.n_classes = t.regions.len();
+    }
     t
 }
 
@@ -176,7 +184,7 @@ pub fn run_on<B: Backend>(be: &B, cfg: &DemoConfig) -> Result<DemoReport> {
     if cfg.sparse {
         cases.iter_mut().for_each(|c| sparsify(c, classes));
     }
-    let sampler = std::sync::Arc::new(Sampler::new(cases, classes, cfg.patch, cfg.seed.wrapping_add(1)));
+    let sampler = std::sync::Arc::new(Sampler::new(cases, topo.label_limit(), cfg.patch, cfg.seed.wrapping_add(1)));
 
     let mut net = UNet::new(be, topo.clone(), cfg.seed)?;
     let acts = Acts::new(be, &topo, cfg.patch, cfg.batch, Checkpointing::None, true)?;
@@ -218,23 +226,39 @@ pub fn run_on<B: Backend>(be: &B, cfg: &DemoConfig) -> Result<DemoReport> {
     pb.finish();
     let train_secs = t0.elapsed().as_secs_f64();
 
-    let dice = evaluate(be, &net, &test, classes)?;
+    let dice = evaluate(be, &net, &test)?;
     let mean_dice = dice.iter().sum::<f64>() / dice.len() as f64;
     Ok(DemoReport { dice, mean_dice, first_epoch_loss: first, last_epoch_loss: last, train_secs, steps, data_wait: data_wait / step_time.max(1e-9) })
 }
 
-/// Whole-volume prediction of each case; Dice per label averaged over the cases that
-/// contain the label or predict it.
-pub fn evaluate<B: Backend>(be: &B, net: &UNet<B>, cases: &[Case], classes: usize) -> Result<Vec<f64>> {
-    let mut sums = vec![(0.0, 0usize); classes - 1];
+/// Whole-volume prediction of each case; Dice per foreground label (per region for a region
+/// net: logit above 0, sigmoid above 0.5) averaged over the cases that contain it or predict
+/// it.
+pub fn evaluate<B: Backend>(be: &B, net: &UNet<B>, cases: &[Case]) -> Result<Vec<f64>> {
+    let (classes, regions) = (net.topo.n_classes, &net.topo.regions);
+    let mut sums = vec![(0.0, 0usize); if regions.is_empty() { classes - 1 } else { regions.len() }];
     for c in cases {
         let acts = Acts::new(be, &net.topo, c.shape, 1, Checkpointing::Level1, false)?;
         let lg = net.forward_logits(be, &acts, &c.image)?;
-        let out = be.alloc_labels(c.voxels())?;
-        be.argmax(be.view(&acts.arena, lg.offset, lg.len()), lg.dims, be.label_view(&out, 0, c.voxels()))?;
-        let mut pred = vec![0u8; c.voxels()];
-        be.download_labels(be.label_view(&out, 0, c.voxels()), &mut pred)?;
-        for (k, d) in synth::dice_per_label(&pred, &c.labels, classes).into_iter().enumerate() {
+        let dice = if regions.is_empty() {
+            let out = be.alloc_labels(c.voxels())?;
+            be.argmax(be.view(&acts.arena, lg.offset, lg.len()), lg.dims, be.label_view(&out, 0, c.voxels()))?;
+            let mut pred = vec![0u8; c.voxels()];
+            be.download_labels(be.label_view(&out, 0, c.voxels()), &mut pred)?;
+            synth::dice_per_label(&pred, &c.labels, classes)
+        } else {
+            let mut logits = vec![0f32; lg.len()];
+            be.download(be.view(&acts.arena, lg.offset, lg.len()), &mut logits)?;
+            (0..regions.len())
+                .map(|k| {
+                    let inside = |l: u8| regions[k].contains(&(l as i64)) as u8;
+                    let pred: Vec<u8> = logits.chunks_exact(classes).map(|z| (z[k] > 0.0) as u8).collect();
+                    let truth: Vec<u8> = c.labels.iter().map(|&l| inside(l)).collect();
+                    synth::dice_per_label(&pred, &truth, 2)[0]
+                })
+                .collect()
+        };
+        for (k, d) in dice.into_iter().enumerate() {
             if d.is_finite() {
                 sums[k].0 += d;
                 sums[k].1 += 1;

@@ -242,7 +242,7 @@ fn save_and_fail<B: Backend>(be: &B, cfg: &TrainConfig, net: &mut UNet<B>, st: &
 fn account(steps: &[crate::model::unet::StepLoss], pending: &mut Vec<Vec<String>>, st: &mut TrainerState, topo: &crate::model::Topology) -> Result<()> {
     let mut first_error = None;
     for (s, cases) in steps.iter().zip(pending.drain(..)) {
-        if let Err(e) = crate::model::ledger::check_labels(s, topo.n_classes, topo.ignore_label, &format_args!("the batch of cases {cases:?}")) {
+        if let Err(e) = crate::model::ledger::check_labels(s, topo.label_limit(), topo.ignore_label, &format_args!("the batch of cases {cases:?}")) {
             first_error.get_or_insert(e);
         }
         if s.applied {

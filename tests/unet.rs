@@ -18,10 +18,18 @@ fn small_topology(dice: DiceMode) -> Topology {
     t
 }
 
+/// A region net's topology: regions [1, 2] and [2] over label values 0..3.
+fn region_topology(dice: DiceMode) -> Topology {
+    let mut t = small_topology(dice);
+    t.n_classes = 2;
+    t.regions = vec![vec![1, 2], vec![2]];
+    t
+}
+
 fn batch(r: &mut rand_pcg::Pcg64, t: &Topology, patch: [usize; 3], n: usize) -> (Vec<f32>, Vec<u8>) {
     let vox = n * patch.iter().product::<usize>();
     let image = (0..vox * t.in_channels).map(|_| r.random_range(-1.0..1.0)).collect();
-    let labels = (0..vox).map(|_| r.random_range(0..t.n_classes as u8)).collect();
+    let labels = (0..vox).map(|_| r.random_range(0..t.label_limit() as u8)).collect();
     (image, labels)
 }
 
@@ -32,8 +40,8 @@ fn unet_gradients_match_finite_differences() {
     // shows a ~1e-4 deviation (seen with seed 1795480450724991542). The op-level checks in
     // tests/ops.rs keep fresh seeds, with inputs held off the kink.
     let mut r = rng_seeded("unet_gradcheck", 7);
-    for dice in [DiceMode::Batch, DiceMode::PerSample] {
-        let t = small_topology(dice);
+    // The softmax net both Dice ways, and a region net (sigmoid + Dice + BCE).
+    for (dice, t) in [(DiceMode::Batch, small_topology(DiceMode::Batch)), (DiceMode::PerSample, small_topology(DiceMode::PerSample)), (DiceMode::Batch, region_topology(DiceMode::Batch))] {
         let patch = [4, 4, 8];
         let be = CpuBackend::<f64>::new();
         let net = UNet::new(&be, t.clone(), r.random()).unwrap();
@@ -65,7 +73,7 @@ fn unet_gradients_match_finite_differences() {
                 eprintln!("largest deviation: {name} [{}]: analytic {} numeric {}", idx[k] - net.layout.tensors.iter().find(|t| t.name == name).map_or(0, |t| t.offset), analytic[k], numeric[k]);
             }
         }
-        assert!(e < 1e-5, "{dice:?}: whole-net gradient rel err {e}");
+        assert!(e < 1e-5, "{dice:?} regions {:?}: whole-net gradient rel err {e}", t.regions);
         // Per tensor too, so a wrong small layer cannot hide behind a big one.
         for tensor in &net.layout.tensors {
             let sel: Vec<usize> = (0..idx.len()).filter(|&k| idx[k] >= tensor.offset && idx[k] < tensor.offset + tensor.len()).collect();

@@ -23,6 +23,10 @@ pub struct Topology {
     /// Label value `n_classes` is nnU-Net's ignore label: no output, no loss, no score.
     #[serde(default)]
     pub ignore_label: bool,
+    /// A region net (nnU-Net's region-based training): one sigmoid output per region
+    /// (`n_classes` = their count), each the label values it covers; empty for a softmax net.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub regions: Vec<Vec<i64>>,
 }
 
 fn two() -> usize {
@@ -54,6 +58,15 @@ impl Topology {
             deep_supervision: true,
             dice: DiceMode::Batch,
             ignore_label: false,
+            regions: Vec::new(),
+        }
+    }
+
+    /// Label values the loss takes: below this (the ignore label, `n_classes`, aside).
+    pub fn label_limit(&self) -> usize {
+        match self.regions.iter().flatten().max() {
+            Some(&top) => top as usize + 1,
+            None => self.n_classes,
         }
     }
 
@@ -65,7 +78,13 @@ impl Topology {
         let n = self.stages();
         ensure!(n >= 2, "a U-Net needs at least 2 stages, got {n}");
         ensure!(self.kernels.len() == n && self.strides.len() == n, "features, kernels and strides must list {n} stages each");
-        ensure!(self.in_channels >= 1 && self.n_classes >= 2, "need >= 1 input channel and >= 2 classes (background included)");
+        if self.regions.is_empty() {
+            ensure!(self.in_channels >= 1 && self.n_classes >= 2, "need >= 1 input channel and >= 2 classes (background included)");
+        } else {
+            ensure!(self.in_channels >= 1 && self.n_classes == self.regions.len(), "a region net has one output per region: {} outputs for {} regions", self.n_classes, self.regions.len());
+            crate::backend::RegionMasks::new(&self.regions)?;
+            ensure!(!self.ignore_label, "an ignore label together with regions is not supported yet");
+        }
         ensure!(self.n_classes <= 256, "at most 256 classes (labels are u8)");
         ensure!(self.strides[0] == [1, 1, 1], "the first stage must have stride 1 (it runs at full resolution)");
         ensure!(self.convs_per_stage >= 1, "at least one conv per stage");

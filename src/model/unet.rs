@@ -132,6 +132,15 @@ impl<B: Backend> UNet<B> {
         self.ledger()?.peek(be, &self.topo.ds_weights(), times)
     }
 
+    /// nnU-Net's loss of one output: DC_and_CE over a softmax (the ignore label masked), or
+    /// for a region net DC_and_BCE over a sigmoid per region.
+    fn loss(&self, be: &B, logits: B::Buf, ld: Dims, labels: B::LabelBuf, weight: f64, record: B::Buf) -> Result<()> {
+        if self.topo.regions.is_empty() {
+            return be.softmax_dice_ce(logits, ld, labels, self.topo.dice, self.topo.ignore_label, weight, record);
+        }
+        be.sigmoid_dice_bce(logits, ld, labels, &crate::backend::RegionMasks::new(&self.topo.regions)?, self.topo.dice, weight, record)
+    }
+
     /// Forward, loss and backward with the batch wherever `input` says, into the ledger's next
     /// record. Returns the phase times when the net is `timed`.
     fn gradients(&self, be: &B, acts: &Acts<B>, input: Input) -> Result<(f64, f64)> {
@@ -149,7 +158,7 @@ impl<B: Backend> UNet<B> {
         let weights = self.topo.ds_weights();
         for (s, slot) in acts.plan.logits.iter().enumerate() {
             match (slot, acts.plan.labels[s]) {
-                (Some(lg), Some(lb)) => be.softmax_dice_ce(pass.act(lg), lg.dims, pass.label(lb), self.topo.dice, self.topo.ignore_label, weights[s], ledger.next_loss(be, s))?,
+                (Some(lg), Some(lb)) => self.loss(be, pass.act(lg), lg.dims, pass.label(lb), weights[s], ledger.next_loss(be, s))?,
                 // An output without a loss this step: zeros, not a record left by another plan.
                 _ => be.fill(ledger.next_loss(be, s), 0.0)?,
             }

@@ -411,9 +411,10 @@ pub fn segk_topology(c: &Configuration, json: &DatasetJson) -> Result<crate::mod
     let convs = a.n_conv_per_stage.clone().unwrap_or_default();
     ensure!(convs.iter().chain(&a.n_conv_per_stage_decoder).all(|&n| n == convs[0]), "segk's PlainConvUNet has one conv count for every stage, the plans have {:?} and {:?}", convs, a.n_conv_per_stage_decoder);
     let triple = |v: &Vec<usize>| [v[0], v[1], v[2]];
+    let regions = if json.has_regions() { json.regions() } else { Vec::new() };
     let t = crate::model::Topology {
         in_channels: json.channels(),
-        n_classes: json.labels.keys().filter(|k| *k != "ignore").count().max(2),
+        n_classes: if regions.is_empty() { json.labels.keys().filter(|k| *k != "ignore").count().max(2) } else { regions.len() },
         features: a.features_per_stage.clone(),
         kernels: a.kernel_sizes.iter().map(triple).collect(),
         strides: a.strides.iter().map(triple).collect(),
@@ -421,6 +422,7 @@ pub fn segk_topology(c: &Configuration, json: &DatasetJson) -> Result<crate::mod
         deep_supervision: true,
         dice: if c.batch_dice.unwrap_or(false) { crate::backend::DiceMode::Batch } else { crate::backend::DiceMode::PerSample },
         ignore_label: json.ignore_label().is_some(),
+        regions,
     };
     t.validate()?;
     Ok(t)
