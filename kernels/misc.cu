@@ -97,6 +97,18 @@ __device__ __forceinline__ void argmax(const A* logits, long rows, int c, uint8_
     }
 }
 
+// Region nets: out[r] = bit k set where region k's logit is above 0 (sigmoid above 0.5),
+// c <= 8 regions.
+template <class A>
+__device__ __forceinline__ void region_bits(const A* logits, long rows, int c, uint8_t* out) {
+    for (long r = blockIdx.x * (long)blockDim.x + threadIdx.x; r < rows; r += (long)gridDim.x * blockDim.x) {
+        const A* z = logits + r * c;
+        unsigned bits = 0;
+        for (int k = 0; k < c; k++) bits |= (ld(z + k) > 0.f ? 1u : 0u) << k;
+        out[r] = (uint8_t)bits;
+    }
+}
+
 // Host f32 data into bf16 activations and back (uploads, downloads, the staged batch).
 extern "C" __global__ void segk_cast_f32_bf16(const float* src, long n, bf16* dst) {
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += (long)gridDim.x * blockDim.x) st(dst + i, src[i]);
@@ -111,6 +123,8 @@ extern "C" __global__ void segk_concat_bwd_f32(const float* d, int ca, int cb, l
 extern "C" __global__ void segk_concat_bwd_bf16(const bf16* d, int ca, int cb, long rows, bf16* da, bf16* db, float beta) { concat_bwd(d, ca, cb, rows, da, db, beta); }
 extern "C" __global__ void segk_argmax_f32(const float* logits, long rows, int c, uint8_t* out) { argmax(logits, rows, c, out); }
 extern "C" __global__ void segk_argmax_bf16(const bf16* logits, long rows, int c, uint8_t* out) { argmax(logits, rows, c, out); }
+extern "C" __global__ void segk_region_bits_f32(const float* logits, long rows, int c, uint8_t* out) { region_bits(logits, rows, c, out); }
+extern "C" __global__ void segk_region_bits_bf16(const bf16* logits, long rows, int c, uint8_t* out) { region_bits(logits, rows, c, out); }
 extern "C" __global__ void segk_concat8_f32(const float* a, int ca, const float* b, int cb, unsigned groups, float* out) { concat8(a, ca, b, cb, groups, out); }
 extern "C" __global__ void segk_concat8_bf16(const bf16* a, int ca, const bf16* b, int cb, unsigned groups, bf16* out) { concat8(a, ca, b, cb, groups, out); }
 extern "C" __global__ void segk_concat_bwd8_f32(const float* d, int ca, int cb, unsigned groups, float* da, float* db, float beta) { concat_bwd8(d, ca, cb, groups, da, db, beta); }

@@ -341,6 +341,11 @@ fn loss_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
         let z: Vec<f32> = r.rand(ld.len()).iter().map(|v| 4.0 * v).collect();
         let labels: Vec<u8> = (0..ld.rows()).map(|_| r.rng.random_range(0..labels_below)).collect();
         let (zd, zc) = r.both_act(&z)?;
+        let (bd, bc) = (r.dev.labels(&vec![255; ld.rows()])?, r.cpu.labels(&vec![255; ld.rows()])?);
+        r.dev.be.region_bits(zd, ld, bd)?;
+        r.cpu.be.region_bits(zc, ld, bc)?;
+        let (x, y) = (r.dev.get_labels(bd, ld.rows())?, r.cpu.get_labels(bc, ld.rows())?);
+        r.push(Check { name: format!("region_bits {ld}"), err: x.iter().zip(&y).filter(|(a, b)| a != b).count() as f64, bound: 0.0 });
         let (ldv, lcv) = (r.dev.labels(&labels)?, r.cpu.labels(&labels)?);
         let (rd, rc) = r.outs(LOSS_RECORD)?;
         r.dev.be.sigmoid_dice_bce(zd, ld, ldv, &masks, mode, 0.5, rd)?;

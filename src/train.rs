@@ -96,6 +96,22 @@ impl EpochLog {
     }
 }
 
+/// True positives, false positives and false negatives per region of a region net, from the
+/// predicted region bits ([`Backend::region_bits`]) and the label map, as nnU-Net's
+/// validation step (sigmoid above 0.5 against the region masks).
+pub fn count_regions(bits: &[u8], truth: &[u8], regions: &[Vec<i64>], tp: &mut [u64], fp: &mut [u64], fn_: &mut [u64]) {
+    for (&b, &t) in bits.iter().zip(truth) {
+        for (k, r) in regions.iter().enumerate() {
+            match (b >> k & 1 == 1, r.contains(&(t as i64))) {
+                (true, true) => tp[k] += 1,
+                (true, false) => fp[k] += 1,
+                (false, true) => fn_[k] += 1,
+                _ => {}
+            }
+        }
+    }
+}
+
 /// True positives, false positives and false negatives per foreground class.
 fn count(pred: &[u8], truth: &[u8], classes: usize, tp: &mut [u64], fp: &mut [u64], fn_: &mut [u64]) {
     for (&p, &t) in pred.iter().zip(truth) {
@@ -379,24 +395,35 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
         bar.finish_and_clear();
         let train_time = t0.elapsed();
         let stats = train.pool.take_stats();
-        let (mut tp, mut fp, mut fn_) = (vec![0u64; classes - 1], vec![0u64; classes - 1], vec![0u64; classes - 1]);
+        // One score per foreground class, or per region of a region net.
+        let scored = if topo.regions.is_empty() { classes - 1 } else { classes };
+        let (mut tp, mut fp, mut fn_) = (vec![0u64; scored], vec![0u64; scored], vec![0u64; scored]);
         for _ in 0..cfg.val_iters {
             let b = match val.pool.next_batch() {
                 Ok(b) => b,
                 Err(e) => return Err(save_and_fail(be, cfg, &mut net, &mut st, &mut Vec::new(), e, FIX_DATA)),
             };
             let predicted = net.forward_logits(be, &infer, &b.image).and_then(|lg| {
-                be.argmax(be.view(&infer.arena, lg.offset, lg.len()), lg.dims, be.label_view(&pred_buf, 0, rows))?;
+                let (logits, out) = (be.view(&infer.arena, lg.offset, lg.len()), be.label_view(&pred_buf, 0, rows));
+                if topo.regions.is_empty() {
+                    be.argmax(logits, lg.dims, out)?;
+                } else {
+                    be.region_bits(logits, lg.dims, out)?;
+                }
                 be.download_labels(be.label_view(&pred_buf, 0, rows), &mut pred)
             });
             if let Err(e) = predicted {
                 return Err(save_and_fail(be, cfg, &mut net, &mut st, &mut Vec::new(), oom(e), FIX_DEVICE));
             }
-            count(&pred, &b.labels, classes, &mut tp, &mut fp, &mut fn_);
+            if topo.regions.is_empty() {
+                count(&pred, &b.labels, classes, &mut tp, &mut fp, &mut fn_);
+            } else {
+                count_regions(&pred, &b.labels, &topo.regions, &mut tp, &mut fp, &mut fn_);
+            }
             val.pool.give_back(b);
             st.next_val_batch += 1;
         }
-        let pseudo_dice: Vec<f64> = (0..classes - 1).map(|k| 2.0 * tp[k] as f64 / (2 * tp[k] + fp[k] + fn_[k]) as f64).collect();
+        let pseudo_dice: Vec<f64> = (0..scored).map(|k| 2.0 * tp[k] as f64 / (2 * tp[k] + fp[k] + fn_[k]) as f64).collect();
         let valid: Vec<f64> = pseudo_dice.iter().copied().filter(|d| d.is_finite()).collect();
         // nnU-Net's nanmean over classes; no foreground anywhere in validation counts as 0.
         let mean = if valid.is_empty() { 0.0 } else { valid.iter().sum::<f64>() / valid.len() as f64 };
@@ -490,6 +517,14 @@ mod tests {
         assert_eq!(msg.matches("out of device memory").count(), 1, "said once: {msg}");
         let other = format!("{:#}", super::explain_oom(anyhow::anyhow!("CUDA error in segk_conv: illegal address"), 0));
         assert_eq!(other, "CUDA error in segk_conv: illegal address", "other errors pass unchanged");
+    }
+
+    #[test]
+    fn region_pseudo_dice_counts_each_region() {
+        let (mut tp, mut fp, mut fn_) = (vec![0; 2], vec![0; 2], vec![0; 2]);
+        // Regions [1, 2] and [2]; bits: 0b01 = first region only, 0b11 = both.
+        super::count_regions(&[0b01, 0b11, 0b00, 0b10], &[1, 1, 2, 0], &[vec![1, 2], vec![2]], &mut tp, &mut fp, &mut fn_);
+        assert_eq!((tp, fp, fn_), (vec![2, 0], vec![0, 2], vec![1, 1]));
     }
 
     #[test]

@@ -347,6 +347,14 @@ fn region_loss_hand_computed_and_finite_differences() {
 }
 
 #[test]
+fn region_bits_threshold_each_region_at_zero() {
+    use segk::backend::cpu::misc;
+    let mut out = vec![255u8; 2];
+    misc::region_bits(&[0.5f64, -0.1, 2.0, 0.0, 3.0, -4.0], Dims::new(1, [1, 1, 2], 3), &mut out);
+    assert_eq!(out, vec![0b101, 0b010]);
+}
+
+#[test]
 fn loss_marks_labels_beyond_classes() {
     // NaN parts (the update is skipped), the label reported, the logits left alone.
     let mut z = vec![0.25f64; 4];

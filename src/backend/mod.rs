@@ -317,6 +317,9 @@ pub trait Backend: Sync {
     fn sigmoid_dice_bce(&self, logits: Self::Buf, ld: Dims, labels: Self::LabelBuf, regions: &RegionMasks, mode: DiceMode, weight: f64, record: Self::Buf) -> Result<()>;
     /// Argmax over channels into a label map (prediction).
     fn argmax(&self, logits: Self::Buf, ld: Dims, out: Self::LabelBuf) -> Result<()>;
+    /// Region nets' prediction: per voxel, bit k set where region k's logit is above 0 (its
+    /// sigmoid above 0.5, nnU-Net's threshold); at most 8 regions.
+    fn region_bits(&self, logits: Self::Buf, ld: Dims, out: Self::LabelBuf) -> Result<()>;
     fn download_labels(&self, src: Self::LabelBuf, dst: &mut [u8]) -> Result<()>;
 
     // ---- optimizer ----

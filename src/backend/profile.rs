@@ -166,6 +166,9 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn argmax(&self, l: B::Buf, ld: Dims, o: B::LabelBuf) -> Result<()> {
         self.time("argmax", 0.0, || self.inner.argmax(l, ld, o))
     }
+    fn region_bits(&self, l: B::Buf, ld: Dims, o: B::LabelBuf) -> Result<()> {
+        self.time("region_bits", 0.0, || self.inner.region_bits(l, ld, o))
+    }
     fn sum_squares(&self, x: B::Buf, out: B::Buf) -> Result<()> {
         self.time("sum_squares", 0.0, || self.inner.sum_squares(x, out))
     }

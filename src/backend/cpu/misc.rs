@@ -42,6 +42,14 @@ pub fn downsample_labels(src: &[u8], sd: Dims, dst: &mut [u8], dd: Dims) {
     });
 }
 
+/// Region nets: bit k of out[r] set where region k's logit is above 0 (sigmoid above 0.5).
+pub fn region_bits<T: Float>(logits: &[T], ld: Dims, out: &mut [u8]) {
+    assert!(logits.len() == ld.len() && out.len() == ld.rows() && ld.c <= 8, "region_bits shapes");
+    out.par_iter_mut().zip(logits.par_chunks(ld.c)).for_each(|(o, z)| {
+        *o = z.iter().enumerate().fold(0u8, |bits, (k, v)| bits | ((v.to_f64() > 0.0) as u8) << k);
+    });
+}
+
 pub fn argmax<T: Float>(logits: &[T], ld: Dims, out: &mut [u8]) {
     assert!(logits.len() == ld.len() && out.len() == ld.rows(), "argmax shapes");
     out.par_iter_mut().zip(logits.par_chunks(ld.c)).for_each(|(o, z)| {

@@ -470,6 +470,11 @@ impl<T: Float> Backend for CpuBackend<T> {
         unsafe { misc::argmax(logits.slice(), ld, out.slice_mut()) };
         Ok(())
     }
+    fn region_bits(&self, logits: CpuBuf<T>, ld: Dims, out: CpuBuf<u8>) -> Result<()> {
+        anyhow::ensure!(ld.c <= crate::backend::MAX_REGIONS, "region_bits: {} regions, at most {}", ld.c, crate::backend::MAX_REGIONS);
+        unsafe { misc::region_bits(logits.slice(), ld, out.slice_mut()) };
+        Ok(())
+    }
 
     fn sum_squares(&self, x: CpuBuf<T>, out: CpuBuf<T>) -> Result<()> {
         anyhow::ensure!(out.len >= 1, "sum_squares into an empty view");

@@ -46,6 +46,13 @@ pub fn downsample_labels(be: &CudaBackend, src: DevLabels, sd: Dims, dst: DevLab
     Ok(())
 }
 
+pub fn region_bits(be: &CudaBackend, logits: DevBuf, ld: Dims, out: DevLabels) -> Result<()> {
+    ensure!(logits.len == ld.len() && out.len == ld.rows() && ld.c <= 8, "region_bits shapes");
+    let (rows, c) = (ld.rows() as i64, ld.c as i32);
+    launch!(be, region_bits[logits.dt], be.grid(ld.rows()), &logits.ptr, &rows, &c, &out.ptr);
+    Ok(())
+}
+
 pub fn argmax(be: &CudaBackend, logits: DevBuf, ld: Dims, out: DevLabels) -> Result<()> {
     ensure!(logits.len == ld.len() && out.len == ld.rows(), "argmax shapes");
     let (rows, c) = (ld.rows() as i64, ld.c as i32);

@@ -211,7 +211,7 @@ macro_rules! kernels {
 kernels!(
     plain: sum_squares_f32, sum_partials_f64, sgd_nesterov_f32, loss_dice, downsample_labels, cast_f32_bf16, cast_bf16_f32,
     norm_finalize_f32, norm_bwd_finalize_f32, sum_splits_f32;
-    per storage type: fill, concat, concat_bwd, argmax, norm_partial, norm_act_fwd, norm_bwd_partial, norm_bwd_apply,
+    per storage type: fill, concat, concat_bwd, argmax, region_bits, norm_partial, norm_act_fwd, norm_bwd_partial, norm_bwd_apply,
     colsum_partial8, concat8, concat_bwd8, norm_partial8, norm_act_fwd8, norm_bwd_partial8, norm_bwd_apply8,
     loss_partial, loss_grad, region_partial, region_grad, conv_fprop, conv_dgrad, conv_wgrad, convt_fprop, convt_dgrad, convt_wgrad, colsum_partial;
     per tile width: conv_fprop_pipe, conv_dgrad_pipe, conv_wgrad_pipe, convt_fprop_pipe, convt_dgrad_pipe, convt_wgrad_pipe,
@@ -772,6 +772,9 @@ impl Backend for CudaBackend {
     }
     fn argmax(&self, logits: DevBuf, ld: Dims, out: DevLabels) -> Result<()> {
         misc::argmax(self, logits, ld, out)
+    }
+    fn region_bits(&self, logits: DevBuf, ld: Dims, out: DevLabels) -> Result<()> {
+        misc::region_bits(self, logits, ld, out)
     }
     fn sum_squares(&self, x: DevBuf, out: DevBuf) -> Result<()> {
         optim::sum_squares(self, x, out)
