@@ -231,6 +231,15 @@ fn rows_of<B: Backend>(be: &B, op: &Op, reps: usize, keep: &dyn Fn(&str) -> bool
                 let bytes = 2.0 * d.len() as f64 * e + d.rows() as f64;
                 row("softmax_dice_ce", dims_str(d), time(be, reps, || be.fill(logits, 0.0).and_then(|_| be.softmax_dice_ce(logits, d, labels, DiceMode::Batch, false, 1.0, record)))?, None, Some(bytes));
             }
+            if keep("sigmoid_dice_bce") && d.c <= crate::backend::MAX_REGIONS {
+                // The same head as a region net's: nested regions over the first c labels.
+                let e = be.act_bytes() as f64;
+                let regions: Vec<Vec<i64>> = (1..=d.c as i64).map(|k| (k..=d.c as i64).collect()).collect();
+                let masks = crate::backend::RegionMasks::new(&regions)?;
+                let (logits, labels, record) = (m.act(d.len(), 0.0)?, m.labels(d.rows(), d.c + 1)?, m.buf(LOSS_RECORD, 0.0)?);
+                let bytes = 2.0 * d.len() as f64 * e + d.rows() as f64;
+                row("sigmoid_dice_bce", dims_str(d), time(be, reps, || be.fill(logits, 0.0).and_then(|_| be.sigmoid_dice_bce(logits, d, labels, &masks, DiceMode::Batch, 1.0, record)))?, None, Some(bytes));
+            }
         }
         Op::Sgd(n) => {
             if keep("sgd_update") {

@@ -25,7 +25,7 @@ fn bench_kernels_times_every_op_family_on_the_nets_layers() {
     let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout).lines().map(|l| serde_json::from_str(l).expect("one JSON object per line")).collect();
     let ops: Vec<&str> = rows.iter().map(|r| r["op"].as_str().unwrap()).collect();
     // 3 stages: first conv, 2 strided, 3 stride-1 encoder convs, 2 decoder convs, the head: 9.
-    for op in ["conv_fwd 3x3x3 s1", "conv_wgrad 3x3x3 s2", "conv_dgrad 1x1x1 s1", "convt_fwd", "convt_dgrad", "convt_wgrad", "norm_stats", "norm_act_fwd", "norm_act_bwd", "softmax_dice_ce", "sgd_update"] {
+    for op in ["conv_fwd 3x3x3 s1", "conv_wgrad 3x3x3 s2", "conv_dgrad 1x1x1 s1", "convt_fwd", "convt_dgrad", "convt_wgrad", "norm_stats", "norm_act_fwd", "norm_act_bwd", "softmax_dice_ce", "sigmoid_dice_bce", "sgd_update"] {
         assert!(ops.contains(&op), "no {op:?} row in {ops:?}");
     }
     assert_eq!(ops.iter().filter(|o| o.starts_with("conv_fwd")).count(), 9, "{ops:?}");
