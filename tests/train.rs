@@ -290,17 +290,27 @@ fn preflight_picks_the_fastest_level_that_fits_or_refuses_with_numbers() {
     assert_eq!(preflight(&plan, None, F32, Some(l0), 1).unwrap(), Checkpointing::Level1, "the backend's workspace counts");
 }
 
+/// `segk ARGS` with none of nnU-Net's folder variables set (everything beside the dataset).
+fn segk_cli(args: &[&str]) -> std::process::Output {
+    std::process::Command::new(env!("CARGO_BIN_EXE_segk")).args(args).env_remove("nnUNet_preprocessed").env_remove("nnUNet_results").env_remove("nnUNet_raw").output().unwrap()
+}
+
+/// An empty temporary folder for one test.
+fn fresh_dir(tag: &str) -> std::path::PathBuf {
+    let base = std::env::temp_dir().join(format!("segk-train-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    base
+}
+
 /// An nnU-Net dataset with `"ignore": 3` (two thirds of every label map unlabelled) trains,
 /// validates, predicts and evaluates: no output for the ignore label, none predicted, its
 /// voxels left out of the scores.
 #[test]
 fn ignore_label_dataset_trains_predicts_and_evaluates() {
     use segk::dataset::nifti_io;
-    let base = std::env::temp_dir().join(format!("segk-train-ignore-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
+    let base = fresh_dir("ignore");
     let root = base.join("Dataset034_Sparse");
-    let segk = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_segk")).args(args).env_remove("nnUNet_preprocessed").env_remove("nnUNet_results").env_remove("nnUNet_raw").output().unwrap();
-    assert!(segk(&["synth", root.to_str().unwrap(), "--cases", "4", "--shape", "24,32,32", "--spacing", "1,1,1"]).status.success());
+    assert!(segk_cli(&["synth", root.to_str().unwrap(), "--cases", "4", "--shape", "24,32,32", "--spacing", "1,1,1"]).status.success());
     let mut json: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(root.join("dataset.json")).unwrap()).unwrap();
     json["labels"]["ignore"] = 3.into();
     std::fs::write(root.join("dataset.json"), json.to_string()).unwrap();
@@ -311,13 +321,13 @@ fn ignore_label_dataset_trains_predicts_and_evaluates() {
         v.data.iter_mut().enumerate().filter(|(i, _)| (i / plane / 4) % 3 != 0).for_each(|(_, l)| *l = 3.0);
         nifti_io::write(&p, &v, nifti_io::VoxelType::U8).unwrap();
     }
-    let out = segk(&["train", root.to_str().unwrap(), "3d_fullres", "all", "--device", "cpu", "--epochs", "1", "--iters-per-epoch", "2", "--val-iters", "1", "--workers", "1"]);
+    let out = segk_cli(&["train", root.to_str().unwrap(), "3d_fullres", "all", "--device", "cpu", "--epochs", "1", "--iters-per-epoch", "2", "--val-iters", "1", "--workers", "1"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     let model = base.join("segk_results/Dataset034_Sparse/segkTrainer__nnUNetPlans__3d_fullres");
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("fold_all/validation/summary.json")).unwrap()).unwrap();
     assert!(summary["mean"]["3"].is_null() && summary["mean"]["1"].is_object(), "the ignore label is not scored: {summary}");
-    let out = segk(&["predict", "-i", root.join("imagesTr").to_str().unwrap(), "-o", base.join("pred").to_str().unwrap(), "-m", model.to_str().unwrap(), "--device", "cpu", "--no-tta"]);
+    let out = segk_cli(&["predict", "-i", root.join("imagesTr").to_str().unwrap(), "-o", base.join("pred").to_str().unwrap(), "-m", model.to_str().unwrap(), "--device", "cpu", "--no-tta"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     for e in std::fs::read_dir(base.join("pred")).unwrap() {
         let p = e.unwrap().path();
@@ -325,7 +335,7 @@ fn ignore_label_dataset_trains_predicts_and_evaluates() {
             assert!(nifti_io::read(&p).unwrap().data.iter().all(|&l| l < 3.0), "{}: the ignore label is never predicted", p.display());
         }
     }
-    let out = segk(&["evaluate", base.join("pred").to_str().unwrap(), root.join("labelsTr").to_str().unwrap(), "-djfile", root.join("dataset.json").to_str().unwrap()]);
+    let out = segk_cli(&["evaluate", base.join("pred").to_str().unwrap(), root.join("labelsTr").to_str().unwrap(), "-djfile", root.join("dataset.json").to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(base.join("pred/summary.json")).unwrap()).unwrap();
     let case = &s["metric_per_case"][0]["metrics"]["1"];
@@ -339,17 +349,15 @@ fn ignore_label_dataset_trains_predicts_and_evaluates() {
 /// train region-based nets yet (before any planning).
 #[test]
 fn region_dataset_is_checked_and_training_refused_clearly() {
-    let base = std::env::temp_dir().join(format!("segk-train-regions-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
+    let base = fresh_dir("regions");
     let root = base.join("Dataset035_Regions");
-    let segk = |args: &[&str]| std::process::Command::new(env!("CARGO_BIN_EXE_segk")).args(args).env_remove("nnUNet_preprocessed").env_remove("nnUNet_results").env_remove("nnUNet_raw").output().unwrap();
-    assert!(segk(&["synth", root.to_str().unwrap(), "--cases", "2", "--shape", "16,16,16"]).status.success());
+    assert!(segk_cli(&["synth", root.to_str().unwrap(), "--cases", "2", "--shape", "16,16,16"]).status.success());
     // By hand: the labels' order is the outputs' order (serde_json would sort the keys).
     let json = r#"{"channel_names": {"0": "CT"}, "labels": {"background": 0, "organ": [1, 2], "lesion": 2}, "regions_class_order": [1, 2], "numTraining": 2, "file_ending": ".nii.gz"}"#;
     std::fs::write(root.join("dataset.json"), json).unwrap();
-    let out = segk(&["check", root.to_str().unwrap()]);
+    let out = segk_cli(&["check", root.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stdout));
-    let out = segk(&["train", root.to_str().unwrap(), "3d_fullres", "0", "--device", "cpu"]);
+    let out = segk_cli(&["train", root.to_str().unwrap(), "3d_fullres", "0", "--device", "cpu"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success() && err.contains("labels are regions") && !base.join("segk_preprocessed").exists(), "{err}");
     let _ = std::fs::remove_dir_all(&base);
