@@ -378,11 +378,6 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
     let pre = preprocessed.unwrap_or_else(|| preprocessed_dir(root));
     let ds = ex.dataset()?;
     let ids: Vec<String> = ds.cases.iter().map(|c| c.id.clone()).collect();
-    anyhow::ensure!(
-        !ds.json.has_regions(),
-        "{}: labels are regions: segk has nnU-Net's region loss (sigmoid + Dice + BCE, kernels and CPU twin) but does not train or predict region-based nets yet",
-        root.display()
-    );
     let plans_name = plans_name.unwrap_or(crate::plan::nnunet::PLANNERS[0].plans_name);
     if crate::plan::nnunet::PLANNERS.iter().any(|p| p.residual && p.plans_name == plans_name) {
         anyhow::bail!("-p {plans_name}: segk plans the ResEnc presets (`segk plan -pl`) but does not train them yet");

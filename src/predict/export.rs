@@ -1,9 +1,10 @@
 //! Export at the original geometry, streamed: each finished slice of logits on the plan's
 //! grid is resampled in-plane to the cropped original grid, the slices along the first axis
 //! are resampled as they arrive (linear, or nearest along a coarse axis as nnU-Net does for
-//! probabilities), argmax gives the class, and each output slice is untransposed and pasted
-//! into the original volume (background outside the crop). Only the input slices an output
-//! still reads are kept (two for linear).
+//! probabilities), the head turns each voxel's logits into a label value (argmax, or region
+//! thresholds), and each output slice is untransposed and pasted into the original volume
+//! (background outside the crop). Only the input slices an output still reads are kept (two
+//! for linear).
 
 use super::probs::ProbFile;
 use super::window::SliceSink;
@@ -12,11 +13,50 @@ use crate::preprocess::resample::{axis_kernels, resample_image, taps, Kernel, Ta
 use anyhow::Result;
 use std::collections::VecDeque;
 
+/// How a voxel's (resampled, fold- and mirror-averaged) logits become its label value and
+/// probabilities, as nnU-Net's LabelManager does after the logits are averaged.
+#[derive(Clone, Debug)]
+pub enum Head {
+    /// Softmax classes: the argmax class's label value (one per output, in class order).
+    Softmax(Vec<i16>),
+    /// Sigmoid regions: region k writes `regions_class_order[k]` (given here, one per output)
+    /// where its sigmoid is above 0.5, later regions over earlier; background elsewhere.
+    Regions(Vec<i16>),
+}
+
+impl Head {
+    pub fn outputs(&self) -> usize {
+        match self {
+            Head::Softmax(v) | Head::Regions(v) => v.len(),
+        }
+    }
+
+    /// Every label value the head can write (background included).
+    pub fn values(&self) -> Vec<i16> {
+        match self {
+            Head::Softmax(v) => v.clone(),
+            Head::Regions(v) => std::iter::once(0).chain(v.iter().copied()).collect(),
+        }
+    }
+
+    /// The label value of one voxel's logits, read at `logit(k)` for output k.
+    pub fn label(&self, logit: impl Fn(usize) -> f32) -> i16 {
+        match self {
+            Head::Softmax(v) => v[(1..v.len()).fold(0, |b, k| if logit(k) > logit(b) { k } else { b })],
+            Head::Regions(order) => order.iter().enumerate().fold(0, |l, (k, &value)| if sigmoid(logit(k)) > 0.5 { value } else { l }),
+        }
+    }
+}
+
+/// In f32, as nnU-Net compares it: a logit just above 0 can round to 0.5 and not count.
+pub fn sigmoid(z: f32) -> f32 {
+    1.0 / (1.0 + (-z).exp())
+}
+
 pub struct Exporter {
     g: Geometry,
     classes: usize,
-    /// Label value of each class index.
-    values: Vec<i16>,
+    head: Head,
     /// Cropped original shape in stored axis order.
     shape_t: [usize; 3],
     kernels: [Kernel; 3],
@@ -31,7 +71,7 @@ pub struct Exporter {
 }
 
 impl Exporter {
-    pub fn new(g: &Geometry, values: Vec<i16>, probs: Option<ProbFile>) -> Exporter {
+    pub fn new(g: &Geometry, head: Head, probs: Option<ProbFile>) -> Exporter {
         let c = g.crop_shape();
         let t = g.transpose_forward;
         let shape_t = t.map(|a| c[a]);
@@ -40,8 +80,8 @@ impl Exporter {
         let taps0 = if g.shape[0] == shape_t[0] { taps(g.shape[0], shape_t[0], Kernel::Nearest) } else { taps(g.shape[0], shape_t[0], kernels[0]) };
         Exporter {
             g: g.clone(),
-            classes: values.len(),
-            values,
+            classes: head.outputs(),
+            head,
             shape_t,
             kernels,
             taps0,
@@ -80,15 +120,14 @@ impl Exporter {
         for y in 0..h {
             for x in 0..w {
                 let i = y * w + x;
-                let best = (1..self.classes).fold(0, |b, k| if mix[k * n + i] > mix[b * n + i] { k } else { b });
                 // Stored axes (o, y, x) -> raw crop axes, then into the full volume.
                 let q = [o, y, x];
                 let raw: [usize; 3] = std::array::from_fn(|a| q[back[a]] + self.g.bbox[a][0]);
                 let v = (raw[0] * full[1] + raw[1]) * full[2] + raw[2];
-                self.labels[v] = self.values[best];
+                self.labels[v] = self.head.label(|k| mix[k * n + i]);
                 if let Some(p) = self.probs.as_mut() {
                     voxel_logits.iter_mut().enumerate().for_each(|(k, z)| *z = mix[k * n + i]);
-                    p.set_softmax(v, &voxel_logits);
+                    p.set(v, &voxel_logits);
                 }
             }
         }
@@ -128,5 +167,25 @@ impl SliceSink for Exporter {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Head;
+
+    #[test]
+    fn heads_turn_logits_into_label_values() {
+        let softmax = Head::Softmax(vec![0, 1, 4]);
+        assert_eq!(softmax.label(|k| [0.1, -2.0, 0.3][k]), 4, "argmax class's value");
+        assert_eq!(softmax.label(|k| [0.5, 0.5, 0.5][k]), 0, "ties go to the first class");
+        // BraTS's order: whole tumour (2), tumour core (1), enhancing (3), each over the last.
+        let regions = Head::Regions(vec![2, 1, 3]);
+        assert_eq!(regions.label(|k| [1.0, 1.0, -1.0][k]), 1);
+        assert_eq!(regions.label(|k| [1.0, -1.0, 2.0][k]), 3, "a later region is written over an earlier one");
+        assert_eq!(regions.label(|k| [-1.0, -1.0, -1.0][k]), 0, "background where no region is predicted");
+        assert_eq!(regions.label(|_| 0.0), 0, "sigmoid 0.5 is not above the threshold");
+        assert_eq!(regions.label(|_| 1e-9), 0, "nor is a logit whose f32 sigmoid rounds to 0.5");
+        assert_eq!(regions.values(), vec![0, 2, 1, 3]);
     }
 }

@@ -70,19 +70,19 @@ impl Model {
         Ok(Model { plans, configuration, plan, json, checkpoints })
     }
 
-    /// Label value of each output class, in class order.
-    pub fn class_values(&self) -> Result<Vec<i16>> {
-        let mut v = Vec::new();
-        for (name, l) in self.json.labels.iter() {
-            match l {
-                LabelValue::One(x) if name != "ignore" => v.push(*x as i16),
-                LabelValue::One(_) => {}
-                LabelValue::Region(_) => bail!("region-based models are not supported by segk predict yet"),
-            }
+    /// How the net's outputs become label values: the label values in class order, or for a
+    /// region net the regions_class_order.
+    pub fn head(&self) -> Result<export::Head> {
+        let outputs = self.plan.topology.n_classes;
+        if self.json.has_regions() {
+            let order = self.json.regions_class_order.as_ref().context("dataset.json: labels are regions but there is no regions_class_order")?;
+            ensure!(order.len() == outputs, "dataset.json's regions_class_order has {} values, the network {outputs} outputs", order.len());
+            return Ok(export::Head::Regions(order.iter().map(|&v| v as i16).collect()));
         }
+        let mut v: Vec<i16> = self.json.labels.iter().filter(|(name, _)| *name != "ignore").filter_map(|(_, l)| if let LabelValue::One(x) = l { Some(*x as i16) } else { None }).collect();
         v.sort();
-        ensure!(v.len() == self.plan.topology.n_classes, "dataset.json has {} labels, the network {} outputs", v.len(), self.plan.topology.n_classes);
-        Ok(v)
+        ensure!(v.len() == outputs, "dataset.json has {} labels, the network {outputs} outputs", v.len());
+        Ok(export::Head::Softmax(v))
     }
 }
 
@@ -193,7 +193,7 @@ pub fn predict_folder<B: Backend>(be: &B, model: &Model, input: &Path, output: &
 pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<PathBuf>)], output: &Path, opt: PredictOptions, progress: &indicatif::ProgressBar) -> Result<(Vec<PathBuf>, u64)> {
     let plan = &model.plan;
     let settings = Settings::new(&model.json, &model.plans, &model.configuration, ImageDtype::F32)?;
-    let values = model.class_values()?;
+    let head = model.head()?;
     std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
     // Find out now, not after the first case's minutes, that nothing can be written there.
     let probe = output.join(".segk-write-test");
@@ -206,9 +206,9 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
         nets.push(net);
     }
     let acts = Acts::new(be, &plan.topology, plan.patch_size, 1, Checkpointing::Level1, false)?;
-    let predictor = window::Predictor { be, nets: &nets, acts: &acts, patch: plan.patch_size, classes: values.len(), step: opt.step, tta: opt.tta };
+    let predictor = window::Predictor { be, nets: &nets, acts: &acts, patch: plan.patch_size, classes: head.outputs(), step: opt.step, tta: opt.tta };
     progress.set_length(cases.len() as u64);
-    let ty = if values.iter().all(|&v| (0..=255).contains(&v)) { VoxelType::U8 } else { VoxelType::I16 };
+    let ty = if head.values().iter().all(|&v| (0..=255).contains(&v)) { VoxelType::U8 } else { VoxelType::I16 };
     let mut written = Vec::new();
     let mut bound = 0u64;
     // Three stages overlap: the next case is preprocessed and the last one written (gzip) on
@@ -242,10 +242,10 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
             }
             bound = bound.max(host_bytes_bound(model, raw.voxels(), geometry.shape)?);
             let probs = match opt.save_probabilities {
-                true => Some(probs::ProbFile::create(&output.join(format!("{id}.probabilities.npy.tmp")), values.len(), geometry.original_shape)?),
+                true => Some(probs::ProbFile::create(&output.join(format!("{id}.probabilities.npy.tmp")), head.outputs(), geometry.original_shape, matches!(head, export::Head::Regions(_)))?),
                 false => None,
             };
-            let mut exporter = export::Exporter::new(&geometry, values.clone(), probs);
+            let mut exporter = export::Exporter::new(&geometry, head.clone(), probs);
             predictor.run(&channels, geometry.shape, &mut exporter).with_context(|| format!("case {id}"))?;
             drop(channels);
             let out = output.join(format!("{id}{}", model.json.file_ending));

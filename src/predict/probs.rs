@@ -1,6 +1,7 @@
-//! `--save-probabilities`: the softmax of the resampled logits on the input's own grid, as
-//! nnU-Net saves it (CASE.npz holding `probabilities`, float32, shape (classes, z, y, x) in
-//! SimpleITK's axis order, background 1 outside the crop). The exporter finishes slices in the
+//! `--save-probabilities`: the softmax (or, for region nets, the sigmoid) of the resampled
+//! logits on the input's own grid, as nnU-Net saves it (CASE.npz holding `probabilities`,
+//! float32, shape (classes, z, y, x) in SimpleITK's axis order; outside the crop background 1
+//! for classes, every region 0). The exporter finishes slices in the
 //! plan's axis order, which after untransposing lands anywhere in the volume, so the array is
 //! a memory-mapped .npy beside the output (disk and page cache, not the heap), deflated into
 //! the .npz at the end and removed.
@@ -16,6 +17,7 @@ pub struct ProbFile {
     data_offset: usize,
     voxels: usize,
     classes: usize,
+    sigmoid: bool,
 }
 
 /// A case that fails (or a run that stops) before `finish` leaves no multi-GB temporary.
@@ -57,8 +59,9 @@ fn npy_header(shape: &[usize]) -> Vec<u8> {
 }
 
 impl ProbFile {
-    /// Creates `tmp` for `classes` x `shape` voxels: class 0 (background) 1, the rest 0.
-    pub fn create(tmp: &Path, classes: usize, shape: [usize; 3]) -> Result<ProbFile> {
+    /// Creates `tmp` for `classes` x `shape` voxels: class 0 (background) 1, the rest 0; or,
+    /// for region nets (`sigmoid`), every region 0.
+    pub fn create(tmp: &Path, classes: usize, shape: [usize; 3], sigmoid: bool) -> Result<ProbFile> {
         let header = npy_header(&[classes, shape[0], shape[1], shape[2]]);
         let voxels: usize = shape.iter().product();
         let len = header.len() + 4 * classes * voxels;
@@ -71,9 +74,11 @@ impl ProbFile {
         // SAFETY: the file was just created by this process and is not shared while mapped.
         let mut map = unsafe { MmapMut::map_mut(&file) }.with_context(|| format!("mapping {}", tmp.display()))?;
         map[..header.len()].copy_from_slice(&header);
-        let mut p = ProbFile { tmp: tmp.to_path_buf(), map: Some(map), data_offset: header.len(), voxels, classes };
-        p.probs()[..voxels].fill(1.0);
-        p.release(0, voxels);
+        let mut p = ProbFile { tmp: tmp.to_path_buf(), map: Some(map), data_offset: header.len(), voxels, classes, sigmoid };
+        if !sigmoid {
+            p.probs()[..voxels].fill(1.0);
+            p.release(0, voxels);
+        }
         Ok(p)
     }
 
@@ -106,11 +111,18 @@ impl ProbFile {
         self.release(from, len);
     }
 
-    /// Writes the softmax of `logits` (one value per class) at `voxel`.
-    pub fn set_softmax(&mut self, voxel: usize, logits: &[f32]) {
+    /// Writes the probabilities of `logits` (one value per output) at `voxel`.
+    pub fn set(&mut self, voxel: usize, logits: &[f32]) {
+        let n = self.voxels;
+        if self.sigmoid {
+            let probs = self.probs();
+            for (c, &z) in logits.iter().enumerate() {
+                probs[c * n + voxel] = super::export::sigmoid(z);
+            }
+            return;
+        }
         let m = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
         let sum: f32 = logits.iter().map(|&z| (z - m).exp()).sum();
-        let n = self.voxels;
         let probs = self.probs();
         for (c, &z) in logits.iter().enumerate() {
             probs[c * n + voxel] = (z - m).exp() / sum;
@@ -170,16 +182,22 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("segk-probs-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let tmp = dir.join("a.npy.tmp");
-        drop(super::ProbFile::create(&tmp, 3, [2, 3, 4]).unwrap());
+        drop(super::ProbFile::create(&tmp, 3, [2, 3, 4], false).unwrap());
         assert!(!tmp.exists(), "a case that fails leaves no temporary");
-        let mut p = super::ProbFile::create(&tmp, 3, [2, 3, 4]).unwrap();
-        p.set_softmax(5, &[0.0, (2f32).ln(), 0.0]);
+        let mut p = super::ProbFile::create(&tmp, 3, [2, 3, 4], false).unwrap();
+        p.set(5, &[0.0, (2f32).ln(), 0.0]);
         p.finish(&dir.join("a.npz")).unwrap();
         assert!(!tmp.exists() && !dir.join("a.npz.tmp").exists());
         let (shape, v) = super::read_npz(&dir.join("a.npz")).unwrap();
         assert_eq!(shape, vec![3, 2, 3, 4]);
         assert_eq!((v[5], v[24 + 5], v[48 + 5]), (0.25, 0.5, 0.25));
         assert_eq!((v[0], v[24], v[48]), (1.0, 0.0, 0.0), "untouched voxels are background");
+        let mut p = super::ProbFile::create(&tmp, 2, [2, 3, 4], true).unwrap();
+        p.set(7, &[0.0, (3f32).ln()]);
+        p.finish(&dir.join("b.npz")).unwrap();
+        let (_, v) = super::read_npz(&dir.join("b.npz")).unwrap();
+        assert!(v[7] == 0.5 && (v[24 + 7] - 0.75).abs() < 1e-6, "region probabilities are sigmoids: {} {}", v[7], v[24 + 7]);
+        assert!(v[0] == 0.0 && v[24] == 0.0, "untouched voxels are in no region");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
