@@ -4,7 +4,8 @@
 // (dc, 1/denominator) per (group, class) for pass 2 and the loss parts into the step's record on
 // the device (nothing goes back to the host). Pass 2: the gradient over the logits, in place.
 // With `ignore`, voxels labelled C (the ignore label) take no part: not in any sum, CE averaged
-// over the labelled voxels (the ground-truth total), gradient zero; as the CPU twin.
+// over the labelled voxels (counted in pass 1), gradient zero; as the CPU twin. Region nets
+// likewise, their ignore label the value above the regions' highest.
 #include "common.cuh"
 
 #define LOSS_THREADS 256
@@ -36,13 +37,16 @@ __device__ __forceinline__ void warp_class_sums(float* row_sums, int C, int c0, 
     }
 }
 
-// Lane 0 of each warp lands the warp's summed (B)CE and largest label after the class sums.
-__device__ __forceinline__ void warp_ce_and_label(float* row_sums, int C, float ce, float maxlab) {
+// Lane 0 of each warp lands the warp's summed (B)CE, largest label and labelled-voxel count
+// after the class sums.
+__device__ __forceinline__ void warp_ce_and_label(float* row_sums, int C, float ce, float maxlab, float labelled) {
     ce = warp_sum(ce);
     maxlab = warp_max(maxlab);
+    labelled = warp_sum(labelled);
     if ((threadIdx.x & 31) == 0) {
         row_sums[3 * C] = ce;
         row_sums[3 * C + 1] = maxlab;
+        row_sums[3 * C + 2] = labelled;
     }
 }
 
@@ -50,7 +54,7 @@ __device__ __forceinline__ void warp_ce_and_label(float* row_sums, int C, float 
 // order (the largest label by max).
 __device__ __forceinline__ void block_partials(const float* wacc, int C, float* part) {
     __syncthreads();
-    const int W = 3 * C + 2;
+    const int W = 3 * C + 3;
     float* p = part + ((long)blockIdx.y * gridDim.x + blockIdx.x) * W;
     const int nw = (blockDim.x + 31) >> 5;
     for (int i = threadIdx.x; i < W; i += blockDim.x) {
@@ -60,17 +64,18 @@ __device__ __forceinline__ void block_partials(const float* wacc, int C, float* 
     }
 }
 
-// part[block] = [inter C | pred C | gt C | ce | max label], block = (chunk, sample). Each warp
+// part[block] = [inter C | pred C | gt C | ce | max label | labelled voxels], block = (chunk,
+// sample). Each warp
 // reduces its lanes with shuffles, lands its sums in its own shared row, and thread i adds row
 // i's column over the warps in warp order.
 template <class A>
 __device__ __forceinline__ void loss_partial(const A* z, const uint8_t* lab, long V, int C, int ignore, long chunk, float* part) {
-    SEGK_DYNAMIC_SHARED(float, wacc);  // LOSS_WARPS rows of 3*C + 2
-    const int W = 3 * C + 2, b = blockIdx.y, warp = threadIdx.x >> 5;
+    SEGK_DYNAMIC_SHARED(float, wacc);  // LOSS_WARPS rows of 3*C + 3
+    const int W = 3 * C + 3, b = blockIdx.y, warp = threadIdx.x >> 5;
     float* row_sums = wacc + warp * W;
     const long r0 = blockIdx.x * chunk, r1 = min(V, r0 + chunk);
     for (int c0 = 0; c0 < C; c0 += LOSS_REG_C) {
-        float pi[LOSS_REG_C], pp[LOSS_REG_C], pg[LOSS_REG_C], ce = 0.f, maxlab = 0.f;
+        float pi[LOSS_REG_C], pp[LOSS_REG_C], pg[LOSS_REG_C], ce = 0.f, maxlab = 0.f, labelled = 0.f;
 #pragma unroll
         for (int c = 0; c < LOSS_REG_C; c++) pi[c] = pp[c] = pg[c] = 0.f;
         for (long r = r0 + threadIdx.x; r < r1; r += blockDim.x) {
@@ -79,6 +84,7 @@ __device__ __forceinline__ void loss_partial(const A* z, const uint8_t* lab, lon
             const int y = lab[row], yc = y < C ? y : 0;
             if (c0 == 0) maxlab = fmaxf(maxlab, (float)y);
             if (ignore && y == C) continue;
+            labelled += 1.f;
             float mx = ld(zr);
             for (int c = 1; c < C; c++) mx = fmaxf(mx, ld(zr + c));
             float s = 0.f;
@@ -98,21 +104,21 @@ __device__ __forceinline__ void loss_partial(const A* z, const uint8_t* lab, lon
         // Every lane reaches this point (the voxel loop has ended for all), so the full-warp
         // reductions are safe.
         warp_class_sums(row_sums, C, c0, pi, pp, pg);
-        if (c0 == 0) warp_ce_and_label(row_sums, C, ce, maxlab);
+        if (c0 == 0) warp_ce_and_label(row_sums, C, ce, maxlab, labelled);
     }
     block_partials(wacc, C, part);
 }
 
 // One block. sums[(b * C + c) * 3 + {0,1,2}] = per-sample (inter, pred, gt), f64, each summed
 // over the chunks in order; then per group (the batch, or each sample) coef[(g * C + c) * 2] =
-// (dc, 1/denominator) as the CPU twin's dice_terms, and after them the labelled-voxel count the
-// CE is averaged over; out = [ce, -mean foreground dc, max label], the Dice term NaN when a
-// label is not below C (C + 1 with an ignore label; the step is then not applied, and the host
-// names the label when it reads the record).
-// Region nets (`ce_count` > 0): Dice over every region (no background channel), the BCE
-// averaged over `ce_count` (every voxel of every region), NaN when a label is 32 or more.
-extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_dice(const float* part, int n, int nchunks, int C, int per_sample, int ignore, double ce_count, double* sums, float* coef, float* out) {
-    const int W = 3 * C + 2;
+// (dc, 1/denominator) as the CPU twin's dice_terms, and after them the count the CE is averaged
+// over: the labelled voxels, times C for a region net without an ignore label (`ce_per_output`,
+// BCE's mean over every output); out = [ce, -mean dc over the classes from `first` on (1: a
+// softmax's foreground; 0: every region), max label], the Dice term NaN when a label is not
+// below `label_limit` (the step is then not applied, and the host names the label when it reads
+// the record).
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_dice(const float* part, int n, int nchunks, int C, int per_sample, int first, int ce_per_output, float label_limit, double* sums, float* coef, float* out) {
+    const int W = 3 * C + 3;
     for (int t = threadIdx.x; t < n * C * 3; t += blockDim.x) {
         const int b = t / (3 * C), c = t % (3 * C);
         double s = 0.0;
@@ -140,19 +146,17 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_dice(const 
     if (threadIdx.x == 0) {
         double ce = 0.0, dice = 0.0, labelled = 0.0;
         float maxlab = 0.f;
-        const int regions = ce_count > 0.0, first = regions ? 0 : 1;
-        if (regions) labelled = ce_count;
-        else
-            for (long i = 0; i < (long)n * C; i++) labelled += sums[i * 3 + 2];
-        coef[groups * C * 2] = (float)labelled;
         for (long i = 0; i < (long)n * nchunks; i++) {
             ce += part[i * W + 3 * C];
             maxlab = fmaxf(maxlab, part[i * W + 3 * C + 1]);
+            labelled += part[i * W + 3 * C + 2];
         }
+        if (ce_per_output) labelled *= C;
+        coef[groups * C * 2] = (float)labelled;
         for (int g = 0; g < groups; g++)
             for (int c = first; c < C; c++) dice += sums[(long)n * C * 3 + g * C + c];
         out[0] = labelled > 0.0 ? (float)(ce / labelled) : 0.f;
-        out[1] = maxlab < (regions ? 32.f : (float)(C + ignore)) ? (float)(-dice / (double)(groups * (C - first))) : __int_as_float(0x7fc00000);
+        out[1] = maxlab < label_limit ? (float)(-dice / (double)(groups * (C - first))) : __int_as_float(0x7fc00000);
         out[2] = maxlab;
     }
 }
@@ -198,21 +202,24 @@ __device__ __forceinline__ float in_region(const unsigned long long* m, int c, i
 }
 
 // Region nets (C <= 8 regions, one pass): part[block] as loss_partial's, with sigmoid
-// probabilities, the region masks as targets and the summed BCE in place of the CE.
+// probabilities, the region masks as targets and the summed BCE in place of the CE; voxels
+// labelled `ignore` (-1: none) left out.
 template <class A>
-__device__ __forceinline__ void region_partial(const A* z, const uint8_t* lab, long V, int C, unsigned long long m01, unsigned long long m23, unsigned long long m45, unsigned long long m67, long chunk, float* part) {
-    SEGK_DYNAMIC_SHARED(float, wacc);  // LOSS_WARPS rows of 3*C + 2
+__device__ __forceinline__ void region_partial(const A* z, const uint8_t* lab, long V, int C, unsigned long long m01, unsigned long long m23, unsigned long long m45, unsigned long long m67, int ignore, long chunk, float* part) {
+    SEGK_DYNAMIC_SHARED(float, wacc);  // LOSS_WARPS rows of 3*C + 3
     const unsigned long long m[4] = {m01, m23, m45, m67};
-    const int W = 3 * C + 2, b = blockIdx.y, warp = threadIdx.x >> 5;
+    const int W = 3 * C + 3, b = blockIdx.y, warp = threadIdx.x >> 5;
     float* row_sums = wacc + warp * W;
     const long r0 = blockIdx.x * chunk, r1 = min(V, r0 + chunk);
-    float pi[LOSS_REG_C], pp[LOSS_REG_C], pg[LOSS_REG_C], bce = 0.f, maxlab = 0.f;
+    float pi[LOSS_REG_C], pp[LOSS_REG_C], pg[LOSS_REG_C], bce = 0.f, maxlab = 0.f, labelled = 0.f;
 #pragma unroll
     for (int c = 0; c < LOSS_REG_C; c++) pi[c] = pp[c] = pg[c] = 0.f;
     for (long r = r0 + threadIdx.x; r < r1; r += blockDim.x) {
         const long row = (long)b * V + r;
         const int y = lab[row];
         maxlab = fmaxf(maxlab, (float)y);
+        if (y == ignore) continue;
+        labelled += 1.f;
 #pragma unroll
         for (int c = 0; c < LOSS_REG_C; c++) {
             if (c < C) {
@@ -225,19 +232,24 @@ __device__ __forceinline__ void region_partial(const A* z, const uint8_t* lab, l
         }
     }
     warp_class_sums(row_sums, C, 0, pi, pp, pg);
-    warp_ce_and_label(row_sums, C, bce, maxlab);
+    warp_ce_and_label(row_sums, C, bce, maxlab, labelled);
     block_partials(wacc, C, part);
 }
 
 // z <- weight * dL/dz for region nets: (p - t) / count + p (1 - p) g, g = dDice/dp as in
-// loss_grad over every region; count = n * V * C.
+// loss_grad over every region; count (after the coefficients) as segk_loss_dice wrote it;
+// zero at voxels labelled `ignore`.
 template <class A>
-__device__ __forceinline__ void region_grad(A* z, const uint8_t* lab, int n, long V, int C, unsigned long long m01, unsigned long long m23, unsigned long long m45, unsigned long long m67, const float* coef, int per_sample, float terms, float weight) {
+__device__ __forceinline__ void region_grad(A* z, const uint8_t* lab, int n, long V, int C, unsigned long long m01, unsigned long long m23, unsigned long long m45, unsigned long long m67, int ignore, const float* coef, int per_sample, float terms, float weight) {
     const unsigned long long m[4] = {m01, m23, m45, m67};
     const long rows = (long)n * V;
-    const float count = (float)rows * C;
+    const float count = coef[(per_sample ? n : 1) * C * 2];
     for (long row = blockIdx.x * (long)blockDim.x + threadIdx.x; row < rows; row += (long)gridDim.x * blockDim.x) {
         const int y = lab[row];
+        if (y == ignore) {
+            for (int c = 0; c < C; c++) st(z + row * C + c, 0.f);
+            continue;
+        }
         const float* cf = coef + (per_sample ? (row / V) * C * 2 : 0);
         for (int c = 0; c < C; c++) {
             const float x = ld(z + row * C + c), t = in_region(m, c, y), p = 1.f / (1.f + __expf(-x));
@@ -248,10 +260,10 @@ __device__ __forceinline__ void region_grad(A* z, const uint8_t* lab, int n, lon
 }
 
 #define REGION_MASKS unsigned long long m01, unsigned long long m23, unsigned long long m45, unsigned long long m67
-extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_region_partial_f32(const float* z, const uint8_t* lab, long V, int C, REGION_MASKS, long chunk, float* part) { region_partial(z, lab, V, C, m01, m23, m45, m67, chunk, part); }
-extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_region_partial_bf16(const bf16* z, const uint8_t* lab, long V, int C, REGION_MASKS, long chunk, float* part) { region_partial(z, lab, V, C, m01, m23, m45, m67, chunk, part); }
-extern "C" __global__ void segk_region_grad_f32(float* z, const uint8_t* lab, int n, long V, int C, REGION_MASKS, const float* coef, int per_sample, float terms, float weight) { region_grad(z, lab, n, V, C, m01, m23, m45, m67, coef, per_sample, terms, weight); }
-extern "C" __global__ void segk_region_grad_bf16(bf16* z, const uint8_t* lab, int n, long V, int C, REGION_MASKS, const float* coef, int per_sample, float terms, float weight) { region_grad(z, lab, n, V, C, m01, m23, m45, m67, coef, per_sample, terms, weight); }
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_region_partial_f32(const float* z, const uint8_t* lab, long V, int C, REGION_MASKS, int ignore, long chunk, float* part) { region_partial(z, lab, V, C, m01, m23, m45, m67, ignore, chunk, part); }
+extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_region_partial_bf16(const bf16* z, const uint8_t* lab, long V, int C, REGION_MASKS, int ignore, long chunk, float* part) { region_partial(z, lab, V, C, m01, m23, m45, m67, ignore, chunk, part); }
+extern "C" __global__ void segk_region_grad_f32(float* z, const uint8_t* lab, int n, long V, int C, REGION_MASKS, int ignore, const float* coef, int per_sample, float terms, float weight) { region_grad(z, lab, n, V, C, m01, m23, m45, m67, ignore, coef, per_sample, terms, weight); }
+extern "C" __global__ void segk_region_grad_bf16(bf16* z, const uint8_t* lab, int n, long V, int C, REGION_MASKS, int ignore, const float* coef, int per_sample, float terms, float weight) { region_grad(z, lab, n, V, C, m01, m23, m45, m67, ignore, coef, per_sample, terms, weight); }
 
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_partial_f32(const float* z, const uint8_t* lab, long V, int C, int ignore, long chunk, float* part) { loss_partial(z, lab, V, C, ignore, chunk, part); }
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_partial_bf16(const bf16* z, const uint8_t* lab, long V, int C, int ignore, long chunk, float* part) { loss_partial(z, lab, V, C, ignore, chunk, part); }

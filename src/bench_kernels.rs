@@ -238,7 +238,7 @@ fn rows_of<B: Backend>(be: &B, op: &Op, reps: usize, keep: &dyn Fn(&str) -> bool
                 let masks = crate::backend::RegionMasks::new(&regions)?;
                 let (logits, labels, record) = (m.act(d.len(), 0.0)?, m.labels(d.rows(), d.c + 1)?, m.buf(LOSS_RECORD, 0.0)?);
                 let bytes = 2.0 * d.len() as f64 * e + d.rows() as f64;
-                row("sigmoid_dice_bce", dims_str(d), time(be, reps, || be.fill(logits, 0.0).and_then(|_| be.sigmoid_dice_bce(logits, d, labels, &masks, DiceMode::Batch, 1.0, record)))?, None, Some(bytes));
+                row("sigmoid_dice_bce", dims_str(d), time(be, reps, || be.fill(logits, 0.0).and_then(|_| be.sigmoid_dice_bce(logits, d, labels, &masks, DiceMode::Batch, false, 1.0, record)))?, None, Some(bytes));
             }
         }
         Op::Sgd(n) => {

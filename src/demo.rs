@@ -145,12 +145,12 @@ pub fn topology(cfg: &DemoConfig) -> Topology {
     t
 }
 
-/// Two slabs of 4 slices in three become the ignore label (value `classes`).
-fn sparsify(case: &mut Case, classes: usize) {
+/// Two slabs of 4 slices in three become the ignore label (`ignore`).
+fn sparsify(case: &mut Case, ignore: usize) {
     let plane = case.shape[1] * case.shape[2];
     for (i, l) in case.labels.iter_mut().enumerate() {
         if (i / plane / 4) % 3 != 0 {
-            *l = classes as u8;
+            *l = ignore as u8;
         }
     }
 }
@@ -171,7 +171,6 @@ pub fn run(cfg: &DemoConfig) -> Result<DemoReport> {
 
 pub fn run_on<B: Backend>(be: &B, cfg: &DemoConfig) -> Result<DemoReport> {
     let topo = topology(cfg);
-    let classes = topo.n_classes;
     let gen = bar((cfg.train_cases + cfg.test_cases) as u64, cfg.progress);
     gen.set_prefix("data");
     let mut cases: Vec<Case> = Vec::new();
@@ -182,7 +181,7 @@ pub fn run_on<B: Backend>(be: &B, cfg: &DemoConfig) -> Result<DemoReport> {
     gen.finish();
     let test: Vec<Case> = cases.split_off(cfg.train_cases);
     if cfg.sparse {
-        cases.iter_mut().for_each(|c| sparsify(c, classes));
+        cases.iter_mut().for_each(|c| sparsify(c, topo.label_limit()));
     }
     let sampler = std::sync::Arc::new(Sampler::new(cases, topo.label_limit(), cfg.patch, cfg.seed.wrapping_add(1)));
 

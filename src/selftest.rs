@@ -330,16 +330,23 @@ fn loss_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
         let stored = r.stored(b, b.f32);
         r.compare(format!("loss gradient {mode_name} {ld}"), zd, zc, ld.len(), stored)?;
     }
-    // Region nets (sigmoid + Dice + BCE): nested regions as BraTS's, one region, eight, and a
-    // batch where no region is present.
+    // Region nets (sigmoid + Dice + BCE): nested regions as BraTS's, one region, eight, a batch
+    // where no region is present; with an ignore label (the value above the regions') on some
+    // voxels, and on every voxel.
     let nested = vec![vec![1, 2, 3], vec![2, 3], vec![3]];
     let eight: Vec<Vec<i64>> = (1..=8).map(|k| (k..=8).step_by(2).collect()).collect();
-    let region_cases: [(Dims, DiceMode, &[Vec<i64>], u8); 4] =
-        [(Dims::new(2, [6, 5, 7], 3), DiceMode::Batch, &nested, 4), (Dims::new(3, [4, 4, 9], 1), DiceMode::PerSample, &[vec![1]], 2), (Dims::new(2, [8, 9, 10], 8), DiceMode::PerSample, &eight, 9), (Dims::new(2, [3, 4, 5], 3), DiceMode::Batch, &nested, 1)];
-    for (ld, mode, regions, labels_below) in region_cases {
+    let region_cases: [(Dims, DiceMode, &[Vec<i64>], std::ops::Range<u8>, bool); 6] = [
+        (Dims::new(2, [6, 5, 7], 3), DiceMode::Batch, &nested, 0..4, false),
+        (Dims::new(3, [4, 4, 9], 1), DiceMode::PerSample, &[vec![1]], 0..2, false),
+        (Dims::new(2, [8, 9, 10], 8), DiceMode::PerSample, &eight, 0..9, false),
+        (Dims::new(2, [3, 4, 5], 3), DiceMode::Batch, &nested, 0..1, false),
+        (Dims::new(2, [6, 5, 7], 3), DiceMode::PerSample, &nested, 0..5, true),
+        (Dims::new(2, [3, 4, 5], 1), DiceMode::Batch, &[vec![1]], 2..3, true),
+    ];
+    for (ld, mode, regions, label_range, ignore) in region_cases {
         let masks = crate::backend::RegionMasks::new(regions)?;
         let z: Vec<f32> = r.rand(ld.len()).iter().map(|v| 4.0 * v).collect();
-        let labels: Vec<u8> = (0..ld.rows()).map(|_| r.rng.random_range(0..labels_below)).collect();
+        let labels: Vec<u8> = (0..ld.rows()).map(|_| r.rng.random_range(label_range.clone())).collect();
         let (zd, zc) = r.both_act(&z)?;
         let (bd, bc) = (r.dev.labels(&vec![255; ld.rows()])?, r.cpu.labels(&vec![255; ld.rows()])?);
         r.dev.be.region_bits(zd, ld, bd)?;
@@ -348,10 +355,10 @@ fn loss_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
         r.push(Check { name: format!("region_bits {ld}"), err: x.iter().zip(&y).filter(|(a, b)| a != b).count() as f64, bound: 0.0 });
         let (ldv, lcv) = (r.dev.labels(&labels)?, r.cpu.labels(&labels)?);
         let (rd, rc) = r.outs(LOSS_RECORD)?;
-        r.dev.be.sigmoid_dice_bce(zd, ld, ldv, &masks, mode, 0.5, rd)?;
-        r.cpu.be.sigmoid_dice_bce(zc, ld, lcv, &masks, mode, 0.5, rc)?;
+        r.dev.be.sigmoid_dice_bce(zd, ld, ldv, &masks, mode, ignore, 0.5, rd)?;
+        r.cpu.be.sigmoid_dice_bce(zc, ld, lcv, &masks, mode, ignore, 0.5, rc)?;
         let (pd, pc) = (r.dev.get(rd, LOSS_RECORD)?, r.cpu.get(rc, LOSS_RECORD)?);
-        let name = format!("{mode:?} {} regions, labels < {labels_below} {ld}", regions.len());
+        let name = format!("{mode:?} {} regions, labels {label_range:?}{} {ld}", regions.len(), if ignore { " ignore" } else { "" });
         r.push(Check { name: format!("region loss value {name}"), err: rel_err(&pd[..2], &pc[..2]), bound: b.f32 });
         r.push(Check { name: format!("region loss largest label {name}"), err: if pd[2] == pc[2] { 0.0 } else { 1.0 }, bound: 0.0 });
         let stored = r.stored(b, b.f32);

@@ -98,9 +98,10 @@ impl EpochLog {
 
 /// True positives, false positives and false negatives per region of a region net, from the
 /// predicted region bits ([`Backend::region_bits`]) and the label map, as nnU-Net's
-/// validation step (sigmoid above 0.5 against the region masks).
-pub fn count_regions(bits: &[u8], truth: &[u8], regions: &[Vec<i64>], tp: &mut [u64], fp: &mut [u64], fn_: &mut [u64]) {
-    for (&b, &t) in bits.iter().zip(truth) {
+/// validation step (sigmoid above 0.5 against the region masks). Voxels labelled `limit` or
+/// above (the ignore label) are not scored, as nnU-Net masks them.
+pub fn count_regions(bits: &[u8], truth: &[u8], regions: &[Vec<i64>], limit: usize, tp: &mut [u64], fp: &mut [u64], fn_: &mut [u64]) {
+    for (&b, &t) in bits.iter().zip(truth).filter(|(_, &t)| (t as usize) < limit) {
         for (k, r) in regions.iter().enumerate() {
             match (b >> k & 1 == 1, r.contains(&(t as i64))) {
                 (true, true) => tp[k] += 1,
@@ -418,7 +419,7 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
             if topo.regions.is_empty() {
                 count(&pred, &b.labels, classes, &mut tp, &mut fp, &mut fn_);
             } else {
-                count_regions(&pred, &b.labels, &topo.regions, &mut tp, &mut fp, &mut fn_);
+                count_regions(&pred, &b.labels, &topo.regions, topo.label_limit(), &mut tp, &mut fp, &mut fn_);
             }
             val.pool.give_back(b);
             st.next_val_batch += 1;
@@ -523,7 +524,8 @@ mod tests {
     fn region_pseudo_dice_counts_each_region() {
         let (mut tp, mut fp, mut fn_) = (vec![0; 2], vec![0; 2], vec![0; 2]);
         // Regions [1, 2] and [2]; bits: 0b01 = first region only, 0b11 = both.
-        super::count_regions(&[0b01, 0b11, 0b00, 0b10], &[1, 1, 2, 0], &[vec![1, 2], vec![2]], &mut tp, &mut fp, &mut fn_);
+        // A fifth voxel carries the ignore label (3): not scored.
+        super::count_regions(&[0b01, 0b11, 0b00, 0b10, 0b11], &[1, 1, 2, 0, 3], &[vec![1, 2], vec![2]], 3, &mut tp, &mut fp, &mut fn_);
         assert_eq!((tp, fp, fn_), (vec![2, 0], vec![0, 2], vec![1, 1]));
     }
 

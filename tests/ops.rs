@@ -319,29 +319,41 @@ fn region_loss_hand_computed_and_finite_differences() {
     let one = RegionMasks::new(&[vec![1]]).unwrap();
     let ld = Dims::new(1, [1, 1, 2], 1);
     let mut z = vec![0.0f64; 2];
-    let [bce, dice, max_label] = loss::sigmoid_dice_bce(&mut z, ld, &[1, 0], &one, DiceMode::Batch, 1.0).unwrap();
+    let [bce, dice, max_label] = loss::sigmoid_dice_bce(&mut z, ld, &[1, 0], &one, DiceMode::Batch, false, 1.0).unwrap();
     assert!((bce - 2f64.ln()).abs() < 1e-12, "bce {bce}");
     // I = 0.5, P = 1, G = 1
     assert!((dice + (1.0 + 1e-5) / (2.0 + 1e-5)).abs() < 1e-12, "dice {dice}");
     assert_eq!(max_label, 1.0);
-    let [_, dice, _] = loss::sigmoid_dice_bce(&mut vec![0.0; 2], ld, &[1, 40], &one, DiceMode::Batch, 1.0).unwrap();
+    let [_, dice, _] = loss::sigmoid_dice_bce(&mut vec![0.0; 2], ld, &[1, 40], &one, DiceMode::Batch, false, 1.0).unwrap();
     assert!(dice.is_nan(), "a label value beyond 31 is refused");
+    // With an ignore label (2, above region {1}): voxel 2 takes no part; the BCE is summed over
+    // the labelled voxels' regions and divided by their count (nnU-Net's masked mean).
+    let ld3 = Dims::new(1, [1, 1, 3], 1);
+    let mut z = vec![0.0f64, 0.0, 5.0];
+    let [bce, dice, _] = loss::sigmoid_dice_bce(&mut z, ld3, &[1, 0, 2], &one, DiceMode::Batch, true, 1.0).unwrap();
+    assert!((bce - 2f64.ln()).abs() < 1e-12 && (dice + (1.0 + 1e-5) / (2.0 + 1e-5)).abs() < 1e-12, "bce {bce} dice {dice}");
+    assert_eq!(z[2], 0.0, "no gradient at an ignored voxel");
+    let mut z = vec![0.7f64; 3];
+    let [bce, dice, _] = loss::sigmoid_dice_bce(&mut z, ld3, &[2, 2, 2], &one, DiceMode::PerSample, true, 1.0).unwrap();
+    assert_eq!((bce, dice, z), (0.0, -1.0, vec![0.0; 3]), "an all-ignored batch: BCE 0, Dice 1 (smoothing alone), no gradient");
     let nested = RegionMasks::new(&[vec![1, 2, 3], vec![2, 3], vec![3]]).unwrap();
+    assert_eq!(nested.ignore_value(), 4);
     let mut r = rng("region_loss");
     for mode in [DiceMode::Batch, DiceMode::PerSample] {
-        // Labels up to 3 (every region present), and only 0 and 1 (regions 2 and 3 absent).
-        for (ld, top, w) in [(Dims::new(2, [3, 4, 5], 3), 4, 1.0), (Dims::new(3, [2, 2, 3], 3), 2, 0.25)] {
+        // Labels up to 3 (every region present), and only 0 and 1 (regions 2 and 3 absent);
+        // then with ignore label 4 on about a third of the voxels.
+        for (ld, top, w, ignore) in [(Dims::new(2, [3, 4, 5], 3), 4, 1.0, false), (Dims::new(3, [2, 2, 3], 3), 2, 0.25, false), (Dims::new(2, [3, 4, 5], 3), 5, 0.5, true)] {
             let mut z: Vec<f64> = randn(&mut r, ld.len()).iter().map(|v| 3.0 * v).collect();
             let labels: Vec<u8> = (0..ld.rows()).map(|i| ((i * 7 + (z[i] > 0.0) as usize) % top) as u8).collect();
             let mut g = z.clone();
-            loss::sigmoid_dice_bce(&mut g, ld, &labels, &nested, mode, w).unwrap();
+            loss::sigmoid_dice_bce(&mut g, ld, &labels, &nested, mode, ignore, w).unwrap();
             let idx = pick(&mut r, z.len(), 60);
             let n = numeric_grad(&mut z, &idx, &mut |z| {
-                let [bce, dice, _] = loss::sigmoid_dice_bce(&mut z.to_vec(), ld, &labels, &nested, mode, 1.0).unwrap();
+                let [bce, dice, _] = loss::sigmoid_dice_bce(&mut z.to_vec(), ld, &labels, &nested, mode, ignore, 1.0).unwrap();
                 w * (bce + dice)
             });
             let e = rel_err(&idx.iter().map(|&i| g[i]).collect::<Vec<_>>(), &n);
-            assert!(e < 1e-6, "{mode:?} {ld} labels < {top}: {e}");
+            assert!(e < 1e-6, "{mode:?} {ld} labels < {top} ignore {ignore}: {e}");
         }
     }
 }

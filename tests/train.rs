@@ -33,6 +33,14 @@ fn region_net_learns_nested_regions() {
     assert!(r.dice.iter().all(|&d| d >= 0.75), "Dice per region {:?}", r.dice);
 }
 
+/// Regions and sparse annotation together (nnU-Net masks the ignore label out of the region
+/// loss): the held-out, fully labelled cases still reach the threshold per region.
+#[test]
+fn region_net_with_an_ignore_label_learns() {
+    let r = short_run(true, true);
+    assert!(r.dice.iter().all(|&d| d >= 0.7), "Dice per region {:?}", r.dice);
+}
+
 /// raw dataset -> `segk train` (which plans and preprocesses first) -> a log line per epoch.
 #[test]
 fn train_command_runs_plan_preprocess_and_epochs() {

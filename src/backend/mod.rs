@@ -110,6 +110,11 @@ impl RegionMasks {
         }
         Ok(RegionMasks(m))
     }
+    /// The ignore label of a region net with one: the value above the highest the regions
+    /// cover (nnU-Net's ignore label is the highest label).
+    pub fn ignore_value(&self) -> u8 {
+        (32 - self.0.iter().fold(0, |a, m| a | m).leading_zeros()) as u8
+    }
     /// Whether label `y` lies in region `c`.
     pub fn contains(&self, c: usize, y: u8) -> bool {
         (y as usize) < REGION_LABELS && self.0[c] >> y & 1 == 1
@@ -312,9 +317,11 @@ pub trait Backend: Sync {
     /// DC_and_BCE_loss for region-based nets, weights 1:1), the targets the region masks of the
     /// label map (`labels`, the ground-truth label values; c = regions). As `softmax_dice_ce`:
     /// `logits` become weight * d(loss)/d(logits), `record` gets [BCE, Dice term, largest
-    /// label]; a label value of 32 or more makes the Dice term NaN.
+    /// label]; a label value of 32 or more makes the Dice term NaN. With `ignore`, voxels
+    /// labelled `regions.ignore_value()` take no part (nnU-Net's loss mask; the BCE is then
+    /// averaged over the labelled voxels, not voxels x regions, as nnU-Net's).
     #[allow(clippy::too_many_arguments)]
-    fn sigmoid_dice_bce(&self, logits: Self::Buf, ld: Dims, labels: Self::LabelBuf, regions: &RegionMasks, mode: DiceMode, weight: f64, record: Self::Buf) -> Result<()>;
+    fn sigmoid_dice_bce(&self, logits: Self::Buf, ld: Dims, labels: Self::LabelBuf, regions: &RegionMasks, mode: DiceMode, ignore: bool, weight: f64, record: Self::Buf) -> Result<()>;
     /// Argmax over channels into a label map (prediction).
     fn argmax(&self, logits: Self::Buf, ld: Dims, out: Self::LabelBuf) -> Result<()>;
     /// Region nets' prediction: per voxel, bit k set where region k's logit is above 0 (its

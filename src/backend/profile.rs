@@ -160,8 +160,8 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn softmax_dice_ce(&self, l: B::Buf, ld: Dims, lab: B::LabelBuf, mode: DiceMode, ignore: bool, w: f64, record: B::Buf) -> Result<()> {
         self.time("softmax_dice_ce", 0.0, || self.inner.softmax_dice_ce(l, ld, lab, mode, ignore, w, record))
     }
-    fn sigmoid_dice_bce(&self, l: B::Buf, ld: Dims, lab: B::LabelBuf, regions: &RegionMasks, mode: DiceMode, w: f64, record: B::Buf) -> Result<()> {
-        self.time("sigmoid_dice_bce", 0.0, || self.inner.sigmoid_dice_bce(l, ld, lab, regions, mode, w, record))
+    fn sigmoid_dice_bce(&self, l: B::Buf, ld: Dims, lab: B::LabelBuf, regions: &RegionMasks, mode: DiceMode, ignore: bool, w: f64, record: B::Buf) -> Result<()> {
+        self.time("sigmoid_dice_bce", 0.0, || self.inner.sigmoid_dice_bce(l, ld, lab, regions, mode, ignore, w, record))
     }
     fn argmax(&self, l: B::Buf, ld: Dims, o: B::LabelBuf) -> Result<()> {
         self.time("argmax", 0.0, || self.inner.argmax(l, ld, o))

@@ -31,8 +31,8 @@ fn label_rules(json: &DatasetJson, file: &Path) -> Vec<Problem> {
     if let Some(ig) = json.labels.get("ignore") {
         let max_other = json.labels.iter().filter(|(k, _)| *k != "ignore").flat_map(|(_, v)| super::values_of(v)).max().unwrap_or(0);
         match ig {
-            LabelValue::One(v) if *v > max_other => {}
-            _ => out.push(problem(file, "the \"ignore\" label must be a single value above every other label")),
+            LabelValue::One(v) if *v == max_other + 1 => {}
+            _ => out.push(problem(file, format!("the \"ignore\" label must be a single value, one above the highest other label ({}), as nnU-Net requires", max_other + 1))),
         }
     }
     if json.label_values().iter().any(|&v| !(0..=255).contains(&v)) {
@@ -59,8 +59,8 @@ fn label_rules(json: &DatasetJson, file: &Path) -> Vec<Problem> {
 fn region_rules(json: &DatasetJson, file: &Path) -> Vec<Problem> {
     let mut out = Vec::new();
     let regions = json.regions();
-    if json.ignore_label().is_some() {
-        out.push(problem(file, "an \"ignore\" label together with regions is not supported by segk yet"));
+    if json.ignore_label().is_some_and(|v| v >= crate::backend::REGION_LABELS as i64) {
+        out.push(problem(file, format!("with an \"ignore\" label, region label values must lie below {}", crate::backend::REGION_LABELS - 1)));
     }
     if regions.len() > crate::backend::MAX_REGIONS {
         out.push(problem(file, format!("{} regions: segk trains at most {}", regions.len(), crate::backend::MAX_REGIONS)));

@@ -20,7 +20,8 @@ pub struct Topology {
     pub deep_supervision: bool,
     #[serde(default = "batch_dice")]
     pub dice: DiceMode,
-    /// Label value `n_classes` is nnU-Net's ignore label: no output, no loss, no score.
+    /// Label value `label_limit()` (`n_classes`, or above the regions' highest) is nnU-Net's
+    /// ignore label: no output, no loss, no score.
     #[serde(default)]
     pub ignore_label: bool,
     /// A region net (nnU-Net's region-based training): one sigmoid output per region
@@ -62,7 +63,7 @@ impl Topology {
         }
     }
 
-    /// Label values the loss takes: below this (the ignore label, `n_classes`, aside).
+    /// Label values the loss takes: below this (the ignore label, this value, aside).
     pub fn label_limit(&self) -> usize {
         match self.regions.iter().flatten().max() {
             Some(&top) => top as usize + 1,
@@ -83,7 +84,7 @@ impl Topology {
         } else {
             ensure!(self.in_channels >= 1 && self.n_classes == self.regions.len(), "a region net has one output per region: {} outputs for {} regions", self.n_classes, self.regions.len());
             crate::backend::RegionMasks::new(&self.regions)?;
-            ensure!(!self.ignore_label, "an ignore label together with regions is not supported yet");
+            ensure!(!self.ignore_label || self.label_limit() < crate::backend::REGION_LABELS, "with an ignore label, region label values must lie below {}", crate::backend::REGION_LABELS - 1);
         }
         ensure!(self.n_classes <= 256, "at most 256 classes (labels are u8)");
         ensure!(self.strides[0] == [1, 1, 1], "the first stage must have stride 1 (it runs at full resolution)");

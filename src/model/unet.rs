@@ -138,7 +138,7 @@ impl<B: Backend> UNet<B> {
         if self.topo.regions.is_empty() {
             return be.softmax_dice_ce(logits, ld, labels, self.topo.dice, self.topo.ignore_label, weight, record);
         }
-        be.sigmoid_dice_bce(logits, ld, labels, &crate::backend::RegionMasks::new(&self.topo.regions)?, self.topo.dice, weight, record)
+        be.sigmoid_dice_bce(logits, ld, labels, &crate::backend::RegionMasks::new(&self.topo.regions)?, self.topo.dice, self.topo.ignore_label, weight, record)
     }
 
     /// Forward, loss and backward with the batch wherever `input` says, into the ledger's next

@@ -4,7 +4,8 @@
 //! With an ignore label (label value = class count) its voxels take no part: not in the Dice
 //! sums (nnU-Net's loss mask), not in the CE or its mean (ignore_index), gradient zero.
 //! Region-based nets: a sigmoid per region, soft Dice over every region and binary CE
-//! (nnU-Net's DC_and_BCE_loss), the targets the region masks of the label map.
+//! (nnU-Net's DC_and_BCE_loss), the targets the region masks of the label map; an ignore
+//! label masks its voxels out as nnU-Net's loss mask does.
 
 use super::Float;
 use crate::backend::{DiceMode, LossParts, RegionMasks, DICE_SMOOTH, LOSS_RECORD, MAX_REGIONS, REGION_LABELS};
@@ -100,40 +101,28 @@ pub fn dice_terms(per_sample: &[Sums], mode: DiceMode, first: usize, ce_count: f
 /// labelled with the class count are ignored; any other label not below the class count gives
 /// NaN loss parts and leaves `logits` alone (the step is not applied).
 pub fn softmax_dice_ce<T: Float>(logits: &mut [T], ld: Dims, labels: &[u8], mode: DiceMode, ignore: bool, weight: f64) -> Result<[f64; LOSS_RECORD]> {
-    let (c, v, n) = (ld.c, ld.voxels(), ld.n);
+    let (c, v) = (ld.c, ld.voxels());
     ensure!(c >= 2, "the loss needs at least 2 classes (background + 1), got {c}");
     ensure!(logits.len() == ld.len() && labels.len() == ld.rows(), "loss: logits {} and labels {} do not match {}", logits.len(), labels.len(), ld);
     let max_label = labels.iter().copied().max().unwrap_or(0) as f64;
     if max_label as usize >= c + ignore as usize {
         return Ok([f64::NAN, f64::NAN, max_label]);
     }
-    // Pass 1: per-chunk sums, one chunk never spans two samples (v % ROWS handled by split).
-    let chunks: Vec<(usize, usize)> = (0..n).flat_map(|b| (0..v.div_ceil(ROWS)).map(move |k| (b, k))).collect();
     let lref: &[T] = logits;
-    let partial: Vec<(usize, Sums)> = chunks
-        .par_iter()
-        .map(|&(b, k)| {
-            let (lo, hi) = (b * v + k * ROWS, b * v + ((k + 1) * ROWS).min(v));
-            let mut s = Sums::zeros(c);
-            let mut p = vec![0.0; c];
-            for r in lo..hi {
-                let y = labels[r] as usize;
-                if y == c {
-                    continue;
-                }
-                let lse = softmax(&lref[r * c..(r + 1) * c], &mut p);
-                s.ce += lse - lref[r * c + y].to_f64();
-                s.inter[y] += p[y];
-                s.gt[y] += 1.0;
-                s.pred.iter_mut().zip(&p).for_each(|(a, &p)| *a += p);
+    let per_sample = per_sample_sums(ld, |rows, s| {
+        let mut p = vec![0.0; c];
+        for r in rows {
+            let y = labels[r] as usize;
+            if y == c {
+                continue;
             }
-            (b, s)
-        })
-        .collect();
-    let mut per_sample = vec![Sums::zeros(c); n];
-    for (b, s) in &partial {
-        per_sample[*b].add(s);
-    }
+            let lse = softmax(&lref[r * c..(r + 1) * c], &mut p);
+            s.ce += lse - lref[r * c + y].to_f64();
+            s.inter[y] += p[y];
+            s.gt[y] += 1.0;
+            s.pred.iter_mut().zip(&p).for_each(|(a, &p)| *a += p);
+        }
+    });
     // Every labelled voxel is in exactly one class's ground truth.
     let labelled: f64 = per_sample.iter().map(|s| s.gt.iter().sum::<f64>()).sum();
     let DiceTerms { parts, coef, terms, total_vox } = dice_terms(&per_sample, mode, 1, labelled);
@@ -166,25 +155,16 @@ pub fn softmax_dice_ce<T: Float>(logits: &mut [T], ld: Dims, labels: &[u8], mode
     Ok([parts.ce, parts.dice, max_label])
 }
 
-/// Per-sample region sums of one output, in chunks of ROWS voxels that never span two samples.
-fn region_sums<T: Float>(logits: &[T], ld: Dims, labels: &[u8], regions: &RegionMasks) -> Vec<Sums> {
+/// Pass 1 of both losses: per-sample sums of one output, `add` summing rows into a chunk's
+/// sums, chunks of ROWS voxels that never span two samples, merged in chunk order.
+fn per_sample_sums(ld: Dims, add: impl Fn(std::ops::Range<usize>, &mut Sums) + Sync) -> Vec<Sums> {
     let (c, v, n) = (ld.c, ld.voxels(), ld.n);
     let chunks: Vec<(usize, usize)> = (0..n).flat_map(|b| (0..v.div_ceil(ROWS)).map(move |k| (b, k))).collect();
     let partial: Vec<(usize, Sums)> = chunks
         .par_iter()
         .map(|&(b, k)| {
             let mut s = Sums::zeros(c);
-            for r in b * v + k * ROWS..b * v + ((k + 1) * ROWS).min(v) {
-                for j in 0..c {
-                    let z = logits[r * c + j].to_f64();
-                    let (p, y) = (sigmoid(z), regions.contains(j, labels[r]) as u8 as f64);
-                    // -[y ln p + (1 - y) ln(1 - p)], stable for large |z|.
-                    s.ce += z.max(0.0) - z * y + (-z.abs()).exp().ln_1p();
-                    s.inter[j] += p * y;
-                    s.pred[j] += p;
-                    s.gt[j] += y;
-                }
-            }
+            add(b * v + k * ROWS..b * v + ((k + 1) * ROWS).min(v), &mut s);
             (b, s)
         })
         .collect();
@@ -195,14 +175,35 @@ fn region_sums<T: Float>(logits: &[T], ld: Dims, labels: &[u8], regions: &Region
     per_sample
 }
 
+/// Per-sample region sums of one output; voxels labelled `ignore` left out.
+fn region_sums<T: Float>(logits: &[T], ld: Dims, labels: &[u8], regions: &RegionMasks, ignore: Option<u8>) -> Vec<Sums> {
+    let c = ld.c;
+    per_sample_sums(ld, |rows, s| {
+        for r in rows.filter(|&r| Some(labels[r]) != ignore) {
+            for j in 0..c {
+                let z = logits[r * c + j].to_f64();
+                let (p, y) = (sigmoid(z), regions.contains(j, labels[r]) as u8 as f64);
+                // -[y ln p + (1 - y) ln(1 - p)], stable for large |z|.
+                s.ce += z.max(0.0) - z * y + (-z.abs()).exp().ln_1p();
+                s.inter[j] += p * y;
+                s.pred[j] += p;
+                s.gt[j] += y;
+            }
+        }
+    })
+}
+
 fn sigmoid(z: f64) -> f64 {
     1.0 / (1.0 + (-z).exp())
 }
 
 /// Region-based loss, forward and backward in one call (see `Backend::sigmoid_dice_bce`):
 /// returns [BCE, Dice term, largest label] and overwrites `logits` with `weight * dL/dlogits`.
-/// A label value of 32 or more gives NaN parts and leaves `logits` alone.
-pub fn sigmoid_dice_bce<T: Float>(logits: &mut [T], ld: Dims, labels: &[u8], regions: &RegionMasks, mode: DiceMode, weight: f64) -> Result<[f64; LOSS_RECORD]> {
+/// A label value of 32 or more gives NaN parts and leaves `logits` alone. With `ignore`, voxels
+/// labelled `regions.ignore_value()` take no part (nnU-Net's loss mask): not in the Dice sums,
+/// gradient zero, and the BCE summed over the other voxels' regions is divided by their count
+/// alone (not times the regions, as nnU-Net's masked DC_and_BCE_loss does).
+pub fn sigmoid_dice_bce<T: Float>(logits: &mut [T], ld: Dims, labels: &[u8], regions: &RegionMasks, mode: DiceMode, ignore: bool, weight: f64) -> Result<[f64; LOSS_RECORD]> {
     let (c, v) = (ld.c, ld.voxels());
     ensure!((1..=MAX_REGIONS).contains(&c), "the region loss needs 1 to {MAX_REGIONS} regions, got {c}");
     ensure!(logits.len() == ld.len() && labels.len() == ld.rows(), "loss: logits {} and labels {} do not match {}", logits.len(), labels.len(), ld);
@@ -210,11 +211,20 @@ pub fn sigmoid_dice_bce<T: Float>(logits: &mut [T], ld: Dims, labels: &[u8], reg
     if max_label as usize >= REGION_LABELS {
         return Ok([f64::NAN, f64::NAN, max_label]);
     }
-    let per_sample = region_sums(logits, ld, labels, regions);
-    let DiceTerms { parts, coef, terms, total_vox } = dice_terms(&per_sample, mode, 0, ld.len() as f64);
+    let ignore = ignore.then(|| regions.ignore_value());
+    let per_sample = region_sums(logits, ld, labels, regions, ignore);
+    let ce_count = match ignore {
+        Some(i) => labels.iter().filter(|&&l| l != i).count() as f64,
+        None => ld.len() as f64,
+    };
+    let DiceTerms { parts, coef, terms, total_vox } = dice_terms(&per_sample, mode, 0, ce_count);
     logits.par_chunks_mut(ROWS * c).enumerate().for_each(|(ci, lc)| {
         for (i, z) in lc.chunks_exact_mut(c).enumerate() {
             let r = ci * ROWS + i;
+            if Some(labels[r]) == ignore {
+                z.iter_mut().for_each(|z| *z = T::from_f64(0.0));
+                continue;
+            }
             let cf = &coef[if mode == DiceMode::Batch { 0 } else { r / v }];
             for (j, zj) in z.iter_mut().enumerate() {
                 let (p, y) = (sigmoid(zj.to_f64()), regions.contains(j, labels[r]) as u8 as f64);

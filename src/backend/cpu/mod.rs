@@ -459,8 +459,8 @@ impl<T: Float> Backend for CpuBackend<T> {
         self.stored(&[logits]);
         Ok(())
     }
-    fn sigmoid_dice_bce(&self, logits: CpuBuf<T>, ld: Dims, labels: CpuBuf<u8>, regions: &RegionMasks, mode: DiceMode, weight: f64, record: CpuBuf<T>) -> Result<()> {
-        let parts = unsafe { loss::sigmoid_dice_bce(logits.slice_mut(), ld, labels.slice(), regions, mode, weight) }?;
+    fn sigmoid_dice_bce(&self, logits: CpuBuf<T>, ld: Dims, labels: CpuBuf<u8>, regions: &RegionMasks, mode: DiceMode, ignore: bool, weight: f64, record: CpuBuf<T>) -> Result<()> {
+        let parts = unsafe { loss::sigmoid_dice_bce(logits.slice_mut(), ld, labels.slice(), regions, mode, ignore, weight) }?;
         anyhow::ensure!(record.len == LOSS_RECORD, "loss record of {} values, not {LOSS_RECORD}", record.len);
         unsafe { record.slice_mut() }.iter_mut().zip(parts).for_each(|(r, v)| *r = T::from_f64(v));
         self.stored(&[logits]);

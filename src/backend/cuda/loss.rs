@@ -28,7 +28,7 @@ fn workspace(be: &CudaBackend, ld: Dims, mode: DiceMode) -> Result<Work> {
     let per_sample_blocks = (2 * be.sms()).div_ceil(n).max(1);
     let chunk = v.div_ceil(per_sample_blocks).max(THREADS);
     let nchunks = v.div_ceil(chunk);
-    let width = 3 * c + 2;
+    let width = 3 * c + 3;
     let groups = if mode == DiceMode::PerSample { n } else { 1 };
     let (part_len, coef_len) = (n * nchunks * width, 2 * groups * c + 1);
     let sums_at = (part_len + coef_len).next_multiple_of(2);
@@ -49,17 +49,18 @@ pub fn softmax_dice_ce(be: &CudaBackend, z: DevBuf, ld: Dims, labels: DevLabels,
     launch!(be, loss_partial[z.dt], cfg, &z.ptr, &labels.ptr, &vv, &cc, &ig, &ch, &part);
     let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 };
     let (nn, nch, per) = (n as i32, nchunks as i32, (mode == DiceMode::PerSample) as i32);
-    let softmax = 0.0f64;
-    launch!(be, loss_dice, one, &part, &nn, &nch, &cc, &per, &ig, &softmax, &sums, &coef, &record.ptr);
+    let (first, per_output, limit) = (1i32, 0i32, (c + ignore as usize) as f32);
+    launch!(be, loss_dice, one, &part, &nn, &nch, &cc, &per, &first, &per_output, &limit, &sums, &coef, &record.ptr);
     let (terms, w) = ((groups * (c - 1)) as f32, weight as f32);
     launch!(be, loss_grad[z.dt], be.grid(ld.rows()), &z.ptr, &labels.ptr, &nn, &vv, &cc, &coef, &per, &ig, &terms, &w);
     Ok(())
 }
 
 /// The region nets' loss (sigmoid + Dice over every region + BCE): region_partial, the shared
-/// loss_dice merge (BCE averaged over every voxel of every region), region_grad.
+/// loss_dice merge (BCE averaged over every voxel of every region, or with an ignore label
+/// over the labelled voxels), region_grad.
 #[allow(clippy::too_many_arguments)]
-pub fn sigmoid_dice_bce(be: &CudaBackend, z: DevBuf, ld: Dims, labels: DevLabels, regions: &RegionMasks, mode: DiceMode, weight: f64, record: DevBuf) -> Result<()> {
+pub fn sigmoid_dice_bce(be: &CudaBackend, z: DevBuf, ld: Dims, labels: DevLabels, regions: &RegionMasks, mode: DiceMode, ignore: bool, weight: f64, record: DevBuf) -> Result<()> {
     let (c, v, n) = (ld.c, ld.voxels(), ld.n);
     ensure!((1..=MAX_REGIONS).contains(&c), "the region loss needs 1 to {MAX_REGIONS} regions, got {c}");
     ensure!(z.len == ld.len() && labels.len == ld.rows(), "loss: logits {} and labels {} do not match {}", z.len, labels.len, ld);
@@ -68,11 +69,13 @@ pub fn sigmoid_dice_bce(be: &CudaBackend, z: DevBuf, ld: Dims, labels: DevLabels
     let Work { chunk, nchunks, groups, part, coef, sums, cfg } = workspace(be, ld, mode)?;
     let (vv, cc, ch) = (v as i64, c as i32, chunk as i64);
     let [m01, m23, m45, m67] = regions.words();
-    launch!(be, region_partial[z.dt], cfg, &z.ptr, &labels.ptr, &vv, &cc, &m01, &m23, &m45, &m67, &ch, &part);
+    let ig = if ignore { regions.ignore_value() as i32 } else { -1 };
+    launch!(be, region_partial[z.dt], cfg, &z.ptr, &labels.ptr, &vv, &cc, &m01, &m23, &m45, &m67, &ig, &ch, &part);
     let one = LaunchConfig { grid_dim: (1, 1, 1), block_dim: (THREADS as u32, 1, 1), shared_mem_bytes: 0 };
-    let (nn, nch, per, no_ignore, count) = (n as i32, nchunks as i32, (mode == DiceMode::PerSample) as i32, 0i32, ld.len() as f64);
-    launch!(be, loss_dice, one, &part, &nn, &nch, &cc, &per, &no_ignore, &count, &sums, &coef, &record.ptr);
+    let (nn, nch, per) = (n as i32, nchunks as i32, (mode == DiceMode::PerSample) as i32);
+    let (first, per_output, limit) = (0i32, !ignore as i32, crate::backend::REGION_LABELS as f32);
+    launch!(be, loss_dice, one, &part, &nn, &nch, &cc, &per, &first, &per_output, &limit, &sums, &coef, &record.ptr);
     let (terms, w) = ((groups * c) as f32, weight as f32);
-    launch!(be, region_grad[z.dt], be.grid(ld.rows()), &z.ptr, &labels.ptr, &nn, &vv, &cc, &m01, &m23, &m45, &m67, &coef, &per, &terms, &w);
+    launch!(be, region_grad[z.dt], be.grid(ld.rows()), &z.ptr, &labels.ptr, &nn, &vv, &cc, &m01, &m23, &m45, &m67, &ig, &coef, &per, &terms, &w);
     Ok(())
 }

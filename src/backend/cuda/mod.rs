@@ -767,8 +767,8 @@ impl Backend for CudaBackend {
     fn softmax_dice_ce(&self, logits: DevBuf, ld: Dims, labels: DevLabels, mode: DiceMode, ignore: bool, weight: f64, record: DevBuf) -> Result<()> {
         loss::softmax_dice_ce(self, logits, ld, labels, mode, ignore, weight, record)
     }
-    fn sigmoid_dice_bce(&self, logits: DevBuf, ld: Dims, labels: DevLabels, regions: &RegionMasks, mode: DiceMode, weight: f64, record: DevBuf) -> Result<()> {
-        loss::sigmoid_dice_bce(self, logits, ld, labels, regions, mode, weight, record)
+    fn sigmoid_dice_bce(&self, logits: DevBuf, ld: Dims, labels: DevLabels, regions: &RegionMasks, mode: DiceMode, ignore: bool, weight: f64, record: DevBuf) -> Result<()> {
+        loss::sigmoid_dice_bce(self, logits, ld, labels, regions, mode, ignore, weight, record)
     }
     fn argmax(&self, logits: DevBuf, ld: Dims, out: DevLabels) -> Result<()> {
         misc::argmax(self, logits, ld, out)
