@@ -1,4 +1,6 @@
-// Instance norm (affine, eps 1e-5, biased variance) fused with LeakyReLU(0.01), NDHWC.
+// Instance norm (affine, eps 1e-5, biased variance) fused with LeakyReLU(0.01), NDHWC; or
+// with no activation (`slope` 1), and optionally a residual added before it (a ResNet block's
+// end: y = leaky(norm(x) + r)). And the LeakyReLU's gradient from its output (leaky_bwd).
 // Statistics: Welford per thread over a chunk of voxels, Chan merges across threads and
 // chunks (fp32 per thread, f64 for the final merge). Never E[x^2] - E[x]^2. Two paths: one
 // channel per thread for any channel count, and eight per thread with 16-byte accesses where
@@ -57,20 +59,30 @@ __device__ __forceinline__ void norm_partial(const A* x, long V, int C, long chu
     }
 }
 
+// LeakyReLU with slope `slope` below zero (1: none).
+__device__ __forceinline__ float act(float z, float slope) { return z > 0.f ? z : z * slope; }
+
+// y = act(norm(x) [+ res]); res null for none.
 template <class A>
-__device__ __forceinline__ void norm_act_fwd(const A* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, A* y) {
+__device__ __forceinline__ void norm_act_fwd(const A* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const A* res, float slope, A* y) {
     long total = (long)n * V * C;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
         int c = (int)(i % C);
         int bc = (int)(i / ((long)V * C)) * C + c;
         float s = gamma[c] * rstd[bc];
-        st(y + i, leaky(s * (ld(x + i) - mean[bc]) + beta[c]));
+        st(y + i, act(s * (ld(x + i) - mean[bc]) + beta[c] + (res ? ld(res + i) : 0.f), slope));
     }
+}
+
+// dx = dy * leaky'(y), from the activation's output y; dx may alias dy.
+template <class A>
+__device__ __forceinline__ void leaky_bwd(const A* dy, const A* y, long total, A* dx) {
+    for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) st(dx + i, leaky_grad(ld(y + i), ld(dy + i)));
 }
 
 // part[((b * nchunks + k) * C + c) * 2] = (sum dz, sum dz*xhat) over chunk k of sample b.
 template <class A>
-__device__ __forceinline__ void norm_bwd_partial(const A* dy, const A* x, long V, int C, long chunk, const float* mean, const float* rstd, const float* gamma, const float* beta, float* part) {
+__device__ __forceinline__ void norm_bwd_partial(const A* dy, const A* x, long V, int C, long chunk, const float* mean, const float* rstd, const float* gamma, const float* beta, float slope, float* part) {
     __shared__ float s1[NORM_THREADS], s2[NORM_THREADS];
     int b = blockIdx.y, k = blockIdx.x, nchunks = gridDim.x;
     int lanes = channel_lanes(C), rl = blockDim.x / lanes;
@@ -85,7 +97,7 @@ __device__ __forceinline__ void norm_bwd_partial(const A* dy, const A* x, long V
             for (long r = r0 + rlane; r < r1; r += rl) {
                 long i = ((long)b * V + r) * C + c;
                 float xh = (ld(x + i) - mu) * rs, g_ = ld(dy + i);
-                float dz = leaky_grad(g * xh + be, g_);
+                float dz = g * xh + be > 0.f ? g_ : g_ * slope;
                 a += dz;
                 d += dz * xh;
             }
@@ -106,7 +118,7 @@ __device__ __forceinline__ void norm_bwd_partial(const A* dy, const A* x, long V
 
 // dx = gamma*rstd * (dz - mean(dz) - xhat * mean(dz*xhat)); dx may alias dy.
 template <class A>
-__device__ __forceinline__ void norm_bwd_apply(const A* dy, const A* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const float* sums, A* dx) {
+__device__ __forceinline__ void norm_bwd_apply(const A* dy, const A* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, float slope, const float* sums, A* dx) {
     long total = (long)n * V * C;
     float inv_v = 1.f / (float)V;
     for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < total; i += (long)gridDim.x * blockDim.x) {
@@ -114,7 +126,7 @@ __device__ __forceinline__ void norm_bwd_apply(const A* dy, const A* x, int n, l
         int bc = (int)(i / ((long)V * C)) * C + c;
         float xh = (ld(x + i) - mean[bc]) * rstd[bc];
         float g = ld(dy + i);
-        float dz = leaky_grad(gamma[c] * xh + beta[c], g);
+        float dz = gamma[c] * xh + beta[c] > 0.f ? g : g * slope;
         st(dx + i, gamma[c] * rstd[bc] * (dz - sums[bc * 2] * inv_v - xh * sums[bc * 2 + 1] * inv_v));
     }
 }
@@ -193,25 +205,27 @@ __device__ __forceinline__ float* sample_table(int rows, int C, F f) {
 
 // grid (blocks, samples); shared: mean, gamma * rstd, beta of sample blockIdx.y.
 template <class A>
-__device__ __forceinline__ void norm_act_fwd8(const A* x, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, A* y) {
+__device__ __forceinline__ void norm_act_fwd8(const A* x, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const A* res, float slope, A* y) {
     const int b = blockIdx.y;
     const float* t = sample_table(3, C, [&](int j, int c) { return j == 0 ? mean[b * C + c] : j == 1 ? gamma[c] * rstd[b * C + c] : beta[c]; });
     const unsigned G = C / 8, n = (unsigned)(V * G);
     const A* xs = x + (long)b * V * C;
+    const A* rs = res ? res + (long)b * V * C : nullptr;
     A* ys = y + (long)b * V * C;
     for (unsigned j = blockIdx.x * blockDim.x + threadIdx.x; j < n; j += gridDim.x * blockDim.x) {
         const unsigned c = (j % G) * 8;
-        float v[8], mu[8], s[8], be[8];
+        float v[8], mu[8], s[8], be[8], r[8] = {};
         load8(xs + (long)j * 8, v);
+        if (rs) load8(rs + (long)j * 8, r);
         load8(t + c, mu), load8(t + C + c, s), load8(t + 2 * C + c, be);
 #pragma unroll
-        for (int i = 0; i < 8; i++) v[i] = leaky(s[i] * (v[i] - mu[i]) + be[i]);
+        for (int i = 0; i < 8; i++) v[i] = act(s[i] * (v[i] - mu[i]) + be[i] + r[i], slope);
         store8(ys + (long)j * 8, v);
     }
 }
 
 template <class A>
-__device__ __forceinline__ void norm_bwd_partial8(const A* dy, const A* x, long V, int C, long chunk, const float* mean, const float* rstd, const float* gamma, const float* beta, float* part) {
+__device__ __forceinline__ void norm_bwd_partial8(const A* dy, const A* x, long V, int C, long chunk, const float* mean, const float* rstd, const float* gamma, const float* beta, float slope, float* part) {
     __shared__ float sh[NORM_THREADS * 16];
     const ColBlock<8> L(V, C, chunk);
     for (int g0 = 0; g0 < L.G; g0 += L.lanes) {  // every thread runs every pass (barriers)
@@ -233,7 +247,7 @@ __device__ __forceinline__ void norm_bwd_partial8(const A* dy, const A* x, long 
 #pragma unroll
                 for (int i = 0; i < 8; i++) {
                     const float xh = (xv[i] - mu[i]) * rs[i];
-                    const float dz = leaky_grad(ga[i] * xh + be[i], gv[i]);
+                    const float dz = ga[i] * xh + be[i] > 0.f ? gv[i] : gv[i] * slope;
                     acc[i] += dz;
                     acc[8 + i] += dz * xh;
                 }
@@ -256,7 +270,7 @@ __device__ __forceinline__ void norm_bwd_partial8(const A* dy, const A* x, long 
 // (blocks, samples), the per-channel factors of sample blockIdx.y in shared memory. dx may
 // alias dy (each thread reads its 16 bytes before it writes them).
 template <class A>
-__device__ __forceinline__ void norm_bwd_apply8(const A* dy, const A* x, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const float* sums, A* dx) {
+__device__ __forceinline__ void norm_bwd_apply8(const A* dy, const A* x, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, float slope, const float* sums, A* dx) {
     const int b = blockIdx.y;
     const float inv_v = 1.f / (float)V;
     // rows: mean, rstd, gamma, beta, a, a * mean(dz), a * mean(dz * xhat)
@@ -285,7 +299,7 @@ __device__ __forceinline__ void norm_bwd_apply8(const A* dy, const A* x, long V,
 #pragma unroll
         for (int i = 0; i < 8; i++) {
             const float xh = (xv[i] - mu[i]) * rs[i];
-            const float dz = leaky_grad(ga[i] * xh + be[i], gv[i]);
+            const float dz = ga[i] * xh + be[i] > 0.f ? gv[i] : gv[i] * slope;
             xv[i] = a[i] * dz - m1[i] - m2[i] * xh;
         }
         store8(dx + base + (long)j * 8, xv);
@@ -339,17 +353,19 @@ extern "C" __global__ void segk_norm_bwd_finalize_f32(const float* part, int n, 
 
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_partial_f32(const float* x, long V, int C, long chunk, float* part) { norm_partial(x, V, C, chunk, part); }
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_partial_bf16(const bf16* x, long V, int C, long chunk, float* part) { norm_partial(x, V, C, chunk, part); }
-extern "C" __global__ void segk_norm_act_fwd_f32(const float* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, float* y) { norm_act_fwd(x, n, V, C, mean, rstd, gamma, beta, y); }
-extern "C" __global__ void segk_norm_act_fwd_bf16(const bf16* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, bf16* y) { norm_act_fwd(x, n, V, C, mean, rstd, gamma, beta, y); }
-extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_partial_f32(const float* dy, const float* x, long V, int C, long chunk, const float* mean, const float* rstd, const float* gamma, const float* beta, float* part) { norm_bwd_partial(dy, x, V, C, chunk, mean, rstd, gamma, beta, part); }
-extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_partial_bf16(const bf16* dy, const bf16* x, long V, int C, long chunk, const float* mean, const float* rstd, const float* gamma, const float* beta, float* part) { norm_bwd_partial(dy, x, V, C, chunk, mean, rstd, gamma, beta, part); }
-extern "C" __global__ void segk_norm_bwd_apply_f32(const float* dy, const float* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const float* sums, float* dx) { norm_bwd_apply(dy, x, n, V, C, mean, rstd, gamma, beta, sums, dx); }
-extern "C" __global__ void segk_norm_bwd_apply_bf16(const bf16* dy, const bf16* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const float* sums, bf16* dx) { norm_bwd_apply(dy, x, n, V, C, mean, rstd, gamma, beta, sums, dx); }
+extern "C" __global__ void segk_norm_act_fwd_f32(const float* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const float* res, float slope, float* y) { norm_act_fwd(x, n, V, C, mean, rstd, gamma, beta, res, slope, y); }
+extern "C" __global__ void segk_norm_act_fwd_bf16(const bf16* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const bf16* res, float slope, bf16* y) { norm_act_fwd(x, n, V, C, mean, rstd, gamma, beta, res, slope, y); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_partial_f32(const float* dy, const float* x, long V, int C, long chunk, const float* mean, const float* rstd, const float* gamma, const float* beta, float slope, float* part) { norm_bwd_partial(dy, x, V, C, chunk, mean, rstd, gamma, beta, slope, part); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_partial_bf16(const bf16* dy, const bf16* x, long V, int C, long chunk, const float* mean, const float* rstd, const float* gamma, const float* beta, float slope, float* part) { norm_bwd_partial(dy, x, V, C, chunk, mean, rstd, gamma, beta, slope, part); }
+extern "C" __global__ void segk_norm_bwd_apply_f32(const float* dy, const float* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, float slope, const float* sums, float* dx) { norm_bwd_apply(dy, x, n, V, C, mean, rstd, gamma, beta, slope, sums, dx); }
+extern "C" __global__ void segk_norm_bwd_apply_bf16(const bf16* dy, const bf16* x, int n, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, float slope, const float* sums, bf16* dx) { norm_bwd_apply(dy, x, n, V, C, mean, rstd, gamma, beta, slope, sums, dx); }
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_partial8_f32(const float* x, long V, int C, long chunk, float* part) { norm_partial8(x, V, C, chunk, part); }
 extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_partial8_bf16(const bf16* x, long V, int C, long chunk, float* part) { norm_partial8(x, V, C, chunk, part); }
-extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_act_fwd8_f32(const float* x, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, float* y) { norm_act_fwd8(x, V, C, mean, rstd, gamma, beta, y); }
-extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_act_fwd8_bf16(const bf16* x, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, bf16* y) { norm_act_fwd8(x, V, C, mean, rstd, gamma, beta, y); }
-extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_partial8_f32(const float* dy, const float* x, long V, int C, long chunk, const float* mean, const float* rstd, const float* gamma, const float* beta, float* part) { norm_bwd_partial8(dy, x, V, C, chunk, mean, rstd, gamma, beta, part); }
-extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_partial8_bf16(const bf16* dy, const bf16* x, long V, int C, long chunk, const float* mean, const float* rstd, const float* gamma, const float* beta, float* part) { norm_bwd_partial8(dy, x, V, C, chunk, mean, rstd, gamma, beta, part); }
-extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_apply8_f32(const float* dy, const float* x, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const float* sums, float* dx) { norm_bwd_apply8(dy, x, V, C, mean, rstd, gamma, beta, sums, dx); }
-extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_apply8_bf16(const bf16* dy, const bf16* x, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const float* sums, bf16* dx) { norm_bwd_apply8(dy, x, V, C, mean, rstd, gamma, beta, sums, dx); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_act_fwd8_f32(const float* x, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const float* res, float slope, float* y) { norm_act_fwd8(x, V, C, mean, rstd, gamma, beta, res, slope, y); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_act_fwd8_bf16(const bf16* x, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, const bf16* res, float slope, bf16* y) { norm_act_fwd8(x, V, C, mean, rstd, gamma, beta, res, slope, y); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_partial8_f32(const float* dy, const float* x, long V, int C, long chunk, const float* mean, const float* rstd, const float* gamma, const float* beta, float slope, float* part) { norm_bwd_partial8(dy, x, V, C, chunk, mean, rstd, gamma, beta, slope, part); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_partial8_bf16(const bf16* dy, const bf16* x, long V, int C, long chunk, const float* mean, const float* rstd, const float* gamma, const float* beta, float slope, float* part) { norm_bwd_partial8(dy, x, V, C, chunk, mean, rstd, gamma, beta, slope, part); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_apply8_f32(const float* dy, const float* x, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, float slope, const float* sums, float* dx) { norm_bwd_apply8(dy, x, V, C, mean, rstd, gamma, beta, slope, sums, dx); }
+extern "C" __global__ void __launch_bounds__(NORM_THREADS) segk_norm_bwd_apply8_bf16(const bf16* dy, const bf16* x, long V, int C, const float* mean, const float* rstd, const float* gamma, const float* beta, float slope, const float* sums, bf16* dx) { norm_bwd_apply8(dy, x, V, C, mean, rstd, gamma, beta, slope, sums, dx); }
+extern "C" __global__ void segk_leaky_bwd_f32(const float* dy, const float* y, long total, float* dx) { leaky_bwd(dy, y, total, dx); }
+extern "C" __global__ void segk_leaky_bwd_bf16(const bf16* dy, const bf16* y, long total, bf16* dx) { leaky_bwd(dy, y, total, dx); }

@@ -220,6 +220,24 @@ fn rows_of<B: Backend>(be: &B, op: &Op, reps: usize, keep: &dyn Fn(&str) -> bool
                 let dx = m.act(d.len(), 0.0)?;
                 row("norm_act_bwd", dims_str(d), time(be, reps, || be.norm_act_bwd(dy, x, d, mean, rstd, gamma, beta, dx, dg, dbt))?, None, Some(3.0 * n * e));
             }
+            // A residual block's end reads the residual too; its gradient reads dy and y.
+            if keep("norm_add_act_fwd") {
+                let res = m.act(d.len(), 0.25)?;
+                row("norm_add_act_fwd", dims_str(d), time(be, reps, || be.norm_fwd(x, d, mean, rstd, gamma, beta, Some(res), crate::backend::Act::LeakyRelu, y))?, None, Some(3.0 * n * e));
+            }
+            if keep("leaky_bwd") {
+                let dx = m.act(d.len(), 0.0)?;
+                row("leaky_bwd", dims_str(d), time(be, reps, || be.leaky_bwd(dy, y, dx))?, None, Some(3.0 * n * e));
+            }
+            // A ResNet-D skip's 2x2x2 pooling: reads x, writes an eighth of it (backward: the
+            // reverse, every input voxel written).
+            if keep("avg_pool") && d.d % 2 == 0 && d.h % 2 == 0 && d.w % 2 == 0 {
+                let k = [2, 2, 2];
+                let pd = crate::backend::pooled_dims(d, k);
+                let (p, dx) = (m.act(pd.len(), 0.0)?, m.act(d.len(), 0.0)?);
+                row("avg_pool", dims_str(d), time(be, reps, || be.avg_pool(x, d, k, p))?, None, Some((n + pd.len() as f64) * e));
+                row("avg_pool_bwd", dims_str(d), time(be, reps, || be.avg_pool_bwd(p, k, dx, d, 0.0))?, None, Some((n + pd.len() as f64) * e));
+            }
         }
         Op::Loss(d) => {
             if keep("softmax_dice_ce") {

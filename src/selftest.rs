@@ -5,7 +5,7 @@
 
 use crate::backend::cpu::CpuBackend;
 use crate::backend::cuda::{CudaBackend, Dt};
-use crate::backend::{Backend, ConvGeom, ConvTGeom, DiceMode, SgdParams, LOSS_RECORD};
+use crate::backend::{Act, Backend, ConvGeom, ConvTGeom, DiceMode, SgdParams, LOSS_RECORD};
 use crate::model::unet::Acts;
 use crate::model::{Checkpointing, Topology, UNet};
 use crate::tensor::Dims;
@@ -291,6 +291,55 @@ fn norm_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
         r.compare(format!("norm_act_bwd dx {tag}"), dxd, dxc, xd.len(), stored)?;
         r.compare(format!("norm_act_bwd dgamma {tag}"), dgd, dgc, xd.c, b.f32)?;
         r.compare(format!("norm_act_bwd dbeta {tag}"), dbd, dbc, xd.c, b.f32)?;
+        // A residual block's end: y = leaky(norm(x) + r); its second norm and its projection's:
+        // no activation, forward and backward.
+        let res = r.rand(xd.len());
+        let (resd, resc) = r.both_act(&res)?;
+        let (yd_, yc) = r.outs_act(xd.len())?;
+        r.dev.be.norm_fwd(xd_, xd, md, sd, gd, bd, Some(resd), Act::LeakyRelu, yd_)?;
+        r.cpu.be.norm_fwd(xc, xd, mc, sc, gc, bc, Some(resc), Act::LeakyRelu, yc)?;
+        r.compare(format!("norm_add_act_fwd {tag}"), yd_, yc, xd.len(), stored)?;
+        let (yd_, yc) = r.outs_act(xd.len())?;
+        r.dev.be.norm_fwd(xd_, xd, md, sd, gd, bd, None, Act::Identity, yd_)?;
+        r.cpu.be.norm_fwd(xc, xd, mc, sc, gc, bc, None, Act::Identity, yc)?;
+        r.compare(format!("norm_fwd {tag}"), yd_, yc, xd.len(), stored)?;
+        let ((dxd, dxc), (dgd, dgc), (dbd, dbc)) = (r.outs_act(xd.len())?, r.outs(xd.c)?, r.outs(xd.c)?);
+        r.dev.be.norm_bwd(dyd, xd_, xd, md, sd, gd, bd, Act::Identity, dxd, dgd, dbd)?;
+        r.cpu.be.norm_bwd(dyc, xc, xd, mc, sc, gc, bc, Act::Identity, dxc, dgc, dbc)?;
+        r.compare(format!("norm_bwd dx {tag}"), dxd, dxc, xd.len(), stored)?;
+        r.compare(format!("norm_bwd dgamma {tag}"), dgd, dgc, xd.c, b.f32)?;
+        r.compare(format!("norm_bwd dbeta {tag}"), dbd, dbc, xd.c, b.f32)?;
+        // The LeakyReLU's gradient from its output: outputs away from 0, so both sides take
+        // the same branch.
+        let y: Vec<f32> = r.rand(xd.len()).iter().map(|v| v.signum() * (0.1 + v.abs())).collect();
+        let ((yd_, yc), (dxd, dxc)) = (r.both_act(&y)?, r.outs_act(xd.len())?);
+        r.dev.be.leaky_bwd(dyd, yd_, dxd)?;
+        r.cpu.be.leaky_bwd(dyc, yc, dxc)?;
+        r.compare(format!("leaky_bwd {tag}"), dxd, dxc, xd.len(), stored)?;
+    }
+    Ok(())
+}
+
+/// Average pooling (a ResNet-D skip's), forward and backward, with odd sizes a floor drops.
+fn pool_checks<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
+    for (xd, k) in [(Dims::new(2, [5, 6, 7], 3), [2, 2, 2]), (Dims::new(1, [4, 6, 8], 16), [1, 2, 2]), (Dims::new(2, [6, 4, 5], 8), [2, 1, 1])] {
+        let tag = format!("k{k:?} {xd}");
+        let yd = crate::backend::pooled_dims(xd, k);
+        let (x, dy, prior) = (r.rand(xd.len()), r.rand(yd.len()), r.rand(xd.len()));
+        let ((xd_, xc), (dyd, dyc)) = (r.both_act(&x)?, r.both_act(&dy)?);
+        let (yd_, yc) = r.outs_act(yd.len())?;
+        r.dev.be.avg_pool(xd_, xd, k, yd_)?;
+        r.cpu.be.avg_pool(xc, xd, k, yc)?;
+        let stored = r.stored(b, b.f32);
+        r.compare(format!("avg_pool {tag}"), yd_, yc, yd.len(), stored)?;
+        let (dxd, dxc) = r.outs_act(xd.len())?;
+        r.dev.be.avg_pool_bwd(dyd, k, dxd, xd, 0.0)?;
+        r.cpu.be.avg_pool_bwd(dyc, k, dxc, xd, 0.0)?;
+        r.compare(format!("avg_pool_bwd {tag}"), dxd, dxc, xd.len(), stored)?;
+        let (pd, pc) = r.both_act(&prior)?;
+        r.dev.be.avg_pool_bwd(dyd, k, pd, xd, 1.0)?;
+        r.cpu.be.avg_pool_bwd(dyc, k, pc, xd, 1.0)?;
+        r.compare(format!("avg_pool_bwd+= {tag}"), pd, pc, xd.len(), stored)?;
     }
     Ok(())
 }
@@ -558,7 +607,7 @@ fn step_check<B: Backend>(r: &mut Run<B>, b: &Bounds) -> Result<()> {
 }
 
 /// The families of checks, in the order they run.
-pub const FAMILIES: [&str; 6] = ["conv", "norm", "loss", "misc", "transfer", "step"];
+pub const FAMILIES: [&str; 7] = ["conv", "norm", "pool", "loss", "misc", "transfer", "step"];
 
 /// Which families run, and whether each check is printed as it completes.
 #[derive(Clone, Debug)]
@@ -608,6 +657,7 @@ pub fn run_selected<B: Backend>(dev: &B, bounds: &Bounds, seed: u64, sel: &Selec
         let done = match family {
             "conv" => conv_checks(&mut r, bounds),
             "norm" => norm_checks(&mut r, bounds),
+            "pool" => pool_checks(&mut r, bounds),
             "loss" => loss_checks(&mut r, bounds),
             "misc" => misc_checks(&mut r, bounds),
             "transfer" => transfer_checks(&mut r),

@@ -3,7 +3,7 @@
 
 mod common;
 use common::*;
-use segk::backend::cpu::{conv, convt, loss, misc, norm, optim};
+use segk::backend::cpu::{conv, convt, loss, misc, norm, optim, pool};
 use segk::backend::{ConvGeom, ConvTGeom, DiceMode, SgdParams};
 use segk::tensor::Dims;
 
@@ -185,7 +185,7 @@ fn norm_forward(x: &[f64], xd: Dims, gamma: &[f64], beta: &[f64]) -> (Vec<f64>, 
     let (mut mean, mut rstd) = (vec![0.0; xd.n * xd.c], vec![0.0; xd.n * xd.c]);
     norm::norm_stats(x, xd, &mut mean, &mut rstd);
     let mut y = vec![f64::NAN; x.len()];
-    norm::norm_act_fwd(x, xd, &mean, &rstd, gamma, beta, &mut y);
+    norm::norm_fwd(x, xd, &mean, &rstd, gamma, beta, None, segk::backend::LEAKY_SLOPE, &mut y);
     (y, mean, rstd)
 }
 
@@ -230,7 +230,7 @@ fn norm_act_backward_matches_finite_differences() {
         let (_, mean, rstd) = norm_forward(&x, xd, &gamma, &beta);
         let mut dx = dy.clone();
         let (mut dg, mut db) = (vec![f64::NAN; xd.c], vec![f64::NAN; xd.c]);
-        norm::norm_act_bwd_inplace(&mut dx, &x, xd, (&mean, &rstd, &gamma, &beta), &mut dg, &mut db);
+        norm::norm_bwd_inplace(&mut dx, &x, xd, (&mean, &rstd, &gamma, &beta), segk::backend::LEAKY_SLOPE, &mut dg, &mut db);
         let ix = pick(&mut r, x.len(), 40);
         let (g0, b0) = (gamma.clone(), beta.clone());
         let nx = numeric_grad(&mut x, &ix, &mut |x| loss(x, &g0, &b0));
@@ -244,6 +244,73 @@ fn norm_act_backward_matches_finite_differences() {
         let nb = numeric_grad(&mut beta, &idx, &mut |b| loss(&x0, &g1, b));
         assert!(rel_err(&db, &nb) < 1e-6, "dbeta {xd}");
     }
+}
+
+#[test]
+fn avg_pool_hand_computed() {
+    // One channel, 3 x 2 x 2 pooled by [2, 2, 1]: the last slice is left out by the floor.
+    let xd = Dims::new(1, [3, 2, 2], 1);
+    let x: Vec<f64> = (0..12).map(f64::from).collect();
+    let mut y = vec![f64::NAN; 2];
+    pool::avg_pool(&x, xd, [2, 2, 1], &mut y);
+    assert_eq!(y, vec![(0.0 + 2.0 + 4.0 + 6.0) / 4.0, (1.0 + 3.0 + 5.0 + 7.0) / 4.0]);
+    let mut dx = vec![f64::NAN; 12];
+    pool::avg_pool_bwd(&[4.0, 8.0], [2, 2, 1], &mut dx, xd, 0.0);
+    assert_eq!(dx, vec![1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 1.0, 2.0, 0.0, 0.0, 0.0, 0.0]);
+    let mut acc = vec![1.0; 12];
+    pool::avg_pool_bwd(&[4.0, 8.0], [2, 2, 1], &mut acc, xd, 1.0);
+    assert_eq!(acc[..2], [2.0, 3.0]);
+    assert_eq!(acc[8..], [1.0; 4]);
+}
+
+/// The end of a ResNet-D block with a pooled skip, out = leaky(norm(x2) + avg_pool(x)),
+/// backward through leaky_bwd (from the output), norm_bwd without activation and
+/// avg_pool_bwd, against f64 central finite differences in x2, x, gamma and beta.
+#[test]
+fn residual_block_end_matches_finite_differences() {
+    let mut r = rng("residual_end");
+    let (xd, k) = (Dims::new(2, [4, 6, 5], 3), [2, 2, 1]);
+    let od = segk::backend::pooled_dims(xd, k);
+    let forward = |x2: &[f64], x: &[f64], g: &[f64], b: &[f64]| -> (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>) {
+        let (mut mean, mut rstd) = (vec![0.0; od.n * od.c], vec![0.0; od.n * od.c]);
+        norm::norm_stats(x2, od, &mut mean, &mut rstd);
+        let mut res = vec![f64::NAN; od.len()];
+        pool::avg_pool(x, xd, k, &mut res);
+        let mut y = vec![f64::NAN; od.len()];
+        norm::norm_fwd(x2, od, &mean, &rstd, g, b, Some(&res), segk::backend::LEAKY_SLOPE, &mut y);
+        let mut pre = vec![f64::NAN; od.len()];
+        norm::norm_fwd(x2, od, &mean, &rstd, g, b, Some(&res), 1.0, &mut pre);
+        (y, mean, rstd, pre)
+    };
+    // Inputs whose pre-activations sit away from the kink, so no finite difference crosses it.
+    let (mut x2, mut x, mut gamma, mut beta) = loop {
+        let (x2, x, g, b) = (randn(&mut r, od.len()), randn(&mut r, xd.len()), randn(&mut r, od.c), randn(&mut r, od.c));
+        if forward(&x2, &x, &g, &b).3.iter().all(|p| p.abs() > 1e-3) {
+            break (x2, x, g, b);
+        }
+    };
+    let dy = randn(&mut r, od.len());
+    let loss = |x2: &[f64], x: &[f64], g: &[f64], b: &[f64]| dot(&forward(x2, x, g, b).0, &dy);
+    let (y, mean, rstd, _) = forward(&x2, &x, &gamma, &beta);
+    let mut dpre = dy.clone();
+    norm::leaky_bwd_inplace(&mut dpre, &y);
+    let mut dx2 = dpre.clone();
+    let (mut dg, mut db) = (vec![f64::NAN; od.c], vec![f64::NAN; od.c]);
+    norm::norm_bwd_inplace(&mut dx2, &x2, od, (&mean, &rstd, &gamma, &beta), 1.0, &mut dg, &mut db);
+    let mut dx = vec![f64::NAN; xd.len()];
+    pool::avg_pool_bwd(&dpre, k, &mut dx, xd, 0.0);
+    let (x0, x20, g0, b0) = (x.clone(), x2.clone(), gamma.clone(), beta.clone());
+    let i2 = pick(&mut r, x2.len(), 40);
+    let n2 = numeric_grad(&mut x2, &i2, &mut |v| loss(v, &x0, &g0, &b0));
+    assert!(rel_err(&i2.iter().map(|&i| dx2[i]).collect::<Vec<_>>(), &n2) < 1e-6, "dx2");
+    let i1 = pick(&mut r, x.len(), 40);
+    let n1 = numeric_grad(&mut x, &i1, &mut |v| loss(&x20, v, &g0, &b0));
+    assert!(rel_err(&i1.iter().map(|&i| dx[i]).collect::<Vec<_>>(), &n1) < 1e-6, "dx through the pooled skip");
+    let ic: Vec<usize> = (0..od.c).collect();
+    let ng = numeric_grad(&mut gamma, &ic, &mut |g| loss(&x20, &x0, g, &b0));
+    assert!(rel_err(&dg, &ng) < 1e-6, "dgamma");
+    let nb = numeric_grad(&mut beta, &ic, &mut |b| loss(&x20, &x0, &g0, b));
+    assert!(rel_err(&db, &nb) < 1e-6, "dbeta");
 }
 
 #[test]

@@ -125,6 +125,29 @@ impl RegionMasks {
     }
 }
 
+/// The nonlinearity after an instance norm: nnU-Net's LeakyReLU(0.01), or none (a residual
+/// block's second norm, before the add, and its skip projection's norm).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Act {
+    LeakyRelu,
+    Identity,
+}
+
+impl Act {
+    /// The slope below zero (1: no activation).
+    pub fn slope(self) -> f64 {
+        match self {
+            Act::LeakyRelu => LEAKY_SLOPE,
+            Act::Identity => 1.0,
+        }
+    }
+}
+
+/// The shape avg_pool gives: each axis divided by its factor, rounded down.
+pub fn pooled_dims(xd: Dims, k: [usize; 3]) -> Dims {
+    xd.with_spatial(std::array::from_fn(|a| xd.spatial()[a] / k[a]))
+}
+
 /// Values a loss writes per output into its record (see `Backend::softmax_dice_ce`).
 pub const LOSS_RECORD: usize = 3;
 
@@ -288,12 +311,33 @@ pub trait Backend: Sync {
     // ---- instance norm + LeakyReLU ----
     /// Per (sample, channel) mean and 1/sqrt(var + eps), biased variance; `mean`/`rstd` hold n*c.
     fn norm_stats(&self, x: Self::Buf, xd: Dims, mean: Self::Buf, rstd: Self::Buf) -> Result<()>;
-    /// y = leaky_relu(gamma * (x - mean) * rstd + beta).
-    fn norm_act_fwd(&self, x: Self::Buf, xd: Dims, mean: Self::Buf, rstd: Self::Buf, gamma: Self::Buf, beta: Self::Buf, y: Self::Buf) -> Result<()>;
-    /// Backward of norm_act_fwd from the saved pre-norm `x` and its statistics.
-    /// `dx` may be the same view as `dy`.
+    /// y = act(gamma * (x - mean) * rstd + beta [+ residual]); `residual` is not `y`.
     #[allow(clippy::too_many_arguments)]
-    fn norm_act_bwd(&self, dy: Self::Buf, x: Self::Buf, xd: Dims, mean: Self::Buf, rstd: Self::Buf, gamma: Self::Buf, beta: Self::Buf, dx: Self::Buf, dgamma: Self::Buf, dbeta: Self::Buf) -> Result<()>;
+    fn norm_fwd(&self, x: Self::Buf, xd: Dims, mean: Self::Buf, rstd: Self::Buf, gamma: Self::Buf, beta: Self::Buf, residual: Option<Self::Buf>, act: Act, y: Self::Buf) -> Result<()>;
+    /// y = leaky_relu(gamma * (x - mean) * rstd + beta): a plain conv block's norm.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_act_fwd(&self, x: Self::Buf, xd: Dims, mean: Self::Buf, rstd: Self::Buf, gamma: Self::Buf, beta: Self::Buf, y: Self::Buf) -> Result<()> {
+        self.norm_fwd(x, xd, mean, rstd, gamma, beta, None, Act::LeakyRelu, y)
+    }
+    /// Backward of norm_fwd without a residual, from the saved pre-norm `x` and its
+    /// statistics. `dx` may be the same view as `dy`.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_bwd(&self, dy: Self::Buf, x: Self::Buf, xd: Dims, mean: Self::Buf, rstd: Self::Buf, gamma: Self::Buf, beta: Self::Buf, act: Act, dx: Self::Buf, dgamma: Self::Buf, dbeta: Self::Buf) -> Result<()>;
+    /// Backward of norm_act_fwd.
+    #[allow(clippy::too_many_arguments)]
+    fn norm_act_bwd(&self, dy: Self::Buf, x: Self::Buf, xd: Dims, mean: Self::Buf, rstd: Self::Buf, gamma: Self::Buf, beta: Self::Buf, dx: Self::Buf, dgamma: Self::Buf, dbeta: Self::Buf) -> Result<()> {
+        self.norm_bwd(dy, x, xd, mean, rstd, gamma, beta, Act::LeakyRelu, dx, dgamma, dbeta)
+    }
+    /// dx = dy * leaky_relu'(y) from the activation's output `y` (a residual block's last
+    /// LeakyReLU, whose input is not kept). `dx` may be the same view as `dy`.
+    fn leaky_bwd(&self, dy: Self::Buf, y: Self::Buf, dx: Self::Buf) -> Result<()>;
+
+    // ---- pooling ----
+    /// Average pooling with window = stride `k` per axis (floor): `y` has
+    /// [`pooled_dims`]`(xd, k)`.
+    fn avg_pool(&self, x: Self::Buf, xd: Dims, k: [usize; 3], y: Self::Buf) -> Result<()>;
+    /// dx (+)= the backward of avg_pool (beta as in the dgrad ops).
+    fn avg_pool_bwd(&self, dy: Self::Buf, k: [usize; 3], dx: Self::Buf, xd: Dims, beta: f32) -> Result<()>;
 
     // ---- tensor plumbing ----
     /// out = [a | b] along channels.

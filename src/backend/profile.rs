@@ -1,7 +1,7 @@
 //! A backend wrapper that times every op (synchronising the device around each one), for
 //! `segk bench step --profile`: where a step's time goes, op family by op family.
 
-use super::{Backend, ConvGeom, ConvTGeom, DiceMode, RegionMasks, SgdParams};
+use super::{Act, Backend, ConvGeom, ConvTGeom, DiceMode, RegionMasks, SgdParams};
 use crate::tensor::Dims;
 use anyhow::Result;
 use std::collections::BTreeMap;
@@ -142,11 +142,26 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn norm_stats(&self, x: B::Buf, xd: Dims, m: B::Buf, r: B::Buf) -> Result<()> {
         self.time("norm_stats", 0.0, || self.inner.norm_stats(x, xd, m, r))
     }
-    fn norm_act_fwd(&self, x: B::Buf, xd: Dims, m: B::Buf, r: B::Buf, g: B::Buf, b: B::Buf, y: B::Buf) -> Result<()> {
-        self.time("norm_act_fwd", 0.0, || self.inner.norm_act_fwd(x, xd, m, r, g, b, y))
+    fn norm_fwd(&self, x: B::Buf, xd: Dims, m: B::Buf, r: B::Buf, g: B::Buf, b: B::Buf, res: Option<B::Buf>, act: Act, y: B::Buf) -> Result<()> {
+        let name = match (res.is_some(), act) {
+            (false, Act::LeakyRelu) => "norm_act_fwd",
+            (false, Act::Identity) => "norm_fwd",
+            (true, _) => "norm_add_act_fwd",
+        };
+        self.time(name, 0.0, || self.inner.norm_fwd(x, xd, m, r, g, b, res, act, y))
     }
-    fn norm_act_bwd(&self, dy: B::Buf, x: B::Buf, xd: Dims, m: B::Buf, r: B::Buf, g: B::Buf, b: B::Buf, dx: B::Buf, dg: B::Buf, db: B::Buf) -> Result<()> {
-        self.time("norm_act_bwd", 0.0, || self.inner.norm_act_bwd(dy, x, xd, m, r, g, b, dx, dg, db))
+    fn norm_bwd(&self, dy: B::Buf, x: B::Buf, xd: Dims, m: B::Buf, r: B::Buf, g: B::Buf, b: B::Buf, act: Act, dx: B::Buf, dg: B::Buf, db: B::Buf) -> Result<()> {
+        let name = if act == Act::LeakyRelu { "norm_act_bwd" } else { "norm_bwd" };
+        self.time(name, 0.0, || self.inner.norm_bwd(dy, x, xd, m, r, g, b, act, dx, dg, db))
+    }
+    fn leaky_bwd(&self, dy: B::Buf, y: B::Buf, dx: B::Buf) -> Result<()> {
+        self.time("leaky_bwd", 0.0, || self.inner.leaky_bwd(dy, y, dx))
+    }
+    fn avg_pool(&self, x: B::Buf, xd: Dims, k: [usize; 3], y: B::Buf) -> Result<()> {
+        self.time("avg_pool", 0.0, || self.inner.avg_pool(x, xd, k, y))
+    }
+    fn avg_pool_bwd(&self, dy: B::Buf, k: [usize; 3], dx: B::Buf, xd: Dims, beta: f32) -> Result<()> {
+        self.time("avg_pool_bwd", 0.0, || self.inner.avg_pool_bwd(dy, k, dx, xd, beta))
     }
     fn concat(&self, a: B::Buf, ca: usize, b: B::Buf, cb: usize, rows: usize, o: B::Buf) -> Result<()> {
         self.time("concat", 0.0, || self.inner.concat(a, ca, b, cb, rows, o))

@@ -8,8 +8,9 @@ pub mod loss;
 pub mod misc;
 pub mod norm;
 pub mod optim;
+pub mod pool;
 
-use super::{Backend, ConvGeom, ConvTGeom, DiceMode, RegionMasks, SgdParams, LOSS_RECORD};
+use super::{Act, Backend, ConvGeom, ConvTGeom, DiceMode, RegionMasks, SgdParams, LOSS_RECORD};
 use crate::tensor::Dims;
 use anyhow::Result;
 use std::marker::PhantomData;
@@ -416,23 +417,41 @@ impl<T: Float> Backend for CpuBackend<T> {
         unsafe { norm::norm_stats(x.slice(), xd, mean.slice_mut(), rstd.slice_mut()) };
         Ok(())
     }
-    fn norm_act_fwd(&self, x: CpuBuf<T>, xd: Dims, mean: CpuBuf<T>, rstd: CpuBuf<T>, gamma: CpuBuf<T>, beta: CpuBuf<T>, y: CpuBuf<T>) -> Result<()> {
-        unsafe { norm::norm_act_fwd(x.slice(), xd, mean.slice(), rstd.slice(), gamma.slice(), beta.slice(), y.slice_mut()) };
+    fn norm_fwd(&self, x: CpuBuf<T>, xd: Dims, mean: CpuBuf<T>, rstd: CpuBuf<T>, gamma: CpuBuf<T>, beta: CpuBuf<T>, residual: Option<CpuBuf<T>>, act: Act, y: CpuBuf<T>) -> Result<()> {
+        anyhow::ensure!(residual.is_none_or(|r| r.ptr != y.ptr), "norm_fwd: the residual cannot be the output");
+        unsafe { norm::norm_fwd(x.slice(), xd, mean.slice(), rstd.slice(), gamma.slice(), beta.slice(), residual.map(|r| r.slice()), act.slope(), y.slice_mut()) };
         self.stored(&[y]);
         Ok(())
     }
-    fn norm_act_bwd(&self, dy: CpuBuf<T>, x: CpuBuf<T>, xd: Dims, mean: CpuBuf<T>, rstd: CpuBuf<T>, gamma: CpuBuf<T>, beta: CpuBuf<T>, dx: CpuBuf<T>, dgamma: CpuBuf<T>, dbeta: CpuBuf<T>) -> Result<()> {
+    fn norm_bwd(&self, dy: CpuBuf<T>, x: CpuBuf<T>, xd: Dims, mean: CpuBuf<T>, rstd: CpuBuf<T>, gamma: CpuBuf<T>, beta: CpuBuf<T>, act: Act, dx: CpuBuf<T>, dgamma: CpuBuf<T>, dbeta: CpuBuf<T>) -> Result<()> {
         unsafe {
             let stats = (mean.slice(), rstd.slice(), gamma.slice(), beta.slice());
             let (dg, db) = (dgamma.slice_mut(), dbeta.slice_mut());
-            if dy.ptr == dx.ptr {
-                norm::norm_act_bwd_inplace(dx.slice_mut(), x.slice(), xd, stats, dg, db);
-            } else {
-                let d = dx.slice_mut();
-                d.copy_from_slice(dy.slice());
-                norm::norm_act_bwd_inplace(d, x.slice(), xd, stats, dg, db);
+            if dy.ptr != dx.ptr {
+                dx.slice_mut().copy_from_slice(dy.slice());
             }
+            norm::norm_bwd_inplace(dx.slice_mut(), x.slice(), xd, stats, act.slope(), dg, db);
         }
+        self.stored(&[dx]);
+        Ok(())
+    }
+    fn leaky_bwd(&self, dy: CpuBuf<T>, y: CpuBuf<T>, dx: CpuBuf<T>) -> Result<()> {
+        unsafe {
+            if dy.ptr != dx.ptr {
+                dx.slice_mut().copy_from_slice(dy.slice());
+            }
+            norm::leaky_bwd_inplace(dx.slice_mut(), y.slice());
+        }
+        self.stored(&[dx]);
+        Ok(())
+    }
+    fn avg_pool(&self, x: CpuBuf<T>, xd: Dims, k: [usize; 3], y: CpuBuf<T>) -> Result<()> {
+        unsafe { pool::avg_pool(x.slice(), xd, k, y.slice_mut()) };
+        self.stored(&[y]);
+        Ok(())
+    }
+    fn avg_pool_bwd(&self, dy: CpuBuf<T>, k: [usize; 3], dx: CpuBuf<T>, xd: Dims, beta: f32) -> Result<()> {
+        unsafe { pool::avg_pool_bwd(dy.slice(), k, dx.slice_mut(), xd, T::from_f64(beta as f64)) };
         self.stored(&[dx]);
         Ok(())
     }

@@ -1,4 +1,5 @@
-//! Instance norm (affine, eps 1e-5, biased variance) fused with LeakyReLU(0.01).
+//! Instance norm (affine, eps 1e-5, biased variance) fused with LeakyReLU(0.01), or with no
+//! activation, and optionally a residual added before the activation (a ResNet block's end).
 //! Statistics per (sample, channel): two-pass mean/M2 inside blocks of voxels that stay
 //! in cache, blocks merged with Chan's formula, accumulated in f64. Never E[x^2]-E[x]^2.
 
@@ -89,40 +90,59 @@ fn leaky<T: Float>(z: T, slope: T) -> T {
     z * if z > T::ZERO { T::ONE } else { slope }
 }
 
-pub fn norm_act_fwd<T: Float>(x: &[T], xd: Dims, mean: &[T], rstd: &[T], gamma: &[T], beta: &[T], y: &mut [T]) {
+/// y = act(gamma * (x - mean) * rstd + beta [+ residual]); `slope` is the LeakyReLU's
+/// (1 for no activation).
+#[allow(clippy::too_many_arguments)]
+pub fn norm_fwd<T: Float>(x: &[T], xd: Dims, mean: &[T], rstd: &[T], gamma: &[T], beta: &[T], residual: Option<&[T]>, slope: f64, y: &mut [T]) {
     assert_eq!(x.len(), xd.len(), "norm input");
     assert_eq!(y.len(), xd.len(), "norm output");
+    assert!(residual.is_none_or(|r| r.len() == xd.len()), "norm residual");
     let (c, v) = (xd.c, xd.voxels());
     let (scale, shift) = affine(mean, rstd, gamma, beta, c);
-    let slope = T::from_f64(LEAKY_SLOPE);
+    let slope = T::from_f64(slope);
     let rows = 1024;
     y.par_chunks_mut(rows * c).zip(x.par_chunks(rows * c)).enumerate().for_each(|(ci, (yc, xc))| {
+        let res = residual.map(|r| &r[ci * rows * c..ci * rows * c + yc.len()]);
         for (i, (yr, xr)) in yc.chunks_exact_mut(c).zip(xc.chunks_exact(c)).enumerate() {
             let b = (ci * rows + i) / v;
             let (sc, sh) = (&scale[b * c..(b + 1) * c], &shift[b * c..(b + 1) * c]);
             for ch in 0..c {
-                yr[ch] = leaky(sc[ch] * xr[ch] + sh[ch], slope);
+                let r = res.map_or(T::ZERO, |r| r[i * c + ch]);
+                yr[ch] = leaky(sc[ch] * xr[ch] + sh[ch] + r, slope);
             }
         }
     });
 }
 
-/// Backward of norm_act_fwd; `d` holds dy on entry and dx on return. Recomputes the
-/// pre-activation from x and the statistics (checkpoint level 1 costs nothing extra here).
+/// dx = dy * LeakyReLU'(y), read off the activation's output (positive exactly where its
+/// input was); `d` holds dy on entry and dx on return.
+pub fn leaky_bwd_inplace<T: Float>(d: &mut [T], y: &[T]) {
+    assert_eq!(d.len(), y.len(), "leaky_bwd shapes");
+    let slope = T::from_f64(LEAKY_SLOPE);
+    d.par_chunks_mut(1 << 14).zip(y.par_chunks(1 << 14)).for_each(|(d, y)| {
+        let (one, zero) = (T::ONE, T::ZERO);
+        d.iter_mut().zip(y).for_each(|(d, &y)| *d = *d * if y > zero { one } else { slope });
+    });
+}
+
+/// Backward of norm_fwd without a residual (`slope` 1: no activation); `d` holds dy on entry
+/// and dx on return. Recomputes the pre-activation from x and the statistics (checkpoint
+/// level 1 costs nothing extra here).
 /// Inner loops run over channels on per-sample slices so they vectorise; block sums are
 /// accumulated in T over at most BLOCK voxels and merged in f64.
-pub fn norm_act_bwd_inplace<T: Float>(
+pub fn norm_bwd_inplace<T: Float>(
     d: &mut [T],
     x: &[T],
     xd: Dims,
     (mean, rstd, gamma, beta): (&[T], &[T], &[T], &[T]),
+    slope: f64,
     dgamma: &mut [T],
     dbeta: &mut [T],
 ) {
     assert_eq!(x.len(), xd.len(), "norm bwd x");
     assert_eq!(d.len(), xd.len(), "norm bwd dy");
     let (c, v) = (xd.c, xd.voxels());
-    let slope = T::from_f64(LEAKY_SLOPE);
+    let slope = T::from_f64(slope);
     // Pass 1: sum(dz) and sum(dz * xhat) per (sample, channel).
     let dref: &[T] = d;
     let sums = per_block(x, xd, |b, lo, xr| {

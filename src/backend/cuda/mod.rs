@@ -15,8 +15,9 @@ mod loss;
 mod misc;
 mod norm;
 mod optim;
+mod pool;
 
-use super::{Backend, ConvGeom, ConvTGeom, DiceMode, OutOfMemory, RegionMasks, SgdParams};
+use super::{Act, Backend, ConvGeom, ConvTGeom, DiceMode, OutOfMemory, RegionMasks, SgdParams};
 use crate::tensor::Dims;
 use anyhow::{anyhow, bail, Result};
 use crate::hostmem::{Heap, HostAlloc, HostBuf, HostElem};
@@ -212,7 +213,7 @@ kernels!(
     plain: sum_squares_f32, sum_partials_f64, sgd_nesterov_f32, loss_dice, downsample_labels, cast_f32_bf16, cast_bf16_f32,
     norm_finalize_f32, norm_bwd_finalize_f32, sum_splits_f32;
     per storage type: fill, concat, concat_bwd, argmax, region_bits, norm_partial, norm_act_fwd, norm_bwd_partial, norm_bwd_apply,
-    colsum_partial8, concat8, concat_bwd8, norm_partial8, norm_act_fwd8, norm_bwd_partial8, norm_bwd_apply8,
+    colsum_partial8, concat8, concat_bwd8, norm_partial8, norm_act_fwd8, norm_bwd_partial8, norm_bwd_apply8, leaky_bwd, avg_pool, avg_pool_bwd,
     loss_partial, loss_grad, region_partial, region_grad, conv_fprop, conv_dgrad, conv_wgrad, convt_fprop, convt_dgrad, convt_wgrad, colsum_partial;
     per tile width: conv_fprop_pipe, conv_dgrad_pipe, conv_wgrad_pipe, convt_fprop_pipe, convt_dgrad_pipe, convt_wgrad_pipe,
 );
@@ -749,11 +750,20 @@ impl Backend for CudaBackend {
     fn norm_stats(&self, x: DevBuf, xd: Dims, mean: DevBuf, rstd: DevBuf) -> Result<()> {
         norm::stats(self, x, xd, mean, rstd)
     }
-    fn norm_act_fwd(&self, x: DevBuf, xd: Dims, mean: DevBuf, rstd: DevBuf, gamma: DevBuf, beta: DevBuf, y: DevBuf) -> Result<()> {
-        norm::act_fwd(self, x, xd, mean, rstd, gamma, beta, y)
+    fn norm_fwd(&self, x: DevBuf, xd: Dims, mean: DevBuf, rstd: DevBuf, gamma: DevBuf, beta: DevBuf, residual: Option<DevBuf>, act: Act, y: DevBuf) -> Result<()> {
+        norm::fwd(self, x, xd, mean, rstd, gamma, beta, residual, act, y)
     }
-    fn norm_act_bwd(&self, dy: DevBuf, x: DevBuf, xd: Dims, mean: DevBuf, rstd: DevBuf, gamma: DevBuf, beta: DevBuf, dx: DevBuf, dgamma: DevBuf, dbeta: DevBuf) -> Result<()> {
-        norm::act_bwd(self, dy, x, xd, [mean, rstd, gamma, beta], dx, dgamma, dbeta)
+    fn norm_bwd(&self, dy: DevBuf, x: DevBuf, xd: Dims, mean: DevBuf, rstd: DevBuf, gamma: DevBuf, beta: DevBuf, act: Act, dx: DevBuf, dgamma: DevBuf, dbeta: DevBuf) -> Result<()> {
+        norm::bwd(self, dy, x, xd, [mean, rstd, gamma, beta], act, dx, dgamma, dbeta)
+    }
+    fn leaky_bwd(&self, dy: DevBuf, y: DevBuf, dx: DevBuf) -> Result<()> {
+        norm::leaky_bwd(self, dy, y, dx)
+    }
+    fn avg_pool(&self, x: DevBuf, xd: Dims, k: [usize; 3], y: DevBuf) -> Result<()> {
+        pool::avg_pool(self, x, xd, k, y)
+    }
+    fn avg_pool_bwd(&self, dy: DevBuf, k: [usize; 3], dx: DevBuf, xd: Dims, beta: f32) -> Result<()> {
+        pool::avg_pool_bwd(self, dy, k, dx, xd, beta)
     }
     fn concat(&self, a: DevBuf, ca: usize, b: DevBuf, cb: usize, rows: usize, out: DevBuf) -> Result<()> {
         misc::concat(self, a, ca, b, cb, rows, out)

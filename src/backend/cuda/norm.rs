@@ -1,6 +1,7 @@
 //! Launches of kernels/norm.cu (CPU twin: backend/cpu/norm.rs).
 
 use super::{f32s, launch, same_dt, CudaBackend, DevBuf};
+use crate::backend::Act;
 use crate::tensor::Dims;
 use anyhow::{ensure, Result};
 use cudarc::driver::LaunchConfig;
@@ -58,21 +59,36 @@ pub fn stats(be: &CudaBackend, x: DevBuf, xd: Dims, mean: DevBuf, rstd: DevBuf) 
     Ok(())
 }
 
-pub fn act_fwd(be: &CudaBackend, x: DevBuf, xd: Dims, mean: DevBuf, rstd: DevBuf, gamma: DevBuf, beta: DevBuf, y: DevBuf) -> Result<()> {
-    ensure!(x.len == xd.len() && y.len == xd.len(), "norm_act_fwd shapes");
-    let dt = same_dt("norm_act_fwd", &[x, y])?;
-    f32s("norm_act_fwd", &[mean, rstd, gamma, beta])?;
-    let (n, v, c) = (xd.n as i32, xd.voxels() as i64, xd.c as i32);
-    if vec8(xd, &[x, y]) {
-        launch!(be, norm_act_fwd8[dt], per_sample(be, xd, 3), &x.ptr, &v, &c, &mean.ptr, &rstd.ptr, &gamma.ptr, &beta.ptr, &y.ptr);
+/// y = act(norm(x) [+ residual]) (see `Backend::norm_fwd`).
+#[allow(clippy::too_many_arguments)]
+pub fn fwd(be: &CudaBackend, x: DevBuf, xd: Dims, mean: DevBuf, rstd: DevBuf, gamma: DevBuf, beta: DevBuf, residual: Option<DevBuf>, act: Act, y: DevBuf) -> Result<()> {
+    ensure!(x.len == xd.len() && y.len == xd.len() && residual.is_none_or(|r| r.len == xd.len()), "norm_fwd shapes");
+    let mut bufs = vec![x, y];
+    bufs.extend(residual);
+    let dt = same_dt("norm_fwd", &bufs)?;
+    f32s("norm_fwd", &[mean, rstd, gamma, beta])?;
+    let (n, v, c, slope) = (xd.n as i32, xd.voxels() as i64, xd.c as i32, act.slope() as f32);
+    let res = residual.map_or(0, |r| r.ptr);
+    if vec8(xd, &bufs) {
+        launch!(be, norm_act_fwd8[dt], per_sample(be, xd, 3), &x.ptr, &v, &c, &mean.ptr, &rstd.ptr, &gamma.ptr, &beta.ptr, &res, &slope, &y.ptr);
     } else {
-        launch!(be, norm_act_fwd[dt], be.grid(xd.len()), &x.ptr, &n, &v, &c, &mean.ptr, &rstd.ptr, &gamma.ptr, &beta.ptr, &y.ptr);
+        launch!(be, norm_act_fwd[dt], be.grid(xd.len()), &x.ptr, &n, &v, &c, &mean.ptr, &rstd.ptr, &gamma.ptr, &beta.ptr, &res, &slope, &y.ptr);
     }
     Ok(())
 }
 
+/// dx = dy * leaky'(y); dx may be the same view as dy.
+pub fn leaky_bwd(be: &CudaBackend, dy: DevBuf, y: DevBuf, dx: DevBuf) -> Result<()> {
+    ensure!(dy.len == y.len && dx.len == y.len, "leaky_bwd shapes");
+    let dt = same_dt("leaky_bwd", &[dy, y, dx])?;
+    let total = y.len as i64;
+    launch!(be, leaky_bwd[dt], be.grid(y.len), &dy.ptr, &y.ptr, &total, &dx.ptr);
+    Ok(())
+}
+
 /// `stats` = [mean, rstd, gamma, beta]; dx may be the same view as dy.
-pub fn act_bwd(be: &CudaBackend, dy: DevBuf, x: DevBuf, xd: Dims, stats: [DevBuf; 4], dx: DevBuf, dgamma: DevBuf, dbeta: DevBuf) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+pub fn bwd(be: &CudaBackend, dy: DevBuf, x: DevBuf, xd: Dims, stats: [DevBuf; 4], act: Act, dx: DevBuf, dgamma: DevBuf, dbeta: DevBuf) -> Result<()> {
     ensure!(dy.len == xd.len() && x.len == xd.len() && dx.len == xd.len(), "norm_act_bwd shapes");
     let dt = same_dt("norm_act_bwd", &[dy, x, dx])?;
     f32s("norm_act_bwd", &stats)?;
@@ -85,17 +101,18 @@ pub fn act_bwd(be: &CudaBackend, dy: DevBuf, x: DevBuf, xd: Dims, stats: [DevBuf
     let part = be.scratch(part_len + xd.n * xd.c * 2)?;
     let sums = part + 4 * part_len as u64;
     let (n, v, c, ch, nc) = (xd.n as i32, xd.voxels() as i64, xd.c as i32, chunk as i64, nchunks as i32);
+    let slope = act.slope() as f32;
     let vec = vec8(xd, &[dy, x, dx]);
     if vec {
-        launch!(be, norm_bwd_partial8[dt], blocks(nchunks, xd.n, 0), &dy.ptr, &x.ptr, &v, &c, &ch, &mean.ptr, &rstd.ptr, &gamma.ptr, &beta.ptr, &part);
+        launch!(be, norm_bwd_partial8[dt], blocks(nchunks, xd.n, 0), &dy.ptr, &x.ptr, &v, &c, &ch, &mean.ptr, &rstd.ptr, &gamma.ptr, &beta.ptr, &slope, &part);
     } else {
-        launch!(be, norm_bwd_partial[dt], blocks(nchunks, xd.n, 0), &dy.ptr, &x.ptr, &v, &c, &ch, &mean.ptr, &rstd.ptr, &gamma.ptr, &beta.ptr, &part);
+        launch!(be, norm_bwd_partial[dt], blocks(nchunks, xd.n, 0), &dy.ptr, &x.ptr, &v, &c, &ch, &mean.ptr, &rstd.ptr, &gamma.ptr, &beta.ptr, &slope, &part);
     }
     launch!(be, norm_bwd_finalize_f32, warps(xd.c), &part, &n, &nc, &c, &sums, &dgamma.ptr, &dbeta.ptr);
     if vec {
-        launch!(be, norm_bwd_apply8[dt], per_sample(be, xd, 7), &dy.ptr, &x.ptr, &v, &c, &mean.ptr, &rstd.ptr, &gamma.ptr, &beta.ptr, &sums, &dx.ptr);
+        launch!(be, norm_bwd_apply8[dt], per_sample(be, xd, 7), &dy.ptr, &x.ptr, &v, &c, &mean.ptr, &rstd.ptr, &gamma.ptr, &beta.ptr, &slope, &sums, &dx.ptr);
     } else {
-        launch!(be, norm_bwd_apply[dt], be.grid(xd.len()), &dy.ptr, &x.ptr, &n, &v, &c, &mean.ptr, &rstd.ptr, &gamma.ptr, &beta.ptr, &sums, &dx.ptr);
+        launch!(be, norm_bwd_apply[dt], be.grid(xd.len()), &dy.ptr, &x.ptr, &n, &v, &c, &mean.ptr, &rstd.ptr, &gamma.ptr, &beta.ptr, &slope, &sums, &dx.ptr);
     }
     Ok(())
 }
