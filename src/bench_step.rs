@@ -35,9 +35,17 @@ pub struct StepArgs {
     /// Stride per stage, e.g. 1x1x1,2x2x2,... (default 1 then 2 everywhere).
     #[arg(long, value_delimiter = ',', value_parser = parse_triple)]
     pub strides: Option<Vec<[usize; 3]>>,
+    /// Residual blocks per encoder stage, e.g. 1,3,4,6,6,6 (nnU-Net's ResEnc presets'
+    /// ResidualEncoderUNet, one decoder conv per stage); default a PlainConvUNet.
+    #[arg(long, value_delimiter = ',')]
+    pub blocks: Option<Vec<usize>>,
     /// Gradient checkpointing level: 0, 1 or 2.
     #[arg(long, default_value_t = 0)]
     pub checkpointing: u8,
+    /// Print the exact training memory at each checkpoint level (parameters, gradients,
+    /// momentum, activations; f32 and bf16 activation storage) and run nothing.
+    #[arg(long)]
+    pub memory_only: bool,
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
@@ -132,6 +140,10 @@ fn spec_asked(a: &StepArgs) -> Result<StepSpec> {
     if t.kernels.len() != n || t.strides.len() != n {
         bail!("--kernels and --strides need one entry per stage ({n})");
     }
+    if let Some(b) = &a.blocks {
+        ensure!(b.len() == n, "--blocks needs one entry per stage ({n})");
+        t = t.residual(b.clone());
+    }
     Ok(StepSpec { topology: t, patch: a.patch, batch: a.batch })
 }
 
@@ -169,6 +181,9 @@ impl crate::device::Job for Measure<'_> {
 }
 
 pub fn run(a: &StepArgs) -> Result<()> {
+    if a.memory_only {
+        return print_memory(&spec(a)?);
+    }
     let report = crate::device::run_on(&a.device, Measure(a))?;
     print(&report, a.json)
 }
@@ -235,6 +250,26 @@ pub fn measure_with<B: Backend>(be: &B, a: &StepArgs, after_warmup: impl Fn()) -
     })
 }
 
+/// The bytes a training step of `s` takes at each checkpoint level: parameters, gradients
+/// and momentum (f32) plus activations stored as f32 (the CPU) or bf16 (a GPU's default),
+/// exactly as the arenas are sized (the backend's workspace aside).
+fn print_memory(s: &StepSpec) -> Result<()> {
+    let t = &s.topology;
+    let params = 3 * 4 * crate::model::params::ParamLayout::new(t).len;
+    println!("training memory of {} (patch {:?}, batch {}): parameters, gradients and momentum {}", describe(t), s.patch, s.batch, mib(params));
+    for policy in [Checkpointing::None, Checkpointing::Level1, Checkpointing::Level2] {
+        let act = |bytes| crate::model::plan::activation_bytes(t, s.patch, s.batch, policy, bytes, 4);
+        println!("  level {}  activations f32 {:>11}, bf16 {:>11};  total with bf16 activations {:.2} GiB", policy.level(), mib(act(4)?), mib(act(2)?), (params + act(2)?) as f64 / (1u64 << 30) as f64);
+    }
+    Ok(())
+}
+
+/// The net in words: its stages and widths, and its encoder.
+fn describe(t: &Topology) -> String {
+    let enc = if t.is_residual() { format!("residual encoder, blocks {:?}", t.blocks_per_stage) } else { format!("{} convs/stage", t.convs_per_stage) };
+    format!("{} stages, features {:?}, {enc}", t.stages(), t.features)
+}
+
 fn mib(b: usize) -> String {
     format!("{:.1} MiB", b as f64 / (1 << 20) as f64)
 }
@@ -249,7 +284,7 @@ fn print(r: &StepReport, json: bool) -> Result<()> {
     let p = r.spec.patch;
     println!("segk bench step");
     println!("  device          {}", r.device);
-    println!("  net             {} stages, features {:?}, {} convs/stage, deep supervision {}", t.stages(), t.features, t.convs_per_stage, t.deep_supervision);
+    println!("  net             {}, deep supervision {}", describe(t), t.deep_supervision);
     println!("  kernels         {}", triples(&t.kernels));
     println!("  strides         {}", triples(&t.strides));
     println!("  patch           {}x{}x{}, batch {}, in channels {}, classes {}", p[0], p[1], p[2], r.spec.batch, t.in_channels, t.n_classes);

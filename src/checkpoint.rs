@@ -86,6 +86,11 @@ fn torch_view(t: &ParamTensor) -> Option<([usize; 3], [usize; 3], Vec<usize>)> {
     }
 }
 
+/// The shape PyTorch's module gives the tensor.
+pub fn torch_shape(t: &ParamTensor) -> Vec<usize> {
+    torch_view(t).map_or_else(|| t.shape.clone(), |v| v.2)
+}
+
 /// Stored layout -> PyTorch layout: data and shape.
 fn to_torch(t: &ParamTensor, v: &[f32]) -> (Vec<f32>, Vec<usize>) {
     match torch_view(t) {

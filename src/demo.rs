@@ -34,6 +34,9 @@ pub struct DemoConfig {
     /// A region net (nnU-Net's BraTS-style training): nested regions "any object" [1, 2, 3],
     /// "blob or box" [1, 2] and "box" [2], a sigmoid output each.
     pub regions: bool,
+    /// Residual blocks per encoder stage: nnU-Net's ResidualEncoderUNet (the ResEnc presets'
+    /// encoder) in place of the PlainConvUNet; empty for the plain net.
+    pub blocks_per_stage: Vec<usize>,
 }
 
 impl Default for DemoConfig {
@@ -52,6 +55,7 @@ impl Default for DemoConfig {
             progress: true,
             sparse: false,
             regions: false,
+            blocks_per_stage: Vec::new(),
         }
     }
 }
@@ -138,6 +142,9 @@ impl Fill for Sampler {
 pub fn topology(cfg: &DemoConfig) -> Topology {
     let mut t = Topology::isotropic(1, synth::LABEL_NAMES.len(), cfg.features.clone());
     t.ignore_label = cfg.sparse;
+    if !cfg.blocks_per_stage.is_empty() {
+        t = t.residual(cfg.blocks_per_stage.clone());
+    }
     if cfg.regions {
         t.regions = vec![vec![1, 2, 3], vec![1, 2], vec![2]];
         t.n_classes = t.regions.len();

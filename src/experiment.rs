@@ -379,9 +379,6 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
     let ds = ex.dataset()?;
     let ids: Vec<String> = ds.cases.iter().map(|c| c.id.clone()).collect();
     let plans_name = plans_name.unwrap_or(crate::plan::nnunet::PLANNERS[0].plans_name);
-    if crate::plan::nnunet::PLANNERS.iter().any(|p| p.residual && p.plans_name == plans_name) {
-        anyhow::bail!("-p {plans_name}: segk plans the ResEnc presets (`segk plan -pl`) but does not train them yet");
-    }
     let plans = open_plans(ex, &pre, plans_name)?;
     let plan = crate::plan::plans::from_nnunet(&plans, configuration, &ds.json).with_context(|| format!("{}", crate::plan::nnunet::plans_path(&pre, plans_name).display()))?;
     let store = pre.join(crate::plan::plans::store_dir(&plans, configuration)?);

@@ -4,9 +4,13 @@ use segk::demo::{self, DemoConfig};
 
 /// Six short epochs on eight generated cases, then Dice on two held-out ones.
 fn short_run(sparse: bool, regions: bool) -> demo::DemoReport {
-    let cfg = DemoConfig { train_cases: 8, test_cases: 2, size: [32, 32, 32], patch: [32, 32, 32], epochs: 6, iters_per_epoch: 25, progress: false, seed: 7, sparse, regions, ..DemoConfig::default() };
+    short_run_with(DemoConfig { sparse, regions, ..DemoConfig::default() }, 6)
+}
+
+fn short_run_with(base: DemoConfig, epochs: usize) -> demo::DemoReport {
+    let cfg = DemoConfig { train_cases: 8, test_cases: 2, size: [32, 32, 32], patch: [32, 32, 32], epochs, iters_per_epoch: 25, progress: false, seed: 7, ..base };
     let r = demo::run(&cfg).unwrap();
-    eprintln!("sparse {sparse} regions {regions}: loss {:.4} -> {:.4}, dice {:?}, mean {:.4}, {:.1} s", r.first_epoch_loss, r.last_epoch_loss, r.dice, r.mean_dice, r.train_secs);
+    eprintln!("sparse {} regions {} blocks {:?}: loss {:.4} -> {:.4}, dice {:?}, mean {:.4}, {:.1} s", cfg.sparse, cfg.regions, cfg.blocks_per_stage, r.first_epoch_loss, r.last_epoch_loss, r.dice, r.mean_dice, r.train_secs);
     assert!(r.mean_dice >= 0.7, "held-out mean foreground Dice {:.4} < 0.7", r.mean_dice);
     r
 }
@@ -14,6 +18,14 @@ fn short_run(sparse: bool, regions: bool) -> demo::DemoReport {
 #[test]
 fn short_training_run_learns() {
     let r = short_run(false, false);
+    assert!(r.last_epoch_loss < r.first_epoch_loss - 0.3, "loss did not fall enough: {} -> {}", r.first_epoch_loss, r.last_epoch_loss);
+}
+
+/// A residual-encoder net (nnU-Net's ResEnc encoder: blocks 1, 3, 4 as the presets begin)
+/// learns as the plain one does.
+#[test]
+fn residual_encoder_net_learns() {
+    let r = short_run_with(DemoConfig { blocks_per_stage: vec![1, 3, 4], ..DemoConfig::default() }, 10);
     assert!(r.last_epoch_loss < r.first_epoch_loss - 0.3, "loss did not fall enough: {} -> {}", r.first_epoch_loss, r.last_epoch_loss);
 }
 
@@ -398,5 +410,29 @@ fn region_dataset_trains_predicts_and_evaluates() {
     let in_organ = |v: &[f32]| v.iter().filter(|&&l| l == 1.0 || l == 2.0).count() as f64;
     assert_eq!(organ["n_ref"].as_f64().unwrap(), in_organ(&reference.data), "the organ region counts labels 1 and 2 of the reference");
     assert_eq!(organ["n_pred"].as_f64().unwrap(), in_organ(&labels.data));
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// nnU-Net's ResEnc M preset end to end: `segk train -p nnUNetResEncUNetMPlans` plans with
+/// nnUNetPlannerResEncM, trains its ResidualEncoderUNet, validates, and `segk predict` reads
+/// the model folder back; the weights carry dynamic_network_architectures' names.
+#[test]
+fn resenc_preset_trains_and_predicts() {
+    use segk::dataset::nifti_io;
+    let base = fresh_dir("resenc");
+    let root = base.join("Dataset036_ResEnc");
+    assert!(segk_cli(&["synth", root.to_str().unwrap(), "--cases", "3", "--shape", "24,32,32", "--spacing", "1,1,1"]).status.success());
+    let out = segk_cli(&["train", root.to_str().unwrap(), "3d_fullres", "all", "-p", "nnUNetResEncUNetMPlans", "--device", "cpu", "--epochs", "1", "--iters-per-epoch", "2", "--val-iters", "1", "--workers", "1"]);
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let model = base.join("segk_results/Dataset036_ResEnc/segkTrainer__nnUNetResEncUNetMPlans__3d_fullres");
+    let plans: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("plans.json")).unwrap()).unwrap();
+    assert_eq!(plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"], "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet");
+    let weights = std::fs::read(model.join("fold_all/checkpoint_final.safetensors")).unwrap();
+    let names: Vec<String> = safetensors::SafeTensors::deserialize(&weights).unwrap().names().into_iter().map(str::to_string).collect();
+    assert!(names.iter().any(|n| n == "encoder.stem.convs.0.conv.weight") && names.iter().any(|n| n == "encoder.stages.1.blocks.0.skip.1.conv.weight"), "{names:?}");
+    let out = segk_cli(&["predict", "-i", root.join("imagesTr").to_str().unwrap(), "-o", base.join("pred").to_str().unwrap(), "-m", model.to_str().unwrap(), "--device", "cpu", "--no-tta"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let pred = nifti_io::read(&base.join("pred/case_0000.nii.gz")).unwrap();
+    assert_eq!(pred.shape, nifti_io::read(&root.join("labelsTr/case_0000.nii.gz")).unwrap().shape);
     let _ = std::fs::remove_dir_all(&base);
 }

@@ -3,6 +3,7 @@
 pub mod ledger;
 pub mod params;
 pub mod plan;
+mod resenc;
 pub mod topology;
 pub mod unet;
 

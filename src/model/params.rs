@@ -41,9 +41,23 @@ impl ParamTensor {
     }
 }
 
+/// A ResNet-D block's parameters; the skip projection's conv has no bias (as in
+/// dynamic_network_architectures).
+#[derive(Clone, Copy, Debug)]
+pub struct ResParams {
+    pub conv1: BlockParams,
+    pub conv2: BlockParams,
+    /// Projection weight, norm scale and shift.
+    pub proj: Option<(usize, usize, usize)>,
+}
+
 #[derive(Clone, Debug)]
 pub struct ParamLayout {
+    /// PlainConvUNet encoder convs (empty for a residual encoder).
     pub enc: Vec<Vec<BlockParams>>,
+    /// Residual encoder: the stem, and the blocks of each stage.
+    pub stem: Option<BlockParams>,
+    pub res: Vec<Vec<ResParams>>,
     /// Decoder blocks by resolution s (0 = full resolution).
     pub dec: Vec<Vec<BlockParams>>,
     /// up[s]: transposed conv from stage s+1 to s.
@@ -83,11 +97,31 @@ impl Builder {
         let b = self.push(format!("{prefix}.bias"), vec![g.cout], None, 0.0);
         ConvParams { w, b }
     }
+    fn norm(&mut self, prefix: &str, c: usize) -> (usize, usize) {
+        (self.push(format!("{prefix}.norm.weight"), vec![c], None, 1.0), self.push(format!("{prefix}.norm.bias"), vec![c], None, 0.0))
+    }
     fn block(&mut self, prefix: &str, g: &ConvGeom) -> BlockParams {
         let conv = self.conv(&format!("{prefix}.conv"), g);
-        let gamma = self.push(format!("{prefix}.norm.weight"), vec![g.cout], None, 1.0);
-        let beta = self.push(format!("{prefix}.norm.bias"), vec![g.cout], None, 0.0);
+        let (gamma, beta) = self.norm(prefix, g.cout);
         BlockParams { conv, gamma, beta }
+    }
+    /// A ResNet-D block under dynamic_network_architectures' names: conv1, conv2, and the
+    /// skip's projection as `skip.1` after a pooling (`skip.0`), else `skip.0`.
+    fn res_block(&mut self, prefix: &str, b: &crate::model::topology::ResBlock) -> ResParams {
+        let conv1 = self.block(&format!("{prefix}.conv1"), &b.conv1);
+        let conv2 = self.block(&format!("{prefix}.conv2"), &b.conv2);
+        // dynamic_network_architectures' init_last_bn_before_add_to_0: each block starts as
+        // its skip alone.
+        if let Some(t) = self.tensors.iter_mut().find(|t| t.offset == conv2.gamma) {
+            t.fill = 0.0;
+        }
+        let proj = b.proj.map(|g| {
+            let at = format!("{prefix}.skip.{}", b.pool.is_some() as usize);
+            let w = self.push(format!("{at}.conv.weight"), vec![1, 1, 1, g.cin, g.cout], Some(he_std(g.cin)), 0.0);
+            let (gamma, beta) = self.norm(&at, g.cout);
+            (w, gamma, beta)
+        });
+        ResParams { conv1, conv2, proj }
     }
 }
 
@@ -95,7 +129,13 @@ impl ParamLayout {
     pub fn new(t: &Topology) -> ParamLayout {
         let (n, c) = (t.stages(), t.convs_per_stage);
         let mut b = Builder { tensors: Vec::new(), len: 0 };
-        let enc = (0..n).map(|s| (0..c).map(|j| b.block(&format!("encoder.stages.{s}.0.convs.{j}"), &t.enc_geom(s, j))).collect()).collect();
+        let (mut enc, mut stem, mut res) = (Vec::new(), None, Vec::new());
+        if t.is_residual() {
+            stem = Some(b.block("encoder.stem.convs.0", &t.stem_geom()));
+            res = (0..n).map(|s| (0..t.blocks_per_stage[s]).map(|j| b.res_block(&format!("encoder.stages.{s}.blocks.{j}"), &t.res_block(s, j))).collect()).collect();
+        } else {
+            enc = (0..n).map(|s| (0..c).map(|j| b.block(&format!("encoder.stages.{s}.0.convs.{j}"), &t.enc_geom(s, j))).collect()).collect();
+        }
         // nnU-Net numbers decoder modules from the bottom: index n-2-s.
         let mut dec = vec![Vec::new(); n - 1];
         let mut up = vec![ConvParams { w: 0, b: 0 }; n - 1];
@@ -106,7 +146,7 @@ impl ParamLayout {
             dec[s] = (0..c).map(|j| b.block(&format!("decoder.stages.{i}.convs.{j}"), &t.dec_geom(s, j))).collect();
             head[s] = b.conv(&format!("decoder.seg_layers.{i}"), &t.head_geom(s));
         }
-        ParamLayout { enc, dec, up, head, len: b.len, tensors: b.tensors }
+        ParamLayout { enc, stem, res, dec, up, head, len: b.len, tensors: b.tensors }
     }
 
     /// He-normal weights (a = 0.01), zero biases, unit norm scales; deterministic in `seed`.

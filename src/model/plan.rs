@@ -66,21 +66,49 @@ pub struct BlockSlots {
     pub rstd: usize,
 }
 
+/// A ResNet-D block's tensors (see [`crate::model::topology::ResBlock`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ResSlots {
+    /// The block's input.
+    pub input: Dims,
+    /// conv1 -> norm -> LeakyReLU.
+    pub c1: BlockSlots,
+    /// conv2's output and its norm statistics.
+    pub x2: Slot,
+    pub mean2: usize,
+    pub rstd2: usize,
+    /// The input average-pooled by the stride (strided blocks).
+    pub pooled: Option<Slot>,
+    /// The skip projection's conv output, its statistics, and its normalised output (the
+    /// residual) when the width changes.
+    pub proj: Option<(Slot, usize, usize, Slot)>,
+    /// The block's output, LeakyReLU(norm(conv2) + skip).
+    pub y: Slot,
+}
+
 #[derive(Clone, Debug)]
 pub struct ActPlan {
     pub policy: Checkpointing,
     pub training: bool,
     pub image: Slot,
+    /// PlainConvUNet encoder blocks (empty for a residual encoder).
     pub enc: Vec<Vec<BlockSlots>>,
+    /// Residual encoder: the stem, and the blocks of each stage.
+    pub stem: Option<BlockSlots>,
+    pub res: Vec<Vec<ResSlots>>,
     pub dec: Vec<Vec<BlockSlots>>,
     pub up: Vec<Slot>,
     pub cat: Vec<Slot>,
     /// Seg-head logits per resolution (gradients overwrite them in place); None = weight 0.
     pub logits: Vec<Option<Slot>>,
-    /// Backward ping-pong buffers (largest block output) and the concat gradient.
+    /// Backward ping-pong buffers (largest block output) and the concat gradient; a residual
+    /// encoder's backward rotates two more (`gd`, `gp`, inside the concat gradient's memory,
+    /// free by then; 0 for a PlainConvUNet).
     pub ga: usize,
     pub gb: usize,
     pub gc: usize,
+    pub gd: usize,
+    pub gp: usize,
     /// Gradient arriving at each encoder stage output from its skip connection.
     pub skip_grad: Vec<usize>,
     /// Elements of the activation arena.
@@ -130,8 +158,24 @@ impl ActPlan {
         let max_cat = (0..ns - 1).map(|s| d(s, 2 * t.features[s]).len()).max().unwrap_or(0);
         let stage_scratch = |s: usize, dec: bool| {
             let out = padded(d(s, t.features[s]).len());
-            let blocks = nc * out + (nc - 1) * out;
-            if dec { blocks + out + 2 * out } else { blocks }
+            if dec {
+                return nc * out + (nc - 1) * out + out + 2 * out;
+            }
+            if !t.is_residual() {
+                return nc * out + (nc - 1) * out;
+            }
+            // Residual: the stem (stage 0), then per block conv1, its activation, conv2, the
+            // pooled input, the projection and the residual, and the output but the last.
+            let stem = if s == 0 { 2 * out } else { 0 };
+            let blocks: usize = (0..t.blocks_per_stage[s])
+                .map(|j| {
+                    let rb = t.res_block(s, j);
+                    let pooled = rb.pool.map_or(0, |_| padded(d(s, rb.conv1.cin).len()));
+                    let proj = rb.proj.map_or(0, |_| 2 * out);
+                    3 * out + pooled + proj + if j + 1 < t.blocks_per_stage[s] { out } else { 0 }
+                })
+                .sum();
+            stem + blocks
         };
         let max_stage = (0..ns).map(|s| stage_scratch(s, false)).chain((0..ns - 1).map(|s| stage_scratch(s, true))).max().unwrap_or(0);
 
@@ -156,17 +200,46 @@ impl ActPlan {
             Slot { offset, dims }
         };
         let mut stats = Cursor(0);
-        let block = |cur: &mut Cursor, stage: &mut Cursor, stats: &mut Cursor, place: &mut dyn FnMut(&mut Cursor, &mut Cursor, Kind, Dims) -> Slot, input: Dims, out: Dims, last: bool| {
+        let block = |cur: &mut Cursor, stage: &mut Cursor, stats: &mut Cursor, place: &mut dyn FnMut(&mut Cursor, &mut Cursor, Kind, Dims) -> Slot, input: Dims, out: Dims, y_kind: Kind| {
             let x = place(cur, stage, Kind::X, out);
-            let y = place(cur, stage, if last && policy != Checkpointing::Level1 { Kind::StageOut } else { Kind::Y }, out);
+            let y = place(cur, stage, y_kind, out);
             let mean = stats.take(out.n * out.c);
             let rstd = stats.take(out.n * out.c);
             BlockSlots { input, x, y, mean, rstd }
         };
-        let mut enc = Vec::new();
+        let stage_out = |last: bool| if last && policy != Checkpointing::Level1 { Kind::StageOut } else { Kind::Y };
+        let (mut enc, mut stem, mut res) = (Vec::new(), None, Vec::new());
         for s in 0..ns {
             stage.0 = stage_base;
-            enc.push((0..nc).map(|j| block(&mut cur, &mut stage, &mut stats, &mut place, enc_in(s, j), d(s, t.features[s]), j == nc - 1)).collect::<Vec<_>>());
+            if !t.is_residual() {
+                enc.push((0..nc).map(|j| block(&mut cur, &mut stage, &mut stats, &mut place, enc_in(s, j), d(s, t.features[s]), stage_out(j == nc - 1))).collect::<Vec<_>>());
+                continue;
+            }
+            // The stem's output and the blocks' outputs are kept at level 1 (a block's output
+            // is a sum, not recomputable from its conv output alone); its activations are not.
+            let out = d(s, t.features[s]);
+            if s == 0 {
+                stem = Some(block(&mut cur, &mut stage, &mut stats, &mut place, image_dims, out, Kind::X));
+            }
+            let nb = t.blocks_per_stage[s];
+            let blocks = (0..nb)
+                .map(|j| {
+                    let rb = t.res_block(s, j);
+                    let input = if j > 0 || s == 0 { d(s, rb.conv1.cin) } else { d(s - 1, rb.conv1.cin) };
+                    let c1 = block(&mut cur, &mut stage, &mut stats, &mut place, input, out, Kind::Y);
+                    let x2 = place(&mut cur, &mut stage, Kind::X, out);
+                    let (mean2, rstd2) = (stats.take(out.n * out.c), stats.take(out.n * out.c));
+                    let pooled = rb.pool.map(|_| place(&mut cur, &mut stage, Kind::X, d(s, rb.conv1.cin)));
+                    let proj = rb.proj.map(|_| {
+                        let xs = place(&mut cur, &mut stage, Kind::X, out);
+                        let (m, r) = (stats.take(out.n * out.c), stats.take(out.n * out.c));
+                        (xs, m, r, place(&mut cur, &mut stage, Kind::X, out))
+                    });
+                    let y = place(&mut cur, &mut stage, if j + 1 == nb { Kind::StageOut } else { Kind::X }, out);
+                    ResSlots { input, c1, x2, mean2, rstd2, pooled, proj, y }
+                })
+                .collect();
+            res.push(blocks);
         }
         let mut dec = vec![Vec::new(); ns - 1];
         let mut up = vec![Slot { offset: 0, dims: Dims::default() }; ns - 1];
@@ -176,18 +249,23 @@ impl ActPlan {
             stage.0 = stage_base;
             up[s] = place(&mut cur, &mut stage, Kind::Up, d(s, t.features[s]));
             cat[s] = place(&mut cur, &mut stage, Kind::Cat, d(s, 2 * t.features[s]));
-            dec[s] = (0..nc).map(|j| block(&mut cur, &mut stage, &mut stats, &mut place, dec_in(s, j), d(s, t.features[s]), j == nc - 1)).collect();
+            dec[s] = (0..nc).map(|j| block(&mut cur, &mut stage, &mut stats, &mut place, dec_in(s, j), d(s, t.features[s]), stage_out(j == nc - 1))).collect();
             if has_head(s) {
                 logits[s] = Some(Slot { offset: cur.take(d(s, t.n_classes).len()), dims: d(s, t.n_classes) });
             }
         }
-        let (mut ga, mut gb, mut gc, mut skip_grad) = (0, 0, 0, Vec::new());
+        let (mut ga, mut gb, mut gc, mut gd, mut gp, mut skip_grad) = (0, 0, 0, 0, 0, Vec::new());
         let mut labels = vec![None; ns - 1];
         let mut lab = Cursor(0);
         if training {
             ga = cur.take(max_y);
             gb = cur.take(max_y);
-            gc = cur.take(max_cat);
+            // A residual encoder's backward rotates two more buffers; it runs after the
+            // decoder's, so they share the concat gradient's memory (as wide as two outputs).
+            gc = cur.take(if t.is_residual() { max_cat.max(2 * padded(max_y)) } else { max_cat });
+            if t.is_residual() {
+                (gd, gp) = (gc, gc + padded(max_y));
+            }
             skip_grad = (0..ns - 1).map(|s| cur.take(d(s, t.features[s]).len())).collect();
             for s in 0..ns - 1 {
                 if has_head(s) {
@@ -196,7 +274,7 @@ impl ActPlan {
                 }
             }
         }
-        Ok(ActPlan { policy, training, image, enc, dec, up, cat, logits, ga, gb, gc, skip_grad, len: cur.0, stats_len: stats.0, labels, labels_len: lab.0 })
+        Ok(ActPlan { policy, training, image, enc, stem, res, dec, up, cat, logits, ga, gb, gc, gd, gp, skip_grad, len: cur.0, stats_len: stats.0, labels, labels_len: lab.0 })
     }
 
     /// Bytes of activation memory a step uses: the activation arena at `act_bytes` per

@@ -1,4 +1,5 @@
-//! PlainConvUNet described as data: what the planner writes and the model builds from.
+//! The U-Net described as data (nnU-Net's PlainConvUNet, or its ResidualEncoderUNet): what
+//! the planner writes and the model builds from.
 
 use crate::backend::{ConvGeom, ConvTGeom, DiceMode};
 use anyhow::{bail, ensure, Result};
@@ -6,7 +7,9 @@ use serde::{Deserialize, Serialize};
 
 /// nnU-Net's PlainConvUNet: per stage `convs_per_stage` x (conv, instance norm, LeakyReLU),
 /// the first conv of a stage strided; the decoder upsamples with a transposed conv, concats
-/// the skip, runs `convs_per_stage` convs and has a 1x1x1 seg head per stage.
+/// the skip, runs `convs_per_stage` convs and has a 1x1x1 seg head per stage. With
+/// `blocks_per_stage`, nnU-Net's ResidualEncoderUNet (the ResEnc presets): a stem conv, then
+/// per encoder stage that many ResNet-D basic blocks ([`ResBlock`]); the same decoder.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Topology {
     pub in_channels: usize,
@@ -14,8 +17,13 @@ pub struct Topology {
     pub features: Vec<usize>,
     pub kernels: Vec<[usize; 3]>,
     pub strides: Vec<[usize; 3]>,
+    /// Convs per decoder stage, and per encoder stage of a PlainConvUNet.
     #[serde(default = "two")]
     pub convs_per_stage: usize,
+    /// Residual blocks per encoder stage (ResidualEncoderUNet's n_blocks_per_stage); empty
+    /// for a PlainConvUNet.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub blocks_per_stage: Vec<usize>,
     #[serde(default = "yes")]
     pub deep_supervision: bool,
     #[serde(default = "batch_dice")]
@@ -28,6 +36,18 @@ pub struct Topology {
     /// (`n_classes` = their count), each the label values it covers; empty for a softmax net.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub regions: Vec<Vec<i64>>,
+}
+
+/// One ResNet-D basic block (dynamic_network_architectures' BasicBlockD): conv1 -> norm ->
+/// LeakyReLU -> conv2 -> norm, plus the skip, then LeakyReLU. The skip is the input, average
+/// pooled by the stride when the block is strided, then projected by a 1x1x1 conv without
+/// bias + norm when the width changes.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ResBlock {
+    pub conv1: ConvGeom,
+    pub conv2: ConvGeom,
+    pub pool: Option<[usize; 3]>,
+    pub proj: Option<ConvGeom>,
 }
 
 fn two() -> usize {
@@ -60,6 +80,40 @@ impl Topology {
             dice: DiceMode::Batch,
             ignore_label: false,
             regions: Vec::new(),
+            blocks_per_stage: Vec::new(),
+        }
+    }
+
+    /// A residual-encoder U-Net (nnU-Net's ResEnc presets) with these blocks per stage and
+    /// one conv per decoder stage, as the presets have.
+    pub fn residual(mut self, blocks_per_stage: Vec<usize>) -> Topology {
+        self.blocks_per_stage = blocks_per_stage;
+        self.convs_per_stage = 1;
+        self
+    }
+
+    pub fn is_residual(&self) -> bool {
+        !self.blocks_per_stage.is_empty()
+    }
+
+    /// A residual encoder's stem: one conv + norm + LeakyReLU at the first stage's width.
+    pub fn stem_geom(&self) -> ConvGeom {
+        ConvGeom::new(self.in_channels, self.features[0], self.kernels[0], [1, 1, 1])
+    }
+
+    /// Block `j` of residual encoder stage `s`.
+    pub fn res_block(&self, s: usize, j: usize) -> ResBlock {
+        let f = self.features[s];
+        let cin = match (s, j) {
+            (0, _) | (_, 1..) => f,
+            _ => self.features[s - 1],
+        };
+        let stride = if j == 0 { self.strides[s] } else { [1, 1, 1] };
+        ResBlock {
+            conv1: ConvGeom::new(cin, f, self.kernels[s], stride),
+            conv2: ConvGeom::new(f, f, self.kernels[s], [1, 1, 1]),
+            pool: (stride != [1, 1, 1]).then_some(stride),
+            proj: (cin != f).then(|| ConvGeom::new(cin, f, [1, 1, 1], [1, 1, 1])),
         }
     }
 
@@ -89,6 +143,7 @@ impl Topology {
         ensure!(self.n_classes <= 256, "at most 256 classes (labels are u8)");
         ensure!(self.strides[0] == [1, 1, 1], "the first stage must have stride 1 (it runs at full resolution)");
         ensure!(self.convs_per_stage >= 1, "at least one conv per stage");
+        ensure!(self.blocks_per_stage.is_empty() || (self.blocks_per_stage.len() == n && self.blocks_per_stage.iter().all(|&b| b >= 1)), "a residual encoder needs at least one block in each of its {n} stages, got {:?}", self.blocks_per_stage);
         ensure!(self.features.iter().all(|&f| f > 0), "features must be positive");
         for (i, (k, s)) in self.kernels.iter().zip(&self.strides).enumerate() {
             if k.iter().any(|&k| k != 1 && k != 3) || s.iter().any(|&s| s != 1 && s != 2) {
@@ -161,10 +216,21 @@ impl Topology {
         let w = self.ds_weights();
         let d = |s: usize, c: usize| crate::tensor::Dims::new(batch, sp[s], c);
         let mut fwd = 0.0;
-        for s in 0..self.stages() {
+        let image = crate::tensor::Dims::new(batch, patch, self.in_channels);
+        if self.is_residual() {
+            fwd += self.stem_geom().flops(image);
+            for s in 0..self.stages() {
+                for j in 0..self.blocks_per_stage[s] {
+                    let rb = self.res_block(s, j);
+                    let input = if j == 0 && s > 0 { d(s - 1, rb.conv1.cin) } else { d(s, rb.conv1.cin) };
+                    fwd += rb.conv1.flops(input) + rb.conv2.flops(d(s, rb.conv2.cin)) + rb.proj.map_or(0.0, |g| g.flops(d(s, g.cin)));
+                }
+            }
+        }
+        for s in (0..self.stages()).filter(|_| !self.is_residual()) {
             for j in 0..self.convs_per_stage {
                 let cin = self.enc_geom(s, j).cin;
-                let input = if j == 0 && s > 0 { d(s - 1, cin) } else if j == 0 { crate::tensor::Dims::new(batch, patch, cin) } else { d(s, cin) };
+                let input = if j == 0 && s > 0 { d(s - 1, cin) } else if j == 0 { image } else { d(s, cin) };
                 fwd += self.enc_geom(s, j).flops(input);
             }
         }
@@ -177,7 +243,7 @@ impl Topology {
                 fwd += self.head_geom(s).flops(d(s, self.features[s]));
             }
         }
-        let first = self.enc_geom(0, 0).flops(crate::tensor::Dims::new(batch, patch, self.in_channels));
+        let first = if self.is_residual() { self.stem_geom() } else { self.enc_geom(0, 0) }.flops(image);
         Ok((fwd, 2.0 * fwd - first))
     }
 }

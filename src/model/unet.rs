@@ -32,6 +32,9 @@ pub struct UNet<B: Backend> {
     read_early: Vec<StepLoss>,
     /// Each step synchronises around forward and backward and records their times (bench).
     pub timed: bool,
+    /// A residual encoder's skip projections have no bias: zeros for their convs to add and
+    /// a place for their bias gradient to go, each as wide as the widest stage.
+    pub(super) spare: Option<B::Arena>,
 }
 
 /// Activation memory for one input shape, plus what the level-1 recompute has resident.
@@ -76,10 +79,21 @@ pub enum Input<'a> {
     Resident,
 }
 
+/// A conv -> norm -> LeakyReLU block of the net.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum BlockId {
+pub(super) enum BlockId {
     Enc(usize, usize),
     Dec(usize, usize),
+    /// A residual encoder's stem.
+    Stem,
+    /// conv1 of residual block (stage, block).
+    Res(usize, usize),
+}
+
+/// Zeros and a discard area for the bias-free projections of a residual encoder.
+fn spare<B: Backend>(be: &B, topo: &Topology) -> Result<Option<B::Arena>> {
+    let widest = topo.features.iter().copied().max().unwrap_or(0);
+    topo.is_residual().then(|| be.alloc(2 * widest)).transpose()
 }
 
 impl<B: Backend> UNet<B> {
@@ -89,7 +103,8 @@ impl<B: Backend> UNet<B> {
         let arena = be.alloc(3 * layout.len)?;
         be.upload(be.view(&arena, 0, layout.len), &layout.init(seed))?;
         let ledger = Some(Ledger::new(be, topo.ds_weights().len())?);
-        Ok(UNet { topo, layout, arena, steps: 0, trainable: true, ledger, read_early: Vec::new(), timed: false })
+        let spare = spare(be, &topo)?;
+        Ok(UNet { topo, layout, arena, steps: 0, trainable: true, ledger, read_early: Vec::new(), timed: false, spare })
     }
     /// A net for inference: parameters only (zero until loaded), a third of the training
     /// arena; gradients, momentum and training steps are refused.
@@ -97,7 +112,8 @@ impl<B: Backend> UNet<B> {
         topo.validate()?;
         let layout = ParamLayout::new(&topo);
         let arena = be.alloc(layout.len)?;
-        Ok(UNet { topo, layout, arena, steps: 0, trainable: false, ledger: None, read_early: Vec::new(), timed: false })
+        let spare = spare(be, &topo)?;
+        Ok(UNet { topo, layout, arena, steps: 0, trainable: false, ledger: None, read_early: Vec::new(), timed: false, spare })
     }
     pub fn trainable(&self) -> bool {
         self.trainable
@@ -249,32 +265,32 @@ impl Phases {
 }
 
 /// One pass over the net: the backend, the weights and the activation memory.
-struct Pass<'a, B: Backend> {
-    be: &'a B,
-    net: &'a UNet<B>,
-    a: &'a Acts<B>,
+pub(super) struct Pass<'a, B: Backend> {
+    pub(super) be: &'a B,
+    pub(super) net: &'a UNet<B>,
+    pub(super) a: &'a Acts<B>,
 }
 
 impl<B: Backend> Pass<'_, B> {
-    fn act(&self, s: &Slot) -> B::Buf {
+    pub(super) fn act(&self, s: &Slot) -> B::Buf {
         self.be.view(&self.a.arena, s.offset, s.len())
     }
-    fn act_at(&self, offset: usize, len: usize) -> B::Buf {
+    pub(super) fn act_at(&self, offset: usize, len: usize) -> B::Buf {
         self.be.view(&self.a.arena, offset, len)
     }
-    fn stat(&self, offset: usize, len: usize) -> B::Buf {
+    pub(super) fn stat(&self, offset: usize, len: usize) -> B::Buf {
         self.be.view(&self.a.stats, offset, len)
     }
     fn label(&self, s: Slot) -> B::LabelBuf {
         self.be.label_view(&self.a.labels, s.offset, s.dims.rows())
     }
-    fn par(&self, offset: usize, len: usize) -> B::Buf {
+    pub(super) fn par(&self, offset: usize, len: usize) -> B::Buf {
         self.be.view(&self.net.arena, offset, len)
     }
-    fn grad(&self, offset: usize, len: usize) -> B::Buf {
+    pub(super) fn grad(&self, offset: usize, len: usize) -> B::Buf {
         self.be.view(&self.net.arena, self.net.layout.len + offset, len)
     }
-    fn policy(&self) -> Checkpointing {
+    pub(super) fn policy(&self) -> Checkpointing {
         self.a.plan.policy
     }
     fn last(&self) -> usize {
@@ -282,9 +298,12 @@ impl<B: Backend> Pass<'_, B> {
     }
 
     fn slots(&self, id: BlockId) -> &BlockSlots {
+        let p = &self.a.plan;
         match id {
-            BlockId::Enc(s, j) => &self.a.plan.enc[s][j],
-            BlockId::Dec(s, j) => &self.a.plan.dec[s][j],
+            BlockId::Enc(s, j) => &p.enc[s][j],
+            BlockId::Dec(s, j) => &p.dec[s][j],
+            BlockId::Stem => p.stem.as_ref().expect("a residual encoder's plan has a stem"),
+            BlockId::Res(s, j) => &p.res[s][j].c1,
         }
     }
     fn params(&self, id: BlockId) -> (&BlockParams, ConvGeom) {
@@ -292,6 +311,8 @@ impl<B: Backend> Pass<'_, B> {
         match id {
             BlockId::Enc(s, j) => (&l.enc[s][j], t.enc_geom(s, j)),
             BlockId::Dec(s, j) => (&l.dec[s][j], t.dec_geom(s, j)),
+            BlockId::Stem => (l.stem.as_ref().expect("a residual encoder's layout has a stem"), t.stem_geom()),
+            BlockId::Res(s, j) => (&l.res[s][j].conv1, t.res_block(s, j).conv1),
         }
     }
 
@@ -319,7 +340,7 @@ impl<B: Backend> Pass<'_, B> {
 
     // ---------------- forward ----------------
 
-    fn block_fwd(&self, id: BlockId, input: B::Buf) -> Result<()> {
+    pub(super) fn block_fwd(&self, id: BlockId, input: B::Buf) -> Result<()> {
         let (p, g) = self.params(id);
         let a = *self.slots(id);
         let be = self.be;
@@ -333,7 +354,7 @@ impl<B: Backend> Pass<'_, B> {
     }
 
     /// The block's output, recomputed from its conv output when level 1 evicted it.
-    fn y(&self, id: BlockId) -> Result<B::Buf> {
+    pub(super) fn y(&self, id: BlockId) -> Result<B::Buf> {
         let a = *self.slots(id);
         if self.policy() == Checkpointing::Level1 && self.a.y_resident.get() != Some(id) {
             let (p, g) = self.params(id);
@@ -348,7 +369,7 @@ impl<B: Backend> Pass<'_, B> {
     /// Writes [upsampled | skip] of decoder stage s.
     fn build_cat(&self, s: usize) -> Result<B::Buf> {
         let cat = self.a.plan.cat[s];
-        let skip = self.y(BlockId::Enc(s, self.last()))?;
+        let skip = self.enc_out(s)?.0;
         let up = self.a.plan.up[s];
         self.be.concat(self.act(&up), up.dims.c, skip, up.dims.c, up.dims.rows(), self.act(&cat))?;
         self.a.cat_resident.set(Some(s));
@@ -381,11 +402,27 @@ impl<B: Backend> Pass<'_, B> {
 
     /// Input of the transposed conv into decoder stage s.
     fn up_input(&self, s: usize) -> Result<(B::Buf, Dims)> {
-        let id = if s + 2 == self.net.topo.stages() { BlockId::Enc(s + 1, self.last()) } else { BlockId::Dec(s + 1, self.last()) };
+        if s + 2 == self.net.topo.stages() {
+            return self.enc_out(s + 1);
+        }
+        let id = BlockId::Dec(s + 1, self.last());
         Ok((self.y(id)?, self.slots(id).y.dims))
     }
 
-    fn enc_stage_fwd(&self, s: usize) -> Result<()> {
+    /// Encoder stage s's output (the skip into the decoder).
+    fn enc_out(&self, s: usize) -> Result<(B::Buf, Dims)> {
+        if self.net.topo.is_residual() {
+            let y = self.a.plan.res[s].last().expect("every stage has a block").y;
+            return Ok((self.act(&y), y.dims));
+        }
+        let id = BlockId::Enc(s, self.last());
+        Ok((self.y(id)?, self.slots(id).y.dims))
+    }
+
+    pub(super) fn enc_stage_fwd(&self, s: usize) -> Result<()> {
+        if self.net.topo.is_residual() {
+            return self.res_stage_fwd(s);
+        }
         for j in 0..self.net.topo.convs_per_stage {
             let input = self.enc_input(s, j)?;
             self.block_fwd(BlockId::Enc(s, j), input)?;
@@ -427,7 +464,7 @@ impl<B: Backend> Pass<'_, B> {
 
     /// Backward through conv -> norm -> LeakyReLU. `grad` holds d(output) and is turned
     /// into d(conv output) in place; `dx` receives d(input) (beta 1 adds).
-    fn block_bwd(&self, id: BlockId, input: B::Buf, grad: usize, dx: Option<(usize, f32)>) -> Result<()> {
+    pub(super) fn block_bwd(&self, id: BlockId, input: B::Buf, grad: usize, dx: Option<(usize, f32)>) -> Result<()> {
         let (p, g) = self.params(id);
         let a = *self.slots(id);
         let be = self.be;
@@ -487,6 +524,9 @@ impl<B: Backend> Pass<'_, B> {
             g = p.gb;
         }
         // Encoder, bottleneck first; skips already hold their decoder gradient.
+        if t.is_residual() {
+            return self.res_encoder_bwd(g);
+        }
         for s in (0..ns).rev() {
             if recompute {
                 self.enc_stage_fwd(s)?;

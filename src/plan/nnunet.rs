@@ -402,14 +402,25 @@ pub fn write_plans(dir: &std::path::Path, plans: &PlansJson) -> Result<(std::pat
 }
 
 /// segk's network for a configuration of a plans file, when segk can train it: a 3D
-/// PlainConvUNet with as many encoder as decoder convs per stage.
+/// PlainConvUNet with as many encoder as decoder convs per stage, or a ResidualEncoderUNet
+/// (the ResEnc presets) with one decoder conv count.
 pub fn segk_topology(c: &Configuration, json: &DatasetJson) -> Result<crate::model::Topology> {
     let arch = c.architecture.as_ref().ok_or_else(|| anyhow::anyhow!("the configuration has no architecture"))?;
     let a = &arch.arch_kwargs;
-    ensure!(arch.network_class_name == super::plans_json::PLAIN_UNET, "segk does not train {} yet (PlainConvUNet only; the residual-encoder U-Net comes with nnU-Net's ResEnc presets)", arch.network_class_name.rsplit('.').next().unwrap_or(""));
+    let residual = arch.network_class_name == super::plans_json::RESENC_UNET;
+    ensure!(residual || arch.network_class_name == super::plans_json::PLAIN_UNET, "segk does not train {} (PlainConvUNet and ResidualEncoderUNet only)", arch.network_class_name.rsplit('.').next().unwrap_or(""));
     ensure!(a.kernel_sizes.iter().chain(&a.strides).all(|k| k.len() == 3), "segk does not train 2d configurations yet (3D ones only)");
-    let convs = a.n_conv_per_stage.clone().unwrap_or_default();
-    ensure!(convs.iter().chain(&a.n_conv_per_stage_decoder).all(|&n| n == convs[0]), "segk's PlainConvUNet has one conv count for every stage, the plans have {:?} and {:?}", convs, a.n_conv_per_stage_decoder);
+    let dec = &a.n_conv_per_stage_decoder;
+    ensure!(!dec.is_empty() && dec.iter().all(|&n| n == dec[0]), "segk's U-Net decoder has one conv count for every stage, the plans have {dec:?}");
+    let blocks = match residual {
+        true => a.n_blocks_per_stage.clone().ok_or_else(|| anyhow::anyhow!("a ResidualEncoderUNet's arch_kwargs need n_blocks_per_stage"))?,
+        false => {
+            let convs = a.n_conv_per_stage.clone().unwrap_or_default();
+            ensure!(convs.iter().all(|&n| n == dec[0]), "segk's PlainConvUNet has one conv count for every stage, the plans have {convs:?} and {dec:?}");
+            Vec::new()
+        }
+    };
+    ensure!(a.conv_bias || !residual, "segk's residual encoder has conv biases, as nnU-Net's ResEnc plans do (conv_bias true)");
     let triple = |v: &Vec<usize>| [v[0], v[1], v[2]];
     let regions = if json.has_regions() { json.regions() } else { Vec::new() };
     let t = crate::model::Topology {
@@ -418,11 +429,12 @@ pub fn segk_topology(c: &Configuration, json: &DatasetJson) -> Result<crate::mod
         features: a.features_per_stage.clone(),
         kernels: a.kernel_sizes.iter().map(triple).collect(),
         strides: a.strides.iter().map(triple).collect(),
-        convs_per_stage: convs[0],
+        convs_per_stage: dec[0],
         deep_supervision: true,
         dice: if c.batch_dice.unwrap_or(false) { crate::backend::DiceMode::Batch } else { crate::backend::DiceMode::PerSample },
         ignore_label: json.ignore_label().is_some(),
         regions,
+        blocks_per_stage: blocks,
     };
     t.validate()?;
     Ok(t)
