@@ -7,6 +7,12 @@ the same deep-supervision Dice+CE loss and SGD-nesterov step, timed the same way
 
     python3 bench/torch_step.py --device cuda --stages 6 --patch 128 128 128 --batch 2
     python3 bench/torch_step.py --device cpu --threads 2        # nnU-Net's 5-stage default
+    python3 bench/torch_step.py --device cpu --blocks 1 3 4 6 6  # ResEnc's residual encoder
+
+With --blocks the encoder is dynamic_network_architectures' ResidualEncoderUNet's (a stem, then
+per stage that many ResNet-D basic blocks: conv-norm-LeakyReLU-conv-norm + skip, LeakyReLU; the
+skip average-pooled when strided, projected by a bias-free 1x1x1 conv + norm when the width
+changes) and the decoder has one conv per stage, as nnU-Net's ResEnc presets build it.
 
 Prints one JSON object (keys as segk's --json where they mean the same)."""
 import argparse
@@ -24,14 +30,37 @@ def block(cin, cout, k, s):
     return nn.Sequential(nn.Conv3d(cin, cout, k, s, pad, bias=True), nn.InstanceNorm3d(cout, eps=1e-5, affine=True), nn.LeakyReLU(0.01, inplace=True))
 
 
+class BasicBlockD(nn.Module):
+    def __init__(self, cin, cout, k, s):
+        super().__init__()
+        pad = tuple(x // 2 for x in k)
+        self.conv1 = block(cin, cout, k, s)
+        self.conv2 = nn.Sequential(nn.Conv3d(cout, cout, k, 1, pad, bias=True), nn.InstanceNorm3d(cout, eps=1e-5, affine=True))
+        skip = []
+        if tuple(s) != (1, 1, 1):
+            skip.append(nn.AvgPool3d(s, s))
+        if cin != cout:
+            skip += [nn.Conv3d(cin, cout, 1, 1, 0, bias=False), nn.InstanceNorm3d(cout, eps=1e-5, affine=True)]
+        self.skip = nn.Sequential(*skip)
+        self.act = nn.LeakyReLU(0.01, inplace=True)
+
+    def forward(self, x):
+        return self.act(self.conv2(self.conv1(x)) + self.skip(x))
+
+
 class PlainConvUNet(nn.Module):
-    def __init__(self, cin, classes, feats, kernels, strides, convs=2):
+    def __init__(self, cin, classes, feats, kernels, strides, convs=2, blocks=None):
         super().__init__()
         n = len(feats)
         self.enc = nn.ModuleList()
         for s in range(n):
             c0 = cin if s == 0 else feats[s - 1]
-            layers = [block(c0, feats[s], kernels[s], strides[s])] + [block(feats[s], feats[s], kernels[s], (1, 1, 1)) for _ in range(convs - 1)]
+            if blocks:
+                c0 = feats[0] if s == 0 else c0
+                layers = [block(cin, feats[0], kernels[0], (1, 1, 1))] if s == 0 else []
+                layers += [BasicBlockD(c0 if j == 0 else feats[s], feats[s], kernels[s], strides[s] if j == 0 else (1, 1, 1)) for j in range(blocks[s])]
+            else:
+                layers = [block(c0, feats[s], kernels[s], strides[s])] + [block(feats[s], feats[s], kernels[s], (1, 1, 1)) for _ in range(convs - 1)]
             self.enc.append(nn.Sequential(*layers))
         self.up, self.dec, self.seg = nn.ModuleList(), nn.ModuleList(), nn.ModuleList()
         for s in reversed(range(n - 1)):
@@ -42,7 +71,8 @@ class PlainConvUNet(nn.Module):
         for m in self.modules():
             if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d)):
                 nn.init.kaiming_normal_(m.weight, a=0.01)
-                nn.init.zeros_(m.bias)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(self, x, weights):
         skips = []
@@ -91,6 +121,7 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--fp32", action="store_true", help="no AMP")
+    ap.add_argument("--blocks", type=int, nargs="+", help="residual blocks per encoder stage (ResEnc)")
     a = ap.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
@@ -101,7 +132,7 @@ def main():
     kernels = [(3, 3, 3)] * a.stages
     strides = [(1, 1, 1)] + [(2, 2, 2)] * (a.stages - 1)
     w = ds_weights(a.stages - 1)
-    net = PlainConvUNet(a.in_channels, a.classes, feats, kernels, strides).to(dev)
+    net = PlainConvUNet(a.in_channels, a.classes, feats, kernels, strides, convs=1 if a.blocks else 2, blocks=a.blocks).to(dev)
     fmt = torch.channels_last_3d if cuda else torch.contiguous_format
     net = net.to(memory_format=fmt)
     opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
@@ -146,6 +177,7 @@ def main():
         "patch": a.patch,
         "batch": a.batch,
         "features": feats,
+        "blocks": a.blocks,
         "steps": a.steps,
         "step_median_s": statistics.median(times),
         "step_min_s": min(times),

@@ -176,11 +176,13 @@ pub fn run_plan(ex: &Experiment, gpu_memory: Option<f64>, out: Option<std::path:
         }
         println!("train it with `segk train DATASET 3d_fullres FOLD -p {}`", plans::SEGK_PLANS);
     } else {
-        let trains = match plans::from_nnunet(&default, "3d_fullres", &ds.json) {
-            Ok(_) => "segk trains nnUNetPlans' 3d_fullres as planned: `segk train DATASET 3d_fullres FOLD`".to_string(),
-            Err(e) => format!("segk cannot train nnUNetPlans' 3d_fullres: {e:#}"),
+        let plans_name = chosen.plans_name;
+        let flag = if chosen.class == nn::PLANNERS[0].class { String::new() } else { format!(" -p {plans_name}") };
+        let trains = match plans::read_nnunet_plans(&nn::plans_path(&out, plans_name)).and_then(|p| plans::from_nnunet(&p, "3d_fullres", &ds.json)) {
+            Ok(_) => format!("segk trains {plans_name}' 3d_fullres as planned: `segk train DATASET 3d_fullres FOLD{flag}`"),
+            Err(e) => format!("segk cannot train {plans_name}' 3d_fullres: {e:#}"),
         };
-        println!("{trains}{}", if chosen.class == nn::PLANNERS[0].class { "" } else { " (the other planner's networks are not trained by segk yet)" });
+        println!("{trains}");
     }
     println!("wrote {}", out.join(fingerprint::FILE).display());
     Ok(())
