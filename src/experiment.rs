@@ -142,7 +142,7 @@ pub fn run_plan(ex: &Experiment, gpu_memory: Option<f64>, out: Option<std::path:
         Ok(b) => (serde_json::from_slice(&b).map_err(|e| anyhow::anyhow!("{}: not nnU-Net's fingerprint: {e}", theirs.display()))?, "nnU-Net's dataset_fingerprint.json"),
         Err(_) => (nn::NnunetFingerprint::from_segk(&fp)?, "segk's fingerprint"),
     };
-    let mut default = None;
+    let (mut default, mut chosen_plans) = (None, None);
     for p in [&nn::PLANNERS[0], chosen] {
         if p.class == nn::PLANNERS[0].class && default.is_some() {
             continue;
@@ -159,6 +159,9 @@ pub fn run_plan(ex: &Experiment, gpu_memory: Option<f64>, out: Option<std::path:
         println!("{} ({}, from {source}):", path.display(), p.class);
         for line in nn::describe(&used, &ds.json) {
             println!("  {line}");
+        }
+        if p.class == chosen.class {
+            chosen_plans = Some(used.clone());
         }
         if default.is_none() {
             default = Some(used);
@@ -178,7 +181,7 @@ pub fn run_plan(ex: &Experiment, gpu_memory: Option<f64>, out: Option<std::path:
     } else {
         let plans_name = chosen.plans_name;
         let flag = if chosen.class == nn::PLANNERS[0].class { String::new() } else { format!(" -p {plans_name}") };
-        let trains = match plans::read_nnunet_plans(&nn::plans_path(&out, plans_name)).and_then(|p| plans::from_nnunet(&p, "3d_fullres", &ds.json)) {
+        let trains = match plans::from_nnunet(chosen_plans.as_ref().expect("the chosen planner planned above"), "3d_fullres", &ds.json) {
             Ok(_) => format!("segk trains {plans_name}' 3d_fullres as planned: `segk train DATASET 3d_fullres FOLD{flag}`"),
             Err(e) => format!("segk cannot train {plans_name}' 3d_fullres: {e:#}"),
         };
