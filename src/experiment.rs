@@ -265,6 +265,8 @@ pub fn run_preprocess(ex: &Experiment, processes: Option<usize>, f16: bool, plan
 
 struct Train {
     cfg: crate::train::TrainConfig,
+    /// The plans trained with, as read once at the start.
+    plans: crate::plan::plans_json::PlansJson,
     configuration: String,
     /// Validation after training, from this raw dataset.
     validate: Option<std::path::PathBuf>,
@@ -281,7 +283,7 @@ impl Job for Train {
             "interrupted after the last epoch: checkpoint_final is saved; validation was skipped"
         );
         if let Some(root) = &self.validate {
-            validate(be, &self.cfg, &self.configuration, root)?;
+            validate(be, &self.cfg, &self.plans, &self.configuration, root)?;
         }
         Ok(logs)
     }
@@ -289,10 +291,10 @@ impl Job for Train {
 
 /// nnU-Net's validation after training: the fold's validation cases predicted from the raw
 /// images with checkpoint_final (mirror TTA on) into OUT/validation, scored into summary.json.
-pub fn validate<B: Backend>(be: &B, cfg: &crate::train::TrainConfig, configuration: &str, root: &std::path::Path) -> Result<()> {
+pub fn validate<B: Backend>(be: &B, cfg: &crate::train::TrainConfig, plans: &crate::plan::plans_json::PlansJson, configuration: &str, root: &std::path::Path) -> Result<()> {
     let model_dir = cfg.out.parent().unwrap_or(&cfg.out);
     let model = crate::predict::Model {
-        plans: crate::plan::plans::read_nnunet_plans(&model_dir.join(crate::predict::PLANS_FILE))?,
+        plans: plans.clone(),
         configuration: configuration.to_string(),
         plan: cfg.plan.clone(),
         json: crate::dataset::read_json(model_dir)?,
@@ -440,7 +442,7 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
         resume,
     };
     let validate = validation.then(|| root.to_path_buf());
-    let logs = crate::device::run_on(device, Train { cfg, configuration: configuration.to_string(), validate })?;
+    let logs = crate::device::run_on(device, Train { cfg, plans, configuration: configuration.to_string(), validate })?;
     if let Some(last) = logs.last() {
         println!("done: {} epochs run, final EMA pseudo-Dice {:.4}", logs.len(), last.ema_dice);
     }
