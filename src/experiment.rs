@@ -417,8 +417,10 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
     let bytes = std::fs::read(&source).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", source.display()))?;
     crate::store::write_atomic_via(&model_dir.join(crate::predict::PLANS_FILE), &format!(".{}.tmp", std::process::id()), |w| std::io::Write::write_all(w, &bytes))?;
     std::fs::copy(root.join("dataset.json"), model_dir.join("dataset.json")).map_err(|e| anyhow::anyhow!("copying dataset.json to {}: {e}", model_dir.display()))?;
+    let t = &plan.topology;
+    let net = if t.is_residual() { format!("ResidualEncoderUNet, blocks {:?}", t.blocks_per_stage) } else { "PlainConvUNet".to_string() };
     println!(
-        "training {configuration} of {plans_name}, fold {fold_name}: patch {:?}, batch {}, {} epochs x {} iterations, output {}",
+        "training {configuration} of {plans_name} ({net}), fold {fold_name}: patch {:?}, batch {}, {} epochs x {} iterations, output {}",
         plan.patch_size,
         plan.batch_size,
         epochs,

@@ -424,6 +424,8 @@ fn resenc_preset_trains_and_predicts() {
     assert!(segk_cli(&["synth", root.to_str().unwrap(), "--cases", "3", "--shape", "24,32,32", "--spacing", "1,1,1"]).status.success());
     let out = segk_cli(&["train", root.to_str().unwrap(), "3d_fullres", "all", "-p", "nnUNetResEncUNetMPlans", "--device", "cpu", "--epochs", "1", "--iters-per-epoch", "2", "--val-iters", "1", "--workers", "1"]);
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains("of nnUNetResEncUNetMPlans (ResidualEncoderUNet, blocks [1, 3, 4"), "the start-up line names the net: {stdout}");
     let model = base.join("segk_results/Dataset036_ResEnc/segkTrainer__nnUNetResEncUNetMPlans__3d_fullres");
     let plans: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(model.join("plans.json")).unwrap()).unwrap();
     assert_eq!(plans["configurations"]["3d_fullres"]["architecture"]["network_class_name"], "dynamic_network_architectures.architectures.unet.ResidualEncoderUNet");
