@@ -234,7 +234,7 @@ enum Cmd {
 
 #[derive(Subcommand)]
 enum BenchCmd {
-    /// Time training steps of a PlainConvUNet on random data.
+    /// Time training steps of a U-Net on random data (a PlainConvUNet, or with --blocks a ResidualEncoderUNet).
     Step(segk::bench_step::StepArgs),
     /// Time each op family alone on the layer shapes of a net: TFLOP/s for convs, GB/s for the rest.
     Kernels(segk::bench_kernels::KernelArgs),

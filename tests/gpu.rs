@@ -339,3 +339,38 @@ fn device_faults_mid_run_stop_training_with_a_clear_error() {
     assert!(fault.contains("training stopped at epoch 0 iteration ") && fault.matches("CUDA_ERROR_LAUNCH_FAILED").count() == 1, "said once: {fault}");
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// nnU-Net's ResEnc M preset through the CUDA backend's driver path on the fake driver: `segk
+/// train -p nnUNetResEncUNetMPlans --checkpointing 2` runs its ResidualEncoderUNet's steps and
+/// `segk predict --device cuda` reads the model back; its labels agree with the CPU's
+/// prediction of the same model (bf16 activations against f32: near-ties may differ).
+#[test]
+fn resenc_preset_trains_and_predicts_on_the_fake_driver() {
+    let Some(env) = fake_env_or_skip("resenc_preset_trains_and_predicts_on_the_fake_driver", 0) else { return };
+    let base = std::env::temp_dir().join(format!("segk-fake-resenc-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let root = base.join("Dataset037_FakeResEnc");
+    let segk = |args: &[&str], env: &[(String, String)]| {
+        let out = std::process::Command::new("timeout").arg("300").arg(env!("CARGO_BIN_EXE_segk")).args(args).env_remove("nnUNet_preprocessed").env_remove("nnUNet_results").envs(env.iter().cloned()).output().unwrap();
+        let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success(), "segk {args:?}: {text}");
+        text
+    };
+    segk(&["synth", root.to_str().unwrap(), "--cases", "2", "--shape", "12,12,12", "--spacing", "1,1,1"], &[]);
+    let model = base.join("segk_results/Dataset037_FakeResEnc/segkTrainer__nnUNetResEncUNetMPlans__3d_fullres");
+    let text = segk(&["train", root.to_str().unwrap(), "3d_fullres", "all", "-p", "nnUNetResEncUNetMPlans", "--device", "cuda", "--checkpointing", "2", "--epochs", "1", "--iters-per-epoch", "1", "--val-iters", "1", "--workers", "1", "--no-validation"], &env);
+    assert!(text.contains("ResidualEncoderUNet") && text.contains("fake GPU") && text.contains("checkpointing level 2"), "{text}");
+    assert!(!text.contains("fake libcuda"), "the fake driver refused something:\n{text}");
+    let images = root.join("imagesTr");
+    let predict = |device: &str, env: &[(String, String)]| {
+        let out = base.join(format!("pred-{device}"));
+        segk(&["predict", "-i", images.to_str().unwrap(), "-o", out.to_str().unwrap(), "-m", model.to_str().unwrap(), "-f", "all", "--device", device, "--no-tta"], env);
+        segk::dataset::nifti_io::read(&out.join("case_0000.nii.gz")).unwrap().data
+    };
+    let (gpu, cpu) = (predict("cuda", &env), predict("cpu", &[]));
+    assert_eq!(gpu.len(), 12 * 12 * 12);
+    let same = gpu.iter().zip(&cpu).filter(|(a, b)| a == b).count() as f64 / cpu.len() as f64;
+    eprintln!("GPU and CPU labels agree on {:.1} % of voxels", 100.0 * same);
+    assert!(same >= 0.98, "GPU and CPU labels agree on {:.1} % of voxels", 100.0 * same);
+    let _ = std::fs::remove_dir_all(&base);
+}

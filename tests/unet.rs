@@ -117,7 +117,7 @@ fn unet_gradients_match_finite_differences() {
 #[test]
 fn checkpoint_levels_give_same_gradients_with_less_memory() {
     let plain = Topology::isotropic(1, 3, vec![4, 8, 8, 16]);
-    for t in [plain.clone(), plain.residual(vec![1, 2, 3, 1])] {
+    for t in [plain.clone(), plain.clone().residual(vec![1, 2, 3, 1]), plain.residual(vec![2, 2, 3, 1])] {
         checkpoint_levels_agree(&t);
     }
 }
@@ -154,6 +154,36 @@ fn checkpoint_levels_agree(t: &Topology) {
     }
     assert!(results[2].3 < results[1].3, "level 2 must use less than level 1");
     eprintln!("activation bytes (blocks {:?}): L0 {} L1 {} L2 {}", t.blocks_per_stage, results[0].3, results[1].3, results[2].3);
+}
+
+/// The residual backward's buffer roles: within a block, d(output), d(input) and the two
+/// scratch buffers are four different buffers; each block's d(output) is where the block
+/// after it put its d(input); a stage's first block adds into the previous stage's skip
+/// gradient, and the last block of every stage but the bottleneck starts from its own.
+#[test]
+fn residual_backward_buffer_roles_never_collide() {
+    use segk::model::plan::{res_bwd_roles, GradBuf};
+    for blocks in [vec![1, 3, 4, 6, 6, 6], vec![2, 2, 3, 1], vec![1, 1], vec![3, 1, 2]] {
+        let roles = res_bwd_roles(&blocks);
+        let ns = blocks.len();
+        for (s, stage) in roles.iter().enumerate() {
+            assert_eq!(stage.len(), blocks[s]);
+            for (j, r) in stage.iter().enumerate() {
+                let all = [r.g, r.dst, GradBuf::Rot(r.h), GradBuf::Rot(r.q)];
+                for a in 0..4 {
+                    for b in a + 1..4 {
+                        assert_ne!(all[a], all[b], "blocks {blocks:?}, stage {s} block {j}: {r:?}");
+                    }
+                }
+                if j + 1 < stage.len() {
+                    assert_eq!(r.g, stage[j + 1].dst, "blocks {blocks:?}, stage {s} block {j}");
+                }
+                assert_eq!(r.dst == GradBuf::Skip(s.wrapping_sub(1)), s > 0 && j == 0);
+            }
+            let last = stage.last().unwrap().g;
+            assert_eq!(last, if s + 1 == ns { GradBuf::Rot(1) } else { GradBuf::Skip(s) }, "blocks {blocks:?}, stage {s}");
+        }
+    }
 }
 
 #[test]

@@ -101,12 +101,12 @@ pub struct ActPlan {
     pub cat: Vec<Slot>,
     /// Seg-head logits per resolution (gradients overwrite them in place); None = weight 0.
     pub logits: Vec<Option<Slot>>,
-    /// Backward ping-pong buffers (largest block output) and the concat gradient; a residual
-    /// encoder's backward rotates two more (`gd`, `gp`, inside the concat gradient's memory,
-    /// free by then; 0 for a PlainConvUNet).
+    /// Backward ping-pong buffers (largest block output; the concat gradient overwrites the
+    /// concat itself, dead once the first decoder conv's weight gradient has read it); a
+    /// residual encoder's backward rotates two more (`gd`, `gp`, sized to what
+    /// [`res_bwd_roles`] asks of them; 0 for a PlainConvUNet).
     pub ga: usize,
     pub gb: usize,
-    pub gc: usize,
     pub gd: usize,
     pub gp: usize,
     /// Gradient arriving at each encoder stage output from its skip connection.
@@ -159,7 +159,9 @@ impl ActPlan {
         let stage_scratch = |s: usize, dec: bool| {
             let out = padded(d(s, t.features[s]).len());
             if dec {
-                return nc * out + (nc - 1) * out + out + 2 * out;
+                // Convs, activations, upsampled, concat; the full-resolution stage's output
+                // too (it is computed last, so backward finds it there without a recompute).
+                return nc * out + (nc - 1) * out + out + 2 * out + if s == 0 { out } else { 0 };
             }
             if !t.is_residual() {
                 return nc * out + (nc - 1) * out;
@@ -249,23 +251,20 @@ impl ActPlan {
             stage.0 = stage_base;
             up[s] = place(&mut cur, &mut stage, Kind::Up, d(s, t.features[s]));
             cat[s] = place(&mut cur, &mut stage, Kind::Cat, d(s, 2 * t.features[s]));
-            dec[s] = (0..nc).map(|j| block(&mut cur, &mut stage, &mut stats, &mut place, dec_in(s, j), d(s, t.features[s]), stage_out(j == nc - 1))).collect();
+            dec[s] = (0..nc).map(|j| block(&mut cur, &mut stage, &mut stats, &mut place, dec_in(s, j), d(s, t.features[s]), stage_out(j == nc - 1 && s > 0))).collect();
             if has_head(s) {
                 logits[s] = Some(Slot { offset: cur.take(d(s, t.n_classes).len()), dims: d(s, t.n_classes) });
             }
         }
-        let (mut ga, mut gb, mut gc, mut gd, mut gp, mut skip_grad) = (0, 0, 0, 0, 0, Vec::new());
+        let (mut ga, mut gb, mut gd, mut gp, mut skip_grad) = (0, 0, 0, 0, Vec::new());
         let mut labels = vec![None; ns - 1];
         let mut lab = Cursor(0);
         if training {
-            ga = cur.take(max_y);
-            gb = cur.take(max_y);
-            // A residual encoder's backward rotates two more buffers; it runs after the
-            // decoder's, so they share the concat gradient's memory (as wide as two outputs).
-            gc = cur.take(if t.is_residual() { max_cat.max(2 * padded(max_y)) } else { max_cat });
-            if t.is_residual() {
-                (gd, gp) = (gc, gc + padded(max_y));
-            }
+            let need = if t.is_residual() { res_rotation_need(t, &sp, batch) } else { [0; 4] };
+            ga = cur.take(max_y.max(need[0]));
+            gb = cur.take(max_y.max(need[1]));
+            gd = cur.take(need[2]);
+            gp = cur.take(need[3]);
             skip_grad = (0..ns - 1).map(|s| cur.take(d(s, t.features[s]).len())).collect();
             for s in 0..ns - 1 {
                 if has_head(s) {
@@ -274,7 +273,7 @@ impl ActPlan {
                 }
             }
         }
-        Ok(ActPlan { policy, training, image, enc, stem, res, dec, up, cat, logits, ga, gb, gc, gd, gp, skip_grad, len: cur.0, stats_len: stats.0, labels, labels_len: lab.0 })
+        Ok(ActPlan { policy, training, image, enc, stem, res, dec, up, cat, logits, ga, gb, gd, gp, skip_grad, len: cur.0, stats_len: stats.0, labels, labels_len: lab.0 })
     }
 
     /// Bytes of activation memory a step uses: the activation arena at `act_bytes` per
@@ -282,6 +281,76 @@ impl ActPlan {
     pub fn bytes(&self, act_bytes: usize, elem_bytes: usize) -> usize {
         self.len * act_bytes + self.stats_len * elem_bytes + self.labels_len
     }
+}
+
+/// A gradient buffer of the residual encoder's backward: one of the four it rotates (ga, gb,
+/// gd, gp), or the skip gradient of a stage (where the decoder left its share).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GradBuf {
+    Rot(usize),
+    Skip(usize),
+}
+
+/// The buffers one residual block's backward uses: `g` holds d(output); `dst` receives
+/// d(input), adding to it when it is a skip gradient; `h` and `q` are its scratch.
+#[derive(Clone, Copy, Debug)]
+pub struct ResBwdRoles {
+    pub g: GradBuf,
+    pub dst: GradBuf,
+    pub h: usize,
+    pub q: usize,
+}
+
+/// The residual encoder's backward, bottleneck first, as buffer roles per block ([s][j]):
+/// d(bottleneck output) arrives in rotation buffer 1 (gb, where the decoder's backward
+/// leaves it); every other stage starts from its skip gradient; the first block of a stage
+/// adds its input gradient to the previous stage's skip gradient.
+pub fn res_bwd_roles(blocks_per_stage: &[usize]) -> Vec<Vec<ResBwdRoles>> {
+    let ns = blocks_per_stage.len();
+    let mut roles: Vec<Vec<ResBwdRoles>> = blocks_per_stage.iter().map(|&nb| Vec::with_capacity(nb)).collect();
+    let mut g = GradBuf::Rot(1);
+    for s in (0..ns).rev() {
+        if s + 1 < ns {
+            g = GradBuf::Skip(s);
+        }
+        let mut stage = Vec::new();
+        for j in (0..blocks_per_stage[s]).rev() {
+            let free: Vec<usize> = (0..4).filter(|&i| GradBuf::Rot(i) != g).collect();
+            let dst = if s > 0 && j == 0 { GradBuf::Skip(s - 1) } else { GradBuf::Rot(free[0]) };
+            let scratch: Vec<usize> = free.into_iter().filter(|&i| GradBuf::Rot(i) != dst).collect();
+            stage.push(ResBwdRoles { g, dst, h: scratch[0], q: scratch[1] });
+            g = dst;
+        }
+        stage.reverse();
+        roles[s] = stage;
+    }
+    roles
+}
+
+/// Elements each rotation buffer must hold for [`res_bwd_roles`]: a block's output and input
+/// gradients, its conv1 input gradient in `h` (and the projection's gradient), and in `q`
+/// the pooled input's gradient of a block that both pools and projects.
+fn res_rotation_need(t: &Topology, sp: &[[usize; 3]], batch: usize) -> [usize; 4] {
+    let mut need = [0; 4];
+    let mut want = |b: GradBuf, n: usize| {
+        if let GradBuf::Rot(i) = b {
+            need[i] = need[i].max(padded(n));
+        }
+    };
+    for (s, stage) in res_bwd_roles(&t.blocks_per_stage).iter().enumerate() {
+        let out = Dims::new(batch, sp[s], t.features[s]).len();
+        for (j, r) in stage.iter().enumerate() {
+            let rb = t.res_block(s, j);
+            let input_sp = if j == 0 && s > 0 { sp[s - 1] } else { sp[s] };
+            want(r.g, out);
+            want(r.dst, Dims::new(batch, input_sp, rb.conv1.cin).len());
+            want(GradBuf::Rot(r.h), out);
+            if rb.pool.is_some() && rb.proj.is_some() {
+                want(GradBuf::Rot(r.q), Dims::new(batch, sp[s], rb.conv1.cin).len());
+            }
+        }
+    }
+    need
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]

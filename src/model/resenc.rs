@@ -5,7 +5,7 @@
 //! x itself, average-pooled by the stride, and/or projected by a bias-free 1x1x1 conv + norm.
 //! The decoder is the PlainConvUNet's (model/unet.rs).
 
-use super::plan::{Checkpointing, ResSlots, Slot};
+use super::plan::{res_bwd_roles, Checkpointing, GradBuf, ResSlots, Slot};
 use super::unet::{BlockId, Pass};
 use crate::backend::{Act, Backend};
 use anyhow::Result;
@@ -118,34 +118,27 @@ impl<B: Backend> Pass<'_, B> {
         self.block_bwd(BlockId::Res(s, j), input, h, Some((dst.0, 1.0)))
     }
 
-    /// The encoder's backward, bottleneck first: `g` holds d(bottleneck output); each other
-    /// stage's output gradient waits in its skip buffer (the decoder's share, to which the
-    /// next stage's first block adds its own).
-    pub(super) fn res_encoder_bwd(&self, mut g: usize) -> Result<()> {
+    /// The encoder's backward, bottleneck first, with the buffers [`res_bwd_roles`] assigns:
+    /// d(bottleneck output) arrives in gb; each other stage's output gradient waits in its
+    /// skip buffer (the decoder's share, to which the next stage's first block adds its own).
+    pub(super) fn res_encoder_bwd(&self) -> Result<()> {
         let p = &self.a.plan;
-        let t = &self.net.topo;
-        let ns = t.stages();
         let rotation = [p.ga, p.gb, p.gd, p.gp];
-        // The first buffers of the rotation that are none of `busy`.
-        let free = |busy: &[usize]| -> Vec<usize> { rotation.iter().copied().filter(|b| !busy.contains(b)).collect() };
-        for s in (0..ns).rev() {
+        let at = |b: GradBuf| match b {
+            GradBuf::Rot(i) => rotation[i],
+            GradBuf::Skip(s) => p.skip_grad[s],
+        };
+        let roles = res_bwd_roles(&self.net.topo.blocks_per_stage);
+        for s in (0..roles.len()).rev() {
             if self.policy() == Checkpointing::Level2 {
                 self.res_stage_fwd(s)?;
             }
-            if s < ns - 1 {
-                g = p.skip_grad[s];
-            }
-            for j in (0..t.blocks_per_stage[s]).rev() {
-                let dst = match (s, j) {
-                    (1.., 0) => (p.skip_grad[s - 1], 1.0),
-                    _ => (free(&[g])[0], 0.0),
-                };
-                let scratch = free(&[g, dst.0]);
-                self.res_block_bwd(s, j, g, dst, scratch[0], scratch[1])?;
-                g = dst.0;
+            for (j, r) in roles[s].iter().enumerate().rev() {
+                let adds = matches!(r.dst, GradBuf::Skip(_));
+                self.res_block_bwd(s, j, at(r.g), (at(r.dst), if adds { 1.0 } else { 0.0 }), rotation[r.h], rotation[r.q])?;
             }
         }
-        // The stem: d(its output) is in `g`; the image needs no gradient.
-        self.block_bwd(BlockId::Stem, self.act(&p.image), g, None)
+        // The stem: d(its output) is where block (0, 0) put it; the image needs no gradient.
+        self.block_bwd(BlockId::Stem, self.act(&p.image), at(roles[0][0].dst), None)
     }
 }

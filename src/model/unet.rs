@@ -501,22 +501,27 @@ impl<B: Backend> Pass<'_, B> {
         let (t, l, p, be) = (&self.net.topo, &self.net.layout, &self.a.plan, self.be);
         let (ns, nc) = (t.stages(), t.convs_per_stage);
         let recompute = self.policy() == Checkpointing::Level2;
-        // Decoder, full resolution first. `g` holds d(stage output).
+        // Decoder, full resolution first. `g` holds d(stage output). Level 2 recomputes each
+        // stage but the full-resolution one, which the forward pass left in the scratch.
         let mut g = p.ga;
         for s in 0..ns - 1 {
-            if recompute {
+            if recompute && s > 0 {
                 self.dec_stage_fwd(s, false)?;
             }
             self.head_bwd(s, g, if s == 0 { 0.0 } else { 1.0 })?;
+            // The concat's gradient overwrites the concat: the first conv's weight gradient
+            // has read it by then.
+            let cat = p.cat[s];
             for j in (0..nc).rev() {
                 let input = self.dec_input(s, j)?;
-                let dst = if j == 0 { p.gc } else { self.other(g) };
+                let dst = if j == 0 { cat.offset } else { self.other(g) };
                 self.block_bwd(BlockId::Dec(s, j), input, g, Some((dst, 0.0)))?;
                 g = dst;
             }
+            self.a.cat_resident.set(None);
             let up = p.up[s];
             let f = up.dims.c;
-            be.concat_bwd(self.act_at(p.gc, 2 * up.len()), f, f, up.dims.rows(), self.act_at(p.ga, up.len()), self.act_at(p.skip_grad[s], up.len()), 0.0)?;
+            be.concat_bwd(self.act(&cat), f, f, up.dims.rows(), self.act_at(p.ga, up.len()), self.act_at(p.skip_grad[s], up.len()), 0.0)?;
             let ug = t.up_geom(s);
             let (prev, prev_dims) = self.up_input(s)?;
             be.convt_wgrad(prev, prev_dims, self.act_at(p.ga, up.len()), self.grad(l.up[s].w, ug.weight_len()), self.grad(l.up[s].b, ug.cout), &ug)?;
@@ -525,7 +530,7 @@ impl<B: Backend> Pass<'_, B> {
         }
         // Encoder, bottleneck first; skips already hold their decoder gradient.
         if t.is_residual() {
-            return self.res_encoder_bwd(g);
+            return self.res_encoder_bwd();
         }
         for s in (0..ns).rev() {
             if recompute {
