@@ -170,22 +170,41 @@ pub fn save<B: Backend>(dir: &Path, name: &str, be: &B, net: &UNet<B>, state: &T
     Ok(())
 }
 
-/// Reads one file's tensors into `region` (stored layout), checking every name and shape.
-fn read_into(path: &Path, tensors: &[ParamTensor], region: &mut [f32]) -> Result<HashMap<String, String>> {
-    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
-    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
-    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{}: unreadable header ({e})", path.display()))?;
+/// Named tensors in PyTorch's layouts: a name -> (shape, values), None when absent.
+type Lookup<'a> = dyn Fn(&str) -> Result<Option<(Vec<usize>, Vec<f32>)>> + 'a;
+
+/// Fills `region` (stored layout) with every tensor of `tensors` from `get`, checking each
+/// name, shape and value; `path` names the file in errors.
+fn fill(path: &Path, tensors: &[ParamTensor], region: &mut [f32], get: &Lookup) -> Result<()> {
     for t in tensors {
-        let v = st.tensor(&t.name).map_err(|_| anyhow::anyhow!("{}: tensor {} is missing (a checkpoint of another network?)", path.display(), t.name))?;
-        let want = to_torch(t, &vec![0.0; t.len()]).1;
-        ensure!(v.dtype() == Dtype::F32 && v.shape() == want.as_slice(), "{}: tensor {} is {:?} {:?}, expected F32 {:?}", path.display(), t.name, v.dtype(), v.shape(), want);
-        let data: Vec<f32> = v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        let (shape, data) = get(&t.name)?.ok_or_else(|| anyhow::anyhow!("{}: tensor {} is missing (a checkpoint of another network?)", path.display(), t.name))?;
+        let want = torch_shape(t);
+        ensure!(shape == want, "{}: tensor {} has shape {shape:?}, the network's is {want:?} (a checkpoint of another plan?)", path.display(), t.name);
         if data.iter().any(|x| !x.is_finite()) {
             bail!("{}: tensor {} holds non-finite values", path.display(), t.name);
         }
         region[t.offset..t.offset + t.len()].copy_from_slice(&from_torch(t, &data));
     }
+    Ok(())
+}
+
+/// Reads one file's tensors into `region` (stored layout), checking every name and shape.
+fn read_into(path: &Path, tensors: &[ParamTensor], region: &mut [f32]) -> Result<HashMap<String, String>> {
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
+    let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{}: unreadable header ({e})", path.display()))?;
+    let get = |name: &str| -> Result<Option<(Vec<usize>, Vec<f32>)>> {
+        let Ok(v) = st.tensor(name) else { return Ok(None) };
+        ensure!(v.dtype() == Dtype::F32, "{}: tensor {name} is {:?}, expected F32", path.display(), v.dtype());
+        Ok(Some((v.shape().to_vec(), v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())))
+    };
+    fill(path, tensors, region, &get)?;
     Ok(meta.metadata().clone().unwrap_or_default())
+}
+
+/// Reads an nnU-Net checkpoint's network weights into `region` (stored layout).
+pub fn read_torch_into(ckpt: &crate::pth::TorchCheckpoint, tensors: &[ParamTensor], region: &mut [f32]) -> Result<()> {
+    fill(&ckpt.path, tensors, region, &|name| ckpt.tensor(name))
 }
 
 /// Loads `dir/NAME` into `net` (weights, momentum, step count) and returns the trainer state;
@@ -226,9 +245,43 @@ fn load_pair<B: Backend>(dir: &Path, name: &str, be: &B, net: &mut UNet<B>) -> R
     Ok(state)
 }
 
-/// Loads only the weights of `dir/NAME` (what inference needs; the momentum file is not
-/// read, nor required), falling back to NAME.prev as `load` does. Returns the step count.
-pub fn load_weights<B: Backend>(dir: &Path, name: &str, be: &B, net: &mut UNet<B>) -> Result<u64> {
+/// The weights file `-chk NAME` names in a fold folder: NAME.safetensors (segk's), or
+/// NAME.pth (nnU-Net's); NAME may carry either extension, as nnU-Net's -chk carries `.pth`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WeightsFile {
+    Segk(String),
+    Torch(PathBuf),
+}
+
+/// Which weights file `-chk name` means in `dir`: the one its extension names, else segk's
+/// when present (or its previous copy), else nnU-Net's. None when neither is there.
+pub fn weights_file(dir: &Path, name: &str) -> Option<WeightsFile> {
+    let segk = |n: &str| (paths(dir, n).0.is_file() || paths(dir, &prev(n)).0.is_file()).then(|| WeightsFile::Segk(n.to_string()));
+    let torch = |n: &str| Some(dir.join(format!("{n}.pth"))).filter(|p| p.is_file()).map(WeightsFile::Torch);
+    if let Some(stem) = name.strip_suffix(".pth") {
+        return torch(stem);
+    }
+    if let Some(stem) = name.strip_suffix(".safetensors") {
+        return segk(stem);
+    }
+    segk(name).or_else(|| torch(name))
+}
+
+/// Loads only the weights (what inference needs; the momentum file is not read, nor
+/// required); for segk's files falling back to NAME.prev as `load` does. Returns the step
+/// count (0 for nnU-Net's).
+pub fn load_weights<B: Backend>(dir: &Path, file: &WeightsFile, be: &B, net: &mut UNet<B>) -> Result<u64> {
+    let name = match file {
+        WeightsFile::Segk(name) => name,
+        WeightsFile::Torch(path) => {
+            let ckpt = crate::pth::TorchCheckpoint::open(path)?;
+            let mut params = vec![0.0f32; net.layout.len];
+            read_torch_into(&ckpt, &net.layout.tensors, &mut params)?;
+            be.upload(net.params(be), &params)?;
+            net.steps = 0;
+            return Ok(0);
+        }
+    };
     let one = |name: &str, net: &mut UNet<B>| -> Result<u64> {
         let (wp, _) = paths(dir, name);
         let mut params = vec![0.0f32; net.layout.len];
@@ -250,7 +303,71 @@ pub fn load_weights<B: Backend>(dir: &Path, name: &str, be: &B, net: &mut UNet<B
 
 /// Whether `dir/NAME` (or its previous copy) has a weights file.
 pub fn weights_exist(dir: &Path, name: &str) -> bool {
-    paths(dir, name).0.is_file() || paths(dir, &prev(name)).0.is_file()
+    weights_file(dir, name).is_some()
+}
+
+/// Fine-tuning's start, as nnU-Net's `load_pretrained_weights`: every weight of `net` but the
+/// segmentation heads (`decoder.seg_layers.*`, which keep their fresh init) from `file`, an
+/// nnU-Net `.pth` or a segk `.safetensors`. Names and shapes must match; every mismatch is
+/// listed. Returns the number of tensors loaded.
+pub fn load_pretrained<B: Backend>(file: &Path, be: &B, net: &mut UNet<B>) -> Result<usize> {
+    let torch = file.extension().is_some_and(|e| e == "pth");
+    let ckpt = if torch { Some(crate::pth::TorchCheckpoint::open(file)?) } else { None };
+    let bytes = if torch { Vec::new() } else { std::fs::read(file).with_context(|| format!("{}: cannot read", file.display()))? };
+    let st = if torch { None } else { Some(SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: neither an nnU-Net .pth nor a valid safetensors file ({e})", file.display()))?) };
+    let shape_of = |name: &str| -> Option<Vec<usize>> {
+        match (&ckpt, &st) {
+            (Some(c), _) => c.shape(name).map(<[usize]>::to_vec),
+            (_, Some(s)) => s.tensor(name).ok().map(|v| v.shape().to_vec()),
+            _ => None,
+        }
+    };
+    let wanted: Vec<&ParamTensor> = net.layout.tensors.iter().filter(|t| !t.name.contains(".seg_layers.")).collect();
+    let mismatches: Vec<String> = wanted
+        .iter()
+        .filter_map(|t| match shape_of(&t.name) {
+            None => Some(format!("{}: missing", t.name)),
+            Some(s) if s != torch_shape(t) => Some(format!("{}: {s:?} in the file, {:?} in this network", t.name, torch_shape(t))),
+            Some(_) => None,
+        })
+        .collect();
+    if !mismatches.is_empty() {
+        bail!("{}: {} of this network's {} weights (segmentation heads aside) do not match:\n  {}", file.display(), mismatches.len(), wanted.len(), mismatches.join("\n  "));
+    }
+    let mut params = vec![0.0f32; net.layout.len];
+    be.download(net.params(be), &mut params)?;
+    let tensors: Vec<ParamTensor> = wanted.into_iter().cloned().collect();
+    match (&ckpt, &st) {
+        (Some(c), _) => read_torch_into(c, &tensors, &mut params),
+        (_, Some(s)) => fill(file, &tensors, &mut params, &|name| Ok(s.tensor(name).ok().map(|v| (v.shape().to_vec(), v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())))),
+        _ => unreachable!("one of the two readers is set"),
+    }?;
+    be.upload(net.params(be), &params)?;
+    Ok(tensors.len())
+}
+
+/// Writes `dir/NAME.pth` beside segk's `dir/NAME.safetensors`: the same weights as an nnU-Net
+/// checkpoint (trainer nnUNetTrainer, this configuration and fold, the model folder's plans and
+/// dataset.json) that nnU-Net's predictor loads (`nnUNetv2_predict_from_modelfolder`).
+pub fn export_nnunet(dir: &Path, name: &str, configuration: &str) -> Result<PathBuf> {
+    let (wp, _) = paths(dir, name);
+    let bytes = std::fs::read(&wp).with_context(|| format!("{}: cannot read", wp.display()))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", wp.display()))?;
+    let weights: Vec<(String, Vec<usize>, Vec<f32>)> = st
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.shape().to_vec(), v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()))
+        .collect();
+    let state = read_state(dir, name)?;
+    let model = dir.parent().with_context(|| format!("{}: no model folder above it", dir.display()))?;
+    let json = |f: &str| -> Result<serde_json::Value> {
+        let p = model.join(f);
+        serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("{}: cannot read", p.display()))?).with_context(|| format!("{}: not JSON", p.display()))
+    };
+    let fold = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("fold_")).unwrap_or("0").to_string();
+    let info = crate::pth::CheckpointInfo { configuration, fold: &fold, plans: &json(crate::predict::PLANS_FILE)?, dataset_json: &json("dataset.json")?, epoch: state.epoch, best_ema: state.best_ema_dice };
+    let out = dir.join(format!("{name}.pth"));
+    crate::pth::write_checkpoint(&out, &weights, &info)?;
+    Ok(out)
 }
 
 /// The trainer state stored with `dir/NAME`, without loading any tensor.
@@ -320,7 +437,7 @@ mod tests {
         // Inference needs only the weights: the momentum file may be gone.
         std::fs::remove_file(dir.join("ck.state.safetensors")).unwrap();
         let mut inf = UNet::for_inference(&be, topo.clone()).unwrap();
-        assert_eq!(load_weights(&dir, "ck", &be, &mut inf).unwrap(), 7);
+        assert_eq!(load_weights(&dir, &WeightsFile::Segk("ck".into()), &be, &mut inf).unwrap(), 7);
         assert_eq!(3 * inf.param_bytes(&be), net.param_bytes(&be), "a third of the training arena");
         let acts = Acts::new(&be, &topo, [8, 8, 8], 1, Checkpointing::Level1, false).unwrap();
         let image: Vec<f32> = (0..512).map(|i| ((i * 37) % 11) as f32 / 5.0 - 1.0).collect();

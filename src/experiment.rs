@@ -282,6 +282,9 @@ impl Job for Train {
             !crate::train::STOP.load(std::sync::atomic::Ordering::Relaxed),
             "interrupted after the last epoch: checkpoint_final is saved; validation was skipped"
         );
+        // nnU-Net's predictor takes the model folder too.
+        let pth = crate::checkpoint::export_nnunet(&self.cfg.out, "checkpoint_final", &self.configuration)?;
+        println!("wrote {} (nnU-Net's checkpoint format: nnUNetv2_predict_from_modelfolder reads this model folder)", pth.display());
         if let Some(root) = &self.validate {
             validate(be, &self.cfg, &self.plans, &self.configuration, root)?;
         }
@@ -298,7 +301,9 @@ pub fn validate<B: Backend>(be: &B, cfg: &crate::train::TrainConfig, plans: &cra
         configuration: configuration.to_string(),
         plan: cfg.plan.clone(),
         json: crate::dataset::read_json(model_dir)?,
-        checkpoints: vec![(cfg.out.clone(), "checkpoint_final".to_string())],
+        checkpoints: vec![(cfg.out.clone(), crate::checkpoint::WeightsFile::Segk("checkpoint_final".to_string()))],
+        mirror_axes: vec![0, 1, 2],
+        trainer_name: None,
     };
     let ending = model.json.file_ending.clone();
     let cases: Vec<(String, Vec<std::path::PathBuf>)> =
@@ -325,6 +330,7 @@ pub struct TrainOpts {
     pub checkpointing: String,
     pub save_every: usize,
     pub resume: bool,
+    pub pretrained: Option<std::path::PathBuf>,
     pub validation: bool,
     pub workers: Option<usize>,
     pub seed: u64,
@@ -364,7 +370,7 @@ pub fn stop_on_signals() {
 #[allow(clippy::too_many_arguments)]
 pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: Option<&str>, device: &str, o: TrainOpts, preprocessed: Option<std::path::PathBuf>, out: Option<std::path::PathBuf>) -> Result<()> {
     use crate::preprocess::splits;
-    let TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, validation, workers, seed } = o;
+    let TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained, validation, workers, seed } = o;
     anyhow::ensure!(
         configuration == "3d_fullres",
         "configuration {configuration:?}: segk trains 3d_fullres so far (`segk plan` writes nnU-Net's 2d, 3d_lowres and 3d_cascade_fullres too; training them comes with nnU-Net's other configurations)"
@@ -442,6 +448,7 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
         lr: crate::train::INITIAL_LR,
         save_every,
         resume,
+        pretrained,
     };
     let validate = validation.then(|| root.to_path_buf());
     let logs = crate::device::run_on(device, Train { cfg, plans, configuration: configuration.to_string(), validate })?;
@@ -463,7 +470,7 @@ pub fn model_folder(dataset: &str, configuration: &str, plans: &str, trainer: &s
     let results = std::env::var_os("nnUNet_results").map(PathBuf::from).ok_or_else(|| anyhow::anyhow!("-d {dataset}: set $nnUNet_results (where `segk train` puts model folders), or give the model folder with -m"))?;
     let dataset_dir = find_dataset(&results, "$nnUNet_results", dataset)?;
     let dir = dataset_dir.join(format!("{trainer}__{plans}__{configuration}"));
-    anyhow::ensure!(dir.is_dir(), "{}: no such model folder (segk train writes segkTrainer__PLANS__CONFIGURATION; nnU-Net's own nnUNetTrainer__ folders hold PyTorch checkpoints, which segk does not read yet)", dir.display());
+    anyhow::ensure!(dir.is_dir(), "{}: no such model folder (segk train writes segkTrainer__PLANS__CONFIGURATION; for nnU-Net's own, give -tr nnUNetTrainer)", dir.display());
     Ok(dir)
 }
 
@@ -501,7 +508,7 @@ pub fn cases_bar() -> indicatif::ProgressBar {
 
 struct Predict {
     model: crate::predict::Model,
-    input: std::path::PathBuf,
+    cases: Vec<(String, Vec<std::path::PathBuf>)>,
     output: std::path::PathBuf,
     opt: crate::predict::PredictOptions,
 }
@@ -511,29 +518,58 @@ impl Job for Predict {
     fn run<B: Backend>(self, be: &B) -> Result<Self::Out> {
         println!("device {}", be.name());
         let bar = cases_bar();
-        let r = crate::predict::predict_folder(be, &self.model, &self.input, &self.output, self.opt, &bar);
+        let r = crate::predict::predict_cases(be, &self.model, &self.cases, &self.output, self.opt, &bar);
         bar.finish_and_clear();
         r
     }
 }
 
-pub fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &std::path::Path, folds: Option<Vec<String>>, checkpoint: &str, opt: crate::predict::PredictOptions, device: &str) -> Result<()> {
+/// Which of the input's cases one `segk predict` job takes: part `part_id` of `num_parts`
+/// (nnU-Net's --part_id / --num_parts), and with `continue_prediction` not those already in
+/// the output folder.
+#[derive(Clone, Copy, Debug)]
+pub struct CaseSelection {
+    pub part_id: usize,
+    pub num_parts: usize,
+    pub continue_prediction: bool,
+}
+
+pub fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &std::path::Path, folds: Option<Vec<String>>, checkpoint: &str, opt: crate::predict::PredictOptions, select: CaseSelection, device: &str) -> Result<()> {
     anyhow::ensure!(opt.step > 0.0 && opt.step <= 1.0, "--step must be in (0, 1]");
+    anyhow::ensure!(select.num_parts >= 1 && select.part_id < select.num_parts, "--part-id must be below --num-parts (got part {} of {})", select.part_id, select.num_parts);
     // Predictions written into the input folder would be read as images by the next run.
     let same = |a: &std::path::Path, b: &std::path::Path| matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y);
     anyhow::ensure!(!same(input, output), "-o {} is the input folder: write the predictions elsewhere", output.display());
-    // nnU-Net names its checkpoints NAME.pth.
-    let checkpoint = checkpoint.strip_suffix(".pth").unwrap_or(checkpoint);
     let m = crate::predict::Model::open(model, folds.as_deref(), checkpoint)?;
     let on = |b: bool| if b { "on" } else { "off" };
     let names: Vec<String> = m.checkpoints.iter().filter_map(|(d, _)| d.file_name().map(|n| n.to_string_lossy().to_string())).collect();
-    println!("predicting {} with {} ({checkpoint}), step {}, mirror TTA {}, probabilities {}", input.display(), names.join(", "), opt.step, on(opt.tta), on(opt.save_probabilities));
+    let file = match m.checkpoints.first().map(|c| &c.1) {
+        Some(crate::checkpoint::WeightsFile::Torch(p)) => format!("nnU-Net's {}, trainer {}", p.file_name().unwrap_or_default().to_string_lossy(), m.trainer_name.as_deref().unwrap_or("unnamed")),
+        _ => checkpoint.to_string(),
+    };
+    let tta = match (opt.tta, m.mirror_axes.as_slice()) {
+        (false, _) | (true, []) => "off".to_string(),
+        (true, [0, 1, 2]) => "on".to_string(),
+        (true, axes) => format!("on, axes {axes:?} (the checkpoint's)"),
+    };
+    println!("predicting {} with {} ({file}), step {}, mirror TTA {tta}, probabilities {}", input.display(), names.join(", "), opt.step, on(opt.save_probabilities));
     let unread = crate::predict::unread_files(input, m.json.channels(), &m.json.file_ending);
     if !unread.is_empty() {
         println!("  not read: {}", unread.join(", "));
     }
+    let all = crate::predict::find_cases(input, m.json.channels(), &m.json.file_ending)?;
+    let n_all = all.len();
+    let mut cases = crate::predict::part_of(all, select.part_id, select.num_parts)?;
+    if select.num_parts > 1 {
+        println!("  part {} of {}: {} of the {n_all} cases", select.part_id, select.num_parts, cases.len());
+    }
+    if select.continue_prediction {
+        let before = cases.len();
+        cases.retain(|(id, _)| !crate::predict::is_predicted(output, id, &m.json.file_ending, opt.save_probabilities));
+        println!("  --continue: {} already predicted in {}, {} to do", before - cases.len(), output.display(), cases.len());
+    }
     let t0 = std::time::Instant::now();
-    let job = Predict { model: m, input: input.to_path_buf(), output: output.to_path_buf(), opt };
+    let job = Predict { model: m, cases, output: output.to_path_buf(), opt };
     let (files, bound) = crate::device::run_on(device, job)?;
     let mapped = if opt.save_probabilities { "; RSS includes the mapped probability files" } else { "" };
     let peak = crate::sysinfo::peak_rss().map(|b| format!(", peak RSS {:.0} MiB (bound {:.0} MiB{mapped})", b as f64 / (1 << 20) as f64, bound as f64 / (1 << 20) as f64)).unwrap_or_default();

@@ -25,6 +25,7 @@ pub mod plan;
 pub mod plot;
 pub mod predict;
 pub mod preprocess;
+pub mod pth;
 pub mod selftest;
 pub mod store;
 pub mod sysinfo;

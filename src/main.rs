@@ -117,6 +117,10 @@ enum Cmd {
         /// Continue from checkpoint_latest in the output folder (nnU-Net's --c).
         #[arg(long, alias = "c")]
         resume: bool,
+        /// Fine-tune: start from these weights, every one but the segmentation heads (an
+        /// nnU-Net checkpoint .pth or a segk .safetensors; nnU-Net's -pretrained_weights).
+        #[arg(long, alias = "pretrained_weights", conflicts_with = "resume")]
+        pretrained_weights: Option<std::path::PathBuf>,
         /// Skip predicting the validation cases after training.
         #[arg(long)]
         no_validation: bool,
@@ -176,6 +180,18 @@ enum Cmd {
         /// auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// Split the cases over this many jobs (nnU-Net's -num_parts): each takes every
+        /// N-th case of the sorted list, from its --part-id.
+        #[arg(long, alias = "num_parts", default_value_t = 1)]
+        num_parts: usize,
+        /// Which of the --num-parts jobs this is, 0-based (nnU-Net's -part_id).
+        #[arg(long, alias = "part_id", default_value_t = 0)]
+        part_id: usize,
+        /// Skip cases whose label map (and probabilities, when asked) is already in the output
+        /// folder (nnU-Net's --continue_prediction); label maps are renamed into place only when
+        /// complete, so one there is whole.
+        #[arg(long = "continue", alias = "continue_prediction")]
+        continue_prediction: bool,
     },
     /// Dice, IoU and counts per label and case of predictions against references (summary.json).
     Evaluate {
@@ -280,6 +296,9 @@ fn nnunet_flag(arg: String) -> String {
         "-plans_name" => "--plans".into(),
         "-np" => "--processes".into(),
         "-il" => "--ignore-label".into(),
+        "-num_parts" => "--num-parts".into(),
+        "-pretrained_weights" => "--pretrained-weights".into(),
+        "-part_id" => "--part-id".into(),
         "-djfile" => "--dataset-json".into(),
         _ => arg,
     }
@@ -296,8 +315,8 @@ fn main() {
         Cmd::Fingerprint { dataset, out } => Experiment::new(&dataset).and_then(|e| run_fingerprint(&e, out)),
         Cmd::Plan { dataset, planner, gpu_memory_target, gpu_memory, out } => Experiment::new(&dataset).and_then(|e| run_plan(&e, gpu_memory, out, &planner, gpu_memory_target)),
         Cmd::Preprocess { dataset, plans, configurations, processes, f16, out } => Experiment::new(&dataset).and_then(|e| run_preprocess(&e, processes, f16, &plans, &configurations, out)),
-        Cmd::Train { dataset, configuration_fold, plans, device, epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, no_validation, workers, seed, preprocessed, out } => {
-            let o = TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, validation: !no_validation, workers, seed };
+        Cmd::Train { dataset, configuration_fold, plans, device, epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained_weights, no_validation, workers, seed, preprocessed, out } => {
+            let o = TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained: pretrained_weights, validation: !no_validation, workers, seed };
             let (configuration, fold) = match configuration_fold.as_slice() {
                 [c] if ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"].contains(&c.as_str()) => {
                     eprintln!("error: segk train DATASET {c} FOLD: the fold is missing (0-4 or all)");
@@ -314,13 +333,14 @@ fn main() {
             Experiment::new(&dataset).and_then(|e| run_train(&e, configuration, fold, plans.as_deref(), &device, o, preprocessed, out))
         }
         Cmd::Doctor => segk::sysinfo::doctor(&LONG_VERSION.replace('\n', "; ")),
-        Cmd::Predict { input, output, model, dataset, configuration, plans, trainer, folds, checkpoint, step, no_tta, save_probabilities, device } => {
+        Cmd::Predict { input, output, model, dataset, configuration, plans, trainer, folds, checkpoint, step, no_tta, save_probabilities, device, num_parts, part_id, continue_prediction } => {
+            let select = segk::experiment::CaseSelection { part_id, num_parts, continue_prediction };
             let model = match (model, dataset) {
                 (Some(m), _) => Ok(m),
                 (None, Some(d)) => model_folder(&d, configuration.as_deref().unwrap_or("3d_fullres"), &plans, &trainer),
                 (None, None) => Err(anyhow::anyhow!("predict needs -m MODEL_DIR, or -d DATASET -c CONFIGURATION")),
             };
-            model.and_then(|m| run_predict(&input, &output, &m, folds, &checkpoint, segk::predict::PredictOptions { step, tta: !no_tta, save_probabilities }, &device))
+            model.and_then(|m| run_predict(&input, &output, &m, folds, &checkpoint, segk::predict::PredictOptions { step, tta: !no_tta, save_probabilities }, select, &device))
         }
         Cmd::Evaluate { pred, gt, labels, ignore_label, dataset_json, out } => run_evaluate(&pred, &gt, labels, ignore_label, dataset_json.as_deref(), out),
         Cmd::Synth { dataset, cases, shape, spacing, seed } => segk::synth::command(&dataset, segk::synth::RawSpec { cases, shape, spacing, seed }),

@@ -40,6 +40,8 @@ pub struct TrainConfig {
     /// Epochs between checkpoint_latest saves.
     pub save_every: usize,
     pub resume: bool,
+    /// Fine-tuning: start from these weights (all but the segmentation heads).
+    pub pretrained: Option<PathBuf>,
 }
 
 /// nnU-Net's schedule.
@@ -306,6 +308,10 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
     let oom = |e| explain_oom(e, held);
     let mut net = UNet::new(be, topo.clone(), cfg.seed).map_err(oom)?;
     let mut st = TrainerState { epoch: 0, steps: 0, next_train_batch: 0, next_val_batch: 0, ema_dice: None, best_ema_dice: None, seed: cfg.seed, bad_in_a_row: 0, iter: 0, epoch_loss_sum: 0.0, epoch_steps: 0, epoch_skipped: 0, history: Vec::new(), epochs: Some(cfg.epochs) };
+    if let Some(file) = &cfg.pretrained {
+        let n = checkpoint::load_pretrained(file, be, &mut net)?;
+        println!("pretrained weights: {n} tensors from {} (segmentation heads initialised fresh)", file.display());
+    }
     if cfg.resume {
         // As nnU-Net: checkpoint_latest, else checkpoint_best (a run killed before its first
         // periodic save has only that one).

@@ -42,7 +42,7 @@ fn a_volume_the_size_of_the_patch_gives_the_plain_forward_pass() {
     let acts = Acts::new(&be, &topo, p, 1, Checkpointing::Level1, false).unwrap();
     let image: Vec<f32> = (0..n).map(|i| ((i * 7919) % 200) as f32 / 100.0 - 1.0).collect();
     let nets = [net];
-    let pr = Predictor { be: &be, nets: &nets, acts: &acts, patch: p, classes: 3, step: 0.5, tta: false };
+    let pr = Predictor { be: &be, nets: &nets, acts: &acts, patch: p, classes: 3, step: 0.5, mirror_axes: &[] };
     let mut sink = Collect(Vec::new());
     pr.run(std::slice::from_ref(&image), p, &mut sink).unwrap();
     assert_eq!(sink.0.len(), p[0]);
@@ -62,7 +62,7 @@ fn a_volume_the_size_of_the_patch_gives_the_plain_forward_pass() {
     let big = [20, 12, 30];
     let img: Vec<f32> = (0..big.iter().product::<usize>()).map(|i| (i % 13) as f32 * 0.1).collect();
     let mut sink = Collect(Vec::new());
-    Predictor { tta: true, ..pr }.run(&[img], big, &mut sink).unwrap();
+    Predictor { mirror_axes: &[0, 1, 2], ..pr }.run(&[img], big, &mut sink).unwrap();
     assert_eq!(sink.0.len(), big[0]);
     assert!(sink.0.iter().all(|s| s.len() == 3 * big[1] * big[2] && s.iter().all(|v| v.is_finite())));
 }
@@ -149,15 +149,21 @@ fn predictions_keep_each_inputs_grid_and_evaluate_scores_them() {
     ok(segk().args(["predict", "-i"]).arg(root.join("imagesTr")).arg("-o").arg(&pred_tr).arg("-m").arg(&model).args(["--device", "cpu", "--no-tta", "--folds", "all"]));
     let text = ok(segk().arg("evaluate").arg(&pred_tr).arg(root.join("labelsTr")));
     assert!(text.contains("4 cases") && pred_tr.join("summary.json").is_file(), "{text}");
-    // Refused up front: predicting into the input folder, a fold that was never trained. An
-    // nnU-Net checkpoint name (.pth) is taken for segk's.
+    // Refused up front: predicting into the input folder, a fold that was never trained.
+    // `-chk NAME.pth` reads the nnU-Net checkpoint training wrote beside segk's, to the same labels.
     let err = |c: &mut std::process::Command| String::from_utf8_lossy(&c.output().unwrap().stderr).to_string();
     let e = err(segk().args(["predict", "-i"]).arg(&input).arg("-o").arg(&input).arg("-m").arg(&model).args(["--device", "cpu"]));
     assert!(e.contains("is the input folder"), "{e}");
     let e = err(segk().args(["predict", "-i"]).arg(&input).arg("-o").arg(base.join("p3")).arg("-m").arg(&model).args(["--device", "cpu", "--folds", "3"]));
     assert!(e.contains("fold 3 is not trained in") && e.contains("(it holds fold all)"), "{e}");
     let text = ok(segk().args(["predict", "-i"]).arg(&input).arg("-o").arg(base.join("p4")).arg("-m").arg(&model).args(["--device", "cpu", "--no-tta", "--checkpoint", "checkpoint_final.pth"]));
+    assert!(text.contains("with fold_all (nnU-Net's checkpoint_final.pth, trainer nnUNetTrainer)"), "{text}");
+    let text = ok(segk().args(["predict", "-i"]).arg(&input).arg("-o").arg(base.join("p5")).arg("-m").arg(&model).args(["--device", "cpu", "--no-tta", "--checkpoint", "checkpoint_final"]));
     assert!(text.contains("with fold_all (checkpoint_final)"), "{text}");
+    for f in std::fs::read_dir(base.join("p5")).unwrap().map(|e| e.unwrap().file_name()) {
+        let read = |d: &str| segk::dataset::nifti_io::read(&base.join(d).join(&f)).unwrap().data;
+        assert_eq!(read("p4"), read("p5"), "{f:?}: the .pth and the .safetensors predict the same");
+    }
     let _ = std::fs::remove_dir_all(&base);
 }
 
@@ -180,7 +186,8 @@ fn mirror_tta_of_a_mirror_symmetric_input_is_mirror_symmetric() {
         }
     }
     for tta in [true, false] {
-        let pr = Predictor { be: &be, nets: &nets, acts: &acts, patch: p, classes: 3, step: 0.5, tta };
+        let mirror_axes: &[usize] = if tta { &[0, 1, 2] } else { &[] };
+        let pr = Predictor { be: &be, nets: &nets, acts: &acts, patch: p, classes: 3, step: 0.5, mirror_axes };
         let mut sink = Collect(Vec::new());
         pr.run(&[image.clone()], p, &mut sink).unwrap();
         let at = |z: usize, y: usize, x: usize, k: usize| sink.0[z][k * p[1] * p[2] + y * p[2] + x];

@@ -263,7 +263,7 @@ fn residual_encoder_forward_equals_pytorchs() {
     let ((xs, x), (ys, y)) = (tensor("input"), tensor("output"));
     let be = CpuBackend::<f32>::new();
     let mut net = UNet::for_inference(&be, t.clone()).unwrap();
-    segk::checkpoint::load_weights(dir, "forward", &be, &mut net).unwrap();
+    segk::checkpoint::load_weights(dir, &segk::checkpoint::WeightsFile::Segk("forward".into()), &be, &mut net).unwrap();
     let patch = [xs[2], xs[3], xs[4]];
     let acts = Acts::new(&be, &t, patch, xs[0], Checkpointing::Level1, false).unwrap();
     let lg = net.forward_logits(&be, &acts, &channels_last(&xs, &x)).unwrap();

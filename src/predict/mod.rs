@@ -26,8 +26,13 @@ pub struct Model {
     /// segk's view of that configuration.
     pub plan: Plan,
     pub json: DatasetJson,
-    /// Checkpoint stems (dir/NAME without extension) of the folds to average.
-    pub checkpoints: Vec<(PathBuf, String)>,
+    /// Each fold's folder and weights file, for the folds to average.
+    pub checkpoints: Vec<(PathBuf, crate::checkpoint::WeightsFile)>,
+    /// The axes mirror TTA flips: all three for segk's models, the checkpoint's
+    /// `inference_allowed_mirroring_axes` for nnU-Net's (first fold's, as nnU-Net reads it).
+    pub mirror_axes: Vec<usize>,
+    /// nnU-Net's trainer class, for a model folder of nnU-Net's.
+    pub trainer_name: Option<String>,
 }
 
 impl Model {
@@ -40,8 +45,6 @@ impl Model {
         ensure!(path.is_file(), "{}: not a model folder (no {PLANS_FILE}): -m takes the folder `segk train` writes, the one that holds fold_0, fold_1, ..", dir.display());
         let plans = crate::plan::plans::read_nnunet_plans(&path)?;
         let json = crate::dataset::read_json(dir)?;
-        let configuration = configuration_of(dir);
-        let plan = crate::plan::plans::from_nnunet(&plans, &configuration, &json).with_context(|| format!("{}", path.display()))?;
         let mut present: Vec<String> = std::fs::read_dir(dir)
             .with_context(|| format!("{}: cannot list", dir.display()))?
             .filter_map(|e| e.ok())
@@ -64,10 +67,19 @@ impl Model {
         for f in &folds {
             ensure!(present.contains(f), "fold {f} is not trained in {} (it holds fold {})", dir.display(), present.join(", "));
             let d = dir.join(format!("fold_{f}"));
-            ensure!(crate::checkpoint::weights_exist(&d, checkpoint), "{}: no {checkpoint}.safetensors", d.display());
-            checkpoints.push((d, checkpoint.to_string()));
+            let file = crate::checkpoint::weights_file(&d, checkpoint).with_context(|| format!("{}: no {checkpoint} (neither segk's .safetensors nor nnU-Net's .pth)", d.display()))?;
+            checkpoints.push((d, file));
         }
-        Ok(Model { plans, configuration, plan, json, checkpoints })
+        // An nnU-Net checkpoint says what it was trained as and which mirrorings it allows.
+        let (mut configuration, mut mirror_axes, mut trainer_name) = (configuration_of(dir), vec![0, 1, 2], None);
+        if let Some((_, crate::checkpoint::WeightsFile::Torch(p))) = checkpoints.first() {
+            let ckpt = crate::pth::TorchCheckpoint::open(p)?;
+            configuration = ckpt.configuration.clone().unwrap_or(configuration);
+            mirror_axes = ckpt.mirror_axes.clone().unwrap_or_default();
+            trainer_name = ckpt.trainer_name.clone();
+        }
+        let plan = crate::plan::plans::from_nnunet(&plans, &configuration, &json).with_context(|| format!("{}", path.display()))?;
+        Ok(Model { plans, configuration, plan, json, checkpoints, mirror_axes, trainer_name })
     }
 
     /// How the net's outputs become label values: the label values in class order, or for a
@@ -173,19 +185,32 @@ pub fn host_bytes_bound(model: &Model, raw: usize, stored: [usize; 3]) -> Result
     Ok((params + acts + window + tiles + cases) as u64 + (64 << 20))
 }
 
+/// Where a label map is written before it is complete: a hidden name in the same folder,
+/// with the same ending (the writer compresses by it).
+fn partial_path(out: &Path) -> PathBuf {
+    let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+    out.with_file_name(format!(".partial.{name}"))
+}
+
+/// The cases of job `part_id` of `num_parts` (nnU-Net's --num_parts / --part_id: every
+/// num_parts-th case of the sorted list, from part_id).
+pub fn part_of<T>(cases: Vec<T>, part_id: usize, num_parts: usize) -> Result<Vec<T>> {
+    ensure!(num_parts >= 1 && part_id < num_parts, "--part-id must be below --num-parts (got part {part_id} of {num_parts})");
+    Ok(cases.into_iter().enumerate().filter(|(i, _)| i % num_parts == part_id).map(|(_, c)| c).collect())
+}
+
+/// Whether case `id` is already predicted in `output`: its label map is there (written last,
+/// by rename), and its probabilities when they are asked for.
+pub fn is_predicted(output: &Path, id: &str, ending: &str, probabilities: bool) -> bool {
+    output.join(format!("{id}{ending}")).is_file() && (!probabilities || output.join(format!("{id}.npz")).is_file())
+}
+
 #[derive(Clone, Copy, Debug)]
 pub struct PredictOptions {
     pub step: f64,
     pub tta: bool,
     /// Also write CASE.npz with the class probabilities on the input's grid (nnU-Net's format).
     pub save_probabilities: bool,
-}
-
-/// Predicts every case of `input` into `output` (label maps named ID<ending>, on each
-/// input's grid and header). Returns the written files.
-pub fn predict_folder<B: Backend>(be: &B, model: &Model, input: &Path, output: &Path, opt: PredictOptions, progress: &indicatif::ProgressBar) -> Result<(Vec<PathBuf>, u64)> {
-    let cases = find_cases(input, model.json.channels(), &model.json.file_ending)?;
-    predict_cases(be, model, &cases, output, opt, progress)
 }
 
 /// Predicts the given cases (id, channel files) into `output`; returns the files written and
@@ -200,13 +225,14 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
     std::fs::write(&probe, b"").with_context(|| format!("{}: cannot write there", output.display()))?;
     let _ = std::fs::remove_file(&probe);
     let mut nets = Vec::new();
-    for (dir, name) in &model.checkpoints {
+    for (dir, file) in &model.checkpoints {
         let mut net = UNet::for_inference(be, plan.topology.clone())?;
-        crate::checkpoint::load_weights(dir, name, be, &mut net)?;
+        crate::checkpoint::load_weights(dir, file, be, &mut net)?;
         nets.push(net);
     }
     let acts = Acts::new(be, &plan.topology, plan.patch_size, 1, Checkpointing::Level1, false)?;
-    let predictor = window::Predictor { be, nets: &nets, acts: &acts, patch: plan.patch_size, classes: head.outputs(), step: opt.step, tta: opt.tta };
+    let mirror_axes = if opt.tta { model.mirror_axes.clone() } else { Vec::new() };
+    let predictor = window::Predictor { be, nets: &nets, acts: &acts, patch: plan.patch_size, classes: head.outputs(), step: opt.step, mirror_axes: &mirror_axes };
     progress.set_length(cases.len() as u64);
     let ty = if head.values().iter().all(|&v| (0..=255).contains(&v)) { VoxelType::U8 } else { VoxelType::I16 };
     let mut written = Vec::new();
@@ -226,11 +252,15 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
             }
         });
         let writer = scope.spawn(move || -> Result<()> {
+            // Probabilities first, then the label map under a temporary name renamed into
+            // place: a case whose label map exists is complete (what --continue relies on).
             for (out, vol, probs) in write_rx {
-                nifti_io::write(&out, &vol, ty)?;
                 if let Some((p, npz)) = probs {
                     p.finish(&npz)?;
                 }
+                let tmp = partial_path(&out);
+                nifti_io::write(&tmp, &vol, ty)?;
+                std::fs::rename(&tmp, &out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
             }
             Ok(())
         });

@@ -56,8 +56,8 @@ pub struct Predictor<'a, B: Backend> {
     pub patch: [usize; 3],
     pub classes: usize,
     pub step: f64,
-    /// Mirror test-time augmentation over every combination of the three axes.
-    pub tta: bool,
+    /// Mirror test-time augmentation over every combination of these axes (none: off).
+    pub mirror_axes: &'a [usize],
 }
 
 fn flip_index(p: [usize; 3], patch: [usize; 3], flip: [bool; 3]) -> usize {
@@ -73,7 +73,8 @@ impl<B: Backend> Predictor<'_, B> {
         let p = self.patch;
         let c = self.classes;
         let plane = live.first().map_or(0, |l| l.1.len());
-        let flips: Vec<[bool; 3]> = if self.tta { (0..8).map(|m| [m & 4 != 0, m & 2 != 0, m & 1 != 0]).collect() } else { vec![[false; 3]] };
+        let allowed: [bool; 3] = std::array::from_fn(|a| self.mirror_axes.contains(&a));
+        let flips: Vec<[bool; 3]> = (0..8).map(|m| [m & 4 != 0, m & 2 != 0, m & 1 != 0]).filter(|f| (0..3).all(|a| allowed[a] || !f[a])).collect();
         let scale = 1.0 / (self.nets.len() * flips.len()) as f32;
         let row = p[1] * p[2];
         for net in self.nets {
