@@ -182,7 +182,11 @@ pub fn run_plan(ex: &Experiment, gpu_memory: Option<f64>, out: Option<std::path:
         let plans_name = chosen.plans_name;
         let flag = if chosen.class == nn::PLANNERS[0].class { String::new() } else { format!(" -p {plans_name}") };
         let trains = match plans::from_nnunet(chosen_plans.as_ref().expect("the chosen planner planned above"), "3d_fullres", &ds.json) {
-            Ok(_) => format!("segk trains {plans_name}' 3d_fullres as planned: `segk train DATASET 3d_fullres FOLD{flag}`"),
+            Ok(_) => {
+                let lowres = chosen_plans.as_ref().is_some_and(|p| p.configurations.get("3d_lowres").is_some());
+                let also = if lowres { format!(", and 3d_lowres: `segk train DATASET 3d_lowres FOLD{flag}`") } else { String::new() };
+                format!("segk trains {plans_name}' 3d_fullres as planned: `segk train DATASET 3d_fullres FOLD{flag}`{also}")
+            }
             Err(e) => format!("segk cannot train {plans_name}' 3d_fullres: {e:#}"),
         };
         println!("{trains}");
@@ -372,8 +376,8 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
     use crate::preprocess::splits;
     let TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained, validation, workers, seed } = o;
     anyhow::ensure!(
-        configuration == "3d_fullres",
-        "configuration {configuration:?}: segk trains 3d_fullres so far (`segk plan` writes nnU-Net's 2d, 3d_lowres and 3d_cascade_fullres too; training them comes with nnU-Net's other configurations)"
+        ["3d_fullres", "3d_lowres"].contains(&configuration),
+        "configuration {configuration:?}: segk trains 3d_fullres and 3d_lowres so far (`segk plan` writes nnU-Net's 2d and 3d_cascade_fullres too; training them is to come)"
     );
     let fold: splits::Fold = fold.parse()?;
     let checkpointing = match checkpointing.as_str() {

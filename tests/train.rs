@@ -438,3 +438,32 @@ fn resenc_preset_trains_and_predicts() {
     assert_eq!(pred.shape, nifti_io::read(&root.join("labelsTr/case_0000.nii.gz")).unwrap().shape);
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// nnU-Net's 3d_lowres: planned when the full-resolution patch covers little of the median
+/// image (here forced small with -gpu_memory_target), trained on its own store at its coarser
+/// spacing, learning; `segk predict` with its model folder writes label maps on the inputs'
+/// own grids.
+#[test]
+fn lowres_configuration_trains_on_its_own_store_and_predicts() {
+    use segk::dataset::nifti_io;
+    let base = fresh_dir("lowres");
+    let root = base.join("Dataset041_Low");
+    assert!(segk_cli(&["synth", root.to_str().unwrap(), "--cases", "3", "--shape", "32,48,48", "--spacing", "1,1,1"]).status.success());
+    let out = segk_cli(&["plan", root.to_str().unwrap(), "-gpu_memory_target", "0.02"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("3d_lowres: patch "), "{text}");
+    let out = segk_cli(&["train", root.to_str().unwrap(), "3d_lowres", "all", "--device", "cpu", "--epochs", "4", "--iters-per-epoch", "20", "--val-iters", "3", "--workers", "1", "--no-validation"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("training 3d_lowres of nnUNetPlans"), "{text}");
+    assert!(base.join("segk_preprocessed/Dataset041_Low/segk_nnUNetPlans_3d_lowres").is_dir(), "its own store");
+    let last = text.lines().filter(|l| l.starts_with("epoch ")).last().unwrap_or_default();
+    let organ: f64 = last.split("pseudo dice [").nth(1).and_then(|s| s.split(',').next()).and_then(|s| s.trim().parse().ok()).unwrap_or(0.0);
+    assert!(organ > 0.6, "the organ is learnt at the coarse spacing: {last}");
+    let model = base.join("segk_results/Dataset041_Low/segkTrainer__nnUNetPlans__3d_lowres");
+    let out = segk_cli(&["predict", "-i", root.join("imagesTr").to_str().unwrap(), "-o", base.join("pred").to_str().unwrap(), "-m", model.to_str().unwrap(), "--device", "cpu", "--no-tta"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let (pred, truth) = (nifti_io::read(&base.join("pred/case_0000.nii.gz")).unwrap(), nifti_io::read(&root.join("labelsTr/case_0000.nii.gz")).unwrap());
+    assert_eq!(pred.shape, truth.shape);
+    let _ = std::fs::remove_dir_all(&base);
+}
