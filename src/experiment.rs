@@ -561,6 +561,12 @@ pub fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &st
     if !unread.is_empty() {
         println!("  not read: {}", unread.join(", "));
     }
+    // As nnU-Net: the prediction folder carries the model's dataset.json and plans.json
+    // (`segk ensemble` and nnUNetv2_ensemble read them there).
+    std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
+    for f in ["dataset.json", crate::predict::PLANS_FILE] {
+        std::fs::copy(model.join(f), output.join(f)).with_context(|| format!("copying {} into {}", model.join(f).display(), output.display()))?;
+    }
     let all = crate::predict::find_cases(input, m.json.channels(), &m.json.file_ending)?;
     let n_all = all.len();
     let mut cases = crate::predict::part_of(all, select.part_id, select.num_parts)?;

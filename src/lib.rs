@@ -12,6 +12,7 @@ pub mod bench_loader;
 pub mod bench_step;
 pub mod checkpoint;
 pub mod dataset;
+pub mod ensemble;
 pub mod demo;
 pub mod device;
 pub mod evaluate;

@@ -193,6 +193,21 @@ enum Cmd {
         #[arg(long = "continue", alias = "continue_prediction")]
         continue_prediction: bool,
     },
+    /// Average the probabilities of several prediction folders (nnU-Net's nnUNetv2_ensemble):
+    /// label maps, and with --save-probabilities the averaged CASE.npz.
+    Ensemble {
+        /// Prediction folders made with --save-probabilities, holding the same cases.
+        #[arg(short = 'i', long, num_args = 2.., required = true)]
+        input: Vec<std::path::PathBuf>,
+        #[arg(short = 'o', long)]
+        output: std::path::PathBuf,
+        /// Also write the averaged probabilities (nnU-Net's --save_npz).
+        #[arg(long, alias = "save_npz")]
+        save_probabilities: bool,
+        /// The dataset.json giving labels and file ending (default: the first folder's).
+        #[arg(long)]
+        dataset_json: Option<std::path::PathBuf>,
+    },
     /// Dice, IoU and counts per label and case of predictions against references (summary.json).
     Evaluate {
         /// Folder of predicted label maps (.nii/.nii.gz).
@@ -342,6 +357,7 @@ fn main() {
             };
             model.and_then(|m| run_predict(&input, &output, &m, folds, &checkpoint, segk::predict::PredictOptions { step, tta: !no_tta, save_probabilities }, select, &device))
         }
+        Cmd::Ensemble { input, output, save_probabilities, dataset_json } => segk::ensemble::command(&input, &output, save_probabilities, dataset_json.as_deref()),
         Cmd::Evaluate { pred, gt, labels, ignore_label, dataset_json, out } => run_evaluate(&pred, &gt, labels, ignore_label, dataset_json.as_deref(), out),
         Cmd::Synth { dataset, cases, shape, spacing, seed } => segk::synth::command(&dataset, segk::synth::RawSpec { cases, shape, spacing, seed }),
         Cmd::Bench { what: BenchCmd::Step(a) } => set_threads(a.threads).and_then(|_| segk::bench_step::run(&a)),

@@ -236,3 +236,54 @@ fn pretrained_weights_start_fine_tuning() {
     assert!(ok && text.contains("pretrained weights: ") && text.contains("segmentation heads initialised fresh"), "{text}");
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// `segk ensemble` of nnU-Net's plain and ResEnc predictions (the fixtures' TTA folders):
+/// the label map is the argmax of the averaged probabilities (label values in class order,
+/// the first of equal classes winning), on the first folder's grid; the averaged probabilities
+/// are written when asked. A folder ensembled with itself is the identity.
+#[test]
+fn ensemble_averages_probabilities_and_takes_the_argmax() {
+    let base = fresh_dir("ensemble");
+    let (a, b) = (fixture().join("plain/pred_tta"), fixture().join("resenc/pred_tta"));
+    let json = fixture().join(PLAIN).join("dataset.json");
+    let out = base.join("ens");
+    let (ok, text) = segk(&["ensemble", "-i", a.to_str().unwrap(), b.to_str().unwrap(), "-o", out.to_str().unwrap(), "--save-probabilities", "--dataset-json", json.to_str().unwrap()]);
+    assert!(ok && text.contains("ensembled 2 folders") && text.contains("3 cases"), "{text}");
+    for case in CASES {
+        let (sa, pa) = read_npz(&a.join(format!("{case}.npz"))).unwrap();
+        let (_, pb) = read_npz(&b.join(format!("{case}.npz"))).unwrap();
+        let (so, po) = read_npz(&out.join(format!("{case}.npz"))).unwrap();
+        assert_eq!(so, sa);
+        let avg: Vec<f32> = pa.iter().zip(&pb).map(|(x, y)| (x + y) * 0.5).collect();
+        assert_eq!(po, avg, "{case}: the averaged probabilities");
+        let n = sa[1] * sa[2] * sa[3];
+        let expected: Vec<f32> = (0..n)
+            .map(|v| {
+                let mut best = 0;
+                for c in 1..sa[0] {
+                    if avg[c * n + v] > avg[best * n + v] {
+                        best = c;
+                    }
+                }
+                best as f32
+            })
+            .collect();
+        let labels = nifti_io::read(&out.join(format!("{case}.nii.gz"))).unwrap();
+        assert_eq!(labels.data, expected, "{case}: argmax of the average");
+        assert_eq!(labels.shape, nifti_io::read(&a.join(format!("{case}.nii.gz"))).unwrap().shape);
+    }
+    let same = base.join("same");
+    let (ok, text) = segk(&["ensemble", "-i", a.to_str().unwrap(), a.to_str().unwrap(), "-o", same.to_str().unwrap(), "--dataset-json", json.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    for case in CASES {
+        let f = format!("{case}.nii.gz");
+        assert_eq!(nifti_io::read(&same.join(&f)).unwrap().data, nifti_io::read(&a.join(&f)).unwrap().data, "{case}: identity");
+    }
+    // Folders with different cases are refused.
+    let partial = base.join("partial");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::copy(a.join("ts_000.npz"), partial.join("ts_000.npz")).unwrap();
+    let (ok, text) = segk(&["ensemble", "-i", a.to_str().unwrap(), partial.to_str().unwrap(), "-o", base.join("x").to_str().unwrap(), "--dataset-json", json.to_str().unwrap()]);
+    assert!(!ok && text.contains("hold different cases"), "{text}");
+    let _ = std::fs::remove_dir_all(&base);
+}

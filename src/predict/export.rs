@@ -25,6 +25,18 @@ pub enum Head {
 }
 
 impl Head {
+    /// The head a dataset.json describes: its label values (the ignore label aside) in
+    /// ascending order, or its regions_class_order for a region dataset.
+    pub fn of(json: &crate::dataset::DatasetJson) -> anyhow::Result<Head> {
+        use anyhow::Context;
+        if json.has_regions() {
+            let order = json.regions_class_order.as_ref().context("dataset.json: labels are regions but there is no regions_class_order")?;
+            return Ok(Head::Regions(order.iter().map(|&v| v as i16).collect()));
+        }
+        let mut v: Vec<i16> = json.labels.iter().filter(|(name, _)| *name != "ignore").filter_map(|(_, l)| if let crate::dataset::LabelValue::One(x) = l { Some(*x as i16) } else { None }).collect();
+        v.sort();
+        Ok(Head::Softmax(v))
+    }
     pub fn outputs(&self) -> usize {
         match self {
             Head::Softmax(v) | Head::Regions(v) => v.len(),

@@ -9,7 +9,7 @@ pub mod window;
 
 use crate::backend::Backend;
 use crate::dataset::nifti_io::{self, VoxelType};
-use crate::dataset::{DatasetJson, LabelValue};
+use crate::dataset::DatasetJson;
 use crate::model::unet::Acts;
 use crate::model::{Checkpointing, UNet};
 use crate::plan::plans::Plan;
@@ -85,16 +85,10 @@ impl Model {
     /// How the net's outputs become label values: the label values in class order, or for a
     /// region net the regions_class_order.
     pub fn head(&self) -> Result<export::Head> {
+        let head = export::Head::of(&self.json)?;
         let outputs = self.plan.topology.n_classes;
-        if self.json.has_regions() {
-            let order = self.json.regions_class_order.as_ref().context("dataset.json: labels are regions but there is no regions_class_order")?;
-            ensure!(order.len() == outputs, "dataset.json's regions_class_order has {} values, the network {outputs} outputs", order.len());
-            return Ok(export::Head::Regions(order.iter().map(|&v| v as i16).collect()));
-        }
-        let mut v: Vec<i16> = self.json.labels.iter().filter(|(name, _)| *name != "ignore").filter_map(|(_, l)| if let LabelValue::One(x) = l { Some(*x as i16) } else { None }).collect();
-        v.sort();
-        ensure!(v.len() == outputs, "dataset.json has {} labels, the network {outputs} outputs", v.len());
-        Ok(export::Head::Softmax(v))
+        ensure!(head.outputs() == outputs, "dataset.json gives {} outputs ({}), the network has {outputs}", head.outputs(), if self.json.has_regions() { "regions_class_order" } else { "labels" });
+        Ok(head)
     }
 }
 

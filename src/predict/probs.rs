@@ -46,7 +46,7 @@ fn reserve(file: &std::fs::File, len: usize, path: &Path) -> Result<()> {
 
 /// A .npy version 1.0 header for little-endian f32 of `shape`, padded so the data starts on a
 /// 64-byte boundary (numpy's rule).
-fn npy_header(shape: &[usize]) -> Vec<u8> {
+pub(crate) fn npy_header(shape: &[usize]) -> Vec<u8> {
     let dims: Vec<String> = shape.iter().map(|d| d.to_string()).collect();
     let mut dict = format!("{{'descr': '<f4', 'fortran_order': False, 'shape': ({}), }}", dims.join(", ") + if shape.len() == 1 { "," } else { "" });
     let unpadded = 10 + dict.len() + 1;
