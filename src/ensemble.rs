@@ -54,15 +54,7 @@ impl<'a> NpyStream<'a> {
 
 /// The CASE.npz files every folder holds (nnU-Net requires all folders to hold the same).
 pub fn common_cases(folders: &[PathBuf]) -> Result<Vec<String>> {
-    let list = |d: &Path| -> Result<Vec<String>> {
-        let mut v: Vec<String> = std::fs::read_dir(d)
-            .with_context(|| format!("{}: cannot list", d.display()))?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_suffix(".npz")).map(str::to_string))
-            .collect();
-        v.sort();
-        Ok(v)
-    };
+    let list = |d: &Path| crate::predict::names_in(d, |n| n.strip_suffix(".npz"));
     let first = list(&folders[0])?;
     ensure!(!first.is_empty(), "{}: no CASE.npz probability files (predict with --save-probabilities)", folders[0].display());
     for f in &folders[1..] {

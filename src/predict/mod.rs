@@ -45,12 +45,7 @@ impl Model {
         ensure!(path.is_file(), "{}: not a model folder (no {PLANS_FILE}): -m takes the folder `segk train` writes, the one that holds fold_0, fold_1, ..", dir.display());
         let plans = crate::plan::plans::read_nnunet_plans(&path)?;
         let json = crate::dataset::read_json(dir)?;
-        let mut present: Vec<String> = std::fs::read_dir(dir)
-            .with_context(|| format!("{}: cannot list", dir.display()))?
-            .filter_map(|e| e.ok())
-            .filter_map(|e| e.file_name().to_str().and_then(|n| n.strip_prefix("fold_")).map(str::to_string))
-            .collect();
-        present.sort();
+        let present = names_in(dir, |n| n.strip_prefix("fold_"))?;
         let folds: Vec<String> = match folds {
             Some(f) => f.to_vec(),
             None => {
@@ -90,6 +85,17 @@ impl Model {
         ensure!(head.outputs() == outputs, "dataset.json gives {} outputs ({}), the network has {outputs}", head.outputs(), if self.json.has_regions() { "regions_class_order" } else { "labels" });
         Ok(head)
     }
+}
+
+/// The entries of `dir` that `pick` maps to a name (a prefix or suffix stripped), sorted.
+pub fn names_in(dir: &Path, pick: impl Fn(&str) -> Option<&str>) -> Result<Vec<String>> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .with_context(|| format!("{}: cannot list", dir.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| e.file_name().to_str().and_then(&pick).map(str::to_string))
+        .collect();
+    v.sort();
+    Ok(v)
 }
 
 /// The plans file of a model folder, as nnU-Net names it there.
