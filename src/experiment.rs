@@ -633,3 +633,44 @@ pub fn run_fingerprint(ex: &Experiment, out: Option<std::path::PathBuf>) -> Resu
     Ok(())
 }
 
+/// The dataset.json for a folder of predictions: the one given, else the folder's own (segk and
+/// nnU-Net copy it there), else the one beside `fallback` (a labelsTr's parent).
+fn prediction_json(folder: &Path, given: Option<&Path>, fallback: Option<&Path>) -> Result<crate::dataset::DatasetJson> {
+    let candidates: Vec<PathBuf> = match given {
+        Some(g) => vec![g.to_path_buf()],
+        None => std::iter::once(folder.join("dataset.json")).chain(fallback.and_then(Path::parent).map(|p| p.join("dataset.json"))).collect(),
+    };
+    let path = candidates.iter().find(|p| p.is_file()).with_context(|| format!("no dataset.json at {} (give --dataset-json)", candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" or ")))?;
+    serde_json::from_slice(&std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?).with_context(|| format!("{}: not a dataset.json", path.display()))
+}
+
+/// `segk determine-postprocessing -i PRED --ref GT`.
+pub fn run_determine_postprocessing(pred: &Path, gt: &Path, dataset_json: Option<&Path>) -> Result<()> {
+    let json = prediction_json(pred, dataset_json, Some(gt))?;
+    let d = crate::postprocess::determine(pred, gt, &json)?;
+    for line in &d.log {
+        println!("  {line}");
+    }
+    let file = pred.join("postprocessing.json");
+    crate::postprocess::write_json(&file, &d)?;
+    let n = crate::postprocess::apply_folder(pred, &pred.join("postprocessed"), &d.steps, &json.file_ending)?;
+    println!(
+        "foreground mean Dice {:.5} -> {:.5} with {} step(s); wrote {} and {} postprocessed maps into {}",
+        d.before.1.dice.unwrap_or(0.0),
+        d.after.1.dice.unwrap_or(0.0),
+        d.steps.len(),
+        file.display(),
+        n,
+        pred.join("postprocessed").display()
+    );
+    Ok(())
+}
+
+/// `segk postprocess -i IN -o OUT --pp-json FILE`.
+pub fn run_postprocess(input: &Path, output: &Path, pp_json: &Path, dataset_json: Option<&Path>) -> Result<()> {
+    let json = prediction_json(input, dataset_json, None)?;
+    let steps = crate::postprocess::read_steps(pp_json)?;
+    let n = crate::postprocess::apply_folder(input, output, &steps, &json.file_ending)?;
+    println!("applied {} postprocessing step(s) of {} to {n} label maps into {}", steps.len(), pp_json.display(), output.display());
+    Ok(())
+}

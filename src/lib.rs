@@ -24,6 +24,7 @@ pub mod model;
 pub mod ordered;
 pub mod plan;
 pub mod plot;
+pub mod postprocess;
 pub mod predict;
 pub mod preprocess;
 pub mod pth;

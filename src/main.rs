@@ -208,6 +208,33 @@ enum Cmd {
         #[arg(long)]
         dataset_json: Option<std::path::PathBuf>,
     },
+    /// nnU-Net's postprocessing decision on cross-validation predictions: keep the largest
+    /// foreground component, then each label's, where it raises the Dice; writes
+    /// PRED/postprocessing.json and the postprocessed maps into PRED/postprocessed.
+    DeterminePostprocessing {
+        /// Prediction folder (e.g. a fold's validation folder, or all folds' merged).
+        #[arg(short = 'i', long)]
+        input: std::path::PathBuf,
+        /// Reference label maps (labelsTr).
+        #[arg(long = "ref")]
+        reference: std::path::PathBuf,
+        /// The dataset.json (default: the prediction folder's, else the references' parent's).
+        #[arg(long)]
+        dataset_json: Option<std::path::PathBuf>,
+    },
+    /// Apply a postprocessing.json (nnU-Net's format) to a folder of label maps.
+    Postprocess {
+        #[arg(short = 'i', long)]
+        input: std::path::PathBuf,
+        #[arg(short = 'o', long)]
+        output: std::path::PathBuf,
+        /// The postprocessing.json written by determine-postprocessing (or nnU-Net's).
+        #[arg(long)]
+        pp_json: std::path::PathBuf,
+        /// The dataset.json giving the file ending (default: the input folder's).
+        #[arg(long)]
+        dataset_json: Option<std::path::PathBuf>,
+    },
     /// Dice, IoU and counts per label and case of predictions against references (summary.json).
     Evaluate {
         /// Folder of predicted label maps (.nii/.nii.gz).
@@ -312,6 +339,8 @@ fn nnunet_flag(arg: String) -> String {
         "-np" => "--processes".into(),
         "-il" => "--ignore-label".into(),
         "-num_parts" => "--num-parts".into(),
+        "-ref" => "--ref".into(),
+        "-pp_json" => "--pp-json".into(),
         "-pretrained_weights" => "--pretrained-weights".into(),
         "-part_id" => "--part-id".into(),
         "-djfile" => "--dataset-json".into(),
@@ -358,6 +387,8 @@ fn main() {
             model.and_then(|m| run_predict(&input, &output, &m, folds, &checkpoint, segk::predict::PredictOptions { step, tta: !no_tta, save_probabilities }, select, &device))
         }
         Cmd::Ensemble { input, output, save_probabilities, dataset_json } => segk::ensemble::command(&input, &output, save_probabilities, dataset_json.as_deref()),
+        Cmd::DeterminePostprocessing { input, reference, dataset_json } => segk::experiment::run_determine_postprocessing(&input, &reference, dataset_json.as_deref()),
+        Cmd::Postprocess { input, output, pp_json, dataset_json } => segk::experiment::run_postprocess(&input, &output, &pp_json, dataset_json.as_deref()),
         Cmd::Evaluate { pred, gt, labels, ignore_label, dataset_json, out } => run_evaluate(&pred, &gt, labels, ignore_label, dataset_json.as_deref(), out),
         Cmd::Synth { dataset, cases, shape, spacing, seed } => segk::synth::command(&dataset, segk::synth::RawSpec { cases, shape, spacing, seed }),
         Cmd::Bench { what: BenchCmd::Step(a) } => set_threads(a.threads).and_then(|_| segk::bench_step::run(&a)),
