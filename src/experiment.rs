@@ -274,6 +274,8 @@ struct Train {
     configuration: String,
     /// Validation after training, from this raw dataset.
     validate: Option<std::path::PathBuf>,
+    /// Validation also writes the probabilities (nnU-Net's --npz; for ensembling).
+    npz: bool,
 }
 
 impl Job for Train {
@@ -290,7 +292,7 @@ impl Job for Train {
         let pth = crate::checkpoint::export_nnunet(&self.cfg.out, "checkpoint_final", &self.configuration)?;
         println!("wrote {} (nnU-Net's checkpoint format: nnUNetv2_predict_from_modelfolder reads this model folder)", pth.display());
         if let Some(root) = &self.validate {
-            validate(be, &self.cfg, &self.plans, &self.configuration, root)?;
+            validate(be, &self.cfg, &self.plans, &self.configuration, root, self.npz)?;
         }
         Ok(logs)
     }
@@ -298,7 +300,7 @@ impl Job for Train {
 
 /// nnU-Net's validation after training: the fold's validation cases predicted from the raw
 /// images with checkpoint_final (mirror TTA on) into OUT/validation, scored into summary.json.
-pub fn validate<B: Backend>(be: &B, cfg: &crate::train::TrainConfig, plans: &crate::plan::plans_json::PlansJson, configuration: &str, root: &std::path::Path) -> Result<()> {
+pub fn validate<B: Backend>(be: &B, cfg: &crate::train::TrainConfig, plans: &crate::plan::plans_json::PlansJson, configuration: &str, root: &std::path::Path, npz: bool) -> Result<()> {
     let model_dir = cfg.out.parent().unwrap_or(&cfg.out);
     let model = crate::predict::Model {
         plans: plans.clone(),
@@ -316,7 +318,7 @@ pub fn validate<B: Backend>(be: &B, cfg: &crate::train::TrainConfig, plans: &cra
     let t0 = std::time::Instant::now();
     println!("validation: predicting {} with checkpoint_final and mirror TTA into {}", crate::sysinfo::count(cases.len(), "case"), out.display());
     let bar = cases_bar();
-    let predicted = crate::predict::predict_cases(be, &model, &cases, &out, crate::predict::PredictOptions { step: 0.5, tta: true, save_probabilities: false }, &bar);
+    let predicted = crate::predict::predict_cases(be, &model, &cases, &out, crate::predict::PredictOptions { step: 0.5, tta: true, save_probabilities: npz }, &bar);
     bar.finish_and_clear();
     let (files, _) = predicted?;
     let pairs: Vec<_> = files.iter().zip(&cfg.val_ids).map(|(p, id)| (p.clone(), root.join("labelsTr").join(format!("{id}{ending}")))).collect();
@@ -336,6 +338,8 @@ pub struct TrainOpts {
     pub resume: bool,
     pub pretrained: Option<std::path::PathBuf>,
     pub validation: bool,
+    /// Validation writes probabilities too (nnU-Net's --npz).
+    pub npz: bool,
     pub workers: Option<usize>,
     pub seed: u64,
 }
@@ -374,7 +378,7 @@ pub fn stop_on_signals() {
 #[allow(clippy::too_many_arguments)]
 pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: Option<&str>, device: &str, o: TrainOpts, preprocessed: Option<std::path::PathBuf>, out: Option<std::path::PathBuf>) -> Result<()> {
     use crate::preprocess::splits;
-    let TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained, validation, workers, seed } = o;
+    let TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained, validation, npz, workers, seed } = o;
     anyhow::ensure!(
         ["3d_fullres", "3d_lowres"].contains(&configuration),
         "configuration {configuration:?}: segk trains 3d_fullres and 3d_lowres so far (`segk plan` writes nnU-Net's 2d and 3d_cascade_fullres too; training them is to come)"
@@ -455,7 +459,7 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
         pretrained,
     };
     let validate = validation.then(|| root.to_path_buf());
-    let logs = crate::device::run_on(device, Train { cfg, plans, configuration: configuration.to_string(), validate })?;
+    let logs = crate::device::run_on(device, Train { cfg, plans, configuration: configuration.to_string(), validate, npz })?;
     if let Some(last) = logs.last() {
         println!("done: {} epochs run, final EMA pseudo-Dice {:.4}", logs.len(), last.ema_dice);
     }
@@ -672,5 +676,20 @@ pub fn run_postprocess(input: &Path, output: &Path, pp_json: &Path, dataset_json
     let steps = crate::postprocess::read_steps(pp_json)?;
     let n = crate::postprocess::apply_folder(input, output, &steps, &json.file_ending)?;
     println!("applied {} postprocessing step(s) of {} to {n} label maps into {}", steps.len(), pp_json.display(), output.display());
+    Ok(())
+}
+
+/// `segk find-best-configuration DATASET -c ..`: nnU-Net's model selection over the trained
+/// configurations' cross-validation results (see [`crate::select`]).
+pub fn run_find_best(ex: &Experiment, configurations: &[String], plans: &str, trainer: &str, folds: &[String], ensembling: bool) -> Result<()> {
+    let root = ex.root.as_path();
+    let results = match std::env::var_os("nnUNet_results") {
+        Some(r) => PathBuf::from(r).join(dataset_name(root)),
+        None => beside(root).join("segk_results").join(dataset_name(root)),
+    };
+    let candidates: Vec<crate::select::Candidate> = configurations.iter().map(|c| crate::select::Candidate { trainer: trainer.to_string(), plans: plans.to_string(), configuration: c.clone() }).collect();
+    println!("comparing {} on folds {} in {}", configurations.join(", "), folds.join(" "), results.display());
+    crate::select::find_best(&dataset_name(root), &results, &root.join("labelsTr"), &candidates, folds, ensembling)?;
+    println!("wrote {} and {}", results.join("inference_information.json").display(), results.join("inference_instructions.txt").display());
     Ok(())
 }

@@ -28,6 +28,7 @@ pub mod postprocess;
 pub mod predict;
 pub mod preprocess;
 pub mod pth;
+pub mod select;
 pub mod selftest;
 pub mod store;
 pub mod sysinfo;

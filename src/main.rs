@@ -124,6 +124,10 @@ enum Cmd {
         /// Skip predicting the validation cases after training.
         #[arg(long)]
         no_validation: bool,
+        /// Validation also writes the probabilities (CASE.npz), for ensembling in
+        /// find-best-configuration (nnU-Net's --npz).
+        #[arg(long)]
+        npz: bool,
         /// Augmentation workers (default: SEGK_WORKERS, else nnUNet_n_proc_DA, else CPUs - 1).
         #[arg(long)]
         workers: Option<usize>,
@@ -234,6 +238,25 @@ enum Cmd {
         /// The dataset.json giving the file ending (default: the input folder's).
         #[arg(long)]
         dataset_json: Option<std::path::PathBuf>,
+    },
+    /// nnU-Net's model selection: score each configuration's cross-validation predictions and
+    /// every pair's ensemble, determine the best one's postprocessing, and write
+    /// inference_information.json and inference_instructions.txt.
+    FindBestConfiguration {
+        /// The DatasetXXX_Name folder, or its ID or name under $nnUNet_raw.
+        dataset: std::path::PathBuf,
+        /// Configurations to compare (each trained on every fold of -f).
+        #[arg(short = 'c', long, num_args = 1.., default_values_t = ["3d_fullres".to_string()])]
+        configurations: Vec<String>,
+        #[arg(short = 'p', long, default_value = "nnUNetPlans")]
+        plans: String,
+        #[arg(long = "tr", default_value = "segkTrainer")]
+        trainer: String,
+        #[arg(short = 'f', long, num_args = 1.., default_values_t = ["0".to_string(), "1".to_string(), "2".to_string(), "3".to_string(), "4".to_string()])]
+        folds: Vec<String>,
+        /// Compare single configurations only.
+        #[arg(long, alias = "disable_ensembling")]
+        disable_ensembling: bool,
     },
     /// Dice, IoU and counts per label and case of predictions against references (summary.json).
     Evaluate {
@@ -359,8 +382,8 @@ fn main() {
         Cmd::Fingerprint { dataset, out } => Experiment::new(&dataset).and_then(|e| run_fingerprint(&e, out)),
         Cmd::Plan { dataset, planner, gpu_memory_target, gpu_memory, out } => Experiment::new(&dataset).and_then(|e| run_plan(&e, gpu_memory, out, &planner, gpu_memory_target)),
         Cmd::Preprocess { dataset, plans, configurations, processes, f16, out } => Experiment::new(&dataset).and_then(|e| run_preprocess(&e, processes, f16, &plans, &configurations, out)),
-        Cmd::Train { dataset, configuration_fold, plans, device, epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained_weights, no_validation, workers, seed, preprocessed, out } => {
-            let o = TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained: pretrained_weights, validation: !no_validation, workers, seed };
+        Cmd::Train { dataset, configuration_fold, plans, device, epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained_weights, no_validation, npz, workers, seed, preprocessed, out } => {
+            let o = TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained: pretrained_weights, validation: !no_validation, npz, workers, seed };
             let (configuration, fold) = match configuration_fold.as_slice() {
                 [c] if ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"].contains(&c.as_str()) => {
                     eprintln!("error: segk train DATASET {c} FOLD: the fold is missing (0-4 or all)");
@@ -389,6 +412,7 @@ fn main() {
         Cmd::Ensemble { input, output, save_probabilities, dataset_json } => segk::ensemble::command(&input, &output, save_probabilities, dataset_json.as_deref()),
         Cmd::DeterminePostprocessing { input, reference, dataset_json } => segk::experiment::run_determine_postprocessing(&input, &reference, dataset_json.as_deref()),
         Cmd::Postprocess { input, output, pp_json, dataset_json } => segk::experiment::run_postprocess(&input, &output, &pp_json, dataset_json.as_deref()),
+        Cmd::FindBestConfiguration { dataset, configurations, plans, trainer, folds, disable_ensembling } => Experiment::new(&dataset).and_then(|e| segk::experiment::run_find_best(&e, &configurations, &plans, &trainer, &folds, !disable_ensembling)),
         Cmd::Evaluate { pred, gt, labels, ignore_label, dataset_json, out } => run_evaluate(&pred, &gt, labels, ignore_label, dataset_json.as_deref(), out),
         Cmd::Synth { dataset, cases, shape, spacing, seed } => segk::synth::command(&dataset, segk::synth::RawSpec { cases, shape, spacing, seed }),
         Cmd::Bench { what: BenchCmd::Step(a) } => set_threads(a.threads).and_then(|_| segk::bench_step::run(&a)),

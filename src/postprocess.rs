@@ -99,14 +99,17 @@ pub fn read_steps(path: &Path) -> Result<Vec<Vec<i64>>> {
 /// reference).
 type Cases = Vec<(String, [usize; 3], Vec<f32>, Vec<f32>)>;
 
+/// The predictions in `pred`, each with its reference (nnU-Net scores the predicted files).
 fn load_cases(pred: &Path, gt: &Path, ending: &str) -> Result<Cases> {
-    let names = crate::predict::names_in(gt, |n| n.strip_suffix(ending))?;
-    ensure!(!names.is_empty(), "{}: no reference label maps ending in {ending}", gt.display());
+    let names = crate::predict::names_in(pred, |n| n.strip_suffix(ending))?;
+    ensure!(!names.is_empty(), "{}: no predicted label maps ending in {ending}", pred.display());
     names
         .into_iter()
         .map(|n| {
             let file = format!("{n}{ending}");
-            let (p, r) = (nifti_io::read(&pred.join(&file)).with_context(|| format!("{}: the prediction of reference {n}", pred.join(&file).display()))?, nifti_io::read(&gt.join(&file))?);
+            let reference = gt.join(&file);
+            ensure!(reference.is_file(), "{}: no reference for the prediction {n}", reference.display());
+            let (p, r) = (nifti_io::read(&pred.join(&file))?, nifti_io::read(&reference)?);
             ensure!(p.shape == r.shape, "{}: shape {:?}, the reference's {:?}", pred.join(&file).display(), p.shape, r.shape);
             Ok((n, p.shape, p.data, r.data))
         })

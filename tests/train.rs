@@ -467,3 +467,43 @@ fn lowres_configuration_trains_on_its_own_store_and_predicts() {
     assert_eq!(pred.shape, truth.shape);
     let _ = std::fs::remove_dir_all(&base);
 }
+
+/// nnU-Net's model selection end to end on generated data: 3d_fullres and 3d_lowres each
+/// trained on folds 0 and 1 with --npz, then `segk find-best-configuration -c 3d_fullres
+/// 3d_lowres -f 0 1` gathers each one's validation predictions, scores them and their ensemble,
+/// picks the best, determines its postprocessing and writes nnU-Net's inference_information.json
+/// and inference_instructions.txt with segk's commands.
+#[test]
+fn find_best_configuration_compares_configurations_and_their_ensemble() {
+    let base = fresh_dir("select");
+    let root = base.join("Dataset042_Select");
+    assert!(segk_cli(&["synth", root.to_str().unwrap(), "--cases", "5", "--shape", "32,48,48", "--spacing", "1,1,1"]).status.success());
+    assert!(segk_cli(&["plan", root.to_str().unwrap(), "-gpu_memory_target", "0.02"]).status.success());
+    for c in ["3d_fullres", "3d_lowres"] {
+        for f in ["0", "1"] {
+            let out = segk_cli(&["train", root.to_str().unwrap(), c, f, "--device", "cpu", "--epochs", "1", "--iters-per-epoch", "2", "--val-iters", "1", "--workers", "1", "--npz"]);
+            assert!(out.status.success(), "{c} fold {f}: {}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    let out = segk_cli(&["find-best-configuration", root.to_str().unwrap(), "-c", "3d_fullres", "3d_lowres", "-f", "0", "1"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let results = base.join("segk_results/Dataset042_Select");
+    let info: serde_json::Value = serde_json::from_slice(&std::fs::read(results.join("inference_information.json")).unwrap()).unwrap();
+    let all = info["all_results"].as_object().unwrap();
+    let ensemble = "ensemble___segkTrainer__nnUNetPlans__3d_fullres___segkTrainer__nnUNetPlans__3d_lowres___0_1";
+    for k in ["segkTrainer__nnUNetPlans__3d_fullres", "segkTrainer__nnUNetPlans__3d_lowres", ensemble] {
+        assert!(all.contains_key(k), "{k} scored: {info}");
+    }
+    let best = all.values().map(|v| v.as_f64().unwrap()).fold(f64::MIN, f64::max);
+    assert_eq!(info["best_model_or_ensemble"]["result_on_crossval_pre_pp"].as_f64(), Some(best), "{info}");
+    // Two folds of a five-fold split of five cases: two cross-validation cases, with probabilities.
+    let merged = results.join("segkTrainer__nnUNetPlans__3d_fullres/crossval_results_folds_0_1");
+    assert_eq!(segk::predict::names_in(&merged, |n| n.strip_suffix(".nii.gz")).unwrap().len(), 2);
+    assert_eq!(segk::predict::names_in(&merged, |n| n.strip_suffix(".npz")).unwrap().len(), 2);
+    assert!(results.join("ensembles").join(ensemble).join("summary.json").is_file());
+    assert!(std::path::Path::new(info["best_model_or_ensemble"]["postprocessing_file"].as_str().unwrap()).is_file(), "{info}");
+    let instructions = std::fs::read_to_string(results.join("inference_instructions.txt")).unwrap();
+    assert!(instructions.contains("segk predict -d Dataset042_Select -i INPUT_FOLDER") && instructions.contains("segk postprocess -i OUTPUT_FOLDER"), "{instructions}");
+    let _ = std::fs::remove_dir_all(&base);
+}
