@@ -158,9 +158,10 @@ fn predictions_keep_each_inputs_grid_and_evaluate_scores_them() {
     assert!(e.contains("fold 3 is not trained in") && e.contains("(it holds fold all)"), "{e}");
     let text = ok(segk().args(["predict", "-i"]).arg(&input).arg("-o").arg(base.join("p4")).arg("-m").arg(&model).args(["--device", "cpu", "--no-tta", "--checkpoint", "checkpoint_final.pth"]));
     assert!(text.contains("with fold_all (nnU-Net's checkpoint_final.pth, trainer nnUNetTrainer)"), "{text}");
+    assert!(base.join("p4/dataset.json").is_file() && base.join("p4/plans.json").is_file(), "the model's JSONs go with the predictions, as nnU-Net's");
     let text = ok(segk().args(["predict", "-i"]).arg(&input).arg("-o").arg(base.join("p5")).arg("-m").arg(&model).args(["--device", "cpu", "--no-tta", "--checkpoint", "checkpoint_final"]));
     assert!(text.contains("with fold_all (checkpoint_final)"), "{text}");
-    for f in std::fs::read_dir(base.join("p5")).unwrap().map(|e| e.unwrap().file_name()) {
+    for f in std::fs::read_dir(base.join("p5")).unwrap().map(|e| e.unwrap().file_name()).filter(|f| f.to_string_lossy().ends_with(".nii.gz")) {
         let read = |d: &str| segk::dataset::nifti_io::read(&base.join(d).join(&f)).unwrap().data;
         assert_eq!(read("p4"), read("p5"), "{f:?}: the .pth and the .safetensors predict the same");
     }

@@ -93,7 +93,7 @@ fn train_command_runs_plan_preprocess_and_epochs() {
         assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
         err
     };
-    refused(&["2d", "all", "--device", "cpu"], "segk trains 3d_fullres so far");
+    refused(&["2d", "all", "--device", "cpu"], "segk trains 3d_fullres and 3d_lowres so far");
     refused(&["3d_fullres", "all", "-p", "segkPlans", "--device", "cpu"], "segkPlans.json: missing: `segk plan DATASET --gpu-memory GB` writes segkPlans");
     let old_form = refused(&["all", "--device", "cpu"], "already holds a training run");
     assert!(old_form.contains("older form of `segk train DATASET 3d_fullres all`"), "{old_form}");
