@@ -91,7 +91,7 @@ pub fn merge_case(folders: &[PathBuf], case: &str, ending: &str, head: &Head, ou
     let mut best = vec![f32::NEG_INFINITY; if regions { 0 } else { voxels }];
     let mut label = vec![0i16; voxels];
     let (mut sum, mut buf) = (vec![0.0f32; CHUNK], vec![0.0f32; CHUNK]);
-    let scale = 1.0 / folders.len() as f32;
+    let count = folders.len() as f32;
     for c in 0..classes {
         let mut at = 0;
         while at < voxels {
@@ -101,7 +101,8 @@ pub fn merge_case(folders: &[PathBuf], case: &str, ending: &str, head: &Head, ou
                 s.read(&mut buf[..n])?;
                 sum[..n].iter_mut().zip(&buf[..n]).for_each(|(a, b)| *a += b);
             }
-            sum[..n].iter_mut().for_each(|v| *v *= scale);
+            // Divided, as nnU-Net's `avg /= n` (a product by 1/n can differ by an ulp).
+            sum[..n].iter_mut().for_each(|v| *v /= count);
             for (i, &p) in sum[..n].iter().enumerate() {
                 let v = at + i;
                 if regions {
@@ -127,13 +128,17 @@ pub fn merge_case(folders: &[PathBuf], case: &str, ending: &str, head: &Head, ou
     (vol.header.scl_slope, vol.header.scl_inter) = (1.0, 0.0);
     let out = output.join(format!("{case}{ending}"));
     let tmp = output.join(format!(".partial.{case}{ending}"));
-    nifti_io::write(&tmp, &vol, ty)?;
-    std::fs::rename(&tmp, &out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))
+    let written = nifti_io::write(&tmp, &vol, ty).and_then(|()| std::fs::rename(&tmp, &out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display())));
+    if written.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    written
 }
 
-/// A CASE.npz written as it streams in (temporary name, renamed when complete).
+/// A CASE.npz written as it streams in (temporary name, renamed when complete; removed if
+/// the case fails before that).
 struct NpzWriter {
-    zip: zip::ZipWriter<std::io::BufWriter<std::fs::File>>,
+    zip: Option<zip::ZipWriter<std::io::BufWriter<std::fs::File>>>,
     tmp: PathBuf,
     path: PathBuf,
 }
@@ -142,18 +147,32 @@ impl NpzWriter {
     fn create(path: &Path, shape: &[usize]) -> Result<NpzWriter> {
         let tmp = path.with_extension("npz.tmp");
         let file = std::fs::File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-        let mut zip = zip::ZipWriter::new(std::io::BufWriter::new(file));
+        let mut w = NpzWriter { zip: Some(zip::ZipWriter::new(std::io::BufWriter::new(file))), tmp, path: path.to_path_buf() };
         let opts = zip::write::SimpleFileOptions::default().compression_method(zip::CompressionMethod::Deflated).compression_level(Some(1)).large_file(true);
-        zip.start_file("probabilities.npy", opts)?;
-        zip.write_all(&crate::predict::probs::npy_header(shape))?;
-        Ok(NpzWriter { zip, tmp, path: path.to_path_buf() })
+        let zip = w.zip.as_mut().expect("just made");
+        zip.start_file("probabilities.npy", opts).with_context(|| format!("writing {}", w.tmp.display()))?;
+        zip.write_all(&crate::predict::probs::npy_header(shape)).with_context(|| format!("writing {}", w.tmp.display()))?;
+        Ok(w)
     }
     fn write(&mut self, v: &[f32]) -> Result<()> {
-        self.zip.write_all(bytemuck::cast_slice(v)).with_context(|| format!("writing {}", self.tmp.display()))
+        let zip = self.zip.as_mut().expect("written before finish");
+        zip.write_all(bytemuck::cast_slice(v)).with_context(|| format!("writing {}", self.tmp.display()))
     }
-    fn finish(self) -> Result<()> {
-        self.zip.finish()?.into_inner().map_err(|e| e.into_error())?.sync_all()?;
-        std::fs::rename(&self.tmp, &self.path).with_context(|| format!("renaming {} to {}", self.tmp.display(), self.path.display()))
+    fn finish(mut self) -> Result<()> {
+        let zip = self.zip.take().expect("finished once");
+        zip.finish().map_err(anyhow::Error::from).and_then(|b| b.into_inner().map_err(|e| e.into_error().into())).and_then(|f| f.sync_all().map_err(Into::into)).with_context(|| format!("writing {}", self.tmp.display()))?;
+        std::fs::rename(&self.tmp, &self.path).with_context(|| format!("renaming {} to {}", self.tmp.display(), self.path.display()))?;
+        self.tmp = PathBuf::new();
+        Ok(())
+    }
+}
+
+/// A case that fails part way leaves no temporary behind.
+impl Drop for NpzWriter {
+    fn drop(&mut self) {
+        if !self.tmp.as_os_str().is_empty() {
+            let _ = std::fs::remove_file(&self.tmp);
+        }
     }
 }
 
@@ -163,12 +182,14 @@ pub fn command(folders: &[PathBuf], output: &Path, save_probabilities: bool, dat
         bail!("ensemble needs at least two prediction folders (-i F1 F2 ..)");
     }
     let json_path = dataset_json.map(Path::to_path_buf).unwrap_or_else(|| folders[0].join("dataset.json"));
-    let json: DatasetJson = serde_json::from_slice(&std::fs::read(&json_path).with_context(|| format!("{}: cannot read (segk and nnU-Net write it into each prediction folder; or give --dataset-json)", json_path.display()))?)
-        .with_context(|| format!("{}: not a dataset.json", json_path.display()))?;
+    ensure!(json_path.is_file(), "{}: no dataset.json (segk and nnU-Net write it into each prediction folder; or give --dataset-json)", json_path.display());
+    let json: DatasetJson = crate::dataset::read_json_file(&json_path)?;
+    let json_bytes = std::fs::read(&json_path).with_context(|| format!("{}: cannot read", json_path.display()))?;
     let head = Head::of(&json)?;
     let cases = common_cases(folders)?;
     std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
-    std::fs::copy(&json_path, output.join("dataset.json")).with_context(|| format!("copying {} into {}", json_path.display(), output.display()))?;
+    // Written from memory: -o may be one of the inputs.
+    std::fs::write(output.join("dataset.json"), &json_bytes).with_context(|| format!("writing {}", output.join("dataset.json").display()))?;
     let t0 = std::time::Instant::now();
     for (k, case) in cases.iter().enumerate() {
         merge_case(folders, case, &json.file_ending, &head, output, save_probabilities).with_context(|| format!("case {case}"))?;

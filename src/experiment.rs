@@ -645,7 +645,7 @@ fn prediction_json(folder: &Path, given: Option<&Path>, fallback: Option<&Path>)
         None => std::iter::once(folder.join("dataset.json")).chain(fallback.and_then(Path::parent).map(|p| p.join("dataset.json"))).collect(),
     };
     let path = candidates.iter().find(|p| p.is_file()).with_context(|| format!("no dataset.json at {} (give --dataset-json)", candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(" or ")))?;
-    serde_json::from_slice(&std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?).with_context(|| format!("{}: not a dataset.json", path.display()))
+    crate::dataset::read_json_file(path)
 }
 
 /// `segk determine-postprocessing -i PRED --ref GT`.

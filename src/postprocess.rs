@@ -80,15 +80,19 @@ pub fn read_steps(path: &Path) -> Result<Vec<Vec<i64>>> {
         .map(|(f, k)| {
             ensure!(f == "remove_all_but_largest_component_from_segmentation", "{}: unknown postprocessing function {f}", path.display());
             let labels = &k["labels_or_regions"];
+            // A label, a list of labels, or a list of regions (lists): the union of their labels
+            // is the mask, as nnU-Net builds it.
             let flat: Option<Vec<i64>> = match labels {
                 serde_json::Value::Number(n) => n.as_i64().map(|l| vec![l]),
-                serde_json::Value::Array(a) => a.iter().map(|x| x.as_i64().or_else(|| x.as_array().and_then(|r| r.first()).and_then(|y| y.as_i64()))).collect(),
+                serde_json::Value::Array(a) => a
+                    .iter()
+                    .map(|x| match x {
+                        serde_json::Value::Array(r) => r.iter().map(|y| y.as_i64()).collect::<Option<Vec<i64>>>(),
+                        other => other.as_i64().map(|l| vec![l]),
+                    })
+                    .collect::<Option<Vec<Vec<i64>>>>()
+                    .map(|v| v.concat()),
                 _ => None,
-            };
-            // A list of regions: the union of their labels (the same mask nnU-Net builds).
-            let flat = match labels {
-                serde_json::Value::Array(a) if a.iter().any(|x| x.is_array()) => Some(a.iter().flat_map(|r| r.as_array().cloned().unwrap_or_default()).filter_map(|y| y.as_i64()).collect()),
-                _ => flat,
             };
             flat.with_context(|| format!("{}: labels_or_regions {labels} is not a label or a list of labels", path.display()))
         })

@@ -146,6 +146,9 @@ pub struct CheckpointInfo<'a> {
 /// `load_state_dict`: every alias listed, sharing its tensor's storage. Written to a
 /// temporary name and renamed.
 pub fn write_checkpoint(path: &Path, weights: &[(String, Vec<usize>, Vec<f32>)], info: &CheckpointInfo) -> Result<()> {
+    for (name, shape, data) in weights {
+        ensure!(data.len() == shape.iter().product::<usize>(), "{}: tensor {name} has {} values for shape {shape:?}", path.display(), data.len());
+    }
     let mut p = Pickle::new();
     p.0.extend_from_slice(b"\x80\x02}(");
     p.str("network_weights");

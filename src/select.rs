@@ -29,21 +29,24 @@ fn folds_string(folds: &[String]) -> String {
     folds.join("_")
 }
 
-/// Copies each fold's validation predictions (label maps, and probabilities when there) into
-/// `merged`; returns the case names.
-fn accumulate(model: &Path, folds: &[String], merged: &Path, ending: &str) -> Result<Vec<String>> {
+/// Copies each fold's validation label maps into `merged` (emptied first, so nothing stale is
+/// scored); returns each case with the validation folder that holds its probabilities.
+fn accumulate(model: &Path, folds: &[String], merged: &Path, ending: &str) -> Result<Vec<(String, PathBuf)>> {
+    if merged.exists() {
+        std::fs::remove_dir_all(merged).with_context(|| format!("emptying {}", merged.display()))?;
+    }
     std::fs::create_dir_all(merged).with_context(|| format!("creating {}", merged.display()))?;
-    let mut cases = Vec::new();
+    let mut cases: Vec<(String, PathBuf)> = Vec::new();
     for f in folds {
         let val = model.join(format!("fold_{f}")).join("validation");
         ensure!(val.is_dir(), "{}: no validation predictions (train fold {f} to the end, without --no-validation)", val.display());
         for case in crate::predict::names_in(&val, |n| n.strip_suffix(ending))? {
-            for file in [format!("{case}{ending}"), format!("{case}.npz")] {
-                if val.join(&file).is_file() {
-                    std::fs::copy(val.join(&file), merged.join(&file)).with_context(|| format!("copying {} into {}", val.join(&file).display(), merged.display()))?;
-                }
+            if let Some((_, other)) = cases.iter().find(|(c, _)| *c == case) {
+                anyhow::bail!("case {case} is predicted by two folds ({} and {}): the folds' splits overlap", other.display(), val.display());
             }
-            cases.push(case);
+            let file = format!("{case}{ending}");
+            std::fs::copy(val.join(&file), merged.join(&file)).with_context(|| format!("copying {} into {}", val.join(&file).display(), merged.display()))?;
+            cases.push((case, val.clone()));
         }
     }
     for f in ["dataset.json", crate::predict::PLANS_FILE] {
@@ -81,7 +84,8 @@ pub fn find_best(dataset: &str, results: &Path, labels_tr: &Path, candidates: &[
         let j = crate::dataset::read_json(&model)?;
         let merged = model.join(format!("crossval_results_folds_{}", folds_string(folds)));
         let cases = accumulate(&model, folds, &merged, &j.file_ending)?;
-        let dice = score(&merged, &cases, labels_tr, &j)?;
+        let names: Vec<String> = cases.iter().map(|(c, _)| c.clone()).collect();
+        let dice = score(&merged, &names, labels_tr, &j)?;
         println!("  {}: foreground mean Dice {dice:.5} over {} cross-validation cases", c.folder_name(), cases.len());
         scored.push(Scored { name: c.folder_name(), source: merged.clone(), members: vec![c.clone()], dice });
         merged_cases.push((merged, cases));
@@ -92,21 +96,30 @@ pub fn find_best(dataset: &str, results: &Path, labels_tr: &Path, candidates: &[
         let head = crate::predict::export::Head::of(&json)?;
         for i in 0..candidates.len() {
             for k in i + 1..candidates.len() {
-                let ((a, cases), (b, _)) = (&merged_cases[i], &merged_cases[k]);
+                let ((a, cases_a), (_, cases_b)) = (&merged_cases[i], &merged_cases[k]);
                 let name = format!("ensemble___{}___{}___{}", candidates[i].folder_name(), candidates[k].folder_name(), folds_string(folds));
-                if !cases.iter().all(|c| a.join(format!("{c}.npz")).is_file() && b.join(format!("{c}.npz")).is_file()) {
-                    println!("  {name}: skipped, the validation probabilities are missing (train with --npz)");
+                // Each case's probabilities where its fold's validation left them, in both models.
+                let sources: Option<Vec<(String, [PathBuf; 2])>> = cases_a
+                    .iter()
+                    .map(|(c, va)| cases_b.iter().find(|(d, _)| d == c).map(|(_, vb)| (c.clone(), [va.clone(), vb.clone()])))
+                    .collect();
+                let Some(sources) = sources.filter(|s| s.len() == cases_b.len() && s.iter().all(|(c, v)| v.iter().all(|d| d.join(format!("{c}.npz")).is_file()))) else {
+                    println!("  {name}: skipped, the validation probabilities are missing or the folds differ (train with --npz, on the same folds)");
                     continue;
-                }
+                };
                 let out = results.join("ensembles").join(&name);
-                std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
-                for case in cases {
-                    crate::ensemble::merge_case(&[a.clone(), b.clone()], case, &json.file_ending, &head, &out, false).with_context(|| format!("ensembling case {case}"))?;
+                if out.exists() {
+                    std::fs::remove_dir_all(&out).with_context(|| format!("emptying {}", out.display()))?;
                 }
+                std::fs::create_dir_all(&out).with_context(|| format!("creating {}", out.display()))?;
+                for (case, dirs) in &sources {
+                    crate::ensemble::merge_case(dirs, case, &json.file_ending, &head, &out, false).with_context(|| format!("ensembling case {case}"))?;
+                }
+                let cases: Vec<String> = sources.iter().map(|(c, _)| c.clone()).collect();
                 for f in ["dataset.json", crate::predict::PLANS_FILE] {
                     std::fs::copy(a.join(f), out.join(f)).with_context(|| format!("copying {} into {}", a.join(f).display(), out.display()))?;
                 }
-                let dice = score(&out, cases, labels_tr, &json)?;
+                let dice = score(&out, &cases, labels_tr, &json)?;
                 println!("  {name}: foreground mean Dice {dice:.5}");
                 scored.push(Scored { name, source: out, members: vec![candidates[i].clone(), candidates[k].clone()], dice });
             }

@@ -279,6 +279,18 @@ fn ensemble_averages_probabilities_and_takes_the_argmax() {
         let f = format!("{case}.nii.gz");
         assert_eq!(nifti_io::read(&same.join(&f)).unwrap().data, nifti_io::read(&a.join(&f)).unwrap().data, "{case}: identity");
     }
+    // The output may be one of the inputs: its dataset.json survives.
+    let inplace = base.join("inplace");
+    std::fs::create_dir_all(&inplace).unwrap();
+    for case in CASES {
+        for ext in ["nii.gz", "npz"] {
+            std::fs::copy(a.join(format!("{case}.{ext}")), inplace.join(format!("{case}.{ext}"))).unwrap();
+        }
+    }
+    std::fs::copy(&json, inplace.join("dataset.json")).unwrap();
+    let (ok, text) = segk(&["ensemble", "-i", inplace.to_str().unwrap(), b.to_str().unwrap(), "-o", inplace.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    assert_eq!(std::fs::read(inplace.join("dataset.json")).unwrap(), std::fs::read(&json).unwrap());
     // Folders with different cases are refused.
     let partial = base.join("partial");
     std::fs::create_dir_all(&partial).unwrap();

@@ -497,10 +497,12 @@ fn find_best_configuration_compares_configurations_and_their_ensemble() {
     }
     let best = all.values().map(|v| v.as_f64().unwrap()).fold(f64::MIN, f64::max);
     assert_eq!(info["best_model_or_ensemble"]["result_on_crossval_pre_pp"].as_f64(), Some(best), "{info}");
-    // Two folds of a five-fold split of five cases: two cross-validation cases, with probabilities.
-    let merged = results.join("segkTrainer__nnUNetPlans__3d_fullres/crossval_results_folds_0_1");
+    // Two folds of a five-fold split of five cases: two cross-validation cases (label maps only;
+    // the ensembles read the probabilities where validation wrote them, with --npz).
+    let model = results.join("segkTrainer__nnUNetPlans__3d_fullres");
+    let merged = model.join("crossval_results_folds_0_1");
     assert_eq!(segk::predict::names_in(&merged, |n| n.strip_suffix(".nii.gz")).unwrap().len(), 2);
-    assert_eq!(segk::predict::names_in(&merged, |n| n.strip_suffix(".npz")).unwrap().len(), 2);
+    assert_eq!(segk::predict::names_in(&model.join("fold_0/validation"), |n| n.strip_suffix(".npz")).unwrap().len(), 1);
     assert!(results.join("ensembles").join(ensemble).join("summary.json").is_file());
     assert!(std::path::Path::new(info["best_model_or_ensemble"]["postprocessing_file"].as_str().unwrap()).is_file(), "{info}");
     let instructions = std::fs::read_to_string(results.join("inference_instructions.txt")).unwrap();

@@ -87,12 +87,13 @@ impl Model {
     }
 }
 
-/// The entries of `dir` that `pick` maps to a name (a prefix or suffix stripped), sorted.
+/// The entries of `dir` that `pick` maps to a name (a prefix or suffix stripped), sorted;
+/// hidden ones (segk's `.partial.` files among them) left out.
 pub fn names_in(dir: &Path, pick: impl Fn(&str) -> Option<&str>) -> Result<Vec<String>> {
     let mut v: Vec<String> = std::fs::read_dir(dir)
         .with_context(|| format!("{}: cannot list", dir.display()))?
         .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str().and_then(&pick).map(str::to_string))
+        .filter_map(|e| e.file_name().to_str().filter(|n| !n.starts_with('.')).and_then(&pick).map(str::to_string))
         .collect();
     v.sort();
     Ok(v)
