@@ -68,6 +68,19 @@ pub fn mean(m: &[Metrics]) -> Metrics {
     Metrics { dice: avg(&|x| x.dice), iou: avg(&|x| x.iou), tp: avg0(&|x| x.tp), fp: avg0(&|x| x.fp), fn_: avg0(&|x| x.fn_), tn: avg0(&|x| x.tn), n_pred: avg0(&|x| x.n_pred), n_ref: avg0(&|x| x.n_ref) }
 }
 
+/// The mean over labels of their means, as nnU-Net's np.mean: a label whose Dice (or IoU) is
+/// missing in every case leaves the foreground's missing too (nnU-Net's NaN).
+pub fn foreground_mean(per_label: &[Metrics]) -> Metrics {
+    let mut m = mean(per_label);
+    if per_label.iter().any(|l| l.dice.is_none()) {
+        m.dice = None;
+    }
+    if per_label.iter().any(|l| l.iou.is_none()) {
+        m.iou = None;
+    }
+    m
+}
+
 #[derive(Clone, Debug, Serialize)]
 pub struct CaseResult {
     pub metrics: BTreeMap<String, Metrics>,
@@ -133,7 +146,7 @@ pub fn evaluate_pairs(pairs: &[(PathBuf, PathBuf)], labels: Option<Vec<Vec<i64>>
         })
         .collect();
     let fg: Vec<Metrics> = mean_per_label.values().copied().collect();
-    Ok(Summary { foreground_mean: mean(&fg), mean: mean_per_label, metric_per_case: per_case })
+    Ok(Summary { foreground_mean: foreground_mean(&fg), mean: mean_per_label, metric_per_case: per_case })
 }
 
 /// nnU-Net's summary key of a label ("2") or a region ("(1, 2, 3)", Python's tuple).

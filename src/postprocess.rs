@@ -130,7 +130,7 @@ fn score(cases: &Cases, preds: &[Vec<f32>], scored: &[Vec<i64>], ignore: Option<
             (key(l), mean(&ms))
         })
         .collect();
-    let fg = mean(&per.values().copied().collect::<Vec<_>>());
+    let fg = crate::evaluate::foreground_mean(&per.values().copied().collect::<Vec<_>>());
     (per, fg)
 }
 

@@ -110,3 +110,16 @@ fn regions_are_scored_from_the_dataset_json() {
     assert_eq!(v["mean"]["(1, 2)"]["Dice"], 1.0, "{v}");
     assert_eq!(v["mean"]["2"]["Dice"], 0.0, "{v}");
 }
+
+/// The foreground mean is nnU-Net's np.mean over the labels' means: a label with no Dice in
+/// any case (absent from every prediction and reference) leaves it missing, as nnU-Net's NaN.
+#[test]
+fn foreground_mean_is_missing_when_a_label_is() {
+    use segk::evaluate::{foreground_mean, Metrics};
+    let a = Metrics { dice: Some(0.5), iou: Some(1.0 / 3.0), tp: 1.0, ..Default::default() };
+    let b = Metrics { dice: Some(1.0), iou: Some(1.0), tp: 3.0, ..Default::default() };
+    let both = foreground_mean(&[a, b]);
+    assert_eq!((both.dice, both.tp), (Some(0.75), 2.0));
+    let missing = foreground_mean(&[a, Metrics::default()]);
+    assert_eq!((missing.dice, missing.iou), (None, None));
+}
