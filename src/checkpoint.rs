@@ -170,6 +170,11 @@ pub fn save<B: Backend>(dir: &Path, name: &str, be: &B, net: &UNet<B>, state: &T
     Ok(())
 }
 
+/// A stored f32 tensor's values.
+fn f32s(v: &TensorView) -> Vec<f32> {
+    v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()
+}
+
 /// Named tensors in PyTorch's layouts: a name -> (shape, values), None when absent.
 type Lookup<'a> = dyn Fn(&str) -> Result<Option<(Vec<usize>, Vec<f32>)>> + 'a;
 
@@ -196,7 +201,7 @@ fn read_into(path: &Path, tensors: &[ParamTensor], region: &mut [f32]) -> Result
     let get = |name: &str| -> Result<Option<(Vec<usize>, Vec<f32>)>> {
         let Ok(v) = st.tensor(name) else { return Ok(None) };
         ensure!(v.dtype() == Dtype::F32, "{}: tensor {name} is {:?}, expected F32", path.display(), v.dtype());
-        Ok(Some((v.shape().to_vec(), v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())))
+        Ok(Some((v.shape().to_vec(), f32s(&v))))
     };
     fill(path, tensors, region, &get)?;
     Ok(meta.metadata().clone().unwrap_or_default())
@@ -339,7 +344,7 @@ pub fn load_pretrained<B: Backend>(file: &Path, be: &B, net: &mut UNet<B>) -> Re
     let tensors: Vec<ParamTensor> = wanted.into_iter().cloned().collect();
     match (&ckpt, &st) {
         (Some(c), _) => read_torch_into(c, &tensors, &mut params),
-        (_, Some(s)) => fill(file, &tensors, &mut params, &|name| Ok(s.tensor(name).ok().map(|v| (v.shape().to_vec(), v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect())))),
+        (_, Some(s)) => fill(file, &tensors, &mut params, &|name| Ok(s.tensor(name).ok().map(|v| (v.shape().to_vec(), f32s(&v))))),
         _ => unreachable!("one of the two readers is set"),
     }?;
     be.upload(net.params(be), &params)?;
@@ -355,7 +360,7 @@ pub fn export_nnunet(dir: &Path, name: &str, configuration: &str) -> Result<Path
     let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", wp.display()))?;
     let weights: Vec<(String, Vec<usize>, Vec<f32>)> = st
         .iter()
-        .map(|(n, v)| (n.to_string(), v.shape().to_vec(), v.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect()))
+        .map(|(n, v)| (n.to_string(), v.shape().to_vec(), f32s(&v)))
         .collect();
     let state = read_state(dir, name)?;
     let model = dir.parent().with_context(|| format!("{}: no model folder above it", dir.display()))?;

@@ -316,6 +316,23 @@ fn segk_cli(args: &[&str]) -> std::process::Output {
 }
 
 /// An empty temporary folder for one test.
+/// `segk synth` of `cases` cases of `shape` (spacing 1) as NAME under a fresh base: (base, root).
+fn synth_dataset(tag: &str, name: &str, cases: &str, shape: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let base = fresh_dir(tag);
+    let root = base.join(name);
+    assert!(segk_cli(&["synth", root.to_str().unwrap(), "--cases", cases, "--shape", shape, "--spacing", "1,1,1"]).status.success());
+    (base, root)
+}
+
+/// `segk predict` of ROOT/imagesTr with `model` on the CPU without TTA: the first case's label
+/// map lies on its input's grid.
+fn predicts_on_the_input_grid(base: &std::path::Path, root: &std::path::Path, model: &std::path::Path) {
+    let out = segk_cli(&["predict", "-i", root.join("imagesTr").to_str().unwrap(), "-o", base.join("pred").to_str().unwrap(), "-m", model.to_str().unwrap(), "--device", "cpu", "--no-tta"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let read = |p: std::path::PathBuf| segk::dataset::nifti_io::read(&p).unwrap().shape;
+    assert_eq!(read(base.join("pred/case_0000.nii.gz")), read(root.join("labelsTr/case_0000.nii.gz")));
+}
+
 fn fresh_dir(tag: &str) -> std::path::PathBuf {
     let base = std::env::temp_dir().join(format!("segk-train-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
@@ -418,10 +435,7 @@ fn region_dataset_trains_predicts_and_evaluates() {
 /// the model folder back; the weights carry dynamic_network_architectures' names.
 #[test]
 fn resenc_preset_trains_and_predicts() {
-    use segk::dataset::nifti_io;
-    let base = fresh_dir("resenc");
-    let root = base.join("Dataset036_ResEnc");
-    assert!(segk_cli(&["synth", root.to_str().unwrap(), "--cases", "3", "--shape", "24,32,32", "--spacing", "1,1,1"]).status.success());
+    let (base, root) = synth_dataset("resenc", "Dataset036_ResEnc", "3", "24,32,32");
     let out = segk_cli(&["train", root.to_str().unwrap(), "3d_fullres", "all", "-p", "nnUNetResEncUNetMPlans", "--device", "cpu", "--epochs", "1", "--iters-per-epoch", "2", "--val-iters", "1", "--workers", "1"]);
     assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -432,10 +446,7 @@ fn resenc_preset_trains_and_predicts() {
     let weights = std::fs::read(model.join("fold_all/checkpoint_final.safetensors")).unwrap();
     let names: Vec<String> = safetensors::SafeTensors::deserialize(&weights).unwrap().names().into_iter().map(str::to_string).collect();
     assert!(names.iter().any(|n| n == "encoder.stem.convs.0.conv.weight") && names.iter().any(|n| n == "encoder.stages.1.blocks.0.skip.1.conv.weight"), "{names:?}");
-    let out = segk_cli(&["predict", "-i", root.join("imagesTr").to_str().unwrap(), "-o", base.join("pred").to_str().unwrap(), "-m", model.to_str().unwrap(), "--device", "cpu", "--no-tta"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let pred = nifti_io::read(&base.join("pred/case_0000.nii.gz")).unwrap();
-    assert_eq!(pred.shape, nifti_io::read(&root.join("labelsTr/case_0000.nii.gz")).unwrap().shape);
+    predicts_on_the_input_grid(&base, &root, &model);
     let _ = std::fs::remove_dir_all(&base);
 }
 
@@ -445,10 +456,7 @@ fn resenc_preset_trains_and_predicts() {
 /// own grids.
 #[test]
 fn lowres_configuration_trains_on_its_own_store_and_predicts() {
-    use segk::dataset::nifti_io;
-    let base = fresh_dir("lowres");
-    let root = base.join("Dataset041_Low");
-    assert!(segk_cli(&["synth", root.to_str().unwrap(), "--cases", "3", "--shape", "32,48,48", "--spacing", "1,1,1"]).status.success());
+    let (base, root) = synth_dataset("lowres", "Dataset041_Low", "3", "32,48,48");
     let out = segk_cli(&["plan", root.to_str().unwrap(), "-gpu_memory_target", "0.02"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success() && text.contains("3d_lowres: patch "), "{text}");
@@ -460,11 +468,7 @@ fn lowres_configuration_trains_on_its_own_store_and_predicts() {
     let last = text.lines().filter(|l| l.starts_with("epoch ")).last().unwrap_or_default();
     let organ: f64 = last.split("pseudo dice [").nth(1).and_then(|s| s.split(',').next()).and_then(|s| s.trim().parse().ok()).unwrap_or(0.0);
     assert!(organ > 0.6, "the organ is learnt at the coarse spacing: {last}");
-    let model = base.join("segk_results/Dataset041_Low/segkTrainer__nnUNetPlans__3d_lowres");
-    let out = segk_cli(&["predict", "-i", root.join("imagesTr").to_str().unwrap(), "-o", base.join("pred").to_str().unwrap(), "-m", model.to_str().unwrap(), "--device", "cpu", "--no-tta"]);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let (pred, truth) = (nifti_io::read(&base.join("pred/case_0000.nii.gz")).unwrap(), nifti_io::read(&root.join("labelsTr/case_0000.nii.gz")).unwrap());
-    assert_eq!(pred.shape, truth.shape);
+    predicts_on_the_input_grid(&base, &root, &base.join("segk_results/Dataset041_Low/segkTrainer__nnUNetPlans__3d_lowres"));
     let _ = std::fs::remove_dir_all(&base);
 }
 
@@ -475,9 +479,7 @@ fn lowres_configuration_trains_on_its_own_store_and_predicts() {
 /// and inference_instructions.txt with segk's commands.
 #[test]
 fn find_best_configuration_compares_configurations_and_their_ensemble() {
-    let base = fresh_dir("select");
-    let root = base.join("Dataset042_Select");
-    assert!(segk_cli(&["synth", root.to_str().unwrap(), "--cases", "5", "--shape", "32,48,48", "--spacing", "1,1,1"]).status.success());
+    let (base, root) = synth_dataset("select", "Dataset042_Select", "5", "32,48,48");
     assert!(segk_cli(&["plan", root.to_str().unwrap(), "-gpu_memory_target", "0.02"]).status.success());
     for c in ["3d_fullres", "3d_lowres"] {
         for f in ["0", "1"] {
