@@ -86,15 +86,20 @@ fn torch_view(t: &ParamTensor) -> Option<([usize; 3], [usize; 3], Vec<usize>)> {
     }
 }
 
-/// The shape PyTorch's module gives the tensor.
+/// The shape PyTorch's module gives the tensor (a 2d net's weights without the unit axis;
+/// the values' order is the same).
 pub fn torch_shape(t: &ParamTensor) -> Vec<usize> {
-    torch_view(t).map_or_else(|| t.shape.clone(), |v| v.2)
+    let mut shape = torch_view(t).map_or_else(|| t.shape.clone(), |v| v.2);
+    if t.planar && shape.len() == 5 {
+        shape.remove(2);
+    }
+    shape
 }
 
 /// Stored layout -> PyTorch layout: data and shape.
 fn to_torch(t: &ParamTensor, v: &[f32]) -> (Vec<f32>, Vec<usize>) {
     match torch_view(t) {
-        Some((dims, perm, shape)) => (permute3(v, dims, perm), shape),
+        Some((dims, perm, _)) => (permute3(v, dims, perm), torch_shape(t)),
         None => (v.to_vec(), t.shape.clone()),
     }
 }
@@ -369,7 +374,9 @@ pub fn export_nnunet(dir: &Path, name: &str, configuration: &str) -> Result<Path
         serde_json::from_slice(&std::fs::read(&p).with_context(|| format!("{}: cannot read", p.display()))?).with_context(|| format!("{}: not JSON", p.display()))
     };
     let fold = dir.file_name().and_then(|n| n.to_str()).and_then(|n| n.strip_prefix("fold_")).unwrap_or("0").to_string();
-    let info = crate::pth::CheckpointInfo { configuration, fold: &fold, plans: &json(crate::predict::PLANS_FILE)?, dataset_json: &json("dataset.json")?, epoch: state.epoch, best_ema: state.best_ema_dice };
+    // A 2d net's conv weights have 4 axes; nnU-Net mirrors its two.
+    let mirror_axes: &[usize] = if weights.iter().any(|(_, s, _)| s.len() == 4) { &[0, 1] } else { &[0, 1, 2] };
+    let info = crate::pth::CheckpointInfo { configuration, fold: &fold, plans: &json(crate::predict::PLANS_FILE)?, dataset_json: &json("dataset.json")?, epoch: state.epoch, best_ema: state.best_ema_dice, mirror_axes };
     let out = dir.join(format!("{name}.pth"));
     crate::pth::write_checkpoint(&out, &weights, &info)?;
     Ok(out)
@@ -459,7 +466,7 @@ mod tests {
     }
 
     fn tensor(name: &str, shape: Vec<usize>) -> ParamTensor {
-        ParamTensor { name: name.into(), offset: 0, shape, he_std: None, fill: 0.0 }
+        ParamTensor { name: name.into(), offset: 0, shape, he_std: None, fill: 0.0, planar: false }
     }
 
     #[test]
@@ -492,5 +499,19 @@ mod tests {
         assert_eq!(from_torch(&t, &p), v);
         let b = tensor("decoder.seg_layers.0.bias", vec![3]);
         assert_eq!(to_torch(&b, &[1.0, 2.0, 3.0]), (vec![1.0, 2.0, 3.0], vec![3]));
+    }
+
+    #[test]
+    fn a_2d_nets_weights_take_conv2ds_shapes_in_the_same_order() {
+        for (name, stored, torch) in [("encoder.stages.0.0.convs.0.conv.weight", vec![1, 3, 3, 2, 4], vec![4, 2, 3, 3]), ("decoder.transpconvs.0.weight", vec![2, 1, 2, 2, 3], vec![2, 3, 2, 2])] {
+            let t3 = tensor(name, stored);
+            let t2 = ParamTensor { planar: true, ..t3.clone() };
+            let v: Vec<f32> = (0..t3.len()).map(|i| i as f32 * 0.5).collect();
+            let ((p3, s3), (p2, s2)) = (to_torch(&t3, &v), to_torch(&t2, &v));
+            assert_eq!(s2, torch);
+            assert_eq!(s3.iter().product::<usize>(), s2.iter().product::<usize>());
+            assert_eq!(p2, p3, "{name}: only the unit axis goes");
+            assert_eq!(from_torch(&t2, &p2), v);
+        }
     }
 }

@@ -181,15 +181,13 @@ pub fn run_plan(ex: &Experiment, gpu_memory: Option<f64>, out: Option<std::path:
     } else {
         let plans_name = chosen.plans_name;
         let flag = if chosen.class == nn::PLANNERS[0].class { String::new() } else { format!(" -p {plans_name}") };
-        let trains = match plans::from_nnunet(chosen_plans.as_ref().expect("the chosen planner planned above"), "3d_fullres", &ds.json) {
-            Ok(_) => {
-                let lowres = chosen_plans.as_ref().is_some_and(|p| p.configurations.get("3d_lowres").is_some());
-                let also = if lowres { format!(", and 3d_lowres: `segk train DATASET 3d_lowres FOLD{flag}`") } else { String::new() };
-                format!("segk trains {plans_name}' 3d_fullres as planned: `segk train DATASET 3d_fullres FOLD{flag}`{also}")
+        let planned = chosen_plans.as_ref().expect("the chosen planner planned above");
+        for c in ["2d", "3d_fullres", "3d_lowres"].into_iter().filter(|c| planned.configurations.get(c).is_some()) {
+            match plans::from_nnunet(planned, c, &ds.json) {
+                Ok(_) => println!("segk trains {plans_name}' {c} as planned: `segk train DATASET {c} FOLD{flag}`"),
+                Err(e) => println!("segk cannot train {plans_name}' {c}: {e:#}"),
             }
-            Err(e) => format!("segk cannot train {plans_name}' 3d_fullres: {e:#}"),
-        };
-        println!("{trains}");
+        }
     }
     println!("wrote {}", out.join(fingerprint::FILE).display());
     Ok(())
@@ -308,7 +306,7 @@ pub fn validate<B: Backend>(be: &B, cfg: &crate::train::TrainConfig, plans: &cra
         plan: cfg.plan.clone(),
         json: crate::dataset::read_json(model_dir)?,
         checkpoints: vec![(cfg.out.clone(), crate::checkpoint::WeightsFile::Segk("checkpoint_final".to_string()))],
-        mirror_axes: vec![0, 1, 2],
+        mirror_axes: cfg.plan.topology.mirror_axes(),
         trainer_name: None,
     };
     let ending = model.json.file_ending.clone();
@@ -380,8 +378,8 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
     use crate::preprocess::splits;
     let TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained, validation, npz, workers, seed } = o;
     anyhow::ensure!(
-        ["3d_fullres", "3d_lowres"].contains(&configuration),
-        "configuration {configuration:?}: segk trains 3d_fullres and 3d_lowres so far (`segk plan` writes nnU-Net's 2d and 3d_cascade_fullres too; training them is to come)"
+        ["2d", "3d_fullres", "3d_lowres"].contains(&configuration),
+        "configuration {configuration:?}: segk trains 2d, 3d_fullres and 3d_lowres so far (`segk plan` writes nnU-Net's 3d_cascade_fullres too; training it is to come)"
     );
     let fold: splits::Fold = fold.parse()?;
     let checkpointing = match checkpointing.as_str() {

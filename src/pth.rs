@@ -139,6 +139,8 @@ pub struct CheckpointInfo<'a> {
     pub dataset_json: &'a serde_json::Value,
     pub epoch: usize,
     pub best_ema: Option<f64>,
+    /// nnU-Net's `inference_allowed_mirroring_axes`, in the net's own axes (2d: 0 and 1).
+    pub mirror_axes: &'a [usize],
 }
 
 /// Writes `weights` (name, PyTorch shape, values in PyTorch's layout) as an nnU-Net
@@ -166,7 +168,12 @@ pub fn write_checkpoint(path: &Path, weights: &[(String, Vec<usize>, Vec<f32>)],
     let args = serde_json::json!({"plans": info.plans, "configuration": info.configuration, "fold": fold_value(info.fold), "dataset_json": info.dataset_json});
     p.json(&args);
     p.str("inference_allowed_mirroring_axes");
-    p.0.extend_from_slice(b"K\x00K\x01K\x02\x87");
+    ensure!((1..=3).contains(&info.mirror_axes.len()) && info.mirror_axes.iter().all(|&a| a < 3), "mirror axes {:?}", info.mirror_axes);
+    for &a in info.mirror_axes {
+        p.int(a as i64);
+    }
+    // TUPLE1, TUPLE2, TUPLE3
+    p.0.push(b'\x84' + info.mirror_axes.len() as u8);
     p.str("current_epoch");
     p.int(info.epoch as i64);
     p.str("_best_ema");

@@ -338,7 +338,7 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
     }
     let spec = |augment, seed| BatchSpec { batch: plan.batch_size, patch: plan.patch_size, channels, use_mask: plan.use_mask_for_norm.clone(), seed, augment };
     let mem = be.host_memory();
-    let mut train = loader::Loader::start(&cfg.store, &cfg.train_ids, spec(Augment::default(), st.seed), cfg.workers, st.next_train_batch, &*mem)?;
+    let mut train = loader::Loader::start(&cfg.store, &cfg.train_ids, spec(Augment::nnunet(plan.patch_size, plan.topology.planar), st.seed), cfg.workers, st.next_train_batch, &*mem)?;
     let mut val = loader::Loader::start(&cfg.store, &cfg.val_ids, spec(Augment::none(), st.seed ^ 0x5eed), Some(1), st.next_val_batch, &*mem)?;
     println!(
         "loader: {} ({}), {} slots of {:.1} MiB ({}); train {}, validation {}",

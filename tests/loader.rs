@@ -6,8 +6,8 @@ mod common;
 use segk::dataset::Dataset;
 use segk::loader::intensity;
 use segk::loader::pool::{Batch, Fill, FillError, Pool, SlotShape};
-use segk::loader::sampler::{forced_foreground, initial_patch, pick_box};
-use segk::loader::spatial::{affine, sample, warp_reference, Source};
+use segk::loader::sampler::{forced_foreground, initial_patch, initial_patch_for, pick_box};
+use segk::loader::spatial::{affine, draw, sample, warp_reference, Rotation, Source, SpatialParams};
 use segk::loader::{Augment, Augmenter, BatchSpec};
 use segk::plan::fingerprint::fingerprint;
 use segk::preprocess::Settings;
@@ -49,6 +49,20 @@ fn initial_patch_and_oversampling_follow_nnunet() {
     assert_eq!(initial_patch([128, 128, 128]), [205, 205, 205]);
     assert_eq!(initial_patch([64, 160, 160]), [159, 257, 200]);
     assert_eq!(initial_patch([80, 192, 160]), [194, 289, 210]);
+    // nnU-Net's configure_rotation_dummyDA_mirroring_and_inital_patch_size then get_patch_size
+    // (numbers from nnunetv2 2.8.1): a 2d patch turns by 180 degrees, or 15 when one side is
+    // over 1.5x the other; an anisotropic 3d patch turns in-plane by 180 and keeps its depth.
+    let deg = std::f64::consts::PI / 180.0;
+    for (patch, slices, rotation, angle, size) in [
+        ([1, 56, 64], true, Rotation::Slice, 180.0, [1, 75, 75]),
+        ([1, 512, 256], true, Rotation::Slice, 15.0, [1, 659, 301]),
+        ([16, 160, 192], false, Rotation::InPlane, 180.0, [16, 225, 225]),
+        ([64, 160, 160], false, Rotation::Volume, 30.0, [159, 257, 200]),
+    ] {
+        let sp = SpatialParams::for_patch(patch, slices);
+        assert_eq!((sp.rotation, (sp.max_angle / deg).round()), (rotation, angle), "{patch:?}");
+        assert_eq!(initial_patch_for(patch, &sp), size, "{patch:?}");
+    }
     let forced = |b: usize| (0..b).filter(|&j| forced_foreground(j, b)).count();
     assert_eq!([2, 3, 4, 5, 6, 8, 12].map(forced), [1, 1, 1, 2, 2, 3, 4]);
     assert!(forced_foreground(1, 2) && !forced_foreground(0, 2), "the last samples are the forced ones");
@@ -214,11 +228,11 @@ fn intensity_transforms_match_their_definitions() {
     assert!(s > s0, "contrast 1.25 spreads values");
 
     let mut x = base.clone();
-    intensity::low_resolution(&mut x, shape, 1.0, &mut Vec::new());
+    intensity::low_resolution(&mut x, shape, [1.0; 3], &mut Vec::new());
     assert!(x.iter().zip(&base).all(|(a, b)| (a - b).abs() < 1e-6), "scale 1 is the identity");
     let smooth: Vec<f32> = (0..n).map(|i| (i % 16) as f32).collect();
     let mut x = smooth.clone();
-    intensity::low_resolution(&mut x, shape, 0.5, &mut Vec::new());
+    intensity::low_resolution(&mut x, shape, [0.5; 3], &mut Vec::new());
     assert!(x.iter().zip(&smooth).all(|(a, b)| (a - b).abs() <= 1.0 + 1e-5), "a ramp stays within a voxel step");
 
     let mut x = vec![3.0f32; n];
@@ -257,6 +271,42 @@ fn collect(dir: &std::path::Path, ids: &[String], spec: BatchSpec, workers: usiz
         .collect()
 }
 
+/// In-plane rotation (2d patches, anisotropic 3d ones) turns and scales axes 1 and 2 only:
+/// the first axis maps to itself, so no slice mixes with another.
+#[test]
+fn in_plane_rotation_leaves_the_first_axis_alone() {
+    let mut rng = Pcg64::seed_from_u64(4);
+    for rotation in [Rotation::Volume, Rotation::InPlane, Rotation::Slice] {
+        let p = SpatialParams { p_rotation: 1.0, p_scaling: 1.0, max_angle: std::f64::consts::PI, rotation, ..SpatialParams::default() };
+        let mut mixed = false;
+        for _ in 0..20 {
+            let m = draw(&mut rng, &p).unwrap();
+            let first_alone = m[0] == [1.0, 0.0, 0.0] && m[1][0] == 0.0 && m[2][0] == 0.0;
+            assert!(rotation == Rotation::Volume || first_alone, "{rotation:?}: {m:?}");
+            let det = m[0][0] * (m[1][1] * m[2][2] - m[1][2] * m[2][1]) - m[0][1] * (m[1][0] * m[2][2] - m[1][2] * m[2][0]) + m[0][2] * (m[1][0] * m[2][1] - m[1][1] * m[2][0]);
+            assert!(det > 0.7f64.powi(3) - 1e-9 && det < 1.4f64.powi(3) + 1e-9, "a rotation times a scale");
+            mixed |= !first_alone;
+        }
+        assert_eq!(mixed, rotation == Rotation::Volume, "{rotation:?}");
+    }
+    // The warp itself: nothing of a bright slice reaches the others.
+    let (shape, patch) = ([4, 20, 20], [4, 16, 16]);
+    let image: Vec<f32> = (0..shape.iter().product::<usize>()).map(|i| if i / (shape[1] * shape[2]) == 2 { 100.0 } else { 1.0 }).collect();
+    let labels = vec![0u8; image.len()];
+    let size = initial_patch_for(patch, &SpatialParams::for_patch(patch, false));
+    assert_eq!(size[0], 4, "16 / 4 > nnU-Net's ANISO_THRESHOLD: in-plane");
+    let src = Source { image: image.as_slice(), labels: labels.as_slice(), channels: 1, shape, lo: [0, -4, -4], size };
+    let m = draw(&mut rng, &SpatialParams { p_rotation: 1.0, p_scaling: 1.0, ..SpatialParams::for_patch(patch, false) }).unwrap();
+    let (mut out, mut lab) = (vec![0.0f32; patch.iter().product()], vec![0i16; patch.iter().product()]);
+    sample(&src, Some(&m), patch, &mut out, &mut lab);
+    for (i, &v) in out.iter().enumerate() {
+        let z = i / (patch[1] * patch[2]);
+        assert!((0.0..=if z == 2 { 100.0 } else { 1.0 } + 1e-4).contains(&v), "voxel {i}: {v} in slice {z}");
+    }
+    let centre = |z: usize| out[(z * patch[1] + patch[1] / 2) * patch[2] + patch[2] / 2];
+    assert!((centre(2) - 100.0).abs() < 1e-3 && (centre(1) - 1.0).abs() < 1e-5, "{} {}", centre(2), centre(1));
+}
+
 #[test]
 fn batches_depend_on_the_seed_only_and_mirroring_flips() {
     let (dir, ids) = store("det", 3);
@@ -280,6 +330,15 @@ fn batches_depend_on_the_seed_only_and_mirroring_flips() {
             assert_eq!((pi[o], pl[o]), (fi[m], fl[m]), "mirroring every axis is a flip");
         }
     }
+    // A 2d configuration mirrors in-plane only.
+    let in_plane = collect(&dir, &ids, spec(2, patch, Augment { p_mirror: 1.0, mirror_axes: [false, true, true], ..Augment::default() }, 3), 2, 3);
+    for ((pi, _, _), (fi, _, _)) in plain.iter().zip(&in_plane) {
+        for o in 0..2 * n {
+            let (j, v) = (o / n, o % n);
+            let (z, y, x) = (v / (patch[1] * patch[2]), (v / patch[2]) % patch[1], v % patch[2]);
+            assert_eq!(pi[o], fi[j * n + (z * patch[1] + (patch[1] - 1 - y)) * patch[2] + (patch[2] - 1 - x)]);
+        }
+    }
 }
 
 #[test]
@@ -288,13 +347,18 @@ fn forced_samples_centre_on_foreground() {
     let patch = [24, 32, 32];
     let n = patch.iter().product::<usize>();
     let centre = (patch[0] / 2 * patch[1] + patch[1] / 2) * patch[2] + patch[2] / 2;
-    let batches = collect(&dir, &ids, spec(3, patch, Augment::none(), 4), 2, 60);
+    // Training boxes (the larger initial patch) centre on the voxel; without rotation or
+    // scaling the box is the patch (nnU-Net's validation loader) and only holds it.
+    let centred = Augment { spatial: SpatialParams { p_rotation: 1e-12, ..SpatialParams::default() }, ..Augment::none() };
+    let batches = collect(&dir, &ids, spec(3, patch, centred, 4), 2, 60);
     let (mut forced_fg, mut free_fg) = (0, 0);
     for (_, labels, _) in &batches {
         forced_fg += usize::from(labels[2 * n + centre] != 0);
         free_fg += usize::from(labels[centre] != 0);
     }
     assert_eq!(forced_fg, 60, "every forced sample (the last of 3) has foreground at its centre");
+    let val = collect(&dir, &ids, spec(3, patch, Augment::none(), 4), 2, 30);
+    assert!(val.iter().all(|(_, labels, _)| labels[2 * n..].iter().any(|&l| l != 0)), "validation: forced samples hold foreground");
     assert!(free_fg < 30, "free samples are not centred on foreground ({free_fg} of 60 were)");
 }
 

@@ -13,6 +13,7 @@ fn fixture() -> PathBuf {
 
 const PLAIN: &str = "plain/nnUNetTrainer__nnUNetPlans__3d_fullres";
 const RESENC: &str = "resenc/nnUNetTrainer__nnUNetResEncUNetMPlans__3d_fullres";
+const PLAIN_2D: &str = "plain2d/nnUNetTrainer__nnUNetPlans__2d";
 const CASES: [&str; 3] = ["ts_000", "ts_001", "ts_002"];
 
 fn fresh_dir(tag: &str) -> PathBuf {
@@ -46,7 +47,7 @@ fn compare(mine: &Path, theirs: &Path, case: &str) -> (f64, f32) {
     (same, pa.iter().zip(&pb).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max))
 }
 
-/// nnU-Net's own model folders, plain and ResEnc M, TTA on and off: segk's labels are
+/// nnU-Net's own model folders, plain and ResEnc M 3d_fullres and plain 2d, TTA on and off: segk's labels are
 /// nnU-Net's (the fixture's cases include crop-to-nonzero, resampling on the way in and
 /// out, the separate-z path and several tiles). Probabilities: within float rounding of nnU-Net
 /// run with float32 sliding-window sums, and within nnU-Net's float16 rounding of its
@@ -54,7 +55,13 @@ fn compare(mine: &Path, theirs: &Path, case: &str) -> (f64, f32) {
 #[test]
 fn nnunet_model_folders_predict_as_nnunet_does() {
     let base = fresh_dir("predict");
-    for (model, tta, theirs, f32acc) in [(PLAIN, true, "plain/pred_tta", Some("plain/pred_tta_f32acc")), (PLAIN, false, "plain/pred_notta", None), (RESENC, true, "resenc/pred_tta", Some("resenc/pred_tta_f32acc"))] {
+    for (model, tta, theirs, f32acc) in [
+        (PLAIN, true, "plain/pred_tta", Some("plain/pred_tta_f32acc")),
+        (PLAIN, false, "plain/pred_notta", None),
+        (RESENC, true, "resenc/pred_tta", Some("resenc/pred_tta_f32acc")),
+        (PLAIN_2D, true, "plain2d/pred_tta", Some("plain2d/pred_tta_f32acc")),
+        (PLAIN_2D, false, "plain2d/pred_notta", None),
+    ] {
         let out = base.join(format!("{}-{tta}", model.split('/').next().unwrap()));
         let mut extra = vec!["--save-probabilities"];
         if !tta {
@@ -142,7 +149,7 @@ fn exported_checkpoints_read_back() {
     ];
     let plans = serde_json::json!({"plans_name": "nnUNetPlans", "configurations": {"3d_fullres": {"patch_size": [20, 28, 24], "spacing": [2.0, 1.0, 1.0]}}, "x": null, "flag": true});
     let ds = serde_json::json!({"labels": {"background": 0, "a": 1}, "file_ending": ".nii.gz"});
-    let info = segk::pth::CheckpointInfo { configuration: "3d_fullres", fold: "2", plans: &plans, dataset_json: &ds, epoch: 7, best_ema: Some(0.5) };
+    let info = segk::pth::CheckpointInfo { configuration: "3d_fullres", fold: "2", plans: &plans, dataset_json: &ds, epoch: 7, best_ema: Some(0.5), mirror_axes: &[0, 1, 2] };
     let path = dir.join("checkpoint_final.pth");
     segk::pth::write_checkpoint(&path, &weights, &info).unwrap();
     let ckpt = segk::pth::TorchCheckpoint::open(&path).unwrap();

@@ -96,8 +96,9 @@ fn segk_plan_writes_nnunets_plans_and_keeps_a_different_file() {
     assert_eq!(plans.plans_name, "nnUNetPlans");
     assert_eq!(plans.experiment_planner_used, "ExperimentPlanner");
     assert!(plans.configurations.get("3d_fullres").is_some() && plans.configurations.get("2d").is_some());
-    assert!(stdout.contains("3d_fullres: patch ") && stdout.contains("at checkpoint levels 0 / 1 / 2") && stdout.contains("segk does not train 2d configurations yet"), "{stdout}");
-    assert!(stdout.contains("segk trains nnUNetPlans' 3d_fullres as planned"), "{stdout}");
+    assert!(stdout.contains("3d_fullres: patch ") && stdout.contains("at checkpoint levels 0 / 1 / 2"), "{stdout}");
+    assert!(stdout.contains("segk trains nnUNetPlans' 3d_fullres as planned") && stdout.contains("segk trains nnUNetPlans' 2d as planned"), "{stdout}");
+    assert!(stdout.contains("2d: patch ") && stdout.lines().filter(|l| l.contains("at checkpoint levels 0 / 1 / 2")).count() == 2, "2d's memory too: {stdout}");
     assert!(!base.join("segk_preprocessed/Dataset905_Plans/plans.json").exists(), "plans files by plans name only");
     // A plans file already there (nnU-Net's, or edited by hand) is read and used unchanged: a
     // 3d_fullres batch of 3, a smaller patch and other intensity statistics are what segk then

@@ -14,6 +14,10 @@ fn tile_steps_and_gaussian_follow_nnunet() {
     assert_eq!(steps(128, 128, 0.5), vec![0]);
     assert_eq!(steps(129, 128, 0.5), vec![0, 1]);
     assert_eq!(steps(300, 100, 0.5), vec![0, 50, 100, 150, 200]);
+    // numpy rounds 2.5 to 2 (half to even): 13 voxels, patch 8 -> actual step 2.5.
+    assert_eq!(steps(13, 8, 0.5), vec![0, 2, 5]);
+    // A 2d patch's slice axis: every slice once.
+    assert_eq!(steps(5, 1, 0.5), vec![0, 1, 2, 3, 4]);
     let p = [16, 24, 32];
     let g = gaussian(p);
     let at = |z: usize, y: usize, x: usize| g[(z * 24 + y) * 32 + x];
@@ -63,6 +67,46 @@ fn a_volume_the_size_of_the_patch_gives_the_plain_forward_pass() {
     let img: Vec<f32> = (0..big.iter().product::<usize>()).map(|i| (i % 13) as f32 * 0.1).collect();
     let mut sink = Collect(Vec::new());
     Predictor { mirror_axes: &[0, 1, 2], ..pr }.run(&[img], big, &mut sink).unwrap();
+    assert_eq!(sink.0.len(), big[0]);
+    assert!(sink.0.iter().all(|s| s.len() == 3 * big[1] * big[2] && s.iter().all(|v| v.is_finite())));
+}
+
+/// nnU-Net's 2d prediction: every slice on its own, tiled in-plane; a slice the size of the
+/// patch is one plain forward pass of that slice.
+#[test]
+fn a_2d_net_predicts_each_slice_as_its_own_forward_pass() {
+    let be = CpuBackend::<f32>::new();
+    let topo = Topology::isotropic(2, 3, vec![4, 8, 8]).as_2d();
+    let net = UNet::new(&be, topo.clone(), 9).unwrap();
+    let p = [1, 12, 16];
+    let acts = Acts::new(&be, &topo, p, 1, Checkpointing::Level1, false).unwrap();
+    let shape = [5, 12, 16];
+    let n: usize = shape.iter().product();
+    let image: Vec<Vec<f32>> = (0..2).map(|c| (0..n).map(|i| ((i * 7919 + c * 31) % 200) as f32 / 100.0 - 1.0).collect()).collect();
+    let nets = [net];
+    let pr = Predictor { be: &be, nets: &nets, acts: &acts, patch: p, classes: 3, step: 0.5, mirror_axes: &[] };
+    let mut sink = Collect(Vec::new());
+    pr.run(&image, shape, &mut sink).unwrap();
+    assert_eq!(sink.0.len(), shape[0]);
+    let plane = p[1] * p[2];
+    for (z, s) in sink.0.iter().enumerate() {
+        let slice: Vec<f32> = (0..plane).flat_map(|i| [image[0][z * plane + i], image[1][z * plane + i]]).collect();
+        let lg = nets[0].forward_logits(&be, &acts, &slice).unwrap();
+        let mut direct = vec![0.0f32; lg.len()];
+        segk::backend::Backend::download(&be, segk::backend::Backend::view(&be, &acts.arena, lg.offset, lg.len()), &mut direct).unwrap();
+        for k in 0..3 {
+            for i in 0..plane {
+                let (a, b) = (s[k * plane + i], direct[i * 3 + k]);
+                assert!((a - b).abs() <= 1e-5 * b.abs().max(1.0), "slice {z} class {k} voxel {i}: {a} vs {b}");
+            }
+        }
+    }
+    // Mirror TTA over the in-plane axes, on slices larger than the patch: in order, finite.
+    let big = [3, 20, 30];
+    let img: Vec<Vec<f32>> = (0..2).map(|_| (0..big.iter().product::<usize>()).map(|i| (i % 13) as f32 * 0.1).collect()).collect();
+    let mut sink = Collect(Vec::new());
+    Predictor { mirror_axes: &topo.mirror_axes(), ..pr }.run(&img, big, &mut sink).unwrap();
+    assert_eq!(topo.mirror_axes(), vec![1, 2]);
     assert_eq!(sink.0.len(), big[0]);
     assert!(sink.0.iter().all(|s| s.len() == 3 * big[1] * big[2] && s.iter().all(|v| v.is_finite())));
 }

@@ -93,7 +93,7 @@ fn train_command_runs_plan_preprocess_and_epochs() {
         assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
         err
     };
-    refused(&["2d", "all", "--device", "cpu"], "segk trains 3d_fullres and 3d_lowres so far");
+    refused(&["3d_cascade_fullres", "all", "--device", "cpu"], "segk trains 2d, 3d_fullres and 3d_lowres so far");
     refused(&["3d_fullres", "all", "-p", "segkPlans", "--device", "cpu"], "segkPlans.json: missing: `segk plan DATASET --gpu-memory GB` writes segkPlans");
     let old_form = refused(&["all", "--device", "cpu"], "already holds a training run");
     assert!(old_form.contains("older form of `segk train DATASET 3d_fullres all`"), "{old_form}");
@@ -469,6 +469,33 @@ fn lowres_configuration_trains_on_its_own_store_and_predicts() {
     let organ: f64 = last.split("pseudo dice [").nth(1).and_then(|s| s.split(',').next()).and_then(|s| s.trim().parse().ok()).unwrap_or(0.0);
     assert!(organ > 0.6, "the organ is learnt at the coarse spacing: {last}");
     predicts_on_the_input_grid(&base, &root, &base.join("segk_results/Dataset041_Low/segkTrainer__nnUNetPlans__3d_lowres"));
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// nnU-Net's 2d configuration on a thin-slab dataset (8 slices 5 mm apart): planned, trained
+/// on slices with in-plane augmentation, learns, predicts slice by slice onto the input grid,
+/// and its nnU-Net checkpoint holds Conv2d weights and in-plane mirroring.
+#[test]
+fn two_d_configuration_trains_on_slices_and_predicts() {
+    let base = fresh_dir("2d");
+    let root = base.join("Dataset043_Thin");
+    assert!(segk_cli(&["synth", root.to_str().unwrap(), "--cases", "4", "--shape", "8,64,64", "--spacing", "5,1,1"]).status.success());
+    let out = segk_cli(&["plan", root.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success() && text.contains("segk trains nnUNetPlans' 2d as planned"), "{text}");
+    let out = segk_cli(&["train", root.to_str().unwrap(), "2d", "all", "--device", "cpu", "--epochs", "4", "--iters-per-epoch", "30", "--val-iters", "3", "--workers", "1", "--no-validation"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("training 2d of nnUNetPlans") && text.contains("patch [1, "), "{text}");
+    let last = text.lines().filter(|l| l.starts_with("epoch ")).last().unwrap_or_default();
+    let organ: f64 = last.split("pseudo dice [").nth(1).and_then(|s| s.split(',').next()).and_then(|s| s.trim().parse().ok()).unwrap_or(0.0);
+    assert!(organ > 0.6, "the organ is learnt slice by slice: {last}");
+    let model = base.join("segk_results/Dataset043_Thin/segkTrainer__nnUNetPlans__2d");
+    predicts_on_the_input_grid(&base, &root, &model);
+    let ckpt = segk::pth::TorchCheckpoint::open(&model.join("fold_all/checkpoint_final.pth")).unwrap();
+    assert_eq!(ckpt.mirror_axes, Some(vec![0, 1]));
+    assert_eq!(ckpt.configuration.as_deref(), Some("2d"));
+    assert_eq!(ckpt.shape("encoder.stages.0.0.convs.0.conv.weight").map(|s| s.len()), Some(4), "Conv2d weights");
     let _ = std::fs::remove_dir_all(&base);
 }
 

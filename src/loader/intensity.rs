@@ -100,10 +100,11 @@ pub fn contrast(x: &mut [f32], m: f32) {
     x.iter_mut().for_each(|v| *v = ((*v - mu) * m + mu).clamp(lo, hi));
 }
 
-/// Nearest-exact downsampling to round(shape x s), then trilinear back (align_corners
-/// false), as nnU-Net simulates a low-resolution acquisition.
-pub fn low_resolution(x: &mut [f32], shape: [usize; 3], s: f32, small: &mut Vec<f32>) {
-    let down: [usize; 3] = shape.map(|n| ((n as f64 * s as f64).round_ties_even() as usize).max(1));
+/// Nearest-exact downsampling to round(shape x s) per axis, then trilinear back
+/// (align_corners false), as nnU-Net simulates a low-resolution acquisition; an axis of
+/// scale 1 is left as it is.
+pub fn low_resolution(x: &mut [f32], shape: [usize; 3], s: [f32; 3], small: &mut Vec<f32>) {
+    let down: [usize; 3] = std::array::from_fn(|a| ((shape[a] as f64 * s[a] as f64).round_ties_even() as usize).max(1));
     let near = |i: usize, n_in: usize, n_out: usize| (((i as f64 + 0.5) * (n_in as f32 / n_out as f32) as f64).floor() as usize).min(n_in - 1);
     small.clear();
     for z in 0..down[0] {

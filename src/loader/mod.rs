@@ -37,6 +37,11 @@ pub struct Augment {
     pub p_gamma: f64,
     pub gamma: (f64, f64),
     pub p_mirror: f64,
+    /// Axes mirroring may flip (each with `p_mirror`).
+    pub mirror_axes: [bool; 3],
+    /// Axes the low-resolution simulation downsamples (nnU-Net ignores the first when it
+    /// augments in-plane).
+    pub low_res_axes: [bool; 3],
 }
 
 impl Default for Augment {
@@ -59,11 +64,22 @@ impl Default for Augment {
             p_gamma: 0.3,
             gamma: (0.7, 1.5),
             p_mirror: 0.5,
+            mirror_axes: [true; 3],
+            low_res_axes: [true; 3],
         }
     }
 }
 
 impl Augment {
+    /// nnU-Net's chain for a configuration's patch: a 2d one (`slices`, one slice deep)
+    /// turns and mirrors in its plane; an anisotropic 3d one turns in-plane and keeps its
+    /// first axis at full resolution in the low-resolution simulation, but mirrors all three.
+    pub fn nnunet(patch: [usize; 3], slices: bool) -> Augment {
+        let spatial = SpatialParams::for_patch(patch, slices);
+        let in_plane = spatial.rotation != spatial::Rotation::Volume;
+        Augment { spatial, mirror_axes: [!slices, true, true], low_res_axes: [!in_plane, true, true], ..Augment::default() }
+    }
+
     /// No augmentation at all: plain crops (validation, tests).
     pub fn none() -> Augment {
         Augment {
@@ -154,7 +170,9 @@ impl Augmenter {
             }
         }
         let annotated = cases.iter().map(|c| c.header.classes.iter().position(|k| k.labels.contains(&-1))).collect();
-        let size = sampler::initial_patch(spec.patch);
+        // Without rotation or scaling nothing needs the larger box (nnU-Net's validation loader).
+        let sp = &spec.augment.spatial;
+        let size = if sp.p_rotation > 0.0 || sp.p_scaling > 0.0 { sampler::initial_patch_for(spec.patch, sp) } else { spec.patch };
         Ok(Augmenter { cases, annotated, spec, size })
     }
 
@@ -257,7 +275,8 @@ impl Augmenter {
             for c in 0..chans {
                 if coin(rng, a.p_low_res_channel) {
                     let s = rng.random_range(a.low_res.0..a.low_res.1) as f32;
-                    intensity::low_resolution(&mut w.image[c * n..(c + 1) * n], shape, s, &mut w.small);
+                    let scales = a.low_res_axes.map(|on| if on { s } else { 1.0 });
+                    intensity::low_resolution(&mut w.image[c * n..(c + 1) * n], shape, scales, &mut w.small);
                 }
             }
         }
@@ -314,7 +333,9 @@ impl Fill for Augmenter {
             let mut rng = Pcg64::seed_from_u64(mix(self.spec.seed ^ mix(index.wrapping_mul(1024).wrapping_add(j as u64))));
             let ci = self.sample(w, &mut rng, j)?;
             w.stage = "mirroring";
-            let flip = [0; 3].map(|_| self.spec.augment.p_mirror > 0.0 && rng.random::<f64>() < self.spec.augment.p_mirror);
+            let a = &self.spec.augment;
+            let coins = [0; 3].map(|_| a.p_mirror > 0.0 && rng.random::<f64>() < a.p_mirror);
+            let flip = std::array::from_fn(|d| coins[d] && a.mirror_axes[d]);
             self.write(w, flip, j, b);
             b.cases[j] = ci;
         }

@@ -3,6 +3,7 @@
 //! class present in the case, otherwise a uniform position; boxes of the larger initial
 //! patch size that may reach past the volume (padded later: image 0, labels -1).
 
+use super::spatial::{Rotation, SpatialParams};
 use crate::store::CaseHeader;
 use rand::Rng;
 
@@ -15,19 +16,30 @@ pub fn forced_foreground(j: usize, b: usize) -> bool {
     (j as i64) >= (b as f64 * (1.0 - OVERSAMPLE_FOREGROUND)).round_ties_even() as i64
 }
 
-/// The patch loaded before rotation and scaling (nnU-Net's get_patch_size with rotations
-/// of up to 30 degrees about each axis, one axis at a time, and a 0.85 zoom).
-pub fn initial_patch(patch: [usize; 3]) -> [usize; 3] {
-    let t = std::f64::consts::PI / 6.0;
+/// The patch loaded before rotation and scaling: nnU-Net's get_patch_size, which turns the
+/// patch's corner by the largest angle (capped at 90 degrees) about one axis at a time -- in
+/// 2d about its one axis -- and zooms by 0.85. In-plane rotation keeps the first axis.
+pub fn initial_patch_for(patch: [usize; 3], spatial: &SpatialParams) -> [usize; 3] {
+    let t = spatial.max_angle.abs().min(std::f64::consts::FRAC_PI_2);
     let (c, s) = (t.cos(), t.sin());
     let [a, b, d] = patch.map(|v| v as f64);
-    let rx = [a, b * c + d * s, -b * s + d * c];
-    let ry = [a * c - d * s, b, a * s + d * c];
-    let rz = [a * c + b * s, -a * s + b * c, d];
+    // Row vector times each rotation matrix, as batchgenerators' rotate_coords_* do.
+    let turned: Vec<[f64; 3]> = match spatial.rotation {
+        Rotation::Slice => vec![[a, b * c + d * s, -b * s + d * c]],
+        Rotation::Volume | Rotation::InPlane => vec![[a, b * c + d * s, -b * s + d * c], [a * c - d * s, b, a * s + d * c], [a * c + b * s, -a * s + b * c, d]],
+    };
     std::array::from_fn(|i| {
-        let m = [patch[i] as f64, rx[i].abs(), ry[i].abs(), rz[i].abs()].into_iter().fold(0.0, f64::max);
+        if i == 0 && spatial.rotation != Rotation::Volume {
+            return patch[0];
+        }
+        let m = turned.iter().map(|r| r[i].abs()).fold(patch[i] as f64, f64::max);
         (m / 0.85) as usize
     })
+}
+
+/// [`initial_patch_for`] a 3d patch turning by up to 30 degrees about each axis.
+pub fn initial_patch(patch: [usize; 3]) -> [usize; 3] {
+    initial_patch_for(patch, &SpatialParams::default())
 }
 
 /// nnU-Net's get_bbox for a case of stored `shape`, a box of `size` (the initial patch)

@@ -10,19 +10,56 @@ use rand::Rng;
 
 pub type Mat3 = [[f64; 3]; 3];
 
-/// nnU-Net's spatial parameters: rotation with p 0.2 (each axis U(-30, 30) degrees) and,
-/// independently, scaling with p 0.2 (one factor U(0.7, 1.4) for all axes).
+/// Which way a configuration's patches turn (nnU-Net's
+/// configure_rotation_dummyDA_mirroring_and_inital_patch_size).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Rotation {
+    /// A 3d patch: about each of the three axes.
+    Volume,
+    /// nnU-Net's "dummy 2D" augmentation of an anisotropic 3d patch (largest side over 3x its
+    /// first): turned and scaled in the plane of axes 1 and 2 only, every slice alike.
+    InPlane,
+    /// A 2d configuration's patch (one slice deep): turned and scaled in its plane.
+    Slice,
+}
+
+/// nnU-Net's spatial parameters: rotation with p 0.2 (each turning axis U(-max, max)) and,
+/// independently, scaling with p 0.2 (one factor U(0.7, 1.4) for all turning axes).
 #[derive(Clone, Copy, Debug)]
 pub struct SpatialParams {
     pub p_rotation: f64,
     pub max_angle: f64,
     pub p_scaling: f64,
     pub scaling: (f64, f64),
+    pub rotation: Rotation,
 }
 
 impl Default for SpatialParams {
+    /// A 3d patch: up to 30 degrees about each axis.
     fn default() -> Self {
-        SpatialParams { p_rotation: 0.2, max_angle: std::f64::consts::PI / 6.0, p_scaling: 0.2, scaling: (0.7, 1.4) }
+        SpatialParams { p_rotation: 0.2, max_angle: std::f64::consts::PI / 6.0, p_scaling: 0.2, scaling: (0.7, 1.4), rotation: Rotation::Volume }
+    }
+}
+
+/// nnU-Net's ANISO_THRESHOLD: a 3d patch whose largest side exceeds this many times its first
+/// is augmented in-plane.
+pub const ANISO_THRESHOLD: f64 = 3.0;
+
+impl SpatialParams {
+    /// nnU-Net's rotation for a patch: a 2d configuration's (`slices`) turns by up to 180
+    /// degrees, or 15 when one side is over 1.5x the other; an anisotropic 3d patch by up to
+    /// 180 degrees in-plane; other 3d patches by up to 30 degrees about each axis.
+    pub fn for_patch(patch: [usize; 3], slices: bool) -> SpatialParams {
+        let deg = std::f64::consts::PI / 180.0;
+        let (rotation, max_angle) = if slices {
+            let (lo, hi) = (patch[1].min(patch[2]) as f64, patch[1].max(patch[2]) as f64);
+            (Rotation::Slice, if hi / lo > 1.5 { 15.0 * deg } else { 180.0 * deg })
+        } else if *patch.iter().max().unwrap_or(&1) as f64 / patch[0] as f64 > ANISO_THRESHOLD {
+            (Rotation::InPlane, 180.0 * deg)
+        } else {
+            (Rotation::Volume, 30.0 * deg)
+        };
+        SpatialParams { rotation, max_angle, ..SpatialParams::default() }
     }
 }
 
@@ -47,9 +84,15 @@ pub fn draw(rng: &mut impl Rng, p: &SpatialParams) -> Option<Mat3> {
     if !rotate && !scale {
         return None;
     }
-    let angles = if rotate { [0; 3].map(|_| rng.random_range(-p.max_angle..=p.max_angle)) } else { [0.0; 3] };
+    let mut angles = if rotate { [0; 3].map(|_| rng.random_range(-p.max_angle..=p.max_angle)) } else { [0.0; 3] };
     let s = if scale { rng.random_range(p.scaling.0..=p.scaling.1) } else { 1.0 };
-    Some(affine(angles, [s; 3]))
+    if p.rotation == Rotation::Volume {
+        return Some(affine(angles, [s; 3]));
+    }
+    // In-plane: Rx alone turns the (1, 2) plane; the first axis keeps its scale.
+    angles[1] = 0.0;
+    angles[2] = 0.0;
+    Some(affine(angles, [1.0, s, s]))
 }
 
 /// Stored image voxels, channels interleaved.

@@ -30,6 +30,8 @@ pub struct ParamTensor {
     /// He-init standard deviation; None = constant `fill`.
     pub he_std: Option<f64>,
     pub fill: f32,
+    /// Of a 2d net: PyTorch's shape has no first spatial axis (Conv2d).
+    pub planar: bool,
 }
 
 impl ParamTensor {
@@ -75,13 +77,14 @@ fn he_std(fan_in: usize) -> f64 {
 struct Builder {
     tensors: Vec<ParamTensor>,
     len: usize,
+    planar: bool,
 }
 
 impl Builder {
     fn push(&mut self, name: String, shape: Vec<usize>, he_std: Option<f64>, fill: f32) -> usize {
         let offset = self.len;
         self.len += shape.iter().product::<usize>();
-        self.tensors.push(ParamTensor { name, offset, shape, he_std, fill });
+        self.tensors.push(ParamTensor { name, offset, shape, he_std, fill, planar: self.planar });
         offset
     }
     fn conv(&mut self, prefix: &str, g: &ConvGeom) -> ConvParams {
@@ -128,7 +131,7 @@ impl Builder {
 impl ParamLayout {
     pub fn new(t: &Topology) -> ParamLayout {
         let (n, c) = (t.stages(), t.convs_per_stage);
-        let mut b = Builder { tensors: Vec::new(), len: 0 };
+        let mut b = Builder { tensors: Vec::new(), len: 0, planar: t.planar };
         let (mut enc, mut stem, mut res) = (Vec::new(), None, Vec::new());
         if t.is_residual() {
             stem = Some(b.block("encoder.stem.convs.0", &t.stem_geom()));

@@ -36,6 +36,10 @@ pub struct Topology {
     /// (`n_classes` = their count), each the label values it covers; empty for a softmax net.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub regions: Vec<Vec<i64>>,
+    /// nnU-Net's 2d network (Conv2d), run as a 3D net over patches one slice deep: kernels
+    /// and strides 1 along the first axis; its weights have PyTorch's 2D shapes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub planar: bool,
 }
 
 /// One ResNet-D basic block (dynamic_network_architectures' BasicBlockD): conv1 -> norm ->
@@ -81,7 +85,16 @@ impl Topology {
             ignore_label: false,
             regions: Vec::new(),
             blocks_per_stage: Vec::new(),
+            planar: false,
         }
+    }
+
+    /// The same net as nnU-Net's 2d network: kernels and strides lose their first axis.
+    pub fn as_2d(mut self) -> Topology {
+        self.kernels.iter_mut().for_each(|k| k[0] = 1);
+        self.strides.iter_mut().for_each(|s| s[0] = 1);
+        self.planar = true;
+        self
     }
 
     /// A residual-encoder U-Net (nnU-Net's ResEnc presets) with these blocks per stage and
@@ -90,6 +103,17 @@ impl Topology {
         self.blocks_per_stage = blocks_per_stage;
         self.convs_per_stage = 1;
         self
+    }
+
+    /// The axes nnU-Net mirrors (in training and at test time): all three, a 2d net's two
+    /// in-plane ones.
+    pub fn mirror_axes(&self) -> Vec<usize> {
+        if self.planar { vec![1, 2] } else { vec![0, 1, 2] }
+    }
+
+    /// Axes as nnU-Net numbers them for this net (a 2d net has axes 0 and 1), as segk's.
+    pub fn axes_from_nnunet(&self, axes: &[usize]) -> Vec<usize> {
+        axes.iter().map(|&a| a + usize::from(self.planar)).filter(|&a| a < 3).collect()
     }
 
     pub fn is_residual(&self) -> bool {
@@ -145,6 +169,7 @@ impl Topology {
         ensure!(self.convs_per_stage >= 1, "at least one conv per stage");
         ensure!(self.blocks_per_stage.is_empty() || (self.blocks_per_stage.len() == n && self.blocks_per_stage.iter().all(|&b| b >= 1)), "a residual encoder needs at least one block in each of its {n} stages, got {:?}", self.blocks_per_stage);
         ensure!(self.features.iter().all(|&f| f > 0), "features must be positive");
+        ensure!(!self.planar || self.kernels.iter().chain(&self.strides).all(|k| k[0] == 1), "a 2d net has kernels and strides 1 along the first axis");
         for (i, (k, s)) in self.kernels.iter().zip(&self.strides).enumerate() {
             if k.iter().any(|&k| k != 1 && k != 3) || s.iter().any(|&s| s != 1 && s != 2) {
                 bail!("stage {i}: kernels must be 1 or 3 and strides 1 or 2 per axis, got {k:?} / {s:?}");

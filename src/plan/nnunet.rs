@@ -409,7 +409,9 @@ pub fn segk_topology(c: &Configuration, json: &DatasetJson) -> Result<crate::mod
     let a = &arch.arch_kwargs;
     let residual = arch.network_class_name == super::plans_json::RESENC_UNET;
     ensure!(residual || arch.network_class_name == super::plans_json::PLAIN_UNET, "segk does not train {} (PlainConvUNet and ResidualEncoderUNet only)", arch.network_class_name.rsplit('.').next().unwrap_or(""));
-    ensure!(a.kernel_sizes.iter().chain(&a.strides).all(|k| k.len() == 3), "segk does not train 2d configurations yet (3D ones only)");
+    let dims = a.kernel_sizes.first().map_or(0, Vec::len);
+    ensure!(dims == 2 || dims == 3, "kernel sizes of {dims} axes: neither a 2d nor a 3d network");
+    ensure!(a.kernel_sizes.iter().chain(&a.strides).all(|k| k.len() == dims), "kernel sizes and strides mix 2d and 3d");
     let dec = &a.n_conv_per_stage_decoder;
     ensure!(!dec.is_empty() && dec.iter().all(|&n| n == dec[0]), "segk's U-Net decoder has one conv count for every stage, the plans have {dec:?}");
     let blocks = match residual {
@@ -421,7 +423,8 @@ pub fn segk_topology(c: &Configuration, json: &DatasetJson) -> Result<crate::mod
         }
     };
     ensure!(a.conv_bias || !residual, "segk's residual encoder has conv biases, as nnU-Net's ResEnc plans do (conv_bias true)");
-    let triple = |v: &Vec<usize>| [v[0], v[1], v[2]];
+    // A 2d net runs as a 3D one over patches one slice deep.
+    let triple = |v: &Vec<usize>| if dims == 2 { [1, v[0], v[1]] } else { [v[0], v[1], v[2]] };
     let regions = if json.has_regions() { json.regions() } else { Vec::new() };
     let t = crate::model::Topology {
         in_channels: json.channels(),
@@ -435,9 +438,19 @@ pub fn segk_topology(c: &Configuration, json: &DatasetJson) -> Result<crate::mod
         ignore_label: json.ignore_label().is_some(),
         regions,
         blocks_per_stage: blocks,
+        planar: dims == 2,
     };
     t.validate()?;
     Ok(t)
+}
+
+/// A configuration's patch as segk runs it: a 2d patch is one slice deep.
+pub fn patch_3d(patch: &[usize]) -> Result<[usize; 3]> {
+    match *patch {
+        [h, w] => Ok([1, h, w]),
+        [d, h, w] => Ok([d, h, w]),
+        _ => bail!("a patch of {} axes ({patch:?}): neither 2d nor 3d", patch.len()),
+    }
 }
 
 /// A configuration with what it inherits filled in (nnU-Net's get_configuration).
@@ -478,7 +491,7 @@ pub fn describe(plans: &PlansJson, json: &DatasetJson) -> Vec<String> {
         out.push(line);
         let need = segk_topology(&c, json).and_then(|t| {
             let params = crate::model::params::ParamLayout::new(&t).len;
-            let p3 = [patch[0], patch[1], patch[2]];
+            let p3 = patch_3d(&patch)?;
             (0..=2u8)
                 .map(|l| Ok(params * (3 * 4 + 2) + activation_bytes(&t, p3, batch, Checkpointing::from_level(l)?, super::plans::GPU_ACT_BYTES, 4)?))
                 .collect::<Result<Vec<usize>>>()

@@ -57,10 +57,18 @@ pub fn from_nnunet(plans: &PlansJson, name: &str, json: &DatasetJson) -> Result<
     let topology = nn::segk_topology(&c, json).with_context(|| format!("configuration {name} of {}", plans.plans_name))?;
     let missing = |key: &str| anyhow::anyhow!("configuration {name} of {} has no {key}", plans.plans_name);
     let three = |v: &[usize], key: &str| -> Result<[usize; 3]> { v.try_into().map_err(|_| anyhow::anyhow!("{key} of configuration {name} has {} axes, not 3", v.len())) };
-    let patch_size = three(c.patch_size.as_deref().ok_or_else(|| missing("patch_size"))?, "patch_size")?;
+    let patch = c.patch_size.as_deref().ok_or_else(|| missing("patch_size"))?;
+    let patch_size = nn::patch_3d(patch).with_context(|| format!("patch_size of configuration {name}"))?;
+    ensure!(topology.planar == (patch.len() == 2), "configuration {name}: a {}d patch for a {}d network", patch.len(), if topology.planar { 2 } else { 3 });
     let spacing = c.spacing.clone().ok_or_else(|| missing("spacing"))?;
-    let spacing: [f64; 3] = spacing.as_slice().try_into().map_err(|_| anyhow::anyhow!("spacing of configuration {name} has {} axes, not 3", spacing.len()))?;
+    // A 2d configuration keeps each case's own spacing along the first axis (0 here: unknown).
+    let spacing: [f64; 3] = match *spacing.as_slice() {
+        [a, b] if topology.planar => [0.0, a, b],
+        [a, b, c] if !topology.planar => [a, b, c],
+        _ => bail!("spacing of configuration {name} has {} axes, its patch {}", spacing.len(), patch.len()),
+    };
     let median: Vec<usize> = c.median_image_size_in_voxels.clone().ok_or_else(|| missing("median_image_size_in_voxels"))?.iter().map(|n| n.as_f64().unwrap_or(0.0).round() as usize).collect();
+    let median = if topology.planar && median.len() == 2 { vec![0, median[0], median[1]] } else { median };
     let batch_size = c.batch_size.ok_or_else(|| missing("batch_size"))?;
     ensure!(batch_size >= 1, "configuration {name} of {}: batch_size must be at least 1", plans.plans_name);
     let axes = |v: &[usize]| -> Result<[usize; 3]> { v.try_into().map_err(|_| anyhow::anyhow!("transpose of {} has {} axes", plans.plans_name, v.len())) };

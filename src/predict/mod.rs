@@ -28,7 +28,7 @@ pub struct Model {
     pub json: DatasetJson,
     /// Each fold's folder and weights file, for the folds to average.
     pub checkpoints: Vec<(PathBuf, crate::checkpoint::WeightsFile)>,
-    /// The axes mirror TTA flips: all three for segk's models, the checkpoint's
+    /// The axes mirror TTA flips: nnU-Net's for the net for segk's models, the checkpoint's
     /// `inference_allowed_mirroring_axes` for nnU-Net's (first fold's, as nnU-Net reads it).
     pub mirror_axes: Vec<usize>,
     /// nnU-Net's trainer class, for a model folder of nnU-Net's.
@@ -66,14 +66,16 @@ impl Model {
             checkpoints.push((d, file));
         }
         // An nnU-Net checkpoint says what it was trained as and which mirrorings it allows.
-        let (mut configuration, mut mirror_axes, mut trainer_name) = (configuration_of(dir), vec![0, 1, 2], None);
+        let (mut configuration, mut torch_axes, mut trainer_name) = (configuration_of(dir), None, None);
         if let Some((_, crate::checkpoint::WeightsFile::Torch(p))) = checkpoints.first() {
             let ckpt = crate::pth::TorchCheckpoint::open(p)?;
             configuration = ckpt.configuration.clone().unwrap_or(configuration);
-            mirror_axes = ckpt.mirror_axes.clone().unwrap_or_default();
+            torch_axes = Some(ckpt.mirror_axes.clone().unwrap_or_default());
             trainer_name = ckpt.trainer_name.clone();
         }
         let plan = crate::plan::plans::from_nnunet(&plans, &configuration, &json).with_context(|| format!("{}", path.display()))?;
+        let t = &plan.topology;
+        let mirror_axes = torch_axes.map_or_else(|| t.mirror_axes(), |a| t.axes_from_nnunet(&a));
         Ok(Model { plans, configuration, plan, json, checkpoints, mirror_axes, trainer_name })
     }
 
@@ -138,6 +140,9 @@ pub fn find_cases(input: &Path, channels: usize, ending: &str) -> Result<Vec<(St
 /// coarse axis is another one, the case is probably oriented differently: it is predicted as
 /// given (as nnU-Net does), but said. Spacings are [z, y, x]; the plan's in its axis order.
 pub fn axis_order_warning(plan_spacing: [f64; 3], order: [usize; 3], case_spacing: [f64; 3]) -> Option<String> {
+    if plan_spacing.contains(&0.0) {
+        return None; // 2d: the slice axis keeps each case's spacing
+    }
     let coarsest = |s: [f64; 3]| (0..3).max_by(|&a, &b| s[a].total_cmp(&s[b])).unwrap_or(0);
     let finest = plan_spacing.iter().copied().fold(f64::INFINITY, f64::min);
     let case = order.map(|a| case_spacing[a]);

@@ -10,15 +10,19 @@ use crate::model::UNet;
 use anyhow::Result;
 use std::collections::VecDeque;
 
-/// nnU-Net's tile starts along an axis of `size` (>= patch) for a step fraction.
+/// nnU-Net's tile starts along an axis of `size` (>= patch) for a step fraction (rounded
+/// half to even, as numpy); a 2d patch's slice axis (patch 1) takes every slice once.
 pub fn steps(size: usize, patch: usize, step: f64) -> Vec<usize> {
     assert!(size >= patch && patch > 0);
+    if patch == 1 {
+        return (0..size).collect();
+    }
     let n = ((size - patch) as f64 / (patch as f64 * step)).ceil() as usize + 1;
     if n == 1 {
         return vec![0];
     }
     let actual = (size - patch) as f64 / (n - 1) as f64;
-    (0..n).map(|i| (actual * i as f64).round() as usize).collect()
+    (0..n).map(|i| (actual * i as f64).round_ties_even() as usize).collect()
 }
 
 /// The gaussian importance map of a patch: exp(-d^2 / 2 sigma^2) around patch/2 with
