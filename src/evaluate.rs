@@ -120,21 +120,23 @@ pub fn evaluate(pred: &Path, gt: &Path, labels: Option<Vec<Vec<i64>>>, ignore: O
 
 /// Evaluates (prediction, reference) file pairs.
 pub fn evaluate_pairs(pairs: &[(PathBuf, PathBuf)], labels: Option<Vec<Vec<i64>>>, ignore: Option<i64>) -> Result<Summary> {
-    let mut loaded = Vec::with_capacity(pairs.len());
+    // One pair in memory at a time; without labels given, a first pass over the references
+    // finds them.
+    let labels = match labels {
+        Some(l) => l,
+        None => {
+            let mut l = std::collections::BTreeSet::new();
+            for (_, r) in pairs {
+                l.extend(nifti_io::read(r)?.data.iter().map(|&v| v as i64).filter(|&v| v != 0 && Some(v) != ignore));
+            }
+            l.into_iter().map(|v| vec![v]).collect()
+        }
+    };
+    let mut per_case = Vec::new();
     for (p, r) in pairs {
         let (pv, rv) = (nifti_io::read(p)?, nifti_io::read(r)?);
         ensure!(pv.shape == rv.shape, "{}: shape {:?} differs from the reference's {:?}", p.display(), pv.shape, rv.shape);
-        loaded.push((pv.data, rv.data));
-    }
-    let labels = labels.unwrap_or_else(|| {
-        let mut l: Vec<i64> = loaded.iter().flat_map(|(_, r)| r.iter().map(|&v| v as i64)).filter(|&v| v != 0 && Some(v) != ignore).collect();
-        l.sort();
-        l.dedup();
-        l.into_iter().map(|v| vec![v]).collect()
-    });
-    let mut per_case = Vec::new();
-    for ((p, r), (pv, rv)) in pairs.iter().zip(&loaded) {
-        let m = labels.iter().map(|l| (key(l), metrics(pv, rv, &l.iter().map(|&v| v as f32).collect::<Vec<_>>(), ignore.map(|i| i as f32)))).collect();
+        let m = labels.iter().map(|l| (key(l), metrics(&pv.data, &rv.data, &l.iter().map(|&v| v as f32).collect::<Vec<_>>(), ignore.map(|i| i as f32)))).collect();
         per_case.push(CaseResult { metrics: m, prediction_file: p.display().to_string(), reference_file: r.display().to_string() });
     }
     let mean_per_label: BTreeMap<String, Metrics> = labels

@@ -182,9 +182,13 @@ pub fn run_plan(ex: &Experiment, gpu_memory: Option<f64>, out: Option<std::path:
         let plans_name = chosen.plans_name;
         let flag = if chosen.class == nn::PLANNERS[0].class { String::new() } else { format!(" -p {plans_name}") };
         let planned = chosen_plans.as_ref().expect("the chosen planner planned above");
-        for c in ["2d", "3d_fullres", "3d_lowres"].into_iter().filter(|c| planned.configurations.get(c).is_some()) {
+        for c in ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"].into_iter().filter(|c| planned.configurations.get(c).is_some()) {
+            let after = match crate::cascade::previous_stage(planned, c) {
+                Ok(Some(p)) => format!(" after every fold of {p} (its validations write {c}'s inputs)"),
+                _ => String::new(),
+            };
             match plans::from_nnunet(planned, c, &ds.json) {
-                Ok(_) => println!("segk trains {plans_name}' {c} as planned: `segk train DATASET {c} FOLD{flag}`"),
+                Ok(_) => println!("segk trains {plans_name}' {c} as planned: `segk train DATASET {c} FOLD{flag}`{after}"),
                 Err(e) => println!("segk cannot train {plans_name}' {c}: {e:#}"),
             }
         }
@@ -274,6 +278,8 @@ struct Train {
     validate: Option<std::path::PathBuf>,
     /// Validation also writes the probabilities (nnU-Net's --npz; for ensembling).
     npz: bool,
+    /// A cascade stage: the previous stage's label maps of the cases (its cross-validation).
+    prev_stage_predictions: Option<std::path::PathBuf>,
 }
 
 impl Job for Train {
@@ -290,7 +296,7 @@ impl Job for Train {
         let pth = crate::checkpoint::export_nnunet(&self.cfg.out, "checkpoint_final", &self.configuration)?;
         println!("wrote {} (nnU-Net's checkpoint format: nnUNetv2_predict_from_modelfolder reads this model folder)", pth.display());
         if let Some(root) = &self.validate {
-            validate(be, &self.cfg, &self.plans, &self.configuration, root, self.npz)?;
+            validate(be, &self.cfg, &self.plans, &self.configuration, root, self.npz, self.prev_stage_predictions)?;
         }
         Ok(logs)
     }
@@ -298,7 +304,7 @@ impl Job for Train {
 
 /// nnU-Net's validation after training: the fold's validation cases predicted from the raw
 /// images with checkpoint_final (mirror TTA on) into OUT/validation, scored into summary.json.
-pub fn validate<B: Backend>(be: &B, cfg: &crate::train::TrainConfig, plans: &crate::plan::plans_json::PlansJson, configuration: &str, root: &std::path::Path, npz: bool) -> Result<()> {
+pub fn validate<B: Backend>(be: &B, cfg: &crate::train::TrainConfig, plans: &crate::plan::plans_json::PlansJson, configuration: &str, root: &std::path::Path, npz: bool, prev_stage_predictions: Option<std::path::PathBuf>) -> Result<()> {
     let model_dir = cfg.out.parent().unwrap_or(&cfg.out);
     let model = crate::predict::Model {
         plans: plans.clone(),
@@ -308,6 +314,7 @@ pub fn validate<B: Backend>(be: &B, cfg: &crate::train::TrainConfig, plans: &cra
         checkpoints: vec![(cfg.out.clone(), crate::checkpoint::WeightsFile::Segk("checkpoint_final".to_string()))],
         mirror_axes: cfg.plan.topology.mirror_axes(),
         trainer_name: None,
+        prev_stage_predictions,
     };
     let ending = model.json.file_ending.clone();
     let cases: Vec<(String, Vec<std::path::PathBuf>)> =
@@ -324,6 +331,16 @@ pub fn validate<B: Backend>(be: &B, cfg: &crate::train::TrainConfig, plans: &cra
     write_json_atomic(&out.join("summary.json"), &s)?;
     print!("{}", crate::evaluate::table(&s));
     println!("validation: {} in {:.1} s; wrote {}", crate::sysinfo::count(files.len(), "case"), t0.elapsed().as_secs_f64(), out.join("summary.json").display());
+    // The next stages of a cascade train on these predictions (nnU-Net's predicted_next_stage).
+    for next in crate::cascade::next_stages(plans, configuration) {
+        let dir = crate::cascade::next_stage_dir(model_dir, &next);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        for f in &files {
+            let dst = dir.join(f.file_name().unwrap_or_default());
+            std::fs::copy(f, &dst).with_context(|| format!("copying {} to {}", f.display(), dst.display()))?;
+        }
+        println!("validation: the {} predictions are also {next}'s inputs, in {}", files.len(), dir.display());
+    }
     Ok(())
 }
 
@@ -378,8 +395,8 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
     use crate::preprocess::splits;
     let TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained, validation, npz, workers, seed } = o;
     anyhow::ensure!(
-        ["2d", "3d_fullres", "3d_lowres"].contains(&configuration),
-        "configuration {configuration:?}: segk trains 2d, 3d_fullres and 3d_lowres so far (`segk plan` writes nnU-Net's 3d_cascade_fullres too; training it is to come)"
+        ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"].contains(&configuration),
+        "configuration {configuration:?}: segk trains nnU-Net's 2d, 3d_fullres, 3d_lowres and 3d_cascade_fullres"
     );
     let fold: splits::Fold = fold.parse()?;
     let checkpointing = match checkpointing.as_str() {
@@ -429,6 +446,19 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
     let bytes = std::fs::read(&source).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", source.display()))?;
     crate::store::write_atomic_via(&model_dir.join(crate::predict::PLANS_FILE), &format!(".{}.tmp", std::process::id()), |w| std::io::Write::write_all(w, &bytes))?;
     std::fs::copy(root.join("dataset.json"), model_dir.join("dataset.json")).map_err(|e| anyhow::anyhow!("copying dataset.json to {}: {e}", model_dir.display()))?;
+    // A cascade stage trains on the previous stage's cross-validation predictions.
+    let prev_stage = match crate::cascade::previous_stage(&plans, configuration)? {
+        None => None,
+        Some(p) => {
+            let prev_model = model_dir.parent().unwrap_or(&model_dir).join(model_folder_name(plans_name, &p));
+            let source = crate::cascade::next_stage_dir(&prev_model, configuration);
+            let maps = model_dir.join("prev_stage_inputs");
+            let all: Vec<String> = split.train.iter().chain(&split.val).cloned().collect();
+            println!("cascade: {configuration} takes {p}'s cross-validation predictions from {} (one-hot, per foreground label)", source.display());
+            crate::cascade::prepare(&store, &all, &source, &ds.json.file_ending, &maps)?;
+            Some((source, maps))
+        }
+    };
     let t = &plan.topology;
     let net = if t.is_residual() { format!("ResidualEncoderUNet, blocks {:?}", t.blocks_per_stage) } else { "PlainConvUNet".to_string() };
     println!(
@@ -455,9 +485,10 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
         save_every,
         resume,
         pretrained,
+        prev_stage: prev_stage.as_ref().map(|(_, maps)| (maps.clone(), crate::cascade::foreground_labels(&ds.json))),
     };
     let validate = validation.then(|| root.to_path_buf());
-    let logs = crate::device::run_on(device, Train { cfg, plans, configuration: configuration.to_string(), validate, npz })?;
+    let logs = crate::device::run_on(device, Train { cfg, plans, configuration: configuration.to_string(), validate, npz, prev_stage_predictions: prev_stage.map(|(source, _)| source) })?;
     if let Some(last) = logs.last() {
         println!("done: {} epochs run, final EMA pseudo-Dice {:.4}", logs.len(), last.ema_dice);
     }
@@ -540,13 +571,19 @@ pub struct CaseSelection {
     pub continue_prediction: bool,
 }
 
-pub fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &std::path::Path, folds: Option<Vec<String>>, checkpoint: &str, opt: crate::predict::PredictOptions, select: CaseSelection, device: &str) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+pub fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &std::path::Path, folds: Option<Vec<String>>, checkpoint: &str, opt: crate::predict::PredictOptions, select: CaseSelection, device: &str, prev_stage: Option<std::path::PathBuf>) -> Result<()> {
     anyhow::ensure!(opt.step > 0.0 && opt.step <= 1.0, "--step must be in (0, 1]");
     anyhow::ensure!(select.num_parts >= 1 && select.part_id < select.num_parts, "--part-id must be below --num-parts (got part {} of {})", select.part_id, select.num_parts);
     // Predictions written into the input folder would be read as images by the next run.
     let same = |a: &std::path::Path, b: &std::path::Path| matches!((std::fs::canonicalize(a), std::fs::canonicalize(b)), (Ok(x), Ok(y)) if x == y);
     anyhow::ensure!(!same(input, output), "-o {} is the input folder: write the predictions elsewhere", output.display());
-    let m = crate::predict::Model::open(model, folds.as_deref(), checkpoint)?;
+    let mut m = crate::predict::Model::open(model, folds.as_deref(), checkpoint)?;
+    if let Some(p) = &prev_stage {
+        anyhow::ensure!(p.is_dir(), "--prev-stage-predictions {}: not a folder", p.display());
+        println!("previous stage: its label maps in {} become {} one-hot input channels", p.display(), m.prev_stage_labels().len());
+    }
+    m.prev_stage_predictions = prev_stage;
     let on = |b: bool| if b { "on" } else { "off" };
     let names: Vec<String> = m.checkpoints.iter().filter_map(|(d, _)| d.file_name().map(|n| n.to_string_lossy().to_string())).collect();
     let file = match m.checkpoints.first().map(|c| &c.1) {

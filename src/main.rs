@@ -196,6 +196,10 @@ enum Cmd {
         /// complete, so one there is whole.
         #[arg(long = "continue", alias = "continue_prediction")]
         continue_prediction: bool,
+        /// For 3d_cascade_fullres: the folder of the previous stage's (3d_lowres) label maps of
+        /// these cases, named as the images' cases (nnU-Net's -prev_stage_predictions).
+        #[arg(long, alias = "prev_stage_predictions")]
+        prev_stage_predictions: Option<std::path::PathBuf>,
     },
     /// Average the probabilities of several prediction folders (nnU-Net's nnUNetv2_ensemble):
     /// label maps, and with --save-probabilities the averaged CASE.npz.
@@ -259,6 +263,7 @@ enum Cmd {
         disable_ensembling: bool,
     },
     /// Dice, IoU and counts per label and case of predictions against references (summary.json).
+    /// The prediction folder comes first: the reverse of nnUNetv2_evaluate_folder GT PRED.
     Evaluate {
         /// Folder of predicted label maps (.nii/.nii.gz).
         pred: std::path::PathBuf,
@@ -400,14 +405,14 @@ fn main() {
             Experiment::new(&dataset).and_then(|e| run_train(&e, configuration, fold, plans.as_deref(), &device, o, preprocessed, out))
         }
         Cmd::Doctor => segk::sysinfo::doctor(&LONG_VERSION.replace('\n', "; ")),
-        Cmd::Predict { input, output, model, dataset, configuration, plans, trainer, folds, checkpoint, step, no_tta, save_probabilities, device, num_parts, part_id, continue_prediction } => {
+        Cmd::Predict { input, output, model, dataset, configuration, plans, trainer, folds, checkpoint, step, no_tta, save_probabilities, device, num_parts, part_id, continue_prediction, prev_stage_predictions } => {
             let select = segk::experiment::CaseSelection { part_id, num_parts, continue_prediction };
             let model = match (model, dataset) {
                 (Some(m), _) => Ok(m),
                 (None, Some(d)) => model_folder(&d, configuration.as_deref().unwrap_or("3d_fullres"), &plans, &trainer),
                 (None, None) => Err(anyhow::anyhow!("predict needs -m MODEL_DIR, or -d DATASET -c CONFIGURATION")),
             };
-            model.and_then(|m| run_predict(&input, &output, &m, folds, &checkpoint, segk::predict::PredictOptions { step, tta: !no_tta, save_probabilities }, select, &device))
+            model.and_then(|m| run_predict(&input, &output, &m, folds, &checkpoint, segk::predict::PredictOptions { step, tta: !no_tta, save_probabilities }, select, &device, prev_stage_predictions))
         }
         Cmd::Ensemble { input, output, save_probabilities, dataset_json } => segk::ensemble::command(&input, &output, save_probabilities, dataset_json.as_deref()),
         Cmd::DeterminePostprocessing { input, reference, dataset_json } => segk::experiment::run_determine_postprocessing(&input, &reference, dataset_json.as_deref()),

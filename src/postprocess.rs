@@ -15,40 +15,7 @@ use std::path::Path;
 /// Keeps the largest 26-connected component(s) of the voxels holding any of `labels`; the
 /// other voxels of those labels become background (0). Returns how many voxels changed.
 pub fn keep_largest(data: &mut [f32], shape: [usize; 3], labels: &[i64]) -> usize {
-    let [nz, ny, nx] = shape;
-    let inside = |v: f32| labels.contains(&(v as i64));
-    // Component id per voxel (0: outside the mask), filled by depth-first flood fill.
-    let mut comp = vec![0u32; data.len()];
-    let mut sizes = vec![0usize];
-    let mut stack = Vec::new();
-    for start in 0..data.len() {
-        if comp[start] != 0 || !inside(data[start]) {
-            continue;
-        }
-        let id = sizes.len() as u32;
-        sizes.push(0);
-        comp[start] = id;
-        stack.push(start);
-        while let Some(i) = stack.pop() {
-            sizes[id as usize] += 1;
-            let (z, y, x) = (i / (ny * nx), (i / nx) % ny, i % nx);
-            for dz in -1i64..=1 {
-                for dy in -1i64..=1 {
-                    for dx in -1i64..=1 {
-                        let (zz, yy, xx) = (z as i64 + dz, y as i64 + dy, x as i64 + dx);
-                        if zz < 0 || yy < 0 || xx < 0 || zz >= nz as i64 || yy >= ny as i64 || xx >= nx as i64 {
-                            continue;
-                        }
-                        let j = (zz as usize * ny + yy as usize) * nx + xx as usize;
-                        if comp[j] == 0 && inside(data[j]) {
-                            comp[j] = id;
-                            stack.push(j);
-                        }
-                    }
-                }
-            }
-        }
-    }
+    let (comp, sizes) = crate::morphology::components(shape, |i| labels.contains(&(data[i] as i64)));
     let largest = sizes.iter().copied().max().unwrap_or(0);
     let mut changed = 0;
     for (v, &c) in data.iter_mut().zip(&comp) {
@@ -99,37 +66,50 @@ pub fn read_steps(path: &Path) -> Result<Vec<Vec<i64>>> {
         .collect()
 }
 
-/// One prediction folder's cases in memory with their references: (name, shape, prediction,
-/// reference).
-type Cases = Vec<(String, [usize; 3], Vec<f32>, Vec<f32>)>;
-
-/// The predictions in `pred`, each with its reference (nnU-Net scores the predicted files).
-fn load_cases(pred: &Path, gt: &Path, ending: &str) -> Result<Cases> {
+/// The predictions in `pred` (nnU-Net scores the predicted files), each with its reference in
+/// `gt` checked to be there.
+fn case_names(pred: &Path, gt: &Path, ending: &str) -> Result<Vec<String>> {
     let names = crate::predict::names_in(pred, |n| n.strip_suffix(ending))?;
     ensure!(!names.is_empty(), "{}: no predicted label maps ending in {ending}", pred.display());
-    names
-        .into_iter()
-        .map(|n| {
-            let file = format!("{n}{ending}");
-            let reference = gt.join(&file);
-            ensure!(reference.is_file(), "{}: no reference for the prediction {n}", reference.display());
-            let (p, r) = (nifti_io::read(&pred.join(&file))?, nifti_io::read(&reference)?);
-            ensure!(p.shape == r.shape, "{}: shape {:?}, the reference's {:?}", pred.join(&file).display(), p.shape, r.shape);
-            Ok((n, p.shape, p.data, r.data))
-        })
-        .collect()
+    for n in &names {
+        let reference = gt.join(format!("{n}{ending}"));
+        ensure!(reference.is_file(), "{}: no reference for the prediction {n}", reference.display());
+    }
+    Ok(names)
 }
 
-/// Mean metrics per label or region over the cases, and their foreground mean.
-fn score(cases: &Cases, preds: &[Vec<f32>], scored: &[Vec<i64>], ignore: Option<i64>) -> (BTreeMap<String, Metrics>, Metrics) {
-    let per: BTreeMap<String, Metrics> = scored
-        .iter()
-        .map(|l| {
-            let region: Vec<f32> = l.iter().map(|&v| v as f32).collect();
-            let ms: Vec<Metrics> = cases.iter().zip(preds).map(|(c, p)| metrics(p, &c.3, &region, ignore.map(|i| i as f32))).collect();
-            (key(l), mean(&ms))
-        })
-        .collect();
+/// Per scored label or region of one case: its metrics.
+fn case_metrics(pred: &[f32], reference: &[f32], scored: &[Vec<i64>], ignore: Option<i64>) -> Vec<Metrics> {
+    scored.iter().map(|l| metrics(pred, reference, &l.iter().map(|&v| v as f32).collect::<Vec<_>>(), ignore.map(|i| i as f32))).collect()
+}
+
+/// Per case, the metrics of each scored label or region.
+type PerCase = Vec<Vec<Metrics>>;
+
+/// One pass over the cases, one case in memory at a time: each prediction with `steps`
+/// applied is scored, and with each of `trials` applied on top of that. Returns per case the
+/// metrics of the base and of every trial.
+fn pass(pred: &Path, gt: &Path, ending: &str, names: &[String], scored: &[Vec<i64>], ignore: Option<i64>, steps: &[Vec<i64>], trials: &[Vec<i64>]) -> Result<(PerCase, Vec<PerCase>)> {
+    let (mut base, mut tried) = (Vec::new(), vec![Vec::new(); trials.len()]);
+    for n in names {
+        let file = format!("{n}{ending}");
+        let (mut p, r) = (nifti_io::read(&pred.join(&file))?, nifti_io::read(&gt.join(&file))?);
+        ensure!(p.shape == r.shape, "{}: shape {:?}, the reference's {:?}", pred.join(&file).display(), p.shape, r.shape);
+        apply(&mut p.data, p.shape, steps);
+        base.push(case_metrics(&p.data, &r.data, scored, ignore));
+        for (t, labels) in trials.iter().enumerate() {
+            let mut q = p.data.clone();
+            keep_largest(&mut q, p.shape, labels);
+            tried[t].push(case_metrics(&q, &r.data, scored, ignore));
+        }
+    }
+    Ok((base, tried))
+}
+
+/// Mean metrics per label or region over the cases (per case metrics in `scored` order), and
+/// their foreground mean.
+fn summarize(per_case: &[Vec<Metrics>], scored: &[Vec<i64>]) -> (BTreeMap<String, Metrics>, Metrics) {
+    let per: BTreeMap<String, Metrics> = scored.iter().enumerate().map(|(k, l)| (key(l), mean(&per_case.iter().map(|c| c[k]).collect::<Vec<_>>()))).collect();
     let fg = crate::evaluate::foreground_mean(&per.values().copied().collect::<Vec<_>>());
     (per, fg)
 }
@@ -155,48 +135,49 @@ pub fn determine(pred: &Path, gt: &Path, json: &crate::dataset::DatasetJson) -> 
     let scored = crate::experiment::foreground_labels(json);
     let ignore = json.ignore_label();
     let foreground: Vec<i64> = json.label_values().into_iter().filter(|&v| v != 0 && Some(v) != ignore).collect();
-    let cases = load_cases(pred, gt, &json.file_ending)?;
-    let mut current: Vec<Vec<f32>> = cases.iter().map(|c| c.2.clone()).collect();
-    let before = score(&cases, &current, &scored, ignore);
+    let ending = &json.file_ending;
+    let names = case_names(pred, gt, ending)?;
+    // Cases are read once per decision, never held together: memory is one case's.
+    let (raw, fg_tried) = pass(pred, gt, ending, &names, &scored, ignore, &[], std::slice::from_ref(&foreground))?;
+    let before = summarize(&raw, &scored);
+    let (per, fg) = summarize(&fg_tried[0], &scored);
     let (mut steps, mut log) = (Vec::new(), Vec::new());
-    let trial = |source: &[Vec<f32>], labels: &[i64]| -> Vec<Vec<f32>> {
-        cases
-            .iter()
-            .zip(source)
-            .map(|(c, p)| {
-                let mut q = p.clone();
-                keep_largest(&mut q, c.1, labels);
-                q
-            })
-            .collect()
-    };
-    let tried = trial(&current, &foreground);
-    let (per, fg) = score(&cases, &tried, &scored, ignore);
     let no_worse = per.iter().all(|(k, m)| !better(before.0[k].dice, m.dice));
     if better(fg.dice, before.1.dice) && no_worse {
         log.push(format!("keeping the largest foreground component raises the foreground mean Dice {:.5} -> {:.5}: kept", before.1.dice.unwrap_or(0.0), fg.dice.unwrap_or(0.0)));
         steps.push(foreground.clone());
-        current = tried;
     } else {
         log.push("keeping the largest foreground component does not improve the Dice: not done".into());
     }
     if scored.len() > 1 {
-        for l in &scored {
-            let base = score(&cases, &current, &scored, ignore);
-            let tried = trial(&current, l);
-            let after = score(&cases, &tried, &scored, ignore);
+        // Labels of a softmax net are disjoint: one label's step leaves the others' masks as
+        // they are, so every label is tried in one pass. Regions overlap: one pass each, in
+        // order, on what the steps accepted before them left.
+        let disjoint = !json.has_regions();
+        let mut trials_done: Option<(PerCase, Vec<PerCase>)> = None;
+        if disjoint {
+            trials_done = Some(pass(pred, gt, ending, &names, &scored, ignore, &steps, &scored)?);
+        }
+        for (t, l) in scored.iter().enumerate() {
+            let (base_cases, tried_cases) = match &trials_done {
+                Some((b, tr)) => (b.clone(), tr[t].clone()),
+                None => {
+                    let (b, mut tr) = pass(pred, gt, ending, &names, &scored, ignore, &steps, std::slice::from_ref(l))?;
+                    (b, tr.remove(0))
+                }
+            };
             let k = key(l);
-            let (b, a) = (base.0[&k].dice, after.0[&k].dice);
+            let (b, a) = (summarize(&base_cases, &scored).0[&k].dice, summarize(&tried_cases, &scored).0[&k].dice);
             if better(a, b) {
                 log.push(format!("keeping the largest component of {k} raises its Dice {:.5} -> {:.5}: kept", b.unwrap_or(0.0), a.unwrap_or(0.0)));
                 steps.push(l.clone());
-                current = tried;
             } else {
                 log.push(format!("keeping the largest component of {k} does not raise its Dice ({:.5} -> {:.5}): not done", b.unwrap_or(0.0), a.unwrap_or(0.0)));
             }
         }
     }
-    let after = score(&cases, &current, &scored, ignore);
+    let (after_cases, _) = pass(pred, gt, ending, &names, &scored, ignore, &steps, &[])?;
+    let after = summarize(&after_cases, &scored);
     Ok(Decision { steps, before, after, log })
 }
 

@@ -150,14 +150,23 @@ pub fn find_best(dataset: &str, results: &Path, labels_tr: &Path, candidates: &[
         }
     });
     std::fs::write(results.join("inference_information.json"), serde_json::to_string_pretty(&info)?).with_context(|| format!("writing {}", results.join("inference_information.json").display()))?;
-    let text = instructions(dataset, &best.members, folds, &pp_file);
+    // A cascade member predicts after its previous stage (its model folder's plans say which).
+    let prev: Vec<Option<String>> = best
+        .members
+        .iter()
+        .map(|m| {
+            let plans = crate::plan::plans::read_nnunet_plans(&results.join(m.folder_name()).join(crate::predict::PLANS_FILE))?;
+            crate::cascade::previous_stage(&plans, &m.configuration)
+        })
+        .collect::<Result<_>>()?;
+    let text = instructions(dataset, &best.members, &prev, folds, &pp_file);
     std::fs::write(results.join("inference_instructions.txt"), &text).with_context(|| format!("writing {}", results.join("inference_instructions.txt").display()))?;
     print!("{text}");
     Ok(info)
 }
 
 /// What to run at inference, with segk's commands (nnU-Net's inference_instructions.txt).
-fn instructions(dataset: &str, members: &[Candidate], folds: &[String], pp_file: &Path) -> String {
+fn instructions(dataset: &str, members: &[Candidate], prev: &[Option<String>], folds: &[String], pp_file: &Path) -> String {
     let mut t = String::from("***Run inference like this:***\n\n");
     let ensemble = members.len() > 1;
     if ensemble {
@@ -167,7 +176,15 @@ fn instructions(dataset: &str, members: &[Candidate], folds: &[String], pp_file:
     for (j, m) in members.iter().enumerate() {
         let out = if ensemble { format!("OUTPUT_FOLDER_MODEL_{}", j + 1) } else { "OUTPUT_FOLDER".to_string() };
         let probs = if ensemble { " --save-probabilities" } else { "" };
-        t.push_str(&format!("segk predict -d {dataset} -i INPUT_FOLDER -o {out} -f {} -tr {} -c {} -p {}{probs}\n", folds.join(" "), m.trainer, m.configuration, m.plans));
+        // (nnU-Net 2.8.1 means to write the previous stage's command too, but its check never
+        // matches; segk writes it.)
+        let mut after = String::new();
+        if let Some(p) = &prev[j] {
+            let prev_out = format!("{out}_PREV_STAGE");
+            t.push_str(&format!("segk predict -d {dataset} -i INPUT_FOLDER -o {prev_out} -f {} -tr {} -c {p} -p {}\n", folds.join(" "), m.trainer, m.plans));
+            after = format!(" --prev-stage-predictions {prev_out}");
+        }
+        t.push_str(&format!("segk predict -d {dataset} -i INPUT_FOLDER -o {out} -f {} -tr {} -c {} -p {}{after}{probs}\n", folds.join(" "), m.trainer, m.configuration, m.plans));
         outputs.push(out);
     }
     if ensemble {

@@ -228,7 +228,7 @@ pub struct StoredCase {
     loc: Mmap,
 }
 
-fn map(path: &Path) -> Result<Mmap> {
+pub(crate) fn map(path: &Path) -> Result<Mmap> {
     let f = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     // SAFETY: store files are written once under a temporary name and renamed into place;
     // nothing writes to them while they are mapped.

@@ -5,6 +5,7 @@
 
 use crate::backend::{poly_lr, Backend};
 use crate::checkpoint::{self, TrainerState};
+use crate::loader::cascade::CascadeAugment;
 use crate::loader::{self, Augment, BatchSpec};
 use crate::model::params::ParamLayout;
 use crate::model::plan::ActPlan;
@@ -42,6 +43,9 @@ pub struct TrainConfig {
     pub resume: bool,
     /// Fine-tuning: start from these weights (all but the segmentation heads).
     pub pretrained: Option<PathBuf>,
+    /// A cascade stage: the previous stage's maps on the stored grids
+    /// (`crate::cascade::prepare`) and the labels they become one-hot channels of.
+    pub prev_stage: Option<(PathBuf, Vec<i64>)>,
 }
 
 /// nnU-Net's schedule.
@@ -336,16 +340,19 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
             println!("--resume: no checkpoint_latest or checkpoint_best in {}, starting fresh", cfg.out.display());
         }
     }
-    let spec = |augment, seed| BatchSpec { batch: plan.batch_size, patch: plan.patch_size, channels, use_mask: plan.use_mask_for_norm.clone(), seed, augment };
+    let spec = |augment, cascade, seed| {
+        let prev_stage = cfg.prev_stage.as_ref().map(|(dir, labels)| loader::PrevInputs { dir: dir.clone(), labels: labels.clone(), augment: cascade });
+        BatchSpec { batch: plan.batch_size, patch: plan.patch_size, channels, use_mask: plan.use_mask_for_norm.clone(), seed, augment, prev_stage }
+    };
     let mem = be.host_memory();
-    let mut train = loader::Loader::start(&cfg.store, &cfg.train_ids, spec(Augment::nnunet(plan.patch_size, plan.topology.planar), st.seed), cfg.workers, st.next_train_batch, &*mem)?;
-    let mut val = loader::Loader::start(&cfg.store, &cfg.val_ids, spec(Augment::none(), st.seed ^ 0x5eed), Some(1), st.next_val_batch, &*mem)?;
+    let mut train = loader::Loader::start(&cfg.store, &cfg.train_ids, spec(Augment::nnunet(plan.patch_size, plan.topology.planar), CascadeAugment::default(), st.seed), cfg.workers, st.next_train_batch, &*mem)?;
+    let mut val = loader::Loader::start(&cfg.store, &cfg.val_ids, spec(Augment::none(), CascadeAugment::none(), st.seed ^ 0x5eed), Some(1), st.next_val_batch, &*mem)?;
     println!(
         "loader: {} ({}), {} slots of {:.1} MiB ({}); train {}, validation {}",
         crate::sysinfo::count(train.pool.workers(), "worker"),
         train.workers_source,
         train.pool.slots(),
-        spec(Augment::none(), 0).slot_bytes() as f64 / (1 << 20) as f64,
+        spec(Augment::none(), CascadeAugment::none(), 0).slot_bytes() as f64 / (1 << 20) as f64,
         mem.kind(),
         crate::sysinfo::count(cfg.train_ids.len(), "case"),
         crate::sysinfo::count(cfg.val_ids.len(), "case")

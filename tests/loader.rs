@@ -41,7 +41,7 @@ fn store(tag: &str, cases: usize) -> (PathBuf, Vec<String>) {
 }
 
 fn spec(batch: usize, patch: [usize; 3], augment: Augment, seed: u64) -> BatchSpec {
-    BatchSpec { batch, patch, channels: 1, use_mask: vec![false], seed, augment }
+    BatchSpec { batch, patch, channels: 1, use_mask: vec![false], seed, augment, prev_stage: None }
 }
 
 #[test]
@@ -341,6 +341,43 @@ fn batches_depend_on_the_seed_only_and_mirroring_flips() {
     }
 }
 
+/// A cascade stage's extra channels are the previous stage's labels, one-hot: with the
+/// dataset's own label maps as the "previous stage", every sample's one-hot channels say what
+/// its labels say, voxel by voxel (the maps warp with the image and labels).
+#[test]
+fn cascade_channels_are_the_previous_stages_one_hot_labels() {
+    use segk::loader::cascade::CascadeAugment;
+    use segk::loader::PrevInputs;
+    let (dir, ids) = store("cascade", 2);
+    let root = dir.parent().unwrap().join("Dataset020_Loader");
+    let maps = dir.parent().unwrap().join("prev_inputs");
+    segk::cascade::prepare(&dir, &ids, &root.join("labelsTr"), ".nii.gz", &maps).unwrap();
+    let labels = vec![1, 2];
+    let patch = [24, 32, 32];
+    let n = patch.iter().product::<usize>();
+    for (augment, name) in [(Augment::none(), "plain crops"), (Augment { p_mirror: 0.5, spatial: SpatialParams { p_rotation: 1.0, p_scaling: 1.0, ..SpatialParams::default() }, ..Augment::none() }, "rotated, scaled, mirrored")] {
+        let prev_stage = Some(PrevInputs { dir: maps.clone(), labels: labels.clone(), augment: CascadeAugment::none() });
+        let s = BatchSpec { batch: 2, patch, channels: 3, use_mask: vec![false], seed: 5, augment, prev_stage };
+        let (mut agree, mut total, mut fg) = (0, 0, 0);
+        for (image, lab, _) in collect(&dir, &ids, s, 1, 4) {
+            for j in 0..2 {
+                for v in 0..n {
+                    let l = lab[j * n + v];
+                    let hot = [image[(j * n + v) * 3 + 1], image[(j * n + v) * 3 + 2]];
+                    assert!(hot.iter().all(|&h| h == 0.0 || h == 1.0) && hot[0] + hot[1] <= 1.0, "{name}: one-hot");
+                    total += 1;
+                    fg += usize::from(l != 0);
+                    agree += usize::from(hot == [f32::from(u8::from(l == 1)), f32::from(u8::from(l == 2))]);
+                }
+            }
+        }
+        assert!(fg > 1000, "{name}: foreground sampled ({fg})");
+        // Labels and maps interpolate alike; they may part only where their warps round apart.
+        let share = agree as f64 / total as f64;
+        assert!(share >= if name == "plain crops" { 1.0 } else { 0.995 }, "{name}: one-hot agrees with the labels on {share}");
+    }
+}
+
 #[test]
 fn forced_samples_centre_on_foreground() {
     let (dir, ids) = store("fg", 3);
@@ -452,7 +489,7 @@ fn worker_count_flag_and_data_wait_advice() {
 
 #[test]
 fn a_loader_that_cannot_fit_in_ram_is_refused_with_numbers() {
-    let huge = BatchSpec { batch: 64, patch: [512, 512, 512], channels: 4, use_mask: vec![false; 4], seed: 0, augment: Augment::none() };
+    let huge = BatchSpec { batch: 64, patch: [512, 512, 512], channels: 4, use_mask: vec![false; 4], seed: 0, augment: Augment::none(), prev_stage: None };
     let e = segk::loader::check_memory(&huge, 8, 18, 1 << 30).unwrap_err().to_string();
     assert!(e.contains("GiB of host memory") && e.contains("available") && e.contains("--workers"), "{e}");
     let small_slots = spec(2, [32, 32, 32], Augment::none(), 0);
@@ -525,7 +562,7 @@ fn training_through_the_feed_matches_uploading<B: segk::backend::Backend>(be: &B
     let topo = Topology::isotropic(1, 3, vec![8, 16]);
     let (patch, batch) = ([8, 8, 8], 2);
     let (root, ids) = store("feed", 3);
-    let s = BatchSpec { batch, patch, channels: 1, use_mask: vec![false], seed: 11, augment: Augment::default() };
+    let s = BatchSpec { batch, patch, channels: 1, use_mask: vec![false], seed: 11, augment: Augment::default(), prev_stage: None };
     let acts = Acts::new(be, &topo, patch, batch, Checkpointing::None, true).unwrap();
     let voxels = batch * 512;
     let mut direct = UNet::new(be, topo.clone(), 5).unwrap();
@@ -582,7 +619,7 @@ fn a_training_step_waits_only_for_its_upload() {
     let topo = Topology::isotropic(1, 3, vec![8, 16]);
     let (patch, batch) = ([8, 8, 8], 2);
     let (root, ids) = store("syncs", 3);
-    let s = BatchSpec { batch, patch, channels: 1, use_mask: vec![false], seed: 3, augment: Augment::default() };
+    let s = BatchSpec { batch, patch, channels: 1, use_mask: vec![false], seed: 3, augment: Augment::default(), prev_stage: None };
     let acts = Acts::new(&be, &topo, patch, batch, Checkpointing::Level1, true).unwrap();
     let mut net = UNet::new(&be, topo, 5).unwrap();
     let mut pool = Pool::start_in(Arc::new(Augmenter::new(&root, &ids, s.clone()).unwrap()), 1, 3, s.slot_shape(), 0, &*segk::backend::Backend::host_memory(&be)).unwrap();

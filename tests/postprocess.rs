@@ -55,26 +55,35 @@ fn write(dir: &Path, name: &str, data: Vec<f32>) {
     nifti_io::write(&dir.join(format!("{name}.nii.gz")), &volume(data), VoxelType::U8).unwrap();
 }
 
+/// Three cases under a fresh folder (base, gt, pred): references with a box of label 1 and
+/// one of label 2, which `make` may add to before it writes the prediction from them.
+fn three_cases(tag: &str, make: impl Fn(&mut [f32], &mut [f32], usize)) -> (std::path::PathBuf, std::path::PathBuf, std::path::PathBuf) {
+    let base = std::env::temp_dir().join(format!("segk-postprocess-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&base);
+    let (gt, pred) = (base.join("gt"), base.join("pred"));
+    let n: usize = SHAPE.iter().product();
+    for case in 0..3 {
+        let (mut r, mut p) = (vec![0.0f32; n], vec![0.0f32; n]);
+        paint(&mut r, [1, 1, 1], [6, 7, 7], 1.0);
+        paint(&mut r, [8, 1, 10], [11, 5, 14], 2.0);
+        make(&mut r, &mut p, case);
+        write(&gt, &format!("case_{case}"), r);
+        write(&pred, &format!("case_{case}"), p);
+    }
+    (base, gt, pred)
+}
+
 /// A planted spurious component of label 1 is removed (its Dice rises); label 2's true second
 /// component is kept (removing it would lower its Dice), and so is the foreground as a whole
 /// (keeping only its largest component would drop label 2). The decision is written as
 /// nnU-Net's postprocessing.json, which `segk postprocess` applies.
 #[test]
 fn determine_postprocessing_removes_what_hurts_and_keeps_what_helps() {
-    let base = std::env::temp_dir().join(format!("segk-postprocess-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&base);
-    let (gt, pred) = (base.join("gt"), base.join("pred"));
-    let n: usize = SHAPE.iter().product();
-    for case in 0..3 {
-        let mut r = vec![0.0f32; n];
-        paint(&mut r, [1, 1, 1], [6, 7, 7], 1.0);
-        paint(&mut r, [8, 1, 10], [11, 5, 14], 2.0);
-        paint(&mut r, [8, 10, 1], [10, 13, 4], 2.0);
-        let mut p = r.clone();
-        paint(&mut p, [10, 14, 14 - case], [11, 15, 15 - case], 1.0);
-        write(&gt, &format!("case_{case}"), r);
-        write(&pred, &format!("case_{case}"), p);
-    }
+    let (base, gt, pred) = three_cases("labels", |r, p, case| {
+        paint(r, [8, 10, 1], [10, 13, 4], 2.0);
+        p.copy_from_slice(r);
+        paint(p, [10, 14, 14 - case], [11, 15, 15 - case], 1.0);
+    });
     std::fs::write(base.join("dataset.json"), r#"{"channel_names": {"0": "CT"}, "labels": {"background": 0, "a": 1, "b": 2}, "numTraining": 3, "file_ending": ".nii.gz"}"#).unwrap();
     let segk = |args: &[&str]| {
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).args(args).output().unwrap();
@@ -95,6 +104,28 @@ fn determine_postprocessing_removes_what_hurts_and_keeps_what_helps() {
         let f = format!("case_{case}.nii.gz");
         assert_eq!(nifti_io::read(&out.join(&f)).unwrap().data, nifti_io::read(&gt.join(&f)).unwrap().data, "{f}: the reference again");
         assert_eq!(nifti_io::read(&pred.join("postprocessed").join(&f)).unwrap().data, nifti_io::read(&gt.join(&f)).unwrap().data);
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// Regions overlap, so each region's step is tried on what the steps before it left: a
+/// spurious blob of label 2 goes with region (2,) while the region (1, 2), whose second true
+/// component is label 2's box, keeps everything.
+#[test]
+fn region_postprocessing_decides_region_by_region() {
+    let (base, gt, pred) = three_cases("regions", |r, p, case| {
+        p.copy_from_slice(r);
+        paint(p, [10, 14, 1 + case], [11, 15, 2 + case], 2.0);
+    });
+    std::fs::write(base.join("dataset.json"), r#"{"channel_names": {"0": "CT"}, "labels": {"background": 0, "whole": [1, 2], "core": 2}, "regions_class_order": [1, 2], "numTraining": 3, "file_ending": ".nii.gz"}"#).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).args(["determine-postprocessing", "-i", pred.to_str().unwrap(), "--ref", gt.to_str().unwrap()]).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}");
+    let pp: serde_json::Value = serde_json::from_slice(&std::fs::read(pred.join("postprocessing.json")).unwrap()).unwrap();
+    assert_eq!(pp["postprocessing_kwargs"], serde_json::json!([{"labels_or_regions": 2}]), "{text}\n{pp}");
+    for case in 0..3 {
+        let f = format!("case_{case}.nii.gz");
+        assert_eq!(nifti_io::read(&pred.join("postprocessed").join(&f)).unwrap().data, nifti_io::read(&gt.join(&f)).unwrap().data, "{f}");
     }
     let _ = std::fs::remove_dir_all(&base);
 }

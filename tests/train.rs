@@ -85,7 +85,7 @@ fn train_command_runs_plan_preprocess_and_epochs() {
     let summary: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(val.join("summary.json")).unwrap()).unwrap();
     assert_eq!(summary["metric_per_case"].as_array().unwrap().len(), 5);
     assert!(text.contains("validation: 5 cases"), "{text}");
-    // nnU-Net's terms: another configuration is planned, not trained yet; plans other than the
+    // nnU-Net's terms: a configuration the plans lack, or one nnU-Net has not; plans other than the
     // preprocessed folder's are refused by name; the older two-argument form says what it means.
     let refused = |args: &[&str], says: &str| {
         let out = std::process::Command::new(segk).arg("train").arg(&root).args(args).env_remove("nnUNet_preprocessed").env_remove("nnUNet_results").output().unwrap();
@@ -93,7 +93,8 @@ fn train_command_runs_plan_preprocess_and_epochs() {
         assert!(!out.status.success() && err.contains(says), "{args:?}: {err}");
         err
     };
-    refused(&["3d_cascade_fullres", "all", "--device", "cpu"], "segk trains 2d, 3d_fullres and 3d_lowres so far");
+    refused(&["3d_cascade_fullres", "all", "--device", "cpu"], "the plans nnUNetPlans have no configuration \"3d_cascade_fullres\" (they have 2d, 3d_fullres)");
+    refused(&["3d_midres", "all", "--device", "cpu"], "segk trains nnU-Net's 2d, 3d_fullres, 3d_lowres and 3d_cascade_fullres");
     refused(&["3d_fullres", "all", "-p", "segkPlans", "--device", "cpu"], "segkPlans.json: missing: `segk plan DATASET --gpu-memory GB` writes segkPlans");
     let old_form = refused(&["all", "--device", "cpu"], "already holds a training run");
     assert!(old_form.contains("older form of `segk train DATASET 3d_fullres all`"), "{old_form}");
@@ -333,6 +334,12 @@ fn predicts_on_the_input_grid(base: &std::path::Path, root: &std::path::Path, mo
     assert_eq!(read(base.join("pred/case_0000.nii.gz")), read(root.join("labelsTr/case_0000.nii.gz")));
 }
 
+/// The organ's pseudo-Dice of a training log's last epoch line, and that line.
+fn last_organ_dice(text: &str) -> (f64, &str) {
+    let last = text.lines().rfind(|l| l.starts_with("epoch ")).unwrap_or_default();
+    (last.split("pseudo dice [").nth(1).and_then(|s| s.split([',', ']']).next()).and_then(|s| s.trim().parse().ok()).unwrap_or(0.0), last)
+}
+
 fn fresh_dir(tag: &str) -> std::path::PathBuf {
     let base = std::env::temp_dir().join(format!("segk-train-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&base);
@@ -465,8 +472,7 @@ fn lowres_configuration_trains_on_its_own_store_and_predicts() {
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("training 3d_lowres of nnUNetPlans"), "{text}");
     assert!(base.join("segk_preprocessed/Dataset041_Low/segk_nnUNetPlans_3d_lowres").is_dir(), "its own store");
-    let last = text.lines().filter(|l| l.starts_with("epoch ")).last().unwrap_or_default();
-    let organ: f64 = last.split("pseudo dice [").nth(1).and_then(|s| s.split(',').next()).and_then(|s| s.trim().parse().ok()).unwrap_or(0.0);
+    let (organ, last) = last_organ_dice(&text);
     assert!(organ > 0.6, "the organ is learnt at the coarse spacing: {last}");
     predicts_on_the_input_grid(&base, &root, &base.join("segk_results/Dataset041_Low/segkTrainer__nnUNetPlans__3d_lowres"));
     let _ = std::fs::remove_dir_all(&base);
@@ -487,8 +493,7 @@ fn two_d_configuration_trains_on_slices_and_predicts() {
     let text = String::from_utf8_lossy(&out.stdout).to_string();
     assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
     assert!(text.contains("training 2d of nnUNetPlans") && text.contains("patch [1, "), "{text}");
-    let last = text.lines().filter(|l| l.starts_with("epoch ")).last().unwrap_or_default();
-    let organ: f64 = last.split("pseudo dice [").nth(1).and_then(|s| s.split(',').next()).and_then(|s| s.trim().parse().ok()).unwrap_or(0.0);
+    let (organ, last) = last_organ_dice(&text);
     assert!(organ > 0.6, "the organ is learnt slice by slice: {last}");
     let model = base.join("segk_results/Dataset043_Thin/segkTrainer__nnUNetPlans__2d");
     predicts_on_the_input_grid(&base, &root, &model);
@@ -496,6 +501,101 @@ fn two_d_configuration_trains_on_slices_and_predicts() {
     assert_eq!(ckpt.mirror_axes, Some(vec![0, 1]));
     assert_eq!(ckpt.configuration.as_deref(), Some("2d"));
     assert_eq!(ckpt.shape("encoder.stages.0.0.convs.0.conv.weight").map(|s| s.len()), Some(4), "Conv2d weights");
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// A 2D dataset as nnU-Net takes one: one-slice NIfTI images (slice spacing 999, nnU-Net's
+/// convention for 2D images). nnU-Net plans only 2d for it; it trains, validates and predicts.
+#[test]
+fn a_one_slice_dataset_trains_2d() {
+    use segk::dataset::nifti_io::{header_for, write, Volume, VoxelType};
+    let base = fresh_dir("flat");
+    let root = base.join("Dataset045_Flat");
+    for d in ["imagesTr", "labelsTr"] {
+        std::fs::create_dir_all(root.join(d)).unwrap();
+    }
+    let eye = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
+    for i in 0..6usize {
+        let (h, w) = (64 + 2 * i, 60);
+        let (cy, cx, r) = (20.0 + 3.0 * i as f64, 38.0 - 2.0 * i as f64, 9.0 + i as f64);
+        let lab: Vec<f32> = (0..h * w).map(|v| f32::from(u8::from((((v / w) as f64 - cy).powi(2) + ((v % w) as f64 - cx).powi(2)) < r * r))).collect();
+        let img: Vec<f32> = lab.iter().enumerate().map(|(v, &l)| 3.0 * l + ((v * 7919 % 101) as f32 / 50.0 - 1.0)).collect();
+        let (shape, spacing) = ([1, h, w], [999.0, 0.5, 0.5]);
+        let vol = |data: Vec<f32>| Volume { shape, spacing, affine: [[0.5, 0.0, 0.0, 0.0], [0.0, 0.5, 0.0, 0.0], [0.0, 0.0, 999.0, 0.0]], data, header: header_for(shape, spacing, eye, [0.0; 3]) };
+        write(&root.join(format!("imagesTr/c{i:03}_0000.nii.gz")), &vol(img), VoxelType::F32).unwrap();
+        write(&root.join(format!("labelsTr/c{i:03}.nii.gz")), &vol(lab), VoxelType::U8).unwrap();
+    }
+    std::fs::write(root.join("dataset.json"), r#"{"channel_names": {"0": "MRI"}, "labels": {"background": 0, "disc": 1}, "numTraining": 6, "file_ending": ".nii.gz"}"#).unwrap();
+    let out = segk_cli(&["plan", root.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && text.contains("segk trains nnUNetPlans' 2d as planned") && !text.contains("3d_fullres: patch"), "{text}");
+    let out = segk_cli(&["train", root.to_str().unwrap(), "2d", "0", "--device", "cpu", "--epochs", "3", "--iters-per-epoch", "20", "--val-iters", "2", "--workers", "1"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && text.contains("validation: 2 cases"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let (dice, last) = last_organ_dice(&text);
+    assert!(dice > 0.8, "the disc is learnt: {last}");
+    let out = segk_cli(&["predict", "-i", root.join("imagesTr").to_str().unwrap(), "-o", base.join("pred").to_str().unwrap(), "-m", base.join("segk_results/Dataset045_Flat/segkTrainer__nnUNetPlans__2d").to_str().unwrap(), "--device", "cpu"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(segk::dataset::nifti_io::read(&base.join("pred/c005.nii.gz")).unwrap().shape, [1, 74, 60]);
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// nnU-Net's cascade: 3d_cascade_fullres is refused until 3d_lowres's validation has written
+/// its inputs (the file named), then trains on them as extra one-hot channels, validates with
+/// them, and predicts only with the previous stage's label maps (--prev-stage-predictions).
+#[test]
+fn cascade_trains_on_the_lowres_predictions_and_predicts_with_them() {
+    let (base, root) = synth_dataset("cascade", "Dataset044_Cascade", "3", "32,48,48");
+    let out = segk_cli(&["plan", root.to_str().unwrap(), "-gpu_memory_target", "0.02"]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && text.contains("segk trains nnUNetPlans' 3d_cascade_fullres as planned") && text.contains("after every fold of 3d_lowres"), "{text}");
+    let train = |c: &str| segk_cli(&["train", root.to_str().unwrap(), c, "all", "--device", "cpu", "--epochs", "3", "--iters-per-epoch", "20", "--val-iters", "2", "--workers", "1"]);
+    let out = train("3d_cascade_fullres");
+    let err = String::from_utf8_lossy(&out.stderr).to_string();
+    assert!(!out.status.success() && err.contains("predicted_next_stage/3d_cascade_fullres/case_0000.nii.gz: missing"), "{err}");
+    let out = train("3d_lowres");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success() && text.contains("are also 3d_cascade_fullres's inputs"), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    let results = base.join("segk_results/Dataset044_Cascade");
+    let cascade = results.join("segkTrainer__nnUNetPlans__3d_cascade_fullres");
+    let _ = std::fs::remove_dir_all(&cascade);
+    let out = train("3d_cascade_fullres");
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "{text}{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("cascade: 3d_cascade_fullres takes 3d_lowres's cross-validation predictions") && text.contains("validation: 3 cases"), "{text}");
+    let (organ, last) = last_organ_dice(&text);
+    assert!(organ > 0.6, "the cascade learns the organ: {last}");
+    // One input channel plus one per foreground label (organ, lesion).
+    let ckpt = segk::pth::TorchCheckpoint::open(&cascade.join("fold_all/checkpoint_final.pth")).unwrap();
+    assert_eq!(ckpt.shape("encoder.stages.0.0.convs.0.conv.weight").map(|s| s[1]), Some(3));
+    let images = root.join("imagesTr");
+    let predict = |model: &std::path::Path, out: &str, extra: &[&str]| {
+        let mut args = vec!["predict", "-i", images.to_str().unwrap(), "-m", model.to_str().unwrap(), "--device", "cpu", "--no-tta", "-o"];
+        let o = base.join(out);
+        args.push(o.to_str().unwrap());
+        args.extend_from_slice(extra);
+        segk_cli(&args)
+    };
+    assert!(predict(&results.join("segkTrainer__nnUNetPlans__3d_lowres"), "low", &[]).status.success());
+    let out = predict(&cascade, "casc", &[]);
+    assert!(!out.status.success() && String::from_utf8_lossy(&out.stderr).contains("--prev-stage-predictions"));
+    let low = base.join("low");
+    let out = predict(&cascade, "casc", &["--prev-stage-predictions", low.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let read = |p: std::path::PathBuf| segk::dataset::nifti_io::read(&p).unwrap().shape;
+    assert_eq!(read(base.join("casc/case_0001.nii.gz")), read(root.join("labelsTr/case_0001.nii.gz")));
+    // When the cascade wins (its validations planted as the references), the instructions
+    // predict its previous stage first and hand that to it.
+    let val = cascade.join("fold_all/validation");
+    for case in segk::predict::names_in(&val, |n| n.strip_suffix(".nii.gz")).unwrap() {
+        std::fs::copy(root.join(format!("labelsTr/{case}.nii.gz")), val.join(format!("{case}.nii.gz"))).unwrap();
+    }
+    let out = segk_cli(&["find-best-configuration", root.to_str().unwrap(), "-c", "3d_lowres", "3d_cascade_fullres", "-f", "all", "--disable-ensembling"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let instructions = std::fs::read_to_string(results.join("inference_instructions.txt")).unwrap();
+    let first = "segk predict -d Dataset044_Cascade -i INPUT_FOLDER -o OUTPUT_FOLDER_PREV_STAGE -f all -tr segkTrainer -c 3d_lowres -p nnUNetPlans\n";
+    let then = "segk predict -d Dataset044_Cascade -i INPUT_FOLDER -o OUTPUT_FOLDER -f all -tr segkTrainer -c 3d_cascade_fullres -p nnUNetPlans --prev-stage-predictions OUTPUT_FOLDER_PREV_STAGE\n";
+    assert!(instructions.contains(&format!("{first}{then}")), "{instructions}");
     let _ = std::fs::remove_dir_all(&base);
 }
 
@@ -536,5 +636,20 @@ fn find_best_configuration_compares_configurations_and_their_ensemble() {
     assert!(std::path::Path::new(info["best_model_or_ensemble"]["postprocessing_file"].as_str().unwrap()).is_file(), "{info}");
     let instructions = std::fs::read_to_string(results.join("inference_instructions.txt")).unwrap();
     assert!(instructions.contains("segk predict -d Dataset042_Select -i INPUT_FOLDER") && instructions.contains("segk postprocess -i OUTPUT_FOLDER"), "{instructions}");
+    // Better by construction: 3d_lowres's validations replaced by the references themselves.
+    // Listed second, it must still win, with a Dice of 1 and no postprocessing to gain.
+    let lowres = results.join("segkTrainer__nnUNetPlans__3d_lowres");
+    for f in ["0", "1"] {
+        let val = lowres.join(format!("fold_{f}/validation"));
+        for case in segk::predict::names_in(&val, |n| n.strip_suffix(".nii.gz")).unwrap() {
+            std::fs::copy(root.join(format!("labelsTr/{case}.nii.gz")), val.join(format!("{case}.nii.gz"))).unwrap();
+        }
+    }
+    let out = segk_cli(&["find-best-configuration", root.to_str().unwrap(), "-c", "3d_fullres", "3d_lowres", "-f", "0", "1", "--disable-ensembling"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let info: serde_json::Value = serde_json::from_slice(&std::fs::read(results.join("inference_information.json")).unwrap()).unwrap();
+    let best = &info["best_model_or_ensemble"];
+    assert_eq!(best["selected_model_or_models"][0]["configuration"], "3d_lowres", "{info}");
+    assert_eq!(best["result_on_crossval_pre_pp"].as_f64(), Some(1.0), "{info}");
     let _ = std::fs::remove_dir_all(&base);
 }

@@ -3,6 +3,7 @@
 //! into a ring of batch slots (pool). Deep-supervision targets are made on the device from
 //! the full-resolution labels (nearest-exact, as nnU-Net), so only those are uploaded.
 
+pub mod cascade;
 pub mod intensity;
 pub mod pool;
 pub mod sampler;
@@ -107,11 +108,26 @@ pub struct BatchSpec {
     pub use_mask: Vec<bool>,
     pub seed: u64,
     pub augment: Augment,
+    /// A cascade stage's previous-stage inputs (their one-hot channels come after the image's).
+    pub prev_stage: Option<PrevInputs>,
+}
+
+/// The previous stage's label maps on the stored grids (`crate::cascade::prepare`), the labels
+/// that become one-hot channels, and nnU-Net's augmentation of them.
+#[derive(Clone, Debug)]
+pub struct PrevInputs {
+    pub dir: std::path::PathBuf,
+    pub labels: Vec<i64>,
+    pub augment: cascade::CascadeAugment,
 }
 
 impl BatchSpec {
     pub fn patch_voxels(&self) -> usize {
         self.patch.iter().product()
+    }
+    /// Channels read from the store (the rest are the previous stage's one-hot labels).
+    pub fn image_channels(&self) -> usize {
+        self.channels - self.prev_stage.as_ref().map_or(0, |p| p.labels.len())
     }
     pub fn slot_shape(&self) -> pool::SlotShape {
         let n = self.batch * self.patch_voxels();
@@ -135,6 +151,8 @@ pub struct Augmenter {
     annotated: Vec<Option<usize>>,
     spec: BatchSpec,
     size: [usize; 3],
+    /// Per case, the previous stage's labels on its stored grid (cascade stages).
+    prev: Vec<memmap2::Mmap>,
 }
 
 /// One worker's buffers, allocated once.
@@ -143,6 +161,7 @@ pub struct Scratch {
     labels: Vec<i16>,
     tmp: Vec<f32>,
     small: Vec<f32>,
+    prev: Vec<i16>,
     case: String,
     stage: &'static str,
 }
@@ -162,8 +181,8 @@ impl Augmenter {
         }
         let cases = ids.iter().map(|id| StoredCase::open(store, id)).collect::<Result<Vec<_>>>()?;
         for c in &cases {
-            if c.header.channels != spec.channels {
-                bail!("{}: case {} has {} channels, the plan {}", store.display(), c.header.id, c.header.channels, spec.channels);
+            if c.header.channels != spec.image_channels() {
+                bail!("{}: case {} has {} channels, the plan {}", store.display(), c.header.id, c.header.channels, spec.image_channels());
             }
             if c.header.label_dtype == LabelDtype::I16 {
                 bail!("{}: case {} has label values above 254; segk trains on up to 255 classes", store.display(), c.header.id);
@@ -173,7 +192,19 @@ impl Augmenter {
         // Without rotation or scaling nothing needs the larger box (nnU-Net's validation loader).
         let sp = &spec.augment.spatial;
         let size = if sp.p_rotation > 0.0 || sp.p_scaling > 0.0 { sampler::initial_patch_for(spec.patch, sp) } else { spec.patch };
-        Ok(Augmenter { cases, annotated, spec, size })
+        let prev = match &spec.prev_stage {
+            Some(p) => {
+                let maps = crate::cascade::open(&p.dir, ids)?;
+                for (m, c) in maps.iter().zip(&cases) {
+                    if m.len() != c.header.voxels() {
+                        bail!("{}: the previous stage's map of case {} has {} voxels, the stored case {}", p.dir.display(), c.header.id, m.len(), c.header.voxels());
+                    }
+                }
+                maps
+            }
+            None => Vec::new(),
+        };
+        Ok(Augmenter { cases, annotated, spec, size, prev })
     }
 
     pub fn case_id(&self, i: usize) -> &str {
@@ -205,7 +236,17 @@ impl Augmenter {
         w.stage = "rotation/scaling";
         let m = spatial::draw(rng, &spec.augment.spatial);
         self.warp(case, lo, m.as_ref(), w);
+        if let Some(map) = self.prev.get(ci) {
+            let src = Source { image: &[] as &[f32], labels: &map[..], channels: 0, shape: h.shape, lo, size: self.size };
+            spatial::sample(&src, m.as_ref(), spec.patch, &mut [], &mut w.prev);
+        }
         self.intensity(w, rng);
+        if let Some(p) = &spec.prev_stage {
+            w.stage = "cascade inputs";
+            let onehot = &mut w.image[spec.image_channels() * spec.patch_voxels()..];
+            cascade::one_hot(&w.prev, &p.labels, onehot);
+            cascade::augment(onehot, spec.patch, &p.augment, rng);
+        }
         w.stage = "masking";
         let n = spec.patch_voxels();
         for (c, &mask) in spec.use_mask.iter().enumerate() {
@@ -225,7 +266,7 @@ impl Augmenter {
         macro_rules! go {
             ($img:expr, $lab:expr) => {{
                 let src = Source { image: $img, labels: $lab, channels: h.channels, shape: h.shape, lo, size: self.size };
-                spatial::sample(&src, m, self.spec.patch, &mut w.image, &mut w.labels)
+                spatial::sample(&src, m, self.spec.patch, &mut w.image[..self.spec.patch_voxels() * h.channels], &mut w.labels)
             }};
         }
         use crate::store::Labels;
@@ -240,7 +281,7 @@ impl Augmenter {
     /// Noise, blur, brightness, contrast, low resolution, inverted gamma, gamma.
     fn intensity(&self, w: &mut Scratch, rng: &mut Pcg64) {
         let (a, n, shape) = (&self.spec.augment, self.spec.patch_voxels(), self.spec.patch);
-        let chans = self.spec.channels;
+        let chans = self.spec.image_channels();
         let coin = |rng: &mut Pcg64, p: f64| p > 0.0 && rng.random::<f64>() < p;
         w.stage = "gaussian noise";
         if coin(rng, a.p_noise) {
@@ -326,7 +367,8 @@ impl Fill for Augmenter {
     type Worker = Scratch;
     fn worker(&self) -> Scratch {
         let n = self.spec.patch_voxels();
-        Scratch { image: vec![0.0; n * self.spec.channels], labels: vec![0; n], tmp: Vec::with_capacity(n), small: Vec::with_capacity(n), case: String::new(), stage: "start" }
+        let prev = if self.spec.prev_stage.is_some() { vec![0; n] } else { Vec::new() };
+        Scratch { image: vec![0.0; n * self.spec.channels], labels: vec![0; n], tmp: Vec::with_capacity(n), small: Vec::with_capacity(n), prev, case: String::new(), stage: "start" }
     }
     fn fill(&self, w: &mut Scratch, index: u64, b: &mut Batch) -> std::result::Result<(), FillError> {
         for j in 0..self.spec.batch {

@@ -427,7 +427,8 @@ pub fn segk_topology(c: &Configuration, json: &DatasetJson) -> Result<crate::mod
     let triple = |v: &Vec<usize>| if dims == 2 { [1, v[0], v[1]] } else { [v[0], v[1], v[2]] };
     let regions = if json.has_regions() { json.regions() } else { Vec::new() };
     let t = crate::model::Topology {
-        in_channels: json.channels(),
+        // A cascade stage also takes the previous stage's labels, one-hot per foreground label.
+        in_channels: json.channels() + if c.previous_stage.is_some() { crate::cascade::foreground_labels(json).len() } else { 0 },
         n_classes: if regions.is_empty() { json.labels.keys().filter(|k| *k != "ignore").count().max(2) } else { regions.len() },
         features: a.features_per_stage.clone(),
         kernels: a.kernel_sizes.iter().map(triple).collect(),

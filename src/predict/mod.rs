@@ -33,6 +33,9 @@ pub struct Model {
     pub mirror_axes: Vec<usize>,
     /// nnU-Net's trainer class, for a model folder of nnU-Net's.
     pub trainer_name: Option<String>,
+    /// A cascade stage: the folder of the previous stage's label maps of the cases to predict
+    /// (nnU-Net's -prev_stage_predictions), set by the caller.
+    pub prev_stage_predictions: Option<PathBuf>,
 }
 
 impl Model {
@@ -76,7 +79,16 @@ impl Model {
         let plan = crate::plan::plans::from_nnunet(&plans, &configuration, &json).with_context(|| format!("{}", path.display()))?;
         let t = &plan.topology;
         let mirror_axes = torch_axes.map_or_else(|| t.mirror_axes(), |a| t.axes_from_nnunet(&a));
-        Ok(Model { plans, configuration, plan, json, checkpoints, mirror_axes, trainer_name })
+        Ok(Model { plans, configuration, plan, json, checkpoints, mirror_axes, trainer_name, prev_stage_predictions: None })
+    }
+
+    /// The labels whose one-hot channels the net takes after the images' (a cascade stage's
+    /// previous-stage predictions); empty for other configurations.
+    pub fn prev_stage_labels(&self) -> Vec<i64> {
+        match self.plan.topology.in_channels > self.json.channels() {
+            true => crate::cascade::foreground_labels(&self.json),
+            false => Vec::new(),
+        }
     }
 
     /// How the net's outputs become label values: the label values in class order, or for a
@@ -225,6 +237,14 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
     let plan = &model.plan;
     let settings = Settings::new(&model.json, &model.plans, &model.configuration, ImageDtype::F32)?;
     let head = model.head()?;
+    let prev_labels = model.prev_stage_labels();
+    let prev_dir = match (&model.prev_stage_predictions, prev_labels.is_empty()) {
+        (Some(d), false) => Some(d.as_path()),
+        (None, false) => anyhow::bail!("{} is a cascade stage: it needs the previous stage's predictions of these cases (--prev-stage-predictions DIR)", model.configuration),
+        (Some(d), true) => anyhow::bail!("{}: --prev-stage-predictions is for cascade stages; {} is not one", d.display(), model.configuration),
+        (None, true) => None,
+    };
+    let ending = model.json.file_ending.clone();
     std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
     // Find out now, not after the first case's minutes, that nothing can be written there.
     let probe = output.join(".segk-write-test");
@@ -250,8 +270,16 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
         let (write_tx, write_rx) = crossbeam_channel::bounded::<(PathBuf, nifti_io::Volume, Option<(probs::ProbFile, PathBuf)>)>(1);
         let settings = &settings;
         scope.spawn(move || {
+            let (prev_labels, ending) = (&prev_labels, &ending);
             for (id, paths) in cases {
-                let r = preprocess_images(paths, settings).with_context(|| format!("case {id}"));
+                let r = preprocess_images(paths, settings)
+                    .and_then(|(mut channels, geometry, raw)| {
+                        if let Some(dir) = prev_dir {
+                            channels.extend(crate::cascade::one_hot_channels(&dir.join(format!("{id}{ending}")), raw.shape, &geometry, prev_labels)?);
+                        }
+                        Ok((channels, geometry, raw))
+                    })
+                    .with_context(|| format!("case {id}"));
                 if prep_tx.send((id.clone(), r)).is_err() {
                     break;
                 }

@@ -95,6 +95,13 @@ impl Geometry {
         let (v, _) = transpose(&v, shape_t, inverse(self.transpose_forward));
         paste(&v, self.original_shape, self.bbox, 0.0)
     }
+    /// A label map on the raw grid (another model's prediction of this case) brought onto the
+    /// stored grid as the case's own labels were: cropped, transposed, resampled.
+    pub fn labels_onto_grid(&self, raw: &[i16]) -> Vec<i16> {
+        let (shape_t, spacing_t) = self.cropped_transposed();
+        let (v, _) = transpose(&crop(raw, self.original_shape, self.bbox), self.crop_shape(), self.transpose_forward);
+        resample_labels(&v, shape_t, self.shape, axis_kernels(spacing_t, self.spacing, Kernel::Linear))
+    }
     /// A stored label map back on the raw grid (negative labels, outside the nonzero mask,
     /// become background, as they are in the raw label map).
     pub fn undo_labels(&self, stored: &[i16]) -> Vec<i16> {

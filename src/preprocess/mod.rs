@@ -101,7 +101,7 @@ pub struct Preprocessed {
 }
 
 /// Integer labels of a label map read as f32, checked.
-fn labels_of(v: &nifti_io::Volume, path: &Path) -> Result<Vec<i16>> {
+pub fn labels_of(v: &nifti_io::Volume, path: &Path) -> Result<Vec<i16>> {
     v.data
         .iter()
         .map(|&x| {
