@@ -64,7 +64,9 @@ pub fn prepare(store: &Path, ids: &[String], source: &Path, ending: &str, out: &
         let dst = prev_file(out, id);
         let path = source.join(format!("{id}{ending}"));
         let modified = |p: &Path| std::fs::metadata(p).and_then(|m| m.modified()).ok();
-        let current = std::fs::metadata(&dst).is_ok_and(|m| m.len() as usize == header.voxels()) && modified(&dst) >= modified(&path);
+        // Stale when the lowres prediction or the stored case (its grid) is newer.
+        let newest_input = modified(&path).max(modified(&store.join(format!("{id}.seg"))));
+        let current = std::fs::metadata(&dst).is_ok_and(|m| m.len() as usize == header.voxels()) && modified(&dst) >= newest_input;
         if current {
             continue;
         }

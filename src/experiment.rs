@@ -336,8 +336,11 @@ pub fn validate<B: Backend>(be: &B, cfg: &crate::train::TrainConfig, plans: &cra
         let dir = crate::cascade::next_stage_dir(model_dir, &next);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
         for f in &files {
-            let dst = dir.join(f.file_name().unwrap_or_default());
-            std::fs::copy(f, &dst).with_context(|| format!("copying {} to {}", f.display(), dst.display()))?;
+            // Under a hidden name first: a cascade fold reading the folder never sees half a file.
+            let name = f.file_name().unwrap_or_default().to_string_lossy().to_string();
+            let (tmp, dst) = (dir.join(format!(".{name}.{}.tmp", std::process::id())), dir.join(&name));
+            std::fs::copy(f, &tmp).with_context(|| format!("copying {} to {}", f.display(), tmp.display()))?;
+            std::fs::rename(&tmp, &dst).with_context(|| format!("renaming {} to {}", tmp.display(), dst.display()))?;
         }
         println!("validation: the {} predictions are also {next}'s inputs, in {}", files.len(), dir.display());
     }
@@ -593,7 +596,8 @@ pub fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &st
     let tta = match (opt.tta, m.mirror_axes.as_slice()) {
         (false, _) | (true, []) => "off".to_string(),
         (true, [0, 1, 2]) => "on".to_string(),
-        (true, axes) => format!("on, axes {axes:?} (the checkpoint's)"),
+        (true, axes) if m.trainer_name.is_some() => format!("on, axes {axes:?} (the checkpoint's)"),
+        (true, axes) => format!("on, axes {axes:?} (in-plane)"),
     };
     println!("predicting {} with {} ({file}), step {}, mirror TTA {tta}, probabilities {}", input.display(), names.join(", "), opt.step, on(opt.save_probabilities));
     let unread = crate::predict::unread_files(input, m.json.channels(), &m.json.file_ending);

@@ -84,11 +84,11 @@ enum Cmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
-    /// Train 3d_fullres or 3d_lowres on a fold (preprocessing first when the store is incomplete).
+    /// Train 2d, 3d_fullres, 3d_lowres or 3d_cascade_fullres on a fold (preprocessing first when the store is incomplete).
     Train {
         /// The DatasetXXX_Name folder, or its ID (900) or name under $nnUNet_raw.
         dataset: std::path::PathBuf,
-        /// CONFIGURATION FOLD, as nnU-Net's: 3d_fullres or 3d_lowres (the configurations segk trains so far), then
+        /// CONFIGURATION FOLD, as nnU-Net's: 2d, 3d_fullres, 3d_lowres or 3d_cascade_fullres, then
         /// 0-4 or `all`. The older form `segk train DATASET FOLD` means 3d_fullres.
         #[arg(num_args = 1..=2, value_names = ["CONFIGURATION", "FOLD"], required = true)]
         configuration_fold: Vec<String>,

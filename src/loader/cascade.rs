@@ -36,6 +36,14 @@ impl CascadeAugment {
     }
 }
 
+/// The lattice radius of nnU-Net's element for a drawn radius r: skimage's ball(r) samples
+/// int(2r + 1) points per axis across [-r, r], which is the ball of radius (int(2r + 1) - 1) / 2
+/// on the voxel grid. An even-sized element (half-integer radius) nnU-Net's FFT convolution
+/// shifts by half a voxel; segk keeps it centred.
+pub fn element_radius(r: f64) -> f64 {
+    ((2.0 * r + 1.0).floor() - 1.0) / 2.0
+}
+
 /// One channel per foreground label (in `labels` order), 1 where `prev` holds it, into
 /// `out[k * n ..]`; padding (-1) and background are 0 in every channel.
 pub fn one_hot(prev: &[i16], labels: &[i64], out: &mut [f32]) {
@@ -61,7 +69,7 @@ pub fn augment(onehot: &mut [f32], shape: [usize; 3], a: &CascadeAugment, rng: &
     if a.p_operator > 0.0 && rng.random::<f64>() < a.p_operator {
         for c in chosen(rng, k, a.p_operator_label) {
             let op = [BinaryOp::Dilation, BinaryOp::Erosion, BinaryOp::Closing, BinaryOp::Opening][rng.random_range(0..4)];
-            let radius = rng.random_range(a.radius.0..a.radius.1);
+            let radius = element_radius(rng.random_range(a.radius.0..a.radius.1));
             let mask: Vec<bool> = onehot[c * n..(c + 1) * n].iter().map(|&v| v != 0.0).collect();
             let result = morphology::apply(op, &mask, shape, radius);
             // What the operator added belongs to this label only.
@@ -89,6 +97,14 @@ pub fn augment(onehot: &mut [f32], shape: [usize; 3], a: &CascadeAugment, rng: &
 mod tests {
     use super::*;
     use rand::SeedableRng;
+
+    /// Spans as skimage's ball(r) has them: int(2r + 1) voxels per axis.
+    #[test]
+    fn elements_span_what_skimages_ball_spans() {
+        for (r, radius) in [(1.0, 1.0), (1.45, 1.0), (1.6, 1.5), (2.5, 2.5), (3.7, 3.5), (7.9, 7.5)] {
+            assert_eq!(element_radius(r), radius, "r {r}");
+        }
+    }
 
     #[test]
     fn one_hot_channels_are_the_previous_stages_labels() {

@@ -140,7 +140,10 @@ impl BatchSpec {
     }
     /// Bytes of one worker's scratch.
     pub fn scratch_bytes(&self) -> usize {
-        self.patch_voxels() * (self.channels * 4 + 2 + 2 * 4)
+        // A cascade's worker also holds the warped map (i16) and, while it augments one label,
+        // the distance transform (f64), two masks, component ids (u32) and their stack (usize).
+        let cascade = if self.prev_stage.is_some() { 2 + 8 + 2 + 4 + 8 } else { 0 };
+        self.patch_voxels() * (self.channels * 4 + 2 + 2 * 4 + cascade)
     }
 }
 
@@ -215,7 +218,7 @@ impl Augmenter {
     }
     /// Bytes of the store files this augmenter maps.
     pub fn mapped_bytes(&self) -> usize {
-        self.cases.iter().map(|c| c.header.voxels() * (c.header.channels * c.header.image_dtype.bytes() + c.header.label_dtype.bytes())).sum()
+        self.cases.iter().map(|c| c.header.voxels() * (c.header.channels * c.header.image_dtype.bytes() + c.header.label_dtype.bytes())).sum::<usize>() + self.prev.iter().map(|m| m.len()).sum::<usize>()
     }
 
     /// One sample: pick, warp, intensity chain, mask; into `w.image` / `w.labels`.
@@ -286,7 +289,7 @@ impl Augmenter {
         w.stage = "gaussian noise";
         if coin(rng, a.p_noise) {
             let sigma = rng.random_range(0.0..a.noise_sigma) as f32;
-            intensity::gaussian_noise(&mut w.image, sigma, rng);
+            intensity::gaussian_noise(&mut w.image[..chans * n], sigma, rng);
         }
         w.stage = "gaussian blur";
         if coin(rng, a.p_blur) {
