@@ -9,7 +9,6 @@
 //! grid) and brings them onto the store grid as nnU-Net's prediction does with
 //! `-prev_stage_predictions`, so training and prediction see their inputs made the same way.
 
-use crate::dataset::DatasetJson;
 use crate::plan::plans_json::PlansJson;
 use crate::store::StoredCase;
 use anyhow::{ensure, Context, Result};
@@ -18,16 +17,6 @@ use std::path::{Path, PathBuf};
 
 /// The folder a model's validation writes the next stage's inputs into (nnU-Net's name).
 pub const NEXT_STAGE_DIR: &str = "predicted_next_stage";
-
-/// The labels whose one-hot channels a cascade net takes: the foreground labels (nnU-Net's
-/// label_manager.foreground_labels: every label but background and the ignore label).
-pub fn foreground_labels(json: &DatasetJson) -> Vec<i64> {
-    let ignore = json.ignore_label();
-    let mut v: Vec<i64> = json.label_values().into_iter().filter(|&l| l != 0 && Some(l) != ignore).collect();
-    v.sort();
-    v.dedup();
-    v
-}
 
 /// The configuration whose predictions `configuration` takes (its plans' previous_stage).
 pub fn previous_stage(plans: &PlansJson, configuration: &str) -> Result<Option<String>> {
@@ -42,13 +31,6 @@ pub fn next_stages(plans: &PlansJson, configuration: &str) -> Vec<String> {
 /// Where a model folder's validation writes its predictions for `next`.
 pub fn next_stage_dir(model_dir: &Path, next: &str) -> PathBuf {
     model_dir.join(NEXT_STAGE_DIR).join(next)
-}
-
-/// The previous stage's label maps for training: each case's map in `source`
-/// (`CASE<ending>`), on the case's stored grid in `dir/CASE.prev` (u8), made once.
-pub struct PrevStage {
-    pub dir: PathBuf,
-    pub labels: Vec<i64>,
 }
 
 fn prev_file(dir: &Path, id: &str) -> PathBuf {
@@ -81,7 +63,8 @@ pub fn prepare(store: &Path, ids: &[String], source: &Path, ending: &str, out: &
     Ok(())
 }
 
-/// The prepared maps of `ids`, memory-mapped, in order.
+/// The previous stage's maps (`CASE.prev`, u8, on each case's stored grid) of `ids`,
+/// memory-mapped, in order.
 pub fn open(dir: &Path, ids: &[String]) -> Result<Vec<Mmap>> {
     ids.iter().map(|id| crate::store::map(&prev_file(dir, id))).collect()
 }
@@ -93,5 +76,7 @@ pub fn one_hot_channels(path: &Path, image_shape: [usize; 3], geometry: &crate::
     let vol = crate::dataset::nifti_io::read(path)?;
     ensure!(vol.shape == image_shape, "{}: shape {:?}, the image has {:?}", path.display(), vol.shape, image_shape);
     let grid = geometry.labels_onto_grid(&crate::preprocess::labels_of(&vol, path)?);
-    Ok(labels.iter().map(|&l| grid.iter().map(|&v| f32::from(u8::from(v as i64 == l))).collect()).collect())
+    let mut flat = vec![0.0f32; labels.len() * grid.len()];
+    crate::loader::cascade::one_hot(&grid, labels, &mut flat);
+    Ok(flat.chunks(grid.len().max(1)).map(<[f32]>::to_vec).collect())
 }

@@ -456,7 +456,9 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
             let prev_model = model_dir.parent().unwrap_or(&model_dir).join(model_folder_name(plans_name, &p));
             let source = crate::cascade::next_stage_dir(&prev_model, configuration);
             let maps = model_dir.join("prev_stage_inputs");
-            let all: Vec<String> = split.train.iter().chain(&split.val).cloned().collect();
+            let mut all: Vec<String> = split.train.iter().chain(&split.val).cloned().collect();
+            all.sort();
+            all.dedup();
             println!("cascade: {configuration} takes {p}'s cross-validation predictions from {} (one-hot, per foreground label)", source.display());
             crate::cascade::prepare(&store, &all, &source, &ds.json.file_ending, &maps)?;
             Some((source, maps))
@@ -488,7 +490,7 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
         save_every,
         resume,
         pretrained,
-        prev_stage: prev_stage.as_ref().map(|(_, maps)| (maps.clone(), crate::cascade::foreground_labels(&ds.json))),
+        prev_stage: prev_stage.as_ref().map(|(_, maps)| (maps.clone(), ds.json.foreground_values())),
     };
     let validate = validation.then(|| root.to_path_buf());
     let logs = crate::device::run_on(device, Train { cfg, plans, configuration: configuration.to_string(), validate, npz, prev_stage_predictions: prev_stage.map(|(source, _)| source) })?;
@@ -636,8 +638,7 @@ pub fn foreground_labels(json: &crate::dataset::DatasetJson) -> Vec<Vec<i64>> {
     if json.has_regions() {
         return json.regions();
     }
-    let ignore = json.ignore_label();
-    json.label_values().into_iter().filter(|&v| v != 0 && Some(v) != ignore).map(|v| vec![v]).collect()
+    json.foreground_values().into_iter().map(|v| vec![v]).collect()
 }
 
 /// `segk evaluate`: the labels from `--labels`, else the dataset.json's labels or regions (`dataset_json`), else

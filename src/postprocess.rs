@@ -134,7 +134,7 @@ pub struct Decision {
 pub fn determine(pred: &Path, gt: &Path, json: &crate::dataset::DatasetJson) -> Result<Decision> {
     let scored = crate::experiment::foreground_labels(json);
     let ignore = json.ignore_label();
-    let foreground: Vec<i64> = json.label_values().into_iter().filter(|&v| v != 0 && Some(v) != ignore).collect();
+    let foreground = json.foreground_values();
     let ending = &json.file_ending;
     let names = case_names(pred, gt, ending)?;
     // Cases are read once per decision, never held together: memory is one case's.

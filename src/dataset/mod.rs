@@ -61,6 +61,12 @@ impl DatasetJson {
     pub fn regions(&self) -> Vec<Vec<i64>> {
         self.labels.iter().filter(|(k, _)| *k != "background" && *k != "ignore").map(|(_, v)| values_of(v)).collect()
     }
+    /// Every label value but background and the ignore label, ascending (nnU-Net's
+    /// LabelManager.foreground_labels).
+    pub fn foreground_values(&self) -> Vec<i64> {
+        let ignore = self.ignore_label();
+        self.label_values().into_iter().filter(|&v| v != 0 && Some(v) != ignore).collect()
+    }
     /// The "ignore" label's value, when the dataset declares one.
     pub fn ignore_label(&self) -> Option<i64> {
         match self.labels.get("ignore") {

@@ -428,7 +428,7 @@ pub fn segk_topology(c: &Configuration, json: &DatasetJson) -> Result<crate::mod
     let regions = if json.has_regions() { json.regions() } else { Vec::new() };
     let t = crate::model::Topology {
         // A cascade stage also takes the previous stage's labels, one-hot per foreground label.
-        in_channels: json.channels() + if c.previous_stage.is_some() { crate::cascade::foreground_labels(json).len() } else { 0 },
+        in_channels: json.channels() + if c.previous_stage.is_some() { json.foreground_values().len() } else { 0 },
         n_classes: if regions.is_empty() { json.labels.keys().filter(|k| *k != "ignore").count().max(2) } else { regions.len() },
         features: a.features_per_stage.clone(),
         kernels: a.kernel_sizes.iter().map(triple).collect(),

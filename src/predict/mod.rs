@@ -83,11 +83,11 @@ impl Model {
     }
 
     /// The labels whose one-hot channels the net takes after the images' (a cascade stage's
-    /// previous-stage predictions); empty for other configurations.
+    /// previous-stage predictions, as its plans say); empty for other configurations.
     pub fn prev_stage_labels(&self) -> Vec<i64> {
-        match self.plan.topology.in_channels > self.json.channels() {
-            true => crate::cascade::foreground_labels(&self.json),
-            false => Vec::new(),
+        match crate::cascade::previous_stage(&self.plans, &self.configuration) {
+            Ok(Some(_)) => self.json.foreground_values(),
+            _ => Vec::new(),
         }
     }
 
