@@ -53,7 +53,7 @@ pub fn prepare(store: &Path, ids: &[String], source: &Path, ending: &str, out: &
             continue;
         }
         ensure!(path.is_file(), "{}: missing: the previous stage's prediction of case {id} (train every fold of the previous stage with its validation, which writes them)", path.display());
-        let vol = crate::dataset::nifti_io::read(&path)?;
+        let vol = crate::imageio::read(&path)?;
         let g = &header.geometry;
         ensure!(vol.shape == g.original_shape, "{}: shape {:?}, the case's image has {:?}", path.display(), vol.shape, g.original_shape);
         let raw = crate::preprocess::labels_of(&vol, &path)?;
@@ -73,7 +73,7 @@ pub fn open(dir: &Path, ids: &[String]) -> Result<Vec<Mmap>> {
 /// `geometry` (prediction of a cascade net).
 pub fn one_hot_channels(path: &Path, image_shape: [usize; 3], geometry: &crate::preprocess::geometry::Geometry, labels: &[i64]) -> Result<Vec<Vec<f32>>> {
     ensure!(path.is_file(), "{}: missing: the previous stage's prediction of this case", path.display());
-    let vol = crate::dataset::nifti_io::read(path)?;
+    let vol = crate::imageio::read(path)?;
     ensure!(vol.shape == image_shape, "{}: shape {:?}, the image has {:?}", path.display(), vol.shape, image_shape);
     let grid = geometry.labels_onto_grid(&crate::preprocess::labels_of(&vol, path)?);
     let mut flat = vec![0.0f32; labels.len() * grid.len()];

@@ -116,7 +116,7 @@ fn from_torch(t: &ParamTensor, v: &[f32]) -> Vec<f32> {
 }
 
 /// Serialises one region of the parameter arena (params or momentum) as named tensors.
-fn tensors_bytes(net_tensors: &[ParamTensor], region: &[f32], meta: HashMap<String, String>) -> Result<Vec<u8>> {
+pub(crate) fn tensors_bytes(net_tensors: &[ParamTensor], region: &[f32], meta: HashMap<String, String>) -> Result<Vec<u8>> {
     let converted: Vec<(String, Vec<u8>, Vec<usize>)> = net_tensors
         .iter()
         .map(|t| {
@@ -199,7 +199,7 @@ fn fill(path: &Path, tensors: &[ParamTensor], region: &mut [f32], get: &Lookup) 
 }
 
 /// Reads one file's tensors into `region` (stored layout), checking every name and shape.
-fn read_into(path: &Path, tensors: &[ParamTensor], region: &mut [f32]) -> Result<HashMap<String, String>> {
+pub(crate) fn read_into(path: &Path, tensors: &[ParamTensor], region: &mut [f32]) -> Result<HashMap<String, String>> {
     let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
     let st = SafeTensors::deserialize(&bytes).map_err(|e| anyhow::anyhow!("{}: not a valid safetensors file ({e})", path.display()))?;
     let (_, meta) = SafeTensors::read_metadata(&bytes).map_err(|e| anyhow::anyhow!("{}: unreadable header ({e})", path.display()))?;

@@ -7,7 +7,7 @@
 //! at a time (the array is (classes, z, y, x)), so memory is a running maximum and label per
 //! voxel, never classes x voxels (nnU-Net holds every folder's whole array).
 
-use crate::dataset::nifti_io::{self, VoxelType};
+use crate::imageio::{self, VoxelType};
 use crate::dataset::DatasetJson;
 use crate::predict::export::Head;
 use anyhow::{bail, ensure, Context, Result};
@@ -77,7 +77,7 @@ pub fn merge_case(folders: &[PathBuf], case: &str, ending: &str, head: &Head, ou
     let (classes, voxels) = (shape[0], shape[1] * shape[2] * shape[3]);
     ensure!(classes == head.outputs(), "{}: {classes} probability channels, the dataset.json has {}", streams[0].path.display(), head.outputs());
     let reference = folders[0].join(format!("{case}{ending}"));
-    let mut vol = nifti_io::read(&reference).with_context(|| format!("{}: the first folder's label map gives the output's geometry", reference.display()))?;
+    let vol = imageio::read(&reference).with_context(|| format!("{}: the first folder's label map gives the output's geometry", reference.display()))?;
     ensure!(vol.shape == [shape[1], shape[2], shape[3]], "{}: shape {:?}, its probabilities {:?}", reference.display(), vol.shape, &shape[1..]);
 
     let mut probs_out = match save_probabilities {
@@ -123,16 +123,9 @@ pub fn merge_case(folders: &[PathBuf], case: &str, ending: &str, head: &Head, ou
     if let Some(w) = probs_out {
         w.finish()?;
     }
-    let ty = if values.iter().all(|&v| (0..=255).contains(&v)) { VoxelType::U8 } else { VoxelType::I16 };
-    vol.data = label.iter().map(|&l| l as f32).collect();
-    (vol.header.scl_slope, vol.header.scl_inter) = (1.0, 0.0);
-    let out = output.join(format!("{case}{ending}"));
-    let tmp = output.join(format!(".partial.{case}{ending}"));
-    let written = nifti_io::write(&tmp, &vol, ty).and_then(|()| std::fs::rename(&tmp, &out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display())));
-    if written.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    written
+    let ty = VoxelType::for_labels(values.iter().copied().max().unwrap_or(0) as i64);
+    let vol = vol.labels_like(label.iter().map(|&l| l as f32).collect());
+    imageio::write_atomic(&output.join(format!("{case}{ending}")), &vol, ty)
 }
 
 /// A CASE.npz written as it streams in (temporary name, renamed when complete; removed if

@@ -4,7 +4,7 @@
 //! With an ignore label, the reference's ignore voxels are left out of every count, as
 //! nnU-Net's compute_metrics does.
 
-use crate::dataset::nifti_io;
+use crate::imageio;
 use anyhow::{bail, ensure, Result};
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -95,19 +95,18 @@ pub struct Summary {
     pub metric_per_case: Vec<CaseResult>,
 }
 
-fn nifti_files(dir: &Path) -> Result<Vec<PathBuf>> {
-    let mut v = crate::dataset::files_with(dir, ".nii.gz")?;
-    v.extend(crate::dataset::files_with(dir, ".nii")?);
-    v.sort();
-    Ok(v)
+/// The label maps in `dir`: files of every image ending segk reads, hidden ones left out.
+fn image_files(dir: &Path) -> Result<Vec<PathBuf>> {
+    let v = crate::dataset::files_with(dir, "")?;
+    Ok(v.into_iter().filter(|p| p.file_name().map(|n| n.to_string_lossy().to_string()).is_some_and(|n| !n.starts_with('.') && crate::imageio::is_image_file(&n))).collect())
 }
 
 /// Evaluates every reference in `gt` against the prediction of the same file name in `pred`.
 /// `labels`: the labels or regions to score (default: every nonzero label in the references
 /// but the ignore label).
 pub fn evaluate(pred: &Path, gt: &Path, labels: Option<Vec<Vec<i64>>>, ignore: Option<i64>) -> Result<Summary> {
-    let refs = nifti_files(gt)?;
-    ensure!(!refs.is_empty(), "{}: no .nii or .nii.gz reference files", gt.display());
+    let refs = image_files(gt)?;
+    ensure!(!refs.is_empty(), "{}: no reference label maps ({})", gt.display(), crate::imageio::ENDINGS.join(", "));
     let pairs: Vec<(PathBuf, PathBuf)> = refs.iter().map(|r| (pred.join(r.file_name().unwrap_or_default()), r.clone())).collect();
     let missing: Vec<String> = pairs.iter().filter(|(p, _)| !p.is_file()).map(|(_, r)| r.file_name().unwrap_or_default().to_string_lossy().to_string()).collect();
     if !missing.is_empty() {
@@ -127,14 +126,14 @@ pub fn evaluate_pairs(pairs: &[(PathBuf, PathBuf)], labels: Option<Vec<Vec<i64>>
         None => {
             let mut l = std::collections::BTreeSet::new();
             for (_, r) in pairs {
-                l.extend(nifti_io::read(r)?.data.iter().map(|&v| v as i64).filter(|&v| v != 0 && Some(v) != ignore));
+                l.extend(imageio::read(r)?.data.iter().map(|&v| v as i64).filter(|&v| v != 0 && Some(v) != ignore));
             }
             l.into_iter().map(|v| vec![v]).collect()
         }
     };
     let mut per_case = Vec::new();
     for (p, r) in pairs {
-        let (pv, rv) = (nifti_io::read(p)?, nifti_io::read(r)?);
+        let (pv, rv) = (imageio::read(p)?, imageio::read(r)?);
         ensure!(pv.shape == rv.shape, "{}: shape {:?} differs from the reference's {:?}", p.display(), pv.shape, rv.shape);
         let m = labels.iter().map(|l| (key(l), metrics(&pv.data, &rv.data, &l.iter().map(|&v| v as f32).collect::<Vec<_>>(), ignore.map(|i| i as f32)))).collect();
         per_case.push(CaseResult { metrics: m, prediction_file: p.display().to_string(), reference_file: r.display().to_string() });

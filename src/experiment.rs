@@ -143,11 +143,12 @@ pub fn run_plan(ex: &Experiment, gpu_memory: Option<f64>, out: Option<std::path:
         Err(_) => (nn::NnunetFingerprint::from_segk(&fp)?, "segk's fingerprint"),
     };
     let (mut default, mut chosen_plans) = (None, None);
+    let reader = crate::dataset::reader_writer(&ds.json, ds.cases.first().and_then(|c| c.images.first()).map(|p| p.as_path()));
     for p in [&nn::PLANNERS[0], chosen] {
         if p.class == nn::PLANNERS[0].class && default.is_some() {
             continue;
         }
-        let doc = nn::plan_experiment(p, &name, &ds.json, &nfp, "SimpleITKIO", if p.class == chosen.class { target } else { None })?;
+        let doc = nn::plan_experiment(p, &name, &ds.json, &nfp, &reader, if p.class == chosen.class { target } else { None })?;
         let (path, written) = nn::write_plans(&out, &doc)?;
         match written {
             nn::Written::New => println!("wrote {}", path.display()),
@@ -317,8 +318,8 @@ pub fn validate<B: Backend>(be: &B, cfg: &crate::train::TrainConfig, plans: &cra
         prev_stage_predictions,
     };
     let ending = model.json.file_ending.clone();
-    let cases: Vec<(String, Vec<std::path::PathBuf>)> =
-        cfg.val_ids.iter().map(|id| (id.clone(), (0..model.json.channels()).map(|c| crate::dataset::image_path(&root.join("imagesTr"), id, c, &ending)).collect())).collect();
+    let mut found = crate::dataset::channel_files(&root.join("imagesTr"), &ending)?;
+    let cases: Vec<(String, Vec<std::path::PathBuf>)> = cfg.val_ids.iter().map(|id| (id.clone(), found.remove(id).map(|f| f.into_values().collect()).unwrap_or_default())).collect();
     let out = cfg.out.join("validation");
     let t0 = std::time::Instant::now();
     println!("validation: predicting {} with checkpoint_final and mirror TTA into {}", crate::sysinfo::count(cases.len(), "case"), out.display());

@@ -141,7 +141,7 @@ enum Cmd {
         #[arg(long)]
         out: Option<std::path::PathBuf>,
     },
-    /// Predict a folder of raw NIfTI images (CASE_XXXX<ending>) with a trained model.
+    /// Predict a folder of raw images (CASE_XXXX<ending>: NIfTI, MetaImage, NRRD, PNG or TIFF) with a trained model, written in the model's format.
     Predict {
         /// Input folder (imagesTs naming).
         #[arg(short = 'i', long)]

@@ -6,7 +6,7 @@
 //! Components are 26-connected (skimage's full connectivity, which nnU-Net uses); components
 //! tied for largest are all kept, as nnU-Net's filter keeps every one of maximal size.
 
-use crate::dataset::nifti_io::{self, VoxelType};
+use crate::imageio;
 use crate::evaluate::{key, mean, metrics, Metrics};
 use anyhow::{ensure, Context, Result};
 use std::collections::BTreeMap;
@@ -93,7 +93,7 @@ fn pass(pred: &Path, gt: &Path, ending: &str, names: &[String], scored: &[Vec<i6
     let (mut base, mut tried) = (Vec::new(), vec![Vec::new(); trials.len()]);
     for n in names {
         let file = format!("{n}{ending}");
-        let (mut p, r) = (nifti_io::read(&pred.join(&file))?, nifti_io::read(&gt.join(&file))?);
+        let (mut p, r) = (imageio::read(&pred.join(&file))?, imageio::read(&gt.join(&file))?);
         ensure!(p.shape == r.shape, "{}: shape {:?}, the reference's {:?}", pred.join(&file).display(), p.shape, r.shape);
         apply(&mut p.data, p.shape, steps);
         base.push(case_metrics(&p.data, &r.data, scored, ignore));
@@ -202,11 +202,11 @@ pub fn apply_folder(input: &Path, output: &Path, steps: &[Vec<i64>], ending: &st
     std::fs::create_dir_all(output).with_context(|| format!("creating {}", output.display()))?;
     for n in &names {
         let file = format!("{n}{ending}");
-        let mut v = nifti_io::read(&input.join(&file))?;
+        let mut v = imageio::read(&input.join(&file))?;
         apply(&mut v.data, v.shape, steps);
-        let ty = if v.data.iter().all(|&x| (0.0..=255.0).contains(&x)) { VoxelType::U8 } else { VoxelType::I16 };
-        (v.header.scl_slope, v.header.scl_inter) = (1.0, 0.0);
-        nifti_io::write(&output.join(&file), &v, ty)?;
+        let labels = std::mem::take(&mut v.data);
+        let v = v.labels_like(labels);
+        imageio::write_atomic(&output.join(&file), &v, imageio::label_type(&v.data))?;
     }
     Ok(names.len())
 }

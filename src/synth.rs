@@ -179,7 +179,7 @@ pub fn raw_case(spec: &RawSpec, index: usize) -> (Vec<f32>, Vec<u8>, [f64; 3]) {
 
 /// Writes `spec` as DatasetXXX_Name folder `root` (dataset.json, imagesTr, labelsTr).
 pub fn write_raw_dataset(root: &std::path::Path, spec: &RawSpec) -> anyhow::Result<()> {
-    use crate::dataset::nifti_io::{self, header_for, Volume, VoxelType};
+    use crate::imageio::{self, header_for, Volume, VoxelType};
     use anyhow::Context;
     use rayon::prelude::*;
     for sub in ["imagesTr", "labelsTr"] {
@@ -199,9 +199,9 @@ pub fn write_raw_dataset(root: &std::path::Path, spec: &RawSpec) -> anyhow::Resu
         let header = header_for(spec.shape, spacing, eye, [0.0; 3]);
         let v = Volume { shape: spec.shape, spacing, affine: [[0.0; 4]; 3], data: img, header };
         let id = format!("case_{k:04}");
-        nifti_io::write(&root.join(format!("imagesTr/{id}_0000.nii.gz")), &v, VoxelType::I16)?;
+        imageio::write(&root.join(format!("imagesTr/{id}_0000.nii.gz")), &v, VoxelType::I16)?;
         let l = Volume { data: lab.iter().map(|&x| x as f32).collect(), ..v };
-        nifti_io::write(&root.join(format!("labelsTr/{id}.nii.gz")), &l, VoxelType::U8)
+        imageio::write(&root.join(format!("labelsTr/{id}.nii.gz")), &l, VoxelType::U8)
     })
 }
 

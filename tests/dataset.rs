@@ -1,7 +1,7 @@
 //! nnU-Net raw datasets: NIfTI round trips and the integrity check on a broken dataset.
 
 use segk::dataset::integrity::check;
-use segk::dataset::nifti_io::{self, header_for, Volume, VoxelType};
+use segk::imageio::{self, header_for, Volume, VoxelType};
 use std::path::{Path, PathBuf};
 
 fn tmpdir(tag: &str) -> PathBuf {
@@ -26,8 +26,8 @@ fn nifti_round_trips_every_voxel_type_and_geometry() {
     for (ty, ending) in [(VoxelType::U8, ".nii.gz"), (VoxelType::I16, ".nii"), (VoxelType::U16, ".nii.gz"), (VoxelType::I32, ".nii"), (VoxelType::F32, ".nii.gz"), (VoxelType::F64, ".nii")] {
         let v = volume(shape, spacing, OBLIQUE, |i| (i % 200) as f32 + if matches!(ty, VoxelType::F32 | VoxelType::F64) { 0.25 } else { 0.0 });
         let p = dir.join(format!("v_{ty:?}{ending}"));
-        nifti_io::write(&p, &v, ty).unwrap();
-        let r = nifti_io::read(&p).unwrap();
+        imageio::write(&p, &v, ty).unwrap();
+        let r = imageio::read(&p).unwrap();
         assert_eq!(r.shape, shape, "{ty:?}");
         assert_eq!(r.data, v.data, "{ty:?}: voxels in [z][y][x] order");
         assert!(r.spacing.iter().zip(&spacing).all(|(a, b)| (a - b).abs() < 1e-6), "{ty:?} spacing {:?}", r.spacing);
@@ -40,7 +40,7 @@ fn nifti_round_trips_every_voxel_type_and_geometry() {
         assert_eq!([r.affine[0][3], r.affine[1][3], r.affine[2][3]], [10.0, -20.0, 30.5]);
     }
     // x is the fastest axis: voxel (z=1, y=2, x=3) of a [3,4,5] volume is index (1*4+2)*5+3.
-    let r = nifti_io::read(&dir.join("v_F32.nii.gz")).unwrap();
+    let r = imageio::read(&dir.join("v_F32.nii.gz")).unwrap();
     assert_eq!(r.data[(4 + 2) * 5 + 3], ((4 + 2) * 5 + 3) as f32 + 0.25);
 }
 
@@ -49,18 +49,19 @@ fn nifti_applies_scaling_and_qform() {
     let dir = tmpdir("scl");
     let mut v = volume([2, 2, 2], [1.0, 1.0, 1.0], IDENTITY, |i| i as f32);
     // qform only: 90 degrees about z (b = c = 0, d = sin 45).
-    v.header.sform_code = 0;
-    v.header.qform_code = 1;
-    v.header.quatern_d = std::f32::consts::FRAC_1_SQRT_2;
+    let segk::imageio::Header::Nifti(h) = &mut v.header else { unreachable!("a NIfTI header") };
+    h.sform_code = 0;
+    h.qform_code = 1;
+    h.quatern_d = std::f32::consts::FRAC_1_SQRT_2;
     let p = dir.join("s.nii");
-    nifti_io::write(&p, &v, VoxelType::I16).unwrap();
+    imageio::write(&p, &v, VoxelType::I16).unwrap();
     // The writer stores unscaled values; set scl_slope = 2, scl_inter = -3 in the header
     // (NIfTI-1 byte offsets 112 and 116, little endian).
     let mut bytes = std::fs::read(&p).unwrap();
     bytes[112..116].copy_from_slice(&2.0f32.to_le_bytes());
     bytes[116..120].copy_from_slice(&(-3.0f32).to_le_bytes());
     std::fs::write(&p, bytes).unwrap();
-    let r = nifti_io::read(&p).unwrap();
+    let r = imageio::read(&p).unwrap();
     let want: Vec<f32> = (0..8).map(|i| 2.0 * i as f32 - 3.0).collect();
     assert_eq!(r.data, want);
     let d = r.directions();
@@ -69,9 +70,9 @@ fn nifti_applies_scaling_and_qform() {
 
 fn write_case(root: &Path, id: &str, channels: usize, img: &Volume, lab: &Volume) {
     for c in 0..channels {
-        nifti_io::write(&root.join(format!("imagesTr/{id}_{c:04}.nii.gz")), img, VoxelType::F32).unwrap();
+        imageio::write(&root.join(format!("imagesTr/{id}_{c:04}.nii.gz")), img, VoxelType::F32).unwrap();
     }
-    nifti_io::write(&root.join(format!("labelsTr/{id}.nii.gz")), lab, VoxelType::U8).unwrap();
+    imageio::write(&root.join(format!("labelsTr/{id}.nii.gz")), lab, VoxelType::U8).unwrap();
 }
 
 #[test]
@@ -95,8 +96,8 @@ fn integrity_check_reports_every_fault_once() {
     let t = root.join("imagesTr/truncated_0001.nii.gz");
     let bytes = std::fs::read(&t).unwrap();
     std::fs::write(&t, &bytes[..bytes.len() / 2]).unwrap();
-    nifti_io::write(&root.join("imagesTr/orphan_0000.nii.gz"), &img, VoxelType::F32).unwrap();
-    nifti_io::write(&root.join("imagesTr/good_0002.nii.gz"), &img, VoxelType::F32).unwrap();
+    imageio::write(&root.join("imagesTr/orphan_0000.nii.gz"), &img, VoxelType::F32).unwrap();
+    imageio::write(&root.join("imagesTr/good_0002.nii.gz"), &img, VoxelType::F32).unwrap();
 
     let problems = check(&root);
     let lines: Vec<String> = problems.iter().map(|p| p.to_string()).collect();
@@ -111,10 +112,10 @@ fn integrity_check_reports_every_fault_once() {
     assert_eq!(has("nan_0000.nii.gz", "12 NaN/inf voxels"), 1);
     assert_eq!(has("truncated_0001.nii.gz", "unreadable"), 1);
     // Read directly (as predict and evaluate do), the cause is said in words, not Rust's Debug form.
-    let e = format!("{:#}", nifti_io::read(&t).unwrap_err());
+    let e = format!("{:#}", imageio::read(&t).unwrap_err());
     assert!(e.contains("truncated_0001.nii.gz") && !e.contains("Io(") && !e.contains("Custom {"), "{e}");
     assert_eq!(has("orphan_0000.nii.gz", "without a label map"), 1);
-    assert_eq!(has("good_0002.nii.gz", "channel 0002 is not declared"), 1);
+    assert_eq!(has("good_0002.nii.gz", "channel 0002 is beyond dataset.json's channel_names"), 1);
     assert!(!lines.iter().any(|l| l.contains("/good") && !l.contains("good_0002")), "the good case has no other problem");
     // Each faulty file is named once per fault; channels repeat per-channel faults.
     assert_eq!(problems.len(), 1 + 1 + 2 + 2 + 2 + 1 + 2 + 1 + 1 + 1, "{lines:#?}");

@@ -1,6 +1,6 @@
 //! `segk evaluate` on hand-made cases with known Dice.
 
-use segk::dataset::nifti_io::{self, header_for, Volume, VoxelType};
+use segk::imageio::{self, header_for, Volume, VoxelType};
 use segk::evaluate::{evaluate, metrics};
 
 const I3: [[f64; 3]; 3] = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
@@ -8,7 +8,7 @@ const I3: [[f64; 3]; 3] = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
 fn write(path: &std::path::Path, data: Vec<f32>) {
     let shape = [2, 2, 4];
     let v = Volume { shape, spacing: [1.0; 3], affine: [[0.0; 4]; 3], data, header: header_for(shape, [1.0; 3], I3, [0.0; 3]) };
-    nifti_io::write(path, &v, VoxelType::U8).unwrap();
+    imageio::write(path, &v, VoxelType::U8).unwrap();
 }
 
 #[test]

@@ -1,6 +1,6 @@
 //! Dataset fingerprint on generated cases with known answers.
 
-use segk::dataset::nifti_io::{self, header_for, Volume, VoxelType};
+use segk::imageio::{self, header_for, Volume, VoxelType};
 use segk::dataset::Dataset;
 use segk::plan::fingerprint::{bounding_box, fingerprint, intensity_stats, nonzero_mask, percentile};
 
@@ -61,8 +61,8 @@ fn fingerprint_of_generated_dataset() {
         let h = header_for(shape, *sp, I3, [0.0; 3]);
         let img = Volume { shape, spacing: *sp, affine: [[0.0; 4]; 3], data, header: h.clone() };
         let lab = Volume { data: labels, ..img.clone() };
-        nifti_io::write(&root.join(format!("imagesTr/c{k}_0000.nii.gz")), &img, VoxelType::F32).unwrap();
-        nifti_io::write(&root.join(format!("labelsTr/c{k}.nii.gz")), &lab, VoxelType::U8).unwrap();
+        imageio::write(&root.join(format!("imagesTr/c{k}_0000.nii.gz")), &img, VoxelType::F32).unwrap();
+        imageio::write(&root.join(format!("labelsTr/c{k}.nii.gz")), &lab, VoxelType::U8).unwrap();
     }
     let ds = Dataset::open(&root).unwrap();
     let fp = fingerprint(&ds, 300_000).unwrap();
@@ -91,8 +91,8 @@ fn fingerprint_command_writes_json() {
     let shape = [4, 4, 4];
     let img = Volume { shape, spacing: [1.0; 3], affine: [[0.0; 4]; 3], data: (0..64).map(|i| 1.0 + i as f32).collect(), header: header_for(shape, [1.0; 3], I3, [0.0; 3]) };
     let lab = Volume { data: (0..64).map(|i| (i % 2) as f32).collect(), ..img.clone() };
-    nifti_io::write(&root.join("imagesTr/a_0000.nii"), &img, VoxelType::F32).unwrap();
-    nifti_io::write(&root.join("labelsTr/a.nii"), &lab, VoxelType::U8).unwrap();
+    imageio::write(&root.join("imagesTr/a_0000.nii"), &img, VoxelType::F32).unwrap();
+    imageio::write(&root.join("labelsTr/a.nii"), &lab, VoxelType::U8).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).arg("fingerprint").arg(&root).env_remove("nnUNet_preprocessed").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     assert!(!root.join("segk_fingerprint.json").exists(), "the raw dataset folder is not written to");
@@ -237,8 +237,8 @@ fn plan_command_writes_nnunet_plans() {
     for k in 0..2 {
         let img = Volume { shape, spacing: [2.0, 1.0, 1.0], affine: [[0.0; 4]; 3], data: (0..16 * 24 * 24).map(|i| 1.0 + (i % 7) as f32).collect(), header: header_for(shape, [2.0, 1.0, 1.0], I3, [0.0; 3]) };
         let lab = Volume { data: (0..16 * 24 * 24).map(|i| ((i / 24) % 2) as f32).collect(), ..img.clone() };
-        nifti_io::write(&root.join(format!("imagesTr/p{k}_0000.nii")), &img, VoxelType::F32).unwrap();
-        nifti_io::write(&root.join(format!("labelsTr/p{k}.nii")), &lab, VoxelType::U8).unwrap();
+        imageio::write(&root.join(format!("imagesTr/p{k}_0000.nii")), &img, VoxelType::F32).unwrap();
+        imageio::write(&root.join(format!("labelsTr/p{k}.nii")), &lab, VoxelType::U8).unwrap();
     }
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).arg("plan").arg(&root).env_remove("nnUNet_preprocessed").output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));

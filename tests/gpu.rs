@@ -365,7 +365,7 @@ fn resenc_preset_trains_and_predicts_on_the_fake_driver() {
     let predict = |device: &str, env: &[(String, String)]| {
         let out = base.join(format!("pred-{device}"));
         segk(&["predict", "-i", images.to_str().unwrap(), "-o", out.to_str().unwrap(), "-m", model.to_str().unwrap(), "-f", "all", "--device", device, "--no-tta"], env);
-        segk::dataset::nifti_io::read(&out.join("case_0000.nii.gz")).unwrap().data
+        segk::imageio::read(&out.join("case_0000.nii.gz")).unwrap().data
     };
     let (gpu, cpu) = (predict("cuda", &env), predict("cpu", &[]));
     assert_eq!(gpu.len(), 12 * 12 * 12);

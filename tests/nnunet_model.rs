@@ -3,7 +3,7 @@
 //! probabilities; bad checkpoints get one clear error; segk's .pth export reads back;
 //! prediction sharded over jobs equals one run.
 
-use segk::dataset::nifti_io;
+use segk::imageio;
 use segk::predict::probs::read_npz;
 use std::path::{Path, PathBuf};
 
@@ -38,7 +38,7 @@ fn predict(model: &str, out: &Path, extra: &[&str]) -> String {
 
 /// Labels: the share of voxels equal to nnU-Net's. Probabilities: the largest difference.
 fn compare(mine: &Path, theirs: &Path, case: &str) -> (f64, f32) {
-    let (a, b) = (nifti_io::read(&mine.join(format!("{case}.nii.gz"))).unwrap(), nifti_io::read(&theirs.join(format!("{case}.nii.gz"))).unwrap());
+    let (a, b) = (imageio::read(&mine.join(format!("{case}.nii.gz"))).unwrap(), imageio::read(&theirs.join(format!("{case}.nii.gz"))).unwrap());
     assert_eq!(a.shape, b.shape, "{case}");
     let same = a.data.iter().zip(&b.data).filter(|(x, y)| x == y).count() as f64 / a.data.len() as f64;
     let (sa, pa) = read_npz(&mine.join(format!("{case}.npz"))).unwrap();
@@ -177,7 +177,7 @@ fn sharded_prediction_equals_one_run() {
     }
     for case in CASES {
         let f = format!("{case}.nii.gz");
-        assert_eq!(nifti_io::read(&whole.join(&f)).unwrap().data, nifti_io::read(&parts.join(&f)).unwrap().data, "{case}");
+        assert_eq!(imageio::read(&whole.join(&f)).unwrap().data, imageio::read(&parts.join(&f)).unwrap().data, "{case}");
     }
     std::fs::remove_file(parts.join("ts_001.nii.gz")).unwrap();
     let text = predict(PLAIN, &parts, &["--disable_tta", "--continue"]);
@@ -275,16 +275,16 @@ fn ensemble_averages_probabilities_and_takes_the_argmax() {
                 best as f32
             })
             .collect();
-        let labels = nifti_io::read(&out.join(format!("{case}.nii.gz"))).unwrap();
+        let labels = imageio::read(&out.join(format!("{case}.nii.gz"))).unwrap();
         assert_eq!(labels.data, expected, "{case}: argmax of the average");
-        assert_eq!(labels.shape, nifti_io::read(&a.join(format!("{case}.nii.gz"))).unwrap().shape);
+        assert_eq!(labels.shape, imageio::read(&a.join(format!("{case}.nii.gz"))).unwrap().shape);
     }
     let same = base.join("same");
     let (ok, text) = segk(&["ensemble", "-i", a.to_str().unwrap(), a.to_str().unwrap(), "-o", same.to_str().unwrap(), "--dataset-json", json.to_str().unwrap()]);
     assert!(ok, "{text}");
     for case in CASES {
         let f = format!("{case}.nii.gz");
-        assert_eq!(nifti_io::read(&same.join(&f)).unwrap().data, nifti_io::read(&a.join(&f)).unwrap().data, "{case}: identity");
+        assert_eq!(imageio::read(&same.join(&f)).unwrap().data, imageio::read(&a.join(&f)).unwrap().data, "{case}: identity");
     }
     // The output may be one of the inputs: its dataset.json survives.
     let inplace = base.join("inplace");

@@ -5,7 +5,7 @@
 //! foreground step kept, both label steps kept, one kept, none), `segk postprocess` with
 //! nnU-Net's postprocessing.json as nnUNetv2_apply_postprocessing.
 
-use segk::dataset::nifti_io;
+use segk::imageio;
 use segk::predict::probs::read_npz;
 use std::path::{Path, PathBuf};
 
@@ -30,7 +30,7 @@ fn segk(args: &[&std::ffi::OsStr]) -> String {
 }
 
 fn labels(path: &Path) -> (Vec<f32>, [usize; 3]) {
-    let v = nifti_io::read(path).unwrap();
+    let v = imageio::read(path).unwrap();
     (v.data, v.shape)
 }
 

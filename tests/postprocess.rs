@@ -1,7 +1,7 @@
 //! Postprocessing as nnU-Net determines and applies it: the largest 26-connected component of
 //! some labels kept, each step accepted only when it raises the Dice.
 
-use segk::dataset::nifti_io::{self, header_for, Volume, VoxelType};
+use segk::imageio::{self, header_for, Volume, VoxelType};
 use segk::postprocess::keep_largest;
 use std::path::Path;
 
@@ -52,7 +52,7 @@ fn keep_largest_joins_diagonal_neighbours_and_keeps_ties() {
 
 fn write(dir: &Path, name: &str, data: Vec<f32>) {
     std::fs::create_dir_all(dir).unwrap();
-    nifti_io::write(&dir.join(format!("{name}.nii.gz")), &volume(data), VoxelType::U8).unwrap();
+    imageio::write(&dir.join(format!("{name}.nii.gz")), &volume(data), VoxelType::U8).unwrap();
 }
 
 /// Three cases under a fresh folder (base, gt, pred): references with a box of label 1 and
@@ -102,8 +102,8 @@ fn determine_postprocessing_removes_what_hurts_and_keeps_what_helps() {
     assert!(ok, "{text}");
     for case in 0..3 {
         let f = format!("case_{case}.nii.gz");
-        assert_eq!(nifti_io::read(&out.join(&f)).unwrap().data, nifti_io::read(&gt.join(&f)).unwrap().data, "{f}: the reference again");
-        assert_eq!(nifti_io::read(&pred.join("postprocessed").join(&f)).unwrap().data, nifti_io::read(&gt.join(&f)).unwrap().data);
+        assert_eq!(imageio::read(&out.join(&f)).unwrap().data, imageio::read(&gt.join(&f)).unwrap().data, "{f}: the reference again");
+        assert_eq!(imageio::read(&pred.join("postprocessed").join(&f)).unwrap().data, imageio::read(&gt.join(&f)).unwrap().data);
     }
     let _ = std::fs::remove_dir_all(&base);
 }
@@ -125,7 +125,7 @@ fn region_postprocessing_decides_region_by_region() {
     assert_eq!(pp["postprocessing_kwargs"], serde_json::json!([{"labels_or_regions": 2}]), "{text}\n{pp}");
     for case in 0..3 {
         let f = format!("case_{case}.nii.gz");
-        assert_eq!(nifti_io::read(&pred.join("postprocessed").join(&f)).unwrap().data, nifti_io::read(&gt.join(&f)).unwrap().data, "{f}");
+        assert_eq!(imageio::read(&pred.join("postprocessed").join(&f)).unwrap().data, imageio::read(&gt.join(&f)).unwrap().data, "{f}");
     }
     let _ = std::fs::remove_dir_all(&base);
 }

@@ -3,7 +3,7 @@
 //! geometry kept on anisotropic and oblique images.
 
 use segk::backend::cpu::CpuBackend;
-use segk::dataset::nifti_io::{self, header_for, Volume, VoxelType};
+use segk::imageio::{self, header_for, Volume, VoxelType};
 use segk::model::unet::Acts;
 use segk::model::{Checkpointing, Topology, UNet};
 use segk::predict::window::{gaussian, steps, Predictor, SliceSink};
@@ -134,13 +134,13 @@ fn predictions_keep_each_inputs_grid_and_evaluate_scores_them() {
     // Inputs on other grids: anisotropic spacing, and an oblique qform-free sform with origin.
     let input = base.join("imagesTs");
     std::fs::create_dir_all(&input).unwrap();
-    let src = nifti_io::read(&root.join("imagesTr/case_0000_0000.nii.gz")).unwrap();
+    let src = imageio::read(&root.join("imagesTr/case_0000_0000.nii.gz")).unwrap();
     let (c, s) = (0.8f64, 0.6f64);
     let oblique = [[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]];
     let identity = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
     for (name, spacing, dirs, origin) in [("aniso", [3.0, 0.7, 0.9], identity, [0.0; 3]), ("oblique", [1.2, 1.0, 0.8], oblique, [-30.0, 12.5, 7.0])] {
         let v = Volume { header: header_for(src.shape, spacing, dirs, origin), spacing, ..src.clone() };
-        nifti_io::write(&input.join(format!("{name}_0000.nii.gz")), &v, VoxelType::I16).unwrap();
+        imageio::write(&input.join(format!("{name}_0000.nii.gz")), &v, VoxelType::I16).unwrap();
     }
     // Files the model cannot read are named, not silently skipped.
     std::fs::copy(input.join("aniso_0000.nii.gz"), input.join("aniso_0001.nii.gz")).unwrap();
@@ -153,15 +153,15 @@ fn predictions_keep_each_inputs_grid_and_evaluate_scores_them() {
     let pred_d = base.join("pred_d");
     ok(segk().args(["predict", "-i"]).arg(&input).arg("-o").arg(&pred_d).args(["-d", "33", "-c", "3d_fullres", "-f", "all", "-chk", "checkpoint_final.pth", "--disable_tta", "--device", "cpu"]).env("nnUNet_results", base.join("segk_results")));
     for name in ["aniso", "oblique"] {
-        let (a, b) = (nifti_io::read(&pred.join(format!("{name}.nii.gz"))).unwrap(), nifti_io::read(&pred_d.join(format!("{name}.nii.gz"))).unwrap());
+        let (a, b) = (imageio::read(&pred.join(format!("{name}.nii.gz"))).unwrap(), imageio::read(&pred_d.join(format!("{name}.nii.gz"))).unwrap());
         assert_eq!(a.data, b.data, "{name}: -d -c finds the model -m names");
     }
     let wrong = segk().args(["predict", "-i"]).arg(&input).arg("-o").arg(base.join("pred_x")).args(["-d", "33", "-c", "3d_fullres", "-p", "nnUNetResEncUNetMPlans"]).env("nnUNet_results", base.join("segk_results")).output().unwrap();
     assert!(!wrong.status.success() && String::from_utf8_lossy(&wrong.stderr).contains("segkTrainer__nnUNetResEncUNetMPlans__3d_fullres: no such model folder"), "{}", String::from_utf8_lossy(&wrong.stderr));
     assert!(text.contains("not read: aniso_0001.nii.gz (channel 1; the model reads 1), other_0000.nii (the model's file_ending is .nii.gz)"), "{text}");
     for name in ["aniso", "oblique"] {
-        let a = nifti_io::read(&input.join(format!("{name}_0000.nii.gz"))).unwrap();
-        let b = nifti_io::read(&pred.join(format!("{name}.nii.gz"))).unwrap();
+        let a = imageio::read(&input.join(format!("{name}_0000.nii.gz"))).unwrap();
+        let b = imageio::read(&pred.join(format!("{name}.nii.gz"))).unwrap();
         assert_eq!(a.shape, b.shape, "{name}: shape");
         assert!(a.affine.iter().flatten().zip(b.affine.iter().flatten()).all(|(x, y)| (x - y).abs() < 1e-4), "{name}: affine {:?} vs {:?}", a.affine, b.affine);
         assert!(b.data.iter().all(|&l| l == 0.0 || l == 1.0 || l == 2.0), "{name}: only declared labels");
@@ -206,7 +206,7 @@ fn predictions_keep_each_inputs_grid_and_evaluate_scores_them() {
     let text = ok(segk().args(["predict", "-i"]).arg(&input).arg("-o").arg(base.join("p5")).arg("-m").arg(&model).args(["--device", "cpu", "--no-tta", "--checkpoint", "checkpoint_final"]));
     assert!(text.contains("with fold_all (checkpoint_final)"), "{text}");
     for f in std::fs::read_dir(base.join("p5")).unwrap().map(|e| e.unwrap().file_name()).filter(|f| f.to_string_lossy().ends_with(".nii.gz")) {
-        let read = |d: &str| segk::dataset::nifti_io::read(&base.join(d).join(&f)).unwrap().data;
+        let read = |d: &str| segk::imageio::read(&base.join(d).join(&f)).unwrap().data;
         assert_eq!(read("p4"), read("p5"), "{f:?}: the .pth and the .safetensors predict the same");
     }
     let _ = std::fs::remove_dir_all(&base);
@@ -298,7 +298,7 @@ fn many_labels_on_a_long_volume_stay_within_the_stated_bound() {
     let n: usize = shape.iter().product();
     let eye = [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]];
     let v = Volume { shape, spacing: [1.0; 3], affine: [[0.0; 4]; 3], data: (0..n).map(|i| 1.0 + (i % 97) as f32 * 0.01).collect(), header: header_for(shape, [1.0; 3], eye, [0.0; 3]) };
-    nifti_io::write(&input.join("long_0000.nii.gz"), &v, VoxelType::F32).unwrap();
+    imageio::write(&input.join("long_0000.nii.gz"), &v, VoxelType::F32).unwrap();
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).args(["predict", "-i"]).arg(&input).arg("-o").arg(base.join("out")).arg("-m").arg(&model).args(["--device", "cpu", "--no-tta"]).output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));

@@ -3,7 +3,7 @@
 
 mod common;
 
-use segk::dataset::nifti_io::{self, header_for, Volume, VoxelType};
+use segk::imageio::{self, header_for, Volume, VoxelType};
 use segk::dataset::Dataset;
 use segk::plan::fingerprint::{fingerprint, IntensityStats};
 use segk::plan::plans_json::PlansJson;
@@ -280,9 +280,9 @@ fn smooth_dataset(root: &Path, shape: [usize; 3], spacings: &[[f64; 3]], channel
         });
         let h = header_for(shape, *sp, I3, [0.0; 3]);
         let v = Volume { shape, spacing: *sp, affine: [[0.0; 4]; 3], data: img, header: h };
-        nifti_io::write(&root.join(format!("imagesTr/c{k}_0000.nii.gz")), &v, VoxelType::F32).unwrap();
+        imageio::write(&root.join(format!("imagesTr/c{k}_0000.nii.gz")), &v, VoxelType::F32).unwrap();
         let l = Volume { data: lab, ..v };
-        nifti_io::write(&root.join(format!("labelsTr/c{k}.nii.gz")), &l, VoxelType::I16).unwrap();
+        imageio::write(&root.join(format!("labelsTr/c{k}.nii.gz")), &l, VoxelType::I16).unwrap();
     }
 }
 
@@ -309,10 +309,10 @@ fn identity_spacing_round_trip_preserves_labels_exactly() {
         let p = preprocess_case(case, &s).unwrap();
         let g = &p.header.geometry;
         assert_eq!(p.header.shape, g.transpose_forward.map(|a| g.crop_shape()[a]), "no resampling at identity spacing");
-        let raw_l = nifti_io::read(&case.label).unwrap();
+        let raw_l = imageio::read(&case.label).unwrap();
         let back = g.undo_labels(&p.seg);
         assert!(back.iter().zip(&raw_l.data).all(|(&a, &b)| a as f32 == b), "labels come back exactly");
-        let raw = nifti_io::read(&case.images[0]).unwrap();
+        let raw = imageio::read(&case.images[0]).unwrap();
         assert_eq!(g.undo_image(&p.channels[0]), raw.data, "noNorm image comes back exactly");
         assert!(p.seg.contains(&-1), "voxels outside the nonzero mask are marked -1");
     }
@@ -329,7 +329,7 @@ fn resampled_round_trip_is_within_interpolation_error() {
         let p = preprocess_case(case, &s).unwrap();
         let g = &p.header.geometry;
         assert_ne!(p.header.shape, g.crop_shape(), "this case is resampled");
-        let raw = nifti_io::read(&case.images[0]).unwrap();
+        let raw = imageio::read(&case.images[0]).unwrap();
         let back = g.undo_image(&p.channels[0]);
         // Compare away from the body's edge, where the image has a jump the spline rings on.
         let m = raw.shape.map(|v| v as f64);
@@ -344,7 +344,7 @@ fn resampled_round_trip_is_within_interpolation_error() {
         let b: Vec<f64> = interior.iter().map(|&i| raw.data[i] as f64).collect();
         let e = common::rel_err(&a, &b);
         assert!(e < 0.01, "case {}: relative error {e} after resampling there and back", case.id);
-        let raw_l = nifti_io::read(&case.label).unwrap();
+        let raw_l = imageio::read(&case.label).unwrap();
         let back_l = g.undo_labels(&p.seg);
         for l in [1i16, 2] {
             let (mut tp, mut fp, mut fn_) = (0, 0, 0);

@@ -330,7 +330,7 @@ fn synth_dataset(tag: &str, name: &str, cases: &str, shape: &str) -> (std::path:
 fn predicts_on_the_input_grid(base: &std::path::Path, root: &std::path::Path, model: &std::path::Path) {
     let out = segk_cli(&["predict", "-i", root.join("imagesTr").to_str().unwrap(), "-o", base.join("pred").to_str().unwrap(), "-m", model.to_str().unwrap(), "--device", "cpu", "--no-tta"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let read = |p: std::path::PathBuf| segk::dataset::nifti_io::read(&p).unwrap().shape;
+    let read = |p: std::path::PathBuf| segk::imageio::read(&p).unwrap().shape;
     assert_eq!(read(base.join("pred/case_0000.nii.gz")), read(root.join("labelsTr/case_0000.nii.gz")));
 }
 
@@ -351,7 +351,7 @@ fn fresh_dir(tag: &str) -> std::path::PathBuf {
 /// voxels left out of the scores.
 #[test]
 fn ignore_label_dataset_trains_predicts_and_evaluates() {
-    use segk::dataset::nifti_io;
+    use segk::imageio;
     let base = fresh_dir("ignore");
     let root = base.join("Dataset034_Sparse");
     assert!(segk_cli(&["synth", root.to_str().unwrap(), "--cases", "4", "--shape", "24,32,32", "--spacing", "1,1,1"]).status.success());
@@ -360,10 +360,10 @@ fn ignore_label_dataset_trains_predicts_and_evaluates() {
     std::fs::write(root.join("dataset.json"), json.to_string()).unwrap();
     for e in std::fs::read_dir(root.join("labelsTr")).unwrap() {
         let p = e.unwrap().path();
-        let mut v = nifti_io::read(&p).unwrap();
+        let mut v = imageio::read(&p).unwrap();
         let plane = v.shape[1] * v.shape[2];
         v.data.iter_mut().enumerate().filter(|(i, _)| (i / plane / 4) % 3 != 0).for_each(|(_, l)| *l = 3.0);
-        nifti_io::write(&p, &v, nifti_io::VoxelType::U8).unwrap();
+        imageio::write(&p, &v, imageio::VoxelType::U8).unwrap();
     }
     let out = segk_cli(&["train", root.to_str().unwrap(), "3d_fullres", "all", "--device", "cpu", "--epochs", "1", "--iters-per-epoch", "2", "--val-iters", "1", "--workers", "1"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -376,7 +376,7 @@ fn ignore_label_dataset_trains_predicts_and_evaluates() {
     for e in std::fs::read_dir(base.join("pred")).unwrap() {
         let p = e.unwrap().path();
         if p.to_string_lossy().ends_with(".nii.gz") {
-            assert!(nifti_io::read(&p).unwrap().data.iter().all(|&l| l < 3.0), "{}: the ignore label is never predicted", p.display());
+            assert!(imageio::read(&p).unwrap().data.iter().all(|&l| l < 3.0), "{}: the ignore label is never predicted", p.display());
         }
     }
     let out = segk_cli(&["evaluate", base.join("pred").to_str().unwrap(), root.join("labelsTr").to_str().unwrap(), "-djfile", root.join("dataset.json").to_str().unwrap()]);
@@ -396,7 +396,7 @@ fn ignore_label_dataset_trains_predicts_and_evaluates() {
 /// this size, is learnt by the demo's region test, not here).
 #[test]
 fn region_dataset_trains_predicts_and_evaluates() {
-    use segk::dataset::nifti_io;
+    use segk::imageio;
     let base = fresh_dir("regions");
     let root = base.join("Dataset035_Regions");
     assert!(segk_cli(&["synth", root.to_str().unwrap(), "--cases", "6", "--shape", "24,32,32", "--spacing", "1,1,1"]).status.success());
@@ -415,7 +415,7 @@ fn region_dataset_trains_predicts_and_evaluates() {
     let pred = base.join("pred");
     let out = segk_cli(&["predict", "-i", root.join("imagesTr").to_str().unwrap(), "-o", pred.to_str().unwrap(), "-m", model.to_str().unwrap(), "--device", "cpu", "--no-tta", "--save-probabilities"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let labels = nifti_io::read(&pred.join("case_0000.nii.gz")).unwrap();
+    let labels = imageio::read(&pred.join("case_0000.nii.gz")).unwrap();
     let (shape, probs) = segk::predict::probs::read_npz(&pred.join("case_0000.npz")).unwrap();
     let n = labels.data.len();
     assert_eq!(shape[0], 2, "one probability per region, no background");
@@ -430,7 +430,7 @@ fn region_dataset_trains_predicts_and_evaluates() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let s: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(pred.join("summary.json")).unwrap()).unwrap();
     let organ = &s["metric_per_case"][0]["metrics"]["(1, 2)"];
-    let reference = nifti_io::read(&root.join("labelsTr/case_0000.nii.gz")).unwrap();
+    let reference = imageio::read(&root.join("labelsTr/case_0000.nii.gz")).unwrap();
     let in_organ = |v: &[f32]| v.iter().filter(|&&l| l == 1.0 || l == 2.0).count() as f64;
     assert_eq!(organ["n_ref"].as_f64().unwrap(), in_organ(&reference.data), "the organ region counts labels 1 and 2 of the reference");
     assert_eq!(organ["n_pred"].as_f64().unwrap(), in_organ(&labels.data));
@@ -508,7 +508,7 @@ fn two_d_configuration_trains_on_slices_and_predicts() {
 /// convention for 2D images). nnU-Net plans only 2d for it; it trains, validates and predicts.
 #[test]
 fn a_one_slice_dataset_trains_2d() {
-    use segk::dataset::nifti_io::{header_for, write, Volume, VoxelType};
+    use segk::imageio::{header_for, write, Volume, VoxelType};
     let base = fresh_dir("flat");
     let root = base.join("Dataset045_Flat");
     for d in ["imagesTr", "labelsTr"] {
@@ -536,7 +536,7 @@ fn a_one_slice_dataset_trains_2d() {
     assert!(dice > 0.8, "the disc is learnt: {last}");
     let out = segk_cli(&["predict", "-i", root.join("imagesTr").to_str().unwrap(), "-o", base.join("pred").to_str().unwrap(), "-m", base.join("segk_results/Dataset045_Flat/segkTrainer__nnUNetPlans__2d").to_str().unwrap(), "--device", "cpu"]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    assert_eq!(segk::dataset::nifti_io::read(&base.join("pred/c005.nii.gz")).unwrap().shape, [1, 74, 60]);
+    assert_eq!(segk::imageio::read(&base.join("pred/c005.nii.gz")).unwrap().shape, [1, 74, 60]);
     let _ = std::fs::remove_dir_all(&base);
 }
 
@@ -582,7 +582,7 @@ fn cascade_trains_on_the_lowres_predictions_and_predicts_with_them() {
     let low = base.join("low");
     let out = predict(&cascade, "casc", &["--prev-stage-predictions", low.to_str().unwrap()]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let read = |p: std::path::PathBuf| segk::dataset::nifti_io::read(&p).unwrap().shape;
+    let read = |p: std::path::PathBuf| segk::imageio::read(&p).unwrap().shape;
     assert_eq!(read(base.join("casc/case_0001.nii.gz")), read(root.join("labelsTr/case_0001.nii.gz")));
     // When the cascade wins (its validations planted as the references), the instructions
     // predict its previous stage first and hand that to it.

@@ -1,7 +1,7 @@
 //! The integrity check `segk check` (and `segk plan`) runs first: every problem of a raw
 //! dataset, one line each naming the file, none fatal to the check itself.
 
-use super::nifti_io::{self, Volume};
+use crate::imageio::{self, Volume};
 use super::{files_with, read_json, Dataset, DatasetJson, LabelValue};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
@@ -114,8 +114,8 @@ fn geometry(img: &Volume, lab: &Volume, file: &Path) -> Vec<Problem> {
     out
 }
 
-fn read_or_report(path: &Path, out: &mut Vec<Problem>) -> Option<Volume> {
-    match nifti_io::read(path) {
+fn read_or_report(path: &Path, out: &mut Vec<Problem>, read: fn(&Path) -> anyhow::Result<Volume>) -> Option<Volume> {
+    match read(path) {
         Ok(v) => Some(v),
         Err(e) => {
             out.push(problem(path, format!("unreadable: {}", e.root_cause())));
@@ -126,7 +126,7 @@ fn read_or_report(path: &Path, out: &mut Vec<Problem>) -> Option<Volume> {
 
 fn check_case(json: &DatasetJson, case: &super::Case, allowed: &[i64]) -> Vec<Problem> {
     let mut out = Vec::new();
-    let lab = read_or_report(&case.label, &mut out);
+    let lab = read_or_report(&case.label, &mut out, imageio::read);
     if let Some(l) = &lab {
         let mut bad: Vec<String> = Vec::new();
         let mut seen = std::collections::BTreeSet::new();
@@ -140,13 +140,13 @@ fn check_case(json: &DatasetJson, case: &super::Case, allowed: &[i64]) -> Vec<Pr
             out.push(problem(&case.label, format!("label values not declared in dataset.json: {}", bad.join(", "))));
         }
     }
-    for (c, path) in case.images.iter().enumerate() {
-        if !path.is_file() {
-            let name = json.channel_names.get(&c.to_string()).cloned().unwrap_or_default();
-            out.push(problem(path, format!("missing: channel {c} ({name}) of case {}", case.id)));
+    let (mut channels, mut unread) = (0, false);
+    for path in case.images.iter().filter(|p| p.is_file()) {
+        let Some(img) = read_or_report(path, &mut out, imageio::read_channels) else {
+            unread = true;
             continue;
-        }
-        let Some(img) = read_or_report(path, &mut out) else { continue };
+        };
+        channels += img.channels();
         let nonfinite = img.data.iter().filter(|v| !v.is_finite()).count();
         if nonfinite > 0 {
             out.push(problem(path, format!("{nonfinite} NaN/inf voxels")));
@@ -154,6 +154,17 @@ fn check_case(json: &DatasetJson, case: &super::Case, allowed: &[i64]) -> Vec<Pr
         if let Some(l) = &lab {
             out.extend(geometry(&img, l, path));
         }
+    }
+    let declared = json.channels();
+    let missing: Vec<(usize, PathBuf)> = (0..declared).map(|c| (c, super::image_path(case.images[0].parent().unwrap_or(Path::new(".")), &case.id, c, &json.file_ending))).filter(|(_, p)| !p.is_file()).collect();
+    if channels < declared && !missing.is_empty() {
+        for (c, path) in missing {
+            let name = json.channel_names.get(&c.to_string()).cloned().unwrap_or_default();
+            out.push(problem(&path, format!("missing: channel {c} ({name}) of case {}", case.id)));
+        }
+    } else if channels != declared && !unread && case.images.len() <= declared {
+        // (More files than channels declared are each reported with the listing.)
+        out.push(problem(&case.images[0], format!("case {} has {channels} channel(s) in {} file(s); dataset.json's channel_names declares {declared}", case.id, case.images.len())));
     }
     out
 }
@@ -192,7 +203,7 @@ pub fn check_opening(root: &Path) -> (Vec<Problem>, Option<Dataset>) {
         if !ids.contains(id) {
             out.push(problem(&img, "image without a label map in labelsTr"));
         } else if let Some(c) = channel.filter(|&c| c >= json.channels()) {
-            out.push(problem(&img, format!("channel {c:04} is not declared in dataset.json's channel_names ({} channel(s)): it would be ignored", json.channels())));
+            out.push(problem(&img, format!("channel {c:04} is beyond dataset.json's channel_names ({} channel(s)): every CASE_XXXX file is read as a channel, as in nnU-Net", json.channels())));
         }
     }
     let allowed = json.label_values();

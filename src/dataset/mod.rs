@@ -2,7 +2,6 @@
 //! labelsTr/CASE<ending>, imagesTs/}. Read as nnU-Net users have them, no edits.
 
 pub mod integrity;
-pub mod nifti_io;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
@@ -39,7 +38,15 @@ pub struct DatasetJson {
     pub regions_class_order: Option<Vec<i64>>,
     #[serde(default)]
     pub name: Option<String>,
+    /// nnU-Net's choice of reader class; segk reads by file ending and accepts the classes
+    /// whose reading it matches.
+    #[serde(default)]
+    pub overwrite_image_reader_writer: Option<String>,
 }
+
+/// nnU-Net's reader classes segk reads as they do (by file ending; a .tif of one page is a
+/// picture, a stack a volume).
+pub const READERS: [&str; 5] = ["SimpleITKIO", "NibabelIO", "NaturalImage2DIO", "Tiff3DIO", "None"];
 
 impl DatasetJson {
     pub fn channels(&self) -> usize {
@@ -76,6 +83,27 @@ impl DatasetJson {
     }
 }
 
+/// The name of nnU-Net's reader class for this dataset (plans' image_reader_writer): the
+/// dataset's own choice, else the one nnU-Net's registry picks for its file ending (for .tif
+/// by what `example`, a first image, holds: one page or a stack).
+pub fn reader_writer(json: &DatasetJson, example: Option<&Path>) -> String {
+    if let Some(r) = json.overwrite_image_reader_writer.as_deref().filter(|r| *r != "None") {
+        return r.to_string();
+    }
+    let ending = json.file_ending.to_ascii_lowercase();
+    match ending.as_str() {
+        ".png" => "NaturalImage2DIO",
+        ".nii" => "NibabelIO",
+        ".tiff" => "Tiff3DIO",
+        ".tif" => match example.and_then(|p| crate::imageio::read_channels(p).ok()) {
+            Some(v) if matches!(v.header, crate::imageio::Header::Tiff3d { .. }) => "Tiff3DIO",
+            _ => "NaturalImage2DIO",
+        },
+        _ => "SimpleITKIO",
+    }
+    .to_string()
+}
+
 /// One training case: its channel images in channel order and its label map.
 #[derive(Clone, Debug)]
 pub struct Case {
@@ -108,7 +136,7 @@ pub fn read_json(root: &Path) -> Result<DatasetJson> {
 
 /// A dataset.json by its own path.
 pub fn read_json_file(p: &Path) -> Result<DatasetJson> {
-    let text = std::fs::read_to_string(&p).with_context(|| format!("{}: cannot read", p.display()))?;
+    let text = std::fs::read_to_string(p).with_context(|| format!("{}: cannot read", p.display()))?;
     let mut json: DatasetJson = serde_json::from_str(&text)
         .map_err(|e| match e.to_string().contains("untagged enum LabelValue") {
             // serde's own words name a Rust type; say what the file must hold.
@@ -116,6 +144,17 @@ pub fn read_json_file(p: &Path) -> Result<DatasetJson> {
             false => anyhow::Error::new(e),
         })
         .with_context(|| format!("{}: not a valid nnU-Net v2 dataset.json (needs channel_names, labels, numTraining, file_ending)", p.display()))?;
+    if crate::imageio::format_of(&json.file_ending).is_none() || !json.file_ending.starts_with('.') {
+        bail!("{}: file_ending {:?} is not a format segk reads ({})", p.display(), json.file_ending, crate::imageio::ENDINGS.join(", "));
+    }
+    if let Some(r) = json.overwrite_image_reader_writer.as_deref().filter(|r| !READERS.contains(r)) {
+        bail!(
+            "{}: overwrite_image_reader_writer {r:?} is not a reader segk can stand in for ({}); segk reads images by file_ending{}",
+            p.display(),
+            READERS[..4].join(", "),
+            if r.contains("Reorient") { " and does not reorient them: drop the key, or reorient the images beforehand" } else { "" }
+        );
+    }
     // As nnU-Net: a list of one value is that label, not a region.
     for v in json.labels.values_mut() {
         if let LabelValue::Region(r) = v {
@@ -133,6 +172,18 @@ pub fn files_with(dir: &Path, ending: &str) -> Result<Vec<PathBuf>> {
     let mut v: Vec<PathBuf> = rd.filter_map(|e| e.ok().map(|e| e.path())).filter(|p| p.is_file() && p.to_string_lossy().ends_with(ending)).collect();
     v.sort();
     Ok(v)
+}
+
+/// The channel files in `dir` by case: ID -> channel number -> path (ID_XXXX<ending>).
+pub fn channel_files(dir: &Path, ending: &str) -> Result<BTreeMap<String, BTreeMap<usize, PathBuf>>> {
+    let mut out: BTreeMap<String, BTreeMap<usize, PathBuf>> = BTreeMap::new();
+    for p in files_with(dir, ending)? {
+        let name = p.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
+        if let Some((id, c)) = split_channel(&name[..name.len() - ending.len()]) {
+            out.entry(id.to_string()).or_default().insert(c, p.clone());
+        }
+    }
+    Ok(out)
 }
 
 /// Datasets opened in this process (a command opens its dataset once; a test counts it).
@@ -154,11 +205,18 @@ impl Dataset {
         }
         let ending = json.file_ending.clone();
         let (img_dir, lab_dir) = (root.join("imagesTr"), root.join("labelsTr"));
+        // A missing imagesTr leaves every case's images missing, for the check to report.
+        let mut images = if img_dir.is_dir() { channel_files(&img_dir, &ending)? } else { BTreeMap::new() };
         let mut cases = Vec::new();
         for label in files_with(&lab_dir, &ending)? {
             let name = label.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
             let id = name[..name.len() - ending.len()].to_string();
-            let images = (0..json.channels()).map(|c| image_path(&img_dir, &id, c, &ending)).collect();
+            // nnU-Net's listing: every ID_XXXX file of the case (an RGB picture holds three
+            // channels in one); none at all leaves the expected names, for the check to report.
+            let images = match images.remove(&id) {
+                Some(found) => found.into_values().collect(),
+                None => (0..json.channels()).map(|c| image_path(&img_dir, &id, c, &ending)).collect(),
+            };
             cases.push(Case { id, images, label });
         }
         Ok(Dataset { root: root.to_path_buf(), json, cases })

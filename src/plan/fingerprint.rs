@@ -3,7 +3,7 @@
 //! intensities per channel (1e8 / cases per case, with replacement, seeded); then pool the
 //! samples into per-channel intensity statistics (what CT normalisation uses).
 
-use crate::dataset::nifti_io::{self, Volume};
+use crate::imageio;
 use crate::dataset::{Case, Dataset};
 use anyhow::{ensure, Context, Result};
 use rand::{Rng, SeedableRng};
@@ -167,11 +167,10 @@ struct CaseFingerprint {
 }
 
 fn analyze_case(case: &Case, samples_per_case: usize, seed: u64) -> Result<CaseFingerprint> {
-    let images: Vec<Volume> = case.images.iter().map(|p| nifti_io::read(p)).collect::<Result<_>>()?;
-    let seg = nifti_io::read(&case.label)?;
+    let seg = imageio::read(&case.label)?;
     let shape = seg.shape;
-    ensure!(images.iter().all(|v| v.shape == shape), "case {}: image and label shapes differ (run segk check)", case.id);
-    let chans: Vec<&[f32]> = images.iter().map(|v| v.data.as_slice()).collect();
+    let (images, _) = imageio::read_case(&case.images, Some(shape)).with_context(|| format!("case {}: image and label shapes differ (run segk check)", case.id))?;
+    let chans: Vec<&[f32]> = images.iter().map(|v| v.as_slice()).collect();
     let bbox = bounding_box(&nonzero_mask(&chans, shape), shape);
     let crop: [usize; 3] = std::array::from_fn(|a| bbox[a][1] - bbox[a][0]);
     let [_, h, w] = shape;
@@ -185,7 +184,7 @@ fn analyze_case(case: &Case, samples_per_case: usize, seed: u64) -> Result<CaseF
     let mut rng = Pcg64::seed_from_u64(seed);
     let samples = images
         .iter()
-        .map(|v| if fg.is_empty() { Vec::new() } else { (0..samples_per_case).map(|_| v.data[fg[rng.random_range(0..fg.len())]]).collect() })
+        .map(|v| if fg.is_empty() { Vec::new() } else { (0..samples_per_case).map(|_| v[fg[rng.random_range(0..fg.len())]]).collect() })
         .collect();
     Ok(CaseFingerprint {
         spacing: seg.spacing,

@@ -135,7 +135,7 @@ pub fn store_dir(plans: &PlansJson, configuration: &str) -> Result<String> {
 
 /// nnU-Net's default plans (ExperimentPlanner) from segk's fingerprint, in memory.
 pub fn nnunet_default(dataset_name: &str, json: &DatasetJson, fp: &Fingerprint) -> Result<PlansJson> {
-    nn::plan_experiment(&nn::PLANNERS[0], dataset_name, json, &NnunetFingerprint::from_segk(fp)?, "SimpleITKIO", None)
+    nn::plan_experiment(&nn::PLANNERS[0], dataset_name, json, &NnunetFingerprint::from_segk(fp)?, &crate::dataset::reader_writer(json, None), None)
 }
 
 /// segkPlans: `base`'s 3d_fullres (its spacing, preprocessing and network rules) with the patch

@@ -1,4 +1,4 @@
-//! `segk predict`: raw NIfTI cases -> the model's preprocessing -> sliding-window inference
+//! `segk predict`: raw cases (any format segk reads) -> the model's preprocessing -> sliding-window inference
 //! (folds and mirror TTA averaged) -> label maps on each input's own grid and header.
 //! A model folder is what `segk train` writes, laid out as nnU-Net's: plans.json (the plans
 //! file trained with, in nnU-Net's schema), dataset.json and fold_F/ folders with checkpoints.
@@ -8,7 +8,7 @@ pub mod probs;
 pub mod window;
 
 use crate::backend::Backend;
-use crate::dataset::nifti_io::{self, VoxelType};
+use crate::imageio::{self, VoxelType};
 use crate::dataset::DatasetJson;
 use crate::model::unet::Acts;
 use crate::model::{Checkpointing, UNet};
@@ -127,18 +127,17 @@ pub fn configuration_of(dir: &Path) -> String {
 }
 
 /// The cases in `input`: id -> channel files, by nnU-Net's imagesTs naming (ID_XXXX<ending>).
+/// A picture format may hold every channel in one file (RGB); the others need one per channel.
 pub fn find_cases(input: &Path, channels: usize, ending: &str) -> Result<Vec<(String, Vec<PathBuf>)>> {
-    let files = crate::dataset::files_with(input, ending)?;
-    let mut ids: Vec<String> = files
-        .iter()
-        .filter_map(|p| p.file_name()?.to_str()?.strip_suffix(ending).map(str::to_string))
-        .filter_map(|stem| crate::dataset::split_channel(&stem).map(|(id, _)| id.to_string()))
-        .collect();
-    ids.sort();
-    ids.dedup();
-    ensure!(!ids.is_empty(), "{}: no images named CASE_XXXX{ending}", input.display());
-    ids.into_iter()
-        .map(|id| {
+    let found = crate::dataset::channel_files(input, ending)?;
+    ensure!(!found.is_empty(), "{}: no images named CASE_XXXX{ending}", input.display());
+    let pictures = matches!(crate::imageio::format_of(ending), Some(crate::imageio::Format::Png | crate::imageio::Format::Tiff));
+    found
+        .into_iter()
+        .map(|(id, files)| {
+            if pictures && files.len() < channels && files.contains_key(&0) {
+                return Ok((id, files.into_values().collect())); // channels counted when read
+            }
             let paths: Vec<PathBuf> = (0..channels).map(|c| crate::dataset::image_path(input, &id, c, ending)).collect();
             if let Some(missing) = paths.iter().find(|p| !p.is_file()) {
                 bail!("{}: missing (case {id} needs {channels} channel files)", missing.display());
@@ -166,7 +165,7 @@ pub fn axis_order_warning(plan_spacing: [f64; 3], order: [usize; 3], case_spacin
 }
 
 /// Files in `input` that find_cases leaves unread: image channels beyond the model's, and
-/// NIfTI files of another ending. Each named with why.
+/// images of another ending. Each named with why.
 pub fn unread_files(input: &Path, channels: usize, ending: &str) -> Vec<String> {
     let Ok(dir) = std::fs::read_dir(input) else { return Vec::new() };
     let mut out: Vec<String> = dir
@@ -176,7 +175,7 @@ pub fn unread_files(input: &Path, channels: usize, ending: &str) -> Vec<String> 
                 let (_, c) = crate::dataset::split_channel(stem)?;
                 (c >= channels).then(|| format!("{name} (channel {c}; the model reads {channels})"))
             }
-            None => (name.ends_with(".nii") || name.ends_with(".nii.gz")).then(|| format!("{name} (the model's file_ending is {ending})")),
+            None => crate::imageio::is_image_file(&name).then(|| format!("{name} (the model's file_ending is {ending})")),
         })
         .collect();
     out.sort();
@@ -204,12 +203,6 @@ pub fn host_bytes_bound(model: &Model, raw: usize, stored: [usize; 3]) -> Result
 }
 
 /// Where a label map is written before it is complete: a hidden name in the same folder,
-/// with the same ending (the writer compresses by it).
-fn partial_path(out: &Path) -> PathBuf {
-    let name = out.file_name().map(|n| n.to_string_lossy().to_string()).unwrap_or_default();
-    out.with_file_name(format!(".partial.{name}"))
-}
-
 /// The cases of job `part_id` of `num_parts` (nnU-Net's --num_parts / --part_id: every
 /// num_parts-th case of the sorted list, from part_id).
 pub fn part_of<T>(cases: Vec<T>, part_id: usize, num_parts: usize) -> Result<Vec<T>> {
@@ -260,14 +253,14 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
     let mirror_axes = if opt.tta { model.mirror_axes.clone() } else { Vec::new() };
     let predictor = window::Predictor { be, nets: &nets, acts: &acts, patch: plan.patch_size, classes: head.outputs(), step: opt.step, mirror_axes: &mirror_axes };
     progress.set_length(cases.len() as u64);
-    let ty = if head.values().iter().all(|&v| (0..=255).contains(&v)) { VoxelType::U8 } else { VoxelType::I16 };
+    let ty = VoxelType::for_labels(head.values().iter().copied().max().unwrap_or(0) as i64);
     let mut written = Vec::new();
     let mut bound = 0u64;
     // Three stages overlap: the next case is preprocessed and the last one written (gzip) on
     // their own threads while this one runs through the net. One case ahead, one behind.
     std::thread::scope(|scope| -> Result<()> {
         let (prep_tx, prep_rx) = crossbeam_channel::bounded(1);
-        let (write_tx, write_rx) = crossbeam_channel::bounded::<(PathBuf, nifti_io::Volume, Option<(probs::ProbFile, PathBuf)>)>(1);
+        let (write_tx, write_rx) = crossbeam_channel::bounded::<(PathBuf, imageio::Volume, Option<(probs::ProbFile, PathBuf)>)>(1);
         let settings = &settings;
         scope.spawn(move || {
             let (prev_labels, ending) = (&prev_labels, &ending);
@@ -292,9 +285,7 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
                 if let Some((p, npz)) = probs {
                     p.finish(&npz)?;
                 }
-                let tmp = partial_path(&out);
-                nifti_io::write(&tmp, &vol, ty)?;
-                std::fs::rename(&tmp, &out).with_context(|| format!("renaming {} to {}", tmp.display(), out.display()))?;
+                imageio::write_atomic(&out, &vol, ty)?;
             }
             Ok(())
         });
@@ -313,9 +304,7 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
             predictor.run(&channels, geometry.shape, &mut exporter).with_context(|| format!("case {id}"))?;
             drop(channels);
             let out = output.join(format!("{id}{}", model.json.file_ending));
-            let mut vol = nifti_io::Volume { data: exporter.labels.iter().map(|&l| l as f32).collect(), ..raw };
-            // The input's geometry, not its intensity scaling.
-            (vol.header.scl_slope, vol.header.scl_inter) = (1.0, 0.0);
+            let vol = raw.labels_like(exporter.labels.iter().map(|&l| l as f32).collect());
             // CASE.npz beside the label map, as nnU-Net names it.
             let probs = exporter.probs.take().map(|p| (p, output.join(format!("{id}.npz"))));
             if write_tx.send((out.clone(), vol, probs)).is_err() {
@@ -326,7 +315,7 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
             crate::sysinfo::log_when_hidden(progress, &id);
         }
         drop(write_tx);
-        writer.join().map_err(|_| anyhow::anyhow!("the NIfTI writer thread panicked"))??;
+        writer.join().map_err(|_| anyhow::anyhow!("the label map writer thread panicked"))??;
         Ok(())
     })?;
     Ok((written, bound))

@@ -8,7 +8,7 @@ pub mod normalize;
 pub mod resample;
 pub mod splits;
 
-use crate::dataset::nifti_io;
+use crate::imageio;
 use crate::dataset::{Case, Dataset, DatasetJson};
 use crate::plan::fingerprint::{bounding_box, nonzero_mask, IntensityStats};
 use crate::plan::plans_json::PlansJson;
@@ -101,7 +101,7 @@ pub struct Preprocessed {
 }
 
 /// Integer labels of a label map read as f32, checked.
-pub fn labels_of(v: &nifti_io::Volume, path: &Path) -> Result<Vec<i16>> {
+pub fn labels_of(v: &imageio::Volume, path: &Path) -> Result<Vec<i16>> {
     v.data
         .iter()
         .map(|&x| {
@@ -161,29 +161,28 @@ fn settings_key(s: &Settings) -> String {
 }
 
 /// Channel images of one case, checked against `shape` (when given) and for non-finite voxels.
-fn read_images(paths: &[PathBuf], shape: Option<[usize; 3]>) -> Result<(Vec<Vec<f32>>, nifti_io::Volume)> {
-    let mut images = Vec::with_capacity(paths.len());
-    let mut first: Option<nifti_io::Volume> = None;
-    for p in paths {
-        let mut v = nifti_io::read(p)?;
-        let want = shape.or(first.as_ref().map(|f| f.shape));
-        if let Some(want) = want {
-            ensure!(v.shape == want, "{}: shape {:?} differs from {:?} (the label map's or the first channel's)", p.display(), v.shape, want);
+fn read_images(paths: &[PathBuf], shape: Option<[usize; 3]>) -> Result<(Vec<Vec<f32>>, imageio::Volume)> {
+    let (images, first) = imageio::read_case(paths, shape)?;
+    for (c, img) in images.iter().enumerate() {
+        if let Some(bad) = img.iter().find(|x| !x.is_finite()) {
+            bail!("{}: contains a non-finite voxel ({bad})", file_of_channel(paths, images.len(), c).display());
         }
-        if let Some(bad) = v.data.iter().find(|x| !x.is_finite()) {
-            bail!("{}: contains a non-finite voxel ({bad})", p.display());
-        }
-        images.push(std::mem::take(&mut v.data));
-        first.get_or_insert(v);
     }
-    let first = first.with_context(|| "a case needs at least one channel image")?;
     Ok((images, first))
+}
+
+/// The file channel `c` of `channels` came from: its own, or the case's RGB(A) picture.
+fn file_of_channel(paths: &[PathBuf], channels: usize, c: usize) -> &Path {
+    match paths.len() == channels {
+        true => &paths[c],
+        false => &paths[0],
+    }
 }
 
 /// Crop, transpose, normalise and resample channel images of `shape` (raw axis order) at
 /// `spacing`, with their label map if any (without one, voxels outside the nonzero mask are
 /// still marked -1 for the masked z-score). Returns channels, labels and the geometry.
-fn prepare(images: Vec<Vec<f32>>, seg: Option<Vec<i16>>, raw: &nifti_io::Volume, paths: &[PathBuf], s: &Settings) -> Result<(Vec<Vec<f32>>, Vec<i16>, Geometry)> {
+fn prepare(images: Vec<Vec<f32>>, seg: Option<Vec<i16>>, raw: &imageio::Volume, paths: &[PathBuf], s: &Settings) -> Result<(Vec<Vec<f32>>, Vec<i16>, Geometry)> {
     let shape = raw.shape;
     // Crop to the nonzero region; label voxels outside it become -1 (background there).
     let mask = nonzero_mask(&images.iter().map(|v| v.as_slice()).collect::<Vec<_>>(), shape);
@@ -205,7 +204,7 @@ fn prepare(images: Vec<Vec<f32>>, seg: Option<Vec<i16>>, raw: &nifti_io::Volume,
     for (c, img) in images.into_iter().enumerate() {
         let (mut v, _) = transpose(&crop(&img, shape, bbox), crop_shape, order);
         drop(img);
-        normalize::normalize(&mut v, s.schemes[c], s.use_mask_for_norm[c], &seg, &s.stats[c]).with_context(|| format!("{}", paths[c].display()))?;
+        normalize::normalize(&mut v, s.schemes[c], s.use_mask_for_norm[c], &seg, &s.stats[c]).with_context(|| format!("{}", file_of_channel(paths, s.schemes.len(), c).display()))?;
         channels.push(resample_image(&v, shape_t, out_shape, axis_kernels(spacing_t, target, Kernel::Cubic)));
     }
     let seg = resample_labels(&seg, shape_t, out_shape, axis_kernels(spacing_t, target, Kernel::Linear));
@@ -215,18 +214,19 @@ fn prepare(images: Vec<Vec<f32>>, seg: Option<Vec<i16>>, raw: &nifti_io::Volume,
 
 /// Preprocesses the channel images of a case to predict: channels on the plan's grid and the
 /// geometry to map predictions back; also the first channel's volume (its header and grid).
-pub fn preprocess_images(paths: &[PathBuf], s: &Settings) -> Result<(Vec<Vec<f32>>, Geometry, nifti_io::Volume)> {
-    ensure!(paths.len() == s.schemes.len(), "{} channel images given, the plan has {}", paths.len(), s.schemes.len());
+pub fn preprocess_images(paths: &[PathBuf], s: &Settings) -> Result<(Vec<Vec<f32>>, Geometry, imageio::Volume)> {
     let (images, raw) = read_images(paths, None)?;
+    ensure!(images.len() == s.schemes.len(), "{} channels read from {} file(s), the plan has {}", images.len(), paths.len(), s.schemes.len());
     let (channels, _, geometry) = prepare(images, None, &raw, paths, s)?;
     Ok((channels, geometry, raw))
 }
 
 /// Preprocesses one raw training case.
 pub fn preprocess_case(case: &Case, s: &Settings) -> Result<Preprocessed> {
-    let lab = nifti_io::read(&case.label)?;
+    let lab = imageio::read(&case.label)?;
     let seg = labels_of(&lab, &case.label)?;
     let (images, _) = read_images(&case.images, Some(lab.shape))?;
+    ensure!(images.len() == s.schemes.len(), "case {}: {} channels read from {} file(s), the plan has {}", case.id, images.len(), case.images.len(), s.schemes.len());
     let (channels, seg, geometry) = prepare(images, Some(seg), &lab, &case.images, s)?;
     let out_shape = geometry.shape;
     let locations = sample_locations(&seg, out_shape, &s.classes, LOCATION_SEED);
