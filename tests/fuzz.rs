@@ -1,7 +1,9 @@
 //! Every fuzz target (segk::fuzz, run under AFL++ by fuzz/run) replayed on its seed corpus
 //! and on random mutations of it for a few seconds (SEGK_FUZZ_SECONDS, default 2 per
 //! target): no input may panic or take long. Not coverage-guided; that is fuzz/run's job.
-//! A failing input is written to the temporary folder and named.
+//! A failing input is written to the temporary folder and named; every input AFL++ once
+//! found failing stays in tests/fixtures/fuzz_regressions/TARGET/ and is replayed first. A
+//! watchdog ends the run, naming the input, when one input takes over 30 s.
 
 use rand::{Rng, SeedableRng};
 use std::path::Path;
@@ -41,8 +43,35 @@ fn mutate(r: &mut rand_pcg::Pcg64, seed: &[u8]) -> Vec<u8> {
     v
 }
 
+/// The input being run (target, bytes) and when it started, for the watchdog.
+static CURRENT: std::sync::Mutex<Option<(&'static str, Vec<u8>, Instant)>> = std::sync::Mutex::new(None);
+
+fn watchdog() {
+    std::thread::spawn(|| loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let guard = CURRENT.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((target, input, t0)) = guard.as_ref() {
+            if t0.elapsed() > Duration::from_secs(30) {
+                let keep = std::env::temp_dir().join(format!("segk-fuzz-hang-{target}.bin"));
+                let _ = std::fs::write(&keep, input);
+                eprintln!("{target}: input {} has run for over 30 s", keep.display());
+                std::process::exit(1);
+            }
+        }
+    });
+}
+
+/// The inputs that once failed, by target.
+fn regressions(target: &str) -> Vec<Vec<u8>> {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz_regressions").join(target);
+    let mut files: Vec<_> = std::fs::read_dir(dir).map(|d| d.filter_map(|e| e.ok().map(|e| e.path())).collect()).unwrap_or_default();
+    files.sort();
+    files.iter().map(|f| std::fs::read(f).unwrap()).collect()
+}
+
 #[test]
 fn every_fuzz_target_survives_its_corpus_and_mutations() {
+    watchdog();
     let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures");
     let seconds: f64 = std::env::var("SEGK_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(2.0);
     let dir = segk::fuzz::scratch();
@@ -51,12 +80,13 @@ fn every_fuzz_target_survives_its_corpus_and_mutations() {
     for (target, _) in segk::fuzz::TARGETS {
         let seeds = segk::fuzz::seeds(target, &fixtures);
         assert!(!seeds.is_empty(), "{target}: no seeds");
+        let replay = [regressions(target), seeds.clone()].concat();
         let t0 = Instant::now();
         let mut runs = 0usize;
         let mut accepted = 0usize;
         let mut i = 0usize;
-        while i < seeds.len() || t0.elapsed().as_secs_f64() < seconds {
-            let input = match seeds.get(i) {
+        while i < replay.len() || t0.elapsed().as_secs_f64() < seconds {
+            let input = match replay.get(i) {
                 Some(s) => s.clone(),
                 None => {
                     let k = r.random_range(0..seeds.len());
@@ -65,7 +95,9 @@ fn every_fuzz_target_survives_its_corpus_and_mutations() {
             };
             i += 1;
             let t = Instant::now();
+            *CURRENT.lock().unwrap_or_else(|e| e.into_inner()) = Some((target, input.clone(), t));
             let result = std::panic::catch_unwind(|| segk::fuzz::run(target, &input, &dir));
+            *CURRENT.lock().unwrap_or_else(|e| e.into_inner()) = None;
             let slow = t.elapsed() > Duration::from_secs(10);
             if result.is_err() || slow {
                 let keep = std::env::temp_dir().join(format!("segk-fuzz-failure-{target}-{runs}.bin"));

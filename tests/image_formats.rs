@@ -295,3 +295,105 @@ fn a_metaimage_prediction_keeps_the_inputs_oblique_geometry() {
     }
     let _ = std::fs::remove_dir_all(&base);
 }
+
+fn write(dir: &Path, name: &str, bytes: &[u8]) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+fn err(p: &Path) -> String {
+    format!("{:#}", imageio::read_channels(p).expect_err("refused"))
+}
+
+/// Headers that lie, refused before anything is allocated for them, each with its reason;
+/// and the less common header forms ITK reads, read as ITK reads them.
+#[test]
+fn hostile_and_unusual_headers_are_read_as_itk_reads_them_or_refused() {
+    let dir = fresh("headers");
+    std::fs::create_dir_all(&dir).unwrap();
+    let mha = |extra: &str, data: &[u8]| [format!("ObjectType = Image\nNDims = 3\n{extra}ElementType = MET_UCHAR\nElementDataFile = LOCAL\n").as_bytes(), data].concat();
+    // Sizes far beyond the file, or beyond any scan.
+    let p = write(&dir, "huge.mha", &mha("DimSize = 100000 100000 100000\n", b"abc"));
+    assert!(err(&p).contains("over segk's limit"), "{}", err(&p));
+    let p = write(&dir, "short.mha", &mha("DimSize = 1000 1000 10\n", b"abc"));
+    assert!(err(&p).contains("claims 10000000 bytes of voxel data, the file holds 3"), "{}", err(&p));
+    let p = write(&dir, "bomb.mha", &mha("DimSize = 1000 1000 100\nCompressedData = True\n", &[0x78, 0x9c, 1, 2, 3]));
+    assert!(err(&p).contains("more than 5 compressed bytes can hold"), "{}", err(&p));
+    let p = write(&dir, "dev.mhd", b"NDims = 3\nDimSize = 100 100 100\nElementType = MET_UCHAR\nElementDataFile = /dev/zero\n");
+    assert!(err(&p).contains("not a regular file"), "{}", err(&p));
+    let p = write(&dir, "zero.mha", &mha("DimSize = 2 1 1\nElementSpacing = 0 1 1\n", &[1, 2]));
+    assert!(err(&p).contains("not a positive size"), "{}", err(&p));
+    let p = write(&dir, "skip.nrrd", b"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 2 1 1\nencoding: raw\nline skip: 18446744073709551615\n\nab");
+    assert!(err(&p).contains("line skip"), "{}", err(&p));
+    let p = write(&dir, "rgb.nrrd", b"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 3 2 1\nkinds: RGB-color domain domain\nencoding: raw\n\nabcdef");
+    assert!(err(&p).contains("scalar images"), "{}", err(&p));
+    // A PNG header claiming 65535 x 65535 pixels in a few bytes.
+    let mut png_bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut png_bytes, 1, 1);
+        enc.set_depth(png::BitDepth::Eight);
+        enc.write_header().unwrap().write_image_data(&[7]).unwrap();
+    }
+    png_bytes[16..24].copy_from_slice(&[0, 0, 0xff, 0xff, 0, 0, 0xff, 0xff]);
+    let crc = crc32(&png_bytes[12..29]);
+    png_bytes[29..33].copy_from_slice(&crc.to_be_bytes());
+    let p = write(&dir, "huge.png", &png_bytes);
+    assert!(err(&p).contains("more than the file's compressed data can hold"), "{}", err(&p));
+
+    // Forms ITK reads: trailing bytes, T for True, HeaderSize in a LOCAL file, a negative
+    // spacing (the axis turned around), axis mins without a space, hex voxels.
+    let read = |p: &Path| imageio::read_channels(p).unwrap();
+    let v = read(&write(&dir, "trail.mha", &mha("DimSize = 2 1 1\n", &[1, 2, 99, 99])));
+    assert_eq!(v.data, [1.0, 2.0]);
+    let v = read(&write(&dir, "msb.mha", &[&b"NDims = 3\nDimSize = 1 1 1\nBinaryDataByteOrderMSB = T\nElementType = MET_SHORT\nElementDataFile = LOCAL\n"[..], &[1, 2]].concat()));
+    assert_eq!(v.data, [258.0]);
+    let head = b"NDims = 3\nDimSize = 2 1 1\nHeaderSize = 100\nElementType = MET_UCHAR\nElementDataFile = LOCAL\n";
+    let mut bytes = head.to_vec();
+    bytes.resize(100, b'#');
+    bytes.extend([5, 6]);
+    assert_eq!(read(&write(&dir, "hs.mha", &bytes)).data, [5.0, 6.0]);
+    let v = read(&write(&dir, "neg.mha", &mha("DimSize = 2 1 1\nElementSpacing = -2 1 1\n", &[1, 2])));
+    let Header::Itk(g) = &v.header else { panic!() };
+    assert_eq!((g.spacing[0], g.direction[0][0]), (2.0, -1.0));
+    let v = read(&write(&dir, "mins.nrrd", b"NRRD0004\ntype: uchar\ndimension: 3\nsizes: 1 1 1\nspacings: 2 3 4\naxis mins: 10 20 30\nencoding: raw\n\na"));
+    let Header::Itk(g) = &v.header else { panic!() };
+    assert_eq!(g.origin, [11.0, 21.5, 32.0]);
+    let v = read(&write(&dir, "hex.nrrd", b"NRRD0004\ntype: short\ndimension: 3\nsizes: 2 1 1\nendian: big\nencoding: hex\n\n0102 fffe\n"));
+    assert_eq!(v.data, [258.0, -2.0]);
+
+    // A 2D NRRD is written as SimpleITK writes one: a space dimension, no 3D space name.
+    let v = read(&fixtures().join("sitk_2d_u8.nrrd"));
+    let out = dir.join("two.nrrd");
+    imageio::write(&out, &v, VoxelType::U8).unwrap();
+    let text = String::from_utf8_lossy(&std::fs::read(&out).unwrap()).to_string();
+    assert!(text.contains("\nspace dimension: 2\n") && !text.contains("\nspace:"), "{text}");
+    let back = read(&out);
+    assert_eq!((back.data, back.spacing), (v.data, v.spacing));
+
+    // PNG as skimage reads it: a 1-bit mask as 0/1, 16-bit colour as its high byte.
+    let png_of = |color: png::ColorType, depth: png::BitDepth, w: u32, data: &[u8]| {
+        let mut out = Vec::new();
+        let mut enc = png::Encoder::new(&mut out, w, 1);
+        (enc.set_color(color), enc.set_depth(depth));
+        enc.write_header().unwrap().write_image_data(data).unwrap();
+        out
+    };
+    let v = read(&write(&dir, "mask.png", &png_of(png::ColorType::Grayscale, png::BitDepth::One, 8, &[0b1010_0000])));
+    assert_eq!(v.data, [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]);
+    let v = read(&write(&dir, "rgb16.png", &png_of(png::ColorType::Rgb, png::BitDepth::Sixteen, 1, &[0x12, 0x34, 0xab, 0xcd, 0, 1])));
+    assert_eq!(v.data, [18.0, 171.0, 0.0]);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// PNG's CRC-32 (of chunk type and data), to forge a header chunk.
+fn crc32(bytes: &[u8]) -> u32 {
+    let mut c = 0xffff_ffffu32;
+    for &b in bytes {
+        c ^= b as u32;
+        for _ in 0..8 {
+            c = if c & 1 == 1 { 0xedb8_8320 ^ (c >> 1) } else { c >> 1 };
+        }
+    }
+    !c
+}

@@ -84,7 +84,7 @@ impl DatasetJson {
 }
 
 /// The name of nnU-Net's reader class for this dataset (plans' image_reader_writer): the
-/// dataset's own choice, else the one nnU-Net's registry picks for its file ending (for .tif
+/// dataset's own choice, else the one nnU-Net's registry picks for its file ending (for TIFF
 /// by what `example`, a first image, holds: one page or a stack).
 pub fn reader_writer(json: &DatasetJson, example: Option<&Path>) -> String {
     if let Some(r) = json.overwrite_image_reader_writer.as_deref().filter(|r| *r != "None") {
@@ -94,8 +94,7 @@ pub fn reader_writer(json: &DatasetJson, example: Option<&Path>) -> String {
     match ending.as_str() {
         ".png" => "NaturalImage2DIO",
         ".nii" => "NibabelIO",
-        ".tiff" => "Tiff3DIO",
-        ".tif" => match example.and_then(|p| crate::imageio::read_channels(p).ok()) {
+        ".tif" | ".tiff" => match example.and_then(|p| crate::imageio::read_channels(p).ok()) {
             Some(v) if matches!(v.header, crate::imageio::Header::Tiff3d { .. }) => "Tiff3DIO",
             _ => "NaturalImage2DIO",
         },

@@ -73,6 +73,11 @@ impl Geometry {
                     g.direction[r][a] = col.get(r).copied().unwrap_or(0.0);
                 }
             }
+            // As ITK: a negative spacing is a positive one along the opposite direction.
+            if g.spacing[a] < 0.0 {
+                g.spacing[a] = -g.spacing[a];
+                (0..dims).for_each(|r| g.direction[r][a] = -g.direction[r][a]);
+            }
         }
         let s = |a: usize| sizes.get(a).copied().unwrap_or(1);
         ([s(2), s(1), s(0)], g)

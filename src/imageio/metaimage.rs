@@ -11,7 +11,7 @@ use std::io::{BufRead, Read, Seek, Write};
 use std::path::Path;
 
 /// Longest header segk reads (SimpleITK's are under 1 KiB).
-const MAX_HEADER: u64 = 1 << 16;
+const MAX_HEADER: u64 = 1 << 20;
 
 const TYPES: [(&str, VoxelType); 14] = [
     ("MET_UCHAR", VoxelType::U8),
@@ -76,8 +76,9 @@ fn numbers<T: std::str::FromStr + Clone>(h: &[(String, String)], keys: &[&str], 
     }
 }
 
-fn flag(h: &[(String, String)], keys: &[&str]) -> bool {
-    get(h, keys).is_some_and(|v| v.eq_ignore_ascii_case("true") || v == "1")
+/// A MetaIO boolean: as MetaIO reads them, by the first character (T, t or 1 is true).
+fn flag(h: &[(String, String)], keys: &[&str]) -> Option<bool> {
+    get(h, keys).map(|v| matches!(v.bytes().next(), Some(b'T' | b't' | b'1')))
 }
 
 /// Reads a .mha or .mhd image.
@@ -106,26 +107,33 @@ pub fn read(path: &Path) -> Result<Volume> {
     let columns: Vec<Vec<f64>> = (0..kept).map(|c| (0..kept).map(|r| matrix[c * dims + r]).collect()).collect();
     let voxels = claimed_voxels(path, &sizes)?;
     let bytes = voxels * ty.bytes();
-    let big_endian = flag(&h, &["BinaryDataByteOrderMSB", "ElementByteOrderMSB"]);
-    let compressed = flag(&h, &["CompressedData"]);
+    let big_endian = flag(&h, &["BinaryDataByteOrderMSB", "ElementByteOrderMSB"]).unwrap_or(false);
+    let compressed = flag(&h, &["CompressedData"]).unwrap_or(false);
+    ensure!(flag(&h, &["BinaryData"]) != Some(false), "{}: BinaryData = False (voxels as text) is not supported", path.display());
+    let header_size: Option<i64> = get(&h, &["HeaderSize"]).and_then(|v| v.parse().ok());
     let data_file = get(&h, &["ElementDataFile"]).unwrap_or("LOCAL").to_string();
-    let raw = if data_file.eq_ignore_ascii_case("LOCAL") {
+    // The data's start: after the header (LOCAL) or at the data file's start; HeaderSize
+    // moves it (to an offset, or with -1 to the last bytes of an uncompressed file).
+    let (mut f, len, data_path, start) = if data_file.eq_ignore_ascii_case("LOCAL") {
         let at = r.stream_position().unwrap_or(0);
-        match compressed {
-            true => inflate_claimed(r, file_len.saturating_sub(at), bytes, path)?,
-            false => read_claimed(r, bytes, path)?,
-        }
+        (r.into_inner(), file_len, path.to_path_buf(), at)
     } else {
         ensure!(!data_file.eq_ignore_ascii_case("LIST") && !data_file.contains('%'), "{}: ElementDataFile {data_file} (one file per slice) is not supported", path.display());
-        let data_path = path.parent().unwrap_or(Path::new(".")).join(&data_file);
-        let mut f = std::fs::File::open(&data_path).with_context(|| format!("{}: its data file {} cannot be opened", path.display(), data_path.display()))?;
-        let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-        let skip: i64 = get(&h, &["HeaderSize"]).and_then(|v| v.parse().ok()).unwrap_or(0);
-        let skip = if skip < 0 && !compressed { len.saturating_sub(bytes as u64) } else { skip.max(0) as u64 };
-        f.seek(std::io::SeekFrom::Start(skip)).with_context(|| format!("{}: seeking", data_path.display()))?;
-        match compressed {
-            true => inflate_claimed(f, len.saturating_sub(skip), bytes, &data_path)?,
-            false => read_claimed(f, bytes, &data_path)?,
+        let (f, len, data_path) = super::open_data_file(path, &data_file)?;
+        (f, len, data_path, 0)
+    };
+    let start = match header_size {
+        Some(-1) if !compressed => len.saturating_sub(bytes as u64),
+        Some(n) if n > 0 => n as u64,
+        _ => start,
+    };
+    ensure!(start <= len, "{}: HeaderSize {start} is past the file's end", data_path.display());
+    f.seek(std::io::SeekFrom::Start(start)).with_context(|| format!("{}: seeking", data_path.display()))?;
+    let raw = match compressed {
+        true => inflate_claimed(f, len - start, bytes, &data_path)?,
+        false => {
+            ensure!(bytes as u64 <= len - start, "{}: the header claims {bytes} bytes of voxel data, the file holds {}", data_path.display(), len - start);
+            read_claimed(f, bytes, &data_path)?
         }
     };
     let (shape, g) = Geometry::from_axes(&sizes[..kept], &spacing, &origin, &columns);

@@ -111,13 +111,24 @@ pub fn claimed_voxels(path: &Path, dims: &[usize]) -> Result<usize> {
     }
 }
 
-/// Exactly `bytes` bytes from `r`, the buffer growing only as data arrives: a header that
-/// claims more than the file holds costs what the file holds, then an error.
+/// `bytes` bytes from `r`, the buffer growing only as data arrives: a header that claims
+/// more than the file holds costs what the file holds, then an error. Bytes after them are
+/// left unread (ITK reads such files too).
 pub fn read_claimed(r: impl Read, bytes: usize, path: &Path) -> Result<Vec<u8>> {
     let mut buf = Vec::with_capacity(bytes.min(1 << 24));
-    r.take(bytes as u64 + 1).read_to_end(&mut buf).with_context(|| format!("{}: reading the voxel data", path.display()))?;
-    ensure!(buf.len() == bytes, "{}: the header claims {bytes} bytes of voxel data, the file holds {}{}", path.display(), buf.len().min(bytes), if buf.len() > bytes { " and more" } else { "" });
+    r.take(bytes as u64).read_to_end(&mut buf).with_context(|| format!("{}: reading the voxel data", path.display()))?;
+    ensure!(buf.len() == bytes, "{}: the header claims {bytes} bytes of voxel data, the file holds {}", path.display(), buf.len());
     Ok(buf)
+}
+
+/// Opens the data file a header names (relative to the header's folder): a regular file,
+/// its length.
+pub fn open_data_file(header: &Path, name: &str) -> Result<(std::fs::File, u64, std::path::PathBuf)> {
+    let path = header.parent().unwrap_or(Path::new(".")).join(name);
+    let f = std::fs::File::open(&path).with_context(|| format!("{}: its data file {} cannot be opened", header.display(), path.display()))?;
+    let meta = f.metadata().with_context(|| format!("{}: cannot stat", path.display()))?;
+    ensure!(meta.is_file(), "{}: its data file {} is not a regular file", header.display(), path.display());
+    Ok((f, meta.len(), path))
 }
 
 /// `bytes` bytes inflated from a zlib or gzip stream of `compressed_len` bytes (either framing,
@@ -252,15 +263,26 @@ fn format_of_path(path: &Path) -> Result<Format> {
 
 /// Reads an image, every channel it holds.
 pub fn read_channels(path: &Path) -> Result<Volume> {
-    let v = match format_of_path(path)? {
+    let v = read_any(path)?;
+    // ITK refuses a zero spacing; a huge one would make preprocessing's grid enormous.
+    ensure!(
+        v.spacing.iter().all(|s| s.is_finite() && *s > 0.0 && *s < 1e9),
+        "{}: spacing {:?} (z,y,x) is not a positive size in mm",
+        path.display(),
+        v.spacing
+    );
+    debug_assert_eq!(v.data.len() % v.voxels().max(1), 0);
+    Ok(v)
+}
+
+fn read_any(path: &Path) -> Result<Volume> {
+    match format_of_path(path)? {
         Format::Nifti => nifti::read(path),
         Format::MetaImage => metaimage::read(path),
         Format::Nrrd => nrrd::read(path),
         Format::Png => natural::read_png(path),
         Format::Tiff => tiff::read(path),
-    }?;
-    debug_assert_eq!(v.data.len() % v.voxels().max(1), 0);
-    Ok(v)
+    }
 }
 
 /// The channel images of one case in channel order, each file holding one channel or an

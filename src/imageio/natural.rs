@@ -49,11 +49,17 @@ pub fn read_png(path: &Path) -> Result<Volume> {
     let size = reader.output_buffer_size().with_context(|| format!("{}: the picture's size overflows", path.display()))?;
     let (w, h) = reader.info().size();
     super::claimed_voxels(path, &[w as usize, h as usize])?;
+    ensure!(size <= limit, "{}: the header claims a {w}x{h} picture, more than the file's compressed data can hold", path.display());
     let mut buf = vec![0u8; size];
     let info = reader.next_frame(&mut buf).map_err(|e| anyhow::anyhow!("{e}")).with_context(|| format!("{}: damaged PNG data", path.display()))?;
     buf.truncate(info.buffer_size());
+    let source_depth = reader.info().bit_depth;
     let samples = match depth {
-        png::BitDepth::Sixteen => VoxelType::U16.decode(&buf, true),
+        // Pillow keeps 16-bit gray as it is but brings 16-bit colour down to its high byte.
+        png::BitDepth::Sixteen if channels == 1 => VoxelType::U16.decode(&buf, true),
+        png::BitDepth::Sixteen => buf.chunks_exact(2).map(|b| b[0] as f32).collect(),
+        // A 1-bit picture is a mask: skimage reads it as 0/1, the expansion made it 0/255.
+        _ if source_depth == png::BitDepth::One && channels == 1 => buf.iter().map(|&b| (b > 0) as u8 as f32).collect(),
         _ => VoxelType::U8.decode(&buf, false),
     };
     ensure!(samples.len() == w as usize * h as usize * stored, "{}: decoded {} samples for {w}x{h}x{stored}", path.display(), samples.len());

@@ -4,7 +4,7 @@
 
 use super::{Header, Volume, VoxelType};
 use anyhow::{bail, Context, Result};
-use nifti::{IntoNdArray, NiftiHeader, NiftiObject, ReaderOptions};
+use nifti::{NiftiHeader, NiftiObject, ReaderOptions};
 use std::path::Path;
 
 /// The voxel-to-world matrix as ITK (so SimpleITK, so nnU-Net) takes it: the sform when its
@@ -29,6 +29,23 @@ fn affine_of(h: &NiftiHeader) -> [[f64; 4]; 3] {
         return std::array::from_fn(|i| [r[i][0] * s[0], r[i][1] * s[1], r[i][2] * s[2], o[i]]);
     }
     [[px[0], 0.0, 0.0, 0.0], [0.0, px[1], 0.0, 0.0], [0.0, 0.0, px[2], 0.0]]
+}
+
+/// segk's voxel type of a NIfTI datatype code.
+fn voxel_type(code: i16) -> Option<VoxelType> {
+    Some(match code {
+        2 => VoxelType::U8,
+        4 => VoxelType::I16,
+        8 => VoxelType::I32,
+        16 => VoxelType::F32,
+        64 => VoxelType::F64,
+        256 => VoxelType::I8,
+        512 => VoxelType::U16,
+        768 => VoxelType::U32,
+        1024 => VoxelType::I64,
+        1280 => VoxelType::U64,
+        _ => return None,
+    })
 }
 
 /// The voxel count the header claims, checked before the crate allocates for it: within
@@ -73,13 +90,19 @@ pub fn read(path: &Path) -> Result<Volume> {
         bail!("{}: expected a 2D or 3D image, found {}D with dims {:?}", path.display(), rank, &dim[1..=rank.min(7)]);
     }
     let [nx, ny, nz] = [dim[1], dim[2], if rank == 2 { 1 } else { dim[3] }].map(|v| v as usize);
-    let arr = obj.into_volume().into_ndarray::<f32>().map_err(plain).with_context(|| format!("{}: voxel data unreadable (truncated?)", path.display()))?;
-    if arr.len() != nx * ny * nz {
-        bail!("{}: header says {}x{}x{} voxels, data holds {}", path.display(), nx, ny, nz, arr.len());
+    // The voxels are decoded here, not by the crate: its conversion panics on a header whose
+    // bitpix disagrees with its datatype.
+    let ty = voxel_type(header.datatype).with_context(|| format!("{}: NIfTI datatype {} is not supported (integers and real numbers are)", path.display(), header.datatype))?;
+    let raw = obj.into_volume().into_raw_data();
+    if raw.len() != nx * ny * nz * ty.bytes() {
+        bail!("{}: header says {}x{}x{} voxels of {} bytes, data holds {} bytes", path.display(), nx, ny, nz, ty.bytes(), raw.len());
     }
-    // Logical axes are (x, y, z[, t]); reversing them walks memory z-major, x fastest. The
-    // crate hands back Fortran order, so that walk is the buffer itself: take it as it is.
-    let data: Vec<f32> = if arr.t().is_standard_layout() { arr.into_raw_vec_and_offset().0 } else { arr.t().iter().copied().collect() };
+    // NIfTI stores x fastest, as segk's [z][y][x] arrays: the data is already in order.
+    let mut data = ty.decode(&raw, header.endianness == nifti::Endianness::Big);
+    let (slope, inter) = (header.scl_slope, header.scl_inter);
+    if slope != 0.0 && slope.is_finite() && inter.is_finite() && (slope, inter) != (1.0, 0.0) {
+        data.iter_mut().for_each(|v| *v = *v * slope + inter);
+    }
     let mut px = [header.pixdim[3], header.pixdim[2], header.pixdim[1]].map(|v| v.abs() as f64);
     let mut affine = affine_of(&header);
     // ITK's spacing is pixdim's even where the sform's scales differ; its directions the sform's.

@@ -10,7 +10,7 @@ use std::io::{BufRead, Read, Seek, Write};
 use std::path::Path;
 
 /// Longest header segk reads.
-const MAX_HEADER: u64 = 1 << 16;
+const MAX_HEADER: u64 = 1 << 20;
 
 fn type_of(name: &str) -> Option<VoxelType> {
     Some(match name {
@@ -47,8 +47,8 @@ fn type_name(ty: VoxelType) -> &'static str {
 fn to_lps(space: &str) -> Option<[f64; 3]> {
     let s = space.to_ascii_lowercase();
     Some(match s.as_str() {
-        "left-posterior-superior" | "lps" | "scanner-xyz" | "3d-right-handed" | "3d-left-handed" | "left-posterior" => [1.0, 1.0, 1.0],
-        "right-anterior-superior" | "ras" | "right-anterior" => [-1.0, -1.0, 1.0],
+        "left-posterior-superior" | "lps" | "scanner-xyz" | "3d-right-handed" | "3d-left-handed" => [1.0, 1.0, 1.0],
+        "right-anterior-superior" | "ras" => [-1.0, -1.0, 1.0],
         "left-anterior-superior" | "las" => [1.0, -1.0, 1.0],
         _ => return None,
     })
@@ -86,6 +86,7 @@ pub fn read(path: &Path) -> Result<Volume> {
         loop {
             line.clear();
             if limited.read_until(b'\n', &mut line).with_context(|| format!("{}: reading the header", path.display()))? == 0 {
+                ensure!(limited.limit() > 0, "{}: the header is longer than {MAX_HEADER} bytes", path.display());
                 break; // a detached header may end without a blank line
             }
             let text = String::from_utf8_lossy(&line);
@@ -118,6 +119,13 @@ pub fn read(path: &Path) -> Result<Volume> {
         _ => bail!("{}: a {dims}D image with sizes {sizes:?}; segk reads 2D and 3D images", path.display()),
     };
     let encoding = need("encoding")?.to_ascii_lowercase();
+    // A colour or vector axis (kinds RGB-color, vector, ...) is not a spatial one.
+    if let Some(kinds) = get("kinds") {
+        let spatial = ["domain", "space", "time", "???", "none"];
+        if let Some(k) = kinds.split_whitespace().find(|k| !spatial.contains(&k.to_ascii_lowercase().as_str())) {
+            bail!("{}: an axis of kind {k:?}: segk reads scalar images (one value per voxel)", path.display());
+        }
+    }
     let big_endian = get("endian").is_some_and(|e| e.eq_ignore_ascii_case("big"));
     // Geometry: space directions (with an origin) when there is a world space, else spacings.
     let flip = match get("space") {
@@ -145,8 +153,13 @@ pub fn read(path: &Path) -> Result<Volume> {
             (spacing, origin, columns)
         }
         None => {
-            let sp: Vec<f64> = get("spacings").map(|s| s.split_whitespace().map(|x| x.parse().unwrap_or(f64::NAN)).map(|x: f64| if x.is_finite() { x } else { 1.0 }).collect()).unwrap_or_default();
-            (sp, Vec::new(), Vec::new())
+            let list = |k: &str| -> Vec<f64> { get(k).map(|s| s.split_whitespace().map(|x| x.parse().unwrap_or(f64::NAN)).collect()).unwrap_or_default() };
+            let sp: Vec<f64> = list("spacings").into_iter().map(|x| if x.is_finite() { x } else { 1.0 }).collect();
+            // As ITK: the origin from the axis mins, moved half a voxel in for cell centering
+            // (NRRD's default).
+            let node: Vec<bool> = get("centerings").map(|c| c.split_whitespace().map(|c| c.eq_ignore_ascii_case("node")).collect()).unwrap_or_default();
+            let origin: Vec<f64> = list("axis mins").iter().enumerate().map(|(a, &m)| if m.is_finite() { m + if node.get(a) == Some(&true) { 0.0 } else { sp.get(a).copied().unwrap_or(1.0) / 2.0 } } else { 0.0 }).collect();
+            (sp, origin, Vec::new())
         }
     };
     let voxels = claimed_voxels(path, &sizes)?;
@@ -160,10 +173,8 @@ pub fn read(path: &Path) -> Result<Volume> {
             decode(r, file_len.saturating_sub(at), &encoding, ty, bytes, big_endian, line_skip, byte_skip, path)?
         }
         Some(name) => {
-            ensure!(!name.starts_with("LIST") && !name.contains('%'), "{}: data file {name} (several data files) is not supported", path.display());
-            let data_path = path.parent().unwrap_or(Path::new(".")).join(&name);
-            let f = std::fs::File::open(&data_path).with_context(|| format!("{}: its data file {} cannot be opened", path.display(), data_path.display()))?;
-            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            ensure!(!name.starts_with("LIST") && !name.contains('%') && !name.contains(' '), "{}: data file {name} (several data files) is not supported", path.display());
+            let (f, len, data_path) = super::open_data_file(path, &name)?;
             decode(std::io::BufReader::new(f), len, &encoding, ty, bytes, big_endian, line_skip, byte_skip, &data_path)?
         }
     };
@@ -177,7 +188,9 @@ fn decode<R: BufRead + Seek>(mut r: R, mut len: u64, encoding: &str, ty: VoxelTy
     let mut line = Vec::new();
     for _ in 0..line_skip {
         line.clear();
-        len = len.saturating_sub((&mut r).take(MAX_HEADER).read_until(b'\n', &mut line)? as u64);
+        let n = (&mut r).take(MAX_HEADER).read_until(b'\n', &mut line)? as u64;
+        ensure!(n > 0, "{}: line skip {line_skip} is past the data's end", path.display());
+        len = len.saturating_sub(n);
     }
     match encoding {
         "raw" => {
@@ -185,9 +198,23 @@ fn decode<R: BufRead + Seek>(mut r: R, mut len: u64, encoding: &str, ty: VoxelTy
                 let end = r.seek(std::io::SeekFrom::End(0))?;
                 r.seek(std::io::SeekFrom::Start(end.saturating_sub(bytes as u64)))?;
             } else {
+                ensure!(byte_skip as u64 <= len, "{}: byte skip {byte_skip} is past the data's end", path.display());
                 std::io::copy(&mut (&mut r).take(byte_skip as u64), &mut std::io::sink())?;
+                len -= byte_skip as u64;
+                ensure!(bytes as u64 <= len, "{}: the header claims {bytes} bytes of voxel data, the file holds {len}", path.display());
             }
             Ok(ty.decode(&read_claimed(r, bytes, path)?, big_endian))
+        }
+        "hex" => {
+            ensure!(byte_skip >= 0, "{}: byte skip -1 is only allowed with raw encoding", path.display());
+            ensure!(bytes as u64 <= len / 2, "{}: the header claims {bytes} bytes of voxel data, more than {len} hex digits hold", path.display());
+            let mut text = Vec::new();
+            r.take(len).read_to_end(&mut text)?;
+            let digits: Vec<u8> = text.iter().filter(|c| !c.is_ascii_whitespace()).map(|&c| (c as char).to_digit(16).map(|d| d as u8)).collect::<Option<_>>().with_context(|| format!("{}: hex data holds a character that is not a hex digit", path.display()))?;
+            let raw: Vec<u8> = digits.chunks_exact(2).map(|p| p[0] << 4 | p[1]).collect();
+            let raw = raw.get(byte_skip as usize..).unwrap_or_default();
+            ensure!(raw.len() >= bytes, "{}: the header claims {bytes} bytes of voxel data, the hex data holds {}", path.display(), raw.len());
+            Ok(ty.decode(&raw[..bytes], big_endian))
         }
         "gzip" | "gz" => {
             // Skipped bytes are counted in the decompressed stream, as the specification says.
@@ -205,7 +232,7 @@ fn decode<R: BufRead + Seek>(mut r: R, mut len: u64, encoding: &str, ty: VoxelTy
             ensure!(v.len() == voxels, "{}: the header claims {voxels} values, the data holds {}", path.display(), v.len());
             Ok(v)
         }
-        other => bail!("{}: encoding {other:?} is not supported (raw, gzip and ascii are)", path.display()),
+        other => bail!("{}: encoding {other:?} is not supported (raw, gzip, ascii and hex are)", path.display()),
     }
 }
 
@@ -213,6 +240,7 @@ fn decode<R: BufRead + Seek>(mut r: R, mut len: u64, encoding: &str, ty: VoxelTy
 /// a .raw.gz.
 pub fn write(path: &Path, v: &Volume, ty: VoxelType) -> Result<()> {
     let g = Geometry::of(v);
+    ensure!(g.dims == 3 || v.shape[0] == 1, "a 2D geometry for a {:?} volume", v.shape);
     let n = g.dims;
     let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
     enc.write_all(&ty.encode(&v.data))?;
@@ -225,7 +253,11 @@ pub fn write(path: &Path, v: &Volume, ty: VoxelType) -> Result<()> {
     let mut put = |k: &str, val: String| head.push_str(&format!("{k}: {val}\n"));
     put("type", type_name(ty).into());
     put("dimension", n.to_string());
-    put("space", if n == 3 { "left-posterior-superior" } else { "left-posterior" }.into());
+    // NRRD names 3D spaces only: a 2D image gets a space dimension, as SimpleITK writes it.
+    match n {
+        3 => put("space", "left-posterior-superior".into()),
+        _ => put("space dimension", n.to_string()),
+    }
     put("sizes", g.sizes(v.shape).iter().map(|s| s.to_string()).collect::<Vec<_>>().join(" "));
     put("space directions", dirs.join(" "));
     put("kinds", vec!["domain"; n].join(" "));

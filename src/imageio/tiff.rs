@@ -51,13 +51,18 @@ pub fn read(path: &Path) -> Result<Volume> {
         if pages.is_empty() {
             separate = dec.find_tag_unsigned::<u16>(tiff::tags::Tag::PlanarConfiguration).ok().flatten() == Some(2);
         }
+        // What this page will take as f32 samples, counted before it is decoded.
+        let per_pixel = match color {
+            ColorType::RGB(_) => 3,
+            ColorType::RGBA(_) => 4,
+            _ => 1,
+        };
+        total = super::claimed_voxels(path, &[dims.0 as usize, dims.1 as usize, per_pixel]).ok().and_then(|n| total.checked_add(n * 4)).unwrap_or(usize::MAX);
+        ensure!(total <= budget, "{}: its pages claim more pixels than the file could hold", path.display());
         let mut buf = DecodingResult::U8(Vec::new());
         let layout = dec.read_image_to_buffer(&mut buf).map_err(bad).with_context(|| format!("{}: page {} damaged", path.display(), pages.len()))?;
         ensure!(buf.as_buffer(0).as_bytes().len() >= layout.complete_len, "{}: page {} is larger than segk's limits", path.display(), pages.len());
-        let page = samples(buf);
-        total += page.len() * 4;
-        ensure!(total <= budget, "{}: decodes to more than the file could hold", path.display());
-        pages.push(page);
+        pages.push(samples(buf));
         if !dec.more_images() {
             break;
         }

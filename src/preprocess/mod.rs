@@ -200,6 +200,7 @@ fn prepare(images: Vec<Vec<f32>>, seg: Option<Vec<i16>>, raw: &imageio::Volume, 
     let spacing_t = order.map(|a| raw.spacing[a]);
     let target = s.target_spacing(spacing_t);
     let out_shape = new_shape(shape_t, spacing_t, target);
+    crate::imageio::claimed_voxels(&paths[0], &out_shape).with_context(|| format!("resampling spacing {spacing_t:?} to {target:?} makes a grid of {out_shape:?}"))?;
     let mut channels = Vec::with_capacity(images.len());
     for (c, img) in images.into_iter().enumerate() {
         let (mut v, _) = transpose(&crop(&img, shape, bbox), crop_shape, order);
