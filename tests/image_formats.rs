@@ -103,6 +103,14 @@ fn every_format_and_type_round_trips_with_its_geometry() {
             }
             let out = dir.join(format!("rt{ending}"));
             imageio::write_atomic(&out, &v, ty).unwrap_or_else(|err| panic!("{name} as {ending}: {err:#}"));
+            // SEGK_KEEP_WRITTEN=DIR keeps every file written here, for nnU-Net's readers to
+            // check (tests/fixtures/image_formats/check_written.py).
+            if let Ok(keep) = std::env::var("SEGK_KEEP_WRITTEN") {
+                let stem = name.split('.').next().unwrap_or("x");
+                let to = Path::new(&keep).join(format!("{stem}__as{ending}"));
+                std::fs::create_dir_all(&keep).unwrap();
+                imageio::write_atomic(&to, &v, ty).unwrap();
+            }
             let back = imageio::read(&out).unwrap_or_else(|err| panic!("{name} as {ending}: {err:#}"));
             assert_eq!(back.shape, v.shape, "{name} as {ending}");
             assert!(back.data.iter().zip(&v.data).all(|(a, b)| a == b || (a.is_nan() && b.is_nan())), "{name} as {ending}: voxels differ");

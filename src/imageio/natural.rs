@@ -22,12 +22,13 @@ pub fn planes(samples: Vec<f32>, channels: usize) -> Vec<f32> {
 }
 
 pub fn read_png(path: &Path) -> Result<Volume> {
-    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
-    let len = file.metadata().map(|m| m.len() as usize).unwrap_or(0);
+    let bytes = std::fs::read(path).with_context(|| format!("{}: cannot read", path.display()))?;
+    let len = bytes.len();
+    check_palette(&bytes).with_context(|| format!("{}: not a readable PNG", path.display()))?;
     // The decoder allocates the picture after the header; bound it by what the file's deflate
     // stream could expand to, and by segk's voxel limit.
     let limit = len.saturating_mul(super::MAX_INFLATE_RATIO).saturating_add(1 << 16).min(super::MAX_VOXELS.saturating_mul(8));
-    let mut dec = png::Decoder::new_with_limits(std::io::BufReader::new(file), png::Limits { bytes: limit });
+    let mut dec = png::Decoder::new_with_limits(std::io::Cursor::new(&bytes[..]), png::Limits { bytes: limit });
     dec.set_transformations(png::Transformations::EXPAND);
     let mut reader = dec.read_info().map_err(|e| anyhow::anyhow!("{e}")).with_context(|| format!("{}: not a readable PNG", path.display()))?;
     let (color, depth) = reader.output_color_type();
@@ -68,6 +69,20 @@ pub fn read_png(path: &Path) -> Result<Volume> {
         false => samples,
     };
     Ok(picture(h as usize, w as usize, planes(samples, channels)))
+}
+
+/// A palette chunk (PLTE) of whole RGB entries, at most 256: the png crate (0.18.1) panics on
+/// another length instead of refusing it (found by fuzzing).
+fn check_palette(bytes: &[u8]) -> Result<()> {
+    let mut at = 8;
+    while at + 8 <= bytes.len() {
+        let n = u32::from_be_bytes([bytes[at], bytes[at + 1], bytes[at + 2], bytes[at + 3]]) as usize;
+        if &bytes[at + 4..at + 8] == b"PLTE" {
+            ensure!(n % 3 == 0 && (3..=768).contains(&n), "its palette holds {n} bytes, not 1 to 256 RGB entries");
+        }
+        at = at.saturating_add(12).saturating_add(n);
+    }
+    Ok(())
 }
 
 /// Writes a one-slice label map as a grayscale PNG (8 bits, or 16 when `ty` needs them), as
