@@ -40,9 +40,6 @@ pub struct KernelArgs {
     /// Only ops whose name contains this.
     #[arg(long)]
     pub only: Option<String>,
-    /// Worker threads on the CPU (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
     /// One JSON object per line instead of the table.
     #[arg(long)]
     pub json: bool,

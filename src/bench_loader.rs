@@ -63,7 +63,7 @@ pub fn synthetic_store(base: &Path, cases: usize, shape: [usize; 3]) -> Result<(
     let plans = crate::plan::plans::nnunet_default("bench", &ds.json, &fp)?;
     let settings = Settings::new(&ds.json, &plans, "3d_fullres", ImageDtype::F32)?;
     let store = base.join(crate::plan::plans::store_dir(&plans, "3d_fullres")?);
-    let threads = crate::sysinfo::usable_cpus().max(1);
+    let threads = crate::threads::Cpus::detect().usable().max(1);
     crate::preprocess::run(&ds, &settings, &store, threads, &indicatif::ProgressBar::hidden())?;
     Ok((store, ds.cases.iter().map(|c| c.id.clone()).collect()))
 }
@@ -101,7 +101,7 @@ pub fn run(a: &LoaderArgs) -> Result<Vec<LoaderRow>> {
     anyhow::ensure!(a.cases >= 1, "--cases must be at least 1");
     let result = (|| {
         if !a.json {
-            println!("segk bench loader: patch {:?}, batch {}, full nnU-Net augmentation, {} generated cases of {:?} ({} CPUs usable)", a.patch, a.batch, a.cases, a.shape, crate::sysinfo::usable_cpus());
+            println!("segk bench loader: patch {:?}, batch {}, full nnU-Net augmentation, {} generated cases of {:?} ({} CPUs usable)", a.patch, a.batch, a.cases, a.shape, crate::threads::Cpus::detect().usable());
         }
         let (store, ids) = synthetic_store(&base, a.cases, a.shape)?;
         let spec = BatchSpec { batch: a.batch, patch: a.patch, channels: 1, use_mask: vec![false], seed: 1, augment: Augment::default(), prev_stage: None };

@@ -56,9 +56,6 @@ pub struct StepArgs {
     /// Read topology, patch and batch from a plans file's 3d_fullres (nnUNetPlans.json, with the dataset.json beside it), or a JSON file ({"topology": .., "patch": .., "batch": ..}).
     #[arg(long)]
     pub plans: Option<std::path::PathBuf>,
-    /// Worker threads (default: all cores).
-    #[arg(long)]
-    pub threads: Option<usize>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,

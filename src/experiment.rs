@@ -230,7 +230,10 @@ pub fn run_preprocess(ex: &Experiment, processes: Option<usize>, f16: bool, plan
     let ds = ex.dataset()?;
     anyhow::ensure!(!ds.cases.is_empty(), "{}: no training cases in labelsTr", root.display());
     let dtype = if f16 { crate::store::ImageDtype::F16 } else { crate::store::ImageDtype::F32 };
-    let (workers, source) = preprocess::worker_count(processes)?;
+    let cpus = crate::threads::Cpus::detect();
+    let asked = crate::threads::processes(processes, &cpus, &crate::threads::process_env)?;
+    // segk's fingerprint (written by `segk plan`) gives every case's size for the memory cap.
+    let fp: Option<crate::plan::fingerprint::Fingerprint> = std::fs::read(out.join(crate::plan::fingerprint::FILE)).ok().and_then(|b| serde_json::from_slice(&b).ok());
     let mut done: Vec<String> = Vec::new();
     for configuration in configurations {
         if plans.configurations.get(configuration).is_none() {
@@ -244,7 +247,14 @@ pub fn run_preprocess(ex: &Experiment, processes: Option<usize>, f16: bool, plan
         }
         let settings = preprocess::Settings::new(&ds.json, &plans, configuration, dtype)?;
         let store = out.join(&dir);
-        println!("preprocessing {configuration}: {} into {} with {} (from {source}), images {}", crate::sysinfo::count(ds.cases.len(), "case"), store.display(), crate::sysinfo::count(workers, "worker"), format!("{dtype:?}").to_lowercase());
+        let mut count = asked.clone();
+        if let Some(per_case) = fp.as_ref().and_then(|fp| preprocess::largest_case_bytes(fp, &settings, ds.json.channels())) {
+            if let Some(line) = crate::threads::cap_by_memory(&mut count, per_case, 0, crate::sysinfo::host_memory_available(), "preprocessing processes", "--processes")? {
+                println!("{line}");
+            }
+        }
+        let workers = count.n;
+        println!("preprocessing {configuration}: {} into {}, {workers} at a time (from {}), images {}", crate::sysinfo::count(ds.cases.len(), "case"), store.display(), count.from, format!("{dtype:?}").to_lowercase());
         let bar = indicatif::ProgressBar::new(ds.cases.len() as u64).with_style(
             indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} cases  {elapsed_precise} elapsed, {eta} left  {msg}").unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
@@ -603,6 +613,8 @@ pub fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &st
         (true, axes) => format!("on, axes {axes:?} (in-plane)"),
     };
     println!("predicting {} with {} ({file}), step {}, mirror TTA {tta}, probabilities {}", input.display(), names.join(", "), opt.step, on(opt.save_probabilities));
+    let threads = crate::threads::global();
+    println!("threads: {} compute threads (from {})", threads.n, threads.from);
     let unread = crate::predict::unread_files(input, m.json.channels(), &m.json.file_ending);
     if !unread.is_empty() {
         println!("  not read: {}", unread.join(", "));

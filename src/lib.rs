@@ -38,5 +38,6 @@ pub mod store;
 pub mod sysinfo;
 pub mod synth;
 pub mod tensor;
+pub mod threads;
 pub mod train;
 

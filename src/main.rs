@@ -13,6 +13,9 @@ const LONG_VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), " (commit ", env!(
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
+    /// Compute threads (default: SEGK_THREADS, else OMP_NUM_THREADS, else every CPU this process may use).
+    #[arg(long, global = true)]
+    threads: Option<usize>,
 }
 
 #[derive(Subcommand)]
@@ -25,9 +28,6 @@ enum Cmd {
         iters: usize,
         #[arg(long, default_value_t = 42)]
         seed: u64,
-        /// Worker threads (default: all cores).
-        #[arg(long)]
-        threads: Option<usize>,
         /// cpu, cuda or cuda:N.
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -74,7 +74,8 @@ enum Cmd {
         /// Configurations to preprocess (nnU-Net's -c); those the plans lack are skipped.
         #[arg(short = 'c', long = "configurations", num_args = 1.., default_values_t = DEFAULT_CONFIGURATIONS.map(String::from))]
         configurations: Vec<String>,
-        /// Cases processed at once (default: SEGK_PROCESSES, else nnUNet_def_n_proc, else all CPUs).
+        /// Cases processed at once (default: SEGK_PROCESSES, else nnUNet_def_n_proc, else every
+        /// usable CPU, as many as the host memory holds).
         #[arg(long)]
         processes: Option<usize>,
         /// Store images as f16 (half the disk and page cache; default f32 as nnU-Net).
@@ -128,7 +129,8 @@ enum Cmd {
         /// find-best-configuration (nnU-Net's --npz).
         #[arg(long)]
         npz: bool,
-        /// Augmentation workers (default: SEGK_WORKERS, else nnUNet_n_proc_DA, else CPUs - 1).
+        /// Augmentation workers (default: SEGK_WORKERS, else nnUNet_n_proc_DA, else segk's
+        /// choice, adapted each epoch to what the step needs; see `segk doctor`).
         #[arg(long)]
         workers: Option<usize>,
         /// Seed of the weights, the batches and the augmentation (a run is reproducible from it).
@@ -333,13 +335,6 @@ fn parse_triple<T: std::str::FromStr>(s: &str) -> Result<[T; 3], String> {
     v.try_into().map_err(|_| format!("expected three comma-separated values (z,y,x), got {s:?}"))
 }
 
-fn set_threads(n: Option<usize>) -> Result<()> {
-    if let Some(n) = n {
-        rayon::ThreadPoolBuilder::new().num_threads(n).build_global()?;
-    }
-    Ok(())
-}
-
 /// Dies quietly on a closed pipe (`segk ... | head`) like other Unix tools, instead of
 /// panicking on the failed write (Rust ignores SIGPIPE by default).
 #[cfg(unix)]
@@ -380,8 +375,12 @@ fn main() {
     #[cfg(unix)]
     default_sigpipe();
     let cli = Cli::parse_from(std::env::args().map(nnunet_flag));
+    if let Err(e) = segk::threads::init_global(cli.threads) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
     let r = match cli.cmd {
-        Cmd::Demo { epochs, iters, seed, threads, device } => set_threads(threads).and_then(|_| demo::command(epochs, iters, seed, &device)),
+        Cmd::Demo { epochs, iters, seed, device } => demo::command(epochs, iters, seed, &device),
         Cmd::Selftest { device, seed, only } => selftest::command(&device, seed, only.as_deref()),
         Cmd::Check { dataset } => Experiment::new(&dataset).and_then(|e| e.dataset().map(|_| ())),
         Cmd::Fingerprint { dataset, out } => Experiment::new(&dataset).and_then(|e| run_fingerprint(&e, out)),
@@ -420,9 +419,9 @@ fn main() {
         Cmd::FindBestConfiguration { dataset, configurations, plans, trainer, folds, disable_ensembling } => Experiment::new(&dataset).and_then(|e| segk::experiment::run_find_best(&e, &configurations, &plans, &trainer, &folds, !disable_ensembling)),
         Cmd::Evaluate { pred, gt, labels, ignore_label, dataset_json, out } => run_evaluate(&pred, &gt, labels, ignore_label, dataset_json.as_deref(), out),
         Cmd::Synth { dataset, cases, shape, spacing, seed } => segk::synth::command(&dataset, segk::synth::RawSpec { cases, shape, spacing, seed }),
-        Cmd::Bench { what: BenchCmd::Step(a) } => set_threads(a.threads).and_then(|_| segk::bench_step::run(&a)),
+        Cmd::Bench { what: BenchCmd::Step(a) } => segk::bench_step::run(&a),
         Cmd::Bench { what: BenchCmd::Loader(a) } => segk::bench_loader::run(&a).map(|_| ()),
-        Cmd::Bench { what: BenchCmd::Kernels(a) } => set_threads(a.threads).and_then(|_| segk::bench_kernels::run(&a).map(|_| ())),
+        Cmd::Bench { what: BenchCmd::Kernels(a) } => segk::bench_kernels::run(&a).map(|_| ()),
     };
     if let Err(e) = r {
         eprintln!("error: {e:#}");

@@ -17,28 +17,6 @@ pub fn host_memory_available() -> Option<u64> {
 }
 
 
-/// A count from a command-line flag, else the first of `vars` set in the environment, else
-/// `default`; returns the count and where it came from.
-pub fn count_from(flag: Option<usize>, flag_name: &str, vars: &[&str], default: (usize, String)) -> anyhow::Result<(usize, String)> {
-    use anyhow::Context;
-    if let Some(n) = flag {
-        anyhow::ensure!(n > 0, "{flag_name} must be at least 1");
-        return Ok((n, flag_name.into()));
-    }
-    for var in vars {
-        if let Ok(v) = std::env::var(var) {
-            let n: usize = v.trim().parse().ok().filter(|&n| n > 0).with_context(|| format!("{var}={v:?} is not a positive number"))?;
-            return Ok((n, var.to_string()));
-        }
-    }
-    Ok(default)
-}
-
-/// CPUs this process may use (affinity and cgroup quota included, as std computes it).
-pub fn usable_cpus() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1)
-}
-
 /// CPUs the machine has (online), whatever this process may use.
 pub fn online_cpus() -> usize {
     std::fs::read_to_string("/proc/cpuinfo").map(|s| s.lines().filter(|l| l.starts_with("processor")).count()).unwrap_or(0).max(1)
@@ -115,8 +93,8 @@ pub fn count(n: usize, noun: &str) -> String {
 /// the worker counts it would pick (`version`: segk's long version on one line).
 pub fn doctor(version: &str) -> anyhow::Result<()> {
     println!("segk {version}");
-    let quota = cgroup_cpu_quota().map(|q| format!(", cgroup quota {q:.1}")).unwrap_or_default();
-    println!("CPUs: {} online, {} usable by this process{quota}", online_cpus(), usable_cpus());
+    let cpus = crate::threads::Cpus::detect();
+    println!("CPUs: {} online, {}", cpus.online, cpus.describe());
     match (host_memory_total(), host_memory_available()) {
         (Some(t), Some(a)) => println!("memory: {:.1} GiB total, {:.1} GiB available to this process (cgroup limit included)", gib(t), gib(a)),
         _ => println!("memory: unknown (/proc/meminfo unreadable)"),
@@ -139,8 +117,9 @@ pub fn doctor(version: &str) -> anyhow::Result<()> {
     if let Some(lib) = crate::backend::cuda::driver_library() {
         println!("NVIDIA driver: {lib}, CUDA {}", crate::backend::cuda::driver_cuda_version().unwrap_or_else(|| "?".into()));
     }
-    let (p, ps) = crate::preprocess::worker_count(None)?;
-    let (w, ws) = crate::loader::worker_count(None)?;
-    println!("would use: {p} preprocessing workers (from {ps}), {w} augmentation workers (from {ws})");
+    println!("would use (override with --threads, --workers, --processes or the variables named):");
+    for line in crate::threads::doctor_lines(&cpus, &crate::threads::global(), &crate::threads::process_env)? {
+        println!("  {line}");
+    }
     Ok(())
 }

@@ -15,6 +15,7 @@ use crate::model::{Checkpointing, UNet};
 use crate::plan::plans::Plan;
 use crate::plot;
 use crate::sysinfo::gib;
+use crate::threads;
 use anyhow::{bail, Context, Result};
 use std::io::Write;
 use std::path::PathBuf;
@@ -296,6 +297,21 @@ const FIX_DATA: &str = "fix or remove the case named below";
 const FIX_DEVICE: &str = "mend what is said below";
 
 /// Trains and returns one log entry per epoch run (resumed epochs are not repeated).
+/// The thread policy's split for this run: compute threads as every command's, workers from
+/// --workers or the variables or segk's choice for the device, capped by host memory.
+fn thread_split<B: Backend>(be: &B, cfg: &TrainConfig, spec: &BatchSpec) -> Result<threads::Split> {
+    let cpus = threads::Cpus::detect();
+    let on = if be.computes_on_host_threads() { threads::StepOn::Cpu } else { threads::StepOn::Gpu };
+    let mut workers = threads::workers(cfg.workers, &cpus, on, &threads::process_env)?;
+    let (per_worker, base) = loader::Loader::worker_bytes(spec);
+    let available = crate::sysinfo::host_memory_available();
+    if let Some(line) = threads::cap_by_memory(&mut workers, per_worker, base, available, "augmentation workers", "--workers")? {
+        println!("{line}");
+    }
+    let most = available.map_or(usize::MAX, |a| (a.saturating_sub(base) / per_worker.max(1)) as usize);
+    Ok(threads::Split::new(threads::global(), workers, on, &cpus, most))
+}
+
 pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
     let plan = &cfg.plan;
     let topo = plan.topology.clone();
@@ -345,12 +361,15 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
         BatchSpec { batch: plan.batch_size, patch: plan.patch_size, channels, use_mask: plan.use_mask_for_norm.clone(), seed, augment, prev_stage }
     };
     let mem = be.host_memory();
-    let mut train = loader::Loader::start(&cfg.store, &cfg.train_ids, spec(Augment::nnunet(plan.patch_size, plan.topology.planar), CascadeAugment::default(), st.seed), cfg.workers, st.next_train_batch, &*mem)?;
-    let mut val = loader::Loader::start(&cfg.store, &cfg.val_ids, spec(Augment::none(), CascadeAugment::none(), st.seed ^ 0x5eed), Some(1), st.next_val_batch, &*mem)?;
+    let train_spec = spec(Augment::nnunet(plan.patch_size, plan.topology.planar), CascadeAugment::default(), st.seed);
+    let mut split = thread_split(be, cfg, &train_spec)?;
+    let mut train = loader::Loader::start(&cfg.store, &cfg.train_ids, train_spec, split.workers.n, st.next_train_batch, &*mem)?;
+    let mut val = loader::Loader::start(&cfg.store, &cfg.val_ids, spec(Augment::none(), CascadeAugment::none(), st.seed ^ 0x5eed), 1, st.next_val_batch, &*mem)?;
+    // The CPU step runs on a pool of its own, so that moving a core to the workers resizes it.
+    let mut compute = if be.computes_on_host_threads() { Some(threads::compute_pool(split.compute.n)?) } else { None };
+    println!("threads: {} compute threads (from {}), {} (from {})", split.compute.n, split.compute.from, crate::sysinfo::count(split.workers.n, "augmentation worker"), split.workers.from);
     println!(
-        "loader: {} ({}), {} slots of {:.1} MiB ({}); train {}, validation {}",
-        crate::sysinfo::count(train.pool.workers(), "worker"),
-        train.workers_source,
+        "loader: {} slots of {:.1} MiB ({}); train {}, validation {}",
         train.pool.slots(),
         spec(Augment::none(), CascadeAugment::none(), 0).slot_bytes() as f64 / (1 << 20) as f64,
         mem.kind(),
@@ -394,7 +413,7 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
                 Ok(b) => b,
                 Err(e) => return Err(save_and_fail(be, cfg, &mut net, &mut st, &mut pending, oom(e), FIX_DATA)),
             };
-            if let Err(e) = net.step(be, &acts, Input::Resident, lr) {
+            if let Err(e) = threads::on_pool(compute.as_ref(), || net.step(be, &acts, Input::Resident, lr)) {
                 return Err(save_and_fail(be, cfg, &mut net, &mut st, &mut pending, oom(e), FIX_DEVICE));
             }
             pending.push(b.cases.iter().map(|&c| train.ids[c].clone()).collect());
@@ -417,7 +436,7 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
                 Ok(b) => b,
                 Err(e) => return Err(save_and_fail(be, cfg, &mut net, &mut st, &mut Vec::new(), e, FIX_DATA)),
             };
-            let predicted = net.forward_logits(be, &infer, &b.image).and_then(|lg| {
+            let predicted = threads::on_pool(compute.as_ref(), || net.forward_logits(be, &infer, &b.image)).and_then(|lg| {
                 let (logits, out) = (be.view(&infer.arena, lg.offset, lg.len()), be.label_view(&pred_buf, 0, rows));
                 if topo.regions.is_empty() {
                     be.argmax(logits, lg.dims, out)?;
@@ -484,9 +503,20 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
         let line = e.line();
         println!("{line}");
         writeln!(log, "{line}").with_context(|| format!("writing {}", log_path.display()))?;
-        if let Some(advice) = loader::data_wait_advice(e.data_wait, train.pool.workers()) {
-            println!("  {advice}");
-            writeln!(log, "  {advice}").with_context(|| format!("writing {}", log_path.display()))?;
+        let load = threads::EpochLoad { wall: train_time.as_secs_f64(), wait: stats.wait.as_secs_f64(), busy: stats.busy.as_secs_f64() };
+        let note = match split.adapt(&load) {
+            Some(change) => {
+                train.pool.set_workers(split.workers.n, &*mem)?;
+                if let Some(pool) = compute.as_mut().filter(|p| p.current_num_threads() != split.compute.n) {
+                    *pool = threads::compute_pool(split.compute.n)?;
+                }
+                Some(change)
+            }
+            None => loader::data_wait_advice(e.data_wait, train.pool.workers()),
+        };
+        if let Some(note) = note {
+            println!("  {note}");
+            writeln!(log, "  {note}").with_context(|| format!("writing {}", log_path.display()))?;
         }
         logs.push(e);
     }

@@ -108,12 +108,27 @@ fn version_names_commit_and_kernels() {
 
 #[test]
 fn doctor_reports_cpus_memory_gpus_and_worker_counts() {
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).arg("doctor").env_remove("SEGK_WORKERS").env_remove("nnUNet_n_proc_DA").env("SEGK_PROCESSES", "3").output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    for want in ["CPUs:", "usable by this process", "memory:", "CUDA", "3 preprocessing workers (from SEGK_PROCESSES)", "augmentation workers"] {
+    let doctor = |args: &[&str], env: &[(&str, &str)]| {
+        let mut c = std::process::Command::new(env!("CARGO_BIN_EXE_segk"));
+        c.args(args);
+        for var in ["SEGK_WORKERS", "nnUNet_n_proc_DA", "SEGK_THREADS", "OMP_NUM_THREADS", "SEGK_PROCESSES", "nnUNet_def_n_proc"] {
+            c.env_remove(var);
+        }
+        let out = c.envs(env.iter().copied()).output().unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let text = doctor(&["doctor"], &[("SEGK_PROCESSES", "3"), ("OMP_NUM_THREADS", "5"), ("nnUNet_n_proc_DA", "4")]);
+    for want in ["CPUs:", "usable CPU", "memory:", "CUDA", "compute threads: 5 (from OMP_NUM_THREADS)", "preprocessing processes: 3 (from SEGK_PROCESSES)", "training on a GPU: 4 (from nnUNet_n_proc_DA)"] {
         assert!(text.contains(want), "missing {want:?} in:\n{text}");
     }
+    // The flag goes before the variables, on any command; with nothing set, segk says what it chose.
+    let text = doctor(&["--threads", "3", "doctor"], &[("OMP_NUM_THREADS", "5")]);
+    assert!(text.contains("compute threads: 3 (from --threads)"), "{text}");
+    let text = doctor(&["doctor"], &[]);
+    assert!(text.contains("training on the CPU: 1 (from segk's choice") && text.contains("adapted each epoch"), "{text}");
+    let bad = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).arg("doctor").env("OMP_NUM_THREADS", "lots").output().unwrap();
+    assert!(!bad.status.success() && String::from_utf8_lossy(&bad.stderr).contains("OMP_NUM_THREADS=\"lots\" is not a positive number"));
 }
 
 /// The benches run on the CUDA backend's own code path (launches, workspace, resident input)

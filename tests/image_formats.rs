@@ -106,8 +106,8 @@ fn every_format_and_type_round_trips_with_its_geometry() {
             // SEGK_KEEP_WRITTEN=DIR keeps every file written here, for nnU-Net's readers to
             // check (tests/fixtures/image_formats/check_written.py).
             if let Ok(keep) = std::env::var("SEGK_KEEP_WRITTEN") {
-                let stem = name.split('.').next().unwrap_or("x");
-                let to = Path::new(&keep).join(format!("{stem}__as{ending}"));
+                // The whole fixture name: sitk_i16.mha and sitk_i16.nrrd must not overwrite each other.
+                let to = Path::new(&keep).join(format!("{name}__as{ending}"));
                 std::fs::create_dir_all(&keep).unwrap();
                 imageio::write_atomic(&to, &v, ty).unwrap();
             }
@@ -256,12 +256,14 @@ fn an_rgb_png_dataset_goes_through_the_whole_pipeline() {
     let plans: Value = serde_json::from_slice(&std::fs::read(base.join("segk_preprocessed/Dataset062_Disc/nnUNetPlans.json")).unwrap()).unwrap();
     assert_eq!(plans["image_reader_writer"], "NaturalImage2DIO");
     assert_eq!(plans["foreground_intensity_properties_per_channel"].as_object().map(|o| o.len()), Some(3), "three channels from one file");
-    let text = ok(segk(&["train", root.to_str().unwrap(), "2d", "all", "--device", "cpu", "--epochs", "1", "--iters-per-epoch", "3", "--val-iters", "1", "--workers", "1"]));
+    let text = ok(segk(&["--threads", "1", "train", root.to_str().unwrap(), "2d", "all", "--device", "cpu", "--epochs", "1", "--iters-per-epoch", "3", "--val-iters", "1", "--workers", "1"]));
     assert!(text.contains("validation: 4 cases"), "{text}");
+    assert!(text.contains("threads: 1 compute threads (from --threads), 1 augmentation worker (from --workers)"), "{text}");
     let model = base.join("segk_results/Dataset062_Disc/segkTrainer__nnUNetPlans__2d");
     assert!(model.join("fold_all/validation/d03.png").is_file(), "validation writes PNG label maps");
     let pred = base.join("pred");
-    ok(segk(&["predict", "-i", root.join("imagesTr").to_str().unwrap(), "-o", pred.to_str().unwrap(), "-m", model.to_str().unwrap(), "--device", "cpu", "--no-tta"]));
+    let text = ok(segk(&["predict", "-i", root.join("imagesTr").to_str().unwrap(), "-o", pred.to_str().unwrap(), "-m", model.to_str().unwrap(), "--device", "cpu", "--no-tta"]));
+    assert!(text.contains(" compute threads (from "), "{text}");
     for i in 0..4usize {
         let v = imageio::read(&pred.join(format!("d{i:02}.png"))).unwrap();
         assert_eq!(v.shape, [1, 40 + 2 * i, 48]);
@@ -404,4 +406,25 @@ fn crc32(bytes: &[u8]) -> u32 {
         }
     }
     !c
+}
+
+/// The tiff crate computes a planar-separate page's strip count in u32 and overflows on these
+/// fuzzer-found files (a panic under the fuzzer's overflow checks): segk refuses them first.
+#[test]
+fn tiff_pages_with_more_strips_than_u32_are_refused_before_the_crate() {
+    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz_regressions/tiff");
+    for name in ["strip_count_overflow.bin", "strip_count_overflow_2.bin"] {
+        let bytes = std::fs::read(dir.join(name)).unwrap();
+        let e = segk::imageio::tiff::check_strip_counts(&mut std::io::Cursor::new(&bytes)).unwrap_err().to_string();
+        assert!(e.contains("more strips than a TIFF can index"), "{name}: {e}");
+    }
+    // Every TIFF fixture nnU-Net's writers made passes the check.
+    let fixtures = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/image_formats");
+    for entry in std::fs::read_dir(&fixtures).unwrap() {
+        let p = entry.unwrap().path();
+        if p.extension().is_some_and(|e| e == "tif" || e == "tiff") {
+            let bytes = std::fs::read(&p).unwrap();
+            segk::imageio::tiff::check_strip_counts(&mut std::io::Cursor::new(&bytes)).unwrap_or_else(|e| panic!("{}: {e}", p.display()));
+        }
+    }
 }

@@ -477,11 +477,7 @@ fn a_failing_worker_is_named_within_a_second() {
 }
 
 #[test]
-fn worker_count_flag_and_data_wait_advice() {
-    // Environment variables are process-wide: only read them here, in one test.
-    let (n, src) = segk::loader::worker_count(Some(3)).unwrap();
-    assert_eq!((n, src.as_str()), (3, "--workers"));
-    assert!(segk::loader::worker_count(Some(0)).is_err());
+fn data_wait_advice_when_the_policy_cannot_add_a_worker() {
     let advice = segk::loader::data_wait_advice(0.2, 1).unwrap_or_default();
     assert!(advice.contains("20 %"), "{advice}");
     assert!(segk::loader::data_wait_advice(0.01, 1).is_none());

@@ -437,7 +437,7 @@ fn preprocess_command_plans_preprocesses_splits_and_resumes() {
     let out = run();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("planning first") && text.contains("5 cases preprocessed") && text.contains("2 workers (from --processes)"), "{text}");
+    assert!(text.contains("planning first") && text.contains("5 cases preprocessed") && text.contains("2 at a time (from --processes)"), "{text}");
     let dir = base.join("segk_preprocessed/Dataset014_Cli");
     for f in ["nnUNetPlans.json", "dataset.json", "segk_fingerprint.json", "splits_final.json"] {
         assert!(dir.join(f).is_file(), "{f} written");

@@ -72,7 +72,7 @@ fn train_command_runs_plan_preprocess_and_epochs() {
         .unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(text.contains("preprocessing first") && text.contains("1 worker (--workers)"), "{text}");
+    assert!(text.contains("preprocessing first") && text.contains("1 augmentation worker (from --workers)"), "{text}");
     let log = std::fs::read_to_string(base.join("segk_results/Dataset031_Train/segkTrainer__nnUNetPlans__3d_fullres/fold_all/training_log.txt")).unwrap();
     let epochs: Vec<&str> = log.lines().filter(|l| l.starts_with("epoch")).collect();
     assert_eq!(epochs.len(), 2, "{log}");

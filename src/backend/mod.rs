@@ -228,6 +228,11 @@ pub trait Backend: Sync {
     type LabelArena: Send;
 
     fn name(&self) -> String;
+    /// True when the ops run on this process's CPU threads (the rayon pool the caller installs),
+    /// so the thread policy splits the cores between them and the augmentation workers.
+    fn computes_on_host_threads(&self) -> bool {
+        false
+    }
 
     // ---- memory ----
     /// Working-precision memory: parameters, their gradients, optimizer state, statistics.

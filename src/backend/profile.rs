@@ -51,6 +51,9 @@ impl<B: Backend> Backend for Profiled<'_, B> {
     fn name(&self) -> String {
         self.inner.name()
     }
+    fn computes_on_host_threads(&self) -> bool {
+        self.inner.computes_on_host_threads()
+    }
     fn memory_available(&self) -> Option<u64> {
         self.inner.memory_available()
     }

@@ -49,7 +49,15 @@ impl Geometry {
                 }
             })
         });
-        Geometry { dims: 3, spacing, origin: std::array::from_fn(|r| FLIP[r] * v.affine[r][3]), direction }
+        let mut g = Geometry { dims: 3, spacing, origin: std::array::from_fn(|r| FLIP[r] * v.affine[r][3]), direction };
+        if v.is_2d() {
+            // The slice axis is nnU-Net's invention: a 2D image stays 2D.
+            g.dims = 2;
+            g.spacing[2] = 1.0;
+            g.origin[2] = 0.0;
+            g.direction = [[g.direction[0][0], g.direction[0][1], 0.0], [g.direction[1][0], g.direction[1][1], 0.0], [0.0, 0.0, 1.0]];
+        }
+        g
     }
     /// A volume of `shape` with this geometry and `data`.
     pub fn volume(self, shape: [usize; 3], data: Vec<f32>) -> Volume {

@@ -59,6 +59,17 @@ impl Volume {
     pub fn voxels(&self) -> usize {
         self.shape.iter().product()
     }
+    /// A 2D image, written back as one: a picture, or a 2D ITK or NIfTI file (one slice deep
+    /// here, with nnU-Net's made-up slice spacing that no file should keep).
+    pub fn is_2d(&self) -> bool {
+        self.shape[0] == 1
+            && match &self.header {
+                Header::Natural => true,
+                Header::Itk(g) => g.dims == 2,
+                Header::Nifti(h) => h.dim[0] == 2,
+                Header::Tiff3d { .. } => false,
+            }
+    }
     /// How many channels the file held (3 or 4 for an RGB(A) picture, else 1).
     pub fn channels(&self) -> usize {
         self.data.len() / self.voxels().max(1)

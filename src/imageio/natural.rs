@@ -8,7 +8,9 @@ use std::path::Path;
 
 /// The volume of a 2D picture: channel-major `data` of `rows` × `cols` pixels.
 pub fn picture(rows: usize, cols: usize, data: Vec<f32>) -> Volume {
-    let affine = [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 999.0, 0.0]];
+    // ITK's default geometry (identity direction in LPS) in segk's RAS terms, so that a picture
+    // written as NIfTI, MetaImage or NRRD carries what SimpleITK would give it.
+    let affine = [[-1.0, 0.0, 0.0, 0.0], [0.0, -1.0, 0.0, 0.0], [0.0, 0.0, 999.0, 0.0]];
     Volume { shape: [1, rows, cols], spacing: [999.0, 1.0, 1.0], affine, data, header: Header::Natural }
 }
 

@@ -125,9 +125,11 @@ pub fn read(path: &Path) -> Result<Volume> {
 /// header's geometry. Values are rounded for integer types.
 pub fn write(path: &Path, v: &Volume, ty: VoxelType) -> Result<()> {
     let [nz, ny, nx] = v.shape;
-    let shape = ndarray::IxDyn(&[nx, ny, nz]);
+    let two_d = v.is_2d();
+    let shape = if two_d { ndarray::IxDyn(&[nx, ny]) } else { ndarray::IxDyn(&[nx, ny, nz]) };
     let header = match &v.header {
         Header::Nifti(h) => (**h).clone(),
+        _ if two_d => header_2d(v),
         _ => header_from_affine(v),
     };
     let w = nifti::writer::WriterOptions::new(path).reference_header(&header);
@@ -172,6 +174,18 @@ fn plain(e: nifti::NiftiError) -> anyhow::Error {
 fn header_from_affine(v: &Volume) -> NiftiHeader {
     let mut h = nifti_header(v.shape, v.spacing, [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0]], [0.0; 3]);
     (h.srow_x, h.srow_y, h.srow_z) = (v.affine[0].map(|x| x as f32), v.affine[1].map(|x| x as f32), v.affine[2].map(|x| x as f32));
+    h
+}
+
+/// A 2D image's header as SimpleITK writes one: two dimensions, the slice axis a unit step
+/// along z (not nnU-Net's made-up slice spacing).
+fn header_2d(v: &Volume) -> NiftiHeader {
+    let mut flat = Volume { spacing: [1.0, v.spacing[1], v.spacing[2]], affine: v.affine, shape: v.shape, data: Vec::new(), header: Header::Natural };
+    for r in 0..3 {
+        flat.affine[r][2] = (r == 2) as u8 as f64;
+    }
+    let mut h = header_from_affine(&flat);
+    h.dim[0] = 2;
     h
 }
 

@@ -4,6 +4,7 @@
 
 use super::{natural, Header, Volume, VoxelType};
 use anyhow::{bail, ensure, Context, Result};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use tiff::decoder::{Decoder, DecodingResult, Limits};
 use tiff::encoder::{colortype, compression::DeflateLevel, Compression, TiffEncoder};
@@ -25,11 +26,95 @@ fn samples(r: DecodingResult) -> Vec<f32> {
     }
 }
 
+/// Refuses a page whose strip count the tiff crate (0.11) computes in u32 and overflows:
+/// ((rows - 1) / rows_per_strip + 1) * planes, planes being the samples of a planar-separate
+/// page. A release build wraps there and refuses the file; a build with overflow checks (the
+/// fuzzer's) panics. Walks every page's directory, classic TIFF and BigTIFF; anything it cannot
+/// follow is left to the crate to report.
+pub fn check_strip_counts(r: &mut (impl Read + Seek)) -> Result<()> {
+    let mut head = [0u8; 16];
+    if r.read_exact(&mut head[..8]).is_err() {
+        return Ok(());
+    }
+    let le = match &head[..2] {
+        b"II" => true,
+        b"MM" => false,
+        _ => return Ok(()),
+    };
+    let int = |b: &[u8]| -> u64 {
+        let mut v = 0u64;
+        for i in 0..b.len() {
+            v |= (b[if le { i } else { b.len() - 1 - i }] as u64) << (8 * i);
+        }
+        v
+    };
+    let big = match int(&head[2..4]) {
+        42 => false,
+        43 => true,
+        _ => return Ok(()),
+    };
+    let mut next = if big {
+        if r.read_exact(&mut head[8..16]).is_err() {
+            return Ok(());
+        }
+        int(&head[8..16])
+    } else {
+        int(&head[4..8])
+    };
+    let (count_len, entry_len, value_at) = if big { (8, 20, 12) } else { (2, 12, 8) };
+    let mut seen = std::collections::HashSet::new();
+    while next != 0 && seen.len() < 1 << 16 && seen.insert(next) {
+        let mut n = [0u8; 8];
+        if r.seek(SeekFrom::Start(next)).is_err() || r.read_exact(&mut n[..count_len]).is_err() {
+            return Ok(());
+        }
+        let entries = int(&n[..count_len]).min(1 << 12) as usize;
+        let mut dir = vec![0u8; entries * entry_len];
+        if r.read_exact(&mut dir).is_err() {
+            return Ok(());
+        }
+        let (mut rows, mut per_strip, mut samples, mut planar, mut strips) = (None, None, 1, 1, false);
+        for e in dir.chunks_exact(entry_len) {
+            let v = &e[value_at..];
+            let value = match int(&e[2..4]) {
+                3 => int(&v[..2]),
+                4 => int(&v[..4]),
+                16 if big => int(&v[..8]),
+                _ => continue,
+            };
+            match int(&e[..2]) {
+                257 => rows = Some(value),
+                273 => strips = true,
+                277 => samples = value,
+                278 => per_strip = Some(value),
+                284 => planar = value,
+                _ => {}
+            }
+        }
+        if let (Some(rows), true, 2) = (rows, strips, planar) {
+            let per_strip = per_strip.unwrap_or(rows);
+            if per_strip > 0 {
+                let count = (rows.saturating_sub(1) / per_strip + 1).saturating_mul(samples);
+                ensure!(count <= u32::MAX as u64, "the page at byte {next} claims {rows} rows in strips of {per_strip}, {samples} planes: more strips than a TIFF can index");
+            }
+        }
+        let mut link = [0u8; 8];
+        let link_len = if big { 8 } else { 4 };
+        if r.seek(SeekFrom::Start(next + (count_len + entries * entry_len) as u64)).is_err() || r.read_exact(&mut link[..link_len]).is_err() {
+            return Ok(());
+        }
+        next = int(&link[..link_len]);
+    }
+    Ok(())
+}
+
 /// Reads a .tif/.tiff: one page is a 2D picture, several a 3D volume.
 pub fn read(path: &Path) -> Result<Volume> {
     let bad = |e: tiff::TiffError| anyhow::anyhow!("{e}");
-    let file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
+    let mut file = std::fs::File::open(path).with_context(|| format!("{}: cannot open", path.display()))?;
     let len = file.metadata().map(|m| m.len() as usize).unwrap_or(0);
+    check_strip_counts(&mut std::io::BufReader::new(&mut file)).with_context(|| format!("{}: not a readable TIFF", path.display()))?;
+    file.seek(SeekFrom::Start(0)).with_context(|| format!("{}: cannot read", path.display()))?;
     // LZW expands at most ~4096:1; nothing the file cannot hold is allocated.
     let budget = len.saturating_mul(4096).saturating_add(1 << 16).min(super::MAX_VOXELS.saturating_mul(8));
     let mut limits = Limits::default();
@@ -93,6 +178,8 @@ pub fn read(path: &Path) -> Result<Volume> {
 /// A volume read from a TIFF stack, with the spacing of its JSON file.
 fn stack(path: &Path, shape: [usize; 3], data: Vec<f32>) -> Result<Volume> {
     let spacing = spacing_beside(path)?;
+    // No direction in the file: the axes as they are (RAS), so a stack stores the same
+    // geometry as the NIfTI volume it was made from.
     let affine = [[spacing[2], 0.0, 0.0, 0.0], [0.0, spacing[1], 0.0, 0.0], [0.0, 0.0, spacing[0], 0.0]];
     Ok(Volume { shape, spacing, affine, data, header: Header::Tiff3d { spacing } })
 }

@@ -391,17 +391,9 @@ impl Fill for Augmenter {
     }
 }
 
-/// How many augmentation workers: the flag, else SEGK_WORKERS, else nnU-Net's
-/// nnUNet_n_proc_DA, else the CPUs this process may use minus one for the trainer.
-pub fn worker_count(flag: Option<usize>) -> Result<(usize, String)> {
-    let cpus = crate::sysinfo::usable_cpus();
-    crate::sysinfo::count_from(flag, "--workers", &["SEGK_WORKERS", "nnUNet_n_proc_DA"], ((cpus - 1).max(1), format!("{cpus} CPUs available, one left to the trainer")))
-}
-
 /// The running loader: the pool over an augmenter, with what it chose.
 pub struct Loader {
     pub pool: pool::Pool,
-    pub workers_source: String,
     /// The cases, as a batch's `cases` indexes them.
     pub ids: Vec<String>,
 }
@@ -427,24 +419,30 @@ pub fn check_memory(spec: &BatchSpec, workers: usize, slots: usize, mapped: usiz
 }
 
 impl Loader {
-    /// Starts `workers` threads (None: see [`worker_count`]) over the store's cases `ids`,
+    /// Starts `workers` threads (the thread policy's count) over the store's cases `ids`,
     /// with two slots per worker plus two from `mem`, batches numbered from `first`.
-    pub fn start(store: &Path, ids: &[String], spec: BatchSpec, workers: Option<usize>, first: u64, mem: &dyn crate::hostmem::HostAlloc) -> Result<Loader> {
-        let (workers, workers_source) = worker_count(workers)?;
+    pub fn start(store: &Path, ids: &[String], spec: BatchSpec, workers: usize, first: u64, mem: &dyn crate::hostmem::HostAlloc) -> Result<Loader> {
         let aug = Augmenter::new(store, ids, spec.clone())?;
         let slots = 2 * workers + 2;
         check_memory(&spec, workers, slots, aug.mapped_bytes())?;
         let pool = pool::Pool::start_in(std::sync::Arc::new(aug), workers, slots, spec.slot_shape(), first, mem)?;
-        Ok(Loader { pool, workers_source, ids: ids.to_vec() })
+        Ok(Loader { pool, ids: ids.to_vec() })
+    }
+
+    /// Host memory one more worker takes (its scratch and its two slots), and what the
+    /// loader holds whatever the count (two slots).
+    pub fn worker_bytes(spec: &BatchSpec) -> (u64, u64) {
+        ((2 * spec.slot_bytes() + spec.scratch_bytes()) as u64, 2 * spec.slot_bytes() as u64)
     }
 }
 
-/// Advice when the trainer waited for data more than 5 % of the time.
+/// Advice when the trainer waited for data more than 5 % of the time and the thread policy
+/// could not add a worker (the count was set, or every CPU has one).
 pub fn data_wait_advice(wait_share: f64, workers: usize) -> Option<String> {
     if wait_share <= 0.05 {
         return None;
     }
-    let cpus = crate::sysinfo::usable_cpus();
+    let cpus = crate::threads::Cpus::detect().usable();
     let want = ((workers as f64 / (1.0 - wait_share)).ceil() as usize).max(workers + 1);
     Some(if want < cpus {
         format!("the step waited for data {:.0} % of the time: raise --workers from {workers} to {want} (this machine has {cpus} CPUs)", wait_share * 100.0)

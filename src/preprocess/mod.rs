@@ -246,10 +246,27 @@ pub fn preprocess_case(case: &Case, s: &Settings) -> Result<Preprocessed> {
     Ok(Preprocessed { header, channels, seg, locations })
 }
 
-/// How many cases run at once: the flag, else SEGK_PROCESSES, else nnU-Net's
-/// nnUNet_def_n_proc, else the CPUs this process may use (cgroup quota included).
-pub fn worker_count(flag: Option<usize>) -> Result<(usize, String)> {
-    crate::sysinfo::count_from(flag, "--processes", &["SEGK_PROCESSES", "nnUNet_def_n_proc"], (crate::sysinfo::usable_cpus(), "available CPUs".into()))
+/// Host memory one case in flight may take, estimated from its voxels before and after
+/// resampling: the image channels in f32 and the labels, each read, cropped and resampled
+/// (two copies alive at a time).
+pub fn case_bytes(voxels_in: usize, voxels_out: usize, channels: usize) -> u64 {
+    ((voxels_in + voxels_out) * (4 * channels + 1) * 2) as u64
+}
+
+/// The most any one case of the fingerprint may take in flight under `settings`.
+pub fn largest_case_bytes(fp: &crate::plan::fingerprint::Fingerprint, settings: &Settings, channels: usize) -> Option<u64> {
+    // The target spacing is in transposed order; a 2d plan's has the in-plane axes only.
+    let k = settings.spacing.len().min(3);
+    let first = 3 - k;
+    fp.shapes_after_crop
+        .iter()
+        .zip(&fp.spacings)
+        .map(|(shape, spacing)| {
+            let voxels_in: usize = shape.iter().product();
+            let scale: f64 = (0..k).map(|i| spacing[settings.transpose_forward[first + i]] / settings.spacing[i].max(1e-12)).product();
+            case_bytes(voxels_in, (voxels_in as f64 * scale).ceil() as usize, channels.max(1))
+        })
+        .max()
 }
 
 #[derive(Clone, Debug, Default)]

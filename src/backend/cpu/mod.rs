@@ -298,6 +298,9 @@ impl<T: Float> Backend for CpuBackend<T> {
     fn name(&self) -> String {
         format!("cpu ({} threads, {})", threads(), std::any::type_name::<T>())
     }
+    fn computes_on_host_threads(&self) -> bool {
+        true
+    }
     fn memory_available(&self) -> Option<u64> {
         crate::sysinfo::host_memory_available()
     }
