@@ -5,6 +5,7 @@
 
 pub mod export;
 pub mod probs;
+pub mod session;
 pub mod window;
 
 use crate::backend::Backend;
@@ -80,6 +81,20 @@ impl Model {
         let t = &plan.topology;
         let mirror_axes = torch_axes.map_or_else(|| t.mirror_axes(), |a| t.axes_from_nnunet(&a));
         Ok(Model { plans, configuration, plan, json, checkpoints, mirror_axes, trainer_name, prev_stage_predictions: None })
+    }
+
+    /// The folds' nets on `be`, the activations of one patch, and the axes mirror TTA flips
+    /// (none without `tta`): what the sliding window needs.
+    pub fn load<B: Backend>(&self, be: &B, tta: bool) -> Result<(Vec<UNet<B>>, Acts<B>, Vec<usize>)> {
+        let plan = &self.plan;
+        let mut nets = Vec::new();
+        for (dir, file) in &self.checkpoints {
+            let mut net = UNet::for_inference(be, plan.topology.clone())?;
+            crate::checkpoint::load_weights(dir, file, be, &mut net)?;
+            nets.push(net);
+        }
+        let acts = Acts::new(be, &plan.topology, plan.patch_size, 1, Checkpointing::Level1, false)?;
+        Ok((nets, acts, if tta { self.mirror_axes.clone() } else { Vec::new() }))
     }
 
     /// The labels whose one-hot channels the net takes after the images' (a cascade stage's
@@ -243,14 +258,7 @@ pub fn predict_cases<B: Backend>(be: &B, model: &Model, cases: &[(String, Vec<Pa
     let probe = output.join(".segk-write-test");
     std::fs::write(&probe, b"").with_context(|| format!("{}: cannot write there", output.display()))?;
     let _ = std::fs::remove_file(&probe);
-    let mut nets = Vec::new();
-    for (dir, file) in &model.checkpoints {
-        let mut net = UNet::for_inference(be, plan.topology.clone())?;
-        crate::checkpoint::load_weights(dir, file, be, &mut net)?;
-        nets.push(net);
-    }
-    let acts = Acts::new(be, &plan.topology, plan.patch_size, 1, Checkpointing::Level1, false)?;
-    let mirror_axes = if opt.tta { model.mirror_axes.clone() } else { Vec::new() };
+    let (nets, acts, mirror_axes) = model.load(be, opt.tta)?;
     let predictor = window::Predictor { be, nets: &nets, acts: &acts, patch: plan.patch_size, classes: head.outputs(), step: opt.step, mirror_axes: &mirror_axes };
     progress.set_length(cases.len() as u64);
     let ty = VoxelType::for_labels(head.values().iter().copied().max().unwrap_or(0) as i64);

@@ -129,6 +129,13 @@ impl ProbFile {
         }
     }
 
+    /// The probabilities in memory (outputs x z x y x), the mapped file removed.
+    pub fn into_vec(mut self) -> Result<Vec<f32>> {
+        let v = self.probs().to_vec();
+        drop(self.map.take());
+        Ok(v)
+    }
+
     /// Deflates the array into `npz` (as `probabilities.npy`; temp file and rename) and
     /// removes the mapped file.
     pub fn finish(mut self, npz: &Path) -> Result<()> {

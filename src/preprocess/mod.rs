@@ -222,6 +222,16 @@ pub fn preprocess_images(paths: &[PathBuf], s: &Settings) -> Result<(Vec<Vec<f32
     Ok((channels, geometry, raw))
 }
 
+/// Preprocesses the channels of a case given as arrays on a grid of `shape` ([z, y, x]) and
+/// `spacing`, as `preprocess_images` does its files.
+pub fn preprocess_arrays(images: Vec<Vec<f32>>, shape: [usize; 3], spacing: [f64; 3], s: &Settings) -> Result<(Vec<Vec<f32>>, Geometry)> {
+    ensure!(images.len() == s.schemes.len(), "{} channels given, the plan has {}", images.len(), s.schemes.len());
+    let affine = std::array::from_fn(|r| std::array::from_fn(|c| if c == r { spacing[2 - c] } else { 0.0 }));
+    let raw = imageio::Volume { shape, spacing, affine, data: Vec::new(), header: imageio::Header::Tiff3d { spacing } };
+    let (channels, _, geometry) = prepare(images, None, &raw, &[crate::predict::session::array_name()], s)?;
+    Ok((channels, geometry))
+}
+
 /// Preprocesses one raw training case.
 pub fn preprocess_case(case: &Case, s: &Settings) -> Result<Preprocessed> {
     let lab = imageio::read(&case.label)?;
