@@ -257,10 +257,11 @@ pub fn preprocess_case(case: &Case, s: &Settings) -> Result<Preprocessed> {
 }
 
 /// Host memory one case in flight may take, estimated from its voxels before and after
-/// resampling: the image channels in f32 and the labels, each read, cropped and resampled
-/// (two copies alive at a time).
+/// resampling: the image channels in f32 and the labels, read, cropped, transposed and
+/// resampled, three copies alive at the peak. Measured (session 17, bench/RESULTS.md): a second
+/// process added 91 MB for a 1-channel case of 3.2 M voxels in and 3.4 M out; this gives 95 MB.
 pub fn case_bytes(voxels_in: usize, voxels_out: usize, channels: usize) -> u64 {
-    ((voxels_in + voxels_out) * (4 * channels + 1) * 2) as u64
+    ((voxels_in + voxels_out) * (4 * channels + 1) * 3) as u64
 }
 
 /// The most any one case of the fingerprint may take in flight under `settings`.
