@@ -5,7 +5,8 @@ The class count is a parameter (many labels is where nnU-Net's export runs out o
 
 usage: python bench/predict_peer.py NNUNET_PLANS_JSON SEGK_PLANS_JSON OUT_DIR [classes] [features]
   NNUNET_PLANS_JSON: nnUNetPlans.json from nnUNetv2_plan_and_preprocess of the dataset
-  SEGK_PLANS_JSON:   plans.json from `segk plan` of the same dataset (intensity statistics)
+  SEGK_PLANS_JSON:   plans.json from `segk plan` of the same dataset (intensity statistics),
+                     or - for the nnU-Net folder only (segk predict -m reads it as it is)
   writes OUT_DIR/nnunet_results/DatasetXXX/nnUNetTrainer__nnUNetPlans__3d_fullres and OUT_DIR/segk_model
 """
 import copy, json, os, sys
@@ -39,6 +40,10 @@ torch.save({"network_weights": net.state_dict(), "trainer_name": "nnUNetTrainer"
             "init_args": {"plans": plans, "configuration": "3d_fullres", "fold": 0, "dataset_json": dataset_json}},
            os.path.join(nn_dir, "fold_0", "checkpoint_final.pth"))
 
+if segk_plans_path == "-":
+    # segk predict reads nnU-Net's model folder itself.
+    print(f"{classes} classes, features {cfg['architecture']['arch_kwargs']['features_per_stage']}, patch {cfg['patch_size']}: {nn_dir}")
+    sys.exit(0)
 segk_dir = os.path.join(out, "segk_model")
 os.makedirs(os.path.join(segk_dir, "fold_0"), exist_ok=True)
 sp = json.load(open(segk_plans_path))

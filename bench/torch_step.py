@@ -7,6 +7,7 @@ the same deep-supervision Dice+CE loss and SGD-nesterov step, timed the same way
 
     python3 bench/torch_step.py --device cuda --stages 6 --patch 128 128 128 --batch 2
     python3 bench/torch_step.py --device cpu --threads 2        # nnU-Net's 5-stage default
+    python3 bench/torch_step.py --device cpu --threads 2 --cpu-bf16 --channels-last  # oneDNN bf16
     python3 bench/torch_step.py --device cpu --blocks 1 3 4 6 6  # ResEnc's residual encoder
 
 With --blocks the encoder is dynamic_network_architectures' ResidualEncoderUNet's (a stem, then
@@ -121,6 +122,8 @@ def main():
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--fp32", action="store_true", help="no AMP")
+    ap.add_argument("--cpu-bf16", action="store_true", help="on the CPU, torch.autocast('cpu', bfloat16): oneDNN's bf16 convolutions (AVX512-BF16/AMX)")
+    ap.add_argument("--channels-last", action="store_true", help="channels_last_3d on the CPU too (oneDNN's preferred layout)")
     ap.add_argument("--blocks", type=int, nargs="+", help="residual blocks per encoder stage (ResEnc)")
     a = ap.parse_args()
     if a.threads:
@@ -133,7 +136,7 @@ def main():
     strides = [(1, 1, 1)] + [(2, 2, 2)] * (a.stages - 1)
     w = ds_weights(a.stages - 1)
     net = PlainConvUNet(a.in_channels, a.classes, feats, kernels, strides, convs=1 if a.blocks else 2, blocks=a.blocks).to(dev)
-    fmt = torch.channels_last_3d if cuda else torch.contiguous_format
+    fmt = torch.channels_last_3d if cuda or a.channels_last else torch.contiguous_format
     net = net.to(memory_format=fmt)
     opt = torch.optim.SGD(net.parameters(), lr=1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
     x = torch.randn(a.batch, a.in_channels, *a.patch, device=dev).to(memory_format=fmt)
@@ -143,7 +146,7 @@ def main():
     for s in range(a.stages - 1):
         targets.append(F.interpolate(y[:, None].float(), size=size, mode="nearest-exact")[:, 0].long())
         size = [v // 2 for v in size]
-    amp = cuda and not a.fp32
+    amp = (cuda and not a.fp32) or (not cuda and a.cpu_bf16)
 
     def sync():
         if cuda:
@@ -174,6 +177,7 @@ def main():
         "peer": f"torch {torch.__version__}" + (f" cudnn {torch.backends.cudnn.version()}" if cuda else f" {torch.get_num_threads()} threads"),
         "device": torch.cuda.get_device_name(dev) if cuda else "cpu",
         "amp_bf16": amp,
+        "channels_last": cuda or a.channels_last,
         "patch": a.patch,
         "batch": a.batch,
         "features": feats,

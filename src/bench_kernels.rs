@@ -34,6 +34,10 @@ pub struct KernelArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// What the convolutions multiply: auto (the device's default: bf16 on a GPU, f32 on a
+    /// CPU), f32 (CPU only) or bf16 (a CPU's AVX512-BF16).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub precision: crate::device::Precision,
     /// Timed runs per op (after one warm-up); the median is reported.
     #[arg(long, default_value_t = 5)]
     pub reps: usize,
@@ -315,6 +319,6 @@ pub fn run(a: &KernelArgs) -> Result<Vec<Row>> {
         let p = a.patch;
         println!("segk bench kernels: {} stages, patch {}x{}x{}, batch {}, device {} (median of {} runs)", a.stages, p[0], p[1], p[2], a.batch, a.device, a.reps.max(1));
     }
-    let (_name, rows) = crate::device::run_on(&a.device, Measure(a))?;
+    let (_name, rows) = crate::device::run_on(&a.device, a.precision, Measure(a))?;
     Ok(rows)
 }

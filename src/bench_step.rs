@@ -49,6 +49,10 @@ pub struct StepArgs {
     /// cpu, cuda or cuda:N.
     #[arg(long, default_value = "cpu")]
     pub device: String,
+    /// What the convolutions multiply: auto (the device's default: bf16 on a GPU, f32 on a
+    /// CPU), f32 (CPU only) or bf16 (a CPU's AVX512-BF16).
+    #[arg(long, value_enum, default_value = "auto")]
+    pub precision: crate::device::Precision,
     #[arg(long, default_value_t = 1)]
     pub warmup: usize,
     #[arg(long, default_value_t = 3)]
@@ -181,7 +185,7 @@ pub fn run(a: &StepArgs) -> Result<()> {
     if a.memory_only {
         return print_memory(&spec(a)?);
     }
-    let report = crate::device::run_on(&a.device, Measure(a))?;
+    let report = crate::device::run_on(&a.device, a.precision, Measure(a))?;
     print(&report, a.json)
 }
 

@@ -292,7 +292,7 @@ pub fn command(epochs: usize, iters: usize, seed: u64, device: &str) -> Result<(
         cfg.train_cases, cfg.test_cases, cfg.size, cfg.patch, cfg.batch, cfg.features, rayon::current_num_threads()
     );
     let t0 = std::time::Instant::now();
-    let r = crate::device::run_on(device, Demo(cfg))?;
+    let r = crate::device::run_on(device, crate::device::Precision::Auto, Demo(cfg))?;
     println!("trained {} steps in {:.1} s (waiting for data {:.1} % of it); mean loss first epoch {:.4}, last epoch {:.4}", r.steps, r.train_secs, r.data_wait * 100.0, r.first_epoch_loss, r.last_epoch_loss);
     println!("held-out Dice per label:");
     for (k, d) in r.dice.iter().enumerate() {

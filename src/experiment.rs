@@ -334,7 +334,7 @@ pub fn validate<B: Backend>(be: &B, cfg: &crate::train::TrainConfig, plans: &cra
     let t0 = std::time::Instant::now();
     println!("validation: predicting {} with checkpoint_final and mirror TTA into {}", crate::sysinfo::count(cases.len(), "case"), out.display());
     let bar = cases_bar();
-    let predicted = crate::predict::predict_cases(be, &model, &cases, &out, crate::predict::PredictOptions { step: 0.5, tta: true, save_probabilities: npz }, &bar);
+    let predicted = crate::predict::predict_cases(be, &model, &cases, &out, crate::predict::PredictOptions { step: 0.5, tta: true, save_probabilities: npz, precision: crate::device::Precision::Auto }, &bar);
     bar.finish_and_clear();
     let (files, _) = predicted?;
     let pairs: Vec<_> = files.iter().zip(&cfg.val_ids).map(|(p, id)| (p.clone(), root.join("labelsTr").join(format!("{id}{ending}")))).collect();
@@ -371,6 +371,8 @@ pub struct TrainOpts {
     pub npz: bool,
     pub workers: Option<usize>,
     pub seed: u64,
+    /// What the convolutions multiply (`--precision`).
+    pub precision: crate::device::Precision,
 }
 
 /// Ctrl-C or `kill` (SIGINT, SIGTERM): inside the training loop, save checkpoint_latest and
@@ -407,7 +409,7 @@ pub fn stop_on_signals() {
 #[allow(clippy::too_many_arguments)]
 pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: Option<&str>, device: &str, o: TrainOpts, preprocessed: Option<std::path::PathBuf>, out: Option<std::path::PathBuf>) -> Result<()> {
     use crate::preprocess::splits;
-    let TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained, validation, npz, workers, seed } = o;
+    let TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained, validation, npz, workers, seed, precision } = o;
     anyhow::ensure!(
         ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"].contains(&configuration),
         "configuration {configuration:?}: segk trains nnU-Net's 2d, 3d_fullres, 3d_lowres and 3d_cascade_fullres"
@@ -504,7 +506,7 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
         prev_stage: prev_stage.as_ref().map(|(_, maps)| (maps.clone(), ds.json.foreground_values())),
     };
     let validate = validation.then(|| root.to_path_buf());
-    let logs = crate::device::run_on(device, Train { cfg, plans, configuration: configuration.to_string(), validate, npz, prev_stage_predictions: prev_stage.map(|(source, _)| source) })?;
+    let logs = crate::device::run_on(device, precision, Train { cfg, plans, configuration: configuration.to_string(), validate, npz, prev_stage_predictions: prev_stage.map(|(source, _)| source) })?;
     if let Some(last) = logs.last() {
         println!("done: {} epochs run, final EMA pseudo-Dice {:.4}", logs.len(), last.ema_dice);
     }
@@ -568,6 +570,9 @@ struct Predict {
 
 impl Job for Predict {
     type Out = (Vec<std::path::PathBuf>, u64);
+    fn bf16_on_cpu_by_default(&self) -> bool {
+        true
+    }
     fn run<B: Backend>(self, be: &B) -> Result<Self::Out> {
         println!("device {}", be.name());
         let bar = cases_bar();
@@ -638,7 +643,7 @@ pub fn run_predict(input: &std::path::Path, output: &std::path::Path, model: &st
     }
     let t0 = std::time::Instant::now();
     let job = Predict { model: m, cases, output: output.to_path_buf(), opt };
-    let (files, bound) = crate::device::run_on(device, job)?;
+    let (files, bound) = crate::device::run_on(device, opt.precision, job)?;
     let mapped = if opt.save_probabilities { "; RSS includes the mapped probability files" } else { "" };
     let peak = crate::sysinfo::peak_rss().map(|b| format!(", peak RSS {:.0} MiB (bound {:.0} MiB{mapped})", b as f64 / (1 << 20) as f64, bound as f64 / (1 << 20) as f64)).unwrap_or_default();
     println!("wrote {} to {} in {:.1} s{peak}", crate::sysinfo::count(files.len(), "label map"), output.display(), t0.elapsed().as_secs_f64());

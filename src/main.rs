@@ -100,6 +100,11 @@ enum Cmd {
         /// auto (GPU 0 if usable, else CPU), cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// What the convolutions multiply: auto (bf16 on a GPU; f32 on a CPU), f32 (CPU only), or
+        /// bf16 (on a CPU with AVX512-BF16: bf16 operands, f32 sums, f32 weights, norms, loss and
+        /// optimizer, as on a GPU). segk's own flag; nnU-Net trains in fp16/bf16 autocast on GPUs.
+        #[arg(long, value_enum, default_value = "auto")]
+        precision: segk::device::Precision,
         /// Epochs (nnU-Net's 1000); the learning rate decays over them.
         #[arg(long, default_value_t = segk::train::EPOCHS)]
         epochs: usize,
@@ -186,6 +191,11 @@ enum Cmd {
         /// auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// What the convolutions multiply: auto (bf16 on a GPU and on a CPU with AVX512-BF16,
+        /// labels equal to f32's on >= 99.9 % of voxels in segk's tests; else f32), f32 (CPU
+        /// only) or bf16. segk's own flag.
+        #[arg(long, value_enum, default_value = "auto")]
+        precision: segk::device::Precision,
         /// Split the cases over this many jobs (nnU-Net's -num_parts): each takes every
         /// N-th case of the sorted list, from its --part-id.
         #[arg(long, alias = "num_parts", default_value_t = 1)]
@@ -306,6 +316,9 @@ enum Cmd {
         /// cpu (the f32 CPU backend against f64), cuda[:N], or emu (the CUDA kernels run by the CPU emulator).
         #[arg(long, default_value = "cuda")]
         device: String,
+        /// With --device cpu: bf16 checks the CPU's bf16 convolutions (AVX512-BF16).
+        #[arg(long, value_enum, default_value = "auto")]
+        precision: segk::device::Precision,
         /// Seed of the random inputs (default: fresh each run).
         #[arg(long)]
         seed: Option<u64>,
@@ -381,13 +394,13 @@ fn main() {
     }
     let r = match cli.cmd {
         Cmd::Demo { epochs, iters, seed, device } => demo::command(epochs, iters, seed, &device),
-        Cmd::Selftest { device, seed, only } => selftest::command(&device, seed, only.as_deref()),
+        Cmd::Selftest { device, precision, seed, only } => selftest::command(&device, precision, seed, only.as_deref()),
         Cmd::Check { dataset } => Experiment::new(&dataset).and_then(|e| e.dataset().map(|_| ())),
         Cmd::Fingerprint { dataset, out } => Experiment::new(&dataset).and_then(|e| run_fingerprint(&e, out)),
         Cmd::Plan { dataset, planner, gpu_memory_target, gpu_memory, out } => Experiment::new(&dataset).and_then(|e| run_plan(&e, gpu_memory, out, &planner, gpu_memory_target)),
         Cmd::Preprocess { dataset, plans, configurations, processes, f16, out } => Experiment::new(&dataset).and_then(|e| run_preprocess(&e, processes, f16, &plans, &configurations, out)),
-        Cmd::Train { dataset, configuration_fold, plans, device, epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained_weights, no_validation, npz, workers, seed, preprocessed, out } => {
-            let o = TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained: pretrained_weights, validation: !no_validation, npz, workers, seed };
+        Cmd::Train { dataset, configuration_fold, plans, device, precision, epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained_weights, no_validation, npz, workers, seed, preprocessed, out } => {
+            let o = TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained: pretrained_weights, validation: !no_validation, npz, workers, seed, precision };
             let (configuration, fold) = match configuration_fold.as_slice() {
                 [c] if ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"].contains(&c.as_str()) => {
                     eprintln!("error: segk train DATASET {c} FOLD: the fold is missing (0-4 or all)");
@@ -404,14 +417,14 @@ fn main() {
             Experiment::new(&dataset).and_then(|e| run_train(&e, configuration, fold, plans.as_deref(), &device, o, preprocessed, out))
         }
         Cmd::Doctor => segk::sysinfo::doctor(&LONG_VERSION.replace('\n', "; ")),
-        Cmd::Predict { input, output, model, dataset, configuration, plans, trainer, folds, checkpoint, step, no_tta, save_probabilities, device, num_parts, part_id, continue_prediction, prev_stage_predictions } => {
+        Cmd::Predict { input, output, model, dataset, configuration, plans, trainer, folds, checkpoint, step, no_tta, save_probabilities, device, precision, num_parts, part_id, continue_prediction, prev_stage_predictions } => {
             let select = segk::experiment::CaseSelection { part_id, num_parts, continue_prediction };
             let model = match (model, dataset) {
                 (Some(m), _) => Ok(m),
                 (None, Some(d)) => model_folder(&d, configuration.as_deref().unwrap_or("3d_fullres"), &plans, &trainer),
                 (None, None) => Err(anyhow::anyhow!("predict needs -m MODEL_DIR, or -d DATASET -c CONFIGURATION")),
             };
-            model.and_then(|m| run_predict(&input, &output, &m, folds, &checkpoint, segk::predict::PredictOptions { step, tta: !no_tta, save_probabilities }, select, &device, prev_stage_predictions))
+            model.and_then(|m| run_predict(&input, &output, &m, folds, &checkpoint, segk::predict::PredictOptions { step, tta: !no_tta, save_probabilities, precision }, select, &device, prev_stage_predictions))
         }
         Cmd::Ensemble { input, output, save_probabilities, dataset_json } => segk::ensemble::command(&input, &output, save_probabilities, dataset_json.as_deref()),
         Cmd::DeterminePostprocessing { input, reference, dataset_json } => segk::experiment::run_determine_postprocessing(&input, &reference, dataset_json.as_deref()),

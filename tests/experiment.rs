@@ -12,7 +12,7 @@ fn train_opens_the_dataset_once() {
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_segk")).args(["synth", "--cases", "3", "--shape", "24,32,32", "--spacing", "1,1,1"]).arg(&root).output().unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let ex = Experiment::new(&root).unwrap();
-    let opts = TrainOpts { epochs: 1, iters_per_epoch: 1, val_iters: 1, checkpointing: "auto".into(), save_every: 50, resume: false, pretrained: None, validation: false, npz: false, workers: Some(1), seed: 0 };
+    let opts = TrainOpts { epochs: 1, iters_per_epoch: 1, val_iters: 1, checkpointing: "auto".into(), save_every: 50, resume: false, pretrained: None, validation: false, npz: false, workers: Some(1), seed: 0, precision: segk::device::Precision::Auto };
     let before = segk::dataset::opens();
     run_train(&ex, "3d_fullres", "all", None, "cpu", opts, Some(base.join("pre")), Some(base.join("results/fold_all"))).unwrap();
     assert_eq!(segk::dataset::opens() - before, 1, "check, fingerprint, plan, preprocess and train share one opening");

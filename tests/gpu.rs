@@ -27,6 +27,19 @@ fn selftest_harness_on_cpu_f32() {
     assert_all_pass(&checks, "cpu f32 vs f64");
 }
 
+/// The CPU's bf16 convolutions (AVX512-BF16) through every check the GPU takes.
+#[test]
+fn selftest_on_cpu_bf16() {
+    let Some(be) = CpuBackend::<f32>::with_bf16_products() else {
+        println!("SKIPPED selftest_on_cpu_bf16: this CPU has no AVX512-BF16");
+        return;
+    };
+    let s = seed();
+    eprintln!("seed {s}");
+    let checks = selftest::run(&be, &Bounds::CPU_BF16, s).unwrap();
+    assert_all_pass(&checks, "cpu bf16 vs f64");
+}
+
 #[test]
 fn selftest_rejects_nan_and_mismatch() {
     assert_eq!(selftest::rel_err(&[f32::NAN, 1.0], &[1.0, 1.0]), f64::INFINITY);

@@ -27,9 +27,14 @@ fn segk(args: &[&str]) -> (bool, String) {
     (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
 }
 
+/// `segk predict` on the CPU in f32, nnU-Net's own precision there.
 fn predict(model: &str, out: &Path, extra: &[&str]) -> String {
+    predict_in(model, out, "f32", extra)
+}
+
+fn predict_in(model: &str, out: &Path, precision: &str, extra: &[&str]) -> String {
     let (images, model) = (fixture().join("imagesTs"), fixture().join(model));
-    let mut args = vec!["predict", "-i", images.to_str().unwrap(), "-o", out.to_str().unwrap(), "-m", model.to_str().unwrap(), "-f", "0", "--device", "cpu"];
+    let mut args = vec!["predict", "-i", images.to_str().unwrap(), "-o", out.to_str().unwrap(), "-m", model.to_str().unwrap(), "-f", "0", "--device", "cpu", "--precision", precision];
     args.extend_from_slice(extra);
     let (ok, text) = segk(&args);
     assert!(ok, "{text}");
@@ -78,6 +83,37 @@ fn nnunet_model_folders_predict_as_nnunet_does() {
                 let (same, d) = compare(&out, &fixture().join(f32acc), case);
                 assert!(same == 1.0 && d <= 1e-5, "{model} {case}: against f32 sums, labels {same}, probabilities {d}");
             }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&base);
+}
+
+/// bf16 on the CPU (`--precision auto`, the default where the CPU has AVX512-BF16) against
+/// f32 on nnU-Net's models: labels equal on at least 99.9 % of voxels, probabilities within
+/// 1e-2 (the gate for making bf16 the default); and the same against nnUNetv2_predict's.
+#[test]
+fn bf16_prediction_keeps_f32_labels() {
+    if !segk::backend::cpu::bf16::available() {
+        println!("SKIPPED bf16_prediction_keeps_f32_labels: this CPU has no AVX512-BF16");
+        return;
+    }
+    let base = fresh_dir("bf16");
+    for (model, tta, theirs) in [(PLAIN, false, "plain/pred_notta"), (PLAIN, true, "plain/pred_tta"), (RESENC, true, "resenc/pred_tta"), (PLAIN_2D, false, "plain2d/pred_notta")] {
+        let tag = format!("{}-{tta}", model.split('/').next().unwrap());
+        let mut extra = vec!["--save-probabilities"];
+        if !tta {
+            extra.push("--disable_tta");
+        }
+        let (f32_out, bf16_out) = (base.join(format!("{tag}-f32")), base.join(format!("{tag}-bf16")));
+        predict(model, &f32_out, &extra);
+        let text = predict_in(model, &bf16_out, "auto", &extra);
+        assert!(text.contains("bf16 convolutions on AVX512-BF16"), "{text}");
+        for case in CASES {
+            let (same, d) = compare(&bf16_out, &f32_out, case);
+            let (same_nn, d_nn) = compare(&bf16_out, &fixture().join(theirs), case);
+            eprintln!("{model} tta {tta} {case} bf16: labels equal to f32 on {:.4} %, probabilities within {d:.2e}; to nnUNetv2_predict's on {:.4} %, within {d_nn:.2e}", 100.0 * same, 100.0 * same_nn);
+            assert!(same >= 0.999 && d <= 1e-2, "{model} tta {tta} {case}: bf16 labels equal to f32 on {:.3} %, probabilities {d}", 100.0 * same);
+            assert!(same_nn >= 0.999 && d_nn <= 1e-2, "{model} tta {tta} {case}: bf16 labels equal to nnU-Net's on {:.3} %, probabilities {d_nn}", 100.0 * same_nn);
         }
     }
     let _ = std::fs::remove_dir_all(&base);

@@ -3,7 +3,8 @@
 
 mod common;
 use common::*;
-use segk::backend::cpu::{conv, convt, loss, misc, norm, optim, pool};
+use segk::backend::cpu::{bf16, conv, convt, loss, misc, norm, optim, pool, Operands};
+const W: Operands = Operands::Working;
 use segk::backend::{ConvGeom, ConvTGeom, DiceMode, SgdParams};
 use segk::tensor::Dims;
 
@@ -81,7 +82,7 @@ fn conv_forward_matches_naive_loop() {
         let g = ConvGeom::new(3, 4, k, s);
         let (x, w, b) = (randn(&mut r, xd.len()), randn(&mut r, g.weight_len()), randn(&mut r, 4));
         let mut y = vec![f64::NAN; g.out_dims(xd).len()];
-        conv::conv_fwd(&x, xd, &w, &b, &mut y, &g);
+        conv::conv_fwd(&x, xd, &w, &b, &mut y, &g, W);
         let e = rel_err(&y, &naive_conv(&x, xd, &w, &b, &g));
         assert!(e < 1e-12, "k {k:?} s {s:?}: rel err {e}");
     }
@@ -99,16 +100,16 @@ fn conv_backward_matches_finite_differences() {
         // L = <dy, conv(x, w, b)>
         let loss = |x: &[f64], w: &[f64], b: &[f64]| {
             let mut y = vec![0.0; yd.len()];
-            conv::conv_fwd(x, xd, w, b, &mut y, &g);
+            conv::conv_fwd(x, xd, w, b, &mut y, &g, W);
             dot(&y, &dy)
         };
         // beta = 1 must add to what dx held.
         let prior = randn(&mut r, xd.len());
         let mut dx = prior.clone();
-        conv::conv_dgrad(&dy, &w, &mut dx, xd, &g, 1.0);
+        conv::conv_dgrad(&dy, &w, &mut dx, xd, &g, 1.0, W);
         dx.iter_mut().zip(&prior).for_each(|(d, p)| *d -= p);
         let (mut dw, mut db) = (vec![f64::NAN; w.len()], vec![f64::NAN; 5]);
-        conv::conv_wgrad(&x, xd, &dy, &mut dw, &mut db, &g);
+        conv::conv_wgrad(&x, xd, &dy, &mut dw, &mut db, &g, W);
 
         let ix = pick(&mut r, x.len(), 40);
         let (w0, b0) = (w.clone(), b.clone());
@@ -138,8 +139,8 @@ fn conv_dgrad_overwrites_with_beta_zero() {
         let w = randn(&mut r, g.weight_len());
         let mut a = vec![f64::NAN; xd.len()];
         let mut b = vec![0.0; xd.len()];
-        conv::conv_dgrad(&dy, &w, &mut a, xd, &g, 0.0);
-        conv::conv_dgrad(&dy, &w, &mut b, xd, &g, 1.0);
+        conv::conv_dgrad(&dy, &w, &mut a, xd, &g, 0.0, W);
+        conv::conv_dgrad(&dy, &w, &mut b, xd, &g, 1.0, W);
         assert!(rel_err(&a, &b) < 1e-14, "k {k:?} s {s:?}");
     }
 }
@@ -153,19 +154,19 @@ fn convt_forward_and_backward() {
         let yd = g.out_dims(xd);
         let (mut x, mut w, b) = (randn(&mut r, xd.len()), randn(&mut r, g.weight_len()), randn(&mut r, 3));
         let mut y = vec![f64::NAN; yd.len()];
-        convt::convt_fwd(&x, xd, &w, &b, &mut y, &g);
+        convt::convt_fwd(&x, xd, &w, &b, &mut y, &g, W);
         assert!(rel_err(&y, &naive_convt(&x, xd, &w, &b, &g)) < 1e-12, "fwd s {s:?}");
 
         let dy = randn(&mut r, yd.len());
         let loss = |x: &[f64], w: &[f64], b: &[f64]| {
             let mut y = vec![0.0; yd.len()];
-            convt::convt_fwd(x, xd, w, b, &mut y, &g);
+            convt::convt_fwd(x, xd, w, b, &mut y, &g, W);
             dot(&y, &dy)
         };
         let mut dx = vec![f64::NAN; xd.len()];
-        convt::convt_dgrad(&dy, &w, &mut dx, xd, &g, 0.0);
+        convt::convt_dgrad(&dy, &w, &mut dx, xd, &g, 0.0, W);
         let (mut dw, mut db) = (vec![f64::NAN; w.len()], vec![f64::NAN; 3]);
-        convt::convt_wgrad(&x, xd, &dy, &mut dw, &mut db, &g);
+        convt::convt_wgrad(&x, xd, &dy, &mut dw, &mut db, &g, W);
         let ix = pick(&mut r, x.len(), 40);
         let (w0, b0) = (w.clone(), b.clone());
         let nx = numeric_grad(&mut x, &ix, &mut |x| loss(x, &w0, &b0));
@@ -534,4 +535,149 @@ fn bf16_storage_twin_rounds_activation_memory_only() {
     let mut got = [0f32; 8];
     be.download(be.view(&out, 0, 8), &mut got).unwrap();
     assert_eq!(got.iter().step_by(2).copied().collect::<Vec<_>>(), want, "op outputs are stored rounded");
+}
+
+/// `v` rounded to the nearest bf16 (ties to even), in f64.
+fn bf16_round(v: &[f64]) -> Vec<f64> {
+    v.iter().map(|&v| half::bf16::from_f32(v as f32).to_f64()).collect()
+}
+
+fn to_f32(v: &[f64]) -> Vec<f32> {
+    v.iter().map(|&v| v as f32).collect()
+}
+
+fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&v| v as f64).collect()
+}
+
+/// The bf16 kernels need AVX512-BF16; elsewhere the test says why it did not run.
+fn bf16_cpu(test: &str) -> bool {
+    if !bf16::available() {
+        println!("SKIPPED {test}: this CPU has no AVX512-BF16");
+    }
+    bf16::available()
+}
+
+#[test]
+fn bf16_gemm_matches_f64_products_of_rounded_operands() {
+    if !bf16_cpu("bf16_gemm") {
+        return;
+    }
+    let mut r = rng("bf16_gemm");
+    // Tails of every blocking: rows past 12 (micro-kernel) and 128 (packed A), columns past
+    // 32 and 16, pairs past 256 (packed B), odd k.
+    for (m, k, n) in [(1, 1, 1), (5, 3, 7), (12, 64, 32), (13, 65, 33), (37, 513, 70), (130, 600, 40), (25, 1, 17), (3, 1100, 5)] {
+        for (ta, tb, beta) in [(false, false, 0.0), (true, false, 1.0), (false, true, 1.0), (true, true, 0.0), (false, false, 0.5)] {
+            let (a, b, c0) = (to_f32(&randn(&mut r, m * k)), to_f32(&randn(&mut r, k * n)), to_f32(&randn(&mut r, m * n)));
+            let (rsa, csa) = if ta { (1, m as isize) } else { (k as isize, 1) };
+            let (rsb, csb) = if tb { (1, k as isize) } else { (n as isize, 1) };
+            let mut c = if beta == 0.0 { vec![f32::NAN; m * n] } else { c0.clone() };
+            // SAFETY: a is m x k, b k x n at the strides given, c m x n row-major.
+            unsafe { bf16::gemm(m, k, n, a.as_ptr(), rsa, csa, b.as_ptr(), rsb, csb, beta, c.as_mut_ptr(), n as isize) };
+            let (ar, br) = (bf16_round(&to_f64(&a)), bf16_round(&to_f64(&b)));
+            for i in 0..m {
+                for j in 0..n {
+                    let (mut exact, mut scale) = (beta as f64 * c0[i * n + j] as f64, (beta as f64 * c0[i * n + j] as f64).abs());
+                    for p in 0..k {
+                        let t = ar[i * rsa as usize + p * csa as usize] * br[p * rsb as usize + j * csb as usize];
+                        exact += t;
+                        scale += t.abs();
+                    }
+                    // f32 sums of k terms: at most k rounding errors of 2^-24 of the running sum.
+                    let err = (c[i * n + j] as f64 - exact).abs();
+                    assert!(err <= (k + 1) as f64 * 2f64.powi(-23) * scale, "m {m} k {k} n {n} ta {ta} tb {tb} beta {beta} at ({i}, {j}): {} vs {exact}", c[i * n + j]);
+                }
+            }
+        }
+    }
+}
+
+/// The bf16 convolutions against the f64 ones on operands rounded to bf16 first: equal to
+/// f32 summation error; and visibly different from unrounded f64 (so bf16 really ran).
+#[test]
+fn bf16_convolutions_match_f64_on_rounded_operands() {
+    if !bf16_cpu("bf16_convolutions") {
+        return;
+    }
+    let bf = Operands::Bf16;
+    let mut r = rng("bf16_conv");
+    let close = |got: &[f32], exact: &[f64], unrounded: &[f64], what: &str| {
+        let (e, u) = (rel_err(&to_f64(got), exact), rel_err(&to_f64(got), unrounded));
+        assert!(e < 2e-6, "{what}: {e} from f64 on bf16 operands");
+        assert!(u > 1e-4, "{what}: {u} from unrounded f64: operands were not rounded");
+    };
+    for (k, s) in conv_variants() {
+        // Odd cin (odd k), cout past one 16-lane half.
+        let xd = Dims::new(2, [5, 6, 7], 9);
+        let g = ConvGeom::new(9, 20, k, s);
+        let yd = g.out_dims(xd);
+        let (x, w, b, dy, prior) = (randn(&mut r, xd.len()), randn(&mut r, g.weight_len()), randn(&mut r, 20), randn(&mut r, yd.len()), randn(&mut r, xd.len()));
+        let (xr, wr, dyr) = (bf16_round(&x), bf16_round(&w), bf16_round(&dy));
+        let tag = format!("k {k:?} s {s:?}");
+
+        let (mut y, mut ye, mut yu) = (vec![f32::NAN; yd.len()], vec![0.0; yd.len()], vec![0.0; yd.len()]);
+        conv::conv_fwd(&to_f32(&x), xd, &to_f32(&w), &to_f32(&b), &mut y, &g, bf);
+        conv::conv_fwd(&xr, xd, &wr, &b, &mut ye, &g, W);
+        conv::conv_fwd(&x, xd, &w, &b, &mut yu, &g, W);
+        close(&y, &ye, &yu, &format!("fwd {tag}"));
+
+        let (mut dx, mut dxe, mut dxu) = (to_f32(&prior), prior.clone(), prior.clone());
+        conv::conv_dgrad(&to_f32(&dy), &to_f32(&w), &mut dx, xd, &g, 1.0, bf);
+        conv::conv_dgrad(&dyr, &wr, &mut dxe, xd, &g, 1.0, W);
+        conv::conv_dgrad(&dy, &w, &mut dxu, xd, &g, 1.0, W);
+        // beta 1: compare what was added.
+        let added = |v: &[f64]| v.iter().zip(&prior).map(|(a, p)| a - p).collect::<Vec<_>>();
+        let dx_added: Vec<f32> = dx.iter().zip(&prior).map(|(&a, &p)| (a as f64 - p) as f32).collect();
+        let e = rel_err(&to_f64(&dx_added), &added(&dxe));
+        assert!(e < 1e-5, "dgrad+= {tag}: {e}");
+        let mut dx0 = vec![f32::NAN; xd.len()];
+        conv::conv_dgrad(&to_f32(&dy), &to_f32(&w), &mut dx0, xd, &g, 0.0, bf);
+        conv::conv_dgrad(&dyr, &wr, &mut dxe, xd, &g, 0.0, W);
+        conv::conv_dgrad(&dy, &w, &mut dxu, xd, &g, 0.0, W);
+        close(&dx0, &dxe, &dxu, &format!("dgrad {tag}"));
+
+        let (mut dw, mut db, mut dwe, mut dbe, mut dwu) = (vec![f32::NAN; w.len()], vec![f32::NAN; 20], vec![0.0; w.len()], vec![0.0; 20], vec![0.0; w.len()]);
+        conv::conv_wgrad(&to_f32(&x), xd, &to_f32(&dy), &mut dw, &mut db, &g, bf);
+        conv::conv_wgrad(&xr, xd, &dyr, &mut dwe, &mut dbe, &g, W);
+        conv::conv_wgrad(&x, xd, &dy, &mut dwu, &mut dbe, &g, W);
+        close(&dw, &dwe, &dwu, &format!("wgrad {tag}"));
+    }
+    for st in [[2, 2, 2], [1, 2, 2]] {
+        let xd = Dims::new(2, [3, 4, 5], 9);
+        let g = ConvTGeom { cin: 9, cout: 18, stride: st };
+        let yd = g.out_dims(xd);
+        let (x, w, b, dy) = (randn(&mut r, xd.len()), randn(&mut r, g.weight_len()), randn(&mut r, 18), randn(&mut r, yd.len()));
+        let (xr, wr, dyr) = (bf16_round(&x), bf16_round(&w), bf16_round(&dy));
+        let (mut y, mut ye, mut yu) = (vec![f32::NAN; yd.len()], vec![0.0; yd.len()], vec![0.0; yd.len()]);
+        convt::convt_fwd(&to_f32(&x), xd, &to_f32(&w), &to_f32(&b), &mut y, &g, bf);
+        convt::convt_fwd(&xr, xd, &wr, &b, &mut ye, &g, W);
+        convt::convt_fwd(&x, xd, &w, &b, &mut yu, &g, W);
+        close(&y, &ye, &yu, &format!("convT fwd {st:?}"));
+        let (mut dx, mut dxe, mut dxu) = (vec![f32::NAN; xd.len()], vec![0.0; xd.len()], vec![0.0; xd.len()]);
+        convt::convt_dgrad(&to_f32(&dy), &to_f32(&w), &mut dx, xd, &g, 0.0, bf);
+        convt::convt_dgrad(&dyr, &wr, &mut dxe, xd, &g, 0.0, W);
+        convt::convt_dgrad(&dy, &w, &mut dxu, xd, &g, 0.0, W);
+        close(&dx, &dxe, &dxu, &format!("convT dgrad {st:?}"));
+        let (mut dw, mut db, mut dwe, mut dbe, mut dwu) = (vec![f32::NAN; w.len()], vec![f32::NAN; 18], vec![0.0; w.len()], vec![0.0; 18], vec![0.0; w.len()]);
+        convt::convt_wgrad(&to_f32(&x), xd, &to_f32(&dy), &mut dw, &mut db, &g, bf);
+        convt::convt_wgrad(&xr, xd, &dyr, &mut dwe, &mut dbe, &g, W);
+        convt::convt_wgrad(&x, xd, &dy, &mut dwu, &mut dbe, &g, W);
+        close(&dw, &dwe, &dwu, &format!("convT wgrad {st:?}"));
+    }
+}
+
+/// Input convolutions (cin < 8) and heads (cout < 16) stay f32 under bf16: bit-equal to f32.
+#[test]
+fn bf16_leaves_input_convolutions_and_heads_in_f32() {
+    let mut r = rng("bf16_edges");
+    for (cin, cout) in [(1, 32), (4, 32), (32, 3), (32, 15)] {
+        let xd = Dims::new(1, [4, 5, 6], cin);
+        let g = ConvGeom::new(cin, cout, [3, 3, 3], [1, 1, 1]);
+        let yd = g.out_dims(xd);
+        let (x, w, b) = (to_f32(&randn(&mut r, xd.len())), to_f32(&randn(&mut r, g.weight_len())), to_f32(&randn(&mut r, cout)));
+        let (mut y16, mut y32) = (vec![f32::NAN; yd.len()], vec![f32::NAN; yd.len()]);
+        conv::conv_fwd(&x, xd, &w, &b, &mut y16, &g, Operands::Bf16);
+        conv::conv_fwd(&x, xd, &w, &b, &mut y32, &g, W);
+        assert_eq!(y16, y32, "{cin} -> {cout}");
+    }
 }

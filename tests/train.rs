@@ -1,5 +1,6 @@
 //! A short CPU training run must reduce the loss and segment held-out cases.
 
+use segk::backend::cpu::CpuBackend;
 use segk::demo::{self, DemoConfig};
 
 /// Six short epochs on eight generated cases, then Dice on two held-out ones.
@@ -8,8 +9,12 @@ fn short_run(sparse: bool, regions: bool) -> demo::DemoReport {
 }
 
 fn short_run_with(base: DemoConfig, epochs: usize) -> demo::DemoReport {
+    short_run_on(&CpuBackend::<f32>::new(), base, epochs)
+}
+
+fn short_run_on<B: segk::backend::Backend>(be: &B, base: DemoConfig, epochs: usize) -> demo::DemoReport {
     let cfg = DemoConfig { train_cases: 8, test_cases: 2, size: [32, 32, 32], patch: [32, 32, 32], epochs, iters_per_epoch: 25, progress: false, seed: 7, ..base };
-    let r = demo::run(&cfg).unwrap();
+    let r = demo::run_on(be, &cfg).unwrap();
     eprintln!("sparse {} regions {} blocks {:?}: loss {:.4} -> {:.4}, dice {:?}, mean {:.4}, {:.1} s", cfg.sparse, cfg.regions, cfg.blocks_per_stage, r.first_epoch_loss, r.last_epoch_loss, r.dice, r.mean_dice, r.train_secs);
     assert!(r.mean_dice >= 0.7, "held-out mean foreground Dice {:.4} < 0.7", r.mean_dice);
     r
@@ -18,6 +23,18 @@ fn short_run_with(base: DemoConfig, epochs: usize) -> demo::DemoReport {
 #[test]
 fn short_training_run_learns() {
     let r = short_run(false, false);
+    assert!(r.last_epoch_loss < r.first_epoch_loss - 0.3, "loss did not fall enough: {} -> {}", r.first_epoch_loss, r.last_epoch_loss);
+}
+
+/// Training with bf16 convolutions on the CPU (`segk train --precision bf16`: AVX512-BF16
+/// products, f32 weights, norms, loss and optimizer) learns as the f32 run does.
+#[test]
+fn bf16_training_run_learns() {
+    let Some(be) = CpuBackend::<f32>::with_bf16_products() else {
+        println!("SKIPPED bf16_training_run_learns: this CPU has no AVX512-BF16");
+        return;
+    };
+    let r = short_run_on(&be, DemoConfig { features: vec![16, 32, 32], ..DemoConfig::default() }, 6);
     assert!(r.last_epoch_loss < r.first_epoch_loss - 0.3, "loss did not fall enough: {} -> {}", r.first_epoch_loss, r.last_epoch_loss);
 }
 

@@ -21,12 +21,14 @@ struct Predictor {
 #[pymethods]
 impl Predictor {
     #[new]
-    #[pyo3(signature = (model, folds=None, checkpoint="checkpoint_final", device="auto", step=0.5, tta=true, threads=None))]
-    fn new(py: Python<'_>, model: std::path::PathBuf, folds: Option<Vec<String>>, checkpoint: &str, device: &str, step: f64, tta: bool, threads: Option<usize>) -> PyResult<Predictor> {
+    #[pyo3(signature = (model, folds=None, checkpoint="checkpoint_final", device="auto", step=0.5, tta=true, threads=None, precision="auto"))]
+    #[allow(clippy::too_many_arguments)]
+    fn new(py: Python<'_>, model: std::path::PathBuf, folds: Option<Vec<String>>, checkpoint: &str, device: &str, step: f64, tta: bool, threads: Option<usize>, precision: &str) -> PyResult<Predictor> {
         if threads == Some(0) {
             return Err(PyValueError::new_err("threads must be at least 1"));
         }
-        let o = SessionOptions { folds, checkpoint: checkpoint.to_string(), device: device.to_string(), step, tta, threads };
+        let precision = segk::device::Precision::parse(precision).map_err(|e| PyValueError::new_err(e.to_string()))?;
+        let o = SessionOptions { folds, checkpoint: checkpoint.to_string(), device: device.to_string(), step, tta, threads, precision };
         let session = py.detach(|| Session::open(&model, o)).map_err(runtime)?;
         Ok(Predictor { session })
     }

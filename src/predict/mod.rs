@@ -237,6 +237,8 @@ pub struct PredictOptions {
     pub tta: bool,
     /// Also write CASE.npz with the class probabilities on the input's grid (nnU-Net's format).
     pub save_probabilities: bool,
+    /// What the convolutions multiply (`--precision`; bf16 by default where the CPU has it).
+    pub precision: crate::device::Precision,
 }
 
 /// Predicts the given cases (id, channel files) into `output`; returns the files written and

@@ -23,11 +23,13 @@ pub struct SessionOptions {
     pub tta: bool,
     /// Compute threads (None: the thread policy's count).
     pub threads: Option<usize>,
+    /// What the convolutions multiply (auto: bf16 where the CPU has it, as `segk predict`).
+    pub precision: crate::device::Precision,
 }
 
 impl Default for SessionOptions {
     fn default() -> Self {
-        SessionOptions { folds: None, checkpoint: "checkpoint_final".into(), device: "auto".into(), step: 0.5, tta: true, threads: None }
+        SessionOptions { folds: None, checkpoint: "checkpoint_final".into(), device: "auto".into(), step: 0.5, tta: true, threads: None, precision: crate::device::Precision::Auto }
     }
 }
 
@@ -85,11 +87,11 @@ impl Session {
                     return;
                 }
             };
-            let device = o.device.clone();
+            let (device, precision) = (o.device.clone(), o.precision);
             let failed = ready_tx.clone();
             // The serving loop runs on a thread of the compute pool, which the loop's own
             // parallel work then shares with the pool's other threads.
-            let r = pool.install(|| crate::device::run_on(&device, Serve { model, head, opt: o, requests: rx, ready: ready_tx }));
+            let r = pool.install(|| crate::device::run_on(&device, precision, Serve { model, head, opt: o, requests: rx, ready: ready_tx }));
             if let Err(e) = r {
                 let _ = failed.send(Err(e));
             }
@@ -131,6 +133,9 @@ struct Serve {
 
 impl crate::device::Job for Serve {
     type Out = ();
+    fn bf16_on_cpu_by_default(&self) -> bool {
+        true
+    }
     fn run<B: Backend>(self, be: &B) -> Result<()> {
         let Serve { model, head, opt, requests, ready } = self;
         let plan = &model.plan;

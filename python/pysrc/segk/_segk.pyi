@@ -19,6 +19,8 @@ class Predictor:
     step: the sliding window's step as a fraction of the patch (nnU-Net's step_size).
     tta: mirror test-time augmentation (nnU-Net's default; 8x the work in 3D).
     threads: compute threads (default: SEGK_THREADS, else OMP_NUM_THREADS, else every usable CPU).
+    precision: what the convolutions multiply: "auto" (bf16 on a GPU and on a CPU with AVX512-BF16,
+        else f32), "f32" (CPU only) or "bf16".
 
     Raises RuntimeError with segk's message when the folder is not a model or cannot be loaded.
     """
@@ -32,6 +34,7 @@ class Predictor:
         step: float = 0.5,
         tta: bool = True,
         threads: Optional[int] = None,
+        precision: str = "auto",
     ) -> None: ...
     @property
     def description(self) -> str:

@@ -2,7 +2,7 @@
 //! implicit GEMMs. A tile of im2col rows is built per task (in L2) and multiplied by the
 //! weight matrix [taps*cin x cout]; no task writes rows another task writes.
 
-use super::{axpby, chunk_rows, gemm_rm, threads, Float, SyncPtr};
+use super::{as_f32, as_f32_mut, axpby, bf16, bf16_isa, chunk_rows, gemm_rm, mm, threads, Float, Operands, SyncPtr};
 use crate::backend::ConvGeom;
 use crate::tensor::Dims;
 use rayon::prelude::*;
@@ -16,14 +16,16 @@ fn is_pointwise(g: &ConvGeom) -> bool {
     g.taps() == 1 && g.stride == [1, 1, 1]
 }
 
-/// Writes im2col rows r0.. of the forward conv into `tile` ([rows x taps*cin]); zeros
-/// stand for padding.
-fn im2col<T: Float>(x: &[T], xd: Dims, g: &ConvGeom, yd: Dims, r0: usize, tile: &mut [T]) {
+/// Writes im2col rows r0.. of the forward conv into `tile` ([rows x row_len], the first
+/// taps*cin of each row, zeros after them and for padding), each run of `cin` channels
+/// through `put` (a copy, or rounding to bf16).
+#[allow(clippy::too_many_arguments)]
+fn im2col<T: Float, E: Copy>(x: &[T], xd: Dims, g: &ConvGeom, yd: Dims, r0: usize, row_len: usize, tile: &mut [E], zero: E, put: impl Fn(&[T], &mut [E])) {
     let cin = g.cin;
     let [kd, kh, kw] = g.kernel;
     let [sd, sh, sw] = g.stride;
     let p = g.pad();
-    for (i, row) in tile.chunks_exact_mut(g.taps() * cin).enumerate() {
+    for (i, row) in tile.chunks_exact_mut(row_len).enumerate() {
         let [b, oz, oy, ox] = yd.unravel(r0 + i);
         let mut col = 0;
         for a in 0..kd {
@@ -35,24 +37,33 @@ fn im2col<T: Float>(x: &[T], xd: Dims, g: &ConvGeom, yd: Dims, r0: usize, tile: 
                     let dst = &mut row[col..col + cin];
                     if iz < xd.d && iy < xd.h && ix < xd.w {
                         let src = xd.ravel(b, iz, iy, ix) * cin;
-                        dst.copy_from_slice(&x[src..src + cin]);
+                        put(&x[src..src + cin], dst);
                     } else {
-                        dst.fill(T::ZERO);
+                        dst.fill(zero);
                     }
                     col += cin;
                 }
             }
         }
+        row[col..].fill(zero);
     }
 }
 
+fn copy<T: Copy>(src: &[T], dst: &mut [T]) {
+    dst.copy_from_slice(src)
+}
+
 /// y = conv(x, w) + b.
-pub fn conv_fwd<T: Float>(x: &[T], xd: Dims, w: &[T], b: &[T], y: &mut [T], g: &ConvGeom) {
+pub fn conv_fwd<T: Float>(x: &[T], xd: Dims, w: &[T], b: &[T], y: &mut [T], g: &ConvGeom, ops: Operands) {
+    let ops = ops.for_layer(g.cin, g.cout);
     let yd = g.out_dims(xd);
     assert_eq!(x.len(), xd.len(), "conv input");
     assert_eq!(y.len(), yd.len(), "conv output");
     assert_eq!(w.len(), g.weight_len(), "conv weight");
     assert_eq!(b.len(), g.cout, "conv bias");
+    if let Some(isa) = bf16_isa::<T>(ops) {
+        return conv_fwd_bf16(isa, as_f32(x), xd, as_f32(w), as_f32(b), as_f32_mut(y), g);
+    }
     let (m, k, n) = (yd.rows(), g.taps() * g.cin, g.cout);
     let rows = tile_rows(m, k);
     let pointwise = is_pointwise(g);
@@ -65,10 +76,30 @@ pub fn conv_fwd<T: Float>(x: &[T], xd: Dims, w: &[T], b: &[T], y: &mut [T], g: &
             &x[r0 * k..(r0 + nr) * k]
         } else {
             tile.resize(nr * k, T::ZERO);
-            im2col(x, xd, g, yd, r0, &mut tile[..nr * k]);
+            im2col(x, xd, g, yd, r0, k, &mut tile[..nr * k], T::ZERO, copy);
             &tile[..nr * k]
         };
-        gemm_rm(nr, k, n, a, w, T::ONE, yc);
+        gemm_rm(ops, nr, k, n, a, w, T::ONE, yc);
+    });
+}
+
+/// conv_fwd with bf16 products: the weights packed once, each im2col tile written straight
+/// in bf16 (half the bytes of f32, no second pass).
+fn conv_fwd_bf16(isa: bf16::Isa, x: &[f32], xd: Dims, w: &[f32], b: &[f32], y: &mut [f32], g: &ConvGeom) {
+    let yd = g.out_dims(xd);
+    let (m, k, n) = (yd.rows(), g.taps() * g.cin, g.cout);
+    let wp = isa.pack(k, n, w, n);
+    let pairs = wp.pairs();
+    let rows = tile_rows(m, k);
+    y.par_chunks_mut(rows * n).enumerate().for_each_init(Vec::<u32>::new, |tile, (ci, yc)| {
+        let (r0, nr) = (ci * rows, yc.len() / n);
+        for row in yc.chunks_exact_mut(n) {
+            row.copy_from_slice(b);
+        }
+        tile.resize(nr * pairs, 0);
+        let t16: &mut [u16] = bytemuck::cast_slice_mut(&mut tile[..]);
+        im2col(x, xd, g, yd, r0, 2 * pairs, t16, 0, |s, d| isa.round(s, d));
+        isa.gemm_packed(nr, tile, pairs, &wp, 1.0, yc, n);
     });
 }
 
@@ -127,13 +158,39 @@ impl ParityClass {
     }
 }
 
+/// Writes the dgrad tile of class rows q0.. into `tile` ([rows x row_len]): per tap, the
+/// `cout` values of dy at the output voxel that tap connects to the row's input voxel (zeros
+/// where none), through `put`; zeros after the taps.
+#[allow(clippy::too_many_arguments)]
+fn gather_dy<T: Float, E: Copy>(dy: &[T], yd: Dims, g: &ConvGeom, class: &ParityClass, taps: &[[usize; 3]], q0: usize, row_len: usize, tile: &mut [E], zero: E, put: impl Fn(&[T], &mut [E])) {
+    let (cout, s, p) = (g.cout, g.stride, g.pad());
+    for (i, trow) in tile.chunks_exact_mut(row_len).enumerate() {
+        let [b, z, y, x] = class.voxel(q0 + i, s);
+        for (t, tap) in taps.iter().enumerate() {
+            let dst = &mut trow[t * cout..(t + 1) * cout];
+            // Output voxel o with o*s - p + tap = input voxel (exact by class).
+            let o = [(z + p[0]).wrapping_sub(tap[0]), (y + p[1]).wrapping_sub(tap[1]), (x + p[2]).wrapping_sub(tap[2])];
+            let o = [o[0] / s[0], o[1] / s[1], o[2] / s[2]];
+            let inside = (z + p[0]) >= tap[0] && (y + p[1]) >= tap[1] && (x + p[2]) >= tap[2];
+            if inside && o[0] < yd.d && o[1] < yd.h && o[2] < yd.w {
+                let src = yd.ravel(b, o[0], o[1], o[2]) * cout;
+                put(&dy[src..src + cout], dst);
+            } else {
+                dst.fill(zero);
+            }
+        }
+        trow[taps.len() * cout..].fill(zero);
+    }
+}
+
 /// dx (= or +=) conv_dgrad(dy, w): beta 0 overwrites dx, beta 1 adds.
-pub fn conv_dgrad<T: Float>(dy: &[T], w: &[T], dx: &mut [T], xd: Dims, g: &ConvGeom, beta: T) {
+pub fn conv_dgrad<T: Float>(dy: &[T], w: &[T], dx: &mut [T], xd: Dims, g: &ConvGeom, beta: T, ops: Operands) {
+    let ops = ops.for_layer(g.cin, g.cout);
     let yd = g.out_dims(xd);
     assert_eq!(dy.len(), yd.len(), "dgrad dy");
     assert_eq!(dx.len(), xd.len(), "dgrad dx");
     assert_eq!(w.len(), g.weight_len(), "dgrad weight");
-    let (cin, cout, s, p, k) = (g.cin, g.cout, g.stride, g.pad(), g.kernel);
+    let (cin, cout, s, k) = (g.cin, g.cout, g.stride, g.kernel);
     let dxp = SyncPtr(dx.as_mut_ptr());
     let direct = s == [1, 1, 1];
     for class in ParityClass::all(g, xd) {
@@ -153,10 +210,12 @@ pub fn conv_dgrad<T: Float>(dy: &[T], w: &[T], dx: &mut [T], xd: Dims, g: &ConvG
                 }
             }
         }
+        let isa = bf16_isa::<T>(ops);
+        let packed = isa.map(|isa| isa.pack(kc, cin, as_f32(&bm), cin));
         let rows = tile_rows(m, kc.max(1));
         (0..m.div_ceil(rows)).into_par_iter().for_each_init(
-            || (Vec::new(), Vec::new()),
-            |(tile, out), ci| {
+            || (Vec::new(), Vec::<u32>::new(), Vec::new()),
+            |(tile, tile16, out), ci| {
                 let (q0, nr) = (ci * rows, rows.min(m - ci * rows));
                 if class.ntaps() == 0 {
                     for q in q0..q0 + nr {
@@ -168,37 +227,38 @@ pub fn conv_dgrad<T: Float>(dy: &[T], w: &[T], dx: &mut [T], xd: Dims, g: &ConvG
                     }
                     return;
                 }
-                tile.resize(nr * kc, T::ZERO);
-                for (i, trow) in tile.chunks_exact_mut(kc).enumerate() {
-                    let [b, z, y, x] = class.voxel(q0 + i, s);
-                    for (t, tap) in taps.iter().enumerate() {
-                        let dst = &mut trow[t * cout..(t + 1) * cout];
-                        // Output voxel o with o*s - p + tap = input voxel (exact by class).
-                        let o = [(z + p[0]).wrapping_sub(tap[0]), (y + p[1]).wrapping_sub(tap[1]), (x + p[2]).wrapping_sub(tap[2])];
-                        let o = [o[0] / s[0], o[1] / s[1], o[2] / s[2]];
-                        let inside = (z + p[0]) >= tap[0] && (y + p[1]) >= tap[1] && (x + p[2]) >= tap[2];
-                        if inside && o[0] < yd.d && o[1] < yd.h && o[2] < yd.w {
-                            let src = yd.ravel(b, o[0], o[1], o[2]) * cout;
-                            dst.copy_from_slice(&dy[src..src + cout]);
-                        } else {
-                            dst.fill(T::ZERO);
-                        }
+                if let (Some(isa), Some(bp)) = (isa, &packed) {
+                    // bf16: the tile rounded as it is gathered, the product into f32 rows.
+                    let pairs = bp.pairs();
+                    tile16.resize(nr * pairs, 0);
+                    gather_dy(dy, yd, g, &class, &taps, q0, 2 * pairs, bytemuck::cast_slice_mut(&mut tile16[..]), 0u16, |s, d| isa.round(as_f32(s), d));
+                    let beta32 = beta.to_f64() as f32;
+                    if direct {
+                        // SAFETY: rows q0..q0+nr belong to this task.
+                        let d = unsafe { dxp.rows(q0 * cin, nr * cin) };
+                        isa.gemm_packed(nr, tile16, pairs, bp, beta32, as_f32_mut(d), cin);
+                        return;
                     }
-                }
-                if direct {
-                    // Class rows are the input rows in order: write straight into dx.
-                    // SAFETY: rows q0..q0+nr belong to this task.
-                    let d = unsafe { dxp.rows(q0 * cin, nr * cin) };
-                    gemm_rm(nr, kc, cin, tile, &bm, beta, d);
-                } else {
                     out.resize(nr * cin, T::ZERO);
-                    gemm_rm(nr, kc, cin, tile, &bm, T::ZERO, out);
-                    for (i, orow) in out.chunks_exact(cin).enumerate() {
-                        let [b, z, y, x] = class.voxel(q0 + i, s);
-                        // SAFETY: each class row is one input voxel, owned by this task.
-                        let d = unsafe { dxp.rows(xd.ravel(b, z, y, x) * cin, cin) };
-                        d.iter_mut().zip(orow).for_each(|(d, &o)| axpby(d, beta, o));
+                    isa.gemm_packed(nr, tile16, pairs, bp, 0.0, as_f32_mut(out), cin);
+                } else {
+                    tile.resize(nr * kc, T::ZERO);
+                    gather_dy(dy, yd, g, &class, &taps, q0, kc, tile, T::ZERO, copy);
+                    if direct {
+                        // Class rows are the input rows in order: write straight into dx.
+                        // SAFETY: rows q0..q0+nr belong to this task.
+                        let d = unsafe { dxp.rows(q0 * cin, nr * cin) };
+                        gemm_rm(ops, nr, kc, cin, tile, &bm, beta, d);
+                        return;
                     }
+                    out.resize(nr * cin, T::ZERO);
+                    gemm_rm(ops, nr, kc, cin, tile, &bm, T::ZERO, out);
+                }
+                for (i, orow) in out.chunks_exact(cin).enumerate() {
+                    let [b, z, y, x] = class.voxel(q0 + i, s);
+                    // SAFETY: each class row is one input voxel, owned by this task.
+                    let d = unsafe { dxp.rows(xd.ravel(b, z, y, x) * cin, cin) };
+                    d.iter_mut().zip(orow).for_each(|(d, &o)| axpby(d, beta, o));
                 }
             },
         );
@@ -207,16 +267,41 @@ pub fn conv_dgrad<T: Float>(dy: &[T], w: &[T], dx: &mut [T], xd: Dims, g: &ConvG
 
 /// dw = im2col(x)^T dy, db = column sums of dy. Split-K over output rows: one partial per
 /// thread, summed at the end in a fixed order (deterministic for a given thread count).
-pub fn conv_wgrad<T: Float>(x: &[T], xd: Dims, dy: &[T], dw: &mut [T], db: &mut [T], g: &ConvGeom) {
+/// In bf16 each partial is dw transposed (dy^T im2col(x)), so that the packed operand with
+/// the long rows, the im2col tile, is read row by row; it is transposed back at the end.
+pub fn conv_wgrad<T: Float>(x: &[T], xd: Dims, dy: &[T], dw: &mut [T], db: &mut [T], g: &ConvGeom, ops: Operands) {
+    let ops = ops.for_layer(g.cin, g.cout);
     let yd = g.out_dims(xd);
     assert_eq!(x.len(), xd.len(), "wgrad x");
     assert_eq!(dy.len(), yd.len(), "wgrad dy");
     assert_eq!(dw.len(), g.weight_len(), "wgrad dw");
     assert_eq!(db.len(), g.cout, "wgrad db");
     let (m, k, n) = (yd.rows(), g.taps() * g.cin, g.cout);
+    if let Some(isa) = bf16_isa::<T>(ops).filter(|_| m * k <= WGRAD_WHOLE) {
+        let mut dwt = vec![0.0; n * k];
+        conv_wgrad_bf16_whole(isa, as_f32(x), xd, as_f32(dy), &mut dwt, g);
+        transpose_into(&dwt, n, k, as_f32_mut(dw));
+        db.fill(T::ZERO);
+        for row in dy.chunks_exact(n) {
+            db.iter_mut().zip(row).for_each(|(s, &v)| *s += v);
+        }
+        return;
+    }
+    conv_wgrad_split(x, xd, dy, dw, db, g, ops)
+}
+
+/// conv_wgrad split over output rows: one partial dw per thread (dw^T in bf16), summed in
+/// index order.
+fn conv_wgrad_split<T: Float>(x: &[T], xd: Dims, dy: &[T], dw: &mut [T], db: &mut [T], g: &ConvGeom, ops: Operands) {
+    let yd = g.out_dims(xd);
+    let (m, k, n) = (yd.rows(), g.taps() * g.cin, g.cout);
+    let transposed = ops == Operands::Bf16;
     let rows = ((1usize << 18) / k.max(1)).clamp(64, 1024);
     let parts = threads().min(m.div_ceil(rows)).max(1);
     let per = m.div_ceil(parts);
+    // Transposed, each tile's product reads and writes all of dw^T (n x k f32): tiles of at
+    // least 2n rows keep that traffic below the tile's own (deep layers: k 8640, n 320).
+    let rows = if transposed { rows.max((2 * n).min(per).min(1024)) } else { rows };
     let pointwise = is_pointwise(g);
     let partials: Vec<(Vec<T>, Vec<T>)> = (0..parts)
         .into_par_iter()
@@ -233,20 +318,70 @@ pub fn conv_wgrad<T: Float>(x: &[T], xd: Dims, dy: &[T], dw: &mut [T], db: &mut 
                     &x[r0 * k..(r0 + nr) * k]
                 } else {
                     tile.resize(nr * k, T::ZERO);
-                    im2col(x, xd, g, yd, r0, &mut tile[..nr * k]);
+                    im2col(x, xd, g, yd, r0, k, &mut tile[..nr * k], T::ZERO, copy);
                     &tile[..nr * k]
                 };
-                // pw[k x n] += a^T[k x nr] dyc[nr x n]
-                // SAFETY: a is nr x k row-major, dyc nr x n, pw k x n.
+                // SAFETY: a is nr x k row-major, dyc nr x n, pw k x n (n x k transposed).
                 unsafe {
-                    T::gemm(k, nr, n, T::ONE, a.as_ptr(), 1, k as isize, dyc.as_ptr(), n as isize, 1, T::ONE, pw.as_mut_ptr(), n as isize, 1)
+                    if transposed {
+                        // pw^T[n x k] += dyc^T[n x nr] a[nr x k]
+                        mm(ops, n, nr, k, dyc.as_ptr(), 1, n as isize, a.as_ptr(), k as isize, 1, T::ONE, pw.as_mut_ptr(), k as isize)
+                    } else {
+                        // pw[k x n] += a^T[k x nr] dyc[nr x n]
+                        mm(ops, k, nr, n, a.as_ptr(), 1, k as isize, dyc.as_ptr(), n as isize, 1, T::ONE, pw.as_mut_ptr(), n as isize)
+                    }
                 };
                 r0 += nr;
             }
             (pw, pb)
         })
         .collect();
-    sum_partials(&partials, dw, db);
+    if transposed {
+        let mut dwt = vec![T::ZERO; k * n];
+        sum_partials(&partials, &mut dwt, db);
+        transpose_into(&dwt, n, k, dw);
+    } else {
+        sum_partials(&partials, dw, db);
+    }
+}
+
+/// Layers whose im2col (rows x k) has at most this many values take `conv_wgrad_bf16_whole`.
+pub(crate) const WGRAD_WHOLE: usize = 1 << 23;
+
+/// dst[k x n] = src[n x k] transposed, in blocks of 64 dst rows (64 x n values stay in L2
+/// while every src row streams through; deep layers' dw has millions of values).
+fn transpose_into<T: Copy + Send + Sync>(src: &[T], n: usize, k: usize, dst: &mut [T]) {
+    const ROWS: usize = 64;
+    dst[..k * n].par_chunks_mut(ROWS * n).enumerate().for_each(|(bi, block)| {
+        let k0 = bi * ROWS;
+        for (co, row) in src.chunks_exact(k).enumerate().take(n) {
+            for (i, &v) in row[k0..k0 + block.len() / n].iter().enumerate() {
+                block[i * n + co] = v;
+            }
+        }
+    });
+}
+
+/// dw^T [n x k] in bf16 for layers with few output rows (the deep stages: 300 rows, k 8640,
+/// n 320), where per-thread partials of dw would cost more traffic than the products: the
+/// im2col of all rows packed once, dw^T's rows split over the threads, no partial sums.
+pub(crate) fn conv_wgrad_bf16_whole(isa: bf16::Isa, x: &[f32], xd: Dims, dy: &[f32], dwt: &mut [f32], g: &ConvGeom) {
+    let yd = g.out_dims(xd);
+    let (m, k, n) = (yd.rows(), g.taps() * g.cin, g.cout);
+    let cols = if is_pointwise(g) {
+        isa.pack(m, k, x, k)
+    } else {
+        let rows = tile_rows(m, k);
+        let mut tile = vec![0.0f32; m * k];
+        tile.par_chunks_mut(rows * k).enumerate().for_each(|(i, t)| im2col(x, xd, g, yd, i * rows, k, t, 0.0, copy));
+        isa.pack(m, k, &tile, k)
+    };
+    let dyt = isa.pack(m, n, dy, n).columns_as_rows();
+    let pairs = cols.pairs();
+    let per = n.div_ceil(2 * threads()).next_multiple_of(12);
+    dwt.par_chunks_mut(per * k).enumerate().for_each(|(i, c)| {
+        isa.gemm_packed(c.len() / k, &dyt[i * per * pairs..], pairs, &cols, 0.0, c, k);
+    });
 }
 
 /// dw, db = the sum of per-thread partial (dw, db) in index order.
@@ -258,5 +393,39 @@ pub(crate) fn sum_partials<T: Float>(partials: &[(Vec<T>, Vec<T>)], dw: &mut [T]
             d.iter_mut().zip(s).for_each(|(d, &s)| *d += s);
         });
         db.iter_mut().zip(pb).for_each(|(d, &s)| *d += s);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng, SeedableRng};
+
+    /// The two bf16 wgrad strategies (split over rows with partial sums; whole, split over
+    /// dw's rows) agree to f32 summation order on every geometry.
+    #[test]
+    fn bf16_wgrad_strategies_agree() {
+        let Some(isa) = bf16::isa() else {
+            println!("SKIPPED bf16_wgrad_strategies_agree: this CPU has no AVX512-BF16");
+            return;
+        };
+        let mut r = rand_pcg::Pcg64::seed_from_u64(7);
+        for (kern, s) in [([3, 3, 3], [1, 1, 1]), ([1, 1, 1], [1, 1, 1]), ([3, 3, 3], [2, 2, 2]), ([1, 3, 3], [1, 2, 2])] {
+            let xd = Dims::new(2, [6, 5, 7], 9);
+            let g = ConvGeom::new(9, 26, kern, s);
+            let yd = g.out_dims(xd);
+            let x: Vec<f32> = (0..xd.len()).map(|_| r.random_range(-1.0..1.0)).collect();
+            let dy: Vec<f32> = (0..yd.len()).map(|_| r.random_range(-1.0..1.0)).collect();
+            let (mut split, mut db) = (vec![f32::NAN; g.weight_len()], vec![f32::NAN; 26]);
+            // Forced onto the split path: transposed partials through the generic bf16 GEMM.
+            conv_wgrad_split(&x, xd, &dy, &mut split, &mut db, &g, Operands::Bf16);
+            let mut dwt = vec![f32::NAN; g.weight_len()];
+            conv_wgrad_bf16_whole(isa, &x, xd, &dy, &mut dwt, &g);
+            let mut whole = vec![0.0; g.weight_len()];
+            transpose_into(&dwt, g.cout, g.taps() * g.cin, &mut whole);
+            let num: f64 = split.iter().zip(&whole).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+            let den: f64 = whole.iter().map(|b| (*b as f64).powi(2)).sum();
+            assert!((num / den).sqrt() < 1e-6, "{kern:?} {s:?}: {}", (num / den).sqrt());
+        }
     }
 }

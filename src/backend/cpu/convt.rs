@@ -3,7 +3,7 @@
 //! gradients are a gather plus a GEMM.
 
 use super::conv::sum_partials;
-use super::{chunk_rows, gemm_rm, threads, Float, SyncPtr};
+use super::{chunk_rows, gemm_rm, mm, threads, Float, Operands, SyncPtr};
 use crate::backend::ConvTGeom;
 use crate::tensor::Dims;
 use rayon::prelude::*;
@@ -21,7 +21,8 @@ fn out_row(xd: Dims, yd: Dims, s: [usize; 3], row: usize, t: usize) -> usize {
 }
 
 /// y = convT(x, w) + b.
-pub fn convt_fwd<T: Float>(x: &[T], xd: Dims, w: &[T], b: &[T], y: &mut [T], g: &ConvTGeom) {
+pub fn convt_fwd<T: Float>(x: &[T], xd: Dims, w: &[T], b: &[T], y: &mut [T], g: &ConvTGeom, ops: Operands) {
+    let ops = ops.for_layer(g.cin, g.cout);
     let yd = g.out_dims(xd);
     assert_eq!(x.len(), xd.len(), "convT input");
     assert_eq!(y.len(), yd.len(), "convT output");
@@ -34,7 +35,7 @@ pub fn convt_fwd<T: Float>(x: &[T], xd: Dims, w: &[T], b: &[T], y: &mut [T], g: 
     (0..m.div_ceil(rows)).into_par_iter().for_each_init(Vec::new, |tile, ci| {
         let (r0, nr) = (ci * rows, rows.min(m - ci * rows));
         tile.resize(nr * tc, T::ZERO);
-        gemm_rm(nr, g.cin, tc, &x[r0 * g.cin..(r0 + nr) * g.cin], w, T::ZERO, tile);
+        gemm_rm(ops, nr, g.cin, tc, &x[r0 * g.cin..(r0 + nr) * g.cin], w, T::ZERO, tile);
         for (i, trow) in tile.chunks_exact(tc).enumerate() {
             for (t, v) in trow.chunks_exact(cout).enumerate() {
                 let o = out_row(xd, yd, g.stride, r0 + i, t) * cout;
@@ -58,7 +59,8 @@ fn gather<T: Float>(dy: &[T], xd: Dims, yd: Dims, g: &ConvTGeom, r0: usize, tile
 }
 
 /// dx (= or +=) gathered(dy) w^T.
-pub fn convt_dgrad<T: Float>(dy: &[T], w: &[T], dx: &mut [T], xd: Dims, g: &ConvTGeom, beta: T) {
+pub fn convt_dgrad<T: Float>(dy: &[T], w: &[T], dx: &mut [T], xd: Dims, g: &ConvTGeom, beta: T, ops: Operands) {
+    let ops = ops.for_layer(g.cin, g.cout);
     let yd = g.out_dims(xd);
     assert_eq!(dy.len(), yd.len(), "convT dgrad dy");
     assert_eq!(dx.len(), xd.len(), "convT dgrad dx");
@@ -71,13 +73,14 @@ pub fn convt_dgrad<T: Float>(dy: &[T], w: &[T], dx: &mut [T], xd: Dims, g: &Conv
         // dxc[nr x cin] = tile[nr x tc] w^T, w is [cin x tc] row-major.
         // SAFETY: shapes as described.
         unsafe {
-            T::gemm(nr, tc, cin, T::ONE, tile.as_ptr(), tc as isize, 1, w.as_ptr(), 1, tc as isize, beta, dxc.as_mut_ptr(), cin as isize, 1)
+            mm(ops, nr, tc, cin, tile.as_ptr(), tc as isize, 1, w.as_ptr(), 1, tc as isize, beta, dxc.as_mut_ptr(), cin as isize)
         };
     });
 }
 
 /// dw = x^T gathered(dy), db = column sums of dy; split-K per thread.
-pub fn convt_wgrad<T: Float>(x: &[T], xd: Dims, dy: &[T], dw: &mut [T], db: &mut [T], g: &ConvTGeom) {
+pub fn convt_wgrad<T: Float>(x: &[T], xd: Dims, dy: &[T], dw: &mut [T], db: &mut [T], g: &ConvTGeom, ops: Operands) {
+    let ops = ops.for_layer(g.cin, g.cout);
     let yd = g.out_dims(xd);
     assert_eq!(x.len(), xd.len(), "convT wgrad x");
     assert_eq!(dy.len(), yd.len(), "convT wgrad dy");
@@ -102,7 +105,7 @@ pub fn convt_wgrad<T: Float>(x: &[T], xd: Dims, dy: &[T], dw: &mut [T], db: &mut
                 // pw[cin x tc] += xc^T[cin x nr] tile[nr x tc]
                 // SAFETY: shapes as described.
                 unsafe {
-                    T::gemm(cin, nr, tc, T::ONE, xc.as_ptr(), 1, cin as isize, tile.as_ptr(), tc as isize, 1, T::ONE, pw.as_mut_ptr(), tc as isize, 1)
+                    mm(ops, cin, nr, tc, xc.as_ptr(), 1, cin as isize, tile.as_ptr(), tc as isize, 1, T::ONE, pw.as_mut_ptr(), tc as isize)
                 };
                 r0 += nr;
             }
