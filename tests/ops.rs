@@ -606,14 +606,15 @@ fn bf16_convolutions_match_f64_on_rounded_operands() {
         assert!(e < 2e-6, "{what}: {e} from f64 on bf16 operands");
         assert!(u > 1e-4, "{what}: {u} from unrounded f64: operands were not rounded");
     };
-    for (k, s) in conv_variants() {
-        // Odd cin (odd k), cout past one 16-lane half.
-        let xd = Dims::new(2, [5, 6, 7], 9);
-        let g = ConvGeom::new(9, 20, k, s);
+    // Odd cin (odd k: im2col), even cin on lines of 13 (stride 1: the direct kernels, 12
+    // voxels and a tail per line) and of 7 (im2col again); cout past one 16-lane half.
+    for ((k, s), (cin, width)) in conv_variants().into_iter().flat_map(|v| [(9, 7), (10, 13), (10, 7)].map(|c| (v, c))) {
+        let xd = Dims::new(2, [5, 6, width], cin);
+        let g = ConvGeom::new(cin, 20, k, s);
         let yd = g.out_dims(xd);
         let (x, w, b, dy, prior) = (randn(&mut r, xd.len()), randn(&mut r, g.weight_len()), randn(&mut r, 20), randn(&mut r, yd.len()), randn(&mut r, xd.len()));
         let (xr, wr, dyr) = (bf16_round(&x), bf16_round(&w), bf16_round(&dy));
-        let tag = format!("k {k:?} s {s:?}");
+        let tag = format!("k {k:?} s {s:?} cin {cin} width {width}");
 
         let (mut y, mut ye, mut yu) = (vec![f32::NAN; yd.len()], vec![0.0; yd.len()], vec![0.0; yd.len()]);
         conv::conv_fwd(&to_f32(&x), xd, &to_f32(&w), &to_f32(&b), &mut y, &g, bf);

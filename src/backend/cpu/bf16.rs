@@ -93,6 +93,26 @@ impl Isa {
         PackedB { pairs, n, npad, data }
     }
 
+    /// C[m x n] = sum over taps t of A_t B_t + beta C, where row i of A_t is the `pairs / taps`
+    /// u32 pairs at a[base + i * lda + taps[t]] and B_t the t-th run of that many pairs of `b`:
+    /// a direct convolution over a padded bf16 input, with no im2col. C row-major at `rsc`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_taps(self, m: usize, a: &[u32], base: usize, taps: &[usize], lda: usize, b: &PackedB, beta: f32, c: &mut [f32], rsc: usize) {
+        if m == 0 || taps.is_empty() {
+            return;
+        }
+        let seg = b.pairs / taps.len();
+        assert_eq!(seg * taps.len(), b.pairs, "bf16 taps: {} pairs over {} taps", b.pairs, taps.len());
+        let last = base + (m - 1) * lda + taps.iter().max().unwrap() + seg;
+        assert!(last <= a.len(), "bf16 taps: A of {} values, rows reach {last}", a.len());
+        assert!(c.len() >= (m - 1) * rsc + b.n && rsc >= b.n, "bf16 taps: C of {} for {m} rows of {}", c.len(), b.n);
+        // SAFETY: self proves the instructions; bounds checked above.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            imp::gemm_taps(m, a.as_ptr().add(base), taps, seg, lda, b, beta, c.as_mut_ptr(), rsc as isize)
+        }
+    }
+
     /// C[m x n] = A B + beta C: A row-major bf16 pairs ([m x pairs] u32 at row stride `lda`,
     /// as `round` writes rows of 2 * pairs values), C row-major f32 at row stride `rsc`.
     pub fn gemm_packed(self, m: usize, a: &[u32], lda: usize, b: &PackedB, beta: f32, c: &mut [f32], rsc: usize) {
@@ -191,6 +211,19 @@ mod imp {
         }
     }
 
+    /// C[m x n] (= or +=) the sum over taps t of A_t B_t, A_t's rows at a + taps[t] + i * lda
+    /// (`seg` pairs each), B_t pairs t * seg.. of the packed B; every micro-kernel of it.
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+    pub(super) unsafe fn gemm_taps(m: usize, a: *const u32, taps: &[usize], seg: usize, lda: usize, b: &super::PackedB, beta: f32, c: *mut f32, rsc: isize) {
+        for j0 in (0..b.n).step_by(NR) {
+            for ir in (0..m).step_by(MR) {
+                let cp = c.offset(ir as isize * rsc + j0 as isize);
+                micro(MR.min(m - ir), taps, seg, a.add(ir * lda), lda, b.data.as_ptr().add(j0 * 2), b.npad * 2, cp, rsc, NR.min(b.n - j0), beta);
+            }
+        }
+    }
+
     /// C[mc x n] (= or +=) A[mc x kc pairs] B[kc pairs x npad]: every micro-kernel of a block.
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
@@ -198,7 +231,7 @@ mod imp {
         for j0 in (0..n).step_by(NR) {
             for ir in (0..mc).step_by(MR) {
                 let cp = c.offset(ir as isize * rsc + j0 as isize);
-                micro(MR.min(mc - ir), kc, a.add(ir * lda), lda, b.add(j0 * 2), npad * 2, cp, rsc, NR.min(n - j0), beta);
+                micro(MR.min(mc - ir), &[0], kc, a.add(ir * lda), lda, b.add(j0 * 2), npad * 2, cp, rsc, NR.min(n - j0), beta);
             }
         }
     }
@@ -206,11 +239,11 @@ mod imp {
     /// Dispatches the micro-kernel by the number of rows left (the last block of A).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-    unsafe fn micro(mr: usize, kc: usize, a: *const u32, lda: usize, b: *const u16, ldb: usize, c: *mut f32, rsc: isize, ncols: usize, beta: f32) {
+    unsafe fn micro(mr: usize, segs: &[usize], kc: usize, a: *const u32, lda: usize, b: *const u16, ldb: usize, c: *mut f32, rsc: isize, ncols: usize, beta: f32) {
         macro_rules! rows {
             ($($r:literal)*) => {
                 match mr {
-                    $($r => kernel::<$r>(kc, a, lda, b, ldb, c, rsc, ncols, beta),)*
+                    $($r => kernel::<$r>(segs, kc, a, lda, b, ldb, c, rsc, ncols, beta),)*
                     _ => unreachable!("{mr} rows"),
                 }
             };
@@ -218,20 +251,25 @@ mod imp {
         rows!(1 2 3 4 5 6 7 8 9 10 11 12)
     }
 
-    /// C[R x ncols] (= or +=) A[R x kc pairs] B[kc pairs x 32]: A row-major u32 pairs (row
-    /// stride `lda`), B one VNNI micro-panel (row stride `ldb` bf16), C masked to `ncols`.
+    /// C[R x ncols] (= or +=) A[R x K] B[K x 32]: B one VNNI micro-panel (row stride `ldb`
+    /// bf16), C masked to `ncols`. K is `segs.len()` segments of `kc` pairs; segment s of row
+    /// i is the `kc` u32 pairs at a + segs[s] + i * lda (one segment at 0 for a GEMM; for a
+    /// direct convolution, one per tap at that tap's offset in the padded input).
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-    unsafe fn kernel<const R: usize>(kc: usize, a: *const u32, lda: usize, b: *const u16, ldb: usize, c: *mut f32, rsc: isize, ncols: usize, beta: f32) {
+    unsafe fn kernel<const R: usize>(segs: &[usize], kc: usize, a: *const u32, lda: usize, b: *const u16, ldb: usize, c: *mut f32, rsc: isize, ncols: usize, beta: f32) {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
-        for p in 0..kc {
-            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * ldb) as *const _));
-            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * ldb + 32) as *const _));
-            for (i, acc) in acc.iter_mut().enumerate() {
-                let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(i * lda + p) as i32));
-                acc[0] = _mm512_dpbf16_ps(acc[0], ai, b0);
-                acc[1] = _mm512_dpbf16_ps(acc[1], ai, b1);
+        for (s, &off) in segs.iter().enumerate() {
+            let (a, b) = (a.add(off), b.add(s * kc * ldb));
+            for p in 0..kc {
+                let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * ldb) as *const _));
+                let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * ldb + 32) as *const _));
+                for (i, acc) in acc.iter_mut().enumerate() {
+                    let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(i * lda + p) as i32));
+                    acc[0] = _mm512_dpbf16_ps(acc[0], ai, b0);
+                    acc[1] = _mm512_dpbf16_ps(acc[1], ai, b1);
+                }
             }
         }
         let masks = [lanes(ncols), lanes(ncols.saturating_sub(16))];
