@@ -113,6 +113,48 @@ impl Isa {
         }
     }
 
+    /// Columns padded to hold `n`: what `pack_rows` pads to and `gemm_segments` reads.
+    pub fn padded(n: usize) -> usize {
+        n.next_multiple_of(32)
+    }
+
+    /// Rows of `src` ([rows x n] f32, row-major) rounded and packed in pairs into `dst`
+    /// ([ceil(rows / 2)][padded(n)][2] bf16: consecutive rows interleaved column by column, a
+    /// missing odd row and the padding columns zero).
+    pub fn pack_rows(self, src: &[f32], rows: usize, n: usize, dst: &mut [u16]) {
+        let npad = Self::padded(n);
+        assert!(src.len() >= rows * n, "bf16 pack_rows: {} values for {rows} x {n}", src.len());
+        assert_eq!(dst.len(), rows.div_ceil(2) * npad * 2, "bf16 pack_rows destination");
+        if rows == 0 {
+            return;
+        }
+        // SAFETY: self proves the instructions; sizes checked.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            imp::pack_b(src.as_ptr(), n as isize, 1, rows, n, 0, rows.div_ceil(2), npad, dst)
+        }
+    }
+
+    /// C[m x n] = sum over segments s of A_s B_s + beta C, where A_s[i][p] is the u32 pair at
+    /// a[segs[s] + i * rs + p * ps] and B_s the s-th run of `kc` pairs of `b` (as `pack_rows`
+    /// writes it for `n` columns). C row-major at `rsc`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn gemm_segments(self, m: usize, a: &[u32], segs: &[usize], rs: usize, ps: usize, kc: usize, b: &[u16], n: usize, beta: f32, c: &mut [f32], rsc: usize) {
+        if m == 0 || n == 0 || segs.is_empty() {
+            return;
+        }
+        let npad = Self::padded(n);
+        let last = segs.iter().max().unwrap() + (m - 1) * rs + kc.saturating_sub(1) * ps + 1;
+        assert!(kc == 0 || last <= a.len(), "bf16 segments: A of {} values, rows reach {last}", a.len());
+        assert!(b.len() >= segs.len() * kc * npad * 2, "bf16 segments: B of {} for {} x {kc} pairs", b.len(), segs.len());
+        assert!(c.len() >= (m - 1) * rsc + n && rsc >= n, "bf16 segments: C of {} for {m} rows of {n}", c.len());
+        // SAFETY: self proves the instructions; bounds checked above.
+        #[cfg(target_arch = "x86_64")]
+        unsafe {
+            imp::gemm_segments(m, a.as_ptr(), segs, rs, ps, kc, b.as_ptr(), n, npad, beta, c.as_mut_ptr(), rsc as isize)
+        }
+    }
+
     /// C[m x n] = A B + beta C: A row-major bf16 pairs ([m x pairs] u32 at row stride `lda`,
     /// as `round` writes rows of 2 * pairs values), C row-major f32 at row stride `rsc`.
     pub fn gemm_packed(self, m: usize, a: &[u32], lda: usize, b: &PackedB, beta: f32, c: &mut [f32], rsc: usize) {
@@ -219,7 +261,20 @@ mod imp {
         for j0 in (0..b.n).step_by(NR) {
             for ir in (0..m).step_by(MR) {
                 let cp = c.offset(ir as isize * rsc + j0 as isize);
-                micro(MR.min(m - ir), taps, seg, a.add(ir * lda), lda, b.data.as_ptr().add(j0 * 2), b.npad * 2, cp, rsc, NR.min(b.n - j0), beta);
+                micro(MR.min(m - ir), taps, seg, a.add(ir * lda), lda, 1, b.data.as_ptr().add(j0 * 2), b.npad * 2, cp, rsc, NR.min(b.n - j0), beta);
+            }
+        }
+    }
+
+    /// C[m x n] (= or +=) the sum over segments s of A_s B_s: A_s[i][p] the u32 pair at
+    /// a + segs[s] + i * rs + p * ps, B_s the s-th run of kc pairs of b (VNNI, npad columns).
+    #[allow(clippy::too_many_arguments)]
+    #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
+    pub(super) unsafe fn gemm_segments(m: usize, a: *const u32, segs: &[usize], rs: usize, ps: usize, kc: usize, b: *const u16, n: usize, npad: usize, beta: f32, c: *mut f32, rsc: isize) {
+        for j0 in (0..n).step_by(NR) {
+            for ir in (0..m).step_by(MR) {
+                let cp = c.offset(ir as isize * rsc + j0 as isize);
+                micro(MR.min(m - ir), segs, kc, a.add(ir * rs), rs, ps, b.add(j0 * 2), npad * 2, cp, rsc, NR.min(n - j0), beta);
             }
         }
     }
@@ -231,7 +286,7 @@ mod imp {
         for j0 in (0..n).step_by(NR) {
             for ir in (0..mc).step_by(MR) {
                 let cp = c.offset(ir as isize * rsc + j0 as isize);
-                micro(MR.min(mc - ir), &[0], kc, a.add(ir * lda), lda, b.add(j0 * 2), npad * 2, cp, rsc, NR.min(n - j0), beta);
+                micro(MR.min(mc - ir), &[0], kc, a.add(ir * lda), lda, 1, b.add(j0 * 2), npad * 2, cp, rsc, NR.min(n - j0), beta);
             }
         }
     }
@@ -239,11 +294,11 @@ mod imp {
     /// Dispatches the micro-kernel by the number of rows left (the last block of A).
     #[allow(clippy::too_many_arguments)]
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-    unsafe fn micro(mr: usize, segs: &[usize], kc: usize, a: *const u32, lda: usize, b: *const u16, ldb: usize, c: *mut f32, rsc: isize, ncols: usize, beta: f32) {
+    unsafe fn micro(mr: usize, segs: &[usize], kc: usize, a: *const u32, lda: usize, ps: usize, b: *const u16, ldb: usize, c: *mut f32, rsc: isize, ncols: usize, beta: f32) {
         macro_rules! rows {
             ($($r:literal)*) => {
                 match mr {
-                    $($r => kernel::<$r>(segs, kc, a, lda, b, ldb, c, rsc, ncols, beta),)*
+                    $($r => kernel::<$r>(segs, kc, a, lda, ps, b, ldb, c, rsc, ncols, beta),)*
                     _ => unreachable!("{mr} rows"),
                 }
             };
@@ -253,12 +308,13 @@ mod imp {
 
     /// C[R x ncols] (= or +=) A[R x K] B[K x 32]: B one VNNI micro-panel (row stride `ldb`
     /// bf16), C masked to `ncols`. K is `segs.len()` segments of `kc` pairs; segment s of row
-    /// i is the `kc` u32 pairs at a + segs[s] + i * lda (one segment at 0 for a GEMM; for a
-    /// direct convolution, one per tap at that tap's offset in the padded input).
+    /// i is the `kc` u32 pairs at a + segs[s] + i * lda + p * ps (one segment at 0 and ps 1 for
+    /// a GEMM; for a direct convolution, one per tap at that tap's offset in the padded input;
+    /// for its weight gradient, one per output line, rows the channels, ps the pair stride).
     #[allow(clippy::too_many_arguments)]
     #[inline]
     #[target_feature(enable = "avx512f,avx512bf16,avx512bw,avx512vl")]
-    unsafe fn kernel<const R: usize>(segs: &[usize], kc: usize, a: *const u32, lda: usize, b: *const u16, ldb: usize, c: *mut f32, rsc: isize, ncols: usize, beta: f32) {
+    unsafe fn kernel<const R: usize>(segs: &[usize], kc: usize, a: *const u32, lda: usize, ps: usize, b: *const u16, ldb: usize, c: *mut f32, rsc: isize, ncols: usize, beta: f32) {
         let mut acc = [[_mm512_setzero_ps(); 2]; R];
         for (s, &off) in segs.iter().enumerate() {
             let (a, b) = (a.add(off), b.add(s * kc * ldb));
@@ -266,7 +322,7 @@ mod imp {
                 let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * ldb) as *const _));
                 let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(p * ldb + 32) as *const _));
                 for (i, acc) in acc.iter_mut().enumerate() {
-                    let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(i * lda + p) as i32));
+                    let ai: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(i * lda + p * ps) as i32));
                     acc[0] = _mm512_dpbf16_ps(acc[0], ai, b0);
                     acc[1] = _mm512_dpbf16_ps(acc[1], ai, b1);
                 }

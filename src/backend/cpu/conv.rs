@@ -343,6 +343,9 @@ pub fn conv_wgrad<T: Float>(x: &[T], xd: Dims, dy: &[T], dw: &mut [T], db: &mut 
     assert_eq!(dw.len(), g.weight_len(), "wgrad dw");
     assert_eq!(db.len(), g.cout, "wgrad db");
     let (m, k, n) = (yd.rows(), g.taps() * g.cin, g.cout);
+    if let Some(isa) = bf16_isa::<T>(ops).filter(|_| g.stride == [1, 1, 1] && yd.w >= 8 && m * k > WGRAD_WHOLE) {
+        return conv_wgrad_direct_bf16(isa, as_f32(x), xd, as_f32(dy), as_f32_mut(dw), as_f32_mut(db), g);
+    }
     if let Some(isa) = bf16_isa::<T>(ops).filter(|_| m * k <= WGRAD_WHOLE) {
         let mut dwt = vec![0.0; n * k];
         conv_wgrad_bf16_whole(isa, as_f32(x), xd, as_f32(dy), &mut dwt, g);
@@ -411,6 +414,86 @@ fn conv_wgrad_split<T: Float>(x: &[T], xd: Dims, dy: &[T], dw: &mut [T], db: &mu
     }
 }
 
+/// Output planes per slab of `conv_wgrad_direct_bf16`: a thread's bf16 copies of them stay a
+/// few MiB.
+const WGRAD_SLAB: usize = 8;
+
+/// dw, db of a stride-1 convolution in bf16 with no im2col. Per tap t, dw_t [cin x cout] is
+/// the sum over output voxels v of x(v + t) dy(v)^T: the voxels pair up along x, so each
+/// output line of dy is packed once as pairs of consecutive voxels (B), and each padded
+/// input line twice (pairs starting at even and at odd x, A, one per tap parity); a tap's
+/// product over a plane is one kernel call whose segments are the plane's lines. Threads
+/// take slabs of planes with partial dw, summed in index order.
+fn conv_wgrad_direct_bf16(isa: bf16::Isa, x: &[f32], xd: Dims, dy: &[f32], dw: &mut [f32], db: &mut [f32], g: &ConvGeom) {
+    let yd = g.out_dims(xd);
+    let (cin, cout, p, kern) = (g.cin, g.cout, g.pad(), g.kernel);
+    let pd = [xd.d + 2 * p[0], xd.h + 2 * p[1], xd.w + 2 * p[2]];
+    let (cinp, coutp) = (bf16::Isa::padded(cin), bf16::Isa::padded(cout));
+    let (wq, jp) = (yd.w.div_ceil(2), pd[2].div_ceil(2));
+    let (line_x, line_dy) = (jp * cinp, wq * coutp * 2);
+    let planes = yd.n * yd.d;
+    let parts = threads().min(planes).max(1);
+    let per = planes.div_ceil(parts);
+    let taps = tap_offsets(kern, |t| t);
+    let partials: Vec<(Vec<f32>, Vec<f32>)> = (0..parts)
+        .into_par_iter()
+        .map(|pi| {
+            let (mut pw, mut pb) = (vec![0.0f32; g.weight_len()], vec![0.0f32; cout]);
+            let (mut xs, mut dys, mut line) = (Vec::<u32>::new(), Vec::<u16>::new(), vec![0.0f32; pd[2] * cin]);
+            let mut q = pi * per;
+            let hi = ((pi + 1) * per).min(planes);
+            while q < hi {
+                // A slab: output planes q..q1 of one sample.
+                let (b, z0) = (q / yd.d, q % yd.d);
+                let q1 = hi.min((b + 1) * yd.d).min(q + WGRAD_SLAB);
+                let nz = q1 - q;
+                let xz = nz + kern[0] - 1;
+                // x: padded planes z0 .. z0 + xz, both parities, [parity][plane][line][jp][cinp].
+                let half = xz * pd[1] * line_x;
+                xs.clear();
+                xs.resize(2 * half, 0);
+                for zp in 0..xz {
+                    let Some(z) = (z0 + zp).checked_sub(p[0]).filter(|&z| z < xd.d) else { continue };
+                    for y in 0..xd.h {
+                        let from = xd.ravel(b, z, y, 0) * cin;
+                        line[p[2] * cin..(p[2] + xd.w) * cin].copy_from_slice(&x[from..from + xd.w * cin]);
+                        let at = (zp * pd[1] + y + p[1]) * line_x;
+                        isa.pack_rows(&line, pd[2], cin, bytemuck::cast_slice_mut(&mut xs[at..at + line_x]));
+                        let odd = (pd[2] - 1).div_ceil(2) * cinp;
+                        isa.pack_rows(&line[cin..], pd[2] - 1, cin, bytemuck::cast_slice_mut(&mut xs[half + at..half + at + odd]));
+                    }
+                }
+                // dy: the slab's lines, pairs of voxels.
+                dys.clear();
+                dys.resize(nz * yd.h * line_dy, 0);
+                for (l, out) in dys.chunks_exact_mut(line_dy).enumerate() {
+                    let from = yd.ravel(b, z0 + l / yd.h, l % yd.h, 0) * cout;
+                    let row = &dy[from..from + yd.w * cout];
+                    isa.pack_rows(row, yd.w, cout, out);
+                    for v in row.chunks_exact(cout) {
+                        pb.iter_mut().zip(v).for_each(|(s, &v)| *s += v);
+                    }
+                }
+                let mut segs = vec![0usize; yd.h];
+                for zl in 0..nz {
+                    let bp = &dys[zl * yd.h * line_dy..(zl + 1) * yd.h * line_dy];
+                    for (t, tap) in taps.iter().enumerate() {
+                        let base = (tap[2] % 2) * half + tap[2] / 2 * cinp;
+                        for (oy, s) in segs.iter_mut().enumerate() {
+                            *s = base + ((zl + tap[0]) * pd[1] + oy + tap[1]) * line_x;
+                        }
+                        let c = &mut pw[t * cin * cout..(t + 1) * cin * cout];
+                        isa.gemm_segments(cin, &xs, &segs, 1, cinp, wq, bp, cout, 1.0, c, cout);
+                    }
+                }
+                q = q1;
+            }
+            (pw, pb)
+        })
+        .collect();
+    sum_partials(&partials, dw, db);
+}
+
 /// Layers whose im2col (rows x k) has at most this many values take `conv_wgrad_bf16_whole`.
 pub(crate) const WGRAD_WHOLE: usize = 1 << 23;
 
@@ -467,8 +550,9 @@ mod tests {
     use super::*;
     use rand::{Rng, SeedableRng};
 
-    /// The two bf16 wgrad strategies (split over rows with partial sums; whole, split over
-    /// dw's rows) agree to f32 summation order on every geometry.
+    /// The bf16 wgrad strategies (split over rows with partial sums; whole, split over dw's
+    /// rows; direct, for stride 1) agree to f32 summation order on every geometry, lines of 13
+    /// voxels (odd: a last pair with one voxel) and of 8.
     #[test]
     fn bf16_wgrad_strategies_agree() {
         let Some(isa) = bf16::isa() else {
@@ -476,8 +560,8 @@ mod tests {
             return;
         };
         let mut r = rand_pcg::Pcg64::seed_from_u64(7);
-        for (kern, s) in [([3, 3, 3], [1, 1, 1]), ([1, 1, 1], [1, 1, 1]), ([3, 3, 3], [2, 2, 2]), ([1, 3, 3], [1, 2, 2])] {
-            let xd = Dims::new(2, [6, 5, 7], 9);
+        for (kern, s, w) in [([3, 3, 3], [1, 1, 1], 13), ([3, 3, 3], [1, 1, 1], 8), ([1, 1, 1], [1, 1, 1], 13), ([3, 1, 3], [1, 1, 1], 9), ([3, 3, 3], [2, 2, 2], 7), ([1, 3, 3], [1, 2, 2], 7)] {
+            let xd = Dims::new(2, [6, 5, w], 9);
             let g = ConvGeom::new(9, 26, kern, s);
             let yd = g.out_dims(xd);
             let x: Vec<f32> = (0..xd.len()).map(|_| r.random_range(-1.0..1.0)).collect();
@@ -489,9 +573,17 @@ mod tests {
             conv_wgrad_bf16_whole(isa, &x, xd, &dy, &mut dwt, &g);
             let mut whole = vec![0.0; g.weight_len()];
             transpose_into(&dwt, g.cout, g.taps() * g.cin, &mut whole);
-            let num: f64 = split.iter().zip(&whole).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
-            let den: f64 = whole.iter().map(|b| (*b as f64).powi(2)).sum();
-            assert!((num / den).sqrt() < 1e-6, "{kern:?} {s:?}: {}", (num / den).sqrt());
+            let rel = |a: &[f32], b: &[f32]| {
+                let num: f64 = a.iter().zip(b).map(|(a, b)| ((a - b) as f64).powi(2)).sum();
+                (num / b.iter().map(|b| (*b as f64).powi(2)).sum::<f64>()).sqrt()
+            };
+            assert!(rel(&split, &whole) < 1e-6, "{kern:?} {s:?}: split vs whole {}", rel(&split, &whole));
+            if s == [1, 1, 1] {
+                let (mut direct, mut db2) = (vec![f32::NAN; g.weight_len()], vec![f32::NAN; 26]);
+                conv_wgrad_direct_bf16(isa, &x, xd, &dy, &mut direct, &mut db2, &g);
+                assert!(rel(&direct, &whole) < 1e-6, "{kern:?} w {w}: direct vs whole {}", rel(&direct, &whole));
+                assert!(rel(&db2, &db) < 1e-6, "{kern:?} w {w}: bias gradients");
+            }
         }
     }
 }
