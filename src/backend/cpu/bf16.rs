@@ -6,7 +6,11 @@
 //!
 //! Layout (oneDNN's "VNNI" form): A is packed row-major as u32 pairs (a[i][2p], a[i][2p+1]),
 //! each pair broadcast to all lanes; B as [pairs][columns][2] bf16, so one 64-byte load holds
-//! the pairs of 16 columns. The micro-kernel keeps a 12 x 32 block of C in 24 registers.
+//! the pairs of 16 columns. The micro-kernel keeps a 12 x 32 block of C in 24 registers and
+//! serves three forms: a GEMM (`gemm`, `Isa::gemm_packed`), a direct convolution whose K is
+//! one segment per tap at that tap's offset into a padded input (`Isa::gemm_taps`), and sums
+//! whose A has any row and pair stride and whose K runs over segments (`Isa::gemm_segments`:
+//! a weight gradient over the lines of a plane).
 //! AMX (tile instructions) is not used: Rust's AMX intrinsics and even its `amx-bf16`
 //! feature detection are unstable (rust-lang/rust#126622), and no machine here has AMX to
 //! test inline assembly on.
@@ -36,11 +40,12 @@ pub fn isa() -> Option<Isa> {
 }
 
 /// B [k x n] packed once for many products: pairs of rows interleaved, columns padded to 32.
+/// Held as u32 (one bf16 pair each) so that it can be read as either width, aligned.
 pub struct PackedB {
     pairs: usize,
     n: usize,
     npad: usize,
-    data: Vec<u16>,
+    data: Vec<u32>,
 }
 
 impl PackedB {
@@ -51,10 +56,9 @@ impl PackedB {
     /// The packed matrix's columns as rows of bf16 pairs ([n x pairs] u32): its transpose as
     /// the A operand of `gemm_packed`.
     pub fn columns_as_rows(&self) -> Vec<u32> {
-        let words: &[u32] = bytemuck::cast_slice(&self.data);
         let mut out = vec![0u32; self.n * self.pairs];
         for (c, row) in out.chunks_exact_mut(self.pairs.max(1)).enumerate().take(self.n) {
-            row.iter_mut().enumerate().for_each(|(q, v)| *v = words[q * self.npad + c]);
+            row.iter_mut().enumerate().for_each(|(q, v)| *v = self.data[q * self.npad + c]);
         }
         out
     }
@@ -75,18 +79,18 @@ impl Isa {
     pub fn pack(self, k: usize, n: usize, b: &[f32], rsb: usize) -> PackedB {
         assert!(k == 0 || n == 0 || b.len() >= (k - 1) * rsb + n, "bf16 pack of {k} x {n} from {} values", b.len());
         let (pairs, npad) = (k.div_ceil(2), n.next_multiple_of(32));
-        let mut data = vec![0u16; pairs * npad * 2];
+        let mut data = vec![0u32; pairs * npad];
         if pairs * npad > 0 {
             // Deep layers' weights are millions of values: packed on every thread.
             use rayon::prelude::*;
             let per = pairs.div_ceil(4 * rayon::current_num_threads()).max(64);
-            data.par_chunks_mut(per * npad * 2).enumerate().for_each(|(i, out)| {
-                let (p0, kc) = (i * per, out.len() / (npad * 2));
+            data.par_chunks_mut(per * npad).enumerate().for_each(|(i, out)| {
+                let (p0, kc) = (i * per, out.len() / npad);
                 // SAFETY: self proves the instructions; b addresses k rows of n at stride
                 // rsb; each chunk packs its own pairs.
                 #[cfg(target_arch = "x86_64")]
                 unsafe {
-                    imp::pack_b(b.as_ptr(), rsb as isize, 1, k, n, p0, kc, npad, out)
+                    imp::pack_b(b.as_ptr(), rsb as isize, 1, k, n, p0, kc, npad, bytemuck::cast_slice_mut(out))
                 };
             });
         }
@@ -248,7 +252,7 @@ mod imp {
             let kc = KC.min(b.pairs - p0);
             let beta = if p0 == 0 { beta } else { 1.0 };
             for i0 in (0..m).step_by(MC) {
-                block(MC.min(m - i0), kc, a.add(i0 * lda + p0), lda, b.data.as_ptr().add(p0 * b.npad * 2), b.npad, b.n, beta, c.offset(i0 as isize * rsc), rsc);
+                block(MC.min(m - i0), kc, a.add(i0 * lda + p0), lda, (b.data.as_ptr() as *const u16).add(p0 * b.npad * 2), b.npad, b.n, beta, c.offset(i0 as isize * rsc), rsc);
             }
         }
     }
@@ -261,7 +265,7 @@ mod imp {
         for j0 in (0..b.n).step_by(NR) {
             for ir in (0..m).step_by(MR) {
                 let cp = c.offset(ir as isize * rsc + j0 as isize);
-                micro(MR.min(m - ir), taps, seg, a.add(ir * lda), lda, 1, b.data.as_ptr().add(j0 * 2), b.npad * 2, cp, rsc, NR.min(b.n - j0), beta);
+                micro(MR.min(m - ir), taps, seg, a.add(ir * lda), lda, 1, (b.data.as_ptr() as *const u16).add(j0 * 2), b.npad * 2, cp, rsc, NR.min(b.n - j0), beta);
             }
         }
     }
