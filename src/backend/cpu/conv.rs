@@ -131,32 +131,43 @@ fn conv_fwd_bf16(isa: bf16::Isa, x: &[f32], xd: Dims, w: &[f32], b: &[f32], y: &
 }
 
 /// out = conv(src) + beta * out in bf16 with no im2col: `src` ([n, d, h, w, c], c even)
-/// copied once into a bf16 volume padded by `pad` with zeros, then each output line's runs of
-/// voxels multiplied tap by tap straight from it. Output voxel (z, y, x) reads the padded
-/// voxel (z*s + o) for each tap's offset o, in the order of the packed weights' taps.
+/// rounded into bf16 planes padded by `pad` with zeros, then each output line's runs of voxels
+/// multiplied tap by tap straight from them. Output voxel (z, y, x) reads the padded voxel
+/// (z*s + o) for each tap's offset o, in the order of the packed weights' taps. Threads take
+/// slabs of at most 8 output planes and copy only the input planes those read (a few MiB
+/// each, where a copy of the whole input would be hundreds of MiB beside the arenas).
 #[allow(clippy::too_many_arguments)]
 fn conv_direct_bf16(isa: bf16::Isa, src: &[f32], sd: Dims, pad: [usize; 3], offsets: &[[usize; 3]], stride: [usize; 3], wp: &bf16::PackedB, out: &mut [f32], od: Dims, beta: f32) {
     let c2 = sd.c / 2;
     let pd = [sd.d + 2 * pad[0], sd.h + 2 * pad[1], sd.w + 2 * pad[2]];
     let line = pd[2] * c2;
-    let mut xp = vec![0u32; sd.n * pd[0] * pd[1] * line];
-    xp.par_chunks_mut(pd[1] * line).enumerate().for_each(|(pi, plane)| {
-        let (b, zp) = (pi / pd[0], pi % pd[0]);
-        if zp < pad[0] || zp >= pad[0] + sd.d {
-            return;
-        }
-        for y in 0..sd.h {
-            let at = (y + pad[1]) * line + pad[2] * c2;
-            let from = sd.ravel(b, zp - pad[0], y, 0) * sd.c;
-            isa.round(&src[from..from + sd.w * sd.c], bytemuck::cast_slice_mut(&mut plane[at..at + sd.w * c2]));
-        }
-    });
     let taps: Vec<usize> = offsets.iter().map(|o| ((o[0] * pd[1] + o[1]) * pd[2] + o[2]) * c2).collect();
-    let cout = od.c;
-    out.par_chunks_mut(od.w * cout).enumerate().for_each(|(li, yline)| {
-        let (b, oz, oy) = (li / (od.d * od.h), (li / od.h) % od.d, li % od.h);
-        let base = ((b * pd[0] + oz * stride[0]) * pd[1] + oy * stride[1]) * line;
-        isa.gemm_taps(od.w, &xp, base, &taps, stride[2] * c2, wp, beta, yline, cout);
+    let reach = offsets.iter().map(|o| o[0]).max().unwrap_or(0) + 1;
+    let per_sample = (4 * threads()).div_ceil(od.n).max(1);
+    let depth = od.d.div_ceil(per_sample).clamp(1, 8);
+    let slabs: Vec<(usize, usize, usize)> = (0..od.n).flat_map(|b| (0..od.d).step_by(depth).map(move |z0| (b, z0, (z0 + depth).min(od.d)))).collect();
+    let plane_out = od.h * od.w * od.c;
+    let outp = SyncPtr(out.as_mut_ptr());
+    slabs.par_iter().for_each_init(Vec::<u32>::new, |xp, &(b, z0, z1)| {
+        let zp0 = z0 * stride[0];
+        let planes = (z1 - 1 - z0) * stride[0] + reach;
+        xp.clear();
+        xp.resize(planes * pd[1] * line, 0);
+        for (zl, plane) in xp.chunks_exact_mut(pd[1] * line).enumerate() {
+            let Some(z) = (zp0 + zl).checked_sub(pad[0]).filter(|&z| z < sd.d) else { continue };
+            for y in 0..sd.h {
+                let at = (y + pad[1]) * line + pad[2] * c2;
+                let from = sd.ravel(b, z, y, 0) * sd.c;
+                isa.round(&src[from..from + sd.w * sd.c], bytemuck::cast_slice_mut(&mut plane[at..at + sd.w * c2]));
+            }
+        }
+        // SAFETY: the slab's output planes are contiguous and no other slab's.
+        let slab = unsafe { outp.rows((b * od.d + z0) * plane_out, (z1 - z0) * plane_out) };
+        for (li, yline) in slab.chunks_exact_mut(od.w * od.c).enumerate() {
+            let (zl, oy) = (li / od.h, li % od.h);
+            let base = (zl * stride[0] * pd[1] + oy * stride[1]) * line;
+            isa.gemm_taps(od.w, xp, base, &taps, stride[2] * c2, wp, beta, yline, od.c);
+        }
     });
 }
 
