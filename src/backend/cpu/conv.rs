@@ -375,7 +375,8 @@ pub fn conv_wgrad<T: Float>(x: &[T], xd: Dims, dy: &[T], dw: &mut [T], db: &mut 
 fn conv_wgrad_split<T: Float>(x: &[T], xd: Dims, dy: &[T], dw: &mut [T], db: &mut [T], g: &ConvGeom, ops: Operands) {
     let yd = g.out_dims(xd);
     let (m, k, n) = (yd.rows(), g.taps() * g.cin, g.cout);
-    let transposed = ops == Operands::Bf16;
+    // Only where the bf16 GEMM runs: elsewhere the f32/f64 GEMM keeps its own orientation.
+    let transposed = bf16_isa::<T>(ops).is_some();
     let rows = ((1usize << 18) / k.max(1)).clamp(64, 1024);
     let parts = threads().min(m.div_ceil(rows)).max(1);
     let per = m.div_ceil(parts);

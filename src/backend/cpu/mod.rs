@@ -109,7 +109,7 @@ pub(crate) unsafe fn mm<T: Float>(
     b: *const T, rsb: isize, csb: isize,
     beta: T, c: *mut T, rsc: isize,
 ) {
-    if ops == Operands::Bf16 && std::any::TypeId::of::<T>() == std::any::TypeId::of::<f32>() && bf16::available() {
+    if bf16_isa::<T>(ops).is_some() {
         // T is f32 here: the casts change nothing.
         return bf16::gemm(m, k, n, a.cast(), rsa, csa, b.cast(), rsb, csb, beta.to_f64() as f32, c.cast(), rsc);
     }
