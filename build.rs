@@ -128,7 +128,8 @@ fn build_emulator(kdir: &Path, sources: &[PathBuf], out: &Path) {
 }
 
 /// kernels/emu/driver.c as OUT_DIR/fakecuda/libcuda.so: an NVIDIA driver whose GPU is the
-/// kernel emulator, so tests run `--device cuda` (cudarc, streams, events, copies) with no GPU.
+/// kernel emulator, so tests run `--device cuda` (cudarc, streams, events, copies) with no GPU;
+/// kernels/emu/nccl.c beside it as libnccl.so (collectives between processes in shared memory).
 /// Its directory reaches the tests as SEGK_FAKE_CUDA_DIR (empty when it did not build).
 fn build_fake_driver(kdir: &Path, out: &Path) {
     let src = kdir.join("emu/driver.c");
@@ -137,7 +138,11 @@ fn build_fake_driver(kdir: &Path, out: &Path) {
     let _ = fs::create_dir_all(&dir);
     let lib = dir.join("libcuda.so");
     let compiler = cc::Build::new().cargo_metadata(false).get_compiler();
-    let res = compiler.to_command().args(["-shared", "-fPIC", "-O2", "-pthread", "-o"]).arg(&lib).arg(&src).arg("-ldl").output();
+    let build = |src: &Path, lib: &Path| compiler.to_command().args(["-shared", "-fPIC", "-O2", "-pthread", "-o"]).arg(lib).arg(src).arg("-ldl").output();
+    // The fake NCCL (kernels/emu/nccl.c) sits beside it: multi-rank runs on the fake driver.
+    let nccl = kdir.join("emu/nccl.c");
+    println!("cargo:rerun-if-changed={}", nccl.display());
+    let res = build(&src, &lib).and_then(|o| if o.status.success() { build(&nccl, &dir.join("libnccl.so")) } else { Ok(o) });
     match res {
         Ok(o) if o.status.success() => println!("cargo:rustc-env=SEGK_FAKE_CUDA_DIR={}", dir.display()),
         other => {

@@ -40,7 +40,7 @@ fn bench(c: &mut Criterion) {
     g.sample_size(10).warm_up_time(Duration::from_secs(2)).measurement_time(Duration::from_secs(15));
     g.throughput(Throughput::Elements(1));
     for (name, augment) in [("full_chain_128cube_1core", Augment::default()), ("crop_only_128cube_1core", Augment::none())] {
-        let spec = BatchSpec { batch: 1, patch: PATCH, channels: 1, use_mask: vec![false], seed: 1, augment, prev_stage: None };
+        let spec = BatchSpec { batch: 1, patch: PATCH, channels: 1, use_mask: vec![false], seed: 1, augment, prev_stage: None, shard: Default::default() };
         let aug = Augmenter::new(&store, &ids, spec.clone()).expect("augmenter");
         let mut w = aug.worker();
         let s = spec.slot_shape();
@@ -56,7 +56,7 @@ fn bench(c: &mut Criterion) {
     // The pool at batch 2 feeding a consumer that does nothing; throughput in samples.
     g.throughput(Throughput::Elements(2));
     for workers in [1, 2] {
-        let spec = BatchSpec { batch: 2, patch: PATCH, channels: 1, use_mask: vec![false], seed: 2, augment: Augment::default(), prev_stage: None };
+        let spec = BatchSpec { batch: 2, patch: PATCH, channels: 1, use_mask: vec![false], seed: 2, augment: Augment::default(), prev_stage: None, shard: Default::default() };
         let aug = Arc::new(Augmenter::new(&store, &ids, spec.clone()).expect("augmenter"));
         let mut pool = Pool::start(aug, workers, 2 * workers + 2, spec.slot_shape(), 0).expect("pool");
         g.bench_function(format!("pool_{workers}_workers_batch2"), |bch| {

@@ -161,12 +161,13 @@ extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_dice(const 
     }
 }
 
-// z <- weight * dL/dz; coef[(group * C + c) * 2] = (dc, 1/denominator), group = sample
-// when per_sample else 0, then the labelled-voxel count (groups = n when per_sample else 1).
+// z <- weight * dL/dz for this rank's n samples (global indices first.., of n_all over every
+// rank); coef[(group * C + c) * 2] = (dc, 1/denominator), group = global sample when
+// per_sample else 0, then the labelled-voxel count (groups = n_all when per_sample else 1).
 template <class A>
-__device__ __forceinline__ void loss_grad(A* z, const uint8_t* lab, int n, long V, int C, const float* coef, int per_sample, int ignore, float terms, float weight) {
+__device__ __forceinline__ void loss_grad(A* z, const uint8_t* lab, int n, int first, int n_all, long V, int C, const float* coef, int per_sample, int ignore, float terms, float weight) {
     long rows = (long)n * V;
-    const float total_vox = coef[(per_sample ? n : 1) * C * 2];
+    const float total_vox = coef[(per_sample ? n_all : 1) * C * 2];
     for (long row = blockIdx.x * (long)blockDim.x + threadIdx.x; row < rows; row += (long)gridDim.x * blockDim.x) {
         A* zr = z + row * C;
         int y = lab[row];
@@ -174,7 +175,7 @@ __device__ __forceinline__ void loss_grad(A* z, const uint8_t* lab, int n, long 
             for (int c = 0; c < C; c++) st(zr + c, 0.f);
             continue;
         }
-        const float* cf = coef + (per_sample ? (row / V) * C * 2 : 0);
+        const float* cf = coef + (per_sample ? (first + row / V) * C * 2 : 0);
         float mx = ld(zr);
         for (int c = 1; c < C; c++) mx = fmaxf(mx, ld(zr + c));
         float s = 0.f;
@@ -240,17 +241,17 @@ __device__ __forceinline__ void region_partial(const A* z, const uint8_t* lab, l
 // loss_grad over every region; count (after the coefficients) as segk_loss_dice wrote it;
 // zero at voxels labelled `ignore`.
 template <class A>
-__device__ __forceinline__ void region_grad(A* z, const uint8_t* lab, int n, long V, int C, unsigned long long m01, unsigned long long m23, unsigned long long m45, unsigned long long m67, int ignore, const float* coef, int per_sample, float terms, float weight) {
+__device__ __forceinline__ void region_grad(A* z, const uint8_t* lab, int n, int first, int n_all, long V, int C, unsigned long long m01, unsigned long long m23, unsigned long long m45, unsigned long long m67, int ignore, const float* coef, int per_sample, float terms, float weight) {
     const unsigned long long m[4] = {m01, m23, m45, m67};
     const long rows = (long)n * V;
-    const float count = coef[(per_sample ? n : 1) * C * 2];
+    const float count = coef[(per_sample ? n_all : 1) * C * 2];
     for (long row = blockIdx.x * (long)blockDim.x + threadIdx.x; row < rows; row += (long)gridDim.x * blockDim.x) {
         const int y = lab[row];
         if (y == ignore) {
             for (int c = 0; c < C; c++) st(z + row * C + c, 0.f);
             continue;
         }
-        const float* cf = coef + (per_sample ? (row / V) * C * 2 : 0);
+        const float* cf = coef + (per_sample ? (first + row / V) * C * 2 : 0);
         for (int c = 0; c < C; c++) {
             const float x = ld(z + row * C + c), t = in_region(m, c, y), p = 1.f / (1.f + __expf(-x));
             const float g = -(2.f * t - cf[c * 2]) * cf[c * 2 + 1] / terms;
@@ -262,10 +263,10 @@ __device__ __forceinline__ void region_grad(A* z, const uint8_t* lab, int n, lon
 #define REGION_MASKS unsigned long long m01, unsigned long long m23, unsigned long long m45, unsigned long long m67
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_region_partial_f32(const float* z, const uint8_t* lab, long V, int C, REGION_MASKS, int ignore, long chunk, float* part) { region_partial(z, lab, V, C, m01, m23, m45, m67, ignore, chunk, part); }
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_region_partial_bf16(const bf16* z, const uint8_t* lab, long V, int C, REGION_MASKS, int ignore, long chunk, float* part) { region_partial(z, lab, V, C, m01, m23, m45, m67, ignore, chunk, part); }
-extern "C" __global__ void segk_region_grad_f32(float* z, const uint8_t* lab, int n, long V, int C, REGION_MASKS, int ignore, const float* coef, int per_sample, float terms, float weight) { region_grad(z, lab, n, V, C, m01, m23, m45, m67, ignore, coef, per_sample, terms, weight); }
-extern "C" __global__ void segk_region_grad_bf16(bf16* z, const uint8_t* lab, int n, long V, int C, REGION_MASKS, int ignore, const float* coef, int per_sample, float terms, float weight) { region_grad(z, lab, n, V, C, m01, m23, m45, m67, ignore, coef, per_sample, terms, weight); }
+extern "C" __global__ void segk_region_grad_f32(float* z, const uint8_t* lab, int n, int first, int n_all, long V, int C, REGION_MASKS, int ignore, const float* coef, int per_sample, float terms, float weight) { region_grad(z, lab, n, first, n_all, V, C, m01, m23, m45, m67, ignore, coef, per_sample, terms, weight); }
+extern "C" __global__ void segk_region_grad_bf16(bf16* z, const uint8_t* lab, int n, int first, int n_all, long V, int C, REGION_MASKS, int ignore, const float* coef, int per_sample, float terms, float weight) { region_grad(z, lab, n, first, n_all, V, C, m01, m23, m45, m67, ignore, coef, per_sample, terms, weight); }
 
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_partial_f32(const float* z, const uint8_t* lab, long V, int C, int ignore, long chunk, float* part) { loss_partial(z, lab, V, C, ignore, chunk, part); }
 extern "C" __global__ void __launch_bounds__(LOSS_THREADS) segk_loss_partial_bf16(const bf16* z, const uint8_t* lab, long V, int C, int ignore, long chunk, float* part) { loss_partial(z, lab, V, C, ignore, chunk, part); }
-extern "C" __global__ void segk_loss_grad_f32(float* z, const uint8_t* lab, int n, long V, int C, const float* coef, int per_sample, int ignore, float terms, float weight) { loss_grad(z, lab, n, V, C, coef, per_sample, ignore, terms, weight); }
-extern "C" __global__ void segk_loss_grad_bf16(bf16* z, const uint8_t* lab, int n, long V, int C, const float* coef, int per_sample, int ignore, float terms, float weight) { loss_grad(z, lab, n, V, C, coef, per_sample, ignore, terms, weight); }
+extern "C" __global__ void segk_loss_grad_f32(float* z, const uint8_t* lab, int n, int first, int n_all, long V, int C, const float* coef, int per_sample, int ignore, float terms, float weight) { loss_grad(z, lab, n, first, n_all, V, C, coef, per_sample, ignore, terms, weight); }
+extern "C" __global__ void segk_loss_grad_bf16(bf16* z, const uint8_t* lab, int n, int first, int n_all, long V, int C, const float* coef, int per_sample, int ignore, float terms, float weight) { loss_grad(z, lab, n, first, n_all, V, C, coef, per_sample, ignore, terms, weight); }

@@ -104,7 +104,7 @@ pub fn run(a: &LoaderArgs) -> Result<Vec<LoaderRow>> {
             println!("segk bench loader: patch {:?}, batch {}, full nnU-Net augmentation, {} generated cases of {:?} ({} CPUs usable)", a.patch, a.batch, a.cases, a.shape, crate::threads::Cpus::detect().usable());
         }
         let (store, ids) = synthetic_store(&base, a.cases, a.shape)?;
-        let spec = BatchSpec { batch: a.batch, patch: a.patch, channels: 1, use_mask: vec![false], seed: 1, augment: Augment::default(), prev_stage: None };
+        let spec = BatchSpec { batch: a.batch, patch: a.patch, channels: 1, use_mask: vec![false], seed: 1, augment: Augment::default(), prev_stage: None, shard: Default::default() };
         let mut rows = Vec::new();
         for &w in &a.workers {
             anyhow::ensure!(w > 0, "--workers: counts must be at least 1");

@@ -303,6 +303,9 @@ impl Job for Train {
             !crate::train::STOP.load(std::sync::atomic::Ordering::Relaxed),
             "interrupted after the last epoch: checkpoint_final is saved; validation was skipped"
         );
+        if self.cfg.group.as_ref().is_some_and(|g| g.world().rank != 0) {
+            return Ok(logs);
+        }
         // nnU-Net's predictor takes the model folder too.
         let pth = crate::checkpoint::export_nnunet(&self.cfg.out, "checkpoint_final", &self.configuration)?;
         println!("wrote {} (nnU-Net's checkpoint format: nnUNetv2_predict_from_modelfolder reads this model folder)", pth.display());
@@ -408,33 +411,111 @@ pub fn stop_on_signals() {
 
 #[allow(clippy::too_many_arguments)]
 pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: Option<&str>, device: &str, o: TrainOpts, preprocessed: Option<std::path::PathBuf>, out: Option<std::path::PathBuf>) -> Result<()> {
-    use crate::preprocess::splits;
-    let TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained, validation, npz, workers, seed, precision } = o;
     anyhow::ensure!(
         ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"].contains(&configuration),
         "configuration {configuration:?}: segk trains nnU-Net's 2d, 3d_fullres, 3d_lowres and 3d_cascade_fullres"
     );
-    let fold: splits::Fold = fold.parse()?;
-    let checkpointing = match checkpointing.as_str() {
-        "auto" => None,
-        l => Some(crate::model::Checkpointing::from_level(l.parse().map_err(|_| anyhow::anyhow!("--checkpointing must be auto, 0, 1 or 2"))?)?),
-    };
+    let fold_name = fold;
+    let fold: crate::preprocess::splits::Fold = fold.parse()?;
+    anyhow::ensure!(["auto", "0", "1", "2"].contains(&o.checkpointing.as_str()), "--checkpointing must be auto, 0, 1 or 2");
     #[cfg(unix)]
     stop_on_signals();
-    anyhow::ensure!(epochs > 0 && iters_per_epoch > 0 && val_iters > 0, "--epochs, --iters-per-epoch and --val-iters must be at least 1");
-    anyhow::ensure!(workers != Some(0), "--workers must be at least 1");
+    anyhow::ensure!(o.epochs > 0 && o.iters_per_epoch > 0 && o.val_iters > 0, "--epochs, --iters-per-epoch and --val-iters must be at least 1");
+    anyhow::ensure!(o.workers != Some(0), "--workers must be at least 1");
     if device != "auto" {
         crate::device::parse(device)?;
     }
     let root = ex.root.as_path();
+    let plans_name = plans_name.unwrap_or(crate::plan::nnunet::PLANNERS[0].plans_name);
+    // Several ranks (srun, mpirun, torchrun-style variables, --devices): meet first; rank 0
+    // prepares (preprocessing, splits, the model folder) while the others wait.
+    let world = crate::dist::World::from_process_env()?;
+    // SEGK_GROUP=1 (which --devices sets) takes the ranks' path even for one rank: the
+    // rendezvous and NCCL at world size 1.
+    let grouped = !world.is_single() || std::env::var("SEGK_GROUP").is_ok_and(|v| v == "1");
+    let (group, device) = if !grouped {
+        (None, device.to_string())
+    } else {
+        let device = rank_device(device, &world)?;
+        let run = format!(
+            "{} {configuration} {plans_name} fold {fold_name} epochs {}x{} val {} seed {} resume {} segk {}",
+            dataset_name(root),
+            o.epochs,
+            o.iters_per_epoch,
+            o.val_iters,
+            o.seed,
+            o.resume,
+            env!("CARGO_PKG_VERSION")
+        );
+        let g = crate::dist::group::Group::connect(&world, &run, crate::dist::group::Limits::from_env()?)?;
+        println!("rank {} of {} ({}) on {device}, rendezvous at {}:{}", world.rank, world.size, world.launcher, world.master_addr, world.master_port);
+        if world.rank != 0 {
+            println!("rank {}: from here only rank 0 prints; errors still reach stderr", world.rank);
+            quiet_stdout();
+            g.sync("prepared", &[])?;
+        }
+        (Some(std::sync::Arc::new(g)), device)
+    };
+    let lead = world.rank == 0;
+    let r = train_prepared(ex, configuration, fold, plans_name, &device, o, preprocessed, out, group.clone(), lead);
+    if let Some(g) = &group {
+        match &r {
+            Ok(()) => g.finish(),
+            Err(e) => g.fail(e),
+        }
+    }
+    r
+}
+
+/// The device of one rank: `--device cuda:N` as given (`--devices` gives each rank its own),
+/// else the GPU of its local rank.
+fn rank_device(device: &str, world: &crate::dist::World) -> Result<String> {
+    match device {
+        "auto" | "cuda" => Ok(format!("cuda:{}", world.local_rank)),
+        d if d.starts_with("cuda:") => Ok(d.to_string()),
+        d => anyhow::bail!("--device {d}: training on several ranks ({} of them, from {}) needs GPUs (NCCL)", world.size, world.launcher),
+    }
+}
+
+/// Ranks other than 0 print nothing (their lines would repeat rank 0's); stderr stays.
+fn quiet_stdout() {
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    // SAFETY: opens /dev/null and puts it in place of fd 1; no Rust object owns fd 1.
+    unsafe {
+        let fd = libc::open(c"/dev/null".as_ptr(), libc::O_WRONLY);
+        if fd >= 0 {
+            libc::dup2(fd, 1);
+            libc::close(fd);
+        }
+    }
+}
+
+/// `run_train` from the preparation on; `lead`: this process writes (the only rank, or rank 0).
+#[allow(clippy::too_many_arguments)]
+fn train_prepared(ex: &Experiment, configuration: &str, fold: crate::preprocess::splits::Fold, plans_name: &str, device: &str, o: TrainOpts, preprocessed: Option<std::path::PathBuf>, out: Option<std::path::PathBuf>, group: Option<std::sync::Arc<crate::dist::group::Group>>, lead: bool) -> Result<()> {
+    use crate::preprocess::splits;
+    let TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained, validation, npz, workers, seed, precision } = o;
+    let checkpointing = match checkpointing.as_str() {
+        "auto" => None,
+        l => Some(crate::model::Checkpointing::from_level(l.parse().map_err(|_| anyhow::anyhow!("--checkpointing must be auto, 0, 1 or 2"))?)?),
+    };
+    let root = ex.root.as_path();
     let pre = preprocessed.unwrap_or_else(|| preprocessed_dir(root));
     let ds = ex.dataset()?;
     let ids: Vec<String> = ds.cases.iter().map(|c| c.id.clone()).collect();
-    let plans_name = plans_name.unwrap_or(crate::plan::nnunet::PLANNERS[0].plans_name);
     let plans = open_plans(ex, &pre, plans_name)?;
     let plan = crate::plan::plans::from_nnunet(&plans, configuration, &ds.json).with_context(|| format!("{}", crate::plan::nnunet::plans_path(&pre, plans_name).display()))?;
     let store = pre.join(crate::plan::plans::store_dir(&plans, configuration)?);
     let (stale, dtype) = crate::preprocess::stale_cases(&store, &ids, &ds.json, &plans, configuration)?;
+    if !stale.is_empty() && !lead {
+        anyhow::bail!(
+            "this rank does not see the store rank 0 prepared at {} ({} of {} cases missing or stale): every node needs the preprocessed and results folders at the same paths (a shared filesystem)",
+            store.display(),
+            stale.len(),
+            ids.len()
+        );
+    }
     if !stale.is_empty() {
         println!("the store at {} is missing {} of {} cases or holds them under other settings: preprocessing first", store.display(), stale.len(), ids.len());
         run_preprocess(ex, None, dtype == crate::store::ImageDtype::F16, plans_name, &[configuration.to_string()], Some(pre.clone()))?;
@@ -450,18 +531,20 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
         Some(r) => std::path::PathBuf::from(r).join(dataset_name(root)).join(model_folder_name(plans_name, configuration)).join(format!("fold_{fold_name}")),
         None => beside(root).join("segk_results").join(dataset_name(root)).join(model_folder_name(plans_name, configuration)).join(format!("fold_{fold_name}")),
     });
-    if !resume {
-        refuse_to_replace_a_run(&out)?;
-    }
-    // The model folder (the fold's parent) carries what prediction needs.
+    // The model folder (the fold's parent) carries what prediction needs; rank 0 writes it.
     let model_dir = out.parent().unwrap_or(&out).to_path_buf();
-    refuse_another_plan(&model_dir, &plans)?;
-    std::fs::create_dir_all(&model_dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", model_dir.display()))?;
-    // The plans file as it is on disk (its key order and any keys of its own kept).
-    let source = crate::plan::nnunet::plans_path(&pre, plans_name);
-    let bytes = std::fs::read(&source).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", source.display()))?;
-    crate::store::write_atomic_via(&model_dir.join(crate::predict::PLANS_FILE), &format!(".{}.tmp", std::process::id()), |w| std::io::Write::write_all(w, &bytes))?;
-    std::fs::copy(root.join("dataset.json"), model_dir.join("dataset.json")).map_err(|e| anyhow::anyhow!("copying dataset.json to {}: {e}", model_dir.display()))?;
+    if lead {
+        if !resume {
+            refuse_to_replace_a_run(&out)?;
+        }
+        refuse_another_plan(&model_dir, &plans)?;
+        std::fs::create_dir_all(&model_dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", model_dir.display()))?;
+        // The plans file as it is on disk (its key order and any keys of its own kept).
+        let source = crate::plan::nnunet::plans_path(&pre, plans_name);
+        let bytes = std::fs::read(&source).map_err(|e| anyhow::anyhow!("{}: cannot read: {e}", source.display()))?;
+        crate::store::write_atomic_via(&model_dir.join(crate::predict::PLANS_FILE), &format!(".{}.tmp", std::process::id()), |w| std::io::Write::write_all(w, &bytes))?;
+        std::fs::copy(root.join("dataset.json"), model_dir.join("dataset.json")).map_err(|e| anyhow::anyhow!("copying dataset.json to {}: {e}", model_dir.display()))?;
+    }
     // A cascade stage trains on the previous stage's cross-validation predictions.
     let prev_stage = match crate::cascade::previous_stage(&plans, configuration)? {
         None => None,
@@ -473,10 +556,16 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
             all.sort();
             all.dedup();
             println!("cascade: {configuration} takes {p}'s cross-validation predictions from {} (one-hot, per foreground label)", source.display());
-            crate::cascade::prepare(&store, &all, &source, &ds.json.file_ending, &maps)?;
+            if lead {
+                crate::cascade::prepare(&store, &all, &source, &ds.json.file_ending, &maps)?;
+            }
             Some((source, maps))
         }
     };
+    // The others waited for this (they passed their `prepared` at the start).
+    if let (Some(g), true) = (&group, lead) {
+        g.sync("prepared", &[])?;
+    }
     let t = &plan.topology;
     let net = if t.is_residual() { format!("ResidualEncoderUNet, blocks {:?}", t.blocks_per_stage) } else { "PlainConvUNet".to_string() };
     println!(
@@ -504,8 +593,10 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
         resume,
         pretrained,
         prev_stage: prev_stage.as_ref().map(|(_, maps)| (maps.clone(), ds.json.foreground_values())),
+        group,
     };
-    let validate = validation.then(|| root.to_path_buf());
+    // Validation after training runs on rank 0 (nnU-Net's DDP spreads it; here the others end).
+    let validate = (validation && lead).then(|| root.to_path_buf());
     let logs = crate::device::run_on(device, precision, Train { cfg, plans, configuration: configuration.to_string(), validate, npz, prev_stage_predictions: prev_stage.map(|(source, _)| source) })?;
     if let Some(last) = logs.last() {
         println!("done: {} epochs run, final EMA pseudo-Dice {:.4}", logs.len(), last.ema_dice);

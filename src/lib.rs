@@ -16,6 +16,7 @@ pub mod dataset;
 pub mod ensemble;
 pub mod demo;
 pub mod device;
+pub mod dist;
 pub mod evaluate;
 pub mod experiment;
 pub mod feed;

@@ -100,6 +100,12 @@ enum Cmd {
         /// auto (GPU 0 if usable, else CPU), cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// Train on several GPUs of this node, one process each (cuda:0,cuda:1 or cuda:0-3): the
+        /// batch is split over them, gradients summed with NCCL (nnU-Net's -num_gpus). Runs
+        /// across nodes start one process per GPU with srun, mpirun or torchrun-style variables
+        /// instead (README, "Several GPUs").
+        #[arg(long, conflicts_with = "device")]
+        devices: Option<String>,
         /// What the convolutions multiply: auto (bf16 on a GPU; f32 on a CPU), f32 (CPU only), or
         /// bf16 (on a CPU with AVX512-BF16: bf16 operands, f32 sums, f32 weights, norms, loss and
         /// optimizer, as on a GPU). segk's own flag; nnU-Net trains in fp16/bf16 autocast on GPUs.
@@ -191,6 +197,10 @@ enum Cmd {
         /// auto, cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
         device: String,
+        /// Predict on several GPUs of this node (cuda:0,cuda:1 or cuda:0-3): one process per GPU,
+        /// each taking every N-th case (as --num-parts N --part-id K would).
+        #[arg(long, conflicts_with_all = ["device", "num_parts", "part_id"])]
+        devices: Option<String>,
         /// What the convolutions multiply: auto (bf16 on a GPU and on a CPU with AVX512-BF16,
         /// labels equal to f32's on >= 99.9 % of voxels in segk's tests; else f32), f32 (CPU
         /// only) or bf16. segk's own flag.
@@ -343,6 +353,32 @@ enum BenchCmd {
     Loader(segk::bench_loader::LoaderArgs),
 }
 
+/// This process's own arguments (nnU-Net's flags in their long spelling).
+fn own_args() -> Vec<String> {
+    std::env::args().skip(1).map(nnunet_flag).collect()
+}
+
+/// `segk train ... --devices LIST`: one rank per GPU on this node, met at a free local port.
+fn train_on_devices(list: &str) -> anyhow::Result<()> {
+    let devices = segk::dist::spawn::parse_devices(list)?;
+    let (args, port, n) = (segk::dist::spawn::strip_device_flags(&own_args()), segk::dist::spawn::free_port()?, devices.len());
+    let argv = |_: usize, d: usize| args.iter().cloned().chain(["--device".to_string(), format!("cuda:{d}")]).collect();
+    let env = |k: usize| {
+        [("WORLD_SIZE", n.to_string()), ("RANK", k.to_string()), ("LOCAL_RANK", k.to_string()), ("LOCAL_WORLD_SIZE", n.to_string()), ("MASTER_ADDR", "127.0.0.1".to_string()), ("MASTER_PORT", port.to_string()), ("SEGK_GROUP", "1".to_string())]
+            .map(|(a, b)| (a.to_string(), b))
+            .to_vec()
+    };
+    segk::dist::spawn::run("training", &devices, argv, env)
+}
+
+/// `segk predict ... --devices LIST`: one process per GPU, each a part of the cases.
+fn predict_on_devices(list: &str) -> anyhow::Result<()> {
+    let devices = segk::dist::spawn::parse_devices(list)?;
+    let (args, n) = (segk::dist::spawn::strip_device_flags(&own_args()), devices.len());
+    let argv = |k: usize, d: usize| args.iter().cloned().chain(["--device".to_string(), format!("cuda:{d}"), "--num-parts".into(), n.to_string(), "--part-id".into(), k.to_string()]).collect();
+    segk::dist::spawn::run("prediction", &devices, argv, |_| Vec::new())
+}
+
 fn parse_triple<T: std::str::FromStr>(s: &str) -> Result<[T; 3], String> {
     let v: Vec<T> = s.split(',').map(|p| p.trim().parse::<T>().map_err(|_| format!("{p:?} is not a number"))).collect::<Result<_, _>>()?;
     v.try_into().map_err(|_| format!("expected three comma-separated values (z,y,x), got {s:?}"))
@@ -399,7 +435,9 @@ fn main() {
         Cmd::Fingerprint { dataset, out } => Experiment::new(&dataset).and_then(|e| run_fingerprint(&e, out)),
         Cmd::Plan { dataset, planner, gpu_memory_target, gpu_memory, out } => Experiment::new(&dataset).and_then(|e| run_plan(&e, gpu_memory, out, &planner, gpu_memory_target)),
         Cmd::Preprocess { dataset, plans, configurations, processes, f16, out } => Experiment::new(&dataset).and_then(|e| run_preprocess(&e, processes, f16, &plans, &configurations, out)),
-        Cmd::Train { dataset, configuration_fold, plans, device, precision, epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained_weights, no_validation, npz, workers, seed, preprocessed, out } => {
+        Cmd::Train { devices: Some(d), .. } => train_on_devices(&d),
+        Cmd::Predict { devices: Some(d), .. } => predict_on_devices(&d),
+        Cmd::Train { dataset, configuration_fold, plans, device, devices: None, precision, epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained_weights, no_validation, npz, workers, seed, preprocessed, out } => {
             let o = TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained: pretrained_weights, validation: !no_validation, npz, workers, seed, precision };
             let (configuration, fold) = match configuration_fold.as_slice() {
                 [c] if ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"].contains(&c.as_str()) => {
@@ -417,7 +455,7 @@ fn main() {
             Experiment::new(&dataset).and_then(|e| run_train(&e, configuration, fold, plans.as_deref(), &device, o, preprocessed, out))
         }
         Cmd::Doctor => segk::sysinfo::doctor(&LONG_VERSION.replace('\n', "; ")),
-        Cmd::Predict { input, output, model, dataset, configuration, plans, trainer, folds, checkpoint, step, no_tta, save_probabilities, device, precision, num_parts, part_id, continue_prediction, prev_stage_predictions } => {
+        Cmd::Predict { input, output, model, dataset, configuration, plans, trainer, folds, checkpoint, step, no_tta, save_probabilities, device, devices: None, precision, num_parts, part_id, continue_prediction, prev_stage_predictions } => {
             let select = segk::experiment::CaseSelection { part_id, num_parts, continue_prediction };
             let model = match (model, dataset) {
                 (Some(m), _) => Ok(m),

@@ -47,6 +47,8 @@ pub struct TrainConfig {
     /// A cascade stage: the previous stage's maps on the stored grids
     /// (`crate::cascade::prepare`) and the labels they become one-hot channels of.
     pub prev_stage: Option<(PathBuf, Vec<i64>)>,
+    /// The other ranks of a run on several GPUs (`crate::dist`); None: this process alone.
+    pub group: Option<std::sync::Arc<crate::dist::group::Group>>,
 }
 
 /// nnU-Net's schedule.
@@ -250,6 +252,9 @@ pub fn explain_oom(e: anyhow::Error, held: u64) -> anyhow::Error {
 fn save_and_fail<B: Backend>(be: &B, cfg: &TrainConfig, net: &mut UNet<B>, st: &mut TrainerState, pending: &mut Vec<Vec<String>>, e: anyhow::Error, next: &str) -> anyhow::Error {
     // The steps queued before the failure count as taken (when the device can still say so).
     let _ = settle(be, net, st, pending);
+    if !leads(cfg) {
+        return e.context(format!("rank stopped at epoch {} iteration {}; rank 0 saves the checkpoints", st.epoch, st.iter));
+    }
     match checkpoint::save(&cfg.out, "checkpoint_latest", be, net, st) {
         Ok(()) => e.context(format!("saved checkpoint_latest at epoch {} iteration {}; {next}, then --resume", st.epoch, st.iter)),
         Err(save) => {
@@ -300,7 +305,13 @@ const FIX_DEVICE: &str = "mend what is said below";
 /// The thread policy's split for this run: compute threads as every command's, workers from
 /// --workers or the variables or segk's choice for the device, capped by host memory.
 fn thread_split<B: Backend>(be: &B, cfg: &TrainConfig, spec: &BatchSpec) -> Result<threads::Split> {
-    let cpus = threads::Cpus::detect();
+    let mut cpus = threads::Cpus::detect();
+    // Ranks on one node share its CPUs, unless the launcher bound each to CPUs of its own.
+    let local = cfg.group.as_ref().map_or(1, |g| g.world().local_size);
+    if local > 1 && cpus.affinity == cpus.online {
+        cpus.affinity = (cpus.usable() / local).max(1);
+        cpus.quota = None;
+    }
     let on = if be.computes_on_host_threads() { threads::StepOn::Cpu } else { threads::StepOn::Gpu };
     let mut workers = threads::workers(cfg.workers, &cpus, on, &threads::process_env)?;
     let (per_worker, base) = loader::Loader::worker_bytes(spec);
@@ -312,8 +323,52 @@ fn thread_split<B: Backend>(be: &B, cfg: &TrainConfig, spec: &BatchSpec) -> Resu
     Ok(threads::Split::new(threads::global(), workers, on, &cpus, most))
 }
 
+/// Whether this process writes the run's files: the only rank, or rank 0 of several.
+fn leads(cfg: &TrainConfig) -> bool {
+    cfg.group.as_ref().is_none_or(|g| g.world().rank == 0)
+}
+
+/// Several ranks: joins NCCL's group (rank 0's unique id handed out over the rendezvous) and
+/// returns this rank's share of each global batch.
+fn join_ranks<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<loader::Shard> {
+    let Some(g) = &cfg.group else { return Ok(loader::Shard::default()) };
+    let w = g.world();
+    let id = if w.rank == 0 { be.group_id()? } else { Vec::new() };
+    let id = g.sync("nccl-id", &id)?;
+    be.join_group(w.rank, w.size, &id)?;
+    let share = w.share(cfg.plan.batch_size)?;
+    println!("rank {} of {} ({}): samples {}..{} of each batch of {}", w.rank, w.size, w.launcher, share.start, share.end, cfg.plan.batch_size);
+    Ok(loader::Shard { first: share.start, global: cfg.plan.batch_size })
+}
+
+/// Every rank must hold the same parameters (they apply the same all-reduced gradients with
+/// the same kernels): checked bit for bit once an epoch, so a divergence is caught where it
+/// starts instead of silently training several different nets.
+fn check_same_params<B: Backend>(be: &B, net: &UNet<B>, g: &crate::dist::group::Group, epoch: usize) -> Result<()> {
+    let mut p = vec![0f32; net.n_params()];
+    be.download(net.params(be), &mut p)?;
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for v in &p {
+        h = (h ^ v.to_bits() as u64).wrapping_mul(0x0100_0000_01b3);
+    }
+    let tag = format!("params-{epoch}");
+    let all = g.reduce(&tag, &h.to_le_bytes(), |parts| parts.iter().flat_map(|p| p.iter().copied()).collect())?;
+    let hashes: Vec<u64> = all.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
+    let odd: Vec<String> = hashes.iter().enumerate().filter(|(_, &x)| x != hashes[0]).map(|(r, _)| r.to_string()).collect();
+    anyhow::ensure!(odd.is_empty(), "after epoch {epoch} the parameters of rank(s) {} differ from rank 0's: the ranks diverged (a GPU fault, or ranks built differently)", odd.join(", "));
+    Ok(())
+}
+
 pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
-    let plan = &cfg.plan;
+    let shard = join_ranks(be, cfg)?;
+    // Rank 0 writes the checkpoints, logs and plots; every rank trains.
+    let lead = leads(cfg);
+    // Each rank holds its share of the batch; the plan's batch stays the global one.
+    let local = match &cfg.group {
+        Some(g) => crate::plan::plans::Plan { batch_size: cfg.plan.batch_size / g.world().size, ..cfg.plan.clone() },
+        None => cfg.plan.clone(),
+    };
+    let plan = &local;
     let topo = plan.topology.clone();
     let classes = topo.n_classes;
     let channels = topo.in_channels;
@@ -358,7 +413,7 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
     }
     let spec = |augment, cascade, seed| {
         let prev_stage = cfg.prev_stage.as_ref().map(|(dir, labels)| loader::PrevInputs { dir: dir.clone(), labels: labels.clone(), augment: cascade });
-        BatchSpec { batch: plan.batch_size, patch: plan.patch_size, channels, use_mask: plan.use_mask_for_norm.clone(), seed, augment, prev_stage }
+        BatchSpec { batch: plan.batch_size, patch: plan.patch_size, channels, use_mask: plan.use_mask_for_norm.clone(), seed, augment, prev_stage, shard }
     };
     let mem = be.host_memory();
     let train_spec = spec(Augment::nnunet(plan.patch_size, plan.topology.planar), CascadeAugment::default(), st.seed);
@@ -384,7 +439,14 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
     let (input_image, input_labels) = (acts.input_image(be), acts.input_labels(be)?);
     let mut pred = vec![0u8; rows];
     let log_path = cfg.out.join("training_log.txt");
-    let mut log = std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?;
+    let mut log = if lead { Some(std::fs::OpenOptions::new().create(true).append(true).open(&log_path).with_context(|| format!("opening {}", log_path.display()))?) } else { None };
+    let mut log_line = |line: &str| -> Result<()> {
+        println!("{line}");
+        match log.as_mut() {
+            Some(f) => writeln!(f, "{line}").with_context(|| format!("writing {}", log_path.display())),
+            None => Ok(()),
+        }
+    };
     let mut logs = Vec::new();
     let _answering = Stepping::start();
     while st.epoch < cfg.epochs {
@@ -400,7 +462,9 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
         // The cases of each step queued and not yet read back (the numbers come once an epoch).
         let mut pending: Vec<Vec<String>> = Vec::new();
         while st.iter < cfg.iters_per_epoch {
-            if STOP.load(Ordering::Relaxed) {
+            // With several ranks rank 0 decides where the run stops (a rank's Ctrl-C reaches it
+            // through the watchdog) and stops the others once checkpoint_latest is saved.
+            if lead && STOP.load(Ordering::Relaxed) {
                 // Saved whatever the queued steps say: an error among them comes after the save.
                 let settled = settle(be, &mut net, &mut st, &mut pending);
                 checkpoint::save(&cfg.out, "checkpoint_latest", be, &net, &st)?;
@@ -417,6 +481,7 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
                 return Err(save_and_fail(be, cfg, &mut net, &mut st, &mut pending, oom(e), FIX_DEVICE));
             }
             pending.push(b.cases.iter().map(|&c| train.ids[c].clone()).collect());
+            crate::dist::group::tick();
             st.next_train_batch += 1;
             st.iter += 1;
             train.pool.give_back(b);
@@ -454,7 +519,17 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
                 count_regions(&pred, &b.labels, &topo.regions, topo.label_limit(), &mut tp, &mut fp, &mut fn_);
             }
             val.pool.give_back(b);
+            crate::dist::group::tick();
             st.next_val_batch += 1;
+        }
+        // Several ranks: the counts over every rank's share of the validation batches.
+        if let Some(g) = &cfg.group {
+            let mine: Vec<u64> = tp.iter().chain(&fp).chain(&fn_).copied().collect();
+            let all = g.sum_u64(&format!("val-{epoch}"), &mine)?;
+            tp.copy_from_slice(&all[..scored]);
+            fp.copy_from_slice(&all[scored..2 * scored]);
+            fn_.copy_from_slice(&all[2 * scored..]);
+            check_same_params(be, &net, g, epoch)?;
         }
         let pseudo_dice: Vec<f64> = (0..scored).map(|k| 2.0 * tp[k] as f64 / (2 * tp[k] + fp[k] + fn_[k]) as f64).collect();
         let valid: Vec<f64> = pseudo_dice.iter().copied().filter(|d| d.is_finite()).collect();
@@ -482,12 +557,14 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
         // Checkpoints before the log line: a logged epoch is a saved one.
         if st.best_ema_dice.is_none_or(|b| ema > b) {
             st.best_ema_dice = Some(ema);
-            checkpoint::save(&cfg.out, "checkpoint_best", be, &net, &st)?;
+            if lead {
+                checkpoint::save(&cfg.out, "checkpoint_best", be, &net, &st)?;
+            }
         }
-        if st.epoch.is_multiple_of(cfg.save_every.max(1)) || st.epoch == cfg.epochs {
+        if lead && (st.epoch.is_multiple_of(cfg.save_every.max(1)) || st.epoch == cfg.epochs) {
             checkpoint::save(&cfg.out, "checkpoint_latest", be, &net, &st)?;
         }
-        if st.epoch == cfg.epochs {
+        if lead && st.epoch == cfg.epochs {
             checkpoint::save(&cfg.out, "checkpoint_final", be, &net, &st)?;
         }
         let points: Vec<plot::Point> = st
@@ -497,12 +574,10 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
             .map(|(k, h)| plot::Point { train_loss: h[0], pseudo_dice: h[1], ema_dice: h[2], seconds: h[3], lr: poly_lr(cfg.lr, k, cfg.epochs) })
             .collect();
         // A plot that cannot be drawn or written (disk full, odd filesystem) must not end a run.
-        if let Err(err) = plot::write_progress(&cfg.out.join("progress.png"), &points) {
+        if let Err(err) = if lead { plot::write_progress(&cfg.out.join("progress.png"), &points) } else { Ok(()) } {
             println!("  progress.png not updated: {err:#}");
         }
-        let line = e.line();
-        println!("{line}");
-        writeln!(log, "{line}").with_context(|| format!("writing {}", log_path.display()))?;
+        log_line(&e.line())?;
         let load = threads::EpochLoad { wall: train_time.as_secs_f64(), wait: stats.wait.as_secs_f64(), busy: stats.busy.as_secs_f64() };
         let note = match split.adapt(&load) {
             Some(change) => {
@@ -515,13 +590,13 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
             None => loader::data_wait_advice(e.data_wait, train.pool.workers()),
         };
         if let Some(note) = note {
-            println!("  {note}");
-            writeln!(log, "  {note}").with_context(|| format!("writing {}", log_path.display()))?;
+            log_line(&format!("  {note}"))?;
         }
+        crate::dist::group::tick();
         logs.push(e);
     }
     // A finished run resumed from checkpoint_best (its latest and final lost) ends as one.
-    if !checkpoint::exists(&cfg.out, "checkpoint_final") {
+    if lead && !checkpoint::exists(&cfg.out, "checkpoint_final") {
         checkpoint::save(&cfg.out, "checkpoint_final", be, &net, &st)?;
     }
     Ok(logs)

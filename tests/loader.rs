@@ -41,7 +41,7 @@ fn store(tag: &str, cases: usize) -> (PathBuf, Vec<String>) {
 }
 
 fn spec(batch: usize, patch: [usize; 3], augment: Augment, seed: u64) -> BatchSpec {
-    BatchSpec { batch, patch, channels: 1, use_mask: vec![false], seed, augment, prev_stage: None }
+    BatchSpec { batch, patch, channels: 1, use_mask: vec![false], seed, augment, prev_stage: None, shard: Default::default() }
 }
 
 #[test]
@@ -307,6 +307,25 @@ fn in_plane_rotation_leaves_the_first_axis_alone() {
     assert!((centre(2) - 100.0).abs() < 1e-3 && (centre(1) - 1.0).abs() < 1e-5, "{} {}", centre(2), centre(1));
 }
 
+/// Ranks sharing a global batch: each rank's loader fills its slice of the batch one process
+/// would fill, sample for sample (the same cases, crops, augmentation and foreground
+/// oversampling by the sample's place in the global batch).
+#[test]
+fn the_shards_of_a_batch_are_its_slices() {
+    let (dir, ids) = store("shard", 3);
+    let patch = [24, 32, 32];
+    let whole = collect(&dir, &ids, spec(4, patch, Augment::default(), 5), 2, 3);
+    let (n, c) = (patch.iter().product::<usize>(), 1);
+    for (first, batch) in [(0, 2), (2, 2), (1, 1), (3, 1)] {
+        let part = collect(&dir, &ids, BatchSpec { shard: segk::loader::Shard { first, global: 4 }, ..spec(batch, patch, Augment::default(), 5) }, 1, 3);
+        for ((wi, wl, wc), (pi, pl, pc)) in whole.iter().zip(&part) {
+            assert!(wi[first * n * c..(first + batch) * n * c] == pi[..], "image of samples {first}..{}", first + batch);
+            assert!(wl[first * n..(first + batch) * n] == pl[..], "labels of samples {first}..{}", first + batch);
+            assert_eq!(&wc[first..first + batch], &pc[..]);
+        }
+    }
+}
+
 #[test]
 fn batches_depend_on_the_seed_only_and_mirroring_flips() {
     let (dir, ids) = store("det", 3);
@@ -357,7 +376,7 @@ fn cascade_channels_are_the_previous_stages_one_hot_labels() {
     let n = patch.iter().product::<usize>();
     for (augment, name) in [(Augment::none(), "plain crops"), (Augment { p_mirror: 0.5, spatial: SpatialParams { p_rotation: 1.0, p_scaling: 1.0, ..SpatialParams::default() }, ..Augment::none() }, "rotated, scaled, mirrored")] {
         let prev_stage = Some(PrevInputs { dir: maps.clone(), labels: labels.clone(), augment: CascadeAugment::none() });
-        let s = BatchSpec { batch: 2, patch, channels: 3, use_mask: vec![false], seed: 5, augment, prev_stage };
+        let s = BatchSpec { batch: 2, patch, channels: 3, use_mask: vec![false], seed: 5, augment, prev_stage, shard: Default::default() };
         let (mut agree, mut total, mut fg) = (0, 0, 0);
         for (image, lab, _) in collect(&dir, &ids, s, 1, 4) {
             for j in 0..2 {
@@ -485,7 +504,7 @@ fn data_wait_advice_when_the_policy_cannot_add_a_worker() {
 
 #[test]
 fn a_loader_that_cannot_fit_in_ram_is_refused_with_numbers() {
-    let huge = BatchSpec { batch: 64, patch: [512, 512, 512], channels: 4, use_mask: vec![false; 4], seed: 0, augment: Augment::none(), prev_stage: None };
+    let huge = BatchSpec { batch: 64, patch: [512, 512, 512], channels: 4, use_mask: vec![false; 4], seed: 0, augment: Augment::none(), prev_stage: None, shard: Default::default() };
     let e = segk::loader::check_memory(&huge, 8, 18, 1 << 30).unwrap_err().to_string();
     assert!(e.contains("GiB of host memory") && e.contains("available") && e.contains("--workers"), "{e}");
     let small_slots = spec(2, [32, 32, 32], Augment::none(), 0);
@@ -558,7 +577,7 @@ fn training_through_the_feed_matches_uploading<B: segk::backend::Backend>(be: &B
     let topo = Topology::isotropic(1, 3, vec![8, 16]);
     let (patch, batch) = ([8, 8, 8], 2);
     let (root, ids) = store("feed", 3);
-    let s = BatchSpec { batch, patch, channels: 1, use_mask: vec![false], seed: 11, augment: Augment::default(), prev_stage: None };
+    let s = BatchSpec { batch, patch, channels: 1, use_mask: vec![false], seed: 11, augment: Augment::default(), prev_stage: None, shard: Default::default() };
     let acts = Acts::new(be, &topo, patch, batch, Checkpointing::None, true).unwrap();
     let voxels = batch * 512;
     let mut direct = UNet::new(be, topo.clone(), 5).unwrap();
@@ -615,7 +634,7 @@ fn a_training_step_waits_only_for_its_upload() {
     let topo = Topology::isotropic(1, 3, vec![8, 16]);
     let (patch, batch) = ([8, 8, 8], 2);
     let (root, ids) = store("syncs", 3);
-    let s = BatchSpec { batch, patch, channels: 1, use_mask: vec![false], seed: 3, augment: Augment::default(), prev_stage: None };
+    let s = BatchSpec { batch, patch, channels: 1, use_mask: vec![false], seed: 3, augment: Augment::default(), prev_stage: None, shard: Default::default() };
     let acts = Acts::new(&be, &topo, patch, batch, Checkpointing::Level1, true).unwrap();
     let mut net = UNet::new(&be, topo, 5).unwrap();
     let mut pool = Pool::start_in(Arc::new(Augmenter::new(&root, &ids, s.clone()).unwrap()), 1, 3, s.slot_shape(), 0, &*segk::backend::Backend::host_memory(&be)).unwrap();

@@ -21,8 +21,11 @@
 //   faulting kernel does on a GPU.
 // - It counts what the host waits for and reads back (fakecuda_counts), and plays an older
 //   driver (FAKECUDA_DRIVER_VERSION) or the toolkit's stub library (FAKECUDA_STUB=1) on request.
-// Not modelled: timing, occupancy, memory pools (allocations are immediate), graphs, more than
-// one device.
+// - FAKECUDA_DEVICES=N offers N devices (default 1), each the same emulator and memory, so that
+//   several ranks of a multi-GPU run (one process per device) start; cuLaunchHostFunc runs host
+//   functions in stream order (the fake NCCL beside this library queues its collectives so).
+// Not modelled: timing, occupancy, memory pools (allocations are immediate), graphs, devices
+// with memory of their own.
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <pthread.h>
@@ -229,7 +232,7 @@ static void read_report(struct Func* f) {
 
 // ---- streams ---------------------------------------------------------------------------------
 
-enum Kind { KERNEL, COPY, SET, RECORD, WAIT, FREE };
+enum Kind { KERNEL, COPY, SET, RECORD, WAIT, FREE, HOST };
 struct Op {
     enum Kind kind;
     struct Op* next;
@@ -247,6 +250,9 @@ struct Op {
     CUevent ev;
     unsigned long long gen;
     int fault;  // KERNEL: fail as an illegal address would (FAKECUDA_FAIL_LAUNCH)
+    // HOST
+    void (*host_fn)(void*);
+    void* host_arg;
 };
 
 struct Stream {
@@ -287,6 +293,10 @@ static void execute(struct Op* op) {
     case KERNEL:
         // After a fault the context is lost: work queued behind it never runs.
         if (!status()) run_kernel(op);
+        break;
+    case HOST:
+        // As on a GPU: after a fault nothing queued behind it runs.
+        if (!status()) op->host_fn(op->host_arg);
         break;
     case COPY: memmove(op->dst, op->owned ? op->owned : op->src, op->bytes); break;
     case SET: memset(op->dst, op->value, op->bytes); break;
@@ -405,8 +415,12 @@ CUresult cuInit(unsigned flags) {
     return OK;
 }
 
-CUresult cuDeviceGetCount(int* n) { *n = emu_launch ? 1 : 0; return emu_launch ? OK : NOT_INITIALIZED; }
-CUresult cuDeviceGet(CUdevice* d, int ordinal) { *d = ordinal; return ordinal == 0 ? OK : INVALID_DEVICE; }
+static int n_devices(void) {
+    const char* n = getenv("FAKECUDA_DEVICES");
+    return n && atoi(n) > 0 ? atoi(n) : 1;
+}
+CUresult cuDeviceGetCount(int* n) { *n = emu_launch ? n_devices() : 0; return emu_launch ? OK : NOT_INITIALIZED; }
+CUresult cuDeviceGet(CUdevice* d, int ordinal) { *d = ordinal; return ordinal >= 0 && ordinal < n_devices() ? OK : INVALID_DEVICE; }
 
 CUresult cuDeviceGetName(char* name, int len, CUdevice d) {
     (void)d;
@@ -639,6 +653,15 @@ CUresult cuLaunchKernel(CUfunction f, unsigned gx, unsigned gy, unsigned gz, uns
         memcpy(op->args + off, params[i], f->sizes[i]);
         off += (f->sizes[i] + 7) & ~7u;
     }
+    return enqueue(s, op);
+}
+
+CUresult cuLaunchHostFunc(CUstream s, void (*fn)(void*), void* arg) {
+    CUresult st = status();
+    if (st) return st;
+    struct Op* op = new_op(HOST);
+    op->host_fn = fn;
+    op->host_arg = arg;
     return enqueue(s, op);
 }
 

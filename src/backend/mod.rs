@@ -386,4 +386,24 @@ pub trait Backend: Sync {
     /// value of `guard` is finite ([`step_applies`]); the gradients are first clipped to
     /// `p.max_grad_norm` by the norm sqrt(guard[0]).
     fn sgd_update(&self, params: Self::Buf, grads: Self::Buf, momentum: Self::Buf, p: &SgdParams, guard: Self::Buf) -> Result<()>;
+
+    // ---- ranks (training on several GPUs, `crate::dist`) ----
+    /// NCCL's unique id for a new group of ranks (rank 0 makes it; the others receive it).
+    fn group_id(&self) -> Result<Vec<u8>> {
+        anyhow::bail!("{}: training on several ranks needs GPUs (the CUDA backend and NCCL)", self.name())
+    }
+    /// Joins the group `id` names as `rank` of `size`. From then on each loss sees every rank's
+    /// samples (the Dice and cross-entropy sums of the whole global batch: the loss and its
+    /// gradient are the single-process ones) and `all_reduce_sum` sums over the ranks.
+    fn join_group(&self, _rank: usize, _size: usize, _id: &[u8]) -> Result<()> {
+        anyhow::bail!("{}: training on several ranks needs GPUs (the CUDA backend and NCCL)", self.name())
+    }
+    /// (this rank, ranks): (0, 1) until a group is joined.
+    fn ranks(&self) -> (usize, usize) {
+        (0, 1)
+    }
+    /// x <- the sum of x over the ranks, in order with the ops (nothing to do for one rank).
+    fn all_reduce_sum(&self, _x: Self::Buf) -> Result<()> {
+        Ok(())
+    }
 }

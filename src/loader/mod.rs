@@ -110,6 +110,20 @@ pub struct BatchSpec {
     pub augment: Augment,
     /// A cascade stage's previous-stage inputs (their one-hot channels come after the image's).
     pub prev_stage: Option<PrevInputs>,
+    /// The samples of each global batch this loader fills (one rank's share).
+    pub shard: Shard,
+}
+
+/// Several ranks share each global batch: a rank's loader fills samples `first..first +
+/// batch` of it, each drawn exactly as one process filling the whole batch would draw it (its
+/// own seed from the batch number and its index in the global batch; nnU-Net's foreground
+/// oversampling by that index), so no two ranks draw the same sample and the run is the one
+/// process's run, whatever the number of ranks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Shard {
+    pub first: usize,
+    /// Samples per global batch; 0: the loader's own batch (one rank).
+    pub global: usize,
 }
 
 /// The previous stage's label maps on the stored grids (`crate::cascade::prepare`), the labels
@@ -222,7 +236,8 @@ impl Augmenter {
     }
 
     /// One sample: pick, warp, intensity chain, mask; into `w.image` / `w.labels`.
-    fn sample(&self, w: &mut Scratch, rng: &mut Pcg64, j: usize) -> std::result::Result<usize, FillError> {
+    /// Sample `j` of a global batch of `global`.
+    fn sample(&self, w: &mut Scratch, rng: &mut Pcg64, j: usize, global: usize) -> std::result::Result<usize, FillError> {
         let spec = &self.spec;
         let ci = rng.random_range(0..self.cases.len());
         let case = &self.cases[ci];
@@ -230,7 +245,7 @@ impl Augmenter {
         w.case.push_str(&case.header.id);
         w.stage = "patch sampling";
         let h = &case.header;
-        let class = if sampler::forced_foreground(j, spec.batch) { sampler::pick_class(rng, h, self.annotated[ci]) } else { self.annotated[ci].filter(|&k| h.classes[k].count > 0) };
+        let class = if sampler::forced_foreground(j, global) { sampler::pick_class(rng, h, self.annotated[ci]) } else { self.annotated[ci].filter(|&k| h.classes[k].count > 0) };
         let voxel = class.map(|k| {
             let locs = case.locations(k);
             locs[rng.random_range(0..locs.len())]
@@ -374,9 +389,11 @@ impl Fill for Augmenter {
         Scratch { image: vec![0.0; n * self.spec.channels], labels: vec![0; n], tmp: Vec::with_capacity(n), small: Vec::with_capacity(n), prev, case: String::new(), stage: "start" }
     }
     fn fill(&self, w: &mut Scratch, index: u64, b: &mut Batch) -> std::result::Result<(), FillError> {
+        let global = if self.spec.shard.global == 0 { self.spec.batch } else { self.spec.shard.global };
         for j in 0..self.spec.batch {
-            let mut rng = Pcg64::seed_from_u64(mix(self.spec.seed ^ mix(index.wrapping_mul(1024).wrapping_add(j as u64))));
-            let ci = self.sample(w, &mut rng, j)?;
+            let g = self.spec.shard.first + j;
+            let mut rng = Pcg64::seed_from_u64(mix(self.spec.seed ^ mix(index.wrapping_mul(1024).wrapping_add(g as u64))));
+            let ci = self.sample(w, &mut rng, g, global)?;
             w.stage = "mirroring";
             let a = &self.spec.augment;
             let coins = [0; 3].map(|_| a.p_mirror > 0.0 && rng.random::<f64>() < a.p_mirror);

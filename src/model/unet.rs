@@ -181,6 +181,9 @@ impl<B: Backend> UNet<B> {
         }
         let timer = timer.lap(be)?;
         pass.backward()?;
+        // Several ranks: the sum of every rank's gradients (each loss already scaled by the
+        // global batch), the same bits on every rank, so every rank applies the same update.
+        be.all_reduce_sum(self.grads(be))?;
         let times = timer.lap(be)?.times();
         be.sum_squares(self.grads(be), ledger.next_norm(be))?;
         Ok(times)

@@ -13,6 +13,7 @@ mod conv;
 pub mod emu;
 mod loss;
 mod misc;
+pub mod nccl;
 mod norm;
 mod optim;
 mod pool;
@@ -323,6 +324,8 @@ pub struct CudaBackend {
     scratch: Mutex<Option<DevMem<f32>>>,
     sms: u32,
     name: String,
+    /// The ranks this backend trains with (`join_group`); none: one process alone.
+    group: std::sync::OnceLock<nccl::Comm>,
 }
 
 impl CudaBackend {
@@ -352,7 +355,7 @@ impl CudaBackend {
         let gpu = ctx.name().unwrap_or_else(|_| "unknown GPU".into());
         let name = format!("cuda:{ordinal} ({gpu}, sm_{maj}{min}, {sms} SMs)");
         let gpu = Gpu { ctx, stream, copy_stream, staged, ops_done, k };
-        Ok(CudaBackend { drv: Driver::Gpu(Box::new(gpu)), act: Dt::activations_from_env()?, conv_pipe: conv::pipe_from_env()?, scratch: Mutex::new(None), sms, name })
+        Ok(CudaBackend { drv: Driver::Gpu(Box::new(gpu)), act: Dt::activations_from_env()?, conv_pipe: conv::pipe_from_env()?, scratch: Mutex::new(None), sms, name, group: std::sync::OnceLock::new() })
     }
 
     /// The same backend with every kernel run by the CPU emulator (kernels/emu): slow, exact
@@ -360,7 +363,7 @@ impl CudaBackend {
     pub fn emulated() -> Result<CudaBackend> {
         emu::available()?;
         // Few "SMs" keep grid-stride launches small: every emulated thread is a fiber.
-        Ok(CudaBackend { drv: Driver::Emu, act: Dt::activations_from_env()?, conv_pipe: conv::pipe_from_env()?, scratch: Mutex::new(None), sms: 2, name: "emu (the CUDA kernels emulated on the CPU)".into() })
+        Ok(CudaBackend { drv: Driver::Emu, act: Dt::activations_from_env()?, conv_pipe: conv::pipe_from_env()?, scratch: Mutex::new(None), sms: 2, name: "emu (the CUDA kernels emulated on the CPU)".into(), group: std::sync::OnceLock::new() })
     }
 
     /// The GPU (or the emulator), without the activation storage `name` adds.
@@ -464,6 +467,19 @@ impl CudaBackend {
 
     pub(crate) fn sms(&self) -> usize {
         self.sms as usize
+    }
+
+    /// The communicator, once joined.
+    pub(crate) fn comm(&self) -> Option<&nccl::Comm> {
+        self.group.get()
+    }
+
+    /// The compute stream, for NCCL (which queues its collectives on it).
+    pub(crate) fn nccl_stream(&self, what: &str) -> Result<*mut std::ffi::c_void> {
+        match self.gpu() {
+            Some(g) => Ok(g.stream.cu_stream() as *mut std::ffi::c_void),
+            None => bail!("{what}: the kernel emulator (--device emu) runs one rank; several ranks need the driver (a GPU, or the fake driver)"),
+        }
     }
 
     /// Device pointer to at least `len` f32 of workspace, valid until the next call.
@@ -791,5 +807,28 @@ impl Backend for CudaBackend {
     }
     fn sgd_update(&self, params: DevBuf, grads: DevBuf, momentum: DevBuf, p: &SgdParams, guard: DevBuf) -> Result<()> {
         optim::sgd_update(self, params, grads, momentum, p, guard)
+    }
+
+    fn group_id(&self) -> Result<Vec<u8>> {
+        self.nccl_stream("NCCL")?;
+        nccl::unique_id()
+    }
+    fn join_group(&self, rank: usize, size: usize, id: &[u8]) -> Result<()> {
+        self.nccl_stream("NCCL")?;
+        anyhow::ensure!(self.group.get().is_none(), "this backend already joined a group of ranks");
+        if let Some(g) = self.gpu() {
+            g.ctx.bind_to_thread().map_err(|e| self.fail("binding the context for NCCL", e))?;
+        }
+        let comm = nccl::Comm::init(rank, size, id)?;
+        let _ = self.group.set(comm);
+        Ok(())
+    }
+    fn ranks(&self) -> (usize, usize) {
+        self.comm().map_or((0, 1), |c| (c.rank, c.size))
+    }
+    fn all_reduce_sum(&self, x: DevBuf) -> Result<()> {
+        let Some(c) = self.comm() else { return Ok(()) };
+        f32s("all_reduce_sum", &[x])?;
+        c.all_reduce_sum_f32(x.ptr, x.len, self.nccl_stream("all-reduce")?)
     }
 }
