@@ -123,7 +123,8 @@ fn free_port() -> u16 {
 /// order of the sums over the batch inside the weight gradients (a rank sums its own samples,
 /// NCCL sums the ranks): stated as 1e-3 of each tensor's scale after two steps (measured
 /// 3e-4; a gradient wrong by even 10 % would move the norm biases by 1e-2 of theirs). One rank
-/// through the ranks' path (SEGK_GROUP=1: rendezvous, NCCL at world size 1) is bit-identical.
+/// through the ranks' path (SEGK_GROUP=1: rendezvous, NCCL at world size 1) is bit-identical,
+/// and so are gradients summed in many small buckets overlapped with the backward pass.
 /// Only rank 0 writes.
 #[test]
 fn ranks_train_as_one_process_with_the_same_global_batch() {
@@ -137,6 +138,11 @@ fn ranks_train_as_one_process_with_the_same_global_batch() {
     let two = ok(segk(name, 4).unwrap().args(train_args(&root, &run("two"), 1, 2)).args(["--devices", "cuda:0,cuda:1"]).output().unwrap(), "--devices cuda:0,cuda:1");
     assert!(two.contains("training: 2 processes, one per GPU (cuda:0, cuda:1)") && two.contains("rank 0 of 2") && two.contains("samples 0..2 of each batch of 4"), "{two}");
     assert_eq!(two.matches("epoch    0").count(), 1, "only rank 0 prints epochs:\n{two}");
+    // Gradients summed in 1 KB buckets while the backward pass goes on (each stream operation
+    // up to 300 us late, to widen the windows an ordering mistake would show in): the same bits.
+    let buckets = segk(name, 4).unwrap().args(train_args(&root, &run("buckets"), 1, 2)).args(["--devices", "cuda:0,cuda:1"]).env("SEGK_GRAD_BUCKET_KB", "1").env("FAKECUDA_DELAY_US", "300").output().unwrap();
+    ok(buckets, "1 KB buckets");
+    assert_eq!(tensors(&run("two").join("checkpoint_final.safetensors")), tensors(&run("buckets").join("checkpoint_final.safetensors")), "buckets change no bit");
     let port = free_port();
     let args = train_args(&root, &run("four"), 1, 2);
     let children: Vec<Child> = (0..4).map(|r| rank(segk(name, 4).unwrap(), &args, r, 4, port, "120")).collect();

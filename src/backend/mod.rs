@@ -402,8 +402,14 @@ pub trait Backend: Sync {
     fn ranks(&self) -> (usize, usize) {
         (0, 1)
     }
-    /// x <- the sum of x over the ranks, in order with the ops (nothing to do for one rank).
-    fn all_reduce_sum(&self, _x: Self::Buf) -> Result<()> {
+    /// Starts x <- the sum of x over the ranks, after the ops queued so far and beside those
+    /// queued after it (a bucket of gradients summed while the backward pass goes on); nothing to
+    /// do for one rank. Every rank must start the same sums in the same order.
+    fn start_sum(&self, _x: Self::Buf) -> Result<()> {
+        Ok(())
+    }
+    /// Ops queued from here wait for every sum started.
+    fn join_sums(&self) -> Result<()> {
         Ok(())
     }
 }

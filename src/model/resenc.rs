@@ -137,6 +137,7 @@ impl<B: Backend> Pass<'_, B> {
                 let adds = matches!(r.dst, GradBuf::Skip(_));
                 self.res_block_bwd(s, j, at(r.g), (at(r.dst), if adds { 1.0 } else { 0.0 }), rotation[r.h], rotation[r.q])?;
             }
+            self.sum_ready(false)?;
         }
         // The stem: d(its output) is where block (0, 0) put it; the image needs no gradient.
         self.block_bwd(BlockId::Stem, self.act(&p.image), at(roles[0][0].dst), None)

@@ -16,6 +16,13 @@ use std::cell::Cell;
 pub const MOMENTUM: f64 = 0.99;
 pub const WEIGHT_DECAY: f64 = 3e-5;
 pub const GRAD_CLIP: f64 = 12.0;
+/// Several ranks: gradient values summed per NCCL call while the backward pass goes on
+/// (PyTorch DDP's 25 MB buckets); SEGK_GRAD_BUCKET_KB sets another size.
+pub const GRAD_BUCKET: usize = (25 << 20) / 4;
+
+fn grad_bucket() -> usize {
+    std::env::var("SEGK_GRAD_BUCKET_KB").ok().and_then(|v| v.parse::<usize>().ok()).map_or(GRAD_BUCKET, |kb| (kb * 1024 / 4).max(1))
+}
 
 pub struct UNet<B: Backend> {
     pub topo: Topology,
@@ -35,6 +42,8 @@ pub struct UNet<B: Backend> {
     /// A residual encoder's skip projections have no bias: zeros for their convs to add and
     /// a place for their bias gradient to go, each as wide as the widest stage.
     pub(super) spare: Option<B::Arena>,
+    /// Several ranks: gradient values per sum started during the backward pass.
+    pub grad_bucket: usize,
 }
 
 /// Activation memory for one input shape, plus what the level-1 recompute has resident.
@@ -104,7 +113,7 @@ impl<B: Backend> UNet<B> {
         be.upload(be.view(&arena, 0, layout.len), &layout.init(seed))?;
         let ledger = Some(Ledger::new(be, topo.ds_weights().len())?);
         let spare = spare(be, &topo)?;
-        Ok(UNet { topo, layout, arena, steps: 0, trainable: true, ledger, read_early: Vec::new(), timed: false, spare })
+        Ok(UNet { topo, layout, arena, steps: 0, trainable: true, ledger, read_early: Vec::new(), timed: false, spare, grad_bucket: grad_bucket() })
     }
     /// A net for inference: parameters only (zero until loaded), a third of the training
     /// arena; gradients, momentum and training steps are refused.
@@ -113,7 +122,7 @@ impl<B: Backend> UNet<B> {
         let layout = ParamLayout::new(&topo);
         let arena = be.alloc(layout.len)?;
         let spare = spare(be, &topo)?;
-        Ok(UNet { topo, layout, arena, steps: 0, trainable: false, ledger: None, read_early: Vec::new(), timed: false, spare })
+        Ok(UNet { topo, layout, arena, steps: 0, trainable: false, ledger: None, read_early: Vec::new(), timed: false, spare, grad_bucket: grad_bucket() })
     }
     pub fn trainable(&self) -> bool {
         self.trainable
@@ -164,7 +173,7 @@ impl<B: Backend> UNet<B> {
         ensure!(self.trainable, "compute_gradients needs a trainable net (this one was made for inference)");
         let ledger = self.ledger()?;
         ensure!(!ledger.is_full(), "the step ledger is full: read it (take_steps) first");
-        let pass = Pass { be, net: self, a: acts };
+        let pass = Pass::new(be, self, acts);
         if let Input::Host { image, labels } = input {
             pass.load(image, Some(labels))?;
         }
@@ -183,7 +192,7 @@ impl<B: Backend> UNet<B> {
         pass.backward()?;
         // Several ranks: the sum of every rank's gradients (each loss already scaled by the
         // global batch), the same bits on every rank, so every rank applies the same update.
-        be.all_reduce_sum(self.grads(be))?;
+        pass.sum_ready(true)?;
         let times = timer.lap(be)?.times();
         be.sum_squares(self.grads(be), ledger.next_norm(be))?;
         Ok(times)
@@ -232,7 +241,7 @@ impl<B: Backend> UNet<B> {
 
     /// Full-resolution logits for `image` (acts from a forward-only plan).
     pub fn forward_logits(&self, be: &B, acts: &Acts<B>, image: &[f32]) -> Result<Slot> {
-        let pass = Pass { be, net: self, a: acts };
+        let pass = Pass::new(be, self, acts);
         pass.load(image, None)?;
         pass.forward(true)?;
         Ok(acts.plan.logits[0].expect("the full-resolution head is always planned"))
@@ -272,6 +281,51 @@ pub(super) struct Pass<'a, B: Backend> {
     pub(super) be: &'a B,
     pub(super) net: &'a UNet<B>,
     pub(super) a: &'a Acts<B>,
+    /// Gradient ranges (offset, length) handed to ops and not yet summed over the ranks.
+    written: std::cell::RefCell<Vec<(usize, usize)>>,
+    /// Gradient values whose sum over the ranks has started.
+    summed: Cell<usize>,
+}
+
+impl<'a, B: Backend> Pass<'a, B> {
+    fn new(be: &'a B, net: &'a UNet<B>, a: &'a Acts<B>) -> Pass<'a, B> {
+        Pass { be, net, a, written: Default::default(), summed: Cell::new(0) }
+    }
+
+    /// Several ranks: starts summing the gradients the ops queued so far have written, in
+    /// contiguous runs of at least a bucket (every one left when `last`: then the update waits
+    /// for all of them). Called between stages of the backward pass, so the sums of the
+    /// layers done overlap the layers still to do.
+    pub(super) fn sum_ready(&self, last: bool) -> Result<()> {
+        if self.be.ranks().1 == 1 {
+            return Ok(());
+        }
+        let mut written = self.written.borrow_mut();
+        written.sort_unstable();
+        let mut runs: Vec<(usize, usize)> = Vec::new();
+        for &(o, n) in written.iter() {
+            match runs.last_mut() {
+                Some(r) if o <= r.1 => r.1 = r.1.max(o + n),
+                _ => runs.push((o, o + n)),
+            }
+        }
+        written.clear();
+        for (start, end) in runs {
+            if last || end - start >= self.net.grad_bucket {
+                self.be.start_sum(self.be.view(&self.net.arena, self.net.layout.len + start, end - start))?;
+                self.summed.set(self.summed.get() + end - start);
+            } else {
+                written.push((start, end - start));
+            }
+        }
+        if last {
+            // Every gradient is written once a step: a value summed twice (or never) would
+            // leave the ranks' updates apart.
+            ensure!(self.summed.get() == self.net.layout.len, "the backward pass wrote {} of {} gradient values once: a layer's gradient is missing from the sums over the ranks", self.summed.get(), self.net.layout.len);
+            self.be.join_sums()?;
+        }
+        Ok(())
+    }
 }
 
 impl<B: Backend> Pass<'_, B> {
@@ -291,6 +345,7 @@ impl<B: Backend> Pass<'_, B> {
         self.be.view(&self.net.arena, offset, len)
     }
     pub(super) fn grad(&self, offset: usize, len: usize) -> B::Buf {
+        self.written.borrow_mut().push((offset, len));
         self.be.view(&self.net.arena, self.net.layout.len + offset, len)
     }
     pub(super) fn policy(&self) -> Checkpointing {
@@ -530,6 +585,7 @@ impl<B: Backend> Pass<'_, B> {
             be.convt_wgrad(prev, prev_dims, self.act_at(p.ga, up.len()), self.grad(l.up[s].w, ug.weight_len()), self.grad(l.up[s].b, ug.cout), &ug)?;
             be.convt_dgrad(self.act_at(p.ga, up.len()), self.par(l.up[s].w, ug.weight_len()), self.act_at(p.gb, prev_dims.len()), prev_dims, &ug, 0.0)?;
             g = p.gb;
+            self.sum_ready(false)?;
         }
         // Encoder, bottleneck first; skips already hold their decoder gradient.
         if t.is_residual() {
@@ -554,6 +610,7 @@ impl<B: Backend> Pass<'_, B> {
                     g = d;
                 }
             }
+            self.sum_ready(false)?;
         }
         Ok(())
     }

@@ -53,10 +53,11 @@ fn workspace(be: &CudaBackend, ld: Dims, mode: DiceMode) -> Result<Work> {
 
 /// Every rank's partials into every rank's workspace (nothing to do for one rank).
 fn gather_partials(be: &CudaBackend, w: &Work) -> Result<()> {
-    match be.comm() {
-        Some(c) => c.all_gather_f32(w.part, w.mine_len, be.nccl_stream("the loss's all-gather")?),
-        None => Ok(()),
+    if be.ranks_joined().is_none() {
+        return Ok(());
     }
+    be.start_collective("the loss's all-gather", |c, stream| c.all_gather_f32(w.part, w.mine_len, stream))?;
+    be.join_sums()
 }
 
 pub fn softmax_dice_ce(be: &CudaBackend, z: DevBuf, ld: Dims, labels: DevLabels, mode: DiceMode, ignore: bool, weight: f64, record: DevBuf) -> Result<()> {

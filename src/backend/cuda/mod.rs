@@ -325,7 +325,19 @@ pub struct CudaBackend {
     sms: u32,
     name: String,
     /// The ranks this backend trains with (`join_group`); none: one process alone.
-    group: std::sync::OnceLock<nccl::Comm>,
+    group: std::sync::OnceLock<Ranks>,
+}
+
+/// NCCL's communicator and the stream its collectives run on, beside the compute stream:
+/// every collective of the communicator on this one stream, in the order they were issued
+/// (the same on every rank), ordered against the ops by two events.
+pub(crate) struct Ranks {
+    pub(crate) comm: nccl::Comm,
+    stream: Arc<CudaStream>,
+    /// Recorded on the compute stream before a collective: its input is ready.
+    to_comm: CudaEvent,
+    /// Recorded on the collectives' stream by `join_sums`: every sum started is done.
+    to_compute: CudaEvent,
 }
 
 impl CudaBackend {
@@ -469,17 +481,26 @@ impl CudaBackend {
         self.sms as usize
     }
 
-    /// The communicator, once joined.
-    pub(crate) fn comm(&self) -> Option<&nccl::Comm> {
+    /// The ranks, once joined.
+    pub(crate) fn ranks_joined(&self) -> Option<&Ranks> {
         self.group.get()
     }
 
-    /// The compute stream, for NCCL (which queues its collectives on it).
-    pub(crate) fn nccl_stream(&self, what: &str) -> Result<*mut std::ffi::c_void> {
+    /// The GPU, for NCCL (the emulator without the driver runs one rank).
+    fn gpu_for(&self, what: &str) -> Result<&Gpu> {
         match self.gpu() {
-            Some(g) => Ok(g.stream.cu_stream() as *mut std::ffi::c_void),
+            Some(g) => Ok(g),
             None => bail!("{what}: the kernel emulator (--device emu) runs one rank; several ranks need the driver (a GPU, or the fake driver)"),
         }
+    }
+
+    /// Queues `collective` on the collectives' stream after the ops queued so far; ops queued
+    /// later wait for it only once `join_sums` says so.
+    pub(crate) fn start_collective(&self, what: &str, collective: impl FnOnce(&nccl::Comm, *mut std::ffi::c_void) -> Result<()>) -> Result<()> {
+        let (g, r) = (self.gpu_for(what)?, self.group.get().ok_or_else(|| anyhow!("{what}: no group of ranks joined"))?);
+        r.to_comm.record(&g.stream).map_err(|e| self.fail("event record (to the collectives)", e))?;
+        r.stream.wait(&r.to_comm).map_err(|e| self.fail("collectives' stream wait", e))?;
+        collective(&r.comm, r.stream.cu_stream() as *mut std::ffi::c_void)
     }
 
     /// Device pointer to at least `len` f32 of workspace, valid until the next call.
@@ -810,25 +831,34 @@ impl Backend for CudaBackend {
     }
 
     fn group_id(&self) -> Result<Vec<u8>> {
-        self.nccl_stream("NCCL")?;
+        self.gpu_for("NCCL")?;
         nccl::unique_id()
     }
     fn join_group(&self, rank: usize, size: usize, id: &[u8]) -> Result<()> {
-        self.nccl_stream("NCCL")?;
+        let g = self.gpu_for("NCCL")?;
         anyhow::ensure!(self.group.get().is_none(), "this backend already joined a group of ranks");
-        if let Some(g) = self.gpu() {
-            g.ctx.bind_to_thread().map_err(|e| self.fail("binding the context for NCCL", e))?;
-        }
+        g.ctx.bind_to_thread().map_err(|e| self.fail("binding the context for NCCL", e))?;
+        let stream = g.ctx.new_stream().map_err(|e| anyhow!("creating the collectives' CUDA stream: {e}"))?;
+        let event = || g.ctx.new_event(None).map_err(|e| anyhow!("creating a CUDA event: {e}"));
+        let (to_comm, to_compute) = (event()?, event()?);
         let comm = nccl::Comm::init(rank, size, id)?;
-        let _ = self.group.set(comm);
+        let _ = self.group.set(Ranks { comm, stream, to_comm, to_compute });
         Ok(())
     }
     fn ranks(&self) -> (usize, usize) {
-        self.comm().map_or((0, 1), |c| (c.rank, c.size))
+        self.group.get().map_or((0, 1), |r| (r.comm.rank, r.comm.size))
     }
-    fn all_reduce_sum(&self, x: DevBuf) -> Result<()> {
-        let Some(c) = self.comm() else { return Ok(()) };
-        f32s("all_reduce_sum", &[x])?;
-        c.all_reduce_sum_f32(x.ptr, x.len, self.nccl_stream("all-reduce")?)
+    fn start_sum(&self, x: DevBuf) -> Result<()> {
+        if self.group.get().is_none() {
+            return Ok(());
+        }
+        f32s("start_sum", &[x])?;
+        self.start_collective("all-reduce", |c, stream| c.all_reduce_sum_f32(x.ptr, x.len, stream))
+    }
+    fn join_sums(&self) -> Result<()> {
+        let Some(r) = self.group.get() else { return Ok(()) };
+        let g = self.gpu_for("join_sums")?;
+        r.to_compute.record(&r.stream).map_err(|e| self.fail("event record (collectives done)", e))?;
+        g.stream.wait(&r.to_compute).map_err(|e| self.fail("compute stream wait (collectives)", e))
     }
 }
