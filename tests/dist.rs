@@ -169,6 +169,21 @@ fn ranks_train_as_one_process_with_the_same_global_batch() {
     ok(segk(name, 4).unwrap().args(train_args(&root, &run("one2"), 2, 2)).args(["--device", "cuda:0"]).output().unwrap(), "two epochs on one");
     let d = largest_difference(&run("one2").join("checkpoint_final.safetensors"), &mixed.join("checkpoint_final.safetensors"));
     assert!(d < 2e-3, "resumed on another number of ranks: weights {d:.2e} apart");
+    // Prediction on two GPUs: each process a part of the cases, together every case, each as
+    // one process predicts it.
+    let model = run("one").parent().unwrap().to_path_buf();
+    let predict = |out: &str, devices: &[&str]| {
+        let o = segk(name, 4).unwrap().args(["predict", "-i", root.join("imagesTr").to_str().unwrap(), "-o", base.join(out).to_str().unwrap(), "-m", model.to_str().unwrap(), "--no-tta"]).args(devices).output().unwrap();
+        ok(o, out)
+    };
+    predict("pred1", &["--device", "cuda:0"]);
+    let text = predict("pred2", &["--devices", "cuda:0,cuda:1"]);
+    assert!(text.contains("prediction: 2 processes"), "{text}");
+    for k in 0..5 {
+        let f = format!("case_{k:04}.nii.gz");
+        let (a, b) = (segk::imageio::read(&base.join("pred1").join(&f)).unwrap(), segk::imageio::read(&base.join("pred2").join(&f)).unwrap());
+        assert!(a.data == b.data, "{f}: predicted on two GPUs unlike on one");
+    }
     // A batch the ranks cannot share evenly is refused with the reason.
     let three = segk(name, 4).unwrap().args(train_args(&root, &run("three"), 1, 1)).args(["--devices", "cuda:0-2"]).output().unwrap();
     let err = String::from_utf8_lossy(&three.stderr);
@@ -176,7 +191,8 @@ fn ranks_train_as_one_process_with_the_same_global_batch() {
 }
 
 /// A rank killed mid-run, or one that stops answering (SIGSTOP), stops every other rank
-/// within the time limits, the lost rank named; none hangs.
+/// within the time limits, the lost rank named; none hangs. Ctrl-C at a rank other than 0
+/// stops the run where rank 0 saves it.
 #[test]
 fn a_lost_rank_stops_the_others_with_its_name() {
     let name = "a_lost_rank_stops_the_others_with_its_name";
@@ -212,4 +228,23 @@ fn a_lost_rank_stops_the_others_with_its_name() {
         let _ = Command::new("kill").args(["-s", "CONT", &pid]).status();
         let _ = victim.wait();
     }
+    // Ctrl-C at any rank: rank 0 stops the run at its next step, saves checkpoint_latest, and
+    // the others stop with rank 0's word.
+    let out = base.join("runs/INT/fold_all");
+    let args = train_args(&root, &out, 3, 100);
+    let port = free_port();
+    let ranks: Vec<Child> = (0..2).map(|r| rank(segk(name, 2).unwrap(), &args, r, 2, port, "30")).collect();
+    let t0 = Instant::now();
+    while !out.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "the ranks never started training");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(Command::new("kill").args(["-s", "INT", &ranks[1].id().to_string()]).status().unwrap().success());
+    let outs: Vec<Output> = ranks.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let err: Vec<String> = outs.iter().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).collect();
+    assert_eq!((outs[0].status.code(), outs[1].status.code()), (Some(1), Some(3)), "{err:?}");
+    assert!(err[0].contains("interrupted at epoch 0") && err[0].contains("saved checkpoint_latest"), "{}", err[0]);
+    assert!(err[1].contains("rank 0 stopped the run: interrupted"), "{}", err[1]);
+    assert!(out.join("checkpoint_latest.safetensors").exists());
 }

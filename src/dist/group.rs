@@ -309,7 +309,8 @@ impl Group {
     pub fn fail(&self, e: &anyhow::Error) {
         let why = one_line(&format!("{e:#}"));
         if self.shared.world.rank == 0 {
-            self.leave(&format!("STOP rank 0 failed: {why}"));
+            let how = if crate::train::STOP.load(Relaxed) { "stopped the run" } else { "failed" };
+            self.leave(&format!("STOP rank 0 {how}: {why}"));
         } else {
             self.leave(&format!("FAIL {why}"));
         }
