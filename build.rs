@@ -142,7 +142,7 @@ fn build_fake_driver(kdir: &Path, out: &Path) {
     // The fake NCCL (kernels/emu/nccl.c) sits beside it: multi-rank runs on the fake driver.
     let nccl = kdir.join("emu/nccl.c");
     println!("cargo:rerun-if-changed={}", nccl.display());
-    let res = build(&src, &lib).and_then(|o| if o.status.success() { build(&nccl, &dir.join("libnccl.so")) } else { Ok(o) });
+    let res = build(&src, &lib).and_then(|o| if o.status.success() { build(&nccl, &dir.join("libnccl.so.2")) } else { Ok(o) });
     match res {
         Ok(o) if o.status.success() => println!("cargo:rustc-env=SEGK_FAKE_CUDA_DIR={}", dir.display()),
         other => {

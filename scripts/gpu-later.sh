@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The GPU runs that scripts/gpu-check.sh leaves for a later window: the selftest on the CPU
 # emulator of the same kernels, `bench loader` against the measured step time, short `segk
-# train` runs at checkpoint levels 0/1/2 on a generated dataset, the demo, and the test binary
-# when given. Same usage, environment and output as gpu-check.sh (whose step machinery this
+# train` runs at checkpoint levels 0/1/2 on a generated dataset, one through NCCL at world
+# size 1 (`--devices cuda:0`) when NCCL is there, the demo, and the test binary when given. Same usage, environment and output as gpu-check.sh (whose step machinery this
 # sources): at most 3 files in OUT_DIR (summary.txt, all.log, results.json), each step under
 # `timeout` within DEADLINE (default 420 s), SMOKE=1 for toy sizes on the fake driver.
 #   SEGK_BIN=target/x86_64-unknown-linux-gnu/release/segk bash scripts/gpu-later.sh OUT_DIR
@@ -77,6 +77,20 @@ step preprocess "$need" "$cap" "$bin" preprocess "$ds" -c 3d_fullres
 for l in 0 1 2; do
   PARSE=parse_train step "train-ckpt$l" "$need_train" "$cap_train" "$bin" train "$ds" 0 --device cuda $train --checkpointing "$l" --no-validation --out "$tmp/train-ckpt$l"
 done
+# The several-GPU path (rendezvous, NCCL, bucketed gradient sums) at world size 1, through the
+# same code as a multi-GPU run: the machine's NCCL when it has one (the fake NCCL in SMOKE runs).
+nccl_lib() {
+  local d
+  for d in ${LD_LIBRARY_PATH//:/ }; do
+    ls "$d"/libnccl.so* >/dev/null 2>&1 && { echo "$d"; return 0; }
+  done
+  ldconfig -p 2>/dev/null | grep -oE '/[^ ]*libnccl\.so[^ ]*' | head -n 1 | grep .
+}
+if lib=$(nccl_lib); then
+  PARSE=parse_train step train-nccl-1rank "$need_train" "$cap_train" "$bin" train "$ds" 0 --devices cuda:0 $train --no-validation --out "$tmp/train-nccl"
+else
+  skip train-nccl-1rank "$bin train ... --devices cuda:0" "no libnccl.so on LD_LIBRARY_PATH or in ldconfig's cache (pip install nvidia-nccl-cu13, then LD_LIBRARY_PATH=.../nvidia/nccl/lib)"
+fi
 parse_demo() {
   local l
   while IFS= read -r l; do note "$l"; done < <(grep -v '^[[:space:]]*$' "$steplog" | tail -n 3 | sed -E 's/^[[:space:]]+//; s/[[:space:]]+/ /g')

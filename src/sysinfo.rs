@@ -117,6 +117,10 @@ pub fn doctor(version: &str) -> anyhow::Result<()> {
     if let Some(lib) = crate::backend::cuda::driver_library() {
         println!("NVIDIA driver: {lib}, CUDA {}", crate::backend::cuda::driver_cuda_version().unwrap_or_else(|| "?".into()));
     }
+    match crate::backend::cuda::nccl::describe() {
+        Ok(v) => println!("{v}: several GPUs can train one run (--devices, srun, mpirun; in a container NCCL wants /dev/shm of 1 GiB or more)"),
+        Err(why) => println!("NCCL: {} (needed only to train on several GPUs)", why.trim_start_matches("NCCL ")),
+    }
     println!("would use (override with --threads, --workers, --processes or the variables named):");
     for line in crate::threads::doctor_lines(&cpus, &crate::threads::global(), &crate::threads::process_env)? {
         println!("  {line}");
