@@ -56,7 +56,8 @@ fn gather_partials(be: &CudaBackend, w: &Work) -> Result<()> {
     if be.ranks_joined().is_none() {
         return Ok(());
     }
-    be.start_collective("the loss's all-gather", |c, stream| c.all_gather_f32(w.part, w.mine_len, stream))?;
+    // SAFETY: the workspace holds every rank's partials (ranks x mine_len f32) on this GPU.
+    be.start_collective("the loss's all-gather", |c, stream| unsafe { c.all_gather_f32(w.part, w.mine_len, stream) })?;
     be.join_sums()
 }
 

@@ -853,7 +853,8 @@ impl Backend for CudaBackend {
             return Ok(());
         }
         f32s("start_sum", &[x])?;
-        self.start_collective("all-reduce", |c, stream| c.all_reduce_sum_f32(x.ptr, x.len, stream))
+        // SAFETY: x is a live f32 view of this backend's memory; the stream is the collectives'.
+        self.start_collective("all-reduce", |c, stream| unsafe { c.all_reduce_sum_f32(x.ptr, x.len, stream) })
     }
     fn join_sums(&self) -> Result<()> {
         let Some(r) = self.group.get() else { return Ok(()) };

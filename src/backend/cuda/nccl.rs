@@ -165,7 +165,10 @@ impl Comm {
     }
 
     /// x <- the sum of x over every rank (f32, in place), queued on `stream`.
-    pub fn all_reduce_sum_f32(&self, ptr: u64, len: usize, stream: *mut c_void) -> Result<()> {
+    ///
+    /// # Safety
+    /// `ptr` addresses `len` f32 of this rank's GPU and `stream` is a live stream of its context.
+    pub unsafe fn all_reduce_sum_f32(&self, ptr: u64, len: usize, stream: *mut c_void) -> Result<()> {
         let l = lib()?;
         // SAFETY: ptr addresses len f32 on this rank's GPU; stream is the backend's.
         let r = unsafe { (l.all_reduce)(ptr as *const c_void, ptr as *mut c_void, len, FLOAT32, SUM, self.raw, stream) };
@@ -174,7 +177,11 @@ impl Comm {
 
     /// In place: `all` holds size x `len` f32, this rank's share at rank x `len`; every rank's
     /// share lands in every rank's `all`, in rank order.
-    pub fn all_gather_f32(&self, all: u64, len: usize, stream: *mut c_void) -> Result<()> {
+    ///
+    /// # Safety
+    /// `all` addresses size x `len` f32 of this rank's GPU and `stream` is a live stream of its
+    /// context.
+    pub unsafe fn all_gather_f32(&self, all: u64, len: usize, stream: *mut c_void) -> Result<()> {
         let l = lib()?;
         let mine = all + (self.rank * len * 4) as u64;
         // SAFETY: as above; NCCL allows the in-place form (send = recv + rank * count).
