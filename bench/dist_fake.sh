@@ -10,7 +10,10 @@ set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 target=${CARGO_TARGET_DIR:-$here/target}
 segk=${SEGK_BIN:-$target/release/segk}
-fake=$(ls -d "$target"/release/build/segk-*/out/fakecuda 2>/dev/null | while read -r d; do [ -e "$d/libnccl.so.2" ] && echo "$d"; done | head -n 1)
+fake=""
+for d in "$target"/release/build/segk-*/out/fakecuda; do
+  [ -e "$d/libnccl.so.2" ] && { fake=$d; break; }
+done
 [ -n "$fake" ] || { echo "no fake driver with a fake NCCL under $target/release/build (cargo build --release with a C compiler and nvcc)" >&2; exit 1; }
 work=$(mktemp -d /tmp/segk-dist-bench.XXXXXX)
 trap 'rm -rf "$work"' EXIT

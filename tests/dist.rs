@@ -97,28 +97,25 @@ fn train_losses(log: &Path) -> Vec<f64> {
     text.lines().filter(|l| l.starts_with("epoch")).map(|l| l.split("train loss ").nth(1).unwrap().split_whitespace().next().unwrap().parse().unwrap()).collect()
 }
 
+/// Starts a rank with a launcher's variables `vars`.
+fn launch(cmd: Command, args: &[String], vars: &[(&str, String)], timeout_s: &str) -> Child {
+    let mut c = cmd;
+    c.args(args).envs(vars.iter().map(|(k, v)| (*k, v.as_str()))).env("SEGK_DIST_TIMEOUT", timeout_s).env("SEGK_GROUP", "1").stdout(Stdio::piped()).stderr(Stdio::piped());
+    c.spawn().unwrap()
+}
+
 /// Starts rank `rank` of `size` with torchrun-style variables.
 fn rank(cmd: Command, args: &[String], rank: usize, size: usize, port: u16, timeout_s: &str) -> Child {
-    let mut c = cmd;
-    c.args(args)
-        .env("WORLD_SIZE", size.to_string())
-        .env("RANK", rank.to_string())
-        .env("LOCAL_RANK", rank.to_string())
-        .env("MASTER_ADDR", "127.0.0.1")
-        .env("MASTER_PORT", port.to_string())
-        .env("SEGK_DIST_TIMEOUT", timeout_s)
-        .env("SEGK_GROUP", "1")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
-    c.spawn().unwrap()
+    let vars = [("WORLD_SIZE", size.to_string()), ("RANK", rank.to_string()), ("LOCAL_RANK", rank.to_string()), ("MASTER_ADDR", "127.0.0.1".into()), ("MASTER_PORT", port.to_string())];
+    launch(cmd, args, &vars, timeout_s)
 }
 
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
-/// Two ranks (`--devices`) and four (torchrun-style variables, one sample each) train as one
-/// process with the same global batch: the same samples and the same first loss, bit for bit
+/// Two ranks (`--devices`; srun's and mpirun's variables: the same bits) and four
+/// (torchrun-style variables, one sample each) train as one process with the same global batch: the same samples and the same first loss, bit for bit
 /// (every rank merges all ranks' loss partials in sample order), and weights equal up to the
 /// order of the sums over the batch inside the weight gradients (a rank sums its own samples,
 /// NCCL sums the ranks): stated as 1e-3 of each tensor's scale after two steps (measured
@@ -143,6 +140,22 @@ fn ranks_train_as_one_process_with_the_same_global_batch() {
     let buckets = segk(name, 4).unwrap().args(train_args(&root, &run("buckets"), 1, 2)).args(["--devices", "cuda:0,cuda:1"]).env("SEGK_GRAD_BUCKET_KB", "1").env("FAKECUDA_DELAY_US", "300").output().unwrap();
     ok(buckets, "1 KB buckets");
     assert_eq!(tensors(&run("two").join("checkpoint_final.safetensors")), tensors(&run("buckets").join("checkpoint_final.safetensors")), "buckets change no bit");
+    // The same two ranks started by srun and by Open MPI's mpirun (their variables): the same bits.
+    for launcher in ["srun", "mpirun"] {
+        let (args, port) = (train_args(&root, &run(launcher), 1, 2), free_port());
+        let children: Vec<Child> = (0..2)
+            .map(|r| {
+                let vars = match launcher {
+                    "srun" => vec![("SLURM_PROCID", r.to_string()), ("SLURM_STEP_NUM_TASKS", "2".into()), ("SLURM_LOCALID", r.to_string()), ("SLURM_STEP_NODELIST", "localhost".into()), ("MASTER_PORT", port.to_string())],
+                    _ => vec![("OMPI_COMM_WORLD_RANK", r.to_string()), ("OMPI_COMM_WORLD_SIZE", "2".into()), ("OMPI_COMM_WORLD_LOCAL_RANK", r.to_string()), ("OMPI_COMM_WORLD_LOCAL_SIZE", "2".into()), ("MASTER_PORT", port.to_string())],
+                };
+                launch(segk(name, 4).unwrap(), &args, &vars, "120")
+            })
+            .collect();
+        let texts: Vec<String> = children.into_iter().enumerate().map(|(r, c)| ok(c.wait_with_output().unwrap(), &format!("{launcher} rank {r}"))).collect();
+        assert!(texts[0].contains(&format!("rank 0 of 2 ({launcher}")), "{}", texts[0]);
+        assert_eq!(tensors(&run("two").join("checkpoint_final.safetensors")), tensors(&run(launcher).join("checkpoint_final.safetensors")), "two ranks by {launcher}");
+    }
     let port = free_port();
     let args = train_args(&root, &run("four"), 1, 2);
     let children: Vec<Child> = (0..4).map(|r| rank(segk(name, 4).unwrap(), &args, r, 4, port, "120")).collect();

@@ -212,9 +212,16 @@ impl Group {
         let deadline = Instant::now() + limits.timeout;
         let target = format!("{}:{}", world.master_addr, world.master_port);
         let stream = loop {
-            let tried = target.to_socket_addrs().map_err(anyhow::Error::from).and_then(|mut a| {
-                let a = a.next().context("no address")?;
-                TcpStream::connect_timeout(&a, Duration::from_secs(2)).map_err(anyhow::Error::from)
+            // Every address the name resolves to (rank 0 listens on IPv4: "localhost" may come as ::1 first).
+            let tried = target.to_socket_addrs().map_err(anyhow::Error::from).and_then(|addrs| {
+                let mut last = anyhow::anyhow!("{target} resolves to no address");
+                for a in addrs {
+                    match TcpStream::connect_timeout(&a, Duration::from_secs(2)) {
+                        Ok(s) => return Ok(s),
+                        Err(e) => last = e.into(),
+                    }
+                }
+                Err(last)
             });
             match tried {
                 Ok(s) => break s,
