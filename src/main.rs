@@ -106,6 +106,9 @@ enum Cmd {
         /// instead (README, "Several GPUs").
         #[arg(long, conflicts_with = "device")]
         devices: Option<String>,
+        /// nnU-Net's -num_gpus: GPUs 0..N-1 of this node, as --devices cuda:0-(N-1) (1: one process).
+        #[arg(long, alias = "num_gpus", conflicts_with_all = ["device", "devices"])]
+        num_gpus: Option<usize>,
         /// What the convolutions multiply: auto (bf16 on a GPU; f32 on a CPU), f32 (CPU only), or
         /// bf16 (on a CPU with AVX512-BF16: bf16 operands, f32 sums, f32 weights, norms, loss and
         /// optimizer, as on a GPU). segk's own flag; nnU-Net trains in fp16/bf16 autocast on GPUs.
@@ -406,6 +409,7 @@ fn nnunet_flag(arg: String) -> String {
         "-chk" => "--checkpoint".into(),
         "-step_size" => "--step".into(),
         "-device" => "--device".into(),
+        "-num_gpus" => "--num-gpus".into(),
         "-tr" => "--tr".into(),
         "-plans_name" => "--plans".into(),
         "-np" => "--processes".into(),
@@ -436,8 +440,10 @@ fn main() {
         Cmd::Plan { dataset, planner, gpu_memory_target, gpu_memory, out } => Experiment::new(&dataset).and_then(|e| run_plan(&e, gpu_memory, out, &planner, gpu_memory_target)),
         Cmd::Preprocess { dataset, plans, configurations, processes, f16, out } => Experiment::new(&dataset).and_then(|e| run_preprocess(&e, processes, f16, &plans, &configurations, out)),
         Cmd::Train { devices: Some(d), .. } => train_on_devices(&d),
+        Cmd::Train { num_gpus: Some(0), .. } => Err(anyhow::anyhow!("-num_gpus must be at least 1")),
+        Cmd::Train { num_gpus: Some(n), .. } if n > 1 => train_on_devices(&format!("cuda:0-{}", n - 1)),
         Cmd::Predict { devices: Some(d), .. } => predict_on_devices(&d),
-        Cmd::Train { dataset, configuration_fold, plans, device, devices: None, precision, epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained_weights, no_validation, npz, workers, seed, preprocessed, out } => {
+        Cmd::Train { dataset, configuration_fold, plans, device, devices: None, num_gpus: _, precision, epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained_weights, no_validation, npz, workers, seed, preprocessed, out } => {
             let o = TrainOpts { epochs, iters_per_epoch, val_iters, checkpointing, save_every, resume, pretrained: pretrained_weights, validation: !no_validation, npz, workers, seed, precision };
             let (configuration, fold) = match configuration_fold.as_slice() {
                 [c] if ["2d", "3d_fullres", "3d_lowres", "3d_cascade_fullres"].contains(&c.as_str()) => {

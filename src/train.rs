@@ -150,17 +150,20 @@ pub static STOP: AtomicBool = AtomicBool::new(false);
 /// process at once.
 pub static STEPPING: AtomicBool = AtomicBool::new(false);
 
-/// STEPPING for as long as it lives (every way out of the training loop included).
+/// STEPPING for as long as it lives (every way out of the training loop included); so long,
+/// too, the ranks' watchdog stops a run that makes no progress.
 struct Stepping;
 impl Stepping {
     fn start() -> Stepping {
         STEPPING.store(true, Ordering::Relaxed);
+        crate::dist::group::training(true);
         Stepping
     }
 }
 impl Drop for Stepping {
     fn drop(&mut self) {
         STEPPING.store(false, Ordering::Relaxed);
+        crate::dist::group::training(false);
     }
 }
 

@@ -204,8 +204,9 @@ fn ranks_train_as_one_process_with_the_same_global_batch() {
 }
 
 /// A rank killed mid-run, or one that stops answering (SIGSTOP), stops every other rank
-/// within the time limits, the lost rank named; none hangs. Ctrl-C at a rank other than 0
-/// stops the run where rank 0 saves it.
+/// within the time limits, the lost rank named; a collective that never completes stops every
+/// rank after the timeout; none hangs. Ctrl-C at a rank other than 0 stops the run where rank 0
+/// saves it.
 #[test]
 fn a_lost_rank_stops_the_others_with_its_name() {
     let name = "a_lost_rank_stops_the_others_with_its_name";
@@ -241,6 +242,28 @@ fn a_lost_rank_stops_the_others_with_its_name() {
         let _ = Command::new("kill").args(["-s", "CONT", &pid]).status();
         let _ = victim.wait();
     }
+    // A collective that never completes (rank 1's fifth: FAKENCCL_HANG_AT), so no rank makes
+    // progress: rank 0 stops the run after the timeout, NCCL aborted on every rank.
+    let out = base.join("runs/HANG/fold_all");
+    let args = train_args(&root, &out, 3, 100);
+    let port = free_port();
+    let ranks: Vec<Child> = (0..2)
+        .map(|r| {
+            let mut cmd = segk(name, 2).unwrap();
+            if r == 1 {
+                cmd.env("FAKENCCL_HANG_AT", "5");
+            }
+            rank(cmd, &args, r, 2, port, "6")
+        })
+        .collect();
+    let t0 = Instant::now();
+    let outs: Vec<Output> = ranks.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
+    let err: Vec<String> = outs.iter().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).collect();
+    assert_eq!((outs[0].status.code(), outs[1].status.code()), (Some(3), Some(3)), "{err:?}");
+    // "no rank made progress" or, when one rank got further before it blocked, "rank(s) k made none".
+    assert!(err[0].contains("made no progress for") || err[0].contains("no rank made progress for"), "{}", err[0]);
+    assert!(err[1].contains("collective 5 hangs") && err[1].contains("progress for"), "{}", err[1]);
+    assert!(t0.elapsed() < Duration::from_secs(90), "stopped after {:?}", t0.elapsed());
     // Ctrl-C at any rank: rank 0 stops the run at its next step, saves checkpoint_latest, and
     // the others stop with rank 0's word.
     let out = base.join("runs/INT/fold_all");

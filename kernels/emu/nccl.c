@@ -15,6 +15,8 @@
 // Supported: AllReduce (sum, max, min) and AllGather, Broadcast over int32/uint32/int64/uint64/
 // float/double; group calls are accepted and do nothing (each collective runs on its own).
 // FAKENCCL_INIT_TIMEOUT_S bounds ncclCommInitRank's wait for the other ranks (default 120).
+// Fault on request: FAKENCCL_HANG_AT=N makes this process's N-th collective never arrive (it
+// waits for ncclCommAbort), as a GPU stuck in a kernel or a lost network leaves NCCL.
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <errno.h>
@@ -149,10 +151,19 @@ struct Call {
     int type, op, root;
 };
 
+static unsigned long long calls;
+
 // Runs on the stream's thread, in stream order.
 static void run_call(void* arg) {
     struct Call* k = arg;
     Comm* c = k->c;
+    const char* hang = getenv("FAKENCCL_HANG_AT");
+    if (hang && ++calls == strtoull(hang, NULL, 10)) {
+        fprintf(stderr, "fake libnccl: rank %d: collective %llu hangs (FAKENCCL_HANG_AT)\n", c->rank, calls);
+        while (!atomic_load(&c->aborted)) usleep(1000);
+        free(k);
+        return;
+    }
     const size_t w = type_bytes(k->type), total = k->count * w;
     for (size_t off = 0; off < total || (off == 0 && total == 0); off += CHUNK) {
         size_t len = total - off < CHUNK ? total - off : CHUNK;

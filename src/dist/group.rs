@@ -28,6 +28,16 @@ pub fn tick() {
     PROGRESS.fetch_add(1, Relaxed);
 }
 
+/// Whether the ranks are in the training loop, where every rank progresses: only there does
+/// rank 0 stop a run that makes no progress (preprocessing on rank 0 while the others wait,
+/// or the validation after training, may take longer than the timeout).
+static TRAINING: AtomicBool = AtomicBool::new(false);
+
+/// The training loop starts (true) or ends (false).
+pub fn training(on: bool) {
+    TRAINING.store(on, Relaxed);
+}
+
 type AbortHook = Box<dyn Fn() + Send + Sync>;
 static ABORT_HOOKS: Mutex<Vec<AbortHook>> = Mutex::new(Vec::new());
 
@@ -232,6 +242,8 @@ impl Group {
             }
         };
         stream.set_nodelay(true)?;
+        // A peer that stopped reading must not block this rank's writes (beats, STOP) for long.
+        stream.set_write_timeout(Some(Duration::from_secs(10)))?;
         let mut w = stream.try_clone()?;
         w.write_all(format!("HELLO {} {} {} {}\t{run}\n", world.rank, world.size, std::process::id(), hostname()).as_bytes())?;
         stream.set_read_timeout(Some(deadline.saturating_duration_since(Instant::now()).max(Duration::from_secs(1))))?;
@@ -365,6 +377,7 @@ fn read_line_unbuffered(mut s: &TcpStream) -> Result<String> {
 fn hello(stream: TcpStream, world: &World, run: &str, links: &[Option<Arc<Link>>]) -> Result<Link> {
     stream.set_nonblocking(false)?;
     stream.set_nodelay(true)?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
     stream.set_read_timeout(Some(Duration::from_secs(10)))?;
     let line = read_line_unbuffered(&stream).context("reading its HELLO")?;
     stream.set_read_timeout(None)?;
@@ -449,7 +462,7 @@ fn watch(s: &Shared) {
             continue;
         }
         let now = (mine, s.links.iter().map(|l| l.progress.load(Relaxed)).collect::<Vec<_>>());
-        if now != last {
+        if now != last || !TRAINING.load(Relaxed) {
             (last, moved) = (now, Instant::now());
             continue;
         }

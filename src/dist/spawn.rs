@@ -31,17 +31,18 @@ pub fn parse_devices(s: &str) -> Result<Vec<usize>> {
     Ok(out)
 }
 
-/// This command line without `--devices` and `--device` (and their values).
+/// This command line without `--devices`, `--device` and `--num-gpus` (and their values).
 pub fn strip_device_flags(args: &[String]) -> Vec<String> {
+    const FLAGS: [&str; 4] = ["--devices", "--device", "--num-gpus", "--num_gpus"];
     let mut out = Vec::new();
     let mut skip = false;
     for a in args {
         if std::mem::take(&mut skip) {
             continue;
         }
-        match a.as_str() {
-            "--devices" | "--device" => skip = true,
-            _ if a.starts_with("--devices=") || a.starts_with("--device=") => {}
+        match a.split_once('=') {
+            _ if FLAGS.contains(&a.as_str()) => skip = true,
+            Some((flag, _)) if FLAGS.contains(&flag) => {}
             _ => out.push(a.clone()),
         }
     }
@@ -145,7 +146,7 @@ mod tests {
 
     #[test]
     fn device_flags_are_stripped() {
-        let a: Vec<String> = ["train", "D", "3d_fullres", "0", "--devices", "cuda:0,cuda:1", "--device=cuda", "--epochs", "2", "--device", "cpu"].iter().map(|s| s.to_string()).collect();
+        let a: Vec<String> = ["train", "D", "3d_fullres", "0", "--devices", "cuda:0,cuda:1", "--device=cuda", "--epochs", "2", "--device", "cpu", "--num-gpus", "2", "--num_gpus=2"].iter().map(|s| s.to_string()).collect();
         assert_eq!(strip_device_flags(&a), ["train", "D", "3d_fullres", "0", "--epochs", "2"]);
     }
 }
