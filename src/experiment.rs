@@ -299,8 +299,10 @@ impl Job for Train {
         println!("device {}", be.name());
         let logs = crate::train::run_on(be, &self.cfg)?;
         // A signal in the last epoch's tail (after its steps) lands here: the run is saved.
+        // (Rank 0 decides for several ranks.)
+        let lead = self.cfg.group.as_ref().is_none_or(|g| g.world().rank == 0);
         anyhow::ensure!(
-            !crate::train::STOP.load(std::sync::atomic::Ordering::Relaxed),
+            !lead || !crate::train::STOP.load(std::sync::atomic::Ordering::Relaxed),
             "interrupted after the last epoch: checkpoint_final is saved; validation was skipped"
         );
         if self.cfg.group.as_ref().is_some_and(|g| g.world().rank != 0) {
@@ -446,7 +448,7 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
             o.seed,
             o.resume,
             env!("CARGO_PKG_VERSION")
-        );
+        ) + &std::env::var("SEGK_GRAD_BUCKET_KB").map(|b| format!(" buckets {b} KB")).unwrap_or_default();
         let g = crate::dist::group::Group::connect(&world, &run, crate::dist::group::Limits::from_env()?)?;
         println!("rank {} of {} ({}) on {device}, rendezvous at {}:{}", world.rank, world.size, world.launcher, world.master_addr, world.master_port);
         if world.rank != 0 {
@@ -470,8 +472,11 @@ pub fn run_train(ex: &Experiment, configuration: &str, fold: &str, plans_name: O
 /// The device of one rank: `--device cuda:N` as given (`--devices` gives each rank its own),
 /// else the GPU of its local rank.
 fn rank_device(device: &str, world: &crate::dist::World) -> Result<String> {
+    // A launcher that gives each rank its own GPUs (srun --gpus-per-task) leaves fewer visible
+    // than the node's ranks.
+    let visible = std::env::var("CUDA_VISIBLE_DEVICES").ok().map(|v| v.split(',').filter(|d| !d.trim().is_empty()).count()).filter(|&n| n > 0);
     match device {
-        "auto" | "cuda" => Ok(format!("cuda:{}", world.local_rank)),
+        "auto" | "cuda" => Ok(format!("cuda:{}", visible.map_or(world.local_rank, |n| world.local_rank % n))),
         d if d.starts_with("cuda:") => Ok(d.to_string()),
         d => anyhow::bail!("--device {d}: training on several ranks ({} of them, from {}) needs GPUs (NCCL)", world.size, world.launcher),
     }

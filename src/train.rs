@@ -256,7 +256,7 @@ fn save_and_fail<B: Backend>(be: &B, cfg: &TrainConfig, net: &mut UNet<B>, st: &
     // The steps queued before the failure count as taken (when the device can still say so).
     let _ = settle(be, net, st, pending);
     if !leads(cfg) {
-        return e.context(format!("rank stopped at epoch {} iteration {}; rank 0 saves the checkpoints", st.epoch, st.iter));
+        return e.context(format!("rank stopped at epoch {} iteration {} (rank 0 writes the checkpoints)", st.epoch, st.iter));
     }
     match checkpoint::save(&cfg.out, "checkpoint_latest", be, net, st) {
         Ok(()) => e.context(format!("saved checkpoint_latest at epoch {} iteration {}; {next}, then --resume", st.epoch, st.iter)),
@@ -338,7 +338,10 @@ fn join_ranks<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<loader::Shard> {
     let w = g.world();
     let id = if w.rank == 0 { be.group_id()? } else { Vec::new() };
     let id = g.sync("nccl-id", &id)?;
-    be.join_group(w.rank, w.size, &id)?;
+    crate::dist::group::watch_phase(Some("NCCL's setup (ncclCommInitRank)"));
+    let joined = be.join_group(w.rank, w.size, &id);
+    crate::dist::group::watch_phase(None);
+    joined?;
     let share = w.share(cfg.plan.batch_size)?;
     println!("rank {} of {} ({}): samples {}..{} of each batch of {}", w.rank, w.size, w.launcher, share.start, share.end, cfg.plan.batch_size);
     Ok(loader::Shard { first: share.start, global: cfg.plan.batch_size })
@@ -359,6 +362,18 @@ fn check_same_params<B: Backend>(be: &B, net: &UNet<B>, g: &crate::dist::group::
     let hashes: Vec<u64> = all.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
     let odd: Vec<String> = hashes.iter().enumerate().filter(|(_, &x)| x != hashes[0]).map(|(r, _)| r.to_string()).collect();
     anyhow::ensure!(odd.is_empty(), "after epoch {epoch} the parameters of rank(s) {} differ from rank 0's: the ranks diverged (a GPU fault, or ranks built differently)", odd.join(", "));
+    Ok(())
+}
+
+/// Every rank starts from the same place: a rank that loaded another checkpoint (or none, not
+/// seeing rank 0's folder) would wait in another collective than the others.
+fn same_start(g: &crate::dist::group::Group, st: &TrainerState) -> Result<()> {
+    let mine = format!("epoch {} iteration {} step {} batches {}/{}", st.epoch, st.iter, st.steps, st.next_train_batch, st.next_val_batch);
+    let all = g.reduce("start", mine.as_bytes(), |parts| parts.join(&b'\n'))?;
+    let all = String::from_utf8_lossy(&all).into_owned();
+    let starts: Vec<&str> = all.split('\n').collect();
+    let odd: Vec<String> = starts.iter().enumerate().filter(|(_, s)| **s != starts[0]).map(|(r, s)| format!("rank {r} at {s}")).collect();
+    anyhow::ensure!(odd.is_empty(), "the ranks start from different places: rank 0 at {}, {} (every rank must read the same output folder: a shared filesystem)", starts[0], odd.join(", "));
     Ok(())
 }
 
@@ -413,6 +428,9 @@ pub fn run_on<B: Backend>(be: &B, cfg: &TrainConfig) -> Result<Vec<EpochLog>> {
         } else {
             println!("--resume: no checkpoint_latest or checkpoint_best in {}, starting fresh", cfg.out.display());
         }
+    }
+    if let Some(g) = &cfg.group {
+        same_start(g, &st)?;
     }
     let spec = |augment, cascade, seed| {
         let prev_stage = cfg.prev_stage.as_ref().map(|(dir, labels)| loader::PrevInputs { dir: dir.clone(), labels: labels.clone(), augment: cascade });

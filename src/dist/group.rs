@@ -28,15 +28,25 @@ pub fn tick() {
     PROGRESS.fetch_add(1, Relaxed);
 }
 
-/// Whether the ranks are in the training loop, where every rank progresses: only there does
-/// rank 0 stop a run that makes no progress (preprocessing on rank 0 while the others wait,
-/// or the validation after training, may take longer than the timeout).
-static TRAINING: AtomicBool = AtomicBool::new(false);
+/// What the ranks are doing together, when rank 0 should stop a run that makes no progress
+/// at it: the training loop (every rank progresses) and NCCL's setup. Elsewhere (preprocessing
+/// on rank 0 while the others wait, the validation after training) work may outlast the timeout.
+static WATCHED: Mutex<Option<&'static str>> = Mutex::new(None);
+
+/// From here the stall watch applies to `phase` (None: not watched).
+pub fn watch_phase(phase: Option<&'static str>) {
+    *WATCHED.lock().unwrap_or_else(|p| p.into_inner()) = phase;
+}
 
 /// The training loop starts (true) or ends (false).
 pub fn training(on: bool) {
-    TRAINING.store(on, Relaxed);
+    watch_phase(on.then_some("training"));
 }
+
+/// A peer that reported its own failure is given this long to be followed by rank 0's own end
+/// (an error every rank meets at once, such as a bad label: rank 0 saves checkpoint_latest
+/// first); past it rank 0 stops.
+const PEER_FAILED_GRACE: Duration = Duration::from_secs(20);
 
 type AbortHook = Box<dyn Fn() + Send + Sync>;
 static ABORT_HOOKS: Mutex<Vec<AbortHook>> = Mutex::new(Vec::new());
@@ -103,24 +113,33 @@ struct Shared {
     /// This rank finished or failed on its own: broken connections are expected from here on.
     leaving: AtomicBool,
     fatal: AtomicBool,
+    /// A peer's own failure (its FAIL) and when it came.
+    peer_failed: Mutex<Option<(String, Instant)>>,
 }
 
 impl Shared {
     /// Stops this rank for a fault elsewhere (or a stall): tells the others when it is rank 0,
     /// aborts NCCL, exits. Never returns.
     fn fatal(&self, why: &str) -> ! {
-        if !self.fatal.swap(true, Relaxed) {
-            if self.world.rank == 0 {
-                for l in &self.links {
-                    l.send(&format!("STOP {}", one_line(why)));
-                }
-            }
-            eprintln!("error: rank {} of {}: {why}; stopping this rank (checkpoints already written stay loadable: continue with --resume)", self.world.rank, self.world.size);
-            for hook in ABORT_HOOKS.lock().unwrap_or_else(|p| p.into_inner()).iter() {
-                hook();
+        if self.fatal.swap(true, Relaxed) {
+            // Another thread is stopping the rank: it exits once it has said why.
+            loop {
+                std::thread::park();
             }
         }
-        std::process::exit(EXIT_STOPPED)
+        if self.world.rank == 0 {
+            for l in &self.links {
+                l.send(&format!("STOP {}", one_line(why)));
+            }
+        }
+        eprintln!("error: rank {} of {}: {why}; stopping this rank (checkpoints already written stay loadable: continue with --resume)", self.world.rank, self.world.size);
+        for hook in ABORT_HOOKS.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            hook();
+        }
+        let _ = std::io::stdout().flush();
+        // SAFETY: ends the process without running exit handlers, which could wait on the
+        // device the other threads are blocked in.
+        unsafe { libc::_exit(EXIT_STOPPED) }
     }
 }
 
@@ -162,7 +181,7 @@ impl Group {
         let run = one_line(run);
         let (tx, inbox) = channel();
         let links = if world.rank == 0 { Self::host(world, &run, limits)? } else { vec![Self::join(world, &run, limits)?] };
-        let shared = Arc::new(Shared { world: world.clone(), links, limits, leaving: AtomicBool::new(false), fatal: AtomicBool::new(false) });
+        let shared = Arc::new(Shared { world: world.clone(), links, limits, leaving: AtomicBool::new(false), fatal: AtomicBool::new(false), peer_failed: Mutex::new(None) });
         for l in &shared.links {
             let (s, l, tx) = (shared.clone(), l.clone(), tx.clone());
             let reader = l.out.lock().unwrap_or_else(|p| p.into_inner()).try_clone()?;
@@ -188,21 +207,23 @@ impl Group {
                         let r = link.rank;
                         links[r] = Some(Arc::new(link));
                     }
-                    Err(e) => refused.push(format!("a rank from {from}: {e:#}")),
+                    // Refused alone (a rank of another run, a port scanner): the run goes on waiting.
+                    Err(e) => {
+                        eprintln!("rank 0: refused a connection from {from}: {e:#}");
+                        refused.push(format!("{from}: {e:#}"));
+                    }
                 },
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => std::thread::sleep(Duration::from_millis(20)),
                 Err(e) => return Err(e).context("rank 0: accepting a rank"),
             }
-            if !refused.is_empty() || Instant::now() > deadline {
+            if Instant::now() > deadline {
                 let missing: Vec<String> = (1..world.size).filter(|&r| links[r].is_none()).map(|r| r.to_string()).collect();
                 for l in links.iter().flatten() {
                     l.send("REFUSE the run was called off at rank 0");
                 }
-                if !refused.is_empty() {
-                    bail!("rank 0 refused {}", refused.join("; "));
-                }
+                let refused = if refused.is_empty() { String::new() } else { format!("; refused meanwhile: {}", refused.join("; ")) };
                 bail!(
-                    "ranks {} did not join rank 0 at port {} within {:.0} s (started? MASTER_ADDR={} reachable from them? SEGK_DIST_TIMEOUT sets the wait)",
+                    "ranks {} did not join rank 0 at port {} within {:.0} s (started? MASTER_ADDR={} reachable from them? SEGK_DIST_TIMEOUT sets the wait){refused}",
                     missing.join(", "),
                     world.master_port,
                     limits.timeout.as_secs_f64(),
@@ -400,7 +421,9 @@ fn hello(stream: TcpStream, world: &World, run: &str, links: &[Option<Arc<Link>>
         return refuse(format!("rank {rank} (pid {pid} on {host}) is not a free rank of 1..{size}: two processes with the same rank?"));
     }
     if their_run != run {
-        return refuse(format!("rank {rank} (pid {pid} on {host}) runs another training: {their_run:?}, rank 0 runs {run:?}"));
+        return refuse(format!(
+            "rank {rank} (pid {pid} on {host}) runs another training: {their_run:?}, rank 0 runs {run:?} (separate trainings started by one srun or mpirun, such as one fold per task, take SEGK_DIST=0)"
+        ));
     }
     Ok(Link { rank, pid, host, out: Mutex::new(stream), heard: Mutex::new(Instant::now()), progress: AtomicU64::new(0), finished: AtomicBool::new(false) })
 }
@@ -415,9 +438,13 @@ fn read_link(s: &Shared, l: &Link, stream: TcpStream, inbox: Sender<(usize, Stri
             "BEAT" => l.progress.store(rest.parse().unwrap_or(0), Relaxed),
             "BYE" => l.finished.store(true, Relaxed),
             "SIGNAL" => crate::train::STOP.store(true, Relaxed),
-            "FAIL" if !s.leaving.load(Relaxed) => s.fatal(&format!("{} failed: {rest}", l.who())),
+            "FAIL" => {
+                // Its connection ends next; the watchdog stops this rank unless it ends first.
+                l.finished.store(true, Relaxed);
+                s.peer_failed.lock().unwrap_or_else(|p| p.into_inner()).get_or_insert((format!("{} failed: {rest}", l.who()), Instant::now()));
+            }
             "STOP" if !s.leaving.load(Relaxed) => s.fatal(rest),
-            "FAIL" | "STOP" => l.finished.store(true, Relaxed),
+            "STOP" => l.finished.store(true, Relaxed),
             _ => {
                 let _ = inbox.send((l.rank, line.clone()));
             }
@@ -443,9 +470,17 @@ fn watch(s: &Shared) {
         for l in &s.links {
             l.send(&format!("BEAT {mine}"));
         }
-        let failed = CHECK_HOOKS.lock().unwrap_or_else(|p| p.into_inner()).iter().find_map(|check| check());
-        if let Some(why) = failed {
-            s.fatal(&why);
+        let failed = s.peer_failed.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        if let Some((why, at)) = failed.filter(|f| f.1.elapsed() > PEER_FAILED_GRACE) {
+            s.fatal(&format!("{why} ({:.0} s ago)", at.elapsed().as_secs_f64()));
+        }
+        // NCCL's own word, while a peer is still in the run (after every peer's end it may
+        // report their leaving).
+        if s.links.iter().any(|l| !l.finished.load(Relaxed)) {
+            let failed = CHECK_HOOKS.lock().unwrap_or_else(|p| p.into_inner()).iter().find_map(|check| check());
+            if let Some(why) = failed {
+                s.fatal(&why);
+            }
         }
         if s.world.rank != 0 && !signalled && crate::train::STOP.load(Relaxed) {
             // Rank 0 decides where the run stops and saves; this rank follows its STOP.
@@ -462,7 +497,8 @@ fn watch(s: &Shared) {
             continue;
         }
         let now = (mine, s.links.iter().map(|l| l.progress.load(Relaxed)).collect::<Vec<_>>());
-        if now != last || !TRAINING.load(Relaxed) {
+        let phase = *WATCHED.lock().unwrap_or_else(|p| p.into_inner());
+        if now != last || phase.is_none() {
             (last, moved) = (now, Instant::now());
             continue;
         }
@@ -470,10 +506,11 @@ fn watch(s: &Shared) {
             let at: Vec<(usize, u64)> = std::iter::once((0, mine)).chain(s.links.iter().map(|l| (l.rank, l.progress.load(Relaxed)))).collect();
             let least = at.iter().map(|a| a.1).min().unwrap_or(0);
             let behind: Vec<String> = at.iter().filter(|a| a.1 == least).map(|a| a.0.to_string()).collect();
+            let phase = phase.unwrap_or("training");
             let why = if behind.len() == at.len() {
-                format!("no rank made progress for {:.0} s (all at {least}): a collective never completed (NCCL stuck?)", moved.elapsed().as_secs_f64())
+                format!("no rank made progress in {phase} for {:.0} s (all at {least}): a collective never completed (NCCL stuck? NCCL_DEBUG=WARN says more)", moved.elapsed().as_secs_f64())
             } else {
-                format!("rank(s) {} made no progress for {:.0} s (at {least}; the others waited for them)", behind.join(", "), moved.elapsed().as_secs_f64())
+                format!("rank(s) {} made no progress in {phase} for {:.0} s (at {least}; the others waited for them)", behind.join(", "), moved.elapsed().as_secs_f64())
             };
             s.fatal(&why);
         }
@@ -520,15 +557,17 @@ mod tests {
         }
     }
 
-    /// A rank of another training is refused, and both sides say why.
+    /// A rank of another training is refused, and both sides say why; rank 0 goes on waiting
+    /// for its own rank 1 (which here never comes) and names the refusal when the wait ends.
     #[test]
     fn a_rank_of_another_run_is_refused() {
         let port = free_port();
         let peer = std::thread::spawn(move || Group::connect(&world(1, 2, port), "run B", LIMITS).err().map(|e| e.to_string()));
-        let e = Group::connect(&world(0, 2, port), "run A", LIMITS).err().unwrap().to_string();
-        assert!(e.contains("runs another training") && e.contains("run B"), "{e}");
+        let short = Limits { timeout: Duration::from_secs(3), silence: Duration::from_secs(3) };
+        let e = Group::connect(&world(0, 2, port), "run A", short).err().unwrap().to_string();
+        assert!(e.contains("ranks 1 did not join") && e.contains("runs another training") && e.contains("run B"), "{e}");
         let p = peer.join().unwrap().unwrap();
-        assert!(p.contains("refused") && p.contains("another training"), "{p}");
+        assert!(p.contains("refused") && p.contains("another training") && p.contains("SEGK_DIST=0"), "{p}");
     }
 
     /// A rank that never comes is named when the wait ends.

@@ -40,9 +40,15 @@ impl World {
 
     /// The world the launcher's variables describe (`var` reads one; the process environment
     /// in use), or `single` when none does. In order: torchrun-style (WORLD_SIZE, RANK,
-    /// LOCAL_RANK, MASTER_ADDR, MASTER_PORT, which `--devices` also sets), srun (SLURM_PROCID
-    /// within a job step), Open MPI's mpirun (OMPI_COMM_WORLD_*), MPICH/Intel MPI (PMI_RANK).
+    /// LOCAL_RANK, MASTER_ADDR, MASTER_PORT, which `--devices` also sets), Open MPI's mpirun
+    /// (OMPI_COMM_WORLD_*), MPICH/Intel MPI (PMI_RANK), srun (SLURM_PROCID within a job step;
+    /// after MPI: mpirun inside an allocation leaves the srun variables of its daemons).
+    /// SEGK_DIST=0: one process, whatever the launcher says (separate trainings, such as one
+    /// fold per task, started by one srun).
     pub fn from_env(var: &dyn Fn(&str) -> Option<String>) -> Result<World> {
+        if var("SEGK_DIST").is_some_and(|v| v.trim() == "0") {
+            return Ok(World::single());
+        }
         let num = |name: &str| -> Result<Option<usize>> {
             match var(name).filter(|v| !v.trim().is_empty()) {
                 None => Ok(None),
@@ -79,21 +85,6 @@ impl World {
                 None => bail!("WORLD_SIZE={size} is set but not MASTER_ADDR, the host of rank 0"),
             };
             (rank, size, local, addr, port(DEFAULT_PORT)?, launcher)
-        } else if let (Some(rank), Some(size)) = (num("SLURM_PROCID")?, num("SLURM_STEP_NUM_TASKS")?) {
-            // SLURM_STEP_NUM_TASKS is set by srun only: a batch script's own shell (SLURM_NTASKS
-            // set, no step) is not a rank of a multi-task run.
-            let launcher = "srun (SLURM_* variables)";
-            let local = need("SLURM_LOCALID", launcher)?;
-            let addr = match master {
-                Some(a) => a,
-                None => {
-                    let list = var("SLURM_STEP_NODELIST").or_else(|| var("SLURM_JOB_NODELIST")).context("srun set SLURM_PROCID but no SLURM_STEP_NODELIST or SLURM_JOB_NODELIST to find rank 0's host in (set MASTER_ADDR)")?;
-                    first_host(&list)?
-                }
-            };
-            // Jobs sharing a node must not share a port.
-            let fallback = DEFAULT_PORT + (num("SLURM_JOB_ID")?.unwrap_or(0) % 1000) as u16;
-            (rank, size, local, addr, port(fallback)?, launcher)
         } else if let Some(size) = num("OMPI_COMM_WORLD_SIZE")? {
             let launcher = "mpirun (OMPI_COMM_WORLD_* variables)";
             let rank = need("OMPI_COMM_WORLD_RANK", launcher)?;
@@ -107,6 +98,22 @@ impl World {
             anyhow::ensure!(local != usize::MAX, "{launcher}: MPI_LOCALRANKID (the rank's GPU on its node) is not set");
             let one_node = num("MPI_LOCALNRANKS")? == Some(size);
             (rank, size, local, mpi_master(master, one_node, size)?, port(DEFAULT_PORT)?, launcher)
+        } else if let (Some(rank), Some(size)) = (num("SLURM_PROCID")?, num("SLURM_STEP_NUM_TASKS")?) {
+            // SLURM_STEP_NUM_TASKS is set by srun only: a batch script's own shell (SLURM_NTASKS
+            // set, no step) is not a rank of a multi-task run.
+            let launcher = "srun (SLURM_* variables)";
+            let local = need("SLURM_LOCALID", launcher)?;
+            let addr = match master {
+                Some(a) => a,
+                None => {
+                    let list = var("SLURM_STEP_NODELIST").or_else(|| var("SLURM_JOB_NODELIST")).context("srun set SLURM_PROCID but no SLURM_STEP_NODELIST or SLURM_JOB_NODELIST to find rank 0's host in (set MASTER_ADDR)")?;
+                    first_host(&list)?
+                }
+            };
+            // Jobs (and job steps) sharing a node must not share a port.
+            let step = num("SLURM_STEP_ID")?.unwrap_or(0);
+            let fallback = DEFAULT_PORT + ((num("SLURM_JOB_ID")?.unwrap_or(0) * 7 + step) % 1000) as u16;
+            (rank, size, local, addr, port(fallback)?, launcher)
         } else {
             return Ok(World::single());
         };
@@ -191,13 +198,22 @@ mod tests {
     fn srun_variables() {
         let base = [("SLURM_PROCID", "3"), ("SLURM_STEP_NUM_TASKS", "4"), ("SLURM_LOCALID", "1"), ("SLURM_STEP_NODELIST", "gpu[07-08]"), ("SLURM_JOB_ID", "123456"), ("SLURM_STEP_TASKS_PER_NODE", "2(x2)")];
         let w = world(&base).unwrap();
-        assert_eq!((w.rank, w.size, w.local_rank, w.local_size, w.master_addr.as_str(), w.master_port), (3, 4, 1, 2, "gpu07", DEFAULT_PORT + 456));
+        assert_eq!((w.rank, w.size, w.local_rank, w.local_size, w.master_addr.as_str(), w.master_port), (3, 4, 1, 2, "gpu07", DEFAULT_PORT + (123456 * 7 % 1000) as u16));
         let mut with_master = base.to_vec();
         with_master.extend([("MASTER_ADDR", "head"), ("MASTER_PORT", "4000")]);
         let w = world(&with_master).unwrap();
         assert_eq!((w.master_addr.as_str(), w.master_port), ("head", 4000));
         // A batch script's own shell: SLURM_NTASKS but no job step.
         assert!(world(&[("SLURM_PROCID", "0"), ("SLURM_NTASKS", "4"), ("SLURM_LOCALID", "0")]).unwrap().is_single());
+        // Separate trainings started by one srun say so.
+        let mut separate = base.to_vec();
+        separate.push(("SEGK_DIST", "0"));
+        assert!(world(&separate).unwrap().is_single());
+        // mpirun inside an allocation: its ranks, not the srun step of its daemons.
+        let mut mpi = base.to_vec();
+        mpi.extend([("OMPI_COMM_WORLD_SIZE", "8"), ("OMPI_COMM_WORLD_RANK", "6"), ("OMPI_COMM_WORLD_LOCAL_RANK", "2"), ("MASTER_ADDR", "head")]);
+        let w = world(&mpi).unwrap();
+        assert_eq!((w.rank, w.size, w.local_rank), (6, 8, 2));
     }
 
     #[test]

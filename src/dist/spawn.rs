@@ -57,13 +57,14 @@ pub fn free_port() -> Result<u16> {
 static TERMINATE: AtomicBool = AtomicBool::new(false);
 
 /// SIGTERM to this process reaches the ranks; SIGINT (a terminal's Ctrl-C reaches every
-/// process of the group by itself) is left to them.
+/// process of the group by itself) is left to them. Set once the ranks run: they must not
+/// inherit an ignored SIGINT.
 #[cfg(unix)]
 fn forward_signals() {
     extern "C" fn on_term(_: i32) {
         TERMINATE.store(true, Relaxed);
     }
-    // SAFETY: the handlers only store an atomic (SIG_IGN = 1 for SIGINT).
+    // SAFETY: the handler only stores an atomic.
     unsafe {
         libc::signal(libc::SIGTERM, on_term as extern "C" fn(i32) as libc::sighandler_t);
         libc::signal(libc::SIGINT, libc::SIG_IGN);
@@ -74,8 +75,6 @@ fn forward_signals() {
 /// program) and `env(k)` its extra variables. Returns when all have ended; an error names the
 /// first rank that failed.
 pub fn run(what: &str, devices: &[usize], argv: impl Fn(usize, usize) -> Vec<String>, env: impl Fn(usize) -> Vec<(String, String)>) -> Result<()> {
-    #[cfg(unix)]
-    forward_signals();
     let exe = std::env::current_exe().context("finding segk's own executable")?;
     let mut ranks: Vec<(usize, Child)> = Vec::new();
     for (k, &d) in devices.iter().enumerate() {
@@ -90,6 +89,8 @@ pub fn run(what: &str, devices: &[usize], argv: impl Fn(usize, usize) -> Vec<Str
             }
         }
     }
+    #[cfg(unix)]
+    forward_signals();
     println!("{what}: {} processes, one per GPU ({})", ranks.len(), devices.iter().map(|d| format!("cuda:{d}")).collect::<Vec<_>>().join(", "));
     let mut ended: Vec<Option<ExitStatus>> = vec![None; ranks.len()];
     let mut first_failure: Option<(usize, ExitStatus, Instant)> = None;
@@ -110,8 +111,13 @@ pub fn run(what: &str, devices: &[usize], argv: impl Fn(usize, usize) -> Vec<Str
             }
             if let Some(st) = c.try_wait()? {
                 ended[k] = Some(st);
-                if !st.success() && first_failure.is_none() {
-                    first_failure = Some((k, st, Instant::now()));
+                // A rank stopped for another's fault (status 3) is not the one to name.
+                let stopped = st.code() == Some(crate::dist::group::EXIT_STOPPED);
+                match &first_failure {
+                    _ if st.success() => {}
+                    None => first_failure = Some((k, st, Instant::now())),
+                    Some((_, f, at)) if f.code() == Some(crate::dist::group::EXIT_STOPPED) && !stopped => first_failure = Some((k, st, *at)),
+                    Some(_) => {}
                 }
             }
         }

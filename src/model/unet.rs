@@ -283,13 +283,13 @@ pub(super) struct Pass<'a, B: Backend> {
     pub(super) a: &'a Acts<B>,
     /// Gradient ranges (offset, length) handed to ops and not yet summed over the ranks.
     written: std::cell::RefCell<Vec<(usize, usize)>>,
-    /// Gradient values whose sum over the ranks has started.
-    summed: Cell<usize>,
+    /// Gradient ranges whose sum over the ranks has started.
+    summed: std::cell::RefCell<Vec<(usize, usize)>>,
 }
 
 impl<'a, B: Backend> Pass<'a, B> {
     fn new(be: &'a B, net: &'a UNet<B>, a: &'a Acts<B>) -> Pass<'a, B> {
-        Pass { be, net, a, written: Default::default(), summed: Cell::new(0) }
+        Pass { be, net, a, written: Default::default(), summed: Default::default() }
     }
 
     /// Several ranks: starts summing the gradients the ops queued so far have written, in
@@ -313,15 +313,19 @@ impl<'a, B: Backend> Pass<'a, B> {
         for (start, end) in runs {
             if last || end - start >= self.net.grad_bucket {
                 self.be.start_sum(self.be.view(&self.net.arena, self.net.layout.len + start, end - start))?;
-                self.summed.set(self.summed.get() + end - start);
+                self.summed.borrow_mut().push((start, end));
             } else {
                 written.push((start, end - start));
             }
         }
         if last {
-            // Every gradient is written once a step: a value summed twice (or never) would
-            // leave the ranks' updates apart.
-            ensure!(self.summed.get() == self.net.layout.len, "the backward pass wrote {} of {} gradient values once: a layer's gradient is missing from the sums over the ranks", self.summed.get(), self.net.layout.len);
+            // Every gradient is summed exactly once a step: a value summed twice (or never)
+            // would leave the ranks' updates apart.
+            let mut summed = self.summed.borrow_mut();
+            summed.sort_unstable();
+            let tiled = summed.windows(2).all(|w| w[0].1 == w[1].0) && summed.first().is_some_and(|f| f.0 == 0) && summed.last().is_some_and(|l| l.1 == self.net.layout.len);
+            ensure!(tiled, "the backward pass's gradients do not cover the {} parameters once (summed over the ranks: {:?}): a layer's gradient is missing or written twice", self.net.layout.len, *summed);
+            summed.clear();
             self.be.join_sums()?;
         }
         Ok(())

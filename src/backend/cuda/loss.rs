@@ -37,7 +37,8 @@ fn workspace(be: &CudaBackend, ld: Dims, mode: DiceMode) -> Result<Work> {
     let (c, v, n) = (ld.c, ld.voxels(), ld.n);
     let (rank, ranks) = be.ranks();
     let (n_all, first) = (n * ranks, n * rank);
-    let per_sample_blocks = (2 * be.sms()).div_ceil(n_all).max(1);
+    let sms = be.ranks_joined().map_or(be.sms(), |r| r.sms0);
+    let per_sample_blocks = (2 * sms).div_ceil(n_all).max(1);
     let chunk = v.div_ceil(per_sample_blocks).max(THREADS);
     let nchunks = v.div_ceil(chunk);
     let width = 3 * c + 3;

@@ -338,6 +338,9 @@ pub(crate) struct Ranks {
     to_comm: CudaEvent,
     /// Recorded on the collectives' stream by `join_sums`: every sum started is done.
     to_compute: CudaEvent,
+    /// Rank 0's SM count, which sizes the loss's chunks on every rank: the partials all-gathered
+    /// must have one layout whatever GPU each rank has (a MIG slice, a mixed node).
+    pub(crate) sms0: usize,
 }
 
 impl CudaBackend {
@@ -830,19 +833,24 @@ impl Backend for CudaBackend {
         optim::sgd_update(self, params, grads, momentum, p, guard)
     }
 
+    /// NCCL's 128-byte id, then rank 0's SM count (4 bytes).
     fn group_id(&self) -> Result<Vec<u8>> {
         self.gpu_for("NCCL")?;
-        nccl::unique_id()
+        let mut id = nccl::unique_id()?;
+        id.extend(self.sms.to_le_bytes());
+        Ok(id)
     }
     fn join_group(&self, rank: usize, size: usize, id: &[u8]) -> Result<()> {
         let g = self.gpu_for("NCCL")?;
+        anyhow::ensure!(id.len() == 132, "a group id of {} bytes: rank 0 runs another segk build", id.len());
+        let (id, sms0) = (&id[..128], u32::from_le_bytes(id[128..].try_into().expect("4 bytes")) as usize);
         anyhow::ensure!(self.group.get().is_none(), "this backend already joined a group of ranks");
         g.ctx.bind_to_thread().map_err(|e| self.fail("binding the context for NCCL", e))?;
         let stream = g.ctx.new_stream().map_err(|e| anyhow!("creating the collectives' CUDA stream: {e}"))?;
         let event = || g.ctx.new_event(None).map_err(|e| anyhow!("creating a CUDA event: {e}"));
         let (to_comm, to_compute) = (event()?, event()?);
         let comm = nccl::Comm::init(rank, size, id)?;
-        let _ = self.group.set(Ranks { comm, stream, to_comm, to_compute });
+        let _ = self.group.set(Ranks { comm, stream, to_comm, to_compute, sms0 });
         Ok(())
     }
     fn ranks(&self) -> (usize, usize) {
