@@ -52,6 +52,12 @@ fn tiny_dataset(tag: &str) -> PathBuf {
     a["n_conv_per_stage"] = serde_json::json!([2, 2]);
     a["n_conv_per_stage_decoder"] = serde_json::json!([2]);
     std::fs::write(pre.join("tinyPlans.json"), serde_json::to_string_pretty(&plans).unwrap()).unwrap();
+    // nnU-Net plans per-sample Dice for this 3d_fullres (no lowres); the same with batch Dice.
+    assert_eq!(plans["configurations"]["3d_fullres"]["batch_dice"], false);
+    plans["plans_name"] = "tinyBatchPlans".into();
+    plans["configurations"]["3d_fullres"]["batch_dice"] = true.into();
+    plans["configurations"]["3d_fullres"]["data_identifier"] = "tinyBatchPlans_3d_fullres".into();
+    std::fs::write(pre.join("tinyBatchPlans.json"), serde_json::to_string_pretty(&plans).unwrap()).unwrap();
     root
 }
 
@@ -170,6 +176,17 @@ fn ranks_train_as_one_process_with_the_same_global_batch() {
         eprintln!("{tag} ranks vs one process: largest weight difference {d:.2e} of the tensor's scale");
         assert!(d < 1e-3, "{tag} ranks: weights {d:.2e} apart from one process's");
     }
+    // Batch Dice (one set of Dice terms over the global batch) as well as per-sample Dice.
+    let batch_dice = |tag: &str, extra: &[&str]| {
+        let mut a = train_args(&root, &run(tag), 1, 2);
+        a[5] = "tinyBatchPlans".into();
+        ok(segk(name, 4).unwrap().args(a).args(extra).output().unwrap(), tag);
+        train_losses(&run(tag).join("training_log.txt"))
+    };
+    let (b1, b2) = (batch_dice("batch-one", &["--device", "cuda:0"]), batch_dice("batch-two", &["--devices", "cuda:0,cuda:1"]));
+    assert!((b1[0] - b2[0]).abs() < 1e-3, "batch Dice: one process {b1:?}, two ranks {b2:?}");
+    let d = largest_difference(&run("batch-one").join("checkpoint_final.safetensors"), &run("batch-two").join("checkpoint_final.safetensors"));
+    assert!(d < 1e-3, "batch Dice, two ranks: weights {d:.2e} apart");
     // One rank through the ranks' path: the same bits as the plain process.
     let alone = rank(segk(name, 4).unwrap(), &train_args(&root, &run("group1"), 1, 2), 0, 1, free_port(), "120");
     let text = ok(alone.wait_with_output().unwrap(), "one rank through NCCL");
