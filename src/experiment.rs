@@ -299,15 +299,14 @@ impl Job for Train {
         println!("device {}", be.name());
         let logs = crate::train::run_on(be, &self.cfg)?;
         // A signal in the last epoch's tail (after its steps) lands here: the run is saved.
-        // (Rank 0 decides for several ranks.)
-        let lead = self.cfg.group.as_ref().is_none_or(|g| g.world().rank == 0);
-        anyhow::ensure!(
-            !lead || !crate::train::STOP.load(std::sync::atomic::Ordering::Relaxed),
-            "interrupted after the last epoch: checkpoint_final is saved; validation was skipped"
-        );
-        if self.cfg.group.as_ref().is_some_and(|g| g.world().rank != 0) {
+        // With several ranks rank 0 decides and writes; the others are done.
+        if !crate::train::leads(&self.cfg) {
             return Ok(logs);
         }
+        anyhow::ensure!(
+            !crate::train::STOP.load(std::sync::atomic::Ordering::Relaxed),
+            "interrupted after the last epoch: checkpoint_final is saved; validation was skipped"
+        );
         // nnU-Net's predictor takes the model folder too.
         let pth = crate::checkpoint::export_nnunet(&self.cfg.out, "checkpoint_final", &self.configuration)?;
         println!("wrote {} (nnU-Net's checkpoint format: nnUNetv2_predict_from_modelfolder reads this model folder)", pth.display());

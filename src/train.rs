@@ -327,7 +327,7 @@ fn thread_split<B: Backend>(be: &B, cfg: &TrainConfig, spec: &BatchSpec) -> Resu
 }
 
 /// Whether this process writes the run's files: the only rank, or rank 0 of several.
-fn leads(cfg: &TrainConfig) -> bool {
+pub fn leads(cfg: &TrainConfig) -> bool {
     cfg.group.as_ref().is_none_or(|g| g.world().rank == 0)
 }
 
@@ -357,10 +357,8 @@ fn check_same_params<B: Backend>(be: &B, net: &UNet<B>, g: &crate::dist::group::
     for v in &p {
         h = (h ^ v.to_bits() as u64).wrapping_mul(0x0100_0000_01b3);
     }
-    let tag = format!("params-{epoch}");
-    let all = g.reduce(&tag, &h.to_le_bytes(), |parts| parts.iter().flat_map(|p| p.iter().copied()).collect())?;
-    let hashes: Vec<u64> = all.chunks_exact(8).map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes"))).collect();
-    let odd: Vec<String> = hashes.iter().enumerate().filter(|(_, &x)| x != hashes[0]).map(|(r, _)| r.to_string()).collect();
+    let (_, odd) = g.disagreeing(&format!("params-{epoch}"), &format!("{h:016x}"))?;
+    let odd: Vec<String> = odd.iter().map(|(r, _)| r.to_string()).collect();
     anyhow::ensure!(odd.is_empty(), "after epoch {epoch} the parameters of rank(s) {} differ from rank 0's: the ranks diverged (a GPU fault, or ranks built differently)", odd.join(", "));
     Ok(())
 }
@@ -369,11 +367,9 @@ fn check_same_params<B: Backend>(be: &B, net: &UNet<B>, g: &crate::dist::group::
 /// seeing rank 0's folder) would wait in another collective than the others.
 fn same_start(g: &crate::dist::group::Group, st: &TrainerState) -> Result<()> {
     let mine = format!("epoch {} iteration {} step {} batches {}/{}", st.epoch, st.iter, st.steps, st.next_train_batch, st.next_val_batch);
-    let all = g.reduce("start", mine.as_bytes(), |parts| parts.join(&b'\n'))?;
-    let all = String::from_utf8_lossy(&all).into_owned();
-    let starts: Vec<&str> = all.split('\n').collect();
-    let odd: Vec<String> = starts.iter().enumerate().filter(|(_, s)| **s != starts[0]).map(|(r, s)| format!("rank {r} at {s}")).collect();
-    anyhow::ensure!(odd.is_empty(), "the ranks start from different places: rank 0 at {}, {} (every rank must read the same output folder: a shared filesystem)", starts[0], odd.join(", "));
+    let (first, odd) = g.disagreeing("start", &mine)?;
+    let odd: Vec<String> = odd.iter().map(|(r, s)| format!("rank {r} at {s}")).collect();
+    anyhow::ensure!(odd.is_empty(), "the ranks start from different places: rank 0 at {first}, {} (every rank must read the same output folder: a shared filesystem)", odd.join(", "));
     Ok(())
 }
 

@@ -116,6 +116,16 @@ fn rank(cmd: Command, args: &[String], rank: usize, size: usize, port: u16, time
     launch(cmd, args, &vars, timeout_s)
 }
 
+/// Until the ranks have met (the output folder is made once NCCL is joined) and trained a little.
+fn wait_until_training(out: &Path) {
+    let t0 = Instant::now();
+    while !out.exists() {
+        assert!(t0.elapsed() < Duration::from_secs(120), "the ranks never started training");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    std::thread::sleep(Duration::from_secs(3));
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
@@ -235,13 +245,7 @@ fn a_lost_rank_stops_the_others_with_its_name() {
         let args = train_args(&root, &out, 3, 100);
         let port = free_port();
         let mut ranks: Vec<Child> = (0..2).map(|r| rank(segk(name, 2).unwrap(), &args, r, 2, port, "6")).collect();
-        // Until the ranks have met (the output folder is made once NCCL is joined) and trained a little.
-        let t0 = Instant::now();
-        while !out.exists() {
-            assert!(t0.elapsed() < Duration::from_secs(120), "the ranks never started training");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        std::thread::sleep(Duration::from_secs(3));
+        wait_until_training(&out);
         let pid = ranks[victim].id().to_string();
         assert!(Command::new("kill").args(["-s", signal, &pid]).status().unwrap().success());
         let t0 = Instant::now();
@@ -287,12 +291,7 @@ fn a_lost_rank_stops_the_others_with_its_name() {
     let args = train_args(&root, &out, 3, 100);
     let port = free_port();
     let ranks: Vec<Child> = (0..2).map(|r| rank(segk(name, 2).unwrap(), &args, r, 2, port, "30")).collect();
-    let t0 = Instant::now();
-    while !out.exists() {
-        assert!(t0.elapsed() < Duration::from_secs(120), "the ranks never started training");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    std::thread::sleep(Duration::from_secs(3));
+    wait_until_training(&out);
     assert!(Command::new("kill").args(["-s", "INT", &ranks[1].id().to_string()]).status().unwrap().success());
     let outs: Vec<Output> = ranks.into_iter().map(|c| c.wait_with_output().unwrap()).collect();
     let err: Vec<String> = outs.iter().map(|o| String::from_utf8_lossy(&o.stderr).into_owned()).collect();

@@ -323,6 +323,16 @@ impl Group {
         }
     }
 
+    /// The ranks whose `mine` differs from rank 0's, with theirs (every rank gets the answer):
+    /// for state all ranks must share (where they resume, their parameters).
+    pub fn disagreeing(&self, tag: &str, mine: &str) -> Result<(String, Vec<(usize, String)>)> {
+        let all = self.reduce(tag, mine.as_bytes(), |parts| parts.join(&b'\n'))?;
+        let all = String::from_utf8_lossy(&all).into_owned();
+        let values: Vec<&str> = all.split('\n').collect();
+        let odd = values.iter().enumerate().filter(|(_, v)| **v != values[0]).map(|(r, v)| (r, v.to_string())).collect();
+        Ok((values[0].to_string(), odd))
+    }
+
     /// Element-wise sums of every rank's `mine` (all the same length), in rank order.
     pub fn sum_u64(&self, tag: &str, mine: &[u64]) -> Result<Vec<u64>> {
         let bytes: Vec<u8> = mine.iter().flat_map(|v| v.to_le_bytes()).collect();
